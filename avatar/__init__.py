@@ -1,0 +1,1 @@
+"""The avatar mesh: shared code (wire format, presets, media, telemetry) and the `avatar` CLI."""

@@ -1,0 +1,82 @@
+"""Job presets (preview / standard / hd, as in the LiveAvatar article) and model presets."""
+from dataclasses import dataclass, field, replace
+
+FPS = 25                      # LiveAvatar renders at 25 fps (Wan2.2-S2V upstream: 16)
+LATENT_FRAMES_PER_BLOCK = 3   # one causal block = 3 latent frames
+VAE_TIME_STRIDE = 4           # = 12 video frames per block
+FRAMES_PER_BLOCK = LATENT_FRAMES_PER_BLOCK * VAE_TIME_STRIDE
+DEFAULT_SEED = 420            # upstream --base_seed
+OUTPUT_AUDIO_RATE = 48000     # Hz of the AAC track muxed into the video
+ENCODER_AUDIO_RATE = 16000    # Hz wav2vec2 expects
+
+
+@dataclass(frozen=True)
+class JobPreset:
+    """Generation defaults a user picks by name. Sizes are pixel areas "W*H" as upstream."""
+    name: str
+    size: tuple[int, int]      # (width, height) area for s2v-14b
+    num_clip: int
+    sample_steps: int
+    infer_frames: int
+    online_decode: bool = True
+
+
+JOB_PRESETS = {
+    "preview": JobPreset("preview", (384, 256), num_clip=10, sample_steps=3, infer_frames=32),
+    "standard": JobPreset("standard", (688, 368), num_clip=100, sample_steps=4, infer_frames=48),
+    "hd": JobPreset("hd", (704, 384), num_clip=1000, sample_steps=4, infer_frames=48),
+}
+DEFAULT_JOB_PRESET = "preview"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a service runs and how. Every service builds its part from this alone.
+
+    name: "tiny" (same classes, small dims, random seeded weights: runs on CPU, renders noise)
+          or "s2v-14b" (Wan2.2-S2V-14B + LiveAvatar LoRA from ckpt_dir / lora_path).
+    """
+    name: str = "tiny"
+    ckpt_dir: str | None = None        # folder holding Wan2.2-S2V-14B/ layout files
+    lora_path: str | None = None       # liveavatar.safetensors (or any PEFT LoRA for the DiT)
+    random_weights: bool = False       # s2v-14b shapes with random values (benchmarks)
+    device: str = "cpu"                # "cpu", "cuda", "cuda:1"
+    encoder_device: str | None = None  # where T5 / wav2vec2 run; None: same as device
+    dtype: str = "bfloat16"            # parameter/activation dtype on GPU; tiny on CPU uses float32
+    fp8: bool = False                  # FP8 linear layers in the DiT
+    compile: bool = False              # torch.compile the DiT blocks
+    seed: int = 0                      # seed of random weights (tiny / random_weights)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name == "tiny"
+
+    @property
+    def size_divisor(self) -> int:
+        """Output sides are multiples of this: 64 upstream; 16 (VAE 8 x patch 2) for tiny."""
+        return 16 if self.is_tiny else 64
+
+    def describe(self) -> str:
+        if self.is_tiny:
+            return "tiny (random weights: the video is noise)"
+        if self.random_weights:
+            return "s2v-14b (random weights: for benchmarks, the video is noise)"
+        lora = f" + LoRA {self.lora_path}" if self.lora_path else ""
+        return f"s2v-14b from {self.ckpt_dir}{lora}"
+
+    def with_(self, **kw) -> "ModelSpec":
+        return replace(self, **kw)
+
+
+MODEL_NAMES = ("tiny", "s2v-14b")
+TINY_SIZE_SCALE = 4   # the tiny model renders each preset's area at 1/4 of each side
+
+
+def preset_area(preset: JobPreset, model: ModelSpec) -> tuple[int, int]:
+    """The (width, height) area a preset means for a model: tiny scales each side by 1/4."""
+    w, h = preset.size
+    if model.is_tiny:
+        d = model.size_divisor
+        return (max(d, round(w / TINY_SIZE_SCALE / d) * d), max(d, round(h / TINY_SIZE_SCALE / d) * d))
+    return w, h
