@@ -80,3 +80,25 @@ def preset_area(preset: JobPreset, model: ModelSpec) -> tuple[int, int]:
         d = model.size_divisor
         return (max(d, round(w / TINY_SIZE_SCALE / d) * d), max(d, round(h / TINY_SIZE_SCALE / d) * d))
     return w, h
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Dimensions that cross service boundaries; each model file derives the rest itself."""
+    text_dim: int          # T5 embedding width fed to the DiT's text_embedding
+    audio_dim: int         # wav2vec2 hidden size
+    audio_layers: int      # wav2vec2 hidden states used (embeddings + every layer)
+    latent_channels: int = 16
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    patch: tuple[int, int, int] = (1, 2, 2)
+    motion_frames: int = 73   # video frames of motion context (FramePack), = 19 latent frames
+
+
+MODEL_DIMS = {
+    "s2v-14b": ModelDims(text_dim=4096, audio_dim=1024, audio_layers=25),
+    "tiny": ModelDims(text_dim=32, audio_dim=32, audio_layers=5),
+}
+
+
+def dims_of(model: ModelSpec) -> ModelDims:
+    return MODEL_DIMS[model.name]
