@@ -1,0 +1,145 @@
+"""FP8 (e4m3) linear layers for the DiT: FP8 weights with their scales, activations quantised on the fly, products through torch._scaled_mm."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+GRANULARITIES = ("tensor", "row")
+
+# Layers kept in bf16, as upstream does: the small embeddings and head (their inputs are not
+# activations of the transformer trunk, and they cost nothing), and the audio encoder's last
+# projection. Matched as whole dotted segments of a module name.
+DEFAULT_SKIP = (
+    "text_embedding",
+    "time_embedding",
+    "time_projection",
+    "head",
+    "final_linear",
+)
+
+
+def quantize(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] e4m3, scale float32) with x ~= q * scale.
+
+    granularity "tensor": one scale (0-dim); "row": one scale per row ([M, 1]).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if x.dim() != 2:
+        raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
+    if granularity == "tensor":
+        amax = x.abs().amax().float()
+    else:
+        amax = x.abs().amax(dim=1, keepdim=True).float()
+    # A zero row would give scale 0 and 0/0; any positive scale quantises it to exact zeros.
+    scale = amax.clamp(min=1e-12) / E4M3_MAX
+    # Divide in float32, clamp: the cast to e4m3 does not saturate the same way on every device.
+    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+class FP8Linear(nn.Module):
+    """A bias-optional linear layer whose weight is stored as e4m3 with float32 scales.
+
+    "row" scales the weight per output channel and the input per token; "tensor" uses one scale
+    for each. The output has the input's dtype (the product itself is written in bf16).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 granularity: str = "row", fast_accum: bool = True, device=None):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if in_features % 16 or out_features % 16:
+            raise ValueError(f"FP8 matmul needs sides divisible by 16, got {in_features}x{out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.granularity = granularity
+        self.fast_accum = fast_accum
+        self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
+        scale_shape = (1, out_features) if granularity == "row" else ()
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device))
+        else:
+            self.bias = None
+        self._quantize = quantize
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, granularity: str = "row", fast_accum: bool = True) -> "FP8Linear":
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    granularity=granularity, fast_accum=fast_accum, device="meta")
+        q, s = quantize(w, granularity)                     # per output row: s [out, 1]
+        layer.weight_fp8 = q
+        layer.weight_scale = s.reshape(1, -1) if granularity == "row" else s
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().to(torch.bfloat16)
+        return layer
+
+    def compile_quantize(self, fn) -> None:
+        """Use a compiled quantiser (one fused kernel instead of five in eager mode)."""
+        self._quantize = fn
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.weight_fp8, self.weight_scale.reshape(-1, 1) if self.granularity == "row"
+                          else self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {tuple(shape)}")
+        x2 = x.reshape(-1, self.in_features)
+        xq, xs = self._quantize(x2, self.granularity)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
+                             bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, granularity={self.granularity}")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """True when the dotted pattern is a run of whole segments of name ("head" skips "head.head"
+    but not "heads")."""
+    return f".{pattern}." in f".{name}."
+
+
+def swap_linears_to_fp8(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP,
+                        granularity: str = "row", fast_accum: bool = True,
+                        compiled_quantize: bool = False) -> list[str]:
+    """Replace every nn.Linear of model (except skipped ones and sides not divisible by 16) with an
+    FP8Linear, in place, one layer at a time so that the bf16 weight of a layer is freed before
+    the next is converted (peak = FP8 model + one bf16 layer). Returns the swapped names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not any(_matches(n, p) for p in skip)
+             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    qfn = torch.compile(quantize, dynamic=True) if compiled_quantize else None
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = FP8Linear.from_linear(getattr(parent, child), granularity=granularity, fast_accum=fast_accum)
+        if qfn is not None:
+            layer.compile_quantize(qfn)
+        setattr(parent, child, layer)  # the old nn.Linear (and its bf16 weight) is dropped here
+    return names
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    """FP8 matmuls run on CUDA cards of compute capability >= 8.9 (Ada, Hopper) and on CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return hasattr(torch, "_scaled_mm")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
