@@ -3,9 +3,12 @@
 Headers are read without touching tensor data, so `avatar check-weights` can inspect a 33 GB
 checkpoint in milliseconds, and loads go shard by shard through mmap (never two copies in RAM).
 """
+import collections
 import json
 import pathlib
+import pickle
 import struct
+import zipfile
 
 from avatar.errors import WeightsError
 
@@ -46,3 +49,92 @@ def read_shard_index(index_path: str | pathlib.Path) -> dict[str, str]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise WeightsError(f"{index_path}: not a shard index ({e})") from e
     return dict(weight_map)
+
+
+# --- torch .pth files (Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth) ---------------------------
+
+_PTH_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+
+
+class _PthStorage:
+    """Stands in for a tensor storage: only its dtype is known, no bytes are read."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+
+class _PthTensor(tuple):
+    """(shape, dtype) recorded where torch would rebuild a tensor."""
+
+
+def _rebuild_tensor(storage, _offset, size, *_rest):
+    return _PthTensor((tuple(int(s) for s in size), storage.dtype))
+
+
+def _rebuild_parameter(data, *_rest):
+    return data
+
+
+class _PthHeaderUnpickler(pickle.Unpickler):
+    """Reads data.pkl of a torch.save zip file, refusing anything but tensors and plain containers."""
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _PTH_STORAGE_DTYPES:
+            return _PTH_STORAGE_DTYPES[name]
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
+
+    def persistent_load(self, pid):
+        # torch.save writes ("storage", storage type, key, location, numel) for every storage
+        if not (isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        typ = pid[1]
+        return _PthStorage(typ if isinstance(typ, str) else str(typ))
+
+
+def read_pth_header(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, torch dtype name) of a torch.save'd state dict, without reading tensor bytes."""
+    path = pathlib.Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkl) != 1:
+                raise WeightsError(f"{path}: not a torch.save zip file (no single data.pkl)")
+            with zf.open(pkl[0]) as f:
+                obj = _PthHeaderUnpickler(f).load()
+    except FileNotFoundError as e:
+        raise WeightsError(f"{path}: missing") from e
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from e
+    except zipfile.BadZipFile as e:
+        raise WeightsError(f"{path}: not a torch.save zip file ({e})") from e
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read the tensor index ({e})") from e
+    if not isinstance(obj, dict) or not all(isinstance(v, _PthTensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a plain state dict of tensors")
+    return {str(k): (v[0], v[1]) for k, v in obj.items()}
+
+
+def load_pth(path: str | pathlib.Path) -> dict:
+    """Loads a torch.save'd state dict memory-mapped (tensor bytes stay in the page cache) and safely."""
+    import torch  # kept local: the header readers above must work without torch
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing")
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/ValueError for bad files
+        raise WeightsError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    return sd
