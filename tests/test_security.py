@@ -1,0 +1,177 @@
+"""TLS / mTLS round trips with a test CA made here, and bearer-token auth on real gRPC calls."""
+import asyncio
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from avatar import security
+from avatar.security import BearerAuthInterceptor, SecurityConfig, TLSConfig
+from avatar.v1 import avatar_pb2, avatar_pb2_grpc
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server cert for 127.0.0.1/localhost and a client cert, all signed by the CA;
+    plus a second, unrelated CA and a client cert it signed (must be refused)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "evil-ca"):
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=avatar test {ca}",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+                 cwd=d)
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                  "extendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, ca, ext in (("server", "ca", "server.ext"), ("client", "ca", "client.ext"),
+                          ("evil-client", "evil-ca", "client.ext")):
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext, cwd=d)
+    return d
+
+
+class _Avatar(avatar_pb2_grpc.AvatarServiceServicer):
+    """Answers Generate with one header naming the request's prompt."""
+
+    async def Generate(self, request, context):
+        yield avatar_pb2.GenerateResponse(header=avatar_pb2.StreamHeader(request_id=request.prompt, fps=25))
+
+
+async def _serve(creds=None, interceptors=()):
+    server = grpc.aio.server(interceptors=list(interceptors))
+    avatar_pb2_grpc.add_AvatarServiceServicer_to_server(_Avatar(), server)
+    h = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(h, server)
+    port = security.add_port(server, "127.0.0.1:0", creds)
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def _generate(address, creds=None, token=None, metadata=None, timeout=10):
+    async with security.aio_channel(address, creds, token) as ch:
+        stub = avatar_pb2_grpc.AvatarServiceStub(ch)
+        call = stub.Generate(avatar_pb2.GenerateRequest(prompt="hello"), timeout=timeout, metadata=metadata)
+        return [m async for m in call]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_tls_round_trip_with_test_ca(pki):
+    async def go():
+        server, addr = await _serve(security.server_credentials(pki / "server.pem", pki / "server.key"))
+        try:
+            got = await _generate(addr, security.channel_credentials(pki / "ca.pem"))
+            assert got[0].header.request_id == "hello"
+            # a client that trusts another CA must not get through
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _generate(addr, security.channel_credentials(pki / "evil-ca.pem"), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            # nor a plaintext client
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _generate(addr, None, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await server.stop(None)
+    run(go())
+
+
+def test_mtls_requires_a_client_certificate_from_the_ca(pki):
+    async def go():
+        tls = TLSConfig(str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem"))
+        server, addr = await _serve(tls.server_credentials())
+        try:
+            ok = TLSConfig(str(pki / "client.pem"), str(pki / "client.key"), str(pki / "ca.pem"))
+            got = await _generate(addr, ok.channel_credentials())
+            assert got[0].header.fps == 25
+            for creds in (security.channel_credentials(pki / "ca.pem"),          # no client cert
+                          security.channel_credentials(pki / "ca.pem", pki / "evil-client.pem",
+                                                       pki / "evil-client.key")):  # cert from another CA
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await _generate(addr, creds, timeout=5)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await server.stop(None)
+    run(go())
+
+
+def test_bearer_auth_no_token_wrong_token_right_token():
+    async def go():
+        server, addr = await _serve(interceptors=[BearerAuthInterceptor(["s3cret-token"])])
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _generate(addr)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer" in e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _generate(addr, token="wrong-token")
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "invalid API token" in e.value.details() and "wrong-token" not in e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:   # not the Bearer scheme
+                await _generate(addr, metadata=[("authorization", "Basic s3cret-token")])
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            got = await _generate(addr, token="s3cret-token")
+            assert got[0].header.request_id == "hello"
+            got = await _generate(addr, metadata=security.auth_metadata("s3cret-token"))
+            assert got[0].header.request_id == "hello"
+            # health stays open for probes
+            async with grpc.aio.insecure_channel(addr) as ch:
+                reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await server.stop(None)
+    run(go())
+
+
+def test_roles_pick_the_right_token():
+    cfg = SecurityConfig(auth_token="public-tok", internal_token="internal-tok")
+    assert "public-tok" not in repr(cfg) and "internal-tok" not in str(cfg)
+    assert SecurityConfig().server_interceptors("gateway") == []
+
+    async def go():
+        for role, accepted, refused in (("gateway", ["public-tok"], ["internal-tok"]),
+                                        ("generator", ["internal-tok"], ["public-tok"]),
+                                        ("all", ["public-tok", "internal-tok"], ["nope"])):
+            server, addr = await _serve(interceptors=cfg.server_interceptors(role))
+            try:
+                for tok in accepted:
+                    assert (await _generate(addr, token=tok))[0].header.request_id == "hello"
+                for tok in refused:
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await _generate(addr, token=tok)
+                    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    if role == "generator":
+                        assert "internal token" in e.value.details()
+            finally:
+                await server.stop(None)
+    run(go())
+
+
+def test_config_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="both a certificate and its key"):
+        TLSConfig(cert="a.pem")
+    with pytest.raises(ValueError, match="cannot read TLS (key|certificate)"):
+        security.server_credentials(tmp_path / "nope.pem", tmp_path / "nope.key")
+    (tmp_path / "junk.pem").write_text("not a pem")
+    (tmp_path / "junk.key").write_text("not a pem")
+    with pytest.raises(ValueError, match="not a PEM file"):
+        security.server_credentials(tmp_path / "junk.pem", tmp_path / "junk.key")
+    monkeypatch.setenv("AVATAR_AUTH_TOKEN", " from-env ")
+    assert security.token_from(None, "AVATAR_AUTH_TOKEN") == "from-env"
+    assert security.token_from("flag", "AVATAR_AUTH_TOKEN") == "flag"
+    monkeypatch.setenv("AVATAR_AUTH_TOKEN", "  ")
+    assert security.token_from(None, "AVATAR_AUTH_TOKEN") is None
+    assert security.token_fingerprint("abc") == security.token_fingerprint("abc") != security.token_fingerprint("abd")
