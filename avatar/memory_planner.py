@@ -1,0 +1,239 @@
+"""Memory planner: from the GPU's free memory and a request, choose FP8 or bf16 weights, where the encoders live and how the KV cache is kept, before the job starts; refuse with the numbers instead of running into CUDA out-of-memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from avatar.errors import InvalidInput, ResourceExhausted
+
+GB = 1e9
+GiB = 2 ** 30
+
+# Parameter counts of the real checkpoints (tests/data/keys, ../shared/refs/keys/README.md).
+DIT_PARAMS = 16_295_755_609
+DIT_FP8_PARAMS = 15_938_355_200     # the linear weights of the 40 blocks and 12 audio injectors
+T5_PARAMS = 5_680_910_336           # umT5-XXL encoder
+WAV2VEC2_PARAMS = 317_000_000       # wav2vec2-large-xlsr-53 (without the CTC head)
+VAE_PARAMS = 126_892_531
+
+DIM, LAYERS, FFN, TEXT_LEN = 5120, 40, 13824, 512
+LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, PATCH_AREA = 3, 4, 16 * 16
+SINK_LATENT_FRAMES = 1              # reference + frame-packed motion tokens, in latent frames' worth
+CONTEXT_BYTES = 0.6 * GB            # CUDA context, cuBLAS/cuDNN workspaces
+FRAGMENTATION = 0.02                # allocator slack on top of every estimate
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """What a job needs to hold: output size, clip length (= KV window) and steps."""
+    width: int
+    height: int
+    infer_frames: int = 48          # video frames per clip; the KV window is infer_frames / 4 latent frames
+    sample_steps: int = 4
+    num_blocks: int = 1
+    online_decode: bool = True      # False: every frame's pixels are kept on the GPU until the end
+
+    def __post_init__(self):
+        if self.width <= 0 or self.height <= 0 or self.width % 16 or self.height % 16:
+            raise InvalidInput(f"size {self.width}*{self.height}: sides must be positive multiples of 16")
+        if self.infer_frames <= 0 or self.infer_frames % VAE_TIME_STRIDE:
+            raise InvalidInput(f"infer_frames {self.infer_frames} must be a positive multiple of 4")
+        if self.sample_steps <= 0 or self.num_blocks <= 0:
+            raise InvalidInput("sample_steps and num_blocks must be positive")
+
+    @classmethod
+    def from_job(cls, job, online_decode: bool = True) -> "MemoryRequest":
+        """From an avatar.v1.JobSpec (or anything with the same fields)."""
+        return cls(width=job.width, height=job.height, infer_frames=job.infer_frames,
+                   sample_steps=job.sample_steps, num_blocks=max(1, job.num_blocks),
+                   online_decode=online_decode)
+
+    @property
+    def tokens_per_latent_frame(self) -> int:
+        return self.width * self.height // PATCH_AREA
+
+    @property
+    def window_latent_frames(self) -> int:
+        return self.infer_frames // VAE_TIME_STRIDE
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}*{self.height}"
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """What the engine on this machine can do, and what the user asked for."""
+    precision: str = "auto"          # "auto" (bf16 when it fits, else FP8), "bf16", "fp8"
+    fp8_capable: bool = True         # the card runs FP8 matmuls (compute capability >= 8.9)
+    encoders_on_gpu: bool = True     # T5 + wav2vec2 may share this GPU (when False they stay on CPU)
+    allow_single_kv_set: bool = True  # one KV cache set shared by the steps instead of one per step
+    allow_fp8_kv: bool = False       # the engine can keep the KV cache in e4m3
+    allow_kv_offload: bool = False   # the engine can keep the KV cache in pinned host memory
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "bf16", "fp8"):
+            raise InvalidInput(f"precision must be auto, bf16 or fp8, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The choices, and the bytes each part takes on the GPU."""
+    fp8: bool
+    encoder_device: str              # "cuda" (same GPU) or "cpu"
+    kv_sets: int                     # KV cache sets: sample_steps (one per step) or 1
+    kv_dtype: str                    # "bfloat16" or "float8_e4m3fn"
+    kv_offload: bool
+    parts: dict = field(default_factory=dict)   # name -> bytes
+    available: int = 0
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.parts.values()))
+
+    @property
+    def headroom(self) -> int:
+        return self.available - self.total
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items())
+        return (f"{'FP8' if self.fp8 else 'bf16'} DiT, encoders on {self.encoder_device}, "
+                f"KV {self.kv_sets} set(s) {self.kv_dtype}{' offloaded' if self.kv_offload else ''}: "
+                f"{self.total / GB:.1f} GB of {self.available / GB:.1f} GB ({parts})")
+
+
+def dit_bytes(fp8: bool) -> int:
+    if not fp8:
+        return DIT_PARAMS * 2
+    # FP8 weights + a float32 scale per output row (negligible) + the rest in bf16
+    return DIT_FP8_PARAMS + (DIT_PARAMS - DIT_FP8_PARAMS) * 2
+
+
+def kv_set_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
+    """One cache set: keys + values of every layer over the window plus the sink tokens."""
+    tokens = (req.window_latent_frames + SINK_LATENT_FRAMES) * req.tokens_per_latent_frame
+    return LAYERS * 2 * tokens * DIM * dtype_bytes
+
+
+def activation_bytes(req: MemoryRequest) -> int:
+    """Peak transient memory of one block's forward: FFN hidden, float32 residual stream, q/k/v
+    and the attention's gathered window; plus the text cross-attention cache (kept per session)."""
+    block = LATENT_FRAMES_PER_BLOCK * req.tokens_per_latent_frame
+    window = (req.window_latent_frames + SINK_LATENT_FRAMES) * req.tokens_per_latent_frame + block
+    per_block = block * (FFN * 2 * 2 + DIM * 4 * 6) + window * DIM * 2 * 2
+    text_cache = LAYERS * 2 * TEXT_LEN * DIM * 2
+    return per_block + text_cache
+
+
+def vae_bytes(req: MemoryRequest) -> int:
+    """VAE weights + decoding one latent frame to 4 video frames at full size (96 channels,
+    a few live tensors plus the causal cache)."""
+    return VAE_PARAMS * 2 + req.width * req.height * VAE_TIME_STRIDE * 96 * 2 * 6
+
+
+def video_bytes(req: MemoryRequest) -> int:
+    """Offline decode keeps every frame (bf16 RGB) until the end."""
+    if req.online_decode:
+        return 0
+    frames = req.num_blocks * LATENT_FRAMES_PER_BLOCK * VAE_TIME_STRIDE
+    return frames * req.width * req.height * 3 * 2
+
+
+def encoder_bytes() -> int:
+    return (T5_PARAMS + WAV2VEC2_PARAMS) * 2
+
+
+def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int,
+             kv_dtype: str = "bfloat16", kv_offload: bool = False, available: int = 0) -> MemoryPlan:
+    kv = kv_set_bytes(req, 1 if kv_dtype == "float8_e4m3fn" else 2) * kv_sets
+    parts = {
+        "dit": dit_bytes(fp8),
+        # offloaded: two layers' worth stay on the GPU (the one in use and the next one in flight)
+        "kv_cache": kv * 2 // LAYERS if kv_offload else kv,
+        "activations": activation_bytes(req),
+        "vae": vae_bytes(req),
+        "encoders": encoder_bytes() if encoder_device == "cuda" else 0,
+        "video": video_bytes(req),
+    }
+    parts["overhead"] = CONTEXT_BYTES + FRAGMENTATION * sum(parts.values())
+    parts = {k: int(v) for k, v in parts.items() if v}
+    return MemoryPlan(fp8, encoder_device, kv_sets, kv_dtype, kv_offload, parts, int(available))
+
+
+def candidates(req: MemoryRequest, opts: PlannerOptions):
+    """Configurations from fastest / most faithful to leanest, in the order they are tried."""
+    weights = {"bf16": [False], "fp8": [True], "auto": [False, True]}[opts.precision]
+    if not opts.fp8_capable:
+        weights = [w for w in weights if not w]
+    encoders = ["cuda", "cpu"] if opts.encoders_on_gpu else ["cpu"]
+    kv_sets = [req.sample_steps] + ([1] if opts.allow_single_kv_set and req.sample_steps > 1 else [])
+    kv_dtypes = ["bfloat16"] + (["float8_e4m3fn"] if opts.allow_fp8_kv else [])
+    offload = [False] + ([True] if opts.allow_kv_offload else [])
+    # Cheapest sacrifice first: encoders to CPU (T5 runs once per job), then FP8 weights,
+    # then fewer cache sets, FP8 cache, and offload last (PCIe-bound).
+    for off in offload:
+        for kd in kv_dtypes:
+            for ks in kv_sets:
+                for w in weights:
+                    for enc in encoders:
+                        yield dict(fp8=w, encoder_device=enc, kv_sets=ks, kv_dtype=kd, kv_offload=off)
+
+
+def plan_memory(req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions()) -> MemoryPlan:
+    """The first configuration that fits in `available` bytes, or ResourceExhausted that says how
+    much is needed, how much there is, and what to lower (with the numbers for each rung)."""
+    if opts.precision == "fp8" and not opts.fp8_capable:
+        raise InvalidInput("FP8 was asked for but this GPU has no FP8 matmuls (needs compute capability >= 8.9)")
+    leanest = None
+    for c in candidates(req, opts):
+        p = estimate(req, available=available, **c)
+        if p.total <= available:
+            return p
+        leanest = p if leanest is None or p.total < leanest.total else leanest
+    raise ResourceExhausted(_refusal(req, available, opts, leanest))
+
+
+def _refusal(req: MemoryRequest, available: int, opts: PlannerOptions, leanest: MemoryPlan) -> str:
+    lines = [f"not enough GPU memory for {req.size}, infer_frames {req.infer_frames}, "
+             f"{req.sample_steps} steps: needs {leanest.total / GB:.1f} GB at least "
+             f"({leanest.describe()}), {available / GB:.1f} GB available. Try:"]
+    ladder = []
+    if (req.width, req.height) != (384, 256) and req.width * req.height > 384 * 256:
+        ladder.append(("a smaller size, 384*256", replace(req, width=384, height=256)))
+    if req.infer_frames > 32:
+        ladder.append(("infer_frames 32", replace(req, infer_frames=32)))
+    if not req.online_decode:
+        ladder.append(("online decode", replace(req, online_decode=True)))
+    if not req.online_decode and req.num_blocks > 1:
+        ladder.append(("fewer clips", replace(req, num_blocks=max(1, req.num_blocks // 2))))
+    for what, r in ladder:
+        need = min(estimate(r, available=available, **c).total for c in candidates(r, opts))
+        verdict = "fits" if need <= available else "still too much"
+        lines.append(f"  - {what}: needs {need / GB:.1f} GB ({verdict})")
+    if opts.precision == "bf16" and opts.fp8_capable:
+        lines.append("  - FP8 weights (--fp8): the DiT drops from 32.6 to 16.6 GB")
+    return "\n".join(lines)
+
+
+def gpu_available_bytes(device_index: int = 0) -> int:
+    """Free memory of the GPU as the driver reports it (nvidia-ml-py), capped by this process's
+    torch memory fraction when one is set; memory torch already caches counts as available."""
+    import torch
+
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_index))
+            free, total = int(info.free), int(info.total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML (containers without the library): ask the CUDA runtime
+        free, total = torch.cuda.mem_get_info(device_index)
+    reserved = torch.cuda.memory_reserved(device_index) if torch.cuda.is_initialized() else 0
+    allocated = torch.cuda.memory_allocated(device_index) if torch.cuda.is_initialized() else 0
+    free += reserved - allocated
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None and torch.cuda.is_initialized():
+        cap = int(getter(device_index) * total) - allocated
+        free = min(free, cap)
+    return max(0, free)

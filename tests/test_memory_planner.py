@@ -1,0 +1,109 @@
+"""Memory planner: choices from fake free-memory numbers, refusals that carry the numbers and the ladder."""
+import pytest
+
+from avatar.errors import InvalidInput, ResourceExhausted
+from avatar.memory_planner import (GB, GiB, MemoryRequest, PlannerOptions, dit_bytes, estimate,
+                                   kv_set_bytes, plan_memory)
+
+HD = MemoryRequest(704, 384, infer_frames=48, sample_steps=4)
+PREVIEW = MemoryRequest(384, 256, infer_frames=32, sample_steps=3)
+H100 = int(79.6 * GiB)          # what an H100 80GB reports free with no context yet
+CARD_24 = 24 * GiB
+
+
+def test_weights_and_cache_arithmetic_match_the_checkpoint_and_the_issue():
+    assert dit_bytes(fp8=False) / GB == pytest.approx(32.6, abs=0.05)
+    assert dit_bytes(fp8=True) / GB == pytest.approx(16.65, abs=0.1)
+    # one bf16 KV set for a 12-latent-frame window at 704*384: about 10.4 GB + the sink frame
+    window_only = 40 * 2 * 12 * (704 * 384 // 256) * 5120 * 2
+    assert window_only / GB == pytest.approx(10.4, abs=0.05)
+    assert kv_set_bytes(HD, 2) > window_only
+    assert kv_set_bytes(HD, 1) * 2 == kv_set_bytes(HD, 2)
+    # the cache follows the window (infer_frames), not the video length
+    assert kv_set_bytes(MemoryRequest(704, 384, infer_frames=32), 2) < kv_set_bytes(HD, 2)
+    assert estimate(MemoryRequest(704, 384, num_blocks=500), fp8=True, encoder_device="cpu", kv_sets=1).total \
+        == estimate(MemoryRequest(704, 384, num_blocks=2), fp8=True, encoder_device="cpu", kv_sets=1).total
+
+
+def test_a_big_card_gets_the_fast_faithful_configuration():
+    p = plan_memory(PREVIEW, H100)
+    assert (p.fp8, p.encoder_device, p.kv_sets, p.kv_dtype, p.kv_offload) == (False, "cuda", 3, "bfloat16", False)
+    assert p.total <= H100 and p.headroom >= 0 and "bf16 DiT" in p.describe()
+
+
+def test_hd_on_an_80gb_card_keeps_one_cache_set_per_step_by_dropping_weight_precision_or_encoders():
+    p = plan_memory(HD, H100)
+    assert p.kv_sets == 4 and p.total <= H100
+    # bf16 weights + 4 bf16 sets + encoders would be ~90 GB: something had to give, cheapest first
+    assert p.encoder_device == "cpu"
+    assert estimate(HD, fp8=False, encoder_device="cuda", kv_sets=4).total > H100
+
+
+def test_user_asked_precision_is_respected():
+    p = plan_memory(HD, H100, PlannerOptions(precision="bf16"))
+    assert not p.fp8
+    p = plan_memory(PREVIEW, H100, PlannerOptions(precision="fp8"))
+    assert p.fp8 and p.encoder_device == "cuda"
+
+
+def test_24gb_card_hd_needs_fp8_weights_one_fp8_cache_set_encoders_on_cpu_and_a_shorter_window():
+    opts = PlannerOptions(allow_fp8_kv=True)
+    with pytest.raises(ResourceExhausted, match="infer_frames 32: needs .* GB \\(fits\\)"):
+        plan_memory(HD, CARD_24, opts)
+    p = plan_memory(MemoryRequest(704, 384, infer_frames=32), CARD_24, opts)
+    assert (p.fp8, p.encoder_device, p.kv_sets, p.kv_dtype) == (True, "cpu", 1, "float8_e4m3fn")
+    assert p.total <= CARD_24
+
+
+def test_24gb_card_preview_fits_with_bf16_cache():
+    p = plan_memory(PREVIEW, CARD_24)
+    assert p.fp8 and p.kv_dtype == "bfloat16" and p.total <= CARD_24
+
+
+def test_refusal_carries_needed_available_and_the_ladder_with_numbers():
+    with pytest.raises(ResourceExhausted) as e:
+        plan_memory(HD, CARD_24)  # this engine has no FP8 cache: nothing fits at 704*384
+    msg = str(e.value)
+    assert "704*384" in msg and f"{CARD_24 / GB:.1f} GB available" in msg
+    assert "needs" in msg and "a smaller size, 384*256" in msg and "infer_frames 32" in msg
+    # the 384*256 rung is computed, and it fits on this card
+    line = next(l for l in msg.splitlines() if "384*256" in l and l.strip().startswith("-"))
+    assert "(fits)" in line
+
+
+def test_offline_decode_and_length_show_up_in_the_refusal():
+    req = MemoryRequest(704, 384, infer_frames=48, num_blocks=5000, online_decode=False)
+    with pytest.raises(ResourceExhausted) as e:
+        plan_memory(req, H100)
+    msg = str(e.value)
+    assert "online decode: needs" in msg and "fewer clips: needs" in msg
+
+
+def test_a_card_without_fp8_never_gets_fp8():
+    with pytest.raises(ResourceExhausted):
+        plan_memory(HD, CARD_24, PlannerOptions(fp8_capable=False, allow_fp8_kv=True))
+    with pytest.raises(InvalidInput, match="FP8"):
+        plan_memory(PREVIEW, H100, PlannerOptions(precision="fp8", fp8_capable=False))
+
+
+def test_kv_offload_is_the_last_resort():
+    opts = PlannerOptions(allow_fp8_kv=True, allow_kv_offload=True)
+    p = plan_memory(HD, 20 * GiB, opts)
+    assert p.kv_offload and p.fp8 and p.encoder_device == "cpu"
+    assert not plan_memory(MemoryRequest(704, 384, infer_frames=32), CARD_24, opts).kv_offload
+
+
+def test_bad_requests_are_invalid_input():
+    with pytest.raises(InvalidInput, match="multiples of 16"):
+        MemoryRequest(700, 384)
+    with pytest.raises(InvalidInput, match="multiple of 4"):
+        MemoryRequest(704, 384, infer_frames=30)
+    with pytest.raises(InvalidInput, match="precision"):
+        PlannerOptions(precision="int4")
+
+
+def test_from_job_reads_a_jobspec():
+    class Job:
+        width, height, infer_frames, sample_steps, num_blocks = 384, 256, 48, 4, 11
+    r = MemoryRequest.from_job(Job())
+    assert (r.size, r.window_latent_frames, r.num_blocks) == ("384*256", 12, 11)
