@@ -1,0 +1,256 @@
+"""The `avatar` command: serve the mesh, generate a video through it, check or download weights."""
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line, exit code 2."""
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=("tiny", "s2v-14b"), default=None,
+                   help="tiny: small random model, runs on CPU, renders noise (default without --ckpt_dir); "
+                        "s2v-14b: Wan2.2-S2V-14B + LiveAvatar LoRA (default with --ckpt_dir)")
+    g.add_argument("--ckpt_dir", help="folder holding the Wan2.2-S2V-14B checkpoint files")
+    g.add_argument("--lora_path", help="LiveAvatar LoRA (liveavatar.safetensors)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="s2v-14b shapes with random values (benchmarks; the video is noise)")
+    g.add_argument("--device", default="cpu", help="torch device of the engines, e.g. cpu, cuda, cuda:1")
+    g.add_argument("--trace-file", help="append this process's OpenTelemetry spans to FILE as JSON lines "
+                                        "(OTLP is used instead when OTEL_EXPORTER_OTLP_ENDPOINT is set)")
+
+
+def model_spec(args):
+    from avatar.presets import ModelSpec
+    name = args.model or ("s2v-14b" if args.ckpt_dir or args.random_weights else "tiny")
+    if name == "s2v-14b" and not (args.ckpt_dir or args.random_weights):
+        raise UserError("--model s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
+    return ModelSpec(name=name, ckpt_dir=args.ckpt_dir, lora_path=args.lora_path,
+                     random_weights=args.random_weights, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from avatar.serve import DEFAULT_LISTEN, ROLES
+    parser = argparse.ArgumentParser(prog="avatar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="host mesh services (default: all four in one process)")
+    p.add_argument("--role", choices=ROLES, default="all")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
+    p.add_argument("--encoder", metavar="ADDR", help="EncoderService address (--role gateway)")
+    p.add_argument("--generator", metavar="ADDR", help="GeneratorService address (--role gateway)")
+    p.add_argument("--decoder", metavar="ADDR", help="DecoderService address (--role gateway)")
+    _add_model_flags(p)
+
+    p = sub.add_parser("generate", help="render a talking-avatar video from a portrait and speech")
+    p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
+    p.add_argument("--audio", required=True, help="speech: WAV, FLAC, MP3, OGG or M4A")
+    p.add_argument("--prompt", default="", help="text describing the scene")
+    p.add_argument("--preset", choices=("preview", "standard", "hd"), default=None,
+                   help="generation defaults (default: preview)")
+    p.add_argument("--size", default="", help='pixel area "W*H"; the aspect follows the image, e.g. 704*384')
+    p.add_argument("--num_clip", type=int, default=0, help="clips to generate at most (0: the whole audio)")
+    p.add_argument("--infer_frames", type=int, default=0, help="video frames per clip (0: the preset's)")
+    p.add_argument("--sample_steps", type=int, default=0, help="denoising steps per block (0: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default 420)")
+    p.add_argument("--enable_online_decode", action="store_true",
+                   help="accepted for LiveAvatar compatibility: decoding is always online (per block)")
+    p.add_argument("--server", metavar="ADDR", help="a running gateway, e.g. 127.0.0.1:50051 "
+                                                    "(default: start the mesh in this process)")
+    p.add_argument("--out", required=True, help="output video, e.g. out/demo.mp4 (OUT.json is written beside it)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of the request in seconds")
+    _add_model_flags(p)
+
+    p = sub.add_parser("check-weights", help="check a checkpoint folder against the model's expected tensors")
+    p.add_argument("--ckpt_dir", required=True)
+    p.add_argument("--lora_path")
+    p = sub.add_parser("download-weights", help="download Wan2.2-S2V-14B and the LiveAvatar LoRA")
+    p.add_argument("--ckpt_dir", required=True, help="destination folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "generate":
+            return asyncio.run(cmd_generate(args))
+        if args.command == "check-weights":
+            return cmd_check_weights(args)
+        return cmd_download_weights(args)
+    except UserError as exc:
+        print(f"avatar {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"avatar {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_serve(args) -> int:
+    from avatar.serve import ServeConfig, serve_forever
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
+                      decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file)
+    try:
+        asyncio.run(serve_forever(cfg))
+    except (ValueError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+async def cmd_generate(args) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from avatar import grpc_util, telemetry
+    from avatar.v1 import avatar_pb2, avatar_pb2_grpc
+
+    request = avatar_pb2.GenerateRequest(
+        image=_read(args.image, "image"), audio=_read(args.audio, "audio"), prompt=args.prompt,
+        size=args.size, preset=args.preset or "", num_clip=args.num_clip, infer_frames=args.infer_frames,
+        sample_steps=args.sample_steps, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model_spec(args)
+
+    mesh = None
+    if args.server:
+        address = args.server
+    else:
+        from avatar.serve import ServeConfig, start
+        print(f"avatar generate: starting the embedded mesh ({model.describe()})", file=sys.stderr)
+        try:
+            mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
+                                           trace_file=args.trace_file))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        address = mesh.address
+
+    t0 = time.perf_counter()
+    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    bar = None
+    header = status = None
+    first_fragment_s = None
+    try:
+        async with grpc_util.create_channel(address) as channel:
+            stub = avatar_pb2_grpc.AvatarServiceStub(channel)
+            with os.fdopen(fd, "wb") as f:
+                async for msg in stub.Generate(request, timeout=args.timeout,
+                                               metadata=telemetry.outgoing_metadata()):
+                    kind = msg.WhichOneof("event")
+                    if kind == "header":
+                        header = msg.header
+                        if "noise" in header.model:
+                            print(f"avatar generate: note: model is {header.model}", file=sys.stderr)
+                        bar = _progress_bar(header)
+                    elif kind == "init_segment":
+                        f.write(msg.init_segment.data)
+                    elif kind == "fragment":
+                        f.write(msg.fragment.data)
+                        f.flush()  # appended as it arrives: the .part file plays while it grows
+                        if first_fragment_s is None:
+                            first_fragment_s = time.perf_counter() - t0
+                        bar.update(1)
+                    elif kind == "status":
+                        status = msg.status
+        if status is None:
+            raise RuntimeError("the stream ended without a final status")
+        os.chmod(part, 0o644)  # mkstemp makes it private; the video is an ordinary output file
+        os.replace(part, out)
+    except grpc.aio.AioRpcError as exc:
+        _cleanup(part)
+        if bar is not None:
+            bar.close()
+            bar = None
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise UserError(exc.details()) from None
+        print(f"avatar generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except BaseException:
+        _cleanup(part)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if mesh is not None:
+            await mesh.stop(grace=1.0)
+
+    total_s = time.perf_counter() - t0
+    report = {
+        "output": str(out),
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("command",)},
+        "seed": header.job.seed,
+        "model": {"name": model.name if not args.server else header.job.model, "description": header.model,
+                  "ckpt_dir": args.ckpt_dir, "lora_path": args.lora_path, "random_weights": args.random_weights},
+        "server": args.server or "embedded",
+        "request_id": header.request_id,
+        "trace_id": status.trace_id,
+        "job": MessageToDict(header.job, preserving_proto_field_name=True),
+        "width": header.width, "height": header.height, "fps": header.fps,
+        "duration_s": header.duration_s,
+        "blocks": status.blocks, "frames": status.frames,
+        "timings_ms": {t.stage: {"ms": t.ms, "count": t.count} for t in status.timings},
+        "time_to_first_fragment_s": status.time_to_first_fragment_s,
+        "client_time_to_first_fragment_s": first_fragment_s,
+        "server_total_s": status.total_s,
+        "total_s": total_s,
+    }
+    _write_json(out.with_suffix(".json"), report)
+    print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
+          f"{header.duration_s:.2f} s) in {total_s:.1f} s, first fragment after "
+          f"{status.time_to_first_fragment_s:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _progress_bar(header):
+    from tqdm import tqdm
+    return tqdm(total=header.expected_fragments, unit="block", file=sys.stderr,
+                desc=f"{header.width}x{header.height} {header.total_frames} frames", leave=True)
+
+
+def _cleanup(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def cmd_check_weights(args) -> int:
+    from avatar.weights_tools import check_weights
+    raise NotImplementedError(check_weights)
+
+
+def cmd_download_weights(args) -> int:
+    from avatar.weights_tools import download_weights
+    raise NotImplementedError(download_weights)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

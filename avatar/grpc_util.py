@@ -1,0 +1,162 @@
+"""gRPC plumbing shared by every service: servers, channels, error mapping, health, reflection."""
+import asyncio
+import contextvars
+import functools
+import logging
+from typing import Any, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from avatar import errors, telemetry
+
+log = logging.getLogger(__name__)
+
+# Latents, text embeddings and motion latents travel whole; 64 MiB covers 704*384 with room to
+# spare. Set on both ends because gRPC's default receive limit is 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MESSAGE_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+_STATUS = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.WeightsError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and details an exception becomes on the wire."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # A downstream service already chose the code; pass it on unchanged.
+        return exc.code(), exc.details() or ""
+    for cls, code in _STATUS.items():
+        if isinstance(exc, cls):
+            return code, str(exc)
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {text}".rstrip(": ")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps avatar.errors to status codes once, for every method of every servicer.
+
+    It also opens the server span of each RPC, continuing the caller's trace from the
+    request metadata (W3C traceparent), so servicers only add their stage spans.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        name = handler_call_details.method.rsplit("/", 2)[-2:]
+        span_name = "/".join(name)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, span_name),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, span_name),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, span_name),
+                handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, span_name),
+            handler.request_deserializer, handler.response_serializer)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
+    code, details = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    else:
+        log.info("%s: %s: %s", method, code.name, details)
+    await context.abort(code, details)
+
+
+def _wrap_unary(behavior, method: str):
+    @functools.wraps(behavior)
+    async def wrapper(request, context):
+        with telemetry.server_span(method, context.invocation_metadata()):
+            try:
+                return await behavior(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
+                await _abort(context, exc, method)
+    return wrapper
+
+
+def _wrap_stream(behavior, method: str):
+    @functools.wraps(behavior)
+    async def wrapper(request, context):
+        with telemetry.server_span(method, context.invocation_metadata()):
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await _abort(context, exc, method)
+    return wrapper
+
+
+def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
+    """An aio server bound to `listen` (HOST:PORT; port 0 picks one) with raised limits and the
+    error interceptor, and the port it got."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=MESSAGE_OPTIONS)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen} (address in use or not local?)")
+    return server, port
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
+    """Registers grpc.health.v1 and server reflection; returns the health servicer (NOT_SERVING)."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                   reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    return health_servicer
+
+
+async def set_serving(health_servicer, service_names: Iterable[str], serving: bool = True) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ["", *service_names]:  # "" = the whole server, what grpcurl/k8s probe by default
+        await health_servicer.set(name, status)
+
+
+def create_channel(address: str) -> grpc.aio.Channel:
+    """An insecure aio channel to a mesh peer with the same raised message limits."""
+    return grpc.aio.insecure_channel(address, options=MESSAGE_OPTIONS)
+
+
+def call_options(context: grpc.aio.ServicerContext | None = None) -> dict[str, Any]:
+    """Keyword arguments for a downstream call: the caller's remaining deadline and trace context."""
+    timeout = context.time_remaining() if context is not None else None
+    return {"timeout": timeout, "metadata": telemetry.outgoing_metadata()}
+
+
+async def run_blocking(fn: Callable, *args, **kwargs):
+    """Runs blocking (torch) work in a thread so the event loop keeps serving.
+
+    If the RPC is cancelled meanwhile, waits for the thread to finish before re-raising, so a
+    session is never closed while its engine is still inside a call (cancel stops within one call).
+    """
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()  # keeps the current span for anything the thread logs
+    future = loop.run_in_executor(None, functools.partial(ctx.run, fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        try:
+            await future
+        except Exception:  # noqa: BLE001 - the cancellation is what the caller must see
+            pass
+        raise

@@ -1,0 +1,120 @@
+"""Hosts mesh services in one grpc.aio server: one role per process, or all four (the embedded default)."""
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+
+from avatar import grpc_util, telemetry
+from avatar.presets import ModelSpec
+
+log = logging.getLogger("avatar.serve")
+
+ROLES = ("all", "gateway", "encoder", "generator", "decoder")
+DEFAULT_LISTEN = "127.0.0.1:50051"
+GRACE_S = 5.0
+
+
+@dataclass
+class ServeConfig:
+    role: str = "all"
+    listen: str = DEFAULT_LISTEN
+    encoder: str | None = None      # addresses of the peers, for --role gateway
+    generator: str | None = None
+    decoder: str | None = None
+    model: ModelSpec = ModelSpec()
+    trace_file: str | None = None
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: object
+    service_names: list[str]
+    closers: list
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float = GRACE_S) -> None:
+        """Health NOT_SERVING first (load balancers drain), then finish in-flight RPCs within `grace`."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for close in self.closers:
+            await close()
+
+
+def _host(listen: str) -> str:
+    return listen.rsplit(":", 1)[0].strip("[]")
+
+
+async def start(cfg: ServeConfig) -> RunningServer:
+    """Builds the role's engines, binds, starts and reports SERVING. Port 0 picks a free port."""
+    if cfg.role not in ROLES:
+        raise ValueError(f"unknown role {cfg.role!r}: choose one of {', '.join(ROLES)}")
+    telemetry.setup(f"avatar-{cfg.role}", cfg.trace_file)
+    server, port = grpc_util.create_server(cfg.listen)
+    names: list[str] = []
+    closers = []
+    loop = asyncio.get_running_loop()
+
+    if cfg.role in ("all", "encoder"):
+        from avatar.v1 import encoder_pb2_grpc
+        from services.encoder.engine import EncoderEngine
+        from services.encoder.server import SERVICE_NAME, EncoderServicer
+        engine = await loop.run_in_executor(None, EncoderEngine, cfg.model)
+        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
+        names.append(SERVICE_NAME)
+    if cfg.role in ("all", "generator"):
+        from avatar.v1 import generator_pb2_grpc
+        from services.generator.engine import GeneratorEngine
+        from services.generator.server import SERVICE_NAME, GeneratorServicer
+        engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine), server)
+        names.append(SERVICE_NAME)
+    if cfg.role in ("all", "decoder"):
+        from avatar.v1 import decoder_pb2_grpc
+        from services.decoder.engine import DecoderEngine
+        from services.decoder.server import SERVICE_NAME, DecoderServicer
+        engine = await loop.run_in_executor(None, DecoderEngine, cfg.model)
+        decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), server)
+        names.append(SERVICE_NAME)
+    if cfg.role in ("all", "gateway"):
+        from avatar.v1 import avatar_pb2_grpc
+        from gateway.server import SERVICE_NAME, GatewayServicer
+        if cfg.role == "all":
+            # Same code path as a deployed mesh: the gateway calls its siblings over loopback.
+            host = _host(cfg.listen)
+            peers = (f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}",) * 3
+        else:
+            missing = [n for n in ("encoder", "generator", "decoder") if not getattr(cfg, n)]
+            if missing:
+                raise ValueError(f"--role gateway needs the peer addresses: {', '.join('--' + m for m in missing)}")
+            peers = (cfg.encoder, cfg.generator, cfg.decoder)
+        gateway = GatewayServicer(cfg.model, *peers)
+        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
+        names.append(SERVICE_NAME)
+        closers.append(gateway.close)
+
+    health = grpc_util.add_health_and_reflection(server, names)
+    await server.start()
+    await grpc_util.set_serving(health, names)
+    return RunningServer(server, port, health, names, closers)
+
+
+async def serve_forever(cfg: ServeConfig) -> None:
+    running = await start(cfg)
+    print(f"avatar serve: {cfg.role} ({', '.join(n.rsplit('.', 1)[-1] for n in running.service_names)}) "
+          f"listening on {_host(cfg.listen)}:{running.port}, model {cfg.model.describe()}", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("avatar serve: stopping", file=sys.stderr, flush=True)
+    await running.stop()
+    telemetry.shutdown()

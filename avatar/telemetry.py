@@ -1,0 +1,112 @@
+"""OpenTelemetry per process: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else optional JSONL file."""
+import contextlib
+import json
+import os
+import threading
+from typing import Iterator, Sequence
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SimpleSpanProcessor, SpanExporter,
+                                            SpanExportResult)
+
+TRACER_NAME = "avatar"
+_provider: TracerProvider | None = None
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends one JSON object per finished span to a file (several processes may share it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = "".join(json.dumps(span_to_dict(s)) + "\n" for s in spans)
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(lines)  # one write per batch: lines from concurrent processes stay whole
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def span_to_dict(span: ReadableSpan) -> dict:
+    ctx = span.get_span_context()
+    return {
+        "name": span.name,
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
+        "service": span.resource.attributes.get("service.name"),
+        "kind": span.kind.name,
+        "start_unix_nano": span.start_time,
+        "end_unix_nano": span.end_time,
+        "duration_ms": (span.end_time - span.start_time) / 1e6 if span.end_time else None,
+        "status": span.status.status_code.name,
+        "attributes": dict(span.attributes or {}),
+    }
+
+
+def setup(service_name: str, trace_file: str | None = None) -> TracerProvider:
+    """Installs this process's tracer provider once; later calls return the first one.
+
+    Spans always get real ids (so traces propagate through a process that exports nothing);
+    they leave the process only through OTLP or the trace file.
+    """
+    global _provider
+    if _provider is not None:
+        return _provider
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if trace_file:
+        # Simple (synchronous) processor: a span is on disk when it ends, even if the process is killed.
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown() -> None:
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+@contextlib.contextmanager
+def server_span(method: str, metadata) -> Iterator[trace.Span]:
+    """The span of one incoming RPC, child of the caller's span found in the metadata."""
+    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    parent = propagate.extract(carrier)
+    with tracer().start_as_current_span(method, context=parent, kind=trace.SpanKind.SERVER) as span:
+        yield span
+
+
+def span(name: str, **attributes):
+    """A stage span under the current one, e.g. span("encode_image", width=64)."""
+    return tracer().start_as_current_span(name, attributes=attributes)
+
+
+def record_span(name: str, start_ns: int, end_ns: int, **attributes) -> None:
+    """A span measured elsewhere (e.g. by an engine in a thread), placed under the current span."""
+    s = tracer().start_span(name, start_time=start_ns, attributes=attributes)
+    s.end(end_time=end_ns)
+
+
+def outgoing_metadata() -> list[tuple[str, str]]:
+    """gRPC metadata carrying the current trace context (W3C traceparent) to a downstream call."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

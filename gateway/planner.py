@@ -1,0 +1,96 @@
+"""Request -> job: validates inputs, decodes media and plans the JobSpec every service follows."""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from avatar import media
+from avatar.errors import InvalidInput
+from avatar.presets import (DEFAULT_JOB_PRESET, DEFAULT_SEED, ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK,
+                            JOB_PRESETS, LATENT_FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE, VAE_TIME_STRIDE,
+                            ModelSpec, preset_area)
+from avatar.v1 import avatar_pb2, tensor_pb2
+
+MAX_SAMPLE_STEPS = 50
+
+
+def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_duration_s: float,
+             image_size: tuple[int, int], request_id: str = "") -> tensor_pb2.JobSpec:
+    """The job for a request, after defaults: size from the preset (or --size) with the image's
+    aspect, one block per 12 frames of audio, capped at num_clip clips of infer_frames frames."""
+    preset_name = request.preset or DEFAULT_JOB_PRESET
+    if preset_name not in JOB_PRESETS:
+        raise InvalidInput(f"unknown preset {preset_name!r}: choose one of {', '.join(JOB_PRESETS)}")
+    preset = JOB_PRESETS[preset_name]
+
+    if request.num_clip < 0:
+        raise InvalidInput(f"num_clip must be >= 0 (0: as many as the audio needs), got {request.num_clip}")
+    num_clip = request.num_clip or preset.num_clip
+    infer_frames = request.infer_frames or preset.infer_frames
+    if infer_frames < 0 or infer_frames % VAE_TIME_STRIDE:
+        raise InvalidInput(f"infer_frames must be a positive multiple of {VAE_TIME_STRIDE}, got {infer_frames}")
+    sample_steps = request.sample_steps or preset.sample_steps
+    if not 1 <= sample_steps <= MAX_SAMPLE_STEPS:
+        raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {sample_steps}")
+
+    area = media.parse_size(request.size) if request.size else preset_area(preset, model)
+    width, height = media.plan_size(area, image_size, model.size_divisor)
+
+    total_frames = round(audio_duration_s * FPS)
+    if total_frames < 1:
+        raise InvalidInput(f"the audio is too short ({audio_duration_s * 1000:.0f} ms): "
+                           f"it must last at least one video frame ({1000 / FPS:.0f} ms)")
+    total_frames = min(total_frames, num_clip * infer_frames)
+    return tensor_pb2.JobSpec(
+        width=width, height=height, fps=FPS, infer_frames=infer_frames,
+        latent_frames_per_block=LATENT_FRAMES_PER_BLOCK,
+        num_blocks=math.ceil(total_frames / FRAMES_PER_BLOCK), total_frames=total_frames,
+        sample_steps=sample_steps, seed=request.seed if request.HasField("seed") else DEFAULT_SEED,
+        model=model.name, audio_sample_rate=OUTPUT_AUDIO_RATE, request_id=request_id)
+
+
+@dataclass
+class Plan:
+    """A planned job with its decoded inputs."""
+    job: tensor_pb2.JobSpec
+    pixels: np.ndarray      # uint8 [height, width, 3], the portrait fitted to the job size
+    pcm_16k: np.ndarray     # float32 mono at 16 kHz for the audio encoder, cut to the video length
+    pcm_out: np.ndarray     # int16 mono at job.audio_sample_rate, exactly the video's length
+    audio_duration_s: float  # of the input audio
+
+    @property
+    def duration_s(self) -> float:
+        return self.job.total_frames / self.job.fps
+
+    def sample_at(self, frame: int) -> int:
+        """First output-audio sample of a video frame (exact at 48 kHz / 25 fps: 1920 per frame)."""
+        return frame * self.job.audio_sample_rate // self.job.fps
+
+    def block_audio(self, index: int) -> tuple[np.ndarray, int]:
+        """PCM that plays during block `index`'s kept frames, and how many frames it keeps."""
+        first = index * FRAMES_PER_BLOCK
+        if not 0 <= first < self.job.total_frames:
+            raise ValueError(f"block {index} is outside the job's {self.job.num_blocks} blocks")
+        keep = min(FRAMES_PER_BLOCK, self.job.total_frames - first)
+        return self.pcm_out[self.sample_at(first):self.sample_at(first + keep)], keep
+
+
+def prepare(request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: str = "") -> Plan:
+    """Decodes and validates the request's image and audio, then plans the job."""
+    if not request.image:
+        raise InvalidInput("the request has no image (PNG, JPEG or WebP bytes)")
+    if not request.audio:
+        raise InvalidInput("the request has no audio (WAV, FLAC, MP3, OGG or M4A bytes)")
+    image = media.load_image(request.image)
+    samples, rate = media.decode_audio(request.audio)
+    job = plan_job(request, model, len(samples) / rate, image.size, request_id)
+    pixels = media.fit_image(image, (job.width, job.height))
+
+    # Audio cut (or padded by < half a frame of silence) to exactly the video's length.
+    n_out = job.total_frames * job.audio_sample_rate // job.fps
+    out = media.resample(samples, rate, job.audio_sample_rate)
+    out = np.pad(out[:n_out], (0, max(0, n_out - len(out))))
+    pcm_out = (np.clip(out, -1.0, 1.0) * 32767).round().astype(np.int16)
+    pcm_16k = media.resample(samples[:round(job.total_frames / job.fps * rate)], rate, ENCODER_AUDIO_RATE)
+    return Plan(job=job, pixels=pixels, pcm_16k=pcm_16k.astype(np.float32), pcm_out=pcm_out,
+                audio_duration_s=len(samples) / rate)

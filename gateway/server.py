@@ -1,0 +1,163 @@
+"""AvatarService: the public gateway. Plans the job, orchestrates the mesh, streams fMP4 back."""
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from avatar import telemetry, wire
+from avatar.grpc_util import call_options, create_channel, run_blocking
+from avatar.presets import FRAMES_PER_BLOCK, ModelSpec
+from avatar.v1 import (avatar_pb2, avatar_pb2_grpc, decoder_pb2, decoder_pb2_grpc, encoder_pb2,
+                       encoder_pb2_grpc, generator_pb2, generator_pb2_grpc, tensor_pb2)
+from gateway import planner
+
+SERVICE_NAME = avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name
+MIME_TYPE = 'video/mp4; codecs="avc1.64001e, mp4a.40.2"'
+_DONE = object()
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage, summed over blocks, in the order stages first ran."""
+    ms: dict = field(default_factory=lambda: defaultdict(float))
+    count: dict = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, stage: str, ms: float) -> None:
+        self.ms[stage] += ms
+        self.count[stage] += 1
+
+    def to_proto(self) -> list[tensor_pb2.StageTiming]:
+        return [tensor_pb2.StageTiming(stage=s, ms=round(ms, 3), count=self.count[s]) for s, ms in self.ms.items()]
+
+
+class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
+    """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`)."""
+
+    def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str):
+        self.model = model
+        self.channels = [create_channel(a) for a in (encoder, generator, decoder)]
+        self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels[0])
+        self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels[1])
+        self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[2])
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+    async def Generate(self, request, context):
+        t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex[:8]
+        trace.get_current_span().set_attribute("request_id", request_id)
+        plan = await run_blocking(planner.prepare, request, self.model, request_id)
+        job = plan.job
+        yield avatar_pb2.GenerateResponse(header=avatar_pb2.StreamHeader(
+            request_id=request_id, mime_type=MIME_TYPE, width=job.width, height=job.height, fps=job.fps,
+            expected_fragments=job.num_blocks, total_frames=job.total_frames, duration_s=plan.duration_s,
+            model=self.model.describe(), job=job))
+
+        timings = Timings()
+        image, text = await asyncio.gather(
+            self._timed(timings, "encode_image", self.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(
+                job=job, pixels=wire.to_proto(plan.pixels)), **call_options(context))),
+            self._timed(timings, "encode_text", self.encoder.EncodeText(encoder_pb2.EncodeTextRequest(
+                job=job, prompt=request.prompt), **call_options(context))))
+
+        # Three calls stay open for the whole job: audio features stream into the generator while
+        # it streams latent blocks out, and each block goes to the decoder with its slice of PCM.
+        audio_call = self.encoder.EncodeAudio(encoder_pb2.EncodeAudioRequest(
+            job=job, pcm_16k=wire.to_proto(plan.pcm_16k)), **call_options(context))
+        generator_in: asyncio.Queue = asyncio.Queue()
+        decoder_in: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump_audio():
+            # Read here, not inside the request iterator, so an encoder error keeps its status code.
+            started = time.perf_counter()
+            async for features in audio_call:
+                await generator_in.put(generator_pb2.GeneratorInput(audio=features))
+            timings.add("encode_audio", (time.perf_counter() - started) * 1e3)
+            await generator_in.put(_DONE)
+
+        async def generator_requests():
+            yield generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
+                job=job, text=text.embeddings, ref_latent=image.ref_latent, motion_latents=image.motion_latents))
+            while (item := await generator_in.get()) is not _DONE:
+                yield item
+
+        async def decoder_requests():
+            yield decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(job=job, prime_latent=image.ref_latent))
+            while (item := await decoder_in.get()) is not _DONE:
+                yield item
+
+        generator_call = self.generator.Generate(generator_requests(), **call_options(context))
+        decoder_call = self.decoder.Decode(decoder_requests(), **call_options(context))
+
+        async def pump_blocks():
+            async for out in generator_call:
+                block = out.block
+                timings.add("dit_block", block.dit_ms)
+                pcm, keep = plan.block_audio(block.index)
+                await decoder_in.put(decoder_pb2.DecoderInput(block=decoder_pb2.DecodeBlock(
+                    index=block.index, latent=block.latent, pcm=wire.to_proto(pcm), keep_frames=keep)))
+            await decoder_in.put(_DONE)
+
+        async def pump_fragments():
+            async for out in decoder_call:
+                await events.put(out)
+            await events.put(_DONE)
+
+        async def guarded(coro):
+            try:
+                await coro
+            except Exception as exc:  # noqa: BLE001 - re-raised by the handler, mapped to a status
+                await events.put(exc)
+
+        tasks = [asyncio.create_task(guarded(p())) for p in (pump_audio, pump_blocks, pump_fragments)]
+        first_fragment_s = None
+        blocks = frames = 0
+        try:
+            while (event := await events.get()) is not _DONE:
+                if isinstance(event, Exception):
+                    raise event
+                if event.WhichOneof("event") == "init_segment":
+                    yield avatar_pb2.GenerateResponse(init_segment=avatar_pb2.InitSegment(data=event.init_segment))
+                    continue
+                frag = event.fragment
+                timings.add("vae_decode", frag.vae_ms)
+                timings.add("mux", frag.mux_ms)
+                sent = time.perf_counter()
+                with telemetry.span("send", block=frag.index, bytes=len(frag.data)):
+                    yield avatar_pb2.GenerateResponse(fragment=avatar_pb2.MediaFragment(
+                        index=frag.index, data=frag.data, first_frame=frag.index * FRAMES_PER_BLOCK,
+                        num_frames=frag.num_frames))
+                timings.add("send", (time.perf_counter() - sent) * 1e3)
+                if first_fragment_s is None:
+                    first_fragment_s = sent - t0
+                blocks += 1
+                frames += frag.num_frames
+                yield avatar_pb2.GenerateResponse(progress=avatar_pb2.Progress(
+                    blocks_done=blocks, blocks_total=job.num_blocks, elapsed_s=time.perf_counter() - t0))
+            if blocks != job.num_blocks:
+                raise RuntimeError(f"the decoder returned {blocks} of {job.num_blocks} fragments")
+            yield avatar_pb2.GenerateResponse(status=avatar_pb2.FinalStatus(
+                blocks=blocks, frames=frames, time_to_first_fragment_s=first_fragment_s or 0.0,
+                total_s=time.perf_counter() - t0, timings=timings.to_proto(),
+                trace_id=telemetry.current_trace_id()))
+        finally:
+            # Client gone, deadline hit or a stage failed: stop every stage; the services close
+            # their sessions when their stream is cancelled.
+            for call in (audio_call, generator_call, decoder_call):
+                call.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    async def _timed(timings: Timings, stage: str, call):
+        started = time.perf_counter()
+        result = await call
+        timings.add(stage, (time.perf_counter() - started) * 1e3)
+        return result

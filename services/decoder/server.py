@@ -1,0 +1,50 @@
+"""DecoderService: thin grpc.aio servicer over DecoderEngine; one bidi stream = one video."""
+import time
+
+from avatar import telemetry, wire
+from avatar.errors import InvalidInput
+from avatar.grpc_util import run_blocking
+from avatar.v1 import decoder_pb2, decoder_pb2_grpc
+from services.decoder.engine import DecoderEngine
+
+SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
+
+def _tensor(msg, what: str):
+    try:
+        return wire.from_proto(msg)
+    except ValueError as exc:
+        raise InvalidInput(f"{what}: {exc}") from exc
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
+    def __init__(self, engine: DecoderEngine):
+        self.engine = engine
+
+    async def Decode(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("event") != "start":
+            raise InvalidInput("the first DecoderInput must be a DecodeStart")
+        job = first.start.job
+        stream = await run_blocking(self.engine.open_stream, job, _tensor(first.start.prime_latent, "prime_latent"))
+        try:
+            yield decoder_pb2.DecoderOutput(init_segment=await run_blocking(stream.init_segment))
+            async for msg in request_iterator:
+                if msg.WhichOneof("event") != "block":
+                    raise InvalidInput("only DecodeBlock messages may follow the DecodeStart")
+                block = msg.block
+                pcm = _tensor(block.pcm, "pcm")
+                if pcm.dtype != wire.DTYPES["int16"] or pcm.ndim != 1:
+                    raise InvalidInput(f"pcm must be int16 mono [samples], got {pcm.dtype} {list(pcm.shape)}")
+                latent = _tensor(block.latent, "latent")
+                with telemetry.span("decode_block", block=block.index, keep_frames=block.keep_frames):
+                    start_ns = time.time_ns()
+                    out = await run_blocking(stream.decode_block, latent, pcm.numpy(), block.keep_frames)
+                    end_ns = time.time_ns()
+                    # The engine measures both parts; place them as child spans, VAE first, mux last.
+                    vae_ns, mux_ns = int(out.vae_ms * 1e6), int(out.mux_ms * 1e6)
+                    telemetry.record_span("vae_decode", start_ns, min(end_ns, start_ns + vae_ns), block=block.index)
+                    telemetry.record_span("mux", max(start_ns, end_ns - mux_ns), end_ns, block=block.index,
+                                          frames=out.num_frames, bytes=len(out.data))
+                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(
+                    index=block.index, data=out.data, num_frames=out.num_frames, vae_ms=out.vae_ms, mux_ms=out.mux_ms))
+        finally:
+            await run_blocking(stream.close)

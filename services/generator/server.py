@@ -1,0 +1,72 @@
+"""GeneratorService: thin grpc.aio servicer over GeneratorEngine; one bidi stream = one session."""
+import time
+
+import torch
+
+from avatar import telemetry, wire
+from avatar.errors import InvalidInput
+from avatar.grpc_util import run_blocking
+from avatar.presets import VAE_TIME_STRIDE
+from avatar.v1 import generator_pb2, generator_pb2_grpc
+from services.generator.engine import GeneratorEngine
+
+SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
+
+
+def _tensor(msg, what: str) -> torch.Tensor:
+    try:
+        return wire.from_proto(msg)
+    except ValueError as exc:
+        raise InvalidInput(f"{what}: {exc}") from exc
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
+    def __init__(self, engine: GeneratorEngine):
+        self.engine = engine
+
+    async def Generate(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("event") != "start":
+            raise InvalidInput("the first GeneratorInput must be a SessionStart")
+        start = first.start
+        job = start.job
+        if job.num_blocks <= 0:
+            raise InvalidInput(f"job.num_blocks must be positive, got {job.num_blocks}")
+        block_frames = job.latent_frames_per_block * VAE_TIME_STRIDE
+        session = await run_blocking(
+            self.engine.open_session, job, _tensor(start.text, "text"),
+            _tensor(start.ref_latent, "ref_latent"), _tensor(start.motion_latents, "motion_latents"))
+        try:
+            pending: list[torch.Tensor] = []  # audio frames received but not yet used by a block
+            have = 0
+            index = 0
+            async for msg in request_iterator:
+                if msg.WhichOneof("event") != "audio":
+                    raise InvalidInput("only AudioFeatures may follow the SessionStart")
+                feats = _tensor(msg.audio.features, "audio features")
+                pending.append(feats)
+                have += feats.shape[0]
+                while have >= block_frames and index < job.num_blocks:
+                    audio = torch.cat(pending)
+                    pending, have = [audio[block_frames:]], have - block_frames
+                    yield await self._block(session, job, index, audio[:block_frames])
+                    index += 1
+            # The audio stream ended early: the remaining blocks get silent (zero) features.
+            if index < job.num_blocks and not pending:
+                raise InvalidInput("no audio features arrived before the stream ended")
+            while index < job.num_blocks:
+                audio = torch.cat(pending)[:block_frames]
+                pad = audio.new_zeros((block_frames - audio.shape[0], *audio.shape[1:]))
+                pending = [audio.new_zeros((0, *audio.shape[1:]))]
+                yield await self._block(session, job, index, torch.cat([audio, pad]))
+                index += 1
+        finally:
+            await run_blocking(session.close)
+
+    async def _block(self, session, job, index: int, audio: torch.Tensor) -> generator_pb2.GeneratorOutput:
+        with telemetry.span("dit_block", block=index, steps=job.sample_steps):
+            t0 = time.perf_counter()
+            latent = await run_blocking(session.generate_block, audio)
+            dit_ms = (time.perf_counter() - t0) * 1e3
+        return generator_pb2.GeneratorOutput(
+            block=generator_pb2.LatentBlock(index=index, latent=wire.to_proto(latent), dit_ms=dit_ms))
