@@ -34,7 +34,7 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
         raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {sample_steps}")
 
     area = media.parse_size(request.size) if request.size else preset_area(preset, model)
-    width, height = media.plan_size(area, image_size, model.size_divisor)
+    width, height = media.plan_size(*image_size, *area, model.size_divisor)
 
     total_frames = round(audio_duration_s * FPS)
     if total_frames < 1:
@@ -77,20 +77,17 @@ class Plan:
 
 def prepare(request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: str = "") -> Plan:
     """Decodes and validates the request's image and audio, then plans the job."""
-    if not request.image:
-        raise InvalidInput("the request has no image (PNG, JPEG or WebP bytes)")
-    if not request.audio:
-        raise InvalidInput("the request has no audio (WAV, FLAC, MP3, OGG or M4A bytes)")
     image = media.load_image(request.image)
-    samples, rate = media.decode_audio(request.audio)
-    job = plan_job(request, model, len(samples) / rate, image.size, request_id)
-    pixels = media.fit_image(image, (job.width, job.height))
+    audio = media.decode_audio(request.audio)
+    samples, rate = audio.samples, audio.sample_rate
+    job = plan_job(request, model, audio.duration_s, image.size, request_id)
+    pixels = media.fit_image(image, job.width, job.height)
 
     # Audio cut (or padded by < half a frame of silence) to exactly the video's length.
+    used = samples[:round(job.total_frames / job.fps * rate)]
     n_out = job.total_frames * job.audio_sample_rate // job.fps
-    out = media.resample(samples, rate, job.audio_sample_rate)
-    out = np.pad(out[:n_out], (0, max(0, n_out - len(out))))
-    pcm_out = (np.clip(out, -1.0, 1.0) * 32767).round().astype(np.int16)
-    pcm_16k = media.resample(samples[:round(job.total_frames / job.fps * rate)], rate, ENCODER_AUDIO_RATE)
+    out = media.resample(used, rate, job.audio_sample_rate)
+    pcm_out = media.to_pcm16(np.pad(out[:n_out], (0, max(0, n_out - len(out)))))
+    pcm_16k = media.resample(used, rate, ENCODER_AUDIO_RATE)
     return Plan(job=job, pixels=pixels, pcm_16k=pcm_16k.astype(np.float32), pcm_out=pcm_out,
-                audio_duration_s=len(samples) / rate)
+                audio_duration_s=audio.duration_s)
