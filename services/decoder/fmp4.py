@@ -119,6 +119,8 @@ class FragmentedMp4Writer:
     out.write(writer.init_segment())
     for frames, pcm in blocks: out.write(writer.write_block(frames, pcm))   # one moof+mdat each
     out.write(writer.finish())                                              # audio tail
+
+    or write_block(..., final=True) for the last block, which carries the audio tail itself.
     """
 
     def __init__(self, width: int, height: int, fps: int = 25, sample_rate: int = 48000,
@@ -186,12 +188,12 @@ class FragmentedMp4Writer:
         """PCM samples given so far (including those the priming replaces)."""
         return self._audio_in + len(self._pcm) + AAC_PRIMING - self._to_drop
 
-    def write_block(self, frames: np.ndarray, pcm: np.ndarray) -> bytes:
+    def write_block(self, frames: np.ndarray, pcm: np.ndarray, final: bool = False) -> bytes:
         """Encodes frames uint8 [n, H, W, 3] and mono pcm int16 [samples]; returns one moof+mdat.
 
         The fragment starts with an IDR frame. Audio packets the AAC encoder has finished so far
-        ride along; its last ~1-2 frames (the encoder's delay) come in the next fragment or in
-        finish().
+        ride along; its last ~1-2 frames (the encoder's delay) come in the next fragment, or in
+        this one when `final` (the stream ends here: nothing may be written after it).
         """
         if self._finished:
             raise RuntimeError("write_block after finish()")
@@ -214,6 +216,8 @@ class FragmentedMp4Writer:
         if not video[0].is_keyframe:
             raise RuntimeError("libx264 did not start the block with a keyframe")
         audio = self._encode_pcm(pcm)
+        if final:
+            audio += self._flush()
         first_frame = self._video_frames
         self._video_frames += len(frames)
         return self._fragment(video, first_frame, audio)
@@ -222,18 +226,19 @@ class FragmentedMp4Writer:
         """Flushes the encoders; returns a last fragment with the audio tail (b"" if none)."""
         if self._finished:
             return b""
+        packets = self._flush()
+        return self._fragment([], self._video_frames, packets) if packets else b""
+
+    def _flush(self) -> list:
         self._finished = True
         packets = []
         if len(self._pcm):
             packets += self._encode_frame(self._pcm)
             self._pcm = np.zeros(0, np.float32)
         packets += self._audio.encode(None)
-        video = list(self._video.encode(None))
-        if video:
+        if list(self._video.encode(None)):
             raise RuntimeError("libx264 held frames back despite zerolatency")
-        if not packets:
-            return b""
-        return self._fragment([], self._video_frames, packets)
+        return packets
 
     # ------------------------------------------------------------------ encoding
     def _encode_pcm(self, pcm: np.ndarray) -> list:

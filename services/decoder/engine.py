@@ -1,0 +1,141 @@
+"""DecoderEngine: streaming Wan VAE decode of latent blocks, muxed with audio into fMP4 fragments."""
+from __future__ import annotations
+
+import pathlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from avatar.errors import InvalidInput, WeightsError
+from avatar.models.wan_vae import S2V_14B_VAE, WanVAE
+from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
+from services.decoder.fmp4 import FragmentedMp4Writer
+
+VAE_FILE = "Wan2.1_VAE.pth"
+SPACE_STRIDE = 8
+
+
+@dataclass(frozen=True)
+class DecodedBlock:
+    data: bytes        # one moof+mdat, starting with an IDR frame
+    num_frames: int    # video frames in it
+    vae_ms: float      # VAE decode time
+    mux_ms: float      # H.264/AAC encode + boxing time
+
+
+class DecoderEngine:
+    """Holds the VAE; every stream gets its own causal cache and MP4 writer."""
+
+    def __init__(self, model: ModelSpec):
+        self.model = model
+        device = torch.device(model.device)
+        # tiny and anything on CPU run in float32; the real VAE on GPU in the configured dtype
+        dtype = torch.float32 if model.is_tiny or device.type == "cpu" else getattr(torch, model.dtype)
+        if model.is_tiny:
+            self.vae = WanVAE.tiny(model.seed, device=device, dtype=dtype)
+        elif model.random_weights:
+            self.vae = WanVAE.random(S2V_14B_VAE, model.seed, device=device, dtype=dtype)
+        else:
+            if not model.ckpt_dir:
+                raise WeightsError(f"model {model.name} needs ckpt_dir (the folder holding {VAE_FILE})")
+            path = pathlib.Path(model.ckpt_dir) / VAE_FILE
+            if not path.is_file():
+                raise WeightsError(f"VAE checkpoint not found: {path}")
+            self.vae = WanVAE.from_upstream(path, device=device, dtype=dtype)
+        self.z_dim = self.vae.dims.z_dim
+
+    def open_stream(self, job, prime_latent: torch.Tensor) -> "DecoderStream":
+        """A stream for one video; prime_latent [16, 1, h, w] is the reference image's latent."""
+        return DecoderStream(self, job, prime_latent)
+
+
+class DecoderStream:
+    """Decodes one job's latent blocks in order: block k -> frames 12k..12k+11 -> one fragment."""
+
+    def __init__(self, engine: DecoderEngine, job, prime_latent: torch.Tensor):
+        if job.width <= 0 or job.height <= 0 or job.width % 16 or job.height % 16:
+            raise InvalidInput(f"job size must be positive multiples of 16, got {job.width}x{job.height}")
+        if job.fps <= 0 or job.audio_sample_rate <= 0:
+            raise InvalidInput(f"job fps and audio_sample_rate must be positive, got {job.fps}, "
+                               f"{job.audio_sample_rate}")
+        self.job = job
+        self.latent_hw = (job.height // SPACE_STRIDE, job.width // SPACE_STRIDE)
+        self.latent_frames = job.latent_frames_per_block or LATENT_FRAMES_PER_BLOCK
+        self._vae = engine.vae
+        self._z = engine.z_dim
+        self._check_latent(prime_latent, 1, "prime_latent")
+        try:
+            self._writer = FragmentedMp4Writer(job.width, job.height, job.fps, job.audio_sample_rate)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        self._decoder = self._vae.stream_decoder()
+        # the causal cache starts from the reference frame, as the generator's context does;
+        # its one pixel frame is not part of the video
+        self._decoder.decode(prime_latent[None])
+        self.blocks = 0
+        self.frames = 0
+
+    def init_segment(self) -> bytes:
+        return self._writer.init_segment()
+
+    def mime_type(self) -> str:
+        return self._writer.mime_type()
+
+    def decode_block(self, latent: torch.Tensor, pcm: np.ndarray, keep_frames: int) -> DecodedBlock:
+        """latent [16, 3, h, w] + int16 mono pcm for the kept frames -> one fMP4 fragment.
+
+        keep_frames (1..12) trims the last block to the audio's length. The job's last block
+        (job.num_blocks) also carries the audio encoder's tail, so the stream ends complete.
+        """
+        if self._decoder is None:
+            raise RuntimeError("decode_block on a closed DecoderStream")
+        if self.job.num_blocks and self.blocks >= self.job.num_blocks:
+            raise InvalidInput(f"the job has {self.job.num_blocks} blocks; block {self.blocks} is extra")
+        self._check_latent(latent, self.latent_frames, "latent")
+        frames_per_block = self.latent_frames * VAE_TIME_STRIDE
+        if not 1 <= keep_frames <= frames_per_block:
+            raise InvalidInput(f"keep_frames must be in 1..{frames_per_block}, got {keep_frames}")
+        pcm = np.asarray(pcm)
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise InvalidInput(f"pcm must be int16 mono [samples], got {pcm.dtype} {list(pcm.shape)}")
+        rate, fps = self.job.audio_sample_rate, self.job.fps
+        expected = ((self.frames + keep_frames) * rate // fps) - (self.frames * rate // fps)
+        if abs(len(pcm) - expected) > rate // fps:   # more than a frame off: audio would drift
+            raise InvalidInput(f"block {self.blocks}: {len(pcm)} audio samples for {keep_frames} "
+                               f"frames, expected {expected} at {rate} Hz / {fps} fps")
+
+        t0 = time.perf_counter()
+        pixels = self._decoder.decode(latent[None])          # [1, 3, 12, H, W] in [-1, 1]
+        frames = ((pixels[0, :, :keep_frames] + 1.0) * 127.5).round_().clamp_(0, 255)
+        frames = frames.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        t1 = time.perf_counter()     # .cpu() above waits for the GPU, so this is the VAE's time
+        final = bool(self.job.num_blocks) and self.blocks + 1 == self.job.num_blocks
+        data = self._writer.write_block(frames, pcm, final=final)
+        t2 = time.perf_counter()
+        self.blocks += 1
+        self.frames += keep_frames
+        return DecodedBlock(data=data, num_frames=keep_frames, vae_ms=(t1 - t0) * 1e3,
+                            mux_ms=(t2 - t1) * 1e3)
+
+    def finish(self) -> bytes:
+        """The audio tail as a last fragment, for streams whose job did not say num_blocks
+        (b"" when the last block already carried it)."""
+        return self._writer.finish() if self._writer is not None else b""
+
+    def close(self) -> None:
+        """Frees the causal cache and the encoders; safe to call twice."""
+        if self._decoder is not None:
+            self._decoder.close()
+        self._decoder = None
+        self._writer = None
+
+    def _check_latent(self, latent: torch.Tensor, frames: int, what: str) -> None:
+        want = (self._z, frames, *self.latent_hw)
+        if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != want:
+            got = list(latent.shape) if hasattr(latent, "shape") else type(latent).__name__
+            raise InvalidInput(f"{what} must be {list(want)} for a {self.job.width}x"
+                               f"{self.job.height} job, got {got}")
+        if not torch.isfinite(latent).all():
+            raise InvalidInput(f"{what} contains NaN or infinite values")
