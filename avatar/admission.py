@@ -1,0 +1,205 @@
+"""Admission control: a cap on concurrent sessions, a bounded wait queue and per-client fairness.
+
+A servicer wraps each session in ``async with admission.slot(context): ...``. Up to
+`max_sessions` run at once; up to `max_queue` more wait (in fair order: the next free slot goes
+to the waiting client with the fewest sessions running, ties by arrival); beyond that, or past
+the caller's deadline while waiting, the call fails with RESOURCE_EXHAUSTED, a message saying
+what is full, and trailing metadata ``retry-after-ms`` estimated from recent session lengths.
+Nothing ever waits unbounded: the queue is bounded and every wait has the RPC's deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from avatar import errors
+from avatar.security import bearer_token, token_fingerprint
+
+RETRY_AFTER_KEY = "retry-after-ms"
+_MIN_RETRY_MS, _MAX_RETRY_MS, _DEFAULT_RETRY_MS = 100, 60_000, 1_000
+
+
+class Overloaded(errors.ResourceExhausted):
+    """No session slot now: RESOURCE_EXHAUSTED. retry_after_ms says when trying again makes sense."""
+
+    def __init__(self, message: str, retry_after_ms: int):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    max_sessions: int = 4        # sessions running at once (a generator's GPU budget)
+    max_queue: int = 8           # sessions waiting for a slot; 0: refuse at once when full
+    max_per_client: int = 0      # running + waiting per client (token or peer); 0: no cap
+
+    def __post_init__(self):
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        if self.max_queue < 0 or self.max_per_client < 0:
+            raise ValueError("max_queue and max_per_client must not be negative")
+
+
+def client_key(context) -> str:
+    """Who is calling, for fairness: the fingerprint of their bearer token, else their address
+    without the port (a client's connections share it). Never the token itself."""
+    token = bearer_token(context.invocation_metadata())
+    if token:
+        return token_fingerprint(token)
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+class _Waiter:
+    __slots__ = ("client", "seq", "future")
+
+    def __init__(self, client: str, seq: int, future: asyncio.Future):
+        self.client, self.seq, self.future = client, seq, future
+
+
+class Admission:
+    """Session slots of one service (e.g. "generator"). Not thread-safe: use from one event loop."""
+
+    def __init__(self, config: AdmissionConfig = AdmissionConfig(), name: str = "generator"):
+        self.config = config
+        self.name = name
+        self._running: dict[str, int] = defaultdict(int)
+        self._last_grant: dict[str, int] = {}   # per client with work here: when it last got a slot
+        self._grants = itertools.count()
+        self._waiting: list[_Waiter] = []
+        self._active = 0
+        self._seq = itertools.count()
+        self._mean_s: float | None = None   # moving average of session length
+        self._metrics = _metrics_for(name)
+        self._publish()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def retry_after_ms(self) -> int:
+        """When a slot is likely free: one mean session length per full round of the queue."""
+        if self._mean_s is None:
+            return _DEFAULT_RETRY_MS
+        rounds = 1 + len(self._waiting) / self.config.max_sessions
+        return int(min(_MAX_RETRY_MS, max(_MIN_RETRY_MS, 1000 * self._mean_s * rounds)))
+
+    @contextlib.asynccontextmanager
+    async def slot(self, context=None, *, client: str | None = None, timeout: float | None = None):
+        """Holds one session slot for the body. With a grpc.aio context: the client key and the
+        deadline come from it, and a refusal sets ``retry-after-ms`` trailing metadata."""
+        if context is not None:
+            client = client or client_key(context)
+            if timeout is None:
+                timeout = context.time_remaining()
+        try:
+            await self._acquire(client or "", timeout)
+        except Overloaded as e:
+            if context is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(e.retry_after_ms)),))
+            raise
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._release(client or "", time.monotonic() - started)
+
+    def _refuse(self, why: str) -> Overloaded:
+        ms = self.retry_after_ms()
+        if self._metrics:
+            self._metrics.rejected.labels(service=self.name).inc()
+        return Overloaded(f"{self.name} busy: {why}; retry in {ms / 1000:.1f} s", ms)
+
+    async def _acquire(self, client: str, timeout: float | None) -> None:
+        cfg = self.config
+        mine = self._running[client] + sum(w.client == client for w in self._waiting)
+        if cfg.max_per_client and mine >= cfg.max_per_client:
+            raise self._refuse(f"this client already has {mine} requests running or queued "
+                               f"(limit {cfg.max_per_client} per client)")
+        if self._active < cfg.max_sessions and not self._waiting:
+            self._take(client)
+            return
+        if len(self._waiting) >= cfg.max_queue:
+            raise self._refuse(f"{self._active} of {cfg.max_sessions} sessions running and "
+                               f"{len(self._waiting)} of {cfg.max_queue} queued")
+        waiter = _Waiter(client, next(self._seq), asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self._publish()
+        try:
+            if timeout is not None and timeout <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            if waiter.future.done() and not waiter.future.cancelled():
+                # the slot was handed over just as we gave up: pass it on
+                self._release(client, None)
+            else:
+                waiter.future.cancel()
+                self._waiting.remove(waiter)
+                if client not in self._running and not any(w.client == client for w in self._waiting):
+                    self._last_grant.pop(client, None)
+                self._publish()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise self._refuse(f"no session slot freed before the deadline ({cfg.max_sessions} running)") from None
+
+    def _take(self, client: str) -> None:
+        self._active += 1
+        self._running[client] += 1
+        self._last_grant[client] = next(self._grants)
+        self._publish()
+
+    def _release(self, client: str, duration_s: float | None) -> None:
+        self._active -= 1
+        self._running[client] -= 1
+        if self._running[client] <= 0:
+            del self._running[client]
+            if not any(w.client == client for w in self._waiting):
+                self._last_grant.pop(client, None)
+        if duration_s is not None:
+            self._mean_s = duration_s if self._mean_s is None else 0.8 * self._mean_s + 0.2 * duration_s
+        if self._waiting and self._active < self.config.max_sessions:
+            # fairness: fewest sessions running first, then the client served longest ago
+            # (round robin between clients), then arrival order
+            nxt = min(self._waiting, key=lambda w: (self._running.get(w.client, 0),
+                                                    self._last_grant.get(w.client, -1), w.seq))
+            self._waiting.remove(nxt)
+            self._take(nxt.client)
+            nxt.future.set_result(None)
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._metrics:
+            self._metrics.active.labels(service=self.name).set(self._active)
+            self._metrics.queued.labels(service=self.name).set(len(self._waiting))
+
+
+def _metrics_for(name: str):
+    try:
+        from avatar import metrics
+    except ImportError:   # metrics are optional: admission works without prometheus_client
+        return None
+    return metrics.ADMISSION
+
+
+def retry_after_ms(error) -> int | None:
+    """The retry hint of a RESOURCE_EXHAUSTED grpc.aio error (or grpc.RpcError), if it has one."""
+    try:
+        trailing = error.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - not every RpcError carries metadata
+        return None
+    for key, value in trailing:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
