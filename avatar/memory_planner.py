@@ -17,7 +17,6 @@ VAE_PARAMS = 126_892_531
 
 DIM, LAYERS, FFN, TEXT_LEN = 5120, 40, 13824, 512
 LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, PATCH_AREA = 3, 4, 16 * 16
-SINK_LATENT_FRAMES = 1              # reference + frame-packed motion tokens, in latent frames' worth
 CONTEXT_BYTES = 0.6 * GB            # CUDA context, cuBLAS/cuDNN workspaces
 FRAGMENTATION = 0.02                # allocator slack on top of every estimate
 
@@ -50,6 +49,13 @@ class MemoryRequest:
     @property
     def tokens_per_latent_frame(self) -> int:
         return self.width * self.height // PATCH_AREA
+
+    @property
+    def sink_tokens(self) -> int:
+        """Reference frame + FramePack motion context (1, 2, 16 latent frames at 1x, 2x, 4x)."""
+        h, w = self.height // 8, self.width // 8
+        frame = (h // 2) * (w // 2)
+        return frame + frame + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
 
     @property
     def window_latent_frames(self) -> int:
@@ -109,16 +115,20 @@ def dit_bytes(fp8: bool) -> int:
 
 
 def kv_set_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
-    """One cache set: keys + values of every layer over the window plus the sink tokens."""
-    tokens = (req.window_latent_frames + SINK_LATENT_FRAMES) * req.tokens_per_latent_frame
-    return LAYERS * 2 * tokens * DIM * dtype_bytes
+    """One cache set: keys + values of every layer over the window (a ring buffer)."""
+    return LAYERS * 2 * req.window_latent_frames * req.tokens_per_latent_frame * DIM * dtype_bytes
+
+
+def sink_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
+    """Keys + values of the sink (reference + motion tokens), shared by all cache sets."""
+    return LAYERS * 2 * req.sink_tokens * DIM * dtype_bytes
 
 
 def activation_bytes(req: MemoryRequest) -> int:
     """Peak transient memory of one block's forward: FFN hidden, float32 residual stream, q/k/v
     and the attention's gathered window; plus the text cross-attention cache (kept per session)."""
     block = LATENT_FRAMES_PER_BLOCK * req.tokens_per_latent_frame
-    window = (req.window_latent_frames + SINK_LATENT_FRAMES) * req.tokens_per_latent_frame + block
+    window = req.window_latent_frames * req.tokens_per_latent_frame + req.sink_tokens
     per_block = block * (FFN * 2 * 2 + DIM * 4 * 6) + window * DIM * 2 * 2
     text_cache = LAYERS * 2 * TEXT_LEN * DIM * 2
     return per_block + text_cache
@@ -144,7 +154,8 @@ def encoder_bytes() -> int:
 
 def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int,
              kv_dtype: str = "bfloat16", kv_offload: bool = False, available: int = 0) -> MemoryPlan:
-    kv = kv_set_bytes(req, 1 if kv_dtype == "float8_e4m3fn" else 2) * kv_sets
+    nbytes = 1 if kv_dtype == "float8_e4m3fn" else 2
+    kv = kv_set_bytes(req, nbytes) * kv_sets + sink_bytes(req, nbytes)
     parts = {
         "dit": dit_bytes(fp8),
         # offloaded: two layers' worth stay on the GPU (the one in use and the next one in flight)
