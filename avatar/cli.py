@@ -136,7 +136,6 @@ async def cmd_generate(args) -> int:
         address = args.server
     else:
         from avatar.serve import ServeConfig, start
-        print(f"avatar generate: starting the embedded mesh ({model.describe()})", file=sys.stderr)
         try:
             mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
                                            trace_file=args.trace_file))

@@ -15,8 +15,14 @@ from avatar.v1 import (avatar_pb2, avatar_pb2_grpc, decoder_pb2, decoder_pb2_grp
 from gateway import planner
 
 SERVICE_NAME = avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name
-MIME_TYPE = 'video/mp4; codecs="avc1.64001e, mp4a.40.2"'
 _DONE = object()
+
+
+def mime_type(init_segment: bytes) -> str:
+    """'video/mp4; codecs="avc1.PPCCLL,mp4a.40.2"' from the avcC box (profile, constraints, level)."""
+    at = init_segment.find(b"avcC")
+    avc = "avc1." + init_segment[at + 5:at + 8].hex() if at >= 0 else "avc1"
+    return f'video/mp4; codecs="{avc},mp4a.40.2"'
 
 
 @dataclass
@@ -53,10 +59,6 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         trace.get_current_span().set_attribute("request_id", request_id)
         plan = await run_blocking(planner.prepare, request, self.model, request_id)
         job = plan.job
-        yield avatar_pb2.GenerateResponse(header=avatar_pb2.StreamHeader(
-            request_id=request_id, mime_type=MIME_TYPE, width=job.width, height=job.height, fps=job.fps,
-            expected_fragments=job.num_blocks, total_frames=job.total_frames, duration_s=plan.duration_s,
-            model=self.model.describe(), job=job))
 
         timings = Timings()
         image, text = await asyncio.gather(
@@ -123,6 +125,13 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 if isinstance(event, Exception):
                     raise event
                 if event.WhichOneof("event") == "init_segment":
+                    # The header waits for the init segment: its MIME type names the H.264
+                    # profile and level the encoder chose.
+                    yield avatar_pb2.GenerateResponse(header=avatar_pb2.StreamHeader(
+                        request_id=request_id, mime_type=mime_type(event.init_segment), width=job.width,
+                        height=job.height, fps=job.fps, expected_fragments=job.num_blocks,
+                        total_frames=job.total_frames, duration_s=plan.duration_s,
+                        model=self.model.describe(), job=job))
                     yield avatar_pb2.GenerateResponse(init_segment=avatar_pb2.InitSegment(data=event.init_segment))
                     continue
                 frag = event.fragment
