@@ -4,6 +4,7 @@ Headers are read without touching tensor data, so `avatar check-weights` can ins
 checkpoint in milliseconds, and loads go shard by shard through mmap (never two copies in RAM).
 """
 import collections
+import dataclasses
 import json
 import pathlib
 import pickle
@@ -138,3 +139,75 @@ def load_pth(path: str | pathlib.Path) -> dict:
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     return sd
+
+
+def shape_problems(have: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """Missing keys, unexpected keys and wrong shapes between two name -> shape maps, worst first."""
+    def few(items):
+        return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
+    missing = sorted(set(expected) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    wrong = [f"{k} {list(have[k])} (expected {list(expected[k])})"
+             for k in sorted(set(have) & set(expected)) if tuple(have[k]) != tuple(expected[k])]
+    return [f"{what}: {few(items)}" for what, items in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+
+
+def check_state_dict(path, what: str, have: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raises WeightsError naming the file and the mismatching keys unless `have` equals `expected`."""
+    problems = shape_problems(have, expected)
+    if problems:
+        raise WeightsError(f"{path}: does not match the {what} ({'; '.join(problems)})")
+
+
+# --- the Wan2.2-S2V-14B folder (--ckpt_dir) -----------------------------------------------------------
+
+S2V_FOLDER = "Wan2.2-S2V-14B"
+DIT_CONFIG = "config.json"
+DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+VAE_FILE = "Wan2.1_VAE.pth"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+    """Where each component sits in a Wan2.2-S2V-14B folder (the layout of the HF repo)."""
+    root: pathlib.Path
+
+    @property
+    def dit_config(self) -> pathlib.Path:
+        return self.root / DIT_CONFIG
+
+    @property
+    def dit_index(self) -> pathlib.Path:
+        return self.root / DIT_INDEX
+
+    @property
+    def vae(self) -> pathlib.Path:
+        return self.root / VAE_FILE
+
+    @property
+    def t5(self) -> pathlib.Path:
+        return self.root / T5_FILE
+
+    @property
+    def tokenizer(self) -> pathlib.Path:
+        return self.root / TOKENIZER_DIR
+
+    @property
+    def wav2vec2(self) -> pathlib.Path:
+        return self.root / WAV2VEC2_DIR
+
+
+def resolve_ckpt_dir(ckpt_dir: str | pathlib.Path | None) -> CheckpointLayout:
+    """--ckpt_dir may name the Wan2.2-S2V-14B folder itself or the folder above it (download-weights' DEST)."""
+    if not ckpt_dir:
+        raise WeightsError("the s2v-14b model needs --ckpt_dir (a Wan2.2-S2V-14B folder; see `avatar download-weights`)")
+    root = pathlib.Path(ckpt_dir).expanduser()
+    if not root.is_dir():
+        raise WeightsError(f"{root}: checkpoint folder missing")
+    if not (root / DIT_CONFIG).exists() and not (root / VAE_FILE).exists() and (root / S2V_FOLDER).is_dir():
+        root = root / S2V_FOLDER
+    return CheckpointLayout(root)

@@ -14,8 +14,9 @@ import pathlib
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
 
-from avatar.checkpoints import load_pth
+from avatar.checkpoints import check_state_dict, load_pth, resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
+from avatar.presets import ModelSpec
 
 # Per-channel statistics of Wan2.1 latents (upstream `WanVAE.mean/std`); the tiny VAE uses the same
 # constants so that both presets share one normalisation code path and latent contract.
@@ -146,6 +147,11 @@ def infer_dims(shapes: dict[str, tuple[int, ...]], source: str = "VAE checkpoint
                    temperal_downsample=tuple(temporal))
 
 
+def _place(model: AutoencoderKLWan, device, dtype) -> AutoencoderKLWan:
+    # nn.Module.to: diffusers' override only adds a warning about fp32-pinned modules (this VAE has none)
+    return torch.nn.Module.to(model, device=device, dtype=_dtype(dtype))
+
+
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -176,15 +182,11 @@ class WanVAE:
         with torch.device("meta"):
             model = dims.build()
         key_map = upstream_key_map(model, dims)
-        missing = sorted(set(key_map) - set(sd))
-        unexpected = sorted(set(sd) - set(key_map))
         target = model.state_dict()
-        wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(target[key_map[k]].shape)})"
-                 for k in sorted(set(sd) & set(key_map)) if tuple(sd[k].shape) != tuple(target[key_map[k]].shape)]
-        if missing or unexpected or wrong:
-            raise WeightsError(_mismatch_message(path, missing, unexpected, wrong))
+        check_state_dict(path, "Wan2.1 VAE", {k: tuple(v.shape) for k, v in sd.items()},
+                         {up: tuple(target[name].shape) for up, name in key_map.items()})
         model.load_state_dict({key_map[k]: v for k, v in sd.items()}, strict=True, assign=True)
-        return cls(model.to(device=device, dtype=_dtype(dtype)), dims)
+        return cls(_place(model, device, dtype), dims)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu",
@@ -199,7 +201,18 @@ class WanVAE:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = dims.build()
-        return cls(model.to(device=device, dtype=_dtype(dtype)), dims)
+        return cls(_place(model, device, dtype), dims)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, device: str | torch.device | None = None) -> "WanVAE":
+        """The VAE a service runs for a ModelSpec: tiny (seeded), full-size random, or from ckpt_dir."""
+        device = torch.device(device or spec.device)
+        dtype = torch.float32 if spec.is_tiny or device.type == "cpu" else _dtype(spec.dtype)
+        if spec.is_tiny:
+            return cls.tiny(spec.seed, device, dtype)
+        if spec.random_weights:
+            return cls.random(S2V_14B_VAE, spec.seed, device, dtype)
+        return cls.from_upstream(resolve_ckpt_dir(spec.ckpt_dir).vae, device, dtype)
 
     @staticmethod
     def build_meta(dims: VAEDims = S2V_14B_VAE) -> AutoencoderKLWan:
@@ -309,15 +322,3 @@ def _same_state(a: list, b: list) -> bool:
     return all((x is y) or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y))
                or (x == y if isinstance(x, str) else False) for x, y in zip(a, b))
 
-
-def _mismatch_message(path, missing, unexpected, wrong) -> str:
-    def few(items):
-        return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {few(unexpected)}")
-    if wrong:
-        parts.append(f"wrong shapes: {few(wrong)}")
-    return f"{path}: does not match the Wan2.1 VAE ({'; '.join(parts)})"

@@ -1,0 +1,1 @@
+"""Tiny checkpoints written by tests in the exact upstream layout (file names, key names, dtypes)."""
