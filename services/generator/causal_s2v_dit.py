@@ -1,0 +1,553 @@
+"""CausalS2VDiT: LiveAvatar's block-causal Wan2.2-S2V diffusion transformer (our implementation).
+
+Parameter names and shapes equal upstream's (`WanModel_S2V` / `CausalWanModel_S2V`), so the
+Wan2.2-S2V-14B shards load with strict=True; see tests/data/keys/wan22_s2v_14b_dit.json.
+
+Token streams the model sees:
+- the sink (prefilled once into the KV cache, zero-timestep modulation): the reference-image
+  latent (patch_embedding, RoPE frame REF_ROPE_FRAME) and the FramePack motion context
+  (frame_packer: 1, 2 and 16 latent frames at 1x, 2x and 4x compression, negative RoPE frames);
+- a block of noisy latent frames (patch_embedding + cond_encoder), which attends to the cached
+  earlier blocks (ring buffer) and to the sink, and gets audio cross-attention after the layers
+  in `audio_inject_layers`.
+
+Dtypes follow upstream's autocast behaviour: linears run in the model dtype, the timestep
+embedding, modulation, residual adds inside a block, the head and the audio encoder in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from torch import nn
+
+from services.generator.kv_cache import KVCache
+
+REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
+ROPE_THETA = 10000.0
+
+# Constructor arguments per preset. s2v-14b = the constructor defaults = upstream's config.
+PRESETS: dict[str, dict] = {
+    "s2v-14b": {},
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32, text_len=16,
+                 audio_dim=32, audio_layers=5, audio_inject_layers=(0, 2, 3), freq_dim=32),
+}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H*D].
+
+    The single place attention runs: swap this function for a faster kernel.
+    """
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+@dataclass
+class Rope:
+    """cos/sin of the rotary angles of L tokens: [L, 1, D/2] float32 (broadcast over heads)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list["Rope"]) -> "Rope":
+        return Rope(torch.cat([p.cos for p in parts]), torch.cat([p.sin for p in parts]))
+
+
+def _axis_pairs(head_dim: int) -> tuple[int, int, int]:
+    """Rotary pairs per axis (frame, height, width), upstream's split of head_dim / 2."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def rope_grid(head_dim: int, frames, rows, cols, device) -> Rope:
+    """RoPE for the tokens of a (frames x rows x cols) grid, flattened frame-major.
+
+    frames/rows/cols are the integer positions along each axis (frames may be negative).
+    """
+    parts = []
+    for pos, pairs in zip((frames, rows, cols), _axis_pairs(head_dim)):
+        dim = 2 * pairs
+        inv = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        parts.append(torch.as_tensor(np.asarray(pos), dtype=torch.float64)[:, None] * inv)
+    f, h, w = parts
+    nf, nh, nw = f.shape[0], h.shape[0], w.shape[0]
+    ang = torch.cat([f[:, None, None].expand(nf, nh, nw, -1), h[None, :, None].expand(nf, nh, nw, -1),
+                     w[None, None, :].expand(nf, nh, nw, -1)], dim=-1).reshape(nf * nh * nw, 1, -1)
+    # Upstream stores the rotations as complex32, i.e. rounded to float16: the model was trained so.
+    cos, sin = (t.to(torch.float16).to(torch.float32).to(device) for t in (ang.cos(), ang.sin()))
+    return Rope(cos, sin)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] (computed in float32, returned in x's dtype)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * rope.cos - x1 * rope.sin, x0 * rope.sin + x1 * rope.cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in float32 (upstream runs it under float32 autocast)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[N] timesteps -> [N, dim] float32 (cos half, then sin half), computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([arg.cos(), arg.sin()], dim=1).float()
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, L, C] modulated per token group: shift/scale [B, G, C], L = G * n. float32 out."""
+    b, l, c = x.shape
+    g = shift.shape[1]
+    xg = x.float().view(b, g, l // g, c)
+    return (xg * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, l, c)
+
+
+def _gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    b, l, c = y.shape
+    g = gate.shape[1]
+    return (y.float().view(b, g, l // g, c) * gate[:, :, None]).view(b, l, c)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+# --------------------------------------------------------------------------- attention layers
+
+@dataclass
+class LayerKV:
+    """Where one layer's self-attention reads and writes keys/values (views into a KVCache).
+
+    ring_k is None while the sink is prefilled: keys (unrotated) and values go to sink_k/sink_v.
+    Otherwise the block's rotated keys and values are written at ring[slot:slot+n], and the
+    block attends to ring[:valid] plus the sink keys rotated by sink_rope.
+    """
+    sink_k: torch.Tensor                 # [B, S, H, D]
+    sink_v: torch.Tensor
+    ring_k: torch.Tensor | None = None   # [B, R, H, D]
+    ring_v: torch.Tensor | None = None
+    slot: int = 0
+    valid: int = 0
+    sink_rope: Rope | None = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope, kv: LayerKV) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q, k_rot = apply_rope(q, rope), apply_rope(k, rope)
+        if kv.ring_k is None:
+            kv.sink_k.copy_(k)
+            kv.sink_v.copy_(v)
+            keys, values = k_rot, v
+        else:
+            kv.ring_k[:, kv.slot:kv.slot + n] = k_rot
+            kv.ring_v[:, kv.slot:kv.slot + n] = v
+            keys = torch.cat([kv.ring_k[:, :kv.valid], apply_rope(kv.sink_k, kv.sink_rope)], dim=1)
+            values = torch.cat([kv.ring_v[:, :kv.valid], kv.sink_v], dim=1)
+        return self.o(attention(q, keys, values))
+
+
+class CrossAttention(nn.Module):
+    """Attention from x to a context (text tokens, or one latent frame's audio tokens)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        return self.o(attention(q, k, v))
+
+
+class CausalS2VBlock(nn.Module):
+    """Self-attention (RMS qk-norm, 3D RoPE, KV cache), text cross-attention, FFN; 6-way modulation."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x, mod, rope: Rope, context, kv: LayerKV):
+        """x [B, L, C] model dtype; mod [B, G, 6, C] float32 timestep modulation per token group."""
+        dtype = x.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + mod).unbind(2)
+        y = self.self_attn(_modulate(self.norm1(x), shift1, scale1).to(dtype), rope, kv)
+        x = x.float() + _gate(y, gate1)  # float32 residual inside the block, as upstream
+        x = x + self.cross_attn(self.norm3(x.to(dtype)), context).float()
+        y = self.ffn(_modulate(self.norm2(x), shift2, scale2).to(dtype))
+        return (x + _gate(y, gate2)).to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_channels: int, eps: float):
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_channels)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, dim))
+
+    def forward(self, x, e):
+        """x [B, F*n, C]; e [B, F, C] float32 time embedding per frame."""
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        return _linear_f32(self.head, _modulate(self.norm(x), shift, scale)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- audio
+
+class CausalConv1d(nn.Module):
+    """Conv1d over time with replicate left padding, so frame t never sees frames after t."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride)
+
+    def forward(self, x):  # [B, C, T], float32
+        x = F.pad(x, (self.conv.kernel_size[0] - 1, 0), mode="replicate")
+        bias = None if self.conv.bias is None else self.conv.bias.float()
+        return F.conv1d(x, self.conv.weight.float(), bias, stride=self.conv.stride)
+
+
+class AudioConvEncoder(nn.Module):
+    """Causal conv stack, 4x temporal downsampling: per latent frame `num_tokens` local tokens
+    (+ one learned padding token) and one global token (for the injectors' AdaLN)."""
+
+    def __init__(self, in_dim: int, dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.conv1_local = CausalConv1d(in_dim, dim // 4 * num_tokens)
+        self.conv1_global = CausalConv1d(in_dim, dim // 4)
+        self.conv2 = CausalConv1d(dim // 4, dim // 2, stride=2)
+        self.conv3 = CausalConv1d(dim // 2, dim, stride=2)
+        self.final_linear = nn.Linear(dim, dim)
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def _trunk(self, x):  # [N, C, T] after conv1 -> [N, T', dim]
+        x = F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6)).transpose(1, 2)
+        x = self.conv2(x)
+        x = F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6)).transpose(1, 2)
+        x = self.conv3(x).transpose(1, 2)
+        return F.silu(F.layer_norm(x, (x.shape[-1],), eps=1e-6))
+
+    def forward(self, x):
+        """x [B, T, in_dim] float32 -> (local [B, T', n+1, dim], global [B, T', 1, dim])."""
+        b, t, _ = x.shape
+        x = x.transpose(1, 2)
+        local = self.conv1_local(x)                                    # [B, n*dim/4, T]
+        local = local.unflatten(1, (self.num_tokens, -1)).flatten(0, 1)  # [B*n, dim/4, T]
+        local = self._trunk(local).unflatten(0, (b, self.num_tokens)).transpose(1, 2)  # [B, T', n, dim]
+        pad = self.padding_tokens.float().expand(b, local.shape[1], 1, -1)
+        local = torch.cat([local, pad], dim=2)
+        glob = _linear_f32(self.final_linear, self._trunk(self.conv1_global(x)))
+        return local, glob[:, :, None]
+
+
+class CausalAudioEncoder(nn.Module):
+    """Learned weighting of the wav2vec2 hidden states, then the causal conv stack."""
+
+    def __init__(self, audio_dim: int, audio_layers: int, dim: int, num_tokens: int):
+        super().__init__()
+        self.weights = nn.Parameter(torch.full((1, audio_layers, 1, 1), 0.01))
+        self.encoder = AudioConvEncoder(audio_dim, dim, num_tokens)
+
+    def forward(self, features):
+        """features [B, layers, audio_dim, T] -> (local [B, T', n+1, dim], global [B, T', 1, dim]) f32."""
+        w = F.silu(self.weights.float())
+        feat = (features.float() * w).sum(1) / w.sum(1)   # [B, audio_dim, T]
+        return self.encoder(feat.transpose(1, 2))
+
+
+class AudioAdaLN(nn.Module):
+    """LayerNorm whose shift and scale come from the global audio token (shift first, then scale)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, cond):  # x [N, n, C]; cond [N, C]
+        shift, scale = self.linear(F.silu(cond)).float().chunk(2, dim=-1)
+        x = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
+        return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AudioInjector(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_injectors: int, eps: float):
+        super().__init__()
+        self.injector = nn.ModuleList([CrossAttention(dim, num_heads, eps) for _ in range(num_injectors)])
+        self.injector_adain_layers = nn.ModuleList([AudioAdaLN(dim) for _ in range(num_injectors)])
+
+    def forward(self, idx: int, x, audio_tokens, audio_global):
+        """Per latent frame, x's tokens attend to that frame's audio tokens. x [B, F*n, C]."""
+        b, f = audio_tokens.shape[:2]
+        xf = x.reshape(b * f, -1, x.shape[-1])
+        h = self.injector_adain_layers[idx](xf, audio_global.flatten(0, 1)[:, 0]).to(x.dtype)
+        out = self.injector[idx](h, audio_tokens.flatten(0, 1))
+        return x + out.reshape(x.shape)
+
+
+@dataclass
+class AudioTokens:
+    """One block's encoded audio: per latent frame `tokens` [B, F, n+1, C] and `global_` [B, F, 1, C]."""
+    tokens: torch.Tensor
+    global_: torch.Tensor
+
+
+# --------------------------------------------------------------------------- motion context
+
+class FramePacker(nn.Module):
+    """FramePack motion context: the newest motion latent frames at full resolution, older ones
+    compressed 2x and 4x in time and space (buckets of 1, 2 and 16 latent frames)."""
+
+    def __init__(self, in_dim: int, dim: int, buckets: tuple[int, int, int]):
+        super().__init__()
+        self.buckets = tuple(buckets)
+        self.proj = nn.Conv3d(in_dim, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(in_dim, dim, kernel_size=(2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(in_dim, dim, kernel_size=(4, 8, 8), stride=(4, 8, 8))
+
+    def forward(self, motion):
+        """motion [B, C, T, h, w] (newest last) -> tokens [B, N, dim] (1x, 2x, 4x order)."""
+        total = sum(self.buckets)
+        b, c, t, h, w = motion.shape
+        padded = motion.new_zeros(b, c, total, h, w)  # older than the given frames: zeros
+        keep = min(t, total)
+        if keep:
+            padded[:, :, -keep:] = motion[:, :, -keep:]
+        far, mid, near = padded.split(self.buckets[::-1], dim=2)
+        return torch.cat([self.proj(near).flatten(2).transpose(1, 2),
+                          self.proj_2x(mid).flatten(2).transpose(1, 2),
+                          self.proj_4x(far).flatten(2).transpose(1, 2)], dim=1)
+
+    def rope(self, head_dim: int, h: int, w: int, device) -> Rope:
+        """Negative RoPE frames before the video; sparse rows/columns spread over the full grid."""
+        rows, cols = h // 2, w // 2
+        parts, start = [], 0
+        for bucket, scale in zip(self.buckets, (1, 2, 4)):
+            start -= bucket
+            n_f = bucket // scale
+            frames = -np.linspace(-start, -start - bucket + 1, n_f).astype(int)
+            r = np.linspace(0, rows - 1, h // (2 * scale)).astype(int)
+            cc = np.linspace(0, cols - 1, w // (2 * scale)).astype(int)
+            parts.append(rope_grid(head_dim, frames, r, cc, device))
+        return Rope.cat(parts)
+
+    def num_tokens(self, h: int, w: int) -> int:
+        return sum((b // s) * (h // (2 * s)) * (w // (2 * s)) for b, s in zip(self.buckets, (1, 2, 4)))
+
+
+# --------------------------------------------------------------------------- the model
+
+class CausalS2VDiT(ModelMixin, ConfigMixin):
+    """LiveAvatar's causal Wan2.2-S2V DiT. Constructor defaults = the s2v-14b configuration."""
+
+    _no_split_modules = ["CausalS2VBlock"]
+
+    @register_to_config
+    def __init__(self, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=5120, ffn_dim=13824,
+                 freq_dim=256, text_dim=4096, text_len=512, num_heads=40, num_layers=40, eps=1e-6,
+                 cond_dim=16, audio_dim=1024, audio_layers=25, num_audio_token=4,
+                 audio_inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39),
+                 motion_frames=73, framepack_buckets=(1, 2, 16)):
+        super().__init__()
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
+        if tuple(patch_size) != (1, 2, 2):
+            raise ValueError(f"patch_size must be (1, 2, 2) (FramePack assumes it), got {patch_size}")
+        inject = sorted(int(i) for i in audio_inject_layers)
+        if len(set(inject)) != len(inject) or (inject and not 0 <= inject[0] <= inject[-1] < num_layers):
+            raise ValueError(f"audio_inject_layers {audio_inject_layers} must be distinct layers < {num_layers}")
+        self.patch_size = tuple(patch_size)
+        self.head_dim = dim // num_heads
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([CausalS2VBlock(dim, ffn_dim, num_heads, eps) for _ in range(num_layers)])
+        self.head = Head(dim, out_dim * int(np.prod(self.patch_size)), eps)
+        self.cond_encoder = nn.Conv3d(cond_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.casual_audio_encoder = CausalAudioEncoder(audio_dim, audio_layers, dim, num_audio_token)  # sic
+        self.audio_injector = AudioInjector(dim, num_heads, len(inject), eps)
+        self.injector_of_layer = {layer: i for i, layer in enumerate(inject)}
+        self.trainable_cond_mask = nn.Embedding(3, dim)  # 0 noisy, 1 reference, 2 motion tokens
+        self.frame_packer = FramePacker(in_dim, dim, framepack_buckets)
+
+    # ------------------------------------------------------------ sizes
+
+    @property
+    def motion_latent_frames(self) -> int:
+        return (self.config.motion_frames + 3) // 4
+
+    def frame_tokens(self, h: int, w: int) -> int:
+        """Tokens of one latent frame of h x w."""
+        return (h // 2) * (w // 2)
+
+    def sink_tokens(self, h: int, w: int) -> int:
+        """Tokens in the sink: the reference frame plus the FramePack motion context."""
+        return self.frame_tokens(h, w) + self.frame_packer.num_tokens(h, w)
+
+    def check_latent_size(self, h: int, w: int) -> None:
+        if h % 2 or w % 2 or h < 8 or w < 8:
+            raise ValueError(f"latent size {h}x{w} must be even and at least 8x8 (64x64 pixels)")
+
+    # ------------------------------------------------------------ conditioning, once per session/block
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """text [B, L, text_dim] (L <= text_len) -> [B, text_len, dim]; zero-padded as upstream."""
+        b, n, _ = text.shape
+        if n > self.config.text_len:
+            raise ValueError(f"text has {n} tokens, more than text_len {self.config.text_len}")
+        text = F.pad(text.to(self.dtype), (0, 0, 0, self.config.text_len - n))
+        return self.text_embedding(text)
+
+    def encode_audio(self, features: torch.Tensor) -> AudioTokens:
+        """features [B, audio_layers, audio_dim, T] (T video frames of one block) -> AudioTokens.
+
+        The first frame is repeated over the motion context span in front, as upstream, and
+        the latent frames of that span are dropped: T video frames give T / 4 latent frames.
+        """
+        pad = features[..., :1].expand(*features.shape[:-1], self.config.motion_frames)
+        local, glob = self.casual_audio_encoder(torch.cat([pad, features], dim=-1))
+        drop = self.motion_latent_frames
+        return AudioTokens(local[:, drop:].to(self.dtype), glob[:, drop:].to(self.dtype))
+
+    def _time_modulation(self, t: torch.Tensor):
+        """t [B, F] -> (e [B, F, C], e6 [B, F, 6, C]) float32."""
+        e = sinusoidal_embedding(self.config.freq_dim, t.flatten())
+        e = _linear_f32(self.time_embedding[2], F.silu(_linear_f32(self.time_embedding[0], e)))
+        e6 = _linear_f32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, -1))
+        return e.unflatten(0, t.shape), e6.unflatten(0, t.shape)
+
+    def _sink_rope(self, h: int, w: int, ref_frame: int, device) -> Rope:
+        ref = rope_grid(self.head_dim, [ref_frame], range(h // 2), range(w // 2), device)
+        return Rope.cat([ref, self.frame_packer.rope(self.head_dim, h, w, device)])
+
+    # ------------------------------------------------------------ forward passes
+
+    @torch.no_grad()
+    def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, context: torch.Tensor,
+                     kv: KVCache) -> None:
+        """Run the reference + motion tokens (timestep 0) through every layer and store their
+        keys/values as the cache's sink. ref_latent [B, 16, 1, h, w], motion [B, 16, T, h, w]."""
+        b, _, _, h, w = ref_latent.shape
+        self.check_latent_size(h, w)
+        dtype, device = self.dtype, ref_latent.device
+        ref = self.patch_embedding(ref_latent.to(dtype)).flatten(2).transpose(1, 2)
+        mot = self.frame_packer(motion_latents.to(dtype))
+        x = torch.cat([ref, mot], dim=1)
+        kinds = torch.tensor([1] * ref.shape[1] + [2] * mot.shape[1], device=device)
+        x = x + self.trainable_cond_mask(kinds).to(dtype)
+        if x.shape[1] != kv.spec.sink_tokens:
+            raise ValueError(f"sink has {x.shape[1]} tokens, the cache was sized for {kv.spec.sink_tokens}")
+        _, mod = self._time_modulation(torch.zeros(b, 1, device=device))
+        rope = self._sink_rope(h, w, REF_ROPE_FRAME, device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mod, rope, context, LayerKV(kv.sink_k[i], kv.sink_v[i]))
+        kv.sink_filled = True
+
+    @torch.no_grad()
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                audio: AudioTokens, kv: KVCache, cache_set: int, frame_start: int, sink_frame: int,
+                cond_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity for one block of noisy latents, attending to the cache and the sink.
+
+        latents [B, 16, F, h, w]; timestep [B] or [B, F] in [0, 1000]; context from embed_text;
+        frame_start: absolute latent frame index of the block (its RoPE frame and ring slot);
+        sink_frame: RoPE frame the reference token sits at for this call. Returns [B, 16, F, h, w].
+        """
+        if not kv.sink_filled:
+            raise RuntimeError("prefill_sink must run before the first block")
+        b, _, f, h, w = latents.shape
+        dtype, device = self.dtype, latents.device
+        x = self.patch_embedding(latents.to(dtype))
+        cond = torch.zeros_like(latents) if cond_states is None else cond_states
+        x = (x + self.cond_encoder(cond.to(dtype))).flatten(2).transpose(1, 2)
+        x = x + self.trainable_cond_mask.weight[0].to(dtype)
+        t = timestep.to(device).float().reshape(b, -1).expand(b, f)
+        e, mod = self._time_modulation(t)
+        rope = rope_grid(self.head_dim, range(frame_start, frame_start + f), range(h // 2), range(w // 2), device)
+        sink_rope = self._sink_rope(h, w, sink_frame, device)
+        slot, valid = kv.ring_span(frame_start, f)
+        for i, block in enumerate(self.blocks):
+            layer_kv = LayerKV(kv.sink_k[i], kv.sink_v[i], kv.ring_k[cache_set, i], kv.ring_v[cache_set, i],
+                               slot, valid, sink_rope)
+            x = block(x, mod, rope, context, layer_kv)
+            if i in self.injector_of_layer:
+                x = self.audio_injector(self.injector_of_layer[i], x, audio.tokens, audio.global_)
+        x = self.head(x, e)
+        return self._unpatchify(x, f, h // 2, w // 2)
+
+    def _unpatchify(self, x, f, rows, cols):
+        b = x.shape[0]
+        pt, ph, pw = self.patch_size
+        x = x.view(b, f, rows, cols, pt, ph, pw, self.config.out_dim)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(b, self.config.out_dim, f * pt, rows * ph, cols * pw)
+
+    # ------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0) -> "CausalS2VDiT":
+        """Deterministic random weights (not upstream's training init: every path, the zero-initialised
+        ones included, gets non-zero values so that tests and benchmarks exercise all of them)."""
+        for name, p in sorted(self.named_parameters()):
+            if p.device.type == "meta":
+                continue
+            gen = torch.Generator(device=p.device).manual_seed(seed + _name_hash(name))
+            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm3.weight"):
+                p.normal_(1.0, 0.02, generator=gen)
+            elif p.ndim >= 2 and not name.endswith(("modulation", "padding_tokens", "trainable_cond_mask.weight")):
+                p.normal_(0.0, 1.0 / np.sqrt(p[0].numel()), generator=gen)
+            elif name.endswith("casual_audio_encoder.weights"):
+                p.normal_(0.01, 0.1, generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        return self
+
+
+def _name_hash(name: str) -> int:
+    """A stable per-parameter seed offset (Python's hash() is salted per process)."""
+    h = 0
+    for ch in name.encode():
+        h = (h * 131 + ch) % 1_000_003
+    return h
