@@ -105,11 +105,14 @@ def _wrap_stream(behavior, method: str):
     return wrapper
 
 
-def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
-    """An aio server bound to `listen` (HOST:PORT; port 0 picks one) with raised limits and the
-    error interceptor, and the port it got."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=MESSAGE_OPTIONS)
-    port = server.add_insecure_port(listen)
+def create_server(listen: str, credentials: grpc.ServerCredentials | None = None,
+                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+    """An aio server bound to `listen` (HOST:PORT; port 0 picks one) with raised limits, the given
+    interceptors (metrics, auth: avatar.security) before the error interceptor, TLS when
+    `credentials` is given, and the port it got."""
+    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=MESSAGE_OPTIONS)
+    port = (server.add_secure_port(listen, credentials) if credentials is not None
+            else server.add_insecure_port(listen))
     if port == 0:
         raise OSError(f"cannot listen on {listen} (address in use or not local?)")
     return server, port
@@ -132,9 +135,12 @@ async def set_serving(health_servicer, service_names: Iterable[str], serving: bo
         await health_servicer.set(name, status)
 
 
-def create_channel(address: str) -> grpc.aio.Channel:
-    """An insecure aio channel to a mesh peer with the same raised message limits."""
-    return grpc.aio.insecure_channel(address, options=MESSAGE_OPTIONS)
+def create_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
+                   token: str | None = None) -> grpc.aio.Channel:
+    """An aio channel to a mesh peer with the same raised message limits; TLS when `credentials`
+    is given, and `token` sent as ``authorization: Bearer`` on every call when given."""
+    from avatar.security import aio_channel
+    return aio_channel(address, credentials, token, MESSAGE_OPTIONS)
 
 
 def call_options(context: grpc.aio.ServicerContext | None = None) -> dict[str, Any]:

@@ -223,6 +223,10 @@ def decode_audio(data: bytes, *, min_duration_s: float = MIN_AUDIO_S,
     if trusted and declared is not None and declared - duration > max(0.05, 0.01 * declared):
         raise InvalidInput(f"audio is corrupt or truncated: the file says {declared:.2f} s but "
                            f"only {duration:.2f} s decode")
+    if trusted and declared is not None and total > round(declared * rate):
+        # the decoder returns the codec's padding after the end (AAC in MP4: up to 1023 samples)
+        samples = samples[:round(declared * rate)]
+        duration = len(samples) / rate
     if not np.isfinite(samples).all():
         raise InvalidInput("audio contains NaN or infinite samples (a broken float WAV?)")
     if duration < min_duration_s:

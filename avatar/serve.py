@@ -3,12 +3,15 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from avatar import grpc_util, telemetry
+from avatar.admission import Admission, AdmissionConfig
+from avatar.metrics import MetricsInterceptor
 from avatar.presets import ModelSpec
+from avatar.security import SecurityConfig
 
 log = logging.getLogger("avatar.serve")
 
@@ -26,6 +29,10 @@ class ServeConfig:
     decoder: str | None = None
     model: ModelSpec = ModelSpec()
     trace_file: str | None = None
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS and tokens (avatar.security)
+    admission: AdmissionConfig | None = None  # session cap + queue of gateway and generator; None: no cap
+    metrics_port: int | None = None           # Prometheus /metrics on this port; None: off, 0: any free
+    grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
 
 
 @dataclass
@@ -35,6 +42,7 @@ class RunningServer:
     health: object
     service_names: list[str]
     closers: list
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -57,9 +65,20 @@ async def start(cfg: ServeConfig) -> RunningServer:
     if cfg.role not in ROLES:
         raise ValueError(f"unknown role {cfg.role!r}: choose one of {', '.join(ROLES)}")
     telemetry.setup(f"avatar-{cfg.role}", cfg.trace_file)
-    server, port = grpc_util.create_server(cfg.listen)
+    sec = cfg.security
+    interceptors = [MetricsInterceptor(), *sec.server_interceptors(cfg.role)]
+    server, port = grpc_util.create_server(cfg.listen, sec.tls.server_credentials(), interceptors)
     names: list[str] = []
     closers = []
+    metrics_port = None
+    if cfg.metrics_port is not None:
+        from avatar.metrics import start_metrics_server
+        http, metrics_port = start_metrics_server(cfg.metrics_port, _host(cfg.listen) or "0.0.0.0")
+
+        async def close_metrics(http=http):
+            http.shutdown()
+            http.server_close()
+        closers.append(close_metrics)
     loop = asyncio.get_running_loop()
 
     if cfg.role in ("all", "encoder"):
@@ -74,7 +93,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from services.generator.engine import GeneratorEngine
         from services.generator.server import SERVICE_NAME, GeneratorServicer
         engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
-        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine), server)
+        admission = Admission(cfg.admission, "generator") if cfg.admission else None
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine, admission), server)
         names.append(SERVICE_NAME)
     if cfg.role in ("all", "decoder"):
         from avatar.v1 import decoder_pb2_grpc
@@ -95,7 +115,13 @@ async def start(cfg: ServeConfig) -> RunningServer:
             if missing:
                 raise ValueError(f"--role gateway needs the peer addresses: {', '.join('--' + m for m in missing)}")
             peers = (cfg.encoder, cfg.generator, cfg.decoder)
-        gateway = GatewayServicer(cfg.model, *peers)
+        # Peers are called over TLS when this process has TLS material (mTLS: its cert is the
+        # client cert), with the internal token; the embedded mesh reuses the public token.
+        peer_creds = (sec.tls.channel_credentials() if sec.tls.ca
+                      else grpc.ssl_channel_credentials() if sec.tls.cert else None)  # system CAs
+        peer_token = sec.internal_token or (sec.auth_token if cfg.role == "all" else None)
+        gateway = GatewayServicer(cfg.model, *peers, credentials=peer_creds, token=peer_token,
+                                  admission=Admission(cfg.admission, "gateway") if cfg.admission else None)
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
         names.append(SERVICE_NAME)
         closers.append(gateway.close)
@@ -103,18 +129,20 @@ async def start(cfg: ServeConfig) -> RunningServer:
     health = grpc_util.add_health_and_reflection(server, names)
     await server.start()
     await grpc_util.set_serving(health, names)
-    return RunningServer(server, port, health, names, closers)
+    return RunningServer(server, port, health, names, closers, metrics_port)
 
 
 async def serve_forever(cfg: ServeConfig) -> None:
     running = await start(cfg)
     print(f"avatar serve: {cfg.role} ({', '.join(n.rsplit('.', 1)[-1] for n in running.service_names)}) "
-          f"listening on {_host(cfg.listen)}:{running.port}, model {cfg.model.describe()}", file=sys.stderr, flush=True)
+          f"listening on {_host(cfg.listen)}:{running.port}{' (TLS)' if cfg.security.tls.cert else ''}, "
+          f"model {cfg.model.describe()}"
+          + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("avatar serve: stopping", file=sys.stderr, flush=True)
-    await running.stop()
+    await running.stop(cfg.grace_s)
     telemetry.shutdown()

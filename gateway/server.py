@@ -1,5 +1,6 @@
 """AvatarService: the public gateway. Plans the job, orchestrates the mesh, streams fMP4 back."""
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import defaultdict
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from avatar import telemetry, wire
+from avatar import metrics, telemetry, wire
 from avatar.grpc_util import call_options, create_channel, run_blocking
 from avatar.presets import FRAMES_PER_BLOCK, ModelSpec
 from avatar.v1 import (avatar_pb2, avatar_pb2_grpc, decoder_pb2, decoder_pb2_grpc, encoder_pb2,
@@ -42,9 +43,12 @@ class Timings:
 class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`)."""
 
-    def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str):
+    def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str,
+                 credentials=None, token: str | None = None, admission=None):
         self.model = model
-        self.channels = [create_channel(a) for a in (encoder, generator, decoder)]
+        # credentials/token: TLS and the internal token for the peers (avatar.security)
+        self.channels = [create_channel(a, credentials, token) for a in (encoder, generator, decoder)]
+        self.admission = admission  # avatar.admission.Admission: session cap, queue, per-client fairness
         self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels[0])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels[1])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[2])
@@ -54,6 +58,13 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             await ch.close()
 
     async def Generate(self, request, context):
+        async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
+            async for out in self._generate(request, context):
+                if out.WhichOneof("event") == "status":
+                    metrics.observe_final(out.status)
+                yield out
+
+    async def _generate(self, request, context):
         t0 = time.perf_counter()
         request_id = uuid.uuid4().hex[:8]
         trace.get_current_span().set_attribute("request_id", request_id)

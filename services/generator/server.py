@@ -1,4 +1,5 @@
 """GeneratorService: thin grpc.aio servicer over GeneratorEngine; one bidi stream = one session."""
+import contextlib
 import time
 
 import torch
@@ -21,10 +22,16 @@ def _tensor(msg, what: str) -> torch.Tensor:
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
-    def __init__(self, engine: GeneratorEngine):
+    def __init__(self, engine: GeneratorEngine, admission=None):
         self.engine = engine
+        self.admission = admission  # avatar.admission.Admission: cap on sessions + bounded queue
 
     async def Generate(self, request_iterator, context):
+        async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
+            async for out in self._generate(request_iterator, context):
+                yield out
+
+    async def _generate(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first GeneratorInput must be a SessionStart")
