@@ -1,0 +1,192 @@
+"""Audio features for the DiT: every hidden state of wav2vec2 (or Whisper), resampled and bucketed per video frame.
+
+The resampling is upstream's (Wan2.2-S2V `audio_encoder.py`): the 50 Hz hidden states are linearly
+interpolated (align_corners=True) to 30 Hz, then video frame i takes the 30 Hz frame
+round(i * 30 / fps) (numpy's round-half-to-even); frames past the end of the audio are zeros.
+At LiveAvatar's 25 fps the indices run 0, 1, 2, 4, 5, 6, 7, 8, 10, ...
+"""
+import dataclasses
+import pathlib
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, WhisperConfig,
+                          WhisperFeatureExtractor, WhisperModel)
+
+from avatar.errors import InvalidInput, WeightsError
+from avatar.presets import ENCODER_AUDIO_RATE, MODEL_DIMS
+
+FEATURE_RATE = 50      # hidden-state frames per second (320-sample stride at 16 kHz)
+RESAMPLED_RATE = 30    # upstream's intermediate rate ("video_rate")
+BACKENDS = ("wav2vec2", "whisper")
+WHISPER_WINDOW_S = 30  # Whisper's encoder sees fixed 30 s windows
+
+
+def resample_features(z: torch.Tensor) -> torch.Tensor:
+    """[layers, T50, dim] at 50 Hz -> [layers, int(T50 * 30 / 50), dim] at 30 Hz, float32."""
+    n = int(z.shape[1] / FEATURE_RATE * RESAMPLED_RATE)
+    if n == 0:
+        return z.new_zeros((z.shape[0], 0, z.shape[2]), dtype=torch.float32)
+    z = z.float().transpose(1, 2)
+    return F.interpolate(z, size=n, mode="linear", align_corners=True).transpose(1, 2)
+
+
+def frame_indices(first_frame: int, num_frames: int, fps: int) -> np.ndarray:
+    """30 Hz feature index of each video frame (upstream's get_sample_indices with fixed_start=0)."""
+    t = np.arange(first_frame, first_frame + num_frames, dtype=np.float64) / fps
+    return np.round(t * RESAMPLED_RATE).astype(np.int64)
+
+
+def bucket_features(z30: torch.Tensor, first_frame: int, num_frames: int, fps: int) -> torch.Tensor:
+    """[layers, T30, dim] -> [num_frames, layers, dim]: one 30 Hz frame per video frame, zeros past the end."""
+    idx = torch.from_numpy(frame_indices(first_frame, num_frames, fps))
+    out = z30.new_zeros((num_frames, z30.shape[0], z30.shape[2]))
+    valid = idx < z30.shape[1]
+    out[valid] = z30[:, idx[valid]].transpose(0, 1)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioDims:
+    hidden: int
+    layers: int   # transformer layers; hidden states = layers + 1
+
+
+WAV2VEC2_LARGE = AudioDims(hidden=1024, layers=24)
+TINY_AUDIO = AudioDims(hidden=MODEL_DIMS["tiny"].audio_dim, layers=MODEL_DIMS["tiny"].audio_layers - 1)
+
+
+def tiny_wav2vec2_config(dims: AudioDims = TINY_AUDIO) -> Wav2Vec2Config:
+    """A small XLSR-style (stable layer norm) wav2vec2 that keeps the 320-sample stride, so 50 Hz."""
+    return Wav2Vec2Config(
+        vocab_size=32, hidden_size=dims.hidden, num_hidden_layers=dims.layers, num_attention_heads=2,
+        intermediate_size=2 * dims.hidden, conv_dim=(16,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        do_stable_layer_norm=True, feat_extract_norm="layer", mask_time_prob=0.0, layerdrop=0.0,
+    )
+
+
+def tiny_whisper_config(dims: AudioDims = TINY_AUDIO) -> WhisperConfig:
+    return WhisperConfig(
+        vocab_size=64, num_mel_bins=80, d_model=dims.hidden, encoder_layers=dims.layers, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * dims.hidden,
+        decoder_ffn_dim=2 * dims.hidden, max_source_positions=1500, max_target_positions=16,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+
+
+class AudioEncoder:
+    """16 kHz mono PCM -> per-video-frame features [n, layers + 1, hidden], streamed in chunks."""
+
+    def __init__(self, backend: str, model, feature_extractor):
+        if backend not in BACKENDS:
+            raise ValueError(f"audio backend must be one of {BACKENDS}, not {backend!r}")
+        self.backend = backend
+        self.model = model.eval().requires_grad_(False)
+        self.feature_extractor = feature_extractor
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        cfg = model.config
+        self.dims = AudioDims(hidden=cfg.hidden_size if backend == "wav2vec2" else cfg.d_model,
+                              layers=cfg.num_hidden_layers if backend == "wav2vec2" else cfg.encoder_layers)
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder: str | pathlib.Path, backend: str = "wav2vec2",
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AudioEncoder":
+        """wav2vec2: a Wav2Vec2ForCTC folder (upstream's wav2vec2-large-xlsr-53-english/);
+        whisper: a WhisperModel folder (e.g. openai/whisper-medium: 1024 wide, 24 layers)."""
+        folder = pathlib.Path(folder)
+        if not folder.is_dir():
+            raise WeightsError(f"{folder}: audio encoder folder missing")
+        try:
+            if backend == "wav2vec2":
+                fe = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+                model = Wav2Vec2ForCTC.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+            elif backend == "whisper":
+                fe = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+                model = WhisperModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+            else:
+                raise ValueError(f"audio backend must be one of {BACKENDS}, not {backend!r}")
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise WeightsError(f"{folder}: cannot load the {backend} audio encoder ({type(e).__name__}: {e})") from e
+        return cls(backend, model.to(device), fe)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, backend: str = "wav2vec2", device: str | torch.device = "cpu") -> "AudioEncoder":
+        return cls.random(TINY_AUDIO, seed, backend, device, torch.float32)
+
+    @classmethod
+    def random(cls, dims: AudioDims = WAV2VEC2_LARGE, seed: int = 0, backend: str = "wav2vec2",
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AudioEncoder":
+        """Random weights (seeded on CPU) with the given width and depth; no file needed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if backend == "wav2vec2":
+                cfg = tiny_wav2vec2_config(dims)
+                if dims == WAV2VEC2_LARGE:   # the real XLSR-53 large layout
+                    cfg = Wav2Vec2Config(vocab_size=33, hidden_size=1024, num_hidden_layers=24,
+                                         num_attention_heads=16, intermediate_size=4096,
+                                         do_stable_layer_norm=True, feat_extract_norm="layer",
+                                         mask_time_prob=0.0, layerdrop=0.0)
+                model = Wav2Vec2ForCTC(cfg)
+                fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=ENCODER_AUDIO_RATE, padding_value=0.0,
+                                              do_normalize=True, return_attention_mask=True)
+            elif backend == "whisper":
+                model = WhisperModel(tiny_whisper_config(dims))
+                fe = WhisperFeatureExtractor(feature_size=80, sampling_rate=ENCODER_AUDIO_RATE)
+            else:
+                raise ValueError(f"audio backend must be one of {BACKENDS}, not {backend!r}")
+        return cls(backend, model.to(device=device, dtype=dtype), fe)
+
+    # -- features ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def hidden_states(self, pcm_16k: np.ndarray) -> torch.Tensor:
+        """All hidden states at 50 Hz: [layers + 1, T50, hidden], float32 on the CPU."""
+        pcm = _check_pcm(pcm_16k)
+        if self.backend == "wav2vec2":
+            values = self.feature_extractor(pcm, sampling_rate=ENCODER_AUDIO_RATE, return_tensors="pt").input_values
+            out = self.model.wav2vec2(values.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+            return torch.cat(out.hidden_states).float().cpu()
+        return self._whisper_hidden_states(pcm)
+
+    def _whisper_hidden_states(self, pcm: np.ndarray) -> torch.Tensor:
+        # Whisper encodes fixed 30 s windows (1500 frames at 50 Hz); keep each window's real frames.
+        window = WHISPER_WINDOW_S * ENCODER_AUDIO_RATE
+        samples_per_frame = ENCODER_AUDIO_RATE // FEATURE_RATE
+        parts = []
+        for start in range(0, len(pcm), window):
+            piece = pcm[start:start + window]
+            mel = self.feature_extractor(piece, sampling_rate=ENCODER_AUDIO_RATE, return_tensors="pt").input_features
+            out = self.model.encoder(mel.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+            keep = len(piece) // samples_per_frame
+            parts.append(torch.cat(out.hidden_states)[:, :keep].float().cpu())
+        return torch.cat(parts, dim=1)
+
+    def encode(self, pcm_16k: np.ndarray, fps: int, total_frames: int,
+               chunk_frames: int = 12) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yields (first_frame, features [n, layers + 1, hidden]) for frames 0..total_frames-1,
+        `chunk_frames` at a time (the last chunk may be shorter); frames past the audio are zeros."""
+        if fps <= 0 or total_frames < 0 or chunk_frames <= 0:
+            raise InvalidInput(f"bad audio framing: fps {fps}, total_frames {total_frames}, chunk {chunk_frames}")
+        z30 = resample_features(self.hidden_states(pcm_16k))
+        for first in range(0, total_frames, chunk_frames):
+            n = min(chunk_frames, total_frames - first)
+            yield first, bucket_features(z30, first, n, fps)
+
+
+def _check_pcm(pcm) -> np.ndarray:
+    pcm = np.asarray(pcm)
+    if pcm.ndim != 1:
+        raise InvalidInput(f"audio must be mono 1-D samples, got shape {list(pcm.shape)}")
+    if not np.issubdtype(pcm.dtype, np.floating):
+        raise InvalidInput(f"audio samples must be float in [-1, 1], got {pcm.dtype}")
+    if len(pcm) < ENCODER_AUDIO_RATE // FEATURE_RATE * 2:
+        raise InvalidInput(f"audio of {len(pcm)} samples is too short (at least 640 samples = 40 ms)")
+    if not np.isfinite(pcm).all():
+        raise InvalidInput("audio holds NaN or infinite samples")
+    return pcm.astype(np.float32, copy=False)
