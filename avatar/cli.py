@@ -39,7 +39,22 @@ def model_spec(args):
                      random_weights=args.random_weights, device=args.device)
 
 
+def _add_serving_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("capacity and operations")
+    g.add_argument("--max-sessions", type=int, default=4, metavar="N",
+                   help="sessions the gateway/generator runs at once (default 4)")
+    g.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="sessions that may wait for a slot; beyond: RESOURCE_EXHAUSTED with a retry hint (default 8)")
+    g.add_argument("--max-per-client", type=int, default=0, metavar="N",
+                   help="running + waiting sessions per client (token or address); 0: no cap (default)")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    g.add_argument("--grace", type=float, default=None, metavar="S",
+                   help="on SIGTERM: seconds in-flight streams get to finish before they are cancelled")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from avatar.security import add_security_args
     from avatar.serve import DEFAULT_LISTEN, ROLES
     parser = argparse.ArgumentParser(prog="avatar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", metavar="ADDR", help="GeneratorService address (--role gateway)")
     p.add_argument("--decoder", metavar="ADDR", help="DecoderService address (--role gateway)")
     _add_model_flags(p)
+    _add_serving_flags(p)
+    add_security_args(p)
 
     p = sub.add_parser("generate", help="render a talking-avatar video from a portrait and speech")
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
@@ -70,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output video, e.g. out/demo.mp4 (OUT.json is written beside it)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the request in seconds")
     _add_model_flags(p)
+    add_security_args(p)
+
+    p = sub.add_parser("gpu-monitor", help="print or log GPU memory/utilisation/temperature, like nvidia-smi")
+    from avatar import gpu_monitor
+    gpu_monitor.add_arguments(p)
 
     p = sub.add_parser("check-weights", help="check a checkpoint folder against the model's expected tensors")
     p.add_argument("--ckpt_dir", required=True)
@@ -86,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "generate":
             return asyncio.run(cmd_generate(args))
+        if args.command == "gpu-monitor":
+            from avatar.gpu_monitor import run
+            return run(args)
         if args.command == "check-weights":
             return cmd_check_weights(args)
         return cmd_download_weights(args)
@@ -98,10 +123,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args) -> int:
-    from avatar.serve import ServeConfig, serve_forever
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from avatar.admission import AdmissionConfig
+    from avatar.logging_setup import setup_logging
+    from avatar.security import SecurityConfig
+    from avatar.serve import GRACE_S, ServeConfig, serve_forever
+    setup_logging(f"avatar-{args.role}")
+    try:
+        security = SecurityConfig.from_args(args)
+        admission = AdmissionConfig(args.max_sessions, args.max_queue, args.max_per_client)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
-                      decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file)
+                      decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file,
+                      security=security, admission=admission, metrics_port=args.metrics_port,
+                      grace_s=GRACE_S if args.grace is None else args.grace)
     try:
         asyncio.run(serve_forever(cfg))
     except (ValueError, OSError) as exc:
@@ -149,7 +184,16 @@ async def cmd_generate(args) -> int:
     header = status = None
     first_fragment_s = None
     try:
-        async with grpc_util.create_channel(address) as channel:
+        creds = token = None
+        if args.server:  # the embedded mesh is loopback-only and open
+            from avatar.security import SecurityConfig
+            try:
+                sec = SecurityConfig.from_args(args)
+                creds = sec.tls.channel_credentials()
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            token = sec.auth_token
+        async with grpc_util.create_channel(address, creds, token) as channel:
             stub = avatar_pb2_grpc.AvatarServiceStub(channel)
             with os.fdopen(fd, "wb") as f:
                 async for msg in stub.Generate(request, timeout=args.timeout,

@@ -17,6 +17,7 @@ from gateway import planner
 
 SERVICE_NAME = avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name
 _DONE = object()
+BLOCKS_AHEAD = 3   # blocks the generator may run ahead of the client (decoding + in flight)
 
 
 def mime_type(init_segment: bytes) -> str:
@@ -86,10 +87,18 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         decoder_in: asyncio.Queue = asyncio.Queue()
         events: asyncio.Queue = asyncio.Queue()
 
+        # Backpressure: audio for block k goes to the generator only once fragment k - AHEAD has
+        # been sent, so a fast generator or a slow client never piles blocks up in the mesh.
+        credits = asyncio.Semaphore(BLOCKS_AHEAD)
+
         async def pump_audio():
             # Read here, not inside the request iterator, so an encoder error keeps its status code.
             started = time.perf_counter()
+            blocks_fed = 0
             async for features in audio_call:
+                while blocks_fed * FRAMES_PER_BLOCK < features.first_frame + features.features.shape[0]:
+                    await credits.acquire()
+                    blocks_fed += 1
                 await generator_in.put(generator_pb2.GeneratorInput(audio=features))
             timings.add("encode_audio", (time.perf_counter() - started) * 1e3)
             await generator_in.put(_DONE)
@@ -154,6 +163,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                         index=frag.index, data=frag.data, first_frame=frag.index * FRAMES_PER_BLOCK,
                         num_frames=frag.num_frames))
                 timings.add("send", (time.perf_counter() - sent) * 1e3)
+                credits.release()
                 if first_fragment_s is None:
                     first_fragment_s = sent - t0
                 blocks += 1

@@ -80,41 +80,71 @@ def env() -> dict:
     return e
 
 
-@pytest.fixture
-def start_service(tmp_path, env):
-    """start_service(role, *args, trace=False) -> Service, up and SERVING; killed at teardown."""
-    started: list[subprocess.Popen] = []
+class Services:
+    """Starts `avatar serve` subprocesses; stop_all() ends exactly the processes it started."""
 
-    def start(role: str, *args: str, trace: bool = False, wait: bool = True) -> Service:
+    def __init__(self, workdir: Path, env: dict):
+        self.workdir, self.env = workdir, env
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, role: str, *args: str, trace: bool = False, wait: bool = True) -> Service:
+        n = len(self.procs)
         address = f"127.0.0.1:{free_port()}"
-        log = tmp_path / f"{role}-{len(started)}.log"
-        trace_file = tmp_path / f"{role}-{len(started)}.trace.jsonl" if trace else None
+        log = self.workdir / f"{role}-{n}.log"
+        trace_file = self.workdir / f"{role}-{n}.trace.jsonl" if trace else None
         cmd = [*AVATAR, "serve", "--role", role, "--listen", address, *args]
         if trace_file:
             cmd += ["--trace-file", str(trace_file)]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        started.append(proc)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
         svc = Service(role, address, proc, log, trace_file)
         if wait:
             wait_serving(address, START_TIMEOUT_S, proc, log)
         return svc
 
-    yield start
-    for proc in started:
-        _stop(proc)
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            _stop(proc)
 
 
 @pytest.fixture
-def mesh(start_service):
-    """The four services as separate OS processes on loopback ports, each writing a trace file."""
-    parts = {role: start_service(role, trace=True, wait=False) for role in ("encoder", "generator", "decoder")}
-    for svc in parts.values():
-        wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
-    parts["gateway"] = start_service("gateway", "--encoder", parts["encoder"].address,
-                                     "--generator", parts["generator"].address,
-                                     "--decoder", parts["decoder"].address, trace=True)
-    return parts
+def start_service(tmp_path, env):
+    """start_service(role, *args, trace=False) -> Service, up and SERVING; killed at teardown."""
+    services = Services(tmp_path, env)
+    try:
+        yield services.start
+    finally:
+        services.stop_all()
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory, env):
+    """The four services as separate OS processes on loopback ports, each writing a trace file.
+
+    Shared by the e2e and tracing tests (starting four torch processes costs seconds); tests tell
+    their requests apart by trace id.
+    """
+    services = Services(tmp_path_factory.mktemp("mesh"), env)
+    try:
+        parts = {role: services.start(role, trace=True, wait=False) for role in ("encoder", "generator", "decoder")}
+        for svc in parts.values():
+            wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
+        parts["gateway"] = services.start("gateway", "--encoder", parts["encoder"].address,
+                                          "--generator", parts["generator"].address,
+                                          "--decoder", parts["decoder"].address, trace=True)
+        yield parts
+    finally:
+        services.stop_all()
+
+
+@pytest.fixture(scope="session")
+def clip_5s(tmp_path_factory) -> Path:
+    """Exactly 5.0 s of the sample speech as 44.1 kHz stereo (exercises mono-mix and resampling)."""
+    path = tmp_path_factory.mktemp("audio") / "speech-5s.wav"
+    subprocess.run(["sox", str(ASSETS / "speech.wav"), "-r", "44100", "-c", "2", str(path), "trim", "0", "5"],
+                   check=True, timeout=30)
+    return path
 
 
 def ffprobe(path: Path) -> dict:
@@ -130,3 +160,63 @@ def ffprobe(path: Path) -> dict:
 def audio_duration(path: Path) -> float:
     info = ffprobe(path)
     return float(info["format"]["duration"])
+
+
+@dataclass
+class Stream:
+    """What one AvatarService.Generate call returned, with the arrival time of every message."""
+    header: object = None
+    init_segment: bytes = b""
+    fragments: list = None        # [(arrival unix ns, MediaFragment)]
+    progress: list = None
+    status: object = None
+
+    def write_mp4(self, path: Path) -> Path:
+        path.write_bytes(self.init_segment + b"".join(f.data for _, f in self.fragments))
+        return path
+
+
+def generate(address: str, request, timeout_s: float = 300) -> Stream:
+    from avatar.grpc_util import MESSAGE_OPTIONS
+    from avatar.v1 import avatar_pb2_grpc
+
+    s = Stream(fragments=[], progress=[])
+    with grpc.insecure_channel(address, options=MESSAGE_OPTIONS) as ch:
+        for msg in avatar_pb2_grpc.AvatarServiceStub(ch).Generate(request, timeout=timeout_s):
+            now, kind = time.time_ns(), msg.WhichOneof("event")
+            if kind == "header":
+                s.header = msg.header
+            elif kind == "init_segment":
+                s.init_segment = msg.init_segment.data
+            elif kind == "fragment":
+                s.fragments.append((now, msg.fragment))
+            elif kind == "progress":
+                s.progress.append(msg.progress)
+            else:
+                s.status = msg.status
+    return s
+
+
+def video_frames(path: Path) -> list[dict]:
+    """Per video frame: key_frame (0/1) and pts_time, in order."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                          "frame=key_frame,pts_time", "-of", "json", str(path)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)["frames"]
+
+
+def check_video(path: Path, duration_s: float) -> dict:
+    """The issue's checks: h264 + aac, 25 x duration frames (within one), duration within 0.1 s,
+    first frame at 0, a keyframe at the start of every 12-frame fragment."""
+    info = ffprobe(path)
+    codecs = {s["codec_type"]: s for s in info["streams"]}
+    assert codecs["video"]["codec_name"] == "h264", info
+    assert codecs["audio"]["codec_name"] == "aac", info
+    frames = int(codecs["video"]["nb_read_frames"])
+    assert abs(frames - 25 * duration_s) <= 1, (frames, duration_s)
+    assert abs(float(info["format"]["duration"]) - duration_s) <= 0.1, info["format"]
+    assert float(codecs["video"].get("start_time", 0)) == 0.0 and float(info["format"].get("start_time", 0)) >= 0
+    per_frame = video_frames(path)
+    assert [i for i, f in enumerate(per_frame) if f["key_frame"] == 1][:1] == [0]
+    assert all(per_frame[i]["key_frame"] == 1 for i in range(0, len(per_frame), 12))
+    return info
