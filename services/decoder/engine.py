@@ -1,19 +1,18 @@
 """DecoderEngine: streaming Wan VAE decode of latent blocks, muxed with audio into fMP4 fragments."""
 from __future__ import annotations
 
-import pathlib
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from avatar.checkpoints import resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
 from avatar.models.wan_vae import S2V_14B_VAE, WanVAE
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from services.decoder.fmp4 import FragmentedMp4Writer
 
-VAE_FILE = "Wan2.1_VAE.pth"
 SPACE_STRIDE = 8
 
 
@@ -38,11 +37,9 @@ class DecoderEngine:
         elif model.random_weights:
             self.vae = WanVAE.random(S2V_14B_VAE, model.seed, device=device, dtype=dtype)
         else:
-            if not model.ckpt_dir:
-                raise WeightsError(f"model {model.name} needs ckpt_dir (the folder holding {VAE_FILE})")
-            path = pathlib.Path(model.ckpt_dir) / VAE_FILE
+            path = resolve_ckpt_dir(model.ckpt_dir).vae
             if not path.is_file():
-                raise WeightsError(f"VAE checkpoint not found: {path}")
+                raise WeightsError(f"{path}: VAE checkpoint missing (Wan2.1_VAE.pth of Wan2.2-S2V-14B)")
             self.vae = WanVAE.from_upstream(path, device=device, dtype=dtype)
         self.z_dim = self.vae.dims.z_dim
 
