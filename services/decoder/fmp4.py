@@ -18,6 +18,7 @@ time, both streams start at 0, and the audio lasts exactly as long as the PCM gi
 """
 from __future__ import annotations
 
+import os
 import struct
 from fractions import Fraction
 
@@ -138,7 +139,8 @@ class FragmentedMp4Writer:
         v.width, v.height, v.pix_fmt = width, height, "yuv420p"
         v.time_base, v.framerate = Fraction(1, fps), Fraction(fps)
         v.flags |= av.codec.context.Flags.global_header     # SPS/PPS in extradata, for avcC
-        v.thread_count = 1   # frame threads would delay packets; blocks are small and arrive in order
+        # slice threads only: frame threads would hold packets back by a few frames
+        v.thread_type, v.thread_count = "SLICE", min(4, os.cpu_count() or 1)
         # zerolatency: no lookahead and no B-frames, so each frame's packet comes out at once;
         # keyframes are placed by us at block starts only.
         v.options = {"preset": preset, "tune": "zerolatency", "crf": str(crf),
