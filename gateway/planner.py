@@ -7,7 +7,7 @@ import numpy as np
 from avatar import media
 from avatar.errors import InvalidInput
 from avatar.presets import (DEFAULT_JOB_PRESET, DEFAULT_SEED, ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK,
-                            JOB_PRESETS, LATENT_FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE, VAE_TIME_STRIDE,
+                            JOB_PRESETS, LATENT_FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE,
                             ModelSpec, preset_area)
 from avatar.v1 import avatar_pb2, tensor_pb2
 
@@ -26,9 +26,10 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
     if request.num_clip < 0:
         raise InvalidInput(f"num_clip must be >= 0 (0: as many as the audio needs), got {request.num_clip}")
     num_clip = request.num_clip or preset.num_clip
-    infer_frames = request.infer_frames or preset.infer_frames
-    if infer_frames < 0 or infer_frames % VAE_TIME_STRIDE:
-        raise InvalidInput(f"infer_frames must be a positive multiple of {VAE_TIME_STRIDE}, got {infer_frames}")
+    if request.infer_frames < 0:
+        raise InvalidInput(f"infer_frames must be positive (0: the preset's), got {request.infer_frames}")
+    # A clip is whole causal blocks: 32 (preview) or upstream's 80 round up to 36 and 84 frames.
+    infer_frames = math.ceil((request.infer_frames or preset.infer_frames) / FRAMES_PER_BLOCK) * FRAMES_PER_BLOCK
     sample_steps = request.sample_steps or preset.sample_steps
     if not 1 <= sample_steps <= MAX_SAMPLE_STEPS:
         raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {sample_steps}")
@@ -81,7 +82,7 @@ def prepare(request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: s
     audio = media.decode_audio(request.audio)
     samples, rate = audio.samples, audio.sample_rate
     job = plan_job(request, model, audio.duration_s, image.size, request_id)
-    pixels = media.fit_image(image, job.width, job.height)
+    pixels = np.array(media.fit_image(image, job.width, job.height))  # writable: torch.from_numpy warns otherwise
 
     # Audio cut (or padded by < half a frame of silence) to exactly the video's length.
     used = samples[:round(job.total_frames / job.fps * rate)]

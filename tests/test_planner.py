@@ -35,7 +35,8 @@ def test_blocks_follow_the_audio_and_the_last_block_is_trimmed():
     job = planner.plan_job(req(), TINY, 5.0, (512, 512))
     assert (job.total_frames, job.num_blocks, job.fps) == (125, 11, 25)
     assert job.total_frames - (job.num_blocks - 1) * FRAMES_PER_BLOCK == 5   # kept of the last block
-    assert job.sample_steps == 3 and job.infer_frames == 32 and job.seed == DEFAULT_SEED   # preview
+    assert job.sample_steps == 3 and job.seed == DEFAULT_SEED   # preview
+    assert job.infer_frames == 36    # preview's 32 frames per clip, rounded up to whole blocks
     assert job.latent_frames_per_block == 3 and job.audio_sample_rate == 48000 and job.model == "tiny"
     # rounding to whole frames: 5.01 s -> 125 frames, 5.03 s -> 126 frames (one more block only past 132)
     assert planner.plan_job(req(), TINY, 5.01, (512, 512)).total_frames == 125
@@ -46,7 +47,9 @@ def test_num_clip_caps_the_video():
     job = planner.plan_job(req(num_clip=1, infer_frames=48), TINY, 5.0, (512, 512))
     assert (job.total_frames, job.num_blocks) == (48, 4)
     job = planner.plan_job(req(preset="hd", num_clip=2, infer_frames=32), TINY, 60.0, (512, 512))
-    assert (job.total_frames, job.num_blocks) == (64, 6)
+    assert (job.infer_frames, job.total_frames, job.num_blocks) == (36, 72, 6)
+    job = planner.plan_job(req(num_clip=1, infer_frames=80), TINY, 60.0, (512, 512))   # upstream's default
+    assert (job.infer_frames, job.total_frames, job.num_blocks) == (84, 84, 7)
 
 
 def test_sizes_follow_preset_model_and_image_aspect():
@@ -72,7 +75,7 @@ def test_seed_is_optional_and_zero_is_a_seed():
     (dict(preset="ultra"), "unknown preset 'ultra'"),
     (dict(sample_steps=51), "sample_steps must be between 1 and 50"),
     (dict(sample_steps=-1), "sample_steps"),
-    (dict(infer_frames=30), "infer_frames must be a positive multiple of 4"),
+    (dict(infer_frames=-12), "infer_frames must be positive"),
     (dict(num_clip=-2), "num_clip must be >= 0"),
     (dict(size="big"), "size must be written W\\*H"),
 ])
