@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     add_security_args(p)
 
+    p = sub.add_parser("batch", help="one video per JSON profile in a folder; resumable, with a manifest")
+    from avatar import batch
+    batch.add_arguments(p)
+    _add_model_flags(p)
+    add_security_args(p)
+
     p = sub.add_parser("gpu-monitor", help="print or log GPU memory/utilisation/temperature, like nvidia-smi")
     from avatar import gpu_monitor
     gpu_monitor.add_arguments(p)
@@ -108,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "generate":
             return asyncio.run(cmd_generate(args))
+        if args.command == "batch":
+            from avatar.batch import run
+            return asyncio.run(run(args, model_spec(args)))
         if args.command == "gpu-monitor":
             from avatar.gpu_monitor import run
             return run(args)
