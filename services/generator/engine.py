@@ -1,0 +1,190 @@
+"""GeneratorEngine: the causal DiT generating latent blocks for one session after another.
+
+A session follows upstream's single-GPU `generate()`: the sink (reference + motion tokens) is
+prefilled at t=0, every block of 3 latent frames is denoised with N flow-matching Euler steps
+while attending to the cached earlier blocks (a ring one clip long) and to the sink; after the
+first clip the sink's reference is replaced by the first generated latent frame. Noise comes
+from a CPU torch.Generator seeded with job.seed + clip index, so runs are reproducible.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from avatar.errors import InvalidInput
+from avatar.presets import VAE_TIME_STRIDE, ModelSpec, dims_of
+from services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
+from services.generator.kv_cache import KVCache, KVCacheSpec
+from services.generator.scheduler import FlowMatchEuler
+from services.generator.weights import load_dit, random_dit
+
+log = logging.getLogger(__name__)
+
+SINK_AHEAD = (4, 30)   # upstream draws the reference token's RoPE lead (latent frames) per call
+
+
+def model_dtype(model: ModelSpec) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls there are slow and the tiny model is for CI), else spec.dtype."""
+    if torch.device(model.device).type == "cpu":
+        return torch.float32
+    dtype = getattr(torch, model.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidInput(f"unknown dtype {model.dtype!r}")
+    return dtype
+
+
+def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
+    """The DiT a ModelSpec names: tiny (random, seeded), s2v-14b random, or loaded (+ LoRA)."""
+    device, dtype = torch.device(model.device), model_dtype(model)
+    if model.is_tiny:
+        return random_dit("tiny", device, dtype, seed=model.seed)
+    if model.random_weights:
+        return random_dit("s2v-14b", device, dtype, seed=model.seed)
+    if not model.ckpt_dir:
+        raise InvalidInput("s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
+    dit = load_dit(model.ckpt_dir, device=device, dtype=dtype)
+    if model.lora_path:
+        from services.generator.lora import load_lora
+        report = load_lora(dit, model.lora_path)
+        log.info("%s", report.describe())
+    return dit
+
+
+class GeneratorEngine:
+    """Owns the DiT; sessions own their KV caches. `model.extra["cache_sets"]`: 1 for the
+    clean-context variant (less memory, one extra forward per block), default one per step."""
+
+    def __init__(self, model: ModelSpec, dit: CausalS2VDiT | None = None):
+        self.spec = model
+        self.dit = dit if dit is not None else build_generator_model(model)
+        self.device = torch.device(model.device)
+        self.dims = dims_of(model)
+        self.cache_sets = model.extra.get("cache_sets")
+
+    def open_session(self, job, text: torch.Tensor, ref_latent: torch.Tensor,
+                     motion_latents: torch.Tensor) -> "GeneratorSession":
+        return GeneratorSession(self, job, text, ref_latent, motion_latents, cache_sets=self.cache_sets)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    h: int
+    w: int
+    block_frames: int        # latent frames per block
+    clip_frames: int         # latent frames per clip (= the ring)
+    steps: int
+    cache_sets: int
+
+
+class GeneratorSession:
+    """One stream: generate_block() once per block of audio, in order; close() frees the caches."""
+
+    def __init__(self, engine: GeneratorEngine, job, text: torch.Tensor, ref_latent: torch.Tensor,
+                 motion_latents: torch.Tensor, cache_sets: int | None = None,
+                 sink_ahead: tuple[int, int] = SINK_AHEAD, refresh_sink: bool = True):
+        self.engine = engine
+        self.dit = dit = engine.dit
+        self.plan = plan = _plan(job, dit, ref_latent, motion_latents, text, engine.dims.text_dim, cache_sets)
+        self.seed = int(job.seed)
+        self.sampler = FlowMatchEuler.create(plan.steps)
+        self.sink_ahead = sink_ahead
+        self.refresh_sink = refresh_sink
+        self._rng = random.Random(self.seed)   # the sink's RoPE lead, drawn per forward as upstream
+        self.device, self.dtype = dit.device, dit.dtype
+        spec = KVCacheSpec.for_model(dit, plan.h, plan.w, plan.clip_frames, plan.cache_sets)
+        self.kv = KVCache(spec, self.dtype, self.device)
+        self.context = dit.embed_text(text.to(self.device)[None])
+        self.motion = motion_latents.to(self.device, self.dtype)[None]
+        dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
+        self.block_index = 0
+        self.last_block_ms = 0.0
+        self._clip_noise: torch.Tensor | None = None
+        self._first_frame: torch.Tensor | None = None
+        self._closed = False
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv.nbytes
+
+    def generate_block(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [frames_per_block, audio_layers, audio_dim] -> latent [16, block_frames, h, w]."""
+        if self._closed:
+            raise InvalidInput("the generator session is closed")
+        p, dit = self.plan, self.dit
+        want = (p.block_frames * VAE_TIME_STRIDE, self.engine.dims.audio_layers, self.engine.dims.audio_dim)
+        if tuple(audio.shape) != want:
+            raise InvalidInput(f"audio features must be {list(want)}, got {list(audio.shape)}")
+        start = time.perf_counter()
+        blocks_per_clip = p.clip_frames // p.block_frames
+        clip, in_clip = divmod(self.block_index, blocks_per_clip)
+        if in_clip == 0:
+            if clip == 1 and self.refresh_sink:
+                # Upstream re-prefills the sink after the first clip, with its first generated frame
+                # as the reference (the motion context stays: it would need the VAE here).
+                dit.prefill_sink(self._first_frame, self.motion, self.context, self.kv)
+            gen = torch.Generator(device="cpu").manual_seed(self.seed + clip)
+            self._clip_noise = torch.randn((1, 16, p.clip_frames, p.h, p.w), generator=gen)
+        frame = self.block_index * p.block_frames
+        f0 = in_clip * p.block_frames
+        x = self._clip_noise[:, :, f0:f0 + p.block_frames].to(self.device, self.dtype)
+        tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
+        for i, t in enumerate(self.sampler.timesteps):
+            cache_set = i if p.cache_sets > 1 else 0
+            v = dit(x, torch.tensor([t], device=self.device), self.context, tokens, self.kv, cache_set,
+                    frame, self._sink_frame(frame))
+            x = self.sampler.step(x, v, i)
+        if p.cache_sets == 1:
+            # clean context: re-encode the finished block at t=0 into the single cache set
+            dit(x, torch.zeros(1, device=self.device), self.context, tokens, self.kv, 0, frame,
+                self._sink_frame(frame))
+        if self.block_index == 0:
+            self._first_frame = x[:, :, :1].clone()
+        self.block_index += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_block_ms = (time.perf_counter() - start) * 1e3
+        return x[0]
+
+    def _sink_frame(self, frame: int) -> int:
+        """RoPE frame of the sink's reference token: at least REF_ROPE_FRAME, and a random
+        lead of SINK_AHEAD latent frames ahead of the current block (upstream's behaviour)."""
+        return max(REF_ROPE_FRAME, frame + self._rng.randint(*self.sink_ahead))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.kv.free()
+            self._clip_noise = self._first_frame = self.context = self.motion = None
+
+
+def _plan(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, text_dim: int, cache_sets) -> _Plan:
+    if job.width % 8 or job.height % 8 or job.width <= 0 or job.height <= 0:
+        raise InvalidInput(f"job size {job.width}x{job.height} must be positive multiples of 8")
+    h, w = job.height // 8, job.width // 8
+    try:
+        dit.check_latent_size(h, w)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from e
+    c = dit.config.in_dim
+    if ref_latent.ndim != 4 or tuple(ref_latent.shape) != (c, 1, h, w):
+        raise InvalidInput(f"ref_latent must be [{c}, 1, {h}, {w}], got {list(ref_latent.shape)}")
+    if motion_latents.ndim != 4 or motion_latents.shape[0] != c or tuple(motion_latents.shape[2:]) != (h, w):
+        raise InvalidInput(f"motion_latents must be [{c}, T, {h}, {w}], got {list(motion_latents.shape)}")
+    if text.ndim != 2 or text.shape[1] != text_dim or not 1 <= text.shape[0] <= dit.config.text_len:
+        raise InvalidInput(f"text embeddings must be [1..{dit.config.text_len}, {text_dim}], got {list(text.shape)}")
+    block = job.latent_frames_per_block
+    if block < 1 or job.infer_frames % (block * VAE_TIME_STRIDE) or job.infer_frames <= 0:
+        raise InvalidInput(f"infer_frames {job.infer_frames} must be a positive multiple of "
+                           f"{block * VAE_TIME_STRIDE} (latent_frames_per_block {block} x {VAE_TIME_STRIDE})")
+    steps = job.sample_steps
+    if not 1 <= steps <= 50:
+        raise InvalidInput(f"sample_steps must be between 1 and 50, got {steps}")
+    sets = steps if cache_sets is None else int(cache_sets)
+    if sets not in (1, steps):
+        raise InvalidInput(f"cache_sets must be 1 (clean context) or sample_steps ({steps}), got {sets}")
+    return _Plan(h=h, w=w, block_frames=block, clip_frames=job.infer_frames // VAE_TIME_STRIDE,
+                 steps=steps, cache_sets=sets)
