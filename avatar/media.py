@@ -27,10 +27,6 @@ MAX_SIZE_AREA = 1920 * 1920  # the largest "W*H" area a job may ask for
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 ALPHA_BACKGROUND = (255, 255, 255)   # transparent pixels become white (a neutral portrait backdrop)
 
-# containers whose audio we take: wav, flac, mp3, ogg (vorbis/opus/flac), mp4/m4a, raw ADTS AAC,
-# and matroska/webm (what browsers record)
-_AUDIO_CONTAINERS = {"wav", "flac", "mp3", "ogg", "mov,mp4,m4a,3gp,3g2,mj2", "aac",
-                     "matroska,webm"}
 
 _MAGIC = [  # (prefix, offset, what it is) for messages about files that are not what was expected
     (b"\x89PNG\r\n\x1a\n", 0, "a PNG image"),
@@ -160,6 +156,28 @@ def _mp3_has_length_header(data: bytes) -> bool:
     return any(tag in head for tag in (b"Xing", b"Info", b"VBRI"))
 
 
+def _audio_format(data: bytes) -> str | None:
+    """The ffmpeg demuxer for these bytes, from their signature; None if not a format we take."""
+    if data[:3] == b"ID3" and len(data) >= 10:   # ID3v2 tag (syncsafe size) before MP3 or FLAC
+        tag = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10]))
+        return "flac" if data[tag:tag + 4] == b"fLaC" else "mp3"
+    if data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"fLaC":
+        return "flac"
+    if data[:4] == b"OggS":
+        return "ogg"
+    if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if len(data) >= 2 and data[0] == 0xFF and data[1] & 0xF6 == 0xF0:   # ADTS: layer bits 00
+        return "aac"
+    if len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0:   # MPEG audio frame sync
+        return "mp3"
+    return None
+
+
 def decode_audio(data: bytes, *, min_duration_s: float = MIN_AUDIO_S,
                  max_duration_s: float = MAX_AUDIO_S) -> DecodedAudio:
     """Decodes wav/flac/mp3/ogg (vorbis, opus)/m4a (aac) bytes to mono float32 at the file's rate."""
@@ -168,18 +186,17 @@ def decode_audio(data: bytes, *, min_duration_s: float = MIN_AUDIO_S,
     what = describe_bytes(data)
     if what.endswith("image") or what in ("a PDF document", "a ZIP archive", "text"):
         raise InvalidInput(f"audio input is {what}, not audio: send WAV, FLAC, MP3, OGG or M4A")
+    fmt = _audio_format(data)
+    if fmt is None:
+        raise InvalidInput(f"audio input is {what}, not a WAV, FLAC, MP3, OGG or M4A file")
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        # the demuxer is named, never guessed: probing would also try playlist formats (HLS,
+        # concat) that open other files and URLs named inside the data
+        container = av.open(io.BytesIO(data), mode="r", format=fmt)
     except av.FFmpegError:
-        if what.endswith(("audio file", "Ogg file", "MP4/M4A file")):
-            raise InvalidInput(f"audio could not be read: it looks like {what} but is corrupt or "
-                               "cut short") from None
-        raise InvalidInput(f"audio could not be read: {what}, not a WAV, FLAC, MP3, OGG or M4A "
-                           "file") from None
+        raise InvalidInput(f"audio could not be read: it looks like {what} but is corrupt or "
+                           "cut short") from None
     with container:
-        if container.format.name not in _AUDIO_CONTAINERS:
-            raise InvalidInput(f"audio container '{container.format.long_name}' is not supported: "
-                               "send WAV, FLAC, MP3, OGG or M4A")
         if not container.streams.audio:
             extra = " (it holds only video)" if container.streams.video else ""
             raise InvalidInput(f"the file has no audio stream{extra}")
@@ -274,17 +291,19 @@ def load_image(data: bytes, *, min_side: int = MIN_IMAGE_SIDE,
         raise InvalidInput("image is empty (0 bytes)")
     what = describe_bytes(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        # only our three decoders are tried: Pillow's others (EPS runs Ghostscript) never see the data
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         raise InvalidInput(f"image is too large (a decompression bomb?): the limit is "
                            f"{max_pixels / 1e6:.0f} megapixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        if what.endswith("image"):
+        if what in ("a PNG image", "a JPEG image", "a WebP image"):
             raise InvalidInput(f"image could not be read: it looks like {what} but is corrupt or "
                                "cut short") from None
+        if what.endswith("image"):   # "a GIF image" -> "GIF"
+            raise InvalidInput(f"image format {what.split()[1]} is not supported: send PNG, JPEG "
+                               "or WebP") from None
         raise InvalidInput(f"image input is {what}, not an image: send PNG, JPEG or WebP") from None
-    if img.format not in IMAGE_FORMATS:
-        raise InvalidInput(f"image format {img.format} is not supported: send PNG, JPEG or WebP")
     if getattr(img, "n_frames", 1) > 1 or getattr(img, "is_animated", False):
         raise InvalidInput("animated images are not supported: send a single still frame")
     w, h = img.size

@@ -132,7 +132,8 @@ BAD_AUDIO = [  # (case, bytes from the fixtures -> bad bytes, words the message 
     ("gif image", lambda f: b"GIF89a" + bytes(200), "GIF image, not audio"),
     ("text", lambda f: b"hello, this is a text file\n" * 20, "text, not audio"),
     ("random bytes", lambda f: np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8)
-     .tobytes(), "could not be read"),
+     .tobytes(), "unrecognised binary data, not a WAV"),
+    ("HLS playlist", lambda f: b"#EXTM3U\n#EXTINF:1,\nfile:///etc/hostname\n\xff\xfe", "not a WAV"),
     ("video without audio", lambda f: f["video_only"], "no audio stream"),
     ("truncated wav", lambda f: _truncate(f["wav_44k_stereo"]), "truncated"),
     ("wav header only", lambda f: f["wav_44k_stereo"][:40], "could not be read"),
