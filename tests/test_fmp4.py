@@ -179,3 +179,22 @@ def test_bad_writer_settings_are_rejected():
         FragmentedMp4Writer(95, 64)
     with pytest.raises(ValueError, match="sample rate"):
         FragmentedMp4Writer(96, 64, 25, 12345)
+
+
+def test_colours_survive_and_are_tagged_bt709(tmp_path):
+    """The RGB->YUV matrix matches the colour tags in the SPS, so players show the right colours."""
+    writer = FragmentedMp4Writer(W, H, FPS, RATE)
+    colours = [(200, 50, 100), (20, 220, 40), (30, 60, 230), (250, 250, 250)]
+    frames = np.zeros((FRAMES_PER_BLOCK, H, W, 3), np.uint8)
+    for i in range(FRAMES_PER_BLOCK):
+        frames[i] = colours[i % len(colours)]
+    data = writer.init_segment() + writer.write_block(frames, _tone(0, SAMPLES_PER_BLOCK), final=True)
+    path = tmp_path / "colour.mp4"
+    path.write_bytes(data)
+    v = _probe(path, "-show_streams", "-select_streams", "v")["streams"][0]
+    assert (v["color_space"], v["color_primaries"], v["color_transfer"], v["color_range"]) == \
+        ("bt709", "bt709", "bt709", "tv")
+    with av.open(io.BytesIO(data)) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            rgb = frame.to_ndarray(format="rgb24")[H // 2, W // 2].astype(int)
+            assert np.abs(rgb - colours[i % len(colours)]).max() <= 4, (i, rgb)

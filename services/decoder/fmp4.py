@@ -25,12 +25,14 @@ from fractions import Fraction
 import av
 import numpy as np
 from av.video.frame import PictureType
+from av.video.reformatter import ColorRange, Colorspace
 
 VIDEO_TRACK, AUDIO_TRACK = 1, 2
 AAC_FRAME = 1024            # samples per AAC-LC access unit
 AAC_PRIMING = 1024          # ffmpeg's native AAC encoder starts every stream with this delay
 VIDEO_TICKS_PER_FRAME = 512  # video timescale = fps * 512 (12800 at 25 fps, as ffmpeg picks)
 
+_BT709 = 1                    # AVCOL_SPC/PRI/TRC_BT709
 _KEY_SAMPLE = 0x02000000      # sample_depends_on = 2 (an IDR: depends on nothing)
 _DELTA_SAMPLE = 0x01010000    # sample_depends_on = 1, sample_is_non_sync_sample = 1
 _UNITY_MATRIX = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
@@ -139,6 +141,8 @@ class FragmentedMp4Writer:
         v.width, v.height, v.pix_fmt = width, height, "yuv420p"
         v.time_base, v.framerate = Fraction(1, fps), Fraction(fps)
         v.flags |= av.codec.context.Flags.global_header     # SPS/PPS in extradata, for avcC
+        # BT.709, limited range, written into the SPS so players need not guess (they differ)
+        v.colorspace, v.color_range, v.color_primaries, v.color_trc = _BT709, 1, _BT709, _BT709
         # slice threads only: frame threads would hold packets back by a few frames
         v.thread_type, v.thread_count = "SLICE", min(4, os.cpu_count() or 1)
         # zerolatency: no lookahead and no B-frames, so each frame's packet comes out at once;
@@ -209,7 +213,8 @@ class FragmentedMp4Writer:
         video = []
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame = frame.reformat(format="yuv420p")
+            frame = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709,
+                                   dst_color_range=ColorRange.MPEG)
             frame.pts = self._video_frames + i
             frame.pict_type = PictureType.I if i == 0 else PictureType.NONE
             video.extend(self._video.encode(frame))
