@@ -51,6 +51,8 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     g.add_argument("--grace", type=float, default=None, metavar="S",
                    help="on SIGTERM: seconds in-flight streams get to finish before they are cancelled")
+    g.add_argument("--max-audio-s", type=float, default=None, metavar="S",
+                   help="gateway: refuse speech longer than S seconds (default 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +147,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
                       decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file,
                       security=security, admission=admission, metrics_port=args.metrics_port,
-                      grace_s=GRACE_S if args.grace is None else args.grace)
+                      grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s)
     try:
         asyncio.run(serve_forever(cfg))
     except (ValueError, OSError) as exc:

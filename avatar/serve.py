@@ -33,6 +33,7 @@ class ServeConfig:
     admission: AdmissionConfig | None = None  # session cap + queue of gateway and generator; None: no cap
     metrics_port: int | None = None           # Prometheus /metrics on this port; None: off, 0: any free
     grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
+    max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
 
 
 @dataclass
@@ -121,7 +122,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
                       else grpc.ssl_channel_credentials() if sec.tls.cert else None)  # system CAs
         peer_token = sec.internal_token or (sec.auth_token if cfg.role == "all" else None)
         gateway = GatewayServicer(cfg.model, *peers, credentials=peer_creds, token=peer_token,
-                                  admission=Admission(cfg.admission, "gateway") if cfg.admission else None)
+                                  admission=Admission(cfg.admission, "gateway") if cfg.admission else None,
+                                  **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}))
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
         names.append(SERVICE_NAME)
         closers.append(gateway.close)

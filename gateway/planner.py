@@ -12,6 +12,8 @@ from avatar.presets import (DEFAULT_JOB_PRESET, DEFAULT_SEED, ENCODER_AUDIO_RATE
 from avatar.v1 import avatar_pb2, tensor_pb2
 
 MAX_SAMPLE_STEPS = 50
+MAX_INFER_FRAMES = 1200    # a clip's KV cache grows with it; upstream uses 48-80
+MAX_PROMPT_CHARS = 4000    # umT5 reads 512 tokens; far longer text is a mistake or an attack
 
 
 def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_duration_s: float,
@@ -28,6 +30,11 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
     num_clip = request.num_clip or preset.num_clip
     if request.infer_frames < 0:
         raise InvalidInput(f"infer_frames must be positive (0: the preset's), got {request.infer_frames}")
+    if request.infer_frames > MAX_INFER_FRAMES:
+        raise InvalidInput(f"infer_frames {request.infer_frames} is too large: at most {MAX_INFER_FRAMES} "
+                           f"frames per clip (upstream uses 48 or 80)")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInput(f"prompt is too long: {len(request.prompt)} characters, the limit is {MAX_PROMPT_CHARS}")
     # A clip is whole causal blocks: 32 (preview) or upstream's 80 round up to 36 and 84 frames.
     infer_frames = math.ceil((request.infer_frames or preset.infer_frames) / FRAMES_PER_BLOCK) * FRAMES_PER_BLOCK
     sample_steps = request.sample_steps or preset.sample_steps
@@ -76,10 +83,11 @@ class Plan:
         return self.pcm_out[self.sample_at(first):self.sample_at(first + keep)], keep
 
 
-def prepare(request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: str = "") -> Plan:
+def prepare(request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: str = "",
+            max_audio_s: float = media.MAX_AUDIO_S) -> Plan:
     """Decodes and validates the request's image and audio, then plans the job."""
     image = media.load_image(request.image)
-    audio = media.decode_audio(request.audio)
+    audio = media.decode_audio(request.audio, max_duration_s=max_audio_s)
     samples, rate = audio.samples, audio.sample_rate
     job = plan_job(request, model, audio.duration_s, image.size, request_id)
     pixels = np.array(media.fit_image(image, job.width, job.height))  # writable: torch.from_numpy warns otherwise

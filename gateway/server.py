@@ -45,8 +45,10 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`)."""
 
     def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str,
-                 credentials=None, token: str | None = None, admission=None):
+                 credentials=None, token: str | None = None, admission=None,
+                 max_audio_s: float = planner.media.MAX_AUDIO_S):
         self.model = model
+        self.max_audio_s = max_audio_s  # longest speech input accepted, seconds
         # credentials/token: TLS and the internal token for the peers (avatar.security)
         self.channels = [create_channel(a, credentials, token) for a in (encoder, generator, decoder)]
         self.admission = admission  # avatar.admission.Admission: session cap, queue, per-client fairness
@@ -69,7 +71,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         t0 = time.perf_counter()
         request_id = uuid.uuid4().hex[:8]
         trace.get_current_span().set_attribute("request_id", request_id)
-        plan = await run_blocking(planner.prepare, request, self.model, request_id)
+        plan = await run_blocking(planner.prepare, request, self.model, request_id, self.max_audio_s)
         job = plan.job
 
         timings = Timings()
