@@ -19,7 +19,7 @@ from avatar.errors import InvalidInput
 
 # ---------------------------------------------------------------------------------------------
 # limits (callers may pass their own)
-MIN_AUDIO_S = 0.2            # shorter than this is not speech (and less than 5 video frames)
+MIN_AUDIO_S = 0.2            # 5 video frames; anything shorter is not speech
 MAX_AUDIO_S = 600.0          # default cap; the gateway passes its configured value
 MIN_IMAGE_SIDE = 64          # pixels
 MAX_IMAGE_PIXELS = 40_000_000
@@ -28,23 +28,23 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 ALPHA_BACKGROUND = (255, 255, 255)   # transparent pixels become white (a neutral portrait backdrop)
 
 
-_MAGIC = [  # (prefix, offset, what it is) for messages about files that are not what was expected
+_MAGIC = [  # (prefix, offset, what it is), generic before specific: the last match wins
+    (b"RIFF", 0, "a RIFF file"),
+    (b"WAVE", 8, "a WAV audio file"),
+    (b"WEBP", 8, "a WebP image"),
     (b"\x89PNG\r\n\x1a\n", 0, "a PNG image"),
     (b"\xff\xd8\xff", 0, "a JPEG image"),
     (b"GIF87a", 0, "a GIF image"),
     (b"GIF89a", 0, "a GIF image"),
-    (b"WEBP", 8, "a WebP image"),
-    (b"BM", 0, "a BMP image"),
     (b"II*\x00", 0, "a TIFF image"),
     (b"MM\x00*", 0, "a TIFF image"),
     (b"%PDF", 0, "a PDF document"),
     (b"PK\x03\x04", 0, "a ZIP archive"),
-    (b"RIFF", 0, "a RIFF file"),
-    (b"WAVE", 8, "a WAV audio file"),
     (b"fLaC", 0, "a FLAC audio file"),
     (b"OggS", 0, "an Ogg file"),
     (b"ID3", 0, "an MP3 audio file"),
     (b"ftyp", 4, "an MP4/M4A file"),
+    (b"\x1a\x45\xdf\xa3", 0, "a Matroska/WebM file"),
 ]
 
 
@@ -53,15 +53,19 @@ def describe_bytes(data: bytes) -> str:
     best = ""
     for magic, offset, what in _MAGIC:
         if data[offset:offset + len(magic)] == magic:
-            best = what   # later entries are more specific (WAVE after RIFF)
+            best = what
+    if data[:2] == b"BM" and len(data) > 14 and data[14] in (12, 40, 52, 56, 64, 108, 124):
+        best = "a BMP image"      # "BM" + a known DIB header size
     if best:
         return best
     head = data[:4096]
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "unrecognised binary data"
-    if all(c.isprintable() or c in "\r\n\t" for c in text.rstrip("\x00")):
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:       # not just a character cut at the end of the window
+            return "unrecognised binary data"
+        text = head[:e.start].decode("utf-8")
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
         return "text"
     return "unrecognised binary data"
 

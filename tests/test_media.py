@@ -133,7 +133,9 @@ BAD_AUDIO = [  # (case, bytes from the fixtures -> bad bytes, words the message 
     ("text", lambda f: b"hello, this is a text file\n" * 20, "text, not audio"),
     ("random bytes", lambda f: np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8)
      .tobytes(), "unrecognised binary data, not a WAV"),
-    ("HLS playlist", lambda f: b"#EXTM3U\n#EXTINF:1,\nfile:///etc/hostname\n\xff\xfe", "not a WAV"),
+    ("HLS playlist", lambda f: b"#EXTM3U\n#EXTINF:1,\nfile:///etc/hostname\n", "text, not audio"),
+    ("binary HLS playlist", lambda f: b"#EXTM3U\n\x01\x02\n#EXTINF:1,\nfile:///etc/hostname\n",
+     "not a WAV"),
     ("video without audio", lambda f: f["video_only"], "no audio stream"),
     ("truncated wav", lambda f: _truncate(f["wav_44k_stereo"]), "truncated"),
     ("wav header only", lambda f: f["wav_44k_stereo"][:40], "could not be read"),
