@@ -61,6 +61,10 @@ _PTH_STORAGE_DTYPES = {
 }
 
 
+_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1}
+
+
 class _PthStorage:
     """Stands in for a tensor storage: only its dtype is known, no bytes are read."""
 
@@ -94,12 +98,15 @@ class _PthHeaderUnpickler(pickle.Unpickler):
             return collections.OrderedDict
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
 
+    storages: dict[str, int]   # storage key -> bytes the file must hold for it
+
     def persistent_load(self, pid):
         # torch.save writes ("storage", storage type, key, location, numel) for every storage
-        if not (isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], str)):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        typ = pid[1]
-        return _PthStorage(typ if isinstance(typ, str) else str(typ))
+        _, dtype, key, _location, numel = pid
+        self.storages[str(key)] = int(numel) * _ITEMSIZE.get(dtype, 1)
+        return _PthStorage(dtype)
 
 
 def read_pth_header(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -111,7 +118,16 @@ def read_pth_header(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...]
             if len(pkl) != 1:
                 raise WeightsError(f"{path}: not a torch.save zip file (no single data.pkl)")
             with zf.open(pkl[0]) as f:
-                obj = _PthHeaderUnpickler(f).load()
+                unpickler = _PthHeaderUnpickler(f)
+                unpickler.storages = {}
+                obj = unpickler.load()
+            # every storage's bytes must be in the archive: catches truncated or partial copies
+            sizes = {i.filename: i.file_size for i in zf.infolist()}
+            prefix = pkl[0][: -len("data.pkl")]
+            short = [k for k, n in unpickler.storages.items() if sizes.get(f"{prefix}data/{k}", -1) < n]
+            if short:
+                raise WeightsError(f"{path}: tensor data missing or truncated for {len(short)} of "
+                                   f"{len(unpickler.storages)} storages (incomplete copy?)")
     except FileNotFoundError as e:
         raise WeightsError(f"{path}: missing") from e
     except OSError as e:
