@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from avatar.errors import InvalidInput
-from avatar.presets import VAE_TIME_STRIDE, ModelSpec, dims_of
+from avatar.presets import VAE_TIME_STRIDE, ModelSpec
 from services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
 from services.generator.kv_cache import KVCache, KVCacheSpec
 from services.generator.scheduler import FlowMatchEuler
@@ -62,7 +62,6 @@ class GeneratorEngine:
         self.spec = model
         self.dit = dit if dit is not None else build_generator_model(model)
         self.device = torch.device(model.device)
-        self.dims = dims_of(model)
         self.cache_sets = model.extra.get("cache_sets")
 
     def open_session(self, job, text: torch.Tensor, ref_latent: torch.Tensor,
@@ -88,7 +87,7 @@ class GeneratorSession:
                  sink_ahead: tuple[int, int] = SINK_AHEAD, refresh_sink: bool = True):
         self.engine = engine
         self.dit = dit = engine.dit
-        self.plan = plan = _plan(job, dit, ref_latent, motion_latents, text, engine.dims.text_dim, cache_sets)
+        self.plan = plan = _plan(job, dit, ref_latent, motion_latents, text, cache_sets)
         self.seed = int(job.seed)
         self.sampler = FlowMatchEuler.create(plan.steps)
         self.sink_ahead = sink_ahead
@@ -115,7 +114,7 @@ class GeneratorSession:
         if self._closed:
             raise InvalidInput("the generator session is closed")
         p, dit = self.plan, self.dit
-        want = (p.block_frames * VAE_TIME_STRIDE, self.engine.dims.audio_layers, self.engine.dims.audio_dim)
+        want = (p.block_frames * VAE_TIME_STRIDE, dit.config.audio_layers, dit.config.audio_dim)
         if tuple(audio.shape) != want:
             raise InvalidInput(f"audio features must be {list(want)}, got {list(audio.shape)}")
         start = time.perf_counter()
@@ -161,7 +160,8 @@ class GeneratorSession:
             self._clip_noise = self._first_frame = self.context = self.motion = None
 
 
-def _plan(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, text_dim: int, cache_sets) -> _Plan:
+def _plan(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) -> _Plan:
+    text_dim = dit.config.text_dim
     if job.width % 8 or job.height % 8 or job.width <= 0 or job.height <= 0:
         raise InvalidInput(f"job size {job.width}x{job.height} must be positive multiples of 8")
     h, w = job.height // 8, job.width // 8

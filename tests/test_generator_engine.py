@@ -1,0 +1,136 @@
+"""GeneratorEngine on the tiny DiT: block-causal sessions, reproducibility, flat KV memory, inputs."""
+import pytest
+import torch
+from ckpt_fixtures.dit import write_dit_checkpoint, write_lora
+
+from avatar.errors import InvalidInput
+from avatar.presets import ModelSpec
+from avatar.v1 import tensor_pb2
+from services.generator.engine import GeneratorEngine
+from services.generator.weights import random_dit
+
+H = W = 64                      # pixels: latent 8 x 8
+INFER_FRAMES = 24               # one clip = 6 latent frames = 2 blocks of 3
+
+
+def _job(seed=420, steps=4, **kw):
+    fields = dict(width=W, height=H, fps=25, infer_frames=INFER_FRAMES, latent_frames_per_block=3,
+                  num_blocks=40, total_frames=480, sample_steps=steps, seed=seed, model="tiny")
+    return tensor_pb2.JobSpec(**{**fields, **kw})
+
+
+def _inputs(seed=0, blocks=4):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(7, 32, generator=g)
+    ref = torch.randn(16, 1, 8, 8, generator=g)
+    motion = torch.randn(16, 19, 8, 8, generator=g)
+    audio = [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)]
+    return text, ref, motion, audio
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return GeneratorEngine(ModelSpec(name="tiny", seed=0))
+
+
+def _generate(engine, job, blocks=4, inputs=None, **session_kw):
+    text, ref, motion, audio = inputs or _inputs(blocks=blocks)
+    session = engine.open_session(job, text, ref, motion)
+    for key, value in session_kw.items():
+        setattr(session, key, value)
+    try:
+        return [session.generate_block(a) for a in audio[:blocks]]
+    finally:
+        session.close()
+
+
+def test_two_clips_are_reproducible_and_depend_on_the_seed(engine):
+    first = _generate(engine, _job(seed=420))
+    again = _generate(engine, _job(seed=420))
+    other = _generate(engine, _job(seed=421))
+    assert len(first) == 4 and all(b.shape == (16, 3, 8, 8) and b.dtype == torch.float32 for b in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(not torch.allclose(a, b) for a, b in zip(first, other))
+    assert all(torch.isfinite(b).all() for b in first)
+
+
+def test_kv_cache_memory_is_flat_in_the_number_of_clips(engine):
+    text, ref, motion, audio = _inputs(blocks=1)
+    session = engine.open_session(_job(), text, ref, motion)
+    spec = session.kv.spec
+    assert (spec.window_frames, spec.frame_tokens, spec.num_sets) == (6, 16, 4)
+    assert session.kv_cache_bytes == spec.nbytes(torch.float32)
+    sizes = {}
+    for block in range(20):                      # 10 clips of 2 blocks
+        session.generate_block(audio[0])
+        if block + 1 in (4, 20):                 # after clip 2 and after clip 10
+            sizes[block + 1] = (session.kv_cache_bytes, session.kv.ring_k.data_ptr())
+    assert sizes[4] == sizes[20]
+    assert session.last_block_ms > 0
+    session.close()
+    assert session.kv_cache_bytes == 0
+    with pytest.raises(InvalidInput, match="closed"):
+        session.generate_block(audio[0])
+
+
+def test_any_step_count_and_the_clean_context_variant(engine):
+    one = _generate(engine, _job(steps=1), blocks=3)
+    assert all(torch.isfinite(b).all() for b in one)
+    forcing = _generate(engine, _job(steps=3), blocks=3)
+    clean = GeneratorEngine(ModelSpec(name="tiny", seed=0, extra={"cache_sets": 1}), dit=engine.dit)
+    single = _generate(clean, _job(steps=3), blocks=3)
+    torch.testing.assert_close(single[0], forcing[0])   # the first block sees only itself and the sink
+    assert not torch.allclose(single[1], forcing[1])   # later blocks see a different (clean) context
+    with pytest.raises(InvalidInput, match="sample_steps"):
+        engine.open_session(_job(steps=0), *_inputs(blocks=0)[:3])
+    with pytest.raises(InvalidInput, match="cache_sets"):
+        GeneratorEngine(ModelSpec(extra={"cache_sets": 2}), dit=engine.dit).open_session(_job(steps=3), *_inputs()[:3])
+
+
+def test_blocks_depend_on_their_audio_and_earlier_blocks_only(engine):
+    text, ref, motion, audio = _inputs()
+    base = _generate(engine, _job(), inputs=(text, ref, motion, audio))
+    changed = list(audio)
+    changed[2] = torch.randn(12, 5, 32)
+    other = _generate(engine, _job(), inputs=(text, ref, motion, changed))
+    assert all(torch.equal(a, b) for a, b in zip(base[:2], other[:2]))   # causal: the past is untouched
+    assert not torch.allclose(base[2], other[2])
+    assert not torch.allclose(base[3], other[3])                          # later blocks attend to it
+
+
+def test_sink_is_refreshed_with_the_first_generated_frame_after_clip_one(engine):
+    refreshed = _generate(engine, _job(), blocks=3)
+    kept = _generate(engine, _job(), blocks=3, refresh_sink=False)
+    assert all(torch.equal(a, b) for a, b in zip(refreshed[:2], kept[:2]))
+    assert not torch.allclose(refreshed[2], kept[2])
+
+
+def test_bad_inputs_are_rejected_with_reasons(engine):
+    text, ref, motion, audio = _inputs(blocks=1)
+    with pytest.raises(InvalidInput, match=r"ref_latent must be \[16, 1, 8, 8\]"):
+        engine.open_session(_job(), text, ref[:, :, :4], motion)
+    with pytest.raises(InvalidInput, match="text embeddings"):
+        engine.open_session(_job(), torch.randn(7, 31), ref, motion)
+    with pytest.raises(InvalidInput, match="infer_frames"):
+        engine.open_session(_job(infer_frames=30), text, ref, motion)
+    with pytest.raises(InvalidInput, match="at least 8x8"):
+        engine.open_session(_job(width=48, height=48), text, torch.randn(16, 1, 6, 6), torch.randn(16, 19, 6, 6))
+    session = engine.open_session(_job(), text, ref, motion)
+    with pytest.raises(InvalidInput, match=r"audio features must be \[12, 5, 32\]"):
+        session.generate_block(torch.randn(12, 25, 32))
+    session.close()
+
+
+def test_engine_loads_an_upstream_layout_checkpoint_and_lora(tmp_path):
+    written = write_dit_checkpoint(tmp_path / "Wan2.2-S2V-14B", seed=0)
+    write_lora(tmp_path / "liveavatar.safetensors", written, rank=4)
+    spec = ModelSpec(name="s2v-14b", ckpt_dir=str(tmp_path / "Wan2.2-S2V-14B"))
+    plain = GeneratorEngine(spec)
+    with_lora = GeneratorEngine(spec.with_(lora_path=str(tmp_path / "liveavatar.safetensors")))
+    a, b = _generate(plain, _job(), blocks=1), _generate(with_lora, _job(), blocks=1)
+    assert a[0].shape == (16, 3, 8, 8) and not torch.allclose(a[0], b[0])
+    # the loaded (bf16-rounded) tiny model is the random one it was written from
+    rounded = random_dit("tiny", "cpu", torch.float32, seed=0)
+    for p in rounded.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
+    torch.testing.assert_close(_generate(GeneratorEngine(ModelSpec(), dit=rounded), _job(), blocks=1)[0], a[0])
