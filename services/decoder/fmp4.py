@@ -160,7 +160,7 @@ class FragmentedMp4Writer:
 
         a = av.CodecContext.create("aac", "w")
         a.sample_rate, a.layout, a.format = sample_rate, "mono", "fltp"
-        a.bit_rate = audio_bitrate
+        a.bit_rate = self._audio_bitrate = audio_bitrate
         a.time_base = Fraction(1, sample_rate)
         a.open()
         self._audio = a
@@ -184,15 +184,6 @@ class FragmentedMp4Writer:
         """e.g. 'video/mp4; codecs="avc1.64001f,mp4a.40.2"', for MediaSource.isTypeSupported."""
         avc = "avc1." + self._sps[1:4].hex()
         return f'video/mp4; codecs="{avc},mp4a.40.2"'
-
-    @property
-    def frames_written(self) -> int:
-        return self._video_frames
-
-    @property
-    def samples_written(self) -> int:
-        """PCM samples given so far (including those the priming replaces)."""
-        return self._audio_in + len(self._pcm) + AAC_PRIMING - self._to_drop
 
     def write_block(self, frames: np.ndarray, pcm: np.ndarray, final: bool = False) -> bytes:
         """Encodes frames uint8 [n, H, W, 3] and mono pcm int16 [samples]; returns one moof+mdat.
@@ -309,8 +300,10 @@ class FragmentedMp4Writer:
                           0, (self.width, self.height))
 
     def _audio_trak(self) -> bytes:
+        # object type 0x40 (MPEG-4 audio), stream type audio; buffer size 0, max and avg bitrate
         decoder_config = _descriptor(4, bytes([0x40, 0x15]) + bytes(3)
-                                     + struct.pack(">II", 0, 0) + _descriptor(5, self._asc))
+                                     + struct.pack(">II", self._audio_bitrate, self._audio_bitrate)
+                                     + _descriptor(5, self._asc))
         es = _descriptor(3, struct.pack(">HB", AUDIO_TRACK, 0) + decoder_config
                          + _descriptor(6, b"\x02"))
         mp4a = _box(b"mp4a", bytes(6), struct.pack(">H", 1), bytes(8),
