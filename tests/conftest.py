@@ -104,6 +104,9 @@ class Services:
         return svc
 
     def stop_all(self) -> None:
+        for proc in self.procs:   # SIGTERM to all first: they drain in parallel
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
             _stop(proc)
 

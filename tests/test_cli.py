@@ -1,0 +1,46 @@
+"""The `avatar` command: embedded default (no --server) as a subprocess, OUT.json, bad input -> one line, exit 2."""
+import json
+import subprocess
+
+from conftest import AVATAR, ASSETS, ROOT, check_video
+
+
+def run_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*AVATAR, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_embedded_default_renders_mp4_and_sidecar(tmp_path, env):
+    out = tmp_path / "sub" / "talk.mp4"
+    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
+                "--size", "64*64", "--num_clip", "2", "--infer_frames", "24", "--sample_steps", "2", "--seed", "5",
+                "--enable_online_decode", "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "video is noise" in r.stderr          # says the tiny model renders noise
+    assert "block" in r.stderr                   # the progress bar
+    check_video(out, 48 / 25)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["seed"] == 5 and meta["server"] == "embedded" and meta["model"]["name"] == "tiny"
+    assert (meta["blocks"], meta["frames"], meta["width"], meta["height"]) == (4, 48, 64, 64)
+    assert meta["parameters"]["num_clip"] == 2 and meta["parameters"]["sample_steps"] == 2
+    assert meta["job"]["sample_steps"] == 2 and meta["job"]["infer_frames"] == 24
+    assert set(meta["timings_ms"]) >= {"encode_image", "encode_text", "encode_audio", "dit_block", "vae_decode", "mux"}
+    assert 0 < meta["time_to_first_fragment_s"] < meta["total_s"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["talk.json", "talk.mp4"]   # no temp files left
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, env, mesh):
+    """Through a running gateway (--server): the server's INVALID_ARGUMENT reason, one line, exit 2."""
+    not_audio = tmp_path / "notes.txt"
+    not_audio.write_text("this is not audio\n")
+    out = tmp_path / "x.mp4"
+    server = ["--server", mesh["gateway"].address, "--out", str(out)]
+    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(not_audio), *server, env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "audio" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
+                "--size", "64x64", *server, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "W*H" in r.stderr, r.stderr
+    r = run_cli("generate", "--image", str(tmp_path / "missing.png"), "--audio", str(ASSETS / "speech.wav"),
+                *server, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.png" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == [not_audio]    # nothing half-written

@@ -1,0 +1,43 @@
+"""One trace across processes: four services with their own trace files, one trace id, a span per stage."""
+from collections import Counter
+
+from conftest import ASSETS, generate
+
+from avatar.v1 import avatar_pb2
+
+STAGES = ("encode_image", "encode_audio", "encode_text", "dit_block", "vae_decode", "mux", "send")
+
+
+def test_one_request_is_one_trace_across_four_processes(mesh, tmp_path):
+    request = avatar_pb2.GenerateRequest(image=(ASSETS / "astronaut.png").read_bytes(),
+                                         audio=(ASSETS / "speech.wav").read_bytes(), size="64*64",
+                                         num_clip=1, infer_frames=24, sample_steps=2)
+    s = generate(mesh["gateway"].address, request)
+    trace_id = s.status.trace_id
+    assert len(trace_id) == 32 and int(trace_id, 16) != 0
+
+    spans = {role: [sp for sp in svc.spans() if sp["trace_id"] == trace_id] for role, svc in mesh.items()}
+    everything = [sp for found in spans.values() for sp in found]
+    # Each process exported spans of this request, under this trace id only.
+    assert all(spans[role] for role in ("gateway", "encoder", "generator", "decoder")), \
+        {role: len(found) for role, found in spans.items()}
+    assert {sp["service"] for sp in everything} == {f"avatar-{r}" for r in ("gateway", "encoder", "generator", "decoder")}
+
+    names = Counter(sp["name"] for sp in everything)
+    for stage in STAGES:
+        assert names[stage] >= 1, f"no {stage} span in {dict(names)}"
+    blocks = s.status.blocks
+    assert names["dit_block"] == names["vae_decode"] == names["mux"] == names["send"] == blocks == 2
+    assert {sp["attributes"]["steps"] for sp in spans["generator"] if sp["name"] == "dit_block"} == {2}
+    assert {sp["service"] for sp in everything if sp["name"] == "dit_block"} == {"avatar-generator"}
+    assert {sp["service"] for sp in everything if sp["name"] in ("vae_decode", "mux")} == {"avatar-decoder"}
+
+    # One tree: a single root (the gateway's Generate), every other span's parent is in the trace,
+    # and each service's server span hangs under a gateway span (propagated through gRPC metadata).
+    ids = {sp["span_id"]: sp for sp in everything}
+    roots = [sp for sp in everything if sp["parent_id"] is None]
+    assert [r["name"] for r in roots] == ["avatar.v1.AvatarService/Generate"]
+    assert all(sp["parent_id"] in ids for sp in everything if sp["parent_id"] is not None)
+    for sp in everything:
+        if sp["kind"] == "SERVER" and sp["service"] != "avatar-gateway":
+            assert ids[sp["parent_id"]]["service"] == "avatar-gateway", sp
