@@ -1,0 +1,689 @@
+"""One-call GPU benchmark of the generator path: DiT ms per step per block, VAE and mux ms per block, peak memory.
+
+Builds the full-size causal S2V DiT with random weights directly on the GPU (FLOPs and bytes do
+not depend on weight values) and runs the real block loop (sink prefill, KV ring cache, 4 Euler
+steps per block) at 704*384 and 384*256 for each variant: bf16 eager, FP8 (e4m3 linears), FP8 +
+torch.compile, and a 24 GiB mode (torch.cuda.set_per_process_memory_fraction). Times with CUDA
+events after warm-up blocks and reports medians; prints a table and writes JSON.
+
+    python bench/bench_generator.py --out $OUT/bench.json                 # everything (H100: < 10 min)
+    python bench/bench_generator.py --only smoke --out $OUT/smoke.json    # a quick pass over every path
+    python bench/bench_generator.py --tiny --device cpu                   # CPU check of the code paths
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT  # noqa: E402
+from services.generator.kv_cache import KVCache, KVCacheSpec  # noqa: E402
+
+GiB = 2 ** 30
+FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, FPS = 12, 3, 25
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Clock:
+    """CUDA events on a GPU (no host sync until read), perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1000
+
+
+def peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / GiB if torch.device(device).type == "cuda" else float("nan")
+
+
+def reset_peak(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_memory(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_dit(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> CausalS2VDiT:
+    """Allocate straight on the device in the target dtype (a 16 B-parameter model built on the CPU
+    in float32 would need 65 GB of host memory and minutes), then the model's own random init."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            dit = CausalS2VDiT(**PRESETS[preset])
+    finally:
+        torch.set_default_dtype(prev)
+    return dit.init_random(seed).eval().requires_grad_(False)
+
+
+def flow_sigmas(steps: int, shift: float = 3.0) -> list[float]:
+    """Flow-matching sigmas with upstream's shift 3, from 1 (noise) to 0."""
+    out = []
+    for i in range(steps + 1):
+        s = 1 - i / steps
+        out.append(shift * s / (1 + (shift - 1) * s))
+    return out
+
+
+@dataclass
+class LoopConfig:
+    width: int
+    height: int
+    steps: int = 4
+    window_frames: int = 12      # latent frames in the ring = infer_frames / 4
+    num_sets: int = 4            # one ring per step (timestep forcing) or 1 (+ a clean pass per block)
+    kv_dtype: torch.dtype | None = None   # None: the model's dtype
+    seed: int = 0
+
+
+class BlockLoop:
+    """The generator's inner loop at DiT level, as the engine runs it (timestep forcing with one cache
+    set per step, or one set refreshed by a clean t=0 pass); inputs are seeded random tensors."""
+
+    def __init__(self, dit: CausalS2VDiT, cfg: LoopConfig, device: str, clock: Clock):
+        self.dit, self.cfg, self.device, self.clock = dit, cfg, device, clock
+        c = dit.config
+        self.h, self.w = cfg.height // 8, cfg.width // 8
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.sigmas = flow_sigmas(cfg.steps)
+        text = self._randn(1, c.text_len, c.text_dim)
+        ref = self._randn(1, c.in_dim, 1, self.h, self.w)
+        motion = self._randn(1, c.in_dim, dit.motion_latent_frames, self.h, self.w)
+        spec = KVCacheSpec.for_model(dit, self.h, self.w, cfg.window_frames, cfg.num_sets)
+        t0 = clock.mark()
+        self.kv = KVCache(spec, cfg.kv_dtype or dit.dtype, device)
+        self.context = dit.embed_text(text)
+        dit.prefill_sink(ref, motion, self.context, self.kv)
+        self.prefill_ms = clock.ms(t0, clock.mark())
+        self.block = 0
+
+    def _randn(self, *shape):
+        return torch.randn(*shape, generator=self.gen, device=self.device)
+
+    def run_block(self, keep_steps: bool = False):
+        """One block: audio tokens, `steps` Euler steps (+ clean pass with one set).
+        Returns (block_ms, [ms per DiT forward], latents, [latents after each step])."""
+        dit, cfg, ck = self.dit, self.cfg, self.clock
+        c = dit.config
+        features = self._randn(1, c.audio_layers, c.audio_dim, FRAMES_PER_BLOCK)
+        x = self._randn(1, c.in_dim, LATENT_FRAMES_PER_BLOCK, self.h, self.w)
+        frame_start = self.block * LATENT_FRAMES_PER_BLOCK
+        sink_frame = frame_start + LATENT_FRAMES_PER_BLOCK + 2
+        marks, per_step = [ck.mark()], []
+        audio = dit.encode_audio(features)
+        for s in range(cfg.steps):
+            t = torch.full((1,), self.sigmas[s] * 1000, device=self.device)
+            a = ck.mark()
+            v = dit(x, t, self.context, audio, self.kv, s if cfg.num_sets > 1 else 0, frame_start, sink_frame)
+            marks.append((a, ck.mark()))
+            x = x + (self.sigmas[s + 1] - self.sigmas[s]) * v.float()
+            if keep_steps:
+                per_step.append(x.clone())
+        if cfg.num_sets == 1:  # write the finished block's clean keys/values for the next blocks
+            a = ck.mark()
+            dit(x, torch.zeros(1, device=self.device), self.context, audio, self.kv, 0, frame_start, sink_frame)
+            marks.append((a, ck.mark()))
+        end = ck.mark()
+        block_ms = ck.ms(marks[0], end)
+        step_ms = [ck.ms(a, b) for a, b in marks[1:]]
+        self.block += 1
+        return block_ms, step_ms, x, per_step
+
+    def close(self):
+        self.kv.free()
+
+
+@contextlib.contextmanager
+def fp8_kv_cache():
+    """Bench shim for an e4m3 KV cache: the model's self-attention reads the ring/sink in the
+    activation dtype, so each layer reads upcast copies and the new block is written back in e4m3.
+    The copies cost extra traffic (~0.4 GB per layer and step at 704*384): an upper bound on what a
+    fused read would cost."""
+    from services.generator import causal_s2v_dit as m
+    orig = m.SelfAttention.forward
+
+    def forward(self, x, rope, kv):
+        if kv.sink_k.dtype != torch.float8_e4m3fn:
+            return orig(self, x, rope, kv)
+        dt = x.dtype
+        ring = kv.ring_k is not None
+        tmp = m.LayerKV(kv.sink_k.to(dt), kv.sink_v.to(dt),
+                        kv.ring_k[:, :kv.valid].to(dt) if ring else None,
+                        kv.ring_v[:, :kv.valid].to(dt) if ring else None, kv.slot, kv.valid, kv.sink_rope)
+        out = orig(self, x, rope, tmp)
+        if ring:
+            n = x.shape[1]
+            kv.ring_k[:, kv.slot:kv.slot + n] = tmp.ring_k[:, kv.slot:kv.slot + n]
+            kv.ring_v[:, kv.slot:kv.slot + n] = tmp.ring_v[:, kv.slot:kv.slot + n]
+        else:
+            kv.sink_k.copy_(tmp.sink_k)
+            kv.sink_v.copy_(tmp.sink_v)
+        return out
+
+    m.SelfAttention.forward = forward
+    try:
+        yield
+    finally:
+        m.SelfAttention.forward = orig
+
+
+def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str,
+                flat_check: bool = False) -> dict:
+    """Prefill + `blocks` blocks; medians over the blocks after `warm`."""
+    clock = Clock(device)
+    free_memory(device)
+    reset_peak(device)
+    loop = BlockLoop(dit, cfg, device, clock)
+    block_ms, fwd_ms = [], []
+    for _ in range(blocks):
+        b, s, _, _ = loop.run_block()
+        block_ms.append(b)
+        fwd_ms.append(s)
+    res = {
+        "variant": label, "size": f"{cfg.width}*{cfg.height}", "steps": cfg.steps,
+        "kv_sets": cfg.num_sets, "window_frames": cfg.window_frames, "kv_dtype": str(cfg.kv_dtype or dit.dtype).split(".")[-1],
+        "blocks": blocks, "warmup_blocks": warm,
+        "prefill_ms": loop.prefill_ms, "first_block_ms": block_ms[0],
+        "block_ms": median(block_ms[warm:]),
+        # a denoising step: the median forward of the Euler steps (not the clean pass)
+        "step_ms": median([s for f in fwd_ms[warm:] for s in f[:cfg.steps]]),
+        "clean_pass_ms": median([f[cfg.steps] for f in fwd_ms[warm:]]) if cfg.num_sets == 1 else 0.0,
+        "kv_cache_gib": loop.kv.nbytes / GiB,
+        "peak_gib": peak_gib(device),
+        "block_ms_all": [round(b, 2) for b in block_ms],
+    }
+    res["dit_fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
+    window_blocks = cfg.window_frames // LATENT_FRAMES_PER_BLOCK
+    if flat_check and blocks >= 3 * window_blocks + 1:
+        clip2 = block_ms[window_blocks:2 * window_blocks]     # blocks of the 2nd clip (ring just full)
+        last = block_ms[-window_blocks:]                      # the last clip run
+        res["flat"] = {"clip2_block_ms": median(clip2), "last_clip": blocks // window_blocks,
+                       "last_clip_block_ms": median(last), "ratio": median(last) / median(clip2)}
+    loop.close()
+    del loop
+    free_memory(device)
+    log(f"  {label:14s} {res['size']:8s} sets={cfg.num_sets} win={cfg.window_frames} "
+        f"step {res['step_ms']:.1f} ms  block {res['block_ms']:.1f} ms  ({res['dit_fps']:.1f} FPS DiT)  "
+        f"prefill {res['prefill_ms']:.0f} ms  peak {res['peak_gib']:.1f} GiB"
+        + (f"  flat x{res['flat']['ratio']:.3f}" if "flat" in res else ""))
+    return res
+
+
+def step_latents(dit, cfg: LoopConfig, device, blocks: int = 2) -> list[torch.Tensor]:
+    """Latents after every Euler step of the first blocks (for FP8 vs bf16 comparisons)."""
+    loop = BlockLoop(dit, cfg, device, Clock(device))
+    out = []
+    for _ in range(blocks):
+        out += [x.float().cpu() for x in loop.run_block(keep_steps=True)[3]]
+    loop.close()
+    free_memory(device)
+    return out
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def bench_gemms(device, m: int, reps: int = 30) -> list[dict]:
+    """One layer's linears at a block's token count: bf16 vs FP8 (row / tensor scales), with the
+    activation quantisation included."""
+    from torch import nn
+
+    from services.generator.fp8 import FP8Linear, quantize, quantize_rows_fused
+    out = []
+    x = torch.randn(m, 13824, device=device, dtype=torch.bfloat16) * 3
+    q1, s1 = quantize_rows_fused(x)
+    q2, s2 = quantize(x, "row")
+    check = {"scale_max_rel_diff": ((s1 - s2).abs() / s2).max().item(),
+             "q_mismatch_frac": (q1.float() != q2.float()).float().mean().item(),
+             "fused_ms": time_fn(lambda: quantize_rows_fused(x), device, reps),
+             "torch_ms": time_fn(lambda: quantize(x, "row"), device, reps)}
+    log(f"  row quantiser {m}x13824: fused {check['fused_ms']:.3f} ms vs torch {check['torch_ms']:.3f} ms; "
+        f"scale diff {check['scale_max_rel_diff']:.2e}, q mismatch {check['q_mismatch_frac']:.2e}")
+    out.append({"quantiser": check})
+    for k, n in [(5120, 5120), (5120, 13824), (13824, 5120)]:
+        lin = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        row, ten = FP8Linear.from_linear(lin, "row"), FP8Linear.from_linear(lin, "tensor")
+        ref = lin(x).float()
+        r = {"m": m, "k": k, "n": n}
+        for name, f in [("bf16", lin), ("fp8_row", row), ("fp8_tensor", ten)]:
+            r[name + "_ms"] = time_fn(lambda: f(x), device, reps)
+            if name != "bf16":
+                r[name + "_relerr"] = ((f(x).float() - ref).norm() / ref.norm()).item()
+        flops = 2 * m * k * n
+        r["bf16_tflops"] = flops / r["bf16_ms"] / 1e9
+        r["fp8_row_tflops"] = flops / r["fp8_row_ms"] / 1e9
+        out.append(r)
+        log(f"  gemm {m}x{k}->{n}: bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f} TF/s)  "
+            f"fp8 row {r['fp8_row_ms']:.3f} ms ({r['fp8_row_tflops']:.0f} TF/s, err {r['fp8_row_relerr']:.3f})  "
+            f"fp8 tensor {r['fp8_tensor_ms']:.3f} ms (err {r['fp8_tensor_relerr']:.3f})")
+    return out
+
+
+def time_fn(fn, device, reps: int = 20, warm: int = 3) -> float:
+    clock = Clock(device)
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        a = clock.mark()
+        fn()
+        ts.append(clock.ms(a, clock.mark()))
+    return median(ts)
+
+
+def bench_attention(device, width, height) -> dict:
+    """SDPA backends for one block's self-attention over a full window (DiT layout: [B, L, H, D]
+    transposed views, as the model's attention function passes them)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from services.generator.attention import backend_for, prefer_cudnn_attention
+    ft = (height // 16) * (width // 16)
+    n, kv = 3 * ft, 12 * ft + int(2.5 * ft)
+    q = torch.randn(1, n, 40, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, kv, 40, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(1, kv, 40, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    res = {"size": f"{width}*{height}", "q": n, "kv": kv, "default_backend": backend_for(q, k, v)}
+    ref = None
+    for name, be in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel(be):
+                res[name + "_ms"] = time_fn(lambda: F.scaled_dot_product_attention(q, k, v), device, 20)
+                o = F.scaled_dot_product_attention(q, k, v).float()
+            ref = o if ref is None else ref
+            res[name + "_relerr_vs_cudnn"] = ((o - ref).norm() / ref.norm()).item()
+        except RuntimeError as e:
+            res[name + "_ms"] = None
+            res[name + "_error"] = str(e)[:200]
+    res["chosen_after_prefer_cudnn"] = prefer_cudnn_attention(device)
+    res["backend_for_dit_layout"] = backend_for(q, k, v)
+    log(f"  attention {res['size']} q={n} kv={kv}: default {res['default_backend']} -> "
+        f"{res['backend_for_dit_layout']};  " + "  ".join(
+            f"{b} {res.get(b + '_ms') or float('nan'):.2f} ms" for b in ("cudnn", "flash", "efficient")))
+    return res
+
+
+def to_frames(pixels: torch.Tensor) -> np.ndarray:
+    """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] on the host (as the decoder does)."""
+    x = ((pixels[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return x.cpu().numpy()
+
+
+def build_vae(tiny: bool, device, dtype):
+    from avatar.models.wan_vae import S2V_14B_VAE, TINY_VAE, WanVAE
+    dims = TINY_VAE if tiny else S2V_14B_VAE
+    with torch.device(device):
+        model = dims.build()
+    return WanVAE(model.to(dtype), dims)
+
+
+def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int, dtype) -> dict:
+    """Streaming VAE decode of one block (3 latent frames -> 12 frames), the device->host uint8
+    copy, and the H.264 + AAC fMP4 mux of those frames, per block."""
+    from services.decoder.fmp4 import FragmentedMp4Writer
+    clock = Clock(device)
+    free_memory(device)
+    reset_peak(device)
+    vae = build_vae(tiny, device, dtype)
+    h, w = height // 8, width // 8
+    gen = torch.Generator(device=device).manual_seed(1)
+    dec = vae.stream_decoder()
+    dec.decode(torch.randn(1, 16, 1, h, w, generator=gen, device=device))  # prime with the reference
+    vae_ms, host_ms, frames = [], [], []
+    for _ in range(blocks):
+        lat = torch.randn(1, 16, 3, h, w, generator=gen, device=device)
+        a = clock.mark()
+        px = dec.decode(lat)
+        b = clock.mark()
+        vae_ms.append(clock.ms(a, b))
+        t0 = time.perf_counter()
+        frames.append(to_frames(px))
+        host_ms.append((time.perf_counter() - t0) * 1000)
+    res = {"size": f"{width}*{height}", "vae_ms": median(vae_ms[warm:]), "vae_first_ms": vae_ms[0],
+           "to_host_ms": median(host_ms[warm:]), "vae_peak_gib": peak_gib(device)}
+    dec.close()
+    # mux: random latents decode to noise (x264's worst case); a moving gradient is closer to a face
+    sr = 48000
+    pcm = (np.sin(np.arange(sr * FRAMES_PER_BLOCK // FPS) * 2 * np.pi * 220 / sr) * 8000).astype(np.int16)
+    yy, xx = np.mgrid[0:height, 0:width]
+    smooth = [np.stack([((xx + 3 * i) % 256), ((yy + 2 * i) % 256), np.full_like(xx, 128)], -1).astype(np.uint8)
+              for i in range(FRAMES_PER_BLOCK)]
+    for name, blocks_frames in [("noise", frames), ("smooth", [np.stack(smooth)] * len(frames))]:
+        writer = FragmentedMp4Writer(width, height, FPS, sr)
+        writer.init_segment()
+        ms = []
+        for f in blocks_frames:
+            t0 = time.perf_counter()
+            writer.write_block(f, pcm)
+            ms.append((time.perf_counter() - t0) * 1000)
+        writer.finish()
+        res[f"mux_{name}_ms"] = median(ms[warm:])
+    del vae, dec
+    free_memory(device)
+    log(f"  vae {res['size']}: decode {res['vae_ms']:.1f} ms/block (first {res['vae_first_ms']:.0f}), "
+        f"to host {res['to_host_ms']:.1f} ms, mux noise {res['mux_noise_ms']:.1f} / smooth "
+        f"{res['mux_smooth_ms']:.1f} ms/block, VAE peak {res['vae_peak_gib']:.2f} GiB")
+    return res
+
+
+def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: int) -> dict:
+    """The real schedule on one GPU: block k's VAE decode on a second CUDA stream and its mux on a
+    CPU thread, while the DiT runs block k+1. Wall-clock ms per block (host clock, synced)."""
+    from services.decoder.fmp4 import FragmentedMp4Writer
+    vae = build_vae(tiny, device, torch.bfloat16 if device != "cpu" else torch.float32)
+    dec = vae.stream_decoder()
+    h, w = cfg.height // 8, cfg.width // 8
+    dec.decode(torch.zeros(1, 16, 1, h, w, device=device).normal_())
+    writer = FragmentedMp4Writer(cfg.width, cfg.height, FPS, 48000)
+    pcm = np.zeros(48000 * FRAMES_PER_BLOCK // FPS, np.int16)
+    side = torch.cuda.Stream() if device != "cpu" else None
+    loop = BlockLoop(dit, cfg, device, Clock(device))
+    mux_thread, pending = None, None
+    t_first = None
+    walls = []
+    t_start = time.perf_counter()
+    for i in range(blocks + 1):
+        t0 = time.perf_counter()
+        if i < blocks:
+            _, _, lat, _ = loop.run_block()            # queued on the main stream
+            done = torch.cuda.Event() if side else None
+            if side:
+                done.record()
+        if pending is not None:                        # previous block: decode on the side stream
+            plat, pdone = pending
+            if side:
+                side.wait_event(pdone)
+                with torch.cuda.stream(side):  # decode + copy to pinned host memory, off the DiT's stream
+                    px = dec.decode(plat)
+                    frames_gpu = ((px[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+                    host = torch.empty(frames_gpu.shape, dtype=torch.uint8, pin_memory=True)
+                    host.copy_(frames_gpu, non_blocking=True)
+                side.synchronize()
+                frames = host.numpy()
+            else:
+                frames = to_frames(dec.decode(plat))
+            if mux_thread is not None:
+                mux_thread.join()
+            mux_thread = threading.Thread(target=writer.write_block, args=(frames, pcm))
+            mux_thread.start()
+            if t_first is None:
+                mux_thread.join()
+                t_first = time.perf_counter() - t_start
+        pending = (lat, done) if i < blocks else None
+        if device != "cpu":
+            torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1000)
+    mux_thread.join()
+    loop.close()
+    dec.close()
+    del vae, loop
+    free_memory(device)
+    res = {"size": f"{cfg.width}*{cfg.height}", "wall_block_ms": median(walls[1 + warm:blocks]),
+           "first_fragment_s_after_prefill": t_first}
+    res["fps"] = FRAMES_PER_BLOCK / (res["wall_block_ms"] / 1000)
+    log(f"  overlap {res['size']}: {res['wall_block_ms']:.1f} ms/block wall = {res['fps']:.1f} FPS "
+        f"(DiT + VAE on a side stream + mux thread)")
+    return res
+
+
+# --------------------------------------------------------------------------- main
+
+
+def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [((x - y).norm() / y.norm()).item() for x, y in zip(a, b)]
+
+
+def compile_blocks(dit):
+    """torch.compile each transformer block (one graph shared by all 40: same code, params as
+    inputs); shapes that change with the ring fill (valid) are marked dynamic after the first."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = 64
+    for blk in dit.blocks:
+        blk.compile()
+    for inj in dit.audio_injector.injector:
+        inj.compile()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU check of the code paths)")
+    ap.add_argument("--only", default="all", help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
+                    "quality,vae,overlap,24gb,compile")
+    ap.add_argument("--sizes", default="704*384,384*256")
+    ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
+    ap.add_argument("--warm", type=int, default=2)
+    ap.add_argument("--flat-blocks", type=int, default=20, help="blocks of the flat-in-length run (bf16 704*384)")
+    ap.add_argument("--mem-gib", type=float, default=24.0, help="per-process GPU memory cap of the 24 GB mode")
+    ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
+    args = ap.parse_args()
+    smoke = args.only == "smoke"
+    parts = set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile".split(",")) \
+        if args.only in ("all", "smoke") else set(args.only.split(","))
+    if smoke:
+        args.blocks, args.warm, args.flat_blocks = 3, 1, 0
+        parts.discard("compile")
+        parts.discard("overlap")
+    device, dev_cuda = args.device, torch.device(args.device).type == "cuda"
+    preset = "tiny" if args.tiny else "s2v-14b"
+    sizes = [tuple(int(v) for v in s.split("*")) for s in args.sizes.split(",")]
+    if args.tiny:
+        sizes = [(w // 4 // 16 * 16, h // 4 // 16 * 16) for w, h in sizes]
+    out_path = args.out or (os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
+    results: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "preset": preset, "errors": {}}
+
+    def save():
+        if out_path:
+            tmp = out_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+            os.replace(tmp, out_path)
+
+    def guarded(name, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except Exception as e:  # one variant failing (OOM, missing kernel) must not lose the others
+            results["errors"][name] = f"{type(e).__name__}: {str(e)[:600]}"
+            log(f"  !! {name}: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc(limit=4)
+            free_memory(device)
+        finally:
+            log(f"  ({name}: {time.perf_counter() - t0:.0f} s)")
+            save()
+
+    # ---- environment
+    env = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    if dev_cuda:
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(0), memory_gib=p.total_memory / GiB, sms=p.multi_processor_count,
+                   capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    results["env"] = env
+    log(f"env: {env}")
+    dt = torch.bfloat16 if dev_cuda else torch.float32
+
+    if "gemm" in parts and dev_cuda:
+        m = 3 * (384 // 16) * (704 // 16)
+        results["gemm"] = guarded("gemm", lambda: bench_gemms(device, m))
+    if "attn" in parts and dev_cuda:
+        results["attention"] = [guarded(f"attn {w}*{h}", lambda w=w, h=h: bench_attention(device, w, h))
+                                for w, h in sizes]
+    elif dev_cuda:
+        from services.generator.attention import prefer_cudnn_attention
+        results["sdpa_backend"] = prefer_cudnn_attention(device)
+
+    if "vae" in parts:
+        results["vae"] = [guarded(f"vae {w}*{h}", lambda w=w, h=h: bench_vae_and_mux(
+            device, w, h, args.tiny, max(args.blocks, 4), args.warm, dt)) for w, h in sizes[:1]]
+
+    # ---- DiT
+    t0 = time.perf_counter()
+    reset_peak(device)
+    dit = build_dit(preset, device, dt)
+    if dev_cuda:
+        torch.cuda.synchronize()
+    nparams = sum(p.numel() for p in dit.parameters())
+    results["dit"] = {"params": nparams, "build_s": time.perf_counter() - t0,
+                      "weights_gib": torch.cuda.memory_allocated() / GiB if dev_cuda else None}
+    log(f"DiT {nparams / 1e9:.2f} B params built in {results['dit']['build_s']:.1f} s "
+        f"({results['dit']['weights_gib']} GiB)")
+    runs = results.setdefault("runs", [])
+
+    def variant(label, size, **kw):
+        w, h = size
+        flat = kw.pop("flat", 0)
+        blocks = kw.pop("blocks", args.blocks)
+        warm = kw.pop("warm", args.warm)
+        cfg = LoopConfig(w, h, **kw)
+        r = guarded(f"{label} {w}*{h}", lambda: run_variant(dit, cfg, device, max(blocks, flat), warm,
+                                                             label, flat_check=bool(flat)))
+        if r:
+            runs.append(r)
+        return r
+
+    ref_latents = {}
+    if "quality" in parts:
+        for w, h in sizes:
+            ref_latents[(w, h)] = guarded(f"quality ref {w}*{h}", lambda w=w, h=h: step_latents(
+                dit, LoopConfig(w, h), device))
+    if "bf16" in parts:
+        log("bf16 eager:")
+        for i, s in enumerate(sizes):
+            variant("bf16", s, flat=args.flat_blocks if i == 0 else 0)
+        variant("bf16", sizes[0], num_sets=1)
+    if "overlap" in parts and "fp8" not in parts:
+        results["overlap"] = guarded("overlap", lambda: bench_overlap(
+            dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm))
+
+    if {"fp8", "24gb", "compile"} & parts:
+        from services.generator.fp8 import swap_linears_to_fp8
+        t0 = time.perf_counter()
+        swapped = swap_linears_to_fp8(dit)
+        free_memory(device)
+        results["fp8"] = {"swapped_linears": len(swapped), "swap_s": time.perf_counter() - t0,
+                          "weights_gib": torch.cuda.memory_allocated() / GiB if dev_cuda else None}
+        log(f"FP8: {len(swapped)} linears swapped in {results['fp8']['swap_s']:.1f} s, "
+            f"weights now {results['fp8']['weights_gib']} GiB")
+        if ref_latents:
+            results["quality"] = {}
+            for (w, h), ref in ref_latents.items():
+                if ref:
+                    got = guarded(f"quality fp8 {w}*{h}", lambda w=w, h=h: step_latents(dit, LoopConfig(w, h), device))
+                    if got:
+                        errs = rel_errors(got, ref)
+                        results["quality"][f"{w}*{h}"] = errs
+                        log(f"  FP8 vs bf16 latents {w}*{h}, rel. error per step: "
+                            + " ".join(f"{e:.4f}" for e in errs))
+            w, h = sizes[0]
+            if ref_latents.get((w, h)) and dev_cuda:
+                with fp8_kv_cache():
+                    got = guarded("quality fp8+fp8kv", lambda: step_latents(
+                        dit, LoopConfig(w, h, kv_dtype=torch.float8_e4m3fn), device))
+                if got:
+                    errs = rel_errors(got, ref_latents[(w, h)])
+                    results["quality"][f"{w}*{h} fp8 weights + fp8 kv"] = errs
+                    log(f"  FP8 weights + FP8 KV vs bf16 latents {w}*{h}: " + " ".join(f"{e:.4f}" for e in errs))
+        if "fp8" in parts:
+            log("FP8 eager:")
+            for s in sizes:
+                variant("fp8", s)
+            variant("fp8", sizes[0], num_sets=1)
+        if "overlap" in parts:
+            results["overlap"] = guarded("overlap", lambda: bench_overlap(
+                dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm))
+        if "24gb" in parts:
+            log(f"24 GiB mode (FP8 weights, one cache set + clean pass, process capped at {args.mem_gib} GiB):")
+            if dev_cuda:
+                free_memory(device)
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gib * GiB / total))
+            for label, kvd, win in [("24gb-bf16kv", None, 12), ("24gb-fp8kv", torch.float8_e4m3fn, 12),
+                                    ("24gb-bf16kv", None, 6)]:
+                if kvd is not None and not dev_cuda:
+                    continue
+                with fp8_kv_cache():
+                    variant(label, sizes[0], num_sets=1, window_frames=win, kv_dtype=kvd)
+            if dev_cuda:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+        if "compile" in parts:
+            log("FP8 + torch.compile (blocks):")
+            t0 = time.perf_counter()
+            compile_blocks(dit)
+            for s in sizes:
+                # the first clip (4 blocks) sees every ring fill level: recompiles happen there
+                r = variant("fp8+compile", s, blocks=args.blocks + 4, warm=args.warm + 4)
+                if r:
+                    r["note"] = "first blocks include compilation"
+            results["compile_total_s"] = time.perf_counter() - t0
+    save()
+    print_table(results)
+
+
+def print_table(results):
+    log("\n| variant | size | KV sets x window | ms/step | ms/block | DiT FPS | prefill ms | peak GiB |")
+    log("|---|---|---|---|---|---|---|---|")
+    for r in results.get("runs", []):
+        log(f"| {r['variant']} | {r['size']} | {r['kv_sets']} x {r['window_frames']} ({r['kv_dtype']}) | "
+            f"{r['step_ms']:.1f} | {r['block_ms']:.1f} | {r['dit_fps']:.1f} | {r['prefill_ms']:.0f} | "
+            f"{r['peak_gib']:.1f} |")
+    for r in results.get("runs", []):
+        if "flat" in r:
+            f = r["flat"]
+            log(f"flat in length ({r['variant']} {r['size']}): clip 2 {f['clip2_block_ms']:.1f} ms/block, "
+                f"clip {f['last_clip']} {f['last_clip_block_ms']:.1f} ms/block, ratio {f['ratio']:.3f}")
+    for v in results.get("vae", []) or []:
+        if v:
+            log(f"VAE {v['size']}: {v['vae_ms']:.1f} ms/block decode + {v['to_host_ms']:.1f} ms to host; "
+                f"mux {v['mux_noise_ms']:.1f} (noise) / {v['mux_smooth_ms']:.1f} (smooth) ms/block")
+    if results.get("errors"):
+        log("errors: " + json.dumps(results["errors"], indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()

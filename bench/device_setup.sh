@@ -1,0 +1,18 @@
+# Source on the GPU machine: installs the carried wheels (.whl/, see docs/performance.md) into
+# /tmp/site and checks that the VAE (diffusers) and the muxer (PyAV) import.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if ! python3 -c "import diffusers.models.autoencoders.autoencoder_kl_wan" 2>/tmp/diffusers_err; then
+    tail -2 /tmp/diffusers_err
+    echo "diffusers needs a newer huggingface-hub: installing .whl/hub"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/hub/*.whl || return 1
+fi
+python3 - <<'PY'
+import importlib
+for m in ("torch", "triton", "diffusers", "av", "huggingface_hub", "transformers", "safetensors", "numpy"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__, str(e)[:200])
+PY
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,power.limit --format=csv,noheader
