@@ -161,6 +161,9 @@ def load_lora(model: torch.nn.Module, path: str | pathlib.Path, *, merge: bool =
             params[name].copy_(f.get_tensor(key))
         handle = LoraModel(model, cfg, ADAPTER)
         layers = dict(model.named_modules())
+        for layer in lora_layers(model):  # float32 adapters, as peft's get_peft_model keeps them
+            layer.lora_A[ADAPTER].float()
+            layer.lora_B[ADAPTER].float()
         for module, (key_a, key_b) in plan.modules.items():
             layers[module].lora_A[ADAPTER].weight.copy_(f.get_tensor(key_a))
             layers[module].lora_B[ADAPTER].weight.copy_(f.get_tensor(key_b))

@@ -55,12 +55,19 @@ def _normal(v):
 
 def build_dit(preset_or_config: str | dict = "s2v-14b", device: str | torch.device = "meta",
               dtype: torch.dtype = torch.bfloat16) -> CausalS2VDiT:
-    """The DiT with uninitialised weights on `device` (meta: names and shapes only, no memory)."""
+    """The DiT with uninitialised weights on `device` (meta: names and shapes only, no memory).
+
+    Built on the meta device and cast there, then allocated once on `device` in `dtype`: a
+    full-size model never exists in float32 or on the CPU on its way to the GPU.
+    """
     cfg = dit_config(preset_or_config)
-    with torch.device(device):
+    with torch.device("meta"):
         model = CausalS2VDiT(**cfg)
     # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules on every dtype cast.
-    return torch.nn.Module.to(model, dtype).eval().requires_grad_(False)
+    model = torch.nn.Module.to(model, dtype)
+    if torch.device(device).type != "meta":
+        model = model.to_empty(device=device)
+    return model.eval().requires_grad_(False)
 
 
 def random_dit(preset_or_config: str | dict, device: str | torch.device, dtype: torch.dtype,
