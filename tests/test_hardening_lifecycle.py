@@ -1,0 +1,212 @@
+"""Lifecycle under trouble: client cancel and deadlines free every session within one block; a
+decoder killed mid-stream becomes UNAVAILABLE in seconds and the mesh recovers when it is back;
+SIGTERM drains (health NOT_SERVING, in-flight streams finish or are cancelled within the grace)."""
+import io
+import json
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+import wave
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from avatar.grpc_util import MESSAGE_OPTIONS
+from avatar.v1 import avatar_pb2, avatar_pb2_grpc
+from tests.conftest import ASSETS, Services, ffprobe, wait_serving
+
+pytestmark = pytest.mark.timeout(300)
+IMAGE = (ASSETS / "astronaut.png").read_bytes()
+
+
+def _speech(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.3 * np.sin(2 * np.pi * 180 * t)[:, None] * np.linspace(0.5, 1, channels)[None, :]
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _request(seconds: float, **kw) -> avatar_pb2.GenerateRequest:
+    return avatar_pb2.GenerateRequest(image=IMAGE, audio=kw.pop("audio", None) or _speech(seconds),
+                                      size="64*64", **kw)
+
+
+def metrics_of(svc) -> dict:
+    port = int(re.search(r"metrics on :(\d+)", svc.log.read_text()).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def wait_sessions_freed(svc, services=("gateway", "generator"), timeout_s=10.0) -> float:
+    """Seconds until every admission gauge of svc reads 0 (active and queued)."""
+    t0 = time.monotonic()
+    while True:
+        m = metrics_of(svc)
+        busy = {k: v for k, v in m.items()
+                if k.startswith(("avatar_active_sessions", "avatar_queue_depth")) and v != 0}
+        if not busy:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"sessions still held after {timeout_s} s: {busy}")
+        time.sleep(0.1)
+
+
+def _complete(address, request, timeout=120):
+    with grpc.insecure_channel(address, options=MESSAGE_OPTIONS) as ch:
+        msgs = list(avatar_pb2_grpc.AvatarServiceStub(ch).Generate(request, timeout=timeout))
+    assert msgs[-1].WhichOneof("event") == "status"
+    return msgs
+
+
+def _valid_mp4(msgs, path):
+    data = b"".join(m.init_segment.data for m in msgs if m.WhichOneof("event") == "init_segment")
+    data += b"".join(m.fragment.data for m in msgs if m.WhichOneof("event") == "fragment")
+    path.write_bytes(data)
+    kinds = sorted(s["codec_name"] for s in ffprobe(path)["streams"])
+    assert kinds == ["aac", "h264"]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, env):
+    services = Services(tmp_path_factory.mktemp("lifecycle"), env)
+    try:
+        yield services.start("all", "--metrics-port", "0", "--max-sessions", "2", trace=True)
+    finally:
+        services.stop_all()
+
+
+def test_cancel_mid_stream_frees_sessions_within_one_block(embedded, tmp_path):
+    with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
+        call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(6.0), timeout=120)
+        for msg in call:
+            if msg.WhichOneof("event") == "fragment":
+                break
+        header_blocks = 13   # 6 s at 25 fps = 150 frames = 13 blocks
+        cancelled_ns = time.time_ns()
+        call.cancel()
+    freed_s = wait_sessions_freed(embedded)
+    time.sleep(0.5)   # let a block that was running finish and be written
+    spans = [s for s in embedded.spans() if s["name"] == "dit_block"]
+    trace_id = next(s["trace_id"] for s in spans if s["start_unix_nano"] < cancelled_ns)
+    mine = [s for s in spans if s["trace_id"] == trace_id]
+    after = [s for s in mine if s["start_unix_nano"] > cancelled_ns]
+    assert len(mine) < header_blocks, "the job ran to the end despite the cancel"
+    assert len(after) <= 1, f"{len(after)} blocks started after the cancel (at most the running one may finish)"
+    assert freed_s < 10
+    m = metrics_of(embedded)
+    assert m.get('avatar_requests_total{code="CANCELLED",method="Generate",service="AvatarService"}', 0) >= 1
+    # the next request succeeds; odd input on purpose: 3 channels at 22.05 kHz are mixed to mono
+    msgs = _complete(embedded.address, _request(1.0, audio=_speech(1.0, rate=22050, channels=3)))
+    _valid_mp4(msgs, tmp_path / "next.mp4")
+
+
+def test_deadline_reaches_every_stage(embedded):
+    t0 = time.monotonic()
+    with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0), timeout=2.0):
+                pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - t0 < 4
+    wait_sessions_freed(embedded)
+    # downstream calls carried the deadline: they ended with it, not by running to completion
+    m = metrics_of(embedded)
+    ends = {k for k, v in m.items() if k.startswith("avatar_requests_total") and "GeneratorService" in k and v}
+    assert any('code="OK"' not in k for k in ends), ends
+
+
+def test_decoder_killed_mid_stream_then_back(tmp_path, env):
+    services = Services(tmp_path, env)
+    try:
+        parts = {r: services.start(r, "--metrics-port", "0", wait=False) for r in ("encoder", "generator", "decoder")}
+        for svc in parts.values():
+            wait_serving(svc.address, 120, svc.proc, svc.log)
+        gw = services.start("gateway", "--encoder", parts["encoder"].address, "--generator",
+                            parts["generator"].address, "--decoder", parts["decoder"].address, "--metrics-port", "0")
+        with grpc.insecure_channel(gw.address, options=MESSAGE_OPTIONS) as ch:
+            call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0), timeout=120)
+            fragments = 0
+            with pytest.raises(grpc.RpcError) as e:
+                for msg in call:
+                    if msg.WhichOneof("event") == "fragment":
+                        fragments += 1
+                        if fragments == 1:
+                            parts["decoder"].proc.send_signal(signal.SIGKILL)
+                            killed = time.monotonic()
+            waited = time.monotonic() - killed
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+        assert waited < 10, f"the client waited {waited:.1f} s for UNAVAILABLE"
+        wait_sessions_freed(gw, ("gateway",))
+        wait_sessions_freed(parts["generator"], ("generator",))
+        # while the decoder is down, new requests fail fast and cleanly
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            _complete(gw.address, _request(1.0), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 10
+        # restart it on the same address; the gateway reconnects by itself
+        parts["decoder"].proc.wait(timeout=10)
+        back = services.start("decoder", "--listen", parts["decoder"].address, wait=False)
+        wait_serving(parts["decoder"].address, 120, back.proc, back.log)
+        _valid_mp4(_complete(gw.address, _request(1.0)), tmp_path / "after.mp4")
+    finally:
+        services.stop_all()
+
+
+def test_sigterm_drains_then_exits(tmp_path, env):
+    """Long grace: the in-flight stream finishes; health turns NOT_SERVING at once; the
+    process exits 0. Short grace: a long stream is cut at the grace, not left hanging."""
+    for grace, seconds, expect_ok in ((30, 1.5, True), (1, 8.0, False)):
+        services = Services(tmp_path / f"g{grace}", env)
+        (tmp_path / f"g{grace}").mkdir()
+        try:
+            svc = services.start("all", "--grace", str(grace))
+            statuses, result = [], {}
+            ch = grpc.insecure_channel(svc.address, options=MESSAGE_OPTIONS)
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+
+            def watcher():
+                try:
+                    for r in watch:
+                        statuses.append(r.status)
+                except grpc.RpcError:
+                    pass
+            threading.Thread(target=watcher, daemon=True).start()
+            call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(seconds), timeout=120)
+            t0 = None
+            try:
+                for msg in call:
+                    if msg.WhichOneof("event") == "fragment" and t0 is None:
+                        svc.proc.send_signal(signal.SIGTERM)
+                        t0 = time.monotonic()
+                    if msg.WhichOneof("event") == "status":
+                        result["ok"] = True
+            except grpc.RpcError as e:
+                result["code"] = e.code()
+            ended = time.monotonic() - t0
+            rc = svc.proc.wait(timeout=grace + 20)
+            ch.close()
+            assert rc == 0, svc.log.read_text()[-2000:]
+            assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
+            if expect_ok:
+                assert result == {"ok": True}, result
+            else:
+                assert "ok" not in result and result["code"] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
+                                                                  grpc.StatusCode.ABORTED), result
+                assert ended < grace + 5, f"the stream lasted {ended:.1f} s past SIGTERM with a {grace} s grace"
+        finally:
+            services.stop_all()
