@@ -101,11 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     from avatar import gpu_monitor
     gpu_monitor.add_arguments(p)
 
-    p = sub.add_parser("check-weights", help="check a checkpoint folder against the model's expected tensors")
-    p.add_argument("--ckpt_dir", required=True)
-    p.add_argument("--lora_path")
-    p = sub.add_parser("download-weights", help="download Wan2.2-S2V-14B and the LiveAvatar LoRA")
+    p = sub.add_parser("check-weights", help="check a checkpoint folder against the model's expected tensors "
+                                             "(reads headers only: seconds, even for 44 GB)")
+    p.add_argument("--ckpt_dir", required=True, help="the Wan2.2-S2V-14B folder (or the folder holding it)")
+    p.add_argument("--lora_path", help="LiveAvatar LoRA (liveavatar.safetensors) to match against the DiT")
+    p.add_argument("--model", choices=("s2v-14b", "tiny"), default="s2v-14b", help="shapes to expect")
+    p = sub.add_parser("download-weights", help="download Wan2.2-S2V-14B and the LiveAvatar LoRA (resumable)")
     p.add_argument("--ckpt_dir", required=True, help="destination folder")
+    p.add_argument("--no-lora", action="store_true", help="only the Wan2.2-S2V-14B files")
     return parser
 
 
@@ -297,13 +300,26 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def cmd_check_weights(args) -> int:
+    """Prints one line per component; exit 0 when complete, 1 when something is missing or wrong."""
     from avatar.weights_tools import check_weights
-    raise NotImplementedError(check_weights)
+    try:
+        report = check_weights(args.ckpt_dir, args.lora_path, model=args.model)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(report)
+    return 0 if report.ok else 1
 
 
 def cmd_download_weights(args) -> int:
+    from avatar.errors import WeightsError
     from avatar.weights_tools import download_weights
-    raise NotImplementedError(download_weights)
+    try:
+        got = download_weights(args.ckpt_dir, lora=not args.no_lora)
+    except WeightsError as exc:
+        print(f"avatar download-weights: {exc}", file=sys.stderr)
+        return 1
+    print(f"downloaded: use --ckpt_dir {got.ckpt_dir}" + (f" --lora_path {got.lora_path}" if got.lora_path else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -44,3 +44,14 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, env, mesh):
                 *server, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.png" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == [not_audio]    # nothing half-written
+
+
+def test_weights_commands_report_problems(tmp_path, env):
+    """Wiring of check-weights / download-weights (avatar.weights_tools has its own tests)."""
+    root = tmp_path / "Wan2.2-S2V-14B"
+    root.mkdir()
+    (root / "config.json").write_text("{}")
+    r = run_cli("check-weights", "--ckpt_dir", str(root), env=env)
+    assert r.returncode == 1 and "FAIL" in r.stdout and "problem" in r.stdout, r.stdout + r.stderr
+    r = run_cli("download-weights", "--ckpt_dir", str(tmp_path / "dl"), env=dict(env, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 1 and "hf download" in r.stderr and not (tmp_path / "dl").exists(), r.stderr
