@@ -95,14 +95,17 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
         async def pump_audio():
             # Read here, not inside the request iterator, so an encoder error keeps its status code.
-            started = time.perf_counter()
             blocks_fed = 0
+            waited = 0.0   # time spent waiting for credits is the client's, not the encoder's
+            started = time.perf_counter()
             async for features in audio_call:
+                blocked = time.perf_counter()
                 while blocks_fed * FRAMES_PER_BLOCK < features.first_frame + features.features.shape[0]:
                     await credits.acquire()
                     blocks_fed += 1
+                waited += time.perf_counter() - blocked
                 await generator_in.put(generator_pb2.GeneratorInput(audio=features))
-            timings.add("encode_audio", (time.perf_counter() - started) * 1e3)
+            timings.add("encode_audio", (time.perf_counter() - started - waited) * 1e3)
             await generator_in.put(_DONE)
 
         async def generator_requests():
