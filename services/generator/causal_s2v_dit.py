@@ -34,7 +34,7 @@ ROPE_THETA = 10000.0
 # Constructor arguments per preset. s2v-14b = the constructor defaults = upstream's config.
 PRESETS: dict[str, dict] = {
     "s2v-14b": {},
-    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32, text_len=16,
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32,
                  audio_dim=32, audio_layers=5, audio_inject_layers=(0, 2, 3), freq_dim=32),
 }
 
@@ -71,19 +71,20 @@ def rope_grid(head_dim: int, frames, rows, cols, device) -> Rope:
     """RoPE for the tokens of a (frames x rows x cols) grid, flattened frame-major.
 
     frames/rows/cols are the integer positions along each axis (frames may be negative).
+    cos/sin are computed per axis (small, float64 on the CPU) and broadcast on `device`.
     """
-    parts = []
+    axes = []
     for pos, pairs in zip((frames, rows, cols), _axis_pairs(head_dim)):
         dim = 2 * pairs
         inv = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        parts.append(torch.as_tensor(np.asarray(pos), dtype=torch.float64)[:, None] * inv)
-    f, h, w = parts
-    nf, nh, nw = f.shape[0], h.shape[0], w.shape[0]
-    ang = torch.cat([f[:, None, None].expand(nf, nh, nw, -1), h[None, :, None].expand(nf, nh, nw, -1),
-                     w[None, None, :].expand(nf, nh, nw, -1)], dim=-1).reshape(nf * nh * nw, 1, -1)
-    # Upstream stores the rotations as complex32, i.e. rounded to float16: the model was trained so.
-    cos, sin = (t.to(torch.float16).to(torch.float32).to(device) for t in (ang.cos(), ang.sin()))
-    return Rope(cos, sin)
+        ang = torch.as_tensor(np.asarray(pos), dtype=torch.float64)[:, None] * inv
+        # Upstream stores the rotations as complex32, i.e. rounded to float16: the model was trained so.
+        axes.append(torch.stack([ang.cos(), ang.sin()]).to(torch.float16).to(device=device, dtype=torch.float32))
+    f, h, w = axes
+    nf, nh, nw = f.shape[1], h.shape[1], w.shape[1]
+    grid = torch.cat([f[:, :, None, None].expand(2, nf, nh, nw, -1), h[:, None, :, None].expand(2, nf, nh, nw, -1),
+                      w[:, None, None, :].expand(2, nf, nh, nw, -1)], dim=-1).reshape(2, nf * nh * nw, 1, -1)
+    return Rope(grid[0], grid[1])
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -411,6 +412,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         self.injector_of_layer = {layer: i for i, layer in enumerate(inject)}
         self.trainable_cond_mask = nn.Embedding(3, dim)  # 0 noisy, 1 reference, 2 motion tokens
         self.frame_packer = FramePacker(in_dim, dim, framepack_buckets)
+        self._motion_rope: dict[tuple, Rope] = {}
 
     # ------------------------------------------------------------ sizes
 
@@ -459,8 +461,11 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         return e.unflatten(0, t.shape), e6.unflatten(0, t.shape)
 
     def _sink_rope(self, h: int, w: int, ref_frame: int, device) -> Rope:
+        key = (h, w, str(device))
+        if key not in self._motion_rope:  # fixed positions: computed once per size
+            self._motion_rope[key] = self.frame_packer.rope(self.head_dim, h, w, device)
         ref = rope_grid(self.head_dim, [ref_frame], range(h // 2), range(w // 2), device)
-        return Rope.cat([ref, self.frame_packer.rope(self.head_dim, h, w, device)])
+        return Rope.cat([ref, self._motion_rope[key]])
 
     # ------------------------------------------------------------ forward passes
 
