@@ -183,6 +183,8 @@ def test_sigterm_drains_then_exits(tmp_path, env):
                 try:
                     for r in watch:
                         statuses.append(r.status)
+                        if r.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                            watch.cancel()   # an open Watch would hold the drain for the whole grace
                 except grpc.RpcError:
                     pass
             threading.Thread(target=watcher, daemon=True).start()
