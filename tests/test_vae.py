@@ -81,7 +81,7 @@ def test_unreadable_files_are_weights_errors(tmp_path):
 
 def test_streaming_decode_equals_full_decode(vae):
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 16, 7, 4, 6, generator=g)
+    latents = torch.randn(1, 16, 7, 2, 3, generator=g)
     full = vae.decode(latents)
     # diffusers' own loop over the same model decodes the same pixels (latents de-normalised first)
     ref = vae.model.decode(latents / vae.inv_std + vae.mean).sample
@@ -89,12 +89,12 @@ def test_streaming_decode_equals_full_decode(vae):
     stream = vae.stream_decoder()
     parts = [stream.decode(latents[:, :, :1]), stream.decode(latents[:, :, 1:4]), stream.decode(latents[:, :, 4:7])]
     assert [p.shape[2] for p in parts] == [1, 12, 12]
-    assert (torch.cat(parts, dim=2) - full).abs().max() <= 1e-5
+    assert torch.equal(torch.cat(parts, dim=2), full)
 
 
 def test_streams_do_not_share_caches(vae):
     g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(2, 1, 16, 4, 4, 4, generator=g)
+    a, b = torch.randn(2, 1, 16, 4, 2, 2, generator=g)
     sa, sb = vae.stream_decoder(), vae.stream_decoder()
     out_a = [sa.decode(a[:, :, :1])]
     out_b = [sb.decode(b[:, :, :1])]

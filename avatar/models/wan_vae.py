@@ -303,14 +303,15 @@ class StreamingDecoder:
             raise InvalidInput(f"latents must be [B, {vae.dims.z_dim}, t, h, w], got {list(latents.shape)}")
         if latents.shape[2] == 0:
             raise InvalidInput("latents hold no frame")
-        z = latents.to(device=vae.device, dtype=torch.float32) / vae.inv_std + vae.mean
-        x = vae.model.post_quant_conv(z.to(vae.dtype))
+        z = (latents.to(device=vae.device, dtype=torch.float32) / vae.inv_std + vae.mean).to(vae.dtype)
         outs = []
-        for i in range(x.shape[2]):
-            outs.append(vae.model.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0],
-                                          first_chunk=self._first))
+        for i in range(z.shape[2]):
+            # one latent frame at a time through every layer: the same kernels run on the same shapes
+            # whatever the block split, so streamed pixels are bit-identical to a one-shot decode
+            x = vae.model.post_quant_conv(z[:, :, i:i + 1])
+            outs.append(vae.model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=self._first))
             self._first = False
-        self.frames_in += x.shape[2]
+        self.frames_in += z.shape[2]
         return torch.cat(outs, dim=2).float().clamp_(-1.0, 1.0)
 
     def close(self) -> None:

@@ -4,6 +4,11 @@ The resampling is upstream's (Wan2.2-S2V `audio_encoder.py`): the 50 Hz hidden s
 interpolated (align_corners=True) to 30 Hz, then video frame i takes the 30 Hz frame
 round(i * 30 / fps) (numpy's round-half-to-even); frames past the end of the audio are zeros.
 At LiveAvatar's 25 fps the indices run 0, 1, 2, 4, 5, 6, 7, 8, 10, ...
+
+Upstream runs wav2vec2 over the whole audio at once, so memory grows with its square. Up to
+`window_s` (60 s) we do the same (identical features); longer audio is encoded in windows with
+`context_s` of audio on each side that is discarded, and features stream out while later windows
+are still to come, so hours of audio need the memory of one window.
 """
 import dataclasses
 import pathlib
@@ -22,6 +27,7 @@ FEATURE_RATE = 50      # hidden-state frames per second (320-sample stride at 16
 RESAMPLED_RATE = 30    # upstream's intermediate rate ("video_rate")
 BACKENDS = ("wav2vec2", "whisper")
 WHISPER_WINDOW_S = 30  # Whisper's encoder sees fixed 30 s windows
+SAMPLES_PER_FRAME = ENCODER_AUDIO_RATE // FEATURE_RATE   # 320
 
 
 def resample_features(z: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,10 @@ def tiny_whisper_config(dims: AudioDims = TINY_AUDIO) -> WhisperConfig:
 class AudioEncoder:
     """16 kHz mono PCM -> per-video-frame features [n, layers + 1, hidden], streamed in chunks."""
 
-    def __init__(self, backend: str, model, feature_extractor):
+    def __init__(self, backend: str, model, feature_extractor, window_s: float = 60.0, context_s: float = 5.0):
+        if window_s <= 2 * context_s:
+            raise ValueError(f"window_s ({window_s}) must exceed twice context_s ({context_s})")
+        self.window_s, self.context_s = window_s, context_s
         if backend not in BACKENDS:
             raise ValueError(f"audio backend must be one of {BACKENDS}, not {backend!r}")
         self.backend = backend
@@ -144,39 +153,100 @@ class AudioEncoder:
 
     # -- features ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def hidden_states(self, pcm_16k: np.ndarray) -> torch.Tensor:
-        """All hidden states at 50 Hz: [layers + 1, T50, hidden], float32 on the CPU."""
-        pcm = _check_pcm(pcm_16k)
-        if self.backend == "wav2vec2":
-            values = self.feature_extractor(pcm, sampling_rate=ENCODER_AUDIO_RATE, return_tensors="pt").input_values
-            out = self.model.wav2vec2(values.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
-            return torch.cat(out.hidden_states).float().cpu()
-        return self._whisper_hidden_states(pcm)
+    def num_feature_frames(self, num_samples: int) -> int:
+        """50 Hz frames the model yields for `num_samples` samples (wav2vec2: its conv stack's output length)."""
+        if self.backend == "whisper":
+            return num_samples // SAMPLES_PER_FRAME
+        n = num_samples
+        for k, st in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
+            n = (n - k) // st + 1
+        return max(n, 0)
 
-    def _whisper_hidden_states(self, pcm: np.ndarray) -> torch.Tensor:
+    def hidden_states(self, pcm_16k: np.ndarray) -> torch.Tensor:
+        """All hidden states at 50 Hz: [layers + 1, T50, hidden], float32 on the CPU (whole audio in memory)."""
+        return torch.cat([h for _, h in self._windows(_check_pcm(pcm_16k))], dim=1)
+
+    @torch.no_grad()
+    def _windows(self, pcm: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+        """Consecutive (first 50 Hz frame, hidden states [layers + 1, n, hidden]) covering the audio."""
+        if self.backend == "whisper":
+            yield from self._whisper_windows(pcm)
+            return
+        values = self.feature_extractor(pcm, sampling_rate=ENCODER_AUDIO_RATE, return_tensors="pt").input_values[0]
+        if len(pcm) <= self.window_s * ENCODER_AUDIO_RATE:
+            yield 0, self._wav2vec2(values)
+            return
+        # Normalised once over the whole audio (as upstream's single pass); frame j reads samples
+        # [320 j, 320 j + 400), so a window of frames [a, b) needs samples [320 a, 320 (b - 1) + 400).
+        total = self.num_feature_frames(len(pcm))
+        ctx = int(self.context_s * FEATURE_RATE)
+        core = int(self.window_s * FEATURE_RATE) - 2 * ctx
+        cfg = self.model.config
+        receptive, jump = 1, 1   # samples one frame reads (400 for wav2vec2's conv stack)
+        for k, st in zip(cfg.conv_kernel, cfg.conv_stride):
+            receptive, jump = receptive + (k - 1) * jump, jump * st
+        for c0 in range(0, total, core):
+            c1 = min(c0 + core, total)
+            a, b = max(0, c0 - ctx), min(total, c1 + ctx)
+            h = self._wav2vec2(values[a * SAMPLES_PER_FRAME:(b - 1) * SAMPLES_PER_FRAME + receptive])
+            yield c0, h[:, c0 - a:c1 - a]
+
+    def _wav2vec2(self, values: torch.Tensor) -> torch.Tensor:
+        out = self.model.wav2vec2(values[None].to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+        return torch.cat(out.hidden_states).float().cpu()
+
+    def _whisper_windows(self, pcm: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
         # Whisper encodes fixed 30 s windows (1500 frames at 50 Hz); keep each window's real frames.
         window = WHISPER_WINDOW_S * ENCODER_AUDIO_RATE
-        samples_per_frame = ENCODER_AUDIO_RATE // FEATURE_RATE
-        parts = []
         for start in range(0, len(pcm), window):
             piece = pcm[start:start + window]
+            keep = len(piece) // SAMPLES_PER_FRAME
+            if keep == 0:
+                break
             mel = self.feature_extractor(piece, sampling_rate=ENCODER_AUDIO_RATE, return_tensors="pt").input_features
             out = self.model.encoder(mel.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
-            keep = len(piece) // samples_per_frame
-            parts.append(torch.cat(out.hidden_states)[:, :keep].float().cpu())
-        return torch.cat(parts, dim=1)
+            yield start // SAMPLES_PER_FRAME, torch.cat(out.hidden_states)[:, :keep].float().cpu()
 
     def encode(self, pcm_16k: np.ndarray, fps: int, total_frames: int,
                chunk_frames: int = 12) -> Iterator[tuple[int, torch.Tensor]]:
         """Yields (first_frame, features [n, layers + 1, hidden]) for frames 0..total_frames-1,
-        `chunk_frames` at a time (the last chunk may be shorter); frames past the audio are zeros."""
+        `chunk_frames` at a time (the last chunk may be shorter); frames past the audio are zeros.
+
+        Features are computed window by window as the chunks need them; each video frame
+        interpolates the two 50 Hz frames around its 30 Hz position, the same arithmetic as
+        `resample_features` + `bucket_features` over the whole audio."""
         if fps <= 0 or total_frames < 0 or chunk_frames <= 0:
             raise InvalidInput(f"bad audio framing: fps {fps}, total_frames {total_frames}, chunk {chunk_frames}")
-        z30 = resample_features(self.hidden_states(pcm_16k))
+        pcm = _check_pcm(pcm_16k)
+        return self._encode(pcm, fps, total_frames, chunk_frames)
+
+    def _encode(self, pcm, fps, total_frames, chunk_frames):
+        t50 = self.num_feature_frames(len(pcm))
+        t30 = int(t50 / FEATURE_RATE * RESAMPLED_RATE)
+        # align_corners=True: 30 Hz frame j sits at 50 Hz position j * (t50 - 1) / (t30 - 1), in float32 as torch
+        scale = torch.tensor((t50 - 1) / (t30 - 1) if t30 > 1 else 0.0, dtype=torch.float32)
+        windows = self._windows(pcm)
+        buf = torch.zeros(self.dims.layers + 1, 0, self.dims.hidden)
+        buf_start = 0
         for first in range(0, total_frames, chunk_frames):
             n = min(chunk_frames, total_frames - first)
-            yield first, bucket_features(z30, first, n, fps)
+            out = torch.zeros(n, self.dims.layers + 1, self.dims.hidden)
+            idx = torch.from_numpy(frame_indices(first, n, fps))
+            valid = idx < t30
+            if valid.any():
+                src = idx[valid].float() * scale
+                lo = src.floor().long().clamp_(max=t50 - 1)
+                hi = (lo + 1).clamp_(max=t50 - 1)
+                lam = (src - lo.float()).view(1, -1, 1)
+                while buf_start + buf.shape[1] <= int(hi.max()):
+                    _, h = next(windows)
+                    buf = torch.cat([buf, h], dim=1)
+                drop = int(lo.min()) - buf_start   # positions only move forward: free what is behind
+                if drop > 0:
+                    buf, buf_start = buf[:, drop:], buf_start + drop
+                x0, x1 = buf[:, lo - buf_start], buf[:, hi - buf_start]
+                out[valid] = (x0 * (1 - lam) + x1 * lam).transpose(0, 1)
+            yield first, out
 
 
 def _check_pcm(pcm) -> np.ndarray:
