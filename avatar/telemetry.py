@@ -59,15 +59,22 @@ def setup(service_name: str, trace_file: str | None = None) -> TracerProvider:
     global _provider
     if _provider is not None:
         return _provider
+    provider = make_provider(service_name, trace_file)
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def make_provider(service_name: str, trace_file: str | None = None) -> TracerProvider:
+    """A tracer provider with the exporters the environment and flags ask for (not installed)."""
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        # The exporter reads OTEL_EXPORTER_OTLP_* itself (endpoint, headers, insecure, timeout).
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if trace_file:
         # Simple (synchronous) processor: a span is on disk when it ends, even if the process is killed.
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
-    trace.set_tracer_provider(provider)
-    _provider = provider
     return provider
 
 

@@ -1,4 +1,5 @@
 """One trace across processes: four services with their own trace files, one trace id, a span per stage."""
+import json
 from collections import Counter
 
 from conftest import ASSETS, generate
@@ -41,3 +42,45 @@ def test_one_request_is_one_trace_across_four_processes(mesh, tmp_path):
     for sp in everything:
         if sp["kind"] == "SERVER" and sp["service"] != "avatar-gateway":
             assert ids[sp["parent_id"]]["service"] == "avatar-gateway", sp
+
+
+def test_otlp_exporter_when_endpoint_is_set(monkeypatch, tmp_path):
+    """OTEL_EXPORTER_OTLP_ENDPOINT set: spans go to that OTLP/gRPC collector (here a local fake one);
+    with --trace-file as well, they also land in the file."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    from avatar import telemetry
+    from conftest import free_port
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.extend(sp.name for rs in request.resource_spans for ss in rs.scope_spans for sp in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        trace_file = tmp_path / "spans.jsonl"
+        provider = telemetry.make_provider("avatar-test", str(trace_file))
+        tracer = provider.get_tracer("test")
+        with tracer.start_as_current_span("encode_image"):
+            with tracer.start_as_current_span("dit_block", attributes={"steps": 4}):
+                pass
+        assert provider.force_flush(10_000)
+        provider.shutdown()
+    finally:
+        server.stop(None)
+    assert sorted(received) == ["dit_block", "encode_image"]
+    lines = [json.loads(x) for x in trace_file.read_text().splitlines()]
+    assert [x["name"] for x in lines] == ["dit_block", "encode_image"]
+    assert lines[0]["parent_id"] == lines[1]["span_id"] and lines[0]["attributes"] == {"steps": 4}
+    assert lines[0]["trace_id"] == lines[1]["trace_id"] and lines[0]["service"] == "avatar-test"
