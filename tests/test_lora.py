@@ -78,3 +78,27 @@ def test_lora_key_matching_no_module_fails_and_leaves_the_model_alone(tmp_path):
     save_file({"blocks.0.norm3.weight": torch.ones(64)}, str(path))
     with pytest.raises(WeightsError, match="no LoRA tensors"):
         load_lora(model, path)
+
+
+def test_base_tensors_in_a_lora_file_load_as_upstream_would(tmp_path):
+    """Upstream loads the whole file non-strictly into the peft-wrapped model: tensors naming a
+    parameter load (a wrapped layer's own weight only under its `.base_layer.` name)."""
+    path = tmp_path / "lora.safetensors"
+    tensors = write_lora(path, _dit(), rank=4)
+    norm = torch.full((64,), 3.0)
+    q_weight = torch.full((64, 64), 0.5)
+    tensors.update({
+        "base_model.model.blocks.0.norm3.weight": norm,
+        "base_model.model.blocks.0.self_attn.q.base_layer.weight": q_weight,
+        "base_model.model.blocks.1.self_attn.q.weight": torch.zeros(64, 64),   # renamed under peft: skipped
+        "base_model.model.no_such.weight": torch.zeros(3),
+    })
+    save_file(tensors, str(path))
+    model = _dit()
+    report = load_lora(model, path, merge=False)
+    assert sorted(report.plan.extra.values()) == ["blocks.0.norm3.weight", "blocks.0.self_attn.q.weight"]
+    assert sorted(report.plan.ignored) == ["base_model.model.blocks.1.self_attn.q.weight", "base_model.model.no_such.weight"]
+    assert torch.equal(model.blocks[0].norm3.weight, norm)
+    assert torch.equal(model.blocks[0].self_attn.q.base_layer.weight, q_weight)
+    assert torch.equal(model.blocks[1].self_attn.q.base_layer.weight, _dit().blocks[1].self_attn.q.weight)
+    assert "2 base tensors loaded" in report.describe() and "2 tensors ignored" in report.describe()
