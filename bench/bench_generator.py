@@ -270,8 +270,37 @@ def bench_gemms(device, m: int, reps: int = 30) -> list[dict]:
     activation quantisation included."""
     from torch import nn
 
-    from services.generator.fp8 import FP8Linear, quantize, quantize_rows_fused
+    from services.generator.fp8 import FP8Linear, quantize, quantize_rows_fused, quantize_tensor_fused
     out = []
+    xt = torch.randn(m, 5120, device=device, dtype=torch.bfloat16)
+    qa, sa = quantize_tensor_fused(xt)
+    qb, sb = quantize(xt, "tensor")
+    out.append({"tensor_quantiser": {"scale_rel_diff": ((sa - sb).abs() / sb).item(),
+                                     "q_mismatch_frac": (qa.float() != qb.float()).float().mean().item(),
+                                     "fused_ms": time_fn(lambda: quantize_tensor_fused(xt), device, reps),
+                                     "torch_ms": time_fn(lambda: quantize(xt, "tensor"), device, reps)}})
+    log(f"  tensor quantiser: {out[-1]['tensor_quantiser']}")
+    # the FP8 product alone vs with its activation quantisation, across token counts: a block at
+    # 384*256 (1152) and 704*384 (3168), the sinks (960, 2640), audio tokens (15), AdaLN (3)
+    lin = nn.Linear(5120, 5120, device=device, dtype=torch.bfloat16)
+    row, ten = FP8Linear.from_linear(lin, "row"), FP8Linear.from_linear(lin, "tensor")
+    for mm in (3, 15, 960, 1152, 2640, 3168, 6336):
+        x = torch.randn(mm, 5120, device=device, dtype=torch.bfloat16)
+        xr, sr = quantize_rows_fused(x)
+        xq, sq = quantize_tensor_fused(x)
+        r = {"m": mm, "k": 5120, "n": 5120,
+             "bf16_ms": time_fn(lambda: lin(x), device, reps),
+             "row_layer_ms": time_fn(lambda: row(x), device, reps),
+             "tensor_layer_ms": time_fn(lambda: ten(x), device, reps),
+             "row_mm_only_ms": time_fn(lambda: torch._scaled_mm(
+                 xr, row.weight_fp8.t(), scale_a=sr, scale_b=row.weight_scale, bias=row.bias,
+                 out_dtype=torch.bfloat16, use_fast_accum=True), device, reps),
+             "tensor_mm_only_ms": time_fn(lambda: torch._scaled_mm(
+                 xq, ten.weight_fp8.t(), scale_a=sq, scale_b=ten.weight_scale, bias=ten.bias,
+                 out_dtype=torch.bfloat16, use_fast_accum=True), device, reps)}
+        out.append(r)
+        log("  gemm m=%5d 5120x5120: bf16 %.3f | fp8 row layer %.3f (mm %.3f) | fp8 tensor layer %.3f (mm %.3f) ms"
+            % (mm, r["bf16_ms"], r["row_layer_ms"], r["row_mm_only_ms"], r["tensor_layer_ms"], r["tensor_mm_only_ms"]))
     x = torch.randn(m, 13824, device=device, dtype=torch.bfloat16) * 3
     q1, s1 = quantize_rows_fused(x)
     q2, s2 = quantize(x, "row")
@@ -386,6 +415,19 @@ def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int,
     res = {"size": f"{width}*{height}", "vae_ms": median(vae_ms[warm:]), "vae_first_ms": vae_ms[0],
            "to_host_ms": median(host_ms[warm:]), "vae_peak_gib": peak_gib(device)}
     dec.close()
+    if clock.cuda:  # cuDNN's autotuner for the 3-D convolutions (shapes repeat every block)
+        torch.backends.cudnn.benchmark = True
+        dec = vae.stream_decoder()
+        dec.decode(torch.randn(1, 16, 1, h, w, generator=gen, device=device))
+        ms = []
+        for _ in range(blocks):
+            lat = torch.randn(1, 16, 3, h, w, generator=gen, device=device)
+            a = clock.mark()
+            dec.decode(lat)
+            ms.append(clock.ms(a, clock.mark()))
+        res["vae_cudnn_benchmark_ms"] = median(ms[warm:])
+        dec.close()
+        torch.backends.cudnn.benchmark = False
     # mux: random latents decode to noise (x264's worst case); a moving gradient is closer to a face
     sr = 48000
     pcm = (np.sin(np.arange(sr * FRAMES_PER_BLOCK // FPS) * 2 * np.pi * 220 / sr) * 8000).astype(np.int16)
@@ -404,7 +446,8 @@ def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int,
         res[f"mux_{name}_ms"] = median(ms[warm:])
     del vae, dec
     free_memory(device)
-    log(f"  vae {res['size']}: decode {res['vae_ms']:.1f} ms/block (first {res['vae_first_ms']:.0f}), "
+    log(f"  vae {res['size']}: decode {res['vae_ms']:.1f} ms/block (first {res['vae_first_ms']:.0f}; "
+        f"cudnn.benchmark {res.get('vae_cudnn_benchmark_ms', float('nan')):.1f}), "
         f"to host {res['to_host_ms']:.1f} ms, mux noise {res['mux_noise_ms']:.1f} / smooth "
         f"{res['mux_smooth_ms']:.1f} ms/block, VAE peak {res['vae_peak_gib']:.2f} GiB")
     return res
@@ -479,13 +522,14 @@ def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
 
 def compile_blocks(dit):
     """torch.compile each transformer block (one graph shared by all 40: same code, params as
-    inputs); shapes that change with the ring fill (valid) are marked dynamic after the first."""
+    inputs), with dynamic shapes from the start: the ring fill, the slot and the size change
+    between calls, and a recompile costs tens of seconds."""
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = 64
     for blk in dit.blocks:
-        blk.compile()
+        blk.compile(dynamic=True)
     for inj in dit.audio_injector.injector:
-        inj.compile()
+        inj.compile(dynamic=True)
 
 
 def main():
@@ -493,14 +537,16 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU check of the code paths)")
     ap.add_argument("--only", default="all", help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
-                    "quality,vae,overlap,24gb,compile")
+                    "quality,vae,overlap,24gb,compile,compile-bf16")
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--flat-blocks", type=int, default=20, help="blocks of the flat-in-length run (bf16 704*384)")
     ap.add_argument("--mem-gib", type=float, default=24.0, help="per-process GPU memory cap of the 24 GB mode")
+    ap.add_argument("--time-budget", type=float, default=540, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
     args = ap.parse_args()
+    t_main = time.perf_counter()
     smoke = args.only == "smoke"
     parts = set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile".split(",")) \
         if args.only in ("all", "smoke") else set(args.only.split(","))
@@ -661,6 +707,18 @@ def main():
                 if r:
                     r["note"] = "first blocks include compilation"
             results["compile_total_s"] = time.perf_counter() - t0
+            left = args.time_budget - (time.perf_counter() - t_main)
+            if args.only == "all" and left > 150 or "compile-bf16" in parts:
+                log(f"bf16 + torch.compile (blocks), {left:.0f} s of the budget left:")
+                del dit
+                free_memory(device)
+                dit = build_dit(preset, device, dt)
+                compile_blocks(dit)
+                r = variant("bf16+compile", sizes[0], blocks=args.blocks + 4, warm=args.warm + 4)
+                if r:
+                    r["note"] = "first blocks include compilation"
+            else:
+                log(f"bf16 + torch.compile skipped: {left:.0f} s of the time budget left")
     save()
     print_table(results)
 

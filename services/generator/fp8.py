@@ -60,6 +60,30 @@ if triton is not None:
         tl.store(s_ptr + row, scale)
 
 
+if triton is not None:
+    @triton.jit
+    def _quantize_scaled_kernel(x_ptr, q_ptr, amax_ptr, n, BLOCK: tl.constexpr):
+        # per-tensor: the scale comes from a device scalar (no host sync), one pass over x
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.load(amax_ptr), 1e-12) / 448.0
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=mask)
+
+
+def quantize_tensor_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize(x, "tensor") in two kernels (amax, then scale + cast) instead of five."""
+    if not x.is_contiguous():
+        raise ValueError("quantize_tensor_fused expects a contiguous tensor")
+    amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    q = torch.empty(x.shape, dtype=E4M3, device=x.device)
+    n = x.numel()
+    if n:
+        _quantize_scaled_kernel[(triton.cdiv(n, 4096),)](x, q, amax, n, BLOCK=4096, num_warps=8)
+    return q, amax.clamp(min=1e-12) / E4M3_MAX
+
+
 def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize(x, "row") in one Triton kernel (CUDA only); same result as the torch path."""
     if x.dim() != 2 or x.stride(1) != 1:
@@ -77,9 +101,11 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _fast_quantize(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel for rows on CUDA in eager mode; under torch.compile the torch path (inductor
     fuses it itself)."""
-    if (granularity == "row" and triton is not None and x.is_cuda and x.stride(-1) == 1
-            and not torch.compiler.is_compiling()):
-        return quantize_rows_fused(x)
+    if triton is not None and x.is_cuda and not torch.compiler.is_compiling():
+        if granularity == "row" and x.stride(-1) == 1:
+            return quantize_rows_fused(x)
+        if granularity == "tensor" and x.is_contiguous():
+            return quantize_tensor_fused(x)
     return quantize(x, granularity)
 
 
