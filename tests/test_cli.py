@@ -46,12 +46,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, env, mesh):
     assert list(tmp_path.iterdir()) == [not_audio]    # nothing half-written
 
 
-def test_weights_commands_report_problems(tmp_path, env):
-    """Wiring of check-weights / download-weights (avatar.weights_tools has its own tests)."""
+def test_weights_commands_report_problems(tmp_path, monkeypatch, capsys):
+    """Wiring of check-weights / download-weights (avatar.weights_tools has its own tests); in-process."""
+    from avatar.cli import main
     root = tmp_path / "Wan2.2-S2V-14B"
     root.mkdir()
     (root / "config.json").write_text("{}")
-    r = run_cli("check-weights", "--ckpt_dir", str(root), env=env)
-    assert r.returncode == 1 and "FAIL" in r.stdout and "problem" in r.stdout, r.stdout + r.stderr
-    r = run_cli("download-weights", "--ckpt_dir", str(tmp_path / "dl"), env=dict(env, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 1 and "hf download" in r.stderr and not (tmp_path / "dl").exists(), r.stderr
+    assert main(["check-weights", "--ckpt_dir", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "problem" in out, out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["download-weights", "--ckpt_dir", str(tmp_path / "dl")]) == 1
+    err = capsys.readouterr().err
+    assert "hf download" in err and not (tmp_path / "dl").exists(), err
