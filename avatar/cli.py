@@ -253,7 +253,7 @@ async def cmd_generate(args) -> int:
     total_s = time.perf_counter() - t0
     report = {
         "output": str(out),
-        "parameters": {k: v for k, v in vars(args).items() if k not in ("command",)},
+        "parameters": {k: v for k, v in vars(args).items() if k != "command" and "token" not in k},  # no secrets
         "seed": header.job.seed,
         "model": {"name": model.name if not args.server else header.job.model, "description": header.model,
                   "ckpt_dir": args.ckpt_dir, "lora_path": args.lora_path, "random_weights": args.random_weights},

@@ -13,11 +13,12 @@ def test_embedded_default_renders_mp4_and_sidecar(tmp_path, env):
     out = tmp_path / "sub" / "talk.mp4"
     r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
                 "--size", "64*64", "--num_clip", "2", "--infer_frames", "24", "--sample_steps", "2", "--seed", "5",
-                "--enable_online_decode", "--out", str(out), env=env)
+                "--enable_online_decode", "--auth-token", "s3cret-token", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr
     assert "video is noise" in r.stderr          # says the tiny model renders noise
     assert "block" in r.stderr                   # the progress bar
     check_video(out, 48 / 25)
+    assert "s3cret-token" not in out.with_suffix(".json").read_text()   # secrets stay out of the sidecar
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["seed"] == 5 and meta["server"] == "embedded" and meta["model"]["name"] == "tiny"
     assert (meta["blocks"], meta["frames"], meta["width"], meta["height"]) == (4, 48, 64, 64)
