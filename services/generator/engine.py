@@ -17,7 +17,9 @@ import torch
 
 from avatar.errors import InvalidInput
 from avatar.presets import VAE_TIME_STRIDE, ModelSpec
+from services.generator.attention import prefer_cudnn_attention
 from services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
+from services.generator.fp8 import fp8_supported, swap_linears_to_fp8
 from services.generator.kv_cache import KVCache, KVCacheSpec
 from services.generator.scheduler import FlowMatchEuler
 from services.generator.weights import load_dit, random_dit
@@ -40,17 +42,25 @@ def model_dtype(model: ModelSpec) -> torch.dtype:
 def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
     """The DiT a ModelSpec names: tiny (random, seeded), s2v-14b random, or loaded (+ LoRA)."""
     device, dtype = torch.device(model.device), model_dtype(model)
+    if model.fp8 and not fp8_supported(device):
+        raise InvalidInput(f"--fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); {device} has none")
     if model.is_tiny:
-        return random_dit("tiny", device, dtype, seed=model.seed)
-    if model.random_weights:
-        return random_dit("s2v-14b", device, dtype, seed=model.seed)
-    if not model.ckpt_dir:
+        dit = random_dit("tiny", device, dtype, seed=model.seed)
+    elif model.random_weights:
+        dit = random_dit("s2v-14b", device, dtype, seed=model.seed)
+    elif not model.ckpt_dir:
         raise InvalidInput("s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
-    dit = load_dit(model.ckpt_dir, device=device, dtype=dtype)
-    if model.lora_path:
-        from services.generator.lora import load_lora
-        report = load_lora(dit, model.lora_path)
-        log.info("%s", report.describe())
+    else:
+        dit = load_dit(model.ckpt_dir, device=device, dtype=dtype)
+        if model.lora_path:
+            from services.generator.lora import load_lora
+            report = load_lora(dit, model.lora_path)   # merged before any FP8 swap, as upstream
+            log.info("%s", report.describe())
+    if model.fp8:
+        swapped = swap_linears_to_fp8(dit)
+        log.info("FP8 linear layers: %d", len(swapped))
+    if device.type == "cuda":
+        prefer_cudnn_attention(device)
     return dit
 
 
