@@ -260,6 +260,25 @@ class SecurityConfig:
         tokens = [t for t in tokens if t]
         return [BearerAuthInterceptor(tokens, realm)] if tokens else []
 
+    def peer_credentials(self, role: str) -> grpc.ChannelCredentials | None:
+        """TLS for the gateway's calls to encoder/generator/decoder.
+
+        With a CA: mutual TLS (this process's certificate is its client certificate). The
+        embedded mesh ("all") calls its own TLS port, so without a CA it verifies itself against
+        the CA certificates in its own certificate file (a full chain or a self-signed cert).
+        A gateway with only a public certificate talks to its peers in plaintext.
+        """
+        if self.tls.ca:
+            return self.tls.channel_credentials()
+        if role == "all" and self.tls.cert:
+            return channel_credentials(self.tls.cert)
+        return None
+
+    def peer_token(self, role: str) -> str | None:
+        """Token the gateway sends to its peers: the internal one; the embedded mesh, whose one
+        port accepts either, falls back to the public one."""
+        return self.internal_token or (self.auth_token if role == "all" else None)
+
     @classmethod
     def from_args(cls, args) -> "SecurityConfig":
         """From parsed CLI flags (--tls-cert/--tls-key/--tls-ca/--auth-token/--internal-token)

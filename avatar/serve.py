@@ -116,12 +116,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
             if missing:
                 raise ValueError(f"--role gateway needs the peer addresses: {', '.join('--' + m for m in missing)}")
             peers = (cfg.encoder, cfg.generator, cfg.decoder)
-        # Peers are called over TLS when this process has TLS material (mTLS: its cert is the
-        # client cert), with the internal token; the embedded mesh reuses the public token.
-        peer_creds = (sec.tls.channel_credentials() if sec.tls.ca
-                      else grpc.ssl_channel_credentials() if sec.tls.cert else None)  # system CAs
-        peer_token = sec.internal_token or (sec.auth_token if cfg.role == "all" else None)
-        gateway = GatewayServicer(cfg.model, *peers, credentials=peer_creds, token=peer_token,
+        gateway = GatewayServicer(cfg.model, *peers, credentials=sec.peer_credentials(cfg.role),
+                                  token=sec.peer_token(cfg.role),
                                   admission=Admission(cfg.admission, "gateway") if cfg.admission else None,
                                   **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}))
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)

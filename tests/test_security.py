@@ -175,3 +175,43 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("AVATAR_AUTH_TOKEN", "  ")
     assert security.token_from(None, "AVATAR_AUTH_TOKEN") is None
     assert security.token_fingerprint("abc") == security.token_fingerprint("abc") != security.token_fingerprint("abd")
+
+
+def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
+    """`avatar serve` with TLS + tokens, and `avatar generate` over it: right token works, the
+    embedded gateway reaches its siblings over TLS with a token, a missing token is refused."""
+    import subprocess
+    import time
+
+    from avatar.healthcheck import check
+    from tests.conftest import AVATAR, ASSETS, ROOT, Services
+    chain = tmp_path / "fullchain.pem"   # leaf + CA: the embedded mesh verifies itself with it
+    chain.write_bytes((pki / "server.pem").read_bytes() + (pki / "ca.pem").read_bytes())
+    services = Services(tmp_path, dict(env, AVATAR_AUTH_TOKEN="pub-token-123", AVATAR_INTERNAL_TOKEN="int-token-456"))
+    try:
+        svc = services.start("all", "--tls-cert", str(chain), "--tls-key", str(pki / "server.key"), wait=False)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if check(svc.address, tls_ca=str(pki / "ca.pem")) == "SERVING":
+                    break
+            except grpc.RpcError:
+                pass
+            assert svc.proc.poll() is None and time.monotonic() < deadline, svc.log.read_text()[-2000:]
+            time.sleep(0.3)
+        audio = tmp_path / "a.wav"
+        subprocess.run(["sox", str(ASSETS / "speech.wav"), str(audio), "trim", "0", "0.6"], check=True, timeout=30)
+        base = [*AVATAR, "generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(audio),
+                "--size", "64*64", "--server", svc.address, "--tls-ca", str(pki / "ca.pem")]
+        clean_env = {k: v for k, v in env.items() if k not in ("AVATAR_AUTH_TOKEN", "AVATAR_INTERNAL_TOKEN")}
+        r = subprocess.run([*base, "--out", str(tmp_path / "no.mp4")], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT, env=clean_env)
+        assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr and not (tmp_path / "no.mp4").exists()
+        r = subprocess.run([*base, "--out", str(tmp_path / "yes.mp4")], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT, env=dict(clean_env, AVATAR_AUTH_TOKEN="pub-token-123"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / "yes.mp4").stat().st_size > 1000
+        log = svc.log.read_text()
+        assert "pub-token-123" not in log and "int-token-456" not in log
+    finally:
+        services.stop_all()
