@@ -92,11 +92,12 @@ class ModelDims:
     vae_stride: tuple[int, int, int] = (4, 8, 8)
     patch: tuple[int, int, int] = (1, 2, 2)
     motion_frames: int = 73   # video frames of motion context (FramePack), = 19 latent frames
+    text_len: int = 512       # most prompt tokens (T5 output rows) the DiT's text context holds
 
 
 MODEL_DIMS = {
     "s2v-14b": ModelDims(text_dim=4096, audio_dim=1024, audio_layers=25),
-    "tiny": ModelDims(text_dim=32, audio_dim=32, audio_layers=5),
+    "tiny": ModelDims(text_dim=32, audio_dim=32, audio_layers=5, text_len=16),
 }
 
 

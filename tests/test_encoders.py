@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from avatar.errors import InvalidInput, WeightsError
-from avatar.presets import ModelSpec
+from avatar.presets import MODEL_DIMS, ModelSpec
 from ckpt_fixtures.encoders import write_encoder_files, write_t5, write_tokenizer, write_wav2vec2
 from services.encoder.audio_encoder import (AudioEncoder, bucket_features, frame_indices, resample_features)
 from services.encoder.engine import REF_REPEAT, EncoderEngine
@@ -64,7 +64,8 @@ def test_tiny_t5_checkpoint_loads_strictly_and_runs(tmp_path):
 def test_prompt_lengths():
     enc = TextEncoder.tiny(0)
     assert enc.encode("").shape == (1, TINY_T5.dim)                 # just </s>
-    assert enc.encode("word " * 400).shape == (TEXT_LEN, TINY_T5.dim)
+    assert enc.encode("word " * 400).shape == (MODEL_DIMS["tiny"].text_len, TINY_T5.dim)   # the tiny DiT's text_len
+    assert TextEncoder(enc.model, enc.tokenizer, enc.dims).encode("word " * 400).shape == (TEXT_LEN, TINY_T5.dim)
     with pytest.raises(InvalidInput):
         enc.encode(None)
 

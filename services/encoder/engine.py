@@ -39,12 +39,14 @@ class EncoderEngine:
             self.text = TextEncoder.tiny(model.seed, enc_device)
             self.audio = AudioEncoder.tiny(model.seed, backend, enc_device)
         elif model.random_weights:
-            self.text = TextEncoder.random(UMT5_XXL, model.seed, enc_device, torch.bfloat16)
+            self.text = TextEncoder.random(UMT5_XXL, model.seed, enc_device, torch.bfloat16,
+                                           max_len=self.dims.text_len)
             self.audio = AudioEncoder.random(WAV2VEC2_LARGE, model.seed, backend, enc_device, audio_dtype)
         else:
             layout = resolve_ckpt_dir(model.ckpt_dir)
             # upstream keeps the T5 in bf16 wherever it runs (11 GB)
-            self.text = TextEncoder.from_upstream(layout.t5, layout.tokenizer, enc_device, torch.bfloat16)
+            self.text = TextEncoder.from_upstream(layout.t5, layout.tokenizer, enc_device, torch.bfloat16,
+                                                  max_len=self.dims.text_len)
             audio_dir = model.extra.get("audio_model_dir") or layout.wav2vec2
             self.audio = AudioEncoder.from_pretrained(audio_dir, backend, enc_device, audio_dtype)
         self._check_dims()
@@ -82,7 +84,7 @@ class EncoderEngine:
     # -- text / audio --------------------------------------------------------------------------
 
     def encode_text(self, prompt: str) -> torch.Tensor:
-        """prompt -> [L, text_dim], L <= 512 real tokens."""
+        """prompt -> [L, text_dim], L <= text_len (512; tiny: 16) real tokens, </s> included."""
         return self.text.encode(prompt)
 
     def encode_audio(self, pcm_16k: np.ndarray, fps: int, total_frames: int,

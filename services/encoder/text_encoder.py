@@ -135,16 +135,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 class TextEncoder:
     """Prompt -> umT5 embeddings [L, dim] for the real tokens (at most 512)."""
 
-    def __init__(self, model: UMT5EncoderModel, tokenizer, dims: T5Dims):
+    def __init__(self, model: UMT5EncoderModel, tokenizer, dims: T5Dims, max_len: int = TEXT_LEN):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.dims = dims
+        self.max_len = max_len   # the DiT's text_len: 512 upstream, 16 for the tiny DiT
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
     @classmethod
     def from_upstream(cls, ckpt_path: str | pathlib.Path, tokenizer_dir: str | pathlib.Path,
-                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> "TextEncoder":
+                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      max_len: int = TEXT_LEN) -> "TextEncoder":
         """Loads models_t5_umt5-xxl-enc-bf16.pth (memory-mapped, strictly) and the tokenizer folder."""
         tokenizer = load_tokenizer(tokenizer_dir)
         sd = load_pth(ckpt_path)
@@ -161,32 +163,32 @@ class TextEncoder:
         model.encoder.embed_tokens = model.shared
         if len(tokenizer) > dims.vocab:
             raise WeightsError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens, the T5 embedding {dims.vocab}")
-        return cls(model.to(device=device, dtype=dtype), tokenizer, dims)
+        return cls(model.to(device=device, dtype=dtype), tokenizer, dims, max_len)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu") -> "TextEncoder":
         """Random tiny umT5 + the byte tokenizer: needs no file."""
-        return cls.random(TINY_T5, seed, device, torch.float32, byte_tokenizer())
+        return cls.random(TINY_T5, seed, device, torch.float32, byte_tokenizer(), MODEL_DIMS["tiny"].text_len)
 
     @classmethod
     def random(cls, dims: T5Dims = UMT5_XXL, seed: int = 0, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.bfloat16, tokenizer=None) -> "TextEncoder":
-        """Random weights (seeded on CPU); the byte tokenizer unless one is given."""
+               dtype: torch.dtype = torch.bfloat16, tokenizer=None, max_len: int = TEXT_LEN) -> "TextEncoder":
+        """Random weights (seeded on CPU, created in `dtype`); the byte tokenizer unless one is given."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = dims.build()
-        return cls(model.to(device=device, dtype=dtype), tokenizer or byte_tokenizer(), dims)
+            model = UMT5EncoderModel._from_config(dims.config(), dtype=dtype)
+        return cls(model.to(device=device, dtype=dtype), tokenizer or byte_tokenizer(), dims, max_len)
 
     def token_ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise InvalidInput(f"prompt must be text, got {type(prompt).__name__}")
-        ids = self.tokenizer(clean_prompt(prompt), truncation=True, max_length=TEXT_LEN,
+        ids = self.tokenizer(clean_prompt(prompt), truncation=True, max_length=self.max_len,
                              add_special_tokens=True)["input_ids"]
         return list(ids)
 
     @torch.no_grad()
     def encode(self, prompt: str) -> torch.Tensor:
-        """prompt -> [L, dim] in the model dtype, on the CPU; L = real tokens incl. </s>, <= 512."""
+        """prompt -> [L, dim] in the model dtype, on the CPU; L = real tokens incl. </s>, <= max_len."""
         ids = torch.tensor([self.token_ids(prompt)], device=self.device)
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         return out[0].cpu()
