@@ -168,6 +168,7 @@ def _read(path: str, what: str) -> bytes:
 async def cmd_generate(args) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
+    from opentelemetry.trace import SpanKind
 
     from avatar import grpc_util, telemetry
     from avatar.v1 import avatar_pb2, avatar_pb2_grpc
@@ -183,6 +184,7 @@ async def cmd_generate(args) -> int:
     mesh = None
     if args.server:
         address = args.server
+        telemetry.setup("avatar-cli", args.trace_file)
     else:
         from avatar.serve import ServeConfig, start
         try:
@@ -192,6 +194,8 @@ async def cmd_generate(args) -> int:
             raise UserError(str(exc)) from None
         address = mesh.address
 
+    # The request's root span: the gateway continues this trace (one trace id, client included).
+    client_span = telemetry.tracer().start_span("avatar generate", kind=SpanKind.CLIENT)
     t0 = time.perf_counter()
     fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     bar = None
@@ -211,7 +215,7 @@ async def cmd_generate(args) -> int:
             stub = avatar_pb2_grpc.AvatarServiceStub(channel)
             with os.fdopen(fd, "wb") as f:
                 async for msg in stub.Generate(request, timeout=args.timeout,
-                                               metadata=telemetry.outgoing_metadata()):
+                                               metadata=telemetry.outgoing_metadata(client_span)):
                     kind = msg.WhichOneof("event")
                     if kind == "header":
                         header = msg.header
@@ -245,6 +249,7 @@ async def cmd_generate(args) -> int:
         _cleanup(part)
         raise
     finally:
+        client_span.end()
         if bar is not None:
             bar.close()
         if mesh is not None:

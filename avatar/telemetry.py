@@ -107,10 +107,11 @@ def record_span(name: str, start_ns: int, end_ns: int, **attributes) -> None:
     s.end(end_time=end_ns)
 
 
-def outgoing_metadata() -> list[tuple[str, str]]:
-    """gRPC metadata carrying the current trace context (W3C traceparent) to a downstream call."""
+def outgoing_metadata(parent: trace.Span | None = None) -> list[tuple[str, str]]:
+    """gRPC metadata carrying the trace context (W3C traceparent) of `parent`, or of the current
+    span, to a downstream call."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=trace.set_span_in_context(parent) if parent is not None else None)
     return list(carrier.items())
 
 
