@@ -61,7 +61,19 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
         log.info("FP8 linear layers: %d", len(swapped))
     if device.type == "cuda":
         prefer_cudnn_attention(device)
+    if model.compile:
+        compile_blocks(dit)
     return dit
+
+
+def compile_blocks(dit: CausalS2VDiT) -> None:
+    """torch.compile every transformer block and audio injector (one graph shared by all: same
+    code, parameters as inputs), with dynamic shapes from the start, because the ring fill, the
+    slot and the latent size change between calls (bench/bench_generator.py measures this)."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for module in (*dit.blocks, *dit.audio_injector.injector):
+        module.compile(dynamic=True)
 
 
 class GeneratorEngine:
