@@ -254,7 +254,7 @@ class WanVAE:
         prev = None
         while len(outs) < 1 + groups:
             outs.append(self.model.encoder(group, feat_cache=cache, feat_idx=[0]))
-            state = [c.clone() if isinstance(c, torch.Tensor) else c for c in cache]
+            state = list(cache)   # the encoder replaces cache entries, never writes into them
             if prev is not None and _same_state(prev, state):
                 outs.extend([outs[-1]] * (1 + groups - len(outs)))
                 break
