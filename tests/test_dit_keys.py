@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from avatar.errors import WeightsError

@@ -434,6 +434,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------ conditioning, once per session/block
 
+    @torch.no_grad()
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
         """text [B, L, text_dim] (L <= text_len) -> [B, text_len, dim]; zero-padded as upstream."""
         b, n, _ = text.shape
@@ -442,6 +443,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         text = F.pad(text.to(self.dtype), (0, 0, 0, self.config.text_len - n))
         return self.text_embedding(text)
 
+    @torch.no_grad()
     def encode_audio(self, features: torch.Tensor) -> AudioTokens:
         """features [B, audio_layers, audio_dim, T] (T video frames of one block) -> AudioTokens.
 

@@ -83,7 +83,6 @@ class GeneratorEngine:
     def __init__(self, model: ModelSpec, dit: CausalS2VDiT | None = None):
         self.spec = model
         self.dit = dit if dit is not None else build_generator_model(model)
-        self.device = torch.device(model.device)
         self.cache_sets = model.extra.get("cache_sets")
 
     def open_session(self, job, text: torch.Tensor, ref_latent: torch.Tensor,
