@@ -131,11 +131,12 @@ def mesh(tmp_path_factory, env):
     services = Services(tmp_path_factory.mktemp("mesh"), env)
     try:
         parts = {role: services.start(role, trace=True, wait=False) for role in ("encoder", "generator", "decoder")}
-        for svc in parts.values():
-            wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
+        # The gateway starts alongside: its channels connect on first use.
         parts["gateway"] = services.start("gateway", "--encoder", parts["encoder"].address,
                                           "--generator", parts["generator"].address,
-                                          "--decoder", parts["decoder"].address, trace=True)
+                                          "--decoder", parts["decoder"].address, trace=True, wait=False)
+        for svc in parts.values():
+            wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
         yield parts
     finally:
         services.stop_all()
