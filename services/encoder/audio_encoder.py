@@ -74,11 +74,13 @@ def tiny_wav2vec2_config(dims: AudioDims = TINY_AUDIO) -> Wav2Vec2Config:
     )
 
 
-def tiny_whisper_config(dims: AudioDims = TINY_AUDIO) -> WhisperConfig:
+def whisper_config(dims: AudioDims = TINY_AUDIO) -> WhisperConfig:
+    """A Whisper encoder of the given width and depth (1024 x 24 is whisper-medium's), one decoder layer."""
+    heads = max(2, dims.hidden // 64)
     return WhisperConfig(
         vocab_size=64, num_mel_bins=80, d_model=dims.hidden, encoder_layers=dims.layers, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * dims.hidden,
-        decoder_ffn_dim=2 * dims.hidden, max_source_positions=1500, max_target_positions=16,
+        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * dims.hidden,
+        decoder_ffn_dim=4 * dims.hidden, max_source_positions=1500, max_target_positions=16,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )
 
@@ -145,7 +147,7 @@ class AudioEncoder:
                 fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=ENCODER_AUDIO_RATE, padding_value=0.0,
                                               do_normalize=True, return_attention_mask=True)
             elif backend == "whisper":
-                model = WhisperModel(tiny_whisper_config(dims))
+                model = WhisperModel(whisper_config(dims))
                 fe = WhisperFeatureExtractor(feature_size=80, sampling_rate=ENCODER_AUDIO_RATE)
             else:
                 raise ValueError(f"audio backend must be one of {BACKENDS}, not {backend!r}")
