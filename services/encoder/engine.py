@@ -51,6 +51,10 @@ class EncoderEngine:
             self.audio = AudioEncoder.from_pretrained(audio_dir, backend, enc_device, audio_dtype)
         self._check_dims()
         self.clip = _load_clip(model, enc_device) if model.extra.get("clip_image") else None
+        log.info("encoder ready: %s; VAE on %s (%s), umT5 %dx%d and %s %dx%d on %s%s", model.describe(),
+                 self.vae.device, str(self.vae.dtype).removeprefix("torch."), self.text.dims.layers,
+                 self.text.dims.dim, backend, self.audio.dims.layers + 1, self.audio.dims.hidden, enc_device,
+                 ", CLIP on" if self.clip else "")
 
     def _check_dims(self) -> None:
         if self.text.dims.dim != self.dims.text_dim:
