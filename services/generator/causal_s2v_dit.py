@@ -414,6 +414,11 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         self.frame_packer = FramePacker(in_dim, dim, framepack_buckets)
         self._motion_rope: dict[tuple, Rope] = {}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype. (ModelMixin.dtype walks every parameter: milliseconds per call at 14B.)"""
+        return self.patch_embedding.weight.dtype
+
     # ------------------------------------------------------------ sizes
 
     @property
