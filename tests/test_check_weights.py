@@ -172,3 +172,20 @@ def test_download_fails_fast_offline(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 5
     assert "Quark-Vision/Live-Avatar liveavatar.safetensors" in str(err.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_wav2vec2_with_legacy_weight_norm_names(tiny_folder):
+    """Older transformers checkpoints (like XLSR-53's) name the positional conv's weight norm weight_g/_v."""
+    from safetensors.torch import load_file
+
+    path = tiny_folder / "wav2vec2-large-xlsr-53-english" / "model.safetensors"
+    sd = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
+                                                                             "weight_v"): v
+          for k, v in load_file(str(path)).items()}
+    assert any(k.endswith("weight_g") for k in sd)
+    save_file(sd, str(path), metadata={"format": "pt"})
+    assert check_weights(tiny_folder, model="tiny").ok
+    del sd["wav2vec2.encoder.pos_conv_embed.conv.weight_v"]
+    save_file(sd, str(path), metadata={"format": "pt"})
+    report = check_weights(tiny_folder, model="tiny")
+    assert report.problems == ["wav2vec2: missing keys: wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"]

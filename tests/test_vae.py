@@ -125,3 +125,13 @@ def test_bad_input_is_rejected(vae):
         vae.encode(torch.zeros(3, 1, 32, 32))
     with pytest.raises(InvalidInput, match="latents must be"):
         vae.decode(torch.zeros(1, 4, 1, 4, 4))
+
+
+def test_bfloat16_vae_tracks_float32(vae):
+    """LiveAvatar runs the VAE in bf16: same weights, outputs close to float32 ones."""
+    half = WanVAE(WanVAE.tiny(seed=0, dtype=torch.bfloat16).model, vae.dims)
+    x = _pixels(5, 16, 16, seed=5)
+    z = vae.encode(x)
+    assert half.dtype == torch.bfloat16 and half.encode(x).dtype == torch.float32
+    assert (half.encode(x) - z).abs().max() < 0.05 * z.abs().max()
+    assert (half.decode(z) - vae.decode(z)).abs().max() < 0.1
