@@ -70,16 +70,21 @@ def _axis_pairs(head_dim: int) -> tuple[int, int, int]:
 def rope_grid(head_dim: int, frames, rows, cols, device) -> Rope:
     """RoPE for the tokens of a (frames x rows x cols) grid, flattened frame-major.
 
-    frames/rows/cols are the integer positions along each axis (frames may be negative).
-    cos/sin are computed per axis (small, float64 on the CPU) and broadcast on `device`.
+    frames/rows/cols are the integer positions along each axis (frames may be negative); ranges
+    are built on `device` directly, so the per-call RoPE needs no host-to-device copy (a pageable
+    copy would wait for the GPU queue). cos/sin are computed per axis (float64), then broadcast.
     """
     axes = []
     for pos, pairs in zip((frames, rows, cols), _axis_pairs(head_dim)):
         dim = 2 * pairs
-        inv = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        ang = torch.as_tensor(np.asarray(pos), dtype=torch.float64)[:, None] * inv
+        inv = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+        if isinstance(pos, range):
+            pos = torch.arange(pos.start, pos.stop, pos.step, dtype=torch.float64, device=device)
+        else:
+            pos = torch.as_tensor(np.asarray(pos), dtype=torch.float64).to(device)
+        ang = pos[:, None] * inv
         # Upstream stores the rotations as complex32, i.e. rounded to float16: the model was trained so.
-        axes.append(torch.stack([ang.cos(), ang.sin()]).to(torch.float16).to(device=device, dtype=torch.float32))
+        axes.append(torch.stack([ang.cos(), ang.sin()]).to(torch.float16).float())
     f, h, w = axes
     nf, nh, nw = f.shape[1], h.shape[1], w.shape[1]
     grid = torch.cat([f[:, :, None, None].expand(2, nf, nh, nw, -1), h[:, None, :, None].expand(2, nf, nh, nw, -1),
@@ -471,7 +476,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         key = (h, w, str(device))
         if key not in self._motion_rope:  # fixed positions: computed once per size
             self._motion_rope[key] = self.frame_packer.rope(self.head_dim, h, w, device)
-        ref = rope_grid(self.head_dim, [ref_frame], range(h // 2), range(w // 2), device)
+        ref = rope_grid(self.head_dim, range(ref_frame, ref_frame + 1), range(h // 2), range(w // 2), device)
         return Rope.cat([ref, self._motion_rope[key]])
 
     # ------------------------------------------------------------ forward passes

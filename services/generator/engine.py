@@ -147,14 +147,15 @@ class GeneratorSession:
                 # as the reference (the motion context stays: it would need the VAE here).
                 dit.prefill_sink(self._first_frame, self.motion, self.context, self.kv)
             gen = torch.Generator(device="cpu").manual_seed(self.seed + clip)
-            self._clip_noise = torch.randn((1, 16, p.clip_frames, p.h, p.w), generator=gen)
+            noise = torch.randn((1, 16, p.clip_frames, p.h, p.w), generator=gen)
+            self._clip_noise = noise.to(self.device, self.dtype)
         frame = self.block_index * p.block_frames
         f0 = in_clip * p.block_frames
-        x = self._clip_noise[:, :, f0:f0 + p.block_frames].to(self.device, self.dtype)
+        x = self._clip_noise[:, :, f0:f0 + p.block_frames]
         tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
         for i, t in enumerate(self.sampler.timesteps):
             cache_set = i if p.cache_sets > 1 else 0
-            v = dit(x, torch.tensor([t], device=self.device), self.context, tokens, self.kv, cache_set,
+            v = dit(x, torch.full((1,), t, device=self.device), self.context, tokens, self.kv, cache_set,
                     frame, self._sink_frame(frame))
             x = self.sampler.step(x, v, i)
         if p.cache_sets == 1:
