@@ -293,7 +293,7 @@ def manual_commands(dest_dir: str | pathlib.Path) -> str:
     includes = " ".join(f'--include "{p}"' for p in S2V_FILES)
     return (f"  hf download {S2V_REPO} {includes} --local-dir {dest / S2V_FOLDER}\n"
             f"  hf download {LORA_REPO} {LORA_FILE} --local-dir {dest / LORA_FOLDER}\n"
-            f"(huggingface_hub < 1.0: `huggingface-cli download` with the same arguments)")
+            f"(`hf` comes with huggingface_hub >= 1.0, as pinned in requirements.txt)")
 
 
 def download_weights(dest_dir: str | pathlib.Path, lora: bool = True, timeout_s: float = 10.0) -> Downloaded:
