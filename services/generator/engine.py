@@ -199,7 +199,9 @@ def _plan(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) 
     if text.ndim != 2 or text.shape[1] != text_dim or not 1 <= text.shape[0] <= dit.config.text_len:
         raise InvalidInput(f"text embeddings must be [1..{dit.config.text_len}, {text_dim}], got {list(text.shape)}")
     block = job.latent_frames_per_block
-    if block < 1 or job.infer_frames % (block * VAE_TIME_STRIDE) or job.infer_frames <= 0:
+    if block < 1:
+        raise InvalidInput(f"latent_frames_per_block must be positive, got {block}")
+    if job.infer_frames % (block * VAE_TIME_STRIDE) or job.infer_frames <= 0:
         raise InvalidInput(f"infer_frames {job.infer_frames} must be a positive multiple of "
                            f"{block * VAE_TIME_STRIDE} (latent_frames_per_block {block} x {VAE_TIME_STRIDE})")
     steps = job.sample_steps
