@@ -163,7 +163,25 @@ def test_decoder_killed_mid_stream_then_back(tmp_path, env):
         back = services.start("decoder", "--listen", parts["decoder"].address, wait=False)
         wait_serving(parts["decoder"].address, 120, back.proc, back.log)
         _valid_mp4(_complete(gw.address, _request(1.0)), tmp_path / "after.mp4")
+        # a frozen decoder (host gone, no socket closed) is found out by keepalive pings
+        with grpc.insecure_channel(gw.address, options=MESSAGE_OPTIONS) as ch:
+            call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0), timeout=120)
+            with pytest.raises(grpc.RpcError) as e:
+                for msg in call:
+                    if msg.WhichOneof("event") == "fragment" and back.proc.poll() is None:
+                        back.proc.send_signal(signal.SIGSTOP)
+                        frozen = time.monotonic()
+                        break
+                for msg in call:
+                    pass
+            waited = time.monotonic() - frozen
+        back.proc.send_signal(signal.SIGCONT)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+        assert waited < 15, f"the client waited {waited:.1f} s for UNAVAILABLE from a frozen decoder"
     finally:
+        for p in services.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
         services.stop_all()
 
 
