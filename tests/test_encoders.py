@@ -70,6 +70,17 @@ def test_prompt_lengths():
         enc.encode(None)
 
 
+def test_concurrent_prompts_match_sequential_ones():
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = TextEncoder.tiny(0)
+    prompts = [f"speaker {i} " * (i % 5 + 1) for i in range(24)]
+    expected = [enc.encode(p) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(enc.encode, prompts))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_t5_missing_key_is_named(tmp_path):
     ckpt, tok = write_t5(tmp_path), write_tokenizer(tmp_path)
     sd = torch.load(ckpt, weights_only=True)

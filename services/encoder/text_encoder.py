@@ -11,6 +11,7 @@ import dataclasses
 import html
 import pathlib
 import re
+import threading
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
@@ -140,6 +141,8 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.dims = dims
         self.max_len = max_len   # the DiT's text_len: 512 upstream, 16 for the tiny DiT
+        # fast tokenizers set truncation state per call and fail ("Already borrowed") when shared by threads
+        self._tokenizer_lock = threading.Lock()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
@@ -182,8 +185,9 @@ class TextEncoder:
     def token_ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise InvalidInput(f"prompt must be text, got {type(prompt).__name__}")
-        ids = self.tokenizer(clean_prompt(prompt), truncation=True, max_length=self.max_len,
-                             add_special_tokens=True)["input_ids"]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(clean_prompt(prompt), truncation=True, max_length=self.max_len,
+                                 add_special_tokens=True)["input_ids"]
         return list(ids)
 
     @torch.no_grad()
