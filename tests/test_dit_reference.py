@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from avatar.presets import ModelSpec
+from avatar.v1 import tensor_pb2
 from services.generator.causal_s2v_dit import PRESETS
+from services.generator.engine import GeneratorEngine
 from services.generator.kv_cache import KVCache, KVCacheSpec
 from services.generator.weights import random_dit
 
@@ -40,3 +43,29 @@ def test_sink_and_five_blocks_match_upstream():
         t = 1000 * torch.rand(1, generator=g)
         out = model(latents, t, ctx, model.encode_audio(audio), kv, 0, frame, max(30, frame + lead))
         torch.testing.assert_close(out[0], want[f"out.{block}"], rtol=0, atol=1e-5, msg=f"block {block}")
+
+
+ENGINE_REFERENCE = Path(__file__).parent / "data" / "engine_upstream_reference.safetensors"
+
+
+def test_engine_blocks_match_upstreams_generate_loop():
+    """3 clips of 2 blocks, 4 steps, one cache set per step, the sink refreshed after clip 0:
+    the latents upstream's generate() loop produced with LiveAvatar's model (same weights,
+    inputs, noise seeds and RoPE-lead draws)."""
+    with safe_open(str(ENGINE_REFERENCE), framework="pt") as f:
+        meta = f.metadata()
+        want = [f.get_tensor(f"block.{b}") for b in range(len(f.keys()))]
+    seed, steps, infer, width, height = (int(meta[k]) for k in ("seed", "steps", "infer_frames", "width", "height"))
+    clips, h, w = int(meta["clips"]), height // 8, width // 8
+    model = random_dit(dict(PRESETS["tiny"], audio_layers=25), "cpu", torch.float32, seed=int(meta["seed_weights"]))
+    g = torch.Generator().manual_seed(int(meta["seed_inputs"]))
+    text = torch.randn(5, 32, generator=g)
+    ref = torch.randn(16, 1, h, w, generator=g)
+    motion = torch.randn(16, 19, h, w, generator=g)
+    audio = torch.randn(clips * infer, 25, 32, generator=g)
+    job = tensor_pb2.JobSpec(width=width, height=height, fps=25, infer_frames=infer, latent_frames_per_block=3,
+                             num_blocks=len(want), total_frames=clips * infer, sample_steps=steps, seed=seed, model="tiny")
+    session = GeneratorEngine(ModelSpec(), dit=model).open_session(job, text, ref, motion)
+    for b, expected in enumerate(want):
+        got = session.generate_block(audio[12 * b:12 * (b + 1)])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=f"block {b}")
