@@ -2,7 +2,6 @@
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import tempfile

@@ -82,6 +82,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
         closers.append(close_metrics)
     loop = asyncio.get_running_loop()
 
+    # Each role imports only its own engine (a gateway loads no model code); engines build in a
+    # thread so a slow checkpoint load does not block the loop.
     if cfg.role in ("all", "encoder"):
         from avatar.v1 import encoder_pb2_grpc
         from services.encoder.engine import EncoderEngine

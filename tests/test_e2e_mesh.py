@@ -1,6 +1,4 @@
 """End to end: the four services as separate OS processes on loopback; a 5 s clip streams as fMP4."""
-from pathlib import Path
-
 from conftest import ASSETS, check_video, generate
 
 from avatar.v1 import avatar_pb2
