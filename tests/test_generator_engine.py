@@ -145,3 +145,13 @@ def test_fp8_linears_run_the_same_session():
     assert all(torch.isfinite(b).all() for b in out)
     rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(out, ref))
     assert 0 < rel < 0.05, rel                                     # ~2% on the tiny model
+
+
+def test_bfloat16_model_follows_the_float32_one():
+    """The GPU dtype path (bf16 weights and activations, float32 modulation/residuals) on CPU."""
+    bf16 = random_dit("tiny", "cpu", torch.bfloat16, seed=0)
+    out = _generate(GeneratorEngine(ModelSpec(), dit=bf16), _job(), blocks=3)
+    ref = _generate(GeneratorEngine(ModelSpec(), dit=random_dit("tiny", "cpu", torch.float32, seed=0)), _job(), blocks=3)
+    assert all(b.dtype == torch.bfloat16 for b in out)
+    rel = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(out, ref)]
+    assert max(rel) < 0.02, rel                                    # ~0.5% measured
