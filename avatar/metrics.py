@@ -35,6 +35,8 @@ FPS = Histogram("avatar_generation_fps", "Video frames streamed per second of re
                 buckets=(0.5, 1, 2, 4, 8, 12, 16, 20, 25, 30, 45, 60, 100), registry=REGISTRY)
 LAST_FPS = Gauge("avatar_generation_fps_last", "FPS of the last finished request", registry=REGISTRY)
 FRAMES = Counter("avatar_frames", "Video frames streamed to clients", registry=REGISTRY)
+IN_FLIGHT = Gauge("avatar_inflight_rpcs", "RPCs running now (a decoder/generator stream = one session)",
+                  ["service", "method"], registry=REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def _code_of(context, exc: BaseException | None) -> str:
 
 
 def _record(service, method, context, started, exc):
+    IN_FLIGHT.labels(service=service, method=method).dec()
     REQUESTS.labels(service=service, method=method, code=_code_of(context, exc)).inc()
     REQUEST_SECONDS.labels(service=service, method=method).observe(time.monotonic() - started)
 
@@ -187,6 +190,7 @@ def _wrap_unary(behavior, service, method):
     @functools.wraps(behavior)
     async def wrapper(request, context):
         started, exc = time.monotonic(), None
+        IN_FLIGHT.labels(service=service, method=method).inc()
         try:
             return await behavior(request, context)
         except BaseException as e:
@@ -201,6 +205,7 @@ def _wrap_stream(behavior, service, method):
     @functools.wraps(behavior)
     async def wrapper(request, context):
         started, exc = time.monotonic(), None
+        IN_FLIGHT.labels(service=service, method=method).inc()
         try:
             async for response in behavior(request, context):
                 yield response

@@ -59,6 +59,8 @@ def wait_sessions_freed(svc, services=("gateway", "generator"), timeout_s=10.0) 
         m = metrics_of(svc)
         busy = {k: v for k, v in m.items()
                 if k.startswith(("avatar_active_sessions", "avatar_queue_depth")) and v != 0}
+        busy.update({k: v for k, v in m.items() if k.startswith("avatar_inflight_rpcs") and v != 0
+                     and any(s in k for s in ("GeneratorService", "DecoderService", "EncoderService"))})
         if not busy:
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout_s:
@@ -131,13 +133,19 @@ def test_deadline_reaches_every_stage(embedded):
 
 
 def test_decoder_killed_mid_stream_then_back(tmp_path, env):
-    services = Services(tmp_path, env)
+    # internal services require the internal token; the gateway sends it
+    services = Services(tmp_path, dict(env, AVATAR_INTERNAL_TOKEN="internal-tok-789"))
     try:
         parts = {r: services.start(r, "--metrics-port", "0", wait=False) for r in ("encoder", "generator", "decoder")}
         for svc in parts.values():
             wait_serving(svc.address, 120, svc.proc, svc.log)
         gw = services.start("gateway", "--encoder", parts["encoder"].address, "--generator",
                             parts["generator"].address, "--decoder", parts["decoder"].address, "--metrics-port", "0")
+        from avatar.v1 import encoder_pb2, encoder_pb2_grpc
+        with grpc.insecure_channel(parts["encoder"].address) as ch:   # no token: refused
+            with pytest.raises(grpc.RpcError) as e:
+                encoder_pb2_grpc.EncoderServiceStub(ch).EncodeText(encoder_pb2.EncodeTextRequest(prompt="x"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "internal token" in e.value.details()
         with grpc.insecure_channel(gw.address, options=MESSAGE_OPTIONS) as ch:
             call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0), timeout=120)
             fragments = 0
