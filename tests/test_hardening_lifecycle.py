@@ -186,6 +186,11 @@ def test_decoder_killed_mid_stream_then_back(tmp_path, env):
         back.proc.send_signal(signal.SIGCONT)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
         assert waited < 15, f"the client waited {waited:.1f} s for UNAVAILABLE from a frozen decoder"
+        # operators see each failure as a JSON log line that names its trace
+        records = [json.loads(line) for line in gw.log.read_text().splitlines() if line.startswith("{")]
+        failures = [r for r in records if "UNAVAILABLE" in r["message"]]
+        assert len(failures) >= 3 and all(len(r["trace_id"]) == 32 and r["service"] == "avatar-gateway"
+                                          for r in failures), failures
     finally:
         for p in services.procs:
             if p.poll() is None:

@@ -2,6 +2,7 @@
 import asyncio
 import shutil
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -184,7 +185,7 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
     import time
 
     from avatar.healthcheck import check
-    from tests.conftest import AVATAR, ASSETS, ROOT, Services
+    from tests.conftest import AVATAR, ASSETS, ROOT, Services, free_port
     chain = tmp_path / "fullchain.pem"   # leaf + CA: the embedded mesh verifies itself with it
     chain.write_bytes((pki / "server.pem").read_bytes() + (pki / "ca.pem").read_bytes())
     services = Services(tmp_path, dict(env, AVATAR_AUTH_TOKEN="pub-token-123", AVATAR_INTERNAL_TOKEN="int-token-456"))
@@ -211,6 +212,12 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
                            timeout=120, cwd=ROOT, env=dict(clean_env, AVATAR_AUTH_TOKEN="pub-token-123"))
         assert r.returncode == 0, r.stderr[-2000:]
         assert (tmp_path / "yes.mp4").stat().st_size > 1000
+        probe = [sys.executable, "-m", "avatar.healthcheck", "--tls-ca", str(pki / "ca.pem")]
+        r = subprocess.run([*probe, svc.address], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "SERVING" in r.stdout
+        r = subprocess.run([*probe, "--timeout", "1", f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
         log = svc.log.read_text()
         assert "pub-token-123" not in log and "int-token-456" not in log
     finally:
