@@ -513,6 +513,46 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     return res
 
 
+def bench_engine(dit, width, height, device, blocks: int, warm: int) -> dict:
+    """Cross-check through the real GeneratorEngine (the service's code path): wall ms of
+    open_session (sink prefill) and of generate_block (which syncs), on the same DiT."""
+    from types import SimpleNamespace
+
+    from avatar.presets import ModelSpec
+    from services.generator.engine import GeneratorEngine
+    c = dit.config
+    h, w = height // 8, width // 8
+    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True), dit=dit)
+    job = SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=48, latent_frames_per_block=3,
+                          num_blocks=blocks, total_frames=blocks * FRAMES_PER_BLOCK, sample_steps=4, seed=420,
+                          model="s2v-14b", audio_sample_rate=48000, request_id="bench")
+    text = torch.randn(77, c.text_dim, device=device).to(dit.dtype)
+    ref = torch.randn(16, 1, h, w, device=device)
+    motion = torch.randn(16, dit.motion_latent_frames, h, w, device=device)
+    free_memory(device)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    sess = eng.open_session(job, text, ref, motion)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    open_ms = (time.perf_counter() - t0) * 1000
+    ms = []
+    for _ in range(blocks):
+        audio = torch.randn(FRAMES_PER_BLOCK, c.audio_layers, c.audio_dim, device=device)
+        t0 = time.perf_counter()
+        sess.generate_block(audio)
+        ms.append((time.perf_counter() - t0) * 1000)
+    sess.close()
+    res = {"size": f"{width}*{height}", "open_session_ms": open_ms, "first_block_ms": ms[0],
+           "block_ms": median(ms[warm:]), "block_ms_all": [round(m, 1) for m in ms], "peak_gib": peak_gib(device)}
+    res["fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
+    del sess, eng
+    free_memory(device)
+    log(f"  engine {res['size']}: open_session {open_ms:.0f} ms, first block {ms[0]:.0f} ms, "
+        f"block {res['block_ms']:.1f} ms ({res['fps']:.1f} FPS), peak {res['peak_gib']:.1f} GiB")
+    return res
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -537,18 +577,20 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU check of the code paths)")
     ap.add_argument("--only", default="all", help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
-                    "quality,vae,overlap,24gb,compile,compile-bf16")
+                    "quality,vae,overlap,24gb,compile,compile-bf16,engine")
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--flat-blocks", type=int, default=20, help="blocks of the flat-in-length run (bf16 704*384)")
     ap.add_argument("--mem-gib", type=float, default=24.0, help="per-process GPU memory cap of the 24 GB mode")
+    ap.add_argument("--compile-first", action="store_true",
+                    help="compile the blocks right after the FP8 swap: every FP8 variant runs compiled")
     ap.add_argument("--time-budget", type=float, default=540, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
     args = ap.parse_args()
     t_main = time.perf_counter()
     smoke = args.only == "smoke"
-    parts = set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile".split(",")) \
+    parts = set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile,engine".split(",")) \
         if args.only in ("all", "smoke") else set(args.only.split(","))
     if smoke:
         args.blocks, args.warm, args.flat_blocks = 3, 1, 0
@@ -560,7 +602,7 @@ def main():
     if args.tiny:
         sizes = [(w // 4 // 16 * 16, h // 4 // 16 * 16) for w, h in sizes]
     out_path = args.out or (os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
-    results: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    results: dict = {"command": " ".join(sys.argv), "commit": os.environ.get("BENCH_COMMIT", ""), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "preset": preset, "errors": {}}
 
     def save():
@@ -675,11 +717,23 @@ def main():
                     errs = rel_errors(got, ref_latents[(w, h)])
                     results["quality"][f"{w}*{h} fp8 weights + fp8 kv"] = errs
                     log(f"  FP8 weights + FP8 KV vs bf16 latents {w}*{h}: " + " ".join(f"{e:.4f}" for e in errs))
+        tag = "fp8"
+        if args.compile_first:
+            compile_blocks(dit)
+            tag = "fp8+compile"
         if "fp8" in parts:
-            log("FP8 eager:")
-            for s in sizes:
-                variant("fp8", s)
-            variant("fp8", sizes[0], num_sets=1)
+            log(f"{tag}:")
+            for i, s in enumerate(sizes):
+                # compiled: the first clip (4 blocks) sees every ring fill level and compiles
+                extra = dict(flat=args.flat_blocks if i == 0 else 0, warm=args.warm + 4,
+                             blocks=args.blocks + 4) if args.compile_first else {}
+                variant(tag, s, **extra)
+            if args.compile_first:
+                variant(tag, sizes[0])  # again, warm: prefill and first block without compilation
+            variant(tag, sizes[0], num_sets=1)
+        if "engine" in parts:
+            results["engine"] = [guarded(f"engine {w}*{h}", lambda w=w, h=h: bench_engine(
+                dit, w, h, device, args.blocks, args.warm)) for w, h in sizes]
         if "overlap" in parts:
             results["overlap"] = guarded("overlap", lambda: bench_overlap(
                 dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm))
@@ -694,12 +748,14 @@ def main():
                 if kvd is not None and not dev_cuda:
                     continue
                 with fp8_kv_cache():
-                    variant(label, sizes[0], num_sets=1, window_frames=win, kv_dtype=kvd)
+                    variant(label + ("+compile" if args.compile_first else ""), sizes[0], num_sets=1,
+                            window_frames=win, kv_dtype=kvd, warm=args.warm + (4 if args.compile_first else 0),
+                            blocks=args.blocks + (4 if args.compile_first else 0))
             if dev_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
-        if "compile" in parts:
+        t0 = time.perf_counter()
+        if "compile" in parts and not args.compile_first:
             log("FP8 + torch.compile (blocks):")
-            t0 = time.perf_counter()
             compile_blocks(dit)
             for s in sizes:
                 # the first clip (4 blocks) sees every ring fill level: recompiles happen there
@@ -707,18 +763,20 @@ def main():
                 if r:
                     r["note"] = "first blocks include compilation"
             results["compile_total_s"] = time.perf_counter() - t0
-            left = args.time_budget - (time.perf_counter() - t_main)
-            if args.only == "all" and left > 150 or "compile-bf16" in parts:
-                log(f"bf16 + torch.compile (blocks), {left:.0f} s of the budget left:")
-                del dit
-                free_memory(device)
-                dit = build_dit(preset, device, dt)
-                compile_blocks(dit)
-                r = variant("bf16+compile", sizes[0], blocks=args.blocks + 4, warm=args.warm + 4)
+        wanted = "compile-bf16" in parts or (args.only == "all" and "compile" in parts)
+        left = args.time_budget - (time.perf_counter() - t_main)
+        if wanted and left > 120:
+            log(f"bf16 + torch.compile (blocks), {left:.0f} s of the budget left:")
+            del dit
+            free_memory(device)
+            dit = build_dit(preset, device, dt)
+            compile_blocks(dit)
+            for s in (sizes if "compile-bf16" in parts else sizes[:1]):
+                r = variant("bf16+compile", s, blocks=args.blocks + 4, warm=args.warm + 4)
                 if r:
                     r["note"] = "first blocks include compilation"
-            else:
-                log(f"bf16 + torch.compile skipped: {left:.0f} s of the time budget left")
+        elif wanted:
+            log(f"bf16 + torch.compile skipped: {left:.0f} s of the time budget left")
     save()
     print_table(results)
 
