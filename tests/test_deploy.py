@@ -409,6 +409,9 @@ def test_dockerfiles_build_from_the_repo(name, base):
     assert users and users[-1] not in ("root", "0")
     run = " ".join(a for i, a in ins if i == "RUN")
     assert "requirements.txt" in run and "gen_protos.py" in run
+    if "--no-build-isolation" in run:   # then the build backend must be installed by hand
+        backend = re.search(r'requires = \["(setuptools[^"]*)"\]', (ROOT / "pyproject.toml").read_text()).group(1)
+        assert f'"{backend}"' in run, f"{name} must install {backend} before building without isolation"
     torch_pin = re.search(r"^torch==(\S+)", (ROOT / "requirements.txt").read_text(), re.M)
     assert torch_pin, "torch is pinned in requirements.txt"
     assert ("whl/cu" in run) == (name == "Dockerfile.cuda")
