@@ -190,6 +190,13 @@ def _metrics_for(name: str):
     return metrics.ADMISSION
 
 
+def retry_hint_metadata(exc) -> tuple:
+    """Trailing metadata carrying the retry hint of an Overloaded error or of a downstream
+    RESOURCE_EXHAUSTED grpc error; empty when there is none."""
+    ms = exc.retry_after_ms if isinstance(exc, Overloaded) else retry_after_ms(exc)
+    return ((RETRY_AFTER_KEY, str(ms)),) if ms else ()
+
+
 def retry_after_ms(error) -> int | None:
     """The retry hint of a RESOURCE_EXHAUSTED grpc.aio error (or grpc.RpcError), if it has one."""
     try:

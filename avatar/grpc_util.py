@@ -91,6 +91,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         log.exception("%s failed", method)
     else:
         log.info("%s: %s: %s", method, code.name, details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        from avatar.admission import retry_hint_metadata
+        hint = retry_hint_metadata(exc)   # a busy peer's retry-after-ms reaches the client
+        if hint:
+            context.set_trailing_metadata(hint)
     await context.abort(code, details)
 
 

@@ -169,3 +169,46 @@ def test_grpc_clients_get_resource_exhausted_with_retry_metadata():
         finally:
             await server.stop(None)
     run(go())
+
+
+class _Front(avatar_pb2_grpc.AvatarServiceServicer):
+    """A gateway-like servicer whose work is a call to a busy back end."""
+
+    def __init__(self, back_address):
+        self.back = back_address
+
+    async def Generate(self, request, context):
+        async with grpc.aio.insecure_channel(self.back) as ch:
+            async for m in avatar_pb2_grpc.AvatarServiceStub(ch).Generate(request, timeout=10):
+                yield m
+
+
+def test_retry_hint_crosses_a_hop():
+    async def go():
+        from avatar.grpc_util import ErrorInterceptor
+        adm = Admission(AdmissionConfig(max_sessions=1, max_queue=0), name="t-hop")
+        back = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(_Slow(adm), back)
+        back_port = back.add_insecure_port("127.0.0.1:0")
+        front = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(_Front(f"127.0.0.1:{back_port}"), front)
+        front_port = front.add_insecure_port("127.0.0.1:0")
+        await back.start()
+        await front.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{front_port}") as ch:
+                stub = avatar_pb2_grpc.AvatarServiceStub(ch)
+
+                async def one():
+                    try:
+                        return [m async for m in stub.Generate(avatar_pb2.GenerateRequest(), timeout=10)]
+                    except grpc.aio.AioRpcError as e:
+                        return e
+                results = await asyncio.gather(one(), one(), one())
+            errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+            assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+            assert all(retry_after_ms(e) for e in errors), "the back end's hint reaches the client"
+        finally:
+            await front.stop(None)
+            await back.stop(None)
+    run(go())
