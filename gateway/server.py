@@ -75,20 +75,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         job = plan.job
 
         timings = Timings()
-        image, text = await asyncio.gather(
-            self._timed(timings, "encode_image", self.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(
-                job=job, pixels=wire.to_proto(plan.pixels)), **call_options(context))),
-            self._timed(timings, "encode_text", self.encoder.EncodeText(encoder_pb2.EncodeTextRequest(
-                job=job, prompt=request.prompt), **call_options(context))))
-
-        # Three calls stay open for the whole job: audio features stream into the generator while
-        # it streams latent blocks out, and each block goes to the decoder with its slice of PCM.
-        audio_call = self.encoder.EncodeAudio(encoder_pb2.EncodeAudioRequest(
-            job=job, pcm_16k=wire.to_proto(plan.pcm_16k)), **call_options(context))
         generator_in: asyncio.Queue = asyncio.Queue()
         decoder_in: asyncio.Queue = asyncio.Queue()
         events: asyncio.Queue = asyncio.Queue()
-
         # Backpressure: audio for block k goes to the generator only once fragment k - AHEAD has
         # been sent, so a fast generator or a slow client never piles blocks up in the mesh.
         credits = asyncio.Semaphore(BLOCKS_AHEAD)
@@ -119,9 +108,6 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             while (item := await decoder_in.get()) is not _DONE:
                 yield item
 
-        generator_call = self.generator.Generate(generator_requests(), **call_options(context))
-        decoder_call = self.decoder.Decode(decoder_requests(), **call_options(context))
-
         async def pump_blocks():
             async for out in generator_call:
                 block = out.block
@@ -142,10 +128,26 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             except Exception as exc:  # noqa: BLE001 - re-raised by the handler, mapped to a status
                 await events.put(exc)
 
-        tasks = [asyncio.create_task(guarded(p())) for p in (pump_audio, pump_blocks, pump_fragments)]
+        # Three calls stay open for the whole job: audio features stream into the generator while
+        # it streams latent blocks out, and each block goes to the decoder with its slice of PCM.
+        # The audio encoder starts first, so it overlaps the image and text encoders.
+        audio_call = self.encoder.EncodeAudio(encoder_pb2.EncodeAudioRequest(
+            job=job, pcm_16k=wire.to_proto(plan.pcm_16k)), **call_options(context))
+        calls = [audio_call]
+        tasks = [asyncio.create_task(guarded(pump_audio()))]
         first_fragment_s = None
         blocks = frames = 0
         try:
+            image, text = await asyncio.gather(
+                self._timed(timings, "encode_image", self.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(
+                    job=job, pixels=wire.to_proto(plan.pixels)), **call_options(context))),
+                self._timed(timings, "encode_text", self.encoder.EncodeText(encoder_pb2.EncodeTextRequest(
+                    job=job, prompt=request.prompt), **call_options(context))))
+            generator_call = self.generator.Generate(generator_requests(), **call_options(context))
+            decoder_call = self.decoder.Decode(decoder_requests(), **call_options(context))
+            calls += [generator_call, decoder_call]
+            tasks += [asyncio.create_task(guarded(pump_blocks())), asyncio.create_task(guarded(pump_fragments()))]
+
             while (event := await events.get()) is not _DONE:
                 if isinstance(event, Exception):
                     raise event
@@ -184,7 +186,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         finally:
             # Client gone, deadline hit or a stage failed: stop every stage; the services close
             # their sessions when their stream is cancelled.
-            for call in (audio_call, generator_call, decoder_call):
+            for call in calls:
                 call.cancel()
             for task in tasks:
                 task.cancel()
