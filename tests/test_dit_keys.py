@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from peft import LoraConfig, inject_adapter_in_model
+from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 
 from avatar.errors import WeightsError
 from services.generator.lora import DEFAULT_TARGETS, PREFIX, plan_lora

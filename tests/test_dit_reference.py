@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 
 from avatar.presets import ModelSpec
 from avatar.v1 import tensor_pb2

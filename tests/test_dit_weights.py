@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from ckpt_fixtures.dit import write_dit_checkpoint
+from ckpt_fixtures.dit import one_torch_thread, write_dit_checkpoint  # noqa: F401 (one_torch_thread: autouse)
 from safetensors.torch import load_file, save_file
 
 from avatar.errors import WeightsError

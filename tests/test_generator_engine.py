@@ -1,7 +1,7 @@
 """GeneratorEngine on the tiny DiT: block-causal sessions, reproducibility, flat KV memory, inputs."""
 import pytest
 import torch
-from ckpt_fixtures.dit import write_dit_checkpoint, write_lora
+from ckpt_fixtures.dit import one_torch_thread, write_dit_checkpoint, write_lora  # noqa: F401 (one_torch_thread: autouse)
 
 from avatar.errors import InvalidInput
 from avatar.presets import ModelSpec

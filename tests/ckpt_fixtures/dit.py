@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -63,3 +64,13 @@ def write_lora(path: str | pathlib.Path, model: torch.nn.Module, rank: int = 4, 
         tensors[f"{pre}{name}.lora_B{seg}.weight"] = torch.randn(mod.out_features, rank, generator=gen) * scale
     save_file(tensors, str(path))
     return tensors
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny-model tests run faster on one torch thread (2 shared cores: extra threads only spin);
+    import this into a test module to apply it there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
