@@ -1,5 +1,6 @@
 """gRPC plumbing shared by every service: servers, channels, error mapping, health, reflection."""
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -117,8 +118,11 @@ def _wrap_stream(behavior, method: str):
     async def wrapper(request, context):
         with telemetry.server_span(method, context.invocation_metadata()):
             try:
-                async for response in behavior(request, context):
-                    yield response
+                # aclosing: the servicer's cleanup (closing sessions, cancelling downstream calls)
+                # runs as soon as this stream ends, not when the generator is garbage-collected.
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001
