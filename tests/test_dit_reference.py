@@ -4,7 +4,8 @@ tests/data/dit_upstream_reference.safetensors holds what LiveAvatar's model (com
 CPU in float32 with SDPA instead of flash-attention, strict-loaded with the weights below) returned
 for a sink prefill and 5 blocks: a window of 6 latent frames (the ring wraps at block 2) and the
 reference token's RoPE lead fixed at 25 frames (so it moves from block 2 on). Inputs and weights
-are regenerated here from the same seeds, in the same order.
+are regenerated here from the same seeds, in the same order; the recording used the tiny preset
+with 25 audio layers and a 512-token text context (the shapes upstream hard-codes or defaults to).
 """
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_sink_and_five_blocks_match_upstream():
         meta = f.metadata()
         want = {k: f.get_tensor(k) for k in f.keys()}
     lead = int(meta["rd"])
-    model = random_dit(dict(PRESETS["tiny"], audio_layers=25), "cpu", torch.float32, seed=int(meta["seed_weights"]))
+    model = random_dit(dict(PRESETS["tiny"], audio_layers=25, text_len=512), "cpu", torch.float32, seed=int(meta["seed_weights"]))
     g = torch.Generator().manual_seed(int(meta["seed_inputs"]))
     h, w, window = 8, 12, 6
     text = torch.randn(5, 32, generator=g)
@@ -58,7 +59,7 @@ def test_engine_blocks_match_upstreams_generate_loop():
         want = [f.get_tensor(f"block.{b}") for b in range(len(f.keys()))]
     seed, steps, infer, width, height = (int(meta[k]) for k in ("seed", "steps", "infer_frames", "width", "height"))
     clips, h, w = int(meta["clips"]), height // 8, width // 8
-    model = random_dit(dict(PRESETS["tiny"], audio_layers=25), "cpu", torch.float32, seed=int(meta["seed_weights"]))
+    model = random_dit(dict(PRESETS["tiny"], audio_layers=25, text_len=512), "cpu", torch.float32, seed=int(meta["seed_weights"]))
     g = torch.Generator().manual_seed(int(meta["seed_inputs"]))
     text = torch.randn(5, 32, generator=g)
     ref = torch.randn(16, 1, h, w, generator=g)

@@ -26,16 +26,20 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
+from avatar.presets import MODEL_DIMS
 from services.generator.kv_cache import KVCache
 
 REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
 ROPE_THETA = 10000.0
 
-# Constructor arguments per preset. s2v-14b = the constructor defaults = upstream's config.
+# Constructor arguments per preset. s2v-14b = the constructor defaults = upstream's config; tiny
+# takes the dimensions other services share from avatar.presets.MODEL_DIMS.
+_TINY = MODEL_DIMS["tiny"]
 PRESETS: dict[str, dict] = {
     "s2v-14b": {},
-    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32,
-                 audio_dim=32, audio_layers=5, audio_inject_layers=(0, 2, 3), freq_dim=32),
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=4, freq_dim=32, audio_inject_layers=(0, 2, 3),
+                 text_dim=_TINY.text_dim, text_len=_TINY.text_len, audio_dim=_TINY.audio_dim,
+                 audio_layers=_TINY.audio_layers),
 }
 
 
