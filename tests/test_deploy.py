@@ -288,6 +288,8 @@ def _check_deployment(role, dep, configmaps):
     sel = spec["selector"]["matchLabels"]
     assert sel.items() <= pod["metadata"]["labels"].items(), f"{role}: selector does not match its pods"
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 45, "room for the drain grace period"
+    pre_stop = pod["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and 0 < int(pre_stop[1]) < pod["spec"]["terminationGracePeriodSeconds"] - 30
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     (c,) = _containers(dep)
     jsonschema.validate(c, CONTAINER_SCHEMA)
