@@ -146,8 +146,9 @@ def mesh(tmp_path_factory, env):
 def clip_5s(tmp_path_factory) -> Path:
     """Exactly 5.0 s of the sample speech as 44.1 kHz stereo (exercises mono-mix and resampling)."""
     path = tmp_path_factory.mktemp("audio") / "speech-5s.wav"
-    subprocess.run(["sox", str(ASSETS / "speech.wav"), "-r", "44100", "-c", "2", str(path), "trim", "0", "5"],
-                   check=True, timeout=30)
+    # ffmpeg comes with ffprobe (.ci/run installs it); 5.0 s = 220500 samples exactly.
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(ASSETS / "speech.wav"), "-t", "5", "-ar", "44100", "-ac", "2",
+                    str(path)], check=True, timeout=30)
     return path
 
 
