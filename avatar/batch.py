@@ -396,6 +396,10 @@ async def run(args, model=None) -> int:
         print(f"avatar batch: error: no *.json profiles in {profiles_dir}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out)
+    if out.resolve() == profiles_dir.resolve():
+        print("avatar batch: error: --out must not be the profiles folder (sidecars would replace profiles)",
+              file=sys.stderr)
+        return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     cfg = BatchConfig(profiles_dir=profiles_dir.resolve(), out=out, root=root, server=args.server,
                       concurrency=args.concurrency, retries=args.retries, timeout_s=args.timeout)

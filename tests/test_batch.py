@@ -166,3 +166,8 @@ def test_batch_usage_errors(tmp_path, env):
     r = subprocess.run([*AVATAR, "batch", str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert r.returncode == 2 and "no *.json profiles" in r.stderr
+    (tmp_path / "empty" / "a.json").write_text("{}")
+    r = subprocess.run([*AVATAR, "batch", str(tmp_path / "empty"), "--out", str(tmp_path / "empty")],
+                       capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert r.returncode == 2 and "must not be the profiles folder" in r.stderr
+    assert (tmp_path / "empty" / "a.json").read_text() == "{}"
