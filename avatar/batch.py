@@ -93,6 +93,8 @@ def load_profile(path: Path, root: Path) -> Profile:
     name = path.stem
     if not _NAME.match(name):
         raise ProfileError(f"profile name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if name == Path(MANIFEST).stem:
+        raise ProfileError(f"profile name {name!r} is reserved for the batch manifest: rename the file")
     raw = path.read_bytes()
     try:
         data = json.loads(raw)

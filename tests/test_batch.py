@@ -54,6 +54,8 @@ def test_profile_checks(tmp_path):
             load(data)
     with pytest.raises(ProfileError, match="profile name"):
         load({"image": "a.png", "audio": "a.wav"}, name="bad name")
+    with pytest.raises(ProfileError, match="reserved"):
+        load({"image": "a.png", "audio": "a.wav"}, name="manifest")
 
 
 def _profiles(tmp_path: Path) -> Path:
