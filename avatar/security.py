@@ -279,6 +279,19 @@ class SecurityConfig:
         port accepts either, falls back to the public one."""
         return self.internal_token or (self.auth_token if role == "all" else None)
 
+    def exposure_warnings(self, role: str, listen: str) -> list[str]:
+        """What an operator should know before `role` listens on `listen` (HOST:PORT) beyond
+        loopback without credentials; empty for loopback or when tokens are set."""
+        host = listen.rsplit(":", 1)[0].strip("[]")
+        if host in ("127.0.0.1", "localhost", "::1"):
+            return []
+        out = []
+        if role in ("gateway", "all") and not self.auth_token:
+            out.append(f"the public API on {listen} accepts calls without a token (set {AUTH_TOKEN_ENV})")
+        if role != "gateway" and not self.internal_token and not (role == "all" and self.auth_token):
+            out.append(f"internal services on {listen} accept calls without a token (set {INTERNAL_TOKEN_ENV})")
+        return out
+
     @classmethod
     def from_args(cls, args) -> "SecurityConfig":
         """From parsed CLI flags (--tls-cert/--tls-key/--tls-ca/--auth-token/--internal-token)

@@ -67,6 +67,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
         raise ValueError(f"unknown role {cfg.role!r}: choose one of {', '.join(ROLES)}")
     telemetry.setup(f"avatar-{cfg.role}", cfg.trace_file)
     sec = cfg.security
+    for warning in sec.exposure_warnings(cfg.role, cfg.listen):
+        log.warning(warning)
     interceptors = [MetricsInterceptor(), *sec.server_interceptors(cfg.role)]
     server, port = grpc_util.create_server(cfg.listen, sec.tls.server_credentials(), interceptors)
     names: list[str] = []

@@ -222,3 +222,13 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
         assert "pub-token-123" not in log and "int-token-456" not in log
     finally:
         services.stop_all()
+
+
+def test_exposure_warnings():
+    open_cfg = SecurityConfig()
+    assert open_cfg.exposure_warnings("all", "127.0.0.1:50051") == []
+    assert len(open_cfg.exposure_warnings("all", "0.0.0.0:50051")) == 2
+    assert "AVATAR_INTERNAL_TOKEN" in open_cfg.exposure_warnings("generator", "0.0.0.0:50053")[0]
+    assert SecurityConfig(internal_token="x").exposure_warnings("decoder", "[::]:50054") == []
+    assert SecurityConfig(auth_token="x").exposure_warnings("all", "0.0.0.0:50051") == []
+    assert "AVATAR_AUTH_TOKEN" in SecurityConfig(internal_token="x").exposure_warnings("gateway", "0.0.0.0:1")[0]
