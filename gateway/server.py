@@ -62,10 +62,11 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
     async def Generate(self, request, context):
         async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
-            async for out in self._generate(request, context):
-                if out.WhichOneof("event") == "status":
-                    metrics.observe_final(out.status)
-                yield out
+            async with contextlib.aclosing(self._generate(request, context)) as outs:  # cleanup at once, not at GC
+                async for out in outs:
+                    if out.WhichOneof("event") == "status":
+                        metrics.observe_final(out.status)
+                    yield out
 
     async def _generate(self, request, context):
         t0 = time.perf_counter()

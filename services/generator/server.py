@@ -28,8 +28,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def Generate(self, request_iterator, context):
         async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
-            async for out in self._generate(request_iterator, context):
-                yield out
+            async with contextlib.aclosing(self._generate(request_iterator, context)) as outs:  # cleanup at once, not at GC
+                async for out in outs:
+                    yield out
 
     async def _generate(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
