@@ -74,7 +74,7 @@ class Admission:
         self._active = 0
         self._seq = itertools.count()
         self._mean_s: float | None = None   # moving average of session length
-        self._metrics = _metrics_for(name)
+        self._metrics = _metrics()
         self._publish()
 
     @property
@@ -182,7 +182,7 @@ class Admission:
             self._metrics.queued.labels(service=self.name).set(len(self._waiting))
 
 
-def _metrics_for(name: str):
+def _metrics():
     try:
         from avatar import metrics
     except ImportError:   # metrics are optional: admission works without prometheus_client

@@ -275,7 +275,6 @@ class Batch:
         import grpc
 
         from avatar.admission import retry_after_ms
-        name, out = profile.name, self.cfg.out
         log(f"start: image={profile.image} audio={profile.audio} size={profile.size!r} "
             f"preset={profile.preset!r} seed={profile.seed}")
         try:

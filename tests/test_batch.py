@@ -1,7 +1,6 @@
 """`avatar batch`: profiles under a root only, atomic outputs, manifest, per-job logs; killed
 half-way and rerun, every profile is done exactly once and no file is corrupt."""
 import json
-import os
 import signal
 import subprocess
 import time

@@ -5,7 +5,6 @@ import io
 import json
 import re
 import signal
-import subprocess
 import threading
 import time
 import urllib.request

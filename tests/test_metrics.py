@@ -112,7 +112,6 @@ def test_gpu_monitor_writes_csv(tmp_path):
 
 
 def test_json_logs_carry_trace_ids_and_no_secrets(monkeypatch):
-    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     monkeypatch.setenv("AVATAR_INTERNAL_TOKEN", "internal-secret-value")
     stream = io.StringIO()
