@@ -60,3 +60,20 @@ def test_weights_commands_report_problems(tmp_path, monkeypatch, capsys):
     assert main(["download-weights", "--ckpt_dir", str(tmp_path / "dl")]) == 1
     err = capsys.readouterr().err
     assert "hf download" in err and not (tmp_path / "dl").exists(), err
+
+
+def test_generate_through_a_running_mesh_continues_the_client_trace(tmp_path, env, mesh):
+    out = tmp_path / "remote.mp4"
+    client_trace = tmp_path / "client.jsonl"
+    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
+                "--server", mesh["gateway"].address, "--size", "64*64", "--num_clip", "1", "--infer_frames", "12",
+                "--trace-file", str(client_trace), "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    check_video(out, 12 / 25)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["server"] == mesh["gateway"].address and meta["blocks"] == 1
+    [root] = [json.loads(x) for x in client_trace.read_text().splitlines()]
+    assert root["name"] == "avatar generate" and root["parent_id"] is None and root["trace_id"] == meta["trace_id"]
+    gateway_root = [s for s in mesh["gateway"].spans()
+                    if s["trace_id"] == meta["trace_id"] and s["name"] == "avatar.v1.AvatarService/Generate"]
+    assert [s["parent_id"] for s in gateway_root] == [root["span_id"]]
