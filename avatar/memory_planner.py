@@ -15,8 +15,10 @@ T5_PARAMS = 5_680_910_336           # umT5-XXL encoder
 WAV2VEC2_PARAMS = 317_000_000       # wav2vec2-large-xlsr-53 (without the CTC head)
 VAE_PARAMS = 126_892_531
 
-DIM, LAYERS, FFN, TEXT_LEN = 5120, 40, 13824, 512
+DIM, LAYERS, FFN = 5120, 40, 13824
 LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, PATCH_AREA = 3, 4, 16 * 16
+VAE_DECODE_BYTES_PER_PIXEL = 11_700
+WORKSPACE_BYTES = 0.7 * GB
 CONTEXT_BYTES = 0.6 * GB            # CUDA context, cuBLAS/cuDNN workspaces
 FRAGMENTATION = 0.02                # allocator slack on top of every estimate
 
@@ -75,6 +77,7 @@ class PlannerOptions:
     allow_single_kv_set: bool = True  # one KV cache set shared by the steps instead of one per step
     allow_fp8_kv: bool = False       # the engine can keep the KV cache in e4m3
     allow_kv_offload: bool = False   # the engine can keep the KV cache in pinned host memory
+    vae_on_gpu: bool = True          # the decoder (VAE) shares this GPU
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp8"):
@@ -125,19 +128,17 @@ def sink_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
 
 
 def activation_bytes(req: MemoryRequest) -> int:
-    """Peak transient memory of one block's forward: FFN hidden, float32 residual stream, q/k/v
-    and the attention's gathered window; plus the text cross-attention cache (kept per session)."""
+    """Peak transient memory of a block's forward over weights + cache: cuBLAS/cuDNN workspaces (a
+    constant ~0.7 GB) plus the FFN hidden state and float32 residual copies of the block's tokens.
+    Measured on an H100: 0.70-0.76 GiB at both 704*384 and 384*256 (docs/performance.md)."""
     block = LATENT_FRAMES_PER_BLOCK * req.tokens_per_latent_frame
-    window = req.window_latent_frames * req.tokens_per_latent_frame + req.sink_tokens
-    per_block = block * (FFN * 2 * 2 + DIM * 4 * 6) + window * DIM * 2 * 2
-    text_cache = LAYERS * 2 * TEXT_LEN * DIM * 2
-    return per_block + text_cache
+    return int(WORKSPACE_BYTES + block * (FFN * 2 * 2 + DIM * 4 * 2))
 
 
 def vae_bytes(req: MemoryRequest) -> int:
-    """VAE weights + decoding one latent frame to 4 video frames at full size (96 channels,
-    a few live tensors plus the causal cache)."""
-    return VAE_PARAMS * 2 + req.width * req.height * VAE_TIME_STRIDE * 96 * 2 * 6
+    """VAE weights (bf16) + streaming decode of one block at full size: measured 3.17 GiB peak at
+    704*384 on an H100 (docs/performance.md), i.e. about 11.7 kB per output pixel."""
+    return VAE_PARAMS * 2 + req.width * req.height * VAE_DECODE_BYTES_PER_PIXEL
 
 
 def video_bytes(req: MemoryRequest) -> int:
@@ -153,7 +154,8 @@ def encoder_bytes() -> int:
 
 
 def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int,
-             kv_dtype: str = "bfloat16", kv_offload: bool = False, available: int = 0) -> MemoryPlan:
+             kv_dtype: str = "bfloat16", kv_offload: bool = False, vae_on_gpu: bool = True,
+             available: int = 0) -> MemoryPlan:
     nbytes = 1 if kv_dtype == "float8_e4m3fn" else 2
     kv = kv_set_bytes(req, nbytes) * kv_sets + sink_bytes(req, nbytes)
     parts = {
@@ -161,7 +163,8 @@ def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int
         # offloaded: two layers' worth stay on the GPU (the one in use and the next one in flight)
         "kv_cache": kv * 2 // LAYERS if kv_offload else kv,
         "activations": activation_bytes(req),
-        "vae": vae_bytes(req),
+        # the decoder runs beside the generator (next block's DiT while this block decodes)
+        "vae": vae_bytes(req) if vae_on_gpu else 0,
         "encoders": encoder_bytes() if encoder_device == "cuda" else 0,
         "video": video_bytes(req),
     }
@@ -186,7 +189,8 @@ def candidates(req: MemoryRequest, opts: PlannerOptions):
             for ks in kv_sets:
                 for w in weights:
                     for enc in encoders:
-                        yield dict(fp8=w, encoder_device=enc, kv_sets=ks, kv_dtype=kd, kv_offload=off)
+                        yield dict(fp8=w, encoder_device=enc, kv_sets=ks, kv_dtype=kd, kv_offload=off,
+                                   vae_on_gpu=opts.vae_on_gpu)
 
 
 def plan_memory(req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions()) -> MemoryPlan:
@@ -201,6 +205,18 @@ def plan_memory(req: MemoryRequest, available: int, opts: PlannerOptions = Plann
             return p
         leanest = p if leanest is None or p.total < leanest.total else leanest
     raise ResourceExhausted(_refusal(req, available, opts, leanest))
+
+
+def oom_error(req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions(),
+              cause: BaseException | None = None) -> ResourceExhausted:
+    """The ResourceExhausted to raise when CUDA ran out of memory anyway (after the session's
+    memory is freed): the planner's numbers and the ladder, plus what CUDA said."""
+    leanest = min((estimate(req, available=available, **c) for c in candidates(req, opts)),
+                  key=lambda p: p.total)
+    msg = _refusal(req, available, opts, leanest).replace("not enough GPU memory", "ran out of GPU memory", 1)
+    if cause is not None:
+        msg += f"\n(CUDA: {str(cause).splitlines()[0][:200]})"
+    return ResourceExhausted(msg)
 
 
 def _refusal(req: MemoryRequest, available: int, opts: PlannerOptions, leanest: MemoryPlan) -> str:

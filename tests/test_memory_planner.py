@@ -3,7 +3,7 @@ import pytest
 
 from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.memory_planner import (GB, GiB, MemoryRequest, PlannerOptions, dit_bytes, estimate,
-                                   kv_set_bytes, plan_memory, sink_bytes)
+                                   kv_set_bytes, oom_error, plan_memory, sink_bytes)
 
 HD = MemoryRequest(704, 384, infer_frames=48, sample_steps=4)
 PREVIEW = MemoryRequest(384, 256, infer_frames=32, sample_steps=3)
@@ -49,13 +49,20 @@ def test_user_asked_precision_is_respected():
     assert p.fp8 and p.encoder_device == "cuda"
 
 
-def test_24gb_card_hd_needs_fp8_weights_one_fp8_cache_set_encoders_on_cpu_and_a_shorter_window():
-    opts = PlannerOptions(allow_fp8_kv=True)
-    with pytest.raises(ResourceExhausted, match="infer_frames 32: needs .* GB \\(fits\\)"):
-        plan_memory(HD, CARD_24, opts)
-    p = plan_memory(MemoryRequest(704, 384, infer_frames=32), CARD_24, opts)
+def test_24gb_card_hd_dit_fits_with_fp8_weights_fp8_cache_one_set_when_the_vae_is_elsewhere():
+    opts = PlannerOptions(allow_fp8_kv=True, vae_on_gpu=False)
+    p = plan_memory(HD, CARD_24, opts)
     assert (p.fp8, p.encoder_device, p.kv_sets, p.kv_dtype) == (True, "cpu", 1, "float8_e4m3fn")
     assert p.total <= CARD_24
+
+
+def test_24gb_card_hd_with_the_vae_on_the_same_gpu_is_refused_and_points_to_384x256():
+    # measured: DiT 22.1 GiB peak + the VAE's 3.2 GiB decode: over 24 GiB
+    with pytest.raises(ResourceExhausted) as e:
+        plan_memory(HD, CARD_24, PlannerOptions(allow_fp8_kv=True))
+    msg = str(e.value)
+    assert "a smaller size, 384*256: needs" in msg and "(fits)" in msg
+    assert "infer_frames 32: needs" in msg
 
 
 def test_24gb_card_preview_fits_with_bf16_cache():
@@ -90,10 +97,10 @@ def test_a_card_without_fp8_never_gets_fp8():
 
 
 def test_kv_offload_is_the_last_resort():
-    opts = PlannerOptions(allow_fp8_kv=True, allow_kv_offload=True)
+    opts = PlannerOptions(allow_fp8_kv=True, allow_kv_offload=True, vae_on_gpu=False)
     p = plan_memory(HD, 20 * GiB, opts)
     assert p.kv_offload and p.fp8 and p.encoder_device == "cpu"
-    assert not plan_memory(MemoryRequest(704, 384, infer_frames=32), CARD_24, opts).kv_offload
+    assert not plan_memory(HD, CARD_24, opts).kv_offload
 
 
 def test_bad_requests_are_invalid_input():
@@ -110,3 +117,27 @@ def test_from_job_reads_a_jobspec():
         width, height, infer_frames, sample_steps, num_blocks = 384, 256, 48, 4, 11
     r = MemoryRequest.from_job(Job())
     assert (r.size, r.window_latent_frames, r.num_blocks) == ("384*256", 12, 11)
+
+
+@pytest.mark.parametrize("req, fp8, sets, kv_dtype, measured_gib", [
+    # peak allocated on an H100, DiT only (bench/results/2026-11-25-h100-*.json, docs/performance.md)
+    (HD, False, 4, "bfloat16", 71.8),
+    (HD, True, 4, "bfloat16", 56.9),
+    (HD, True, 1, "bfloat16", 27.9),
+    (HD, True, 1, "float8_e4m3fn", 22.1),
+    (MemoryRequest(384, 256), False, 4, "bfloat16", 45.9),
+    (MemoryRequest(384, 256), True, 4, "bfloat16", 31.0),
+])
+def test_estimates_track_measured_peaks(req, fp8, sets, kv_dtype, measured_gib):
+    p = estimate(req, fp8=fp8, encoder_device="cpu", kv_sets=sets, kv_dtype=kv_dtype, vae_on_gpu=False)
+    dit_only = (p.parts["dit"] + p.parts["kv_cache"] + p.parts["activations"]) / GiB
+    # never under the measurement (a plan that fits must run), at most 3% over it
+    assert measured_gib <= dit_only <= measured_gib * 1.03
+
+
+def test_oom_error_names_the_ladder_and_the_cuda_message():
+    err = oom_error(HD, CARD_24, cause=RuntimeError("CUDA out of memory. Tried to allocate 4.83 GiB\nmore"))
+    assert isinstance(err, ResourceExhausted)
+    msg = str(err)
+    assert msg.startswith("ran out of GPU memory for 704*384") and "Tried to allocate 4.83 GiB" in msg
+    assert "a smaller size, 384*256: needs" in msg and "more" not in msg
