@@ -14,6 +14,7 @@ from avatar.v1 import avatar_pb2, tensor_pb2
 MAX_SAMPLE_STEPS = 50
 MAX_INFER_FRAMES = 1200    # a clip's KV cache grows with it; upstream uses 48-80
 MAX_PROMPT_CHARS = 4000    # umT5 reads 512 tokens; far longer text is a mistake or an attack
+MIN_SIDE = 64              # FramePack's 4x motion projection is an 8x8-latent convolution
 
 
 def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_duration_s: float,
@@ -43,6 +44,9 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
 
     area = media.parse_size(request.size) if request.size else preset_area(preset, model)
     width, height = media.plan_size(*image_size, *area, model.size_divisor)
+    if min(width, height) < MIN_SIDE:
+        raise InvalidInput(f"size {area[0]}*{area[1]} gives a {width}x{height} video for this image's aspect; "
+                           f"the model needs at least {MIN_SIDE} px on each side: choose a larger --size")
 
     total_frames = round(audio_duration_s * FPS)
     if total_frames < 1:

@@ -78,6 +78,7 @@ def test_seed_is_optional_and_zero_is_a_seed():
     (dict(infer_frames=-12), "infer_frames must be positive"),
     (dict(num_clip=-2), "num_clip must be >= 0"),
     (dict(size="big"), "size must be written W\\*H"),
+    (dict(size="64*48"), "at least 64 px on each side"),
 ])
 def test_bad_requests_say_why(kw, match):
     with pytest.raises(InvalidInput, match=match):
@@ -89,7 +90,7 @@ def test_prepare_cuts_audio_into_exact_block_slices_in_sync():
     audio = np.zeros((int(rate * 5.0), 2), np.float32)   # stereo at an odd rate
     click = int(rate * 1.0)
     audio[click:click + 40] = 0.9                       # a click at t = 1.000 s
-    plan = planner.prepare(req(image=png_bytes(320, 240), audio=wav_bytes(audio, rate), size="64*64"), TINY)
+    plan = planner.prepare(req(image=png_bytes(320, 240), audio=wav_bytes(audio, rate), size="96*64"), TINY)
     job = plan.job
     assert plan.pixels.dtype == np.uint8 and plan.pixels.shape == (job.height, job.width, 3)
     assert len(plan.pcm_out) == job.total_frames * 1920 and plan.pcm_out.dtype == np.int16
