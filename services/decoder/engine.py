@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from avatar.checkpoints import resolve_ckpt_dir
-from avatar.errors import InvalidInput, WeightsError
-from avatar.models.wan_vae import S2V_14B_VAE, WanVAE
+from avatar.errors import InvalidInput
+from avatar.models.wan_vae import WanVAE
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from services.decoder.fmp4 import FragmentedMp4Writer
 
@@ -29,18 +28,7 @@ class DecoderEngine:
 
     def __init__(self, model: ModelSpec):
         self.model = model
-        device = torch.device(model.device)
-        # tiny and anything on CPU run in float32; the real VAE on GPU in the configured dtype
-        dtype = torch.float32 if model.is_tiny or device.type == "cpu" else getattr(torch, model.dtype)
-        if model.is_tiny:
-            self.vae = WanVAE.tiny(model.seed, device=device, dtype=dtype)
-        elif model.random_weights:
-            self.vae = WanVAE.random(S2V_14B_VAE, model.seed, device=device, dtype=dtype)
-        else:
-            path = resolve_ckpt_dir(model.ckpt_dir).vae
-            if not path.is_file():
-                raise WeightsError(f"{path}: VAE checkpoint missing (Wan2.1_VAE.pth of Wan2.2-S2V-14B)")
-            self.vae = WanVAE.from_upstream(path, device=device, dtype=dtype)
+        self.vae = WanVAE.from_spec(model)
         self.z_dim = self.vae.dims.z_dim
 
     def open_stream(self, job, prime_latent: torch.Tensor) -> "DecoderStream":
