@@ -207,6 +207,37 @@ def plan_memory(req: MemoryRequest, available: int, opts: PlannerOptions = Plann
     raise ResourceExhausted(_refusal(req, available, opts, leanest))
 
 
+def session_bytes(req: MemoryRequest, cache_sets: int, kv_dtype_bytes: int = 2) -> dict[str, int]:
+    """What opening one session adds on a GPU that already holds the model: its KV cache (ring sets
+    + sink) and one block's transient memory."""
+    return {"kv_cache": kv_set_bytes(req, kv_dtype_bytes) * cache_sets + sink_bytes(req, kv_dtype_bytes),
+            "activations": activation_bytes(req)}
+
+
+def check_session_memory(req: MemoryRequest, cache_sets: int, available: int, kv_dtype_bytes: int = 2) -> None:
+    """Raise ResourceExhausted before a session allocates its cache when `available` bytes (free on
+    the GPU, e.g. gpu_available_bytes()) cannot hold it; the message says what would fit."""
+    need = session_bytes(req, cache_sets, kv_dtype_bytes)
+    total = sum(need.values())
+    if total <= available:
+        return
+    lines = [f"not enough free GPU memory to open a {req.size} session (infer_frames {req.infer_frames}, "
+             f"{cache_sets} KV cache set(s)): needs {total / GB:.1f} GB (KV cache {need['kv_cache'] / GB:.1f}, "
+             f"activations {need['activations'] / GB:.1f}), {available / GB:.1f} GB free. Try:"]
+    ladder = []
+    if cache_sets > 1:
+        ladder.append(("one KV cache set (--cache-sets 1)", req, 1))
+    if req.width * req.height > 384 * 256:
+        ladder.append(("a smaller size, 384*256", replace(req, width=384, height=256), cache_sets))
+    if req.infer_frames > 32:
+        ladder.append(("infer_frames 32", replace(req, infer_frames=32), cache_sets))
+    for what, r, sets in ladder:
+        n = sum(session_bytes(r, sets, kv_dtype_bytes).values())
+        lines.append(f"  - {what}: needs {n / GB:.1f} GB ({'fits' if n <= available else 'still too much'})")
+    lines.append("  - fewer sessions at once on this GPU (each holds its own cache)")
+    raise ResourceExhausted("\n".join(lines))
+
+
 def oom_error(req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions(),
               cause: BaseException | None = None) -> ResourceExhausted:
     """The ResourceExhausted to raise when CUDA ran out of memory anyway (after the session's

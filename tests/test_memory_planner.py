@@ -3,7 +3,8 @@ import pytest
 
 from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.memory_planner import (GB, GiB, MemoryRequest, PlannerOptions, dit_bytes, estimate,
-                                   kv_set_bytes, oom_error, plan_memory, sink_bytes)
+                                   kv_set_bytes, oom_error, plan_memory, sink_bytes,
+                                   check_session_memory, session_bytes)
 
 HD = MemoryRequest(704, 384, infer_frames=48, sample_steps=4)
 PREVIEW = MemoryRequest(384, 256, infer_frames=32, sample_steps=3)
@@ -141,3 +142,17 @@ def test_oom_error_names_the_ladder_and_the_cuda_message():
     msg = str(err)
     assert msg.startswith("ran out of GPU memory for 704*384") and "Tried to allocate 4.83 GiB" in msg
     assert "a smaller size, 384*256: needs" in msg and "more" not in msg
+
+
+def test_session_check_passes_when_the_cache_fits_and_refuses_with_the_ladder_otherwise():
+    need = session_bytes(HD, 4)
+    assert need["kv_cache"] == 4 * kv_set_bytes(HD, 2) + sink_bytes(HD, 2)
+    check_session_memory(HD, 4, available=sum(need.values()))          # exactly enough: no error
+    with pytest.raises(ResourceExhausted) as e:
+        check_session_memory(HD, 4, available=20 * GiB)                # a second HD session on an 80 GB card
+    msg = str(e.value)
+    assert "needs 44.7 GB (KV cache 43.7, activations 1.0), 21.5 GB free" in msg
+    assert "one KV cache set (--cache-sets 1): needs 13.5 GB (fits)" in msg
+    assert "a smaller size, 384*256: needs" in msg and "fewer sessions" in msg
+    # an FP8 cache halves it
+    assert session_bytes(HD, 1, 1)["kv_cache"] * 2 == session_bytes(HD, 1, 2)["kv_cache"]
