@@ -526,7 +526,7 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int) -> dict:
     job = SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=48, latent_frames_per_block=3,
                           num_blocks=blocks, total_frames=blocks * FRAMES_PER_BLOCK, sample_steps=4, seed=420,
                           model="s2v-14b", audio_sample_rate=48000, request_id="bench")
-    text = torch.randn(77, c.text_dim, device=device).to(dit.dtype)
+    text = torch.randn(min(77, c.text_len), c.text_dim, device=device).to(dit.dtype)
     ref = torch.randn(16, 1, h, w, device=device)
     motion = torch.randn(16, dit.motion_latent_frames, h, w, device=device)
     free_memory(device)
@@ -648,7 +648,7 @@ def main():
 
     if "vae" in parts:
         results["vae"] = [guarded(f"vae {w}*{h}", lambda w=w, h=h: bench_vae_and_mux(
-            device, w, h, args.tiny, max(args.blocks, 4), args.warm, dt)) for w, h in sizes[:1]]
+            device, w, h, args.tiny, max(args.blocks, 4) if dev_cuda else args.blocks, args.warm, dt)) for w, h in sizes[:1]]
 
     # ---- DiT
     t0 = time.perf_counter()

@@ -1,0 +1,34 @@
+"""The GPU benchmark's code paths, run on CPU with the tiny model (so a model change that breaks the bench shows up in CI)."""
+import json
+import sys
+
+import pytest
+
+sys.path.insert(0, "bench")
+import bench_generator  # noqa: E402
+
+
+def test_bench_runs_every_cpu_path_and_writes_json(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256",
+                                      "--only", "bf16,fp8,vae,engine", "--blocks", "2", "--warm", "1",
+                                      "--flat-blocks", "0", "--out", str(out)])
+    bench_generator.main()
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    runs = {(r["variant"], r["kv_sets"]) for r in res["runs"]}
+    assert runs == {("bf16", 4), ("bf16", 1), ("fp8", 4), ("fp8", 1)}
+    for r in res["runs"]:
+        assert r["step_ms"] > 0 and r["block_ms"] >= r["step_ms"] and len(r["block_ms_all"]) == 2
+        assert (r["clean_pass_ms"] > 0) == (r["kv_sets"] == 1)
+    assert res["fp8"]["swapped_linears"] > 0
+    vae = res["vae"][0]
+    assert vae["vae_ms"] > 0 and vae["mux_smooth_ms"] > 0
+    assert res["engine"][0]["block_ms"] > 0
+
+
+def test_flow_sigmas_match_the_shifted_schedule():
+    s = bench_generator.flow_sigmas(4, shift=3.0)
+    assert s[0] == 1.0 and s[-1] == 0.0 and len(s) == 5
+    assert s[2] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
+    assert all(a > b for a, b in zip(s, s[1:]))
