@@ -155,3 +155,43 @@ def test_bfloat16_model_follows_the_float32_one():
     assert all(b.dtype == torch.bfloat16 for b in out)
     rel = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(out, ref)]
     assert max(rel) < 0.02, rel                                    # ~0.5% measured
+
+
+def test_session_refuses_cleanly_when_the_memory_planner_says_it_does_not_fit(engine):
+    from avatar.errors import ResourceExhausted
+    from avatar.memory_planner import GiB
+    text = torch.randn(7, 32)
+    ref, motion = torch.randn(16, 1, 48, 88), torch.randn(16, 19, 48, 88)
+    job = _job(width=704, height=384)
+    engine.free_memory = lambda: 1 * GiB       # the planner's fake free memory: a full GPU
+    try:
+        with pytest.raises(ResourceExhausted) as e:
+            engine.open_session(job, text, ref, motion)
+        msg = str(e.value)
+        assert "not enough free GPU memory to open a 704*384 session" in msg and "1.1 GB free" in msg
+        assert "one KV cache set (--cache-sets 1): needs" in msg
+    finally:
+        engine.free_memory = None
+
+
+def test_out_of_memory_in_a_block_frees_the_session_and_raises_the_ladder(engine, monkeypatch):
+    from avatar.errors import ResourceExhausted
+    from avatar.memory_planner import GiB
+    text, ref, motion, audio = _inputs(blocks=2)
+    engine.free_memory = lambda: 80 * GiB
+    try:
+        session = engine.open_session(_job(), text, ref, motion)
+        session.generate_block(audio[0])
+        assert session.kv.nbytes > 0
+
+        def oom(*a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.83 GiB")
+        monkeypatch.setattr(session.dit, "encode_audio", oom)
+        with pytest.raises(ResourceExhausted) as e:
+            session.generate_block(audio[1])
+        assert "ran out of GPU memory" in str(e.value) and "Tried to allocate 4.83 GiB" in str(e.value)
+        assert session.kv.nbytes == 0                  # the caches are freed at once
+        with pytest.raises(InvalidInput, match="closed"):
+            session.generate_block(audio[1])
+    finally:
+        engine.free_memory = None

@@ -8,14 +8,17 @@ from a CPU torch.Generator seeded with job.seed + clip index, so runs are reprod
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from avatar.errors import InvalidInput
+from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
 from avatar.presets import VAE_TIME_STRIDE, ModelSpec
 from services.generator.attention import prefer_cudnn_attention
 from services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
@@ -78,12 +81,22 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
 
 class GeneratorEngine:
     """Owns the DiT; sessions own their KV caches. `model.extra["cache_sets"]`: 1 for the
-    clean-context variant (less memory, one extra forward per block), default one per step."""
+    clean-context variant (less memory, one extra forward per block), default one per step.
+
+    `free_memory()` gives the bytes a new session may use (on CUDA: the GPU's free memory, capped by
+    the process's memory fraction; None on the CPU: no check). Sessions check it before allocating
+    their KV cache and raise ResourceExhausted with the numbers instead of running out of memory.
+    """
 
     def __init__(self, model: ModelSpec, dit: CausalS2VDiT | None = None):
         self.spec = model
         self.dit = dit if dit is not None else build_generator_model(model)
         self.cache_sets = model.extra.get("cache_sets")
+        self.kv_dtype = self.dit.dtype
+        self.free_memory: Callable[[], int] | None = None
+        if self.dit.device.type == "cuda":
+            index = self.dit.device.index if self.dit.device.index is not None else torch.cuda.current_device()
+            self.free_memory = lambda: gpu_available_bytes(index)
 
     def open_session(self, job, text: torch.Tensor, ref_latent: torch.Tensor,
                      motion_latents: torch.Tensor) -> "GeneratorSession":
@@ -115,25 +128,51 @@ class GeneratorSession:
         self.refresh_sink = refresh_sink
         self._rng = random.Random(self.seed)   # the sink's RoPE lead, drawn per forward as upstream
         self.device, self.dtype = dit.device, dit.dtype
-        spec = KVCacheSpec.for_model(dit, plan.h, plan.w, plan.clip_frames, plan.cache_sets)
-        self.kv = KVCache(spec, self.dtype, self.device)
-        self.context = dit.embed_text(text.to(self.device)[None])
-        self.motion = motion_latents.to(self.device, self.dtype)[None]
-        dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
-        self.block_index = 0
-        self.last_block_ms = 0.0
+        self._closed = False
+        self.kv = None
         self._clip_noise: torch.Tensor | None = None
         self._first_frame: torch.Tensor | None = None
-        self._closed = False
+        self.context = self.motion = None
+        spec = KVCacheSpec.for_model(dit, plan.h, plan.w, plan.clip_frames, plan.cache_sets)
+        # The planner's numbers are the full-size model's (avatar/memory_planner.py).
+        self._memory_request = MemoryRequest.from_job(job) if job.width % 16 == 0 == job.height % 16 else None
+        if engine.free_memory is not None and self._memory_request is not None:
+            check_session_memory(self._memory_request, plan.cache_sets, engine.free_memory(),
+                                 kv_dtype_bytes=engine.kv_dtype.itemsize)
+        self.block_index = 0
+        self.last_block_ms = 0.0
+        with self._freed_on_oom():
+            self.kv = KVCache(spec, self.dtype, self.device)
+            self.context = dit.embed_text(text.to(self.device)[None])
+            self.motion = motion_latents.to(self.device, self.dtype)[None]
+            dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv.nbytes
 
+    @contextlib.contextmanager
+    def _freed_on_oom(self):
+        """Out of memory anyway: free this session's caches (the service stays up) and raise the
+        planner's ResourceExhausted with the ladder and CUDA's message."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            self.close()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            req = self._memory_request or MemoryRequest(384, 256)
+            available = self.engine.free_memory() if self.engine.free_memory is not None else 0
+            raise oom_error(req, available, cause=e) from e
+
     def generate_block(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [frames_per_block, audio_layers, audio_dim] -> latent [16, block_frames, h, w]."""
         if self._closed:
             raise InvalidInput("the generator session is closed")
+        with self._freed_on_oom():
+            return self._generate_block(audio)
+
+    def _generate_block(self, audio: torch.Tensor) -> torch.Tensor:
         p, dit = self.plan, self.dit
         want = (p.block_frames * VAE_TIME_STRIDE, dit.config.audio_layers, dit.config.audio_dim)
         if tuple(audio.shape) != want:
@@ -178,7 +217,8 @@ class GeneratorSession:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.kv.free()
+            if self.kv is not None:
+                self.kv.free()
             self._clip_noise = self._first_frame = self.context = self.motion = None
 
 
