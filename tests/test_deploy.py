@@ -407,6 +407,8 @@ def test_dockerfiles_build_from_the_repo(name, base):
         if inst == "COPY" and not arg.startswith("--from"):
             for src in arg.split()[:-1]:
                 assert (ROOT / src).exists(), f"{name} copies {src}, which the repo does not have"
+    env = " ".join(a for i, a in ins if i == "ENV")
+    assert "MALLOC_ARENA_MAX=2" in env, "bounded malloc arenas keep RSS flat (docs/operations.md)"
     users = [a for i, a in ins if i == "USER"]
     assert users and users[-1] not in ("root", "0")
     run = " ".join(a for i, a in ins if i == "RUN")
