@@ -190,7 +190,8 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
     chain.write_bytes((pki / "server.pem").read_bytes() + (pki / "ca.pem").read_bytes())
     services = Services(tmp_path, dict(env, AVATAR_AUTH_TOKEN="pub-token-123", AVATAR_INTERNAL_TOKEN="int-token-456"))
     try:
-        svc = services.start("all", "--tls-cert", str(chain), "--tls-key", str(pki / "server.key"), wait=False)
+        svc = services.start("all", "--tls-cert", str(chain), "--tls-key", str(pki / "server.key"), wait=False,
+                             trace=True)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -220,6 +221,9 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
         assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
         log = svc.log.read_text()
         assert "pub-token-123" not in log and "int-token-456" not in log
+        spans = svc.trace_file.read_text()
+        assert "encode_image" in spans, "the trace was written"
+        assert "pub-token-123" not in spans and "int-token-456" not in spans and "Bearer" not in spans
     finally:
         services.stop_all()
 
