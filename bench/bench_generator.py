@@ -13,7 +13,6 @@ events after warm-up blocks and reports medians; prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -173,40 +172,6 @@ class BlockLoop:
 
     def close(self):
         self.kv.free()
-
-
-@contextlib.contextmanager
-def fp8_kv_cache():
-    """Bench shim for an e4m3 KV cache: the model's self-attention reads the ring/sink in the
-    activation dtype, so each layer reads upcast copies and the new block is written back in e4m3.
-    The copies cost extra traffic (~0.4 GB per layer and step at 704*384): an upper bound on what a
-    fused read would cost."""
-    from services.generator import causal_s2v_dit as m
-    orig = m.SelfAttention.forward
-
-    def forward(self, x, rope, kv):
-        if kv.sink_k.dtype != torch.float8_e4m3fn:
-            return orig(self, x, rope, kv)
-        dt = x.dtype
-        ring = kv.ring_k is not None
-        tmp = m.LayerKV(kv.sink_k.to(dt), kv.sink_v.to(dt),
-                        kv.ring_k[:, :kv.valid].to(dt) if ring else None,
-                        kv.ring_v[:, :kv.valid].to(dt) if ring else None, kv.slot, kv.valid, kv.sink_rope)
-        out = orig(self, x, rope, tmp)
-        if ring:
-            n = x.shape[1]
-            kv.ring_k[:, kv.slot:kv.slot + n] = tmp.ring_k[:, kv.slot:kv.slot + n]
-            kv.ring_v[:, kv.slot:kv.slot + n] = tmp.ring_v[:, kv.slot:kv.slot + n]
-        else:
-            kv.sink_k.copy_(tmp.sink_k)
-            kv.sink_v.copy_(tmp.sink_v)
-        return out
-
-    m.SelfAttention.forward = forward
-    try:
-        yield
-    finally:
-        m.SelfAttention.forward = orig
 
 
 def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str,
@@ -709,10 +674,9 @@ def main():
                         log(f"  FP8 vs bf16 latents {w}*{h}, rel. error per step: "
                             + " ".join(f"{e:.4f}" for e in errs))
             w, h = sizes[0]
-            if ref_latents.get((w, h)) and dev_cuda:
-                with fp8_kv_cache():
-                    got = guarded("quality fp8+fp8kv", lambda: step_latents(
-                        dit, LoopConfig(w, h, kv_dtype=torch.float8_e4m3fn), device))
+            if ref_latents.get((w, h)):
+                got = guarded("quality fp8+fp8kv", lambda: step_latents(
+                    dit, LoopConfig(w, h, kv_dtype=torch.float8_e4m3fn), device))
                 if got:
                     errs = rel_errors(got, ref_latents[(w, h)])
                     results["quality"][f"{w}*{h} fp8 weights + fp8 kv"] = errs
@@ -745,12 +709,9 @@ def main():
                 torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gib * GiB / total))
             for label, kvd, win in [("24gb-bf16kv", None, 12), ("24gb-fp8kv", torch.float8_e4m3fn, 12),
                                     ("24gb-bf16kv", None, 6)]:
-                if kvd is not None and not dev_cuda:
-                    continue
-                with fp8_kv_cache():
-                    variant(label + ("+compile" if args.compile_first else ""), sizes[0], num_sets=1,
-                            window_frames=win, kv_dtype=kvd, warm=args.warm + (4 if args.compile_first else 0),
-                            blocks=args.blocks + (4 if args.compile_first else 0))
+                variant(label + ("+compile" if args.compile_first else ""), sizes[0], num_sets=1,
+                        window_frames=win, kv_dtype=kvd, warm=args.warm + (4 if args.compile_first else 0),
+                        blocks=args.blocks + (4 if args.compile_first else 0))
             if dev_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
         t0 = time.perf_counter()

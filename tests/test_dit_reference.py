@@ -15,7 +15,7 @@ from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 
 from avatar.presets import ModelSpec
 from avatar.v1 import tensor_pb2
-from services.generator.causal_s2v_dit import PRESETS
+from services.generator.causal_s2v_dit import PRESETS, REF_ROPE_FRAME, Rope, apply_rope
 from services.generator.engine import GeneratorEngine
 from services.generator.kv_cache import KVCache, KVCacheSpec
 from services.generator.weights import random_dit
@@ -37,7 +37,13 @@ def test_sink_and_five_blocks_match_upstream():
     kv = KVCache(KVCacheSpec.for_model(model, h, w, window), torch.float32, "cpu")
     ctx = model.embed_text(text[None])
     model.prefill_sink(ref, motion, ctx, kv)
-    torch.testing.assert_close(kv.sink_k[2], want["sink_k.layer2"], rtol=0, atol=1e-5)
+    # the cache keeps the reference tokens' keys unrotated and the motion tokens' keys rotated
+    sink_k, nref = want["sink_k.layer2"], h // 2 * w // 2
+    torch.testing.assert_close(kv.ref_k[2], sink_k[:, :nref], rtol=0, atol=1e-5)
+    motion_rope = model._sink_rope(h, w, REF_ROPE_FRAME, "cpu")
+    motion_rope = Rope(motion_rope.cos[nref:], motion_rope.sin[nref:])
+    torch.testing.assert_close(kv.keys[0, 2, :, nref:kv.spec.sink_tokens], apply_rope(sink_k[:, nref:], motion_rope),
+                               rtol=0, atol=1e-5)
     for block in range(5):
         frame = 3 * block
         latents = torch.randn(1, 16, 3, h, w, generator=g)

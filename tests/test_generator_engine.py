@@ -64,7 +64,7 @@ def test_kv_cache_memory_is_flat_in_the_number_of_clips(engine):
     for block in range(20):                      # 10 clips of 2 blocks
         session.generate_block(audio[0])
         if block + 1 in (4, 20):                 # after clip 2 and after clip 10
-            sizes[block + 1] = (session.kv_cache_bytes, session.kv.ring_k.data_ptr())
+            sizes[block + 1] = (session.kv_cache_bytes, session.kv.keys.data_ptr())
     assert sizes[4] == sizes[20]
     assert session.last_block_ms > 0
     session.close()
@@ -195,3 +195,21 @@ def test_out_of_memory_in_a_block_frees_the_session_and_raises_the_ladder(engine
             session.generate_block(audio[1])
     finally:
         engine.free_memory = None
+
+
+def test_fp8_kv_cache_halves_the_cache_and_stays_close(engine):
+    fp8kv = GeneratorEngine(ModelSpec(name="tiny", seed=0, extra={"kv_dtype": "float8_e4m3fn"}), dit=engine.dit)
+    text, ref, motion, audio = _inputs(blocks=3)
+    session = fp8kv.open_session(_job(), text, ref, motion)
+    try:
+        assert session.kv.keys.dtype == torch.float8_e4m3fn
+        assert session.kv_cache_bytes * 4 == session.kv.spec.nbytes(torch.float32)
+    finally:
+        session.close()
+    got = torch.stack(_generate(fp8kv, _job(), blocks=3))
+    ref_out = torch.stack(_generate(engine, _job(), blocks=3))
+    assert torch.isfinite(got).all()
+    rel = ((got - ref_out).norm() / ref_out.norm()).item()
+    assert 0 < rel < 0.01, rel                  # 0.1% on the tiny model: attention averages the rounding
+    with pytest.raises(InvalidInput, match="kv_dtype"):
+        GeneratorEngine(ModelSpec(name="tiny", seed=0, extra={"kv_dtype": "int4"}), dit=engine.dit)

@@ -27,7 +27,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 from avatar.presets import MODEL_DIMS
-from services.generator.kv_cache import KVCache
+from services.generator.kv_cache import KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
 ROPE_THETA = 10000.0
@@ -151,17 +151,21 @@ class RMSNorm(nn.Module):
 class LayerKV:
     """Where one layer's self-attention reads and writes keys/values (views into a KVCache).
 
-    ring_k is None while the sink is prefilled: keys (unrotated) and values go to sink_k/sink_v.
-    Otherwise the block's rotated keys and values are written at ring[slot:slot+n], and the
-    block attends to ring[:valid] plus the sink keys rotated by sink_rope.
+    Prefill (ref_rope is None): keys/values are every group's buffer [G, B, T, H, D]; the sink's
+    values and its motion tokens' rotated keys go to [sink_start, sink_start + S) of each, the
+    reference tokens' unrotated keys to ref_k. A block: keys/values are its group's buffer
+    [B, T, H, D]; the reference keys are rotated by ref_rope into the sink, the block's rotated
+    keys and values written at [write, write + n), and attention reads the slice [lo, hi).
     """
-    sink_k: torch.Tensor                 # [B, S, H, D]
-    sink_v: torch.Tensor
-    ring_k: torch.Tensor | None = None   # [B, R, H, D]
-    ring_v: torch.Tensor | None = None
-    slot: int = 0
-    valid: int = 0
-    sink_rope: Rope | None = None
+    keys: torch.Tensor
+    values: torch.Tensor
+    ref_k: torch.Tensor                  # [B, frame_tokens, H, D], unrotated
+    sink_start: int
+    sink_tokens: int
+    write: int = 0
+    lo: int = 0
+    hi: int = 0
+    ref_rope: Rope | None = None
 
 
 class SelfAttention(nn.Module):
@@ -173,20 +177,23 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, rope: Rope, kv: LayerKV) -> torch.Tensor:
-        b, n, _ = x.shape
+        n = x.shape[1]
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k_rot = apply_rope(q, rope), apply_rope(k, rope)
-        if kv.ring_k is None:
-            kv.sink_k.copy_(k)
-            kv.sink_v.copy_(v)
+        cache = kv.keys.dtype
+        s0, nref = kv.sink_start, kv.ref_k.shape[1]
+        if kv.ref_rope is None:   # the sink: attends to itself
+            kv.ref_k.copy_(to_cache_dtype(k[:, :nref], cache))
+            kv.keys[..., s0 + nref:s0 + kv.sink_tokens, :, :] = to_cache_dtype(k_rot[:, nref:], cache)
+            kv.values[..., s0:s0 + kv.sink_tokens, :, :] = to_cache_dtype(v, cache)
             keys, values = k_rot, v
         else:
-            kv.ring_k[:, kv.slot:kv.slot + n] = k_rot
-            kv.ring_v[:, kv.slot:kv.slot + n] = v
-            keys = torch.cat([kv.ring_k[:, :kv.valid], apply_rope(kv.sink_k, kv.sink_rope)], dim=1)
-            values = torch.cat([kv.ring_v[:, :kv.valid], kv.sink_v], dim=1)
+            kv.keys[:, s0:s0 + nref] = to_cache_dtype(apply_rope(kv.ref_k.to(q.dtype), kv.ref_rope), cache)
+            kv.keys[:, kv.write:kv.write + n] = to_cache_dtype(k_rot, cache)
+            kv.values[:, kv.write:kv.write + n] = to_cache_dtype(v, cache)
+            keys, values = kv.keys[:, kv.lo:kv.hi].to(q.dtype), kv.values[:, kv.lo:kv.hi].to(q.dtype)
         return self.o(attention(q, keys, values))
 
 
@@ -502,8 +509,10 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"sink has {x.shape[1]} tokens, the cache was sized for {kv.spec.sink_tokens}")
         _, mod = self._time_modulation(torch.zeros(b, 1, device=device))
         rope = self._sink_rope(h, w, REF_ROPE_FRAME, device)
+        spec = kv.spec
         for i, block in enumerate(self.blocks):
-            x = block(x, mod, rope, context, LayerKV(kv.sink_k[i], kv.sink_v[i]))
+            x = block(x, mod, rope, context, LayerKV(kv.keys[:, i], kv.values[:, i], kv.ref_k[i],
+                                                     spec.sink_start, spec.sink_tokens))
         kv.sink_filled = True
 
     @torch.no_grad()
@@ -527,11 +536,11 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         t = timestep.to(device).float().reshape(b, -1).expand(b, f)
         e, mod = self._time_modulation(t)
         rope = rope_grid(self.head_dim, range(frame_start, frame_start + f), range(h // 2), range(w // 2), device)
-        sink_rope = self._sink_rope(h, w, sink_frame, device)
-        slot, valid = kv.ring_span(frame_start, f)
+        ref_rope = rope_grid(self.head_dim, range(sink_frame, sink_frame + 1), range(h // 2), range(w // 2), device)
+        span, spec = kv.block_span(cache_set, frame_start, f), kv.spec
         for i, block in enumerate(self.blocks):
-            layer_kv = LayerKV(kv.sink_k[i], kv.sink_v[i], kv.ring_k[cache_set, i], kv.ring_v[cache_set, i],
-                               slot, valid, sink_rope)
+            layer_kv = LayerKV(kv.keys[span.group, i], kv.values[span.group, i], kv.ref_k[i], spec.sink_start,
+                               spec.sink_tokens, span.write, span.lo, span.hi, ref_rope)
             x = block(x, mod, rope, context, layer_kv)
             if i in self.injector_of_layer:
                 x = self.audio_injector(self.injector_of_layer[i], x, audio.tokens, audio.global_)

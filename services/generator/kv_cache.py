@@ -4,12 +4,32 @@ Memory is fixed when the cache is created: blocks are written into a ring of `wi
 latent frames (one clip), so it does not grow with the length of the video. With timestep
 forcing (upstream's single-GPU path) there is one ring per sampling step ("cache set"); with a
 single set the engine re-encodes each finished block at t=0 (clean context) into it.
+
+Layout: a block attends to the filled part of its ring plus the sink. To hand attention one
+contiguous slice (no per-layer concatenation), the sink's rotated keys and values sit right next
+to the rings in one buffer per group of two sets: [ring A | sink | ring B], ring A filled
+backwards from the sink, ring B forwards; with one set the buffer is [sink | ring]. The order of
+keys does not matter to attention. The motion tokens' RoPE positions are fixed, so their keys are
+stored rotated once; the reference token's RoPE frame moves with every call, so its keys are
+also kept unrotated (`ref_k`) and rotated into the sink per call.
+
+The cache may be stored in float8_e4m3fn (half the bytes of bf16): writes convert (clamped to
+e4m3's range), attention reads upcast copies of the slice it needs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; e4m3 has no infinity, so clamp rather than produce NaN."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -18,7 +38,7 @@ class KVCacheSpec:
     num_layers: int
     num_heads: int
     head_dim: int
-    frame_tokens: int       # tokens of one latent frame
+    frame_tokens: int       # tokens of one latent frame (= the reference token count)
     window_frames: int      # latent frames the ring holds (one clip)
     sink_tokens: int        # reference + motion tokens
     num_sets: int = 1       # rings: 1, or one per sampling step (timestep forcing)
@@ -29,6 +49,9 @@ class KVCacheSpec:
                      "num_sets", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KVCacheSpec.{name} must be positive, got {getattr(self, name)}")
+        if self.frame_tokens > self.sink_tokens:
+            raise ValueError(f"the sink ({self.sink_tokens} tokens) must hold the reference frame "
+                             f"({self.frame_tokens} tokens)")
 
     @classmethod
     def for_model(cls, model, latent_h: int, latent_w: int, window_frames: int, num_sets: int = 1,
@@ -42,31 +65,55 @@ class KVCacheSpec:
     def ring_tokens(self) -> int:
         return self.window_frames * self.frame_tokens
 
+    @property
+    def groups(self) -> int:
+        """Buffers: one per two cache sets (they share a copy of the sink)."""
+        return (self.num_sets + 1) // 2
+
+    @property
+    def sink_start(self) -> int:
+        return self.ring_tokens if self.num_sets > 1 else 0
+
+    @property
+    def buffer_tokens(self) -> int:
+        """Tokens of one group's buffer: [ring | sink | ring], or [sink | ring] for a single set."""
+        return self.sink_tokens + self.ring_tokens * (2 if self.num_sets > 1 else 1)
+
     def nbytes(self, dtype: torch.dtype) -> int:
-        """Bytes the cache takes: keys and values of every ring and of the sink."""
-        per_token = 2 * self.num_layers * self.batch * self.num_heads * self.head_dim * dtype.itemsize
-        return per_token * (self.num_sets * self.ring_tokens + self.sink_tokens)
+        """Bytes the cache takes: keys and values of every buffer, plus the unrotated reference keys."""
+        per_token = self.num_layers * self.batch * self.num_heads * self.head_dim * dtype.itemsize
+        return per_token * (2 * self.groups * self.buffer_tokens + self.frame_tokens)
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """Where one block's forward writes and reads in its group's buffer (token indices)."""
+    group: int
+    write: int      # the block's tokens go to [write, write + n)
+    lo: int         # attention reads keys/values [lo, hi): the filled ring and the sink
+    hi: int
 
 
 class KVCache:
-    """ring_k/ring_v [sets, layers, B, ring_tokens, H, D] hold rotated keys of generated blocks;
-    sink_k/sink_v [layers, B, sink_tokens, H, D] hold the sink's keys *unrotated*, because the
-    reference token's RoPE frame moves with the current block."""
+    """keys/values [groups, layers, B, buffer_tokens, H, D]; ref_k [layers, B, frame_tokens, H, D]
+    holds the reference token's keys unrotated (its RoPE frame moves with the current block)."""
 
     def __init__(self, spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | str):
-        self.spec = spec
-        s = spec
-        ring = (s.num_sets, s.num_layers, s.batch, s.ring_tokens, s.num_heads, s.head_dim)
-        sink = (s.num_layers, s.batch, s.sink_tokens, s.num_heads, s.head_dim)
-        self.ring_k = torch.zeros(ring, dtype=dtype, device=device)
-        self.ring_v = torch.zeros(ring, dtype=dtype, device=device)
-        self.sink_k = torch.zeros(sink, dtype=dtype, device=device)
-        self.sink_v = torch.zeros(sink, dtype=dtype, device=device)
+        self.spec = s = spec
+        buf = (s.groups, s.num_layers, s.batch, s.buffer_tokens, s.num_heads, s.head_dim)
+        self.keys = torch.zeros(buf, dtype=dtype, device=device)
+        self.values = torch.zeros(buf, dtype=dtype, device=device)
+        self.ref_k = torch.zeros((s.num_layers, s.batch, s.frame_tokens, s.num_heads, s.head_dim),
+                                 dtype=dtype, device=device)
         self.sink_filled = False
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
     def ring_span(self, frame_start: int, num_frames: int) -> tuple[int, int]:
-        """(slot, valid): where a block starting at absolute latent frame `frame_start` is written,
-        and how many ring tokens are filled once it is (all of them after the first clip)."""
+        """(slot, valid): where in its ring a block starting at absolute latent frame `frame_start`
+        goes, and how many ring tokens are filled once it is (all of them after the first clip)."""
         window, ft = self.spec.window_frames, self.spec.frame_tokens
         offset = frame_start % window
         if frame_start < 0 or offset + num_frames > window:
@@ -74,12 +121,24 @@ class KVCache:
                              f"of {window} frames (the window must be a multiple of the block)")
         return offset * ft, min(frame_start + num_frames, window) * ft
 
+    def block_span(self, cache_set: int, frame_start: int, num_frames: int) -> BlockSpan:
+        s = self.spec
+        if not 0 <= cache_set < s.num_sets:
+            raise ValueError(f"cache set {cache_set} out of range (the cache has {s.num_sets})")
+        slot, valid = self.ring_span(frame_start, num_frames)
+        n = num_frames * s.frame_tokens
+        group, side = divmod(cache_set, 2) if s.num_sets > 1 else (0, 1)
+        s0, sink = s.sink_start, s.sink_tokens
+        if side:   # ring after the sink, filled forwards
+            return BlockSpan(group, s0 + sink + slot, s0, s0 + sink + valid)
+        return BlockSpan(group, s0 - slot - n, s0 - valid, s0 + sink)   # before it, filled backwards
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.sink_k, self.sink_v))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.ref_k))
 
     def free(self) -> None:
         """Drop the tensors now (a session's memory is returned when it closes, not at GC time)."""
-        empty = torch.empty(0, dtype=self.ring_k.dtype, device=self.ring_k.device)
-        self.ring_k = self.ring_v = self.sink_k = self.sink_v = empty
+        empty = torch.empty(0, dtype=self.keys.dtype, device=self.keys.device)
+        self.keys = self.values = self.ref_k = empty
         self.sink_filled = False
