@@ -67,6 +67,13 @@ def _speech(seconds: float) -> np.ndarray:
     return 0.3 * np.sin(2 * np.pi * 220 * t)
 
 
+def _channels(n: int) -> bytes:
+    """A 0.5 s silent 16-bit WAV claiming n channels (0: a header that lies)."""
+    data = bytearray(_wav(np.zeros((8000, max(n, 1)))))
+    struct.pack_into("<H", data, 22, n)
+    return bytes(data)
+
+
 def _with_nan():
     x = _speech(1.0).astype(np.float32)
     x[4000] = np.nan
@@ -102,6 +109,8 @@ CASES = [
     ("audio: too short", dict(audio=_wav(_speech(0.05))), "too short"),
     ("audio: too long", dict(audio=_wav(_speech(MAX_AUDIO_S + 1.5), rate=8000)), "too long"),
     ("audio: NaN samples", dict(audio=_with_nan()), "NaN or infinite"),
+    ("audio: 0 channels", dict(audio=_channels(0)), "audio is corrupt"),
+    ("audio: 2000 channels", dict(audio=_channels(2000)), "audio is corrupt"),
     ("audio: inf samples", dict(audio=_with_inf()), "NaN or infinite"),
     ("size: 704x384", dict(size="704x384"), "W*H"),
     ("size: 0*0", dict(size="0*0"), "positive"),
