@@ -242,3 +242,30 @@ def test_sigterm_drains_then_exits(tmp_path, env):
                 assert ended < grace + 5, f"the stream lasted {ended:.1f} s past SIGTERM with a {grace} s grace"
         finally:
             services.stop_all()
+
+
+def test_slow_reader_stalls_the_generator(embedded, tmp_path):
+    """A client that stops reading stops the generator a few blocks later (the gateway's block
+    credits + HTTP/2 flow control), instead of the mesh buffering the whole video."""
+    window_64k = MESSAGE_OPTIONS + [("grpc.http2.bdp_probe", 0)]   # the client's window stays small
+    msgs = []
+    with grpc.insecure_channel(embedded.address, options=window_64k) as ch:
+        call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0, sample_steps=1), timeout=180)
+        for msg in call:
+            msgs.append(msg)
+            if msg.WhichOneof("event") == "fragment":
+                break
+        total = msgs[0].header.expected_fragments
+        paused = time.time_ns()
+        time.sleep(8)   # unthrottled, the tiny generator finishes all 17 blocks in this time
+        resumed = time.time_ns()
+        msgs.extend(call)
+    spans = [s for s in embedded.spans() if s["name"] == "dit_block"]
+    trace_id = next(s["trace_id"] for s in spans if s["start_unix_nano"] < paused and s["attributes"]["block"] == 0
+                    and s["start_unix_nano"] > paused - 120e9)
+    mine = [s for s in spans if s["trace_id"] == trace_id]
+    during = [s for s in mine if paused < s["start_unix_nano"] < resumed]
+    assert total == 17 and len(mine) == total
+    assert len(during) <= 9, f"{len(during)} blocks generated while the client read nothing"
+    assert sum(m.WhichOneof("event") == "fragment" for m in msgs) == total   # and nothing was lost
+    _valid_mp4(msgs, tmp_path / "slow.mp4")
