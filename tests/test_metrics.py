@@ -139,3 +139,77 @@ def test_redact():
     assert redact("Authorization: Bearer xyz") == "Authorization: Bearer [REDACTED]"
     assert redact("internal_token=abc def") == "internal_token=[REDACTED] def"
     assert redact("nothing here") == "nothing here"
+
+
+class _FakeNVML:
+    """Stands in for pynvml on machines without a GPU: two boards, the second without power
+    readings (as on MIG slices), so the GPU code paths run here too."""
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.shutdown = False
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shutdown = True
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA H100 80GB HBM3" if h == 0 else "NVIDIA H100 MIG 1g.10gb"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        from types import SimpleNamespace
+        return SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        from types import SimpleNamespace
+        return SimpleNamespace(gpu=37 + h, memory=12)
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 51
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        if h == 1:
+            raise self.NVMLError("not supported")
+        return 312_500
+
+
+def test_gpu_collector_and_monitor_with_nvml(monkeypatch, tmp_path, capsys):
+    import argparse
+    import csv
+
+    from avatar import gpu_monitor
+    fake = _FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in metrics.GPUCollector().collect() for s in fam.samples}
+    g0 = (("gpu", "0"), ("name", "NVIDIA H100 80GB HBM3"))
+    g1 = (("gpu", "1"), ("name", "NVIDIA H100 MIG 1g.10gb"))
+    assert samples[("avatar_gpu_available", ())] == 1
+    assert samples[("avatar_gpu_memory_used_bytes", g0)] == 2**30
+    assert samples[("avatar_gpu_memory_total_bytes", g1)] == 80 * 2**30
+    assert samples[("avatar_gpu_utilization_percent", g1)] == 38
+    assert samples[("avatar_gpu_temperature_celsius", g0)] == 51
+    assert samples[("avatar_gpu_power_watts", g0)] == 312.5
+    assert ("avatar_gpu_power_watts", g1) not in samples   # unsupported: left out, not an error
+
+    out = tmp_path / "gpu.csv"
+    args = argparse.Namespace(interval=0.01, csv=str(out), count=3)
+    assert gpu_monitor.run(args) == 0 and fake.shutdown
+    assert gpu_monitor.run(args) == 0    # appends, one header
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 * 3 * 2 and out.read_text().count("timestamp") == 1
+    assert rows[0]["memory_used_mib"] == "1024" and rows[1]["power_w"] == "" and rows[0]["power_w"] == "312.5"
+    assert gpu_monitor.run(argparse.Namespace(interval=0.01, csv=None, count=1)) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["time", "gpu", "name"] and len(table) == 3
