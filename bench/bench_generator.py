@@ -13,6 +13,7 @@ events after warm-up blocks and reports medians; prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -172,6 +173,69 @@ class BlockLoop:
 
     def close(self):
         self.kv.free()
+
+
+@contextlib.contextmanager
+def legacy_kv_reads():
+    """The KV reads before commit e7dbc31, for a before/after in one run: every layer rotated the
+    whole sink's keys (reference + motion tokens) and concatenated ring + sink keys and values
+    into fresh tensors. Emulated on today's layout with the same traffic and the same results:
+    the ring and the (already rotated) sink are copied out, the sink rotated by the identity."""
+    from services.generator import causal_s2v_dit as m
+    orig = m.SelfAttention.forward
+    identity: dict = {}
+
+    def forward(self, x, rope, kv):
+        if kv.ref_rope is None:
+            return orig(self, x, rope, kv)
+        n, dt = x.shape[1], x.dtype
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q, k_rot = m.apply_rope(q, rope), m.apply_rope(k, rope)
+        s0, sink, nref = kv.sink_start, kv.sink_tokens, kv.ref_k.shape[1]
+        kv.keys[:, s0:s0 + nref] = m.to_cache_dtype(m.apply_rope(kv.ref_k.to(dt), kv.ref_rope), kv.keys.dtype)
+        kv.keys[:, kv.write:kv.write + n] = m.to_cache_dtype(k_rot, kv.keys.dtype)
+        kv.values[:, kv.write:kv.write + n] = m.to_cache_dtype(v, kv.keys.dtype)
+        ring = slice(s0 + sink, kv.hi) if kv.lo == s0 else slice(kv.lo, s0)
+        key = (sink, q.shape[-1], str(x.device))
+        if key not in identity:
+            ones = torch.ones(sink, 1, q.shape[-1] // 2, device=x.device)
+            identity[key] = m.Rope(ones, torch.zeros_like(ones))
+        keys = torch.cat([kv.keys[:, ring].to(dt), m.apply_rope(kv.keys[:, s0:s0 + sink].to(dt), identity[key])], 1)
+        values = torch.cat([kv.values[:, ring].to(dt), kv.values[:, s0:s0 + sink].to(dt)], 1)
+        return self.o(m.attention(q, keys, values))
+
+    m.SelfAttention.forward = forward
+    try:
+        yield
+    finally:
+        m.SelfAttention.forward = orig
+
+
+def profile_step(dit, cfg: LoopConfig, device, top: int = 25) -> dict:
+    """torch.profiler over one block's DiT forwards (after a warm block): GPU time per kernel name,
+    grouped, largest first, so the gap between a step and its GEMM + attention floor is visible."""
+    from torch.profiler import ProfilerActivity, profile
+    loop = BlockLoop(dit, cfg, device, Clock(device))
+    loop.run_block()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loop.run_block()
+        torch.cuda.synchronize()
+    loop.close()
+    del loop
+    free_memory(device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:120], "calls": e.count, "ms_per_step": t / 1000 / cfg.steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    log(f"  profile {cfg.width}*{cfg.height}: {total:.1f} ms GPU time per step (incl. audio encoder / steps)")
+    for r in rows[:top]:
+        log(f"    {r['ms_per_step']:7.2f} ms/step  x{r['calls'] // cfg.steps:4d}  {r['kernel'][:100]}")
+    return {"size": f"{cfg.width}*{cfg.height}", "gpu_ms_per_step": total, "kernels": rows[:60]}
 
 
 def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str,
@@ -422,6 +486,8 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     """The real schedule on one GPU: block k's VAE decode on a second CUDA stream and its mux on a
     CPU thread, while the DiT runs block k+1. Wall-clock ms per block (host clock, synced)."""
     from services.decoder.fmp4 import FragmentedMp4Writer
+    free_memory(device)
+    reset_peak(device)
     vae = build_vae(tiny, device, torch.bfloat16 if device != "cpu" else torch.float32)
     dec = vae.stream_decoder()
     h, w = cfg.height // 8, cfg.width // 8
@@ -471,14 +537,15 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     del vae, loop
     free_memory(device)
     res = {"size": f"{cfg.width}*{cfg.height}", "wall_block_ms": median(walls[1 + warm:blocks]),
-           "first_fragment_s_after_prefill": t_first}
+           "first_fragment_s_after_prefill": t_first, "peak_gib": peak_gib(device), "kv_sets": cfg.num_sets,
+           "kv_dtype": str(cfg.kv_dtype or dit.dtype).split(".")[-1]}
     res["fps"] = FRAMES_PER_BLOCK / (res["wall_block_ms"] / 1000)
     log(f"  overlap {res['size']}: {res['wall_block_ms']:.1f} ms/block wall = {res['fps']:.1f} FPS "
-        f"(DiT + VAE on a side stream + mux thread)")
+        f"(DiT + VAE on a side stream + mux thread), peak {res['peak_gib']:.1f} GiB")
     return res
 
 
-def bench_engine(dit, width, height, device, blocks: int, warm: int) -> dict:
+def bench_engine(dit, width, height, device, blocks: int, warm: int, extra: dict | None = None) -> dict:
     """Cross-check through the real GeneratorEngine (the service's code path): wall ms of
     open_session (sink prefill) and of generate_block (which syncs), on the same DiT."""
     from types import SimpleNamespace
@@ -487,7 +554,7 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int) -> dict:
     from services.generator.engine import GeneratorEngine
     c = dit.config
     h, w = height // 8, width // 8
-    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True), dit=dit)
+    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True, extra=extra or {}), dit=dit)
     job = SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=48, latent_frames_per_block=3,
                           num_blocks=blocks, total_frames=blocks * FRAMES_PER_BLOCK, sample_steps=4, seed=420,
                           model="s2v-14b", audio_sample_rate=48000, request_id="bench")
@@ -507,8 +574,10 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int) -> dict:
         t0 = time.perf_counter()
         sess.generate_block(audio)
         ms.append((time.perf_counter() - t0) * 1000)
+    kv_bytes = sess.kv_cache_bytes
     sess.close()
-    res = {"size": f"{width}*{height}", "open_session_ms": open_ms, "first_block_ms": ms[0],
+    res = {"size": f"{width}*{height}", "extra": extra or {}, "kv_cache_gib": kv_bytes / GiB,
+           "open_session_ms": open_ms, "first_block_ms": ms[0],
            "block_ms": median(ms[warm:]), "block_ms_all": [round(m, 1) for m in ms], "peak_gib": peak_gib(device)}
     res["fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
     del sess, eng
@@ -542,7 +611,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU check of the code paths)")
     ap.add_argument("--only", default="all", help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
-                    "quality,vae,overlap,24gb,compile,compile-bf16,engine")
+                    "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile")
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
     ap.add_argument("--warm", type=int, default=2)
@@ -555,7 +624,7 @@ def main():
     args = ap.parse_args()
     t_main = time.perf_counter()
     smoke = args.only == "smoke"
-    parts = set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile,engine".split(",")) \
+    parts = set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile,engine,legacy,profile".split(",")) \
         if args.only in ("all", "smoke") else set(args.only.split(","))
     if smoke:
         args.blocks, args.warm, args.flat_blocks = 3, 1, 0
@@ -681,6 +750,12 @@ def main():
                     errs = rel_errors(got, ref_latents[(w, h)])
                     results["quality"][f"{w}*{h} fp8 weights + fp8 kv"] = errs
                     log(f"  FP8 weights + FP8 KV vs bf16 latents {w}*{h}: " + " ".join(f"{e:.4f}" for e in errs))
+        if "legacy" in parts:
+            log("FP8 eager: KV reads as now vs as before (per-layer sink rotation + ring/sink concatenation):")
+            for sz in sizes:
+                variant("fp8", sz)
+                with legacy_kv_reads():
+                    variant("fp8-legacy-kv", sz)
         tag = "fp8"
         if args.compile_first:
             compile_blocks(dit)
@@ -695,6 +770,9 @@ def main():
             if args.compile_first:
                 variant(tag, sizes[0])  # again, warm: prefill and first block without compilation
             variant(tag, sizes[0], num_sets=1)
+        if "profile" in parts and dev_cuda:
+            results["profile"] = [guarded(f"profile {w}*{h}", lambda w=w, h=h: profile_step(
+                dit, LoopConfig(w, h), device)) for w, h in sizes]
         if "engine" in parts:
             results["engine"] = [guarded(f"engine {w}*{h}", lambda w=w, h=h: bench_engine(
                 dit, w, h, device, args.blocks, args.warm)) for w, h in sizes]
@@ -707,11 +785,15 @@ def main():
                 free_memory(device)
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gib * GiB / total))
-            for label, kvd, win in [("24gb-bf16kv", None, 12), ("24gb-fp8kv", torch.float8_e4m3fn, 12),
-                                    ("24gb-bf16kv", None, 6)]:
+            for label, kvd, win in [("24gb-fp8kv", torch.float8_e4m3fn, 12), ("24gb-bf16kv", None, 6)]:
                 variant(label + ("+compile" if args.compile_first else ""), sizes[0], num_sets=1,
                         window_frames=win, kv_dtype=kvd, warm=args.warm + (4 if args.compile_first else 0),
                         blocks=args.blocks + (4 if args.compile_first else 0))
+            fp8kv = torch.float8_e4m3fn
+            results["engine_24gb"] = guarded("engine 24gb", lambda: bench_engine(
+                dit, *sizes[0], device, args.blocks, args.warm, extra={"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}))
+            results["overlap_24gb"] = guarded("overlap 24gb", lambda: bench_overlap(
+                dit, LoopConfig(*sizes[0], num_sets=1, kv_dtype=fp8kv), device, args.tiny, args.blocks, args.warm))
             if dev_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
         t0 = time.perf_counter()

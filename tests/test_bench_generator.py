@@ -11,13 +11,13 @@ import bench_generator  # noqa: E402
 def test_bench_runs_every_cpu_path_and_writes_json(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256",
-                                      "--only", "bf16,fp8,vae,engine", "--blocks", "2", "--warm", "1",
+                                      "--only", "bf16,fp8,vae,engine,legacy", "--blocks", "2", "--warm", "1",
                                       "--flat-blocks", "0", "--out", str(out)])
     bench_generator.main()
     res = json.loads(out.read_text())
     assert res["errors"] == {}
     runs = {(r["variant"], r["kv_sets"]) for r in res["runs"]}
-    assert runs == {("bf16", 4), ("bf16", 1), ("fp8", 4), ("fp8", 1)}
+    assert runs == {("bf16", 4), ("bf16", 1), ("fp8", 4), ("fp8", 1), ("fp8-legacy-kv", 4)}
     for r in res["runs"]:
         assert r["step_ms"] > 0 and r["block_ms"] >= r["step_ms"] and len(r["block_ms_all"]) == 2
         assert (r["clean_pass_ms"] > 0) == (r["kv_sets"] == 1)
@@ -25,6 +25,19 @@ def test_bench_runs_every_cpu_path_and_writes_json(tmp_path, monkeypatch):
     vae = res["vae"][0]
     assert vae["vae_ms"] > 0 and vae["mux_smooth_ms"] > 0
     assert res["engine"][0]["block_ms"] > 0
+
+
+def test_the_legacy_kv_reads_give_the_same_latents():
+    """The before/after comparison is fair only if the emulated old reads compute the same thing."""
+    import torch
+    dit = bench_generator.build_dit("tiny", "cpu", torch.float32)
+    for sets in (4, 1):
+        cfg = bench_generator.LoopConfig(192, 128, num_sets=sets)
+        now = bench_generator.step_latents(dit, cfg, "cpu", blocks=5)   # 15 frames: the 12-frame ring wraps
+        with bench_generator.legacy_kv_reads():
+            before = bench_generator.step_latents(dit, cfg, "cpu", blocks=5)
+        for a, b in zip(now, before):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_flow_sigmas_match_the_shifted_schedule():
