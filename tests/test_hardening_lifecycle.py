@@ -103,7 +103,8 @@ def test_cancel_mid_stream_frees_sessions_within_one_block(embedded, tmp_path):
     freed_s = wait_sessions_freed(embedded)
     time.sleep(0.5)   # let a block that was running finish and be written
     spans = [s for s in embedded.spans() if s["name"] == "dit_block"]
-    trace_id = next(s["trace_id"] for s in spans if s["start_unix_nano"] < cancelled_ns)
+    trace_id = max((s for s in spans if s["start_unix_nano"] < cancelled_ns and s["attributes"]["block"] == 0),
+                   key=lambda s: s["start_unix_nano"])["trace_id"]
     mine = [s for s in spans if s["trace_id"] == trace_id]
     after = [s for s in mine if s["start_unix_nano"] > cancelled_ns]
     assert len(mine) < header_blocks, "the job ran to the end despite the cancel"
