@@ -212,6 +212,10 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
         r = subprocess.run([*base, "--out", str(tmp_path / "yes.mp4")], capture_output=True, text=True,
                            timeout=120, cwd=ROOT, env=dict(clean_env, AVATAR_AUTH_TOKEN="pub-token-123"))
         assert r.returncode == 0, r.stderr[-2000:]
+        r = subprocess.run([*base, "--auth-token", "pub-token-123", "--out", str(tmp_path / "flag.mp4")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=clean_env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "pub-token-123" not in (tmp_path / "flag.json").read_text(), "the token leaked into OUT.json"
         assert (tmp_path / "yes.mp4").stat().st_size > 1000
         probe = [sys.executable, "-m", "avatar.healthcheck", "--tls-ca", str(pki / "ca.pem")]
         r = subprocess.run([*probe, svc.address], capture_output=True, text=True, timeout=60)
