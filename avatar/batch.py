@@ -409,6 +409,9 @@ async def run(args, model=None) -> int:
         if args.server:
             sec = SecurityConfig.from_args(args)
             creds, token, address = sec.tls.channel_credentials(), sec.auth_token, args.server
+            from avatar.security import plaintext_token_warning
+            if warning := plaintext_token_warning(address, creds, token):
+                print(f"avatar batch: {warning}", file=sys.stderr)
         else:
             from avatar.serve import ServeConfig, start
             mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,

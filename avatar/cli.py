@@ -225,6 +225,9 @@ async def cmd_generate(args) -> int:
             except ValueError as exc:
                 raise UserError(str(exc)) from None
             token = sec.auth_token
+            from avatar.security import plaintext_token_warning
+            if warning := plaintext_token_warning(address, creds, token):
+                print(f"avatar generate: {warning}", file=sys.stderr)
         async with grpc_util.create_channel(address, creds, token) as channel:
             stub = avatar_pb2_grpc.AvatarServiceStub(channel)
             with os.fdopen(fd, "wb") as f:

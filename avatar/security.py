@@ -109,6 +109,14 @@ def aio_channel(address: str, creds: grpc.ChannelCredentials | None = None, toke
 
 # --- tokens --------------------------------------------------------------------------------
 
+def plaintext_token_warning(address: str, creds, token: str | None) -> str | None:
+    """A warning when a token would cross the network unencrypted (no TLS, not loopback)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if token and creds is None and host not in ("127.0.0.1", "localhost", "::1"):
+        return f"warning: sending the API token to {address} without TLS (pass --tls-ca to encrypt)"
+    return None
+
+
 def token_from(value: str | None, env: str) -> str | None:
     """A flag's value, else the environment variable, else None. Blank means unset."""
     value = value if value else os.environ.get(env, "")

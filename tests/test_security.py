@@ -240,3 +240,12 @@ def test_exposure_warnings():
     assert SecurityConfig(internal_token="x").exposure_warnings("decoder", "[::]:50054") == []
     assert SecurityConfig(auth_token="x").exposure_warnings("all", "0.0.0.0:50051") == []
     assert "AVATAR_AUTH_TOKEN" in SecurityConfig(internal_token="x").exposure_warnings("gateway", "0.0.0.0:1")[0]
+
+
+def test_plaintext_token_warning():
+    creds = object()
+    assert security.plaintext_token_warning("10.0.0.5:50051", None, "t") is not None
+    assert security.plaintext_token_warning("10.0.0.5:50051", creds, "t") is None
+    assert security.plaintext_token_warning("127.0.0.1:50051", None, "t") is None
+    assert security.plaintext_token_warning("[::1]:50051", None, "t") is None
+    assert security.plaintext_token_warning("10.0.0.5:50051", None, None) is None
