@@ -186,15 +186,14 @@ def legacy_kv_reads():
     identity: dict = {}
 
     def forward(self, x, rope, kv):
-        if kv.ref_rope is None:
+        if kv.prefill:
             return orig(self, x, rope, kv)
         n, dt = x.shape[1], x.dtype
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k_rot = m.apply_rope(q, rope), m.apply_rope(k, rope)
-        s0, sink, nref = kv.sink_start, kv.sink_tokens, kv.ref_k.shape[1]
-        kv.keys[:, s0:s0 + nref] = m.to_cache_dtype(m.apply_rope(kv.ref_k.to(dt), kv.ref_rope), kv.keys.dtype)
+        s0, sink = kv.sink_start, kv.sink_tokens
         kv.keys[:, kv.write:kv.write + n] = m.to_cache_dtype(k_rot, kv.keys.dtype)
         kv.values[:, kv.write:kv.write + n] = m.to_cache_dtype(v, kv.keys.dtype)
         ring = slice(s0 + sink, kv.hi) if kv.lo == s0 else slice(kv.lo, s0)

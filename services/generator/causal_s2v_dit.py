@@ -151,11 +151,13 @@ class RMSNorm(nn.Module):
 class LayerKV:
     """Where one layer's self-attention reads and writes keys/values (views into a KVCache).
 
-    Prefill (ref_rope is None): keys/values are every group's buffer [G, B, T, H, D]; the sink's
-    values and its motion tokens' rotated keys go to [sink_start, sink_start + S) of each, the
-    reference tokens' unrotated keys to ref_k. A block: keys/values are its group's buffer
-    [B, T, H, D]; the reference keys are rotated by ref_rope into the sink, the block's rotated
-    keys and values written at [write, write + n), and attention reads the slice [lo, hi).
+    Prefill: keys/values are every group's buffer [G, B, T, H, D]; the sink's values and its
+    motion tokens' rotated keys go to [sink_start, sink_start + S) of each, the reference tokens'
+    unrotated keys to ref_k. A block: keys/values are its group's buffer [B, T, H, D] (the model
+    has already rotated the reference keys into the sink for this call); the block's rotated keys
+    and values are written at [write, write + n), and attention reads the slice [lo, hi).
+    One write per buffer per call: torch.compile then updates it in place (with two, inductor
+    rewrote the whole buffer every layer).
     """
     keys: torch.Tensor
     values: torch.Tensor
@@ -165,7 +167,7 @@ class LayerKV:
     write: int = 0
     lo: int = 0
     hi: int = 0
-    ref_rope: Rope | None = None
+    prefill: bool = False
 
 
 class SelfAttention(nn.Module):
@@ -184,13 +186,12 @@ class SelfAttention(nn.Module):
         q, k_rot = apply_rope(q, rope), apply_rope(k, rope)
         cache = kv.keys.dtype
         s0, nref = kv.sink_start, kv.ref_k.shape[1]
-        if kv.ref_rope is None:   # the sink: attends to itself
+        if kv.prefill:   # the sink: attends to itself
             kv.ref_k.copy_(to_cache_dtype(k[:, :nref], cache))
             kv.keys[..., s0 + nref:s0 + kv.sink_tokens, :, :] = to_cache_dtype(k_rot[:, nref:], cache)
             kv.values[..., s0:s0 + kv.sink_tokens, :, :] = to_cache_dtype(v, cache)
             keys, values = k_rot, v
         else:
-            kv.keys[:, s0:s0 + nref] = to_cache_dtype(apply_rope(kv.ref_k.to(q.dtype), kv.ref_rope), cache)
             kv.keys[:, kv.write:kv.write + n] = to_cache_dtype(k_rot, cache)
             kv.values[:, kv.write:kv.write + n] = to_cache_dtype(v, cache)
             keys, values = kv.keys[:, kv.lo:kv.hi].to(q.dtype), kv.values[:, kv.lo:kv.hi].to(q.dtype)
@@ -512,7 +513,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         spec = kv.spec
         for i, block in enumerate(self.blocks):
             x = block(x, mod, rope, context, LayerKV(kv.keys[:, i], kv.values[:, i], kv.ref_k[i],
-                                                     spec.sink_start, spec.sink_tokens))
+                                                     spec.sink_start, spec.sink_tokens, prefill=True))
         kv.sink_filled = True
 
     @torch.no_grad()
@@ -538,14 +539,24 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         rope = rope_grid(self.head_dim, range(frame_start, frame_start + f), range(h // 2), range(w // 2), device)
         ref_rope = rope_grid(self.head_dim, range(sink_frame, sink_frame + 1), range(h // 2), range(w // 2), device)
         span, spec = kv.block_span(cache_set, frame_start, f), kv.spec
+        self._rotate_reference(kv, span.group, ref_rope, dtype)
         for i, block in enumerate(self.blocks):
             layer_kv = LayerKV(kv.keys[span.group, i], kv.values[span.group, i], kv.ref_k[i], spec.sink_start,
-                               spec.sink_tokens, span.write, span.lo, span.hi, ref_rope)
+                               spec.sink_tokens, span.write, span.lo, span.hi)
             x = block(x, mod, rope, context, layer_kv)
             if i in self.injector_of_layer:
                 x = self.audio_injector(self.injector_of_layer[i], x, audio.tokens, audio.global_)
         x = self.head(x, e)
         return self._unpatchify(x, f, h // 2, w // 2)
+
+    @staticmethod
+    def _rotate_reference(kv: KVCache, group: int, rope: Rope, dtype: torch.dtype, layers_at_once: int = 4) -> None:
+        """Rotate the reference tokens' keys to this call's RoPE frame, into the sink of `group`'s
+        buffers, a few layers per op (bounded float32 temporaries, few launches)."""
+        s0, nref = kv.spec.sink_start, kv.spec.frame_tokens
+        for i in range(0, kv.spec.num_layers, layers_at_once):
+            ref = kv.ref_k[i:i + layers_at_once].to(dtype)
+            kv.keys[group, i:i + layers_at_once, :, s0:s0 + nref] = to_cache_dtype(apply_rope(ref, rope), kv.dtype)
 
     def _unpatchify(self, x, f, rows, cols):
         b = x.shape[0]
