@@ -123,8 +123,17 @@ def kv_set_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
 
 
 def sink_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
-    """Keys + values of the sink (reference + motion tokens), shared by all cache sets."""
+    """Keys + values of one copy of the sink (reference + motion tokens)."""
     return LAYERS * 2 * req.sink_tokens * DIM * dtype_bytes
+
+
+def kv_cache_bytes(req: MemoryRequest, cache_sets: int, dtype_bytes: int) -> int:
+    """The whole cache as services/generator/kv_cache.py lays it out: the rings, one sink copy per
+    two sets (each sits between two rings so attention reads one slice), and the reference
+    tokens' unrotated keys."""
+    sink_copies = (cache_sets + 1) // 2
+    ref_keys = LAYERS * req.tokens_per_latent_frame * DIM * dtype_bytes
+    return kv_set_bytes(req, dtype_bytes) * cache_sets + sink_bytes(req, dtype_bytes) * sink_copies + ref_keys
 
 
 def activation_bytes(req: MemoryRequest) -> int:
@@ -157,7 +166,7 @@ def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int
              kv_dtype: str = "bfloat16", kv_offload: bool = False, vae_on_gpu: bool = True,
              available: int = 0) -> MemoryPlan:
     nbytes = 1 if kv_dtype == "float8_e4m3fn" else 2
-    kv = kv_set_bytes(req, nbytes) * kv_sets + sink_bytes(req, nbytes)
+    kv = kv_cache_bytes(req, kv_sets, nbytes)
     parts = {
         "dit": dit_bytes(fp8),
         # offloaded: two layers' worth stay on the GPU (the one in use and the next one in flight)
@@ -210,7 +219,7 @@ def plan_memory(req: MemoryRequest, available: int, opts: PlannerOptions = Plann
 def session_bytes(req: MemoryRequest, cache_sets: int, kv_dtype_bytes: int = 2) -> dict[str, int]:
     """What opening one session adds on a GPU that already holds the model: its KV cache (ring sets
     + sink) and one block's transient memory."""
-    return {"kv_cache": kv_set_bytes(req, kv_dtype_bytes) * cache_sets + sink_bytes(req, kv_dtype_bytes),
+    return {"kv_cache": kv_cache_bytes(req, cache_sets, kv_dtype_bytes),
             "activations": activation_bytes(req)}
 
 
