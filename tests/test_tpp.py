@@ -1,0 +1,150 @@
+"""Multi-GPU generator (TPP) on CPU ranks over gloo: N local processes give the same latents, bit
+for bit, as one GeneratorSession with N cache sets; wrong step counts are refused."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+
+from avatar.presets import ModelSpec
+from avatar.v1 import tensor_pb2
+from services.generator.engine import GeneratorEngine, GeneratorSession
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = 4          # 24 frames a clip = 2 blocks of 3 latent frames: two clips, so the sink refresh runs
+
+# One rank of the group. Rank 0 drives TPPEngine as the gRPC servicer would: session 1 submits
+# every block at once (they overlap across ranks), session 2 runs block by block; then the refusal.
+RANK = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from avatar.errors import InvalidInput
+    from avatar.presets import ModelSpec
+    from avatar.v1 import tensor_pb2
+    from services.generator.distributed import tpp
+    from services.generator.engine import GeneratorEngine
+    out, blocks = sys.argv[1], int(sys.argv[2])
+
+    def job(steps, seed):
+        return tensor_pb2.JobSpec(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3,
+                                  num_blocks=blocks, total_frames=blocks * 12, sample_steps=steps, seed=seed,
+                                  model="tiny")
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(7, 32, generator=g), torch.randn(16, 1, 8, 8, generator=g),
+                torch.randn(16, 19, 8, 8, generator=g), [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)])
+
+    group, spec = tpp.init_group(ModelSpec(name="tiny", seed=0))
+    engine = GeneratorEngine(spec)
+    if group.rank:
+        tpp.run_worker(group, engine)
+    else:
+        tppe = tpp.TPPEngine(group, engine)
+        n = group.world_size
+        text, ref, motion, audio = inputs(1)
+        s = tppe.open_session(job(n, 420), text, ref, motion)
+        futures = [s.submit(a) for a in audio]
+        first = [f.result(timeout=120) for f in futures]
+        s.close()
+        text, ref, motion, audio = inputs(2)
+        s = tppe.open_session(job(n, 7), text, ref, motion)
+        second = [s.generate_block(a) for a in audio[:2]]
+        s.close()
+        refused = []
+        for steps in (n - 1, n + 1):
+            try:
+                tppe.open_session(job(steps, 1), text, ref, motion).close()
+            except InvalidInput as e:
+                refused.append(str(e))
+        torch.save({"first": first, "second": second}, out + ".pt")
+        tppe.close()
+        with open(out + ".json", "w") as f:
+            json.dump({"refused": refused}, f)
+""")
+
+
+def _job(steps, seed, blocks=BLOCKS):
+    return tensor_pb2.JobSpec(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3,
+                              num_blocks=blocks, total_frames=blocks * 12, sample_steps=steps, seed=seed, model="tiny")
+
+
+def _inputs(seed, blocks=BLOCKS):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(7, 32, generator=g), torch.randn(16, 1, 8, 8, generator=g),
+            torch.randn(16, 19, 8, 8, generator=g), [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(n: int, tmp_path: Path, timeout: float = 120.0) -> tuple[dict, dict]:
+    """Starts n ranks as torchrun would (env rendezvous on loopback); always reaps them."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK)
+    out = tmp_path / f"tpp{n}"
+    port = _free_port()
+    procs = []
+    try:
+        for r in range(n):
+            env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
+                   "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(BLOCKS)], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        logs = []
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode())
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"TPP group of {n} did not finish in {timeout:.0f} s")
+        for r, (p, log) in enumerate(zip(procs, logs)):
+            assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}\nrank 0:\n{logs[0][-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return torch.load(f"{out}.pt"), json.loads(Path(f"{out}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return GeneratorEngine(ModelSpec(name="tiny", seed=0))
+
+
+def _reference(engine, steps, seed, input_seed, blocks):
+    text, ref, motion, audio = _inputs(input_seed)
+    session = GeneratorSession(engine, _job(steps, seed), text, ref, motion, cache_sets=steps)
+    try:
+        return [session.generate_block(a) for a in audio[:blocks]]
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_tpp_matches_one_process_with_a_cache_set_per_step(engine, tmp_path, n):
+    got, meta = run_group(n, tmp_path)
+    first = _reference(engine, n, 420, 1, BLOCKS)
+    second = _reference(engine, n, 7, 2, 2)
+    assert len(got["first"]) == BLOCKS and len(got["second"]) == 2
+    for a, b in zip(got["first"] + got["second"], first + second):
+        assert a.shape == (16, 3, 8, 8) and a.dtype == torch.float32
+        assert torch.equal(a, b), f"max diff {(a - b).abs().max().item()}"
+    # not trivially equal: blocks differ from each other and from the other seed
+    assert not torch.equal(got["first"][0], got["first"][2])
+    assert not torch.allclose(got["first"][0], got["second"][0])
+    assert len(meta["refused"]) == 2
+    for msg, steps in zip(meta["refused"], (n - 1, n + 1)):
+        assert f"sample_steps must be {n}, got {steps}" in msg
