@@ -213,3 +213,18 @@ def test_fp8_kv_cache_halves_the_cache_and_stays_close(engine):
     assert 0 < rel < 0.01, rel                  # 0.1% on the tiny model: attention averages the rounding
     with pytest.raises(InvalidInput, match="kv_dtype"):
         GeneratorEngine(ModelSpec(name="tiny", seed=0, extra={"kv_dtype": "int4"}), dit=engine.dit)
+
+
+def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
+    import argparse
+    from avatar import cli
+    parser = argparse.ArgumentParser()
+    cli._add_model_flags(parser)
+    spec = cli.model_spec(parser.parse_args(["--kv-fp8", "--cache-sets", "1"]))
+    assert spec.extra == {"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}
+    text, ref, motion, _ = _inputs(blocks=1)
+    session = GeneratorEngine(spec, dit=engine.dit).open_session(_job(), text, ref, motion)
+    try:
+        assert session.kv.keys.dtype == torch.float8_e4m3fn and session.kv.spec.num_sets == 1
+    finally:
+        session.close()

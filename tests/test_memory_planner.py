@@ -75,7 +75,7 @@ def test_24gb_card_preview_fits_with_bf16_cache():
 
 def test_refusal_carries_needed_available_and_the_ladder_with_numbers():
     with pytest.raises(ResourceExhausted) as e:
-        plan_memory(HD, CARD_24)  # this engine has no FP8 cache: nothing fits at 704*384
+        plan_memory(HD, CARD_24)  # without allow_fp8_kv nothing fits at 704*384
     msg = str(e.value)
     assert "704*384" in msg and f"{CARD_24 / GB:.1f} GB available" in msg
     assert "needs" in msg and "a smaller size, 384*256" in msg and "infer_frames 32" in msg
