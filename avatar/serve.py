@@ -97,7 +97,13 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from avatar.v1 import generator_pb2_grpc
         from services.generator.engine import GeneratorEngine
         from services.generator.server import SERVICE_NAME, GeneratorServicer
-        engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
+        from services.generator import distributed
+        if distributed.launched():   # torchrun: rank 0 of a TPP group (services/generator/distributed)
+            from services.generator.distributed.tpp import start_rank0
+            engine = await loop.run_in_executor(None, start_rank0, cfg.model)
+            closers.append(engine.aclose)
+        else:
+            engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
         admission = Admission(cfg.admission, "generator") if cfg.admission else None
         generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine, admission), server)
         names.append(SERVICE_NAME)
@@ -135,6 +141,18 @@ async def start(cfg: ServeConfig) -> RunningServer:
 
 
 async def serve_forever(cfg: ServeConfig) -> None:
+    from services.generator import distributed
+    if distributed.launched():
+        if cfg.role != "generator":
+            raise ValueError(f"under torchrun only --role generator runs (multi-GPU TPP), not {cfg.role!r}")
+        if distributed.rank() != 0:
+            # Ranks 1..N-1 serve no RPCs; they stop when rank 0 (draining on SIGTERM) tells them.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: log.info("waiting for rank 0 to stop the group"))
+            from services.generator.distributed.tpp import worker_main
+            await asyncio.to_thread(worker_main, cfg.model)
+            return
     running = await start(cfg)
     print(f"avatar serve: {cfg.role} ({', '.join(n.rsplit('.', 1)[-1] for n in running.service_names)}) "
           f"listening on {_host(cfg.listen)}:{running.port}{' (TLS)' if cfg.security.tls.cert else ''}, "

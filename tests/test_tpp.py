@@ -148,3 +148,62 @@ def test_tpp_matches_one_process_with_a_cache_set_per_step(engine, tmp_path, n):
     assert len(meta["refused"]) == 2
     for msg, steps in zip(meta["refused"], (n - 1, n + 1)):
         assert f"sample_steps must be {n}, got {steps}" in msg
+
+
+def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, clip_5s, start_service):
+    """`torchrun --nproc-per-node 2 --no-python avatar serve --role generator` (as the manifests
+    run it, on 2 CPU ranks) behind a gateway: a real Generate gives a valid MP4, a wrong step count
+    is refused, SIGTERM stops every rank."""
+    import signal
+
+    import grpc
+    from conftest import AVATAR, check_video, generate, wait_serving
+
+    from avatar import wire
+    from avatar.v1 import avatar_pb2, generator_pb2, generator_pb2_grpc
+
+    enc = start_service("encoder", wait=False)
+    dec = start_service("decoder", wait=False)
+    gen_addr = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "generator-tpp.log"
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", "--nproc-per-node=2",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--no-python"]
+    with open(log, "wb") as out:
+        gen = subprocess.Popen([*torchrun, *AVATAR, "serve", "--role=generator", f"--listen={gen_addr}",
+                                "--max-sessions=1"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        gw = start_service("gateway", "--encoder", enc.address, "--generator", gen_addr, "--decoder", dec.address)
+        for svc in (enc, dec):
+            wait_serving(svc.address, 120, svc.proc, svc.log)
+        wait_serving(gen_addr, 120, gen, log)
+        request = avatar_pb2.GenerateRequest(
+            image=(ROOT / "assets" / "astronaut.png").read_bytes(), audio=clip_5s.read_bytes(),
+            preset="preview", size="64*64", seed=7, sample_steps=2, num_clip=1)
+        s = generate(gw.address, request)
+        assert s.status.blocks >= 2 and len(s.fragments) == s.status.blocks
+        check_video(s.write_mp4(tmp_path / "tpp.mp4"), s.status.frames / 25)
+
+        # Straight to the generator: the gateway may report a peer's early error as INTERNAL when
+        # it is still sending audio on that stream (a gateway race, not this service's answer).
+        text, ref, motion, _ = _inputs(3, blocks=0)
+        start = generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
+            job=_job(4, 1), text=wire.to_proto(text), ref_latent=wire.to_proto(ref),
+            motion_latents=wire.to_proto(motion)))
+        with grpc.insecure_channel(gen_addr) as ch, pytest.raises(grpc.RpcError) as err:
+            list(generator_pb2_grpc.GeneratorServiceStub(ch).Generate(iter([start]), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "sample_steps must be 2, got 4" in err.value.details()
+
+        # torchrun passes SIGTERM to both ranks: rank 0 drains and stops rank 1, which waits for it.
+        # (torchrun itself reports the signal with exit status 1, whatever its workers did.)
+        gen.send_signal(signal.SIGTERM)
+        gen.wait(timeout=60)
+        text = log.read_text()
+        assert "TPP rank 1/2 ready" in text and "waiting for rank 0 to stop the group" in text
+        assert "TPP rank 1: shutdown" in text and "avatar serve: stopping" in text
+        assert "ChildFailedError" not in text and "[rank1]" not in text, text[-3000:]
+    finally:
+        if gen.poll() is None:
+            os.killpg(gen.pid, signal.SIGKILL)
+            gen.wait()

@@ -1,4 +1,6 @@
 """GeneratorService: thin grpc.aio servicer over GeneratorEngine; one bidi stream = one session."""
+import asyncio
+import collections
 import contextlib
 import time
 
@@ -44,6 +46,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         session = await run_blocking(
             self.engine.open_session, job, _tensor(start.text, "text"),
             _tensor(start.ref_latent, "ref_latent"), _tensor(start.motion_latents, "motion_latents"))
+        blocks = _InFlight(self, session, job)
         try:
             pending: list[torch.Tensor] = []  # audio frames received but not yet used by a block
             have = 0
@@ -57,7 +60,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 while have >= block_frames and index < job.num_blocks:
                     audio = torch.cat(pending)
                     pending, have = [audio[block_frames:]], have - block_frames
-                    yield await self._block(session, job, index, audio[:block_frames])
+                    for out in await blocks.push(index, audio[:block_frames]):
+                        yield out
                     index += 1
             # The audio stream ended early: the remaining blocks get silent (zero) features.
             if index < job.num_blocks and not pending:
@@ -66,8 +70,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 audio = torch.cat(pending)[:block_frames]
                 pad = audio.new_zeros((block_frames - audio.shape[0], *audio.shape[1:]))
                 pending = [audio.new_zeros((0, *audio.shape[1:]))]
-                yield await self._block(session, job, index, torch.cat([audio, pad]))
+                for out in await blocks.push(index, torch.cat([audio, pad])):
+                    yield out
                 index += 1
+            for out in await blocks.drain():
+                yield out
         finally:
             await run_blocking(session.close)
 
@@ -78,3 +85,33 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             dit_ms = (time.perf_counter() - t0) * 1e3
         return generator_pb2.GeneratorOutput(
             block=generator_pb2.LatentBlock(index=index, latent=wire.to_proto(latent), dit_ms=dit_ms))
+
+
+class _InFlight:
+    """Blocks of one stream in order. A GeneratorSession runs one block at a time; a session with
+    `pipeline_depth` > 1 (the multi-GPU TPP generator) takes up to that many blocks before the
+    first comes back, so blocks overlap across its ranks."""
+
+    def __init__(self, servicer: GeneratorServicer, session, job):
+        self.servicer, self.session, self.job = servicer, session, job
+        self.depth = getattr(session, "pipeline_depth", 1)
+        self.queue: collections.deque = collections.deque()
+
+    async def push(self, index: int, audio: torch.Tensor) -> list[generator_pb2.GeneratorOutput]:
+        if self.depth <= 1:
+            return [await self.servicer._block(self.session, self.job, index, audio)]
+        self.queue.append((index, time.perf_counter(), asyncio.wrap_future(self.session.submit(audio))))
+        return await self._take(self.depth - 1)
+
+    async def drain(self) -> list[generator_pb2.GeneratorOutput]:
+        return await self._take(0)
+
+    async def _take(self, keep: int) -> list[generator_pb2.GeneratorOutput]:
+        outs = []
+        while self.queue and (len(self.queue) > keep or self.queue[0][2].done()):
+            index, t0, fut = self.queue.popleft()
+            with telemetry.span("dit_block", block=index, steps=self.job.sample_steps, pipelined=True):
+                latent = await fut
+            outs.append(generator_pb2.GeneratorOutput(block=generator_pb2.LatentBlock(
+                index=index, latent=wire.to_proto(latent), dit_ms=(time.perf_counter() - t0) * 1e3)))
+        return outs
