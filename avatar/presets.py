@@ -53,17 +53,24 @@ class ModelSpec:
         return self.name == "tiny"
 
     @property
+    def from_files(self) -> bool:
+        """Weights come from ckpt_dir (any preset's dims: tests load tiny checkpoints this way)."""
+        return bool(self.ckpt_dir) and not self.random_weights
+
+    @property
     def size_divisor(self) -> int:
         """Output sides are multiples of this: 64 upstream; 16 (VAE 8 x patch 2) for tiny."""
         return 16 if self.is_tiny else 64
 
     def describe(self) -> str:
+        if self.from_files:
+            lora = f" + LoRA {self.lora_path}" if self.lora_path else ""
+            return f"{self.name} from {self.ckpt_dir}{lora}"
         if self.is_tiny:
             return "tiny (random weights: the video is noise)"
         if self.random_weights:
             return "s2v-14b (random weights: for benchmarks, the video is noise)"
-        lora = f" + LoRA {self.lora_path}" if self.lora_path else ""
-        return f"s2v-14b from {self.ckpt_dir}{lora}"
+        return "s2v-14b (no --ckpt_dir given)"
 
     def with_(self, **kw) -> "ModelSpec":
         return replace(self, **kw)

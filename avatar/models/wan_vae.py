@@ -208,11 +208,13 @@ class WanVAE:
         """The VAE a service runs for a ModelSpec: tiny (seeded), full-size random, or from ckpt_dir."""
         device = torch.device(device or spec.device)
         dtype = torch.float32 if spec.is_tiny or device.type == "cpu" else _dtype(spec.dtype)
+        if spec.from_files:
+            return cls.from_upstream(resolve_ckpt_dir(spec.ckpt_dir).vae, device, dtype)
         if spec.is_tiny:
             return cls.tiny(spec.seed, device, dtype)
         if spec.random_weights:
             return cls.random(S2V_14B_VAE, spec.seed, device, dtype)
-        return cls.from_upstream(resolve_ckpt_dir(spec.ckpt_dir).vae, device, dtype)
+        raise WeightsError("s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
 
     @staticmethod
     def build_meta(dims: VAEDims = S2V_14B_VAE) -> AutoencoderKLWan:

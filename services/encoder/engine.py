@@ -35,20 +35,20 @@ class EncoderEngine:
         backend = model.extra.get("audio_backend", "wav2vec2")
         audio_dtype = torch.float32 if model.is_tiny or enc_device.type == "cpu" else getattr(torch, model.dtype)
         self.vae = WanVAE.from_spec(model)
-        if model.is_tiny:
-            self.text = TextEncoder.tiny(model.seed, enc_device)
-            self.audio = AudioEncoder.tiny(model.seed, backend, enc_device)
-        elif model.random_weights:
-            self.text = TextEncoder.random(UMT5_XXL, model.seed, enc_device, torch.bfloat16,
-                                           max_len=self.dims.text_len)
-            self.audio = AudioEncoder.random(WAV2VEC2_LARGE, model.seed, backend, enc_device, audio_dtype)
-        else:
+        if model.from_files:
             layout = resolve_ckpt_dir(model.ckpt_dir)
             # upstream keeps the T5 in bf16 wherever it runs (11 GB)
             self.text = TextEncoder.from_upstream(layout.t5, layout.tokenizer, enc_device, torch.bfloat16,
                                                   max_len=self.dims.text_len)
             audio_dir = model.extra.get("audio_model_dir") or layout.wav2vec2
             self.audio = AudioEncoder.from_pretrained(audio_dir, backend, enc_device, audio_dtype)
+        elif model.is_tiny:
+            self.text = TextEncoder.tiny(model.seed, enc_device)
+            self.audio = AudioEncoder.tiny(model.seed, backend, enc_device)
+        elif model.random_weights:
+            self.text = TextEncoder.random(UMT5_XXL, model.seed, enc_device, torch.bfloat16,
+                                           max_len=self.dims.text_len)
+            self.audio = AudioEncoder.random(WAV2VEC2_LARGE, model.seed, backend, enc_device, audio_dtype)
         self._check_dims()
         self.clip = _load_clip(model, enc_device) if model.extra.get("clip_image") else None
         log.info("encoder ready: %s; VAE on %s (%s), umT5 %dx%d and %s %dx%d on %s%s", model.describe(),

@@ -61,18 +61,18 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
     device, dtype = torch.device(model.device), model_dtype(model)
     if model.fp8 and not fp8_supported(device):
         raise InvalidInput(f"--fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); {device} has none")
-    if model.is_tiny:
-        dit = random_dit("tiny", device, dtype, seed=model.seed)
-    elif model.random_weights:
-        dit = random_dit("s2v-14b", device, dtype, seed=model.seed)
-    elif not model.ckpt_dir:
-        raise InvalidInput("s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
-    else:
+    if model.from_files:
         dit = load_dit(model.ckpt_dir, device=device, dtype=dtype)
         if model.lora_path:
             from services.generator.lora import load_lora
             report = load_lora(dit, model.lora_path)   # merged before any FP8 swap, as upstream
             log.info("%s", report.describe())
+    elif model.is_tiny:
+        dit = random_dit("tiny", device, dtype, seed=model.seed)
+    elif model.random_weights:
+        dit = random_dit("s2v-14b", device, dtype, seed=model.seed)
+    else:
+        raise InvalidInput("s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
     if model.fp8:
         swapped = swap_linears_to_fp8(dit)
         log.info("FP8 linear layers: %d", len(swapped))
