@@ -45,6 +45,13 @@ RANK = textwrap.dedent("""
     group, spec = tpp.init_group(ModelSpec(name="tiny", seed=0))
     engine = GeneratorEngine(spec)
     if group.rank:
+        run = tpp.StepRunner.run
+
+        def failing(self, x, audio, index, first):   # a rank's failure: session seed 99, block 1
+            if self.seed == 99 and index == 1 and group.rank == group.last:
+                raise RuntimeError("injected failure")
+            return run(self, x, audio, index, first)
+        tpp.StepRunner.run = failing
         tpp.run_worker(group, engine)
     else:
         tppe = tpp.TPPEngine(group, engine)
@@ -55,6 +62,16 @@ RANK = textwrap.dedent("""
         first = [f.result(timeout=120) for f in futures]
         s.close()
         text, ref, motion, audio = inputs(2)
+        s = tppe.open_session(job(n, 99), text, ref, motion)
+        futures = [s.submit(a) for a in audio[:3]]
+        errors = []
+        for f in futures:
+            try:
+                f.result(timeout=120)
+                errors.append(None)
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+        s.close()
         s = tppe.open_session(job(n, 7), text, ref, motion)
         second = [s.generate_block(a) for a in audio[:2]]
         s.close()
@@ -67,7 +84,7 @@ RANK = textwrap.dedent("""
         torch.save({"first": first, "second": second}, out + ".pt")
         tppe.close()
         with open(out + ".json", "w") as f:
-            json.dump({"refused": refused}, f)
+            json.dump({"refused": refused, "errors": errors}, f)
 """)
 
 
@@ -145,6 +162,9 @@ def test_tpp_matches_one_process_with_a_cache_set_per_step(engine, tmp_path, n):
     # not trivially equal: blocks differ from each other and from the other seed
     assert not torch.equal(got["first"][0], got["first"][2])
     assert not torch.allclose(got["first"][0], got["second"][0])
+    # a rank that fails ends that session's later blocks with its error; the next session is fine
+    assert meta["errors"][0] is None and meta["errors"][1:] == [f"RuntimeError: generator rank {n - 1}: "
+                                                                "injected failure (RuntimeError)"] * 2
     assert len(meta["refused"]) == 2
     for msg, steps in zip(meta["refused"], (n - 1, n + 1)):
         assert f"sample_steps must be {n}, got {steps}" in msg

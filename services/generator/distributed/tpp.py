@@ -118,6 +118,8 @@ class Msg:
 
 
 def _describe(exc: BaseException, at_rank: int) -> tuple[str, str]:
+    if isinstance(exc, torch.OutOfMemoryError):   # the session is freed on every rank; others may fit
+        return "ResourceExhausted", f"generator rank {at_rank} ran out of GPU memory: {exc}"
     return type(exc).__name__, f"generator rank {at_rank}: {exc}"
 
 
