@@ -14,51 +14,25 @@ from safetensors.torch import save_file
 from avatar.checkpoints import DIT_INDEX, S2V_FOLDER
 from avatar.errors import WeightsError
 from avatar.weights_tools import LORA_FILE, S2V_REPO, check_weights, download_weights
+from ckpt_fixtures.dit import write_dit_checkpoint, write_lora
 from ckpt_fixtures.encoders import write_encoder_files
-from services.generator.causal_s2v_dit import PRESETS
 from services.generator.weights import random_dit
 
 KEYS = pathlib.Path(__file__).parent / "data" / "keys"
 ST_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
 
 
-def write_tiny_dit(root: pathlib.Path, shards: int = 2) -> dict[str, torch.Tensor]:
-    """config.json + diffusers-style sharded safetensors + index, like the Wan2.2-S2V-14B repo."""
-    sd = {k: v.contiguous() for k, v in random_dit("tiny", "cpu", torch.bfloat16, seed=0).state_dict().items()}
-    names = sorted(sd)
-    weight_map = {}
-    for i in range(shards):
-        shard = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[i::shards]
-        save_file({k: sd[k] for k in part}, str(root / shard))
-        weight_map.update({k: shard for k in part})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    (root / DIT_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (root / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", **PRESETS["tiny"]}))
-    return sd
-
-
-def write_tiny_lora(path: pathlib.Path, rank: int = 4, prefix: str = "base_model.model.") -> pathlib.Path:
-    model = random_dit("tiny", "cpu", torch.float32, seed=0)
-    tensors = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and (name.split(".")[-1] in "qkvo" or name.endswith((".ffn.0", ".ffn.2"))):
-            tensors[f"{prefix}{name}.lora_A.default.weight"] = torch.zeros(rank, mod.in_features)
-            tensors[f"{prefix}{name}.lora_B.default.weight"] = torch.zeros(mod.out_features, rank)
-    save_file(tensors, str(path))
-    return path
-
-
 @pytest.fixture
 def tiny_folder(tmp_path) -> pathlib.Path:
     root = tmp_path / S2V_FOLDER
     write_encoder_files(root)
-    write_tiny_dit(root)
+    write_dit_checkpoint(root)
     return root
 
 
 def test_complete_tiny_folder_is_ok(tiny_folder, tmp_path):
-    lora = write_tiny_lora(tmp_path / LORA_FILE)
+    lora = tmp_path / LORA_FILE
+    write_lora(lora, random_dit("tiny", "cpu", torch.float32, seed=0))
     report = check_weights(tiny_folder.parent, lora_path=lora, model="tiny")   # the folder above works too
     assert report.ok, str(report)
     assert [c.name for c in report.components] == ["DiT", "VAE", "T5", "tokenizer", "wav2vec2", "LoRA"]
