@@ -23,7 +23,7 @@ BLOCKS = 4          # 24 frames a clip = 2 blocks of 3 latent frames: two clips,
 # One rank of the group. Rank 0 drives TPPEngine as the gRPC servicer would: session 1 submits
 # every block at once (they overlap across ranks), session 2 runs block by block; then the refusal.
 RANK = textwrap.dedent("""
-    import json, sys, torch
+    import json, os, sys, torch
     torch.set_num_threads(1)
     from avatar.errors import InvalidInput
     from avatar.presets import ModelSpec
@@ -50,12 +50,27 @@ RANK = textwrap.dedent("""
         def failing(self, x, audio, index, first):   # a rank's failure: session seed 99, block 1
             if self.seed == 99 and index == 1 and group.rank == group.last:
                 raise RuntimeError("injected failure")
+            if self.seed == 98 and index == 1:
+                os._exit(3)   # a rank that dies
             return run(self, x, audio, index, first)
         tpp.StepRunner.run = failing
         tpp.run_worker(group, engine)
     else:
         tppe = tpp.TPPEngine(group, engine)
         n = group.world_size
+        if sys.argv[3] == "die":
+            text, ref, motion, audio = inputs(1)
+            s = tppe.open_session(job(n, 98), text, ref, motion)
+            futures = [s.submit(a) for a in audio]
+            with open(out + ".json", "w") as f:
+                json.dump({"first": str(futures[0].result(timeout=60).shape)}, f)
+            try:
+                futures[1].result(timeout=60)
+            except Exception as e:
+                print("BLOCK 1 FAILED:", e, flush=True)
+            import time
+            time.sleep(30)   # rank 0 exits on its own (status 1) so the orchestrator restarts the group
+            sys.exit(0)
         text, ref, motion, audio = inputs(1)
         s = tppe.open_session(job(n, 420), text, ref, motion)
         futures = [s.submit(a) for a in audio]
@@ -105,7 +120,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_group(n: int, tmp_path: Path, timeout: float = 120.0) -> tuple[dict, dict]:
+def run_group(n: int, tmp_path: Path, timeout: float = 120.0, mode: str = "run") -> tuple[dict, dict]:
     """Starts n ranks as torchrun would (env rendezvous on loopback); always reaps them."""
     script = tmp_path / "rank.py"
     script.write_text(RANK)
@@ -117,7 +132,7 @@ def run_group(n: int, tmp_path: Path, timeout: float = 120.0) -> tuple[dict, dic
             env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
                    "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(BLOCKS)], cwd=ROOT, env=env,
+            procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(BLOCKS), mode], cwd=ROOT, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
         logs = []
@@ -126,6 +141,8 @@ def run_group(n: int, tmp_path: Path, timeout: float = 120.0) -> tuple[dict, dic
                 logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode())
             except subprocess.TimeoutExpired:
                 pytest.fail(f"TPP group of {n} did not finish in {timeout:.0f} s")
+        if mode == "die":
+            return {"codes": [p.returncode for p in procs], "log": logs[0]}, json.loads(Path(f"{out}.json").read_text())
         for r, (p, log) in enumerate(zip(procs, logs)):
             assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}\nrank 0:\n{logs[0][-3000:]}"
     finally:
@@ -168,6 +185,14 @@ def test_tpp_matches_one_process_with_a_cache_set_per_step(engine, tmp_path, n):
     assert len(meta["refused"]) == 2
     for msg, steps in zip(meta["refused"], (n - 1, n + 1)):
         assert f"sample_steps must be {n}, got {steps}" in msg
+
+
+def test_a_rank_that_dies_fails_the_session_and_rank_0_exits(tmp_path):
+    got, meta = run_group(2, tmp_path, timeout=60, mode="die")
+    assert meta["first"] == "torch.Size([16, 3, 8, 8])"     # block 0 came back before rank 1 died
+    assert got["codes"] == [1, 3], got["log"][-3000:]       # rank 0 exits 1: the orchestrator restarts
+    assert "BLOCK 1 FAILED: a generator rank failed" in got["log"]
+    assert "restarting the group" in got["log"]
 
 
 def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, clip_5s, start_service):
