@@ -252,3 +252,11 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
         if gen.poll() is None:
             os.killpg(gen.pid, signal.SIGKILL)
             gen.wait()
+
+
+def test_only_the_generator_role_runs_under_torchrun(env):
+    from conftest import AVATAR
+    out = subprocess.run([*AVATAR, "serve", "--role", "all", "--listen", "127.0.0.1:0"], cwd=ROOT,
+                         env={**env, "WORLD_SIZE": "2", "RANK": "0"}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "under torchrun only --role generator runs" in out.stderr
