@@ -26,6 +26,16 @@ def to_proto(t: torch.Tensor | np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape), data=raw)
 
 
+def tensor_arg(msg: tensor_pb2.Tensor, what: str) -> torch.Tensor:
+    """from_proto for a request field: a malformed tensor is the caller's error (InvalidInput)."""
+    from avatar.errors import InvalidInput  # local: errors is tiny, but wire stays import-light
+
+    try:
+        return from_proto(msg)
+    except ValueError as exc:
+        raise InvalidInput(f"{what}: {exc}") from exc
+
+
 def from_proto(msg: tensor_pb2.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
     """Rebuilds the tensor; raises ValueError when dtype, shape and byte count disagree."""
     if msg.dtype not in DTYPES:

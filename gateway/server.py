@@ -98,9 +98,12 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             timings.add("encode_audio", (time.perf_counter() - started - waited) * 1e3)
             await generator_in.put(_DONE)
 
+        session_ready = asyncio.Event()
+
         async def generator_requests():
             yield generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
                 job=job, text=text.embeddings, ref_latent=image.ref_latent, motion_latents=image.motion_latents))
+            await session_ready.wait()   # a refused session must not race our audio writes
             while (item := await generator_in.get()) is not _DONE:
                 yield item
 
@@ -111,6 +114,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
         async def pump_blocks():
             async for out in generator_call:
+                if out.WhichOneof("event") == "ready":
+                    session_ready.set()
+                    continue
                 block = out.block
                 timings.add("dit_block", block.dit_ms)
                 pcm, keep = plan.block_audio(block.index)

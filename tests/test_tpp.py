@@ -229,8 +229,13 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
         assert s.status.blocks >= 2 and len(s.fragments) == s.status.blocks
         check_video(s.write_mp4(tmp_path / "tpp.mp4"), s.status.frames / 25)
 
-        # Straight to the generator: the gateway may report a peer's early error as INTERNAL when
-        # it is still sending audio on that stream (a gateway race, not this service's answer).
+        # A step count the group cannot run is refused with the reason, through the gateway (which
+        # waits for the session to be ready before it sends audio) and straight to the generator.
+        request.sample_steps = 4
+        with pytest.raises(grpc.RpcError) as err:
+            generate(gw.address, request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "sample_steps must be 2, got 4" in err.value.details()
         text, ref, motion, _ = _inputs(3, blocks=0)
         start = generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
             job=_job(4, 1), text=wire.to_proto(text), ref_latent=wire.to_proto(ref),

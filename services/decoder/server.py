@@ -9,12 +9,6 @@ from services.decoder.engine import DecoderEngine
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
-def _tensor(msg, what: str):
-    try:
-        return wire.from_proto(msg)
-    except ValueError as exc:
-        raise InvalidInput(f"{what}: {exc}") from exc
-
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     def __init__(self, engine: DecoderEngine):
         self.engine = engine
@@ -24,17 +18,17 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first DecoderInput must be a DecodeStart")
         job = first.start.job
-        stream = await run_blocking(self.engine.open_stream, job, _tensor(first.start.prime_latent, "prime_latent"))
+        stream = await run_blocking(self.engine.open_stream, job, wire.tensor_arg(first.start.prime_latent, "prime_latent"))
         try:
             yield decoder_pb2.DecoderOutput(init_segment=await run_blocking(stream.init_segment))
             async for msg in request_iterator:
                 if msg.WhichOneof("event") != "block":
                     raise InvalidInput("only DecodeBlock messages may follow the DecodeStart")
                 block = msg.block
-                pcm = _tensor(block.pcm, "pcm")
+                pcm = wire.tensor_arg(block.pcm, "pcm")
                 if pcm.dtype != wire.DTYPES["int16"] or pcm.ndim != 1:
                     raise InvalidInput(f"pcm must be int16 mono [samples], got {pcm.dtype} {list(pcm.shape)}")
-                latent = _tensor(block.latent, "latent")
+                latent = wire.tensor_arg(block.latent, "latent")
                 with telemetry.span("decode_block", block=block.index, keep_frames=block.keep_frames):
                     start_ns = time.time_ns()
                     out = await run_blocking(stream.decode_block, latent, pcm.numpy(), block.keep_frames)

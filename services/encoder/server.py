@@ -11,19 +11,12 @@ from services.encoder.engine import EncoderEngine
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
 
-def _tensor(msg, what: str):
-    try:
-        return wire.from_proto(msg)
-    except ValueError as exc:
-        raise InvalidInput(f"{what}: {exc}") from exc
-
-
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, engine: EncoderEngine):
         self.engine = engine
 
     async def EncodeImage(self, request, context):
-        pixels = _tensor(request.pixels, "pixels")
+        pixels = wire.tensor_arg(request.pixels, "pixels")
         if pixels.dtype != wire.DTYPES["uint8"] or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise InvalidInput(f"pixels must be uint8 [H, W, 3], got {pixels.dtype} {list(pixels.shape)}")
         with telemetry.span("encode_image", width=int(pixels.shape[1]), height=int(pixels.shape[0])):
@@ -37,7 +30,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     async def EncodeAudio(self, request, context):
         job = request.job
-        pcm = _tensor(request.pcm_16k, "pcm_16k")
+        pcm = wire.tensor_arg(request.pcm_16k, "pcm_16k")
         if pcm.ndim != 1:
             raise InvalidInput(f"pcm_16k must be mono [samples], got shape {list(pcm.shape)}")
         # Whole blocks: frames past the audio come back as zeros, so every block gets 12 frames.

@@ -16,13 +16,6 @@ from services.generator.engine import GeneratorEngine
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
 
-def _tensor(msg, what: str) -> torch.Tensor:
-    try:
-        return wire.from_proto(msg)
-    except ValueError as exc:
-        raise InvalidInput(f"{what}: {exc}") from exc
-
-
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(self, engine: GeneratorEngine, admission=None):
         self.engine = engine
@@ -44,17 +37,21 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidInput(f"job.num_blocks must be positive, got {job.num_blocks}")
         block_frames = job.latent_frames_per_block * VAE_TIME_STRIDE
         session = await run_blocking(
-            self.engine.open_session, job, _tensor(start.text, "text"),
-            _tensor(start.ref_latent, "ref_latent"), _tensor(start.motion_latents, "motion_latents"))
+            self.engine.open_session, job, wire.tensor_arg(start.text, "text"),
+            wire.tensor_arg(start.ref_latent, "ref_latent"), wire.tensor_arg(start.motion_latents, "motion_latents"))
         blocks = _InFlight(self, session, job)
         try:
+            # Ready before the caller sends audio: a refusal above reaches it as a clean status
+            # (a status that races the caller's writes comes out as INTERNAL in grpc.aio).
+            yield generator_pb2.GeneratorOutput(ready=generator_pb2.SessionReady(
+                kv_cache_bytes=int(getattr(session, "kv_cache_bytes", 0))))
             pending: list[torch.Tensor] = []  # audio frames received but not yet used by a block
             have = 0
             index = 0
             async for msg in request_iterator:
                 if msg.WhichOneof("event") != "audio":
                     raise InvalidInput("only AudioFeatures may follow the SessionStart")
-                feats = _tensor(msg.audio.features, "audio features")
+                feats = wire.tensor_arg(msg.audio.features, "audio features")
                 pending.append(feats)
                 have += feats.shape[0]
                 while have >= block_frames and index < job.num_blocks:
