@@ -119,7 +119,7 @@ class GeneratorEngine:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class SessionPlan:
     h: int
     w: int
     block_frames: int        # latent frames per block
@@ -136,7 +136,7 @@ class GeneratorSession:
                  sink_ahead: tuple[int, int] = SINK_AHEAD, refresh_sink: bool = True):
         self.engine = engine
         self.dit = dit = engine.dit
-        self.plan = plan = _plan(job, dit, ref_latent, motion_latents, text, cache_sets)
+        self.plan = plan = plan_session(job, dit, ref_latent, motion_latents, text, cache_sets)
         self.seed = int(job.seed)
         self.sampler = FlowMatchEuler.create(plan.steps)
         self.sink_ahead = sink_ahead
@@ -237,7 +237,8 @@ class GeneratorSession:
             self._clip_noise = self._first_frame = self.context = self.motion = None
 
 
-def _plan(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) -> _Plan:
+def plan_session(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) -> SessionPlan:
+    """Validates a session's inputs against the model and derives its shapes (shared with TPP ranks)."""
     text_dim = dit.config.text_dim
     if job.width % 8 or job.height % 8 or job.width <= 0 or job.height <= 0:
         raise InvalidInput(f"job size {job.width}x{job.height} must be positive multiples of 8")
@@ -265,5 +266,5 @@ def _plan(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) 
     sets = steps if cache_sets is None else int(cache_sets)
     if sets not in (1, steps):
         raise InvalidInput(f"cache_sets must be 1 (clean context) or sample_steps ({steps}), got {sets}")
-    return _Plan(h=h, w=w, block_frames=block, clip_frames=job.infer_frames // VAE_TIME_STRIDE,
+    return SessionPlan(h=h, w=w, block_frames=block, clip_frames=job.infer_frames // VAE_TIME_STRIDE,
                  steps=steps, cache_sets=sets)

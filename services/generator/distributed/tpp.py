@@ -46,7 +46,7 @@ from avatar.errors import InvalidInput
 from avatar.memory_planner import MemoryRequest, check_session_memory
 from avatar.presets import VAE_TIME_STRIDE, ModelSpec
 from services.generator.causal_s2v_dit import REF_ROPE_FRAME
-from services.generator.engine import SINK_AHEAD, GeneratorEngine, _plan
+from services.generator.engine import SINK_AHEAD, GeneratorEngine, plan_session
 from services.generator.kv_cache import KVCache, KVCacheSpec
 from services.generator.scheduler import FlowMatchEuler
 
@@ -187,7 +187,7 @@ class StepRunner:
     def __init__(self, engine: GeneratorEngine, job, text: torch.Tensor, ref_latent: torch.Tensor,
                  motion_latents: torch.Tensor, step: int, refresh_sink: bool = True):
         self.dit = dit = engine.dit
-        self.plan = p = _plan(job, dit, ref_latent, motion_latents, text, None)
+        self.plan = p = plan_session(job, dit, ref_latent, motion_latents, text, None)
         if not 0 <= step < p.steps:
             raise InvalidInput(f"step {step} out of range for {p.steps} sampling steps")
         self.step, self.seed, self.refresh_sink = step, int(job.seed), refresh_sink
