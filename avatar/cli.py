@@ -36,6 +36,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-fp8", action="store_true",
                    help="store the DiT's KV cache in FP8 (e4m3): half the cache memory, lets 704*384 fit a "
                         "24 GB card with --fp8 --cache-sets 1 (docs/performance.md)")
+    g.add_argument("--memory-plan", choices=("auto", "off"), default="auto",
+                   help="auto (default): on a GPU, without --fp8/--cache-sets/--kv-fp8, choose them (and where "
+                        "the encoders run) from the free memory before loading, for the largest preset that "
+                        "can fit; off: as given")
     g.add_argument("--trace-file", help="append this process's OpenTelemetry spans to FILE as JSON lines "
                                         "(OTLP is used instead when OTEL_EXPORTER_OTLP_ENDPOINT is set)")
 
@@ -48,9 +52,20 @@ def model_spec(args):
     extra = {"cache_sets": args.cache_sets} if getattr(args, "cache_sets", None) else {}
     if getattr(args, "kv_fp8", False):
         extra["kv_dtype"] = "float8_e4m3fn"
-    return ModelSpec(name=name, ckpt_dir=args.ckpt_dir, lora_path=args.lora_path,
+    spec = ModelSpec(name=name, ckpt_dir=args.ckpt_dir, lora_path=args.lora_path,
                      random_weights=args.random_weights, device=args.device,
                      fp8=getattr(args, "fp8", False), compile=getattr(args, "compile", False), extra=extra)
+    chosen = spec.fp8 or extra
+    if getattr(args, "memory_plan", "off") == "auto" and spec.device.startswith("cuda") and not spec.is_tiny \
+            and not chosen:
+        from avatar.errors import ResourceExhausted
+        from avatar.memory_planner import plan_for_device
+        try:
+            spec, plan, req = plan_for_device(spec)
+        except ResourceExhausted as exc:
+            raise UserError(str(exc).replace("\n", " ")) from None
+        print(f"avatar: memory plan for up to {req.size}: {plan.describe()}", file=sys.stderr)
+    return spec
 
 
 def _add_serving_flags(p: argparse.ArgumentParser) -> None:

@@ -304,3 +304,45 @@ def gpu_available_bytes(device_index: int = 0) -> int:
         cap = int(getter(device_index) * total) - allocated
         free = min(free, cap)
     return max(0, free)
+
+
+# What a server plans for at start-up, largest first: the hd, standard and preview presets
+# (preview's 32 frames per clip run as 36: whole blocks).
+PLANNING_REQUESTS = (MemoryRequest(704, 384, infer_frames=48, sample_steps=4),
+                     MemoryRequest(688, 368, infer_frames=48, sample_steps=4),
+                     MemoryRequest(384, 256, infer_frames=36, sample_steps=3))
+
+
+def apply_plan(spec, plan: MemoryPlan):
+    """The ModelSpec that runs a MemoryPlan: FP8 weights, encoder placement, cache sets and dtype."""
+    extra = dict(spec.extra)
+    if plan.kv_sets == 1:
+        extra["cache_sets"] = 1
+    if plan.kv_dtype != "bfloat16":
+        extra["kv_dtype"] = plan.kv_dtype
+    encoder_device = "cpu" if plan.encoder_device == "cpu" else spec.encoder_device
+    return spec.with_(fp8=plan.fp8, encoder_device=encoder_device, extra=extra)
+
+
+def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None = None):
+    """(ModelSpec, MemoryPlan, MemoryRequest) for the GPU the spec names, from its free memory,
+    before any weight is loaded: for the largest preset that can fit, bf16 with everything on the
+    GPU when it fits, else down the ladder (encoders to CPU, FP8 weights, one cache set, FP8 cache).
+    Larger jobs are then refused per session with the numbers; ResourceExhausted when not even
+    the preview preset fits."""
+    import torch
+
+    index = torch.device(spec.device).index or 0
+    if available is None:
+        available = gpu_available_bytes(index)
+    if fp8_capable is None:
+        fp8_capable = torch.cuda.get_device_capability(index) >= (8, 9)
+    opts = PlannerOptions(fp8_capable=fp8_capable, allow_fp8_kv=True)
+    for req in PLANNING_REQUESTS:
+        try:
+            plan = plan_memory(req, available, opts)
+        except ResourceExhausted:
+            if req is PLANNING_REQUESTS[-1]:
+                raise
+            continue
+        return apply_plan(spec, plan), plan, req

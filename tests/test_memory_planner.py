@@ -160,3 +160,46 @@ def test_session_check_passes_when_the_cache_fits_and_refuses_with_the_ladder_ot
     assert "a smaller size, 384*256: needs" in msg and "fewer sessions" in msg
     # an FP8 cache halves it
     assert session_bytes(HD, 1, 1)["kv_cache"] * 2 == session_bytes(HD, 1, 2)["kv_cache"]
+
+
+# --- start-up planning: the ModelSpec a server runs, chosen from the GPU's free memory ------------
+
+def test_plan_for_device_picks_the_fastest_config_that_fits_and_the_spec_runs_it():
+    from avatar.memory_planner import plan_for_device
+    from avatar.presets import ModelSpec
+    spec = ModelSpec(name="s2v-14b", random_weights=True, device="cuda")
+    seen = []
+    for gib in (140, 80, 48, 24):
+        planned, plan, req = plan_for_device(spec, available=gib * GiB, fp8_capable=True)
+        assert plan.total <= gib * GiB
+        assert planned.fp8 == plan.fp8
+        assert planned.extra.get("cache_sets", req.sample_steps) == plan.kv_sets
+        assert planned.extra.get("kv_dtype", "bfloat16") == plan.kv_dtype
+        assert (planned.encoder_device == "cpu") == (plan.encoder_device == "cpu")
+        seen.append((plan, req))
+    assert not seen[0][0].fp8 and seen[0][0].kv_sets == 4 and seen[0][1].size == "704*384"  # big card: bf16
+    assert seen[1][1].size == "704*384"                       # an 80 GB card plans for hd
+    plan24, req24 = seen[-1]
+    assert req24.size == "384*256" and plan24.encoder_device == "cpu"   # 24 GB: preview, like the measurements
+    with pytest.raises(ResourceExhausted, match="needs"):
+        plan_for_device(spec, available=12 * GiB, fp8_capable=True)
+
+
+def test_cli_plans_memory_on_a_gpu_unless_the_user_chose(monkeypatch):
+    import torch
+
+    from avatar import cli, memory_planner
+    monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 40 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    base = ["generate", "--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--random-weights",
+            "--device", "cuda"]
+    planned = cli.model_spec(cli.build_parser().parse_args(base))
+    _, plan, _ = memory_planner.plan_for_device(planned.with_(fp8=False, extra={}))
+    assert planned.fp8 == plan.fp8 and plan.fp8          # 40 GB: FP8 weights needed for hd
+    chosen = cli.model_spec(cli.build_parser().parse_args(base + ["--cache-sets", "1"]))   # the user's choice stands
+    assert not chosen.fp8 and chosen.extra == {"cache_sets": 1}
+    off = cli.model_spec(cli.build_parser().parse_args(base + ["--memory-plan", "off"]))
+    assert not off.fp8 and off.extra == {}
+    monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 8 * GiB)
+    with pytest.raises(cli.UserError, match="not enough GPU memory"):
+        cli.model_spec(cli.build_parser().parse_args(base))
