@@ -217,3 +217,16 @@ def test_engine_from_folder_checks_dims(tmp_path):
         EncoderEngine(ModelSpec(name="s2v-14b", ckpt_dir=str(tmp_path)))
     with pytest.raises(WeightsError, match="needs --ckpt_dir"):
         EncoderEngine(ModelSpec(name="s2v-14b"))
+
+
+def test_random_t5_filled_on_its_device_is_finite_and_tied():
+    """The path `--random-weights` takes on a GPU (allocated and filled on the device), run on CPU."""
+    from services.encoder.text_encoder import TINY_T5, TextEncoder, filled_on_device
+    model = filled_on_device(TINY_T5, 3, "cpu", torch.float32)
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    enc = TextEncoder(model, TextEncoder.tiny().tokenizer, TINY_T5, 16)
+    out = enc.encode("a talking astronaut")
+    assert out.shape[1] == TINY_T5.dim and torch.isfinite(out).all()
+    again = TextEncoder(filled_on_device(TINY_T5, 3, "cpu", torch.float32), enc.tokenizer, TINY_T5, 16)
+    assert torch.equal(again.encode("a talking astronaut"), out)     # seeded

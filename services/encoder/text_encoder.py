@@ -176,11 +176,18 @@ class TextEncoder:
     @classmethod
     def random(cls, dims: T5Dims = UMT5_XXL, seed: int = 0, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.bfloat16, tokenizer=None, max_len: int = TEXT_LEN) -> "TextEncoder":
-        """Random weights (seeded on CPU, created in `dtype`); the byte tokenizer unless one is given."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = UMT5EncoderModel._from_config(dims.config(), dtype=dtype)
-        return cls(model.to(device=device, dtype=dtype), tokenizer or byte_tokenizer(), dims, max_len)
+        """Random weights, seeded, created in `dtype`; the byte tokenizer unless one is given.
+
+        On the CPU transformers' own init; elsewhere the model is allocated once on the device and
+        filled there: initialising 5.7 B bf16 parameters on the CPU takes minutes (seen on an H100
+        host, where `avatar serve --random-weights` never got past it in 5 minutes)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = UMT5EncoderModel._from_config(dims.config(), dtype=dtype)
+            return cls(model.to(dtype=dtype), tokenizer or byte_tokenizer(), dims, max_len)
+        return cls(filled_on_device(dims, seed, device, dtype), tokenizer or byte_tokenizer(), dims, max_len)
 
     def token_ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -207,3 +214,18 @@ def load_tokenizer(tokenizer_dir: str | pathlib.Path):
     except Exception as e:  # transformers raises OSError/ValueError/... for broken folders
         raise WeightsError(f"{tokenizer_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
 
+
+def filled_on_device(dims: T5Dims, seed: int, device: str | torch.device, dtype: torch.dtype) -> UMT5EncoderModel:
+    """A umT5 encoder allocated once on `device` and filled there with seeded random values."""
+    with torch.device("meta"):
+        model = dims.build()
+    model = model.to_empty(device=device).to(dtype)
+    model.encoder.embed_tokens = model.shared      # to_empty unties them; keep one tensor
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)                       # RMSNorm scales
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
