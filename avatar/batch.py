@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from avatar.files import unlink_quietly, write_json_atomic
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -141,28 +143,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def finished(out: Path, profile: Profile) -> dict | None:
     """The sidecar of a finished, intact video for this exact profile, else None."""
     video, sidecar = out / f"{profile.name}.mp4", out / f"{profile.name}.json"
@@ -226,7 +206,7 @@ class Batch:
         out = self.cfg.out
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.part"):   # half-written leftovers of a killed run
-            _unlink(stale)
+            unlink_quietly(stale)
         self.manifest = {"profiles_dir": str(self.cfg.profiles_dir), "root": str(self.cfg.root),
                          "server": self.cfg.server or "embedded", "started": _now(), "profiles": {}}
         try:
@@ -336,7 +316,7 @@ class Batch:
             os.chmod(part, 0o644)
             os.replace(part, video)
         except BaseException:
-            _unlink(part)
+            unlink_quietly(part)
             raise
         size, digest = video.stat().st_size, _sha256_file(video)
         sidecar = {

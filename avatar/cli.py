@@ -1,12 +1,13 @@
 """The `avatar` command: serve the mesh, generate a video through it, check or download weights."""
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from avatar.files import unlink_quietly, write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -269,7 +270,7 @@ async def cmd_generate(args) -> int:
         os.chmod(part, 0o644)  # mkstemp makes it private; the video is an ordinary output file
         os.replace(part, out)
     except grpc.aio.AioRpcError as exc:
-        _cleanup(part)
+        unlink_quietly(part)
         if bar is not None:
             bar.close()
             bar = None
@@ -278,7 +279,7 @@ async def cmd_generate(args) -> int:
         print(f"avatar generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except BaseException:
-        _cleanup(part)
+        unlink_quietly(part)
         raise
     finally:
         client_span.end()
@@ -307,7 +308,7 @@ async def cmd_generate(args) -> int:
         "server_total_s": status.total_s,
         "total_s": total_s,
     }
-    _write_json(out.with_suffix(".json"), report)
+    write_json_atomic(out.with_suffix(".json"), report)
     print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
           f"{header.duration_s:.2f} s) in {total_s:.1f} s, first fragment after "
           f"{status.time_to_first_fragment_s:.2f} s", file=sys.stderr)
@@ -318,22 +319,6 @@ def _progress_bar(header):
     from tqdm import tqdm
     return tqdm(total=header.expected_fragments, unit="block", file=sys.stderr,
                 desc=f"{header.width}x{header.height} {header.total_frames} frames", leave=True)
-
-
-def _cleanup(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def cmd_check_weights(args) -> int:
