@@ -57,8 +57,10 @@ def model_spec(args):
                      random_weights=args.random_weights, device=args.device,
                      fp8=getattr(args, "fp8", False), compile=getattr(args, "compile", False), extra=extra)
     chosen = spec.fp8 or extra
+    # Under torchrun (TPP) every rank holds one step's cache set: the single-GPU plan does not apply.
+    tpp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if getattr(args, "memory_plan", "off") == "auto" and spec.device.startswith("cuda") and not spec.is_tiny \
-            and not chosen:
+            and not chosen and not tpp:
         from avatar.errors import ResourceExhausted
         from avatar.memory_planner import plan_for_device
         try:

@@ -203,3 +203,5 @@ def test_cli_plans_memory_on_a_gpu_unless_the_user_chose(monkeypatch):
     monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 8 * GiB)
     with pytest.raises(cli.UserError, match="not enough GPU memory"):
         cli.model_spec(cli.build_parser().parse_args(base))
+    monkeypatch.setenv("WORLD_SIZE", "4")    # a TPP rank: one cache set each, no single-GPU plan
+    assert cli.model_spec(cli.build_parser().parse_args(base)).extra == {}
