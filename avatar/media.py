@@ -106,19 +106,42 @@ def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     return arr[0]
 
 
-def _wav_missing_bytes(data: bytes) -> int:
-    """Bytes of PCM a WAV header promises beyond the end of the file (0 if complete or unknown)."""
+WAV_MAX_CHANNELS = 512   # ffmpeg's sane limit; a header past it is damage, not a recording
+
+
+def _wav_chunks(data: bytes):
+    """(kind, offset of the payload, declared size) of each chunk of a RIFF/WAVE file."""
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        return 0
+        return
     pos = 12
     while pos + 8 <= len(data):
         kind, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        yield kind, pos + 8, size
+        pos += 8 + size + (size & 1)
+
+
+def _wav_missing_bytes(data: bytes) -> int:
+    """Bytes of PCM a WAV header promises beyond the end of the file (0 if complete or unknown)."""
+    for kind, at, size in _wav_chunks(data):
         if kind == b"data":
             if size in (0, 0xFFFFFFFF):     # streaming writers leave the size unset
                 return 0
-            return max(0, pos + 8 + size - len(data))
-        pos += 8 + size + (size & 1)
+            return max(0, at + size - len(data))
     return 0
+
+
+def _check_wav_channels(data: bytes) -> None:
+    """A WAV whose header declares no channels, or thousands, gets a reason rather than ffmpeg's
+    'Invalid argument'."""
+    for kind, at, size in _wav_chunks(data):
+        if kind == b"fmt " and size >= 4 and at + 4 <= len(data):
+            channels = struct.unpack("<H", data[at + 2:at + 4])[0]
+            if channels == 0:
+                raise InvalidInput("audio is corrupt: the WAV header declares 0 channels")
+            if channels > WAV_MAX_CHANNELS:
+                raise InvalidInput(f"audio is corrupt: the WAV header declares {channels} channels "
+                                   f"(at most {WAV_MAX_CHANNELS} are read)")
+            return
 
 
 _BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
@@ -193,6 +216,7 @@ def decode_audio(data: bytes, *, min_duration_s: float = MIN_AUDIO_S,
     fmt = _audio_format(data)
     if fmt is None:
         raise InvalidInput(f"audio input is {what}, not a WAV, FLAC, MP3, OGG or M4A file")
+    _check_wav_channels(data)
     try:
         # the demuxer is named, never guessed: probing would also try playlist formats (HLS,
         # concat) that open other files and URLs named inside the data
