@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from avatar.errors import WeightsError
 from services.generator.kv_cache import KVCache, KVCacheSpec
-from services.generator.weights import INDEX_NAME, build_dit, load_dit, random_dit
+from avatar.checkpoints import DIT_INDEX as INDEX_NAME
+from services.generator.weights import build_dit, load_dit, random_dit
 
 SHARD2 = "diffusion_pytorch_model-00002-of-00002.safetensors"
 
@@ -96,7 +97,10 @@ def test_shape_mismatch_and_missing_shard_are_named(ckpt):
     (folder / SHARD2).unlink()
     with pytest.raises(WeightsError, match=f"{SHARD2}: listed in .* but missing"):
         load_dit(folder)
+    (folder / "empty").mkdir()
     with pytest.raises(WeightsError, match="config.json: missing"):
+        load_dit(folder / "empty")
+    with pytest.raises(WeightsError, match="nowhere: checkpoint folder missing"):
         load_dit(folder / "nowhere")
 
 
@@ -106,3 +110,11 @@ def test_random_weights_are_seeded_and_built_on_the_target_device():
     assert not torch.equal(a.head.head.weight, c.head.head.weight)
     assert all(p.abs().sum() > 0 for p in a.parameters())  # every path contributes (no zero init)
     assert build_dit("tiny").device.type == "meta"
+
+
+def test_the_folder_above_the_checkpoint_works_like_for_the_other_components(tmp_path):
+    """download-weights' DEST holds Wan2.2-S2V-14B/: --ckpt_dir DEST loads the DiT too."""
+    written = write_dit_checkpoint(tmp_path / "Wan2.2-S2V-14B", seed=4)
+    model = load_dit(tmp_path, device="cpu", dtype=torch.float32)
+    name = "head.head.weight"
+    assert torch.equal(model.state_dict()[name], written.state_dict()[name].to(torch.bfloat16).float())

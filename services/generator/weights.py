@@ -14,14 +14,12 @@ import pathlib
 import torch
 from safetensors import safe_open
 
-from avatar.checkpoints import read_safetensors_header, read_shard_index
+from avatar.checkpoints import DIT_CONFIG, DIT_INDEX, read_safetensors_header, read_shard_index, resolve_ckpt_dir
 from avatar.errors import WeightsError
 from services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 
 # Upstream config.json switches for variants we do not implement: the value each must have.
@@ -78,7 +76,7 @@ def random_dit(preset_or_config: str | dict, device: str | torch.device, dtype: 
 
 
 def read_dit_config(ckpt_dir: str | pathlib.Path) -> dict:
-    path = pathlib.Path(ckpt_dir) / CONFIG_NAME
+    path = pathlib.Path(ckpt_dir) / DIT_CONFIG
     try:
         return dit_config(json.loads(path.read_text()))
     except FileNotFoundError as e:
@@ -92,13 +90,13 @@ def read_dit_config(ckpt_dir: str | pathlib.Path) -> dict:
 def checkpoint_files(ckpt_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     """tensor name -> shard path, from the index json (or the single unsharded file)."""
     ckpt_dir = pathlib.Path(ckpt_dir)
-    index = ckpt_dir / INDEX_NAME
+    index = ckpt_dir / DIT_INDEX
     if index.exists():
         files = {name: ckpt_dir / shard for name, shard in read_shard_index(index).items()}
     elif (ckpt_dir / SINGLE_NAME).exists():
         files = {name: ckpt_dir / SINGLE_NAME for name in read_safetensors_header(ckpt_dir / SINGLE_NAME)}
     else:
-        raise WeightsError(f"{ckpt_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+        raise WeightsError(f"{ckpt_dir}: neither {DIT_INDEX} nor {SINGLE_NAME} found")
     for shard in sorted(set(files.values())):
         if not shard.exists():
             raise WeightsError(f"{shard}: listed in {index.name} but missing")
@@ -140,7 +138,9 @@ def _few(items: list[str], n: int = 5) -> str:
 
 def load_dit(ckpt_dir: str | pathlib.Path, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.bfloat16) -> CausalS2VDiT:
-    """The DiT from an upstream-layout folder (config.json + sharded safetensors), strict."""
+    """The DiT from an upstream-layout folder (config.json + sharded safetensors), strict.
+    `ckpt_dir` may be that folder or the one above it, as for every other component."""
+    ckpt_dir = resolve_ckpt_dir(ckpt_dir).root
     model = build_dit(read_dit_config(ckpt_dir), device="meta", dtype=dtype)
     where = check_dit_files(model, ckpt_dir)
     by_shard: dict[pathlib.Path, list[str]] = {}
