@@ -170,7 +170,9 @@ class LayerKV:
     prefill: bool = False
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o and the RMS qk-norms, named as upstream, shared by every attention layer."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -178,6 +180,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+
+class SelfAttention(_Projections):
     def forward(self, x: torch.Tensor, rope: Rope, kv: LayerKV) -> torch.Tensor:
         n = x.shape[1]
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
@@ -198,15 +202,8 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, keys, values))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Attention from x to a context (text tokens, or one latent frame's audio tokens)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
