@@ -16,6 +16,7 @@ embedding, modulation, residual adds inside a block, the head and the audio enco
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 from avatar.presets import MODEL_DIMS
-from services.generator.kv_cache import KVCache, to_cache_dtype
+from services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
 ROPE_THETA = 10000.0
@@ -205,10 +206,16 @@ class SelfAttention(_Projections):
 class CrossAttention(_Projections):
     """Attention from x to a context (text tokens, or one latent frame's audio tokens)."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context's keys and values [B, L, H, D]."""
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """context: tokens [B, L, C], or their (keys, values) from context_kv."""
+        k, v = self.context_kv(context) if isinstance(context, torch.Tensor) else context
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         return self.o(attention(q, k, v))
 
 
@@ -225,13 +232,14 @@ class CausalS2VBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, mod, rope: Rope, context, kv: LayerKV):
-        """x [B, L, C] model dtype; mod [B, G, 6, C] float32 timestep modulation per token group."""
+    def forward(self, x, mod, rope: Rope, text_kv: tuple[torch.Tensor, torch.Tensor], kv: LayerKV):
+        """x [B, L, C] model dtype; mod [B, G, 6, C] float32 timestep modulation per token group;
+        text_kv: this layer's keys and values of the prompt (TextContext)."""
         dtype = x.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + mod).unbind(2)
         y = self.self_attn(_modulate(self.norm1(x), shift1, scale1).to(dtype), rope, kv)
         x = x.float() + _gate(y, gate1)  # float32 residual inside the block, as upstream
-        x = x + self.cross_attn(self.norm3(x.to(dtype)), context).float()
+        x = x + self.cross_attn(self.norm3(x.to(dtype)), text_kv).float()
         y = self.ffn(_modulate(self.norm2(x), shift2, scale2).to(dtype))
         return (x + _gate(y, gate2)).to(dtype)
 
@@ -348,6 +356,28 @@ class AudioTokens:
     global_: torch.Tensor
 
 
+@dataclass
+class TextContext:
+    """The prompt as every layer's text cross-attention sees it: per layer (keys, values)
+    [B, text_len, H, D]. The prompt is fixed for a session, so these are computed once at its
+    start instead of in every step (saves 2 x 40 projections of 512 tokens per step)."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
+
+
+@dataclass
+class StepPositions:
+    """Everything position-dependent of one forward: where it writes/reads in the KV cache (plain
+    ints) and the RoPE of the block and of the sink's reference token (tensors). Split from the
+    forward so that a CUDA graph can be captured per span, with the RoPE fed in as buffers."""
+    span: BlockSpan
+    rope: Rope
+    ref_rope: Rope
+
+
 # --------------------------------------------------------------------------- motion context
 
 class FramePacker(nn.Module):
@@ -454,13 +484,32 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------ conditioning, once per session/block
 
     @torch.no_grad()
-    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
-        """text [B, L, text_dim] (L <= text_len) -> [B, text_len, dim]; zero-padded as upstream."""
+    def embed_text(self, text: torch.Tensor) -> TextContext:
+        """text [B, L, text_dim] (L <= text_len), zero-padded to text_len as upstream -> every
+        layer's text keys and values."""
         b, n, _ = text.shape
         if n > self.config.text_len:
             raise ValueError(f"text has {n} tokens, more than text_len {self.config.text_len}")
         text = F.pad(text.to(self.dtype), (0, 0, 0, self.config.text_len - n))
-        return self.text_embedding(text)
+        tokens = self.text_embedding(text)
+        return TextContext([_on_device(block.cross_attn, tokens.device).context_kv(tokens) for block in self.blocks])
+
+    def offload_text_projections(self) -> int:
+        """Keep the text cross-attention's k/v projections (2 of the 12 linears of every layer:
+        about 2 GB in FP8) in pinned CPU memory: they are only needed once per session, by
+        embed_text, which copies them in layer by layer. Returns the bytes moved off the GPU."""
+        moved = 0
+        for block in self.blocks:
+            for proj in (block.cross_attn.k, block.cross_attn.v):
+                for t in (*proj.parameters(recurse=False), *proj.buffers(recurse=False)):
+                    if t.device.type != "cpu":
+                        moved += t.numel() * t.element_size()
+                proj.to("cpu")
+                if torch.cuda.is_available():
+                    for name, t in (*proj._parameters.items(), *proj._buffers.items()):
+                        if t is not None and not t.is_pinned():
+                            t.data = t.data.pin_memory()
+        return moved
 
     @torch.no_grad()
     def encode_audio(self, features: torch.Tensor) -> AudioTokens:
@@ -491,7 +540,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------ forward passes
 
     @torch.no_grad()
-    def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, context: torch.Tensor,
+    def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, context: TextContext,
                      kv: KVCache) -> None:
         """Run the reference + motion tokens (timestep 0) through every layer and store their
         keys/values as the cache's sink. ref_latent [B, 16, 1, h, w], motion [B, 16, T, h, w]."""
@@ -509,12 +558,12 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         rope = self._sink_rope(h, w, REF_ROPE_FRAME, device)
         spec = kv.spec
         for i, block in enumerate(self.blocks):
-            x = block(x, mod, rope, context, LayerKV(kv.keys[:, i], kv.values[:, i], kv.ref_k[i],
+            x = block(x, mod, rope, context.kv[i], LayerKV(kv.keys[:, i], kv.values[:, i], kv.ref_k[i],
                                                      spec.sink_start, spec.sink_tokens, prefill=True))
         kv.sink_filled = True
 
     @torch.no_grad()
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: TextContext,
                 audio: AudioTokens, kv: KVCache, cache_set: int, frame_start: int, sink_frame: int,
                 cond_states: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity for one block of noisy latents, attending to the cache and the sink.
@@ -523,6 +572,23 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         frame_start: absolute latent frame index of the block (its RoPE frame and ring slot);
         sink_frame: RoPE frame the reference token sits at for this call. Returns [B, 16, F, h, w].
         """
+        _, _, f, h, w = latents.shape
+        pos = self.positions(kv, cache_set, frame_start, f, h, w, sink_frame, latents.device)
+        return self.denoise(latents, timestep, context, audio, kv, pos, cond_states)
+
+    def positions(self, kv: KVCache, cache_set: int, frame_start: int, frames: int, h: int, w: int,
+                  sink_frame: int, device) -> StepPositions:
+        """The cache span and RoPE of a block of `frames` latent frames starting at frame_start."""
+        rows, cols = range(h // 2), range(w // 2)
+        return StepPositions(kv.block_span(cache_set, frame_start, frames),
+                             rope_grid(self.head_dim, range(frame_start, frame_start + frames), rows, cols, device),
+                             rope_grid(self.head_dim, range(sink_frame, sink_frame + 1), rows, cols, device))
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, context: TextContext, audio: AudioTokens,
+                kv: KVCache, pos: StepPositions, cond_states: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() with its positions given: no host-device synchronisation, no host data, so
+        it can be captured in a CUDA graph (services/generator/step_graphs.py)."""
         if not kv.sink_filled:
             raise RuntimeError("prefill_sink must run before the first block")
         b, _, f, h, w = latents.shape
@@ -533,14 +599,12 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         x = x + self.trainable_cond_mask.weight[0].to(dtype)
         t = timestep.to(device).float().reshape(b, -1).expand(b, f)
         e, mod = self._time_modulation(t)
-        rope = rope_grid(self.head_dim, range(frame_start, frame_start + f), range(h // 2), range(w // 2), device)
-        ref_rope = rope_grid(self.head_dim, range(sink_frame, sink_frame + 1), range(h // 2), range(w // 2), device)
-        span, spec = kv.block_span(cache_set, frame_start, f), kv.spec
-        self._rotate_reference(kv, span.group, ref_rope, dtype)
+        span, spec = pos.span, kv.spec
+        self._rotate_reference(kv, span.group, pos.ref_rope, dtype)
         for i, block in enumerate(self.blocks):
             layer_kv = LayerKV(kv.keys[span.group, i], kv.values[span.group, i], kv.ref_k[i], spec.sink_start,
                                spec.sink_tokens, span.write, span.lo, span.hi)
-            x = block(x, mod, rope, context, layer_kv)
+            x = block(x, mod, pos.rope, context.kv[i], layer_kv)
             if i in self.injector_of_layer:
                 x = self.audio_injector(self.injector_of_layer[i], x, audio.tokens, audio.global_)
         x = self.head(x, e)
@@ -589,3 +653,18 @@ def _name_hash(name: str) -> int:
     for ch in name.encode():
         h = (h * 131 + ch) % 1_000_003
     return h
+
+
+def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` itself when all its tensors are on `device`; else a shallow twin whose tensors
+    that live elsewhere (offloaded weights) are copied there for this one use."""
+    children = {n: _on_device(m, device) for n, m in module._modules.items()}
+    direct = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    if all(t.device == device for t in direct) and all(children[n] is m for n, m in module._modules.items()):
+        return module
+    twin = copy.copy(module)
+    twin._parameters = {n: None if p is None else nn.Parameter(p.to(device, non_blocking=True), requires_grad=False)
+                        for n, p in module._parameters.items()}
+    twin._buffers = {n: None if b is None else b.to(device, non_blocking=True) for n, b in module._buffers.items()}
+    twin._modules = children
+    return twin

@@ -25,6 +25,7 @@ from services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
 from services.generator.fp8 import fp8_supported, swap_linears_to_fp8
 from services.generator.kv_cache import KVCache, KVCacheSpec
 from services.generator.scheduler import FlowMatchEuler
+from services.generator.step_graphs import StepGraphs
 from services.generator.weights import load_dit, random_dit
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,19 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
         log.info("FP8 linear layers: %d", len(swapped))
     if device.type == "cuda":
         prefer_cudnn_attention(device)
+    if model.extra.get("offload_text_projections"):
+        moved = dit.offload_text_projections()
+        log.info("text k/v projections in pinned CPU memory: %.2f GiB off the GPU", moved / 2**30)
     if model.compile:
         compile_blocks(dit)
     return dit
+
+
+def cuda_graphs_wanted(model: ModelSpec, device: torch.device) -> bool:
+    """`model.extra["cuda_graphs"]`: replay each steady-state step from a CUDA graph
+    (services/generator/step_graphs.py); default on for CUDA devices."""
+    wanted = model.extra.get("cuda_graphs")
+    return device.type == "cuda" if wanted is None else bool(wanted) and device.type == "cuda"
 
 
 def compile_blocks(dit: CausalS2VDiT) -> None:
@@ -108,6 +119,7 @@ class GeneratorEngine:
         self.dit = dit if dit is not None else build_generator_model(model)
         self.cache_sets = model.extra.get("cache_sets")
         self.kv_dtype = kv_cache_dtype(model, self.dit.dtype)
+        self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
         self.free_memory: Callable[[], int] | None = None
         if self.dit.device.type == "cuda":
             index = self.dit.device.index if self.dit.device.index is not None else torch.cuda.current_device()
@@ -148,6 +160,7 @@ class GeneratorSession:
         self._clip_noise: torch.Tensor | None = None
         self._first_frame: torch.Tensor | None = None
         self.context = self.motion = None
+        self._graphs: StepGraphs | None = None
         spec = KVCacheSpec.for_model(dit, plan.h, plan.w, plan.clip_frames, plan.cache_sets)
         # The planner's numbers are the full-size model's (avatar/memory_planner.py).
         self._memory_request = MemoryRequest.from_job(job) if job.width % 16 == 0 == job.height % 16 else None
@@ -161,6 +174,8 @@ class GeneratorSession:
             self.context = dit.embed_text(text.to(self.device)[None])
             self.motion = motion_latents.to(self.device, self.dtype)[None]
             dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
+        if engine.cuda_graphs:
+            self._graphs = StepGraphs(dit, self.context, self.kv)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -208,14 +223,11 @@ class GeneratorSession:
         x = self._clip_noise[:, :, f0:f0 + p.block_frames]
         tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
         for i, t in enumerate(self.sampler.timesteps):
-            cache_set = i if p.cache_sets > 1 else 0
-            v = dit(x, torch.full((1,), t, device=self.device), self.context, tokens, self.kv, cache_set,
-                    frame, self._sink_frame(frame))
+            v = self._denoise(x, t, tokens, i if p.cache_sets > 1 else 0, frame)
             x = self.sampler.step(x, v, i)
         if p.cache_sets == 1:
             # clean context: re-encode the finished block at t=0 into the single cache set
-            dit(x, torch.zeros(1, device=self.device), self.context, tokens, self.kv, 0, frame,
-                self._sink_frame(frame))
+            self._denoise(x, 0.0, tokens, 0, frame)
         if self.block_index == 0:
             self._first_frame = x[:, :, :1].clone()
         self.block_index += 1
@@ -223,6 +235,15 @@ class GeneratorSession:
             torch.cuda.synchronize(self.device)
         self.last_block_ms = (time.perf_counter() - start) * 1e3
         return x[0]
+
+    def _denoise(self, x: torch.Tensor, t: float, tokens, cache_set: int, frame: int) -> torch.Tensor:
+        """One forward of the DiT at timestep t: through the session's CUDA graphs when it has them."""
+        timestep = torch.full((1,), t, device=self.device)
+        pos = self.dit.positions(self.kv, cache_set, frame, x.shape[2], self.plan.h, self.plan.w,
+                                 self._sink_frame(frame), self.device)
+        if self._graphs is not None:
+            return self._graphs.run(x, timestep, tokens, pos)
+        return self.dit.denoise(x, timestep, self.context, tokens, self.kv, pos)
 
     def _sink_frame(self, frame: int) -> int:
         """RoPE frame of the sink's reference token: at least REF_ROPE_FRAME, and a random
@@ -232,6 +253,9 @@ class GeneratorSession:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._graphs is not None:
+                self._graphs.close()
+                self._graphs = None
             if self.kv is not None:
                 self.kv.free()
             self._clip_noise = self._first_frame = self.context = self.motion = None

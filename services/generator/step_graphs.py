@@ -1,0 +1,118 @@
+"""CUDA graphs of the DiT's denoising forward: captured once per cache span, then replayed.
+
+Why: one forward at 704*384 is a few thousand kernel launches from 52 compiled modules and the
+glue between them; the host needs about as long to issue them as the GPU needs to run them
+(run E in docs/performance.md: ~32 ms of launch gaps per 199 ms step; at 384*256 the host is
+the bottleneck). A graph replay issues the whole forward at once.
+
+What a graph bakes in: tensor addresses and plain ints. The cache span of a forward (where the
+block's keys are written, which slice attention reads) is plain ints, so there is one graph per
+span, i.e. per (cache set, slot in the ring); everything else that changes between calls (the
+latents, the timestep, the audio tokens, the RoPE of the block and of the sink's reference
+token) is copied into static buffers before a replay. The session's KV cache and text context
+are fixed for its lifetime, so graphs belong to a session and go with it.
+
+When: only for spans whose ring is full, i.e. from the last block of the first clip on. The first
+blocks (what the time to first fragment waits for) run as before and never pay for a capture;
+a capture costs one ordinary forward (its output is the call's result) plus the recording.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from services.generator.causal_s2v_dit import AudioTokens, CausalS2VDiT, Rope, StepPositions, TextContext
+from services.generator.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class StepGraphs:
+    """Runs `dit.denoise` for one session, through a CUDA graph where the span allows it.
+
+    `capture=False` runs the same static-buffer path without recording (how the CPU tests check
+    the plumbing: a replay reads only what was copied into the buffers)."""
+
+    def __init__(self, dit: CausalS2VDiT, context: TextContext, kv: KVCache, capture: bool = True):
+        self.dit, self.context, self.kv = dit, context, kv
+        self.capture = capture
+        self.enabled = True
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
+        self._static: dict[str, torch.Tensor] | None = None
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self.replays = 0
+
+    def steady(self, pos: StepPositions) -> bool:
+        """Whether the span reads a full ring (its ints repeat every clip from now on)."""
+        s = self.kv.spec
+        return pos.span.hi - pos.span.lo == s.sink_tokens + s.ring_tokens
+
+    def run(self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens,
+            pos: StepPositions) -> torch.Tensor:
+        if not (self.enabled and self.steady(pos)):
+            return self.dit.denoise(latents, timestep, self.context, audio, self.kv, pos)
+        key = (pos.span, tuple(latents.shape))
+        self._fill(latents, timestep, audio, pos)
+        entry = self._graphs.get(key)
+        if entry is None:
+            return self._record(key)
+        graph, out = entry
+        if graph is not None:
+            graph.replay()
+        else:   # no capture (CPU): run on the buffers, as a replay would
+            out = self._forward()
+        self.replays += 1
+        return out
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def close(self) -> None:
+        """Drops the graphs and their memory pool (the session's KV cache goes with the session)."""
+        self._graphs.clear()
+        self._static = None
+        self._pool = None
+
+    # -------------------------------------------------------------- internals
+
+    def _fill(self, latents, timestep, audio: AudioTokens, pos: StepPositions) -> None:
+        new = {"latents": latents, "timestep": timestep, "tokens": audio.tokens, "global": audio.global_,
+               "cos": pos.rope.cos, "sin": pos.rope.sin, "ref_cos": pos.ref_rope.cos, "ref_sin": pos.ref_rope.sin}
+        if self._static is None or any(self._static[k].shape != v.shape or self._static[k].dtype != v.dtype
+                                       for k, v in new.items()):
+            self._graphs.clear()   # new shapes (never within a session): graphs would read stale buffers
+            self._static = {k: torch.empty_like(v, memory_format=torch.contiguous_format) for k, v in new.items()}
+        for k, v in new.items():
+            self._static[k].copy_(v)
+        self._span = pos.span
+
+    def _forward(self) -> torch.Tensor:
+        s = self._static
+        pos = StepPositions(self._span, Rope(s["cos"], s["sin"]), Rope(s["ref_cos"], s["ref_sin"]))
+        return self.dit.denoise(s["latents"], s["timestep"], self.context, AudioTokens(s["tokens"], s["global"]),
+                                self.kv, pos)
+
+    def _record(self, key) -> torch.Tensor:
+        # An ordinary forward on the static buffers first: it is this call's result, and it runs
+        # any first-time work (compilation for these shapes, cuBLAS/cuDNN plans) outside the
+        # capture. Recording then launches nothing; the cache writes it records are the ones
+        # this forward just made (same inputs, same rows), so they are idempotent.
+        out = self._forward()
+        if not self.capture:
+            self._graphs[key] = (None, out)
+            return out
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: other services of an `avatar serve --role all` process keep using the GPU
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                static_out = self._forward()
+        except Exception as e:   # never fail a session for an optimisation
+            log.warning("CUDA graph capture failed (%s: %s); this session runs without graphs",
+                        type(e).__name__, e)
+            self.enabled = False
+            self._graphs.clear()
+            return out
+        self._graphs[key] = (graph, static_out)
+        return out

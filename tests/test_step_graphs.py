@@ -1,0 +1,83 @@
+"""StepGraphs' static-buffer path (what a CUDA graph replays) gives the plain forward's latents.
+
+On the CPU nothing is recorded, but every steady-state step runs exactly as a replay would: on
+the static buffers, with only what was copied into them. Stale or missing inputs (a RoPE not
+refreshed, a timestep not copied) change the latents and fail these tests.
+"""
+import pytest
+import torch
+from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+
+from avatar.presets import ModelSpec
+from services.generator.engine import GeneratorEngine
+from services.generator.step_graphs import StepGraphs
+from test_generator_engine import _inputs, _job
+
+BLOCKS = 7     # 3 clips of 2 blocks + 1: the ring fills during clip 0, the sink is refreshed at clip 1
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return GeneratorEngine(ModelSpec(name="tiny", seed=0))
+
+
+def _run(engine, cache_sets, graphs: bool):
+    engine.cache_sets = cache_sets
+    text, ref, motion, audio = _inputs(seed=3, blocks=BLOCKS)
+    session = engine.open_session(_job(seed=7), text, ref, motion)
+    if graphs:
+        session._graphs = StepGraphs(engine.dit, session.context, session.kv, capture=False)
+    try:
+        blocks = [session.generate_block(a) for a in audio]
+        counts = (session._graphs.num_graphs, session._graphs.replays) if graphs else None
+        return blocks, counts
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("cache_sets", [None, 1])
+def test_static_buffer_steps_equal_plain_steps(engine, cache_sets):
+    plain, _ = _run(engine, cache_sets, graphs=False)
+    replayed, (num_graphs, replays) = _run(engine, cache_sets, graphs=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
+    sets = 4 if cache_sets is None else 1
+    # one graph per (cache set, slot in the ring): 2 blocks per clip -> 2 slots
+    assert num_graphs == 2 * sets
+    # steady from the last block of clip 0: blocks 1..6, each with `sets` graphs' worth of forwards,
+    # all replays except the first use of each graph
+    forwards_per_block = 4 + (1 if sets == 1 else 0)
+    assert replays == 6 * forwards_per_block - num_graphs
+
+
+def test_the_first_blocks_never_wait_for_a_capture(engine):
+    engine.cache_sets = None
+    text, ref, motion, audio = _inputs(seed=3, blocks=1)
+    session = engine.open_session(_job(seed=7), text, ref, motion)
+    session._graphs = StepGraphs(engine.dit, session.context, session.kv, capture=False)
+    try:
+        session.generate_block(audio[0])     # block 0: the ring is not full yet
+        assert session._graphs.num_graphs == 0
+    finally:
+        session.close()
+
+
+def test_offloaded_modules_are_copied_in_for_one_use_and_left_in_place():
+    from services.generator.causal_s2v_dit import CrossAttention, _on_device
+    attn = CrossAttention(16, 2, 1e-6)
+    meta = torch.device("meta")
+    attn.k.to(meta)                          # stands in for "offloaded": on another device than the rest
+    twin = _on_device(attn, torch.device("cpu"))
+    assert twin is not attn and twin.k is not attn.k and twin.q is attn.q   # only what lives elsewhere is copied
+    assert attn.k.weight.device == meta       # the module itself stays where it was put
+    assert _on_device(twin, torch.device("cpu")) is twin
+
+
+def test_text_context_is_computed_once_and_matches_per_step_projections(engine):
+    dit = engine.dit
+    text = torch.randn(1, 5, dit.config.text_dim)
+    ctx = dit.embed_text(text)
+    assert len(ctx.kv) == dit.config.num_layers and ctx.nbytes > 0
+    tokens = dit.text_embedding(torch.nn.functional.pad(text, (0, 0, 0, dit.config.text_len - 5)))
+    x = torch.randn(1, 10, dit.config.dim)
+    attn = dit.blocks[1].cross_attn
+    assert torch.equal(attn(x, tokens), attn(x, ctx.kv[1]))
