@@ -63,13 +63,13 @@ def test_the_first_blocks_never_wait_for_a_capture(engine):
 
 def test_offloaded_modules_are_copied_in_for_one_use_and_left_in_place():
     from services.generator.causal_s2v_dit import CrossAttention, _on_device
-    attn = CrossAttention(16, 2, 1e-6)
+    attn = CrossAttention(16, 2, 1e-6).to("meta")   # "the GPU" here
+    attn.k = torch.nn.Linear(16, 16)                  # offloaded: on another device than the rest
     meta = torch.device("meta")
-    attn.k.to(meta)                          # stands in for "offloaded": on another device than the rest
-    twin = _on_device(attn, torch.device("cpu"))
+    twin = _on_device(attn, meta)
     assert twin is not attn and twin.k is not attn.k and twin.q is attn.q   # only what lives elsewhere is copied
-    assert attn.k.weight.device == meta       # the module itself stays where it was put
-    assert _on_device(twin, torch.device("cpu")) is twin
+    assert twin.k.weight.device == meta and attn.k.weight.device.type == "cpu"   # the module stays put
+    assert _on_device(twin, meta) is twin
 
 
 def test_text_context_is_computed_once_and_matches_per_step_projections(engine):
