@@ -232,7 +232,8 @@ class GeneratorSession:
             self._first_frame = x[:, :, :1].clone()
         self.block_index += 1
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            # this stream only: a decoder sharing the process (--role all) keeps its own queue going
+            torch.cuda.current_stream(self.device).synchronize()
         self.last_block_ms = (time.perf_counter() - start) * 1e3
         return x[0]
 
