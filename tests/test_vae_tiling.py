@@ -40,7 +40,7 @@ def test_streamed_tiles_equal_one_shot_tiled_decode(vae):
 
 def test_tiled_is_close_to_untiled(vae):
     """Tiles differ from the whole frame only through their borders (zero padding) and the global
-    mid-block attention; measured on the tiny VAE at 128x192: max 0.23, mean 0.013."""
+    mid-block attention; measured on the tiny VAE at 128x192: max 0.28, mean 0.012."""
     z = _latents(3, 128, 192, seed=1)
     full, tiled = vae.decode(z), vae.stream_decoder(TILE).decode(z)
     assert tiled.shape == full.shape == (1, 3, 9, 128, 192)
