@@ -37,26 +37,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-fp8", action="store_true",
                    help="store the DiT's KV cache in FP8 (e4m3): half the cache memory, lets 704*384 fit a "
                         "24 GB card with --fp8 --cache-sets 1 (docs/performance.md)")
-    g.add_argument("--vae-tile", type=_vae_tile, default=0, metavar="PX",
-                   help="decode the VAE in PX x PX tiles with their own caches (less GPU memory, e.g. 256 for "
-                        "24 GB cards)")
     g.add_argument("--memory-plan", choices=("auto", "off"), default="auto",
                    help="auto (default): on a GPU, without --fp8/--cache-sets/--kv-fp8, choose them (and where "
                         "the encoders run) from the free memory before loading, for the largest preset that "
                         "can fit; off: as given")
     g.add_argument("--trace-file", help="append this process's OpenTelemetry spans to FILE as JSON lines "
                                         "(OTLP is used instead when OTEL_EXPORTER_OTLP_ENDPOINT is set)")
-
-
-def _vae_tile(text: str) -> int:
-    # the rule of avatar.models.wan_vae.check_tile_px, here so a bad value fails before torch loads
-    try:
-        px = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of pixels, got {text!r}") from None
-    if px and (px < 128 or px % 64):
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or a multiple of 64 that is at least 128, got {px}")
-    return px
 
 
 def model_spec(args):
@@ -67,12 +53,10 @@ def model_spec(args):
     extra = {"cache_sets": args.cache_sets} if getattr(args, "cache_sets", None) else {}
     if getattr(args, "kv_fp8", False):
         extra["kv_dtype"] = "float8_e4m3fn"
-    chosen = getattr(args, "fp8", False) or dict(extra)   # the DiT's memory settings (the plan's to choose)
-    if getattr(args, "vae_tile", 0):
-        extra["vae_tile"] = args.vae_tile
     spec = ModelSpec(name=name, ckpt_dir=args.ckpt_dir, lora_path=args.lora_path,
                      random_weights=args.random_weights, device=args.device,
                      fp8=getattr(args, "fp8", False), compile=getattr(args, "compile", False), extra=extra)
+    chosen = spec.fp8 or extra
     # Under torchrun (TPP) every rank holds one step's cache set: the single-GPU plan does not apply.
     tpp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if getattr(args, "memory_plan", "off") == "auto" and spec.device.startswith("cuda") and not spec.is_tiny \

@@ -7,15 +7,6 @@ into diffusers' class. Latents are normalised per channel with Wan2.1's 16 means
 Decoding is causal: each latent frame is decoded with a cache of the last frames every causal
 conv saw. `StreamingDecoder` keeps that cache between calls, so decoding block after block gives
 the same pixels as decoding every latent at once.
-
-Tiling (`stream_decoder(tile_px)`) bounds the decoder's activation memory by one tile instead of the
-whole frame: the latent is cut into overlapping square tiles, each decoded alone and blended into the
-frame with linear ramps over the overlap. A causal conv's cache holds that conv's input of the last
-frames, which for a tile is the tile's own activations (near its edges they differ from the whole
-frame's: the tile is zero-padded there), so every tile keeps its own cache across calls. That makes a
-tiled stream exactly equal to a tiled one-shot decode; sharing one cache would mix tiles up. The
-caches, unlike the activations, add up: they cover the tiles' total area, overlaps included (at
-704x384 in bf16 about 1.2 GiB untiled, 2.3 GiB in 256-pixel tiles).
 """
 import dataclasses
 import pathlib
@@ -39,7 +30,6 @@ WAN21_LATENT_STD = (
 )
 TIME_STRIDE = 4      # pixel frames per latent frame after the first
 SPACE_STRIDE = 8
-TILE_MULTIPLE, MIN_TILE = 64, 128   # tile sides in pixels (stream_decoder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +268,8 @@ class WanVAE:
         """normalised latents [B, 16, t, h, w] -> pixels [B, 3, 1 + 4(t-1), 8h, 8w] in [-1, 1] (float32)."""
         return self.stream_decoder().decode(latents)
 
-    def stream_decoder(self, tile_px: int = 0) -> "StreamingDecoder":
-        """A decoder for one stream; tile_px > 0 decodes in tile_px x tile_px pixel tiles (see module doc)."""
-        return StreamingDecoder(self, tile_px)
+    def stream_decoder(self) -> "StreamingDecoder":
+        return StreamingDecoder(self)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -296,74 +285,13 @@ class WanVAE:
                                f"got {pixels.shape[3]}x{pixels.shape[4]}")
 
 
-def check_tile_px(tile_px) -> int:
-    """tile_px for `WanVAE.stream_decoder`: 0 (whole frame) or a multiple of 64 pixels >= 128."""
-    if isinstance(tile_px, bool) or not isinstance(tile_px, int):
-        raise InvalidInput(f"VAE tile size must be an integer number of pixels, got {tile_px!r}")
-    if tile_px and (tile_px < MIN_TILE or tile_px % TILE_MULTIPLE):
-        raise InvalidInput(f"VAE tile size must be 0 (off) or a multiple of {TILE_MULTIPLE} pixels that is at "
-                           f"least {MIN_TILE}, got {tile_px}")
-    return tile_px
-
-
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Starts of the fewest full-size tiles that cover `length` with strides of at most `stride`,
-    spread evenly. Full-size rather than cut short at the edge (as diffusers does): a sliver tile
-    would be mostly zero padding and decode badly; even spreading keeps every overlap alike."""
-    if length <= tile:
-        return [0]
-    gaps = -(-(length - tile) // stride)      # ceil
-    return [round(i * (length - tile) / gaps) for i in range(gaps + 1)]
-
-
-def _axis_weights(starts: list[int], tile: int, ramp: int) -> list[torch.Tensor]:
-    """Per tile, its blend weight along one axis ([tile] values, pixels; starts in pixels).
-
-    Neighbours cross-fade with a linear ramp of `ramp` pixels centred in their overlap: the whole
-    overlap at the nominal stride (as diffusers); where tiles were spread closer and overlap more,
-    centring keeps both tiles' edges, which zero padding distorts, out of the blend. The two sides'
-    ramps sum to 1, so the tiles' weights sum to 1 at every pixel."""
-    up = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
-    weights = []
-    for k, start in enumerate(starts):
-        w = torch.ones(tile)
-        if k > 0:          # fade in over the middle of the overlap with the previous tile
-            lo = (start + starts[k - 1] + tile - ramp) // 2 - start
-            w[:lo] = 0.0
-            w[lo:lo + ramp] = up
-        if k < len(starts) - 1:
-            lo = (starts[k + 1] + start + tile - ramp) // 2 - start
-            w[lo:lo + ramp] = 1.0 - up
-            w[lo + ramp:] = 0.0
-        weights.append(w)
-    return weights
-
-
-@dataclasses.dataclass
-class _Tile:
-    y: int                    # top-left corner and side lengths, in latents
-    x: int
-    h: int
-    w: int
-    weight: torch.Tensor      # [8h, 8w] blend weight (float32, on the VAE's device)
-    cache: list               # this tile's causal conv cache
-
-
 class StreamingDecoder:
-    """Decodes one stream's latents block after block, carrying the causal conv cache between calls.
+    """Decodes one stream's latents block after block, carrying the causal conv cache between calls."""
 
-    tile_px > 0: the frame is decoded in tiles of tile_px x tile_px pixels overlapping by a quarter
-    of a tile (as diffusers' tiled decode), each with its own cache; a frame within one tile is
-    decoded whole, bit-identical to tile_px = 0."""
-
-    def __init__(self, vae: WanVAE, tile_px: int = 0):
+    def __init__(self, vae: WanVAE):
         self.vae = vae
-        self.tile = check_tile_px(tile_px) // SPACE_STRIDE    # tile side in latents (0: off)
-        self._cache: list | None = [None] * vae._dec_convs    # the whole frame's cache (untiled)
-        self._tiles: list[_Tile] | None = None                 # set by the first call when tiled
-        self._hw: tuple[int, int] | None = None
+        self._cache: list = [None] * vae._dec_convs
         self._first = True
-        self._closed = False
         self.frames_in = 0   # latent frames decoded so far
 
     @torch.no_grad()
@@ -371,68 +299,26 @@ class StreamingDecoder:
         """latents [B, 16, t, h, w] (normalised) -> pixels [B, 3, n, 8h, 8w] in [-1, 1], float32, where
         n = 1 + 4(t-1) for the stream's first call and 4t afterwards."""
         vae = self.vae
-        if self._closed:
+        if self._cache is None:
             raise RuntimeError("StreamingDecoder is closed")
         if latents.ndim != 5 or latents.shape[1] != vae.dims.z_dim:
             raise InvalidInput(f"latents must be [B, {vae.dims.z_dim}, t, h, w], got {list(latents.shape)}")
         if latents.shape[2] == 0:
             raise InvalidInput("latents hold no frame")
-        hw = tuple(latents.shape[3:])
-        if self._hw is None:
-            self._hw = hw
-            if self.tile and (hw[0] > self.tile or hw[1] > self.tile):
-                self._tiles = self._layout(*hw)
-                self._cache = None
-        elif hw != self._hw:
-            raise InvalidInput(f"latents are {hw[0]}x{hw[1]}, but this stream started at "
-                               f"{self._hw[0]}x{self._hw[1]} (the causal cache is per size)")
         z = (latents.to(device=vae.device, dtype=torch.float32) / vae.inv_std + vae.mean).to(vae.dtype)
-        first = self._first
-        if self._tiles is None:
-            out = self._decode_frames(z, self._cache, first).float()
-        else:
-            b, _, t, h, w = z.shape
-            frames = 1 + TIME_STRIDE * (t - 1) if first else TIME_STRIDE * t
-            out = torch.zeros(b, 3, frames, h * SPACE_STRIDE, w * SPACE_STRIDE, device=vae.device)
-            for tile in self._tiles:
-                # one tile at a time: only this tile's activations are alive besides `out`
-                pix = self._decode_frames(z[:, :, :, tile.y:tile.y + tile.h, tile.x:tile.x + tile.w],
-                                          tile.cache, first)
-                y, x = tile.y * SPACE_STRIDE, tile.x * SPACE_STRIDE
-                out[:, :, :, y:y + pix.shape[3], x:x + pix.shape[4]].addcmul_(pix.float(), tile.weight)
-                del pix
-        self._first = False
-        self.frames_in += z.shape[2]
-        return out.clamp_(-1.0, 1.0)
-
-    def close(self) -> None:
-        """Frees the caches (a few frames of activations per causal conv); the decoder is unusable after."""
-        self._cache = None
-        self._tiles = None
-        self._closed = True
-
-    def _decode_frames(self, z: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
         outs = []
         for i in range(z.shape[2]):
             # one latent frame at a time through every layer: the same kernels run on the same shapes
             # whatever the block split, so streamed pixels are bit-identical to a one-shot decode
-            x = self.vae.model.post_quant_conv(z[:, :, i:i + 1])
-            outs.append(self.vae.model.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first))
-            first = False
-        return torch.cat(outs, dim=2)
+            x = vae.model.post_quant_conv(z[:, :, i:i + 1])
+            outs.append(vae.model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=self._first))
+            self._first = False
+        self.frames_in += z.shape[2]
+        return torch.cat(outs, dim=2).float().clamp_(-1.0, 1.0)
 
-    def _layout(self, h: int, w: int) -> list[_Tile]:
-        """The tiles of an h x w latent (stride = tile - tile // 4, as diffusers' 256 / 192 pixels)."""
-        overlap = self.tile // 4
-        stride = self.tile - overlap
-        th, tw = min(self.tile, h), min(self.tile, w)
-        ys, xs = _tile_starts(h, self.tile, stride), _tile_starts(w, self.tile, stride)
-        ramp = overlap * SPACE_STRIDE
-        wy = _axis_weights([y * SPACE_STRIDE for y in ys], th * SPACE_STRIDE, ramp)
-        wx = _axis_weights([x * SPACE_STRIDE for x in xs], tw * SPACE_STRIDE, ramp)
-        dev = self.vae.device
-        return [_Tile(y, x, th, tw, torch.outer(ay, ax).to(dev), [None] * self.vae._dec_convs)
-                for y, ay in zip(ys, wy) for x, ax in zip(xs, wx)]
+    def close(self) -> None:
+        """Frees the cache (a few frames of activations per causal conv); the decoder is unusable after."""
+        self._cache = None
 
 
 def _same_state(a: list, b: list) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from avatar.errors import InvalidInput
-from avatar.models.wan_vae import WanVAE, check_tile_px
+from avatar.models.wan_vae import WanVAE
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from services.decoder.fmp4 import FragmentedMp4Writer
 
@@ -28,8 +28,6 @@ class DecoderEngine:
 
     def __init__(self, model: ModelSpec):
         self.model = model
-        # extra["vae_tile"]: decode in tiles of that many pixels (less GPU memory); checked before loading
-        self.vae_tile = check_tile_px(model.extra.get("vae_tile") or 0)
         self.vae = WanVAE.from_spec(model)
         self.z_dim = self.vae.dims.z_dim
 
@@ -57,7 +55,7 @@ class DecoderStream:
             self._writer = FragmentedMp4Writer(job.width, job.height, job.fps, job.audio_sample_rate)
         except ValueError as e:
             raise InvalidInput(str(e)) from None
-        self._decoder = self._vae.stream_decoder(engine.vae_tile)
+        self._decoder = self._vae.stream_decoder()
         # the causal cache starts from the reference frame, as the generator's context does;
         # its one pixel frame is not part of the video
         self._decoder.decode(prime_latent[None])
