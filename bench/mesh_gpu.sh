@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on one GPU, through the gateway over loopback, as a user runs it:
 # `avatar serve` (all four services, full-size random weights, memory plan auto) and two
-# `avatar generate --server` requests at 704*384 (the first warms up, the second is measured).
+# `avatar generate --server` requests at 704*384 (the first warms up and compiles, the next two
+# are measured).
 # Run on the device machine from the repo root, carrying .whl (wheels, see performance.md) and
 # avatar/v1 (generated code). Extra arguments go to `avatar serve`, e.g. --compile.
 set -uo pipefail
@@ -26,7 +27,7 @@ for _ in $(seq 300); do
     sleep 1
 done
 echo "server ready after ${SECONDS}s"
-for i in 1 2; do
+for i in 1 2 3; do
     python3 -m avatar.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png --audio assets/speech.wav \
         --preset hd --out "$OUT/hd$i.mp4" 2> "$OUT/generate$i.log" || { tail -5 "$OUT/generate$i.log"; tail -30 "$OUT/serve.log"; }
 done
@@ -35,7 +36,7 @@ kill -INT $server; wait $server
 grep -E "memory plan|ready" "$OUT/serve.log" | head -5
 python3 - "$OUT" <<'PY'
 import json, sys
-for i in (1, 2):
+for i in (1, 2, 3):
     try:
         m = json.load(open(f"{sys.argv[1]}/hd{i}.json"))
     except FileNotFoundError:

@@ -81,7 +81,17 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         events: asyncio.Queue = asyncio.Queue()
         # Backpressure: audio for block k goes to the generator only once fragment k - AHEAD has
         # been sent, so a fast generator or a slow client never piles blocks up in the mesh.
-        credits = asyncio.Semaphore(BLOCKS_AHEAD)
+        # The first block runs alone: on a shared GPU its VAE decode would otherwise compete with
+        # the next blocks' DiT work and hold the first fragment back; the rest of the window opens
+        # when it has been sent (or when one audio chunk spans several blocks).
+        credits = asyncio.Semaphore(1)
+        window = {"open": False}
+
+        def open_window():
+            if not window["open"]:
+                window["open"] = True
+                for _ in range(BLOCKS_AHEAD - 1):
+                    credits.release()
 
         async def pump_audio():
             # Read here, not inside the request iterator, so an encoder error keeps its status code.
@@ -90,7 +100,10 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             started = time.perf_counter()
             async for features in audio_call:
                 blocked = time.perf_counter()
+                fed_before = blocks_fed
                 while blocks_fed * FRAMES_PER_BLOCK < features.first_frame + features.features.shape[0]:
+                    if blocks_fed > fed_before:
+                        open_window()   # one chunk spans several blocks: waiting would deadlock
                     await credits.acquire()
                     blocks_fed += 1
                 waited += time.perf_counter() - blocked
@@ -180,6 +193,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 credits.release()
                 if first_fragment_s is None:
                     first_fragment_s = sent - t0
+                    open_window()
                 blocks += 1
                 frames += frag.num_frames
                 yield avatar_pb2.GenerateResponse(progress=avatar_pb2.Progress(
