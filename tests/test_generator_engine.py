@@ -228,3 +228,26 @@ def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
         assert session.kv.keys.dtype == torch.float8_e4m3fn and session.kv.spec.num_sets == 1
     finally:
         session.close()
+
+
+def test_a_failure_inside_the_model_frees_the_kv_cache_while_the_error_is_still_held(engine, monkeypatch):
+    import gc
+    import weakref
+    text, ref, motion, audio = _inputs(blocks=1)
+    session = engine.open_session(_job(), text, ref, motion)
+    storage = weakref.ref(session.kv.keys)
+
+    def failing_forward(latents, timestep, context, tokens, kv, pos, *rest):
+        layer_keys = kv.keys[0, 0]          # a view of the cache in the failing frame, as the real layers hold
+        raise RuntimeError(f"kernel failed on {tuple(layer_keys.shape)}")
+
+    monkeypatch.setattr(engine.dit, "denoise", failing_forward)
+    gc.disable()                            # no collection may rescue it: the error is held below
+    try:
+        with pytest.raises(RuntimeError, match="kernel failed") as failure:
+            session.generate_block(audio[0])
+        assert session._closed
+        assert storage() is None, "the traceback kept the KV cache alive"
+        assert failure.value is not None
+    finally:
+        gc.enable()

@@ -30,10 +30,6 @@ class DecoderEngine:
         self.model = model
         self.vae = WanVAE.from_spec(model)
         self.z_dim = self.vae.dims.z_dim
-        if model.compile and self.vae.device.type == "cuda":
-            # -29% per block at 704*384 on an H100 (217 -> 153 ms; docs/performance.md); the first
-            # stream pays the compilation (about a minute)
-            self.vae.model.decoder.compile()
 
     def open_stream(self, job, prime_latent: torch.Tensor) -> "DecoderStream":
         """A stream for one video; prime_latent [16, 1, h, w] is the reference image's latent."""
