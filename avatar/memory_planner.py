@@ -21,6 +21,7 @@ VAE_DECODE_BYTES_PER_PIXEL = 11_700
 WORKSPACE_BYTES = 0.7 * GB
 CONTEXT_BYTES = 0.6 * GB            # CUDA context, cuBLAS/cuDNN workspaces
 FRAGMENTATION = 0.02                # allocator slack on top of every estimate
+ENCODER_TRANSIENT_BYTES = 7.4 * GB  # encoders on the GPU: measured, see encoder_bytes
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,11 @@ def video_bytes(req: MemoryRequest) -> int:
 
 
 def encoder_bytes() -> int:
-    return (T5_PARAMS + WAV2VEC2_PARAMS) * 2
+    """umT5 + wav2vec2 weights (bf16) and what encoding a request leaves in the caching allocator
+    (the image's VAE encode, T5 and wav2vec2 activations): on an H100 the process had 36.7-37.4 GiB
+    in use before its first KV cache where weights and context account for 30.5 (mesh runs of
+    2026-11-25, docs/performance.md)."""
+    return (T5_PARAMS + WAV2VEC2_PARAMS) * 2 + ENCODER_TRANSIENT_BYTES
 
 
 def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int,
@@ -191,13 +196,15 @@ def candidates(req: MemoryRequest, opts: PlannerOptions):
     kv_sets = [req.sample_steps] + ([1] if opts.allow_single_kv_set and req.sample_steps > 1 else [])
     kv_dtypes = ["bfloat16"] + (["float8_e4m3fn"] if opts.allow_fp8_kv else [])
     offload = [False] + ([True] if opts.allow_kv_offload else [])
-    # Cheapest sacrifice first: encoders to CPU (T5 runs once per job), then FP8 weights,
-    # then fewer cache sets, FP8 cache, and offload last (PCIe-bound).
+    # Cheapest sacrifice first: FP8 weights (faster; 3% latent error after 4 steps on random
+    # weights), an FP8 cache (same speed, +0.01 points), then the encoders to the CPU (seconds
+    # more before the first fragment), then one cache set (a fifth forward per block, -20%), and
+    # offload last (PCIe-bound). All measured on an H100: docs/performance.md.
     for off in offload:
-        for kd in kv_dtypes:
-            for ks in kv_sets:
-                for w in weights:
-                    for enc in encoders:
+        for ks in kv_sets:
+            for enc in encoders:
+                for kd in kv_dtypes:
+                    for w in weights:
                         yield dict(fp8=w, encoder_device=enc, kv_sets=ks, kv_dtype=kd, kv_offload=off,
                                    vae_on_gpu=opts.vae_on_gpu)
 
