@@ -230,3 +230,30 @@ def test_random_t5_filled_on_its_device_is_finite_and_tied():
     assert out.shape[1] == TINY_T5.dim and torch.isfinite(out).all()
     again = TextEncoder(filled_on_device(TINY_T5, 3, "cpu", torch.float32), enc.tokenizer, TINY_T5, 16)
     assert torch.equal(again.encode("a talking astronaut"), out)     # seeded
+
+
+def test_repeated_portraits_and_prompts_come_from_the_cache(engine, monkeypatch):
+    rng = np.random.default_rng(7)
+    img, other = (rng.integers(0, 256, (16, 32, 3), dtype=np.uint8) for _ in range(2))
+    calls = []
+    real = engine.vae.encode_still
+    monkeypatch.setattr(engine.vae, "encode_still", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = engine.encode_image(img)
+    n = len(calls)
+    again = engine.encode_image(img.copy())           # same pixels, another array: no VAE work
+    assert len(calls) == n and all(torch.equal(a, b) for a, b in zip(first, again))
+    different = engine.encode_image(other)             # one pixel set apart is another image
+    assert len(calls) == 2 * n and not torch.equal(different[0], first[0])
+    flipped = img.copy()
+    flipped[0, 0, 0] ^= 1
+    engine.encode_image(flipped)
+    assert len(calls) == 3 * n
+    # the same bytes as a 32x16 image are another input
+    assert engine.encode_image(img.reshape(32, 16, 3))[0].shape == (16, 1, 4, 2) and len(calls) == 4 * n
+    text_calls = []
+    real_text = engine.text.encode
+    monkeypatch.setattr(engine.text, "encode", lambda p: text_calls.append(p) or real_text(p))
+    a, b = engine.encode_text("a calm host"), engine.encode_text("a calm host")
+    assert text_calls == ["a calm host"] and torch.equal(a, b)
+    engine.encode_text("an angry host")
+    assert text_calls == ["a calm host", "an angry host"]
