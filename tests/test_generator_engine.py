@@ -251,3 +251,23 @@ def test_a_failure_inside_the_model_frees_the_kv_cache_while_the_error_is_still_
         assert failure.value is not None
     finally:
         gc.enable()
+
+
+def test_cli_graph_and_offload_flags_reach_the_engine(monkeypatch):
+    import argparse
+    from avatar import cli
+    parser = argparse.ArgumentParser()
+    cli._add_model_flags(parser)
+    assert "cuda_graphs" not in cli.model_spec(parser.parse_args([])).extra   # default: on for CUDA devices
+    spec = cli.model_spec(parser.parse_args(["--no-cuda-graphs", "--offload-text-kv"]))
+    assert spec.extra == {"cuda_graphs": False, "offload_text_projections": True}
+    from services.generator.engine import cuda_graphs_wanted
+    assert not cuda_graphs_wanted(spec, torch.device("cuda"))
+    assert cuda_graphs_wanted(ModelSpec(name="tiny"), torch.device("cuda"))
+    assert not cuda_graphs_wanted(ModelSpec(name="tiny", extra={"cuda_graphs": True}), torch.device("cpu"))
+    moved = []
+    monkeypatch.setattr("services.generator.causal_s2v_dit.CausalS2VDiT.offload_text_projections",
+                        lambda self: moved.append(self) or 0)
+    from services.generator.engine import build_generator_model
+    dit = build_generator_model(spec.with_(name="tiny"))
+    assert moved == [dit]
