@@ -199,7 +199,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU check of the code paths)")
-    ap.add_argument("--sizes", default="704*384,384*256")
+    ap.add_argument("--sizes", default=None, help="W*H list (default 704*384,384*256; --tiny: 128*64,64*64)")
     ap.add_argument("--blocks", type=int, default=15, help="blocks per session (graphs are captured in blocks 3-6)")
     ap.add_argument("--warm", type=int, default=8, help="blocks before the steady-state figures")
     ap.add_argument("--mem-gib", type=float, default=24.0)
@@ -212,9 +212,8 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    sizes = [tuple(int(v) for v in s.split("*")) for s in args.sizes.split(",")]
-    if args.tiny:
-        sizes = [(128, 64), (64, 64)]
+    sizes = args.sizes or ("128*64,64*64" if args.tiny else "704*384,384*256")
+    sizes = [tuple(int(v) for v in s.split("*")) for s in sizes.split(",")]
     out_path = args.out or (os.path.join(os.environ["OUT"], "pipeline.json") if os.environ.get("OUT") else None)
     results: dict = {"command": " ".join(sys.argv), "commit": os.environ.get("BENCH_COMMIT", ""),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": [], "errors": {}}

@@ -45,3 +45,21 @@ def test_flow_sigmas_match_the_shifted_schedule():
     assert s[0] == 1.0 and s[-1] == 0.0 and len(s) == 5
     assert s[2] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
     assert all(a > b for a, b in zip(s, s[1:]))
+
+
+def test_pipeline_bench_runs_its_cpu_paths_and_writes_json(tmp_path, monkeypatch):
+    import bench_pipeline
+    out = tmp_path / "pipeline.json"
+    monkeypatch.setattr(sys, "argv", ["bench_pipeline.py", "--tiny", "--device", "cpu", "--sizes", "64*64",
+                                      "--only", "graphs,pipeline,24gb", "--out", str(out)])
+    assert bench_pipeline.main() == 0
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    labels = [r["label"] for r in res["runs"]]
+    assert labels[1:] == ["cpu", "cpu+graphs", "cpu+graphs, pipeline", "24gb, pipeline, infer_frames 24",
+                          "24gb+graphs, pipeline, infer_frames 24", "24gb, pipeline, infer_frames 36"]
+    assert res["graphs_vs_eager_max_abs_diff"]["64*64"] == {"max_abs": 0.0, "rel": 0.0}
+    for r in res["runs"][1:]:
+        assert 0 < r["first_fragment_s"] and r["fps"] > 0 and r["dit_block_ms"] > 0
+        assert ("vae_ms" in r) == r["decoder"] and (r["fragment_kb"] > 0 if r["decoder"] else True)
+    assert res["offload_text_projections"]["text_kv_identical"] is True
