@@ -5,9 +5,11 @@ import os
 import threading
 from typing import Iterator, Sequence
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SimpleSpanProcessor, SpanExporter,
                                             SpanExportResult)
 
@@ -88,17 +90,37 @@ def tracer() -> trace.Tracer:
 
 
 @contextlib.contextmanager
-def server_span(method: str, metadata) -> Iterator[trace.Span]:
+def _current_span(name: str, parent=None, **kwargs) -> Iterator[trace.Span]:
+    """start_as_current_span that may live in an async generator: when a stream's generator is
+    closed from another task (a cancelled or failed RPC), the context it attached belongs to a
+    context that is already gone, and detaching it there would only log a spurious error."""
+    span = tracer().start_span(name, context=parent, **kwargs)
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    closed_elsewhere = False
+    try:
+        yield span
+    except GeneratorExit:
+        closed_elsewhere = True
+        raise
+    except BaseException as exc:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
+        if not closed_elsewhere:
+            otel_context.detach(token)
+
+
+def server_span(method: str, metadata):
     """The span of one incoming RPC, child of the caller's span found in the metadata."""
     carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
-    parent = propagate.extract(carrier)
-    with tracer().start_as_current_span(method, context=parent, kind=trace.SpanKind.SERVER) as span:
-        yield span
+    return _current_span(method, propagate.extract(carrier), kind=trace.SpanKind.SERVER)
 
 
 def span(name: str, **attributes):
     """A stage span under the current one, e.g. span("encode_image", width=64)."""
-    return tracer().start_as_current_span(name, attributes=attributes)
+    return _current_span(name, attributes=attributes)
 
 
 def record_span(name: str, start_ns: int, end_ns: int, **attributes) -> None:

@@ -84,3 +84,31 @@ def test_otlp_exporter_when_endpoint_is_set(monkeypatch, tmp_path):
     assert [x["name"] for x in lines] == ["dit_block", "encode_image"]
     assert lines[0]["parent_id"] == lines[1]["span_id"] and lines[0]["attributes"] == {"steps": 4}
     assert lines[0]["trace_id"] == lines[1]["trace_id"] and lines[0]["service"] == "avatar-test"
+
+
+def test_a_stream_closed_from_another_task_ends_its_spans_without_logging_errors(caplog):
+    import asyncio
+
+    from avatar import telemetry
+
+    async def stream():
+        with telemetry.server_span("/avatar.v1.Test/Stream", ()):
+            with telemetry.span("stage"):
+                for i in range(10):
+                    yield i
+
+    async def main():
+        gen = stream()
+        await anext(gen)                     # spans attached in this task's context
+        await asyncio.create_task(gen.aclose())   # closed from another task, as grpc.aio does
+        # the same generator run to an error in one task still records it
+        failing = stream()
+        await anext(failing)
+        try:
+            await failing.athrow(RuntimeError("boom"))
+        except RuntimeError:
+            pass
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if "detach" in r.getMessage()], caplog.text
