@@ -27,6 +27,32 @@ def mime_type(init_segment: bytes) -> str:
     return f'video/mp4; codecs="{avc},mp4a.40.2"'
 
 
+class _RequestStream:
+    """The requests of one internal call: a first message, then what arrives on `queue` until
+    _DONE. An async iterator rather than an async generator: grpc.aio abandons the iterator
+    when a call is cancelled, and an abandoned async generator suspended in `queue.get()` is
+    closed by the event loop's finaliser with "aclose(): asynchronous generator is already
+    running" errors in the log."""
+
+    def __init__(self, first, queue: asyncio.Queue, after_first: asyncio.Event | None = None):
+        self._first, self._queue, self._after_first = first, queue, after_first
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._after_first is not None:
+            await self._after_first.wait()
+            self._after_first = None
+        item = await self._queue.get()
+        if item is _DONE:
+            raise StopAsyncIteration
+        return item
+
+
 @dataclass
 class Timings:
     """Milliseconds per stage, summed over blocks, in the order stages first ran."""
@@ -113,17 +139,15 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
         session_ready = asyncio.Event()
 
-        async def generator_requests():
-            yield generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
-                job=job, text=text.embeddings, ref_latent=image.ref_latent, motion_latents=image.motion_latents))
-            await session_ready.wait()   # a refused session must not race our audio writes
-            while (item := await generator_in.get()) is not _DONE:
-                yield item
+        def generator_requests():
+            # a refused session must not race our audio writes: audio waits for SessionReady
+            return _RequestStream(generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
+                job=job, text=text.embeddings, ref_latent=image.ref_latent, motion_latents=image.motion_latents)),
+                generator_in, after_first=session_ready)
 
-        async def decoder_requests():
-            yield decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(job=job, prime_latent=image.ref_latent))
-            while (item := await decoder_in.get()) is not _DONE:
-                yield item
+        def decoder_requests():
+            return _RequestStream(decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(
+                job=job, prime_latent=image.ref_latent)), decoder_in)
 
         async def pump_blocks():
             async for out in generator_call:
