@@ -106,9 +106,11 @@ class EncoderEngine:
     def _encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         image = _image_tensor(pixels, 16)   # VAE stride 8 x DiT patch 2
         lat_motion = (self.dims.motion_frames + TIME_STRIDE - 1) // TIME_STRIDE
-        ref = self.vae.encode_still(image, REF_REPEAT)[0, :, 1:]
-        motion = self.vae.encode_still(image, REF_REPEAT * self.dims.motion_frames)[0, :, -lat_motion:]
-        return ref.cpu(), motion.cpu()
+        # One pass serves both: the VAE is causal, so the still video's latent 1 (frames 1-4) is
+        # the reference latent of upstream's 5-frame video, and its last latents are the motion
+        # context of the 365-frame one.
+        still = self.vae.encode_still(image, REF_REPEAT * self.dims.motion_frames)[0]
+        return still[:, 1:2].cpu(), still[:, -lat_motion:].cpu()
 
     def encode_image_clip(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 [H, W, 3] -> CLIP-ViT tokens [1 + patches, hidden] (penultimate layer, as Wan's i2v uses)."""
