@@ -109,14 +109,15 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # been sent, so a fast generator or a slow client never piles blocks up in the mesh.
         # The first block runs alone: on a shared GPU its VAE decode would otherwise compete with
         # the next blocks' DiT work and hold the first fragment back; the rest of the window opens
-        # when it has been sent (or when one audio chunk spans several blocks).
+        # when it has been sent, when one audio chunk spans several blocks, or at once for a
+        # pipelined generator (TPP), which needs `pipeline_depth` blocks before its first result.
         credits = asyncio.Semaphore(1)
         window = {"open": False}
 
-        def open_window():
+        def open_window(size: int = BLOCKS_AHEAD):
             if not window["open"]:
                 window["open"] = True
-                for _ in range(BLOCKS_AHEAD - 1):
+                for _ in range(size - 1):
                     credits.release()
 
         async def pump_audio():
@@ -152,6 +153,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         async def pump_blocks():
             async for out in generator_call:
                 if out.WhichOneof("event") == "ready":
+                    if out.ready.pipeline_depth > 1:
+                        open_window(max(BLOCKS_AHEAD, out.ready.pipeline_depth))
                     session_ready.set()
                     continue
                 block = out.block

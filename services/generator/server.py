@@ -44,7 +44,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # Ready before the caller sends audio: a refusal above reaches it as a clean status
             # (a status that races the caller's writes comes out as INTERNAL in grpc.aio).
             yield generator_pb2.GeneratorOutput(ready=generator_pb2.SessionReady(
-                kv_cache_bytes=int(getattr(session, "kv_cache_bytes", 0))))
+                kv_cache_bytes=int(getattr(session, "kv_cache_bytes", 0)), pipeline_depth=blocks.depth))
             pending: list[torch.Tensor] = []  # audio frames received but not yet used by a block
             have = 0
             index = 0
