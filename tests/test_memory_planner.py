@@ -140,6 +140,18 @@ def test_estimates_track_measured_peaks(req, fp8, sets, kv_dtype, measured_gib):
     assert measured_gib <= dit_only <= measured_gib * 1.03
 
 
+@pytest.mark.parametrize("req, measured_gib", [
+    # run F (bench/results/2026-11-25-h100-pipeline-1.json): FP8, 4 bf16 sets, DiT only, with the
+    # prompt's keys/values now held per session
+    (HD, 59.73),
+    (MemoryRequest(384, 256), 32.30),
+])
+def test_estimates_track_measured_peaks_with_the_text_context(req, measured_gib):
+    p = estimate(req, fp8=True, encoder_device="cpu", kv_sets=4, vae_on_gpu=False)
+    dit_only = (p.parts["dit"] + p.parts["kv_cache"] + p.parts["text"] + p.parts["activations"]) / GiB
+    assert measured_gib <= dit_only <= measured_gib * 1.03
+
+
 def test_oom_error_names_the_ladder_and_the_cuda_message():
     err = oom_error(HD, CARD_24, cause=RuntimeError("CUDA out of memory. Tried to allocate 4.83 GiB\nmore"))
     assert isinstance(err, ResourceExhausted)
@@ -155,8 +167,8 @@ def test_session_check_passes_when_the_cache_fits_and_refuses_with_the_ladder_ot
     with pytest.raises(ResourceExhausted) as e:
         check_session_memory(HD, 4, available=20 * GiB)                # a second HD session on an 80 GB card
     msg = str(e.value)
-    assert "needs 47.3 GB (KV cache 46.3, activations 1.0), 21.5 GB free" in msg
-    assert "one KV cache set (--cache-sets 1): needs 14.0 GB (fits)" in msg
+    assert "needs 47.7 GB (KV cache 46.3, prompt 0.4, activations 1.0), 21.5 GB free" in msg
+    assert "one KV cache set (--cache-sets 1): needs 14.4 GB (fits)" in msg
     assert "a smaller size, 384*256: needs" in msg and "fewer sessions" in msg
     # an FP8 cache halves it
     assert session_bytes(HD, 1, 1)["kv_cache"] * 2 == session_bytes(HD, 1, 2)["kv_cache"]
