@@ -170,7 +170,7 @@ class GeneratorSession:
                                  kv_dtype_bytes=engine.kv_dtype.itemsize)
         self.block_index = 0
         self.last_block_ms = 0.0
-        with self._freed_on_oom():
+        with self._freed_on_failure():
             self.kv = KVCache(spec, engine.kv_dtype, self.device)
             self.context = dit.embed_text(text.to(self.device)[None])
             self.motion = motion_latents.to(self.device, self.dtype)[None]
@@ -183,7 +183,7 @@ class GeneratorSession:
         return self.kv.nbytes
 
     @contextlib.contextmanager
-    def _freed_on_oom(self):
+    def _freed_on_failure(self):
         """A failure inside the model frees this session's memory at once (the service stays up);
         out of memory raises the planner's ResourceExhausted with the ladder and CUDA's message.
 
@@ -209,7 +209,7 @@ class GeneratorSession:
         """audio [frames_per_block, audio_layers, audio_dim] -> latent [16, block_frames, h, w]."""
         if self._closed:
             raise InvalidInput("the generator session is closed")
-        with self._freed_on_oom():
+        with self._freed_on_failure():
             return self._generate_block(audio)
 
     def _generate_block(self, audio: torch.Tensor) -> torch.Tensor:
