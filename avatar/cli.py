@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="host mesh services (default: all four in one process)")
     p.add_argument("--role", choices=ROLES, default="all")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="generator: run the hd and preview presets once before reporting SERVING (default: "
+                        "with --compile, so no request waits for compilation)")
     p.add_argument("--encoder", metavar="ADDR", help="EncoderService address (--role gateway)")
     p.add_argument("--generator", metavar="ADDR", help="GeneratorService address (--role gateway)")
     p.add_argument("--decoder", metavar="ADDR", help="DecoderService address (--role gateway)")
@@ -193,7 +196,8 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
                       decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file,
                       security=security, admission=admission, metrics_port=args.metrics_port,
-                      grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s)
+                      grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s,
+                      warmup=args.warmup)
     try:
         asyncio.run(serve_forever(cfg))
     except (ValueError, OSError) as exc:

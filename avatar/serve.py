@@ -34,6 +34,7 @@ class ServeConfig:
     metrics_port: int | None = None           # Prometheus /metrics on this port; None: off, 0: any free
     grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
     max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
+    warmup: bool | None = None                # generator: run the presets once before SERVING; None: with --compile
 
 
 @dataclass
@@ -55,6 +56,18 @@ class RunningServer:
         await self.server.stop(grace)
         for close in self.closers:
             await close()
+
+
+def warmup_sizes(model: ModelSpec) -> list[tuple[int, int, int, int]]:
+    """(width, height, infer_frames, sample_steps) of the hd and preview presets, largest first,
+    at the model's own sizes (avatar.presets.preset_area); clips are whole blocks of 12 frames."""
+    from avatar.presets import FRAMES_PER_BLOCK, JOB_PRESETS, preset_area
+    out = []
+    for name in ("hd", "preview"):
+        p = JOB_PRESETS[name]
+        blocks = -(-p.infer_frames // FRAMES_PER_BLOCK)
+        out.append((*preset_area(p, model), blocks * FRAMES_PER_BLOCK, p.sample_steps))
+    return out
 
 
 def _host(listen: str) -> str:
@@ -104,6 +117,9 @@ async def start(cfg: ServeConfig) -> RunningServer:
             closers.append(engine.aclose)
         else:
             engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
+            if cfg.warmup if cfg.warmup is not None else cfg.model.compile:
+                for line in await loop.run_in_executor(None, engine.warm_up, warmup_sizes(cfg.model)):
+                    log.info("generator warm-up: %s", line)
         admission = Admission(cfg.admission, "generator") if cfg.admission else None
         generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine, admission), server)
         names.append(SERVICE_NAME)

@@ -77,3 +77,17 @@ def test_generate_through_a_running_mesh_continues_the_client_trace(tmp_path, en
     gateway_root = [s for s in mesh["gateway"].spans()
                     if s["trace_id"] == meta["trace_id"] and s["name"] == "avatar.v1.AvatarService/Generate"]
     assert [s["parent_id"] for s in gateway_root] == [root["span_id"]]
+
+
+def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
+    from conftest import Services
+    services = Services(tmp_path, env)
+    try:
+        svc = services.start("generator", "--warmup")     # waits for SERVING
+        log = svc.log.read_text()
+        warmed = [line for line in log.splitlines() if "generator warm-up" in line]
+        assert len(warmed) == 2 and "176*96: 5 blocks" in warmed[0] and "96*64: 4 blocks" in warmed[1], log
+        # the warm-up came before the service was announced
+        assert log.index("generator warm-up") < log.index("listening on")
+    finally:
+        services.stop_all()

@@ -271,3 +271,20 @@ def test_cli_graph_and_offload_flags_reach_the_engine(monkeypatch):
     from services.generator.engine import build_generator_model
     dit = build_generator_model(spec.with_(name="tiny"))
     assert moved == [dit]
+
+
+def test_warm_up_runs_every_ring_fill_level_of_each_size_and_skips_what_cannot_run(engine):
+    from avatar.serve import warmup_sizes
+    sizes = warmup_sizes(ModelSpec(name="tiny"))
+    assert sizes == [(176, 96, 48, 4), (96, 64, 36, 3)]     # hd and preview at the tiny model's sizes
+    opened = []
+    real = engine.open_session
+    engine.open_session = lambda *a: opened.append(real(*a)) or opened[-1]
+    try:
+        lines = engine.warm_up(sizes + [(100, 64, 48, 4)])
+    finally:
+        del engine.open_session
+    assert [line.split(":")[0] for line in lines] == ["176*96", "96*64", "100*64"]
+    assert "skipped" in lines[2] and "multiples of 8" in lines[2]
+    # one clip and one block more: the ring fills, then wraps; every session is closed again
+    assert [s.block_index for s in opened] == [5, 4] and all(s._closed for s in opened)

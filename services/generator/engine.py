@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from avatar.errors import InvalidInput
+from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
 from avatar.presets import VAE_TIME_STRIDE, ModelSpec
 from services.generator.attention import prefer_cudnn_attention
@@ -129,6 +129,36 @@ class GeneratorEngine:
     def open_session(self, job, text: torch.Tensor, ref_latent: torch.Tensor,
                      motion_latents: torch.Tensor) -> "GeneratorSession":
         return GeneratorSession(self, job, text, ref_latent, motion_latents, cache_sets=self.cache_sets)
+
+    def warm_up(self, sizes: list[tuple[int, int, int, int]]) -> list[str]:
+        """Runs a short session of zeros per (width, height, infer_frames, sample_steps): one clip
+        and one block more, so every shape a session meets (the ring filling up, then full) has
+        run once. With --compile that is where compilation happens (a minute at 704*384, seconds
+        for the next size), before the server reports SERVING: no request waits for it, and no
+        other thread's model call runs while torch.compile traces (docs/operations.md).
+        Returns one line per size; a size that cannot run here (memory) is skipped with its reason."""
+        from types import SimpleNamespace
+        c, lines = self.dit.config, []
+        for width, height, infer_frames, steps in sizes:
+            blocks = infer_frames // (3 * VAE_TIME_STRIDE) + 1
+            job = SimpleNamespace(width=width, height=height, fps=25, infer_frames=infer_frames,
+                                  latent_frames_per_block=3, num_blocks=blocks, total_frames=blocks * 12,
+                                  sample_steps=steps, seed=0, model=self.spec.name)
+            h, w = height // 8, width // 8
+            start = time.perf_counter()
+            try:
+                session = self.open_session(job, torch.zeros(1, c.text_dim), torch.zeros(c.in_dim, 1, h, w),
+                                            torch.zeros(c.in_dim, self.dit.motion_latent_frames, h, w))
+                try:
+                    for _ in range(blocks):
+                        session.generate_block(torch.zeros(3 * VAE_TIME_STRIDE, c.audio_layers, c.audio_dim))
+                finally:
+                    session.close()
+            except (InvalidInput, ResourceExhausted) as e:
+                lines.append(f"{width}*{height}: skipped ({str(e).splitlines()[0]})")
+                continue
+            lines.append(f"{width}*{height}: {blocks} blocks in {time.perf_counter() - start:.1f} s")
+        return lines
 
 
 @dataclass(frozen=True)
