@@ -122,6 +122,19 @@ def test_cancel_mid_stream_frees_sessions_within_one_block(embedded, tmp_path):
         assert noise not in log, f"{noise!r} in the server log after a cancel"
 
 
+def test_the_first_block_runs_alone_then_the_generator_runs_ahead(embedded):
+    msgs = _complete(embedded.address, _request(3.0))
+    trace_id = msgs[-1].status.trace_id
+    spans = [s for s in embedded.spans() if s["trace_id"] == trace_id]
+    dit = {s["attributes"]["block"]: s for s in spans if s["name"] == "dit_block"}
+    sent = {s["attributes"]["block"]: s for s in spans if s["name"] == "send"}
+    assert len(dit) == len(sent) == 7
+    # block 1's DiT waits until fragment 0 has left the gateway (its decode had the GPU alone) ...
+    assert dit[1]["start_unix_nano"] >= sent[0]["end_unix_nano"]
+    # ... then the window opens: some later block starts before the fragment two before it is sent
+    assert any(dit[k]["start_unix_nano"] < sent[k - 1]["end_unix_nano"] for k in range(2, 7))
+
+
 def test_deadline_reaches_every_stage(embedded):
     t0 = time.monotonic()
     with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
