@@ -137,7 +137,7 @@ def kv_cache_bytes(req: MemoryRequest, cache_sets: int, dtype_bytes: int) -> int
     return kv_set_bytes(req, dtype_bytes) * cache_sets + sink_bytes(req, dtype_bytes) * sink_copies + ref_keys
 
 
-def text_context_bytes(req: MemoryRequest) -> int:
+def text_context_bytes() -> int:
     """The prompt's keys and values in every layer (bf16, 512 tokens), held by a session: run F
     measured +0.40 GiB at 704*384 and +0.43 at 384*256 over run D, which computed them per step."""
     return LAYERS * 2 * TEXT_LEN * DIM * 2
@@ -182,7 +182,7 @@ def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int
         "dit": dit_bytes(fp8),
         # offloaded: two layers' worth stay on the GPU (the one in use and the next one in flight)
         "kv_cache": kv * 2 // LAYERS if kv_offload else kv,
-        "text": text_context_bytes(req),
+        "text": text_context_bytes(),
         "activations": activation_bytes(req),
         # the decoder runs beside the generator (next block's DiT while this block decodes)
         "vae": vae_bytes(req) if vae_on_gpu else 0,
@@ -234,7 +234,7 @@ def session_bytes(req: MemoryRequest, cache_sets: int, kv_dtype_bytes: int = 2) 
     """What opening one session adds on a GPU that already holds the model: its KV cache (ring sets
     + sink) and one block's transient memory."""
     return {"kv_cache": kv_cache_bytes(req, cache_sets, kv_dtype_bytes),
-            "text": text_context_bytes(req),
+            "text": text_context_bytes(),
             "activations": activation_bytes(req)}
 
 

@@ -10,6 +10,11 @@ OUTPUT_AUDIO_RATE = 48000     # Hz of the AAC track muxed into the video
 ENCODER_AUDIO_RATE = 16000    # Hz wav2vec2 expects
 
 
+def whole_blocks(frames: int) -> int:
+    """`frames` rounded up to whole blocks, e.g. the preview preset's 32 frames per clip -> 36."""
+    return -(-frames // FRAMES_PER_BLOCK) * FRAMES_PER_BLOCK
+
+
 @dataclass(frozen=True)
 class JobPreset:
     """Generation defaults a user picks by name. Sizes are pixel areas "W*H" as upstream."""

@@ -61,13 +61,9 @@ class RunningServer:
 def warmup_sizes(model: ModelSpec) -> list[tuple[int, int, int, int]]:
     """(width, height, infer_frames, sample_steps) of the hd and preview presets, largest first,
     at the model's own sizes (avatar.presets.preset_area); clips are whole blocks of 12 frames."""
-    from avatar.presets import FRAMES_PER_BLOCK, JOB_PRESETS, preset_area
-    out = []
-    for name in ("hd", "preview"):
-        p = JOB_PRESETS[name]
-        blocks = -(-p.infer_frames // FRAMES_PER_BLOCK)
-        out.append((*preset_area(p, model), blocks * FRAMES_PER_BLOCK, p.sample_steps))
-    return out
+    from avatar.presets import JOB_PRESETS, preset_area, whole_blocks
+    return [(*preset_area(JOB_PRESETS[name], model), whole_blocks(JOB_PRESETS[name].infer_frames),
+             JOB_PRESETS[name].sample_steps) for name in ("hd", "preview")]
 
 
 def _host(listen: str) -> str:

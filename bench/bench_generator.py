@@ -81,6 +81,22 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
+def run_guarded(results: dict, name: str, fn, device, save):
+    """fn()'s result; a failure (OOM, missing kernel) goes to results["errors"] and the log instead
+    of ending the run, so one variant failing does not lose the others. Saves the results after."""
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    except Exception as e:
+        results["errors"][name] = f"{type(e).__name__}: {str(e)[:600]}"
+        log(f"  !! {name}: {type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc(limit=6)
+        free_memory(device)
+    finally:
+        log(f"  ({name}: {time.perf_counter() - t0:.0f} s)")
+        save()
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -645,17 +661,7 @@ def main():
             os.replace(tmp, out_path)
 
     def guarded(name, fn):
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        except Exception as e:  # one variant failing (OOM, missing kernel) must not lose the others
-            results["errors"][name] = f"{type(e).__name__}: {str(e)[:600]}"
-            log(f"  !! {name}: {type(e).__name__}: {str(e)[:300]}")
-            traceback.print_exc(limit=4)
-            free_memory(device)
-        finally:
-            log(f"  ({name}: {time.perf_counter() - t0:.0f} s)")
-            save()
+        return run_guarded(results, name, fn, device, save)
 
     # ---- environment
     env = {"torch": torch.__version__, "python": sys.version.split()[0]}

@@ -8,7 +8,7 @@ from avatar import media
 from avatar.errors import InvalidInput
 from avatar.presets import (DEFAULT_JOB_PRESET, DEFAULT_SEED, ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK,
                             JOB_PRESETS, LATENT_FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE,
-                            ModelSpec, preset_area)
+                            ModelSpec, preset_area, whole_blocks)
 from avatar.v1 import avatar_pb2, tensor_pb2
 
 MAX_SAMPLE_STEPS = 50
@@ -37,7 +37,7 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise InvalidInput(f"prompt is too long: {len(request.prompt)} characters, the limit is {MAX_PROMPT_CHARS}")
     # A clip is whole causal blocks: 32 (preview) or upstream's 80 round up to 36 and 84 frames.
-    infer_frames = math.ceil((request.infer_frames or preset.infer_frames) / FRAMES_PER_BLOCK) * FRAMES_PER_BLOCK
+    infer_frames = whole_blocks(request.infer_frames or preset.infer_frames)
     sample_steps = request.sample_steps or preset.sample_steps
     if not 1 <= sample_steps <= MAX_SAMPLE_STEPS:
         raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {sample_steps}")

@@ -112,11 +112,12 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # when it has been sent, when one audio chunk spans several blocks, or at once for a
         # pipelined generator (TPP), which needs `pipeline_depth` blocks before its first result.
         credits = asyncio.Semaphore(1)
-        window = {"open": False}
+        window_open = False
 
         def open_window(size: int = BLOCKS_AHEAD):
-            if not window["open"]:
-                window["open"] = True
+            nonlocal window_open
+            if not window_open:
+                window_open = True
                 for _ in range(size - 1):
                     credits.release()
 

@@ -138,14 +138,20 @@ class _Slow(avatar_pb2_grpc.AvatarServiceServicer):
                 yield avatar_pb2.GenerateResponse(progress=avatar_pb2.Progress(blocks_done=i + 1, blocks_total=3))
 
 
+async def _serve(servicer) -> tuple[grpc.aio.Server, int]:
+    """`servicer` as an AvatarService on a free loopback port, errors mapped as the services map them."""
+    from avatar.grpc_util import ErrorInterceptor
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    avatar_pb2_grpc.add_AvatarServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 def test_grpc_clients_get_resource_exhausted_with_retry_metadata():
     async def go():
-        from avatar.grpc_util import ErrorInterceptor
         adm = Admission(AdmissionConfig(max_sessions=2, max_queue=2), name="t-grpc")
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(_Slow(adm), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await _serve(_Slow(adm))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = avatar_pb2_grpc.AvatarServiceStub(ch)
@@ -185,16 +191,9 @@ class _Front(avatar_pb2_grpc.AvatarServiceServicer):
 
 def test_retry_hint_crosses_a_hop():
     async def go():
-        from avatar.grpc_util import ErrorInterceptor
         adm = Admission(AdmissionConfig(max_sessions=1, max_queue=0), name="t-hop")
-        back = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(_Slow(adm), back)
-        back_port = back.add_insecure_port("127.0.0.1:0")
-        front = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(_Front(f"127.0.0.1:{back_port}"), front)
-        front_port = front.add_insecure_port("127.0.0.1:0")
-        await back.start()
-        await front.start()
+        back, back_port = await _serve(_Slow(adm))
+        front, front_port = await _serve(_Front(f"127.0.0.1:{back_port}"))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{front_port}") as ch:
                 stub = avatar_pb2_grpc.AvatarServiceStub(ch)

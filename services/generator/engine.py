@@ -20,7 +20,7 @@ import torch
 
 from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
-from avatar.presets import VAE_TIME_STRIDE, ModelSpec
+from avatar.presets import FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from services.generator.attention import prefer_cudnn_attention
 from services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
 from services.generator.fp8 import fp8_supported, swap_linears_to_fp8
@@ -92,7 +92,7 @@ def cuda_graphs_wanted(model: ModelSpec, device: torch.device) -> bool:
     """`model.extra["cuda_graphs"]`: replay each steady-state step from a CUDA graph
     (services/generator/step_graphs.py); default on for CUDA devices."""
     wanted = model.extra.get("cuda_graphs")
-    return device.type == "cuda" if wanted is None else bool(wanted) and device.type == "cuda"
+    return device.type == "cuda" and (wanted is None or bool(wanted))
 
 
 def compile_blocks(dit: CausalS2VDiT) -> None:
@@ -140,9 +140,10 @@ class GeneratorEngine:
         from types import SimpleNamespace
         c, lines = self.dit.config, []
         for width, height, infer_frames, steps in sizes:
-            blocks = infer_frames // (3 * VAE_TIME_STRIDE) + 1
-            job = SimpleNamespace(width=width, height=height, fps=25, infer_frames=infer_frames,
-                                  latent_frames_per_block=3, num_blocks=blocks, total_frames=blocks * 12,
+            blocks = infer_frames // FRAMES_PER_BLOCK + 1
+            job = SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=infer_frames,
+                                  latent_frames_per_block=LATENT_FRAMES_PER_BLOCK, num_blocks=blocks,
+                                  total_frames=blocks * FRAMES_PER_BLOCK,
                                   sample_steps=steps, seed=0, model=self.spec.name)
             h, w = height // 8, width // 8
             start = time.perf_counter()
@@ -151,7 +152,7 @@ class GeneratorEngine:
                                             torch.zeros(c.in_dim, self.dit.motion_latent_frames, h, w))
                 try:
                     for _ in range(blocks):
-                        session.generate_block(torch.zeros(3 * VAE_TIME_STRIDE, c.audio_layers, c.audio_dim))
+                        session.generate_block(torch.zeros(FRAMES_PER_BLOCK, c.audio_layers, c.audio_dim))
                 finally:
                     session.close()
             except (InvalidInput, ResourceExhausted) as e:
@@ -255,9 +256,7 @@ class GeneratorSession:
                 # Upstream re-prefills the sink after the first clip, with its first generated frame
                 # as the reference (the motion context stays: it would need the VAE here).
                 dit.prefill_sink(self._first_frame, self.motion, self.context, self.kv)
-            gen = torch.Generator(device="cpu").manual_seed(self.seed + clip)
-            noise = torch.randn((1, 16, p.clip_frames, p.h, p.w), generator=gen)
-            self._clip_noise = noise.to(self.device, self.dtype)
+            self._clip_noise = clip_noise(self.seed, clip, p).to(self.device, self.dtype)
         frame = self.block_index * p.block_frames
         f0 = in_clip * p.block_frames
         x = self._clip_noise[:, :, f0:f0 + p.block_frames]
@@ -300,6 +299,13 @@ class GeneratorSession:
             if self.kv is not None:
                 self.kv.free()
             self._clip_noise = self._first_frame = self.context = self.motion = None
+
+
+def clip_noise(seed: int, clip: int, plan: SessionPlan) -> torch.Tensor:
+    """The starting noise of a clip [1, 16, clip_frames, h, w], from a CPU generator seeded with
+    seed + clip (upstream seeds seed + clip too), so every device and rank draws the same."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + clip)
+    return torch.randn((1, 16, plan.clip_frames, plan.h, plan.w), generator=gen)
 
 
 def plan_session(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) -> SessionPlan:

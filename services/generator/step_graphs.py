@@ -40,6 +40,7 @@ class StepGraphs:
         self.enabled = True
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self._static: dict[str, torch.Tensor] | None = None
+        self._span = None          # the span of the inputs in the buffers (set with them)
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
 

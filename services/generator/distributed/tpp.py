@@ -46,7 +46,7 @@ from avatar.errors import InvalidInput
 from avatar.memory_planner import MemoryRequest, check_session_memory
 from avatar.presets import VAE_TIME_STRIDE, ModelSpec
 from services.generator.causal_s2v_dit import REF_ROPE_FRAME
-from services.generator.engine import SINK_AHEAD, GeneratorEngine, plan_session
+from services.generator.engine import SINK_AHEAD, GeneratorEngine, clip_noise, plan_session
 from services.generator.kv_cache import KVCache, KVCacheSpec
 from services.generator.scheduler import FlowMatchEuler
 
@@ -216,8 +216,7 @@ class StepRunner:
         p = self.plan
         clip, in_clip = divmod(index, self.blocks_per_clip)
         if in_clip == 0 or self._clip_noise is None:
-            gen = torch.Generator(device="cpu").manual_seed(self.seed + clip)
-            self._clip_noise = torch.randn((1, 16, p.clip_frames, p.h, p.w), generator=gen)
+            self._clip_noise = clip_noise(self.seed, clip, p)
         f0 = in_clip * p.block_frames
         return self._clip_noise[:, :, f0:f0 + p.block_frames]
 
