@@ -137,9 +137,12 @@ def test_soak_sequential_requests_rss_flat(server):
             assert msgs[-1].WhichOneof("event") == "status"
             if i >= SOAK_WARMUP:
                 rss.append(proc.memory_info().rss)
-    k = min(5, len(rss) // 2)
-    start, end = statistics.median(rss[:k]), statistics.median(rss[-k:])
+    # RSS right after a request swings by up to ~100 MiB (buffers of the last block not yet
+    # returned to the OS), so compare floors: a leak raises the floor, a transient only a peak
+    k = len(rss) // 2
+    start, end = min(rss[:k]), min(rss[-k:])
     growth = (end - start) / start
     print(f"soak: {SOAK_REQUESTS} requests, median {statistics.median(took):.2f} s each, "
-          f"RSS {start / 2**20:.0f} -> {end / 2**20:.0f} MiB ({growth:+.1%})")
-    assert growth < 0.10, f"RSS grew {growth:.1%} over {SOAK_REQUESTS} requests"
+          f"RSS floor {start / 2**20:.0f} -> {end / 2**20:.0f} MiB ({growth:+.1%}), "
+          f"peak {max(rss) / 2**20:.0f} MiB")
+    assert growth < 0.10, f"RSS floor grew {growth:.1%} over {SOAK_REQUESTS} requests"
