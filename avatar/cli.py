@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=ROLES, default="all")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="generator: run the hd and preview presets once before reporting SERVING (default: "
-                        "with --compile, so no request waits for compilation)")
+                   help="run the hd and preview presets through the generator and the decoder before "
+                        "reporting SERVING (default: with --compile, which compiles there, so no request "
+                        "waits for compilation)")
     p.add_argument("--encoder", metavar="ADDR", help="EncoderService address (--role gateway)")
     p.add_argument("--generator", metavar="ADDR", help="GeneratorService address (--role gateway)")
     p.add_argument("--decoder", metavar="ADDR", help="DecoderService address (--role gateway)")

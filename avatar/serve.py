@@ -34,7 +34,7 @@ class ServeConfig:
     metrics_port: int | None = None           # Prometheus /metrics on this port; None: off, 0: any free
     grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
     max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
-    warmup: bool | None = None                # generator: run the presets once before SERVING; None: with --compile
+    warmup: bool | None = None                # generator and decoder: run the presets once before SERVING; None: with --compile
 
 
 @dataclass
@@ -124,6 +124,10 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from services.decoder.engine import DecoderEngine
         from services.decoder.server import SERVICE_NAME, DecoderServicer
         engine = await loop.run_in_executor(None, DecoderEngine, cfg.model)
+        if cfg.warmup if cfg.warmup is not None else cfg.model.compile:
+            sizes = [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]
+            for line in await loop.run_in_executor(None, engine.warm_up, sizes):
+                log.info("decoder warm-up: %s", line)
         decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), server)
         names.append(SERVICE_NAME)
     if cfg.role in ("all", "gateway"):

@@ -142,3 +142,38 @@ def test_model_selection(tmp_path):
     tiny = DecoderEngine(ModelSpec(name="tiny", seed=3))
     z = torch.randn(1, 16, 1, 8, 8)
     assert torch.equal(loaded.vae.decode(z), tiny.vae.decode(z))
+
+
+def test_compiled_decoder_runs_only_at_sizes_warmed_before_serving(latents):
+    """--compile: warm_up compiles at the preset sizes; a request at a warmed size runs the compiled
+    decoder with no new compilation (tracing during a request breaks other threads' compiled
+    models), and any other size decodes eagerly."""
+    prime, blocks = latents
+    engine = DecoderEngine(ModelSpec(name="tiny", seed=3, compile=True))
+    compilations = []
+
+    def backend(graph_module, example_inputs):   # dynamo's real capture, run without inductor (CPU)
+        compilations.append(len(example_inputs))
+        return graph_module.forward
+    engine._compiled = torch.compile(engine.vae.model.decoder, backend=backend)
+
+    def decode(width, height):
+        job = _job(width=width, height=height)
+        z = lambda t: torch.nn.functional.interpolate(t, size=(height // 8, width // 8))
+        stream = engine.open_stream(job, z(prime))
+        used = stream._decoder._decoder
+        pixels = [stream._decoder.decode(z(b)[None]) for b in blocks]
+        stream.close()
+        return used, torch.cat(pixels, dim=2)
+
+    eager_used, eager = decode(SIZE, SIZE)
+    assert eager_used is engine.vae.model.decoder and not compilations
+    lines = engine.warm_up([(SIZE, SIZE)])
+    assert len(lines) == 1 and lines[0].startswith(f"{SIZE}*{SIZE}: compiled in") and compilations
+    before = len(compilations)
+    used, compiled = decode(SIZE, SIZE)
+    assert used is engine._compiled and len(compilations) == before, "a request compiled"
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    other_used, _ = decode(SIZE + 16, SIZE)
+    assert other_used is engine.vae.model.decoder and len(compilations) == before
+    assert DecoderEngine(ModelSpec(name="tiny", seed=3)).warm_up([(SIZE, SIZE)]) == []   # no --compile

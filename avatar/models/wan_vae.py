@@ -268,8 +268,9 @@ class WanVAE:
         """normalised latents [B, 16, t, h, w] -> pixels [B, 3, 1 + 4(t-1), 8h, 8w] in [-1, 1] (float32)."""
         return self.stream_decoder().decode(latents)
 
-    def stream_decoder(self) -> "StreamingDecoder":
-        return StreamingDecoder(self)
+    def stream_decoder(self, decoder: torch.nn.Module | None = None) -> "StreamingDecoder":
+        """decoder: the module to run (e.g. a compiled wrapper of self.model.decoder); default eager."""
+        return StreamingDecoder(self, decoder)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -288,8 +289,9 @@ class WanVAE:
 class StreamingDecoder:
     """Decodes one stream's latents block after block, carrying the causal conv cache between calls."""
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, decoder: torch.nn.Module | None = None):
         self.vae = vae
+        self._decoder = decoder if decoder is not None else vae.model.decoder
         self._cache: list = [None] * vae._dec_convs
         self._first = True
         self.frames_in = 0   # latent frames decoded so far
@@ -311,7 +313,7 @@ class StreamingDecoder:
             # one latent frame at a time through every layer: the same kernels run on the same shapes
             # whatever the block split, so streamed pixels are bit-identical to a one-shot decode
             x = vae.model.post_quant_conv(z[:, :, i:i + 1])
-            outs.append(vae.model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=self._first))
+            outs.append(self._decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=self._first))
             self._first = False
         self.frames_in += z.shape[2]
         return torch.cat(outs, dim=2).float().clamp_(-1.0, 1.0)
