@@ -265,3 +265,27 @@ def test_only_the_generator_role_runs_under_torchrun(env):
                          env={**env, "WORLD_SIZE": "2", "RANK": "0"}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "under torchrun only --role generator runs" in out.stderr
+
+
+def test_a_rank_whose_step_fails_frees_its_cache_while_the_error_is_still_held(engine, monkeypatch):
+    import gc
+    import weakref
+    from services.generator.distributed.tpp import StepRunner
+    text, ref, motion, audio = _inputs(5, blocks=1)
+    runner = StepRunner(engine, _job(2, 1, blocks=1), text, ref, motion, step=0)
+    storage = weakref.ref(runner.kv.keys)
+
+    def failing_forward(x, t, context, tokens, kv, *rest):
+        layer_keys = kv.keys[0, 0]          # a view of the cache in the failing frame, as the real layers hold
+        raise RuntimeError(f"kernel failed on {tuple(layer_keys.shape)}")
+
+    monkeypatch.setattr(engine.dit, "forward", failing_forward)
+    gc.disable()                            # no collection may rescue it: the error is held below
+    try:
+        with pytest.raises(RuntimeError, match="kernel failed") as failure:
+            runner.run(runner.noise(0), audio[0], 0, None)
+        assert runner.kv is None
+        assert storage() is None, "the traceback kept the KV cache alive"
+        assert failure.value is not None
+    finally:
+        gc.enable()

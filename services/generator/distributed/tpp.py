@@ -35,6 +35,7 @@ import queue
 import random
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,8 +208,9 @@ class StepRunner:
                 self.context = dit.embed_text(text.to(self.device)[None])
                 self.motion = motion_latents.to(self.device, self.dtype)[None]
                 dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
-        except BaseException:
+        except BaseException as e:
             self.close()
+            traceback.clear_frames(e.__traceback__)
             raise
 
     def noise(self, index: int) -> torch.Tensor:
@@ -228,6 +230,17 @@ class StepRunner:
         """x [1, 16, F, h, w] before this step -> after it (on this rank's device)."""
         if index != self.next_index:
             raise RuntimeError(f"block {index} arrived, expected block {self.next_index}")
+        try:
+            return self._run(x, audio, index, first)
+        except Exception as e:
+            # The session is over (its later blocks fail with this error): free its cache now, and
+            # clear the traceback's frames, whose locals hold views of the cache for as long as
+            # the error is held (GeneratorSession._freed_on_failure does the same).
+            self.close()
+            traceback.clear_frames(e.__traceback__)
+            raise
+
+    def _run(self, x: torch.Tensor, audio: torch.Tensor, index: int, first: torch.Tensor | None) -> torch.Tensor:
         p, dit = self.plan, self.dit
         if self.needs_first_frame(index):
             if first is None:
