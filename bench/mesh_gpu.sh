@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole pipeline on one GPU, through the gateway over loopback, as a user runs it:
-# `avatar serve` (all four services, full-size random weights, memory plan auto) and two
-# `avatar generate --server` requests at 704*384 (the first warms up and compiles, the next two
-# are measured).
+# `avatar serve` (all four services, full-size random weights) and four `avatar generate --server`
+# requests: 704*384 with a portrait the server has not seen (its encoders run), the same twice more
+# (the encoder's result cache answers), then 384*256 at 4 steps. With --compile the server
+# compiles the DiT and the VAE decoder in its warm-up, before it reports SERVING.
 # Run on the device machine from the repo root, carrying .whl (wheels, see performance.md) and
 # avatar/v1 (generated code). Extra arguments go to `avatar serve`, e.g. --compile.
 set -uo pipefail
@@ -21,28 +22,33 @@ im.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch)).resize((704, 384)).save("/tmp
 PY
 python3 -m avatar.cli serve --random-weights --device cuda --listen 127.0.0.1:50051 "$@" > "$OUT/serve.log" 2>&1 &
 server=$!
-for _ in $(seq 300); do
+for _ in $(seq 480); do
     python3 -m avatar.healthcheck 127.0.0.1:50051 >/dev/null 2>&1 && break
     kill -0 $server 2>/dev/null || { tail -30 "$OUT/serve.log"; exit 1; }
     sleep 1
 done
 echo "server ready after ${SECONDS}s"
-for i in 1 2 3; do
+request() {   # name, then generate's flags
+    local name=$1; shift
     python3 -m avatar.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png --audio assets/speech.wav \
-        --preset hd --out "$OUT/hd$i.mp4" 2> "$OUT/generate$i.log" || { tail -5 "$OUT/generate$i.log"; tail -30 "$OUT/serve.log"; }
-done
+        --out "$OUT/$name.mp4" "$@" 2> "$OUT/$name.log" || { tail -5 "$OUT/$name.log"; tail -30 "$OUT/serve.log"; }
+}
+request hd1 --preset hd
+request hd2 --preset hd
+request hd3 --preset hd
+request sd4 --size 384*256 --sample_steps 4
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 kill -INT $server; wait $server
-grep -E "memory plan|ready" "$OUT/serve.log" | head -5
+grep -E "memory plan|warm-up|listening" "$OUT/serve.log" | head -12
 python3 - "$OUT" <<'PY'
 import json, sys
-for i in (1, 2, 3):
+for name in ("hd1", "hd2", "hd3", "sd4"):
     try:
-        m = json.load(open(f"{sys.argv[1]}/hd{i}.json"))
+        m = json.load(open(f"{sys.argv[1]}/{name}.json"))
     except FileNotFoundError:
-        print(f"request {i}: no result"); continue
+        print(f"{name}: no result"); continue
     t = {k: round(v["ms"] / max(1, v.get("count", 1)), 1) for k, v in m["timings_ms"].items()}
     fps = m["frames"] / m["total_s"]
-    print(f"request {i}: {m['width']}x{m['height']} {m['frames']} frames in {m['total_s']:.2f} s = {fps:.1f} FPS; "
+    print(f"{name}: {m['width']}x{m['height']} {m['frames']} frames in {m['total_s']:.2f} s = {fps:.1f} FPS; "
           f"first fragment {m['time_to_first_fragment_s']:.2f} s; ms per call/block: {t}")
 PY
