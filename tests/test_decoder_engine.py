@@ -177,3 +177,36 @@ def test_compiled_decoder_runs_only_at_sizes_warmed_before_serving(latents):
     other_used, _ = decode(SIZE + 16, SIZE)
     assert other_used is engine.vae.model.decoder and len(compilations) == before
     assert DecoderEngine(ModelSpec(name="tiny", seed=3)).warm_up([(SIZE, SIZE)]) == []   # no --compile
+
+
+def test_a_compiled_decoder_keeps_decoding_while_another_thread_compiles(latents):
+    """torch.compile's tracing (make_fx) sets FX's tracing flag for the whole process; a compiled
+    model called meanwhile from another thread used to raise "Detected that you are using FX to
+    symbolically trace a dynamo-optimized function" (an H100 request in `serve --role all`)."""
+    import threading
+    from torch.fx.experimental.proxy_tensor import make_fx
+    prime, blocks = latents
+    engine = DecoderEngine(ModelSpec(name="tiny", seed=3, compile=True))
+    engine._compiled = torch.compile(engine.vae.model.decoder, backend=lambda gm, inputs: gm.forward)
+    engine.warm_up([(SIZE, SIZE)])
+    reference = engine.vae.stream_decoder()
+    expected = [reference.decode(prime[None])] + [reference.decode(b[None]) for b in blocks]
+
+    tracing, release = threading.Event(), threading.Event()
+
+    def traced(x):        # another thread's compilation, held in the middle of its trace
+        tracing.set()
+        release.wait(60)
+        return x * 2
+    tracer = threading.Thread(target=lambda: make_fx(traced)(torch.ones(2)))
+    tracer.start()
+    try:
+        assert tracing.wait(30)
+        assert torch.fx._symbolic_trace._is_fx_tracing_flag, "the trace is not in progress"
+        stream = engine.vae.stream_decoder(engine.decoder_for(SIZE, SIZE))
+        got = [stream.decode(prime[None])] + [stream.decode(b[None]) for b in blocks]
+    finally:
+        release.set()
+        tracer.join(30)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)

@@ -9,6 +9,7 @@ import torch
 
 from avatar.errors import InvalidInput
 from avatar.models.wan_vae import WanVAE
+from avatar.torch_compile import tolerate_tracing_in_other_threads
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from services.decoder.fmp4 import FragmentedMp4Writer
 
@@ -31,10 +32,12 @@ class DecoderEngine:
         self.vae = WanVAE.from_spec(model)
         self.z_dim = self.vae.dims.z_dim
         # torch.compile of the VAE decoder: -29% per block at 704*384 on an H100 (217 -> 153 ms,
-        # docs/performance.md). Compiled only in warm_up, before the server reports SERVING, and
-        # used only at the sizes it warmed: torch.compile tracing while another thread runs the
-        # compiled DiT breaks that thread (run I), so no request may ever trigger a compilation.
-        self._compiled = torch.compile(self.vae.model.decoder) if model.compile else None
+        # docs/performance.md). Compiled in warm_up, before the server reports SERVING, and used
+        # only at the sizes warmed there: a compilation takes about 70 s, which no request waits for.
+        self._compiled = None
+        if model.compile:
+            tolerate_tracing_in_other_threads()   # the DiT may still compile for a new aspect ratio
+            self._compiled = torch.compile(self.vae.model.decoder)
         self._compiled_sizes: set[tuple[int, int]] = set()
 
     def decoder_for(self, width: int, height: int) -> torch.nn.Module | None:

@@ -100,7 +100,9 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
     code, parameters as inputs), with dynamic shapes from the start, because the ring fill, the
     slot and the latent size change between calls (bench/bench_generator.py measures this)."""
     import torch._dynamo
+    from avatar.torch_compile import tolerate_tracing_in_other_threads
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    tolerate_tracing_in_other_threads()
     for module in (*dit.blocks, *dit.audio_injector.injector):
         module.compile(dynamic=True)
 
