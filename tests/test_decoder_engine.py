@@ -178,6 +178,13 @@ def test_compiled_decoder_runs_only_at_sizes_warmed_before_serving(latents):
     assert other_used is engine.vae.model.decoder and len(compilations) == before
     assert DecoderEngine(ModelSpec(name="tiny", seed=3)).warm_up([(SIZE, SIZE)]) == []   # no --compile
 
+    def broken(graph_module, example_inputs):
+        raise RuntimeError("the compiler failed")
+    engine._compiled = torch.compile(engine.vae.model.decoder, backend=broken)
+    line, = engine.warm_up([(SIZE + 32, SIZE)])
+    assert line.startswith(f"{SIZE + 32}*{SIZE}: not compiled, decodes eagerly") and "compiler failed" in line
+    assert engine.decoder_for(SIZE + 32, SIZE) is None
+
 
 def test_a_compiled_decoder_keeps_decoding_while_another_thread_compiles(latents):
     """torch.compile's tracing (make_fx) sets FX's tracing flag for the whole process; a compiled

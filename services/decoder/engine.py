@@ -9,8 +9,8 @@ import torch
 
 from avatar.errors import InvalidInput
 from avatar.models.wan_vae import WanVAE
-from avatar.torch_compile import tolerate_tracing_in_other_threads
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
+from avatar.torch_compile import tolerate_tracing_in_other_threads
 from services.decoder.fmp4 import FragmentedMp4Writer
 
 SPACE_STRIDE = 8
@@ -60,8 +60,9 @@ class DecoderEngine:
                     stream.decode(torch.zeros(1, self.z_dim, LATENT_FRAMES_PER_BLOCK, h, w))
                 if self.vae.device.type == "cuda":
                     torch.cuda.synchronize(self.vae.device)
-            except torch.OutOfMemoryError as e:
-                lines.append(f"{width}*{height}: skipped, eager ({str(e).splitlines()[0][:120]})")
+            except Exception as e:   # out of memory, or the compiler failed: this size stays eager
+                reason = " ".join(str(e).split())[:200]
+                lines.append(f"{width}*{height}: not compiled, decodes eagerly ({type(e).__name__}: {reason})")
                 continue
             finally:
                 stream.close()
