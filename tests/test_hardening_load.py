@@ -2,7 +2,7 @@
 (each completes with a valid video or is refused with RESOURCE_EXHAUSTED and a retry hint;
 none hangs; RSS stays bounded), then sequential requests with flat RSS.
 
-The soak runs AVATAR_SOAK_REQUESTS requests (default 25 to keep CI short; 200 for the full soak
+The soak runs AVATAR_SOAK_REQUESTS requests (default 40 to keep CI short; 200 for the full soak
 of issue 5, see docs/operations.md)."""
 import concurrent.futures
 import io
@@ -24,7 +24,7 @@ from tests.conftest import ASSETS, Services, ffprobe
 
 pytestmark = pytest.mark.timeout(600)
 CLIENTS, CAP, QUEUE = 32, 4, 4
-SOAK_REQUESTS = int(os.environ.get("AVATAR_SOAK_REQUESTS", "25"))
+SOAK_REQUESTS = int(os.environ.get("AVATAR_SOAK_REQUESTS", "40"))
 SOAK_WARMUP = 5
 
 
@@ -144,5 +144,6 @@ def test_soak_sequential_requests_rss_flat(server):
     per_request = statistics.linear_regression(range(len(rss)), rss).slope   # bytes per request
     print(f"soak: {SOAK_REQUESTS} requests, median {statistics.median(took):.2f} s each, RSS "
           f"{rss[0] / 2**20:.0f} -> {rss[-1] / 2**20:.0f} MiB, trend {per_request / 2**10:+.0f} KiB per request")
-    # a leak of 1 MiB per request, injected into the gateway, read +1200 KiB here
-    assert per_request < 256 << 10, f"RSS grows {per_request / 2**10:.0f} KiB per request"
+    # a leak of 1 MiB per request, injected into the gateway, read +1200 KiB here; clean runs read
+    # -14..+8 KiB, once +175 KiB over 25 requests (a single 5 MiB step of the heap)
+    assert per_request < 512 << 10, f"RSS grows {per_request / 2**10:.0f} KiB per request"
