@@ -1,7 +1,7 @@
 """GeneratorEngine on the tiny DiT: block-causal sessions, reproducibility, flat KV memory, inputs."""
 import pytest
 import torch
-from ckpt_fixtures.dit import one_torch_thread, write_dit_checkpoint, write_lora  # noqa: F401 (one_torch_thread: autouse)
+from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread, write_dit_checkpoint, write_lora  # noqa: F401 (one_torch_thread: autouse)
 
 from avatar.errors import InvalidInput
 from avatar.presets import ModelSpec
@@ -231,26 +231,11 @@ def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
 
 
 def test_a_failure_inside_the_model_frees_the_kv_cache_while_the_error_is_still_held(engine, monkeypatch):
-    import gc
-    import weakref
     text, ref, motion, audio = _inputs(blocks=1)
     session = engine.open_session(_job(), text, ref, motion)
-    storage = weakref.ref(session.kv.keys)
-
-    def failing_forward(latents, timestep, context, tokens, kv, pos, *rest):
-        layer_keys = kv.keys[0, 0]          # a view of the cache in the failing frame, as the real layers hold
-        raise RuntimeError(f"kernel failed on {tuple(layer_keys.shape)}")
-
-    monkeypatch.setattr(engine.dit, "denoise", failing_forward)
-    gc.disable()                            # no collection may rescue it: the error is held below
-    try:
-        with pytest.raises(RuntimeError, match="kernel failed") as failure:
-            session.generate_block(audio[0])
-        assert session._closed
-        assert storage() is None, "the traceback kept the KV cache alive"
-        assert failure.value is not None
-    finally:
-        gc.enable()
+    fail_holding_a_cache_view(monkeypatch, engine.dit, "denoise", session.kv,
+                              lambda: session.generate_block(audio[0]))
+    assert session._closed
 
 
 def test_cli_graph_and_offload_flags_reach_the_engine(monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
 
 from avatar.presets import ModelSpec
 from avatar.v1 import tensor_pb2
@@ -268,24 +268,9 @@ def test_only_the_generator_role_runs_under_torchrun(env):
 
 
 def test_a_rank_whose_step_fails_frees_its_cache_while_the_error_is_still_held(engine, monkeypatch):
-    import gc
-    import weakref
     from services.generator.distributed.tpp import StepRunner
     text, ref, motion, audio = _inputs(5, blocks=1)
     runner = StepRunner(engine, _job(2, 1, blocks=1), text, ref, motion, step=0)
-    storage = weakref.ref(runner.kv.keys)
-
-    def failing_forward(x, t, context, tokens, kv, *rest):
-        layer_keys = kv.keys[0, 0]          # a view of the cache in the failing frame, as the real layers hold
-        raise RuntimeError(f"kernel failed on {tuple(layer_keys.shape)}")
-
-    monkeypatch.setattr(engine.dit, "forward", failing_forward)
-    gc.disable()                            # no collection may rescue it: the error is held below
-    try:
-        with pytest.raises(RuntimeError, match="kernel failed") as failure:
-            runner.run(runner.noise(0), audio[0], 0, None)
-        assert runner.kv is None
-        assert storage() is None, "the traceback kept the KV cache alive"
-        assert failure.value is not None
-    finally:
-        gc.enable()
+    fail_holding_a_cache_view(monkeypatch, engine.dit, "forward", runner.kv,
+                              lambda: runner.run(runner.noise(0), audio[0], 0, None))
+    assert runner.kv is None

@@ -74,3 +74,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def fail_holding_a_cache_view(monkeypatch, model, method: str, kv, run) -> BaseException:
+    """Makes `model.<method>` fail with a view of the KV cache in its frame (as the real layers
+    hold one), calls `run()` with garbage collection off, and checks that the error, still held,
+    no longer keeps the cache's storage alive. Returns the error."""
+    import gc
+    import weakref
+    storage = weakref.ref(kv.keys)
+
+    def failing(*args, **kwargs):
+        layer_keys = kv.keys[0, 0]
+        raise RuntimeError(f"kernel failed on {tuple(layer_keys.shape)}")
+
+    monkeypatch.setattr(model, method, failing)
+    gc.disable()                            # no collection may rescue it: the error is held below
+    try:
+        with pytest.raises(RuntimeError, match="kernel failed") as failure:
+            run()
+        assert storage() is None, "the traceback kept the KV cache alive"
+        assert failure.value is not None
+        return failure.value
+    finally:
+        gc.enable()
