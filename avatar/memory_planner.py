@@ -322,11 +322,12 @@ def gpu_available_bytes(device_index: int = 0) -> int:
     return max(0, free)
 
 
-# What a server plans for at start-up, largest first: the hd, standard and preview presets
-# (preview's 32 frames per clip run as 36: whole blocks).
-PLANNING_REQUESTS = (MemoryRequest(704, 384, infer_frames=48, sample_steps=4),
-                     MemoryRequest(688, 368, infer_frames=48, sample_steps=4),
-                     MemoryRequest(384, 256, infer_frames=36, sample_steps=3))
+def planning_requests() -> list[MemoryRequest]:
+    """What a server plans for at start-up, largest first: the hd, standard and preview presets
+    (preview's 32 frames per clip run as 36: whole blocks)."""
+    from avatar.presets import JOB_PRESETS, whole_blocks
+    return [MemoryRequest(*JOB_PRESETS[name].size, infer_frames=whole_blocks(JOB_PRESETS[name].infer_frames),
+                          sample_steps=JOB_PRESETS[name].sample_steps) for name in ("hd", "standard", "preview")]
 
 
 def apply_plan(spec, plan: MemoryPlan):
@@ -354,11 +355,12 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
     if fp8_capable is None:
         fp8_capable = torch.cuda.get_device_capability(index) >= (8, 9)
     opts = PlannerOptions(fp8_capable=fp8_capable, allow_fp8_kv=True)
-    for req in PLANNING_REQUESTS:
+    requests = planning_requests()
+    for req in requests:
         try:
             plan = plan_memory(req, available, opts)
         except ResourceExhausted:
-            if req is PLANNING_REQUESTS[-1]:
+            if req is requests[-1]:
                 raise
             continue
         return apply_plan(spec, plan), plan, req
