@@ -92,6 +92,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
             http.server_close()
         closers.append(close_metrics)
     loop = asyncio.get_running_loop()
+    warmup = cfg.warmup if cfg.warmup is not None else cfg.model.compile
 
     # Each role imports only its own engine (a gateway loads no model code); engines build in a
     # thread so a slow checkpoint load does not block the loop.
@@ -113,7 +114,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
             closers.append(engine.aclose)
         else:
             engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
-            if cfg.warmup if cfg.warmup is not None else cfg.model.compile:
+            if warmup:
                 for line in await loop.run_in_executor(None, engine.warm_up, warmup_sizes(cfg.model)):
                     log.info("generator warm-up: %s", line)
         admission = Admission(cfg.admission, "generator") if cfg.admission else None
@@ -124,7 +125,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from services.decoder.engine import DecoderEngine
         from services.decoder.server import SERVICE_NAME, DecoderServicer
         engine = await loop.run_in_executor(None, DecoderEngine, cfg.model)
-        if cfg.warmup if cfg.warmup is not None else cfg.model.compile:
+        if warmup:
             sizes = [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]
             for line in await loop.run_in_executor(None, engine.warm_up, sizes):
                 log.info("decoder warm-up: %s", line)
