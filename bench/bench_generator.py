@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT  # noqa: E402
+from services.generator.engine import compile_blocks  # noqa: E402
 from services.generator.kv_cache import KVCache, KVCacheSpec  # noqa: E402
 
 GiB = 2 ** 30
@@ -606,18 +607,6 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, extra: dict
 
 def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
     return [((x - y).norm() / y.norm()).item() for x, y in zip(a, b)]
-
-
-def compile_blocks(dit):
-    """torch.compile each transformer block (one graph shared by all 40: same code, params as
-    inputs), with dynamic shapes from the start: the ring fill, the slot and the size change
-    between calls, and a recompile costs tens of seconds."""
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = 64
-    for blk in dit.blocks:
-        blk.compile(dynamic=True)
-    for inj in dit.audio_injector.injector:
-        inj.compile(dynamic=True)
 
 
 def main():
