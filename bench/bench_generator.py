@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT  # noqa: E402
-from services.generator.engine import compile_blocks  # noqa: E402
-from services.generator.kv_cache import KVCache, KVCacheSpec  # noqa: E402
+from avatar.services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT
+from avatar.services.generator.engine import compile_blocks
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
 
 GiB = 2 ** 30
 FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, FPS = 12, 3, 25
@@ -197,7 +196,7 @@ def legacy_kv_reads():
     whole sink's keys (reference + motion tokens) and concatenated ring + sink keys and values
     into fresh tensors. Emulated on today's layout with the same traffic and the same results:
     the ring and the (already rotated) sink are copied out, the sink rotated by the identity."""
-    from services.generator import causal_s2v_dit as m
+    from avatar.services.generator import causal_s2v_dit as m
     orig = m.SelfAttention.forward
     identity: dict = {}
 
@@ -314,7 +313,7 @@ def bench_gemms(device, m: int, reps: int = 30) -> list[dict]:
     activation quantisation included."""
     from torch import nn
 
-    from services.generator.fp8 import FP8Linear, quantize, quantize_rows_fused, quantize_tensor_fused
+    from avatar.services.generator.fp8 import FP8Linear, quantize, quantize_rows_fused, quantize_tensor_fused
     out = []
     xt = torch.randn(m, 5120, device=device, dtype=torch.bfloat16)
     qa, sa = quantize_tensor_fused(xt)
@@ -393,7 +392,7 @@ def bench_attention(device, width, height) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from services.generator.attention import backend_for, prefer_cudnn_attention
+    from avatar.services.generator.attention import backend_for, prefer_cudnn_attention
     ft = (height // 16) * (width // 16)
     n, kv = 3 * ft, 12 * ft + int(2.5 * ft)
     q = torch.randn(1, n, 40, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
@@ -437,7 +436,7 @@ def build_vae(tiny: bool, device, dtype):
 def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int, dtype) -> dict:
     """Streaming VAE decode of one block (3 latent frames -> 12 frames), the device->host uint8
     copy, and the H.264 + AAC fMP4 mux of those frames, per block."""
-    from services.decoder.fmp4 import FragmentedMp4Writer
+    from avatar.services.decoder.fmp4 import FragmentedMp4Writer
     clock = Clock(device)
     free_memory(device)
     reset_peak(device)
@@ -500,7 +499,7 @@ def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int,
 def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: int) -> dict:
     """The real schedule on one GPU: block k's VAE decode on a second CUDA stream and its mux on a
     CPU thread, while the DiT runs block k+1. Wall-clock ms per block (host clock, synced)."""
-    from services.decoder.fmp4 import FragmentedMp4Writer
+    from avatar.services.decoder.fmp4 import FragmentedMp4Writer
     free_memory(device)
     reset_peak(device)
     vae = build_vae(tiny, device, torch.bfloat16 if device != "cpu" else torch.float32)
@@ -566,7 +565,7 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, extra: dict
     from types import SimpleNamespace
 
     from avatar.presets import ModelSpec
-    from services.generator.engine import GeneratorEngine
+    from avatar.services.generator.engine import GeneratorEngine
     c = dit.config
     h, w = height // 8, width // 8
     eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True, extra=extra or {}), dit=dit)
@@ -670,7 +669,7 @@ def main():
         results["attention"] = [guarded(f"attn {w}*{h}", lambda w=w, h=h: bench_attention(device, w, h))
                                 for w, h in sizes]
     elif dev_cuda:
-        from services.generator.attention import prefer_cudnn_attention
+        from avatar.services.generator.attention import prefer_cudnn_attention
         results["sdpa_backend"] = prefer_cudnn_attention(device)
 
     if "vae" in parts:
@@ -717,7 +716,7 @@ def main():
             dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm))
 
     if {"fp8", "24gb", "compile"} & parts:
-        from services.generator.fp8 import swap_linears_to_fp8
+        from avatar.services.generator.fp8 import swap_linears_to_fp8
         t0 = time.perf_counter()
         swapped = swap_linears_to_fp8(dit)
         free_memory(device)

@@ -33,9 +33,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_generator import GiB, build_dit, free_memory, median, peak_gib, reset_peak, run_guarded  # noqa: E402
+from bench.bench_generator import GiB, build_dit, free_memory, median, peak_gib, reset_peak, run_guarded
 
 FRAMES_PER_BLOCK, FPS, RATE = 12, 25, 48000
 BLOCKS_PER_CLIP = 4          # infer_frames 48
@@ -239,9 +238,9 @@ def main():
         return run_guarded(results, name, run_and_keep, device, save)
 
     from avatar.presets import ModelSpec
-    from services.decoder.engine import DecoderEngine
-    from services.generator.engine import GeneratorEngine, compile_blocks
-    from services.generator.fp8 import swap_linears_to_fp8
+    from avatar.services.decoder.engine import DecoderEngine
+    from avatar.services.generator.engine import GeneratorEngine, compile_blocks
+    from avatar.services.generator.fp8 import swap_linears_to_fp8
 
     name = "tiny" if args.tiny else "s2v-14b"
     base = ModelSpec(name=name, device=str(device), random_weights=not args.tiny, fp8=cuda, compile=cuda)

@@ -20,17 +20,17 @@ w, h = im.size
 ch = w * 384 // 704
 im.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch)).resize((704, 384)).save("/tmp/portrait.png")
 PY
-python3 -m avatar.cli serve --random-weights --device cuda --listen 127.0.0.1:50051 "$@" > "$OUT/serve.log" 2>&1 &
+python3 -m avatar.app.cli serve --random-weights --device cuda --listen 127.0.0.1:50051 "$@" > "$OUT/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 480); do
-    python3 -m avatar.healthcheck 127.0.0.1:50051 >/dev/null 2>&1 && break
+    python3 -m avatar.app.healthcheck 127.0.0.1:50051 >/dev/null 2>&1 && break
     kill -0 $server 2>/dev/null || { tail -30 "$OUT/serve.log"; exit 1; }
     sleep 1
 done
 echo "server ready after ${SECONDS}s"
 request() {   # name, then generate's flags
     local name=$1; shift
-    python3 -m avatar.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png --audio assets/speech.wav \
+    python3 -m avatar.app.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png --audio assets/speech.wav \
         --out "$OUT/$name.mp4" "$@" 2> "$OUT/$name.log" || { tail -5 "$OUT/$name.log"; tail -30 "$OUT/serve.log"; }
 }
 request hd1 --preset hd

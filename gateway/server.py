@@ -13,7 +13,7 @@ from avatar.grpc_util import call_options, create_channel, run_blocking
 from avatar.presets import FRAMES_PER_BLOCK, ModelSpec
 from avatar.v1 import (avatar_pb2, avatar_pb2_grpc, decoder_pb2, decoder_pb2_grpc, encoder_pb2,
                        encoder_pb2_grpc, generator_pb2, generator_pb2_grpc, tensor_pb2)
-from gateway import planner
+from avatar.gateway import planner
 
 SERVICE_NAME = avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name
 _DONE = object()

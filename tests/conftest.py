@@ -18,7 +18,7 @@ ASSETS = ROOT / "assets"
 START_TIMEOUT_S = 120
 _VENV_AVATAR = Path(sys.executable).parent / "avatar"
 # The installed console script when present (what users run), else the module.
-AVATAR = [str(_VENV_AVATAR)] if _VENV_AVATAR.exists() else [sys.executable, "-m", "avatar.cli"]
+AVATAR = [str(_VENV_AVATAR)] if _VENV_AVATAR.exists() else [sys.executable, "-m", "avatar.app.cli"]
 
 
 def free_port() -> int:
@@ -150,6 +150,14 @@ def clip_5s(tmp_path_factory) -> Path:
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(ASSETS / "speech.wav"), "-t", "5", "-ar", "44100", "-ac", "2",
                     str(path)], check=True, timeout=30)
     return path
+
+
+def trim_speech(out: Path, start_s: float, length_s: float) -> Path:
+    """A piece of the sample speech as its own WAV (soundfile: no sox needed)."""
+    import soundfile
+    pcm, rate = soundfile.read(str(ASSETS / "speech.wav"))
+    soundfile.write(str(out), pcm[round(start_s * rate):round((start_s + length_s) * rate)], rate)
+    return out
 
 
 def ffprobe(path: Path) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from avatar.batch import ProfileError, load_profile, resolve_under
-from tests.conftest import AVATAR, ASSETS, ROOT, ffprobe
+from avatar.app.batch import ProfileError, load_profile, resolve_under
+from tests.conftest import AVATAR, ASSETS, ROOT, ffprobe, trim_speech
 
 pytestmark = pytest.mark.timeout(300)
 GOOD = [f"p{i}" for i in range(5)]
@@ -63,8 +63,7 @@ def _profiles(tmp_path: Path) -> Path:
     (root / "speech").mkdir()
     (root / "faces" / "astronaut.png").write_bytes((ASSETS / "astronaut.png").read_bytes())
     for i, secs in enumerate((0.5, 0.7, 0.5, 0.6, 0.5)):
-        subprocess.run(["sox", str(ASSETS / "speech.wav"), str(root / "speech" / f"s{i}.wav"),
-                        "trim", str(0.3 * i), str(secs)], check=True, timeout=30)
+        trim_speech(root / "speech" / f"s{i}.wav", 0.3 * i, secs)
     (root / "speech" / "fake.wav").write_bytes((ASSETS / "astronaut.png").read_bytes())  # a PNG named .wav
     profiles = tmp_path / "profiles"
     profiles.mkdir()

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from avatar.checkpoints import DIT_INDEX, S2V_FOLDER
 from avatar.errors import WeightsError
-from avatar.weights_tools import LORA_FILE, S2V_REPO, check_weights, download_weights
+from avatar.app.weights_tools import LORA_FILE, S2V_REPO, check_weights, download_weights
 from ckpt_fixtures.dit import write_dit_checkpoint, write_lora
 from ckpt_fixtures.encoders import write_encoder_files
-from services.generator.weights import random_dit
+from avatar.services.generator.weights import random_dit
 
 KEYS = pathlib.Path(__file__).parent / "data" / "keys"
 ST_DTYPES = {"bfloat16": "BF16", "float32": "F32"}

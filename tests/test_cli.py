@@ -48,8 +48,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, env, mesh):
 
 
 def test_weights_commands_report_problems(tmp_path, monkeypatch, capsys):
-    """Wiring of check-weights / download-weights (avatar.weights_tools has its own tests); in-process."""
-    from avatar.cli import main
+    """Wiring of check-weights / download-weights (avatar.app.weights_tools has its own tests); in-process."""
+    from avatar.app.cli import main
     root = tmp_path / "Wan2.2-S2V-14B"
     root.mkdir()
     (root / "config.json").write_text("{}")

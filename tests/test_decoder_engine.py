@@ -11,7 +11,7 @@ from avatar.errors import InvalidInput, WeightsError
 from avatar.presets import ModelSpec
 from avatar.v1 import tensor_pb2
 from ckpt_fixtures.encoders import write_vae
-from services.decoder.engine import DecoderEngine
+from avatar.services.decoder.engine import DecoderEngine
 
 SIZE, FPS, RATE = 64, 25, 48000
 KEEP = [12, 7]              # the last block trimmed to the audio

@@ -8,8 +8,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 
 from avatar.errors import WeightsError
-from services.generator.lora import DEFAULT_TARGETS, PREFIX, plan_lora
-from services.generator.weights import build_dit
+from avatar.services.generator.lora import DEFAULT_TARGETS, PREFIX, plan_lora
+from avatar.services.generator.weights import build_dit
 
 KEYS = Path(__file__).parent / "data" / "keys"
 

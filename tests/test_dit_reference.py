@@ -15,10 +15,10 @@ from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 
 from avatar.presets import ModelSpec
 from avatar.v1 import tensor_pb2
-from services.generator.causal_s2v_dit import PRESETS, REF_ROPE_FRAME, Rope, apply_rope
-from services.generator.engine import GeneratorEngine
-from services.generator.kv_cache import KVCache, KVCacheSpec
-from services.generator.weights import random_dit
+from avatar.services.generator.causal_s2v_dit import PRESETS, REF_ROPE_FRAME, Rope, apply_rope
+from avatar.services.generator.engine import GeneratorEngine
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+from avatar.services.generator.weights import random_dit
 
 REFERENCE = Path(__file__).parent / "data" / "dit_upstream_reference.safetensors"
 

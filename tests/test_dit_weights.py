@@ -7,9 +7,9 @@ from ckpt_fixtures.dit import one_torch_thread, write_dit_checkpoint  # noqa: F4
 from safetensors.torch import load_file, save_file
 
 from avatar.errors import WeightsError
-from services.generator.kv_cache import KVCache, KVCacheSpec
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
 from avatar.checkpoints import DIT_INDEX as INDEX_NAME
-from services.generator.weights import build_dit, load_dit, random_dit
+from avatar.services.generator.weights import build_dit, load_dit, random_dit
 
 SHARD2 = "diffusion_pytorch_model-00002-of-00002.safetensors"
 

@@ -9,9 +9,9 @@ import torch
 from avatar.errors import InvalidInput, WeightsError
 from avatar.presets import MODEL_DIMS, ModelSpec
 from ckpt_fixtures.encoders import write_encoder_files, write_t5, write_tokenizer, write_wav2vec2
-from services.encoder.audio_encoder import (AudioEncoder, bucket_features, frame_indices, resample_features)
-from services.encoder.engine import REF_REPEAT, EncoderEngine
-from services.encoder.text_encoder import (TEXT_LEN, TINY_T5, UMT5_XXL, TextEncoder, expected_upstream_shapes,
+from avatar.services.encoder.audio_encoder import (AudioEncoder, bucket_features, frame_indices, resample_features)
+from avatar.services.encoder.engine import REF_REPEAT, EncoderEngine
+from avatar.services.encoder.text_encoder import (TEXT_LEN, TINY_T5, UMT5_XXL, TextEncoder, expected_upstream_shapes,
                                            infer_dims, upstream_key_map)
 
 KEYS = pathlib.Path(__file__).parent / "data" / "keys"
@@ -221,7 +221,7 @@ def test_engine_from_folder_checks_dims(tmp_path):
 
 def test_random_t5_filled_on_its_device_is_finite_and_tied():
     """The path `--random-weights` takes on a GPU (allocated and filled on the device), run on CPU."""
-    from services.encoder.text_encoder import TINY_T5, TextEncoder, filled_on_device
+    from avatar.services.encoder.text_encoder import TINY_T5, TextEncoder, filled_on_device
     model = filled_on_device(TINY_T5, 3, "cpu", torch.float32)
     assert model.encoder.embed_tokens.weight is model.shared.weight
     assert all(p.device.type == "cpu" for p in model.parameters())

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from services.decoder.fmp4 import FragmentedMp4Writer, avcc_from_parameter_sets, split_annexb
+from avatar.services.decoder.fmp4 import FragmentedMp4Writer, avcc_from_parameter_sets, split_annexb
 
 pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe")
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from services.generator.fp8 import (E4M3, E4M3_MAX, FP8Linear, dequantize, quantize,
+from avatar.services.generator.fp8 import (E4M3, E4M3_MAX, FP8Linear, dequantize, quantize,
                                     swap_linears_to_fp8)
 
 

@@ -6,8 +6,8 @@ from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread, write
 from avatar.errors import InvalidInput
 from avatar.presets import ModelSpec
 from avatar.v1 import tensor_pb2
-from services.generator.engine import GeneratorEngine
-from services.generator.weights import random_dit
+from avatar.services.generator.engine import GeneratorEngine
+from avatar.services.generator.weights import random_dit
 
 H = W = 64                      # pixels: latent 8 x 8
 INFER_FRAMES = 24               # one clip = 6 latent frames = 2 blocks of 3
@@ -217,7 +217,7 @@ def test_fp8_kv_cache_halves_the_cache_and_stays_close(engine):
 
 def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
     import argparse
-    from avatar import cli
+    from avatar.app import cli
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
     spec = cli.model_spec(parser.parse_args(["--kv-fp8", "--cache-sets", "1"]))
@@ -240,26 +240,26 @@ def test_a_failure_inside_the_model_frees_the_kv_cache_while_the_error_is_still_
 
 def test_cli_graph_and_offload_flags_reach_the_engine(monkeypatch):
     import argparse
-    from avatar import cli
+    from avatar.app import cli
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
     assert "cuda_graphs" not in cli.model_spec(parser.parse_args([])).extra   # default: on for CUDA devices
     spec = cli.model_spec(parser.parse_args(["--no-cuda-graphs", "--offload-text-kv"]))
     assert spec.extra == {"cuda_graphs": False, "offload_text_projections": True}
-    from services.generator.engine import cuda_graphs_wanted
+    from avatar.services.generator.engine import cuda_graphs_wanted
     assert not cuda_graphs_wanted(spec, torch.device("cuda"))
     assert cuda_graphs_wanted(ModelSpec(name="tiny"), torch.device("cuda"))
     assert not cuda_graphs_wanted(ModelSpec(name="tiny", extra={"cuda_graphs": True}), torch.device("cpu"))
     moved = []
-    monkeypatch.setattr("services.generator.causal_s2v_dit.CausalS2VDiT.offload_text_projections",
+    monkeypatch.setattr("avatar.services.generator.causal_s2v_dit.CausalS2VDiT.offload_text_projections",
                         lambda self: moved.append(self) or 0)
-    from services.generator.engine import build_generator_model
+    from avatar.services.generator.engine import build_generator_model
     dit = build_generator_model(spec.with_(name="tiny"))
     assert moved == [dit]
 
 
 def test_warm_up_runs_every_ring_fill_level_of_each_size_and_skips_what_cannot_run(engine):
-    from avatar.serve import warmup_sizes
+    from avatar.app.serve import warmup_sizes
     sizes = warmup_sizes(ModelSpec(name="tiny"))
     assert sizes == [(176, 96, 48, 4), (96, 64, 36, 3)]     # hd and preview at the tiny model's sizes
     opened = []

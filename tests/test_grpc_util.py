@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avatar import errors, grpc_util, wire
 from avatar.v1 import encoder_pb2, encoder_pb2_grpc
-from services.encoder.server import SERVICE_NAME, EncoderServicer
+from avatar.services.encoder.server import SERVICE_NAME, EncoderServicer
 
 RAISES = {
     "bad": errors.InvalidInput("size must be written W*H"),

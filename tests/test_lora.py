@@ -7,9 +7,9 @@ from ckpt_fixtures.dit import one_torch_thread, write_lora  # noqa: F401 (one_to
 from safetensors.torch import save_file
 
 from avatar.errors import WeightsError
-from services.generator.kv_cache import KVCache, KVCacheSpec
-from services.generator.lora import lora_layers, load_lora
-from services.generator.weights import random_dit
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+from avatar.services.generator.lora import lora_layers, load_lora
+from avatar.services.generator.weights import random_dit
 
 
 def _dit():

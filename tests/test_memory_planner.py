@@ -200,7 +200,8 @@ def test_plan_for_device_picks_the_fastest_config_that_fits_and_the_spec_runs_it
 def test_cli_plans_memory_on_a_gpu_unless_the_user_chose(monkeypatch):
     import torch
 
-    from avatar import cli, memory_planner
+    from avatar import memory_planner
+    from avatar.app import cli
     monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 40 * GiB)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
     base = ["generate", "--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--random-weights",

@@ -89,7 +89,7 @@ def test_gpu_monitor_without_nvml_exits_2_with_one_line(tmp_path):
     except pynvml.NVMLError:
         pass
     out = tmp_path / "gpu.csv"
-    r = subprocess.run([sys.executable, "-m", "avatar.cli", "gpu-monitor", "--count", "1", "--csv", str(out)],
+    r = subprocess.run([sys.executable, "-m", "avatar.app.cli", "gpu-monitor", "--count", "1", "--csv", str(out)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -104,7 +104,7 @@ def test_gpu_monitor_writes_csv(tmp_path):
     except pynvml.NVMLError:
         pytest.skip("no NVML here (covered by the exit-2 test)")
     out = tmp_path / "gpu.csv"
-    r = subprocess.run([sys.executable, "-m", "avatar.cli", "gpu-monitor", "--count", "2", "--interval", "0.1",
+    r = subprocess.run([sys.executable, "-m", "avatar.app.cli", "gpu-monitor", "--count", "2", "--interval", "0.1",
                         "--csv", str(out)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     rows = out.read_text().splitlines()
@@ -188,7 +188,7 @@ def test_gpu_collector_and_monitor_with_nvml(monkeypatch, tmp_path, capsys):
     import argparse
     import csv
 
-    from avatar import gpu_monitor
+    from avatar.app import gpu_monitor
     fake = _FakeNVML()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

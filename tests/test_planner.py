@@ -9,7 +9,7 @@ from PIL import Image
 from avatar.errors import InvalidInput
 from avatar.presets import DEFAULT_SEED, FRAMES_PER_BLOCK, ModelSpec
 from avatar.v1 import avatar_pb2
-from gateway import planner
+from avatar.gateway import planner
 
 TINY = ModelSpec()
 BIG = ModelSpec(name="s2v-14b", random_weights=True)

@@ -5,7 +5,7 @@ import json
 import subprocess
 
 from avatar.checkpoints import S2V_FOLDER
-from avatar.weights_tools import LORA_FILE
+from avatar.app.weights_tools import LORA_FILE
 from ckpt_fixtures.dit import write_dit_checkpoint, write_lora
 from ckpt_fixtures.encoders import write_encoder_files
 from conftest import ASSETS, AVATAR, ROOT, check_video

@@ -184,8 +184,8 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
     import subprocess
     import time
 
-    from avatar.healthcheck import check
-    from tests.conftest import AVATAR, ASSETS, ROOT, Services, free_port
+    from avatar.app.healthcheck import check
+    from tests.conftest import AVATAR, ASSETS, ROOT, Services, free_port, trim_speech
     chain = tmp_path / "fullchain.pem"   # leaf + CA: the embedded mesh verifies itself with it
     chain.write_bytes((pki / "server.pem").read_bytes() + (pki / "ca.pem").read_bytes())
     services = Services(tmp_path, dict(env, AVATAR_AUTH_TOKEN="pub-token-123", AVATAR_INTERNAL_TOKEN="int-token-456"))
@@ -202,7 +202,7 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
             assert svc.proc.poll() is None and time.monotonic() < deadline, svc.log.read_text()[-2000:]
             time.sleep(0.3)
         audio = tmp_path / "a.wav"
-        subprocess.run(["sox", str(ASSETS / "speech.wav"), str(audio), "trim", "0", "0.6"], check=True, timeout=30)
+        trim_speech(audio, 0, 0.6)
         base = [*AVATAR, "generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(audio),
                 "--size", "64*64", "--server", svc.address, "--tls-ca", str(pki / "ca.pem")]
         clean_env = {k: v for k, v in env.items() if k not in ("AVATAR_AUTH_TOKEN", "AVATAR_INTERNAL_TOKEN")}
@@ -217,7 +217,7 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
         assert r.returncode == 0, r.stderr[-2000:]
         assert "pub-token-123" not in (tmp_path / "flag.json").read_text(), "the token leaked into OUT.json"
         assert (tmp_path / "yes.mp4").stat().st_size > 1000
-        probe = [sys.executable, "-m", "avatar.healthcheck", "--tls-ca", str(pki / "ca.pem")]
+        probe = [sys.executable, "-m", "avatar.app.healthcheck", "--tls-ca", str(pki / "ca.pem")]
         r = subprocess.run([*probe, svc.address], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "SERVING" in r.stdout
         r = subprocess.run([*probe, "--timeout", "1", f"127.0.0.1:{free_port()}"], capture_output=True, text=True,

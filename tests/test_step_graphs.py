@@ -9,8 +9,8 @@ import torch
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 
 from avatar.presets import ModelSpec
-from services.generator.engine import GeneratorEngine
-from services.generator.step_graphs import StepGraphs
+from avatar.services.generator.engine import GeneratorEngine
+from avatar.services.generator.step_graphs import StepGraphs
 from test_generator_engine import _inputs, _job
 
 BLOCKS = 7     # 3 clips of 2 blocks + 1: the ring fills during clip 0, the sink is refreshed at clip 1
@@ -62,7 +62,7 @@ def test_the_first_blocks_never_wait_for_a_capture(engine):
 
 
 def test_offloaded_modules_are_copied_in_for_one_use_and_left_in_place():
-    from services.generator.causal_s2v_dit import CrossAttention, _on_device
+    from avatar.services.generator.causal_s2v_dit import CrossAttention, _on_device
     attn = CrossAttention(16, 2, 1e-6).to("meta")   # "the GPU" here
     attn.k = torch.nn.Linear(16, 16)                  # offloaded: on another device than the rest
     meta = torch.device("meta")

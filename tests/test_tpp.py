@@ -15,7 +15,7 @@ from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread  # noq
 
 from avatar.presets import ModelSpec
 from avatar.v1 import tensor_pb2
-from services.generator.engine import GeneratorEngine, GeneratorSession
+from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = 4          # 24 frames a clip = 2 blocks of 3 latent frames: two clips, so the sink refresh runs
@@ -28,8 +28,8 @@ RANK = textwrap.dedent("""
     from avatar.errors import InvalidInput
     from avatar.presets import ModelSpec
     from avatar.v1 import tensor_pb2
-    from services.generator.distributed import tpp
-    from services.generator.engine import GeneratorEngine
+    from avatar.services.generator.distributed import tpp
+    from avatar.services.generator.engine import GeneratorEngine
     out, blocks = sys.argv[1], int(sys.argv[2])
 
     def job(steps, seed):
@@ -268,7 +268,7 @@ def test_only_the_generator_role_runs_under_torchrun(env):
 
 
 def test_a_rank_whose_step_fails_frees_its_cache_while_the_error_is_still_held(engine, monkeypatch):
-    from services.generator.distributed.tpp import StepRunner
+    from avatar.services.generator.distributed.tpp import StepRunner
     text, ref, motion, audio = _inputs(5, blocks=1)
     runner = StepRunner(engine, _job(2, 1, blocks=1), text, ref, motion, step=0)
     fail_holding_a_cache_view(monkeypatch, engine.dit, "forward", runner.kv,

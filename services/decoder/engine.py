@@ -11,7 +11,7 @@ from avatar.errors import InvalidInput
 from avatar.models.wan_vae import WanVAE
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from avatar.torch_compile import tolerate_tracing_in_other_threads
-from services.decoder.fmp4 import FragmentedMp4Writer
+from avatar.services.decoder.fmp4 import FragmentedMp4Writer
 
 SPACE_STRIDE = 8
 

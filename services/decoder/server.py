@@ -5,7 +5,7 @@ from avatar import telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.v1 import decoder_pb2, decoder_pb2_grpc
-from services.decoder.engine import DecoderEngine
+from avatar.services.decoder.engine import DecoderEngine
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 

@@ -12,8 +12,8 @@ from avatar.checkpoints import resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
 from avatar.models.wan_vae import TIME_STRIDE, WanVAE
 from avatar.presets import ModelSpec, dims_of
-from services.encoder.audio_encoder import WAV2VEC2_LARGE, AudioEncoder
-from services.encoder.text_encoder import UMT5_XXL, TextEncoder
+from avatar.services.encoder.audio_encoder import WAV2VEC2_LARGE, AudioEncoder
+from avatar.services.encoder.text_encoder import UMT5_XXL, TextEncoder
 
 log = logging.getLogger(__name__)
 

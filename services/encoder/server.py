@@ -6,7 +6,7 @@ from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.presets import FRAMES_PER_BLOCK
 from avatar.v1 import encoder_pb2, encoder_pb2_grpc
-from services.encoder.engine import EncoderEngine
+from avatar.services.encoder.engine import EncoderEngine
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 

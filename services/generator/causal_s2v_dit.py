@@ -28,7 +28,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 from avatar.presets import MODEL_DIMS
-from services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
+from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
 ROPE_THETA = 10000.0

@@ -21,13 +21,13 @@ import torch
 from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
 from avatar.presets import FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
-from services.generator.attention import prefer_cudnn_attention
-from services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
-from services.generator.fp8 import fp8_supported, swap_linears_to_fp8
-from services.generator.kv_cache import KVCache, KVCacheSpec
-from services.generator.scheduler import FlowMatchEuler
-from services.generator.step_graphs import StepGraphs
-from services.generator.weights import load_dit, random_dit
+from avatar.services.generator.attention import prefer_cudnn_attention
+from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
+from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+from avatar.services.generator.scheduler import FlowMatchEuler
+from avatar.services.generator.step_graphs import StepGraphs
+from avatar.services.generator.weights import load_dit, random_dit
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
     if model.from_files:
         dit = load_dit(model.ckpt_dir, device=device, dtype=dtype)
         if model.lora_path:
-            from services.generator.lora import load_lora
+            from avatar.services.generator.lora import load_lora
             report = load_lora(dit, model.lora_path)   # merged before any FP8 swap, as upstream
             log.info("%s", report.describe())
     elif model.is_tiny:

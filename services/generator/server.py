@@ -11,7 +11,7 @@ from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.presets import VAE_TIME_STRIDE
 from avatar.v1 import generator_pb2, generator_pb2_grpc
-from services.generator.engine import GeneratorEngine
+from avatar.services.generator.engine import GeneratorEngine
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 

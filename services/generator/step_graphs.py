@@ -22,8 +22,8 @@ import logging
 
 import torch
 
-from services.generator.causal_s2v_dit import AudioTokens, CausalS2VDiT, Rope, StepPositions, TextContext
-from services.generator.kv_cache import KVCache
+from avatar.services.generator.causal_s2v_dit import AudioTokens, CausalS2VDiT, Rope, StepPositions, TextContext
+from avatar.services.generator.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 

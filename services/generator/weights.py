@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from avatar.checkpoints import DIT_CONFIG, DIT_INDEX, read_safetensors_header, read_shard_index, resolve_ckpt_dir
 from avatar.errors import WeightsError
-from services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT
+from avatar.services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT
 
 log = logging.getLogger(__name__)
 

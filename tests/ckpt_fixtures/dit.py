@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.generator.causal_s2v_dit import CausalS2VDiT
-from services.generator.lora import DEFAULT_TARGETS, PREFIX
-from services.generator.weights import random_dit
+from avatar.services.generator.causal_s2v_dit import CausalS2VDiT
+from avatar.services.generator.lora import DEFAULT_TARGETS, PREFIX
+from avatar.services.generator.weights import random_dit
 
 # What upstream's config.json carries besides the sizes (values of the 14B config).
 UPSTREAM_EXTRA = {

@@ -12,7 +12,7 @@ from transformers import Wav2Vec2CTCTokenizer
 
 from avatar.checkpoints import CheckpointLayout
 from avatar.models import wan_vae
-from services.encoder import audio_encoder, text_encoder
+from avatar.services.encoder import audio_encoder, text_encoder
 
 
 def write_vae(root: pathlib.Path, seed: int = 0) -> pathlib.Path:

@@ -46,10 +46,10 @@ from avatar import errors
 from avatar.errors import InvalidInput
 from avatar.memory_planner import MemoryRequest, check_session_memory
 from avatar.presets import VAE_TIME_STRIDE, ModelSpec
-from services.generator.causal_s2v_dit import REF_ROPE_FRAME
-from services.generator.engine import SINK_AHEAD, GeneratorEngine, clip_noise, plan_session
-from services.generator.kv_cache import KVCache, KVCacheSpec
-from services.generator.scheduler import FlowMatchEuler
+from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME
+from avatar.services.generator.engine import SINK_AHEAD, GeneratorEngine, clip_noise, plan_session
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+from avatar.services.generator.scheduler import FlowMatchEuler
 
 log = logging.getLogger(__name__)
 

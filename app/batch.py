@@ -393,7 +393,7 @@ async def run(args, model=None) -> int:
             if warning := plaintext_token_warning(address, creds, token):
                 print(f"avatar batch: {warning}", file=sys.stderr)
         else:
-            from avatar.serve import ServeConfig, start
+            from avatar.app.serve import ServeConfig, start
             mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
                                            trace_file=getattr(args, "trace_file", None)))
             address = mesh.address

@@ -1,4 +1,4 @@
-"""Probe a server's gRPC health service: `python -m avatar.healthcheck HOST:PORT` (exit 0 = SERVING)."""
+"""Probe a server's gRPC health service: `python -m avatar.app.healthcheck HOST:PORT` (exit 0 = SERVING)."""
 import argparse
 import os
 import sys
@@ -23,7 +23,7 @@ def check(address: str, service: str = "", timeout: float = 3.0, tls_ca: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="avatar.healthcheck", description=__doc__)
+    p = argparse.ArgumentParser(prog="avatar.app.healthcheck", description=__doc__)
     p.add_argument("address", help="HOST:PORT of an avatar server, e.g. 127.0.0.1:50051")
     p.add_argument("--service", default="", help="health service name; empty: the whole server")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds, e.g. 3")

@@ -96,7 +96,7 @@ class _DitResult:
 
 def _check_dit(layout: CheckpointLayout, model: str) -> _DitResult:
     import torch
-    from services.generator.weights import build_dit, check_dit_files, checkpoint_files, read_dit_config
+    from avatar.services.generator.weights import build_dit, check_dit_files, checkpoint_files, read_dit_config
 
     rep = ComponentReport("DiT", layout.root)
     expected = build_dit(model, device="meta")
@@ -137,7 +137,7 @@ def _check_vae(layout: CheckpointLayout, model: str) -> ComponentReport:
 
 
 def _check_t5(layout: CheckpointLayout, model: str) -> ComponentReport:
-    from services.encoder import text_encoder
+    from avatar.services.encoder import text_encoder
 
     dims = text_encoder.TINY_T5 if model == "tiny" else text_encoder.UMT5_XXL
     return _check_pth("T5", layout.t5, text_encoder.expected_upstream_shapes(dims))

@@ -13,7 +13,7 @@ from avatar.metrics import MetricsInterceptor
 from avatar.presets import ModelSpec
 from avatar.security import SecurityConfig
 
-log = logging.getLogger("avatar.serve")
+log = logging.getLogger("avatar.app.serve")
 
 ROLES = ("all", "gateway", "encoder", "generator", "decoder")
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -98,18 +98,18 @@ async def start(cfg: ServeConfig) -> RunningServer:
     # thread so a slow checkpoint load does not block the loop.
     if cfg.role in ("all", "encoder"):
         from avatar.v1 import encoder_pb2_grpc
-        from services.encoder.engine import EncoderEngine
-        from services.encoder.server import SERVICE_NAME, EncoderServicer
+        from avatar.services.encoder.engine import EncoderEngine
+        from avatar.services.encoder.server import SERVICE_NAME, EncoderServicer
         engine = await loop.run_in_executor(None, EncoderEngine, cfg.model)
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
         names.append(SERVICE_NAME)
     if cfg.role in ("all", "generator"):
         from avatar.v1 import generator_pb2_grpc
-        from services.generator.engine import GeneratorEngine
-        from services.generator.server import SERVICE_NAME, GeneratorServicer
-        from services.generator import distributed
+        from avatar.services.generator.engine import GeneratorEngine
+        from avatar.services.generator.server import SERVICE_NAME, GeneratorServicer
+        from avatar.services.generator import distributed
         if distributed.launched():   # torchrun: rank 0 of a TPP group (services/generator/distributed)
-            from services.generator.distributed.tpp import start_rank0
+            from avatar.services.generator.distributed.tpp import start_rank0
             engine = await loop.run_in_executor(None, start_rank0, cfg.model)
             closers.append(engine.aclose)
         else:
@@ -122,8 +122,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
         names.append(SERVICE_NAME)
     if cfg.role in ("all", "decoder"):
         from avatar.v1 import decoder_pb2_grpc
-        from services.decoder.engine import DecoderEngine
-        from services.decoder.server import SERVICE_NAME, DecoderServicer
+        from avatar.services.decoder.engine import DecoderEngine
+        from avatar.services.decoder.server import SERVICE_NAME, DecoderServicer
         engine = await loop.run_in_executor(None, DecoderEngine, cfg.model)
         if warmup:
             sizes = [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]
@@ -133,7 +133,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         names.append(SERVICE_NAME)
     if cfg.role in ("all", "gateway"):
         from avatar.v1 import avatar_pb2_grpc
-        from gateway.server import SERVICE_NAME, GatewayServicer
+        from avatar.gateway.server import SERVICE_NAME, GatewayServicer
         if cfg.role == "all":
             # Same code path as a deployed mesh: the gateway calls its siblings over loopback.
             host = _host(cfg.listen)
@@ -158,7 +158,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
 
 
 async def serve_forever(cfg: ServeConfig) -> None:
-    from services.generator import distributed
+    from avatar.services.generator import distributed
     if distributed.launched():
         if cfg.role != "generator":
             raise ValueError(f"under torchrun only --role generator runs (multi-GPU TPP), not {cfg.role!r}")
@@ -167,7 +167,7 @@ async def serve_forever(cfg: ServeConfig) -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, lambda: log.info("waiting for rank 0 to stop the group"))
-            from services.generator.distributed.tpp import worker_main
+            from avatar.services.generator.distributed.tpp import worker_main
             await asyncio.to_thread(worker_main, cfg.model)
             return
     running = await start(cfg)

@@ -7,6 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from avatar import package_version
 from avatar.files import unlink_quietly, write_json_atomic
 
 EXIT_BAD_INPUT = 2
@@ -100,8 +101,9 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from avatar.security import add_security_args
-    from avatar.serve import DEFAULT_LISTEN, ROLES
+    from avatar.app.serve import DEFAULT_LISTEN, ROLES
     parser = argparse.ArgumentParser(prog="avatar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="host mesh services (default: all four in one process)")
@@ -139,13 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(p)
 
     p = sub.add_parser("batch", help="one video per JSON profile in a folder; resumable, with a manifest")
-    from avatar import batch
+    from avatar.app import batch
     batch.add_arguments(p)
     _add_model_flags(p)
     add_security_args(p)
 
     p = sub.add_parser("gpu-monitor", help="print or log GPU memory/utilisation/temperature, like nvidia-smi")
-    from avatar import gpu_monitor
+    from avatar.app import gpu_monitor
     gpu_monitor.add_arguments(p)
 
     p = sub.add_parser("check-weights", help="check a checkpoint folder against the model's expected tensors "
@@ -167,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return asyncio.run(cmd_generate(args))
         if args.command == "batch":
-            from avatar.batch import run
+            from avatar.app.batch import run
             return asyncio.run(run(args, model_spec(args)))
         if args.command == "gpu-monitor":
-            from avatar.gpu_monitor import run
+            from avatar.app.gpu_monitor import run
             return run(args)
         if args.command == "check-weights":
             return cmd_check_weights(args)
@@ -187,7 +189,7 @@ def cmd_serve(args) -> int:
     from avatar.admission import AdmissionConfig
     from avatar.logging_setup import setup_logging
     from avatar.security import SecurityConfig
-    from avatar.serve import GRACE_S, ServeConfig, serve_forever
+    from avatar.app.serve import GRACE_S, ServeConfig, serve_forever
     setup_logging(f"avatar-{args.role}")
     try:
         security = SecurityConfig.from_args(args)
@@ -234,7 +236,7 @@ async def cmd_generate(args) -> int:
         address = args.server
         telemetry.setup("avatar-cli", args.trace_file)
     else:
-        from avatar.serve import ServeConfig, start
+        from avatar.app.serve import ServeConfig, start
         try:
             mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
                                            trace_file=args.trace_file))
@@ -341,7 +343,7 @@ def _progress_bar(header):
 
 def cmd_check_weights(args) -> int:
     """Prints one line per component; exit 0 when complete, 1 when something is missing or wrong."""
-    from avatar.weights_tools import check_weights
+    from avatar.app.weights_tools import check_weights
     try:
         report = check_weights(args.ckpt_dir, args.lora_path, model=args.model)
     except ValueError as exc:
@@ -352,7 +354,7 @@ def cmd_check_weights(args) -> int:
 
 def cmd_download_weights(args) -> int:
     from avatar.errors import WeightsError
-    from avatar.weights_tools import download_weights
+    from avatar.app.weights_tools import download_weights
     try:
         got = download_weights(args.ckpt_dir, lora=not args.no_lora)
     except WeightsError as exc:
