@@ -21,6 +21,9 @@ MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# The public API (AvatarService) receives a portrait and a speech file, not tensors: its own,
+# smaller limit (docs/operations.md, "Input limits"). Clients transcode audio that would not fit.
+PUBLIC_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # A peer that vanishes without closing its socket (host down, process frozen, network cut)
 # is noticed by keepalive pings within ~10 s instead of hanging the stream (ping_timeout_ms:
 # grpc's own default is 60 s); a peer that comes back is reconnected to within 2 s. Servers
