@@ -28,15 +28,15 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 
-from bench.bench_generator import GiB, build_dit, free_memory, median, peak_gib, reset_peak, run_guarded
+from avatar.jobs import Job
+from avatar.presets import FPS, FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE as RATE
+from bench.bench_generator import GiB, free_memory, median, peak_gib, reset_peak, run_guarded
 
-FRAMES_PER_BLOCK, FPS, RATE = 12, 25, 48000
 BLOCKS_PER_CLIP = 4          # infer_frames 48
 
 
@@ -44,10 +44,10 @@ def log(*a):
     print(*a, flush=True)
 
 
-def make_job(width: int, height: int, blocks: int, seed: int = 420, infer_frames: int = FRAMES_PER_BLOCK * BLOCKS_PER_CLIP):
-    return SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=infer_frames,
-                           latent_frames_per_block=3, num_blocks=blocks, total_frames=blocks * FRAMES_PER_BLOCK,
-                           sample_steps=4, seed=seed, model="s2v-14b", audio_sample_rate=RATE, request_id="bench")
+def make_job(width: int, height: int, blocks: int, seed: int = 420,
+             infer_frames: int = FRAMES_PER_BLOCK * BLOCKS_PER_CLIP) -> Job:
+    return Job(width=width, height=height, infer_frames=infer_frames, sample_steps=4, num_blocks=blocks, seed=seed,
+               total_frames=blocks * FRAMES_PER_BLOCK, model="s2v-14b", audio_sample_rate=RATE, request_id="bench")
 
 
 def session_inputs(dit, width: int, height: int, blocks: int, seed: int = 0):
@@ -111,7 +111,7 @@ def run_session(eng, dec, width: int, height: int, blocks: int, warm: int, label
         if thread:
             q.put(None)
             thread.join()
-        graphs = (sess._graphs.num_graphs, sess._graphs.replays) if sess._graphs is not None else (0, 0)
+        graphs = (sess.graphs.num_graphs, sess.graphs.replays) if sess.graphs is not None else (0, 0)
         sess.close()
         if stream is not None:
             stream.close()
@@ -239,18 +239,14 @@ def main():
 
     from avatar.presets import ModelSpec
     from avatar.services.decoder.engine import DecoderEngine
-    from avatar.services.generator.engine import GeneratorEngine, compile_blocks
-    from avatar.services.generator.fp8 import swap_linears_to_fp8
+    from avatar.services.generator.engine import GeneratorEngine, build_generator_model
 
     name = "tiny" if args.tiny else "s2v-14b"
     base = ModelSpec(name=name, device=str(device), random_weights=not args.tiny, fp8=cuda, compile=cuda)
     dt = torch.bfloat16 if cuda else torch.float32
     t0 = time.perf_counter()
-    dit = build_dit("tiny" if args.tiny else "s2v-14b", str(device), dt)
-    if cuda:
-        swap_linears_to_fp8(dit)
-        free_memory(device)
-        compile_blocks(dit)
+    dit = build_generator_model(base)   # FP8 and compiled on a GPU
+    free_memory(device)
     log(f"DiT ready in {time.perf_counter() - t0:.1f} s ({torch.cuda.memory_allocated() / GiB:.2f} GiB)" if cuda
         else "DiT ready")
 
@@ -327,9 +323,8 @@ def main():
             log(f"bf16 + compile + graphs ({left:.0f} s of the budget left):")
             del dit
             free_memory(device)
-            dit = build_dit("s2v-14b", str(device), dt)
-            compile_blocks(dit)
             bf16 = replace(base, fp8=False)
+            dit = build_generator_model(bf16)
             w, h = sizes[0]
             guarded("bf16 warm-up", lambda: run_session(GeneratorEngine(replace(bf16, extra={"cuda_graphs": False}), dit=dit),
                                                         None, w, h, BLOCKS_PER_CLIP + 1, 1, "bf16 warm-up (compiles)"))

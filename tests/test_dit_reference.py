@@ -14,7 +14,7 @@ from safetensors import safe_open
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 
 from avatar.presets import ModelSpec
-from avatar.v1 import tensor_pb2
+from avatar.jobs import Job
 from avatar.services.generator.causal_s2v_dit import PRESETS, REF_ROPE_FRAME, Rope, apply_rope
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
@@ -71,8 +71,8 @@ def test_engine_blocks_match_upstreams_generate_loop():
     ref = torch.randn(16, 1, h, w, generator=g)
     motion = torch.randn(16, 19, h, w, generator=g)
     audio = torch.randn(clips * infer, 25, 32, generator=g)
-    job = tensor_pb2.JobSpec(width=width, height=height, fps=25, infer_frames=infer, latent_frames_per_block=3,
-                             num_blocks=len(want), total_frames=clips * infer, sample_steps=steps, seed=seed, model="tiny")
+    job = Job(width=width, height=height, fps=25, infer_frames=infer, latent_frames_per_block=3,
+              num_blocks=len(want), total_frames=clips * infer, sample_steps=steps, seed=seed, model="tiny")
     session = GeneratorEngine(ModelSpec(), dit=model).open_session(job, text, ref, motion)
     for b, expected in enumerate(want):
         got = session.generate_block(audio[12 * b:12 * (b + 1)])

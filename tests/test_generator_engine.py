@@ -5,7 +5,7 @@ from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread, write
 
 from avatar.errors import InvalidInput
 from avatar.presets import ModelSpec
-from avatar.v1 import tensor_pb2
+from avatar.jobs import Job
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.weights import random_dit
 
@@ -16,7 +16,7 @@ INFER_FRAMES = 24               # one clip = 6 latent frames = 2 blocks of 3
 def _job(seed=420, steps=4, **kw):
     fields = dict(width=W, height=H, fps=25, infer_frames=INFER_FRAMES, latent_frames_per_block=3,
                   num_blocks=40, total_frames=480, sample_steps=steps, seed=seed, model="tiny")
-    return tensor_pb2.JobSpec(**{**fields, **kw})
+    return Job(**{**fields, **kw})
 
 
 def _inputs(seed=0, blocks=4):
