@@ -4,6 +4,7 @@ import time
 from avatar import telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
+from avatar.jobs import Job
 from avatar.v1 import decoder_pb2, decoder_pb2_grpc
 from avatar.services.decoder.engine import DecoderEngine
 
@@ -17,7 +18,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first DecoderInput must be a DecodeStart")
-        job = first.start.job
+        job = Job.from_proto(first.start.job)
         stream = await run_blocking(self.engine.open_stream, job, wire.tensor_arg(first.start.prime_latent, "prime_latent"))
         try:
             yield decoder_pb2.DecoderOutput(init_segment=await run_blocking(stream.init_segment))
