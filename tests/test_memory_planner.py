@@ -218,3 +218,43 @@ def test_cli_plans_memory_on_a_gpu_unless_the_user_chose(monkeypatch):
         cli.model_spec(cli.build_parser().parse_args(base))
     monkeypatch.setenv("WORLD_SIZE", "4")    # a TPP rank: one cache set each, no single-GPU plan
     assert cli.model_spec(cli.build_parser().parse_args(base)).extra == {}
+
+
+def test_the_planners_numbers_are_the_models():
+    """Dims, token counts and cache bytes come from the model's own config and KV layout (one source):
+    the 14B model built on the meta device has the planner's parameter counts, sink and cache sizes."""
+    import torch
+
+    from avatar.memory_planner import DIT_FP8_PARAMS, DIT_PARAMS, kv_cache_bytes
+    from avatar.services.generator.kv_cache import KVCacheSpec
+    from avatar.services.generator.weights import build_dit
+    dit = build_dit("s2v-14b", "meta")
+    assert sum(p.numel() for p in dit.parameters()) == DIT_PARAMS
+    assert sum(m.weight.numel() for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear)
+               and name.startswith(("blocks.", "audio_injector."))) == DIT_FP8_PARAMS
+    for req in (HD, PREVIEW, MemoryRequest(688, 368, infer_frames=48)):
+        h, w = req.height // 8, req.width // 8
+        assert (req.sink_tokens, req.tokens_per_latent_frame) == (dit.sink_tokens(h, w), dit.frame_tokens(h, w))
+        for sets in (1, 2, req.sample_steps):
+            spec = KVCacheSpec.for_model(dit, h, w, req.window_latent_frames, sets)
+            assert kv_cache_bytes(req, sets, 2) == spec.nbytes(torch.bfloat16)
+
+
+def test_the_planner_imports_no_service_code():
+    import subprocess
+    import sys
+    code = ("import sys, avatar.memory_planner; "
+            "print(sorted(m for m in sys.modules if m.startswith(('avatar.services', 'avatar.gateway', 'avatar.app'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_sample_steps_beyond_the_one_limit_are_refused_everywhere():
+    from avatar.dit_config import MAX_SAMPLE_STEPS
+    from avatar.services.generator.scheduler import FlowMatchEuler
+    assert MemoryRequest(384, 256, sample_steps=MAX_SAMPLE_STEPS).sample_steps == MAX_SAMPLE_STEPS
+    with pytest.raises(InvalidInput, match=f"between 1 and {MAX_SAMPLE_STEPS}"):
+        MemoryRequest(384, 256, sample_steps=MAX_SAMPLE_STEPS + 1)
+    assert FlowMatchEuler.create(MAX_SAMPLE_STEPS).num_steps == MAX_SAMPLE_STEPS
+    with pytest.raises(ValueError, match=f"between 1 and {MAX_SAMPLE_STEPS}"):
+        FlowMatchEuler.create(MAX_SAMPLE_STEPS + 1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from avatar.dit_config import MAX_SAMPLE_STEPS
 from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.jobs import Job
 from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
@@ -409,8 +410,8 @@ def plan_session(job: Job, dit: CausalS2VDiT, ref_latent, motion_latents, text, 
         raise InvalidInput(f"infer_frames {job.infer_frames} must be a positive multiple of "
                            f"{block * VAE_TIME_STRIDE} (latent_frames_per_block {block} x {VAE_TIME_STRIDE})")
     steps = job.sample_steps
-    if not 1 <= steps <= 50:
-        raise InvalidInput(f"sample_steps must be between 1 and 50, got {steps}")
+    if not 1 <= steps <= MAX_SAMPLE_STEPS:
+        raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {steps}")
     sets = steps if cache_sets is None else int(cache_sets)
     if sets not in (1, steps):
         raise InvalidInput(f"cache_sets must be 1 (clean context) or sample_steps ({steps}), got {sets}")
