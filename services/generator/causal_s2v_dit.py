@@ -32,6 +32,9 @@ from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtyp
 
 REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
 ROPE_THETA = 10000.0
+# Upstream rounds the text cross-attention's pre-norm (norm3) input, and so its output, to bf16
+# whatever the model dtype, a float32 run included: the model was trained so.
+CROSS_ATTN_NORM_DTYPE = torch.bfloat16
 
 # Constructor arguments per preset, from the one description of the geometry (avatar/dit_config.py).
 PRESETS: dict[str, dict] = {name: config.kwargs() for name, config in DIT_CONFIGS.items()}
@@ -233,7 +236,7 @@ class CausalS2VBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + mod).unbind(2)
         y = self.self_attn(_modulate(self.norm1(x), shift1, scale1).to(dtype), rope, kv)
         x = x.float() + _gate(y, gate1)  # float32 residual inside the block, as upstream
-        x = x + self.cross_attn(self.norm3(x.to(dtype)), text_kv).float()
+        x = x + self.cross_attn(self.norm3(x.to(CROSS_ATTN_NORM_DTYPE)).to(dtype), text_kv).float()
         y = self.ffn(_modulate(self.norm2(x), shift2, scale2).to(dtype))
         return (x + _gate(y, gate2)).to(dtype)
 
