@@ -1,4 +1,4 @@
-"""The causal S2V DiT's geometry and limits per model preset: one source for the model, the memory planner and the engine."""
+"""The causal S2V DiT's geometry and limits per preset: one source for the model, the memory planner, the engine."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

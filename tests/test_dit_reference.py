@@ -114,5 +114,6 @@ def test_the_cross_attention_pre_norm_sees_bf16_in_a_float32_model(monkeypatch):
     norm3 = block.norm3.forward
     monkeypatch.setattr(block.norm3, "forward", lambda x: seen.append(x.dtype) or norm3(x))
     kv = KVCache(KVCacheSpec.for_model(model, 8, 8, 6), torch.float32, "cpu")
-    model.prefill_sink(torch.randn(1, 16, 1, 8, 8), torch.randn(1, 16, 19, 8, 8), model.embed_text(torch.randn(1, 3, 32)), kv)
+    context = model.embed_text(torch.randn(1, 3, 32))
+    model.prefill_sink(torch.randn(1, 16, 1, 8, 8), torch.randn(1, 16, 19, 8, 8), context, kv)
     assert seen == [torch.bfloat16]

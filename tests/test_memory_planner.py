@@ -243,8 +243,8 @@ def test_the_planners_numbers_are_the_models():
 def test_the_planner_imports_no_service_code():
     import subprocess
     import sys
-    code = ("import sys, avatar.memory_planner; "
-            "print(sorted(m for m in sys.modules if m.startswith(('avatar.services', 'avatar.gateway', 'avatar.app'))))")
+    code = ("import sys, avatar.memory_planner; print(sorted(m for m in sys.modules "
+            "if m.startswith(('avatar.services', 'avatar.gateway', 'avatar.app'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

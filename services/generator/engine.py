@@ -5,6 +5,9 @@ prefilled at t=0, every block of 3 latent frames is denoised with N flow-matchin
 while attending to the cached earlier blocks (a ring one clip long) and to the sink; after the
 first clip the sink's reference is replaced by the first generated latent frame. Noise comes
 from a CPU torch.Generator seeded with job.seed + clip index, so runs are reproducible.
+
+GeneratorSession is the one block loop: the multi-GPU generator's ranks (distributed/tpp.py)
+each run a session of one sampling step, and the benchmarks (bench/) run sessions too.
 """
 from __future__ import annotations
 

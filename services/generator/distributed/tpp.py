@@ -13,7 +13,7 @@ a receive up never queue behind each other). Everything a rank learns (a session
 conditioning, each block's latent and audio, close, shutdown) comes down the ring in order, so
 no rank ever waits on a collective that another rank is too busy to join.
 
-Rank 0 runs the gRPC service (avatar/serve.py) with TPPEngine in place of GeneratorEngine: a
+Rank 0 runs the gRPC service (avatar/app/serve.py) with TPPEngine in place of GeneratorEngine: a
 driver thread runs step 0 and sends down, a receiver thread takes finished blocks and
 acknowledgements from the last rank. Ranks 1..N-1 run `run_worker`.
 
