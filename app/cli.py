@@ -121,6 +121,7 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from avatar.presets import AUDIO_ENCODERS
     from avatar.security import add_security_args
     from avatar.app.serve import DEFAULT_LISTEN, ROLES
     parser = argparse.ArgumentParser(prog="avatar", description=__doc__)
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: start the mesh in this process)")
     p.add_argument("--out", required=True, help="output video, e.g. out/demo.mp4 (OUT.json is written beside it)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the request in seconds")
+    p.add_argument("--audio-encoder", choices=AUDIO_ENCODERS, default=None,
+                   help="audio encoder of the speech features (default wav2vec2, what the model was trained with); "
+                        "without --server the embedded mesh loads it")
+    p.add_argument("--clip-embedding", action="store_true",
+                   help="also get the portrait's CLIP identity embedding, written to OUT.json (clip_embedding)")
     _add_model_flags(p)
     add_security_args(p)
 
@@ -247,7 +253,8 @@ async def cmd_generate(args) -> int:
     request = avatar_pb2.GenerateRequest(
         image=_read(args.image, "image"), audio=_read(args.audio, "audio"), prompt=args.prompt,
         size=args.size, preset=args.preset or "", num_clip=args.num_clip, infer_frames=args.infer_frames,
-        sample_steps=args.sample_steps, seed=args.seed)
+        sample_steps=args.sample_steps, seed=args.seed, audio_encoder=args.audio_encoder or "",
+        clip_embedding=args.clip_embedding)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model_spec(args)
@@ -349,6 +356,9 @@ async def cmd_generate(args) -> int:
         "server_total_s": status.total_s,
         "total_s": total_s,
     }
+    if header.HasField("clip_embedding"):
+        from avatar import wire
+        report["clip_embedding"] = wire.from_proto(header.clip_embedding).tolist()
     write_json_atomic(out.with_suffix(".json"), report)
     print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
           f"{header.duration_s:.2f} s) in {total_s:.1f} s, first fragment after "

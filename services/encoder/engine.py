@@ -202,6 +202,6 @@ def _load_clip(spec: ModelSpec, device: torch.device):
     try:
         model = CLIPVisionModel.from_pretrained(source, local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{source}: cannot load the CLIP vision model ({e})") from e
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise WeightsError(f"{source}: cannot load the CLIP vision model ({type(e).__name__}: {e})") from e
     return model.eval().to(device=device, dtype=dtype), processor
