@@ -6,10 +6,9 @@ import numpy as np
 
 from avatar import media
 from avatar.errors import InvalidInput
-from avatar.presets import (DEFAULT_JOB_PRESET, DEFAULT_SEED, ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK,
-                            JOB_PRESETS, LATENT_FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE,
-                            ModelSpec, preset_area, whole_blocks)
-from avatar.presets import AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER
+from avatar.presets import (AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER, DEFAULT_JOB_PRESET, DEFAULT_SEED,
+                            ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK, JOB_PRESETS, LATENT_FRAMES_PER_BLOCK,
+                            OUTPUT_AUDIO_RATE, ModelSpec, preset_area, whole_blocks)
 from avatar.v1 import avatar_pb2, tensor_pb2
 
 MAX_SAMPLE_STEPS = 50
