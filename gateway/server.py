@@ -180,7 +180,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # it streams latent blocks out, and each block goes to the decoder with its slice of PCM.
         # The audio encoder starts first, so it overlaps the image and text encoders.
         audio_call = self.encoder.EncodeAudio(encoder_pb2.EncodeAudioRequest(
-            job=job, pcm_16k=wire.to_proto(plan.pcm_16k)), **call_options(context))
+            job=job, pcm_16k=wire.to_proto(plan.pcm_16k), audio_encoder=request.audio_encoder), **call_options(context))
         calls = [audio_call]
         tasks = [asyncio.create_task(guarded(pump_audio()))]
         first_fragment_s = None
@@ -188,7 +188,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         try:
             image, text = await asyncio.gather(
                 self._timed(timings, "encode_image", self.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(
-                    job=job, pixels=wire.to_proto(plan.pixels)), **call_options(context))),
+                    job=job, pixels=wire.to_proto(plan.pixels), clip_embedding=request.clip_embedding),
+                    **call_options(context))),
                 self._timed(timings, "encode_text", self.encoder.EncodeText(encoder_pb2.EncodeTextRequest(
                     job=job, prompt=request.prompt), **call_options(context))))
             generator_call = self.generator.Generate(generator_requests(), **call_options(context))
@@ -206,7 +207,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                         request_id=request_id, mime_type=mime_type(event.init_segment), width=job.width,
                         height=job.height, fps=job.fps, expected_fragments=job.num_blocks,
                         total_frames=job.total_frames, duration_s=plan.duration_s,
-                        model=self.model.describe(), job=job))
+                        model=self.model.describe(), job=job,
+                        clip_embedding=image.clip_embedding if request.clip_embedding else None))
                     yield avatar_pb2.GenerateResponse(init_segment=avatar_pb2.InitSegment(data=event.init_segment))
                     continue
                 frag = event.fragment
