@@ -27,9 +27,13 @@ def test_bench_runs_every_cpu_path_and_writes_json(tmp_path, monkeypatch):
     assert res["engine"][0]["block_ms"] > 0
 
 
-def test_the_legacy_kv_reads_give_the_same_latents():
-    """The before/after comparison is fair only if the emulated old reads compute the same thing."""
+def test_the_legacy_kv_reads_give_the_same_latents(monkeypatch):
+    """The before/after comparison is fair only if the emulated old reads compute the same thing.
+    Checked without norm3's bf16 rounding: the two key orders differ in the last float32 bit, and
+    a bf16 rounding that flips on such a bit moves the latents by ~1e-4."""
     import torch
+    from avatar.services.generator import causal_s2v_dit
+    monkeypatch.setattr(causal_s2v_dit, "CROSS_ATTN_NORM_DTYPE", torch.float32)
     dit = bench_generator.build_dit("tiny", "cpu")
     for sets in (4, 1):
         cfg = bench_generator.LoopConfig(192, 128, num_sets=sets)
