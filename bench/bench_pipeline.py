@@ -279,11 +279,6 @@ def main():
         for w, h in sizes:
             guarded(f"pipeline {w}*{h}", lambda w=w, h=h: run_session(
                 engine(cuda_graphs=True), dec, w, h, n, warm, f"{tag}+graphs, pipeline"))
-        if cuda:   # the decoder's stream at normal priority, for comparison
-            high, dec.stream = dec.stream, torch.cuda.Stream(device)
-            guarded("pipeline normal priority", lambda: run_session(
-                engine(cuda_graphs=True), dec, *sizes[0], n, warm, f"{tag}+graphs, pipeline, decoder normal priority"))
-            dec.stream = high
     if "24gb" in parts:
         w, h = sizes[0]
         log(f"24 GB mode: cap {args.mem_gib} GiB, text k/v projections on the CPU, 1 FP8 cache set, "
