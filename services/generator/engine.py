@@ -204,7 +204,7 @@ class GeneratorSession:
         if step is not None and not (0 <= step < plan.steps and plan.cache_sets == plan.steps):
             raise InvalidInput(f"step {step} out of range for {plan.steps} sampling steps with a cache set each")
         self.step = step
-        self.steps = range(plan.steps) if step is None else range(step, step + 1)
+        self.session_steps = range(plan.steps) if step is None else range(step, step + 1)   # the steps it runs
         self.seed = int(job.seed)
         self.sampler = FlowMatchEuler.create(plan.steps)
         self.sink_ahead = sink_ahead
@@ -339,13 +339,13 @@ class GeneratorSession:
         frame = index * p.block_frames
         tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
         x = x.to(self.device, self.dtype)
-        for i in self.steps:
+        for i in self.session_steps:
             v = self._denoise(x, self.sampler.timesteps[i], tokens, self._cache_set_of_step(i), frame, sink_frames[i])
             x = self.sampler.step(x, v, i)
         if p.cache_sets == 1:
             # clean context: re-encode the finished block at t=0 into the single cache set
             self._denoise(x, 0.0, tokens, 0, frame, sink_frames[-1])
-        if index == 0 and self.steps[-1] == p.steps - 1:
+        if index == 0 and self.session_steps[-1] == p.steps - 1:
             self._first_frame = x[:, :, :1].clone()
         self.block_index += 1
         return x
