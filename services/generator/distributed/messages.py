@@ -125,23 +125,39 @@ Message = OpenSession | Block | CloseSession | Ping | Shutdown
 Reply = Opened | BlockDone | Closed | Pong | ShutDown
 
 
+def encode(msg: Message | Reply) -> tuple[bytes, list[torch.Tensor]]:
+    """A message as its header (the dataclass without its tensors, with each tensor's dtype and
+    shape; pickled) and each non-empty tensor's bytes as a flat uint8 tensor, bit for bit."""
+    tensors = {f.name: getattr(msg, f.name) for f in fields(msg) if isinstance(getattr(msg, f.name), torch.Tensor)}
+    header = pickle.dumps((replace(msg, **dict.fromkeys(tensors)),
+                           [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]), protocol=5)
+    return header, [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors.values() if t.numel()]
+
+
+def decode(header: bytes, read) -> Message | Reply:
+    """encode's inverse; `read(nbytes)` gives the next tensor's bytes as a uint8 tensor."""
+    msg, specs = pickle.loads(header)   # peers are this job's own ranks
+    tensors = {}
+    for name, dtype, shape in specs:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        data = read(nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+        tensors[name] = data.view(dtype).reshape(shape)
+    return replace(msg, **tensors)
+
+
 class Channel:
-    """Messages to/from one peer over one process group. A message goes as a header (the
-    dataclass without its tensors, pickled, with each tensor's dtype and shape) and then each
-    tensor's bytes as a tensor of its own. Sends are asynchronous, one message in flight: the
-    next send, or flush(), waits for the previous one."""
+    """Messages to/from one peer over one process group: the header's length, the header, then
+    each tensor's bytes (encode). Sends are asynchronous, one message in flight: the next send,
+    or flush(), waits for the previous one."""
 
     def __init__(self, peer: int, group, device: torch.device):
         self.peer, self.group, self.device = peer, group, device
         self._in_flight: list = []     # the works and their buffers, which must outlive the sends
 
     def send(self, msg: Message | Reply) -> None:
-        tensors = {f.name: getattr(msg, f.name) for f in fields(msg) if isinstance(getattr(msg, f.name), torch.Tensor)}
-        header = pickle.dumps((replace(msg, **dict.fromkeys(tensors)),
-                               [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]), protocol=5)
-        buffers = [torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device)]
-        buffers += [t.detach().contiguous().reshape(-1).view(torch.uint8).to(self.device)
-                    for t in tensors.values() if t.numel()]
+        header, tensors = encode(msg)
+        buffers = [torch.frombuffer(bytearray(header), dtype=torch.uint8)] + tensors
+        buffers = [b.to(self.device) for b in buffers]
         size = torch.tensor([buffers[0].numel()], dtype=torch.int64, device=self.device)
         self.flush()
         works = [dist.isend(b, self.peer, group=self.group) for b in (size, *buffers)]
@@ -159,12 +175,9 @@ class Channel:
         dist.recv(size, self.peer, group=self.group)
         header = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
         dist.recv(header, self.peer, group=self.group)
-        msg, specs = pickle.loads(header.cpu().numpy().tobytes())   # peers are this job's own ranks
-        tensors = {}
-        for name, dtype, shape in specs:
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
+
+        def read(nbytes: int) -> torch.Tensor:
             data = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            if nbytes:
-                dist.recv(data, self.peer, group=self.group)
-            tensors[name] = data.cpu().view(dtype).reshape(shape)
-        return replace(msg, **tensors)
+            dist.recv(data, self.peer, group=self.group)
+            return data.cpu()
+        return decode(header.cpu().numpy().tobytes(), read)
