@@ -123,7 +123,7 @@ def run_worker(group: Group, engine: GeneratorEngine) -> None:
                 log.warning("rank %d: session %d did not open: %s", step, msg.sid, exc)
                 msg = replace(msg, error=RankError.of(exc, step))
         elif isinstance(msg, Block) and msg.error is None:
-            msg = _run_step(msg, sessions, failed, step, group.device)
+            msg = _run_step(msg, sessions, failed, step)
         elif isinstance(msg, CloseSession):
             failed.pop(msg.sid, None)
             session = sessions.pop(msg.sid, None)
@@ -138,8 +138,7 @@ def run_worker(group: Group, engine: GeneratorEngine) -> None:
             return
 
 
-def _run_step(msg: Block, sessions: dict[int, GeneratorSession], failed: dict[int, RankError], step: int,
-              device: torch.device) -> Block:
+def _run_step(msg: Block, sessions: dict[int, GeneratorSession], failed: dict[int, RankError], step: int) -> Block:
     """This rank's step of one block; a failure ends the session here and travels on with the block."""
     if msg.sid in failed:
         return msg.failed(failed[msg.sid])
@@ -148,12 +147,10 @@ def _run_step(msg: Block, sessions: dict[int, GeneratorSession], failed: dict[in
         return msg.failed(RankError("RuntimeError", f"generator rank {step}: no session {msg.sid}"))
     try:
         return replace(msg, x=_denoise(session, msg.x, msg.audio, msg.index, msg.first))
-    except Exception as exc:
+    except Exception as exc:   # the session has freed its memory (GeneratorSession._freed_on_failure)
         log.warning("rank %d: session %d block %d failed: %s", step, msg.sid, msg.index, exc)
         failed[msg.sid] = RankError.of(exc, step)
         sessions.pop(msg.sid).close()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         return msg.failed(failed[msg.sid])
 
 
