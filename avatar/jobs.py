@@ -26,7 +26,7 @@ class Job:
     request_id: str = ""
 
     @classmethod
-    def from_proto(cls, spec) -> "Job":
+    def from_proto(cls, spec) -> Job:
         """From an avatar.v1.JobSpec."""
         return cls(**{name: getattr(spec, name) for name in cls.__dataclass_fields__})
 

@@ -47,7 +47,7 @@ class MemoryRequest:
             raise InvalidInput("num_blocks must be positive")
 
     @classmethod
-    def from_job(cls, job, online_decode: bool = True) -> "MemoryRequest":
+    def from_job(cls, job, online_decode: bool = True) -> MemoryRequest:
         """From an avatar.jobs.Job (or anything with the same fields, e.g. a JobSpec)."""
         return cls(width=job.width, height=job.height, infer_frames=job.infer_frames,
                    sample_steps=job.sample_steps, num_blocks=max(1, job.num_blocks),

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 from avatar.jobs import Job
 from avatar.presets import FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, GeneratorOptions, ModelSpec
 from avatar.services.generator.causal_s2v_dit import CausalS2VDiT
@@ -131,7 +130,7 @@ class StepRecorder:
 
 
 @contextlib.contextmanager
-def timed_forwards(dit: CausalS2VDiT, clock: "Clock", marks: list):
+def timed_forwards(dit: CausalS2VDiT, clock: Clock, marks: list):
     """Clock marks around every DiT forward (`denoise`) while inside, appended to `marks`."""
     denoise = dit.denoise
 

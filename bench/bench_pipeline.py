@@ -32,9 +32,9 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-
 from avatar.jobs import Job
-from avatar.presets import FPS, FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE as RATE
+from avatar.presets import FPS, FRAMES_PER_BLOCK
+from avatar.presets import OUTPUT_AUDIO_RATE as RATE
 from bench.bench_generator import GiB, free_memory, median, peak_gib, reset_peak, run_guarded
 
 BLOCKS_PER_CLIP = 4          # infer_frames 48

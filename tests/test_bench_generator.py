@@ -2,8 +2,6 @@
 import json
 import sys
 
-import pytest
-
 sys.path.insert(0, "bench")
 import bench_generator  # noqa: E402
 
@@ -32,6 +30,7 @@ def test_the_legacy_kv_reads_give_the_same_latents(monkeypatch):
     Checked without norm3's bf16 rounding: the two key orders differ in the last float32 bit, and
     a bf16 rounding that flips on such a bit moves the latents by ~1e-4."""
     import torch
+
     from avatar.services.generator import causal_s2v_dit
     monkeypatch.setattr(causal_s2v_dit, "CROSS_ATTN_NORM_DTYPE", torch.float32)
     dit = bench_generator.build_dit("tiny", "cpu")

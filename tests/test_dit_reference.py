@@ -13,15 +13,15 @@ switched off our outputs agree with them within 2.4e-6, with it on they differ b
 (1.2e-4 of the outputs' norm), the size of one bf16 rounding carried through the layers. So every
 check runs both ways: off, everything else is held to 1e-5; on (the default), to the measured bound.
 """
-import pytest
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors import safe_open
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from safetensors import safe_open
 
-from avatar.presets import ModelSpec
 from avatar.jobs import Job
+from avatar.presets import ModelSpec
 from avatar.services.generator import causal_s2v_dit
 from avatar.services.generator.causal_s2v_dit import PRESETS, REF_ROPE_FRAME, Rope, apply_rope
 from avatar.services.generator.engine import GeneratorEngine

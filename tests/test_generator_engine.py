@@ -219,6 +219,7 @@ def test_fp8_kv_cache_halves_the_cache_and_stays_close(engine):
 
 def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
     import argparse
+
     from avatar.app import cli
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
@@ -242,6 +243,7 @@ def test_a_failure_inside_the_model_frees_the_kv_cache_while_the_error_is_still_
 
 def test_cli_graph_and_offload_flags_reach_the_engine(monkeypatch):
     import argparse
+
     from avatar.app import cli
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)

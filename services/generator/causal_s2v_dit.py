@@ -59,7 +59,7 @@ class Rope:
     sin: torch.Tensor
 
     @staticmethod
-    def cat(parts: list["Rope"]) -> "Rope":
+    def cat(parts: list[Rope]) -> Rope:
         return Rope(torch.cat([p.cos for p in parts]), torch.cat([p.sin for p in parts]))
 
 
@@ -627,7 +627,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------ init
 
     @torch.no_grad()
-    def init_random(self, seed: int = 0) -> "CausalS2VDiT":
+    def init_random(self, seed: int = 0) -> CausalS2VDiT:
         """Deterministic random weights (not upstream's training init: every path, the zero-initialised
         ones included, gets non-zero values so that tests and benchmarks exercise all of them)."""
         for name, p in sorted(self.named_parameters()):

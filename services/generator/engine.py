@@ -99,6 +99,7 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
     code, parameters as inputs), with dynamic shapes from the start, because the ring fill, the
     slot and the latent size change between calls (bench/bench_generator.py measures this)."""
     import torch._dynamo
+
     from avatar.torch_compile import tolerate_tracing_in_other_threads
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     tolerate_tracing_in_other_threads()
@@ -128,11 +129,11 @@ class GeneratorEngine:
             self.free_memory = lambda: gpu_available_bytes(index)
 
     def open_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                     motion_latents: torch.Tensor) -> "GeneratorSession":
+                     motion_latents: torch.Tensor) -> GeneratorSession:
         return GeneratorSession(self, job, text, ref_latent, motion_latents, cache_sets=self.cache_sets)
 
     def open_step_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                          motion_latents: torch.Tensor, step: int) -> "GeneratorSession":
+                          motion_latents: torch.Tensor, step: int) -> GeneratorSession:
         """Sampling step `step` of every block only, on that step's cache set (a TPP rank's share)."""
         return GeneratorSession(self, job, text, ref_latent, motion_latents, step=step)
 

@@ -56,7 +56,7 @@ class KVCacheSpec:
 
     @classmethod
     def for_model(cls, model, latent_h: int, latent_w: int, window_frames: int, num_sets: int = 1,
-                  batch: int = 1) -> "KVCacheSpec":
+                  batch: int = 1) -> KVCacheSpec:
         cfg = model.config
         return cls(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.dim // cfg.num_heads,
                    frame_tokens=model.frame_tokens(latent_h, latent_w), window_frames=window_frames,

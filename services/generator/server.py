@@ -10,8 +10,8 @@ from avatar import telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.jobs import Job
-from avatar.v1 import generator_pb2, generator_pb2_grpc
 from avatar.services.generator.protocols import BlockGenerator, BlockSession
+from avatar.v1 import generator_pb2, generator_pb2_grpc
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 

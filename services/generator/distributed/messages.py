@@ -23,7 +23,7 @@ class RankError:
     message: str
 
     @classmethod
-    def of(cls, exc: BaseException, at_rank: int) -> "RankError":
+    def of(cls, exc: BaseException, at_rank: int) -> RankError:
         if isinstance(exc, torch.OutOfMemoryError):   # the session is freed on every rank; others may fit
             return cls("ResourceExhausted", f"generator rank {at_rank} ran out of GPU memory: {exc}")
         return cls(type(exc).__name__, f"generator rank {at_rank}: {exc}")
@@ -92,7 +92,7 @@ class Block:
     first: torch.Tensor | None = None     # block 0's first latent frame, for the sink refresh at clip 1
     error: RankError | None = None
 
-    def failed(self, error: RankError) -> "Block":
+    def failed(self, error: RankError) -> Block:
         return replace(self, x=None, audio=None, first=None, error=error)
 
     def reply(self) -> BlockDone:

@@ -42,9 +42,21 @@ from avatar import errors
 from avatar.errors import InvalidInput
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
-from avatar.services.generator.distributed.messages import (Block, BlockDone, Channel, CloseSession, Closed,
-                                                            OpenSession, Opened, Ping, Pong, RankError, Reply,
-                                                            ShutDown, Shutdown)
+from avatar.services.generator.distributed.messages import (
+    Block,
+    BlockDone,
+    Channel,
+    Closed,
+    CloseSession,
+    Opened,
+    OpenSession,
+    Ping,
+    Pong,
+    RankError,
+    Reply,
+    ShutDown,
+    Shutdown,
+)
 from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
 
 log = logging.getLogger(__name__)
@@ -171,7 +183,7 @@ def worker_main(model: ModelSpec) -> None:
         dist.destroy_process_group()
 
 
-def start_rank0(model: ModelSpec) -> "TPPEngine":
+def start_rank0(model: ModelSpec) -> TPPEngine:
     """Rank 0's engine for GeneratorServicer (avatar/serve.py)."""
     group, spec = init_group(model)
     return TPPEngine(group, GeneratorEngine(spec))
@@ -206,7 +218,7 @@ class TPPEngine:
     # -- API used by GeneratorServicer (from worker threads / the event loop) and TPPSession
 
     def open_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                     motion_latents: torch.Tensor) -> "TPPSession":
+                     motion_latents: torch.Tensor) -> TPPSession:
         if job.sample_steps != self.world_size:
             raise InvalidInput(f"this multi-GPU generator runs {self.world_size} ranks, one sampling step each: "
                                f"sample_steps must be {self.world_size}, got {job.sample_steps}")
@@ -222,12 +234,12 @@ class TPPEngine:
             raise
         return TPPSession(self, sid, step)
 
-    def run_block(self, session: "TPPSession", index: int, audio: torch.Tensor) -> concurrent.futures.Future:
+    def run_block(self, session: TPPSession, index: int, audio: torch.Tensor) -> concurrent.futures.Future:
         """Queues step 0 of block `index`; the future resolves once it is sent down the ring (the
         block's own result future is then in session.results[index])."""
         return self._call(self._block, session, index, audio)
 
-    def end_session(self, session: "TPPSession") -> None:
+    def end_session(self, session: TPPSession) -> None:
         """Closes the session on every rank (unless the group is gone) and frees rank 0's share."""
         try:
             if not self.broken:
@@ -300,7 +312,7 @@ class TPPEngine:
             raise reply.error.exception()
         return step
 
-    def _block(self, session: "TPPSession", index: int, audio: torch.Tensor) -> None:
+    def _block(self, session: TPPSession, index: int, audio: torch.Tensor) -> None:
         sid = session.sid
         result = self._expect(_reply_key(BlockDone(sid, index)))
         session.results[index] = result
