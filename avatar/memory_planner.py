@@ -301,7 +301,8 @@ def _refusal(req: MemoryRequest, available: int, opts: PlannerOptions, leanest: 
         verdict = "fits" if need <= available else "still too much"
         lines.append(f"  - {what}: needs {need / GB:.1f} GB ({verdict})")
     if opts.precision == "bf16" and opts.fp8_capable:
-        lines.append("  - FP8 weights (--fp8): the DiT drops from 32.6 to 16.6 GB")
+        lines.append(f"  - FP8 weights (--fp8): the DiT drops from {dit_bytes(False) / GB:.1f} "
+                     f"to {dit_bytes(True) / GB:.1f} GB")
     return "\n".join(lines)
 
 

@@ -250,3 +250,9 @@ def test_sample_steps_beyond_the_one_limit_are_refused_everywhere():
     assert FlowMatchEuler.create(MAX_SAMPLE_STEPS).num_steps == MAX_SAMPLE_STEPS
     with pytest.raises(ValueError, match=f"between 1 and {MAX_SAMPLE_STEPS}"):
         FlowMatchEuler.create(MAX_SAMPLE_STEPS + 1)
+
+
+def test_the_fp8_hint_quotes_the_planners_own_weight_sizes():
+    with pytest.raises(ResourceExhausted) as e:
+        plan_memory(HD, CARD_24, PlannerOptions(precision="bf16"))
+    assert f"from {dit_bytes(False) / GB:.1f} to {dit_bytes(True) / GB:.1f} GB" in str(e.value)
