@@ -121,7 +121,9 @@ class ConverseSession:
         self.eos = False
         self.stop_reason: str | None = None
         self.ahead = config.blocks_ahead
-        self.last_idle_decided = True       # an utterance after idle waits for its jitter buffer
+        self.starting = True                # an utterance after idle waits for its jitter buffer
+        self.longest_chunk_s = 0.0          # the client's granularity: the jitter buffer covers it
+        self.t0: float | None = None        # the block clock: slot s is due at t0 + s * block_s
         self.idle_announced = False
         self.audio_cursor = 0               # client samples put into blocks so far
         self.started: set[int] = set()
@@ -176,7 +178,6 @@ class ConverseSession:
             g.decoder.Decode(_RequestStream(decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(
                 job=decode_job, prime_latent=image.ref_latent)), self.decoder_in), **call_options(self.context)),
         ]
-        self.t0 = self.loop.time()
         tasks = [asyncio.create_task(self._guarded(c)) for c in (
             self._read_client(), self._decide(), self._pump_features(calls[0]), self._pump_latents(calls[1]),
             self._forward(), self._pump_fragments(calls[2]))]
@@ -187,6 +188,9 @@ class ConverseSession:
                 width=self.job.width, height=self.job.height, fps=self.job.fps, frames_per_block=FRAMES_PER_BLOCK,
                 sample_steps=self.job.sample_steps, model=g.model.describe(),
                 measured_block_ms=round(self.probe_ms[-1], 3), block_budget_ms=self.config.block_budget_ms))
+            async with self.cond:   # the client starts playing: slot 2 is due one block from now
+                self.t0 = self.loop.time() - (self.config.probe_blocks - 1) * self.block_s
+                self.cond.notify_all()
             while (item := await self.out.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
@@ -227,7 +231,7 @@ class ConverseSession:
             self.header_ready.set_exception(TooSlowForLive(
                 f"the generator needs {measured:.0f} ms per block at {self.job.width}*{self.job.height} with "
                 f"{self.job.sample_steps} steps (first blocks: {', '.join(f'{m:.0f}' for m in self.probe_ms)} ms); "
-                f"a live session needs at most {self.config.block_budget_ms:.0f} ms per block of "
+                f"a live session needs at most {self.config.block_budget_ms:g} ms per block of "
                 f"{self.block_s * 1e3:.0f} ms: choose a smaller size or fewer sample_steps"))
         else:
             self.header_ready.set_result(None)
@@ -250,6 +254,7 @@ class ConverseSession:
                     raise InvalidInput(f"an AudioChunk of {len(data) // 2 / self.rate:.2f} s is over the limit of "
                                        f"{self.config.max_chunk_s:g} s ({max_chunk * 2} bytes at {self.rate} Hz)")
                 samples = pcm16_to_float(data)
+                self.longest_chunk_s = max(self.longest_chunk_s, len(samples) / self.rate)
                 async with self.cond:
                     # backpressure: the client's next messages wait in its HTTP/2 window
                     await self.cond.wait_for(lambda: self.queue.samples + len(samples) <= max_queued)
@@ -298,7 +303,7 @@ class ConverseSession:
         for u in sorted(cut - self.finished):
             self.interrupted += 1
             self._finish(u, interrupted=True)
-        self.last_idle_decided = True
+        self.starting = True
 
     def _finish(self, u: int, interrupted: bool) -> None:
         """UtteranceFinished for u: after the fragment holding its last played sample."""
@@ -321,26 +326,34 @@ class ConverseSession:
     def _live_pending(self) -> int:
         return sum(1 for b in self.pending if b.epoch == self.epoch)
 
-    def _wait_s(self, now: float) -> float | None:
-        """0: decide the next block now; else seconds until that may change (None: on an event)."""
+    def _next(self, now: float) -> tuple[str | None, float | None]:
+        """What to decide now: ("take", 0): the next block from the queue; ("idle", 0): a silent
+        block, the queue left as it is; (None, s): nothing for s seconds (None: until an event)."""
         live = self.forwarded + self._live_pending()
-        in_flight = live - self.sent
-        if self.decided < self.config.probe_blocks and self.decided == live:
-            return 0.0 if in_flight < self.ahead else None
-        if in_flight >= self.ahead:
-            return None
-        earliest = self.t0 + (live - self.ahead) * self.block_s   # never further ahead of the clock
-        if now < earliest:
-            return earliest - now
+        if live - self.sent >= self.ahead:
+            return None, None
+        if self.t0 is None:   # before the header: the probe blocks, decided at once
+            if self.decided >= self.config.probe_blocks:
+                return None, None
+            due, deadline = True, now
+        else:
+            earliest = self.t0 + (live - self.ahead) * self.block_s   # never further ahead of the clock
+            if now < earliest:
+                return None, earliest - now
+            deadline = self.t0 + live * self.block_s   # the video would run dry after this
+            due = now >= deadline
         q = self.queue
-        jitter = round(self.config.jitter_s * self.rate) if self.last_idle_decided and not q.front_complete() else 0
-        if q.samples >= self.block_n + jitter or (q.samples and (q.front_complete() or self.eos)):
-            return 0.0
-        deadline = self.t0 + live * self.block_s   # the video would run dry after this
-        wake = max(0.0, deadline - now)
+        if q.samples and (q.front_complete() or self.eos):
+            return "take", 0.0
+        jitter = round(min(max(self.config.jitter_s, self.longest_chunk_s), 1.0) * self.rate) if self.starting else 0
+        if q.samples >= self.block_n + jitter:
+            return "take", 0.0
+        if due:   # an utterance waits for its jitter buffer; one under way takes what there is
+            return ("idle" if self.starting else "take"), 0.0
+        wake = deadline - now
         if not q.samples:
             wake = min(wake, max(0.0, self.last_message_at + self.idle_timeout_s - now) + 1e-3)
-        return wake
+        return None, wake
 
     def _stop(self, now: float) -> str | None:
         if self.decided < self.config.probe_blocks or self.queue.samples:
@@ -363,8 +376,8 @@ class ConverseSession:
                         self.stop_reason = reason
                         self.cond.notify_all()
                         break
-                    wait = self._wait_s(now)
-                    if wait == 0.0:
+                    what, wait = self._next(now)
+                    if what is not None:
                         break
                     try:
                         await asyncio.wait_for(self.cond.wait(), wait)
@@ -372,12 +385,18 @@ class ConverseSession:
                         pass
                 if self.stop_reason is not None:
                     break
-                block = self._take(lookahead_n)
+                slot = self.forwarded + self._live_pending()
+                if self.t0 is not None and now > self.t0 + slot * self.block_s:
+                    # late (a slow block or a stalled client): the player waited, so does the clock
+                    self.t0 = now - slot * self.block_s
+                block = self._take(lookahead_n, idle=what == "idle")
             await self.features_in.put(encoder_pb2.AudioStreamInput(block=block))
         await self.features_in.put(_END)
 
-    def _take(self, lookahead_n: int) -> encoder_pb2.AudioStreamBlock:
-        taken = self.queue.take_block(self.block_n)
+    def _take(self, lookahead_n: int, idle: bool) -> encoder_pb2.AudioStreamBlock:
+        taken = self.queue.take_block(0 if idle else self.block_n)
+        if idle:
+            taken = TakenBlock(pcm=np.zeros(self.block_n, np.float32))
         ahead = self.queue.peek(lookahead_n)
         if self.queue.open is None and len(ahead) < lookahead_n:   # silence follows for sure
             ahead = np.concatenate([ahead, np.zeros(lookahead_n - len(ahead), np.float32)])
@@ -389,7 +408,9 @@ class ConverseSession:
         self.pending.append(block)
         self.by_index[block.index] = block
         self.decided += 1
-        self.last_idle_decided = taken.idle
+        # after silence, or when the audio ran dry mid-utterance, speech waits for a jitter buffer again
+        self.starting = taken.idle or (len(taken.pcm) and self.queue.samples == 0 and self.queue.open is not None
+                                       and taken.segments[-1].audio_end - taken.segments[0].audio_start < self.block_n)
         msg = encoder_pb2.AudioStreamBlock(pcm_16k=wire.to_proto(self.to_16k.push(taken.pcm)))
         if len(ahead):
             msg.lookahead_16k.CopyFrom(wire.to_proto(media.resample(ahead, self.rate, ENCODER_AUDIO_RATE)))
