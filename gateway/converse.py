@@ -25,12 +25,13 @@ from opentelemetry import trace
 
 from avatar import media, metrics, telemetry, wire
 from avatar.errors import InvalidInput
+from avatar.gateway import planner
+from avatar.gateway.live_audio import INPUT_RATES, SpeechQueue, StreamResampler, TakenBlock, pcm16_to_float
+from avatar.gateway.server import _DONE as _END
+from avatar.gateway.server import _RequestStream, mime_type
 from avatar.grpc_util import call_options, run_blocking
 from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK
 from avatar.v1 import avatar_pb2, decoder_pb2, encoder_pb2, generator_pb2
-from avatar.gateway import planner
-from avatar.gateway.live_audio import INPUT_RATES, SpeechQueue, StreamResampler, TakenBlock, pcm16_to_float
-from avatar.gateway.server import _DONE as _END, _RequestStream, mime_type
 
 LOOKAHEAD_S = 0.2   # queued speech after a block passed to the encoder as right context
 

@@ -11,7 +11,6 @@ import grpc
 import numpy as np
 import pytest
 import soundfile
-
 from conftest import ASSETS, Services, ffprobe, trim_speech
 
 from avatar import grpc_util, media
@@ -352,4 +351,5 @@ def test_a_generator_too_slow_for_real_time_is_refused_with_the_numbers(tmp_path
         services.stop_all()
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = info.value.details()
-    assert re.search(r"needs \d+ ms per block at 64\*64 with 2 steps .* at most 0.5 ms per block of 480 ms", details), details
+    pattern = r"needs \d+ ms per block at 64\*64 with 2 steps .* at most 0.5 ms per block of 480 ms"
+    assert re.search(pattern, details), details

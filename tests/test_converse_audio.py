@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-
 from conftest import ASSETS
 
 from avatar.errors import InvalidInput

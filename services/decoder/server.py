@@ -43,6 +43,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             # An open-ended stream (a live session: job.num_blocks 0) ends when the caller closes
             # its side: the AAC encoder's tail goes out as a last, audio-only fragment.
             if not job.num_blocks and (tail := await run_blocking(stream.finish)):
-                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(index=stream.blocks, data=tail))
+                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(index=stream.blocks,
+                                                                                     data=tail))
         finally:
             await run_blocking(stream.close)

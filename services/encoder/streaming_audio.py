@@ -21,7 +21,13 @@ import torch
 
 from avatar.errors import InvalidInput
 from avatar.presets import ENCODER_AUDIO_RATE
-from avatar.services.encoder.audio_encoder import FEATURE_RATE, RESAMPLED_RATE, SAMPLES_PER_FRAME, AudioEncoder, frame_indices
+from avatar.services.encoder.audio_encoder import (
+    FEATURE_RATE,
+    RESAMPLED_RATE,
+    SAMPLES_PER_FRAME,
+    AudioEncoder,
+    frame_indices,
+)
 
 DEFAULT_CONTEXT_S = 3.84  # left context per window (8 blocks); longer gains < 0.1% (docs/model.md)
 LOOKAHEAD_S = 0.2         # right context worth passing: past it the block's frames no longer change
