@@ -182,19 +182,20 @@ def test_realtime_speech_is_rendered_whole_and_in_sync(server, tmp_path):
 
 
 def test_a_gap_between_utterances_fills_with_idle_blocks(server, tmp_path):
-    first, second = speech(tmp_path, 0.3, 1.5), speech(tmp_path, 3.0, 1.5)
+    # 24 kHz this time: what TTS engines often produce
+    first, second = (media.resample(speech(tmp_path, start, 1.5), RATE, 24000) for start in (0.3, 3.0))
 
     async def script(t, started):
         await started.wait()
-        async for chunk in paced_chunks(pcm16(first), RATE, CHUNKS_MS):
+        async for chunk in paced_chunks(pcm16(first), 24000, CHUNKS_MS):
             yield chunk
         yield END_OF_UTTERANCE
         await asyncio.sleep(3.0)
-        async for chunk in paced_chunks(pcm16(second), RATE, CHUNKS_MS[::-1]):
+        async for chunk in paced_chunks(pcm16(second), 24000, CHUNKS_MS[::-1]):
             yield chunk
         yield END_OF_UTTERANCE
 
-    t = run(server.address, header(), script)
+    t = run(server.address, header(sample_rate=24000), script)
     check_stream(t, tmp_path / "gap.mp4")
     u1 = [f for f in t.speech() if f.utterance == 1]
     u2 = [f for f in t.speech() if f.utterance == 2]
