@@ -136,6 +136,7 @@ class ConverseSession:
         self.latency = {"audio_to_fragment": [], "interrupt_to_idle": [], "block_ms": []}
         self.init_segment: bytes | None = None
         self.probe_ms: list[float] = []
+        self.degraded: avatar_pb2.Degraded | None = None
 
     # ---- the stream the client gets ----------------------------------------------------------
 
@@ -163,25 +164,21 @@ class ConverseSession:
                                   **call_options(self.context)),
             g.encoder.EncodeText(encoder_pb2.EncodeTextRequest(job=self.job, prompt=self.header.prompt),
                                  **call_options(self.context)))
-        self.features_in, self.generator_in, self.decoder_in = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
-        session_ready = asyncio.Event()
-        self.session_ready = session_ready
+        self.features_in, self.decoder_in = asyncio.Queue(), asyncio.Queue()
         decode_job = type(self.job)()
         decode_job.CopyFrom(self.job)
         decode_job.num_blocks, decode_job.total_frames = 0, 0     # open-ended: the decoder stream
-        calls = [
+        self.image, self.text = image, text
+        calls = self.calls = [
             g.encoder.EncodeAudioStream(_RequestStream(encoder_pb2.AudioStreamInput(job=self.job), self.features_in),
                                         **call_options(self.context)),
-            g.generator.Generate(_RequestStream(generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
-                job=self.job, text=text.embeddings, ref_latent=image.ref_latent,
-                motion_latents=image.motion_latents)), self.generator_in, after_first=session_ready),
-                **call_options(self.context)),
             g.decoder.Decode(_RequestStream(decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(
                 job=decode_job, prime_latent=image.ref_latent)), self.decoder_in), **call_options(self.context)),
         ]
-        tasks = [asyncio.create_task(self._guarded(c)) for c in (
-            self._read_client(), self._decide(), self._pump_features(calls[0]), self._pump_latents(calls[1]),
-            self._forward(), self._pump_fragments(calls[2]))]
+        tasks = self.tasks = [asyncio.create_task(self._guarded(c)) for c in (
+            self._read_client(), self._decide(), self._pump_features(calls[0]),
+            self._forward(), self._pump_fragments(calls[1]))]
+        self._open_generator()
         try:
             await self.header_ready
             yield avatar_pb2.ConverseResponse(header=avatar_pb2.ConverseStreamHeader(
@@ -189,6 +186,8 @@ class ConverseSession:
                 width=self.job.width, height=self.job.height, fps=self.job.fps, frames_per_block=FRAMES_PER_BLOCK,
                 sample_steps=self.job.sample_steps, model=g.model.describe(),
                 measured_block_ms=round(self.probe_ms[-1], 3), block_budget_ms=self.config.block_budget_ms))
+            if self.degraded is not None:
+                yield avatar_pb2.ConverseResponse(degraded=self.degraded)
             async with self.cond:   # the client starts playing: slot 2 is due one block from now
                 self.t0 = self.loop.time() - (self.config.probe_blocks - 1) * self.block_s
                 self.cond.notify_all()
@@ -224,11 +223,42 @@ class ConverseSession:
                 self.header_ready.set_exception(exc)
             await self.out.put(exc)
 
+    def _open_generator(self) -> None:
+        """One GeneratorService session at job.sample_steps; blocks decided from now on go to it."""
+        self.generator_in = asyncio.Queue()
+        ready = asyncio.Event()
+        call = self.gateway.generator.Generate(_RequestStream(
+            generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
+                job=self.job, text=self.text.embeddings, ref_latent=self.image.ref_latent,
+                motion_latents=self.image.motion_latents)), self.generator_in, after_first=ready),
+            **call_options(self.context))
+        self.calls.append(call)
+        self.tasks.append(asyncio.create_task(self._guarded(self._pump_latents(call, ready, first=self.decided))))
+
+    def _degrade(self, measured: float) -> bool:
+        """allow_degrade: fewer steps (block time grows with them), in a new generator session
+        for the blocks to come. False when even one step would be too slow."""
+        steps = self.job.sample_steps
+        new = min(steps - 1, int(steps * self.config.block_budget_ms / measured))
+        if not self.header.allow_degrade or new < 1:
+            return False
+        self.degraded = avatar_pb2.Degraded(
+            requested_sample_steps=steps, sample_steps=new, measured_block_ms=round(measured, 3),
+            block_budget_ms=self.config.block_budget_ms,
+            reason=f"the generator needs {measured:.0f} ms per block at {steps} steps, over the budget of "
+                   f"{self.config.block_budget_ms:g} ms; running {new} steps")
+        self.job.sample_steps = new
+        self.calls[-1].cancel()   # the probe's session; its blocks are made and kept
+        self._open_generator()
+        return True
+
     def _check_header_ready(self) -> None:
         if self.header_ready.done() or self.init_segment is None or len(self.probe_ms) < self.config.probe_blocks:
             return
         measured = self.probe_ms[-1]   # the first block also pays one-time costs (graphs, caches)
-        if measured > self.config.block_budget_ms:
+        if measured > self.config.block_budget_ms and self.degraded is None and self._degrade(measured):
+            self.header_ready.set_result(None)
+        elif measured > self.config.block_budget_ms:
             self.header_ready.set_exception(TooSlowForLive(
                 f"the generator needs {measured:.0f} ms per block at {self.job.width}*{self.job.height} with "
                 f"{self.job.sample_steps} steps (first blocks: {', '.join(f'{m:.0f}' for m in self.probe_ms)} ms); "
@@ -424,14 +454,15 @@ class ConverseSession:
         async for features in call:
             await self.generator_in.put(generator_pb2.GeneratorInput(audio=features))
 
-    async def _pump_latents(self, call):
+    async def _pump_latents(self, call, ready: asyncio.Event, first: int):
+        """One generator session's blocks; its block 0 is our block `first`."""
         async for out in call:
             if out.WhichOneof("event") == "ready":
                 self.ahead = max(self.ahead, out.ready.pipeline_depth)   # a TPP generator needs its depth
-                self.session_ready.set()
+                ready.set()
                 continue
             async with self.cond:
-                block = self.by_index.pop(out.block.index)
+                block = self.by_index.pop(first + out.block.index)
                 block.latent, block.dit_ms = out.block.latent, out.block.dit_ms
                 self.latency["block_ms"].append(out.block.dit_ms)
                 if len(self.probe_ms) < self.config.probe_blocks:
