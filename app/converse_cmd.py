@@ -108,12 +108,16 @@ async def run(args) -> int:
                     kind = msg.WhichOneof("event")
                     if kind == "header":
                         header_msg = msg.header
+                        if "noise" in header_msg.model:
+                            print(f"avatar converse: note: model is {header_msg.model}", file=sys.stderr)
                         f.write(msg.header.init_segment)
                         started.set()
                     elif kind == "fragment":
                         f.write(msg.fragment.data)
                         if first_fragment_s is None:
                             first_fragment_s = time.monotonic() - t0
+                    elif kind == "degraded":
+                        print(f"avatar converse: degraded: {msg.degraded.reason}", file=sys.stderr)
                     elif kind == "status":
                         status = msg.status
         if status is None:

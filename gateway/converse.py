@@ -34,6 +34,7 @@ from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK
 from avatar.v1 import avatar_pb2, decoder_pb2, encoder_pb2, generator_pb2
 
 LOOKAHEAD_S = 0.2   # queued speech after a block passed to the encoder as right context
+MAX_SESSION_S = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class ConverseConfig:
     def __post_init__(self):
         if self.idle_timeout_s <= 0 or self.max_session_s <= 0 or self.block_budget_ms <= 0:
             raise ValueError("live idle timeout, session length and block budget must be positive")
+        if self.max_session_s > MAX_SESSION_S:   # the job's frame count is an int32
+            raise ValueError(f"a live session lasts at most {MAX_SESSION_S:g} s, got {self.max_session_s:g}")
         if not 1 <= self.probe_blocks <= self.blocks_ahead:
             raise ValueError(f"probe_blocks must be in 1..blocks_ahead ({self.blocks_ahead}), got {self.probe_blocks}")
 

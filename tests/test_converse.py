@@ -61,12 +61,12 @@ class Transcript:
         return path
 
 
-async def _session(address, hdr, script, timeout=120, cancel_after_fragments=None) -> Transcript:
+async def _session(address, hdr, script, timeout=120, cancel_after_fragments=None, token=None) -> Transcript:
     """Runs one Converse call; `script(t, started)` is an async generator of the requests after the
     header, started once the stream header arrived (as a voice agent starts speaking)."""
     t = Transcript()
     started = asyncio.Event()
-    async with grpc_util.create_channel(address) as channel:
+    async with grpc_util.create_channel(address, token=token) as channel:
         call = converse(channel, hdr, script(t, started), timeout=timeout)
         async for msg in call:
             now, kind = time.monotonic(), msg.WhichOneof("event")
@@ -342,11 +342,11 @@ def test_bad_input_is_invalid_argument_with_the_reason(server, first, later, rea
     assert reason in err.details(), err.details()
 
 
-def test_a_generator_too_slow_for_real_time_is_refused_or_degraded(tmp_path, env):
+def test_auth_and_a_generator_too_slow_for_real_time_refused_or_degraded(tmp_path, env):
     # 20 steps of the tiny model take 0.3-1.5 s per block here: over a 100 ms budget, under 20 x it
     services = Services(tmp_path, env)
     try:
-        svc = services.start("all", "--live-block-budget-ms", "100")
+        svc = services.start("all", "--live-block-budget-ms", "100", "--auth-token", "live-secret")
 
         async def script(t, started):
             await started.wait()
@@ -354,12 +354,15 @@ def test_a_generator_too_slow_for_real_time_is_refused_or_degraded(tmp_path, env
                 yield chunk
             yield END_OF_UTTERANCE
 
+        with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:   # the same auth as Generate
+            run(svc.address, header(), script)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            run(svc.address, header(sample_steps=20), script)
-        t = run(svc.address, header(sample_steps=20, allow_degrade=True), script)
+            run(svc.address, header(sample_steps=20), script, token="live-secret")
+        t = run(svc.address, header(sample_steps=20, allow_degrade=True), script, token="live-secret")
         events = [k for _, k, _ in t.events]
     finally:
         services.stop_all()
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     pattern = r"needs (\d+) ms per block at 64\*64 with 20 steps .* at most 100 ms per block of 480 ms"
     assert re.search(pattern, info.value.details()), info.value.details()
