@@ -54,6 +54,9 @@ class ConverseConfig:
             raise ValueError("live idle timeout, session length and block budget must be positive")
         if self.max_session_s > MAX_SESSION_S:   # the job's frame count is an int32
             raise ValueError(f"a live session lasts at most {MAX_SESSION_S:g} s, got {self.max_session_s:g}")
+        if self.max_queued_s < self.max_chunk_s:
+            raise ValueError(f"max_queued_s ({self.max_queued_s:g}) must hold the longest chunk "
+                             f"({self.max_chunk_s:g} s)")
         if not 1 <= self.probe_blocks <= self.blocks_ahead:
             raise ValueError(f"probe_blocks must be in 1..blocks_ahead ({self.blocks_ahead}), got {self.probe_blocks}")
 
@@ -146,49 +149,12 @@ class ConverseSession:
     async def responses(self):
         t_start = time.perf_counter()
         trace.get_current_span().set_attribute("request_id", self.request_id)
-        first = await anext(aiter(self.requests), None)
-        if first is None or first.WhichOneof("event") != "header":
-            raise InvalidInput("the first ConverseRequest must be the header (audio came before it)")
-        self.header = first.header
-        self.job, pixels = await run_blocking(plan_live_job, self.header, self.gateway.model, self.request_id,
-                                              self.config)
-        self.rate = self.header.sample_rate
-        self.block_s = FRAMES_PER_BLOCK / self.job.fps
-        self.block_n = round(self.block_s * self.rate)
-        self.idle_timeout_s = self.header.idle_timeout_s or self.config.idle_timeout_s
-        self.queue = SpeechQueue(self.rate)
-        self.to_16k = StreamResampler(self.rate, ENCODER_AUDIO_RATE)
-        self.to_out = StreamResampler(self.rate, self.job.audio_sample_rate)
-        self.last_message_at = self.loop.time()
-
-        g = self.gateway
-        image, text = await asyncio.gather(
-            g.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(job=self.job, pixels=wire.to_proto(pixels)),
-                                  **call_options(self.context)),
-            g.encoder.EncodeText(encoder_pb2.EncodeTextRequest(job=self.job, prompt=self.header.prompt),
-                                 **call_options(self.context)))
-        self.features_in, self.decoder_in = asyncio.Queue(), asyncio.Queue()
-        decode_job = type(self.job)()
-        decode_job.CopyFrom(self.job)
-        decode_job.num_blocks, decode_job.total_frames = 0, 0     # open-ended: the decoder stream
-        self.image, self.text = image, text
-        calls = self.calls = [
-            g.encoder.EncodeAudioStream(_RequestStream(encoder_pb2.AudioStreamInput(job=self.job), self.features_in),
-                                        **call_options(self.context)),
-            g.decoder.Decode(_RequestStream(decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(
-                job=decode_job, prime_latent=image.ref_latent)), self.decoder_in), **call_options(self.context)),
-        ]
-        tasks = self.tasks = [asyncio.create_task(self._guarded(c)) for c in (
-            self._read_client(), self._decide(), self._pump_features(calls[0]),
-            self._forward(), self._pump_fragments(calls[1]))]
-        self._open_generator()
+        await self._read_header()
+        self.calls, self.tasks = [], []
         try:
+            await self._open_mesh()
             await self.header_ready
-            yield avatar_pb2.ConverseResponse(header=avatar_pb2.ConverseStreamHeader(
-                request_id=self.request_id, mime_type=mime_type(self.init_segment), init_segment=self.init_segment,
-                width=self.job.width, height=self.job.height, fps=self.job.fps, frames_per_block=FRAMES_PER_BLOCK,
-                sample_steps=self.job.sample_steps, model=g.model.describe(),
-                measured_block_ms=round(self.probe_ms[-1], 3), block_budget_ms=self.config.block_budget_ms))
+            yield self._stream_header()
             if self.degraded is not None:
                 yield avatar_pb2.ConverseResponse(degraded=self.degraded)
             async with self.cond:   # the client starts playing: slot 2 is due one block from now
@@ -210,11 +176,55 @@ class ConverseSession:
                 total_s=time.perf_counter() - t_start, trace_id=telemetry.current_trace_id()))
         finally:
             # Client gone, timeout or a failed stage: the services free their sessions on cancel.
-            for call in calls:
+            for call in self.calls:
                 call.cancel()
-            for task in tasks:
+            for task in self.tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _read_header(self) -> None:
+        first = await anext(aiter(self.requests), None)
+        if first is None or first.WhichOneof("event") != "header":
+            raise InvalidInput("the first ConverseRequest must be the header (audio came before it)")
+        self.header = first.header
+        self.job, self.pixels = await run_blocking(plan_live_job, self.header, self.gateway.model,
+                                                   self.request_id, self.config)
+        self.rate = self.header.sample_rate
+        self.block_s = FRAMES_PER_BLOCK / self.job.fps
+        self.block_n = round(self.block_s * self.rate)
+        self.idle_timeout_s = self.header.idle_timeout_s or self.config.idle_timeout_s
+        self.queue = SpeechQueue(self.rate)
+        self.to_16k = StreamResampler(self.rate, ENCODER_AUDIO_RATE)
+        self.to_out = StreamResampler(self.rate, self.job.audio_sample_rate)
+        self.last_message_at = self.loop.time()
+
+    async def _open_mesh(self) -> None:
+        """Portrait and prompt once, then the three streams of the conversation and their pumps."""
+        g, options = self.gateway, call_options(self.context)
+        self.image, self.text = await asyncio.gather(
+            g.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(job=self.job, pixels=wire.to_proto(self.pixels)),
+                                  **options),
+            g.encoder.EncodeText(encoder_pb2.EncodeTextRequest(job=self.job, prompt=self.header.prompt), **options))
+        self.features_in, self.decoder_in = asyncio.Queue(), asyncio.Queue()
+        decode_job = type(self.job)()
+        decode_job.CopyFrom(self.job)
+        decode_job.num_blocks, decode_job.total_frames = 0, 0     # open-ended: the decoder stream
+        features = g.encoder.EncodeAudioStream(
+            _RequestStream(encoder_pb2.AudioStreamInput(job=self.job), self.features_in), **options)
+        fragments = g.decoder.Decode(_RequestStream(decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(
+            job=decode_job, prime_latent=self.image.ref_latent)), self.decoder_in), **options)
+        self.calls += [features, fragments]
+        self.tasks += [asyncio.create_task(self._guarded(c)) for c in (
+            self._read_client(), self._decide(), self._pump_features(features), self._forward(),
+            self._pump_fragments(fragments))]
+        self._open_generator()
+
+    def _stream_header(self) -> avatar_pb2.ConverseResponse:
+        return avatar_pb2.ConverseResponse(header=avatar_pb2.ConverseStreamHeader(
+            request_id=self.request_id, mime_type=mime_type(self.init_segment), init_segment=self.init_segment,
+            width=self.job.width, height=self.job.height, fps=self.job.fps, frames_per_block=FRAMES_PER_BLOCK,
+            sample_steps=self.job.sample_steps, model=self.gateway.model.describe(),
+            measured_block_ms=round(self.probe_ms[-1], 3), block_budget_ms=self.config.block_budget_ms))
 
     async def _guarded(self, coro):
         try:
@@ -532,19 +542,19 @@ class ConverseSession:
                     index=frag.index, data=frag.data, pts_s=frag.index * self.block_s, idle=True,
                     audio_start_s=self.audio_cursor / self.rate, audio_end_s=self.audio_cursor / self.rate)), None))
                 continue
-            async with self.cond:
+            async with self.cond:   # with the lock: _finish() sees the block either here or queued
                 block = self.in_decoder.popleft()
+                segs = block.taken.segments
+                a0 = segs[0].audio_start if segs else block.cursor
+                a1 = segs[-1].audio_end if segs else a0
+                self.out.put_nowait((avatar_pb2.ConverseResponse(fragment=avatar_pb2.ConverseFragment(
+                    index=block.slot, data=frag.data, pts_s=round(block.slot * self.block_s, 6),
+                    num_frames=frag.num_frames, audio_start_s=a0 / self.rate, audio_end_s=a1 / self.rate,
+                    utterance=segs[0].utterance if segs else 0, idle=not segs)), block))
+                for event in block.after:
+                    self.out.put_nowait((event, None))
+                block.after = []
                 self.cond.notify_all()
-            segs = block.taken.segments
-            a0 = segs[0].audio_start if segs else block.cursor
-            a1 = segs[-1].audio_end if segs else a0
-            await self.out.put((avatar_pb2.ConverseResponse(fragment=avatar_pb2.ConverseFragment(
-                index=block.slot, data=frag.data, pts_s=round(block.slot * self.block_s, 6),
-                num_frames=frag.num_frames, audio_start_s=a0 / self.rate, audio_end_s=a1 / self.rate,
-                utterance=segs[0].utterance if segs else 0, idle=not segs)), block))
-            for event in block.after:
-                await self.out.put((event, None))
-            block.after = []
         await self.out.put(_END)
 
     async def _on_sent(self, block: _Block) -> None:
