@@ -212,6 +212,27 @@ def test_a_gap_between_utterances_fills_with_idle_blocks(server, tmp_path):
     assert t.status.utterances == 2 and t.status.idle_blocks == sum(f.idle for f in t.blocks())
 
 
+def test_audio_slower_than_real_time_is_rendered_once_with_idle_in_between(server, tmp_path):
+    pcm = speech(tmp_path, 0.5, 2.4)
+
+    async def script(t, started):
+        await started.wait()
+        for at in range(0, len(pcm), 1600):   # 100 ms of speech every 250 ms: 0.4 x real time
+            yield pcm16(pcm[at:at + 1600])
+            await asyncio.sleep(0.25)
+        yield END_OF_UTTERANCE
+
+    t = run(server.address, header(), script)
+    check_stream(t, tmp_path / "slow.mp4")
+    spoken = t.speech()
+    # nothing lost, nothing twice: the speech fragments tile the client's audio in order
+    assert spoken[0].audio_start_s == 0 and abs(spoken[-1].audio_end_s - 2.4) < 1e-6
+    assert all(a.audio_end_s == b.audio_start_s for a, b in zip(spoken, spoken[1:]))
+    assert any(f.idle for f in t.blocks() if spoken[0].index < f.index < spoken[-1].index)   # it waited
+    assert {f.utterance for f in spoken} == {1} and len(t.event("utterance_finished")) == 1
+    assert abs(t.event("utterance_finished")[0].played_s - 2.4) < 1e-6
+
+
 def test_interrupt_cuts_the_utterance_and_goes_idle_within_a_block(server, tmp_path):
     pcm = speech(tmp_path, 0.0, 6.0)
 

@@ -94,3 +94,43 @@ def test_stream_resampler_is_exact_and_seamless():
 
 def test_pcm16_bytes_to_float():
     assert list(pcm16_to_float(np.array([0, 16384, -32768], "<i2").tobytes())) == [0.0, 0.5, -1.0]
+
+
+def test_a_full_queue_stops_reading_the_client_until_blocks_drain_it():
+    import asyncio
+
+    from avatar.gateway.converse import ConverseConfig, ConverseSession
+    from avatar.v1 import avatar_pb2
+
+    pulled = []
+
+    async def requests():
+        for k in range(3):
+            pulled.append(k)
+            yield avatar_pb2.ConverseRequest(audio=avatar_pb2.AudioChunk(pcm=b"\1\0" * 16000))   # 1 s each
+        pulled.append("interrupt")
+        yield avatar_pb2.ConverseRequest(interrupt=avatar_pb2.Interrupt())
+
+    async def main():
+        session = ConverseSession(None, requests(), None, ConverseConfig(max_queued_s=2.0, max_chunk_s=1.0))
+        session.rate, session.queue, session.block_s = 16000, SpeechQueue(16000), 0.48
+        reader = asyncio.create_task(session._read_client())
+        await asyncio.sleep(0.2)
+        # two seconds queued; the third chunk was read and waits for room, nothing after it is read
+        assert session.queue.samples == 32000 and pulled == [0, 1, 2]
+        async with session.cond:
+            session.queue.take_block(BLOCK)   # a block decided: still no room for a whole second
+            session.cond.notify_all()
+        await asyncio.sleep(0.1)
+        assert session.queue.samples == 32000 - BLOCK and pulled == [0, 1, 2]
+        async with session.cond:
+            session.queue.take_block(16000)
+            session.cond.notify_all()
+        await asyncio.wait_for(reader, 5)
+        assert pulled == [0, 1, 2, "interrupt"] and session.queue.samples == 0 and session.eos
+        # the interrupt emptied the queue; the utterance is cut before any of it played
+        (event, _), = [session.out.get_nowait() for _ in range(session.out.qsize())]
+        fin = event.utterance_finished
+        assert (fin.utterance, fin.played_s, fin.interrupted, session.interrupted) == (1, 0.0, True, 1)
+
+    asyncio.run(main())
