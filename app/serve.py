@@ -35,7 +35,7 @@ class ServeConfig:
     grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
     max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
     warmup: bool | None = None                # generator and decoder: run the presets once before SERVING; None: with --compile
-    live: object = None                       # gateway: avatar.gateway.converse.ConverseConfig; None: its defaults
+    live: object = None                       # gateway: a gateway.converse.ConverseConfig; None: defaults
 
 
 @dataclass
