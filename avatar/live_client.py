@@ -21,7 +21,14 @@ INTERRUPT = avatar_pb2.ConverseRequest(interrupt=avatar_pb2.Interrupt())
 END_OF_STREAM = avatar_pb2.ConverseRequest(end=avatar_pb2.EndOfStream())
 
 
-async def _requests(header: avatar_pb2.ConverseHeader, audio: AsyncIterable) -> AsyncIterator:
+async def _requests(header: avatar_pb2.ConverseHeader, audio: AsyncIterable, call_of: dict) -> AsyncIterator:
+    # Nothing is written before the server has accepted the call (its initial metadata): a message
+    # still being sent when the server refuses (token, capacity) turns the refusal into a local
+    # "Internal error from Core" instead of the server's status.
+    call = call_of["call"]
+    await call.initial_metadata()
+    if call.done():
+        return
     yield avatar_pb2.ConverseRequest(header=header)
     async for item in audio:
         if isinstance(item, (bytes, bytearray, memoryview)):
@@ -38,7 +45,9 @@ def converse(channel, header: avatar_pb2.ConverseHeader, audio: AsyncIterable, *
     """Opens AvatarService/Converse on a grpc.aio channel; iterate the result for the responses.
     Cancel it (`.cancel()`) to leave: the server frees the session within one block."""
     stub = avatar_pb2_grpc.AvatarServiceStub(channel)
-    return stub.Converse(_requests(header, audio), timeout=timeout, metadata=metadata)
+    call_of: dict = {}
+    call_of["call"] = stub.Converse(_requests(header, audio, call_of), timeout=timeout, metadata=metadata)
+    return call_of["call"]
 
 
 def pcm16(samples: np.ndarray) -> bytes:

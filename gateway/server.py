@@ -98,6 +98,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     async def Converse(self, request_iterator, context):
         # live sessions: gateway/converse.py owns the flow
         from avatar.gateway.converse import ConverseConfig, converse
+        # Accepted: clients (avatar.live_client) start writing audio only after this.
+        await context.send_initial_metadata(())
         async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
             async with contextlib.aclosing(converse(self, request_iterator, context,
                                                     self.live or ConverseConfig())) as outs:
