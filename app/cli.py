@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from avatar import package_version
+from avatar.app import converse_cmd
 from avatar.files import unlink_quietly, write_json_atomic
 
 EXIT_BAD_INPUT = 2
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_serving_flags(p)
     add_security_args(p)
+    converse_cmd.add_serve_flags(p)
 
     p = sub.add_parser("generate", help="render a talking-avatar video from a portrait and speech")
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also get the portrait's CLIP identity embedding, written to OUT.json (clip_embedding)")
     _add_model_flags(p)
     add_security_args(p)
+
+    _add_model_flags(converse_cmd.add_parser(sub))   # live sessions: app/converse_cmd.py
 
     p = sub.add_parser("batch", help="one video per JSON profile in a folder; resumable, with a manifest")
     from avatar.app import batch
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "generate":
             return asyncio.run(cmd_generate(args))
+        if args.command == "converse":
+            return asyncio.run(converse_cmd.run(args))
         if args.command == "batch":
             from avatar.app.batch import run
             return asyncio.run(run(args, model_spec(args)))
@@ -227,7 +233,7 @@ def cmd_serve(args) -> int:
                       decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file,
                       security=security, admission=admission, metrics_port=args.metrics_port,
                       grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s,
-                      warmup=args.warmup)
+                      warmup=args.warmup, live=converse_cmd.live_config(args))
     try:
         asyncio.run(serve_forever(cfg))
     except (ValueError, OSError) as exc:

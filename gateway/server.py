@@ -72,8 +72,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
     def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str,
                  credentials=None, token: str | None = None, admission=None,
-                 max_audio_s: float = planner.media.MAX_AUDIO_S):
+                 max_audio_s: float = planner.media.MAX_AUDIO_S, live=None):
         self.model = model
+        self.live = live  # gateway.converse.ConverseConfig for Converse; None: its defaults
         self.max_audio_s = max_audio_s  # longest speech input accepted, seconds
         # credentials/token: TLS and the internal token for the peers (avatar.security)
         self.channels = [create_channel(a, credentials, token) for a in (encoder, generator, decoder)]
@@ -92,6 +93,17 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 async for out in outs:
                     if out.WhichOneof("event") == "status":
                         metrics.observe_final(out.status)
+                    yield out
+
+    async def Converse(self, request_iterator, context):
+        # live sessions: gateway/converse.py owns the flow
+        from avatar.gateway.converse import ConverseConfig, converse
+        # Accepted: clients (avatar.live_client) start writing audio only after this.
+        await context.send_initial_metadata(())
+        async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
+            async with contextlib.aclosing(converse(self, request_iterator, context,
+                                                    self.live or ConverseConfig())) as outs:
+                async for out in outs:
                     yield out
 
     async def _generate(self, request, context):

@@ -140,13 +140,17 @@ class EncoderEngine:
                      backend: str = DEFAULT_AUDIO_ENCODER) -> Iterator[tuple[int, torch.Tensor]]:
         """16 kHz mono float PCM -> (first_frame, features [n, audio_layers, audio_dim]) per chunk;
         frames past the audio are zeros. `backend`: one of the loaded audio encoders."""
+        return self.audio_encoder(backend).encode(pcm_16k, fps, total_frames, chunk_frames)
+
+    def audio_encoder(self, backend: str = DEFAULT_AUDIO_ENCODER):
+        """The loaded audio encoder named `backend`; InvalidInput naming the flag if it is not loaded."""
         if backend not in AUDIO_ENCODERS:
             raise InvalidInput(f"unknown audio encoder {backend!r}: choose from {', '.join(AUDIO_ENCODERS)}")
         if backend not in self.audio_encoders:
             loaded = ",".join(self.audio_encoders)
             raise InvalidInput(f"the {backend} audio encoder is not loaded (this encoder loads {loaded}): start it "
                                f"with --audio-encoders {loaded},{backend}")
-        return self.audio_encoders[backend].encode(pcm_16k, fps, total_frames, chunk_frames)
+        return self.audio_encoders[backend]
 
 
 def _pixels_key(pixels: np.ndarray) -> bytes:
