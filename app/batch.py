@@ -22,11 +22,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from avatar.files import unlink_quietly, write_json_atomic
@@ -34,8 +31,6 @@ from avatar.files import unlink_quietly, write_json_atomic
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
-MAX_INPUT_BYTES = 64 * 1024 * 1024 - 1024 * 1024   # leaves room in a 64 MiB request for the rest
 
 
 class ProfileError(ValueError):
@@ -57,11 +52,15 @@ class Profile:
     sha256: str = ""          # of the profile file's bytes: a changed profile is redone
 
     def request(self):
+        from avatar.client import InvalidRequest, read_input
         from avatar.v1 import avatar_pb2
+        try:
+            image, audio = read_input(self.image, "image"), read_input(self.audio, "audio")
+        except InvalidRequest as e:
+            raise ProfileError(e.details) from None
         return avatar_pb2.GenerateRequest(
-            image=_read_input(self.image, "image"), audio=_read_input(self.audio, "audio"), prompt=self.prompt,
-            size=self.size, preset=self.preset, num_clip=self.num_clip, infer_frames=self.infer_frames,
-            sample_steps=self.sample_steps, seed=self.seed)
+            image=image, audio=audio, prompt=self.prompt, size=self.size, preset=self.preset, num_clip=self.num_clip,
+            infer_frames=self.infer_frames, sample_steps=self.sample_steps, seed=self.seed)
 
     def settings(self) -> dict:
         d = dataclasses.asdict(self)
@@ -125,32 +124,17 @@ def load_profile(path: Path, root: Path) -> Profile:
                    seed=data.get("seed"), sha256=hashlib.sha256(raw).hexdigest())
 
 
-def _read_input(path: Path, what: str) -> bytes:
-    size = path.stat().st_size
-    if size > MAX_INPUT_BYTES:
-        raise ProfileError(f"{what} {path.name} is {size / 2**20:.0f} MiB; the limit is "
-                           f"{MAX_INPUT_BYTES // 2**20} MiB")
-    return path.read_bytes()
-
-
 # --- files ---------------------------------------------------------------------------------
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def finished(out: Path, profile: Profile) -> dict | None:
     """The sidecar of a finished, intact video for this exact profile, else None."""
+    from avatar.client import sha256_file
     video, sidecar = out / f"{profile.name}.mp4", out / f"{profile.name}.json"
     try:
         meta = json.loads(sidecar.read_text())
         if (meta.get("status") == "done" and meta.get("profile_sha256") == profile.sha256
                 and video.stat().st_size == meta["video"]["bytes"]
-                and _sha256_file(video) == meta["video"]["sha256"]):
+                and sha256_file(video) == meta["video"]["sha256"]):
             return meta
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -180,14 +164,15 @@ class BatchConfig:
     root: Path
     server: str | None = None
     concurrency: int = 1
-    retries: int = 3
     timeout_s: float | None = None
 
 
 class Batch:
-    def __init__(self, cfg: BatchConfig, stub, say=print):
+    """Runs the profiles through one avatar.client.AvatarClient (its retry policy is the batch's)."""
+
+    def __init__(self, cfg: BatchConfig, client, say=print):
         self.cfg = cfg
-        self.stub = stub
+        self.client = client
         self.say = say
         self.manifest: dict = {}
         self._lock = asyncio.Lock()
@@ -252,90 +237,37 @@ class Batch:
             log.close()
 
     async def _generate(self, profile: Profile, log) -> dict:
-        import grpc
-
-        from avatar.admission import retry_after_ms
+        from avatar.client import GenerateError
         log(f"start: image={profile.image} audio={profile.audio} size={profile.size!r} "
             f"preset={profile.preset!r} seed={profile.seed}")
         try:
             request = profile.request()
-        except (ProfileError, OSError) as e:
+        except ProfileError as e:
             log(f"FAILED {e}")
             return {"status": "failed", "reason": f"bad profile: {e}", "at": _now()}
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self._attempt(profile, request, log, attempt)
-            except grpc.aio.AioRpcError as e:
-                code = e.code().name
-                reason = f"{code}: {e.details()}"
-                if code in _RETRYABLE and attempt <= self.cfg.retries:
-                    wait = (retry_after_ms(e) or 1000 * 2 ** (attempt - 1)) / 1000
-                    log(f"attempt {attempt} failed ({reason}); retrying in {wait:.1f} s")
-                    await asyncio.sleep(min(wait, 60))
-                    continue
-                log(f"FAILED {reason}")
-                return {"status": "failed", "reason": reason, "code": code, "attempts": attempt, "at": _now()}
-            except Exception as e:  # noqa: BLE001 - one profile's failure never stops the batch
-                reason = f"{type(e).__name__}: {e}"
-                log(f"FAILED {reason}")
-                return {"status": "failed", "reason": reason, "attempts": attempt, "at": _now()}
 
-    async def _attempt(self, profile: Profile, request, log, attempt: int) -> dict:
-        from google.protobuf.json_format import MessageToDict
-        name, out = profile.name, self.cfg.out
-        video = out / f"{name}.mp4"
-        started, t0 = _now(), time.perf_counter()
-        header = status = None
-        fragments = 0
-        fd, part = tempfile.mkstemp(prefix=f".{name}.mp4.", suffix=".part", dir=out)
+        def on_event(msg):
+            if msg.WhichOneof("event") == "header":
+                h = msg.header
+                log(f"request {h.request_id}: {h.width}x{h.height}, {h.total_frames} frames in "
+                    f"{h.expected_fragments} fragments, model {h.model}")
+
         try:
-            with os.fdopen(fd, "wb") as f:
-                call = self.stub.Generate(request, timeout=self.cfg.timeout_s)
-                async for msg in call:
-                    kind = msg.WhichOneof("event")
-                    if kind == "header":
-                        header = msg.header
-                        log(f"attempt {attempt}: request {header.request_id}: {header.width}x{header.height}, "
-                            f"{header.total_frames} frames in {header.expected_fragments} fragments, "
-                            f"model {header.model}")
-                    elif kind == "init_segment":
-                        f.write(msg.init_segment.data)
-                    elif kind == "fragment":
-                        f.write(msg.fragment.data)
-                        fragments += 1
-                    elif kind == "status":
-                        status = msg.status
-                if header is None or status is None:
-                    raise RuntimeError("the stream ended without a header or a final status")
-                if fragments != header.expected_fragments:
-                    raise RuntimeError(f"got {fragments} of {header.expected_fragments} fragments")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(part, 0o644)
-            os.replace(part, video)
-        except BaseException:
-            unlink_quietly(part)
-            raise
-        size, digest = video.stat().st_size, _sha256_file(video)
-        sidecar = {
-            "status": "done", "profile": profile.name, "profile_sha256": profile.sha256,
-            "settings": profile.settings(), "server": self.cfg.server or "embedded",
-            "request_id": header.request_id, "trace_id": status.trace_id, "model": header.model,
-            "job": MessageToDict(header.job, preserving_proto_field_name=True),
-            "width": header.width, "height": header.height, "fps": header.fps,
-            "duration_s": header.duration_s, "blocks": status.blocks, "frames": status.frames,
-            "timings_ms": {t.stage: {"ms": t.ms, "count": t.count} for t in status.timings},
-            "time_to_first_fragment_s": status.time_to_first_fragment_s, "server_total_s": status.total_s,
-            "total_s": time.perf_counter() - t0, "attempts": attempt,
-            "video": {"file": video.name, "bytes": size, "sha256": digest},
-            "started": started, "finished": _now(),
-        }
-        write_json_atomic(out / f"{name}.json", sidecar)
-        log(f"done: {video.name} {size} bytes, {status.frames} frames, {sidecar['total_s']:.1f} s")
-        return {"status": "done", "video": video.name, "sidecar": f"{name}.json", "finished": sidecar["finished"],
-                "attempts": attempt}
+            saved = await self.client.generate_to_file(
+                request, self.cfg.out / f"{profile.name}.mp4", timeout_s=self.cfg.timeout_s, on_event=on_event,
+                on_retry=lambda e, wait: log(f"attempt {e.attempts} failed ({e}); retrying in {wait:.1f} s"),
+                server=self.cfg.server or "embedded",
+                sidecar={"profile": profile.name, "profile_sha256": profile.sha256, "settings": profile.settings()})
+        except GenerateError as e:
+            log(f"FAILED {e}")
+            return {"status": "failed", "reason": str(e), "code": e.code.name, "attempts": e.attempts, "at": _now()}
+        except Exception as e:  # noqa: BLE001 - one profile's failure never stops the batch
+            reason = f"{type(e).__name__}: {e}"
+            log(f"FAILED {reason}")
+            return {"status": "failed", "reason": reason, "at": _now()}
+        log(f"done: {saved.path.name} {saved.bytes} bytes, {saved.status.frames} frames, {saved.total_s:.1f} s")
+        return {"status": "done", "video": saved.path.name, "sidecar": f"{profile.name}.json",
+                "finished": saved.finished, "attempts": saved.attempts}
 
 
 def _now() -> str:
@@ -352,62 +284,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", metavar="ADDR", help="a running gateway (default: start the mesh in this process)")
     p.add_argument("--concurrency", type=int, default=1, metavar="N", help="profiles in flight at once (default 1)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="retries of a profile on UNAVAILABLE / RESOURCE_EXHAUSTED / deadline (default 3)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline per video in seconds")
+                   help="retries of a video refused before its first fragment (UNAVAILABLE, or RESOURCE_EXHAUSTED "
+                        "with the gateway's retry-after-ms) (default 3)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="deadline per video in seconds, retries included")
+
+
+def _usage_error(msg: str) -> int:
+    print(f"avatar batch: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 async def run(args, model=None) -> int:
-    from avatar import grpc_util
-    from avatar.security import SecurityConfig
-    from avatar.v1 import avatar_pb2_grpc
+    from avatar.app.embedded import client_for
+    from avatar.client import RetryPolicy
 
     profiles_dir = Path(args.profiles_dir)
     if not profiles_dir.is_dir():
-        print(f"avatar batch: error: {profiles_dir} is not a folder", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(f"{profiles_dir} is not a folder")
     root = Path(args.root or profiles_dir).resolve()
     if not root.is_dir():
-        print(f"avatar batch: error: --root {root} is not a folder", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(f"--root {root} is not a folder")
     if args.concurrency < 1 or args.retries < 0:
-        print("avatar batch: error: --concurrency must be at least 1 and --retries not negative", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error("--concurrency must be at least 1 and --retries not negative")
     paths = sorted(profiles_dir.glob("*.json"))
     if not paths:
-        print(f"avatar batch: error: no *.json profiles in {profiles_dir}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(f"no *.json profiles in {profiles_dir}")
     out = Path(args.out)
     if out.resolve() == profiles_dir.resolve():
-        print("avatar batch: error: --out must not be the profiles folder (sidecars would replace profiles)",
-              file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error("--out must not be the profiles folder (sidecars would replace profiles)")
     out.mkdir(parents=True, exist_ok=True)
     cfg = BatchConfig(profiles_dir=profiles_dir.resolve(), out=out, root=root, server=args.server,
-                      concurrency=args.concurrency, retries=args.retries, timeout_s=args.timeout)
-    mesh, creds, token = None, None, None
-    try:
-        if args.server:
-            sec = SecurityConfig.from_args(args)
-            creds, token, address = sec.tls.channel_credentials(), sec.auth_token, args.server
-            from avatar.security import plaintext_token_warning
-            if warning := plaintext_token_warning(address, creds, token):
-                print(f"avatar batch: {warning}", file=sys.stderr)
-        else:
-            from avatar.app.serve import ServeConfig, start
-            mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
-                                           trace_file=getattr(args, "trace_file", None)))
-            address = mesh.address
-    except ValueError as e:
-        print(f"avatar batch: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        async with grpc_util.create_channel(address, creds, token) as channel:
-            batch = Batch(cfg, avatar_pb2_grpc.AvatarServiceStub(channel),
-                          say=lambda s: print(f"avatar batch: {s}", file=sys.stderr, flush=True))
-            manifest = await batch.run(paths)
-    finally:
-        if mesh is not None:
-            await mesh.stop(grace=1.0)
+                      concurrency=args.concurrency, timeout_s=args.timeout)
+    async with client_for(args, model, RetryPolicy(retries=args.retries)) as client:
+        if client.warning:
+            print(f"avatar batch: {client.warning}", file=sys.stderr)
+        batch = Batch(cfg, client, say=lambda s: print(f"avatar batch: {s}", file=sys.stderr, flush=True))
+        manifest = await batch.run(paths)
     summary = manifest.get("summary", {})
     print(f"avatar batch: {summary.get('done', 0)} done, {summary.get('failed', 0)} failed of {len(paths)}; "
           f"manifest {out / MANIFEST}", file=sys.stderr)

@@ -3,12 +3,9 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from avatar import package_version
-from avatar.files import unlink_quietly, write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -162,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from avatar.app.embedded import SetupError
+    from avatar.client import GenerateError, InvalidRequest
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -170,16 +169,22 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(cmd_generate(args))
         if args.command == "batch":
             from avatar.app.batch import run
-            return asyncio.run(run(args, model_spec(args)))
+            return asyncio.run(run(args, None if args.server else model_spec(args)))
         if args.command == "gpu-monitor":
             from avatar.app.gpu_monitor import run
             return run(args)
         if args.command == "check-weights":
             return cmd_check_weights(args)
         return cmd_download_weights(args)
-    except UserError as exc:
+    except (UserError, SetupError) as exc:
         print(f"avatar {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except InvalidRequest as exc:
+        print(f"avatar {args.command}: error: {exc.details}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except GenerateError as exc:
+        print(f"avatar {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"avatar {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -208,137 +213,66 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read the {what} {path}: {exc.strerror}") from None
+def _request(args):
+    from avatar.client import read_input
+    from avatar.v1 import avatar_pb2
+    return avatar_pb2.GenerateRequest(
+        image=read_input(args.image, "image"), audio=read_input(args.audio, "audio"), prompt=args.prompt,
+        size=args.size, preset=args.preset or "", num_clip=args.num_clip, infer_frames=args.infer_frames,
+        sample_steps=args.sample_steps, seed=args.seed)
 
 
 async def cmd_generate(args) -> int:
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-    from opentelemetry.trace import SpanKind
+    from avatar.app.embedded import client_for
 
-    from avatar import grpc_util, telemetry
-    from avatar.v1 import avatar_pb2, avatar_pb2_grpc
-
-    request = avatar_pb2.GenerateRequest(
-        image=_read(args.image, "image"), audio=_read(args.audio, "audio"), prompt=args.prompt,
-        size=args.size, preset=args.preset or "", num_clip=args.num_clip, infer_frames=args.infer_frames,
-        sample_steps=args.sample_steps, seed=args.seed)
+    request = _request(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = model_spec(args)
-
-    mesh = None
-    if args.server:
-        address = args.server
-        telemetry.setup("avatar-cli", args.trace_file)
-    else:
-        from avatar.app.serve import ServeConfig, start
-        try:
-            mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
-                                           trace_file=args.trace_file))
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        address = mesh.address
-
-    # The request's root span: the gateway continues this trace (one trace id, client included).
-    client_span = telemetry.tracer().start_span("avatar generate", kind=SpanKind.CLIENT)
-    t0 = time.perf_counter()
-    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    bar = None
-    header = status = None
-    first_fragment_s = None
+    model = None
+    if not args.server:   # with --server the model is the server's
+        model = model_spec(args)
+    progress = _Progress()
     try:
-        creds = token = None
-        if args.server:  # the embedded mesh is loopback-only and open
-            from avatar.security import SecurityConfig
-            try:
-                sec = SecurityConfig.from_args(args)
-                creds = sec.tls.channel_credentials()
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-            token = sec.auth_token
-            from avatar.security import plaintext_token_warning
-            if warning := plaintext_token_warning(address, creds, token):
-                print(f"avatar generate: {warning}", file=sys.stderr)
-        async with grpc_util.create_channel(address, creds, token) as channel:
-            stub = avatar_pb2_grpc.AvatarServiceStub(channel)
-            with os.fdopen(fd, "wb") as f:
-                async for msg in stub.Generate(request, timeout=args.timeout,
-                                               metadata=telemetry.outgoing_metadata(client_span)):
-                    kind = msg.WhichOneof("event")
-                    if kind == "header":
-                        header = msg.header
-                        if "noise" in header.model:
-                            print(f"avatar generate: note: model is {header.model}", file=sys.stderr)
-                        bar = _progress_bar(header)
-                    elif kind == "init_segment":
-                        f.write(msg.init_segment.data)
-                    elif kind == "fragment":
-                        f.write(msg.fragment.data)
-                        f.flush()  # appended as it arrives: the .part file plays while it grows
-                        if first_fragment_s is None:
-                            first_fragment_s = time.perf_counter() - t0
-                        bar.update(1)
-                    elif kind == "status":
-                        status = msg.status
-        if status is None:
-            raise RuntimeError("the stream ended without a final status")
-        os.chmod(part, 0o644)  # mkstemp makes it private; the video is an ordinary output file
-        os.replace(part, out)
-    except grpc.aio.AioRpcError as exc:
-        unlink_quietly(part)
-        if bar is not None:
-            bar.close()
-            bar = None
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            raise UserError(exc.details()) from None
-        print(f"avatar generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except BaseException:
-        unlink_quietly(part)
-        raise
+        async with client_for(args, model) as client:
+            if client.warning:
+                print(f"avatar generate: {client.warning}", file=sys.stderr)
+            saved = await client.generate_to_file(
+                request, out, timeout_s=args.timeout, on_event=progress, span_name="avatar generate",
+                server=args.server or "embedded", sidecar={
+                    # no secrets in the sidecar
+                    "parameters": {k: v for k, v in vars(args).items() if k != "command" and "token" not in k},
+                    "model": {"ckpt_dir": args.ckpt_dir, "lora_path": args.lora_path,
+                              "random_weights": args.random_weights}})
     finally:
-        client_span.end()
-        if bar is not None:
-            bar.close()
-        if mesh is not None:
-            await mesh.stop(grace=1.0)
-
-    total_s = time.perf_counter() - t0
-    report = {
-        "output": str(out),
-        "parameters": {k: v for k, v in vars(args).items() if k != "command" and "token" not in k},  # no secrets
-        "seed": header.job.seed,
-        "model": {"name": model.name if not args.server else header.job.model, "description": header.model,
-                  "ckpt_dir": args.ckpt_dir, "lora_path": args.lora_path, "random_weights": args.random_weights},
-        "server": args.server or "embedded",
-        "request_id": header.request_id,
-        "trace_id": status.trace_id,
-        "job": MessageToDict(header.job, preserving_proto_field_name=True),
-        "width": header.width, "height": header.height, "fps": header.fps,
-        "duration_s": header.duration_s,
-        "blocks": status.blocks, "frames": status.frames,
-        "timings_ms": {t.stage: {"ms": t.ms, "count": t.count} for t in status.timings},
-        "time_to_first_fragment_s": status.time_to_first_fragment_s,
-        "client_time_to_first_fragment_s": first_fragment_s,
-        "server_total_s": status.total_s,
-        "total_s": total_s,
-    }
-    write_json_atomic(out.with_suffix(".json"), report)
+        progress.close()
+    header, status = saved.header, saved.status
     print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
-          f"{header.duration_s:.2f} s) in {total_s:.1f} s, first fragment after "
+          f"{header.duration_s:.2f} s) in {saved.total_s:.1f} s, first fragment after "
           f"{status.time_to_first_fragment_s:.2f} s", file=sys.stderr)
     return 0
 
 
-def _progress_bar(header):
-    from tqdm import tqdm
-    return tqdm(total=header.expected_fragments, unit="block", file=sys.stderr,
-                desc=f"{header.width}x{header.height} {header.total_frames} frames", leave=True)
+class _Progress:
+    """The progress bar on stderr, from the stream's header and fragments."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, msg) -> None:
+        kind = msg.WhichOneof("event")
+        if kind == "header":
+            if "noise" in msg.header.model:
+                print(f"avatar generate: note: model is {msg.header.model}", file=sys.stderr)
+            from tqdm import tqdm
+            h = msg.header
+            self.bar = tqdm(total=h.expected_fragments, unit="block", file=sys.stderr,
+                            desc=f"{h.width}x{h.height} {h.total_frames} frames", leave=True)
+        elif kind == "fragment" and self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def cmd_check_weights(args) -> int:
