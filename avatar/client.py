@@ -10,7 +10,10 @@
 `generate` yields the API's own messages (header, init_segment, fragment, progress, status). The
 header and the init segment are handed over together with the first fragment: a call refused
 before that (UNAVAILABLE; RESOURCE_EXHAUSTED with the gateway's `retry-after-ms` hint) is
-retried unseen, and a failure after it is final.
+retried unseen, and a failure after it is final. Before anything is sent the audio is decoded
+once with the gateway's own checks (bad or too long audio fails here, before any upload), and
+audio that would push the request over PUBLIC_MAX_REQUEST_BYTES is re-encoded: mono FLAC
+(lossless), or Opus at a speech-transparent bitrate when FLAC is still too large.
 Errors are GenerateError (InvalidRequest for input the gateway or this client refuses).
 """
 from __future__ import annotations
@@ -19,24 +22,31 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import av
 import grpc
+import numpy as np
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.trace import SpanKind
 
-from avatar import telemetry
+from avatar import media, telemetry
 from avatar.admission import retry_after_ms
+from avatar.errors import InvalidInput
 from avatar.files import unlink_quietly, write_json_atomic
-from avatar.grpc_util import create_channel
+from avatar.grpc_util import PUBLIC_MAX_REQUEST_BYTES, create_channel
+from avatar.presets import OUTPUT_AUDIO_RATE
 from avatar.security import channel_credentials, plaintext_token_warning
 from avatar.v1 import avatar_pb2, avatar_pb2_grpc
 
+OPUS_BITRATE = 64_000      # bit/s, mono: transparent for speech (Opus is near-transparent for music at 96k)
 MAX_INPUT_FILE_BYTES = 1 << 30   # a file read into memory for one request; larger is not a portrait or speech
+_PROTO_SLACK = 64          # bytes of tags and length prefixes around the audio field
 
 
 class GenerateError(Exception):
@@ -76,7 +86,7 @@ class RetryPolicy:
         return None
 
 
-# --- inputs -------------------------------------------------------------------------------
+# --- requests that fit -----------------------------------------------------------------------
 
 def read_input(path: str | os.PathLike, what: str) -> bytes:
     """The bytes of an input file, or InvalidRequest saying why they cannot be read."""
@@ -91,15 +101,76 @@ def read_input(path: str | os.PathLike, what: str) -> bytes:
         raise InvalidRequest(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
 
+def _encode_mono(samples: np.ndarray, rate: int, container: str, codec: str, bit_rate: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        step = 1 << 16
+        for start in range(0, len(samples), step):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, start:start + step]),
+                                               format="flt", layout="mono")
+            frame.sample_rate = rate
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def fit_request(request: avatar_pb2.GenerateRequest, *, max_bytes: int = PUBLIC_MAX_REQUEST_BYTES,
+                max_audio_s: float | None = media.MAX_AUDIO_S) -> tuple[avatar_pb2.GenerateRequest, str | None]:
+    """The request as it will be sent, and a note when its audio had to be re-encoded to fit.
+
+    Decodes the audio with the gateway's checks (InvalidRequest for bad or too long audio, so
+    nothing is uploaded in vain). Under `max_bytes` the request is sent as given; over it the
+    audio becomes mono FLAC at the rate the video keeps (at most 48 kHz: lossless for what the
+    video plays), and if that is still too large, Opus at OPUS_BITRATE."""
+    try:
+        audio = media.decode_audio(request.audio, max_duration_s=max_audio_s or float("inf"))
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc)) from None
+    total = request.ByteSize()
+    if total <= max_bytes:
+        return request, None
+    budget = max_bytes - (total - len(request.audio)) - _PROTO_SLACK
+    if budget <= 0:
+        raise InvalidRequest(f"the request is {_mib(total)} and the limit is {_mib(max_bytes)}, but the "
+                             f"portrait alone is {_mib(len(request.image))}: send a smaller image")
+    rate = min(audio.sample_rate, OUTPUT_AUDIO_RATE)
+    samples = media.resample(audio.samples, audio.sample_rate, rate)
+    was = f"{_mib(len(request.audio))} of audio ({audio.duration_s:.1f} s)"
+    encoded = _encode_mono(samples, rate, "flac", "flac")
+    note = (f"{was} would not fit the {_mib(max_bytes)} request limit: sent as mono FLAC at {rate} Hz "
+            f"({_mib(len(encoded))}, lossless for the video's sound)")
+    if len(encoded) > budget:
+        # libopus takes 48 kHz (or 8/12/16/24); the video's sound is 48 kHz anyway
+        encoded = _encode_mono(media.resample(audio.samples, audio.sample_rate, 48_000), 48_000, "ogg",
+                               "libopus", OPUS_BITRATE)
+        note = (f"{was} would not fit the {_mib(max_bytes)} request limit, nor as lossless FLAC: sent as "
+                f"Opus {OPUS_BITRATE // 1000} kbit/s mono ({_mib(len(encoded))}; transparent for speech)")
+    if len(encoded) > budget:
+        raise InvalidRequest(f"the audio does not fit the {_mib(max_bytes)} request limit even as Opus "
+                             f"({_mib(len(encoded))}): send a smaller image or shorter audio")
+    fitted = avatar_pb2.GenerateRequest()
+    fitted.CopyFrom(request)
+    fitted.audio = encoded
+    return fitted, note
+
+
 # --- the call --------------------------------------------------------------------------------
 
 class GenerateCall:
     """One Generate call: iterate it (once) for the gateway's messages. After iteration,
+    `request` is what was sent, `audio_note` says whether its audio was re-encoded, and
     `attempts` counts the calls made."""
 
     def __init__(self, client: AvatarClient, request: avatar_pb2.GenerateRequest, timeout_s: float | None,
                  span_name: str, on_retry: Callable[[GenerateError, float], None] | None = None):
-        self.request, self.attempts = request, 0
+        self.request, self.audio_note, self.attempts = request, None, 0
         self._client, self._timeout_s, self._span_name, self._on_retry = client, timeout_s, span_name, on_retry
 
     def __aiter__(self) -> AsyncIterator[avatar_pb2.GenerateResponse]:
@@ -117,6 +188,8 @@ class GenerateCall:
     async def _events(self):
         client = self._client
         deadline = time.monotonic() + self._timeout_s if self._timeout_s is not None else None
+        self.request, self.audio_note = await asyncio.to_thread(
+            fit_request, self.request, max_bytes=client.max_request_bytes, max_audio_s=client.max_audio_s)
         span = telemetry.tracer().start_span(self._span_name, kind=SpanKind.CLIENT)
         try:
             while True:
@@ -168,6 +241,7 @@ class SavedVideo:
     bytes: int
     sha256: str
     attempts: int
+    audio_note: str | None
     server: str
     client_time_to_first_fragment_s: float | None
     total_s: float
@@ -189,6 +263,7 @@ class SavedVideo:
             "time_to_first_fragment_s": s.time_to_first_fragment_s,
             "client_time_to_first_fragment_s": self.client_time_to_first_fragment_s,
             "server_total_s": s.total_s, "total_s": self.total_s, "attempts": self.attempts,
+            "audio_note": self.audio_note,
             "video": {"file": self.path.name, "bytes": self.bytes, "sha256": self.sha256},
             "started": self.started, "finished": self.finished,
         }
@@ -196,8 +271,6 @@ class SavedVideo:
             data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
         return data
 
-
-# --- part files ------------------------------------------------------------------------------
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -209,11 +282,14 @@ class AvatarClient:
     """A channel to one gateway with its credentials and retry policy; use as `async with`.
 
     tls_ca verifies the server (TLS); tls_cert + tls_key present a client certificate (mTLS);
-    token is sent as ``authorization: Bearer``."""
+    token is sent as ``authorization: Bearer``. max_audio_s: longest audio sent (the gateway's
+    default limit; None leaves it to the gateway)."""
 
     def __init__(self, address: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, token: str | None = None, retry: RetryPolicy = RetryPolicy()):
+                 tls_key: str | None = None, token: str | None = None, retry: RetryPolicy = RetryPolicy(),
+                 max_audio_s: float | None = media.MAX_AUDIO_S, max_request_bytes: int = PUBLIC_MAX_REQUEST_BYTES):
         self.address, self.retry = address, retry
+        self.max_audio_s, self.max_request_bytes = max_audio_s, max_request_bytes
         credentials = channel_credentials(tls_ca, tls_cert, tls_key)   # ValueError names a bad PEM file
         self.warning = plaintext_token_warning(address, credentials, token)
         self._channel = create_channel(address, credentials, token)
@@ -281,7 +357,7 @@ class AvatarClient:
             raise
         size, digest = out.stat().st_size, sha256_file(out)
         saved = SavedVideo(path=out, header=header, status=status, bytes=size, sha256=digest,
-                           attempts=call.attempts, server=server or self.address,
+                           attempts=call.attempts, audio_note=call.audio_note, server=server or self.address,
                            client_time_to_first_fragment_s=first_fragment_s, total_s=time.perf_counter() - t0,
                            started=started, finished=_now())
         write_json_atomic(out.with_suffix(".json"), saved.sidecar(**(sidecar or {})))
