@@ -265,8 +265,9 @@ class Batch:
             reason = f"{type(e).__name__}: {e}"
             log(f"FAILED {reason}")
             return {"status": "failed", "reason": reason, "at": _now()}
-        if saved.audio_note:
-            log(f"note: {saved.audio_note}")
+        for note in (saved.audio_note, saved.status.truncation):
+            if note:
+                log(f"note: {note}")
         log(f"done: {saved.path.name} {saved.bytes} bytes, {saved.status.frames} frames, {saved.total_s:.1f} s")
         return {"status": "done", "video": saved.path.name, "sidecar": f"{profile.name}.json",
                 "finished": saved.finished, "attempts": saved.attempts}

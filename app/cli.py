@@ -248,6 +248,9 @@ async def cmd_generate(args) -> int:
     print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
           f"{header.duration_s:.2f} s) in {saved.total_s:.1f} s, first fragment after "
           f"{status.time_to_first_fragment_s:.2f} s", file=sys.stderr)
+    if status.truncation:
+        print(f"avatar generate: note: the video covers only part of the audio: {status.truncation}",
+              file=sys.stderr)
     if saved.audio_note:
         print(f"avatar generate: note: {saved.audio_note}", file=sys.stderr)
     return 0

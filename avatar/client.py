@@ -258,6 +258,7 @@ class SavedVideo:
             "model": {"name": h.job.model, "description": h.model},
             "job": MessageToDict(h.job, preserving_proto_field_name=True),
             "width": h.width, "height": h.height, "fps": h.fps, "duration_s": h.duration_s,
+            "audio_duration_s": s.audio_duration_s, "truncation": s.truncation,
             "blocks": s.blocks, "frames": s.frames,
             "timings_ms": {t.stage: {"ms": t.ms, "count": t.count} for t in s.timings},
             "time_to_first_fragment_s": s.time_to_first_fragment_s,
