@@ -2,6 +2,7 @@
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -166,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "generate":
-            return asyncio.run(cmd_generate(args))
+            return run_stoppable(cmd_generate(args), args.command)
         if args.command == "batch":
             from avatar.app.batch import run
-            return asyncio.run(run(args, None if args.server else model_spec(args)))
+            model = None
+            if not args.server:
+                check_model_flags(args)
+                model = model_spec(args)
+            return run_stoppable(run(args, model), args.command)
         if args.command == "gpu-monitor":
             from avatar.app.gpu_monitor import run
             return run(args)
@@ -190,6 +195,38 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_stoppable(work, command: str) -> int:
+    """asyncio.run(work), where SIGTERM, SIGINT and SIGHUP cancel the work so its cleanup runs
+    (temp files removed, the embedded mesh stopped); exit code 128 + the signal's number.
+    SIGKILL cannot be caught: the next run removes what it left (avatar.client.remove_stale_parts)."""
+    received: list[signal.Signals] = []
+
+    async def runner():
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+        def stop(sig):
+            if not received:   # a second signal must not interrupt the cleanup of the first
+                task.cancel()
+            received.append(sig)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if received:
+                return None
+            raise
+
+    rc = asyncio.run(runner())
+    if received:
+        print(f"avatar {command}: stopped by {received[0].name}; nothing half-written was left", file=sys.stderr)
+        return 128 + received[0]
+    return rc
+
+
 def cmd_serve(args) -> int:
     from avatar.admission import AdmissionConfig
     from avatar.logging_setup import setup_logging
@@ -201,16 +238,59 @@ def cmd_serve(args) -> int:
         admission = AdmissionConfig(args.max_sessions, args.max_queue, args.max_per_client)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    check_model_flags(args, args.role)
     cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
                       decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file,
                       security=security, admission=admission, metrics_port=args.metrics_port,
                       grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s,
                       warmup=args.warmup)
+    from avatar.errors import WeightsError
     try:
         asyncio.run(serve_forever(cfg))
-    except (ValueError, OSError) as exc:
-        raise UserError(str(exc)) from None
+    except (ValueError, OSError, WeightsError) as exc:
+        raise UserError(str(exc).replace("\n", " ")) from None
     return 0
+
+
+def check_model_flags(args, role: str = "all") -> None:
+    """Refuses --ckpt_dir and --device values that cannot work, before any model is built: a
+    newcomer gets one line saying what to do instead of a traceback from deep inside a load."""
+    loads_weights = role != "gateway" and not args.random_weights
+    if args.ckpt_dir and loads_weights:
+        _check_ckpt_dir(args.ckpt_dir)
+    if role != "gateway" and args.device.startswith("cuda"):
+        _check_cuda(args.device)
+
+
+def _check_ckpt_dir(ckpt_dir: str) -> None:
+    from avatar import checkpoints as ck
+    fetch = f"fetch the weights with `avatar download-weights --ckpt_dir {ckpt_dir}`"
+    path = Path(ckpt_dir).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--ckpt_dir {ckpt_dir}: " + ("not a folder" if path.exists() else "no such folder")
+                        + f"; {fetch}")
+    if not any(path.iterdir()):
+        raise UserError(f"--ckpt_dir {ckpt_dir} is empty; {fetch}")
+    root = ck.resolve_ckpt_dir(path).root
+    dit = (root / ck.DIT_INDEX, root / "diffusion_pytorch_model.safetensors")
+    missing = [str(p.relative_to(root)) for p in (root / ck.DIT_CONFIG, root / ck.VAE_FILE, root / ck.T5_FILE,
+                                                  root / ck.TOKENIZER_DIR, root / ck.WAV2VEC2_DIR) if not p.exists()]
+    if not any(p.exists() for p in dit):
+        missing.insert(1, dit[0].name)
+    if missing:
+        raise UserError(f"--ckpt_dir {ckpt_dir} is not a Wan2.2-S2V-14B folder: {', '.join(missing)} missing; "
+                        f"{fetch}, or see what is wrong with `avatar check-weights --ckpt_dir {ckpt_dir}`")
+
+
+def _check_cuda(device: str) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isascii() or not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def _request(args):
@@ -229,6 +309,7 @@ async def cmd_generate(args) -> int:
     out = Path(args.out)
     model = None
     if not args.server:   # with --server the model is the server's
+        check_model_flags(args)
         model = model_spec(args)
     progress = _Progress()
     try:

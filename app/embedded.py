@@ -4,13 +4,14 @@ from collections.abc import AsyncIterator
 
 from avatar import telemetry
 from avatar.client import AvatarClient, RetryPolicy
+from avatar.errors import WeightsError
 from avatar.presets import ModelSpec
 from avatar.security import SecurityConfig
 
 
 class SetupError(Exception):
-    """No client could be made: a TLS file is wrong, or the embedded mesh cannot start.
-    Something the user fixes; the message says what."""
+    """No client could be made: a TLS file is wrong, or the embedded mesh cannot start (weights,
+    port). Something the user fixes; the message says what."""
 
 
 @contextlib.asynccontextmanager
@@ -19,7 +20,7 @@ async def client_for(args, model: ModelSpec | None, retry: RetryPolicy = RetryPo
     """A client of `--server` with the TLS and token flags, or, without --server, of the whole
     mesh (`avatar serve --role all`) started in this process on a free loopback port and stopped
     on exit: the same code path as a deployed mesh. SetupError for bad TLS files or a mesh that
-    cannot start."""
+    cannot start (weights, port)."""
     trace_file = getattr(args, "trace_file", None)
     if args.server:
         telemetry.setup("avatar-cli", trace_file)
@@ -35,8 +36,8 @@ async def client_for(args, model: ModelSpec | None, retry: RetryPolicy = RetryPo
     from avatar.app.serve import ServeConfig, start
     try:
         mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model, trace_file=trace_file))
-    except ValueError as exc:
-        raise SetupError(str(exc)) from None
+    except (ValueError, OSError, WeightsError) as exc:
+        raise SetupError(str(exc).replace("\n", " ")) from None
     try:
         # loopback only and open: the embedded mesh takes no token
         async with AvatarClient(mesh.address, retry=retry) as client:

@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import io
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -273,6 +274,40 @@ class SavedVideo:
         return data
 
 
+# --- part files ------------------------------------------------------------------------------
+
+def part_prefix(out: Path) -> str:
+    """Temp files of `out` are '.NAME.PID.RANDOM.part' beside it: a later run knows whose they are."""
+    return f".{out.name}.{os.getpid()}."
+
+
+def remove_stale_parts(out: Path) -> list[Path]:
+    """Removes temp files of `out` whose process no longer runs (killed by SIGKILL, power loss)."""
+    removed = []
+    pattern = "." + re.sub(r"([*?[])", r"[\1]", out.name) + ".*.part"   # the name taken literally
+    for part in out.parent.glob(pattern):
+        pid, _, _ = part.name[len(out.name) + 2:-len(".part")].rpartition(".")
+        if pid and not re.fullmatch(r"[0-9]+", pid):
+            continue   # a temp file of another output whose name starts like this one
+        if pid and _alive(int(pid)):
+            continue
+        unlink_quietly(part)
+        removed.append(part)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -320,15 +355,17 @@ class AvatarClient:
                                span_name: str = "avatar.client generate", server: str | None = None) -> SavedVideo:
         """Streams the video into a temp file beside `out` (it plays while it grows), renames it
         to `out` when complete and writes OUT.json (SavedVideo.sidecar() merged with `sidecar`).
-        On any failure or cancellation the temp file is removed and `out` is untouched. `server`
-        names the gateway in the sidecar (default: its address)."""
+        On any failure or cancellation the temp file is removed and `out` is untouched; temp
+        files of `out` left by killed processes are removed first. `server` names the gateway
+        in the sidecar (default: its address)."""
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_parts(out)
         started, t0 = _now(), time.perf_counter()
         call = self.generate(request, timeout_s=timeout_s, span_name=span_name, on_retry=on_retry)
         header = status = None
         fragments, first_fragment_s = 0, None
-        fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+        fd, part = tempfile.mkstemp(prefix=part_prefix(out), suffix=".part", dir=out.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 async for msg in call:
