@@ -258,6 +258,9 @@ def check_model_flags(args, role: str = "all") -> None:
     loads_weights = role != "gateway" and not args.random_weights
     if args.ckpt_dir and loads_weights:
         _check_ckpt_dir(args.ckpt_dir)
+    if args.lora_path and loads_weights and not Path(args.lora_path).expanduser().is_file():
+        raise UserError(f"--lora_path {args.lora_path}: no such file; `avatar download-weights` fetches "
+                        f"LiveAvatar/liveavatar.safetensors")
     if role != "gateway" and args.device.startswith("cuda"):
         _check_cuda(args.device)
 

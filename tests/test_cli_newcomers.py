@@ -138,3 +138,9 @@ def test_after_sigkill_the_next_run_removes_the_stale_temp_file(mesh, long_speec
     check_video(out, 12 / 25)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([someone_elses.name, "talk.json", "talk.mp4"])
     assert json.loads(out.with_suffix(".json").read_text())["frames"] == 12
+
+
+def test_a_missing_lora_file_is_one_line(tmp_path, env):
+    err = one_line(run_cli(*GENERATE, "--out", str(tmp_path / "x.mp4"), "--lora_path",
+                           str(tmp_path / "liveavatar.safetensors"), env=env))
+    assert "--lora_path" in err and "no such file" in err, err
