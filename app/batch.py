@@ -7,6 +7,9 @@ are refused), plus optional generation settings:
     {"image": "faces/anna.png", "audio": "speech/anna.wav", "prompt": "...", "size": "704*384",
      "preset": "hd", "num_clip": 0, "infer_frames": 48, "sample_steps": 4, "seed": 7}
 
+(`avatar batch --example DIR` writes profiles to start from, with every field explained; FIELDS
+below is the schema.)
+
 For each profile the batch writes OUT/NAME.mp4, OUT/NAME.json (sidecar: parameters, model,
 timings, size and sha256 of the video) and OUT/logs/NAME.log, and keeps OUT/manifest.json with
 every profile's state (done / failed with the reason). Files appear only complete (written
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import difflib
 import hashlib
 import json
 import re
@@ -35,6 +39,30 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class ProfileError(ValueError):
     """The profile itself is wrong (fields, types, paths): fails that profile only, never retried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One key of a profile: its JSON type, default and meaning (the schema, for checks and --example)."""
+    kind: type | tuple
+    default: object
+    help: str
+    example: object
+
+
+FIELDS = {
+    "image": Field(str, None, "portrait (PNG, JPEG or WebP), relative to the root; required", "inputs/portrait.png"),
+    "audio": Field(str, None, "speech (WAV, FLAC, MP3, OGG or M4A), relative to the root; required",
+                   "inputs/speech.wav"),
+    "prompt": Field(str, "", "text describing the scene", "A woman talks to the camera"),
+    "size": Field(str, "", 'pixel area "W*H", the aspect follows the image ("": the preset\'s)', "704*384"),
+    "preset": Field(str, "", '"preview", "standard" or "hd" ("": preview)', "preview"),
+    "num_clip": Field(int, 0, "clips to generate at most (0: the whole audio)", 0),
+    "infer_frames": Field(int, 0, "video frames per clip, rounded up to 12 (0: the preset's)", 48),
+    "sample_steps": Field(int, 0, "denoising steps per block, 1..50 (0: the preset's)", 4),
+    "seed": Field((int, type(None)), None, "noise seed (null: 420)", 7),
+}
+REQUIRED = ("image", "audio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +96,6 @@ class Profile:
         return d
 
 
-_FIELDS = {"image": str, "audio": str, "prompt": str, "size": str, "preset": str,
-           "num_clip": int, "infer_frames": int, "sample_steps": int, "seed": (int, type(None))}
-
-
 def resolve_under(root: Path, value: str, what: str) -> Path:
     """`value` as a path inside `root` (symlinks followed). Refuses absolute paths, '..' escapes
     and links that point out of the root: server-side files are only read from under it."""
@@ -89,39 +113,66 @@ def resolve_under(root: Path, value: str, what: str) -> Path:
     return path
 
 
+def _field_problems(data: dict, root: Path) -> tuple[list[str], dict]:
+    """Every problem of a profile's fields, and the values that passed (paths resolved)."""
+    from avatar.errors import InvalidInput
+    from avatar.media import parse_size
+    from avatar.presets import JOB_PRESETS
+    problems, good = [], {}
+    for key in data:
+        if key not in FIELDS:
+            near = difflib.get_close_matches(key, FIELDS, n=1)
+            problems.append(f"unknown field {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    problems += [f"missing field {key!r}" for key in REQUIRED if key not in data]
+    for key, field in FIELDS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, field.kind) or isinstance(value, bool):
+            kind = field.kind.__name__ if isinstance(field.kind, type) else "integer or null"
+            problems.append(f"field {key!r} must be {kind}, got {json.dumps(value)[:40]}")
+        elif field.kind is int and value < 0:
+            problems.append(f"field {key!r} must not be negative, got {value}")
+        elif key in REQUIRED:
+            try:
+                good[key] = resolve_under(root, value, key)
+            except ProfileError as e:
+                problems.append(str(e))
+        elif key == "size" and value:
+            try:
+                parse_size(value)
+                good[key] = value
+            except InvalidInput as e:
+                problems.append(f"field 'size': {e}")
+        elif key == "preset" and value and value not in JOB_PRESETS:
+            problems.append(f"field 'preset': {value!r} is not one of {', '.join(JOB_PRESETS)}")
+        else:
+            good[key] = value
+    return problems, good
+
+
 def load_profile(path: Path, root: Path) -> Profile:
-    """Reads and checks one profile file; ProfileError says what is wrong in words."""
+    """Reads and checks one profile file; ProfileError lists everything that is wrong with it."""
     name = path.stem
+    problems = []
     if not _NAME.match(name):
-        raise ProfileError(f"profile name {name!r}: use letters, digits, '.', '_' and '-' only")
-    if name == Path(MANIFEST).stem:
-        raise ProfileError(f"profile name {name!r} is reserved for the batch manifest: rename the file")
+        problems.append(f"profile name {name!r}: use letters, digits, '.', '_' and '-' only")
+    elif name == Path(MANIFEST).stem:
+        problems.append(f"profile name {name!r} is reserved for the batch manifest: rename the file")
     raw = path.read_bytes()
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProfileError(f"not valid JSON: {e}") from None
+        raise ProfileError("; ".join(problems + [f"not valid JSON: {e}"])) from None
     if not isinstance(data, dict):
-        raise ProfileError("a profile is a JSON object with at least 'image' and 'audio'")
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise ProfileError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
-    for key in ("image", "audio"):
-        if key not in data:
-            raise ProfileError(f"missing field {key!r}")
-    for key, value in data.items():
-        want = _FIELDS[key]
-        if not isinstance(value, want) or (isinstance(value, bool)):
-            kind = want.__name__ if isinstance(want, type) else "integer or null"
-            raise ProfileError(f"field {key!r} must be {kind}, got {json.dumps(value)[:40]}")
-    for key in ("num_clip", "infer_frames", "sample_steps"):
-        if data.get(key, 0) < 0:
-            raise ProfileError(f"field {key!r} must not be negative")
-    return Profile(name=name, image=resolve_under(root, data["image"], "image"),
-                   audio=resolve_under(root, data["audio"], "audio"), prompt=data.get("prompt", ""),
-                   size=data.get("size", ""), preset=data.get("preset", ""), num_clip=data.get("num_clip", 0),
-                   infer_frames=data.get("infer_frames", 0), sample_steps=data.get("sample_steps", 0),
-                   seed=data.get("seed"), sha256=hashlib.sha256(raw).hexdigest())
+        raise ProfileError("; ".join(problems + ["a profile is a JSON object with at least 'image' and 'audio'"]))
+    field_problems, good = _field_problems(data, root)
+    problems += field_problems
+    if problems:
+        head = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise ProfileError(head + "; ".join(problems))
+    return Profile(name=name, sha256=hashlib.sha256(raw).hexdigest(),
+                   **{k: good.get(k, f.default) for k, f in FIELDS.items()})
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -280,8 +331,10 @@ def _now() -> str:
 # --- command line --------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("profiles_dir", metavar="PROFILES_DIR", help="folder of NAME.json profiles")
-    p.add_argument("--out", required=True, metavar="DIR", help="where videos, sidecars, logs and the manifest go")
+    p.add_argument("profiles_dir", metavar="PROFILES_DIR", nargs="?", help="folder of NAME.json profiles")
+    p.add_argument("--out", metavar="DIR", help="where videos, sidecars, logs and the manifest go (required)")
+    p.add_argument("--example", metavar="DIR", help="write an example profiles folder (profiles, the inputs they "
+                                                    "name, README.md with every field) to DIR and exit")
     p.add_argument("--root", metavar="DIR", help="profiles' image/audio paths are relative to this folder and "
                                                  "must stay inside it (default: PROFILES_DIR)")
     p.add_argument("--server", metavar="ADDR", help="a running gateway (default: start the mesh in this process)")
@@ -302,6 +355,8 @@ async def run(args, model=None) -> int:
     from avatar.app.embedded import client_for
     from avatar.client import RetryPolicy
 
+    if args.profiles_dir is None or args.out is None:
+        return _usage_error("give PROFILES_DIR and --out DIR (or --example DIR for a folder to start from)")
     profiles_dir = Path(args.profiles_dir)
     if not profiles_dir.is_dir():
         return _usage_error(f"{profiles_dir} is not a folder")
@@ -312,7 +367,7 @@ async def run(args, model=None) -> int:
         return _usage_error("--concurrency must be at least 1 and --retries not negative")
     paths = sorted(profiles_dir.glob("*.json"))
     if not paths:
-        return _usage_error(f"no *.json profiles in {profiles_dir}")
+        return _usage_error(f"no *.json profiles in {profiles_dir} (`avatar batch --example DIR` writes some)")
     out = Path(args.out)
     if out.resolve() == profiles_dir.resolve():
         return _usage_error("--out must not be the profiles folder (sidecars would replace profiles)")
@@ -328,3 +383,46 @@ async def run(args, model=None) -> int:
     print(f"avatar batch: {summary.get('done', 0)} done, {summary.get('failed', 0)} failed of {len(paths)}; "
           f"manifest {out / MANIFEST}", file=sys.stderr)
     return EXIT_OK if summary.get("done", 0) == len(paths) else EXIT_SOME_FAILED
+
+
+# --- the example folder ----------------------------------------------------------------------
+
+SAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "assets"   # in a source checkout
+EXAMPLE_PROFILES = {
+    "minimal": {"image": "inputs/portrait.png", "audio": "inputs/speech.wav"},
+    "every-field": {key: field.example for key, field in FIELDS.items()} | {"num_clip": 1, "infer_frames": 24,
+                                                                            "size": "384*256", "sample_steps": 3},
+}
+
+
+def write_example(folder: Path) -> list[str]:
+    """An example profiles folder that runs as it is: one profile with the two required fields, one
+    with every field, README.md describing them, and the inputs they name (the repository's sample
+    portrait and speech). Returns what still has to be done by hand (empty when nothing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in EXAMPLE_PROFILES.items():
+        write_json_atomic(folder / f"{name}.json", data)
+    rows = "\n".join(f"| `{key}` | {'integer or null' if key == 'seed' else field.kind.__name__} | {field.help} |"
+                      for key, field in FIELDS.items())
+    (folder / "README.md").write_text(
+        "# avatar batch profiles\n\nOne video per `NAME.json` here: `avatar batch "
+        f"{folder} --out renders/`.\nPaths are relative to this folder (or `--root`) and must stay inside "
+        "it.\n\n| field | type | meaning |\n|---|---|---|\n" + rows + "\n")
+    inputs = folder / "inputs"
+    inputs.mkdir(exist_ok=True)
+    todo = []
+    for sample, target in (("astronaut.png", "portrait.png"), ("speech.wav", "speech.wav")):
+        if (SAMPLE_INPUTS / sample).is_file():
+            (inputs / target).write_bytes((SAMPLE_INPUTS / sample).read_bytes())
+        else:
+            todo.append(f"put a {'portrait' if target.endswith('png') else 'speech file'} at {inputs / target}")
+    return todo
+
+
+def example_command(args) -> int:
+    folder = Path(args.example)
+    todo = write_example(folder)
+    print(f"avatar batch: wrote {', '.join(f'{n}.json' for n in EXAMPLE_PROFILES)} and README.md to {folder}; "
+          + (f"then {'; '.join(todo)}; " if todo else "")
+          + f"run: avatar batch {folder} --out {folder.parent / (folder.name + '-renders')}", file=sys.stderr)
+    return EXIT_OK

@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return run_stoppable(cmd_generate(args), args.command)
         if args.command == "batch":
-            from avatar.app.batch import run
+            from avatar.app.batch import example_command, run
+            if args.example:
+                return example_command(args)
             model = None
             if not args.server:
                 check_model_flags(args)
