@@ -87,7 +87,8 @@ def test_health_check_with_tokens_on_needs_the_header_for_reflection(tmp_path, e
     services = Services(tmp_path, env)
     try:
         server = services.start("all", "--auth-token", "grpcurl-secret")
-        check = ["-d", json.dumps({"service": "avatar.v1.AvatarService"}), server.address, "grpc.health.v1.Health/Check"]
+        check = ["-d", json.dumps({"service": "avatar.v1.AvatarService"}), server.address,
+                 "grpc.health.v1.Health/Check"]
         r = subprocess.run([str(GRPCURL), "-plaintext", *check], capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "missing API token" in r.stderr and "service descriptor" in r.stderr, r.stderr
         assert json.loads(grpcurl("-H", "authorization: Bearer grpcurl-secret", *check)) == {"status": "SERVING"}
