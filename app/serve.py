@@ -35,6 +35,7 @@ class ServeConfig:
     grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
     max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
     warmup: bool | None = None                # generator and decoder: run the presets once before SERVING; None: with --compile
+    live: object = None                       # gateway: a gateway.converse.ConverseConfig; None: defaults
 
 
 @dataclass
@@ -146,6 +147,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         gateway = GatewayServicer(cfg.model, *peers, credentials=sec.peer_credentials(cfg.role),
                                   token=sec.peer_token(cfg.role),
                                   admission=Admission(cfg.admission, "gateway") if cfg.admission else None,
+                                  live=cfg.live,
                                   **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}))
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
         names.append(SERVICE_NAME)

@@ -269,6 +269,9 @@ class SavedVideo:
             "video": {"file": self.path.name, "bytes": self.bytes, "sha256": self.sha256},
             "started": self.started, "finished": self.finished,
         }
+        if h.HasField("clip_embedding"):
+            from avatar import wire   # torch: only for a request that asked for the embedding
+            data["clip_embedding"] = wire.from_proto(h.clip_embedding).tolist()
         for key, value in extra.items():
             data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
         return data

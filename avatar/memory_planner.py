@@ -332,13 +332,13 @@ def planning_requests() -> list[MemoryRequest]:
 
 def apply_plan(spec, plan: MemoryPlan):
     """The ModelSpec that runs a MemoryPlan: FP8 weights, encoder placement, cache sets and dtype."""
-    extra = dict(spec.extra)
+    options = spec.generator_options
     if plan.kv_sets == 1:
-        extra["cache_sets"] = 1
+        options = replace(options, cache_sets=1)
     if plan.kv_dtype != "bfloat16":
-        extra["kv_dtype"] = plan.kv_dtype
+        options = replace(options, kv_dtype=plan.kv_dtype)
     encoder_device = "cpu" if plan.encoder_device == "cpu" else spec.encoder_device
-    return spec.with_(fp8=plan.fp8, encoder_device=encoder_device, extra=extra)
+    return spec.with_(fp8=plan.fp8, encoder_device=encoder_device, generator_options=options)
 
 
 def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None = None):

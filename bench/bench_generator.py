@@ -559,16 +559,17 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     return res
 
 
-def bench_engine(dit, width, height, device, blocks: int, warm: int, extra: dict | None = None) -> dict:
+def bench_engine(dit, width, height, device, blocks: int, warm: int, options: dict | None = None) -> dict:
     """Cross-check through the real GeneratorEngine (the service's code path): wall ms of
     open_session (sink prefill) and of generate_block (which syncs), on the same DiT."""
     from types import SimpleNamespace
 
-    from avatar.presets import ModelSpec
+    from avatar.presets import GeneratorOptions, ModelSpec
     from avatar.services.generator.engine import GeneratorEngine
     c = dit.config
     h, w = height // 8, width // 8
-    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True, extra=extra or {}), dit=dit)
+    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True,
+                                    generator_options=GeneratorOptions(**(options or {}))), dit=dit)
     job = SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=48, latent_frames_per_block=3,
                           num_blocks=blocks, total_frames=blocks * FRAMES_PER_BLOCK, sample_steps=4, seed=420,
                           model="s2v-14b", audio_sample_rate=48000, request_id="bench")
@@ -590,7 +591,7 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, extra: dict
         ms.append((time.perf_counter() - t0) * 1000)
     kv_bytes = sess.kv_cache_bytes
     sess.close()
-    res = {"size": f"{width}*{height}", "extra": extra or {}, "kv_cache_gib": kv_bytes / GiB,
+    res = {"size": f"{width}*{height}", "generator_options": options or {}, "kv_cache_gib": kv_bytes / GiB,
            "open_session_ms": open_ms, "first_block_ms": ms[0],
            "block_ms": median(ms[warm:]), "block_ms_all": [round(m, 1) for m in ms], "peak_gib": peak_gib(device)}
     res["fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
@@ -783,7 +784,7 @@ def main():
                         blocks=args.blocks + (4 if args.compile_first else 0))
             fp8kv = torch.float8_e4m3fn
             results["engine_24gb"] = guarded("engine 24gb", lambda: bench_engine(
-                dit, *sizes[0], device, args.blocks, args.warm, extra={"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}))
+                dit, *sizes[0], device, args.blocks, args.warm, options={"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}))
             results["overlap_24gb"] = guarded("overlap 24gb", lambda: bench_overlap(
                 dit, LoopConfig(*sizes[0], num_sets=1, kv_dtype=fp8kv), device, args.tiny, args.blocks, args.warm))
             if dev_cuda:

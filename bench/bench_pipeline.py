@@ -27,7 +27,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -120,7 +120,7 @@ def run_session(eng, dec, width: int, height: int, blocks: int, warm: int, label
     steady = done_at[warm:]
     per_block = (steady[-1] - steady[0]) / (len(steady) - 1) * 1e3 if len(steady) > 1 else float("nan")
     res = {"label": label, "size": f"{width}*{height}", "blocks": blocks, "warm_blocks": warm, "infer_frames": infer_frames,
-           "extra": dict(eng.spec.extra), "decoder": dec is not None,
+           "generator_options": asdict(eng.spec.generator_options), "decoder": dec is not None,
            "open_session_ms": open_ms, "first_fragment_s": done_at[0] - t0,
            "first_block_dit_ms": dit_ms[0], "dit_block_ms": median(dit_ms[warm:]),
            "wall_block_ms": per_block, "fps": FRAMES_PER_BLOCK / (per_block / 1e3),
@@ -237,7 +237,7 @@ def main():
             return r
         return run_guarded(results, name, run_and_keep, device, save)
 
-    from avatar.presets import ModelSpec
+    from avatar.presets import GeneratorOptions, ModelSpec
     from avatar.services.decoder.engine import DecoderEngine
     from avatar.services.generator.engine import GeneratorEngine, compile_blocks
     from avatar.services.generator.fp8 import swap_linears_to_fp8
@@ -254,8 +254,8 @@ def main():
     log(f"DiT ready in {time.perf_counter() - t0:.1f} s ({torch.cuda.memory_allocated() / GiB:.2f} GiB)" if cuda
         else "DiT ready")
 
-    def engine(**extra):
-        return GeneratorEngine(replace(base, extra=extra), dit=dit)
+    def engine(**options):
+        return GeneratorEngine(replace(base, generator_options=GeneratorOptions(**options)), dit=dit)
 
     n, warm = args.blocks, args.warm
     if args.tiny:
@@ -331,11 +331,13 @@ def main():
             compile_blocks(dit)
             bf16 = replace(base, fp8=False)
             w, h = sizes[0]
-            guarded("bf16 warm-up", lambda: run_session(GeneratorEngine(replace(bf16, extra={"cuda_graphs": False}), dit=dit),
+            def bf16_engine(graphs: bool):
+                return GeneratorEngine(replace(bf16, generator_options=GeneratorOptions(cuda_graphs=graphs)), dit=dit)
+            guarded("bf16 warm-up", lambda: run_session(bf16_engine(False),
                                                         None, w, h, BLOCKS_PER_CLIP + 1, 1, "bf16 warm-up (compiles)"))
             for g in (False, True):
                 guarded(f"bf16 graphs={g}", lambda g=g: run_session(
-                    GeneratorEngine(replace(bf16, extra={"cuda_graphs": g}), dit=dit), None, w, h, n, warm,
+                    bf16_engine(g), None, w, h, n, warm,
                     f"bf16+compile{'+graphs' if g else ''}"))
         else:
             log(f"bf16 skipped: {left:.0f} s of the time budget left")

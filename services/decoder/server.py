@@ -40,5 +40,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                                           frames=out.num_frames, bytes=len(out.data))
                 yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(
                     index=block.index, data=out.data, num_frames=out.num_frames, vae_ms=out.vae_ms, mux_ms=out.mux_ms))
+            # An open-ended stream (a live session: job.num_blocks 0) ends when the caller closes
+            # its side: the AAC encoder's tail goes out as a last, audio-only fragment.
+            if not job.num_blocks and (tail := await run_blocking(stream.finish)):
+                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(index=stream.blocks,
+                                                                                     data=tail))
         finally:
             await run_blocking(stream.close)

@@ -4,7 +4,7 @@ import numpy as np
 from avatar import telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
-from avatar.presets import FRAMES_PER_BLOCK
+from avatar.presets import DEFAULT_AUDIO_ENCODER, FRAMES_PER_BLOCK, VAE_TIME_STRIDE
 from avatar.v1 import encoder_pb2, encoder_pb2_grpc
 from avatar.services.encoder.engine import EncoderEngine
 
@@ -21,7 +21,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             raise InvalidInput(f"pixels must be uint8 [H, W, 3], got {pixels.dtype} {list(pixels.shape)}")
         with telemetry.span("encode_image", width=int(pixels.shape[1]), height=int(pixels.shape[0])):
             ref, motion = await run_blocking(self.engine.encode_image, pixels.numpy())
-        return encoder_pb2.EncodeImageResponse(ref_latent=wire.to_proto(ref), motion_latents=wire.to_proto(motion))
+        reply = encoder_pb2.EncodeImageResponse(ref_latent=wire.to_proto(ref), motion_latents=wire.to_proto(motion))
+        if request.clip_embedding:
+            with telemetry.span("clip_embedding"):
+                reply.clip_embedding.CopyFrom(wire.to_proto(await run_blocking(self.engine.clip_embedding,
+                                                                               pixels.numpy())))
+        return reply
 
     async def EncodeText(self, request, context):
         with telemetry.span("encode_text", chars=len(request.prompt)):
@@ -38,7 +43,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         with telemetry.span("encode_audio", samples=int(pcm.shape[0]), frames=frames):
             chunks = await run_blocking(
                 lambda: iter(self.engine.encode_audio(pcm.float().numpy().astype(np.float32), job.fps, frames,
-                                                      chunk_frames=FRAMES_PER_BLOCK)))
+                                                      chunk_frames=FRAMES_PER_BLOCK,
+                                                      backend=request.audio_encoder or DEFAULT_AUDIO_ENCODER)))
             done = object()
             while True:
                 item = await run_blocking(next, chunks, done)  # one chunk per thread hop: cancellable
@@ -46,3 +52,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     break
                 first_frame, features = item
                 yield encoder_pb2.AudioFeatures(first_frame=int(first_frame), features=wire.to_proto(features))
+
+    # --- live sessions (Converse): one stream = one speaker's audio, block by block -------
+    async def EncodeAudioStream(self, request_iterator, context):
+        from avatar.services.encoder.streaming_audio import StreamingAudioFeatures
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("event") != "job":
+            raise InvalidInput("the first AudioStreamInput must be the job")
+        job = first.job
+        stream = StreamingAudioFeatures(self.engine.audio_encoder(DEFAULT_AUDIO_ENCODER), job.fps,
+                                        job.latent_frames_per_block * VAE_TIME_STRIDE)
+        async for msg in request_iterator:
+            if msg.WhichOneof("event") != "block":
+                raise InvalidInput("only AudioStreamBlock messages may follow the job")
+            pcm = wire.tensor_arg(msg.block.pcm_16k, "pcm_16k").numpy()
+            ahead = (wire.tensor_arg(msg.block.lookahead_16k, "lookahead_16k").numpy()
+                     if msg.block.HasField("lookahead_16k") else None)
+            with telemetry.span("encode_audio_block", block=stream.blocks):
+                features = await run_blocking(stream.push, pcm, ahead)
+            yield encoder_pb2.AudioFeatures(first_frame=(stream.blocks - 1) * stream.frames_per_block,
+                                            features=wire.to_proto(features))

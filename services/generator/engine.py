@@ -44,18 +44,11 @@ def model_dtype(model: ModelSpec) -> torch.dtype:
     return dtype
 
 
-KV_DTYPES = ("float8_e4m3fn",)
-
-
 def kv_cache_dtype(model: ModelSpec, default: torch.dtype) -> torch.dtype:
-    """`model.extra["kv_dtype"]`: "float8_e4m3fn" stores the KV cache in e4m3 (half of bf16's
-    bytes: what lets 704*384 fit 24 GB); unset: the model's dtype."""
-    name = model.extra.get("kv_dtype")
-    if name is None:
-        return default
-    if name not in KV_DTYPES:
-        raise InvalidInput(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or unset), got {name!r}")
-    return getattr(torch, name)
+    """`GeneratorOptions.kv_dtype`: "float8_e4m3fn" stores the KV cache in e4m3 (half of bf16's
+    bytes: what lets 704*384 fit 24 GB); unset: the model's dtype (validated by GeneratorOptions)."""
+    name = model.generator_options.kv_dtype
+    return default if name is None else getattr(torch, name)
 
 
 def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
@@ -80,7 +73,7 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
         log.info("FP8 linear layers: %d", len(swapped))
     if device.type == "cuda":
         prefer_cudnn_attention(device)
-    if model.extra.get("offload_text_projections"):
+    if model.generator_options.offload_text_projections:
         moved = dit.offload_text_projections()
         log.info("text k/v projections in pinned CPU memory: %.2f GiB off the GPU", moved / 2**30)
     if model.compile:
@@ -89,9 +82,9 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
 
 
 def cuda_graphs_wanted(model: ModelSpec, device: torch.device) -> bool:
-    """`model.extra["cuda_graphs"]`: replay each steady-state step from a CUDA graph
+    """`GeneratorOptions.cuda_graphs`: replay each steady-state step from a CUDA graph
     (services/generator/step_graphs.py); default on for CUDA devices."""
-    wanted = model.extra.get("cuda_graphs")
+    wanted = model.generator_options.cuda_graphs
     return device.type == "cuda" and (wanted is None or bool(wanted))
 
 
@@ -108,9 +101,9 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
 
 
 class GeneratorEngine:
-    """Owns the DiT; sessions own their KV caches. `model.extra["cache_sets"]`: 1 for the
+    """Owns the DiT; sessions own their KV caches. `GeneratorOptions.cache_sets`: 1 for the
     clean-context variant (less memory, one extra forward per block), default one per step;
-    `model.extra["kv_dtype"]`: see kv_cache_dtype.
+    `GeneratorOptions.kv_dtype`: see kv_cache_dtype.
 
     `free_memory()` gives the bytes a new session may use (on CUDA: the GPU's free memory, capped by
     the process's memory fraction; None on the CPU: no check). Sessions check it before allocating
@@ -120,7 +113,7 @@ class GeneratorEngine:
     def __init__(self, model: ModelSpec, dit: CausalS2VDiT | None = None):
         self.spec = model
         self.dit = dit if dit is not None else build_generator_model(model)
-        self.cache_sets = model.extra.get("cache_sets")
+        self.cache_sets = model.generator_options.cache_sets
         self.kv_dtype = kv_cache_dtype(model, self.dit.dtype)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
         self.free_memory: Callable[[], int] | None = None
