@@ -7,6 +7,9 @@ are refused), plus optional generation settings:
     {"image": "faces/anna.png", "audio": "speech/anna.wav", "prompt": "...", "size": "704*384",
      "preset": "hd", "num_clip": 0, "infer_frames": 48, "sample_steps": 4, "seed": 7}
 
+(`avatar batch --example DIR` writes profiles to start from, with every field explained; FIELDS
+below is the schema.)
+
 For each profile the batch writes OUT/NAME.mp4, OUT/NAME.json (sidecar: parameters, model,
 timings, size and sha256 of the video) and OUT/logs/NAME.log, and keeps OUT/manifest.json with
 every profile's state (done / failed with the reason). Files appear only complete (written
@@ -20,13 +23,11 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import difflib
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from avatar.files import unlink_quietly, write_json_atomic
@@ -34,12 +35,34 @@ from avatar.files import unlink_quietly, write_json_atomic
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
-MAX_INPUT_BYTES = 64 * 1024 * 1024 - 1024 * 1024   # leaves room in a 64 MiB request for the rest
 
 
 class ProfileError(ValueError):
     """The profile itself is wrong (fields, types, paths): fails that profile only, never retried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One key of a profile: its JSON type, default and meaning (the schema, for checks and --example)."""
+    kind: type | tuple
+    default: object
+    help: str
+    example: object
+
+
+FIELDS = {
+    "image": Field(str, None, "portrait (PNG, JPEG or WebP), relative to the root; required", "inputs/portrait.png"),
+    "audio": Field(str, None, "speech (WAV, FLAC, MP3, OGG or M4A), relative to the root; required",
+                   "inputs/speech.wav"),
+    "prompt": Field(str, "", "text describing the scene", "A woman talks to the camera"),
+    "size": Field(str, "", 'pixel area "W*H", the aspect follows the image ("": the preset\'s)', "704*384"),
+    "preset": Field(str, "", '"preview", "standard" or "hd" ("": preview)', "preview"),
+    "num_clip": Field(int, 0, "clips to generate at most (0: the whole audio)", 0),
+    "infer_frames": Field(int, 0, "video frames per clip, rounded up to 12 (0: the preset's)", 48),
+    "sample_steps": Field(int, 0, "denoising steps per block, 1..50 (0: the preset's)", 4),
+    "seed": Field((int, type(None)), None, "noise seed (null: 420)", 7),
+}
+REQUIRED = ("image", "audio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +80,20 @@ class Profile:
     sha256: str = ""          # of the profile file's bytes: a changed profile is redone
 
     def request(self):
+        from avatar.client import InvalidRequest, read_input
         from avatar.v1 import avatar_pb2
+        try:
+            image, audio = read_input(self.image, "image"), read_input(self.audio, "audio")
+        except InvalidRequest as e:
+            raise ProfileError(e.details) from None
         return avatar_pb2.GenerateRequest(
-            image=_read_input(self.image, "image"), audio=_read_input(self.audio, "audio"), prompt=self.prompt,
-            size=self.size, preset=self.preset, num_clip=self.num_clip, infer_frames=self.infer_frames,
-            sample_steps=self.sample_steps, seed=self.seed)
+            image=image, audio=audio, prompt=self.prompt, size=self.size, preset=self.preset, num_clip=self.num_clip,
+            infer_frames=self.infer_frames, sample_steps=self.sample_steps, seed=self.seed)
 
     def settings(self) -> dict:
         d = dataclasses.asdict(self)
         d["image"], d["audio"] = str(self.image), str(self.audio)
         return d
-
-
-_FIELDS = {"image": str, "audio": str, "prompt": str, "size": str, "preset": str,
-           "num_clip": int, "infer_frames": int, "sample_steps": int, "seed": (int, type(None))}
 
 
 def resolve_under(root: Path, value: str, what: str) -> Path:
@@ -90,67 +113,79 @@ def resolve_under(root: Path, value: str, what: str) -> Path:
     return path
 
 
+def _field_problems(data: dict, root: Path) -> tuple[list[str], dict]:
+    """Every problem of a profile's fields, and the values that passed (paths resolved)."""
+    from avatar.errors import InvalidInput
+    from avatar.media import parse_size
+    from avatar.presets import JOB_PRESETS
+    problems, good = [], {}
+    for key in data:
+        if key not in FIELDS:
+            near = difflib.get_close_matches(key, FIELDS, n=1)
+            problems.append(f"unknown field {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    problems += [f"missing field {key!r}" for key in REQUIRED if key not in data]
+    for key, field in FIELDS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, field.kind) or isinstance(value, bool):
+            kind = field.kind.__name__ if isinstance(field.kind, type) else "integer or null"
+            problems.append(f"field {key!r} must be {kind}, got {json.dumps(value)[:40]}")
+        elif field.kind is int and value < 0:
+            problems.append(f"field {key!r} must not be negative, got {value}")
+        elif key in REQUIRED:
+            try:
+                good[key] = resolve_under(root, value, key)
+            except ProfileError as e:
+                problems.append(str(e))
+        elif key == "size" and value:
+            try:
+                parse_size(value)
+                good[key] = value
+            except InvalidInput as e:
+                problems.append(f"field 'size': {e}")
+        elif key == "preset" and value and value not in JOB_PRESETS:
+            problems.append(f"field 'preset': {value!r} is not one of {', '.join(JOB_PRESETS)}")
+        else:
+            good[key] = value
+    return problems, good
+
+
 def load_profile(path: Path, root: Path) -> Profile:
-    """Reads and checks one profile file; ProfileError says what is wrong in words."""
+    """Reads and checks one profile file; ProfileError lists everything that is wrong with it."""
     name = path.stem
+    problems = []
     if not _NAME.match(name):
-        raise ProfileError(f"profile name {name!r}: use letters, digits, '.', '_' and '-' only")
-    if name == Path(MANIFEST).stem:
-        raise ProfileError(f"profile name {name!r} is reserved for the batch manifest: rename the file")
+        problems.append(f"profile name {name!r}: use letters, digits, '.', '_' and '-' only")
+    elif name == Path(MANIFEST).stem:
+        problems.append(f"profile name {name!r} is reserved for the batch manifest: rename the file")
     raw = path.read_bytes()
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProfileError(f"not valid JSON: {e}") from None
+        raise ProfileError("; ".join(problems + [f"not valid JSON: {e}"])) from None
     if not isinstance(data, dict):
-        raise ProfileError("a profile is a JSON object with at least 'image' and 'audio'")
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise ProfileError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
-    for key in ("image", "audio"):
-        if key not in data:
-            raise ProfileError(f"missing field {key!r}")
-    for key, value in data.items():
-        want = _FIELDS[key]
-        if not isinstance(value, want) or (isinstance(value, bool)):
-            kind = want.__name__ if isinstance(want, type) else "integer or null"
-            raise ProfileError(f"field {key!r} must be {kind}, got {json.dumps(value)[:40]}")
-    for key in ("num_clip", "infer_frames", "sample_steps"):
-        if data.get(key, 0) < 0:
-            raise ProfileError(f"field {key!r} must not be negative")
-    return Profile(name=name, image=resolve_under(root, data["image"], "image"),
-                   audio=resolve_under(root, data["audio"], "audio"), prompt=data.get("prompt", ""),
-                   size=data.get("size", ""), preset=data.get("preset", ""), num_clip=data.get("num_clip", 0),
-                   infer_frames=data.get("infer_frames", 0), sample_steps=data.get("sample_steps", 0),
-                   seed=data.get("seed"), sha256=hashlib.sha256(raw).hexdigest())
-
-
-def _read_input(path: Path, what: str) -> bytes:
-    size = path.stat().st_size
-    if size > MAX_INPUT_BYTES:
-        raise ProfileError(f"{what} {path.name} is {size / 2**20:.0f} MiB; the limit is "
-                           f"{MAX_INPUT_BYTES // 2**20} MiB")
-    return path.read_bytes()
+        raise ProfileError("; ".join(problems + ["a profile is a JSON object with at least 'image' and 'audio'"]))
+    field_problems, good = _field_problems(data, root)
+    problems += field_problems
+    if problems:
+        head = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise ProfileError(head + "; ".join(problems))
+    return Profile(name=name, sha256=hashlib.sha256(raw).hexdigest(),
+                   **{k: good.get(k, f.default) for k, f in FIELDS.items()})
 
 
 # --- files ---------------------------------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def finished(out: Path, profile: Profile) -> dict | None:
     """The sidecar of a finished, intact video for this exact profile, else None."""
+    from avatar.client import sha256_file
     video, sidecar = out / f"{profile.name}.mp4", out / f"{profile.name}.json"
     try:
         meta = json.loads(sidecar.read_text())
         if (meta.get("status") == "done" and meta.get("profile_sha256") == profile.sha256
                 and video.stat().st_size == meta["video"]["bytes"]
-                and _sha256_file(video) == meta["video"]["sha256"]):
+                and sha256_file(video) == meta["video"]["sha256"]):
             return meta
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -180,14 +215,15 @@ class BatchConfig:
     root: Path
     server: str | None = None
     concurrency: int = 1
-    retries: int = 3
     timeout_s: float | None = None
 
 
 class Batch:
-    def __init__(self, cfg: BatchConfig, stub, say=print):
+    """Runs the profiles through one avatar.client.AvatarClient (its retry policy is the batch's)."""
+
+    def __init__(self, cfg: BatchConfig, client, say=print):
         self.cfg = cfg
-        self.stub = stub
+        self.client = client
         self.say = say
         self.manifest: dict = {}
         self._lock = asyncio.Lock()
@@ -252,90 +288,40 @@ class Batch:
             log.close()
 
     async def _generate(self, profile: Profile, log) -> dict:
-        import grpc
-
-        from avatar.admission import retry_after_ms
+        from avatar.client import GenerateError
         log(f"start: image={profile.image} audio={profile.audio} size={profile.size!r} "
             f"preset={profile.preset!r} seed={profile.seed}")
         try:
             request = profile.request()
-        except (ProfileError, OSError) as e:
+        except ProfileError as e:
             log(f"FAILED {e}")
             return {"status": "failed", "reason": f"bad profile: {e}", "at": _now()}
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self._attempt(profile, request, log, attempt)
-            except grpc.aio.AioRpcError as e:
-                code = e.code().name
-                reason = f"{code}: {e.details()}"
-                if code in _RETRYABLE and attempt <= self.cfg.retries:
-                    wait = (retry_after_ms(e) or 1000 * 2 ** (attempt - 1)) / 1000
-                    log(f"attempt {attempt} failed ({reason}); retrying in {wait:.1f} s")
-                    await asyncio.sleep(min(wait, 60))
-                    continue
-                log(f"FAILED {reason}")
-                return {"status": "failed", "reason": reason, "code": code, "attempts": attempt, "at": _now()}
-            except Exception as e:  # noqa: BLE001 - one profile's failure never stops the batch
-                reason = f"{type(e).__name__}: {e}"
-                log(f"FAILED {reason}")
-                return {"status": "failed", "reason": reason, "attempts": attempt, "at": _now()}
 
-    async def _attempt(self, profile: Profile, request, log, attempt: int) -> dict:
-        from google.protobuf.json_format import MessageToDict
-        name, out = profile.name, self.cfg.out
-        video = out / f"{name}.mp4"
-        started, t0 = _now(), time.perf_counter()
-        header = status = None
-        fragments = 0
-        fd, part = tempfile.mkstemp(prefix=f".{name}.mp4.", suffix=".part", dir=out)
+        def on_event(msg):
+            if msg.WhichOneof("event") == "header":
+                h = msg.header
+                log(f"request {h.request_id}: {h.width}x{h.height}, {h.total_frames} frames in "
+                    f"{h.expected_fragments} fragments, model {h.model}")
+
         try:
-            with os.fdopen(fd, "wb") as f:
-                call = self.stub.Generate(request, timeout=self.cfg.timeout_s)
-                async for msg in call:
-                    kind = msg.WhichOneof("event")
-                    if kind == "header":
-                        header = msg.header
-                        log(f"attempt {attempt}: request {header.request_id}: {header.width}x{header.height}, "
-                            f"{header.total_frames} frames in {header.expected_fragments} fragments, "
-                            f"model {header.model}")
-                    elif kind == "init_segment":
-                        f.write(msg.init_segment.data)
-                    elif kind == "fragment":
-                        f.write(msg.fragment.data)
-                        fragments += 1
-                    elif kind == "status":
-                        status = msg.status
-                if header is None or status is None:
-                    raise RuntimeError("the stream ended without a header or a final status")
-                if fragments != header.expected_fragments:
-                    raise RuntimeError(f"got {fragments} of {header.expected_fragments} fragments")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(part, 0o644)
-            os.replace(part, video)
-        except BaseException:
-            unlink_quietly(part)
-            raise
-        size, digest = video.stat().st_size, _sha256_file(video)
-        sidecar = {
-            "status": "done", "profile": profile.name, "profile_sha256": profile.sha256,
-            "settings": profile.settings(), "server": self.cfg.server or "embedded",
-            "request_id": header.request_id, "trace_id": status.trace_id, "model": header.model,
-            "job": MessageToDict(header.job, preserving_proto_field_name=True),
-            "width": header.width, "height": header.height, "fps": header.fps,
-            "duration_s": header.duration_s, "blocks": status.blocks, "frames": status.frames,
-            "timings_ms": {t.stage: {"ms": t.ms, "count": t.count} for t in status.timings},
-            "time_to_first_fragment_s": status.time_to_first_fragment_s, "server_total_s": status.total_s,
-            "total_s": time.perf_counter() - t0, "attempts": attempt,
-            "video": {"file": video.name, "bytes": size, "sha256": digest},
-            "started": started, "finished": _now(),
-        }
-        write_json_atomic(out / f"{name}.json", sidecar)
-        log(f"done: {video.name} {size} bytes, {status.frames} frames, {sidecar['total_s']:.1f} s")
-        return {"status": "done", "video": video.name, "sidecar": f"{name}.json", "finished": sidecar["finished"],
-                "attempts": attempt}
+            saved = await self.client.generate_to_file(
+                request, self.cfg.out / f"{profile.name}.mp4", timeout_s=self.cfg.timeout_s, on_event=on_event,
+                on_retry=lambda e, wait: log(f"attempt {e.attempts} failed ({e}); retrying in {wait:.1f} s"),
+                server=self.cfg.server or "embedded",
+                sidecar={"profile": profile.name, "profile_sha256": profile.sha256, "settings": profile.settings()})
+        except GenerateError as e:
+            log(f"FAILED {e}")
+            return {"status": "failed", "reason": str(e), "code": e.code.name, "attempts": e.attempts, "at": _now()}
+        except Exception as e:  # noqa: BLE001 - one profile's failure never stops the batch
+            reason = f"{type(e).__name__}: {e}"
+            log(f"FAILED {reason}")
+            return {"status": "failed", "reason": reason, "at": _now()}
+        for note in (saved.audio_note, saved.status.truncation):
+            if note:
+                log(f"note: {note}")
+        log(f"done: {saved.path.name} {saved.bytes} bytes, {saved.status.frames} frames, {saved.total_s:.1f} s")
+        return {"status": "done", "video": saved.path.name, "sidecar": f"{profile.name}.json",
+                "finished": saved.finished, "attempts": saved.attempts}
 
 
 def _now() -> str:
@@ -345,70 +331,98 @@ def _now() -> str:
 # --- command line --------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("profiles_dir", metavar="PROFILES_DIR", help="folder of NAME.json profiles")
-    p.add_argument("--out", required=True, metavar="DIR", help="where videos, sidecars, logs and the manifest go")
+    p.add_argument("profiles_dir", metavar="PROFILES_DIR", nargs="?", help="folder of NAME.json profiles")
+    p.add_argument("--out", metavar="DIR", help="where videos, sidecars, logs and the manifest go (required)")
+    p.add_argument("--example", metavar="DIR", help="write an example profiles folder (profiles, the inputs they "
+                                                    "name, README.md with every field) to DIR and exit")
     p.add_argument("--root", metavar="DIR", help="profiles' image/audio paths are relative to this folder and "
                                                  "must stay inside it (default: PROFILES_DIR)")
     p.add_argument("--server", metavar="ADDR", help="a running gateway (default: start the mesh in this process)")
     p.add_argument("--concurrency", type=int, default=1, metavar="N", help="profiles in flight at once (default 1)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="retries of a profile on UNAVAILABLE / RESOURCE_EXHAUSTED / deadline (default 3)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline per video in seconds")
+                   help="retries of a video refused before its first fragment (UNAVAILABLE, or RESOURCE_EXHAUSTED "
+                        "with the gateway's retry-after-ms) (default 3)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="deadline per video in seconds, retries included")
+
+
+def _usage_error(msg: str) -> int:
+    print(f"avatar batch: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 async def run(args, model=None) -> int:
-    from avatar import grpc_util
-    from avatar.security import SecurityConfig
-    from avatar.v1 import avatar_pb2_grpc
+    from avatar.app.embedded import client_for
+    from avatar.client import RetryPolicy
 
+    if args.profiles_dir is None or args.out is None:
+        return _usage_error("give PROFILES_DIR and --out DIR (or --example DIR for a folder to start from)")
     profiles_dir = Path(args.profiles_dir)
     if not profiles_dir.is_dir():
-        print(f"avatar batch: error: {profiles_dir} is not a folder", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(f"{profiles_dir} is not a folder")
     root = Path(args.root or profiles_dir).resolve()
     if not root.is_dir():
-        print(f"avatar batch: error: --root {root} is not a folder", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(f"--root {root} is not a folder")
     if args.concurrency < 1 or args.retries < 0:
-        print("avatar batch: error: --concurrency must be at least 1 and --retries not negative", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error("--concurrency must be at least 1 and --retries not negative")
     paths = sorted(profiles_dir.glob("*.json"))
     if not paths:
-        print(f"avatar batch: error: no *.json profiles in {profiles_dir}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(f"no *.json profiles in {profiles_dir} (`avatar batch --example DIR` writes some)")
     out = Path(args.out)
     if out.resolve() == profiles_dir.resolve():
-        print("avatar batch: error: --out must not be the profiles folder (sidecars would replace profiles)",
-              file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error("--out must not be the profiles folder (sidecars would replace profiles)")
     out.mkdir(parents=True, exist_ok=True)
     cfg = BatchConfig(profiles_dir=profiles_dir.resolve(), out=out, root=root, server=args.server,
-                      concurrency=args.concurrency, retries=args.retries, timeout_s=args.timeout)
-    mesh, creds, token = None, None, None
-    try:
-        if args.server:
-            sec = SecurityConfig.from_args(args)
-            creds, token, address = sec.tls.channel_credentials(), sec.auth_token, args.server
-            from avatar.security import plaintext_token_warning
-            if warning := plaintext_token_warning(address, creds, token):
-                print(f"avatar batch: {warning}", file=sys.stderr)
-        else:
-            from avatar.app.serve import ServeConfig, start
-            mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
-                                           trace_file=getattr(args, "trace_file", None)))
-            address = mesh.address
-    except ValueError as e:
-        print(f"avatar batch: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        async with grpc_util.create_channel(address, creds, token) as channel:
-            batch = Batch(cfg, avatar_pb2_grpc.AvatarServiceStub(channel),
-                          say=lambda s: print(f"avatar batch: {s}", file=sys.stderr, flush=True))
-            manifest = await batch.run(paths)
-    finally:
-        if mesh is not None:
-            await mesh.stop(grace=1.0)
+                      concurrency=args.concurrency, timeout_s=args.timeout)
+    async with client_for(args, model, RetryPolicy(retries=args.retries)) as client:
+        if client.warning:
+            print(f"avatar batch: {client.warning}", file=sys.stderr)
+        batch = Batch(cfg, client, say=lambda s: print(f"avatar batch: {s}", file=sys.stderr, flush=True))
+        manifest = await batch.run(paths)
     summary = manifest.get("summary", {})
     print(f"avatar batch: {summary.get('done', 0)} done, {summary.get('failed', 0)} failed of {len(paths)}; "
           f"manifest {out / MANIFEST}", file=sys.stderr)
     return EXIT_OK if summary.get("done", 0) == len(paths) else EXIT_SOME_FAILED
+
+
+# --- the example folder ----------------------------------------------------------------------
+
+SAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "assets"   # in a source checkout
+EXAMPLE_PROFILES = {
+    "minimal": {"image": "inputs/portrait.png", "audio": "inputs/speech.wav"},
+    "every-field": {key: field.example for key, field in FIELDS.items()} | {"num_clip": 1, "infer_frames": 24,
+                                                                            "size": "384*256", "sample_steps": 3},
+}
+
+
+def write_example(folder: Path) -> list[str]:
+    """An example profiles folder that runs as it is: one profile with the two required fields, one
+    with every field, README.md describing them, and the inputs they name (the repository's sample
+    portrait and speech). Returns what still has to be done by hand (empty when nothing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in EXAMPLE_PROFILES.items():
+        write_json_atomic(folder / f"{name}.json", data)
+    rows = "\n".join(f"| `{key}` | {'integer or null' if key == 'seed' else field.kind.__name__} | {field.help} |"
+                      for key, field in FIELDS.items())
+    (folder / "README.md").write_text(
+        "# avatar batch profiles\n\nOne video per `NAME.json` here: `avatar batch "
+        f"{folder} --out renders/`.\nPaths are relative to this folder (or `--root`) and must stay inside "
+        "it.\n\n| field | type | meaning |\n|---|---|---|\n" + rows + "\n")
+    inputs = folder / "inputs"
+    inputs.mkdir(exist_ok=True)
+    todo = []
+    for sample, target in (("astronaut.png", "portrait.png"), ("speech.wav", "speech.wav")):
+        if (SAMPLE_INPUTS / sample).is_file():
+            (inputs / target).write_bytes((SAMPLE_INPUTS / sample).read_bytes())
+        else:
+            todo.append(f"put a {'portrait' if target.endswith('png') else 'speech file'} at {inputs / target}")
+    return todo
+
+
+def example_command(args) -> int:
+    folder = Path(args.example)
+    todo = write_example(folder)
+    print(f"avatar batch: wrote {', '.join(f'{n}.json' for n in EXAMPLE_PROFILES)} and README.md to {folder}; "
+          + (f"then {'; '.join(todo)}; " if todo else "")
+          + f"run: avatar batch {folder} --out {folder.parent / (folder.name + '-renders')}", file=sys.stderr)
+    return EXIT_OK

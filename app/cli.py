@@ -2,14 +2,12 @@
 import argparse
 import asyncio
 import os
+import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from avatar import package_version
 from avatar.app import converse_cmd
-from avatar.files import unlink_quietly, write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -193,29 +191,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from avatar.app.embedded import SetupError
+    from avatar.client import GenerateError, InvalidRequest
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "generate":
-            return asyncio.run(cmd_generate(args))
+            return run_stoppable(cmd_generate(args), args.command)
         if args.command == "converse":
             return asyncio.run(converse_cmd.run(args))
         if args.command == "batch":
-            from avatar.app.batch import run
-            return asyncio.run(run(args, model_spec(args)))
+            from avatar.app.batch import example_command, run
+            if args.example:
+                return example_command(args)
+            return run_stoppable(run(args, None if args.server else model_for(args)), args.command)
         if args.command == "gpu-monitor":
             from avatar.app.gpu_monitor import run
             return run(args)
         if args.command == "check-weights":
             return cmd_check_weights(args)
         return cmd_download_weights(args)
-    except UserError as exc:
+    except (UserError, SetupError) as exc:
         print(f"avatar {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except InvalidRequest as exc:
+        print(f"avatar {args.command}: error: {exc.details}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except GenerateError as exc:
+        print(f"avatar {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"avatar {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_stoppable(work, command: str) -> int:
+    """asyncio.run(work), where SIGTERM, SIGINT and SIGHUP cancel the work so its cleanup runs
+    (temp files removed, the embedded mesh stopped); exit code 128 + the signal's number.
+    SIGKILL cannot be caught: the next run removes what it left (avatar.client.remove_stale_parts)."""
+    received: list[signal.Signals] = []
+
+    async def runner():
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+        def stop(sig):
+            if not received:   # a second signal must not interrupt the cleanup of the first
+                task.cancel()
+            received.append(sig)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if received:
+                return None
+            raise
+
+    rc = asyncio.run(runner())
+    if received:
+        print(f"avatar {command}: stopped by {received[0].name}; nothing half-written was left", file=sys.stderr)
+        return 128 + received[0]
+    return rc
 
 
 def cmd_serve(args) -> int:
@@ -230,152 +270,140 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
-                      decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file,
+                      decoder=args.decoder, model=model_for(args, args.role), trace_file=args.trace_file,
                       security=security, admission=admission, metrics_port=args.metrics_port,
                       grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s,
                       warmup=args.warmup, live=converse_cmd.live_config(args))
+    from avatar.errors import WeightsError
     try:
         asyncio.run(serve_forever(cfg))
-    except (ValueError, OSError) as exc:
-        raise UserError(str(exc)) from None
+    except (ValueError, OSError, WeightsError) as exc:
+        raise UserError(str(exc).replace("\n", " ")) from None
     return 0
+
+
+def model_for(args, role: str = "all"):
+    """model_spec(args) between checks of what it cannot see: --device before (the memory plan asks
+    the device), the weight files after (a bad flag combination is the simpler thing to report).
+    A newcomer gets one line saying what to do instead of a traceback from deep inside a load."""
+    if role != "gateway" and args.device.startswith("cuda"):
+        _check_cuda(args.device)
+    spec = model_spec(args)
+    if role != "gateway" and not args.random_weights:
+        if args.ckpt_dir:
+            _check_ckpt_dir(args.ckpt_dir)
+        if args.lora_path and not Path(args.lora_path).expanduser().is_file():
+            raise UserError(f"--lora_path {args.lora_path}: no such file; `avatar download-weights` fetches "
+                            f"LiveAvatar/liveavatar.safetensors")
+    return spec
+
+
+def _check_ckpt_dir(ckpt_dir: str) -> None:
+    from avatar import checkpoints as ck
+    fetch = f"fetch the weights with `avatar download-weights --ckpt_dir {ckpt_dir}`"
+    path = Path(ckpt_dir).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--ckpt_dir {ckpt_dir}: " + ("not a folder" if path.exists() else "no such folder")
+                        + f"; {fetch}")
+    if not any(path.iterdir()):
+        raise UserError(f"--ckpt_dir {ckpt_dir} is empty; {fetch}")
+    root = ck.resolve_ckpt_dir(path).root
+    dit = (root / ck.DIT_INDEX, root / "diffusion_pytorch_model.safetensors")
+    missing = [str(p.relative_to(root)) for p in (root / ck.DIT_CONFIG, root / ck.VAE_FILE, root / ck.T5_FILE,
+                                                  root / ck.TOKENIZER_DIR, root / ck.WAV2VEC2_DIR) if not p.exists()]
+    if not any(p.exists() for p in dit):
+        missing.insert(1, dit[0].name)
+    if missing:
+        raise UserError(f"--ckpt_dir {ckpt_dir} is not a Wan2.2-S2V-14B folder: {', '.join(missing)} missing; "
+                        f"{fetch}, or see what is wrong with `avatar check-weights --ckpt_dir {ckpt_dir}`")
+
+
+def _check_cuda(device: str) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isascii() or not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def _read(path: str, what: str) -> bytes:
+    """An input file's bytes, or UserError (used by `avatar converse`)."""
+    from avatar.client import InvalidRequest, read_input
     try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read the {what} {path}: {exc.strerror}") from None
+        return read_input(path, what)
+    except InvalidRequest as exc:
+        raise UserError(exc.details) from None
 
 
-async def cmd_generate(args) -> int:
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-    from opentelemetry.trace import SpanKind
-
-    from avatar import grpc_util, telemetry
-    from avatar.v1 import avatar_pb2, avatar_pb2_grpc
-
-    request = avatar_pb2.GenerateRequest(
-        image=_read(args.image, "image"), audio=_read(args.audio, "audio"), prompt=args.prompt,
+def _request(args):
+    from avatar.client import read_input
+    from avatar.v1 import avatar_pb2
+    return avatar_pb2.GenerateRequest(
+        image=read_input(args.image, "image"), audio=read_input(args.audio, "audio"), prompt=args.prompt,
         size=args.size, preset=args.preset or "", num_clip=args.num_clip, infer_frames=args.infer_frames,
         sample_steps=args.sample_steps, seed=args.seed, audio_encoder=args.audio_encoder or "",
         clip_embedding=args.clip_embedding)
+
+
+async def cmd_generate(args) -> int:
+    from avatar.app.embedded import client_for
+
+    request = _request(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = model_spec(args)
-
-    mesh = None
-    if args.server:
-        address = args.server
-        telemetry.setup("avatar-cli", args.trace_file)
-    else:
-        from avatar.app.serve import ServeConfig, start
-        try:
-            mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model,
-                                           trace_file=args.trace_file))
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        address = mesh.address
-
-    # The request's root span: the gateway continues this trace (one trace id, client included).
-    client_span = telemetry.tracer().start_span("avatar generate", kind=SpanKind.CLIENT)
-    t0 = time.perf_counter()
-    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    bar = None
-    header = status = None
-    first_fragment_s = None
+    model = None
+    if not args.server:   # with --server the model is the server's
+        model = model_for(args)
+    progress = _Progress()
     try:
-        creds = token = None
-        if args.server:  # the embedded mesh is loopback-only and open
-            from avatar.security import SecurityConfig
-            try:
-                sec = SecurityConfig.from_args(args)
-                creds = sec.tls.channel_credentials()
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-            token = sec.auth_token
-            from avatar.security import plaintext_token_warning
-            if warning := plaintext_token_warning(address, creds, token):
-                print(f"avatar generate: {warning}", file=sys.stderr)
-        async with grpc_util.create_channel(address, creds, token) as channel:
-            stub = avatar_pb2_grpc.AvatarServiceStub(channel)
-            with os.fdopen(fd, "wb") as f:
-                async for msg in stub.Generate(request, timeout=args.timeout,
-                                               metadata=telemetry.outgoing_metadata(client_span)):
-                    kind = msg.WhichOneof("event")
-                    if kind == "header":
-                        header = msg.header
-                        if "noise" in header.model:
-                            print(f"avatar generate: note: model is {header.model}", file=sys.stderr)
-                        bar = _progress_bar(header)
-                    elif kind == "init_segment":
-                        f.write(msg.init_segment.data)
-                    elif kind == "fragment":
-                        f.write(msg.fragment.data)
-                        f.flush()  # appended as it arrives: the .part file plays while it grows
-                        if first_fragment_s is None:
-                            first_fragment_s = time.perf_counter() - t0
-                        bar.update(1)
-                    elif kind == "status":
-                        status = msg.status
-        if status is None:
-            raise RuntimeError("the stream ended without a final status")
-        os.chmod(part, 0o644)  # mkstemp makes it private; the video is an ordinary output file
-        os.replace(part, out)
-    except grpc.aio.AioRpcError as exc:
-        unlink_quietly(part)
-        if bar is not None:
-            bar.close()
-            bar = None
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            raise UserError(exc.details()) from None
-        print(f"avatar generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except BaseException:
-        unlink_quietly(part)
-        raise
+        async with client_for(args, model) as client:
+            if client.warning:
+                print(f"avatar generate: {client.warning}", file=sys.stderr)
+            saved = await client.generate_to_file(
+                request, out, timeout_s=args.timeout, on_event=progress, span_name="avatar generate",
+                server=args.server or "embedded", sidecar={
+                    # no secrets in the sidecar
+                    "parameters": {k: v for k, v in vars(args).items() if k != "command" and "token" not in k},
+                    "model": {"ckpt_dir": args.ckpt_dir, "lora_path": args.lora_path,
+                              "random_weights": args.random_weights}})
     finally:
-        client_span.end()
-        if bar is not None:
-            bar.close()
-        if mesh is not None:
-            await mesh.stop(grace=1.0)
-
-    total_s = time.perf_counter() - t0
-    report = {
-        "output": str(out),
-        "parameters": {k: v for k, v in vars(args).items() if k != "command" and "token" not in k},  # no secrets
-        "seed": header.job.seed,
-        "model": {"name": model.name if not args.server else header.job.model, "description": header.model,
-                  "ckpt_dir": args.ckpt_dir, "lora_path": args.lora_path, "random_weights": args.random_weights},
-        "server": args.server or "embedded",
-        "request_id": header.request_id,
-        "trace_id": status.trace_id,
-        "job": MessageToDict(header.job, preserving_proto_field_name=True),
-        "width": header.width, "height": header.height, "fps": header.fps,
-        "duration_s": header.duration_s,
-        "blocks": status.blocks, "frames": status.frames,
-        "timings_ms": {t.stage: {"ms": t.ms, "count": t.count} for t in status.timings},
-        "time_to_first_fragment_s": status.time_to_first_fragment_s,
-        "client_time_to_first_fragment_s": first_fragment_s,
-        "server_total_s": status.total_s,
-        "total_s": total_s,
-    }
-    if header.HasField("clip_embedding"):
-        from avatar import wire
-        report["clip_embedding"] = wire.from_proto(header.clip_embedding).tolist()
-    write_json_atomic(out.with_suffix(".json"), report)
+        progress.close()
+    header, status = saved.header, saved.status
     print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
-          f"{header.duration_s:.2f} s) in {total_s:.1f} s, first fragment after "
+          f"{header.duration_s:.2f} s) in {saved.total_s:.1f} s, first fragment after "
           f"{status.time_to_first_fragment_s:.2f} s", file=sys.stderr)
+    if status.truncation:
+        print(f"avatar generate: note: the video covers only part of the audio: {status.truncation}",
+              file=sys.stderr)
+    if saved.audio_note:
+        print(f"avatar generate: note: {saved.audio_note}", file=sys.stderr)
     return 0
 
 
-def _progress_bar(header):
-    from tqdm import tqdm
-    return tqdm(total=header.expected_fragments, unit="block", file=sys.stderr,
-                desc=f"{header.width}x{header.height} {header.total_frames} frames", leave=True)
+class _Progress:
+    """The progress bar on stderr, from the stream's header and fragments."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, msg) -> None:
+        kind = msg.WhichOneof("event")
+        if kind == "header":
+            if "noise" in msg.header.model:
+                print(f"avatar generate: note: model is {msg.header.model}", file=sys.stderr)
+            from tqdm import tqdm
+            h = msg.header
+            self.bar = tqdm(total=h.expected_fragments, unit="block", file=sys.stderr,
+                            desc=f"{h.width}x{h.height} {h.total_frames} frames", leave=True)
+        elif kind == "fragment" and self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def cmd_check_weights(args) -> int:

@@ -73,6 +73,13 @@ def check_weights(ckpt_dir: str | pathlib.Path, lora_path: str | pathlib.Path | 
     """Checks every component of a Wan2.2-S2V-14B folder (and a LoRA file) against `model`'s shapes."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
+    folder = pathlib.Path(str(ckpt_dir)).expanduser()
+    if not folder.is_dir() or not any(folder.iterdir()):
+        # a newcomer's first run: say what to run rather than list five missing components
+        what = "is empty" if folder.is_dir() else "does not exist"
+        fetch = f"; fetch the weights with `avatar download-weights --ckpt_dir {folder}`" if model == "s2v-14b" else ""
+        return WeightsReport(folder, model, [ComponentReport("folder", folder, problems=[
+            f"{folder} {what}: nothing to check{fetch}"])])
     try:
         layout = resolve_ckpt_dir(ckpt_dir)
     except WeightsError as e:

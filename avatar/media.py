@@ -368,7 +368,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 # ---------------------------------------------------------------------------------------------
 # sizes
-_SIZE_RE = re.compile(r"\s*(\d+)\s*\*\s*(\d+)\s*")
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*\*\s*([0-9]+)\s*")   # ASCII digits: int() would take any script's
 
 
 def parse_size(text: str, *, max_area: int = MAX_SIZE_AREA) -> tuple[int, int]:

@@ -20,7 +20,8 @@ MIN_SIDE = 64              # FramePack's 4x motion projection is an 8x8-latent c
 def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_duration_s: float,
              image_size: tuple[int, int], request_id: str = "") -> tensor_pb2.JobSpec:
     """The job for a request, after defaults: size from the preset (or --size) with the image's
-    aspect, one block per 12 frames of audio, capped at num_clip clips of infer_frames frames."""
+    aspect, one block per 12 frames of audio. Only the request's own num_clip caps the video (at
+    num_clip clips of infer_frames frames): a preset never cuts the audio short."""
     preset_name = request.preset or DEFAULT_JOB_PRESET
     if preset_name not in JOB_PRESETS:
         raise InvalidInput(f"unknown preset {preset_name!r}: choose one of {', '.join(JOB_PRESETS)}")
@@ -28,7 +29,6 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
 
     if request.num_clip < 0:
         raise InvalidInput(f"num_clip must be >= 0 (0: as many as the audio needs), got {request.num_clip}")
-    num_clip = request.num_clip or preset.num_clip
     if request.infer_frames < 0:
         raise InvalidInput(f"infer_frames must be positive (0: the preset's), got {request.infer_frames}")
     if request.infer_frames > MAX_INFER_FRAMES:
@@ -55,7 +55,8 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
     if total_frames < 1:
         raise InvalidInput(f"the audio is too short ({audio_duration_s * 1000:.0f} ms): "
                            f"it must last at least one video frame ({1000 / FPS:.0f} ms)")
-    total_frames = min(total_frames, num_clip * infer_frames)
+    if request.num_clip:
+        total_frames = min(total_frames, request.num_clip * infer_frames)
     return tensor_pb2.JobSpec(
         width=width, height=height, fps=FPS, infer_frames=infer_frames,
         latent_frames_per_block=LATENT_FRAMES_PER_BLOCK,
@@ -76,6 +77,15 @@ class Plan:
     @property
     def duration_s(self) -> float:
         return self.job.total_frames / self.job.fps
+
+    @property
+    def truncation(self) -> str:
+        """Empty when the video covers the whole audio; else what cut it and how to get all of it."""
+        if self.job.total_frames >= round(self.audio_duration_s * self.job.fps):
+            return ""
+        clips = self.job.total_frames // self.job.infer_frames
+        return (f"num_clip {clips} x {self.job.infer_frames} frames cut the video to {self.duration_s:.2f} s of "
+                f"the {self.audio_duration_s:.2f} s of audio; num_clip 0 renders all of it")
 
     def sample_at(self, frame: int) -> int:
         """First output-audio sample of a video frame (exact at 48 kHz / 25 fps: 1920 per frame)."""

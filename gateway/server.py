@@ -245,7 +245,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             yield avatar_pb2.GenerateResponse(status=avatar_pb2.FinalStatus(
                 blocks=blocks, frames=frames, time_to_first_fragment_s=first_fragment_s or 0.0,
                 total_s=time.perf_counter() - t0, timings=timings.to_proto(),
-                trace_id=telemetry.current_trace_id()))
+                trace_id=telemetry.current_trace_id(),
+                audio_duration_s=plan.audio_duration_s, truncation=plan.truncation))
         finally:
             # Client gone, deadline hit or a stage failed: stop every stage; the services close
             # their sessions when their stream is cancelled.

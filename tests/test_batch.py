@@ -171,3 +171,42 @@ def test_batch_usage_errors(tmp_path, env):
                        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert r.returncode == 2 and "must not be the profiles folder" in r.stderr
     assert (tmp_path / "empty" / "a.json").read_text() == "{}"
+
+
+def test_a_profile_reports_every_problem_at_once(tmp_path):
+    """A typo used to hide the profile's other problems: one unknown field was all it said."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"image": "a.png", "audio": "speech/none.wav", "sead": 1, "num_clip": "2",
+                                "size": "704x384", "preset": "ultra", "sample_steps": -1}))
+    with pytest.raises(ProfileError) as err:
+        load_profile(path, tmp_path.resolve())
+    message = str(err.value)
+    assert message.startswith("6 problems: "), message
+    for problem in ("unknown field 'sead' (did you mean 'seed'?)", "audio: 'speech/none.wav' does not exist",
+                    "field 'num_clip' must be int", "field 'size': size must be written W*H",
+                    "field 'preset': 'ultra' is not one of preview, standard, hd",
+                    "field 'sample_steps' must not be negative"):
+        assert problem in message, message
+
+
+def test_the_example_folder_documents_every_field_and_runs(tmp_path, mesh, env):
+    from avatar.app.batch import FIELDS
+    example = tmp_path / "profiles"
+    r = subprocess.run([*AVATAR, "batch", "--example", str(example)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and f"avatar batch {example} --out" in r.stderr, r.stderr
+    readme = (example / "README.md").read_text()
+    assert all(f"| `{key}` |" in readme for key in FIELDS)
+    every = json.loads((example / "every-field.json").read_text())
+    assert set(every) == set(FIELDS)
+    rc, text = _batch(example, tmp_path / "renders", example, mesh["gateway"].address, env)
+    assert rc == 0, text
+    manifest = _manifest(tmp_path / "renders")
+    assert manifest["summary"] == {"done": 2}
+    for name in ("minimal", "every-field"):
+        side = json.loads((tmp_path / "renders" / f"{name}.json").read_text())
+        info = ffprobe(tmp_path / "renders" / f"{name}.mp4")
+        assert sorted(s["codec_name"] for s in info["streams"]) == ["aac", "h264"]
+        assert int(next(s for s in info["streams"] if s["codec_name"] == "h264")["nb_read_frames"]) == side["frames"]
+    assert json.loads((tmp_path / "renders" / "minimal.json").read_text())["truncation"] == ""   # the whole speech

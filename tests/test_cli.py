@@ -91,3 +91,16 @@ def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
         assert log.index("generator warm-up") < log.index("listening on")
     finally:
         services.stop_all()
+
+
+def test_a_video_cut_by_num_clip_says_so_in_the_summary_and_the_status(tmp_path, env, mesh):
+    out = tmp_path / "cut.mp4"
+    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
+                "--server", mesh["gateway"].address, "--size", "64*64", "--num_clip", "1", "--infer_frames", "12",
+                "--sample_steps", "1", "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    said = ("num_clip 1 x 12 frames cut the video to 0.48 s of the 7.21 s of audio; num_clip 0 renders all of it")
+    assert f"the video covers only part of the audio: {said}" in r.stderr, r.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["truncation"] == said and abs(meta["audio_duration_s"] - 7.213) < 0.001
+    check_video(out, 12 / 25)

