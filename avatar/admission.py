@@ -2,9 +2,10 @@
 
 A servicer wraps each session in ``async with admission.slot(context): ...``. Up to
 `max_sessions` run at once; up to `max_queue` more wait (in fair order: the next free slot goes
-to the waiting client with the fewest sessions running, ties by arrival); beyond that, or past
-the caller's deadline while waiting, the call fails with RESOURCE_EXHAUSTED, a message saying
-what is full, and trailing metadata ``retry-after-ms`` estimated from recent session lengths.
+to the waiting client with the fewest sessions running, ties by arrival); beyond that the call
+fails with RESOURCE_EXHAUSTED, a message saying what is full, and trailing metadata
+``retry-after-ms`` estimated from recent session lengths; past the caller's deadline while
+waiting, with DEADLINE_EXCEEDED.
 Nothing ever waits unbounded: the queue is bounded and every wait has the RPC's deadline.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from avatar import errors
+from avatar.grpc_util import DeadlineExceeded
 from avatar.security import bearer_token, token_fingerprint
 
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -29,6 +31,10 @@ class Overloaded(errors.ResourceExhausted):
     def __init__(self, message: str, retry_after_ms: int):
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+
+class QueueDeadline(DeadlineExceeded):
+    """The request's deadline passed while it waited for a slot: DEADLINE_EXCEEDED."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,41 @@ class AdmissionConfig:
             raise ValueError("max_queue and max_per_client must not be negative")
 
 
-def client_key(context) -> str:
-    """Who is calling, for fairness: the fingerprint of their bearer token, else their address
-    without the port (a client's connections share it). Never the token itself."""
-    token = bearer_token(context.invocation_metadata())
-    if token:
-        return token_fingerprint(token)
-    peer = context.peer() or "unknown"
+def client_key(context, token_checked: bool = False) -> str:
+    """Who is calling, for fairness: the authenticated identity, else the peer's host.
+
+    Authenticated means a client certificate (mTLS: its subject) or, when `token_checked` (the
+    listener verifies bearer tokens), the fingerprint of the token: every client sharing one
+    API token is one client. An unchecked bearer string says nothing about who sends it (a
+    client could send a new one per call), so without auth the key is the peer's address
+    without the port (a client's connections share it). Never the token itself.
+    """
+    cert = _certificate_identity(context)
+    if cert:
+        return "cert:" + cert
+    if token_checked:
+        token = bearer_token(context.invocation_metadata())
+        if token:
+            return token_fingerprint(token)
+    return peer_host(context.peer() or "unknown")
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7', 'ipv6:[::1]:5123' -> 'ipv6:[::1]'; others unchanged."""
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+def _certificate_identity(context) -> str | None:
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - contexts without TLS (tests, plaintext) may not offer it
+        return None
+    for key in ("x509_subject", "x509_common_name"):
+        values = auth.get(key)
+        if values:
+            v = values[0]
+            return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return None
 
 
 class _Waiter:
@@ -64,9 +97,11 @@ class _Waiter:
 class Admission:
     """Session slots of one service (e.g. "generator"). Not thread-safe: use from one event loop."""
 
-    def __init__(self, config: AdmissionConfig = AdmissionConfig(), name: str = "generator"):
+    def __init__(self, config: AdmissionConfig = AdmissionConfig(), name: str = "generator",
+                 token_checked: bool = False):
         self.config = config
         self.name = name
+        self.token_checked = token_checked   # the listener verifies bearer tokens: they identify clients
         self._running: dict[str, int] = defaultdict(int)
         self._last_grant: dict[str, int] = {}   # per client with work here: when it last got a slot
         self._grants = itertools.count()
@@ -97,7 +132,7 @@ class Admission:
         """Holds one session slot for the body. With a grpc.aio context: the client key and the
         deadline come from it, and a refusal sets ``retry-after-ms`` trailing metadata."""
         if context is not None:
-            client = client or client_key(context)
+            client = client or client_key(context, self.token_checked)
             if timeout is None:
                 timeout = context.time_remaining()
         try:
@@ -149,7 +184,12 @@ class Admission:
                 self._publish()
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise self._refuse(f"no session slot freed before the deadline ({cfg.max_sessions} running)") from None
+            if self._metrics:
+                self._metrics.rejected.labels(service=self.name).inc()
+            # DEADLINE_EXCEEDED, not RESOURCE_EXHAUSTED: the client's own deadline fires at the
+            # same moment, and its library reports DEADLINE_EXCEEDED whichever status wins.
+            raise QueueDeadline(f"{self.name} busy: no session slot freed before the deadline "
+                                f"({cfg.max_sessions} running, {len(self._waiting)} queued)") from None
 
     def _take(self, client: str) -> None:
         self._active += 1

@@ -8,6 +8,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from avatar.cancellation import check_between_layers
 from avatar.checkpoints import resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
 from avatar.models.wan_vae import TIME_STRIDE, WanVAE
@@ -80,6 +81,10 @@ class EncoderEngine:
                                            max_len=self.dims.text_len)
             self.audio = AudioEncoder.random(WAV2VEC2_LARGE, model.seed, backend, enc_device, audio_dtype)
         self._check_dims()
+        # A cancelled or timed-out RPC stops this work within one layer (avatar.cancellation):
+        # a portrait's encode takes 24-29 s on a CPU and must not outlive its request.
+        for module in (self.vae.model.encoder, self.text.model, self.audio.model):
+            check_between_layers(module, depth=3)
         self._images, self._prompts = _ResultCache(), _ResultCache()
         self.clip = _load_clip(model, enc_device) if model.extra.get("clip_image") else None
         log.info("encoder ready: %s; VAE on %s (%s), umT5 %dx%d and %s %dx%d on %s%s", model.describe(),
