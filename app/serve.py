@@ -96,7 +96,6 @@ def use_compile_cache(directory: str) -> Path:
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
     import torch._inductor.config as inductor_config   # read its environment at import: set it too
     inductor_config.fx_graph_cache = True
-    inductor_config.autograd_cache = True
     return path
 
 
