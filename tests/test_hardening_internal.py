@@ -326,3 +326,68 @@ def test_deadline_and_cancelled_frames_are_counted(embedded):
         time.sleep(0.2)
     assert dl == 1, "the deadline was not counted as DEADLINE_EXCEEDED"
     assert sent >= frames, f"{sent} frames counted, {frames} received on the cancelled stream"
+
+
+# -- 7. the gateway's health follows its peers; errors name the service, not its address ---------
+
+def _health(address: str, service: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(address) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _wait_health(address: str, service: str, want: str, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while (got := _health(address, service)) != want:
+        assert time.monotonic() - t0 < timeout_s, f"{service} is {got}, not {want}, after {timeout_s} s"
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def test_gateway_not_serving_while_a_peer_is_down(tmp_path, env):
+    services = Services(tmp_path, dict(env, AVATAR_INTERNAL_TOKEN=INTERNAL))
+    try:
+        peers = {role: f"127.0.0.1:{free_port()}" for role in ("encoder", "generator", "decoder")}
+        gw = services.start("gateway", *[a for role, addr in peers.items() for a in (f"--{role}", addr)])
+        _wait_health(gw.address, "avatar.v1.AvatarService", "NOT_SERVING", 15)
+        assert _health(gw.address, "") == "SERVING"    # liveness: the gateway itself is fine
+        with pytest.raises(grpc.RpcError) as e:
+            _generate(gw.address, _request(0.5), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "encoder unavailable" in e.value.details() and "127.0.0.1" not in e.value.details(), e.value
+        parts = [services.start(role, "--listen", addr, wait=False) for role, addr in peers.items()]
+        for svc, addr in zip(parts, peers.values()):
+            from tests.conftest import wait_serving
+            wait_serving(addr, 120, svc.proc, svc.log)
+        back_s = _wait_health(gw.address, "avatar.v1.AvatarService", "SERVING", 15)
+        assert _generate(gw.address, _request(0.5))[-1].WhichOneof("event") == "status"
+        log = gw.log.read_text()
+        assert "gateway NOT_SERVING: cannot connect to encoder at" in log and "gateway SERVING again" in log
+        print(f"SERVING again {back_s:.1f} s after the peers were up")
+    finally:
+        services.stop_all()
+
+
+# -- 8. warm-up: listening and NOT_SERVING while it runs, saying what it compiles ----------------
+
+def test_warm_up_reports_not_serving_and_progress(tmp_path, env):
+    services = Services(tmp_path, env)
+    try:
+        gen = services.start("generator", "--warmup", wait=False)
+        seen = []
+        deadline = time.monotonic() + 180
+        while not seen or seen[-1] != "SERVING":
+            assert gen.proc.poll() is None and time.monotonic() < deadline, gen.log.read_text()[-2000:]
+            try:
+                status = _health(gen.address, "")
+            except grpc.RpcError:      # not listening yet (engine still building)
+                status = "UNREACHABLE"
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.05)
+        assert "NOT_SERVING" in seen, seen
+        log = gen.log.read_text()
+        assert "generator warm-up: compiling/running 176*96" in log and "generator warm-up: 176*96:" in log
+    finally:
+        services.stop_all()
