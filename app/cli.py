@@ -202,6 +202,8 @@ def cmd_serve(args) -> int:
     try:
         security = SecurityConfig.from_args(args)
         admission = AdmissionConfig(args.max_sessions, args.max_queue, args.max_per_client)
+        if args.encoder_concurrency < 1 or args.encoder_queue < 0:
+            raise ValueError("--encoder-concurrency must be at least 1 and --encoder-queue not negative")
         encoder_admission = AdmissionConfig(args.encoder_concurrency, args.encoder_queue)
     except ValueError as exc:
         raise UserError(str(exc)) from None
