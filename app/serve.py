@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from avatar import grpc_util, telemetry
-from avatar.admission import Admission, AdmissionConfig
+from avatar.admission import Admission, AdmissionConfig, AdmitBeforeReading
 from avatar.metrics import MetricsInterceptor
 from avatar.presets import ModelSpec
 from avatar.security import SecurityConfig
@@ -132,8 +132,14 @@ async def start(cfg: ServeConfig) -> RunningServer:
     for warning in sec.exposure_warnings(cfg.role, cfg.listen):
         log.warning(warning)
     public = cfg.role in ("all", "gateway")
+    interceptors = [MetricsInterceptor(), *sec.server_interceptors(cfg.role)]
+    if public and cfg.admission:
+        from avatar.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
+        # After auth: a refused call costs nothing; an admitted one is read only when it runs.
+        interceptors.append(AdmitBeforeReading(Admission(cfg.admission, "gateway", token_checked=bool(sec.auth_token)),
+                                               [f"/{GATEWAY_SERVICE}/Generate"]))
     server, port = grpc_util.create_server(
-        cfg.listen, sec.tls.server_credentials(), [MetricsInterceptor(), *sec.server_interceptors(cfg.role)],
+        cfg.listen, sec.tls.server_credentials(), interceptors,
         max_request_bytes=grpc_util.PUBLIC_MAX_REQUEST_BYTES if public else grpc_util.MAX_MESSAGE_BYTES)
     internal, internal_port = server, port
     if cfg.role == "all":
@@ -207,8 +213,6 @@ async def start(cfg: ServeConfig) -> RunningServer:
             peers = (cfg.encoder, cfg.generator, cfg.decoder)
         gateway = GatewayServicer(cfg.model, *peers, credentials=sec.peer_credentials(cfg.role),
                                   token=sec.peer_token(cfg.role),
-                                  admission=Admission(cfg.admission, "gateway", token_checked=bool(sec.auth_token))
-                                  if cfg.admission else None,
                                   **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}))
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
         names.append(SERVICE_NAME)

@@ -15,10 +15,13 @@ import contextlib
 import itertools
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import grpc
+
 from avatar import errors
-from avatar.grpc_util import DeadlineExceeded
+from avatar.grpc_util import DeadlineExceeded, status_of
 from avatar.security import bearer_token, token_fingerprint
 
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -220,6 +223,46 @@ class Admission:
         if self._metrics:
             self._metrics.active.labels(service=self.name).set(self._active)
             self._metrics.queued.labels(service=self.name).set(len(self._waiting))
+
+
+class AdmitBeforeReading(grpc.aio.ServerInterceptor):
+    """Takes the session slot of a single-request method before its request is read.
+
+    grpc reads a unary request whole (the public Generate: up to 32 MiB of image and audio)
+    before the handler runs, so a slot taken inside the handler lets every waiting or refused
+    request sit in memory first. Served as a request stream instead, the body stays in the
+    client's HTTP/2 window until a slot is granted: at most `max_sessions` bodies are in memory,
+    waiting and refused requests cost none. The servicer itself takes no slot.
+    """
+
+    def __init__(self, admission: Admission, methods: Iterable[str]):
+        self.admission = admission
+        self.methods = frozenset(methods)   # full names, e.g. "/avatar.v1.AvatarService/Generate"
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method not in self.methods or not handler.unary_stream:
+            return handler
+        respond, admission = handler.unary_stream, self.admission
+
+        async def admitted(requests, context):
+            try:
+                async with admission.slot(context):
+                    messages = aiter(requests)
+                    request = await anext(messages, None)   # the body is read only now
+                    # ... and the end of the client's stream: grpc completes a call whose
+                    # receive side is still open only when the client goes away (the handler
+                    # task, holding the request, would outlive the call)
+                    if request is None or await anext(messages, None) is not None:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call must carry one request")
+                    async with contextlib.aclosing(respond(request, context)) as responses:
+                        async for response in responses:
+                            yield response
+            except (errors.ResourceExhausted, DeadlineExceeded) as exc:   # outside the error interceptor
+                await context.abort(*status_of(exc))
+
+        return grpc.stream_stream_rpc_method_handler(admitted, handler.request_deserializer,
+                                                     handler.response_serializer)
 
 
 def _metrics():

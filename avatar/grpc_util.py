@@ -181,7 +181,18 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         hint = retry_hint_metadata(exc)   # a busy peer's retry-after-ms reaches the client
         if hint:
             context.set_trailing_metadata(hint)
+    # The traceback holds the failed call's frames and through them its request (up to 32 MiB)
+    # in a reference cycle that only a full GC pass frees: drop it now that it is logged.
+    _drop_tracebacks(exc)
     await context.abort(code, details)
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def _wrap_unary(behavior, method: str, streaming: bool = False):
@@ -315,3 +326,8 @@ async def run_blocking(fn: Callable, *args, **kwargs):
         except Exception:  # noqa: BLE001 - the cancellation is what the caller must see
             pass
         raise
+    finally:
+        # asyncio keeps a failed future's traceback, which holds this frame, which holds the
+        # future and the call's arguments (a request of up to 32 MiB): a cycle only a full GC
+        # pass frees. Cut it here.
+        future = args = kwargs = None

@@ -77,14 +77,13 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`)."""
 
     def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str,
-                 credentials=None, token: str | None = None, admission=None,
+                 credentials=None, token: str | None = None,
                  max_audio_s: float = planner.media.MAX_AUDIO_S):
         self.model = model
         self.peer_addresses = (encoder, generator, decoder)
         self.max_audio_s = max_audio_s  # longest speech input accepted, seconds
         # credentials/token: TLS and the internal token for the peers (avatar.security)
         self.channels = [create_channel(a, credentials, token) for a in (encoder, generator, decoder)]
-        self.admission = admission  # avatar.admission.Admission: session cap, queue, per-client fairness
         self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels[0])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels[1])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[2])
@@ -128,12 +127,12 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             await asyncio.sleep(interval_s)
 
     async def Generate(self, request, context):
-        async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
-            async with contextlib.aclosing(self._generate(request, context)) as outs:  # cleanup at once, not at GC
-                async for out in outs:
-                    if out.WhichOneof("event") == "status":
-                        metrics.observe_final(out.status)
-                    yield out
+        # The session slot is taken before the request is read (avatar.admission.AdmitBeforeReading).
+        async with contextlib.aclosing(self._generate(request, context)) as outs:  # cleanup at once, not at GC
+            async for out in outs:
+                if out.WhichOneof("event") == "status":
+                    metrics.observe_final(out.status)
+                yield out
 
     async def _generate(self, request, context):
         t0 = time.perf_counter()

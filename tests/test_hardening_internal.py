@@ -211,8 +211,9 @@ def test_max_per_client_does_not_cap_the_generator(tmp_path, env):
 def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded):
     """Bounded load against the public and internal ports (items 1-4): 8 concurrent 31 MiB
     unauthenticated requests, 4 authenticated ones over the public limit, 8 internal calls with the public token,
-    6 random bearers: the server's peak RSS grows by under 150 MiB and the next good request
-    completes within 60 s."""
+    6 random bearers, then 8 concurrent authenticated 31 MiB requests while 2 slots + 2 queue places
+    are taken (refused unread): peak RSS grows by under 100 MiB in each attack phase (under 400 MiB
+    in all, with the 4 long requests) and the next good request completes within 60 s."""
     proc = psutil.Process(embedded.proc.pid)
     _generate(embedded.address, _request(0.5))                   # warm: baseline after one request
     peak_before = _peak_rss(proc)
@@ -247,17 +248,37 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
         codes = list(pool.map(public, [31 << 20] * 8 + [len(body)] * 4, [None] * 8 + [PUBLIC] * 4))
         codes += list(pool.map(public_token_on_internal, range(8)))
         codes += list(pool.map(random_bearer, range(6)))
-    attack_s = time.monotonic() - t0
     assert codes[:8] == [grpc.StatusCode.UNAUTHENTICATED] * 8, codes
     assert codes[8:12] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4, codes   # over 32 MiB: refused by size
     assert set(codes[12:]) == {grpc.StatusCode.UNAUTHENTICATED}, codes
+    unauthenticated_mib = (_peak_rss(proc) - peak_before) / 2**20
+    # authenticated bodies are read only once admitted: with the 2 slots and the 2 queue places
+    # taken by long requests, 8 concurrent 31 MiB requests are refused without being read
+    with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
+        stub = avatar_pb2_grpc.AvatarServiceStub(ch)
+        long_calls = [stub.Generate(_request(8.0), timeout=120, metadata=_bearer(PUBLIC)) for _ in range(4)]
+        try:
+            next(long_calls[0]), next(long_calls[1])        # both slots run
+            time.sleep(1.0)                                  # the other two wait in the queue
+            peak_busy = _peak_rss(proc)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(public, [31 << 20] * 8, [PUBLIC] * 8))
+            refused_mib = (_peak_rss(proc) - peak_busy) / 2**20   # 8 bodies read would be >= 248 MiB
+        finally:
+            for call in long_calls:
+                call.cancel()
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8, codes
+    attack_s = time.monotonic() - t0
     grown = (_peak_rss(proc) - peak_before) / 2**20
     t1 = time.monotonic()
     msgs = _generate(embedded.address, _request(0.5), timeout=60)
     next_ok_s = time.monotonic() - t1
     assert msgs[-1].WhichOneof("event") == "status"
-    print(f"attack {attack_s:.1f} s, peak RSS grew {grown:.0f} MiB, next request {next_ok_s:.1f} s")
-    assert grown < 150, f"peak RSS grew {grown:.0f} MiB"
+    print(f"attack {attack_s:.1f} s; peak RSS grew {unauthenticated_mib:.0f} MiB in the unauthenticated phase, "
+          f"{refused_mib:.0f} MiB for the 8 refused authenticated bodies, {grown:.0f} MiB in all (4 long requests "
+          f"included); next request {next_ok_s:.1f} s")
+    assert unauthenticated_mib < 100 and refused_mib < 100, (unauthenticated_mib, refused_mib)
+    assert grown < 400, f"peak RSS grew {grown:.0f} MiB"
     assert next_ok_s < 60
 
 
