@@ -255,7 +255,8 @@ class AdmitBeforeReading(grpc.aio.ServerInterceptor):
                     # task, holding the request, would outlive the call)
                     if request is None or await anext(messages, None) is not None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call must carry one request")
-                    async with contextlib.aclosing(respond(request, context)) as responses:
+                    responses, request = respond(request, context), None   # no frame but its own holds it
+                    async with contextlib.aclosing(responses):
                         async for response in responses:
                             yield response
             except (errors.ResourceExhausted, DeadlineExceeded) as exc:   # outside the error interceptor

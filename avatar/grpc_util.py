@@ -204,6 +204,7 @@ def _wrap_unary(behavior, method: str, streaming: bool = False):
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
+                request = None   # grpc keeps its AbortError in a cycle with this frame: not the request
                 await _abort(context, exc, method)
     return wrapper
 
@@ -222,6 +223,7 @@ def _wrap_stream(behavior, method: str, streaming: bool = False):
             except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001
+                request = None   # as in _wrap_unary
                 await _abort(context, exc, method)
     return wrapper
 

@@ -212,11 +212,12 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
     """Bounded load against the public and internal ports (items 1-4): 8 concurrent 31 MiB
     unauthenticated requests, 4 authenticated ones over the public limit, 8 internal calls with the public token,
     6 random bearers, then 8 concurrent authenticated 31 MiB requests while 2 slots + 2 queue places
-    are taken (refused unread): peak RSS grows by under 100 MiB in each attack phase (under 400 MiB
+    are taken (refused unread; read, they would be >= 248 MiB): peak RSS grows by under 150 MiB in each phase (under 400 MiB
     in all, with the 4 long requests) and the next good request completes within 60 s."""
     proc = psutil.Process(embedded.proc.pid)
     _generate(embedded.address, _request(0.5))                   # warm: baseline after one request
-    peak_before = _peak_rss(proc)
+    sampler = _RssPeak(proc).__enter__()
+    peak_before = sampler.reset()
     body = b"\0" * (PUBLIC_MAX_REQUEST_BYTES + (1 << 20))
     internal = _internal_address(embedded)
 
@@ -251,7 +252,7 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
     assert codes[:8] == [grpc.StatusCode.UNAUTHENTICATED] * 8, codes
     assert codes[8:12] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4, codes   # over 32 MiB: refused by size
     assert set(codes[12:]) == {grpc.StatusCode.UNAUTHENTICATED}, codes
-    unauthenticated_mib = (_peak_rss(proc) - peak_before) / 2**20
+    unauthenticated_mib = (sampler.peak - peak_before) / 2**20
     # authenticated bodies are read only once admitted: with the 2 slots and the 2 queue places
     # taken by long requests, 8 concurrent 31 MiB requests are refused without being read
     with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
@@ -260,16 +261,19 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
         try:
             next(long_calls[0]), next(long_calls[1])        # both slots run
             time.sleep(1.0)                                  # the other two wait in the queue
-            peak_busy = _peak_rss(proc)
+            peak_so_far = sampler.peak
+            rss_busy = sampler.reset()
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(public, [31 << 20] * 8, [PUBLIC] * 8))
-            refused_mib = (_peak_rss(proc) - peak_busy) / 2**20   # 8 bodies read would be >= 248 MiB
+            refused_mib = (sampler.peak - rss_busy) / 2**20   # 8 bodies read would be >= 248 MiB
+            sampler.peak = max(sampler.peak, peak_so_far)
         finally:
             for call in long_calls:
                 call.cancel()
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8, codes
     attack_s = time.monotonic() - t0
-    grown = (_peak_rss(proc) - peak_before) / 2**20
+    sampler.__exit__()
+    grown = (sampler.peak - peak_before) / 2**20
     t1 = time.monotonic()
     msgs = _generate(embedded.address, _request(0.5), timeout=60)
     next_ok_s = time.monotonic() - t1
@@ -277,16 +281,37 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
     print(f"attack {attack_s:.1f} s; peak RSS grew {unauthenticated_mib:.0f} MiB in the unauthenticated phase, "
           f"{refused_mib:.0f} MiB for the 8 refused authenticated bodies, {grown:.0f} MiB in all (4 long requests "
           f"included); next request {next_ok_s:.1f} s")
-    assert unauthenticated_mib < 100 and refused_mib < 100, (unauthenticated_mib, refused_mib)
+    assert unauthenticated_mib < 150 and refused_mib < 150, (unauthenticated_mib, refused_mib)
     assert grown < 400, f"peak RSS grew {grown:.0f} MiB"
     assert next_ok_s < 60
 
 
-def _peak_rss(proc: psutil.Process) -> int:
-    for line in open(f"/proc/{proc.pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+class _RssPeak:
+    """Samples a process's RSS every 20 ms in a thread: the highest value since start() or
+    reset() (VmHWM would keep a peak from before the phase being measured)."""
+
+    def __init__(self, proc: psutil.Process):
+        self.proc, self.peak, self._stop = proc, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def reset(self) -> int:
+        """The RSS now, which becomes the peak to beat."""
+        self.peak = self.proc.memory_info().rss
+        return self.peak
+
+    def __enter__(self):
+        self.reset()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
 
 
 # -- 5. a malformed message is the client's error ------------------------------------------------
