@@ -36,7 +36,8 @@ def check_job(job, *, sampling: bool = False, audio_rate: bool = False) -> None:
     if job.fps != FPS:
         raise InvalidInput(f"job fps must be {FPS}, got {job.fps}")
     if job.latent_frames_per_block != LATENT_FRAMES_PER_BLOCK:
-        raise InvalidInput(f"latent_frames_per_block must be {LATENT_FRAMES_PER_BLOCK}, got {job.latent_frames_per_block}")
+        raise InvalidInput(f"latent_frames_per_block must be {LATENT_FRAMES_PER_BLOCK}, "
+                           f"got {job.latent_frames_per_block}")
     if sampling and not 1 <= job.sample_steps <= MAX_SAMPLE_STEPS:
         raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {job.sample_steps}")
     if sampling and not (0 < job.infer_frames <= MAX_INFER_FRAMES and job.infer_frames % FRAMES_PER_BLOCK == 0):

@@ -210,10 +210,11 @@ def test_max_per_client_does_not_cap_the_generator(tmp_path, env):
 
 def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded):
     """Bounded load against the public and internal ports (items 1-4): 8 concurrent 31 MiB
-    unauthenticated requests, 4 authenticated ones over the public limit, 8 internal calls with the public token,
-    6 random bearers, then 8 concurrent authenticated 31 MiB requests while 2 slots + 2 queue places
-    are taken (refused unread; read, they would be >= 248 MiB): peak RSS grows by under 150 MiB in each phase (under 400 MiB
-    in all, with the 4 long requests) and the next good request completes within 60 s."""
+    unauthenticated requests, 4 authenticated ones over the public limit, 8 internal calls with
+    the public token, 6 random bearers, then 8 concurrent authenticated 31 MiB requests while 2
+    slots + 2 queue places are taken (refused unread; read, they would be >= 248 MiB): peak RSS
+    grows by under 150 MiB in each phase (under 400 MiB in all, with the 4 long requests) and
+    the next good request completes within 60 s."""
     proc = psutil.Process(embedded.proc.pid)
     _generate(embedded.address, _request(0.5))                   # warm: baseline after one request
     sampler = _RssPeak(proc).__enter__()
@@ -317,7 +318,8 @@ class _RssPeak:
 # -- 5. a malformed message is the client's error ------------------------------------------------
 
 def test_malformed_protobuf_is_invalid_argument_one_line_counted(embedded):
-    before = _count(_metrics(embedded), "avatar_requests_total", service="AvatarService", method="Generate", code="INVALID_ARGUMENT")
+    labels = dict(service="AvatarService", method="Generate", code="INVALID_ARGUMENT")
+    before = _count(_metrics(embedded), "avatar_requests_total", **labels)
     bad = b"\x1a\x02\xff\xfe"   # field 3 (prompt, a string) holding invalid UTF-8
     with grpc.insecure_channel(embedded.address) as ch:
         call = ch.unary_stream("/avatar.v1.AvatarService/Generate", request_serializer=None,
@@ -326,7 +328,7 @@ def test_malformed_protobuf_is_invalid_argument_one_line_counted(embedded):
             list(call(bad, timeout=30, metadata=_bearer(PUBLIC)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
     assert "malformed request message" in e.value.details() and "<class" not in e.value.details()
-    assert _count(_metrics(embedded), "avatar_requests_total", service="AvatarService", method="Generate", code="INVALID_ARGUMENT") == before + 1
+    assert _count(_metrics(embedded), "avatar_requests_total", **labels) == before + 1
     log = embedded.log.read_text()
     assert "Traceback" not in log
     assert len([line for line in log.splitlines() if "malformed request message" in line]) == 1
@@ -364,8 +366,8 @@ def test_deadline_and_cancelled_frames_are_counted(embedded):
     deadline = time.monotonic() + 10
     while True:
         m = _metrics(embedded)
-        dl = _count(m, "avatar_requests_total", service="AvatarService", method="Generate", code="DEADLINE_EXCEEDED") - \
-            _count(m0, "avatar_requests_total", service="AvatarService", method="Generate", code="DEADLINE_EXCEEDED")
+        deadline_labels = dict(service="AvatarService", method="Generate", code="DEADLINE_EXCEEDED")
+        dl = _count(m, "avatar_requests_total", **deadline_labels) - _count(m0, "avatar_requests_total", **deadline_labels)
         sent = _count(m, "avatar_frames_total") - _count(m0, "avatar_frames_total")
         if (dl == 1 and sent >= frames) or time.monotonic() > deadline:
             break
