@@ -367,7 +367,8 @@ def test_deadline_and_cancelled_frames_are_counted(embedded):
     while True:
         m = _metrics(embedded)
         deadline_labels = dict(service="AvatarService", method="Generate", code="DEADLINE_EXCEEDED")
-        dl = _count(m, "avatar_requests_total", **deadline_labels) - _count(m0, "avatar_requests_total", **deadline_labels)
+        dl = (_count(m, "avatar_requests_total", **deadline_labels)
+              - _count(m0, "avatar_requests_total", **deadline_labels))
         sent = _count(m, "avatar_frames_total") - _count(m0, "avatar_frames_total")
         if (dl == 1 and sent >= frames) or time.monotonic() > deadline:
             break
