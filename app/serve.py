@@ -136,8 +136,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
     if public and cfg.admission:
         from avatar.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
         # After auth: a refused call costs nothing; an admitted one is read only when it runs.
-        interceptors.append(AdmitBeforeReading(Admission(cfg.admission, "gateway", token_checked=bool(sec.auth_token)),
-                                               [f"/{GATEWAY_SERVICE}/Generate"]))
+        gateway_admission = Admission(cfg.admission, "gateway", token_checked=bool(sec.auth_token))
+        interceptors.append(AdmitBeforeReading(gateway_admission, [f"/{GATEWAY_SERVICE}/Generate"]))
     server, port = grpc_util.create_server(
         cfg.listen, sec.tls.server_credentials(), interceptors,
         max_request_bytes=grpc_util.PUBLIC_MAX_REQUEST_BYTES if public else grpc_util.MAX_MESSAGE_BYTES)
