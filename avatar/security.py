@@ -268,15 +268,11 @@ class SecurityConfig:
     def peer_credentials(self, role: str) -> grpc.ChannelCredentials | None:
         """TLS for the gateway's calls to encoder/generator/decoder.
 
-        With a CA: mutual TLS (this process's certificate is its client certificate). The
-        embedded mesh ("all") calls its own TLS port, so without a CA it verifies itself against
-        the CA certificates in its own certificate file (a full chain or a self-signed cert).
-        A gateway with only a public certificate talks to its peers in plaintext. The embedded
-        mesh ("all") calls its internal loopback listener in plaintext.
+        With a CA: mutual TLS (this process's certificate is its client certificate). A gateway
+        with only a public certificate talks to its peers in plaintext, and so does the embedded
+        mesh ("all") on its internal loopback listener.
         """
-        if role == "all":
-            return None
-        if self.tls.ca:
+        if role != "all" and self.tls.ca:
             return self.tls.channel_credentials()
         return None
 
