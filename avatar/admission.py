@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from avatar import errors
 from avatar.grpc_util import DeadlineExceeded, status_of
 from avatar.security import bearer_token, token_fingerprint
 
+log = logging.getLogger(__name__)
 RETRY_AFTER_KEY = "retry-after-ms"
 _MIN_RETRY_MS, _MAX_RETRY_MS, _DEFAULT_RETRY_MS = 100, 60_000, 1_000
 
@@ -243,7 +245,7 @@ class AdmitBeforeReading(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method not in self.methods or not handler.unary_stream:
             return handler
-        respond, admission = handler.unary_stream, self.admission
+        respond, admission, details_method = handler.unary_stream, self.admission, details.method.lstrip("/")
 
         async def admitted(requests, context):
             try:
@@ -260,7 +262,9 @@ class AdmitBeforeReading(grpc.aio.ServerInterceptor):
                         async for response in responses:
                             yield response
             except (errors.ResourceExhausted, DeadlineExceeded) as exc:   # outside the error interceptor
-                await context.abort(*status_of(exc))
+                code, details = status_of(exc)
+                log.info("%s: %s: %s", details_method, code.name, details)
+                await context.abort(code, details)
 
         return grpc.stream_stream_rpc_method_handler(admitted, handler.request_deserializer,
                                                      handler.response_serializer)
