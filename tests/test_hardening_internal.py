@@ -209,11 +209,11 @@ def test_max_per_client_does_not_cap_the_generator(tmp_path, env):
 # -- 4 + load: bodies of unauthenticated clients are not buffered ------------------------------
 
 def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded):
-    """Bounded load against the public and internal ports (items 1-4): 8 concurrent 31 MiB
+    """Bounded load against the public and internal ports (items 1-4): 16 concurrent 31 MiB
     unauthenticated requests, 4 authenticated ones over the public limit, 8 internal calls with
     the public token, 6 random bearers, then 8 concurrent authenticated 31 MiB requests while 2
     slots + 2 queue places are taken (refused unread; read, they would be >= 248 MiB): peak RSS
-    grows by under 150 MiB in each phase (under 400 MiB in all, with the 4 long requests) and
+    grows by under 80 and 200 MiB in the two phases (under 500 MiB in all, with the 4 long requests) and
     the next good request completes within 60 s."""
     proc = psutil.Process(embedded.proc.pid)
     _generate(embedded.address, _request(0.5))                   # warm: baseline after one request
@@ -246,14 +246,16 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
             return e.code()
 
     t0 = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(26) as pool:
-        codes = list(pool.map(public, [31 << 20] * 8 + [len(body)] * 4, [None] * 8 + [PUBLIC] * 4))
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(public, [31 << 20] * 16, [None] * 16))
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 16, codes
+    unauthenticated_mib = (sampler.peak - peak_before) / 2**20
+    with concurrent.futures.ThreadPoolExecutor(18) as pool:
+        codes = list(pool.map(public, [len(body)] * 4, [PUBLIC] * 4))
         codes += list(pool.map(public_token_on_internal, range(8)))
         codes += list(pool.map(random_bearer, range(6)))
-    assert codes[:8] == [grpc.StatusCode.UNAUTHENTICATED] * 8, codes
-    assert codes[8:12] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4, codes   # over 32 MiB: refused by size
-    assert set(codes[12:]) == {grpc.StatusCode.UNAUTHENTICATED}, codes
-    unauthenticated_mib = (sampler.peak - peak_before) / 2**20
+    assert codes[:4] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4, codes   # over 32 MiB: refused by size
+    assert set(codes[4:]) == {grpc.StatusCode.UNAUTHENTICATED}, codes
     # authenticated bodies are read only once admitted: with the 2 slots and the 2 queue places
     # taken by long requests, 8 concurrent 31 MiB requests are refused without being read
     with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
@@ -282,8 +284,14 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
     print(f"attack {attack_s:.1f} s; peak RSS grew {unauthenticated_mib:.0f} MiB in the unauthenticated phase, "
           f"{refused_mib:.0f} MiB for the 8 refused authenticated bodies, {grown:.0f} MiB in all (4 long requests "
           f"included); next request {next_ok_s:.1f} s")
-    assert unauthenticated_mib < 150 and refused_mib < 150, (unauthenticated_mib, refused_mib)
-    assert grown < 400, f"peak RSS grew {grown:.0f} MiB"
+    # On loopback the unauthenticated bodies arrive spread out and a refusal frees each at once,
+    # so reading them (the refusal before this fix) measured about the same (40 MiB): what fails
+    # without the fix is the 32 MiB public limit above (33 MiB bodies were read and worked on).
+    # The refused phase shares its window with the 4 running requests, which grow RSS by
+    # themselves (35-130 MiB seen): its ceiling is loose; the RESOURCE_EXHAUSTED codes show that
+    # the bodies were not worked on.
+    assert unauthenticated_mib < 80 and refused_mib < 200, (unauthenticated_mib, refused_mib)
+    assert grown < 500, f"peak RSS grew {grown:.0f} MiB"
     assert next_ok_s < 60
 
 
