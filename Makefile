@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/avatar/v1/*.proto)
 GEN_STAMP := avatar/v1/.generated
 
-.PHONY: setup run test protos clean
+.PHONY: setup run test test-fast lint protos clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -28,6 +28,13 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup   # the inner loop: everything but the tests that start server processes
+	$(BIN)/python -m pytest -q -m "not mesh" tests
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) avatar/v1 out

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from avatar import package_version
+from avatar.app import converse_cmd
 from avatar.files import unlink_quietly, write_json_atomic
 
 EXIT_BAD_INPUT = 2
@@ -45,6 +46,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="keep the DiT's text key/value projections (2 GB in FP8) in pinned CPU memory: they "
                         "run once per session; with --fp8 --cache-sets 1 --kv-fp8 and --infer_frames 24 the "
                         "704*384 pipeline fits 24 GB (docs/performance.md)")
+    g.add_argument("--audio-encoders", default="wav2vec2", metavar="NAMES",
+                   help="audio encoders the encoder loads, comma-separated, from wav2vec2 (what the model was "
+                        "trained with) and whisper; a request picks one with audio_encoder (default: wav2vec2)")
+    g.add_argument("--whisper-dir", metavar="FOLDER",
+                   help="WhisperModel checkpoint for the whisper audio encoder (e.g. whisper-medium: 1024 wide, "
+                        "24 layers, as the DiT's audio input); needed with --ckpt_dir, else random weights")
+    g.add_argument("--clip-image", nargs="?", const=True, default=False, metavar="FOLDER",
+                   help="load a CLIPVisionModel (from FOLDER, e.g. clip-vit-large-patch14; without FOLDER: random "
+                        "weights, tiny or --random-weights only) so requests can ask for the portrait's identity "
+                        "embedding (clip_embedding); the DiT does not use it")
     g.add_argument("--memory-plan", choices=("auto", "off"), default="auto",
                    help="auto (default): on a GPU, without --fp8/--cache-sets/--kv-fp8, choose them (and where "
                         "the encoders run) from the free memory before loading, for the largest preset that "
@@ -54,21 +65,32 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def model_spec(args):
-    from avatar.presets import ModelSpec
+    from avatar.errors import InvalidInput
+    from avatar.presets import EncoderOptions, GeneratorOptions, ModelSpec
     name = args.model or ("s2v-14b" if args.ckpt_dir or args.random_weights else "tiny")
     if name == "s2v-14b" and not (args.ckpt_dir or args.random_weights):
         raise UserError("--model s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
-    extra = {"cache_sets": args.cache_sets} if getattr(args, "cache_sets", None) else {}
-    if getattr(args, "kv_fp8", False):
-        extra["kv_dtype"] = "float8_e4m3fn"
-    chosen = getattr(args, "fp8", False) or dict(extra)   # the memory settings the plan would choose
-    if getattr(args, "cuda_graphs", None) is not None:
-        extra["cuda_graphs"] = args.cuda_graphs
-    if getattr(args, "offload_text_kv", False):
-        extra["offload_text_projections"] = True
-    spec = ModelSpec(name=name, ckpt_dir=args.ckpt_dir, lora_path=args.lora_path,
-                     random_weights=args.random_weights, device=args.device,
-                     fp8=getattr(args, "fp8", False), compile=getattr(args, "compile", False), extra=extra)
+    audio_encoders = tuple(n.strip() for n in args.audio_encoders.split(",") if n.strip())
+    # `generate` without --server starts its own mesh: it loads the encoder the request names.
+    wanted = getattr(args, "audio_encoder", None)
+    if wanted and not getattr(args, "server", None) and wanted not in audio_encoders:
+        audio_encoders += (wanted,)
+    clip_image = args.clip_image or (getattr(args, "clip_embedding", False) and not getattr(args, "server", None))
+    fp8 = getattr(args, "fp8", False)
+    try:
+        generator_options = GeneratorOptions(
+            cache_sets=args.cache_sets, kv_dtype="float8_e4m3fn" if args.kv_fp8 else None,
+            cuda_graphs=args.cuda_graphs, offload_text_projections=args.offload_text_kv)
+        encoder_options = EncoderOptions(
+            audio_encoders=audio_encoders, whisper_dir=args.whisper_dir, clip_image=bool(clip_image),
+            clip_dir=clip_image if isinstance(clip_image, str) else None)
+        spec = ModelSpec(name=name, ckpt_dir=args.ckpt_dir, lora_path=args.lora_path,
+                         random_weights=args.random_weights, device=args.device, fp8=fp8,
+                         compile=getattr(args, "compile", False), generator_options=generator_options,
+                         encoder_options=encoder_options)
+    except InvalidInput as exc:
+        raise UserError(str(exc)) from None
+    chosen = fp8 or generator_options.cache_sets or generator_options.kv_dtype   # what the plan would choose
     # Under torchrun (TPP) every rank holds one step's cache set: the single-GPU plan does not apply.
     tpp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if getattr(args, "memory_plan", "off") == "auto" and spec.device.startswith("cuda") and not spec.is_tiny \
@@ -108,6 +130,7 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from avatar.presets import AUDIO_ENCODERS
     from avatar.security import add_security_args
     from avatar.app.serve import DEFAULT_LISTEN, ROLES
     parser = argparse.ArgumentParser(prog="avatar", description=__doc__)
@@ -127,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_serving_flags(p)
     add_security_args(p)
+    converse_cmd.add_serve_flags(p)
 
     p = sub.add_parser("generate", help="render a talking-avatar video from a portrait and speech")
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
@@ -145,8 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: start the mesh in this process)")
     p.add_argument("--out", required=True, help="output video, e.g. out/demo.mp4 (OUT.json is written beside it)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the request in seconds")
+    p.add_argument("--audio-encoder", choices=AUDIO_ENCODERS, default=None,
+                   help="audio encoder of the speech features (default wav2vec2, what the model was trained with); "
+                        "without --server the embedded mesh loads it")
+    p.add_argument("--clip-embedding", action="store_true",
+                   help="also get the portrait's CLIP identity embedding, written to OUT.json (clip_embedding)")
     _add_model_flags(p)
     add_security_args(p)
+
+    _add_model_flags(converse_cmd.add_parser(sub))   # live sessions: app/converse_cmd.py
 
     p = sub.add_parser("batch", help="one video per JSON profile in a folder; resumable, with a manifest")
     from avatar.app import batch
@@ -176,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "generate":
             return asyncio.run(cmd_generate(args))
+        if args.command == "converse":
+            return asyncio.run(converse_cmd.run(args))
         if args.command == "batch":
             from avatar.app.batch import run
             return asyncio.run(run(args, model_spec(args)))
@@ -211,7 +244,8 @@ def cmd_serve(args) -> int:
                       decoder=args.decoder, model=model_spec(args), trace_file=args.trace_file,
                       security=security, admission=admission, metrics_port=args.metrics_port,
                       grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s,
-                      warmup=args.warmup, compile_cache=args.compile_cache, encoder_admission=encoder_admission)
+                      warmup=args.warmup, live=converse_cmd.live_config(args), compile_cache=args.compile_cache,
+                      encoder_admission=encoder_admission)
     try:
         asyncio.run(serve_forever(cfg))
     except (ValueError, OSError) as exc:
@@ -237,7 +271,8 @@ async def cmd_generate(args) -> int:
     request = avatar_pb2.GenerateRequest(
         image=_read(args.image, "image"), audio=_read(args.audio, "audio"), prompt=args.prompt,
         size=args.size, preset=args.preset or "", num_clip=args.num_clip, infer_frames=args.infer_frames,
-        sample_steps=args.sample_steps, seed=args.seed)
+        sample_steps=args.sample_steps, seed=args.seed, audio_encoder=args.audio_encoder or "",
+        clip_embedding=args.clip_embedding)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model_spec(args)
@@ -339,6 +374,9 @@ async def cmd_generate(args) -> int:
         "server_total_s": status.total_s,
         "total_s": total_s,
     }
+    if header.HasField("clip_embedding"):
+        from avatar import wire
+        report["clip_embedding"] = wire.from_proto(header.clip_embedding).tolist()
     write_json_atomic(out.with_suffix(".json"), report)
     print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
           f"{header.duration_s:.2f} s) in {total_s:.1f} s, first fragment after "

@@ -37,6 +37,7 @@ class ServeConfig:
     grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
     max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
     warmup: bool | None = None                # generator and decoder: run the presets once before SERVING; None: with --compile
+    live: object = None                       # gateway: a gateway.converse.ConverseConfig; None: defaults
     compile_cache: str | None = None          # torch.compile caches kept here across restarts (use_compile_cache)
     # encoder: image and prompt encodes at once + waiting; beyond: RESOURCE_EXHAUSTED. None: no cap
     encoder_admission: AdmissionConfig | None = field(default_factory=lambda: AdmissionConfig(2, 8))
@@ -133,6 +134,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         log.warning(warning)
     public = cfg.role in ("all", "gateway")
     interceptors = [MetricsInterceptor(), *sec.server_interceptors(cfg.role)]
+    gateway_admission = None   # shared by Generate (in the interceptor) and Converse (in the servicer)
     if public and cfg.admission:
         from avatar.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
         # After auth: a refused call costs nothing; an admitted one is read only when it runs.
@@ -213,6 +215,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
             peers = (cfg.encoder, cfg.generator, cfg.decoder)
         gateway = GatewayServicer(cfg.model, *peers, credentials=sec.peer_credentials(cfg.role),
                                   token=sec.peer_token(cfg.role),
+                                  admission=gateway_admission, live=cfg.live,
                                   **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}))
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
         names.append(SERVICE_NAME)

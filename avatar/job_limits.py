@@ -28,10 +28,11 @@ def check_size(width: int, height: int, what: str = "job size") -> None:
         raise InvalidInput(f"{what} {width}x{height} is over the largest area, {MAX_SIZE_AREA} pixels")
 
 
-def check_job(job, *, sampling: bool = False, audio_rate: bool = False) -> None:
+def check_job(job, *, sampling: bool = False, audio_rate: bool = False, open_ended: bool = False) -> None:
     """A JobSpec (avatar.v1) as the gateway's planner makes them: size, frame rate, block
     structure and length within bounds, so no service runs an unbounded job; with `sampling`
-    also steps and clip length (the generator), with `audio_rate` the output audio (the decoder)."""
+    also steps and clip length (the generator), with `audio_rate` the output audio (the decoder),
+    with `open_ended` a job of no set length (num_blocks and total_frames 0: a live stream)."""
     check_size(job.width, job.height)
     if job.fps != FPS:
         raise InvalidInput(f"job fps must be {FPS}, got {job.fps}")
@@ -43,10 +44,13 @@ def check_job(job, *, sampling: bool = False, audio_rate: bool = False) -> None:
     if sampling and not (0 < job.infer_frames <= MAX_INFER_FRAMES and job.infer_frames % FRAMES_PER_BLOCK == 0):
         raise InvalidInput(f"infer_frames must be a positive multiple of {FRAMES_PER_BLOCK} up to "
                            f"{MAX_INFER_FRAMES}, got {job.infer_frames}")
-    if not 1 <= job.num_blocks <= MAX_JOB_BLOCKS:
+    if open_ended and job.num_blocks == 0 and job.total_frames == 0:
+        pass   # a live stream (Converse): the decoder takes blocks until the stream ends
+    # total_frames 0: whole blocks (avatar.jobs.Job)
+    elif not 1 <= job.num_blocks <= MAX_JOB_BLOCKS:
         raise InvalidInput(f"num_blocks must be between 1 and {MAX_JOB_BLOCKS} ({MAX_VIDEO_S} s of video), "
                            f"got {job.num_blocks}")
-    if not (job.num_blocks - 1) * FRAMES_PER_BLOCK < job.total_frames <= job.num_blocks * FRAMES_PER_BLOCK:
+    if job.total_frames and not (job.num_blocks - 1) * FRAMES_PER_BLOCK < job.total_frames <= job.num_blocks * FRAMES_PER_BLOCK:
         raise InvalidInput(f"total_frames {job.total_frames} does not fit num_blocks {job.num_blocks} "
                            f"of {FRAMES_PER_BLOCK} frames")
     if audio_rate and not 0 < job.audio_sample_rate <= MAX_AUDIO_RATE:

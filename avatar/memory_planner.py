@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from avatar.dit_config import DIT_CONFIGS, MAX_SAMPLE_STEPS
 from avatar.errors import InvalidInput, ResourceExhausted
+from avatar.presets import LATENT_FRAMES_PER_BLOCK, MODEL_DIMS, VAE_TIME_STRIDE
 
 GB = 1e9
 GiB = 2 ** 30
@@ -15,8 +17,8 @@ T5_PARAMS = 5_680_910_336           # umT5-XXL encoder
 WAV2VEC2_PARAMS = 317_000_000       # wav2vec2-large-xlsr-53 (without the CTC head)
 VAE_PARAMS = 126_892_531
 
-DIM, LAYERS, FFN, TEXT_LEN = 5120, 40, 13824, 512
-LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, PATCH_AREA = 3, 4, 16 * 16
+DIT = DIT_CONFIGS["s2v-14b"]        # the model the planner plans for: every dim below comes from it
+VAE_SPACE_STRIDE = MODEL_DIMS["s2v-14b"].vae_stride[1]
 VAE_DECODE_BYTES_PER_PIXEL = 11_700
 WORKSPACE_BYTES = 0.7 * GB
 CONTEXT_BYTES = 0.6 * GB            # CUDA context, cuBLAS/cuDNN workspaces
@@ -38,27 +40,31 @@ class MemoryRequest:
         if self.width <= 0 or self.height <= 0 or self.width % 16 or self.height % 16:
             raise InvalidInput(f"size {self.width}*{self.height}: sides must be positive multiples of 16")
         if self.infer_frames <= 0 or self.infer_frames % VAE_TIME_STRIDE:
-            raise InvalidInput(f"infer_frames {self.infer_frames} must be a positive multiple of 4")
-        if self.sample_steps <= 0 or self.num_blocks <= 0:
-            raise InvalidInput("sample_steps and num_blocks must be positive")
+            raise InvalidInput(f"infer_frames {self.infer_frames} must be a positive multiple of {VAE_TIME_STRIDE}")
+        if not 1 <= self.sample_steps <= MAX_SAMPLE_STEPS:
+            raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {self.sample_steps}")
+        if self.num_blocks <= 0:
+            raise InvalidInput("num_blocks must be positive")
 
     @classmethod
-    def from_job(cls, job, online_decode: bool = True) -> "MemoryRequest":
-        """From an avatar.v1.JobSpec (or anything with the same fields)."""
+    def from_job(cls, job, online_decode: bool = True) -> MemoryRequest:
+        """From an avatar.jobs.Job (or anything with the same fields, e.g. a JobSpec)."""
         return cls(width=job.width, height=job.height, infer_frames=job.infer_frames,
                    sample_steps=job.sample_steps, num_blocks=max(1, job.num_blocks),
                    online_decode=online_decode)
 
     @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.height // VAE_SPACE_STRIDE, self.width // VAE_SPACE_STRIDE
+
+    @property
     def tokens_per_latent_frame(self) -> int:
-        return self.width * self.height // PATCH_AREA
+        return DIT.frame_tokens(*self.latent_size)
 
     @property
     def sink_tokens(self) -> int:
-        """Reference frame + FramePack motion context (1, 2, 16 latent frames at 1x, 2x, 4x)."""
-        h, w = self.height // 8, self.width // 8
-        frame = (h // 2) * (w // 2)
-        return frame + frame + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
+        """Reference frame + FramePack motion context, as the model counts them."""
+        return DIT.sink_tokens(*self.latent_size)
 
     @property
     def window_latent_frames(self) -> int:
@@ -120,27 +126,29 @@ def dit_bytes(fp8: bool) -> int:
 
 def kv_set_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
     """One cache set: keys + values of every layer over the window (a ring buffer)."""
-    return LAYERS * 2 * req.window_latent_frames * req.tokens_per_latent_frame * DIM * dtype_bytes
+    return DIT.num_layers * 2 * req.window_latent_frames * req.tokens_per_latent_frame * DIT.dim * dtype_bytes
 
 
 def sink_bytes(req: MemoryRequest, dtype_bytes: int) -> int:
     """Keys + values of one copy of the sink (reference + motion tokens)."""
-    return LAYERS * 2 * req.sink_tokens * DIM * dtype_bytes
+    return DIT.num_layers * 2 * req.sink_tokens * DIT.dim * dtype_bytes
 
 
 def kv_cache_bytes(req: MemoryRequest, cache_sets: int, dtype_bytes: int) -> int:
     """The whole cache as services/generator/kv_cache.py lays it out: the rings, one sink copy per
     two sets (each sits between two rings so attention reads one slice), and the reference
-    tokens' unrotated keys."""
-    sink_copies = (cache_sets + 1) // 2
-    ref_keys = LAYERS * req.tokens_per_latent_frame * DIM * dtype_bytes
-    return kv_set_bytes(req, dtype_bytes) * cache_sets + sink_bytes(req, dtype_bytes) * sink_copies + ref_keys
+    tokens' unrotated keys. Buffers are all alike, so an odd number of sets (above one) allocates
+    the last buffer's second ring too, unused (tests/test_memory_planner.py holds this to the layout)."""
+    buffers = (cache_sets + 1) // 2
+    rings = 2 * buffers if cache_sets > 1 else 1
+    ref_keys = DIT.num_layers * req.tokens_per_latent_frame * DIT.dim * dtype_bytes
+    return kv_set_bytes(req, dtype_bytes) * rings + sink_bytes(req, dtype_bytes) * buffers + ref_keys
 
 
 def text_context_bytes() -> int:
     """The prompt's keys and values in every layer (bf16, 512 tokens), held by a session: run F
     measured +0.40 GiB at 704*384 and +0.43 at 384*256 over run D, which computed them per step."""
-    return LAYERS * 2 * TEXT_LEN * DIM * 2
+    return DIT.num_layers * 2 * DIT.text_len * DIT.dim * 2
 
 
 def activation_bytes(req: MemoryRequest) -> int:
@@ -148,7 +156,7 @@ def activation_bytes(req: MemoryRequest) -> int:
     constant ~0.7 GB) plus the FFN hidden state and float32 residual copies of the block's tokens.
     Measured on an H100: 0.70-0.76 GiB at both 704*384 and 384*256 (docs/performance.md)."""
     block = LATENT_FRAMES_PER_BLOCK * req.tokens_per_latent_frame
-    return int(WORKSPACE_BYTES + block * (FFN * 2 * 2 + DIM * 4 * 2))
+    return int(WORKSPACE_BYTES + block * (DIT.ffn_dim * 2 * 2 + DIT.dim * 4 * 2))
 
 
 def vae_bytes(req: MemoryRequest) -> int:
@@ -181,7 +189,7 @@ def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int
     parts = {
         "dit": dit_bytes(fp8),
         # offloaded: two layers' worth stay on the GPU (the one in use and the next one in flight)
-        "kv_cache": kv * 2 // LAYERS if kv_offload else kv,
+        "kv_cache": kv * 2 // DIT.num_layers if kv_offload else kv,
         "text": text_context_bytes(),
         "activations": activation_bytes(req),
         # the decoder runs beside the generator (next block's DiT while this block decodes)
@@ -293,7 +301,8 @@ def _refusal(req: MemoryRequest, available: int, opts: PlannerOptions, leanest: 
         verdict = "fits" if need <= available else "still too much"
         lines.append(f"  - {what}: needs {need / GB:.1f} GB ({verdict})")
     if opts.precision == "bf16" and opts.fp8_capable:
-        lines.append("  - FP8 weights (--fp8): the DiT drops from 32.6 to 16.6 GB")
+        lines.append(f"  - FP8 weights (--fp8): the DiT drops from {dit_bytes(False) / GB:.1f} "
+                     f"to {dit_bytes(True) / GB:.1f} GB")
     return "\n".join(lines)
 
 
@@ -332,13 +341,13 @@ def planning_requests() -> list[MemoryRequest]:
 
 def apply_plan(spec, plan: MemoryPlan):
     """The ModelSpec that runs a MemoryPlan: FP8 weights, encoder placement, cache sets and dtype."""
-    extra = dict(spec.extra)
+    options = spec.generator_options
     if plan.kv_sets == 1:
-        extra["cache_sets"] = 1
+        options = replace(options, cache_sets=1)
     if plan.kv_dtype != "bfloat16":
-        extra["kv_dtype"] = plan.kv_dtype
+        options = replace(options, kv_dtype=plan.kv_dtype)
     encoder_device = "cpu" if plan.encoder_device == "cpu" else spec.encoder_device
-    return spec.with_(fp8=plan.fp8, encoder_device=encoder_device, extra=extra)
+    return spec.with_(fp8=plan.fp8, encoder_device=encoder_device, generator_options=options)
 
 
 def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None = None):

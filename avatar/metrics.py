@@ -229,3 +229,14 @@ def _wrap_stream(behavior, service, method):
         finally:
             _record(service, method, context, started, exc)
     return wrapper
+
+
+# --- live sessions (AvatarService/Converse, gateway/converse.py) -----------------------------
+LIVE_AUDIO_TO_FRAGMENT = Histogram("avatar_live_audio_to_fragment_seconds",
+                                   "Live sessions: audio chunk received -> the fragment with its first sample sent",
+                                   buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+LIVE_INTERRUPT_TO_IDLE = Histogram("avatar_live_interrupt_to_idle_seconds",
+                                   "Live sessions: Interrupt received -> the first fragment after the cut sent",
+                                   buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+LIVE_BLOCKS = Counter("avatar_live_blocks", "Live sessions: fragments sent, speech or idle", ["kind"],
+                      registry=REGISTRY)

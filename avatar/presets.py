@@ -1,5 +1,7 @@
 """Job presets (preview / standard / hd, as in the LiveAvatar article) and model presets."""
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+
+from avatar.errors import InvalidInput
 
 FPS = 25                      # LiveAvatar renders at 25 fps (Wan2.2-S2V upstream: 16)
 LATENT_FRAMES_PER_BLOCK = 3   # one causal block = 3 latent frames
@@ -34,6 +36,51 @@ JOB_PRESETS = {
 DEFAULT_JOB_PRESET = "preview"
 
 
+KV_DTYPES = ("float8_e4m3fn",)
+AUDIO_ENCODERS = ("wav2vec2", "whisper")
+DEFAULT_AUDIO_ENCODER = "wav2vec2"   # what the LiveAvatar checkpoint was trained with
+
+
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """How the generator runs the DiT: memory and speed trade-offs that leave the video unchanged
+    (up to FP8 rounding). Read by the generator engine and the memory planner."""
+    cache_sets: int | None = None           # 1: one KV set, refreshed by a clean pass per block; None: one per step
+    kv_dtype: str | None = None             # "float8_e4m3fn": the KV cache in e4m3; None: the model's dtype
+    cuda_graphs: bool | None = None         # replay steady-state steps from CUDA graphs; None: on for CUDA devices
+    offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
+
+    def __post_init__(self):
+        if self.cache_sets is not None and self.cache_sets != 1:
+            raise InvalidInput(f"cache_sets must be 1 (or unset: one set per sampling step), got {self.cache_sets!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise InvalidInput(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or unset), got {self.kv_dtype!r}")
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """Which optional encoders the encoder service loads. wav2vec2 and the VAE reference latent
+    are what the DiT was trained on; Whisper features and the CLIP embedding are options a
+    request asks for, served only when loaded here."""
+    audio_encoders: tuple[str, ...] = (DEFAULT_AUDIO_ENCODER,)  # loaded audio backends, e.g. ("wav2vec2", "whisper")
+    whisper_dir: str | None = None   # WhisperModel folder (e.g. whisper-medium); None: random (tiny / random weights)
+    clip_image: bool = False         # load a CLIPVisionModel for the portrait's identity embedding
+    clip_dir: str | None = None      # its folder (e.g. clip-vit-large-patch14); None: random (tiny / random weights)
+
+    def __post_init__(self):
+        if not self.audio_encoders:
+            raise InvalidInput(f"audio_encoders must name at least one of {', '.join(AUDIO_ENCODERS)}")
+        unknown = [name for name in self.audio_encoders if name not in AUDIO_ENCODERS]
+        if unknown:
+            raise InvalidInput(f"unknown audio encoder {unknown[0]!r}: choose from {', '.join(AUDIO_ENCODERS)}")
+        if len(set(self.audio_encoders)) != len(self.audio_encoders):
+            raise InvalidInput(f"audio_encoders names one twice: {','.join(self.audio_encoders)}")
+        if self.whisper_dir and "whisper" not in self.audio_encoders:
+            raise InvalidInput("--whisper-dir is given but whisper is not loaded: add it to --audio-encoders")
+        if self.clip_dir and not self.clip_image:
+            raise InvalidInput("clip_dir is given but clip_image is off")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model a service runs and how. Every service builds its part from this alone.
@@ -51,7 +98,18 @@ class ModelSpec:
     fp8: bool = False                  # FP8 linear layers in the DiT
     compile: bool = False              # torch.compile the DiT blocks
     seed: int = 0                      # seed of random weights (tiny / random_weights)
-    extra: dict = field(default_factory=dict)
+    generator_options: GeneratorOptions = GeneratorOptions()
+    encoder_options: EncoderOptions = EncoderOptions()
+
+    def __post_init__(self):
+        # Weights from files never fall back to random ones: each optional encoder needs its folder.
+        enc = self.encoder_options
+        if self.from_files and "whisper" in enc.audio_encoders and not enc.whisper_dir:
+            raise InvalidInput("the whisper audio encoder needs --whisper-dir FOLDER (a WhisperModel checkpoint "
+                               "such as whisper-medium) when the weights come from --ckpt_dir")
+        if self.from_files and enc.clip_image and not enc.clip_dir:
+            raise InvalidInput("--clip-image needs a CLIPVisionModel folder (--clip-image FOLDER) when the weights "
+                               "come from --ckpt_dir")
 
     @property
     def is_tiny(self) -> bool:

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-from avatar.services.generator.causal_s2v_dit import PRESETS, CausalS2VDiT
-from avatar.services.generator.engine import compile_blocks
-from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+from avatar.jobs import Job
+from avatar.presets import FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, GeneratorOptions, ModelSpec
+from avatar.services.generator.causal_s2v_dit import CausalS2VDiT
+from avatar.services.generator.engine import GeneratorEngine, build_generator_model, compile_blocks
+from avatar.services.generator.scheduler import FlowMatchEuler
 
 GiB = 2 ** 30
-FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, FPS = 12, 3, 25
 
 
 def log(*a):
@@ -100,26 +100,10 @@ def run_guarded(results: dict, name: str, fn, device, save):
 # --------------------------------------------------------------------------- model
 
 
-def build_dit(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> CausalS2VDiT:
-    """Allocate straight on the device in the target dtype (a 16 B-parameter model built on the CPU
-    in float32 would need 65 GB of host memory and minutes), then the model's own random init."""
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            dit = CausalS2VDiT(**PRESETS[preset])
-    finally:
-        torch.set_default_dtype(prev)
-    return dit.init_random(seed).eval().requires_grad_(False)
-
-
-def flow_sigmas(steps: int, shift: float = 3.0) -> list[float]:
-    """Flow-matching sigmas with upstream's shift 3, from 1 (noise) to 0."""
-    out = []
-    for i in range(steps + 1):
-        s = 1 - i / steps
-        out.append(shift * s / (1 + (shift - 1) * s))
-    return out
+def build_dit(preset: str, device: str) -> CausalS2VDiT:
+    """The engine's model builder with random weights: allocated once on the device in the
+    engine's dtype (bf16 on a GPU, float32 on the CPU), never as a float32 copy on the host."""
+    return build_generator_model(ModelSpec(name=preset, device=device, random_weights=preset != "tiny"))
 
 
 @dataclass
@@ -133,61 +117,84 @@ class LoopConfig:
     seed: int = 0
 
 
-class BlockLoop:
-    """The generator's inner loop at DiT level, as the engine runs it (timestep forcing with one cache
-    set per step, or one set refreshed by a clean t=0 pass); inputs are seeded random tensors."""
+class StepRecorder:
+    """Stands in for a session's FlowMatchEuler and keeps the latents after every step."""
+
+    def __init__(self, sampler: FlowMatchEuler):
+        self.sampler, self.timesteps, self.latents = sampler, sampler.timesteps, []
+
+    def step(self, sample: torch.Tensor, velocity: torch.Tensor, i: int) -> torch.Tensor:
+        out = self.sampler.step(sample, velocity, i)
+        self.latents.append(out.float().cpu())
+        return out
+
+
+@contextlib.contextmanager
+def timed_forwards(dit: CausalS2VDiT, clock: Clock, marks: list):
+    """Clock marks around every DiT forward (`denoise`) while inside, appended to `marks`."""
+    denoise = dit.denoise
+
+    def timed(*args, **kwargs):
+        start = clock.mark()
+        out = denoise(*args, **kwargs)
+        marks.append((start, clock.mark()))
+        return out
+    dit.denoise = timed
+    try:
+        yield
+    finally:
+        del dit.denoise
+
+
+class TimedSession:
+    """The engine's GeneratorSession on seeded random inputs, timed per block and per DiT forward
+    (timestep forcing with one cache set per step, or one set refreshed by a clean t=0 pass), run
+    as the service runs it, without CUDA graphs (bench_pipeline.py measures those) and without the
+    planner's admission check (the bench measures what fits)."""
 
     def __init__(self, dit: CausalS2VDiT, cfg: LoopConfig, device: str, clock: Clock):
         self.dit, self.cfg, self.device, self.clock = dit, cfg, device, clock
         c = dit.config
-        self.h, self.w = cfg.height // 8, cfg.width // 8
+        h, w = cfg.height // 8, cfg.width // 8
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.sigmas = flow_sigmas(cfg.steps)
-        text = self._randn(1, c.text_len, c.text_dim)
-        ref = self._randn(1, c.in_dim, 1, self.h, self.w)
-        motion = self._randn(1, c.in_dim, dit.motion_latent_frames, self.h, self.w)
-        spec = KVCacheSpec.for_model(dit, self.h, self.w, cfg.window_frames, cfg.num_sets)
+        engine = GeneratorEngine(ModelSpec(device=device), dit=dit)   # the DiT given is the model
+        engine.cache_sets = None if cfg.num_sets == cfg.steps else cfg.num_sets
+        engine.kv_dtype = cfg.kv_dtype or dit.dtype
+        engine.cuda_graphs, engine.free_memory = False, None
+        job = Job(width=cfg.width, height=cfg.height, infer_frames=cfg.window_frames * VAE_TIME_STRIDE,
+                  sample_steps=cfg.steps, num_blocks=1 << 20, seed=cfg.seed)
+        text = self._randn(c.text_len, c.text_dim)
+        ref = self._randn(c.in_dim, 1, h, w)
+        motion = self._randn(c.in_dim, dit.motion_latent_frames, h, w)
         t0 = clock.mark()
-        self.kv = KVCache(spec, cfg.kv_dtype or dit.dtype, device)
-        self.context = dit.embed_text(text)
-        dit.prefill_sink(ref, motion, self.context, self.kv)
+        self.session = engine.open_session(job, text, ref, motion)
         self.prefill_ms = clock.ms(t0, clock.mark())
-        self.block = 0
+        self.sampler = self.session.sampler
 
     def _randn(self, *shape):
         return torch.randn(*shape, generator=self.gen, device=self.device)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.session.kv_cache_bytes
+
     def run_block(self, keep_steps: bool = False):
-        """One block: audio tokens, `steps` Euler steps (+ clean pass with one set).
-        Returns (block_ms, [ms per DiT forward], latents, [latents after each step])."""
-        dit, cfg, ck = self.dit, self.cfg, self.clock
-        c = dit.config
-        features = self._randn(1, c.audio_layers, c.audio_dim, FRAMES_PER_BLOCK)
-        x = self._randn(1, c.in_dim, LATENT_FRAMES_PER_BLOCK, self.h, self.w)
-        frame_start = self.block * LATENT_FRAMES_PER_BLOCK
-        sink_frame = frame_start + LATENT_FRAMES_PER_BLOCK + 2
-        marks, per_step = [ck.mark()], []
-        audio = dit.encode_audio(features)
-        for s in range(cfg.steps):
-            t = torch.full((1,), self.sigmas[s] * 1000, device=self.device)
-            a = ck.mark()
-            v = dit(x, t, self.context, audio, self.kv, s if cfg.num_sets > 1 else 0, frame_start, sink_frame)
-            marks.append((a, ck.mark()))
-            x = x + (self.sigmas[s + 1] - self.sigmas[s]) * v.float()
-            if keep_steps:
-                per_step.append(x.clone())
-        if cfg.num_sets == 1:  # write the finished block's clean keys/values for the next blocks
-            a = ck.mark()
-            dit(x, torch.zeros(1, device=self.device), self.context, audio, self.kv, 0, frame_start, sink_frame)
-            marks.append((a, ck.mark()))
-        end = ck.mark()
-        block_ms = ck.ms(marks[0], end)
-        step_ms = [ck.ms(a, b) for a, b in marks[1:]]
-        self.block += 1
-        return block_ms, step_ms, x, per_step
+        """One block through the session: audio tokens, `steps` Euler steps (+ clean pass with one set).
+        Returns (block_ms, [ms per DiT forward], latents [1, 16, 3, h, w], [latents after each step])."""
+        c, ck = self.dit.config, self.clock
+        audio = self._randn(FRAMES_PER_BLOCK, c.audio_layers, c.audio_dim)
+        recorder = StepRecorder(self.sampler) if keep_steps else None
+        self.session.sampler = recorder or self.sampler
+        forwards: list = []
+        with timed_forwards(self.dit, ck, forwards):
+            start = ck.mark()
+            x = self.session.generate_block(audio)
+            end = ck.mark()
+        self.session.sampler = self.sampler
+        return ck.ms(start, end), [ck.ms(a, b) for a, b in forwards], x[None], recorder.latents if recorder else []
 
     def close(self):
-        self.kv.free()
+        self.session.close()
 
 
 @contextlib.contextmanager
@@ -231,7 +238,7 @@ def profile_step(dit, cfg: LoopConfig, device, top: int = 25) -> dict:
     """torch.profiler over one block's DiT forwards (after a warm block): GPU time per kernel name,
     grouped, largest first, so the gap between a step and its GEMM + attention floor is visible."""
     from torch.profiler import ProfilerActivity, profile
-    loop = BlockLoop(dit, cfg, device, Clock(device))
+    loop = TimedSession(dit, cfg, device, Clock(device))
     loop.run_block()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         loop.run_block()
@@ -258,7 +265,7 @@ def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str
     clock = Clock(device)
     free_memory(device)
     reset_peak(device)
-    loop = BlockLoop(dit, cfg, device, clock)
+    loop = TimedSession(dit, cfg, device, clock)
     block_ms, fwd_ms = [], []
     for _ in range(blocks):
         b, s, _, _ = loop.run_block()
@@ -273,7 +280,7 @@ def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str
         # a denoising step: the median forward of the Euler steps (not the clean pass)
         "step_ms": median([s for f in fwd_ms[warm:] for s in f[:cfg.steps]]),
         "clean_pass_ms": median([f[cfg.steps] for f in fwd_ms[warm:]]) if cfg.num_sets == 1 else 0.0,
-        "kv_cache_gib": loop.kv.nbytes / GiB,
+        "kv_cache_gib": loop.kv_cache_bytes / GiB,
         "peak_gib": peak_gib(device),
         "block_ms_all": [round(b, 2) for b in block_ms],
     }
@@ -296,7 +303,7 @@ def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str
 
 def step_latents(dit, cfg: LoopConfig, device, blocks: int = 2) -> list[torch.Tensor]:
     """Latents after every Euler step of the first blocks (for FP8 vs bf16 comparisons)."""
-    loop = BlockLoop(dit, cfg, device, Clock(device))
+    loop = TimedSession(dit, cfg, device, Clock(device))
     out = []
     for _ in range(blocks):
         out += [x.float().cpu() for x in loop.run_block(keep_steps=True)[3]]
@@ -509,7 +516,7 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     writer = FragmentedMp4Writer(cfg.width, cfg.height, FPS, 48000)
     pcm = np.zeros(48000 * FRAMES_PER_BLOCK // FPS, np.int16)
     side = torch.cuda.Stream() if device != "cpu" else None
-    loop = BlockLoop(dit, cfg, device, Clock(device))
+    loop = TimedSession(dit, cfg, device, Clock(device))
     mux_thread, pending = None, None
     t_first = None
     walls = []
@@ -559,19 +566,15 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     return res
 
 
-def bench_engine(dit, width, height, device, blocks: int, warm: int, extra: dict | None = None) -> dict:
+def bench_engine(dit, width, height, device, blocks: int, warm: int, options: dict | None = None) -> dict:
     """Cross-check through the real GeneratorEngine (the service's code path): wall ms of
     open_session (sink prefill) and of generate_block (which syncs), on the same DiT."""
-    from types import SimpleNamespace
-
-    from avatar.presets import ModelSpec
-    from avatar.services.generator.engine import GeneratorEngine
     c = dit.config
     h, w = height // 8, width // 8
-    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True, extra=extra or {}), dit=dit)
-    job = SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=48, latent_frames_per_block=3,
-                          num_blocks=blocks, total_frames=blocks * FRAMES_PER_BLOCK, sample_steps=4, seed=420,
-                          model="s2v-14b", audio_sample_rate=48000, request_id="bench")
+    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True,
+                                    generator_options=GeneratorOptions(**(options or {}))), dit=dit)
+    job = Job(width=width, height=height, infer_frames=48, sample_steps=4, num_blocks=blocks, seed=420,
+              total_frames=blocks * FRAMES_PER_BLOCK, model="s2v-14b", audio_sample_rate=48000, request_id="bench")
     text = torch.randn(min(77, c.text_len), c.text_dim, device=device).to(dit.dtype)
     ref = torch.randn(16, 1, h, w, device=device)
     motion = torch.randn(16, dit.motion_latent_frames, h, w, device=device)
@@ -590,7 +593,7 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, extra: dict
         ms.append((time.perf_counter() - t0) * 1000)
     kv_bytes = sess.kv_cache_bytes
     sess.close()
-    res = {"size": f"{width}*{height}", "extra": extra or {}, "kv_cache_gib": kv_bytes / GiB,
+    res = {"size": f"{width}*{height}", "generator_options": options or {}, "kv_cache_gib": kv_bytes / GiB,
            "open_session_ms": open_ms, "first_block_ms": ms[0],
            "block_ms": median(ms[warm:]), "block_ms_all": [round(m, 1) for m in ms], "peak_gib": peak_gib(device)}
     res["fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
@@ -679,7 +682,7 @@ def main():
     # ---- DiT
     t0 = time.perf_counter()
     reset_peak(device)
-    dit = build_dit(preset, device, dt)
+    dit = build_dit(preset, device)
     if dev_cuda:
         torch.cuda.synchronize()
     nparams = sum(p.numel() for p in dit.parameters())
@@ -783,7 +786,7 @@ def main():
                         blocks=args.blocks + (4 if args.compile_first else 0))
             fp8kv = torch.float8_e4m3fn
             results["engine_24gb"] = guarded("engine 24gb", lambda: bench_engine(
-                dit, *sizes[0], device, args.blocks, args.warm, extra={"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}))
+                dit, *sizes[0], device, args.blocks, args.warm, options={"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}))
             results["overlap_24gb"] = guarded("overlap 24gb", lambda: bench_overlap(
                 dit, LoopConfig(*sizes[0], num_sets=1, kv_dtype=fp8kv), device, args.tiny, args.blocks, args.warm))
             if dev_cuda:
@@ -804,7 +807,7 @@ def main():
             log(f"bf16 + torch.compile (blocks), {left:.0f} s of the budget left:")
             del dit
             free_memory(device)
-            dit = build_dit(preset, device, dt)
+            dit = build_dit(preset, device)
             compile_blocks(dit)
             for s in (sizes if "compile-bf16" in parts else sizes[:1]):
                 r = variant("bf16+compile", s, blocks=args.blocks + 4, warm=args.warm + 4)

@@ -27,16 +27,16 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import replace
-from types import SimpleNamespace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 
+from avatar.jobs import Job
+from avatar.presets import FPS, FRAMES_PER_BLOCK
+from avatar.presets import OUTPUT_AUDIO_RATE as RATE
+from bench.bench_generator import GiB, free_memory, median, peak_gib, reset_peak, run_guarded
 
-from bench.bench_generator import GiB, build_dit, free_memory, median, peak_gib, reset_peak, run_guarded
-
-FRAMES_PER_BLOCK, FPS, RATE = 12, 25, 48000
 BLOCKS_PER_CLIP = 4          # infer_frames 48
 
 
@@ -44,10 +44,10 @@ def log(*a):
     print(*a, flush=True)
 
 
-def make_job(width: int, height: int, blocks: int, seed: int = 420, infer_frames: int = FRAMES_PER_BLOCK * BLOCKS_PER_CLIP):
-    return SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=infer_frames,
-                           latent_frames_per_block=3, num_blocks=blocks, total_frames=blocks * FRAMES_PER_BLOCK,
-                           sample_steps=4, seed=seed, model="s2v-14b", audio_sample_rate=RATE, request_id="bench")
+def make_job(width: int, height: int, blocks: int, seed: int = 420,
+             infer_frames: int = FRAMES_PER_BLOCK * BLOCKS_PER_CLIP) -> Job:
+    return Job(width=width, height=height, infer_frames=infer_frames, sample_steps=4, num_blocks=blocks, seed=seed,
+               total_frames=blocks * FRAMES_PER_BLOCK, model="s2v-14b", audio_sample_rate=RATE, request_id="bench")
 
 
 def session_inputs(dit, width: int, height: int, blocks: int, seed: int = 0):
@@ -111,7 +111,7 @@ def run_session(eng, dec, width: int, height: int, blocks: int, warm: int, label
         if thread:
             q.put(None)
             thread.join()
-        graphs = (sess._graphs.num_graphs, sess._graphs.replays) if sess._graphs is not None else (0, 0)
+        graphs = (sess.graphs.num_graphs, sess.graphs.replays) if sess.graphs is not None else (0, 0)
         sess.close()
         if stream is not None:
             stream.close()
@@ -120,7 +120,7 @@ def run_session(eng, dec, width: int, height: int, blocks: int, warm: int, label
     steady = done_at[warm:]
     per_block = (steady[-1] - steady[0]) / (len(steady) - 1) * 1e3 if len(steady) > 1 else float("nan")
     res = {"label": label, "size": f"{width}*{height}", "blocks": blocks, "warm_blocks": warm, "infer_frames": infer_frames,
-           "extra": dict(eng.spec.extra), "decoder": dec is not None,
+           "generator_options": asdict(eng.spec.generator_options), "decoder": dec is not None,
            "open_session_ms": open_ms, "first_fragment_s": done_at[0] - t0,
            "first_block_dit_ms": dit_ms[0], "dit_block_ms": median(dit_ms[warm:]),
            "wall_block_ms": per_block, "fps": FRAMES_PER_BLOCK / (per_block / 1e3),
@@ -237,25 +237,21 @@ def main():
             return r
         return run_guarded(results, name, run_and_keep, device, save)
 
-    from avatar.presets import ModelSpec
+    from avatar.presets import GeneratorOptions, ModelSpec
     from avatar.services.decoder.engine import DecoderEngine
-    from avatar.services.generator.engine import GeneratorEngine, compile_blocks
-    from avatar.services.generator.fp8 import swap_linears_to_fp8
+    from avatar.services.generator.engine import GeneratorEngine, build_generator_model
 
     name = "tiny" if args.tiny else "s2v-14b"
     base = ModelSpec(name=name, device=str(device), random_weights=not args.tiny, fp8=cuda, compile=cuda)
     dt = torch.bfloat16 if cuda else torch.float32
     t0 = time.perf_counter()
-    dit = build_dit("tiny" if args.tiny else "s2v-14b", str(device), dt)
-    if cuda:
-        swap_linears_to_fp8(dit)
-        free_memory(device)
-        compile_blocks(dit)
+    dit = build_generator_model(base)   # FP8 and compiled on a GPU
+    free_memory(device)
     log(f"DiT ready in {time.perf_counter() - t0:.1f} s ({torch.cuda.memory_allocated() / GiB:.2f} GiB)" if cuda
         else "DiT ready")
 
-    def engine(**extra):
-        return GeneratorEngine(replace(base, extra=extra), dit=dit)
+    def engine(**options):
+        return GeneratorEngine(replace(base, generator_options=GeneratorOptions(**options)), dit=dit)
 
     n, warm = args.blocks, args.warm
     if args.tiny:
@@ -283,11 +279,6 @@ def main():
         for w, h in sizes:
             guarded(f"pipeline {w}*{h}", lambda w=w, h=h: run_session(
                 engine(cuda_graphs=True), dec, w, h, n, warm, f"{tag}+graphs, pipeline"))
-        if cuda:   # the decoder's stream at normal priority, for comparison
-            high, dec.stream = dec.stream, torch.cuda.Stream(device)
-            guarded("pipeline normal priority", lambda: run_session(
-                engine(cuda_graphs=True), dec, *sizes[0], n, warm, f"{tag}+graphs, pipeline, decoder normal priority"))
-            dec.stream = high
     if "24gb" in parts:
         w, h = sizes[0]
         log(f"24 GB mode: cap {args.mem_gib} GiB, text k/v projections on the CPU, 1 FP8 cache set, "
@@ -327,15 +318,16 @@ def main():
             log(f"bf16 + compile + graphs ({left:.0f} s of the budget left):")
             del dit
             free_memory(device)
-            dit = build_dit("s2v-14b", str(device), dt)
-            compile_blocks(dit)
             bf16 = replace(base, fp8=False)
+            dit = build_generator_model(bf16)
             w, h = sizes[0]
-            guarded("bf16 warm-up", lambda: run_session(GeneratorEngine(replace(bf16, extra={"cuda_graphs": False}), dit=dit),
+            def bf16_engine(graphs: bool):
+                return GeneratorEngine(replace(bf16, generator_options=GeneratorOptions(cuda_graphs=graphs)), dit=dit)
+            guarded("bf16 warm-up", lambda: run_session(bf16_engine(False),
                                                         None, w, h, BLOCKS_PER_CLIP + 1, 1, "bf16 warm-up (compiles)"))
             for g in (False, True):
                 guarded(f"bf16 graphs={g}", lambda g=g: run_session(
-                    GeneratorEngine(replace(bf16, extra={"cuda_graphs": g}), dit=dit), None, w, h, n, warm,
+                    bf16_engine(g), None, w, h, n, warm,
                     f"bf16+compile{'+graphs' if g else ''}"))
         else:
             log(f"bf16 skipped: {left:.0f} s of the time budget left")

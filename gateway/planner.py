@@ -6,9 +6,9 @@ import numpy as np
 
 from avatar import media
 from avatar.errors import InvalidInput
-from avatar.presets import (DEFAULT_JOB_PRESET, DEFAULT_SEED, ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK,
-                            JOB_PRESETS, LATENT_FRAMES_PER_BLOCK, OUTPUT_AUDIO_RATE,
-                            ModelSpec, preset_area, whole_blocks)
+from avatar.presets import (AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER, DEFAULT_JOB_PRESET, DEFAULT_SEED,
+                            ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK, JOB_PRESETS, LATENT_FRAMES_PER_BLOCK,
+                            OUTPUT_AUDIO_RATE, ModelSpec, preset_area, whole_blocks)
 from avatar.v1 import avatar_pb2, tensor_pb2
 
 MAX_SAMPLE_STEPS = 50
@@ -34,6 +34,9 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
     if request.infer_frames > MAX_INFER_FRAMES:
         raise InvalidInput(f"infer_frames {request.infer_frames} is too large: at most {MAX_INFER_FRAMES} "
                            f"frames per clip (upstream uses 48 or 80)")
+    if request.audio_encoder and request.audio_encoder not in AUDIO_ENCODERS:
+        raise InvalidInput(f"unknown audio_encoder {request.audio_encoder!r}: choose from {', '.join(AUDIO_ENCODERS)} "
+                           f"(empty: {DEFAULT_AUDIO_ENCODER})")
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise InvalidInput(f"prompt is too long: {len(request.prompt)} characters, the limit is {MAX_PROMPT_CHARS}")
     # A clip is whole causal blocks: 32 (preview) or upstream's 80 round up to 36 and 84 frames.

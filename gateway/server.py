@@ -77,13 +77,17 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`)."""
 
     def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str,
-                 credentials=None, token: str | None = None,
-                 max_audio_s: float = planner.media.MAX_AUDIO_S):
+                 credentials=None, token: str | None = None, admission=None,
+                 max_audio_s: float = planner.media.MAX_AUDIO_S, live=None):
         self.model = model
         self.peer_addresses = (encoder, generator, decoder)
+        self.live = live  # gateway.converse.ConverseConfig for Converse; None: its defaults
         self.max_audio_s = max_audio_s  # longest speech input accepted, seconds
         # credentials/token: TLS and the internal token for the peers (avatar.security)
         self.channels = [create_channel(a, credentials, token) for a in (encoder, generator, decoder)]
+        # avatar.admission.Admission for Converse's live sessions; Generate's slot is taken before
+        # its request is read (AdmitBeforeReading, the same Admission: app/serve.py)
+        self.admission = admission
         self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels[0])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels[1])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[2])
@@ -133,6 +137,17 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 if out.WhichOneof("event") == "status":
                     metrics.observe_final(out.status)
                 yield out
+
+    async def Converse(self, request_iterator, context):
+        # live sessions: gateway/converse.py owns the flow
+        from avatar.gateway.converse import ConverseConfig, converse
+        # Accepted: clients (avatar.live_client) start writing audio only after this.
+        await context.send_initial_metadata(())
+        async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
+            async with contextlib.aclosing(converse(self, request_iterator, context,
+                                                    self.live or ConverseConfig())) as outs:
+                async for out in outs:
+                    yield out
 
     async def _generate(self, request, context):
         t0 = time.perf_counter()
@@ -222,7 +237,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # it streams latent blocks out, and each block goes to the decoder with its slice of PCM.
         # The audio encoder starts first, so it overlaps the image and text encoders.
         audio_call = self.encoder.EncodeAudio(encoder_pb2.EncodeAudioRequest(
-            job=job, pcm_16k=wire.to_proto(plan.pcm_16k)), **call_options(context))
+            job=job, pcm_16k=wire.to_proto(plan.pcm_16k), audio_encoder=request.audio_encoder), **call_options(context))
         calls = [audio_call]
         tasks = [asyncio.create_task(guarded(pump_audio(), "encoder"))]
         first_fragment_s = None
@@ -230,7 +245,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         try:
             image, text = await asyncio.gather(
                 self._timed(timings, "encode_image", self.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(
-                    job=job, pixels=wire.to_proto(plan.pixels)), **call_options(context))),
+                    job=job, pixels=wire.to_proto(plan.pixels), clip_embedding=request.clip_embedding),
+                    **call_options(context))),
                 self._timed(timings, "encode_text", self.encoder.EncodeText(encoder_pb2.EncodeTextRequest(
                     job=job, prompt=request.prompt), **call_options(context))))
             generator_call = self.generator.Generate(generator_requests(), **call_options(context))
@@ -249,7 +265,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                         request_id=request_id, mime_type=mime_type(event.init_segment), width=job.width,
                         height=job.height, fps=job.fps, expected_fragments=job.num_blocks,
                         total_frames=job.total_frames, duration_s=plan.duration_s,
-                        model=self.model.describe(), job=job))
+                        model=self.model.describe(), job=job,
+                        clip_embedding=image.clip_embedding if request.clip_embedding else None))
                     yield avatar_pb2.GenerateResponse(init_segment=avatar_pb2.InitSegment(data=event.init_segment))
                     continue
                 frag = event.fragment

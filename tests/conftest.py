@@ -72,6 +72,17 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+# Fixtures that start `avatar` processes: a test using one is marked `mesh` (pyproject.toml), so
+# `pytest -m "not mesh"` is the fast inner loop. Tests that start processes otherwise carry the mark.
+PROCESS_FIXTURES = {"env", "mesh", "start_service"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mesh)
+
+
 @pytest.fixture(scope="session")
 def env() -> dict:
     """Subprocess environment: 1 torch thread each (4 servers share 2 cores), no OTLP export."""

@@ -9,7 +9,7 @@ import torch
 
 from avatar.errors import InvalidInput, WeightsError
 from avatar.presets import ModelSpec
-from avatar.v1 import tensor_pb2
+from avatar.jobs import Job
 from ckpt_fixtures.encoders import write_vae
 from avatar.services.decoder.engine import DecoderEngine
 
@@ -18,10 +18,10 @@ KEEP = [12, 7]              # the last block trimmed to the audio
 TOTAL = sum(KEEP)
 
 
-def _job(**kw) -> tensor_pb2.JobSpec:
+def _job(**kw) -> Job:
     spec = dict(width=SIZE, height=SIZE, fps=FPS, latent_frames_per_block=3, num_blocks=len(KEEP),
                 total_frames=TOTAL, audio_sample_rate=RATE, model="tiny")
-    return tensor_pb2.JobSpec(**(spec | kw))
+    return Job(**(spec | kw))
 
 
 def _pcm(first_frame: int, frames: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from avatar.errors import InvalidInput, WeightsError
-from avatar.presets import MODEL_DIMS, ModelSpec
+from avatar.presets import MODEL_DIMS, EncoderOptions, ModelSpec
 from ckpt_fixtures.encoders import write_encoder_files, write_t5, write_tokenizer, write_wav2vec2
 from avatar.services.encoder.audio_encoder import (AudioEncoder, bucket_features, frame_indices, resample_features)
 from avatar.services.encoder.engine import REF_REPEAT, EncoderEngine
@@ -27,7 +27,7 @@ def _speech_like(seconds: float, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine() -> EncoderEngine:
-    return EncoderEngine(ModelSpec(name="tiny", seed=0, extra={"clip_image": True}))
+    return EncoderEngine(ModelSpec(name="tiny", seed=0, encoder_options=EncoderOptions(clip_image=True)))
 
 
 # -- umT5 ---------------------------------------------------------------------------------------
@@ -200,14 +200,14 @@ def test_engine_text_audio_and_clip(engine):
     assert engine.encode_text("hello").shape == (6, 32)
     chunks = list(engine.encode_audio(_speech_like(1.0), fps=25, total_frames=30))
     assert [(f, c.shape) for f, c in chunks] == [(0, (12, 5, 32)), (12, (12, 5, 32)), (24, (6, 5, 32))]
-    assert engine.encode_image_clip(np.zeros((64, 48, 3), np.uint8)).shape == (17, 32)
-    with pytest.raises(InvalidInput, match="CLIP"):
-        EncoderEngine(ModelSpec()).encode_image_clip(np.zeros((32, 32, 3), np.uint8))
+    assert engine.clip_embedding(np.zeros((64, 48, 3), np.uint8)).shape == (32,)
+    with pytest.raises(InvalidInput, match="--clip-image"):
+        EncoderEngine(ModelSpec()).clip_embedding(np.zeros((32, 32, 3), np.uint8))
 
 
 def test_engine_whisper_backend():
-    eng = EncoderEngine(ModelSpec(extra={"audio_backend": "whisper"}))
-    (_, feats), = list(eng.encode_audio(_speech_like(0.5), fps=25, total_frames=12))
+    eng = EncoderEngine(ModelSpec(encoder_options=EncoderOptions(audio_encoders=("whisper",))))
+    (_, feats), = list(eng.encode_audio(_speech_like(0.5), fps=25, total_frames=12, backend="whisper"))
     assert feats.shape == (12, 5, 32)
 
 

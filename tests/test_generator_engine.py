@@ -4,8 +4,8 @@ import torch
 from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread, write_dit_checkpoint, write_lora  # noqa: F401 (one_torch_thread: autouse)
 
 from avatar.errors import InvalidInput
-from avatar.presets import ModelSpec
-from avatar.v1 import tensor_pb2
+from avatar.jobs import Job
+from avatar.presets import GeneratorOptions, ModelSpec
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.weights import random_dit
 
@@ -16,7 +16,7 @@ INFER_FRAMES = 24               # one clip = 6 latent frames = 2 blocks of 3
 def _job(seed=420, steps=4, **kw):
     fields = dict(width=W, height=H, fps=25, infer_frames=INFER_FRAMES, latent_frames_per_block=3,
                   num_blocks=40, total_frames=480, sample_steps=steps, seed=seed, model="tiny")
-    return tensor_pb2.JobSpec(**{**fields, **kw})
+    return Job(**{**fields, **kw})
 
 
 def _inputs(seed=0, blocks=4):
@@ -77,14 +77,15 @@ def test_any_step_count_and_the_clean_context_variant(engine):
     one = _generate(engine, _job(steps=1), blocks=3)
     assert all(torch.isfinite(b).all() for b in one)
     forcing = _generate(engine, _job(steps=3), blocks=3)
-    clean = GeneratorEngine(ModelSpec(name="tiny", seed=0, extra={"cache_sets": 1}), dit=engine.dit)
+    clean = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=GeneratorOptions(cache_sets=1)),
+                            dit=engine.dit)
     single = _generate(clean, _job(steps=3), blocks=3)
     torch.testing.assert_close(single[0], forcing[0])   # the first block sees only itself and the sink
     assert not torch.allclose(single[1], forcing[1])   # later blocks see a different (clean) context
     with pytest.raises(InvalidInput, match="sample_steps"):
         engine.open_session(_job(steps=0), *_inputs(blocks=0)[:3])
     with pytest.raises(InvalidInput, match="cache_sets"):
-        GeneratorEngine(ModelSpec(extra={"cache_sets": 2}), dit=engine.dit).open_session(_job(steps=3), *_inputs()[:3])
+        GeneratorOptions(cache_sets=2)
 
 
 def test_blocks_depend_on_their_audio_and_earlier_blocks_only(engine):
@@ -198,7 +199,8 @@ def test_out_of_memory_in_a_block_frees_the_session_and_raises_the_ladder(engine
 
 
 def test_fp8_kv_cache_halves_the_cache_and_stays_close(engine):
-    fp8kv = GeneratorEngine(ModelSpec(name="tiny", seed=0, extra={"kv_dtype": "float8_e4m3fn"}), dit=engine.dit)
+    fp8_options = GeneratorOptions(kv_dtype="float8_e4m3fn")
+    fp8kv = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=fp8_options), dit=engine.dit)
     text, ref, motion, audio = _inputs(blocks=3)
     session = fp8kv.open_session(_job(), text, ref, motion)
     try:
@@ -212,16 +214,17 @@ def test_fp8_kv_cache_halves_the_cache_and_stays_close(engine):
     rel = ((got - ref_out).norm() / ref_out.norm()).item()
     assert 0 < rel < 0.01, rel                  # 0.1% on the tiny model: attention averages the rounding
     with pytest.raises(InvalidInput, match="kv_dtype"):
-        GeneratorEngine(ModelSpec(name="tiny", seed=0, extra={"kv_dtype": "int4"}), dit=engine.dit)
+        GeneratorOptions(kv_dtype="int4")
 
 
 def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
     import argparse
+
     from avatar.app import cli
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
     spec = cli.model_spec(parser.parse_args(["--kv-fp8", "--cache-sets", "1"]))
-    assert spec.extra == {"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}
+    assert spec.generator_options == GeneratorOptions(cache_sets=1, kv_dtype="float8_e4m3fn")
     text, ref, motion, _ = _inputs(blocks=1)
     session = GeneratorEngine(spec, dit=engine.dit).open_session(_job(), text, ref, motion)
     try:
@@ -240,16 +243,18 @@ def test_a_failure_inside_the_model_frees_the_kv_cache_while_the_error_is_still_
 
 def test_cli_graph_and_offload_flags_reach_the_engine(monkeypatch):
     import argparse
+
     from avatar.app import cli
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
-    assert "cuda_graphs" not in cli.model_spec(parser.parse_args([])).extra   # default: on for CUDA devices
+    assert cli.model_spec(parser.parse_args([])).generator_options.cuda_graphs is None   # default: on for CUDA
     spec = cli.model_spec(parser.parse_args(["--no-cuda-graphs", "--offload-text-kv"]))
-    assert spec.extra == {"cuda_graphs": False, "offload_text_projections": True}
+    assert spec.generator_options == GeneratorOptions(cuda_graphs=False, offload_text_projections=True)
     from avatar.services.generator.engine import cuda_graphs_wanted
     assert not cuda_graphs_wanted(spec, torch.device("cuda"))
     assert cuda_graphs_wanted(ModelSpec(name="tiny"), torch.device("cuda"))
-    assert not cuda_graphs_wanted(ModelSpec(name="tiny", extra={"cuda_graphs": True}), torch.device("cpu"))
+    graphs_on = ModelSpec(name="tiny", generator_options=GeneratorOptions(cuda_graphs=True))
+    assert not cuda_graphs_wanted(graphs_on, torch.device("cpu"))
     moved = []
     monkeypatch.setattr("avatar.services.generator.causal_s2v_dit.CausalS2VDiT.offload_text_projections",
                         lambda self: moved.append(self) or 0)

@@ -50,7 +50,7 @@ def json_stream(text: str) -> list[dict]:
 def test_list_describe_and_health(server):
     assert sorted(grpcurl(server.address, "list").split()) == SERVICES
     methods = grpcurl(server.address, "list", "avatar.v1.AvatarService").split()
-    assert methods == ["avatar.v1.AvatarService.Generate"]
+    assert methods == ["avatar.v1.AvatarService.Converse", "avatar.v1.AvatarService.Generate"]
     desc = grpcurl(server.address, "describe", "avatar.v1.GenerateRequest")
     for field in ("bytes image = 1", "bytes audio = 2", "string size = 4", "optional int64 seed = 9"):
         assert field in desc, desc

@@ -185,8 +185,8 @@ def test_plan_for_device_picks_the_fastest_config_that_fits_and_the_spec_runs_it
         planned, plan, req = plan_for_device(spec, available=gib * GiB, fp8_capable=True)
         assert plan.total <= gib * GiB
         assert planned.fp8 == plan.fp8
-        assert planned.extra.get("cache_sets", req.sample_steps) == plan.kv_sets
-        assert planned.extra.get("kv_dtype", "bfloat16") == plan.kv_dtype
+        assert (planned.generator_options.cache_sets or req.sample_steps) == plan.kv_sets
+        assert (planned.generator_options.kv_dtype or "bfloat16") == plan.kv_dtype
         assert (planned.encoder_device == "cpu") == (plan.encoder_device == "cpu")
         seen.append((plan, req))
     assert not seen[0][0].fp8 and seen[0][0].kv_sets == 4 and seen[0][1].size == "704*384"  # big card: bf16
@@ -202,19 +202,57 @@ def test_cli_plans_memory_on_a_gpu_unless_the_user_chose(monkeypatch):
 
     from avatar import memory_planner
     from avatar.app import cli
+    from avatar.presets import GeneratorOptions
     monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 40 * GiB)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
     base = ["generate", "--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--random-weights",
             "--device", "cuda"]
     planned = cli.model_spec(cli.build_parser().parse_args(base))
-    _, plan, _ = memory_planner.plan_for_device(planned.with_(fp8=False, extra={}))
+    _, plan, _ = memory_planner.plan_for_device(planned.with_(fp8=False, generator_options=GeneratorOptions()))
     assert planned.fp8 == plan.fp8 and plan.fp8          # 40 GB: FP8 weights needed for hd
     chosen = cli.model_spec(cli.build_parser().parse_args(base + ["--cache-sets", "1"]))   # the user's choice stands
-    assert not chosen.fp8 and chosen.extra == {"cache_sets": 1}
+    assert not chosen.fp8 and chosen.generator_options == GeneratorOptions(cache_sets=1)
     off = cli.model_spec(cli.build_parser().parse_args(base + ["--memory-plan", "off"]))
-    assert not off.fp8 and off.extra == {}
+    assert not off.fp8 and off.generator_options == GeneratorOptions()
     monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 8 * GiB)
     with pytest.raises(cli.UserError, match="not enough GPU memory"):
         cli.model_spec(cli.build_parser().parse_args(base))
     monkeypatch.setenv("WORLD_SIZE", "4")    # a TPP rank: one cache set each, no single-GPU plan
-    assert cli.model_spec(cli.build_parser().parse_args(base)).extra == {}
+    assert cli.model_spec(cli.build_parser().parse_args(base)).generator_options == GeneratorOptions()
+
+
+def test_the_planners_numbers_are_the_models():
+    """Dims, token counts and cache bytes come from the model's own config and KV layout (one source):
+    the 14B model built on the meta device has the planner's parameter counts, sink and cache sizes."""
+    import torch
+
+    from avatar.memory_planner import DIT_FP8_PARAMS, DIT_PARAMS, kv_cache_bytes
+    from avatar.services.generator.kv_cache import KVCacheSpec
+    from avatar.services.generator.weights import build_dit
+    dit = build_dit("s2v-14b", "meta")
+    assert sum(p.numel() for p in dit.parameters()) == DIT_PARAMS
+    assert sum(m.weight.numel() for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear)
+               and name.startswith(("blocks.", "audio_injector."))) == DIT_FP8_PARAMS
+    for req in (HD, PREVIEW, MemoryRequest(688, 368, infer_frames=48)):
+        h, w = req.height // 8, req.width // 8
+        assert (req.sink_tokens, req.tokens_per_latent_frame) == (dit.sink_tokens(h, w), dit.frame_tokens(h, w))
+        for sets in (1, 2, req.sample_steps):
+            spec = KVCacheSpec.for_model(dit, h, w, req.window_latent_frames, sets)
+            assert kv_cache_bytes(req, sets, 2) == spec.nbytes(torch.bfloat16)
+
+
+def test_sample_steps_beyond_the_one_limit_are_refused_everywhere():
+    from avatar.dit_config import MAX_SAMPLE_STEPS
+    from avatar.services.generator.scheduler import FlowMatchEuler
+    assert MemoryRequest(384, 256, sample_steps=MAX_SAMPLE_STEPS).sample_steps == MAX_SAMPLE_STEPS
+    with pytest.raises(InvalidInput, match=f"between 1 and {MAX_SAMPLE_STEPS}"):
+        MemoryRequest(384, 256, sample_steps=MAX_SAMPLE_STEPS + 1)
+    assert FlowMatchEuler.create(MAX_SAMPLE_STEPS).num_steps == MAX_SAMPLE_STEPS
+    with pytest.raises(ValueError, match=f"between 1 and {MAX_SAMPLE_STEPS}"):
+        FlowMatchEuler.create(MAX_SAMPLE_STEPS + 1)
+
+
+def test_the_fp8_hint_quotes_the_planners_own_weight_sizes():
+    with pytest.raises(ResourceExhausted) as e:
+        plan_memory(HD, CARD_24, PlannerOptions(precision="bf16"))
+    assert f"from {dit_bytes(False) / GB:.1f} to {dit_bytes(True) / GB:.1f} GB" in str(e.value)

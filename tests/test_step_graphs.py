@@ -7,11 +7,11 @@ refreshed, a timestep not copied) change the latents and fail these tests.
 import pytest
 import torch
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from test_generator_engine import _inputs, _job
 
 from avatar.presets import ModelSpec
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.step_graphs import StepGraphs
-from test_generator_engine import _inputs, _job
 
 BLOCKS = 7     # 3 clips of 2 blocks + 1: the ring fills during clip 0, the sink is refreshed at clip 1
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
 
+from avatar.jobs import Job
 from avatar.presets import ModelSpec
-from avatar.v1 import tensor_pb2
 from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,16 +26,15 @@ RANK = textwrap.dedent("""
     import json, os, sys, torch
     torch.set_num_threads(1)
     from avatar.errors import InvalidInput
+    from avatar.jobs import Job
     from avatar.presets import ModelSpec
-    from avatar.v1 import tensor_pb2
     from avatar.services.generator.distributed import tpp
     from avatar.services.generator.engine import GeneratorEngine
     out, blocks = sys.argv[1], int(sys.argv[2])
 
     def job(steps, seed):
-        return tensor_pb2.JobSpec(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3,
-                                  num_blocks=blocks, total_frames=blocks * 12, sample_steps=steps, seed=seed,
-                                  model="tiny")
+        return Job(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3, num_blocks=blocks,
+                   total_frames=blocks * 12, sample_steps=steps, seed=seed, model="tiny")
 
     def inputs(seed):
         g = torch.Generator().manual_seed(seed)
@@ -45,15 +44,15 @@ RANK = textwrap.dedent("""
     group, spec = tpp.init_group(ModelSpec(name="tiny", seed=0))
     engine = GeneratorEngine(spec)
     if group.rank:
-        run = tpp.StepRunner.run
+        run = tpp._denoise
 
-        def failing(self, x, audio, index, first):   # a rank's failure: session seed 99, block 1
-            if self.seed == 99 and index == 1 and group.rank == group.last:
+        def failing(session, x, audio, index, first):   # a rank's failure: session seed 99, block 1
+            if session.seed == 99 and index == 1 and group.rank == group.last:
                 raise RuntimeError("injected failure")
-            if self.seed == 98 and index == 1:
+            if session.seed == 98 and index == 1:
                 os._exit(3)   # a rank that dies
-            return run(self, x, audio, index, first)
-        tpp.StepRunner.run = failing
+            return run(session, x, audio, index, first)
+        tpp._denoise = failing
         tpp.run_worker(group, engine)
     else:
         tppe = tpp.TPPEngine(group, engine)
@@ -104,8 +103,8 @@ RANK = textwrap.dedent("""
 
 
 def _job(steps, seed, blocks=BLOCKS):
-    return tensor_pb2.JobSpec(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3,
-                              num_blocks=blocks, total_frames=blocks * 12, sample_steps=steps, seed=seed, model="tiny")
+    return Job(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3, num_blocks=blocks,
+               total_frames=blocks * 12, sample_steps=steps, seed=seed, model="tiny")
 
 
 def _inputs(seed, blocks=BLOCKS):
@@ -238,7 +237,7 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
         assert "sample_steps must be 2, got 4" in err.value.details()
         text, ref, motion, _ = _inputs(3, blocks=0)
         start = generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
-            job=_job(4, 1), text=wire.to_proto(text), ref_latent=wire.to_proto(ref),
+            job=_job(4, 1).to_proto(), text=wire.to_proto(text), ref_latent=wire.to_proto(ref),
             motion_latents=wire.to_proto(motion)))
         with grpc.insecure_channel(gen_addr) as ch, pytest.raises(grpc.RpcError) as err:
             list(generator_pb2_grpc.GeneratorServiceStub(ch).Generate(iter([start]), timeout=60))
@@ -268,9 +267,8 @@ def test_only_the_generator_role_runs_under_torchrun(env):
 
 
 def test_a_rank_whose_step_fails_frees_its_cache_while_the_error_is_still_held(engine, monkeypatch):
-    from avatar.services.generator.distributed.tpp import StepRunner
     text, ref, motion, audio = _inputs(5, blocks=1)
-    runner = StepRunner(engine, _job(2, 1, blocks=1), text, ref, motion, step=0)
-    fail_holding_a_cache_view(monkeypatch, engine.dit, "forward", runner.kv,
-                              lambda: runner.run(runner.noise(0), audio[0], 0, None))
-    assert runner.kv is None
+    step = engine.open_step_session(_job(2, 1, blocks=1), text, ref, motion, 0)
+    fail_holding_a_cache_view(monkeypatch, engine.dit, "denoise", step.kv,
+                              lambda: step.denoise_block(step.block_noise(0), audio[0]))
+    assert step.kv_cache_bytes == 0

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from avatar.errors import InvalidInput
+from avatar.jobs import Job
 from avatar.models.wan_vae import WanVAE
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from avatar.torch_compile import tolerate_tracing_in_other_threads
@@ -70,7 +71,7 @@ class DecoderEngine:
             lines.append(f"{width}*{height}: compiled in {time.perf_counter() - start:.1f} s")
         return lines
 
-    def open_stream(self, job, prime_latent: torch.Tensor) -> "DecoderStream":
+    def open_stream(self, job: Job, prime_latent: torch.Tensor) -> "DecoderStream":
         """A stream for one video; prime_latent [16, 1, h, w] is the reference image's latent."""
         return DecoderStream(self, job, prime_latent)
 
@@ -78,7 +79,7 @@ class DecoderEngine:
 class DecoderStream:
     """Decodes one job's latent blocks in order: block k -> frames 12k..12k+11 -> one fragment."""
 
-    def __init__(self, engine: DecoderEngine, job, prime_latent: torch.Tensor):
+    def __init__(self, engine: DecoderEngine, job: Job, prime_latent: torch.Tensor):
         if job.width <= 0 or job.height <= 0 or job.width % 16 or job.height % 16:
             raise InvalidInput(f"job size must be positive multiples of 16, got {job.width}x{job.height}")
         if job.fps <= 0 or job.audio_sample_rate <= 0:

@@ -4,6 +4,7 @@ import time
 from avatar import job_limits, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
+from avatar.jobs import Job
 from avatar.v1 import decoder_pb2, decoder_pb2_grpc
 from avatar.services.decoder.engine import DecoderEngine
 
@@ -17,8 +18,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first DecoderInput must be a DecodeStart")
-        job = first.start.job
-        job_limits.check_job(job, audio_rate=True)   # reachable from the cluster: bounded jobs only
+        job = Job.from_proto(first.start.job)
+        job_limits.check_job(job, audio_rate=True, open_ended=True)   # reachable from the cluster: bounded jobs
         stream = await run_blocking(self.engine.open_stream, job, wire.tensor_arg(first.start.prime_latent, "prime_latent"))
         try:
             yield decoder_pb2.DecoderOutput(init_segment=await run_blocking(stream.init_segment))
@@ -41,5 +42,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                                           frames=out.num_frames, bytes=len(out.data))
                 yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(
                     index=block.index, data=out.data, num_frames=out.num_frames, vae_ms=out.vae_ms, mux_ms=out.mux_ms))
+            # An open-ended stream (a live session: job.num_blocks 0) ends when the caller closes
+            # its side: the AAC encoder's tail goes out as a last, audio-only fragment.
+            if not job.num_blocks and (tail := await run_blocking(stream.finish)):
+                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(index=stream.blocks,
+                                                                                     data=tail))
         finally:
             await run_blocking(stream.close)

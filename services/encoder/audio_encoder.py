@@ -112,7 +112,7 @@ class AudioEncoder:
         whisper: a WhisperModel folder (e.g. openai/whisper-medium: 1024 wide, 24 layers)."""
         folder = pathlib.Path(folder)
         if not folder.is_dir():
-            raise WeightsError(f"{folder}: audio encoder folder missing")
+            raise WeightsError(f"{folder}: {backend} audio encoder folder missing")
         try:
             if backend == "wav2vec2":
                 fe = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)

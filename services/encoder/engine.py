@@ -1,4 +1,5 @@
-"""EncoderEngine: reference image -> VAE latents, prompt -> umT5 embeddings, audio -> per-frame features."""
+"""EncoderEngine: reference image -> VAE latents (+ CLIP identity embedding), prompt -> umT5 embeddings,
+audio -> per-frame features (wav2vec2, or Whisper when loaded)."""
 import collections
 import hashlib
 import logging
@@ -12,7 +13,7 @@ from avatar.cancellation import check_between_layers
 from avatar.checkpoints import resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
 from avatar.models.wan_vae import TIME_STRIDE, WanVAE
-from avatar.presets import ModelSpec, dims_of
+from avatar.presets import AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER, ModelSpec, dims_of
 from avatar.services.encoder.audio_encoder import WAV2VEC2_LARGE, AudioEncoder
 from avatar.services.encoder.text_encoder import UMT5_XXL, TextEncoder
 
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 # (365 frames), of which the FramePack motioner uses the last 19 latents.
 REF_REPEAT = 5
 CACHED_RESULTS = 16   # images and prompts remembered (a few MB each, host memory)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=224, patch_size=14)
 
 
 class _ResultCache:
@@ -54,50 +59,46 @@ class _ResultCache:
 class EncoderEngine:
     """Everything the generator needs before the first block, built from a ModelSpec alone.
 
-    extra keys: "audio_backend" ("wav2vec2" or "whisper"), "audio_model_dir" (a transformers folder
-    for the audio model; default: the checkpoint's wav2vec2 folder), "clip_image" (True for the
-    tiny model, or a CLIPVisionModel folder) to enable `encode_image_clip`.
+    `ModelSpec.encoder_options` names the audio encoders to load (requests choose one of them) and
+    whether the CLIP vision model is loaded for `clip_embedding`.
     """
 
     def __init__(self, model: ModelSpec):
         self.spec = model
         self.dims = dims_of(model)
         enc_device = torch.device(model.encoder_device or model.device)
-        backend = model.extra.get("audio_backend", "wav2vec2")
-        audio_dtype = torch.float32 if model.is_tiny or enc_device.type == "cpu" else getattr(torch, model.dtype)
         self.vae = WanVAE.from_spec(model)
-        if model.from_files:
-            layout = resolve_ckpt_dir(model.ckpt_dir)
+        layout = resolve_ckpt_dir(model.ckpt_dir) if model.from_files else None
+        if layout is not None:
             # upstream keeps the T5 in bf16 wherever it runs (11 GB)
             self.text = TextEncoder.from_upstream(layout.t5, layout.tokenizer, enc_device, torch.bfloat16,
                                                   max_len=self.dims.text_len)
-            audio_dir = model.extra.get("audio_model_dir") or layout.wav2vec2
-            self.audio = AudioEncoder.from_pretrained(audio_dir, backend, enc_device, audio_dtype)
         elif model.is_tiny:
             self.text = TextEncoder.tiny(model.seed, enc_device)
-            self.audio = AudioEncoder.tiny(model.seed, backend, enc_device)
         elif model.random_weights:
             self.text = TextEncoder.random(UMT5_XXL, model.seed, enc_device, torch.bfloat16,
                                            max_len=self.dims.text_len)
-            self.audio = AudioEncoder.random(WAV2VEC2_LARGE, model.seed, backend, enc_device, audio_dtype)
+        self.audio_encoders = {backend: _load_audio_encoder(model, backend, layout, enc_device)
+                               for backend in model.encoder_options.audio_encoders}
         self._check_dims()
         # A cancelled or timed-out RPC stops this work within one layer (avatar.cancellation):
         # a portrait's encode takes 24-29 s on a CPU and must not outlive its request.
-        for module in (self.vae.model.encoder, self.text.model, self.audio.model):
+        for module in (self.vae.model.encoder, self.text.model, *(a.model for a in self.audio_encoders.values())):
             check_between_layers(module, depth=3)
-        self._images, self._prompts = _ResultCache(), _ResultCache()
-        self.clip = _load_clip(model, enc_device) if model.extra.get("clip_image") else None
-        log.info("encoder ready: %s; VAE on %s (%s), umT5 %dx%d and %s %dx%d on %s%s", model.describe(),
+        self._images, self._prompts, self._clip_embeddings = _ResultCache(), _ResultCache(), _ResultCache()
+        self.clip = _load_clip(model, enc_device) if model.encoder_options.clip_image else None
+        audio = ", ".join(f"{name} {a.dims.layers + 1}x{a.dims.hidden}" for name, a in self.audio_encoders.items())
+        log.info("encoder ready: %s; VAE on %s (%s), umT5 %dx%d and %s on %s%s", model.describe(),
                  self.vae.device, str(self.vae.dtype).removeprefix("torch."), self.text.dims.layers,
-                 self.text.dims.dim, backend, self.audio.dims.layers + 1, self.audio.dims.hidden, enc_device,
-                 ", CLIP on" if self.clip else "")
+                 self.text.dims.dim, audio, enc_device, ", CLIP on" if self.clip else "")
 
     def _check_dims(self) -> None:
         if self.text.dims.dim != self.dims.text_dim:
             raise WeightsError(f"text encoder width {self.text.dims.dim} != the model's text_dim {self.dims.text_dim}")
-        if (self.audio.dims.hidden, self.audio.dims.layers + 1) != (self.dims.audio_dim, self.dims.audio_layers):
-            raise WeightsError(f"audio encoder gives {self.audio.dims.layers + 1} x {self.audio.dims.hidden} "
-                               f"hidden states; the model needs {self.dims.audio_layers} x {self.dims.audio_dim}")
+        for name, audio in self.audio_encoders.items():
+            if (audio.dims.hidden, audio.dims.layers + 1) != (self.dims.audio_dim, self.dims.audio_layers):
+                raise WeightsError(f"{name} audio encoder gives {audio.dims.layers + 1} x {audio.dims.hidden} "
+                                   f"hidden states; the model needs {self.dims.audio_layers} x {self.dims.audio_dim}")
 
     # -- image ---------------------------------------------------------------------------------
 
@@ -105,8 +106,7 @@ class EncoderEngine:
         """uint8 [H, W, 3] at job size -> ref_latent [16, 1, h, w], motion_latents [16, 19, h, w] (float32).
         The same pixels again come from a cache (the tensors are shared: do not modify them)."""
         pixels = np.ascontiguousarray(pixels)
-        key = hashlib.sha256(repr((pixels.shape, pixels.dtype.str)).encode() + pixels.tobytes()).digest()
-        return self._images.get_or_compute(key, lambda: self._encode_image(pixels))
+        return self._images.get_or_compute(_pixels_key(pixels), lambda: self._encode_image(pixels))
 
     def _encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         image = _image_tensor(pixels, 16)   # VAE stride 8 x DiT patch 2
@@ -117,17 +117,22 @@ class EncoderEngine:
         still = self.vae.encode_still(image, REF_REPEAT * self.dims.motion_frames)[0]
         return still[:, 1:2].cpu(), still[:, -lat_motion:].cpu()
 
-    def encode_image_clip(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 [H, W, 3] -> CLIP-ViT tokens [1 + patches, hidden] (penultimate layer, as Wan's i2v uses)."""
+    def clip_embedding(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [H, W, 3] -> the portrait's CLIP identity embedding, float32 [hidden] (the vision
+        model's pooled class token, e.g. 1024 for ViT-L/14; compare two with cosine similarity).
+        The DiT does not read it: the checkpoint was trained on the VAE reference latent."""
         if self.clip is None:
-            raise InvalidInput("CLIP image embedding is off for this encoder (ModelSpec.extra['clip_image'])")
+            raise InvalidInput("this encoder has no CLIP vision model loaded: start it with --clip-image")
         _image_tensor(pixels, 1)
+        pixels = np.ascontiguousarray(pixels)
+        return self._clip_embeddings.get_or_compute(_pixels_key(pixels), lambda: self._clip_embedding(pixels))
+
+    def _clip_embedding(self, pixels: np.ndarray) -> torch.Tensor:
         model, processor = self.clip
         p = next(model.parameters())
         inputs = processor(images=pixels, return_tensors="pt")["pixel_values"].to(device=p.device, dtype=p.dtype)
         with torch.no_grad():
-            out = model(pixel_values=inputs, output_hidden_states=True)
-        return out.hidden_states[-2][0].float().cpu()
+            return model(pixel_values=inputs).pooler_output[0].float().cpu()
 
     # -- text / audio --------------------------------------------------------------------------
 
@@ -136,11 +141,40 @@ class EncoderEngine:
         by prompt like images)."""
         return self._prompts.get_or_compute(prompt.encode(), lambda: self.text.encode(prompt))
 
-    def encode_audio(self, pcm_16k: np.ndarray, fps: int, total_frames: int,
-                     chunk_frames: int = 12) -> Iterator[tuple[int, torch.Tensor]]:
+    def encode_audio(self, pcm_16k: np.ndarray, fps: int, total_frames: int, chunk_frames: int = 12,
+                     backend: str = DEFAULT_AUDIO_ENCODER) -> Iterator[tuple[int, torch.Tensor]]:
         """16 kHz mono float PCM -> (first_frame, features [n, audio_layers, audio_dim]) per chunk;
-        frames past the audio are zeros."""
-        return self.audio.encode(pcm_16k, fps, total_frames, chunk_frames)
+        frames past the audio are zeros. `backend`: one of the loaded audio encoders."""
+        return self.audio_encoder(backend).encode(pcm_16k, fps, total_frames, chunk_frames)
+
+    def audio_encoder(self, backend: str = DEFAULT_AUDIO_ENCODER):
+        """The loaded audio encoder named `backend`; InvalidInput naming the flag if it is not loaded."""
+        if backend not in AUDIO_ENCODERS:
+            raise InvalidInput(f"unknown audio encoder {backend!r}: choose from {', '.join(AUDIO_ENCODERS)}")
+        if backend not in self.audio_encoders:
+            loaded = ",".join(self.audio_encoders)
+            raise InvalidInput(f"the {backend} audio encoder is not loaded (this encoder loads {loaded}): start it "
+                               f"with --audio-encoders {loaded},{backend}")
+        return self.audio_encoders[backend]
+
+
+def _pixels_key(pixels: np.ndarray) -> bytes:
+    return hashlib.sha256(repr((pixels.shape, pixels.dtype.str)).encode() + pixels.tobytes()).digest()
+
+
+def _load_audio_encoder(spec: ModelSpec, backend: str, layout, device: torch.device) -> AudioEncoder:
+    """A folder when there is one (the checkpoint's wav2vec2, --whisper-dir), else random weights:
+    tiny, or the full size for --random-weights (whisper-medium has wav2vec2-large's 1024 x 25)."""
+    dtype = torch.float32 if spec.is_tiny or device.type == "cpu" else getattr(torch, spec.dtype)
+    if backend == "whisper":
+        folder = spec.encoder_options.whisper_dir
+    else:
+        folder = layout.wav2vec2 if layout is not None else None
+    if folder:
+        return AudioEncoder.from_pretrained(folder, backend, device, dtype)
+    if spec.is_tiny:
+        return AudioEncoder.tiny(spec.seed, backend, device)
+    return AudioEncoder.random(WAV2VEC2_LARGE, spec.seed, backend, device, dtype)
 
 
 def _image_tensor(pixels: np.ndarray, divisor: int) -> torch.Tensor:
@@ -156,27 +190,27 @@ def _image_tensor(pixels: np.ndarray, divisor: int) -> torch.Tensor:
 
 
 def _load_clip(spec: ModelSpec, device: torch.device):
-    """(CLIPVisionModel, CLIPImageProcessor): tiny random for the tiny preset, else from a folder."""
+    """(CLIPVisionModel, CLIPImageProcessor) from --clip-image FOLDER, else random: tiny, or
+    ViT-L/14's shape for --random-weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
     try:   # the PIL backend is the one that works without torchvision
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:
         from transformers import CLIPImageProcessor
 
-    source = spec.extra["clip_image"]
-    if spec.is_tiny and source is True:
+    source = spec.encoder_options.clip_dir
+    dtype = torch.float32 if device.type == "cpu" else getattr(torch, spec.dtype)
+    if source is None:
+        config = TINY_CLIP if spec.is_tiny else CLIP_VIT_L14
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=2, image_size=32, patch_size=8))
-        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        return model.eval().to(device), processor
-    if not isinstance(source, str):
-        raise WeightsError("extra['clip_image'] must name a CLIPVisionModel folder for this model")
+            model = CLIPVisionModel(CLIPVisionConfig(**config))
+        side = config["image_size"]
+        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        return model.eval().to(device=device, dtype=torch.float32 if spec.is_tiny else dtype), processor
     try:
         model = CLIPVisionModel.from_pretrained(source, local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{source}: cannot load the CLIP vision model ({e})") from e
-    dtype = torch.float32 if device.type == "cpu" else getattr(torch, spec.dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise WeightsError(f"{source}: cannot load the CLIP vision model ({type(e).__name__}: {e})") from e
     return model.eval().to(device=device, dtype=dtype), processor

@@ -7,7 +7,8 @@ import numpy as np
 from avatar import job_limits, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
-from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK
+from avatar.presets import (DEFAULT_AUDIO_ENCODER, ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK,
+                            VAE_TIME_STRIDE)
 from avatar.v1 import encoder_pb2, encoder_pb2_grpc
 from avatar.services.encoder.engine import EncoderEngine
 
@@ -35,7 +36,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         async with self._slot(context):
             with telemetry.span("encode_image", width=width, height=height):
                 ref, motion = await run_blocking(self.engine.encode_image, pixels.numpy())
-        return encoder_pb2.EncodeImageResponse(ref_latent=wire.to_proto(ref), motion_latents=wire.to_proto(motion))
+            reply = encoder_pb2.EncodeImageResponse(ref_latent=wire.to_proto(ref),
+                                                    motion_latents=wire.to_proto(motion))
+            if request.clip_embedding:
+                with telemetry.span("clip_embedding"):
+                    reply.clip_embedding.CopyFrom(wire.to_proto(await run_blocking(self.engine.clip_embedding,
+                                                                                   pixels.numpy())))
+        return reply
 
     async def EncodeText(self, request, context):
         job_limits.check_prompt(request.prompt)
@@ -60,7 +67,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         with telemetry.span("encode_audio", samples=int(pcm.shape[0]), frames=frames):
             chunks = await run_blocking(
                 lambda: iter(self.engine.encode_audio(pcm.float().numpy().astype(np.float32), job.fps, frames,
-                                                      chunk_frames=FRAMES_PER_BLOCK)))
+                                                      chunk_frames=FRAMES_PER_BLOCK,
+                                                      backend=request.audio_encoder or DEFAULT_AUDIO_ENCODER)))
             done = object()
             while True:
                 item = await run_blocking(next, chunks, done)  # one chunk per thread hop: cancellable
@@ -68,3 +76,28 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     break
                 first_frame, features = item
                 yield encoder_pb2.AudioFeatures(first_frame=int(first_frame), features=wire.to_proto(features))
+
+    # --- live sessions (Converse): one stream = one speaker's audio, block by block -------
+    async def EncodeAudioStream(self, request_iterator, context):
+        from avatar.services.encoder.streaming_audio import StreamingAudioFeatures
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("event") != "job":
+            raise InvalidInput("the first AudioStreamInput must be the job")
+        job = first.job
+        if job.fps != FPS or job.latent_frames_per_block != LATENT_FRAMES_PER_BLOCK:
+            raise InvalidInput(f"the job must have fps {FPS} and latent_frames_per_block {LATENT_FRAMES_PER_BLOCK}")
+        max_blocks = min(job.num_blocks or job_limits.MAX_JOB_BLOCKS, job_limits.MAX_JOB_BLOCKS)   # bounded
+        stream = StreamingAudioFeatures(self.engine.audio_encoder(DEFAULT_AUDIO_ENCODER), job.fps,
+                                        job.latent_frames_per_block * VAE_TIME_STRIDE)
+        async for msg in request_iterator:
+            if msg.WhichOneof("event") != "block":
+                raise InvalidInput("only AudioStreamBlock messages may follow the job")
+            if stream.blocks >= max_blocks:
+                raise InvalidInput(f"more than {max_blocks} audio blocks")
+            pcm = wire.tensor_arg(msg.block.pcm_16k, "pcm_16k").numpy()
+            ahead = (wire.tensor_arg(msg.block.lookahead_16k, "lookahead_16k").numpy()
+                     if msg.block.HasField("lookahead_16k") else None)
+            with telemetry.span("encode_audio_block", block=stream.blocks):
+                features = await run_blocking(stream.push, pcm, ahead)
+            yield encoder_pb2.AudioFeatures(first_frame=(stream.blocks - 1) * stream.frames_per_block,
+                                            features=wire.to_proto(features))

@@ -27,21 +27,18 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
-from avatar.presets import MODEL_DIMS
+from avatar.dit_config import DIT_CONFIGS, framepack_tokens
 from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
 ROPE_THETA = 10000.0
+# Upstream rounds the text cross-attention's pre-norm (norm3) input, and so its output, to bf16
+# whatever the model dtype, a float32 run included: the model was trained so.
+CROSS_ATTN_NORM_DTYPE = torch.bfloat16
 
-# Constructor arguments per preset. s2v-14b = the constructor defaults = upstream's config; tiny
-# takes the dimensions other services share from avatar.presets.MODEL_DIMS.
-_TINY = MODEL_DIMS["tiny"]
-PRESETS: dict[str, dict] = {
-    "s2v-14b": {},
-    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=4, freq_dim=32, audio_inject_layers=(0, 2, 3),
-                 text_dim=_TINY.text_dim, text_len=_TINY.text_len, audio_dim=_TINY.audio_dim,
-                 audio_layers=_TINY.audio_layers),
-}
+# Constructor arguments per preset, from the one description of the geometry (avatar/dit_config.py).
+PRESETS: dict[str, dict] = {name: config.kwargs() for name, config in DIT_CONFIGS.items()}
+_S2V = DIT_CONFIGS["s2v-14b"]   # the constructor defaults
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -62,7 +59,7 @@ class Rope:
     sin: torch.Tensor
 
     @staticmethod
-    def cat(parts: list["Rope"]) -> "Rope":
+    def cat(parts: list[Rope]) -> Rope:
         return Rope(torch.cat([p.cos for p in parts]), torch.cat([p.sin for p in parts]))
 
 
@@ -239,7 +236,7 @@ class CausalS2VBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + mod).unbind(2)
         y = self.self_attn(_modulate(self.norm1(x), shift1, scale1).to(dtype), rope, kv)
         x = x.float() + _gate(y, gate1)  # float32 residual inside the block, as upstream
-        x = x + self.cross_attn(self.norm3(x.to(dtype)), text_kv).float()
+        x = x + self.cross_attn(self.norm3(x.to(CROSS_ATTN_NORM_DTYPE)).to(dtype), text_kv).float()
         y = self.ffn(_modulate(self.norm2(x), shift2, scale2).to(dtype))
         return (x + _gate(y, gate2)).to(dtype)
 
@@ -418,7 +415,7 @@ class FramePacker(nn.Module):
         return Rope.cat(parts)
 
     def num_tokens(self, h: int, w: int) -> int:
-        return sum((b // s) * (h // (2 * s)) * (w // (2 * s)) for b, s in zip(self.buckets, (1, 2, 4)))
+        return framepack_tokens(h, w, self.buckets)
 
 
 # --------------------------------------------------------------------------- the model
@@ -429,11 +426,12 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
     _no_split_modules = ["CausalS2VBlock"]
 
     @register_to_config
-    def __init__(self, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=5120, ffn_dim=13824,
-                 freq_dim=256, text_dim=4096, text_len=512, num_heads=40, num_layers=40, eps=1e-6,
-                 cond_dim=16, audio_dim=1024, audio_layers=25, num_audio_token=4,
-                 audio_inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39),
-                 motion_frames=73, framepack_buckets=(1, 2, 16)):
+    def __init__(self, patch_size=_S2V.patch_size, in_dim=_S2V.in_dim, out_dim=_S2V.out_dim, dim=_S2V.dim,
+                 ffn_dim=_S2V.ffn_dim, freq_dim=_S2V.freq_dim, text_dim=_S2V.text_dim, text_len=_S2V.text_len,
+                 num_heads=_S2V.num_heads, num_layers=_S2V.num_layers, eps=_S2V.eps, cond_dim=_S2V.cond_dim,
+                 audio_dim=_S2V.audio_dim, audio_layers=_S2V.audio_layers, num_audio_token=_S2V.num_audio_token,
+                 audio_inject_layers=_S2V.audio_inject_layers, motion_frames=_S2V.motion_frames,
+                 framepack_buckets=_S2V.framepack_buckets):
         super().__init__()
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
@@ -629,7 +627,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------ init
 
     @torch.no_grad()
-    def init_random(self, seed: int = 0) -> "CausalS2VDiT":
+    def init_random(self, seed: int = 0) -> CausalS2VDiT:
         """Deterministic random weights (not upstream's training init: every path, the zero-initialised
         ones included, gets non-zero values so that tests and benchmarks exercise all of them)."""
         for name, p in sorted(self.named_parameters()):

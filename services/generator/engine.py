@@ -5,9 +5,13 @@ prefilled at t=0, every block of 3 latent frames is denoised with N flow-matchin
 while attending to the cached earlier blocks (a ring one clip long) and to the sink; after the
 first clip the sink's reference is replaced by the first generated latent frame. Noise comes
 from a CPU torch.Generator seeded with job.seed + clip index, so runs are reproducible.
+
+GeneratorSession is the one block loop: the multi-GPU generator's ranks (distributed/tpp.py)
+each run a session of one sampling step, and the benchmarks (bench/) run sessions too.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import random
@@ -18,13 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from avatar.dit_config import MAX_SAMPLE_STEPS
 from avatar.errors import InvalidInput, ResourceExhausted
+from avatar.jobs import Job
 from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
-from avatar.presets import FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
+from avatar.presets import FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from avatar.services.generator.attention import prefer_cudnn_attention
 from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
 from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
-from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec, step_cache_spec
 from avatar.services.generator.scheduler import FlowMatchEuler
 from avatar.services.generator.step_graphs import StepGraphs
 from avatar.services.generator.weights import load_dit, random_dit
@@ -44,18 +50,11 @@ def model_dtype(model: ModelSpec) -> torch.dtype:
     return dtype
 
 
-KV_DTYPES = ("float8_e4m3fn",)
-
-
 def kv_cache_dtype(model: ModelSpec, default: torch.dtype) -> torch.dtype:
-    """`model.extra["kv_dtype"]`: "float8_e4m3fn" stores the KV cache in e4m3 (half of bf16's
-    bytes: what lets 704*384 fit 24 GB); unset: the model's dtype."""
-    name = model.extra.get("kv_dtype")
-    if name is None:
-        return default
-    if name not in KV_DTYPES:
-        raise InvalidInput(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or unset), got {name!r}")
-    return getattr(torch, name)
+    """`GeneratorOptions.kv_dtype`: "float8_e4m3fn" stores the KV cache in e4m3 (half of bf16's
+    bytes: what lets 704*384 fit 24 GB); unset: the model's dtype (validated by GeneratorOptions)."""
+    name = model.generator_options.kv_dtype
+    return default if name is None else getattr(torch, name)
 
 
 def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
@@ -80,7 +79,7 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
         log.info("FP8 linear layers: %d", len(swapped))
     if device.type == "cuda":
         prefer_cudnn_attention(device)
-    if model.extra.get("offload_text_projections"):
+    if model.generator_options.offload_text_projections:
         moved = dit.offload_text_projections()
         log.info("text k/v projections in pinned CPU memory: %.2f GiB off the GPU", moved / 2**30)
     if model.compile:
@@ -89,9 +88,9 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
 
 
 def cuda_graphs_wanted(model: ModelSpec, device: torch.device) -> bool:
-    """`model.extra["cuda_graphs"]`: replay each steady-state step from a CUDA graph
+    """`GeneratorOptions.cuda_graphs`: replay each steady-state step from a CUDA graph
     (services/generator/step_graphs.py); default on for CUDA devices."""
-    wanted = model.extra.get("cuda_graphs")
+    wanted = model.generator_options.cuda_graphs
     return device.type == "cuda" and (wanted is None or bool(wanted))
 
 
@@ -100,6 +99,7 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
     code, parameters as inputs), with dynamic shapes from the start, because the ring fill, the
     slot and the latent size change between calls (bench/bench_generator.py measures this)."""
     import torch._dynamo
+
     from avatar.torch_compile import tolerate_tracing_in_other_threads
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     tolerate_tracing_in_other_threads()
@@ -108,9 +108,9 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
 
 
 class GeneratorEngine:
-    """Owns the DiT; sessions own their KV caches. `model.extra["cache_sets"]`: 1 for the
+    """Owns the DiT; sessions own their KV caches. `GeneratorOptions.cache_sets`: 1 for the
     clean-context variant (less memory, one extra forward per block), default one per step;
-    `model.extra["kv_dtype"]`: see kv_cache_dtype.
+    `GeneratorOptions.kv_dtype`: see kv_cache_dtype.
 
     `free_memory()` gives the bytes a new session may use (on CUDA: the GPU's free memory, capped by
     the process's memory fraction; None on the CPU: no check). Sessions check it before allocating
@@ -120,7 +120,7 @@ class GeneratorEngine:
     def __init__(self, model: ModelSpec, dit: CausalS2VDiT | None = None):
         self.spec = model
         self.dit = dit if dit is not None else build_generator_model(model)
-        self.cache_sets = model.extra.get("cache_sets")
+        self.cache_sets = model.generator_options.cache_sets
         self.kv_dtype = kv_cache_dtype(model, self.dit.dtype)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
         self.free_memory: Callable[[], int] | None = None
@@ -128,9 +128,14 @@ class GeneratorEngine:
             index = self.dit.device.index if self.dit.device.index is not None else torch.cuda.current_device()
             self.free_memory = lambda: gpu_available_bytes(index)
 
-    def open_session(self, job, text: torch.Tensor, ref_latent: torch.Tensor,
-                     motion_latents: torch.Tensor) -> "GeneratorSession":
+    def open_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
+                     motion_latents: torch.Tensor) -> GeneratorSession:
         return GeneratorSession(self, job, text, ref_latent, motion_latents, cache_sets=self.cache_sets)
+
+    def open_step_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
+                          motion_latents: torch.Tensor, step: int) -> GeneratorSession:
+        """Sampling step `step` of every block only, on that step's cache set (a TPP rank's share)."""
+        return GeneratorSession(self, job, text, ref_latent, motion_latents, step=step)
 
     def warm_up(self, sizes: list[tuple[int, int, int, int]]) -> list[str]:
         """Runs a short session of zeros per (width, height, infer_frames, sample_steps): one clip
@@ -139,14 +144,11 @@ class GeneratorEngine:
         for the next size), before the server reports SERVING: no request waits for it, and no
         other thread's model call runs while torch.compile traces (docs/operations.md).
         Returns one line per size; a size that cannot run here (memory) is skipped with its reason."""
-        from types import SimpleNamespace
         c, lines = self.dit.config, []
         for width, height, infer_frames, steps in sizes:
             blocks = infer_frames // FRAMES_PER_BLOCK + 1
-            job = SimpleNamespace(width=width, height=height, fps=FPS, infer_frames=infer_frames,
-                                  latent_frames_per_block=LATENT_FRAMES_PER_BLOCK, num_blocks=blocks,
-                                  total_frames=blocks * FRAMES_PER_BLOCK,
-                                  sample_steps=steps, seed=0, model=self.spec.name)
+            job = Job(width=width, height=height, infer_frames=infer_frames, sample_steps=steps, num_blocks=blocks,
+                      total_frames=blocks * FRAMES_PER_BLOCK, model=self.spec.name)
             h, w = height // 8, width // 8
             start = time.perf_counter()
             try:
@@ -173,16 +175,37 @@ class SessionPlan:
     steps: int
     cache_sets: int
 
+    @property
+    def blocks_per_clip(self) -> int:
+        return self.clip_frames // self.block_frames
+
+    @property
+    def forwards_per_block(self) -> int:
+        """DiT forwards of a block: one per step, plus the clean t=0 pass with a single cache set."""
+        return self.steps + (1 if self.cache_sets == 1 else 0)
+
 
 class GeneratorSession:
-    """One stream: generate_block() once per block of audio, in order; close() frees the caches."""
+    """One stream: the block loop. generate_block() once per block of audio, in order; close()
+    frees the caches.
 
-    def __init__(self, engine: GeneratorEngine, job, text: torch.Tensor, ref_latent: torch.Tensor,
+    `step=None` runs every sampling step of each block. `step=k` is one TPP rank's share
+    (services/generator/distributed): it holds one cache set, laid out as set k of the full
+    session's, and denoise_block() runs sampling step k only; chained over k = 0..N-1 the
+    steps give the full session's latents bit for bit."""
+
+    pipeline_depth = 1   # blocks in flight before the first result: one, run in the caller's thread
+
+    def __init__(self, engine: GeneratorEngine, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
                  motion_latents: torch.Tensor, cache_sets: int | None = None,
-                 sink_ahead: tuple[int, int] = SINK_AHEAD, refresh_sink: bool = True):
+                 sink_ahead: tuple[int, int] = SINK_AHEAD, refresh_sink: bool = True, step: int | None = None):
         self.engine = engine
         self.dit = dit = engine.dit
         self.plan = plan = plan_session(job, dit, ref_latent, motion_latents, text, cache_sets)
+        if step is not None and not (0 <= step < plan.steps and plan.cache_sets == plan.steps):
+            raise InvalidInput(f"step {step} out of range for {plan.steps} sampling steps with a cache set each")
+        self.step = step
+        self.session_steps = range(plan.steps) if step is None else range(step, step + 1)   # the steps it runs
         self.seed = int(job.seed)
         self.sampler = FlowMatchEuler.create(plan.steps)
         self.sink_ahead = sink_ahead
@@ -191,15 +214,20 @@ class GeneratorSession:
         self.device, self.dtype = dit.device, dit.dtype
         self._closed = False
         self.kv = None
-        self._clip_noise: torch.Tensor | None = None
+        self._clip_noise: tuple[int, torch.Tensor] | None = None   # (clip, its noise)
         self._first_frame: torch.Tensor | None = None
         self.context = self.motion = None
         self._graphs: StepGraphs | None = None
-        spec = KVCacheSpec.for_model(dit, plan.h, plan.w, plan.clip_frames, plan.cache_sets)
+        if step is None:
+            spec = KVCacheSpec.for_model(dit, plan.h, plan.w, plan.clip_frames, plan.cache_sets)
+            self._cache_set_of_step = (lambda i: i) if plan.cache_sets > 1 else (lambda i: 0)
+        else:
+            spec, cache_set = step_cache_spec(dit, plan.h, plan.w, plan.clip_frames, step, plan.steps)
+            self._cache_set_of_step = lambda i: cache_set
         # The planner's numbers are the full-size model's (avatar/memory_planner.py).
         self._memory_request = MemoryRequest.from_job(job) if job.width % 16 == 0 == job.height % 16 else None
         if engine.free_memory is not None and self._memory_request is not None:
-            check_session_memory(self._memory_request, plan.cache_sets, engine.free_memory(),
+            check_session_memory(self._memory_request, spec.num_sets if step is None else 1, engine.free_memory(),
                                  kv_dtype_bytes=engine.kv_dtype.itemsize)
         self.block_index = 0
         self.last_block_ms = 0.0
@@ -208,12 +236,18 @@ class GeneratorSession:
             self.context = dit.embed_text(text.to(self.device)[None])
             self.motion = motion_latents.to(self.device, self.dtype)[None]
             dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
-        if engine.cuda_graphs:
+        # TPP step sessions run without graphs: not measured on a multi-GPU group yet
+        if engine.cuda_graphs and step is None:
             self._graphs = StepGraphs(dit, self.context, self.kv)
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv.nbytes
+
+    @property
+    def graphs(self) -> StepGraphs | None:
+        """The session's CUDA graphs of its steps (None: plain forwards)."""
+        return self._graphs
 
     @contextlib.contextmanager
     def _freed_on_failure(self):
@@ -240,49 +274,88 @@ class GeneratorSession:
 
     def generate_block(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [frames_per_block, audio_layers, audio_dim] -> latent [16, block_frames, h, w]."""
-        if self._closed:
-            raise InvalidInput("the generator session is closed")
-        with self._freed_on_failure():
-            return self._generate_block(audio)
-
-    def _generate_block(self, audio: torch.Tensor) -> torch.Tensor:
-        p, dit = self.plan, self.dit
-        want = (p.block_frames * VAE_TIME_STRIDE, dit.config.audio_layers, dit.config.audio_dim)
-        if tuple(audio.shape) != want:
-            raise InvalidInput(f"audio features must be {list(want)}, got {list(audio.shape)}")
+        if self.step is not None:
+            raise RuntimeError("a session of one sampling step runs denoise_block, not generate_block")
         start = time.perf_counter()
-        blocks_per_clip = p.clip_frames // p.block_frames
-        clip, in_clip = divmod(self.block_index, blocks_per_clip)
-        if in_clip == 0:
-            if clip == 1 and self.refresh_sink:
-                # Upstream re-prefills the sink after the first clip, with its first generated frame
-                # as the reference (the motion context stays: it would need the VAE here).
-                dit.prefill_sink(self._first_frame, self.motion, self.context, self.kv)
-            self._clip_noise = clip_noise(self.seed, clip, p).to(self.device, self.dtype)
-        frame = self.block_index * p.block_frames
-        f0 = in_clip * p.block_frames
-        x = self._clip_noise[:, :, f0:f0 + p.block_frames]
-        tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
-        for i, t in enumerate(self.sampler.timesteps):
-            v = self._denoise(x, t, tokens, i if p.cache_sets > 1 else 0, frame)
-            x = self.sampler.step(x, v, i)
-        if p.cache_sets == 1:
-            # clean context: re-encode the finished block at t=0 into the single cache set
-            self._denoise(x, 0.0, tokens, 0, frame)
-        if self.block_index == 0:
-            self._first_frame = x[:, :, :1].clone()
-        self.block_index += 1
+        x = self.denoise_block(self.block_noise(self.block_index), audio)
         if self.device.type == "cuda":
             # this stream only: a decoder sharing the process (--role all) keeps its own queue going
             torch.cuda.current_stream(self.device).synchronize()
         self.last_block_ms = (time.perf_counter() - start) * 1e3
         return x[0]
 
-    def _denoise(self, x: torch.Tensor, t: float, tokens, cache_set: int, frame: int) -> torch.Tensor:
+    def submit(self, audio: torch.Tensor) -> concurrent.futures.Future:
+        """generate_block, run now in the caller's thread; the future holds its latent (or error)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            done.set_result(self.generate_block(audio))
+        except Exception as e:
+            done.set_exception(e)
+        return done
+
+    def block_noise(self, index: int) -> torch.Tensor:
+        """Block `index`'s starting noise [1, 16, block_frames, h, w]: its slice of the clip's noise."""
+        p = self.plan
+        clip, in_clip = divmod(index, p.blocks_per_clip)
+        if self._clip_noise is None or self._clip_noise[0] != clip:
+            self._clip_noise = clip, clip_noise(self.seed, clip, p).to(self.device, self.dtype)
+        f0 = in_clip * p.block_frames
+        return self._clip_noise[1][:, :, f0:f0 + p.block_frames]
+
+    def check_audio(self, audio: torch.Tensor) -> None:
+        """InvalidInput unless audio is one block's features [frames_per_block, audio_layers, audio_dim]."""
+        want = (self.plan.block_frames * VAE_TIME_STRIDE, self.dit.config.audio_layers, self.dit.config.audio_dim)
+        if tuple(audio.shape) != want:
+            raise InvalidInput(f"audio features must be {list(want)}, got {list(audio.shape)}")
+
+    def needs_first_frame(self, index: int) -> bool:
+        """Whether block `index` refreshes the sink with a first frame this session has not seen
+        (a TPP step before the last never sees a finished block: rank 0 passes it on)."""
+        return self.refresh_sink and index == self.plan.blocks_per_clip and self._first_frame is None
+
+    def denoise_block(self, x: torch.Tensor, audio: torch.Tensor,
+                      first_frame: torch.Tensor | None = None) -> torch.Tensor:
+        """This session's sampling steps on the next block: latents x [1, 16, block_frames, h, w]
+        (noise, or the previous step's output) -> after them. `first_frame` [1, 16, 1, h, w]:
+        block 0's finished first frame, for a step session whose needs_first_frame() says so."""
+        if self._closed:
+            raise InvalidInput("the generator session is closed")
+        with self._freed_on_failure():
+            return self._denoise_block(x, audio, first_frame)
+
+    def _denoise_block(self, x: torch.Tensor, audio: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
+        p, dit = self.plan, self.dit
+        self.check_audio(audio)
+        index = self.block_index
+        if self.refresh_sink and index == p.blocks_per_clip:
+            # Upstream re-prefills the sink after the first clip, with its first generated frame
+            # as the reference (the motion context stays: it would need the VAE here).
+            first = self._first_frame if self._first_frame is not None else first_frame
+            if first is None:
+                raise RuntimeError("the first clip's first frame did not arrive for the sink refresh")
+            dit.prefill_sink(first.to(self.device, self.dtype), self.motion, self.context, self.kv)
+        # Every block draws the leads of all its forwards, in order, whichever steps this session
+        # runs: a TPP step session then sees the same draws as the full session's step.
+        sink_frames = [self._sink_frame(index * p.block_frames) for _ in range(p.forwards_per_block)]
+        frame = index * p.block_frames
+        tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
+        x = x.to(self.device, self.dtype)
+        for i in self.session_steps:
+            v = self._denoise(x, self.sampler.timesteps[i], tokens, self._cache_set_of_step(i), frame, sink_frames[i])
+            x = self.sampler.step(x, v, i)
+        if p.cache_sets == 1:
+            # clean context: re-encode the finished block at t=0 into the single cache set
+            self._denoise(x, 0.0, tokens, 0, frame, sink_frames[-1])
+        if index == 0 and self.session_steps[-1] == p.steps - 1:
+            self._first_frame = x[:, :, :1].clone()
+        self.block_index += 1
+        return x
+
+    def _denoise(self, x: torch.Tensor, t: float, tokens, cache_set: int, frame: int, sink_frame: int) -> torch.Tensor:
         """One forward of the DiT at timestep t: through the session's CUDA graphs when it has them."""
         timestep = torch.full((1,), t, device=self.device)
         pos = self.dit.positions(self.kv, cache_set, frame, x.shape[2], self.plan.h, self.plan.w,
-                                 self._sink_frame(frame), self.device)
+                                 sink_frame, self.device)
         if self._graphs is not None:
             return self._graphs.run(x, timestep, tokens, pos)
         return self.dit.denoise(x, timestep, self.context, tokens, self.kv, pos)
@@ -310,7 +383,7 @@ def clip_noise(seed: int, clip: int, plan: SessionPlan) -> torch.Tensor:
     return torch.randn((1, 16, plan.clip_frames, plan.h, plan.w), generator=gen)
 
 
-def plan_session(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) -> SessionPlan:
+def plan_session(job: Job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache_sets) -> SessionPlan:
     """Validates a session's inputs against the model and derives its shapes (shared with TPP ranks)."""
     text_dim = dit.config.text_dim
     if job.width % 8 or job.height % 8 or job.width <= 0 or job.height <= 0:
@@ -334,8 +407,8 @@ def plan_session(job, dit: CausalS2VDiT, ref_latent, motion_latents, text, cache
         raise InvalidInput(f"infer_frames {job.infer_frames} must be a positive multiple of "
                            f"{block * VAE_TIME_STRIDE} (latent_frames_per_block {block} x {VAE_TIME_STRIDE})")
     steps = job.sample_steps
-    if not 1 <= steps <= 50:
-        raise InvalidInput(f"sample_steps must be between 1 and 50, got {steps}")
+    if not 1 <= steps <= MAX_SAMPLE_STEPS:
+        raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {steps}")
     sets = steps if cache_sets is None else int(cache_sets)
     if sets not in (1, steps):
         raise InvalidInput(f"cache_sets must be 1 (clean context) or sample_steps ({steps}), got {sets}")

@@ -142,7 +142,7 @@ class FP8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, granularity: str = "row", fast_accum: bool = True) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, granularity: str = "row", fast_accum: bool = True) -> FP8Linear:
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     granularity=granularity, fast_accum=fast_accum, device="meta")

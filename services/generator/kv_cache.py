@@ -18,6 +18,7 @@ e4m3's range), attention reads upcast copies of the slice it needs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ class KVCacheSpec:
 
     @classmethod
     def for_model(cls, model, latent_h: int, latent_w: int, window_frames: int, num_sets: int = 1,
-                  batch: int = 1) -> "KVCacheSpec":
+                  batch: int = 1) -> KVCacheSpec:
         cfg = model.config
         return cls(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.dim // cfg.num_heads,
                    frame_tokens=model.frame_tokens(latent_h, latent_w), window_frames=window_frames,
@@ -83,6 +84,27 @@ class KVCacheSpec:
         """Bytes the cache takes: keys and values of every buffer, plus the unrotated reference keys."""
         per_token = self.num_layers * self.batch * self.num_heads * self.head_dim * dtype.itemsize
         return per_token * (2 * self.groups * self.buffer_tokens + self.frame_tokens)
+
+
+@dataclass(frozen=True)
+class RingFirstSpec(KVCacheSpec):
+    """One cache set laid out as an even set of a multi-set cache ([ring | sink], the ring filled
+    backwards: set 0 of a two-set buffer without the second ring), so attention sees the keys in
+    the same order as in the multi-set cache and the results match bit for bit."""
+
+    @property
+    def buffer_tokens(self) -> int:
+        return self.ring_tokens + self.sink_tokens
+
+
+def step_cache_spec(model, latent_h: int, latent_w: int, window_frames: int, step: int,
+                    steps: int) -> tuple[KVCacheSpec, int]:
+    """The single cache set of sampling step `step` (of `steps`, one set per step) laid out as in
+    the multi-set cache, and the index the model addresses it by (a TPP rank holds only this)."""
+    if steps > 1 and step % 2 == 0:
+        base = KVCacheSpec.for_model(model, latent_h, latent_w, window_frames, num_sets=2)
+        return RingFirstSpec(**dataclasses.asdict(base)), 0
+    return KVCacheSpec.for_model(model, latent_h, latent_w, window_frames, num_sets=1), 0
 
 
 @dataclass(frozen=True)

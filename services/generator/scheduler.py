@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-MAX_STEPS = 50
+from avatar.dit_config import MAX_SAMPLE_STEPS
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -20,9 +21,9 @@ class FlowMatchEuler:
     timesteps: tuple[float, ...]   # num_steps values the model sees, sigma * 1000
 
     @classmethod
-    def create(cls, num_steps: int, shift: float = 3.0) -> "FlowMatchEuler":
-        if not 1 <= num_steps <= MAX_STEPS:
-            raise ValueError(f"sample_steps must be between 1 and {MAX_STEPS}, got {num_steps}")
+    def create(cls, num_steps: int, shift: float = 3.0) -> FlowMatchEuler:
+        if not 1 <= num_steps <= MAX_SAMPLE_STEPS:
+            raise ValueError(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {num_steps}")
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
         sched.set_timesteps(num_steps)
         return cls(tuple(sched.sigmas.tolist()), tuple(sched.timesteps.tolist()))

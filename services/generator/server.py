@@ -9,15 +9,15 @@ import torch
 from avatar import job_limits, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
-from avatar.presets import VAE_TIME_STRIDE
+from avatar.jobs import Job
+from avatar.services.generator.protocols import BlockGenerator, BlockSession
 from avatar.v1 import generator_pb2, generator_pb2_grpc
-from avatar.services.generator.engine import GeneratorEngine
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
-    def __init__(self, engine: GeneratorEngine, admission=None):
+    def __init__(self, engine: BlockGenerator, admission=None):
         self.engine = engine
         self.admission = admission  # avatar.admission.Admission: cap on sessions + bounded queue
 
@@ -32,9 +32,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first GeneratorInput must be a SessionStart")
         start = first.start
-        job = start.job
+        job = Job.from_proto(start.job)
         job_limits.check_job(job, sampling=True)   # reachable from the cluster: no unbounded session
-        block_frames = job.latent_frames_per_block * VAE_TIME_STRIDE
+        block_frames = job.frames_per_block
         session = await run_blocking(
             self.engine.open_session, job, wire.tensor_arg(start.text, "text"),
             wire.tensor_arg(start.ref_latent, "ref_latent"), wire.tensor_arg(start.motion_latents, "motion_latents"))
@@ -43,7 +43,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # Ready before the caller sends audio: a refusal above reaches it as a clean status
             # (a status that races the caller's writes comes out as INTERNAL in grpc.aio).
             yield generator_pb2.GeneratorOutput(ready=generator_pb2.SessionReady(
-                kv_cache_bytes=int(getattr(session, "kv_cache_bytes", 0)), pipeline_depth=blocks.depth))
+                kv_cache_bytes=session.kv_cache_bytes, pipeline_depth=blocks.depth))
             pending: list[torch.Tensor] = []  # audio frames received but not yet used by a block
             have = 0
             index = 0
@@ -79,7 +79,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         finally:
             await run_blocking(session.close)
 
-    async def _block(self, session, job, index: int, audio: torch.Tensor) -> generator_pb2.GeneratorOutput:
+    async def _block(self, session: BlockSession, job: Job, index: int,
+                     audio: torch.Tensor) -> generator_pb2.GeneratorOutput:
         with telemetry.span("dit_block", block=index, steps=job.sample_steps):
             t0 = time.perf_counter()
             latent = await run_blocking(session.generate_block, audio)
@@ -93,9 +94,9 @@ class _InFlight:
     `pipeline_depth` > 1 (the multi-GPU TPP generator) takes up to that many blocks before the
     first comes back, so blocks overlap across its ranks."""
 
-    def __init__(self, servicer: GeneratorServicer, session, job):
+    def __init__(self, servicer: GeneratorServicer, session: BlockSession, job: Job):
         self.servicer, self.session, self.job = servicer, session, job
-        self.depth = getattr(session, "pipeline_depth", 1)
+        self.depth = session.pipeline_depth
         self.queue: collections.deque = collections.deque()
 
     async def push(self, index: int, audio: torch.Tensor) -> list[generator_pb2.GeneratorOutput]:

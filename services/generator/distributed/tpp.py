@@ -13,7 +13,7 @@ a receive up never queue behind each other). Everything a rank learns (a session
 conditioning, each block's latent and audio, close, shutdown) comes down the ring in order, so
 no rank ever waits on a collective that another rank is too busy to join.
 
-Rank 0 runs the gRPC service (avatar/serve.py) with TPPEngine in place of GeneratorEngine: a
+Rank 0 runs the gRPC service (avatar/app/serve.py) with TPPEngine in place of GeneratorEngine: a
 driver thread runs step 0 and sends down, a receiver thread takes finished blocks and
 acknowledgements from the last rank. Ranks 1..N-1 run `run_worker`.
 
@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import dataclasses
 import itertools
 import logging
 import os
-import pickle
 import queue
-import random
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,12 +40,24 @@ import torch.distributed as dist
 
 from avatar import errors
 from avatar.errors import InvalidInput
-from avatar.memory_planner import MemoryRequest, check_session_memory
-from avatar.presets import VAE_TIME_STRIDE, ModelSpec
-from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME
-from avatar.services.generator.engine import SINK_AHEAD, GeneratorEngine, clip_noise, plan_session
-from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
-from avatar.services.generator.scheduler import FlowMatchEuler
+from avatar.jobs import Job
+from avatar.presets import ModelSpec
+from avatar.services.generator.distributed.messages import (
+    Block,
+    BlockDone,
+    Channel,
+    Closed,
+    CloseSession,
+    Opened,
+    OpenSession,
+    Ping,
+    Pong,
+    RankError,
+    Reply,
+    ShutDown,
+    Shutdown,
+)
+from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
 
 log = logging.getLogger(__name__)
 
@@ -102,227 +110,68 @@ def init_group(model: ModelSpec) -> tuple[Group, ModelSpec]:
     return group, model.with_(device=str(device))
 
 
-# ---------------------------------------------------------------- messages
-
-@dataclass
-class Msg:
-    """One message on the ring. Tensors are CPU tensors (pickled, bit-exact)."""
-    kind: str                             # open | block | close | shutdown | ack | result
-    sid: int = 0
-    index: int = 0                        # block index
-    x: torch.Tensor | None = None         # block latent [1, 16, F, h, w] after this rank's step
-    audio: torch.Tensor | None = None     # block audio features [F*4, layers, dim]
-    first: torch.Tensor | None = None     # block 0's first latent frame (sink refresh at clip 1)
-    open: dict | None = None              # job, text, ref_latent, motion_latents
-    error: tuple[str, str] | None = None  # (error class name, message) of the first rank that failed
-    of: str = ""                          # ack: the kind of message it acknowledges
-
-
-def _describe(exc: BaseException, at_rank: int) -> tuple[str, str]:
-    if isinstance(exc, torch.OutOfMemoryError):   # the session is freed on every rank; others may fit
-        return "ResourceExhausted", f"generator rank {at_rank} ran out of GPU memory: {exc}"
-    return type(exc).__name__, f"generator rank {at_rank}: {exc}"
-
-
-def _raise_for(error: tuple[str, str]) -> Exception:
-    cls = getattr(errors, error[0], None)
-    if isinstance(cls, type) and issubclass(cls, errors.AvatarError):
-        return cls(error[1])
-    return RuntimeError(f"{error[1]} ({error[0]})")
-
-
-class Channel:
-    """Pickled messages to/from one peer over one process group: a length, then the bytes.
-    Sends are asynchronous (one in flight: the next send waits for the previous)."""
-
-    def __init__(self, peer: int, group, device: torch.device):
-        self.peer, self.group, self.device = peer, group, device
-        self._in_flight: list = []
-
-    def send(self, msg: Msg) -> None:
-        data = torch.frombuffer(bytearray(pickle.dumps(msg, protocol=5)), dtype=torch.uint8).to(self.device)
-        head = torch.tensor([data.numel()], dtype=torch.int64, device=self.device)
-        self.flush()
-        works = [dist.isend(head, self.peer, group=self.group), dist.isend(data, self.peer, group=self.group)]
-        self._in_flight = [works, head, data]   # the buffers must outlive the sends
-
-    def flush(self) -> None:
-        if self._in_flight:
-            for work in self._in_flight[0]:
-                work.wait()
-            self._in_flight = []
-
-    def recv(self) -> Msg:
-        head = torch.empty(1, dtype=torch.int64, device=self.device)
-        dist.recv(head, self.peer, group=self.group)
-        data = torch.empty(int(head.item()), dtype=torch.uint8, device=self.device)
-        dist.recv(data, self.peer, group=self.group)
-        return pickle.loads(data.cpu().numpy().tobytes())   # peers are this job's own ranks
-
-
-# ---------------------------------------------------------------- one rank's share of a session
-
-@dataclass(frozen=True)
-class _RingFirstSpec(KVCacheSpec):
-    """One cache set laid out as an even set of a multi-set cache ([ring | sink], the ring filled
-    backwards, set 0 of a two-set spec without the second ring), so attention sees the keys in
-    the same order as GeneratorSession's set and the results match bit for bit."""
-
-    @property
-    def buffer_tokens(self) -> int:
-        return self.ring_tokens + self.sink_tokens
-
-
-def step_cache_spec(dit, h: int, w: int, window_frames: int, step: int, steps: int) -> tuple[KVCacheSpec, int]:
-    """This step's single cache set and the index the DiT addresses it by."""
-    if steps > 1 and step % 2 == 0:
-        base = KVCacheSpec.for_model(dit, h, w, window_frames, num_sets=2)
-        return _RingFirstSpec(**dataclasses.asdict(base)), 0
-    return KVCacheSpec.for_model(dit, h, w, window_frames, num_sets=1), 0
-
-
-class StepRunner:
-    """Sampling step `step` of every block of one session: what GeneratorSession does for one of
-    its cache sets (same plan, same timesteps, same draws of the sink's RoPE lead)."""
-
-    def __init__(self, engine: GeneratorEngine, job, text: torch.Tensor, ref_latent: torch.Tensor,
-                 motion_latents: torch.Tensor, step: int, refresh_sink: bool = True):
-        self.dit = dit = engine.dit
-        self.plan = p = plan_session(job, dit, ref_latent, motion_latents, text, None)
-        if not 0 <= step < p.steps:
-            raise InvalidInput(f"step {step} out of range for {p.steps} sampling steps")
-        self.step, self.seed, self.refresh_sink = step, int(job.seed), refresh_sink
-        self.sampler = FlowMatchEuler.create(p.steps)
-        self._rng = random.Random(self.seed)
-        self.device, self.dtype = dit.device, dit.dtype
-        self.blocks_per_clip = p.clip_frames // p.block_frames
-        self.next_index = 0
-        self._clip_noise: torch.Tensor | None = None
-        spec, self.cache_set = step_cache_spec(dit, p.h, p.w, p.clip_frames, step, p.steps)
-        if engine.free_memory is not None and job.width % 16 == 0 == job.height % 16:
-            check_session_memory(MemoryRequest.from_job(job), 1, engine.free_memory(),
-                                 kv_dtype_bytes=engine.kv_dtype.itemsize)
-        self.kv = KVCache(spec, engine.kv_dtype, self.device)
-        try:
-            with torch.no_grad():
-                self.context = dit.embed_text(text.to(self.device)[None])
-                self.motion = motion_latents.to(self.device, self.dtype)[None]
-                dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
-        except BaseException as e:
-            self.close()
-            traceback.clear_frames(e.__traceback__)
-            raise
-
-    def noise(self, index: int) -> torch.Tensor:
-        """Block `index`'s starting noise (rank 0 only): the clip's noise seeded with seed + clip."""
-        p = self.plan
-        clip, in_clip = divmod(index, self.blocks_per_clip)
-        if in_clip == 0 or self._clip_noise is None:
-            self._clip_noise = clip_noise(self.seed, clip, p)
-        f0 = in_clip * p.block_frames
-        return self._clip_noise[:, :, f0:f0 + p.block_frames]
-
-    def needs_first_frame(self, index: int) -> bool:
-        return self.refresh_sink and index == self.blocks_per_clip
-
-    @torch.no_grad()
-    def run(self, x: torch.Tensor, audio: torch.Tensor, index: int, first: torch.Tensor | None) -> torch.Tensor:
-        """x [1, 16, F, h, w] before this step -> after it (on this rank's device)."""
-        if index != self.next_index:
-            raise RuntimeError(f"block {index} arrived, expected block {self.next_index}")
-        try:
-            return self._run(x, audio, index, first)
-        except Exception as e:
-            # The session is over (its later blocks fail with this error): free its cache now, and
-            # clear the traceback's frames, whose locals hold views of the cache for as long as
-            # the error is held (GeneratorSession._freed_on_failure does the same).
-            self.close()
-            traceback.clear_frames(e.__traceback__)
-            raise
-
-    def _run(self, x: torch.Tensor, audio: torch.Tensor, index: int, first: torch.Tensor | None) -> torch.Tensor:
-        p, dit = self.plan, self.dit
-        if self.needs_first_frame(index):
-            if first is None:
-                raise RuntimeError("the first clip's first frame did not arrive for the sink refresh")
-            dit.prefill_sink(first.to(self.device, self.dtype), self.motion, self.context, self.kv)
-        # GeneratorSession draws the sink's lead once per forward: N per block, step i uses the i-th.
-        leads = [self._rng.randint(*SINK_AHEAD) for _ in range(p.steps)]
-        frame = index * p.block_frames
-        tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
-        x = x.to(self.device, self.dtype)
-        t = self.sampler.timesteps[self.step]
-        v = dit(x, torch.full((1,), t, device=self.device), self.context, tokens, self.kv, self.cache_set,
-                frame, max(REF_ROPE_FRAME, frame + leads[self.step]))
-        self.next_index += 1
-        return self.sampler.step(x, v, self.step)
-
-    def close(self) -> None:
-        if self.kv is not None:
-            self.kv.free()
-        self.kv = self._clip_noise = self.context = self.motion = None
-
-
-def _check_audio(plan, dit, audio: torch.Tensor) -> None:
-    want = (plan.block_frames * VAE_TIME_STRIDE, dit.config.audio_layers, dit.config.audio_dim)
-    if tuple(audio.shape) != want:
-        raise InvalidInput(f"audio features must be {list(want)}, got {list(audio.shape)}")
-
-
 # ---------------------------------------------------------------- ranks 1..N-1
 
 def run_worker(group: Group, engine: GeneratorEngine) -> None:
-    """Rank i > 0: step i of every block of every session, until rank 0 sends shutdown."""
+    """Rank i > 0: step i of every block of every session, until rank 0 sends Shutdown."""
     step = group.rank
     down_in = Channel(step - 1, None, group.comm_device)
     last = step == group.last
     out = Channel(0, group.up, group.comm_device) if last else Channel(step + 1, None, group.comm_device)
-    runners: dict[int, StepRunner] = {}
-    failed: dict[int, tuple[str, str]] = {}
+    sessions: dict[int, GeneratorSession] = {}
+    failed: dict[int, RankError] = {}
     log.info("TPP rank %d/%d ready on %s (sampling step %d)", step, group.world_size, group.device, step)
     while True:
         msg = down_in.recv()
-        if msg.kind == "open" and msg.error is None:
+        # The previous message's send ends before this one's work starts: a rank that then dies
+        # (a crashed kernel) has delivered every block it finished. It has had the receive's
+        # wait to complete, so this rarely waits.
+        out.flush()
+        if isinstance(msg, OpenSession) and msg.error is None:
             try:
-                o = msg.open
-                runners[msg.sid] = StepRunner(engine, o["job"], o["text"], o["ref_latent"], o["motion_latents"], step)
+                sessions[msg.sid] = engine.open_step_session(msg.job, msg.text, msg.ref_latent, msg.motion_latents,
+                                                             step)
             except Exception as exc:   # reported to rank 0, which fails the session
                 log.warning("rank %d: session %d did not open: %s", step, msg.sid, exc)
-                msg.error = _describe(exc, step)
-        elif msg.kind == "block" and msg.error is None:
-            msg.error = failed.get(msg.sid)
-            runner = runners.get(msg.sid)
-            if msg.error is None and runner is None:
-                msg.error = ("RuntimeError", f"generator rank {step}: no session {msg.sid}")
-            if msg.error is None:
-                try:
-                    msg.x = runner.run(msg.x, msg.audio, msg.index, msg.first).cpu()
-                except Exception as exc:
-                    log.warning("rank %d: session %d block %d failed: %s", step, msg.sid, msg.index, exc)
-                    msg.error = failed[msg.sid] = _describe(exc, step)
-                    runners.pop(msg.sid).close()
-                    if group.device.type == "cuda":
-                        torch.cuda.empty_cache()
-        elif msg.kind == "close":
+                msg = replace(msg, error=RankError.of(exc, step))
+        elif isinstance(msg, Block) and msg.error is None:
+            msg = _run_step(msg, sessions, failed, step)
+        elif isinstance(msg, CloseSession):
             failed.pop(msg.sid, None)
-            runner = runners.pop(msg.sid, None)
-            if runner is not None:
-                runner.close()
+            session = sessions.pop(msg.sid, None)
+            if session is not None:
+                session.close()
                 if group.device.type == "cuda":
                     torch.cuda.empty_cache()
-        if last:
-            kind = "result" if msg.kind == "block" else "ack"
-            reply = Msg(kind, msg.sid, msg.index, x=msg.x if msg.error is None and kind == "result" else None,
-                        error=msg.error, of=msg.kind)
-            out.send(reply)
-        else:
-            if msg.kind == "block":
-                msg.audio = msg.audio if msg.error is None else None
-            out.send(msg)
-        if msg.kind == "shutdown":
+        out.send(msg.reply() if last else msg)
+        if isinstance(msg, Shutdown):
             out.flush()
             log.info("TPP rank %d: shutdown", step)
             return
+
+
+def _run_step(msg: Block, sessions: dict[int, GeneratorSession], failed: dict[int, RankError], step: int) -> Block:
+    """This rank's step of one block; a failure ends the session here and travels on with the block."""
+    if msg.sid in failed:
+        return msg.failed(failed[msg.sid])
+    session = sessions.get(msg.sid)
+    if session is None:
+        return msg.failed(RankError("RuntimeError", f"generator rank {step}: no session {msg.sid}"))
+    try:
+        return replace(msg, x=_denoise(session, msg.x, msg.audio, msg.index, msg.first))
+    except Exception as exc:   # the session has freed its memory (GeneratorSession._freed_on_failure)
+        log.warning("rank %d: session %d block %d failed: %s", step, msg.sid, msg.index, exc)
+        failed[msg.sid] = RankError.of(exc, step)
+        sessions.pop(msg.sid).close()
+        return msg.failed(failed[msg.sid])
+
+
+def _denoise(session: GeneratorSession, x: torch.Tensor, audio: torch.Tensor, index: int,
+             first: torch.Tensor | None) -> torch.Tensor:
+    """One step session's step of block `index` (blocks arrive in order), the result on the CPU."""
+    if index != session.block_index:
+        raise RuntimeError(f"block {index} arrived, expected block {session.block_index}")
+    return session.denoise_block(x, audio, first).cpu()
 
 
 def worker_main(model: ModelSpec) -> None:
@@ -334,7 +183,7 @@ def worker_main(model: ModelSpec) -> None:
         dist.destroy_process_group()
 
 
-def start_rank0(model: ModelSpec) -> "TPPEngine":
+def start_rank0(model: ModelSpec) -> TPPEngine:
     """Rank 0's engine for GeneratorServicer (avatar/serve.py)."""
     group, spec = init_group(model)
     return TPPEngine(group, GeneratorEngine(spec))
@@ -356,7 +205,7 @@ class TPPEngine:
         self._down = Channel(1, None, group.comm_device)
         self._up = Channel(group.last, group.up, group.comm_device)
         self._commands: queue.Queue = queue.Queue()
-        self._waiting: dict[tuple, concurrent.futures.Future] = {}   # (kind, sid, index) -> future
+        self._waiting: dict[tuple, concurrent.futures.Future] = {}   # _reply_key -> future
         self._lock = threading.Lock()
         self._sids = itertools.count(1)
         self._active: int | None = None
@@ -366,10 +215,10 @@ class TPPEngine:
         self._driver.start()
         self._receiver.start()
 
-    # -- API used by GeneratorServicer (from worker threads / the event loop)
+    # -- API used by GeneratorServicer (from worker threads / the event loop) and TPPSession
 
-    def open_session(self, job, text: torch.Tensor, ref_latent: torch.Tensor,
-                     motion_latents: torch.Tensor) -> "TPPSession":
+    def open_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
+                     motion_latents: torch.Tensor) -> TPPSession:
         if job.sample_steps != self.world_size:
             raise InvalidInput(f"this multi-GPU generator runs {self.world_size} ranks, one sampling step each: "
                                f"sample_steps must be {self.world_size}, got {job.sample_steps}")
@@ -378,18 +227,33 @@ class TPPEngine:
                 raise errors.ResourceExhausted("the multi-GPU generator runs one session at a time (--max-sessions=1)")
             self._active = sid = next(self._sids)
         try:
-            runner = self._call("open", sid, job, text, ref_latent, motion_latents).result()
+            step = self._call(self._open, sid, job, text, ref_latent, motion_latents).result()
         except BaseException:
             with self._lock:
                 self._active = None
             raise
-        return TPPSession(self, sid, runner)
+        return TPPSession(self, sid, step)
+
+    def run_block(self, session: TPPSession, index: int, audio: torch.Tensor) -> concurrent.futures.Future:
+        """Queues step 0 of block `index`; the future resolves once it is sent down the ring (the
+        block's own result future is then in session.results[index])."""
+        return self._call(self._block, session, index, audio)
+
+    def end_session(self, session: TPPSession) -> None:
+        """Closes the session on every rank (unless the group is gone) and frees rank 0's share."""
+        try:
+            if not self.broken:
+                self._call(self._close, session.sid, session.step).result()
+        finally:
+            session.step.close()
+            with self._lock:
+                self._active = None
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stops every rank (shutdown down the ring) and leaves the process group."""
+        """Stops every rank (Shutdown down the ring) and leaves the process group."""
         if self.broken is None and self._driver.is_alive():
             try:
-                self._call("shutdown").result(timeout)
+                self._call(self._shutdown).result(timeout)
             except Exception as exc:
                 log.warning("TPP shutdown: %s", exc)
         if dist.is_initialized():
@@ -399,13 +263,13 @@ class TPPEngine:
         import asyncio
         await asyncio.to_thread(self.close)
 
-    # -- plumbing
+    # -- plumbing: the driver thread runs one command at a time, in order
 
-    def _call(self, what: str, *args) -> concurrent.futures.Future:
+    def _call(self, command, *args) -> concurrent.futures.Future:
         if self.broken:
             raise RuntimeError(self.broken)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((what, args, fut))
+        self._commands.put((command, args, fut))
         return fut
 
     def _expect(self, key: tuple) -> concurrent.futures.Future:
@@ -415,76 +279,75 @@ class TPPEngine:
         return fut
 
     def _drive(self) -> None:
-        handlers = {"ping": self._ping, "open": self._open, "block": self._block, "close": self._close, "shutdown": self._shutdown}
         while True:
             try:
-                what, args, fut = self._commands.get(timeout=PING_S)
+                command, args, fut = self._commands.get(timeout=PING_S)
             except queue.Empty:
-                what, args, fut = "ping", (), concurrent.futures.Future()
+                command, args, fut = self._ping, (), concurrent.futures.Future()
             if self.broken:
                 fut.set_exception(RuntimeError(self.broken))
                 continue
             try:
-                fut.set_result(handlers[what](*args))
+                fut.set_result(command(*args))
             except Exception as exc:
                 fut.set_exception(exc)
             except BaseException as exc:   # the process is going down
                 fut.set_exception(exc)
                 raise
-            if what == "shutdown":
+            if command == self._shutdown:
                 return
 
-    def _open(self, sid, job, text, ref_latent, motion_latents) -> StepRunner:
-        runner = StepRunner(self.engine, job, text, ref_latent, motion_latents, 0)
-        ack = self._expect(("ack", sid, 0))
+    def _open(self, sid: int, job: Job, text, ref_latent, motion_latents) -> GeneratorSession:
+        step = self.engine.open_step_session(job, text, ref_latent, motion_latents, 0)
+        opened = self._expect(_reply_key(Opened(sid)))
         try:
-            self._down.send(Msg("open", sid, open={"job": job, "text": text.cpu(), "ref_latent": ref_latent.cpu(),
-                                                   "motion_latents": motion_latents.cpu()}))
-            reply = ack.result()
+            self._down.send(OpenSession(sid, job, text.cpu(), ref_latent.cpu(), motion_latents.cpu()))
+            reply = opened.result()
         except BaseException:
-            runner.close()
+            step.close()
             raise
         if reply.error is not None:
-            runner.close()
+            step.close()
             self._close(sid, None)   # ranks before the one that failed have opened
-            raise _raise_for(reply.error)
-        return runner
+            raise reply.error.exception()
+        return step
 
-    def _block(self, sid, runner: StepRunner, index: int, audio: torch.Tensor, session: "TPPSession") -> None:
-        result = self._expect(("result", sid, index))
+    def _block(self, session: TPPSession, index: int, audio: torch.Tensor) -> None:
+        sid = session.sid
+        result = self._expect(_reply_key(BlockDone(sid, index)))
         session.results[index] = result
         if session.error is not None:
-            result.set_exception(_raise_for(session.error))
+            result.set_exception(session.error.exception())
             return
         first = None
         try:
-            if runner.needs_first_frame(index):
+            if session.step.needs_first_frame(index):
                 first = session.results[0].result()[:, :, :1]   # waits for block 0 to come round
-            x = runner.run(runner.noise(index), audio, index, first).cpu()
+            x = _denoise(session.step, session.step.block_noise(index), audio, index, first)
         except Exception as exc:
-            session.error = _describe(exc, 0)
+            session.error = RankError.of(exc, 0)
             with self._lock:
-                self._waiting.pop(("result", sid, index), None)
-            result.set_exception(exc if isinstance(exc, errors.AvatarError) else _raise_for(session.error))
+                self._waiting.pop(_reply_key(BlockDone(sid, index)), None)
+            result.set_exception(exc if isinstance(exc, errors.AvatarError) else session.error.exception())
             return
-        self._down.send(Msg("block", sid, index, x=x, audio=audio.cpu(), first=first))
+        self._down.send(Block(sid, index, x=x, audio=audio.cpu(), first=first))
 
-    def _close(self, sid, runner: StepRunner | None) -> None:
-        ack = self._expect(("ack", sid, 0))
-        self._down.send(Msg("close", sid))
-        ack.result()
-        if runner is not None:
-            runner.close()
+    def _close(self, sid: int, step: GeneratorSession | None) -> None:
+        closed = self._expect(_reply_key(Closed(sid)))
+        self._down.send(CloseSession(sid))
+        closed.result()
+        if step is not None:
+            step.close()
             if self.group.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def _ping(self) -> None:
-        self._down.send(Msg("ping"))
+        self._down.send(Ping())
 
     def _shutdown(self) -> None:
-        ack = self._expect(("ack", 0, 0))
-        self._down.send(Msg("shutdown"))
-        ack.result()
+        done = self._expect(_reply_key(ShutDown()))
+        self._down.send(Shutdown())
+        done.result()
         self._down.flush()
 
     def _receive(self) -> None:
@@ -495,25 +358,27 @@ class TPPEngine:
                     # Its own stream: a receive waiting for a block N steps away must not hold up
                     # step 0's kernels on the default stream.
                     with torch.cuda.stream(stream):
-                        msg = self._up.recv()
+                        reply = self._up.recv()
                 else:
-                    msg = self._up.recv()
+                    reply = self._up.recv()
             except Exception as exc:
                 self._fail(f"a generator rank failed ({type(exc).__name__}: {exc}); restarting the group")
                 return
-            key = ("result", msg.sid, msg.index) if msg.kind == "result" else ("ack", msg.sid, 0)
-            with self._lock:
-                fut = self._waiting.pop(key, None)
-            if fut is None:
-                if msg.of == "ping":
-                    continue
-                log.warning("TPP: unexpected %s for session %d block %d", msg.kind, msg.sid, msg.index)
+            if isinstance(reply, Pong):
                 continue
-            if msg.error is not None and msg.kind == "result":
-                fut.set_exception(_raise_for(msg.error))
+            with self._lock:
+                fut = self._waiting.pop(_reply_key(reply), None)
+            if fut is None:
+                log.warning("TPP: unexpected reply %s", reply)
+                continue
+            if isinstance(reply, BlockDone):
+                if reply.error is not None:
+                    fut.set_exception(reply.error.exception())
+                else:
+                    fut.set_result(reply.x)
             else:
-                fut.set_result(msg.x if msg.kind == "result" else msg)
-            if msg.kind == "ack" and msg.of == "shutdown":
+                fut.set_result(reply)
+            if isinstance(reply, ShutDown):
                 return
 
     def _fail(self, reason: str) -> None:
@@ -528,15 +393,24 @@ class TPPEngine:
         threading.Timer(EXIT_DELAY_S, os._exit, (1,)).start()
 
 
+def _reply_key(reply: Reply) -> tuple:
+    """What a reply answers: the future rank 0 waits on for it."""
+    if isinstance(reply, BlockDone):
+        return BlockDone, reply.sid, reply.index
+    if isinstance(reply, (Opened, Closed)):
+        return type(reply), reply.sid
+    return (type(reply),)
+
+
 @dataclass(eq=False)
 class TPPSession:
     """One stream on the TPP group. submit() returns at once (blocks overlap across ranks);
     results come back in order. `pipeline_depth` blocks may be in flight."""
     engine: TPPEngine
     sid: int
-    runner: StepRunner
-    results: dict = field(default_factory=dict)
-    error: tuple[str, str] | None = None
+    step: GeneratorSession        # rank 0's share: sampling step 0 of every block
+    results: dict = field(default_factory=dict)   # block index -> future of its finished latent
+    error: RankError | None = None
     last_block_ms: float = 0.0
     _next: int = 0
     _closed: bool = False
@@ -546,24 +420,24 @@ class TPPSession:
         return self.engine.world_size
 
     @property
-    def plan(self):
-        return self.runner.plan
+    def kv_cache_bytes(self) -> int:
+        """Rank 0's share (every rank holds as much)."""
+        return self.step.kv_cache_bytes
 
     def submit(self, audio: torch.Tensor) -> concurrent.futures.Future:
         """Queues the next block; the future gives its latent [16, F, h, w] (CPU)."""
         if self._closed:
             raise InvalidInput("the generator session is closed")
-        _check_audio(self.runner.plan, self.engine.dit, audio)
+        self.step.check_audio(audio)
         index, self._next = self._next, self._next + 1
         start = time.perf_counter()
-        fut = self.engine._call("block", self.sid, self.runner, index, audio, self)
+        sent = self.engine.run_block(self, index, audio)
         out: concurrent.futures.Future = concurrent.futures.Future()
 
-        def relay(f):   # the driver's future resolves when step 0 is sent; then wait for the result
+        def relay(f):   # `sent` resolves when step 0 is sent; then wait for the result
             if f.exception() is not None:
                 out.set_exception(f.exception())
                 return
-            result = self.results[index]
 
             def done(r):
                 self.last_block_ms = (time.perf_counter() - start) * 1e3
@@ -573,21 +447,14 @@ class TPPSession:
                     out.set_result(r.result()[0])
                 if index:   # block 0 stays: the sink refresh at the second clip needs its first frame
                     self.results.pop(index, None)
-            result.add_done_callback(done)
-        fut.add_done_callback(relay)
+            self.results[index].add_done_callback(done)
+        sent.add_done_callback(relay)
         return out
 
     def generate_block(self, audio: torch.Tensor) -> torch.Tensor:
         return self.submit(audio).result()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if not self.engine.broken:
-                self.engine._call("close", self.sid, self.runner).result()
-        finally:
-            self.runner.close()
-            with self.engine._lock:
-                self.engine._active = None
+        if not self._closed:
+            self._closed = True
+            self.engine.end_session(self)
