@@ -10,7 +10,10 @@ from avatar.presets import FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK
 MAX_PROMPT_CHARS = 4000    # umT5 reads 512 tokens; far longer text is a mistake or an attack
 MAX_SAMPLE_STEPS = 50
 MAX_INFER_FRAMES = 1200
-MAX_VIDEO_S = 3600         # an hour: far past the gateway's --max-audio-s default (600 s)
+# The longest job any service runs: a live session (Converse) of 30 days, the limit of
+# gateway.converse.MAX_SESSION_S (its frame count must fit an int32). Generate's jobs are far
+# shorter (--max-audio-s, 600 s by default); 2^31-1 blocks are refused.
+MAX_VIDEO_S = 30 * 24 * 3600
 MAX_JOB_BLOCKS = math.ceil(MAX_VIDEO_S * FPS / FRAMES_PER_BLOCK)
 SIZE_MULTIPLE = 16         # VAE stride 8 x DiT patch 2
 MAX_AUDIO_RATE = 192_000

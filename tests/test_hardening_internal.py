@@ -134,7 +134,7 @@ def test_internal_rpcs_validate_their_own_inputs(embedded):
                 call()
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value)
             assert time.monotonic() - t0 < 10, what     # refused, not worked on
-    for reason in ("prompt is too long", "num_blocks must be between 1 and 7500", "samples of 16 kHz audio fill",
+    for reason in ("prompt is too long", "num_blocks must be between 1 and", "samples of 16 kHz audio fill",
                    "over the largest area", "job size must be positive multiples of 16"):
         assert reason in embedded.log.read_text(), reason
 
