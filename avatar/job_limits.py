@@ -3,12 +3,12 @@ cluster network, so none of them trusts the gateway to have checked (the gateway
 checks the same limits on the public request, with user-facing messages)."""
 import math
 
+from avatar.dit_config import MAX_SAMPLE_STEPS
 from avatar.errors import InvalidInput
 from avatar.media import MAX_SIZE_AREA
 from avatar.presets import FPS, FRAMES_PER_BLOCK, LATENT_FRAMES_PER_BLOCK
 
 MAX_PROMPT_CHARS = 4000    # umT5 reads 512 tokens; far longer text is a mistake or an attack
-MAX_SAMPLE_STEPS = 50
 MAX_INFER_FRAMES = 1200
 # The longest job any service runs: a live session (Converse) of 30 days, the limit of
 # gateway.converse.MAX_SESSION_S (its frame count must fit an int32). Generate's jobs are far
