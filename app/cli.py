@@ -110,7 +110,15 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="sessions that may wait for a slot; beyond: RESOURCE_EXHAUSTED with a retry hint (default 8)")
     g.add_argument("--max-per-client", type=int, default=0, metavar="N",
-                   help="running + waiting sessions per client (token or address); 0: no cap (default)")
+                   help="public API: running + waiting sessions per client (its client certificate, else its "
+                        "API token when --auth-token is set, else its IP address); 0: no cap (default)")
+    g.add_argument("--encoder-concurrency", type=int, default=2, metavar="N",
+                   help="encoder: image and prompt encodes run at once (default 2)")
+    g.add_argument("--encoder-queue", type=int, default=8, metavar="N",
+                   help="encoder: encodes that may wait; beyond: RESOURCE_EXHAUSTED (default 8)")
+    g.add_argument("--compile-cache", metavar="DIR",
+                   help="keep torch.compile's caches (inductor FX graphs, Triton kernels) in DIR: a restart "
+                        "with --compile loads them instead of compiling for minutes (mount it as a volume)")
     g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     g.add_argument("--grace", type=float, default=None, metavar="S",
@@ -267,13 +275,17 @@ def cmd_serve(args) -> int:
     try:
         security = SecurityConfig.from_args(args)
         admission = AdmissionConfig(args.max_sessions, args.max_queue, args.max_per_client)
+        if args.encoder_concurrency < 1 or args.encoder_queue < 0:
+            raise ValueError("--encoder-concurrency must be at least 1 and --encoder-queue not negative")
+        encoder_admission = AdmissionConfig(args.encoder_concurrency, args.encoder_queue)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
                       decoder=args.decoder, model=model_for(args, args.role), trace_file=args.trace_file,
                       security=security, admission=admission, metrics_port=args.metrics_port,
                       grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s,
-                      warmup=args.warmup, live=converse_cmd.live_config(args))
+                      warmup=args.warmup, live=converse_cmd.live_config(args), compile_cache=args.compile_cache,
+                      encoder_admission=encoder_admission)
     from avatar.errors import WeightsError
     try:
         asyncio.run(serve_forever(cfg))

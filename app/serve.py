@@ -1,14 +1,16 @@
 """Hosts mesh services in one grpc.aio server: one role per process, or all four (the embedded default)."""
 import asyncio
 import logging
+import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import grpc
 
 from avatar import grpc_util, telemetry
-from avatar.admission import Admission, AdmissionConfig
+from avatar.admission import Admission, AdmissionConfig, AdmitBeforeReading
 from avatar.metrics import MetricsInterceptor
 from avatar.presets import ModelSpec
 from avatar.security import SecurityConfig
@@ -36,25 +38,36 @@ class ServeConfig:
     max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
     warmup: bool | None = None                # generator and decoder: run the presets once before SERVING; None: with --compile
     live: object = None                       # gateway: a gateway.converse.ConverseConfig; None: defaults
+    compile_cache: str | None = None          # torch.compile caches kept here across restarts (use_compile_cache)
+    # encoder: image and prompt encodes at once + waiting; beyond: RESOURCE_EXHAUSTED. None: no cap
+    encoder_admission: AdmissionConfig | None = field(default_factory=lambda: AdmissionConfig(2, 8))
 
 
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server
+    server: grpc.aio.Server          # the listener on cfg.listen (public in "all" and "gateway")
     port: int
     health: object
     service_names: list[str]
     closers: list
     metrics_port: int | None = None
+    internal: grpc.aio.Server | None = None   # "all": the loopback listener of the internal services
+    internal_health: object = None
+    internal_port: int | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float = GRACE_S) -> None:
-        """Health NOT_SERVING first (load balancers drain), then finish in-flight RPCs within `grace`."""
-        await self.health.enter_graceful_shutdown()
+        """Health NOT_SERVING first (load balancers drain), then finish in-flight RPCs within `grace`.
+        The internal listener stops last: the gateway's streams use it until they end."""
+        for health in (self.health, self.internal_health):
+            if health is not None:
+                await health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.internal is not None:
+            await self.internal.stop(0)
         for close in self.closers:
             await close()
 
@@ -67,22 +80,78 @@ def warmup_sizes(model: ModelSpec) -> list[tuple[int, int, int, int]]:
              JOB_PRESETS[name].sample_steps) for name in ("hd", "preview")]
 
 
+def use_compile_cache(directory: str) -> Path:
+    """Keeps torch.compile's work across restarts: inductor's FX graph cache and generated code,
+    and Triton's kernels, under `directory` (a volume in deploy/). A second start with the same
+    directory loads the compiled graphs instead of compiling them (minutes on an H200)."""
+    path = Path(directory).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--compile-cache {directory}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--compile-cache {directory}: not writable by this user")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    import torch._inductor.config as inductor_config   # read its environment at import: set it too
+    inductor_config.fx_graph_cache = True
+    return path
+
+
 def _host(listen: str) -> str:
     return listen.rsplit(":", 1)[0].strip("[]")
 
 
+def _warm_up(kind: str, engine, sizes: list) -> None:
+    """One size at a time, saying what compiles before it starts (a first compilation takes
+    minutes): the log shows where a slow start spends its time."""
+    for size in sizes:
+        log.info("%s warm-up: compiling/running %s (health NOT_SERVING until every size is done)",
+                 kind, "*".join(str(v) for v in size[:2]))
+        for line in engine.warm_up([size]):
+            log.info("%s warm-up: %s", kind, line)
+
+
 async def start(cfg: ServeConfig) -> RunningServer:
-    """Builds the role's engines, binds, starts and reports SERVING. Port 0 picks a free port."""
+    """Builds the role's engines, binds, starts (health NOT_SERVING), warms up when asked and then
+    reports SERVING. Port 0 picks a free port.
+
+    "all" hosts the gateway on cfg.listen and the internal services on a second listener on
+    loopback (a free port) behind the internal token, a random one per process unless given:
+    the public port never exposes the internal services, and it takes requests up to
+    PUBLIC_MAX_REQUEST_BYTES while internal traffic keeps the 64 MiB limit.
+    """
     if cfg.role not in ROLES:
         raise ValueError(f"unknown role {cfg.role!r}: choose one of {', '.join(ROLES)}")
     telemetry.setup(f"avatar-{cfg.role}", cfg.trace_file)
-    sec = cfg.security
+    if cfg.compile_cache:
+        path = use_compile_cache(cfg.compile_cache)
+        log.info("torch.compile caches in %s", path)
+    sec = cfg.security.with_internal_token() if cfg.role == "all" else cfg.security
     for warning in sec.exposure_warnings(cfg.role, cfg.listen):
         log.warning(warning)
+    public = cfg.role in ("all", "gateway")
     interceptors = [MetricsInterceptor(), *sec.server_interceptors(cfg.role)]
-    server, port = grpc_util.create_server(cfg.listen, sec.tls.server_credentials(), interceptors)
-    names: list[str] = []
+    gateway_admission = None   # shared by Generate (in the interceptor) and Converse (in the servicer)
+    if public and cfg.admission:
+        from avatar.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
+        # After auth: a refused call costs nothing; an admitted one is read only when it runs.
+        gateway_admission = Admission(cfg.admission, "gateway", token_checked=bool(sec.auth_token))
+        interceptors.append(AdmitBeforeReading(gateway_admission, [f"/{GATEWAY_SERVICE}/Generate"]))
+    server, port = grpc_util.create_server(
+        cfg.listen, sec.tls.server_credentials(), interceptors,
+        max_request_bytes=grpc_util.PUBLIC_MAX_REQUEST_BYTES if public else grpc_util.MAX_MESSAGE_BYTES)
+    internal, internal_port = server, port
+    if cfg.role == "all":
+        internal, internal_port = grpc_util.create_server(
+            "127.0.0.1:0", None, [MetricsInterceptor(), *sec.server_interceptors("internal")])
+    names: list[str] = []            # services on `server`
+    internal_names: list[str] = []   # services on `internal` when it is a second listener
+    on_internal = internal_names if internal is not server else names
     closers = []
+    warmups = []
     metrics_port = None
     if cfg.metrics_port is not None:
         from avatar.metrics import start_metrics_server
@@ -94,6 +163,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
         closers.append(close_metrics)
     loop = asyncio.get_running_loop()
     warmup = cfg.warmup if cfg.warmup is not None else cfg.model.compile
+    # Internal services take no per-client limit: their one client is the gateway.
+    internal_admission = replace(cfg.admission, max_per_client=0) if cfg.admission else None
 
     # Each role imports only its own engine (a gateway loads no model code); engines build in a
     # thread so a slow checkpoint load does not block the loop.
@@ -102,8 +173,9 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from avatar.services.encoder.engine import EncoderEngine
         from avatar.services.encoder.server import SERVICE_NAME, EncoderServicer
         engine = await loop.run_in_executor(None, EncoderEngine, cfg.model)
-        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
-        names.append(SERVICE_NAME)
+        encoder_admission = Admission(cfg.encoder_admission, "encoder") if cfg.encoder_admission else None
+        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine, encoder_admission), internal)
+        on_internal.append(SERVICE_NAME)
     if cfg.role in ("all", "generator"):
         from avatar.v1 import generator_pb2_grpc
         from avatar.services.generator.engine import GeneratorEngine
@@ -116,29 +188,26 @@ async def start(cfg: ServeConfig) -> RunningServer:
         else:
             engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
             if warmup:
-                for line in await loop.run_in_executor(None, engine.warm_up, warmup_sizes(cfg.model)):
-                    log.info("generator warm-up: %s", line)
-        admission = Admission(cfg.admission, "generator") if cfg.admission else None
-        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine, admission), server)
-        names.append(SERVICE_NAME)
+                warmups.append(("generator", engine, warmup_sizes(cfg.model)))
+        admission = Admission(internal_admission, "generator") if internal_admission else None
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine, admission), internal)
+        on_internal.append(SERVICE_NAME)
     if cfg.role in ("all", "decoder"):
         from avatar.v1 import decoder_pb2_grpc
         from avatar.services.decoder.engine import DecoderEngine
         from avatar.services.decoder.server import SERVICE_NAME, DecoderServicer
         engine = await loop.run_in_executor(None, DecoderEngine, cfg.model)
         if warmup:
-            sizes = [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]
-            for line in await loop.run_in_executor(None, engine.warm_up, sizes):
-                log.info("decoder warm-up: %s", line)
-        decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), server)
-        names.append(SERVICE_NAME)
+            warmups.append(("decoder", engine, [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]))
+        decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), internal)
+        on_internal.append(SERVICE_NAME)
+    gateway = None
     if cfg.role in ("all", "gateway"):
         from avatar.v1 import avatar_pb2_grpc
         from avatar.gateway.server import SERVICE_NAME, GatewayServicer
         if cfg.role == "all":
             # Same code path as a deployed mesh: the gateway calls its siblings over loopback.
-            host = _host(cfg.listen)
-            peers = (f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}",) * 3
+            peers = (f"127.0.0.1:{internal_port}",) * 3
         else:
             missing = [n for n in ("encoder", "generator", "decoder") if not getattr(cfg, n)]
             if missing:
@@ -146,17 +215,33 @@ async def start(cfg: ServeConfig) -> RunningServer:
             peers = (cfg.encoder, cfg.generator, cfg.decoder)
         gateway = GatewayServicer(cfg.model, *peers, credentials=sec.peer_credentials(cfg.role),
                                   token=sec.peer_token(cfg.role),
-                                  admission=Admission(cfg.admission, "gateway") if cfg.admission else None,
-                                  live=cfg.live,
+                                  admission=gateway_admission, live=cfg.live,
                                   **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}))
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
         names.append(SERVICE_NAME)
         closers.append(gateway.close)
 
     health = grpc_util.add_health_and_reflection(server, names)
+    internal_health = None
+    if internal is not server:
+        internal_health = grpc_util.add_health_and_reflection(internal, internal_names)
+        await internal.start()
     await server.start()
+    running = RunningServer(server, port, health, names, closers, metrics_port,
+                            internal if internal is not server else None, internal_health,
+                            internal_port if internal is not server else None)
+    # Listening, but NOT_SERVING while the models warm up (compile): probes see progress, not
+    # connection refused, and load balancers send nothing yet.
+    await grpc_util.set_serving(health, names, False)
+    for kind, engine, sizes in warmups:
+        await loop.run_in_executor(None, _warm_up, kind, engine, sizes)
+    if internal_health is not None:
+        await grpc_util.set_serving(internal_health, internal_names)
     await grpc_util.set_serving(health, names)
-    return RunningServer(server, port, health, names, closers, metrics_port)
+    if gateway is not None:
+        # NOT_SERVING for the gateway's name while a service behind it is unreachable
+        closers.insert(0, gateway.watch_peers(health, SERVICE_NAME))
+    return running
 
 
 async def serve_forever(cfg: ServeConfig) -> None:
@@ -176,6 +261,7 @@ async def serve_forever(cfg: ServeConfig) -> None:
     print(f"avatar serve: {cfg.role} ({', '.join(n.rsplit('.', 1)[-1] for n in running.service_names)}) "
           f"listening on {_host(cfg.listen)}:{running.port}{' (TLS)' if cfg.security.tls.cert else ''}, "
           f"model {cfg.model.describe()}"
+          + (f", internal services on 127.0.0.1:{running.internal_port} (internal token)" if running.internal else "")
           + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,9 +2,10 @@
 
 A servicer wraps each session in ``async with admission.slot(context): ...``. Up to
 `max_sessions` run at once; up to `max_queue` more wait (in fair order: the next free slot goes
-to the waiting client with the fewest sessions running, ties by arrival); beyond that, or past
-the caller's deadline while waiting, the call fails with RESOURCE_EXHAUSTED, a message saying
-what is full, and trailing metadata ``retry-after-ms`` estimated from recent session lengths.
+to the waiting client with the fewest sessions running, ties by arrival); beyond that the call
+fails with RESOURCE_EXHAUSTED, a message saying what is full, and trailing metadata
+``retry-after-ms`` estimated from recent session lengths; past the caller's deadline while
+waiting, with DEADLINE_EXCEEDED.
 Nothing ever waits unbounded: the queue is bounded and every wait has the RPC's deadline.
 """
 from __future__ import annotations
@@ -12,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import grpc
+
 from avatar import errors
+from avatar.grpc_util import DeadlineExceeded, status_of
 from avatar.security import bearer_token, token_fingerprint
 
+log = logging.getLogger(__name__)
 RETRY_AFTER_KEY = "retry-after-ms"
 _MIN_RETRY_MS, _MAX_RETRY_MS, _DEFAULT_RETRY_MS = 100, 60_000, 1_000
 
@@ -29,6 +36,10 @@ class Overloaded(errors.ResourceExhausted):
     def __init__(self, message: str, retry_after_ms: int):
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+
+class QueueDeadline(DeadlineExceeded):
+    """The request's deadline passed while it waited for a slot: DEADLINE_EXCEEDED."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +55,41 @@ class AdmissionConfig:
             raise ValueError("max_queue and max_per_client must not be negative")
 
 
-def client_key(context) -> str:
-    """Who is calling, for fairness: the fingerprint of their bearer token, else their address
-    without the port (a client's connections share it). Never the token itself."""
-    token = bearer_token(context.invocation_metadata())
-    if token:
-        return token_fingerprint(token)
-    peer = context.peer() or "unknown"
+def client_key(context, token_checked: bool = False) -> str:
+    """Who is calling, for fairness: the authenticated identity, else the peer's host.
+
+    Authenticated means a client certificate (mTLS: its subject) or, when `token_checked` (the
+    listener verifies bearer tokens), the fingerprint of the token: every client sharing one
+    API token is one client. An unchecked bearer string says nothing about who sends it (a
+    client could send a new one per call), so without auth the key is the peer's address
+    without the port (a client's connections share it). Never the token itself.
+    """
+    cert = _certificate_identity(context)
+    if cert:
+        return "cert:" + cert
+    if token_checked:
+        token = bearer_token(context.invocation_metadata())
+        if token:
+            return token_fingerprint(token)
+    return peer_host(context.peer() or "unknown")
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7', 'ipv6:[::1]:5123' -> 'ipv6:[::1]'; others unchanged."""
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+def _certificate_identity(context) -> str | None:
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - contexts without TLS (tests, plaintext) may not offer it
+        return None
+    for key in ("x509_subject", "x509_common_name"):
+        values = auth.get(key)
+        if values:
+            v = values[0]
+            return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return None
 
 
 class _Waiter:
@@ -64,9 +102,11 @@ class _Waiter:
 class Admission:
     """Session slots of one service (e.g. "generator"). Not thread-safe: use from one event loop."""
 
-    def __init__(self, config: AdmissionConfig = AdmissionConfig(), name: str = "generator"):
+    def __init__(self, config: AdmissionConfig = AdmissionConfig(), name: str = "generator",
+                 token_checked: bool = False):
         self.config = config
         self.name = name
+        self.token_checked = token_checked   # the listener verifies bearer tokens: they identify clients
         self._running: dict[str, int] = defaultdict(int)
         self._last_grant: dict[str, int] = {}   # per client with work here: when it last got a slot
         self._grants = itertools.count()
@@ -97,7 +137,7 @@ class Admission:
         """Holds one session slot for the body. With a grpc.aio context: the client key and the
         deadline come from it, and a refusal sets ``retry-after-ms`` trailing metadata."""
         if context is not None:
-            client = client or client_key(context)
+            client = client or client_key(context, self.token_checked)
             if timeout is None:
                 timeout = context.time_remaining()
         try:
@@ -149,7 +189,12 @@ class Admission:
                 self._publish()
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise self._refuse(f"no session slot freed before the deadline ({cfg.max_sessions} running)") from None
+            if self._metrics:
+                self._metrics.rejected.labels(service=self.name).inc()
+            # DEADLINE_EXCEEDED, not RESOURCE_EXHAUSTED: the client's own deadline fires at the
+            # same moment, and its library reports DEADLINE_EXCEEDED whichever status wins.
+            raise QueueDeadline(f"{self.name} busy: no session slot freed before the deadline "
+                                f"({cfg.max_sessions} running, {len(self._waiting)} queued)") from None
 
     def _take(self, client: str) -> None:
         self._active += 1
@@ -180,6 +225,49 @@ class Admission:
         if self._metrics:
             self._metrics.active.labels(service=self.name).set(self._active)
             self._metrics.queued.labels(service=self.name).set(len(self._waiting))
+
+
+class AdmitBeforeReading(grpc.aio.ServerInterceptor):
+    """Takes the session slot of a single-request method before its request is read.
+
+    grpc reads a unary request whole (the public Generate: up to 32 MiB of image and audio)
+    before the handler runs, so a slot taken inside the handler lets every waiting or refused
+    request sit in memory first. Served as a request stream instead, the body stays in the
+    client's HTTP/2 window until a slot is granted: at most `max_sessions` bodies are in memory,
+    waiting and refused requests cost none. The servicer itself takes no slot.
+    """
+
+    def __init__(self, admission: Admission, methods: Iterable[str]):
+        self.admission = admission
+        self.methods = frozenset(methods)   # full names, e.g. "/avatar.v1.AvatarService/Generate"
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method not in self.methods or not handler.unary_stream:
+            return handler
+        respond, admission, details_method = handler.unary_stream, self.admission, details.method.lstrip("/")
+
+        async def admitted(requests, context):
+            try:
+                async with admission.slot(context):
+                    messages = aiter(requests)
+                    request = await anext(messages, None)   # the body is read only now
+                    # ... and the end of the client's stream: grpc completes a call whose
+                    # receive side is still open only when the client goes away (the handler
+                    # task, holding the request, would outlive the call)
+                    if request is None or await anext(messages, None) is not None:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call must carry one request")
+                    responses, request = respond(request, context), None   # no frame but its own holds it
+                    async with contextlib.aclosing(responses):
+                        async for response in responses:
+                            yield response
+            except (errors.ResourceExhausted, DeadlineExceeded) as exc:   # outside the error interceptor
+                code, details = status_of(exc)
+                log.info("%s: %s: %s", details_method, code.name, details)
+                await context.abort(code, details)
+
+        return grpc.stream_stream_rpc_method_handler(admitted, handler.request_deserializer,
+                                                     handler.response_serializer)
 
 
 def _metrics():

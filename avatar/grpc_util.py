@@ -2,15 +2,18 @@
 import asyncio
 import contextlib
 import contextvars
+import errno
 import functools
 import logging
+import re
+import socket
 from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from avatar import errors, telemetry
+from avatar import cancellation, errors, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,9 @@ MESSAGE_OPTIONS = [
 # The public API (AvatarService) receives a portrait and a speech file, not tensors: its own,
 # smaller limit (docs/operations.md, "Input limits"). Clients transcode audio that would not fit.
 PUBLIC_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# Servers never share a port: with grpc's default SO_REUSEPORT a second `avatar serve` on a busy
+# port starts without error and takes most of the first one's connections.
+NO_REUSEPORT_OPTIONS = [("grpc.so_reuseport", 0)]
 # A peer that vanishes without closing its socket (host down, process frozen, network cut)
 # is noticed by keepalive pings within ~10 s instead of hanging the stream (ping_timeout_ms:
 # grpc's own default is 60 s); a peer that comes back is reconnected to within 2 s. Servers
@@ -47,8 +53,46 @@ _STATUS = {
 }
 
 
+class DeadlineExceeded(errors.AvatarError):
+    """The request's deadline passed before its work could start (e.g. while queued)."""
+
+
+class PeerError(errors.AvatarError):
+    """A call to a mesh peer failed. Carries the peer's status code, but the client learns which
+    service failed ("encoder unavailable"), not internal addresses or grpc's connection details."""
+
+    def __init__(self, service: str, error: grpc.aio.AioRpcError):
+        self.service, self.error = service, error
+        super().__init__(f"{service}: {error.code().name}")
+
+    def trailing_metadata(self):   # a busy peer's retry-after-ms reaches the client
+        return self.error.trailing_metadata()
+
+    def status(self) -> tuple[grpc.StatusCode, str]:
+        code, details = self.error.code(), self.error.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return code, f"{self.service} unavailable; retry later"
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            return code, f"{self.service}: {code.name.lower().replace('_', ' ')}"
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.FAILED_PRECONDITION):
+            return code, _without_addresses(details)   # our own services' reasons: keep them
+        return code, f"{self.service} failed ({code.name})"
+
+
+def _without_addresses(text: str) -> str:
+    return _ADDRESS.sub("<peer>", text)
+
+
+_ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|dns):[^\s,;)]+")
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and details an exception becomes on the wire."""
+    if isinstance(exc, PeerError):
+        return exc.status()
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
         # A downstream service already chose the code; pass it on unchanged.
         return exc.code(), exc.details() or ""
@@ -57,6 +101,46 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return code, str(exc)
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {text}".rstrip(": ")
+
+
+class _Malformed:
+    """Stands in for a request that did not parse, so the handler (inside the metrics and error
+    wrappers) reports it: grpc itself would answer UNKNOWN with a class name and log a traceback."""
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _safe_deserializer(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, some builds others
+            return _Malformed(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    return parse
+
+
+def _checked(request):
+    if isinstance(request, _Malformed):
+        raise errors.InvalidInput(f"malformed request message: {request.reason}")
+    return request
+
+
+class _CheckedStream:
+    """A request stream whose malformed messages raise InvalidInput where the servicer reads them."""
+
+    def __init__(self, requests):
+        self._requests = requests.__aiter__()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return _checked(await self._requests.__anext__())
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -72,21 +156,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         name = handler_call_details.method.rsplit("/", 2)[-2:]
         span_name = "/".join(name)
+        parse = _safe_deserializer(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, span_name),
-                handler.request_deserializer, handler.response_serializer)
+                _wrap_unary(handler.unary_unary, span_name), parse, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, span_name),
-                handler.request_deserializer, handler.response_serializer)
+                _wrap_stream(handler.unary_stream, span_name), parse, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, span_name),
-                handler.request_deserializer, handler.response_serializer)
+                _wrap_unary(handler.stream_unary, span_name, streaming=True), parse, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, span_name),
-            handler.request_deserializer, handler.response_serializer)
+            _wrap_stream(handler.stream_stream, span_name, streaming=True), parse, handler.response_serializer)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
@@ -100,27 +181,40 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         hint = retry_hint_metadata(exc)   # a busy peer's retry-after-ms reaches the client
         if hint:
             context.set_trailing_metadata(hint)
+    # The traceback holds the failed call's frames and through them its request (up to 32 MiB)
+    # in a reference cycle that only a full GC pass frees: drop it now that it is logged.
+    _drop_tracebacks(exc)
     await context.abort(code, details)
 
 
-def _wrap_unary(behavior, method: str):
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+def _wrap_unary(behavior, method: str, streaming: bool = False):
     @functools.wraps(behavior)
     async def wrapper(request, context):
         with telemetry.server_span(method, context.invocation_metadata()):
             try:
-                return await behavior(request, context)
+                return await behavior(_CheckedStream(request) if streaming else _checked(request), context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
+                request = None   # grpc keeps its AbortError in a cycle with this frame: not the request
                 await _abort(context, exc, method)
     return wrapper
 
 
-def _wrap_stream(behavior, method: str):
+def _wrap_stream(behavior, method: str, streaming: bool = False):
     @functools.wraps(behavior)
     async def wrapper(request, context):
         with telemetry.server_span(method, context.invocation_metadata()):
             try:
+                request = _CheckedStream(request) if streaming else _checked(request)
                 # aclosing: the servicer's cleanup (closing sessions, cancelling downstream calls)
                 # runs as soon as this stream ends, not when the generator is garbage-collected.
                 async with contextlib.aclosing(behavior(request, context)) as responses:
@@ -129,22 +223,53 @@ def _wrap_stream(behavior, method: str):
             except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001
+                request = None   # as in _wrap_unary
                 await _abort(context, exc, method)
     return wrapper
 
 
 def create_server(listen: str, credentials: grpc.ServerCredentials | None = None,
-                  interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
-    """An aio server bound to `listen` (HOST:PORT; port 0 picks one) with raised limits, the given
-    interceptors (metrics, auth: avatar.security) before the error interceptor, TLS when
-    `credentials` is given, and the port it got."""
+                  interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+                  max_request_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+    """An aio server bound to `listen` (HOST:PORT; port 0 picks one) with the given interceptors
+    (metrics, auth: avatar.security) before the error interceptor, TLS when `credentials` is
+    given, requests up to `max_request_bytes` (PUBLIC_MAX_REQUEST_BYTES on the public port), and
+    the port it got. A port another process listens on is an OSError naming it."""
+    _check_port_free(listen)
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", max_request_bytes)]
     server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()],
-                             options=MESSAGE_OPTIONS + SERVER_KEEPALIVE_OPTIONS)
-    port = (server.add_secure_port(listen, credentials) if credentials is not None
-            else server.add_insecure_port(listen))
+                             options=options + SERVER_KEEPALIVE_OPTIONS + NO_REUSEPORT_OPTIONS)
+    try:
+        port = (server.add_secure_port(listen, credentials) if credentials is not None
+                else server.add_insecure_port(listen))
+    except RuntimeError:   # grpc >= 1.5x raises instead of returning 0
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {listen} (address in use or not local?)")
     return server, port
+
+
+def _check_port_free(listen: str) -> None:
+    """OSError 'port N is already in use' before grpc tries (its own failure is a core log line
+    and a RuntimeError without the reason). Port 0 and names that do not resolve pass through."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return
+    for family, kind, proto, _, addr in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as grpc: TIME_WAIT is no conflict
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(f"port {port} is already in use ({listen}): is another avatar serve "
+                                  f"running there?") from None
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
@@ -157,10 +282,13 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     return health_servicer
 
 
-async def set_serving(health_servicer, service_names: Iterable[str], serving: bool = True) -> None:
+async def set_serving(health_servicer, service_names: Iterable[str], serving: bool = True,
+                      whole_server: bool = True) -> None:
+    """Sets the named services (and "" = the whole server, what grpcurl/k8s probe by default,
+    unless whole_server is False) to SERVING or NOT_SERVING."""
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ["", *service_names]:  # "" = the whole server, what grpcurl/k8s probe by default
+    for name in [""] * whole_server + list(service_names):
         await health_servicer.set(name, status)
 
 
@@ -181,17 +309,27 @@ def call_options(context: grpc.aio.ServicerContext | None = None) -> dict[str, A
 async def run_blocking(fn: Callable, *args, **kwargs):
     """Runs blocking (torch) work in a thread so the event loop keeps serving.
 
-    If the RPC is cancelled meanwhile, waits for the thread to finish before re-raising, so a
-    session is never closed while its engine is still inside a call (cancel stops within one call).
+    If the RPC is cancelled meanwhile (client gone, deadline passed), sets the work's CancelFlag,
+    so it stops at its next check (avatar.cancellation: between layers, chunks or blocks), and
+    waits for the thread before re-raising: a session is never closed while its engine is still
+    inside a call.
     """
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()  # keeps the current span for anything the thread logs
+    flag = cancellation.CancelFlag()
+    ctx.run(cancellation.CURRENT.set, flag)
     future = loop.run_in_executor(None, functools.partial(ctx.run, fn, *args, **kwargs))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        flag.set()
         try:
             await future
         except Exception:  # noqa: BLE001 - the cancellation is what the caller must see
             pass
         raise
+    finally:
+        # asyncio keeps a failed future's traceback, which holds this frame, which holds the
+        # future and the call's arguments (a request of up to 32 MiB): a cycle only a full GC
+        # pass frees. Cut it here.
+        future = args = kwargs = None

@@ -34,7 +34,8 @@ TIME_TO_FIRST_FRAGMENT = Histogram("avatar_time_to_first_fragment_seconds",
 FPS = Histogram("avatar_generation_fps", "Video frames streamed per second of request time",
                 buckets=(0.5, 1, 2, 4, 8, 12, 16, 20, 25, 30, 45, 60, 100), registry=REGISTRY)
 LAST_FPS = Gauge("avatar_generation_fps_last", "FPS of the last finished request", registry=REGISTRY)
-FRAMES = Counter("avatar_frames", "Video frames streamed to clients", registry=REGISTRY)
+FRAMES = Counter("avatar_frames", "Video frames handed to clients, counted per fragment (cancelled streams too)",
+                 registry=REGISTRY)
 IN_FLIGHT = Gauge("avatar_inflight_rpcs", "RPCs running now (a decoder/generator stream = one session)",
                   ["service", "method"], registry=REGISTRY)
 
@@ -58,13 +59,17 @@ def observe_final(final) -> None:
     """Records one finished Generate from its FinalStatus (avatar.v1): stages, TTFF, FPS."""
     for t in final.timings:
         STAGE_SECONDS.labels(stage=t.stage).observe(t.ms / 1000.0)
-    if final.frames:
+    if final.frames:   # frames are counted as they are sent (count_frames), not here
         TIME_TO_FIRST_FRAGMENT.observe(final.time_to_first_fragment_s)
-        FRAMES.inc(final.frames)
         if final.total_s > 0:
             fps = final.frames / final.total_s
             FPS.observe(fps)
             LAST_FPS.set(fps)
+
+
+def count_frames(frames: int) -> None:
+    """Frames of one fragment just handed to a client: counted even if the stream ends early."""
+    FRAMES.inc(frames)
 
 
 # --- GPUs ----------------------------------------------------------------------------------
@@ -169,7 +174,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 def _code_of(context, exc: BaseException | None) -> str:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        return "CANCELLED"   # the client went away
+        # grpc cancels the handler both when the client goes away and when the deadline passes
+        return "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
     code = None
     try:
         code = context.code()
@@ -178,6 +184,14 @@ def _code_of(context, exc: BaseException | None) -> str:
     if code is not None:
         return code.name if hasattr(code, "name") else str(code)
     return "OK" if exc is None else "UNKNOWN"
+
+
+def _deadline_passed(context) -> bool:
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # noqa: BLE001 - a context without a deadline API: no deadline
+        return False
+    return remaining is not None and remaining <= 0
 
 
 def _record(service, method, context, started, exc):

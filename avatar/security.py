@@ -1,9 +1,10 @@
 """Transport security for every listener and channel: optional TLS/mTLS and bearer-token auth.
 
 Public API (the gateway): clients send metadata ``authorization: Bearer <token>``; a missing or
-wrong token ends the call with UNAUTHENTICATED before any work starts. Internal services
-(encoder, generator, decoder) accept calls only with the internal token, which the gateway
-attaches to every downstream call. The gRPC health service stays open so probes work.
+wrong token ends the call with UNAUTHENTICATED before any work starts and before its request
+body is read. Internal services (encoder, generator, decoder) accept calls only with the
+internal token, which the gateway attaches to every downstream call; the public token never
+opens them. The gRPC health service stays open so probes work.
 Tokens are compared in constant time and never logged, put in messages or on spans.
 """
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -178,23 +180,18 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str):
-    """A handler of the same shape as `handler` that ends the call with code and reason."""
-    async def unary(request, context):
-        await context.abort(code, reason)
+    """A handler that ends the call with code and reason without reading the request.
 
-    async def stream(request, context):
+    Always shaped as a request stream that is never iterated: for a unary method grpc would
+    first buffer the whole request message (up to the message limit) before calling us, so an
+    unauthenticated client could make the server hold 32 MiB per call. HTTP/2 frames carry no
+    call shape, so the client sees a normal unary or streaming call end with `code`."""
+    async def stream(requests, context):
         await context.abort(code, reason)
         yield  # never reached: makes this an async generator as streaming handlers must be
 
-    kw = dict(request_deserializer=handler.request_deserializer,
-              response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    return grpc.stream_stream_rpc_method_handler(stream, **kw)
+    return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
+                                                 response_serializer=handler.response_serializer)
 
 
 class _BearerClientBase:
@@ -254,15 +251,15 @@ class SecurityConfig:
     __str__ = __repr__
 
     def server_interceptors(self, role: str) -> list[grpc.aio.ServerInterceptor]:
-        """Auth for a listener hosting `role` ("gateway", "encoder", ..., or "all").
+        """Auth for a listener hosting `role` ("gateway", "encoder", ..., "internal", or "all").
 
-        The gateway checks the public token. Internal roles check the internal token. The
-        embedded "all" server accepts either token: it hosts both kinds of services on one port.
+        The gateway checks the public token. Internal roles check the internal token. "all" is
+        the public listener of the embedded mesh: it hosts only the gateway (its internal
+        services listen on loopback behind the internal token: avatar.app.serve), so a public
+        token never opens an internal service.
         """
-        if role == "gateway":
+        if role in ("gateway", "all"):
             tokens, realm = [self.auth_token], "API token"
-        elif role == "all":
-            tokens, realm = [self.auth_token, self.internal_token], "API token"
         else:
             tokens, realm = [self.internal_token], "internal token"
         tokens = [t for t in tokens if t]
@@ -271,21 +268,24 @@ class SecurityConfig:
     def peer_credentials(self, role: str) -> grpc.ChannelCredentials | None:
         """TLS for the gateway's calls to encoder/generator/decoder.
 
-        With a CA: mutual TLS (this process's certificate is its client certificate). The
-        embedded mesh ("all") calls its own TLS port, so without a CA it verifies itself against
-        the CA certificates in its own certificate file (a full chain or a self-signed cert).
-        A gateway with only a public certificate talks to its peers in plaintext.
+        With a CA: mutual TLS (this process's certificate is its client certificate). A gateway
+        with only a public certificate talks to its peers in plaintext, and so does the embedded
+        mesh ("all") on its internal loopback listener.
         """
-        if self.tls.ca:
+        if role != "all" and self.tls.ca:
             return self.tls.channel_credentials()
-        if role == "all" and self.tls.cert:
-            return channel_credentials(self.tls.cert)
         return None
 
     def peer_token(self, role: str) -> str | None:
-        """Token the gateway sends to its peers: the internal one; the embedded mesh, whose one
-        port accepts either, falls back to the public one."""
-        return self.internal_token or (self.auth_token if role == "all" else None)
+        """Token the gateway sends to its peers: the internal one."""
+        return self.internal_token
+
+    def with_internal_token(self) -> "SecurityConfig":
+        """This config with an internal token: the given one, else a random one for this process
+        (the embedded mesh's internal listener must not be open to other local users)."""
+        if self.internal_token:
+            return self
+        return replace(self, internal_token=secrets.token_urlsafe(32))
 
     def exposure_warnings(self, role: str, listen: str) -> list[str]:
         """What an operator should know before `role` listens on `listen` (HOST:PORT) beyond
@@ -296,7 +296,7 @@ class SecurityConfig:
         out = []
         if role in ("gateway", "all") and not self.auth_token:
             out.append(f"the public API on {listen} accepts calls without a token (set {AUTH_TOKEN_ENV})")
-        if role != "gateway" and not self.internal_token and not (role == "all" and self.auth_token):
+        if role not in ("gateway", "all") and not self.internal_token:
             out.append(f"internal services on {listen} accept calls without a token (set {INTERNAL_TOKEN_ENV})")
         return out
 

@@ -1,21 +1,27 @@
 """AvatarService: the public gateway. Plans the job, orchestrates the mesh, streams fMP4 back."""
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import grpc
 from opentelemetry import trace
 
 from avatar import metrics, telemetry, wire
-from avatar.grpc_util import call_options, create_channel, run_blocking
+from avatar.grpc_util import PeerError, call_options, create_channel, run_blocking, set_serving
 from avatar.presets import FRAMES_PER_BLOCK, ModelSpec
 from avatar.v1 import (avatar_pb2, avatar_pb2_grpc, decoder_pb2, decoder_pb2_grpc, encoder_pb2,
                        encoder_pb2_grpc, generator_pb2, generator_pb2_grpc, tensor_pb2)
 from avatar.gateway import planner
 
 SERVICE_NAME = avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name
+PEERS = ("encoder", "generator", "decoder")
+PEER_CHECK_INTERVAL_S = 2.0   # health: how often the gateway checks that its peers are reachable
+PEER_CONNECT_TIMEOUT_S = 3.0
+log = logging.getLogger(__name__)
 _DONE = object()
 BLOCKS_AHEAD = 3   # blocks the generator may run ahead of the client (decoding + in flight)
 
@@ -74,11 +80,14 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                  credentials=None, token: str | None = None, admission=None,
                  max_audio_s: float = planner.media.MAX_AUDIO_S, live=None):
         self.model = model
+        self.peer_addresses = (encoder, generator, decoder)
         self.live = live  # gateway.converse.ConverseConfig for Converse; None: its defaults
         self.max_audio_s = max_audio_s  # longest speech input accepted, seconds
         # credentials/token: TLS and the internal token for the peers (avatar.security)
         self.channels = [create_channel(a, credentials, token) for a in (encoder, generator, decoder)]
-        self.admission = admission  # avatar.admission.Admission: session cap, queue, per-client fairness
+        # avatar.admission.Admission for Converse's live sessions; Generate's slot is taken before
+        # its request is read (AdmitBeforeReading, the same Admission: app/serve.py)
+        self.admission = admission
         self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels[0])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels[1])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[2])
@@ -87,13 +96,47 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         for ch in self.channels:
             await ch.close()
 
+    def watch_peers(self, health, service_name: str = SERVICE_NAME, interval_s: float = PEER_CHECK_INTERVAL_S):
+        """Keeps `service_name` NOT_SERVING in `health` while a peer is unreachable (load balancers
+        then send requests to a gateway that can serve them), SERVING when all are back; logs
+        each change with the reason. Returns an async function that stops the watch."""
+        task = asyncio.create_task(self._watch_peers(health, service_name, interval_s))
+
+        async def stop():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return stop
+
+    async def unreachable_peers(self, timeout_s: float = PEER_CONNECT_TIMEOUT_S) -> list[str]:
+        async def down(channel) -> bool:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout_s)
+                return False
+            except asyncio.TimeoutError:
+                return True
+        states = await asyncio.gather(*(down(ch) for ch in self.channels))
+        return [f"{name} at {addr}" for name, addr, d in zip(PEERS, self.peer_addresses, states) if d]
+
+    async def _watch_peers(self, health, service_name: str, interval_s: float) -> None:
+        serving = True
+        while True:
+            down = await self.unreachable_peers()
+            if down and serving:
+                log.warning("gateway NOT_SERVING: cannot connect to %s", ", ".join(down))
+            elif not down and not serving:
+                log.info("gateway SERVING again: every service behind it is reachable")
+            if bool(down) == serving:
+                serving = not down
+                await set_serving(health, [service_name], serving, whole_server=False)
+            await asyncio.sleep(interval_s)
+
     async def Generate(self, request, context):
-        async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
-            async with contextlib.aclosing(self._generate(request, context)) as outs:  # cleanup at once, not at GC
-                async for out in outs:
-                    if out.WhichOneof("event") == "status":
-                        metrics.observe_final(out.status)
-                    yield out
+        # The session slot is taken before the request is read (avatar.admission.AdmitBeforeReading).
+        async with contextlib.aclosing(self._generate(request, context)) as outs:  # cleanup at once, not at GC
+            async for out in outs:
+                if out.WhichOneof("event") == "status":
+                    metrics.observe_final(out.status)
+                yield out
 
     async def Converse(self, request_iterator, context):
         # live sessions: gateway/converse.py owns the flow
@@ -182,9 +225,11 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 await events.put(out)
             await events.put(_DONE)
 
-        async def guarded(coro):
+        async def guarded(coro, peer: str):
             try:
                 await coro
+            except grpc.aio.AioRpcError as exc:   # the client learns which service failed, not its address
+                await events.put(PeerError(peer, exc))
             except Exception as exc:  # noqa: BLE001 - re-raised by the handler, mapped to a status
                 await events.put(exc)
 
@@ -194,7 +239,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         audio_call = self.encoder.EncodeAudio(encoder_pb2.EncodeAudioRequest(
             job=job, pcm_16k=wire.to_proto(plan.pcm_16k), audio_encoder=request.audio_encoder), **call_options(context))
         calls = [audio_call]
-        tasks = [asyncio.create_task(guarded(pump_audio()))]
+        tasks = [asyncio.create_task(guarded(pump_audio(), "encoder"))]
         first_fragment_s = None
         blocks = frames = 0
         try:
@@ -207,7 +252,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             generator_call = self.generator.Generate(generator_requests(), **call_options(context))
             decoder_call = self.decoder.Decode(decoder_requests(), **call_options(context))
             calls += [generator_call, decoder_call]
-            tasks += [asyncio.create_task(guarded(pump_blocks())), asyncio.create_task(guarded(pump_fragments()))]
+            tasks += [asyncio.create_task(guarded(pump_blocks(), "generator")),
+                      asyncio.create_task(guarded(pump_fragments(), "decoder"))]
 
             while (event := await events.get()) is not _DONE:
                 if isinstance(event, Exception):
@@ -232,6 +278,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                         index=frag.index, data=frag.data, first_frame=frag.index * FRAMES_PER_BLOCK,
                         num_frames=frag.num_frames))
                 timings.add("send", (time.perf_counter() - sent) * 1e3)
+                metrics.count_frames(frag.num_frames)
                 credits.release()
                 if first_fragment_s is None:
                     first_fragment_s = sent - t0
@@ -259,6 +306,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     @staticmethod
     async def _timed(timings: Timings, stage: str, call):
         started = time.perf_counter()
-        result = await call
+        try:
+            result = await call
+        except grpc.aio.AioRpcError as exc:
+            raise PeerError("encoder", exc) from None
         timings.add(stage, (time.perf_counter() - started) * 1e3)
         return result

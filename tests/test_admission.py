@@ -5,7 +5,7 @@ import asyncio
 import grpc
 import pytest
 
-from avatar.admission import Admission, AdmissionConfig, Overloaded, retry_after_ms
+from avatar.admission import Admission, AdmissionConfig, Overloaded, QueueDeadline, retry_after_ms
 from avatar.v1 import avatar_pb2, avatar_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,7 +81,8 @@ def test_deadline_while_queued_and_cancel_frees_the_place():
 
         h = asyncio.create_task(holder())
         await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded, match="before the deadline"):
+        # past its deadline in the queue: DEADLINE_EXCEEDED (what the client's library reports anyway)
+        with pytest.raises(QueueDeadline, match="before the deadline"):
             async with adm.slot(client="b", timeout=0.05):
                 pass
         waiter = asyncio.create_task(adm.slot(client="c").__aenter__())
@@ -211,3 +212,53 @@ def test_retry_hint_crosses_a_hop():
             await front.stop(None)
             await back.stop(None)
     run(go())
+
+
+class _Context:
+    """The parts of a grpc.aio context that client_key reads."""
+
+    def __init__(self, peer: str, token: str | None = None, cert: bytes | None = None):
+        self._peer, self._token, self._cert = peer, token, cert
+
+    def peer(self):
+        return self._peer
+
+    def invocation_metadata(self):
+        return [("authorization", f"Bearer {self._token}")] if self._token else []
+
+    def auth_context(self):
+        return {"x509_common_name": [self._cert]} if self._cert else {}
+
+    def time_remaining(self):
+        return None
+
+    def set_trailing_metadata(self, metadata):
+        self.trailing = metadata
+
+
+def test_client_key_is_the_authenticated_identity_else_the_peer_host():
+    from avatar.admission import client_key
+    # auth off: a bearer string proves nothing; random ones from one host are one client
+    keys = {client_key(_Context(f"ipv4:10.0.0.7:{5000 + i}", token=f"random-{i}")) for i in range(5)}
+    assert keys == {"ipv4:10.0.0.7"}
+    assert client_key(_Context("ipv6:[::1]:5123")) == "ipv6:[::1]"
+    # auth on: the (checked) token is the identity, wherever it connects from
+    a = client_key(_Context("ipv4:10.0.0.7:1", token="tok-a"), token_checked=True)
+    assert a == client_key(_Context("ipv4:10.0.0.8:2", token="tok-a"), token_checked=True) != \
+        client_key(_Context("ipv4:10.0.0.7:1", token="tok-b"), token_checked=True)
+    assert "tok-a" not in a
+    # mTLS: the certificate names the client
+    assert client_key(_Context("ipv4:10.0.0.7:1", token="x", cert=b"alice"), token_checked=True) == "cert:alice"
+
+
+def test_per_client_cap_with_random_bearers_and_auth_off():
+    """One host sending a new bearer string per call is still one client for --max-per-client."""
+    async def go():
+        adm = Admission(AdmissionConfig(max_sessions=4, max_queue=4, max_per_client=1), name="t-bearers")
+        async with adm.slot(_Context("ipv4:10.0.0.7:1000", token="random-1")):
+            with pytest.raises(Overloaded, match="limit 1 per client"):
+                async with adm.slot(_Context("ipv4:10.0.0.7:1001", token="random-2")):
+                    pass
+            async with adm.slot(_Context("ipv4:10.0.0.9:1000", token="random-3")):   # another host
+                assert adm.active == 2
+    asyncio.run(go())

@@ -85,9 +85,9 @@ def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
     try:
         svc = services.start("generator", "--warmup")     # waits for SERVING
         log = svc.log.read_text()
-        warmed = [line for line in log.splitlines() if "generator warm-up" in line]
+        warmed = [line for line in log.splitlines() if "generator warm-up" in line and "blocks in" in line]
         assert len(warmed) == 2 and "176*96: 5 blocks" in warmed[0] and "96*64: 4 blocks" in warmed[1], log
-        # the warm-up came before the service was announced
+        # the warm-up came before the service was announced (it listened, NOT_SERVING, meanwhile)
         assert log.index("generator warm-up") < log.index("listening on")
     finally:
         services.stop_all()

@@ -115,9 +115,13 @@ def metrics_of(svc) -> dict:
                                          if line and not line.startswith("#"))}
 
 
+INTERNAL_TOKEN = "converse-internal-token"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, env):
-    services = Services(tmp_path_factory.mktemp("converse"), env)
+    # the internal token is given so a test can call the internal listener of `serve --role all`
+    services = Services(tmp_path_factory.mktemp("converse"), dict(env, AVATAR_INTERNAL_TOKEN=INTERNAL_TOKEN))
     try:
         yield services.start("all", "--metrics-port", "0", "--live-idle-timeout-s", "30", trace=True)
     finally:
@@ -285,7 +289,8 @@ def test_encode_audio_stream_matches_offline_features(server):
                 lookahead_16k=wire.to_proto(pcm[(k + 1) * 7680:(k + 1) * 7680 + 3200])))
 
     async def main():
-        async with grpc_util.create_channel(server.address) as ch:
+        internal = "127.0.0.1:" + re.search(r"internal services on 127\.0\.0\.1:(\d+)", server.log.read_text()).group(1)
+        async with grpc_util.create_channel(internal, token=INTERNAL_TOKEN) as ch:
             return [m async for m in encoder_pb2_grpc.EncoderServiceStub(ch).EncodeAudioStream(requests(), timeout=60)]
 
     got = asyncio.run(main())

@@ -145,7 +145,8 @@ def test_roles_pick_the_right_token():
     async def go():
         for role, accepted, refused in (("gateway", ["public-tok"], ["internal-tok"]),
                                         ("generator", ["internal-tok"], ["public-tok"]),
-                                        ("all", ["public-tok", "internal-tok"], ["nope"])):
+                                        # the embedded server's public port: the internal token opens nothing
+                                        ("all", ["public-tok"], ["internal-tok", "nope"])):
             server, addr = await _serve(interceptors=cfg.server_interceptors(role))
             try:
                 for tok in accepted:
@@ -180,7 +181,8 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
 
 def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
     """`avatar serve` with TLS + tokens, and `avatar generate` over it: right token works, the
-    embedded gateway reaches its siblings over TLS with a token, a missing token is refused."""
+    embedded gateway reaches its siblings on its internal loopback listener with the internal
+    token, a missing token is refused."""
     import subprocess
     import time
 
@@ -235,7 +237,8 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
 def test_exposure_warnings():
     open_cfg = SecurityConfig()
     assert open_cfg.exposure_warnings("all", "127.0.0.1:50051") == []
-    assert len(open_cfg.exposure_warnings("all", "0.0.0.0:50051")) == 2
+    # "all" exposes only the gateway: its internal services listen on loopback behind a token
+    assert len(open_cfg.exposure_warnings("all", "0.0.0.0:50051")) == 1
     assert "AVATAR_INTERNAL_TOKEN" in open_cfg.exposure_warnings("generator", "0.0.0.0:50053")[0]
     assert SecurityConfig(internal_token="x").exposure_warnings("decoder", "[::]:50054") == []
     assert SecurityConfig(auth_token="x").exposure_warnings("all", "0.0.0.0:50051") == []

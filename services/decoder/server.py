@@ -1,7 +1,7 @@
 """DecoderService: thin grpc.aio servicer over DecoderEngine; one bidi stream = one video."""
 import time
 
-from avatar import telemetry, wire
+from avatar import job_limits, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.jobs import Job
@@ -19,6 +19,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first DecoderInput must be a DecodeStart")
         job = Job.from_proto(first.start.job)
+        job_limits.check_job(job, audio_rate=True, open_ended=True)   # reachable from the cluster: bounded jobs
         stream = await run_blocking(self.engine.open_stream, job, wire.tensor_arg(first.start.prime_latent, "prime_latent"))
         try:
             yield decoder_pb2.DecoderOutput(init_segment=await run_blocking(stream.init_segment))

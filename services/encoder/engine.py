@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from avatar.cancellation import check_between_layers
 from avatar.checkpoints import resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
 from avatar.models.wan_vae import TIME_STRIDE, WanVAE
@@ -80,6 +81,10 @@ class EncoderEngine:
         self.audio_encoders = {backend: _load_audio_encoder(model, backend, layout, enc_device)
                                for backend in model.encoder_options.audio_encoders}
         self._check_dims()
+        # A cancelled or timed-out RPC stops this work within one layer (avatar.cancellation):
+        # a portrait's encode takes 24-29 s on a CPU and must not outlive its request.
+        for module in (self.vae.model.encoder, self.text.model, *(a.model for a in self.audio_encoders.values())):
+            check_between_layers(module, depth=3)
         self._images, self._prompts, self._clip_embeddings = _ResultCache(), _ResultCache(), _ResultCache()
         self.clip = _load_clip(model, enc_device) if model.encoder_options.clip_image else None
         audio = ", ".join(f"{name} {a.dims.layers + 1}x{a.dims.hidden}" for name, a in self.audio_encoders.items())

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from avatar import telemetry, wire
+from avatar import job_limits, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.jobs import Job
@@ -33,8 +33,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidInput("the first GeneratorInput must be a SessionStart")
         start = first.start
         job = Job.from_proto(start.job)
-        if job.num_blocks <= 0:
-            raise InvalidInput(f"job.num_blocks must be positive, got {job.num_blocks}")
+        job_limits.check_job(job, sampling=True)   # reachable from the cluster: no unbounded session
         block_frames = job.frames_per_block
         session = await run_blocking(
             self.engine.open_session, job, wire.tensor_arg(start.text, "text"),
@@ -52,8 +51,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 if msg.WhichOneof("event") != "audio":
                     raise InvalidInput("only AudioFeatures may follow the SessionStart")
                 feats = wire.tensor_arg(msg.audio.features, "audio features")
-                pending.append(feats)
+                if feats.ndim != 3:
+                    raise InvalidInput(f"audio features must be [frames, layers, dim], got {list(feats.shape)}")
                 have += feats.shape[0]
+                if index * block_frames + have > job.num_blocks * block_frames:
+                    raise InvalidInput(f"more audio features than the job's {job.num_blocks} blocks of "
+                                       f"{block_frames} frames")
+                pending.append(feats)
                 while have >= block_frames and index < job.num_blocks:
                     audio = torch.cat(pending)
                     pending, have = [audio[block_frames:]], have - block_frames
