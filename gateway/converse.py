@@ -30,11 +30,12 @@ from avatar.gateway.live_audio import INPUT_RATES, SpeechQueue, StreamResampler,
 from avatar.gateway.server import _DONE as _END
 from avatar.gateway.server import _RequestStream, mime_type
 from avatar.grpc_util import call_options, run_blocking
+from avatar.job_limits import MAX_VIDEO_S
 from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK
 from avatar.v1 import avatar_pb2, decoder_pb2, encoder_pb2, generator_pb2
 
 LOOKAHEAD_S = 0.2   # queued speech after a block passed to the encoder as right context
-MAX_SESSION_S = 30 * 24 * 3600.0
+MAX_SESSION_S = float(MAX_VIDEO_S)   # the longest job any service accepts (avatar.job_limits)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ import numpy as np
 from avatar import media
 from avatar.dit_config import MAX_SAMPLE_STEPS
 from avatar.errors import InvalidInput
+from avatar.job_limits import MAX_INFER_FRAMES, MAX_PROMPT_CHARS   # the internal services' bounds too
 from avatar.presets import (AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER, DEFAULT_JOB_PRESET, DEFAULT_SEED,
                             ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK, JOB_PRESETS, LATENT_FRAMES_PER_BLOCK,
                             OUTPUT_AUDIO_RATE, ModelSpec, preset_area, whole_blocks)
 from avatar.v1 import avatar_pb2, tensor_pb2
 
-MAX_INFER_FRAMES = 1200    # a clip's KV cache grows with it; upstream uses 48-80
-MAX_PROMPT_CHARS = 4000    # umT5 reads 512 tokens; far longer text is a mistake or an attack
 MIN_SIDE = 64              # FramePack's 4x motion projection is an 8x8-latent convolution
 
 
