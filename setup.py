@@ -1,5 +1,6 @@
 """Generates the gRPC stubs (protos/ -> avatar/v1, not committed) before setuptools looks for the
 packages, so the wheel and the sdist carry them. Everything else is in pyproject.toml."""
+
 import subprocess
 import sys
 from pathlib import Path

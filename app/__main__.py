@@ -1,4 +1,5 @@
 """`python -m avatar.app ...` is the `avatar` command."""
+
 import sys
 
 from avatar.app.cli import main

@@ -17,6 +17,7 @@ to a temporary name, then renamed). A rerun skips profiles whose video matches i
 whose profile did not change, and redoes everything else, so a killed batch resumes where it
 stopped. One bad profile fails alone; the others go on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ class ProfileError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One key of a profile: its JSON type, default and meaning (the schema, for checks and --example)."""
+
     kind: type | tuple
     default: object
     help: str
@@ -52,8 +54,9 @@ class Field:
 
 FIELDS = {
     "image": Field(str, None, "portrait (PNG, JPEG or WebP), relative to the root; required", "inputs/portrait.png"),
-    "audio": Field(str, None, "speech (WAV, FLAC, MP3, OGG or M4A), relative to the root; required",
-                   "inputs/speech.wav"),
+    "audio": Field(
+        str, None, "speech (WAV, FLAC, MP3, OGG or M4A), relative to the root; required", "inputs/speech.wav"
+    ),
     "prompt": Field(str, "", "text describing the scene", "A woman talks to the camera"),
     "size": Field(str, "", 'pixel area "W*H", the aspect follows the image ("": the preset\'s)', "704*384"),
     "preset": Field(str, "", '"preview", "standard" or "hd" ("": preview)', "preview"),
@@ -77,18 +80,27 @@ class Profile:
     infer_frames: int = 0
     sample_steps: int = 0
     seed: int | None = None
-    sha256: str = ""          # of the profile file's bytes: a changed profile is redone
+    sha256: str = ""  # of the profile file's bytes: a changed profile is redone
 
     def request(self):
         from avatar.client import InvalidRequest, read_input
         from avatar.v1 import avatar_pb2
+
         try:
             image, audio = read_input(self.image, "image"), read_input(self.audio, "audio")
         except InvalidRequest as e:
             raise ProfileError(e.details) from None
         return avatar_pb2.GenerateRequest(
-            image=image, audio=audio, prompt=self.prompt, size=self.size, preset=self.preset, num_clip=self.num_clip,
-            infer_frames=self.infer_frames, sample_steps=self.sample_steps, seed=self.seed)
+            image=image,
+            audio=audio,
+            prompt=self.prompt,
+            size=self.size,
+            preset=self.preset,
+            num_clip=self.num_clip,
+            infer_frames=self.infer_frames,
+            sample_steps=self.sample_steps,
+            seed=self.seed,
+        )
 
     def settings(self) -> dict:
         d = dataclasses.asdict(self)
@@ -108,8 +120,11 @@ def resolve_under(root: Path, value: str, what: str) -> Path:
     if not path.is_relative_to(root):
         raise ProfileError(f"{what}: {value!r} leads outside the root {root}")
     if not path.is_file():
-        raise ProfileError(f"{what}: {value!r} does not exist under {root}" if not path.exists()
-                           else f"{what}: {value!r} is not a file")
+        raise ProfileError(
+            f"{what}: {value!r} does not exist under {root}"
+            if not path.exists()
+            else f"{what}: {value!r} is not a file"
+        )
     return path
 
 
@@ -118,6 +133,7 @@ def _field_problems(data: dict, root: Path) -> tuple[list[str], dict]:
     from avatar.errors import InvalidInput
     from avatar.media import parse_size
     from avatar.presets import JOB_PRESETS
+
     problems, good = [], {}
     for key in data:
         if key not in FIELDS:
@@ -171,21 +187,27 @@ def load_profile(path: Path, root: Path) -> Profile:
     if problems:
         head = f"{len(problems)} problems: " if len(problems) > 1 else ""
         raise ProfileError(head + "; ".join(problems))
-    return Profile(name=name, sha256=hashlib.sha256(raw).hexdigest(),
-                   **{k: good.get(k, f.default) for k, f in FIELDS.items()})
+    return Profile(
+        name=name, sha256=hashlib.sha256(raw).hexdigest(), **{k: good.get(k, f.default) for k, f in FIELDS.items()}
+    )
 
 
 # --- files ---------------------------------------------------------------------------------
 
+
 def finished(out: Path, profile: Profile) -> dict | None:
     """The sidecar of a finished, intact video for this exact profile, else None."""
     from avatar.client import sha256_file
+
     video, sidecar = out / f"{profile.name}.mp4", out / f"{profile.name}.json"
     try:
         meta = json.loads(sidecar.read_text())
-        if (meta.get("status") == "done" and meta.get("profile_sha256") == profile.sha256
-                and video.stat().st_size == meta["video"]["bytes"]
-                and sha256_file(video) == meta["video"]["sha256"]):
+        if (
+            meta.get("status") == "done"
+            and meta.get("profile_sha256") == profile.sha256
+            and video.stat().st_size == meta["video"]["bytes"]
+            and sha256_file(video) == meta["video"]["sha256"]
+        ):
             return meta
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -199,7 +221,7 @@ class JobLog:
         self._f = open(path, "a", buffering=1)
 
     def __call__(self, msg: str) -> None:
-        ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        ts = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         self._f.write(f"{ts} {msg}\n")
 
     def close(self):
@@ -207,6 +229,7 @@ class JobLog:
 
 
 # --- the batch -----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class BatchConfig:
@@ -241,10 +264,15 @@ class Batch:
     async def run(self, paths: list[Path]) -> dict:
         out = self.cfg.out
         (out / "logs").mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.part"):   # half-written leftovers of a killed run
+        for stale in out.glob(".*.part"):  # half-written leftovers of a killed run
             unlink_quietly(stale)
-        self.manifest = {"profiles_dir": str(self.cfg.profiles_dir), "root": str(self.cfg.root),
-                         "server": self.cfg.server or "embedded", "started": _now(), "profiles": {}}
+        self.manifest = {
+            "profiles_dir": str(self.cfg.profiles_dir),
+            "root": str(self.cfg.root),
+            "server": self.cfg.server or "embedded",
+            "started": _now(),
+            "profiles": {},
+        }
         try:
             old = json.loads((out / MANIFEST).read_text())["profiles"]
         except (OSError, ValueError, KeyError):
@@ -277,8 +305,16 @@ class Batch:
             meta = finished(self.cfg.out, profile)
             if meta is not None:
                 log("skipped: already done (video matches its sidecar)")
-                await self._record(name, {"status": "done", "video": f"{name}.mp4", "sidecar": f"{name}.json",
-                                          "finished": meta.get("finished"), "skipped": True})
+                await self._record(
+                    name,
+                    {
+                        "status": "done",
+                        "video": f"{name}.mp4",
+                        "sidecar": f"{name}.json",
+                        "finished": meta.get("finished"),
+                        "skipped": True,
+                    },
+                )
                 return
             await self._record(name, {"status": "running", "at": _now()})
             entry = await self._generate(profile, log)
@@ -289,8 +325,11 @@ class Batch:
 
     async def _generate(self, profile: Profile, log) -> dict:
         from avatar.client import GenerateError
-        log(f"start: image={profile.image} audio={profile.audio} size={profile.size!r} "
-            f"preset={profile.preset!r} seed={profile.seed}")
+
+        log(
+            f"start: image={profile.image} audio={profile.audio} size={profile.size!r} "
+            f"preset={profile.preset!r} seed={profile.seed}"
+        )
         try:
             request = profile.request()
         except ProfileError as e:
@@ -300,15 +339,21 @@ class Batch:
         def on_event(msg):
             if msg.WhichOneof("event") == "header":
                 h = msg.header
-                log(f"request {h.request_id}: {h.width}x{h.height}, {h.total_frames} frames in "
-                    f"{h.expected_fragments} fragments, model {h.model}")
+                log(
+                    f"request {h.request_id}: {h.width}x{h.height}, {h.total_frames} frames in "
+                    f"{h.expected_fragments} fragments, model {h.model}"
+                )
 
         try:
             saved = await self.client.generate_to_file(
-                request, self.cfg.out / f"{profile.name}.mp4", timeout_s=self.cfg.timeout_s, on_event=on_event,
+                request,
+                self.cfg.out / f"{profile.name}.mp4",
+                timeout_s=self.cfg.timeout_s,
+                on_event=on_event,
                 on_retry=lambda e, wait: log(f"attempt {e.attempts} failed ({e}); retrying in {wait:.1f} s"),
                 server=self.cfg.server or "embedded",
-                sidecar={"profile": profile.name, "profile_sha256": profile.sha256, "settings": profile.settings()})
+                sidecar={"profile": profile.name, "profile_sha256": profile.sha256, "settings": profile.settings()},
+            )
         except GenerateError as e:
             log(f"FAILED {e}")
             return {"status": "failed", "reason": str(e), "code": e.code.name, "attempts": e.attempts, "at": _now()}
@@ -320,30 +365,49 @@ class Batch:
             if note:
                 log(f"note: {note}")
         log(f"done: {saved.path.name} {saved.bytes} bytes, {saved.status.frames} frames, {saved.total_s:.1f} s")
-        return {"status": "done", "video": saved.path.name, "sidecar": f"{profile.name}.json",
-                "finished": saved.finished, "attempts": saved.attempts}
+        return {
+            "status": "done",
+            "video": saved.path.name,
+            "sidecar": f"{profile.name}.json",
+            "finished": saved.finished,
+            "attempts": saved.attempts,
+        }
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 # --- command line --------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("profiles_dir", metavar="PROFILES_DIR", nargs="?", help="folder of NAME.json profiles")
     p.add_argument("--out", metavar="DIR", help="where videos, sidecars, logs and the manifest go (required)")
-    p.add_argument("--example", metavar="DIR", help="write an example profiles folder (profiles, the inputs they "
-                                                    "name, README.md with every field) to DIR and exit")
-    p.add_argument("--root", metavar="DIR", help="profiles' image/audio paths are relative to this folder and "
-                                                 "must stay inside it (default: PROFILES_DIR)")
+    p.add_argument(
+        "--example",
+        metavar="DIR",
+        help="write an example profiles folder (profiles, the inputs they "
+        "name, README.md with every field) to DIR and exit",
+    )
+    p.add_argument(
+        "--root",
+        metavar="DIR",
+        help="profiles' image/audio paths are relative to this folder and must stay inside it (default: PROFILES_DIR)",
+    )
     p.add_argument("--server", metavar="ADDR", help="a running gateway (default: start the mesh in this process)")
     p.add_argument("--concurrency", type=int, default=1, metavar="N", help="profiles in flight at once (default 1)")
-    p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="retries of a video refused before its first fragment (UNAVAILABLE, or RESOURCE_EXHAUSTED "
-                        "with the gateway's retry-after-ms) (default 3)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="deadline per video in seconds, retries included")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retries of a video refused before its first fragment (UNAVAILABLE, or RESOURCE_EXHAUSTED "
+        "with the gateway's retry-after-ms) (default 3)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="deadline per video in seconds, retries included"
+    )
 
 
 def _usage_error(msg: str) -> int:
@@ -372,26 +436,35 @@ async def run(args, model=None) -> int:
     if out.resolve() == profiles_dir.resolve():
         return _usage_error("--out must not be the profiles folder (sidecars would replace profiles)")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = BatchConfig(profiles_dir=profiles_dir.resolve(), out=out, root=root, server=args.server,
-                      concurrency=args.concurrency, timeout_s=args.timeout)
+    cfg = BatchConfig(
+        profiles_dir=profiles_dir.resolve(),
+        out=out,
+        root=root,
+        server=args.server,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+    )
     async with client_for(args, model, RetryPolicy(retries=args.retries)) as client:
         if client.warning:
             print(f"avatar batch: {client.warning}", file=sys.stderr)
         batch = Batch(cfg, client, say=lambda s: print(f"avatar batch: {s}", file=sys.stderr, flush=True))
         manifest = await batch.run(paths)
     summary = manifest.get("summary", {})
-    print(f"avatar batch: {summary.get('done', 0)} done, {summary.get('failed', 0)} failed of {len(paths)}; "
-          f"manifest {out / MANIFEST}", file=sys.stderr)
+    print(
+        f"avatar batch: {summary.get('done', 0)} done, {summary.get('failed', 0)} failed of {len(paths)}; "
+        f"manifest {out / MANIFEST}",
+        file=sys.stderr,
+    )
     return EXIT_OK if summary.get("done", 0) == len(paths) else EXIT_SOME_FAILED
 
 
 # --- the example folder ----------------------------------------------------------------------
 
-SAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "assets"   # in a source checkout
+SAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "assets"  # in a source checkout
 EXAMPLE_PROFILES = {
     "minimal": {"image": "inputs/portrait.png", "audio": "inputs/speech.wav"},
-    "every-field": {key: field.example for key, field in FIELDS.items()} | {"num_clip": 1, "infer_frames": 24,
-                                                                            "size": "384*256", "sample_steps": 3},
+    "every-field": {key: field.example for key, field in FIELDS.items()}
+    | {"num_clip": 1, "infer_frames": 24, "size": "384*256", "sample_steps": 3},
 }
 
 
@@ -402,12 +475,15 @@ def write_example(folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in EXAMPLE_PROFILES.items():
         write_json_atomic(folder / f"{name}.json", data)
-    rows = "\n".join(f"| `{key}` | {'integer or null' if key == 'seed' else field.kind.__name__} | {field.help} |"
-                      for key, field in FIELDS.items())
+    rows = "\n".join(
+        f"| `{key}` | {'integer or null' if key == 'seed' else field.kind.__name__} | {field.help} |"
+        for key, field in FIELDS.items()
+    )
     (folder / "README.md").write_text(
         "# avatar batch profiles\n\nOne video per `NAME.json` here: `avatar batch "
         f"{folder} --out renders/`.\nPaths are relative to this folder (or `--root`) and must stay inside "
-        "it.\n\n| field | type | meaning |\n|---|---|---|\n" + rows + "\n")
+        "it.\n\n| field | type | meaning |\n|---|---|---|\n" + rows + "\n"
+    )
     inputs = folder / "inputs"
     inputs.mkdir(exist_ok=True)
     todo = []
@@ -422,7 +498,10 @@ def write_example(folder: Path) -> list[str]:
 def example_command(args) -> int:
     folder = Path(args.example)
     todo = write_example(folder)
-    print(f"avatar batch: wrote {', '.join(f'{n}.json' for n in EXAMPLE_PROFILES)} and README.md to {folder}; "
-          + (f"then {'; '.join(todo)}; " if todo else "")
-          + f"run: avatar batch {folder} --out {folder.parent / (folder.name + '-renders')}", file=sys.stderr)
+    print(
+        f"avatar batch: wrote {', '.join(f'{n}.json' for n in EXAMPLE_PROFILES)} and README.md to {folder}; "
+        + (f"then {'; '.join(todo)}; " if todo else "")
+        + f"run: avatar batch {folder} --out {folder.parent / (folder.name + '-renders')}",
+        file=sys.stderr,
+    )
     return EXIT_OK

@@ -1,4 +1,5 @@
 """The `avatar` command: serve the mesh, generate a video through it, check or download weights."""
+
 import argparse
 import asyncio
 import os
@@ -18,53 +19,101 @@ class UserError(Exception):
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("tiny", "s2v-14b"), default=None,
-                   help="tiny: small random model, runs on CPU, renders noise (default without --ckpt_dir); "
-                        "s2v-14b: Wan2.2-S2V-14B + LiveAvatar LoRA (default with --ckpt_dir)")
+    g.add_argument(
+        "--model",
+        choices=("tiny", "s2v-14b"),
+        default=None,
+        help="tiny: small random model, runs on CPU, renders noise (default without --ckpt_dir); "
+        "s2v-14b: Wan2.2-S2V-14B + LiveAvatar LoRA (default with --ckpt_dir)",
+    )
     g.add_argument("--ckpt_dir", help="folder holding the Wan2.2-S2V-14B checkpoint files")
     g.add_argument("--lora_path", help="LiveAvatar LoRA (liveavatar.safetensors)")
-    g.add_argument("--random-weights", action="store_true",
-                   help="s2v-14b shapes with random values (benchmarks; the video is noise)")
+    g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="s2v-14b shapes with random values (benchmarks; the video is noise)",
+    )
     g.add_argument("--device", default="cpu", help="torch device of the engines, e.g. cpu, cuda, cuda:1")
-    g.add_argument("--fp8", action="store_true",
-                   help="FP8 (e4m3) linear layers in the DiT: half the weight memory, faster on Ada/Hopper "
-                        "(docs/performance.md)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the DiT blocks (about a minute at start-up, then ~35%% faster per block)")
-    g.add_argument("--cache-sets", type=int, choices=(1,), default=None,
-                   help="1: one KV cache set refreshed by a clean pass per block (less memory, one more "
-                        "forward per block) instead of one set per sampling step")
-    g.add_argument("--kv-fp8", action="store_true",
-                   help="store the DiT's KV cache in FP8 (e4m3): half the cache memory, lets 704*384 fit a "
-                        "24 GB card with --fp8 --cache-sets 1 (docs/performance.md)")
-    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each steady-state DiT step from a CUDA graph (default on a GPU: +12%% at "
-                        "384*256, +1%% at 704*384 on an H100)")
-    g.add_argument("--offload-text-kv", action="store_true",
-                   help="keep the DiT's text key/value projections (2 GB in FP8) in pinned CPU memory: they "
-                        "run once per session; with --fp8 --cache-sets 1 --kv-fp8 and --infer_frames 24 the "
-                        "704*384 pipeline fits 24 GB (docs/performance.md)")
-    g.add_argument("--audio-encoders", default="wav2vec2", metavar="NAMES",
-                   help="audio encoders the encoder loads, comma-separated, from wav2vec2 (what the model was "
-                        "trained with) and whisper; a request picks one with audio_encoder (default: wav2vec2)")
-    g.add_argument("--whisper-dir", metavar="FOLDER",
-                   help="WhisperModel checkpoint for the whisper audio encoder (e.g. whisper-medium: 1024 wide, "
-                        "24 layers, as the DiT's audio input); needed with --ckpt_dir, else random weights")
-    g.add_argument("--clip-image", nargs="?", const=True, default=False, metavar="FOLDER",
-                   help="load a CLIPVisionModel (from FOLDER, e.g. clip-vit-large-patch14; without FOLDER: random "
-                        "weights, tiny or --random-weights only) so requests can ask for the portrait's identity "
-                        "embedding (clip_embedding); the DiT does not use it")
-    g.add_argument("--memory-plan", choices=("auto", "off"), default="auto",
-                   help="auto (default): on a GPU, without --fp8/--cache-sets/--kv-fp8, choose them (and where "
-                        "the encoders run) from the free memory before loading, for the largest preset that "
-                        "can fit; off: as given")
-    g.add_argument("--trace-file", help="append this process's OpenTelemetry spans to FILE as JSON lines "
-                                        "(OTLP is used instead when OTEL_EXPORTER_OTLP_ENDPOINT is set)")
+    g.add_argument(
+        "--fp8",
+        action="store_true",
+        help="FP8 (e4m3) linear layers in the DiT: half the weight memory, faster on Ada/Hopper (docs/performance.md)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT blocks (about a minute at start-up, then ~35%% faster per block)",
+    )
+    g.add_argument(
+        "--cache-sets",
+        type=int,
+        choices=(1,),
+        default=None,
+        help="1: one KV cache set refreshed by a clean pass per block (less memory, one more "
+        "forward per block) instead of one set per sampling step",
+    )
+    g.add_argument(
+        "--kv-fp8",
+        action="store_true",
+        help="store the DiT's KV cache in FP8 (e4m3): half the cache memory, lets 704*384 fit a "
+        "24 GB card with --fp8 --cache-sets 1 (docs/performance.md)",
+    )
+    g.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay each steady-state DiT step from a CUDA graph (default on a GPU: +12%% at "
+        "384*256, +1%% at 704*384 on an H100)",
+    )
+    g.add_argument(
+        "--offload-text-kv",
+        action="store_true",
+        help="keep the DiT's text key/value projections (2 GB in FP8) in pinned CPU memory: they "
+        "run once per session; with --fp8 --cache-sets 1 --kv-fp8 and --infer_frames 24 the "
+        "704*384 pipeline fits 24 GB (docs/performance.md)",
+    )
+    g.add_argument(
+        "--audio-encoders",
+        default="wav2vec2",
+        metavar="NAMES",
+        help="audio encoders the encoder loads, comma-separated, from wav2vec2 (what the model was "
+        "trained with) and whisper; a request picks one with audio_encoder (default: wav2vec2)",
+    )
+    g.add_argument(
+        "--whisper-dir",
+        metavar="FOLDER",
+        help="WhisperModel checkpoint for the whisper audio encoder (e.g. whisper-medium: 1024 wide, "
+        "24 layers, as the DiT's audio input); needed with --ckpt_dir, else random weights",
+    )
+    g.add_argument(
+        "--clip-image",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="FOLDER",
+        help="load a CLIPVisionModel (from FOLDER, e.g. clip-vit-large-patch14; without FOLDER: random "
+        "weights, tiny or --random-weights only) so requests can ask for the portrait's identity "
+        "embedding (clip_embedding); the DiT does not use it",
+    )
+    g.add_argument(
+        "--memory-plan",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto (default): on a GPU, without --fp8/--cache-sets/--kv-fp8, choose them (and where "
+        "the encoders run) from the free memory before loading, for the largest preset that "
+        "can fit; off: as given",
+    )
+    g.add_argument(
+        "--trace-file",
+        help="append this process's OpenTelemetry spans to FILE as JSON lines "
+        "(OTLP is used instead when OTEL_EXPORTER_OTLP_ENDPOINT is set)",
+    )
 
 
 def model_spec(args):
     from avatar.errors import InvalidInput
     from avatar.presets import EncoderOptions, GeneratorOptions, ModelSpec
+
     name = args.model or ("s2v-14b" if args.ckpt_dir or args.random_weights else "tiny")
     if name == "s2v-14b" and not (args.ckpt_dir or args.random_weights):
         raise UserError("--model s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
@@ -77,24 +126,43 @@ def model_spec(args):
     fp8 = getattr(args, "fp8", False)
     try:
         generator_options = GeneratorOptions(
-            cache_sets=args.cache_sets, kv_dtype="float8_e4m3fn" if args.kv_fp8 else None,
-            cuda_graphs=args.cuda_graphs, offload_text_projections=args.offload_text_kv)
+            cache_sets=args.cache_sets,
+            kv_dtype="float8_e4m3fn" if args.kv_fp8 else None,
+            cuda_graphs=args.cuda_graphs,
+            offload_text_projections=args.offload_text_kv,
+        )
         encoder_options = EncoderOptions(
-            audio_encoders=audio_encoders, whisper_dir=args.whisper_dir, clip_image=bool(clip_image),
-            clip_dir=clip_image if isinstance(clip_image, str) else None)
-        spec = ModelSpec(name=name, ckpt_dir=args.ckpt_dir, lora_path=args.lora_path,
-                         random_weights=args.random_weights, device=args.device, fp8=fp8,
-                         compile=getattr(args, "compile", False), generator_options=generator_options,
-                         encoder_options=encoder_options)
+            audio_encoders=audio_encoders,
+            whisper_dir=args.whisper_dir,
+            clip_image=bool(clip_image),
+            clip_dir=clip_image if isinstance(clip_image, str) else None,
+        )
+        spec = ModelSpec(
+            name=name,
+            ckpt_dir=args.ckpt_dir,
+            lora_path=args.lora_path,
+            random_weights=args.random_weights,
+            device=args.device,
+            fp8=fp8,
+            compile=getattr(args, "compile", False),
+            generator_options=generator_options,
+            encoder_options=encoder_options,
+        )
     except InvalidInput as exc:
         raise UserError(str(exc)) from None
-    chosen = fp8 or generator_options.cache_sets or generator_options.kv_dtype   # what the plan would choose
+    chosen = fp8 or generator_options.cache_sets or generator_options.kv_dtype  # what the plan would choose
     # Under torchrun (TPP) every rank holds one step's cache set: the single-GPU plan does not apply.
     tpp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if getattr(args, "memory_plan", "off") == "auto" and spec.device.startswith("cuda") and not spec.is_tiny \
-            and not chosen and not tpp:
+    if (
+        getattr(args, "memory_plan", "off") == "auto"
+        and spec.device.startswith("cuda")
+        and not spec.is_tiny
+        and not chosen
+        and not tpp
+    ):
         from avatar.errors import ResourceExhausted
         from avatar.memory_planner import plan_for_device
+
         try:
             spec, plan, req = plan_for_device(spec)
         except ResourceExhausted as exc:
@@ -105,32 +173,76 @@ def model_spec(args):
 
 def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("capacity and operations")
-    g.add_argument("--max-sessions", type=int, default=4, metavar="N",
-                   help="sessions the gateway/generator runs at once (default 4)")
-    g.add_argument("--max-queue", type=int, default=8, metavar="N",
-                   help="sessions that may wait for a slot; beyond: RESOURCE_EXHAUSTED with a retry hint (default 8)")
-    g.add_argument("--max-per-client", type=int, default=0, metavar="N",
-                   help="public API: running + waiting sessions per client (its client certificate, else its "
-                        "API token when --auth-token is set, else its IP address); 0: no cap (default)")
-    g.add_argument("--encoder-concurrency", type=int, default=2, metavar="N",
-                   help="encoder: image and prompt encodes run at once (default 2)")
-    g.add_argument("--encoder-queue", type=int, default=8, metavar="N",
-                   help="encoder: encodes that may wait; beyond: RESOURCE_EXHAUSTED (default 8)")
-    g.add_argument("--compile-cache", metavar="DIR",
-                   help="keep torch.compile's caches (inductor FX graphs, Triton kernels) in DIR: a restart "
-                        "with --compile loads them instead of compiling for minutes (mount it as a volume)")
-    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
-    g.add_argument("--grace", type=float, default=None, metavar="S",
-                   help="on SIGTERM: seconds in-flight streams get to finish before they are cancelled")
-    g.add_argument("--max-audio-s", type=float, default=None, metavar="S",
-                   help="gateway: refuse speech longer than S seconds (default 600)")
+    g.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4,
+        metavar="N",
+        help="sessions the gateway/generator runs at once (default 4)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=8,
+        metavar="N",
+        help="sessions that may wait for a slot; beyond: RESOURCE_EXHAUSTED with a retry hint (default 8)",
+    )
+    g.add_argument(
+        "--max-per-client",
+        type=int,
+        default=0,
+        metavar="N",
+        help="public API: running + waiting sessions per client (its client certificate, else its "
+        "API token when --auth-token is set, else its IP address); 0: no cap (default)",
+    )
+    g.add_argument(
+        "--encoder-concurrency",
+        type=int,
+        default=2,
+        metavar="N",
+        help="encoder: image and prompt encodes run at once (default 2)",
+    )
+    g.add_argument(
+        "--encoder-queue",
+        type=int,
+        default=8,
+        metavar="N",
+        help="encoder: encodes that may wait; beyond: RESOURCE_EXHAUSTED (default 8)",
+    )
+    g.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep torch.compile's caches (inductor FX graphs, Triton kernels) in DIR: a restart "
+        "with --compile loads them instead of compiling for minutes (mount it as a volume)",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )
+    g.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        metavar="S",
+        help="on SIGTERM: seconds in-flight streams get to finish before they are cancelled",
+    )
+    g.add_argument(
+        "--max-audio-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="gateway: refuse speech longer than S seconds (default 600)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from avatar.app.serve import DEFAULT_LISTEN, ROLES
     from avatar.presets import AUDIO_ENCODERS
     from avatar.security import add_security_args
-    from avatar.app.serve import DEFAULT_LISTEN, ROLES
+
     parser = argparse.ArgumentParser(prog="avatar", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,10 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="host mesh services (default: all four in one process)")
     p.add_argument("--role", choices=ROLES, default="all")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
-    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the hd and preview presets through the generator and the decoder before "
-                        "reporting SERVING (default: with --compile, which compiles there, so no request "
-                        "waits for compilation)")
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the hd and preview presets through the generator and the decoder before "
+        "reporting SERVING (default: with --compile, which compiles there, so no request "
+        "waits for compilation)",
+    )
     p.add_argument("--encoder", metavar="ADDR", help="EncoderService address (--role gateway)")
     p.add_argument("--generator", metavar="ADDR", help="GeneratorService address (--role gateway)")
     p.add_argument("--decoder", metavar="ADDR", help="DecoderService address (--role gateway)")
@@ -154,41 +270,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
     p.add_argument("--audio", required=True, help="speech: WAV, FLAC, MP3, OGG or M4A")
     p.add_argument("--prompt", default="", help="text describing the scene")
-    p.add_argument("--preset", choices=("preview", "standard", "hd"), default=None,
-                   help="generation defaults (default: preview)")
+    p.add_argument(
+        "--preset", choices=("preview", "standard", "hd"), default=None, help="generation defaults (default: preview)"
+    )
     p.add_argument("--size", default="", help='pixel area "W*H"; the aspect follows the image, e.g. 704*384')
     p.add_argument("--num_clip", type=int, default=0, help="clips to generate at most (0: the whole audio)")
     p.add_argument("--infer_frames", type=int, default=0, help="video frames per clip (0: the preset's)")
     p.add_argument("--sample_steps", type=int, default=0, help="denoising steps per block (0: the preset's)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default 420)")
-    p.add_argument("--enable_online_decode", action="store_true",
-                   help="accepted for LiveAvatar compatibility: decoding is always online (per block)")
-    p.add_argument("--server", metavar="ADDR", help="a running gateway, e.g. 127.0.0.1:50051 "
-                                                    "(default: start the mesh in this process)")
+    p.add_argument(
+        "--enable_online_decode",
+        action="store_true",
+        help="accepted for LiveAvatar compatibility: decoding is always online (per block)",
+    )
+    p.add_argument(
+        "--server",
+        metavar="ADDR",
+        help="a running gateway, e.g. 127.0.0.1:50051 (default: start the mesh in this process)",
+    )
     p.add_argument("--out", required=True, help="output video, e.g. out/demo.mp4 (OUT.json is written beside it)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the request in seconds")
-    p.add_argument("--audio-encoder", choices=AUDIO_ENCODERS, default=None,
-                   help="audio encoder of the speech features (default wav2vec2, what the model was trained with); "
-                        "without --server the embedded mesh loads it")
-    p.add_argument("--clip-embedding", action="store_true",
-                   help="also get the portrait's CLIP identity embedding, written to OUT.json (clip_embedding)")
+    p.add_argument(
+        "--audio-encoder",
+        choices=AUDIO_ENCODERS,
+        default=None,
+        help="audio encoder of the speech features (default wav2vec2, what the model was trained with); "
+        "without --server the embedded mesh loads it",
+    )
+    p.add_argument(
+        "--clip-embedding",
+        action="store_true",
+        help="also get the portrait's CLIP identity embedding, written to OUT.json (clip_embedding)",
+    )
     _add_model_flags(p)
     add_security_args(p)
 
-    _add_model_flags(converse_cmd.add_parser(sub))   # live sessions: app/converse_cmd.py
+    _add_model_flags(converse_cmd.add_parser(sub))  # live sessions: app/converse_cmd.py
 
     p = sub.add_parser("batch", help="one video per JSON profile in a folder; resumable, with a manifest")
     from avatar.app import batch
+
     batch.add_arguments(p)
     _add_model_flags(p)
     add_security_args(p)
 
     p = sub.add_parser("gpu-monitor", help="print or log GPU memory/utilisation/temperature, like nvidia-smi")
     from avatar.app import gpu_monitor
+
     gpu_monitor.add_arguments(p)
 
-    p = sub.add_parser("check-weights", help="check a checkpoint folder against the model's expected tensors "
-                                             "(reads headers only: seconds, even for 44 GB)")
+    p = sub.add_parser(
+        "check-weights",
+        help="check a checkpoint folder against the model's expected tensors "
+        "(reads headers only: seconds, even for 44 GB)",
+    )
     p.add_argument("--ckpt_dir", required=True, help="the Wan2.2-S2V-14B folder (or the folder holding it)")
     p.add_argument("--lora_path", help="LiveAvatar LoRA (liveavatar.safetensors) to match against the DiT")
     p.add_argument("--model", choices=("s2v-14b", "tiny"), default="s2v-14b", help="shapes to expect")
@@ -201,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from avatar.app.embedded import SetupError
     from avatar.client import GenerateError, InvalidRequest
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -211,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(converse_cmd.run(args))
         if args.command == "batch":
             from avatar.app.batch import example_command, run
+
             if args.example:
                 return example_command(args)
             return run_stoppable(run(args, None if args.server else model_for(args)), args.command)
         if args.command == "gpu-monitor":
             from avatar.app.gpu_monitor import run
+
             return run(args)
         if args.command == "check-weights":
             return cmd_check_weights(args)
@@ -247,9 +385,10 @@ def run_stoppable(work, command: str) -> int:
         task, loop = asyncio.current_task(), asyncio.get_running_loop()
 
         def stop(sig):
-            if not received:   # a second signal must not interrupt the cleanup of the first
+            if not received:  # a second signal must not interrupt the cleanup of the first
                 task.cancel()
             received.append(sig)
+
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop, sig)
         try:
@@ -268,9 +407,10 @@ def run_stoppable(work, command: str) -> int:
 
 def cmd_serve(args) -> int:
     from avatar.admission import AdmissionConfig
+    from avatar.app.serve import GRACE_S, ServeConfig, serve_forever
     from avatar.logging_setup import setup_logging
     from avatar.security import SecurityConfig
-    from avatar.app.serve import GRACE_S, ServeConfig, serve_forever
+
     setup_logging(f"avatar-{args.role}")
     try:
         security = SecurityConfig.from_args(args)
@@ -280,13 +420,26 @@ def cmd_serve(args) -> int:
         encoder_admission = AdmissionConfig(args.encoder_concurrency, args.encoder_queue)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    cfg = ServeConfig(role=args.role, listen=args.listen, encoder=args.encoder, generator=args.generator,
-                      decoder=args.decoder, model=model_for(args, args.role), trace_file=args.trace_file,
-                      security=security, admission=admission, metrics_port=args.metrics_port,
-                      grace_s=GRACE_S if args.grace is None else args.grace, max_audio_s=args.max_audio_s,
-                      warmup=args.warmup, live=converse_cmd.live_config(args), compile_cache=args.compile_cache,
-                      encoder_admission=encoder_admission)
+    cfg = ServeConfig(
+        role=args.role,
+        listen=args.listen,
+        encoder=args.encoder,
+        generator=args.generator,
+        decoder=args.decoder,
+        model=model_for(args, args.role),
+        trace_file=args.trace_file,
+        security=security,
+        admission=admission,
+        metrics_port=args.metrics_port,
+        grace_s=GRACE_S if args.grace is None else args.grace,
+        max_audio_s=args.max_audio_s,
+        warmup=args.warmup,
+        live=converse_cmd.live_config(args),
+        compile_cache=args.compile_cache,
+        encoder_admission=encoder_admission,
+    )
     from avatar.errors import WeightsError
+
     try:
         asyncio.run(serve_forever(cfg))
     except (ValueError, OSError, WeightsError) as exc:
@@ -305,45 +458,64 @@ def model_for(args, role: str = "all"):
         if args.ckpt_dir:
             _check_ckpt_dir(args.ckpt_dir)
         if args.lora_path and not Path(args.lora_path).expanduser().is_file():
-            raise UserError(f"--lora_path {args.lora_path}: no such file; `avatar download-weights` fetches "
-                            f"LiveAvatar/liveavatar.safetensors")
+            raise UserError(
+                f"--lora_path {args.lora_path}: no such file; `avatar download-weights` fetches "
+                f"LiveAvatar/liveavatar.safetensors"
+            )
     return spec
 
 
 def _check_ckpt_dir(ckpt_dir: str) -> None:
     from avatar import checkpoints as ck
+
     fetch = f"fetch the weights with `avatar download-weights --ckpt_dir {ckpt_dir}`"
     path = Path(ckpt_dir).expanduser()
     if not path.is_dir():
-        raise UserError(f"--ckpt_dir {ckpt_dir}: " + ("not a folder" if path.exists() else "no such folder")
-                        + f"; {fetch}")
+        raise UserError(
+            f"--ckpt_dir {ckpt_dir}: " + ("not a folder" if path.exists() else "no such folder") + f"; {fetch}"
+        )
     if not any(path.iterdir()):
         raise UserError(f"--ckpt_dir {ckpt_dir} is empty; {fetch}")
     root = ck.resolve_ckpt_dir(path).root
     dit = (root / ck.DIT_INDEX, root / "diffusion_pytorch_model.safetensors")
-    missing = [str(p.relative_to(root)) for p in (root / ck.DIT_CONFIG, root / ck.VAE_FILE, root / ck.T5_FILE,
-                                                  root / ck.TOKENIZER_DIR, root / ck.WAV2VEC2_DIR) if not p.exists()]
+    missing = [
+        str(p.relative_to(root))
+        for p in (
+            root / ck.DIT_CONFIG,
+            root / ck.VAE_FILE,
+            root / ck.T5_FILE,
+            root / ck.TOKENIZER_DIR,
+            root / ck.WAV2VEC2_DIR,
+        )
+        if not p.exists()
+    ]
     if not any(p.exists() for p in dit):
         missing.insert(1, dit[0].name)
     if missing:
-        raise UserError(f"--ckpt_dir {ckpt_dir} is not a Wan2.2-S2V-14B folder: {', '.join(missing)} missing; "
-                        f"{fetch}, or see what is wrong with `avatar check-weights --ckpt_dir {ckpt_dir}`")
+        raise UserError(
+            f"--ckpt_dir {ckpt_dir} is not a Wan2.2-S2V-14B folder: {', '.join(missing)} missing; "
+            f"{fetch}, or see what is wrong with `avatar check-weights --ckpt_dir {ckpt_dir}`"
+        )
 
 
 def _check_cuda(device: str) -> None:
     import torch
+
     if not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise UserError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
     index = device.partition(":")[2]
     if index and (not index.isascii() or not index.isdigit() or int(index) >= torch.cuda.device_count()):
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise UserError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
 def _read(path: str, what: str) -> bytes:
     """An input file's bytes, or UserError (used by `avatar converse`)."""
     from avatar.client import InvalidRequest, read_input
+
     try:
         return read_input(path, what)
     except InvalidRequest as exc:
@@ -353,11 +525,20 @@ def _read(path: str, what: str) -> bytes:
 def _request(args):
     from avatar.client import read_input
     from avatar.v1 import avatar_pb2
+
     return avatar_pb2.GenerateRequest(
-        image=read_input(args.image, "image"), audio=read_input(args.audio, "audio"), prompt=args.prompt,
-        size=args.size, preset=args.preset or "", num_clip=args.num_clip, infer_frames=args.infer_frames,
-        sample_steps=args.sample_steps, seed=args.seed, audio_encoder=args.audio_encoder or "",
-        clip_embedding=args.clip_embedding)
+        image=read_input(args.image, "image"),
+        audio=read_input(args.audio, "audio"),
+        prompt=args.prompt,
+        size=args.size,
+        preset=args.preset or "",
+        num_clip=args.num_clip,
+        infer_frames=args.infer_frames,
+        sample_steps=args.sample_steps,
+        seed=args.seed,
+        audio_encoder=args.audio_encoder or "",
+        clip_embedding=args.clip_embedding,
+    )
 
 
 async def cmd_generate(args) -> int:
@@ -366,7 +547,7 @@ async def cmd_generate(args) -> int:
     request = _request(args)
     out = Path(args.out)
     model = None
-    if not args.server:   # with --server the model is the server's
+    if not args.server:  # with --server the model is the server's
         model = model_for(args)
     progress = _Progress()
     try:
@@ -374,21 +555,33 @@ async def cmd_generate(args) -> int:
             if client.warning:
                 print(f"avatar generate: {client.warning}", file=sys.stderr)
             saved = await client.generate_to_file(
-                request, out, timeout_s=args.timeout, on_event=progress, span_name="avatar generate",
-                server=args.server or "embedded", sidecar={
+                request,
+                out,
+                timeout_s=args.timeout,
+                on_event=progress,
+                span_name="avatar generate",
+                server=args.server or "embedded",
+                sidecar={
                     # no secrets in the sidecar
                     "parameters": {k: v for k, v in vars(args).items() if k != "command" and "token" not in k},
-                    "model": {"ckpt_dir": args.ckpt_dir, "lora_path": args.lora_path,
-                              "random_weights": args.random_weights}})
+                    "model": {
+                        "ckpt_dir": args.ckpt_dir,
+                        "lora_path": args.lora_path,
+                        "random_weights": args.random_weights,
+                    },
+                },
+            )
     finally:
         progress.close()
     header, status = saved.header, saved.status
-    print(f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
-          f"{header.duration_s:.2f} s) in {saved.total_s:.1f} s, first fragment after "
-          f"{status.time_to_first_fragment_s:.2f} s", file=sys.stderr)
+    print(
+        f"avatar generate: wrote {out} ({status.frames} frames, {header.width}x{header.height}, "
+        f"{header.duration_s:.2f} s) in {saved.total_s:.1f} s, first fragment after "
+        f"{status.time_to_first_fragment_s:.2f} s",
+        file=sys.stderr,
+    )
     if status.truncation:
-        print(f"avatar generate: note: the video covers only part of the audio: {status.truncation}",
-              file=sys.stderr)
+        print(f"avatar generate: note: the video covers only part of the audio: {status.truncation}", file=sys.stderr)
     if saved.audio_note:
         print(f"avatar generate: note: {saved.audio_note}", file=sys.stderr)
     return 0
@@ -406,9 +599,15 @@ class _Progress:
             if "noise" in msg.header.model:
                 print(f"avatar generate: note: model is {msg.header.model}", file=sys.stderr)
             from tqdm import tqdm
+
             h = msg.header
-            self.bar = tqdm(total=h.expected_fragments, unit="block", file=sys.stderr,
-                            desc=f"{h.width}x{h.height} {h.total_frames} frames", leave=True)
+            self.bar = tqdm(
+                total=h.expected_fragments,
+                unit="block",
+                file=sys.stderr,
+                desc=f"{h.width}x{h.height} {h.total_frames} frames",
+                leave=True,
+            )
         elif kind == "fragment" and self.bar is not None:
             self.bar.update(1)
 
@@ -421,6 +620,7 @@ class _Progress:
 def cmd_check_weights(args) -> int:
     """Prints one line per component; exit 0 when complete, 1 when something is missing or wrong."""
     from avatar.app.weights_tools import check_weights
+
     try:
         report = check_weights(args.ckpt_dir, args.lora_path, model=args.model)
     except ValueError as exc:
@@ -430,8 +630,9 @@ def cmd_check_weights(args) -> int:
 
 
 def cmd_download_weights(args) -> int:
-    from avatar.errors import WeightsError
     from avatar.app.weights_tools import download_weights
+    from avatar.errors import WeightsError
+
     try:
         got = download_weights(args.ckpt_dir, lora=not args.no_lora)
     except WeightsError as exc:

@@ -1,4 +1,5 @@
 """`avatar converse`: drives a live session from an audio file, as a TTS voice or a microphone would."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,17 +10,23 @@ import tempfile
 import time
 from pathlib import Path
 
-INPUT_RATE = 16000   # the file is sent as PCM s16le mono at 16 kHz
+INPUT_RATE = 16000  # the file is sent as PCM s16le mono at 16 kHz
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from avatar.security import add_security_args
-    p = sub.add_parser("converse", help="live session: stream an audio file in (real time or faster), "
-                                        "the video out, and report the latencies")
+
+    p = sub.add_parser(
+        "converse",
+        help="live session: stream an audio file in (real time or faster), the video out, and report the latencies",
+    )
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
     p.add_argument("--audio", required=True, help="speech: WAV, FLAC, MP3, OGG or M4A, sent as 16 kHz PCM")
-    p.add_argument("--realtime", action="store_true",
-                   help="send the audio at real-time pace, like a microphone (default: as fast as the server reads)")
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="send the audio at real-time pace, like a microphone (default: as fast as the server reads)",
+    )
     p.add_argument("--chunk-ms", type=float, default=100.0, metavar="N", help="audio chunk length (default 100)")
     p.add_argument("--prompt", default="", help="text describing the scene")
     p.add_argument("--preset", choices=("preview", "standard", "hd"), default=None)
@@ -35,20 +42,35 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("live sessions (Converse)")
-    g.add_argument("--live-idle-timeout-s", type=float, default=60.0, metavar="S",
-                   help="end a live session after S seconds without a client message (default 60)")
-    g.add_argument("--live-block-budget-ms", type=float, default=480.0, metavar="MS",
-                   help="refuse live sessions whose generator needs more than MS per block (default 480: real time)")
-    g.add_argument("--live-max-session-s", type=float, default=4 * 3600.0, metavar="S",
-                   help="longest live session (default 4 h)")
+    g.add_argument(
+        "--live-idle-timeout-s",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="end a live session after S seconds without a client message (default 60)",
+    )
+    g.add_argument(
+        "--live-block-budget-ms",
+        type=float,
+        default=480.0,
+        metavar="MS",
+        help="refuse live sessions whose generator needs more than MS per block (default 480: real time)",
+    )
+    g.add_argument(
+        "--live-max-session-s", type=float, default=4 * 3600.0, metavar="S", help="longest live session (default 4 h)"
+    )
 
 
 def live_config(args):
     from avatar.app.cli import UserError
     from avatar.gateway.converse import ConverseConfig
+
     try:
-        return ConverseConfig(idle_timeout_s=args.live_idle_timeout_s, block_budget_ms=args.live_block_budget_ms,
-                              max_session_s=args.live_max_session_s)
+        return ConverseConfig(
+            idle_timeout_s=args.live_idle_timeout_s,
+            block_budget_ms=args.live_block_budget_ms,
+            max_session_s=args.live_max_session_s,
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -70,14 +92,21 @@ async def run(args) -> int:
     except InvalidInput as exc:
         raise UserError(str(exc)) from None
     pcm = pcm16(media.resample(audio.samples, audio.sample_rate, INPUT_RATE))
-    header = avatar_pb2.ConverseHeader(image=_read(args.image, "image"), prompt=args.prompt, preset=args.preset or "",
-                                       size=args.size, sample_steps=args.sample_steps, seed=args.seed,
-                                       sample_rate=INPUT_RATE)
+    header = avatar_pb2.ConverseHeader(
+        image=_read(args.image, "image"),
+        prompt=args.prompt,
+        preset=args.preset or "",
+        size=args.size,
+        sample_steps=args.sample_steps,
+        seed=args.seed,
+        sample_rate=INPUT_RATE,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     mesh, creds, token = None, None, None
     if args.server:
         from avatar.security import SecurityConfig
+
         try:
             sec = SecurityConfig.from_args(args)
             creds, token = sec.tls.channel_credentials(), sec.auth_token
@@ -86,10 +115,11 @@ async def run(args) -> int:
         address = args.server
     else:
         from avatar.app.serve import ServeConfig, start
+
         mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model_spec(args)))
         address = mesh.address
 
-    started = asyncio.Event()   # audio starts when the session does, as a voice agent's would
+    started = asyncio.Event()  # audio starts when the session does, as a voice agent's would
 
     async def requests():
         await started.wait()
@@ -137,9 +167,11 @@ async def run(args) -> int:
         if mesh is not None:
             await mesh.stop(grace=1.0)
     a, i = status.audio_to_fragment, status.interrupt_to_idle
-    print(f"avatar converse: wrote {out} ({status.blocks} blocks, {status.idle_blocks} idle, {status.frames} frames, "
-          f"{header_msg.width}x{header_msg.height}); generator {header_msg.measured_block_ms:.0f} ms per block "
-          f"(budget {header_msg.block_budget_ms:.0f}); audio -> fragment p50 {a.p50_ms:.0f} ms, p95 {a.p95_ms:.0f} ms "
-          f"over {a.count} blocks" + (f"; interrupt -> idle p50 {i.p50_ms:.0f} ms" if i.count else ""),
-          file=sys.stderr)
+    print(
+        f"avatar converse: wrote {out} ({status.blocks} blocks, {status.idle_blocks} idle, {status.frames} frames, "
+        f"{header_msg.width}x{header_msg.height}); generator {header_msg.measured_block_ms:.0f} ms per block "
+        f"(budget {header_msg.block_budget_ms:.0f}); audio -> fragment p50 {a.p50_ms:.0f} ms, p95 {a.p95_ms:.0f} ms "
+        f"over {a.count} blocks" + (f"; interrupt -> idle p50 {i.p50_ms:.0f} ms" if i.count else ""),
+        file=sys.stderr,
+    )
     return 0

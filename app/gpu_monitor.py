@@ -1,5 +1,6 @@
 """`avatar gpu-monitor`: GPU memory, utilisation, temperature and power over time, like an
 nvidia-smi query loop, printed as a table or written as CSV. Needs NVML (an NVIDIA driver)."""
+
 import argparse
 import csv
 import datetime as dt
@@ -7,8 +8,17 @@ import os
 import sys
 import time
 
-FIELDS = ("timestamp", "gpu", "name", "utilization_gpu_pct", "utilization_mem_pct", "memory_used_mib",
-          "memory_total_mib", "temperature_c", "power_w")
+FIELDS = (
+    "timestamp",
+    "gpu",
+    "name",
+    "utilization_gpu_pct",
+    "utilization_mem_pct",
+    "memory_used_mib",
+    "memory_total_mib",
+    "temperature_c",
+    "power_w",
+)
 EXIT_NO_NVML = 2
 
 
@@ -21,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _open_nvml():
     try:
         import pynvml
+
         pynvml.nvmlInit()
         return pynvml
     except Exception as e:  # noqa: BLE001 - missing library, driver or device: same answer
@@ -29,7 +40,7 @@ def _open_nvml():
 
 def sample(nv) -> list[dict]:
     """One row per GPU; readings a board does not support are left empty."""
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
     rows = []
     for i in range(nv.nvmlDeviceGetCount()):
         h = nv.nvmlDeviceGetHandleByIndex(i)
@@ -38,10 +49,12 @@ def sample(nv) -> list[dict]:
         mem = nv.nvmlDeviceGetMemoryInfo(h)
         row["memory_used_mib"] = mem.used // 2**20
         row["memory_total_mib"] = mem.total // 2**20
-        for key, read in (("utilization_gpu_pct", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                          ("utilization_mem_pct", lambda: nv.nvmlDeviceGetUtilizationRates(h).memory),
-                          ("temperature_c", lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
-                          ("power_w", lambda: round(nv.nvmlDeviceGetPowerUsage(h) / 1000.0, 1))):
+        for key, read in (
+            ("utilization_gpu_pct", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu),
+            ("utilization_mem_pct", lambda: nv.nvmlDeviceGetUtilizationRates(h).memory),
+            ("temperature_c", lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+            ("power_w", lambda: round(nv.nvmlDeviceGetPowerUsage(h) / 1000.0, 1)),
+        ):
             try:
                 row[key] = read()
             except nv.NVMLError:
@@ -67,8 +80,12 @@ def run(args) -> int:
         if new:
             writer.writeheader()
     else:
-        print("{:<24} {:>3} {:<22} {:>5} {:>5} {:>9} {:>9} {:>5} {:>7}".format(
-            "time", "gpu", "name", "util%", "mem%", "used MiB", "total MiB", "temp", "power W"), flush=True)
+        print(
+            "{:<24} {:>3} {:<22} {:>5} {:>5} {:>9} {:>9} {:>5} {:>7}".format(
+                "time", "gpu", "name", "util%", "mem%", "used MiB", "total MiB", "temp", "power W"
+            ),
+            flush=True,
+        )
     n = 0
     try:
         while True:
@@ -76,11 +93,13 @@ def run(args) -> int:
                 if writer:
                     writer.writerow(row)
                 else:
-                    print("{timestamp:<24} {gpu:>3} {name:<22.22} {utilization_gpu_pct:>5} {utilization_mem_pct:>5} "
-                          "{memory_used_mib:>9} {memory_total_mib:>9} {temperature_c:>5} {power_w:>7}".format(**row),
-                          flush=True)
+                    print(
+                        "{timestamp:<24} {gpu:>3} {name:<22.22} {utilization_gpu_pct:>5} {utilization_mem_pct:>5} "
+                        "{memory_used_mib:>9} {memory_total_mib:>9} {temperature_c:>5} {power_w:>7}".format(**row),
+                        flush=True,
+                    )
             if out:
-                out.flush()   # a reader (or a crash) sees every finished sample
+                out.flush()  # a reader (or a crash) sees every finished sample
             n += 1
             if args.count and n >= args.count:
                 return 0

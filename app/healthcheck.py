@@ -1,4 +1,5 @@
 """Probe a server's gRPC health service: `python -m avatar.app.healthcheck HOST:PORT` (exit 0 = SERVING)."""
+
 import argparse
 import os
 import sys
@@ -7,18 +8,27 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(address: str, service: str = "", timeout: float = 3.0, tls_ca: str | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None, server_name: str | None = None) -> str:
+def check(
+    address: str,
+    service: str = "",
+    timeout: float = 3.0,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    server_name: str | None = None,
+) -> str:
     """Returns the serving status name ("SERVING", "NOT_SERVING", ...) or raises grpc.RpcError."""
     from avatar.security import channel_credentials
 
     creds = channel_credentials(tls_ca, tls_cert, tls_key)
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    channel = (grpc.secure_channel(address, creds, options) if creds is not None
-               else grpc.insecure_channel(address, options))
+    channel = (
+        grpc.secure_channel(address, creds, options) if creds is not None else grpc.insecure_channel(address, options)
+    )
     with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 

@@ -1,4 +1,5 @@
 """Hosts mesh services in one grpc.aio server: one role per process, or all four (the embedded default)."""
+
 import asyncio
 import logging
 import os
@@ -26,32 +27,32 @@ GRACE_S = 5.0
 class ServeConfig:
     role: str = "all"
     listen: str = DEFAULT_LISTEN
-    encoder: str | None = None      # addresses of the peers, for --role gateway
+    encoder: str | None = None  # addresses of the peers, for --role gateway
     generator: str | None = None
     decoder: str | None = None
     model: ModelSpec = ModelSpec()
     trace_file: str | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS and tokens (avatar.security)
     admission: AdmissionConfig | None = None  # session cap + queue of gateway and generator; None: no cap
-    metrics_port: int | None = None           # Prometheus /metrics on this port; None: off, 0: any free
-    grace_s: float = GRACE_S                  # shutdown: seconds in-flight streams get to finish
-    max_audio_s: float | None = None          # gateway: longest speech input; None: avatar.media's default
-    warmup: bool | None = None                # generator and decoder: run the presets once before SERVING; None: with --compile
-    live: object = None                       # gateway: a gateway.converse.ConverseConfig; None: defaults
-    compile_cache: str | None = None          # torch.compile caches kept here across restarts (use_compile_cache)
+    metrics_port: int | None = None  # Prometheus /metrics on this port; None: off, 0: any free
+    grace_s: float = GRACE_S  # shutdown: seconds in-flight streams get to finish
+    max_audio_s: float | None = None  # gateway: longest speech input; None: avatar.media's default
+    warmup: bool | None = None  # generator and decoder: run the presets once before SERVING; None: with --compile
+    live: object = None  # gateway: a gateway.converse.ConverseConfig; None: defaults
+    compile_cache: str | None = None  # torch.compile caches kept here across restarts (use_compile_cache)
     # encoder: image and prompt encodes at once + waiting; beyond: RESOURCE_EXHAUSTED. None: no cap
     encoder_admission: AdmissionConfig | None = field(default_factory=lambda: AdmissionConfig(2, 8))
 
 
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server          # the listener on cfg.listen (public in "all" and "gateway")
+    server: grpc.aio.Server  # the listener on cfg.listen (public in "all" and "gateway")
     port: int
     health: object
     service_names: list[str]
     closers: list
     metrics_port: int | None = None
-    internal: grpc.aio.Server | None = None   # "all": the loopback listener of the internal services
+    internal: grpc.aio.Server | None = None  # "all": the loopback listener of the internal services
     internal_health: object = None
     internal_port: int | None = None
 
@@ -76,8 +77,15 @@ def warmup_sizes(model: ModelSpec) -> list[tuple[int, int, int, int]]:
     """(width, height, infer_frames, sample_steps) of the hd and preview presets, largest first,
     at the model's own sizes (avatar.presets.preset_area); clips are whole blocks of 12 frames."""
     from avatar.presets import JOB_PRESETS, preset_area, whole_blocks
-    return [(*preset_area(JOB_PRESETS[name], model), whole_blocks(JOB_PRESETS[name].infer_frames),
-             JOB_PRESETS[name].sample_steps) for name in ("hd", "preview")]
+
+    return [
+        (
+            *preset_area(JOB_PRESETS[name], model),
+            whole_blocks(JOB_PRESETS[name].infer_frames),
+            JOB_PRESETS[name].sample_steps,
+        )
+        for name in ("hd", "preview")
+    ]
 
 
 def use_compile_cache(directory: str) -> Path:
@@ -95,7 +103,8 @@ def use_compile_cache(directory: str) -> Path:
     os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
-    import torch._inductor.config as inductor_config   # read its environment at import: set it too
+    import torch._inductor.config as inductor_config  # read its environment at import: set it too
+
     inductor_config.fx_graph_cache = True
     return path
 
@@ -108,8 +117,11 @@ def _warm_up(kind: str, engine, sizes: list) -> None:
     """One size at a time, saying what compiles before it starts (a first compilation takes
     minutes): the log shows where a slow start spends its time."""
     for size in sizes:
-        log.info("%s warm-up: compiling/running %s (health NOT_SERVING until every size is done)",
-                 kind, "*".join(str(v) for v in size[:2]))
+        log.info(
+            "%s warm-up: compiling/running %s (health NOT_SERVING until every size is done)",
+            kind,
+            "*".join(str(v) for v in size[:2]),
+        )
         for line in engine.warm_up([size]):
             log.info("%s warm-up: %s", kind, line)
 
@@ -134,32 +146,39 @@ async def start(cfg: ServeConfig) -> RunningServer:
         log.warning(warning)
     public = cfg.role in ("all", "gateway")
     interceptors = [MetricsInterceptor(), *sec.server_interceptors(cfg.role)]
-    gateway_admission = None   # shared by Generate (in the interceptor) and Converse (in the servicer)
+    gateway_admission = None  # shared by Generate (in the interceptor) and Converse (in the servicer)
     if public and cfg.admission:
         from avatar.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
+
         # After auth: a refused call costs nothing; an admitted one is read only when it runs.
         gateway_admission = Admission(cfg.admission, "gateway", token_checked=bool(sec.auth_token))
         interceptors.append(AdmitBeforeReading(gateway_admission, [f"/{GATEWAY_SERVICE}/Generate"]))
     server, port = grpc_util.create_server(
-        cfg.listen, sec.tls.server_credentials(), interceptors,
-        max_request_bytes=grpc_util.PUBLIC_MAX_REQUEST_BYTES if public else grpc_util.MAX_MESSAGE_BYTES)
+        cfg.listen,
+        sec.tls.server_credentials(),
+        interceptors,
+        max_request_bytes=grpc_util.PUBLIC_MAX_REQUEST_BYTES if public else grpc_util.MAX_MESSAGE_BYTES,
+    )
     internal, internal_port = server, port
     if cfg.role == "all":
         internal, internal_port = grpc_util.create_server(
-            "127.0.0.1:0", None, [MetricsInterceptor(), *sec.server_interceptors("internal")])
-    names: list[str] = []            # services on `server`
-    internal_names: list[str] = []   # services on `internal` when it is a second listener
+            "127.0.0.1:0", None, [MetricsInterceptor(), *sec.server_interceptors("internal")]
+        )
+    names: list[str] = []  # services on `server`
+    internal_names: list[str] = []  # services on `internal` when it is a second listener
     on_internal = internal_names if internal is not server else names
     closers = []
     warmups = []
     metrics_port = None
     if cfg.metrics_port is not None:
         from avatar.metrics import start_metrics_server
+
         http, metrics_port = start_metrics_server(cfg.metrics_port, _host(cfg.listen) or "0.0.0.0")
 
         async def close_metrics(http=http):
             http.shutdown()
             http.server_close()
+
         closers.append(close_metrics)
     loop = asyncio.get_running_loop()
     warmup = cfg.warmup if cfg.warmup is not None else cfg.model.compile
@@ -169,20 +188,23 @@ async def start(cfg: ServeConfig) -> RunningServer:
     # Each role imports only its own engine (a gateway loads no model code); engines build in a
     # thread so a slow checkpoint load does not block the loop.
     if cfg.role in ("all", "encoder"):
-        from avatar.v1 import encoder_pb2_grpc
         from avatar.services.encoder.engine import EncoderEngine
         from avatar.services.encoder.server import SERVICE_NAME, EncoderServicer
+        from avatar.v1 import encoder_pb2_grpc
+
         engine = await loop.run_in_executor(None, EncoderEngine, cfg.model)
         encoder_admission = Admission(cfg.encoder_admission, "encoder") if cfg.encoder_admission else None
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine, encoder_admission), internal)
         on_internal.append(SERVICE_NAME)
     if cfg.role in ("all", "generator"):
-        from avatar.v1 import generator_pb2_grpc
+        from avatar.services.generator import distributed
         from avatar.services.generator.engine import GeneratorEngine
         from avatar.services.generator.server import SERVICE_NAME, GeneratorServicer
-        from avatar.services.generator import distributed
-        if distributed.launched():   # torchrun: rank 0 of a TPP group (services/generator/distributed)
+        from avatar.v1 import generator_pb2_grpc
+
+        if distributed.launched():  # torchrun: rank 0 of a TPP group (services/generator/distributed)
             from avatar.services.generator.distributed.tpp import start_rank0
+
             engine = await loop.run_in_executor(None, start_rank0, cfg.model)
             closers.append(engine.aclose)
         else:
@@ -193,9 +215,10 @@ async def start(cfg: ServeConfig) -> RunningServer:
         generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine, admission), internal)
         on_internal.append(SERVICE_NAME)
     if cfg.role in ("all", "decoder"):
-        from avatar.v1 import decoder_pb2_grpc
         from avatar.services.decoder.engine import DecoderEngine
         from avatar.services.decoder.server import SERVICE_NAME, DecoderServicer
+        from avatar.v1 import decoder_pb2_grpc
+
         engine = await loop.run_in_executor(None, DecoderEngine, cfg.model)
         if warmup:
             warmups.append(("decoder", engine, [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]))
@@ -203,8 +226,9 @@ async def start(cfg: ServeConfig) -> RunningServer:
         on_internal.append(SERVICE_NAME)
     gateway = None
     if cfg.role in ("all", "gateway"):
-        from avatar.v1 import avatar_pb2_grpc
         from avatar.gateway.server import SERVICE_NAME, GatewayServicer
+        from avatar.v1 import avatar_pb2_grpc
+
         if cfg.role == "all":
             # Same code path as a deployed mesh: the gateway calls its siblings over loopback.
             peers = (f"127.0.0.1:{internal_port}",) * 3
@@ -213,10 +237,15 @@ async def start(cfg: ServeConfig) -> RunningServer:
             if missing:
                 raise ValueError(f"--role gateway needs the peer addresses: {', '.join('--' + m for m in missing)}")
             peers = (cfg.encoder, cfg.generator, cfg.decoder)
-        gateway = GatewayServicer(cfg.model, *peers, credentials=sec.peer_credentials(cfg.role),
-                                  token=sec.peer_token(cfg.role),
-                                  admission=gateway_admission, live=cfg.live,
-                                  **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}))
+        gateway = GatewayServicer(
+            cfg.model,
+            *peers,
+            credentials=sec.peer_credentials(cfg.role),
+            token=sec.peer_token(cfg.role),
+            admission=gateway_admission,
+            live=cfg.live,
+            **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}),
+        )
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
         names.append(SERVICE_NAME)
         closers.append(gateway.close)
@@ -227,9 +256,17 @@ async def start(cfg: ServeConfig) -> RunningServer:
         internal_health = grpc_util.add_health_and_reflection(internal, internal_names)
         await internal.start()
     await server.start()
-    running = RunningServer(server, port, health, names, closers, metrics_port,
-                            internal if internal is not server else None, internal_health,
-                            internal_port if internal is not server else None)
+    running = RunningServer(
+        server,
+        port,
+        health,
+        names,
+        closers,
+        metrics_port,
+        internal if internal is not server else None,
+        internal_health,
+        internal_port if internal is not server else None,
+    )
     # Listening, but NOT_SERVING while the models warm up (compile): probes see progress, not
     # connection refused, and load balancers send nothing yet.
     await grpc_util.set_serving(health, names, False)
@@ -246,6 +283,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
 
 async def serve_forever(cfg: ServeConfig) -> None:
     from avatar.services.generator import distributed
+
     if distributed.launched():
         if cfg.role != "generator":
             raise ValueError(f"under torchrun only --role generator runs (multi-GPU TPP), not {cfg.role!r}")
@@ -255,14 +293,19 @@ async def serve_forever(cfg: ServeConfig) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, lambda: log.info("waiting for rank 0 to stop the group"))
             from avatar.services.generator.distributed.tpp import worker_main
+
             await asyncio.to_thread(worker_main, cfg.model)
             return
     running = await start(cfg)
-    print(f"avatar serve: {cfg.role} ({', '.join(n.rsplit('.', 1)[-1] for n in running.service_names)}) "
-          f"listening on {_host(cfg.listen)}:{running.port}{' (TLS)' if cfg.security.tls.cert else ''}, "
-          f"model {cfg.model.describe()}"
-          + (f", internal services on 127.0.0.1:{running.internal_port} (internal token)" if running.internal else "")
-          + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), file=sys.stderr, flush=True)
+    print(
+        f"avatar serve: {cfg.role} ({', '.join(n.rsplit('.', 1)[-1] for n in running.service_names)}) "
+        f"listening on {_host(cfg.listen)}:{running.port}{' (TLS)' if cfg.security.tls.cert else ''}, "
+        f"model {cfg.model.describe()}"
+        + (f", internal services on 127.0.0.1:{running.internal_port} (internal token)" if running.internal else "")
+        + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

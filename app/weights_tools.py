@@ -4,6 +4,7 @@ check_weights reads safetensors headers and the pickled index of .pth files (no 
 33 GB + 11 GB folder is checked in seconds, and compares every component with the names and
 shapes our classes expect, built on the meta device.
 """
+
 import dataclasses
 import os
 import pathlib
@@ -11,8 +12,14 @@ import re
 import socket
 import urllib.parse
 
-from avatar.checkpoints import (S2V_FOLDER, CheckpointLayout, read_pth_header, read_safetensors_header,
-                                resolve_ckpt_dir, shape_problems)
+from avatar.checkpoints import (
+    S2V_FOLDER,
+    CheckpointLayout,
+    read_pth_header,
+    read_safetensors_header,
+    resolve_ckpt_dir,
+    shape_problems,
+)
 from avatar.errors import WeightsError
 
 S2V_REPO = "Wan-AI/Wan2.2-S2V-14B"
@@ -20,16 +27,23 @@ LORA_REPO = "Quark-Vision/Live-Avatar"
 LORA_FILE = "liveavatar.safetensors"
 LORA_FOLDER = "LiveAvatar"
 # Only what --ckpt_dir needs from the S2V repo (it also holds examples and docs).
-S2V_FILES = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-             "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*",
-             "wav2vec2-large-xlsr-53-english/*"]
-LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")   # LiveAvatar's lora_target_modules
+S2V_FILES = [
+    "config.json",
+    "diffusion_pytorch_model*.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "Wan2.1_VAE.pth",
+    "models_t5_umt5-xxl-enc-bf16.pth",
+    "google/umt5-xxl/*",
+    "wav2vec2-large-xlsr-53-english/*",
+]
+LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")  # LiveAvatar's lora_target_modules
 MODELS = ("s2v-14b", "tiny")
 
 
 @dataclasses.dataclass
 class ComponentReport:
     """One component of the folder: what was found and what is wrong with it."""
+
     name: str
     path: pathlib.Path
     found: str = ""
@@ -60,16 +74,20 @@ class WeightsReport:
             out.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<9} {c.path}" + (f": {c.found}" if c.found else ""))
             out += [f"         - {p}" for p in c.problems]
         n = len(self.problems)
-        out.append("complete: every tensor present with the expected shape" if self.ok
-                   else f"{n} problem{'s' if n > 1 else ''} found")
+        out.append(
+            "complete: every tensor present with the expected shape"
+            if self.ok
+            else f"{n} problem{'s' if n > 1 else ''} found"
+        )
         return out
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
 
 
-def check_weights(ckpt_dir: str | pathlib.Path, lora_path: str | pathlib.Path | None = None,
-                  model: str = "s2v-14b") -> WeightsReport:
+def check_weights(
+    ckpt_dir: str | pathlib.Path, lora_path: str | pathlib.Path | None = None, model: str = "s2v-14b"
+) -> WeightsReport:
     """Checks every component of a Wan2.2-S2V-14B folder (and a LoRA file) against `model`'s shapes."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
@@ -78,16 +96,25 @@ def check_weights(ckpt_dir: str | pathlib.Path, lora_path: str | pathlib.Path | 
         # a newcomer's first run: say what to run rather than list five missing components
         what = "is empty" if folder.is_dir() else "does not exist"
         fetch = f"; fetch the weights with `avatar download-weights --ckpt_dir {folder}`" if model == "s2v-14b" else ""
-        return WeightsReport(folder, model, [ComponentReport("folder", folder, problems=[
-            f"{folder} {what}: nothing to check{fetch}"])])
+        return WeightsReport(
+            folder, model, [ComponentReport("folder", folder, problems=[f"{folder} {what}: nothing to check{fetch}"])]
+        )
     try:
         layout = resolve_ckpt_dir(ckpt_dir)
     except WeightsError as e:
-        return WeightsReport(pathlib.Path(str(ckpt_dir)), model,
-                             [ComponentReport("folder", pathlib.Path(str(ckpt_dir)), problems=[str(e)])])
+        return WeightsReport(
+            pathlib.Path(str(ckpt_dir)),
+            model,
+            [ComponentReport("folder", pathlib.Path(str(ckpt_dir)), problems=[str(e)])],
+        )
     dit = _check_dit(layout, model)
-    components = [dit.report, _check_vae(layout, model), _check_t5(layout, model), _check_tokenizer(layout),
-                  _check_wav2vec2(layout, model)]
+    components = [
+        dit.report,
+        _check_vae(layout, model),
+        _check_t5(layout, model),
+        _check_tokenizer(layout),
+        _check_wav2vec2(layout, model),
+    ]
     if lora_path:
         components.append(_check_lora(pathlib.Path(lora_path), dit.linear_shapes))
     return WeightsReport(layout.root, model, components)
@@ -95,14 +122,16 @@ def check_weights(ckpt_dir: str | pathlib.Path, lora_path: str | pathlib.Path | 
 
 # -- components -------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _DitResult:
     report: ComponentReport
-    linear_shapes: dict[str, tuple[int, ...]]   # module name -> [out, in] of the model's Linear layers
+    linear_shapes: dict[str, tuple[int, ...]]  # module name -> [out, in] of the model's Linear layers
 
 
 def _check_dit(layout: CheckpointLayout, model: str) -> _DitResult:
     import torch
+
     from avatar.services.generator.weights import build_dit, check_dit_files, checkpoint_files, read_dit_config
 
     rep = ComponentReport("DiT", layout.root)
@@ -119,18 +148,26 @@ def _check_dit(layout: CheckpointLayout, model: str) -> _DitResult:
             for name, (shape, dtype) in read_safetensors_header(shard).items():
                 shapes[name] = shape
                 dtypes.add(dtype)
-        rep.found = (f"{len(shapes)} tensors in {len(set(files.values()))} shard(s), {'/'.join(sorted(dtypes))}, "
-                     f"{_params(shapes)} parameters")
+        rep.found = (
+            f"{len(shapes)} tensors in {len(set(files.values()))} shard(s), {'/'.join(sorted(dtypes))}, "
+            f"{_params(shapes)} parameters"
+        )
         check_dit_files(expected, layout.root)
     except WeightsError as e:
         rep.problems.append(str(e))
     try:
         cfg = read_dit_config(layout.root)
         have = build_dit(cfg, device="meta").config
-        differ = sorted(k for k in have if not k.startswith("_") and k in expected.config and _plain(have[k]) != _plain(expected.config[k]))
+        differ = sorted(
+            k
+            for k in have
+            if not k.startswith("_") and k in expected.config and _plain(have[k]) != _plain(expected.config[k])
+        )
         if differ:
-            rep.problems.append("config.json describes another model: " + ", ".join(
-                f"{k}={_plain(have[k])} (expected {_plain(expected.config[k])})" for k in differ[:6]))
+            rep.problems.append(
+                "config.json describes another model: "
+                + ", ".join(f"{k}={_plain(have[k])} (expected {_plain(expected.config[k])})" for k in differ[:6])
+            )
     except WeightsError as e:
         rep.problems.append(str(e))
     return _DitResult(rep, linear)
@@ -158,7 +195,9 @@ def _check_pth(name: str, path: pathlib.Path, expected: dict[str, tuple[int, ...
         rep.problems.append(str(e))
         return rep
     shapes = {k: s for k, (s, _) in header.items()}
-    rep.found = f"{len(shapes)} tensors, {'/'.join(sorted({d for _, d in header.values()}))}, {_params(shapes)} parameters"
+    rep.found = (
+        f"{len(shapes)} tensors, {'/'.join(sorted({d for _, d in header.values()}))}, {_params(shapes)} parameters"
+    )
     rep.problems += shape_problems(shapes, expected)
     return rep
 
@@ -200,14 +239,16 @@ def _check_wav2vec2(layout: CheckpointLayout, model: str) -> ComponentReport:
         return rep
     dims = MODEL_DIMS[model]
     if (cfg.hidden_size, cfg.num_hidden_layers + 1) != (dims.audio_dim, dims.audio_layers):
-        rep.problems.append(f"config has {cfg.num_hidden_layers + 1} hidden states x {cfg.hidden_size}; "
-                            f"the {model} DiT needs {dims.audio_layers} x {dims.audio_dim}")
+        rep.problems.append(
+            f"config has {cfg.num_hidden_layers + 1} hidden states x {cfg.hidden_size}; "
+            f"the {model} DiT needs {dims.audio_layers} x {dims.audio_dim}"
+        )
     weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
     if weights is None:
         rep.problems.append("no weights (model.safetensors or pytorch_model.bin)")
         return rep
     try:
-        header = (read_safetensors_header(weights) if weights.suffix == ".safetensors" else read_pth_header(weights))
+        header = read_safetensors_header(weights) if weights.suffix == ".safetensors" else read_pth_header(weights)
     except WeightsError as e:
         rep.problems.append(str(e))
         return rep
@@ -216,8 +257,10 @@ def _check_wav2vec2(layout: CheckpointLayout, model: str) -> ComponentReport:
         expected = {k: tuple(v.shape) for k, v in Wav2Vec2ForCTC(cfg).state_dict().items()}
     # masked_spec_embed only serves training-time masking; checkpoints may omit it
     expected = {k: v for k, v in expected.items() if not k.endswith("masked_spec_embed") or k in shapes}
-    rep.found = (f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, {weights.name}: {len(shapes)} tensors, "
-                 f"{_params(shapes)} parameters")
+    rep.found = (
+        f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, {weights.name}: {len(shapes)} tensors, "
+        f"{_params(shapes)} parameters"
+    )
     rep.problems += shape_problems(shapes, expected)
     return rep
 
@@ -225,7 +268,8 @@ def _check_wav2vec2(layout: CheckpointLayout, model: str) -> ComponentReport:
 def _hf_weight_norm_name(name: str) -> str:
     # older transformers checkpoints store the positional conv's weight norm as weight_g / weight_v
     return name.replace(".weight_g", ".parametrizations.weight.original0").replace(
-        ".weight_v", ".parametrizations.weight.original1")
+        ".weight_v", ".parametrizations.weight.original1"
+    )
 
 
 _LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight")
@@ -261,14 +305,18 @@ def _check_lora(path: pathlib.Path, linear: dict[str, tuple[int, ...]]) -> Compo
         ranks.add(ra)
         if ia != in_f or ob != out_f or ra != rb:
             bad.append(f"{module}: A {list(ab['A'])}, B {list(ab['B'])} do not fit a [{out_f}, {in_f}] layer")
-    rep.found = (f"{len(pairs)} of {len(targets)} target layers, rank {'/'.join(map(str, sorted(ranks))) or '-'}"
-                 + (f", {len(other)} non-LoRA tensors (ignored)" if other else ""))
+    rep.found = f"{len(pairs)} of {len(targets)} target layers, rank {'/'.join(map(str, sorted(ranks))) or '-'}" + (
+        f", {len(other)} non-LoRA tensors (ignored)" if other else ""
+    )
     if not pairs:
-        rep.problems.append("no LoRA tensor matches a layer of the DiT (expected names like "
-                            "base_model.model.blocks.0.self_attn.q.lora_A.default.weight)")
+        rep.problems.append(
+            "no LoRA tensor matches a layer of the DiT (expected names like "
+            "base_model.model.blocks.0.self_attn.q.lora_A.default.weight)"
+        )
     if unknown:
-        rep.problems.append(f"{len(unknown)} LoRA tensor(s) for layers the DiT does not have: "
-                            + ", ".join(sorted(unknown)[:5]))
+        rep.problems.append(
+            f"{len(unknown)} LoRA tensor(s) for layers the DiT does not have: " + ", ".join(sorted(unknown)[:5])
+        )
     rep.problems += bad[:5] + ([f"... {len(bad) - 5} more"] if len(bad) > 5 else [])
     return rep
 
@@ -289,18 +337,21 @@ def _plain(v):
 
 # -- download ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Downloaded:
-    ckpt_dir: pathlib.Path          # pass as --ckpt_dir
+    ckpt_dir: pathlib.Path  # pass as --ckpt_dir
     lora_path: pathlib.Path | None  # pass as --lora_path
 
 
 def manual_commands(dest_dir: str | pathlib.Path) -> str:
     dest = pathlib.Path(dest_dir)
     includes = " ".join(f'--include "{p}"' for p in S2V_FILES)
-    return (f"  hf download {S2V_REPO} {includes} --local-dir {dest / S2V_FOLDER}\n"
-            f"  hf download {LORA_REPO} {LORA_FILE} --local-dir {dest / LORA_FOLDER}\n"
-            f"(`hf` comes with huggingface_hub >= 1.0, as pinned in requirements.txt)")
+    return (
+        f"  hf download {S2V_REPO} {includes} --local-dir {dest / S2V_FOLDER}\n"
+        f"  hf download {LORA_REPO} {LORA_FILE} --local-dir {dest / LORA_FOLDER}\n"
+        f"(`hf` comes with huggingface_hub >= 1.0, as pinned in requirements.txt)"
+    )
 
 
 def download_weights(dest_dir: str | pathlib.Path, lora: bool = True, timeout_s: float = 10.0) -> Downloaded:
@@ -314,25 +365,33 @@ def download_weights(dest_dir: str | pathlib.Path, lora: bool = True, timeout_s:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         snapshot_download(repo_id=S2V_REPO, local_dir=str(dest / S2V_FOLDER), allow_patterns=S2V_FILES)
-        lora_path = pathlib.Path(hf_hub_download(repo_id=LORA_REPO, filename=LORA_FILE,
-                                                 local_dir=str(dest / LORA_FOLDER))) if lora else None
+        lora_path = (
+            pathlib.Path(hf_hub_download(repo_id=LORA_REPO, filename=LORA_FILE, local_dir=str(dest / LORA_FOLDER)))
+            if lora
+            else None
+        )
     except Exception as e:  # network, auth, disk: huggingface_hub raises many types
-        raise WeightsError(f"download interrupted ({type(e).__name__}: {e}); run the same command again to resume, "
-                           f"or fetch by hand:\n{manual_commands(dest)}") from e
+        raise WeightsError(
+            f"download interrupted ({type(e).__name__}: {e}); run the same command again to resume, "
+            f"or fetch by hand:\n{manual_commands(dest)}"
+        ) from e
     return Downloaded(dest / S2V_FOLDER, lora_path)
 
 
 def _require_hub(dest: pathlib.Path, timeout_s: float) -> None:
     """Fails fast, with the manual commands, when the Hub cannot be reached."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise WeightsError(f"HF_HUB_OFFLINE is set, so nothing can be downloaded. On a machine with internet run:\n"
-                           f"{manual_commands(dest)}\nthen copy {dest} here.")
+        raise WeightsError(
+            f"HF_HUB_OFFLINE is set, so nothing can be downloaded. On a machine with internet run:\n"
+            f"{manual_commands(dest)}\nthen copy {dest} here."
+        )
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = urllib.parse.urlparse(endpoint)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
-        raise WeightsError(f"cannot reach {endpoint} ({e.strerror or e}); this machine looks offline. "
-                           f"On a machine with internet run:\n{manual_commands(dest)}\nthen copy {dest} here.") from e
-
+        raise WeightsError(
+            f"cannot reach {endpoint} ({e.strerror or e}); this machine looks offline. "
+            f"On a machine with internet run:\n{manual_commands(dest)}\nthen copy {dest} here."
+        ) from e

@@ -3,6 +3,7 @@ security and gRPC utilities, shared by every service. It imports no service, no 
 application code (tests/test_layers.py checks): those are installed beside it as
 `avatar.services.*`, `avatar.gateway` and `avatar.app` (pyproject.toml says which folder is which).
 """
+
 from importlib.metadata import PackageNotFoundError, version
 
 

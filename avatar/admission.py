@@ -8,6 +8,7 @@ fails with RESOURCE_EXHAUSTED, a message saying what is full, and trailing metad
 waiting, with DEADLINE_EXCEEDED.
 Nothing ever waits unbounded: the queue is bounded and every wait has the RPC's deadline.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,9 +45,9 @@ class QueueDeadline(DeadlineExceeded):
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    max_sessions: int = 4        # sessions running at once (a generator's GPU budget)
-    max_queue: int = 8           # sessions waiting for a slot; 0: refuse at once when full
-    max_per_client: int = 0      # running + waiting per client (token or peer); 0: no cap
+    max_sessions: int = 4  # sessions running at once (a generator's GPU budget)
+    max_queue: int = 8  # sessions waiting for a slot; 0: refuse at once when full
+    max_per_client: int = 0  # running + waiting per client (token or peer); 0: no cap
 
     def __post_init__(self):
         if self.max_sessions < 1:
@@ -102,18 +103,19 @@ class _Waiter:
 class Admission:
     """Session slots of one service (e.g. "generator"). Not thread-safe: use from one event loop."""
 
-    def __init__(self, config: AdmissionConfig = AdmissionConfig(), name: str = "generator",
-                 token_checked: bool = False):
+    def __init__(
+        self, config: AdmissionConfig = AdmissionConfig(), name: str = "generator", token_checked: bool = False
+    ):
         self.config = config
         self.name = name
-        self.token_checked = token_checked   # the listener verifies bearer tokens: they identify clients
+        self.token_checked = token_checked  # the listener verifies bearer tokens: they identify clients
         self._running: dict[str, int] = defaultdict(int)
-        self._last_grant: dict[str, int] = {}   # per client with work here: when it last got a slot
+        self._last_grant: dict[str, int] = {}  # per client with work here: when it last got a slot
         self._grants = itertools.count()
         self._waiting: list[_Waiter] = []
         self._active = 0
         self._seq = itertools.count()
-        self._mean_s: float | None = None   # moving average of session length
+        self._mean_s: float | None = None  # moving average of session length
         self._metrics = _metrics()
         self._publish()
 
@@ -162,22 +164,25 @@ class Admission:
         cfg = self.config
         mine = self._running[client] + sum(w.client == client for w in self._waiting)
         if cfg.max_per_client and mine >= cfg.max_per_client:
-            raise self._refuse(f"this client already has {mine} requests running or queued "
-                               f"(limit {cfg.max_per_client} per client)")
+            raise self._refuse(
+                f"this client already has {mine} requests running or queued (limit {cfg.max_per_client} per client)"
+            )
         if self._active < cfg.max_sessions and not self._waiting:
             self._take(client)
             return
         if len(self._waiting) >= cfg.max_queue:
-            raise self._refuse(f"{self._active} of {cfg.max_sessions} sessions running and "
-                               f"{len(self._waiting)} of {cfg.max_queue} queued")
+            raise self._refuse(
+                f"{self._active} of {cfg.max_sessions} sessions running and "
+                f"{len(self._waiting)} of {cfg.max_queue} queued"
+            )
         waiter = _Waiter(client, next(self._seq), asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
         self._publish()
         try:
             if timeout is not None and timeout <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        except (TimeoutError, asyncio.CancelledError) as e:
             if waiter.future.done() and not waiter.future.cancelled():
                 # the slot was handed over just as we gave up: pass it on
                 self._release(client, None)
@@ -193,8 +198,10 @@ class Admission:
                 self._metrics.rejected.labels(service=self.name).inc()
             # DEADLINE_EXCEEDED, not RESOURCE_EXHAUSTED: the client's own deadline fires at the
             # same moment, and its library reports DEADLINE_EXCEEDED whichever status wins.
-            raise QueueDeadline(f"{self.name} busy: no session slot freed before the deadline "
-                                f"({cfg.max_sessions} running, {len(self._waiting)} queued)") from None
+            raise QueueDeadline(
+                f"{self.name} busy: no session slot freed before the deadline "
+                f"({cfg.max_sessions} running, {len(self._waiting)} queued)"
+            ) from None
 
     def _take(self, client: str) -> None:
         self._active += 1
@@ -214,8 +221,9 @@ class Admission:
         if self._waiting and self._active < self.config.max_sessions:
             # fairness: fewest sessions running first, then the client served longest ago
             # (round robin between clients), then arrival order
-            nxt = min(self._waiting, key=lambda w: (self._running.get(w.client, 0),
-                                                    self._last_grant.get(w.client, -1), w.seq))
+            nxt = min(
+                self._waiting, key=lambda w: (self._running.get(w.client, 0), self._last_grant.get(w.client, -1), w.seq)
+            )
             self._waiting.remove(nxt)
             self._take(nxt.client)
             nxt.future.set_result(None)
@@ -239,7 +247,7 @@ class AdmitBeforeReading(grpc.aio.ServerInterceptor):
 
     def __init__(self, admission: Admission, methods: Iterable[str]):
         self.admission = admission
-        self.methods = frozenset(methods)   # full names, e.g. "/avatar.v1.AvatarService/Generate"
+        self.methods = frozenset(methods)  # full names, e.g. "/avatar.v1.AvatarService/Generate"
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -251,29 +259,30 @@ class AdmitBeforeReading(grpc.aio.ServerInterceptor):
             try:
                 async with admission.slot(context):
                     messages = aiter(requests)
-                    request = await anext(messages, None)   # the body is read only now
+                    request = await anext(messages, None)  # the body is read only now
                     # ... and the end of the client's stream: grpc completes a call whose
                     # receive side is still open only when the client goes away (the handler
                     # task, holding the request, would outlive the call)
                     if request is None or await anext(messages, None) is not None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call must carry one request")
-                    responses, request = respond(request, context), None   # no frame but its own holds it
+                    responses, request = respond(request, context), None  # no frame but its own holds it
                     async with contextlib.aclosing(responses):
                         async for response in responses:
                             yield response
-            except (errors.ResourceExhausted, DeadlineExceeded) as exc:   # outside the error interceptor
+            except (errors.ResourceExhausted, DeadlineExceeded) as exc:  # outside the error interceptor
                 code, details = status_of(exc)
                 log.info("%s: %s: %s", details_method, code.name, details)
                 await context.abort(code, details)
 
-        return grpc.stream_stream_rpc_method_handler(admitted, handler.request_deserializer,
-                                                     handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            admitted, handler.request_deserializer, handler.response_serializer
+        )
 
 
 def _metrics():
     try:
         from avatar import metrics
-    except ImportError:   # metrics are optional: admission works without prometheus_client
+    except ImportError:  # metrics are optional: admission works without prometheus_client
         return None
     return metrics.ADMISSION
 

@@ -6,6 +6,7 @@ the work's CancelFlag and the work stops at its next check: between VAE chunks, 
 transformer layers (forward pre-hooks, `check_between_layers`), between blocks. Engines import
 this module, never grpc.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -61,5 +62,6 @@ def check_between_layers(model: torch.nn.Module, depth: int = 2) -> int:
             count += 1
             if level < depth:
                 walk(child, level + 1)
+
     walk(model, 1)
     return count

@@ -3,6 +3,7 @@
 Headers are read without touching tensor data, so `avatar check-weights` can inspect a 33 GB
 checkpoint in milliseconds, and loads go shard by shard through mmap (never two copies in RAM).
 """
+
 import collections
 import dataclasses
 import json
@@ -14,9 +15,17 @@ import zipfile
 from avatar.errors import WeightsError
 
 SAFETENSORS_DTYPES = {
-    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn", "I64": "int64", "I32": "int32", "I16": "int16",
-    "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
@@ -55,14 +64,31 @@ def read_shard_index(index_path: str | pathlib.Path) -> dict[str, str]:
 # --- torch .pth files (Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth) ---------------------------
 
 _PTH_STORAGE_DTYPES = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
 
 
-_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1}
+_ITEMSIZE = {
+    "float32": 4,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 class _PthStorage:
@@ -98,7 +124,7 @@ class _PthHeaderUnpickler(pickle.Unpickler):
             return collections.OrderedDict
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
 
-    storages: dict[str, int]   # storage key -> bytes the file must hold for it
+    storages: dict[str, int]  # storage key -> bytes the file must hold for it
 
     def persistent_load(self, pid):
         # torch.save writes ("storage", storage type, key, location, numel) for every storage
@@ -126,8 +152,10 @@ def read_pth_header(path: str | pathlib.Path) -> dict[str, tuple[tuple[int, ...]
             prefix = pkl[0][: -len("data.pkl")]
             short = [k for k, n in unpickler.storages.items() if sizes.get(f"{prefix}data/{k}", -1) < n]
             if short:
-                raise WeightsError(f"{path}: tensor data missing or truncated for {len(short)} of "
-                                   f"{len(unpickler.storages)} storages (incomplete copy?)")
+                raise WeightsError(
+                    f"{path}: tensor data missing or truncated for {len(short)} of "
+                    f"{len(unpickler.storages)} storages (incomplete copy?)"
+                )
     except FileNotFoundError as e:
         raise WeightsError(f"{path}: missing") from e
     except OSError as e:
@@ -159,14 +187,22 @@ def load_pth(path: str | pathlib.Path) -> dict:
 
 def shape_problems(have: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> list[str]:
     """Missing keys, unexpected keys and wrong shapes between two name -> shape maps, worst first."""
+
     def few(items):
         return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
+
     missing = sorted(set(expected) - set(have))
     unexpected = sorted(set(have) - set(expected))
-    wrong = [f"{k} {list(have[k])} (expected {list(expected[k])})"
-             for k in sorted(set(have) & set(expected)) if tuple(have[k]) != tuple(expected[k])]
-    return [f"{what}: {few(items)}" for what, items in
-            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+    wrong = [
+        f"{k} {list(have[k])} (expected {list(expected[k])})"
+        for k in sorted(set(have) & set(expected))
+        if tuple(have[k]) != tuple(expected[k])
+    ]
+    return [
+        f"{what}: {few(items)}"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        if items
+    ]
 
 
 def check_state_dict(path, what: str, have: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
@@ -190,6 +226,7 @@ WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"
 @dataclasses.dataclass(frozen=True)
 class CheckpointLayout:
     """Where each component sits in a Wan2.2-S2V-14B folder (the layout of the HF repo)."""
+
     root: pathlib.Path
 
     @property
@@ -220,7 +257,9 @@ class CheckpointLayout:
 def resolve_ckpt_dir(ckpt_dir: str | pathlib.Path | None) -> CheckpointLayout:
     """--ckpt_dir may name the Wan2.2-S2V-14B folder itself or the folder above it (download-weights' DEST)."""
     if not ckpt_dir:
-        raise WeightsError("the s2v-14b model needs --ckpt_dir (a Wan2.2-S2V-14B folder; see `avatar download-weights`)")
+        raise WeightsError(
+            "the s2v-14b model needs --ckpt_dir (a Wan2.2-S2V-14B folder; see `avatar download-weights`)"
+        )
     root = pathlib.Path(ckpt_dir).expanduser()
     if not root.is_dir():
         raise WeightsError(f"{root}: checkpoint folder missing")

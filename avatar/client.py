@@ -16,6 +16,7 @@ audio that would push the request over PUBLIC_MAX_REQUEST_BYTES is re-encoded: m
 (lossless), or Opus at a speech-transparent bitrate when FLAC is still too large.
 Errors are GenerateError (InvalidRequest for input the gateway or this client refuses).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,9 +46,9 @@ from avatar.presets import OUTPUT_AUDIO_RATE
 from avatar.security import channel_credentials, plaintext_token_warning
 from avatar.v1 import avatar_pb2, avatar_pb2_grpc
 
-OPUS_BITRATE = 64_000      # bit/s, mono: transparent for speech (Opus is near-transparent for music at 96k)
-MAX_INPUT_FILE_BYTES = 1 << 30   # a file read into memory for one request; larger is not a portrait or speech
-_PROTO_SLACK = 64          # bytes of tags and length prefixes around the audio field
+OPUS_BITRATE = 64_000  # bit/s, mono: transparent for speech (Opus is near-transparent for music at 96k)
+MAX_INPUT_FILE_BYTES = 1 << 30  # a file read into memory for one request; larger is not a portrait or speech
+_PROTO_SLACK = 64  # bytes of tags and length prefixes around the audio field
 
 
 class GenerateError(Exception):
@@ -70,6 +71,7 @@ class InvalidRequest(GenerateError):
 class RetryPolicy:
     """Retries of a call that failed before its first fragment: UNAVAILABLE after 1, 2, 4 ... s,
     RESOURCE_EXHAUSTED when the gateway says when (`retry-after-ms`); never past the deadline."""
+
     retries: int = 3
     backoff_s: float = 1.0
     max_wait_s: float = 60.0
@@ -89,14 +91,16 @@ class RetryPolicy:
 
 # --- requests that fit -----------------------------------------------------------------------
 
+
 def read_input(path: str | os.PathLike, what: str) -> bytes:
     """The bytes of an input file, or InvalidRequest saying why they cannot be read."""
     path = Path(path)
     try:
         size = path.stat().st_size
         if size > MAX_INPUT_FILE_BYTES:
-            raise InvalidRequest(f"the {what} {path} is {size / 2**20:.0f} MiB; files up to "
-                                 f"{MAX_INPUT_FILE_BYTES >> 20} MiB are read")
+            raise InvalidRequest(
+                f"the {what} {path} is {size / 2**20:.0f} MiB; files up to {MAX_INPUT_FILE_BYTES >> 20} MiB are read"
+            )
         return path.read_bytes()
     except OSError as exc:
         raise InvalidRequest(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
@@ -110,8 +114,9 @@ def _encode_mono(samples: np.ndarray, rate: int, container: str, codec: str, bit
             stream.bit_rate = bit_rate
         step = 1 << 16
         for start in range(0, len(samples), step):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, start:start + step]),
-                                               format="flt", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(samples[None, start : start + step]), format="flt", layout="mono"
+            )
             frame.sample_rate = rate
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
@@ -122,8 +127,12 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def fit_request(request: avatar_pb2.GenerateRequest, *, max_bytes: int = PUBLIC_MAX_REQUEST_BYTES,
-                max_audio_s: float | None = media.MAX_AUDIO_S) -> tuple[avatar_pb2.GenerateRequest, str | None]:
+def fit_request(
+    request: avatar_pb2.GenerateRequest,
+    *,
+    max_bytes: int = PUBLIC_MAX_REQUEST_BYTES,
+    max_audio_s: float | None = media.MAX_AUDIO_S,
+) -> tuple[avatar_pb2.GenerateRequest, str | None]:
     """The request as it will be sent, and a note when its audio had to be re-encoded to fit.
 
     Decodes the audio with the gateway's checks (InvalidRequest for bad or too long audio, so
@@ -139,23 +148,32 @@ def fit_request(request: avatar_pb2.GenerateRequest, *, max_bytes: int = PUBLIC_
         return request, None
     budget = max_bytes - (total - len(request.audio)) - _PROTO_SLACK
     if budget <= 0:
-        raise InvalidRequest(f"the request is {_mib(total)} and the limit is {_mib(max_bytes)}, but the "
-                             f"portrait alone is {_mib(len(request.image))}: send a smaller image")
+        raise InvalidRequest(
+            f"the request is {_mib(total)} and the limit is {_mib(max_bytes)}, but the "
+            f"portrait alone is {_mib(len(request.image))}: send a smaller image"
+        )
     rate = min(audio.sample_rate, OUTPUT_AUDIO_RATE)
     samples = media.resample(audio.samples, audio.sample_rate, rate)
     was = f"{_mib(len(request.audio))} of audio ({audio.duration_s:.1f} s)"
     encoded = _encode_mono(samples, rate, "flac", "flac")
-    note = (f"{was} would not fit the {_mib(max_bytes)} request limit: sent as mono FLAC at {rate} Hz "
-            f"({_mib(len(encoded))}, lossless for the video's sound)")
+    note = (
+        f"{was} would not fit the {_mib(max_bytes)} request limit: sent as mono FLAC at {rate} Hz "
+        f"({_mib(len(encoded))}, lossless for the video's sound)"
+    )
     if len(encoded) > budget:
         # libopus takes 48 kHz (or 8/12/16/24); the video's sound is 48 kHz anyway
-        encoded = _encode_mono(media.resample(audio.samples, audio.sample_rate, 48_000), 48_000, "ogg",
-                               "libopus", OPUS_BITRATE)
-        note = (f"{was} would not fit the {_mib(max_bytes)} request limit, nor as lossless FLAC: sent as "
-                f"Opus {OPUS_BITRATE // 1000} kbit/s mono ({_mib(len(encoded))}; transparent for speech)")
+        encoded = _encode_mono(
+            media.resample(audio.samples, audio.sample_rate, 48_000), 48_000, "ogg", "libopus", OPUS_BITRATE
+        )
+        note = (
+            f"{was} would not fit the {_mib(max_bytes)} request limit, nor as lossless FLAC: sent as "
+            f"Opus {OPUS_BITRATE // 1000} kbit/s mono ({_mib(len(encoded))}; transparent for speech)"
+        )
     if len(encoded) > budget:
-        raise InvalidRequest(f"the audio does not fit the {_mib(max_bytes)} request limit even as Opus "
-                             f"({_mib(len(encoded))}): send a smaller image or shorter audio")
+        raise InvalidRequest(
+            f"the audio does not fit the {_mib(max_bytes)} request limit even as Opus "
+            f"({_mib(len(encoded))}): send a smaller image or shorter audio"
+        )
     fitted = avatar_pb2.GenerateRequest()
     fitted.CopyFrom(request)
     fitted.audio = encoded
@@ -164,13 +182,20 @@ def fit_request(request: avatar_pb2.GenerateRequest, *, max_bytes: int = PUBLIC_
 
 # --- the call --------------------------------------------------------------------------------
 
+
 class GenerateCall:
     """One Generate call: iterate it (once) for the gateway's messages. After iteration,
     `request` is what was sent, `audio_note` says whether its audio was re-encoded, and
     `attempts` counts the calls made."""
 
-    def __init__(self, client: AvatarClient, request: avatar_pb2.GenerateRequest, timeout_s: float | None,
-                 span_name: str, on_retry: Callable[[GenerateError, float], None] | None = None):
+    def __init__(
+        self,
+        client: AvatarClient,
+        request: avatar_pb2.GenerateRequest,
+        timeout_s: float | None,
+        span_name: str,
+        on_retry: Callable[[GenerateError, float], None] | None = None,
+    ):
         self.request, self.audio_note, self.attempts = request, None, 0
         self._client, self._timeout_s, self._span_name, self._on_retry = client, timeout_s, span_name, on_retry
 
@@ -182,22 +207,25 @@ class GenerateCall:
             return None
         left = deadline - time.monotonic()
         if left <= 0:
-            raise GenerateError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call could "
-                                "be made", self.attempts)
+            raise GenerateError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call could be made", self.attempts
+            )
         return left
 
     async def _events(self):
         client = self._client
         deadline = time.monotonic() + self._timeout_s if self._timeout_s is not None else None
         self.request, self.audio_note = await asyncio.to_thread(
-            fit_request, self.request, max_bytes=client.max_request_bytes, max_audio_s=client.max_audio_s)
+            fit_request, self.request, max_bytes=client.max_request_bytes, max_audio_s=client.max_audio_s
+        )
         span = telemetry.tracer().start_span(self._span_name, kind=SpanKind.CLIENT)
         try:
             while True:
                 self.attempts += 1
-                held: list[avatar_pb2.GenerateResponse] = []   # header, init segment: until a fragment
-                call = client.stub.Generate(self.request, timeout=self._remaining(deadline),
-                                            metadata=telemetry.outgoing_metadata(span))
+                held: list[avatar_pb2.GenerateResponse] = []  # header, init segment: until a fragment
+                call = client.stub.Generate(
+                    self.request, timeout=self._remaining(deadline), metadata=telemetry.outgoing_metadata(span)
+                )
                 try:
                     async for msg in call:
                         kind = msg.WhichOneof("event")
@@ -220,9 +248,8 @@ class GenerateCall:
                         continue
                     raise _error(exc, self.attempts) from None
                 finally:
-                    call.cancel()   # a consumer that stops early ends the gateway's job too
-                raise GenerateError(grpc.StatusCode.DATA_LOSS, "the stream ended without a final status",
-                                    self.attempts)
+                    call.cancel()  # a consumer that stops early ends the gateway's job too
+                raise GenerateError(grpc.StatusCode.DATA_LOSS, "the stream ended without a final status", self.attempts)
         finally:
             span.end()
 
@@ -236,6 +263,7 @@ def _error(exc: grpc.aio.AioRpcError, attempts: int) -> GenerateError:
 @dataclasses.dataclass
 class SavedVideo:
     """A finished video on disk and what the gateway said about it; `sidecar()` is OUT.json."""
+
     path: Path
     header: avatar_pb2.StreamHeader
     status: avatar_pb2.FinalStatus
@@ -254,23 +282,36 @@ class SavedVideo:
         (a caller's parameters, profile, model details) is merged over it."""
         h, s = self.header, self.status
         data = {
-            "status": "done", "output": str(self.path), "server": self.server,
-            "request_id": h.request_id, "trace_id": s.trace_id, "seed": h.job.seed,
+            "status": "done",
+            "output": str(self.path),
+            "server": self.server,
+            "request_id": h.request_id,
+            "trace_id": s.trace_id,
+            "seed": h.job.seed,
             "model": {"name": h.job.model, "description": h.model},
             "job": MessageToDict(h.job, preserving_proto_field_name=True),
-            "width": h.width, "height": h.height, "fps": h.fps, "duration_s": h.duration_s,
-            "audio_duration_s": s.audio_duration_s, "truncation": s.truncation,
-            "blocks": s.blocks, "frames": s.frames,
+            "width": h.width,
+            "height": h.height,
+            "fps": h.fps,
+            "duration_s": h.duration_s,
+            "audio_duration_s": s.audio_duration_s,
+            "truncation": s.truncation,
+            "blocks": s.blocks,
+            "frames": s.frames,
             "timings_ms": {t.stage: {"ms": t.ms, "count": t.count} for t in s.timings},
             "time_to_first_fragment_s": s.time_to_first_fragment_s,
             "client_time_to_first_fragment_s": self.client_time_to_first_fragment_s,
-            "server_total_s": s.total_s, "total_s": self.total_s, "attempts": self.attempts,
+            "server_total_s": s.total_s,
+            "total_s": self.total_s,
+            "attempts": self.attempts,
             "audio_note": self.audio_note,
             "video": {"file": self.path.name, "bytes": self.bytes, "sha256": self.sha256},
-            "started": self.started, "finished": self.finished,
+            "started": self.started,
+            "finished": self.finished,
         }
         if h.HasField("clip_embedding"):
-            from avatar import wire   # torch: only for a request that asked for the embedding
+            from avatar import wire  # torch: only for a request that asked for the embedding
+
             data["clip_embedding"] = wire.from_proto(h.clip_embedding).tolist()
         for key, value in extra.items():
             data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
@@ -278,6 +319,7 @@ class SavedVideo:
 
 
 # --- part files ------------------------------------------------------------------------------
+
 
 def part_prefix(out: Path) -> str:
     """Temp files of `out` are '.NAME.PID.RANDOM.part' beside it: a later run knows whose they are."""
@@ -287,11 +329,11 @@ def part_prefix(out: Path) -> str:
 def remove_stale_parts(out: Path) -> list[Path]:
     """Removes temp files of `out` whose process no longer runs (killed by SIGKILL, power loss)."""
     removed = []
-    pattern = "." + re.sub(r"([*?[])", r"[\1]", out.name) + ".*.part"   # the name taken literally
+    pattern = "." + re.sub(r"([*?[])", r"[\1]", out.name) + ".*.part"  # the name taken literally
     for part in out.parent.glob(pattern):
-        pid, _, _ = part.name[len(out.name) + 2:-len(".part")].rpartition(".")
+        pid, _, _ = part.name[len(out.name) + 2 : -len(".part")].rpartition(".")
         if pid and not re.fullmatch(r"[0-9]+", pid):
-            continue   # a temp file of another output whose name starts like this one
+            continue  # a temp file of another output whose name starts like this one
         if pid and _alive(int(pid)):
             continue
         unlink_quietly(part)
@@ -306,16 +348,17 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:   # someone else's process
+    except PermissionError:  # someone else's process
         return True
     return True
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 # --- the client ------------------------------------------------------------------------------
+
 
 class AvatarClient:
     """A channel to one gateway with its credentials and retry policy; use as `async with`.
@@ -324,12 +367,21 @@ class AvatarClient:
     token is sent as ``authorization: Bearer``. max_audio_s: longest audio sent (the gateway's
     default limit; None leaves it to the gateway)."""
 
-    def __init__(self, address: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, token: str | None = None, retry: RetryPolicy = RetryPolicy(),
-                 max_audio_s: float | None = media.MAX_AUDIO_S, max_request_bytes: int = PUBLIC_MAX_REQUEST_BYTES):
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        token: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        max_audio_s: float | None = media.MAX_AUDIO_S,
+        max_request_bytes: int = PUBLIC_MAX_REQUEST_BYTES,
+    ):
         self.address, self.retry = address, retry
         self.max_audio_s, self.max_request_bytes = max_audio_s, max_request_bytes
-        credentials = channel_credentials(tls_ca, tls_cert, tls_key)   # ValueError names a bad PEM file
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key)  # ValueError names a bad PEM file
         self.warning = plaintext_token_warning(address, credentials, token)
         self._channel = create_channel(address, credentials, token)
         self.stub = avatar_pb2_grpc.AvatarServiceStub(self._channel)
@@ -343,19 +395,31 @@ class AvatarClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    def generate(self, request: avatar_pb2.GenerateRequest, *, timeout_s: float | None = None,
-                 span_name: str = "avatar.client generate",
-                 on_retry: Callable[[GenerateError, float], None] | None = None) -> GenerateCall:
+    def generate(
+        self,
+        request: avatar_pb2.GenerateRequest,
+        *,
+        timeout_s: float | None = None,
+        span_name: str = "avatar.client generate",
+        on_retry: Callable[[GenerateError, float], None] | None = None,
+    ) -> GenerateCall:
         """The call's messages, as `async for event in client.generate(...)`. timeout_s is the
         deadline of the whole call, retries and waits included; on_retry(error, wait_s) hears
         of each retry."""
         return GenerateCall(self, request, timeout_s, span_name, on_retry)
 
-    async def generate_to_file(self, request: avatar_pb2.GenerateRequest, out: str | os.PathLike, *,
-                               timeout_s: float | None = None, sidecar: dict | None = None,
-                               on_event: Callable[[avatar_pb2.GenerateResponse], None] | None = None,
-                               on_retry: Callable[[GenerateError, float], None] | None = None,
-                               span_name: str = "avatar.client generate", server: str | None = None) -> SavedVideo:
+    async def generate_to_file(
+        self,
+        request: avatar_pb2.GenerateRequest,
+        out: str | os.PathLike,
+        *,
+        timeout_s: float | None = None,
+        sidecar: dict | None = None,
+        on_event: Callable[[avatar_pb2.GenerateResponse], None] | None = None,
+        on_retry: Callable[[GenerateError, float], None] | None = None,
+        span_name: str = "avatar.client generate",
+        server: str | None = None,
+    ) -> SavedVideo:
         """Streams the video into a temp file beside `out` (it plays while it grows), renames it
         to `out` when complete and writes OUT.json (SavedVideo.sidecar() merged with `sidecar`).
         On any failure or cancellation the temp file is removed and `out` is untouched; temp
@@ -379,7 +443,7 @@ class AvatarClient:
                         f.write(msg.init_segment.data)
                     elif kind == "fragment":
                         f.write(msg.fragment.data)
-                        f.flush()   # appended as it arrives: the temp file plays while it grows
+                        f.flush()  # appended as it arrives: the temp file plays while it grows
                         fragments += 1
                         if first_fragment_s is None:
                             first_fragment_s = time.perf_counter() - t0
@@ -388,19 +452,32 @@ class AvatarClient:
                     if on_event is not None:
                         on_event(msg)
                 if header is None or fragments != header.expected_fragments:
-                    raise GenerateError(grpc.StatusCode.DATA_LOSS, f"got {fragments} of "
-                                        f"{header.expected_fragments if header else '?'} fragments", call.attempts)
+                    raise GenerateError(
+                        grpc.StatusCode.DATA_LOSS,
+                        f"got {fragments} of {header.expected_fragments if header else '?'} fragments",
+                        call.attempts,
+                    )
                 os.fsync(f.fileno())
-            os.chmod(part, 0o644)   # mkstemp makes it private; the video is an ordinary output file
+            os.chmod(part, 0o644)  # mkstemp makes it private; the video is an ordinary output file
             os.replace(part, out)
         except BaseException:
             unlink_quietly(part)
             raise
         size, digest = out.stat().st_size, sha256_file(out)
-        saved = SavedVideo(path=out, header=header, status=status, bytes=size, sha256=digest,
-                           attempts=call.attempts, audio_note=call.audio_note, server=server or self.address,
-                           client_time_to_first_fragment_s=first_fragment_s, total_s=time.perf_counter() - t0,
-                           started=started, finished=_now())
+        saved = SavedVideo(
+            path=out,
+            header=header,
+            status=status,
+            bytes=size,
+            sha256=digest,
+            attempts=call.attempts,
+            audio_note=call.audio_note,
+            server=server or self.address,
+            client_time_to_first_fragment_s=first_fragment_s,
+            total_s=time.perf_counter() - t0,
+            started=started,
+            finished=_now(),
+        )
         write_json_atomic(out.with_suffix(".json"), saved.sidecar(**(sidecar or {})))
         return saved
 
@@ -413,11 +490,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def generate_to_file(address: str, request: avatar_pb2.GenerateRequest, out: str | os.PathLike, *,
-                     timeout_s: float | None = None, sidecar: dict | None = None, **client_options) -> SavedVideo:
+def generate_to_file(
+    address: str,
+    request: avatar_pb2.GenerateRequest,
+    out: str | os.PathLike,
+    *,
+    timeout_s: float | None = None,
+    sidecar: dict | None = None,
+    **client_options,
+) -> SavedVideo:
     """Synchronous AvatarClient(address, **client_options).generate_to_file(...), for scripts
     (not from inside a running event loop)."""
+
     async def run() -> SavedVideo:
         async with AvatarClient(address, **client_options) as client:
             return await client.generate_to_file(request, out, timeout_s=timeout_s, sidecar=sidecar)
+
     return asyncio.run(run())

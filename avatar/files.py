@@ -1,4 +1,5 @@
 """Output files written atomically: a temp file beside the target, renamed into place when whole."""
+
 import json
 import os
 import tempfile
@@ -22,7 +23,7 @@ def write_json_atomic(path: Path, data) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; this is an ordinary output file
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary output file
         os.replace(tmp, path)
     except BaseException:
         unlink_quietly(tmp)

@@ -1,4 +1,5 @@
 """gRPC plumbing shared by every service: servers, channels, error mapping, health, reflection."""
+
 import asyncio
 import contextlib
 import contextvars
@@ -7,7 +8,8 @@ import functools
 import logging
 import re
 import socket
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -65,7 +67,7 @@ class PeerError(errors.AvatarError):
         self.service, self.error = service, error
         super().__init__(f"{service}: {error.code().name}")
 
-    def trailing_metadata(self):   # a busy peer's retry-after-ms reaches the client
+    def trailing_metadata(self):  # a busy peer's retry-after-ms reaches the client
         return self.error.trailing_metadata()
 
     def status(self) -> tuple[grpc.StatusCode, str]:
@@ -74,9 +76,12 @@ class PeerError(errors.AvatarError):
             return code, f"{self.service} unavailable; retry later"
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return code, f"{self.service}: {code.name.lower().replace('_', ' ')}"
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    grpc.StatusCode.FAILED_PRECONDITION):
-            return code, _without_addresses(details)   # our own services' reasons: keep them
+        if code in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ):
+            return code, _without_addresses(details)  # our own services' reasons: keep them
         return code, f"{self.service} failed ({code.name})"
 
 
@@ -106,6 +111,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 class _Malformed:
     """Stands in for a request that did not parse, so the handler (inside the metrics and error
     wrappers) reports it: grpc itself would answer UNKNOWN with a class name and log a traceback."""
+
     __slots__ = ("reason",)
 
     def __init__(self, reason: str):
@@ -121,6 +127,7 @@ def _safe_deserializer(deserialize: Callable | None) -> Callable | None:
             return deserialize(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, some builds others
             return _Malformed(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+
     return parse
 
 
@@ -159,15 +166,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         parse = _safe_deserializer(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, span_name), parse, handler.response_serializer)
+                _wrap_unary(handler.unary_unary, span_name), parse, handler.response_serializer
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, span_name), parse, handler.response_serializer)
+                _wrap_stream(handler.unary_stream, span_name), parse, handler.response_serializer
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, span_name, streaming=True), parse, handler.response_serializer)
+                _wrap_unary(handler.stream_unary, span_name, streaming=True), parse, handler.response_serializer
+            )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, span_name, streaming=True), parse, handler.response_serializer)
+            _wrap_stream(handler.stream_stream, span_name, streaming=True), parse, handler.response_serializer
+        )
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
@@ -178,7 +189,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         log.info("%s: %s: %s", method, code.name, details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         from avatar.admission import retry_hint_metadata
-        hint = retry_hint_metadata(exc)   # a busy peer's retry-after-ms reaches the client
+
+        hint = retry_hint_metadata(exc)  # a busy peer's retry-after-ms reaches the client
         if hint:
             context.set_trailing_metadata(hint)
     # The traceback holds the failed call's frames and through them its request (up to 32 MiB)
@@ -204,8 +216,9 @@ def _wrap_unary(behavior, method: str, streaming: bool = False):
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
-                request = None   # grpc keeps its AbortError in a cycle with this frame: not the request
+                request = None  # grpc keeps its AbortError in a cycle with this frame: not the request
                 await _abort(context, exc, method)
+
     return wrapper
 
 
@@ -223,27 +236,36 @@ def _wrap_stream(behavior, method: str, streaming: bool = False):
             except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001
-                request = None   # as in _wrap_unary
+                request = None  # as in _wrap_unary
                 await _abort(context, exc, method)
+
     return wrapper
 
 
-def create_server(listen: str, credentials: grpc.ServerCredentials | None = None,
-                  interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
-                  max_request_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+def create_server(
+    listen: str,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    max_request_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[grpc.aio.Server, int]:
     """An aio server bound to `listen` (HOST:PORT; port 0 picks one) with the given interceptors
     (metrics, auth: avatar.security) before the error interceptor, TLS when `credentials` is
     given, requests up to `max_request_bytes` (PUBLIC_MAX_REQUEST_BYTES on the public port), and
     the port it got. A port another process listens on is an OSError naming it."""
     _check_port_free(listen)
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", max_request_bytes)]
-    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()],
-                             options=options + SERVER_KEEPALIVE_OPTIONS + NO_REUSEPORT_OPTIONS)
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_request_bytes),
+    ]
+    server = grpc.aio.server(
+        interceptors=[*interceptors, ErrorInterceptor()],
+        options=options + SERVER_KEEPALIVE_OPTIONS + NO_REUSEPORT_OPTIONS,
+    )
     try:
-        port = (server.add_secure_port(listen, credentials) if credentials is not None
-                else server.add_insecure_port(listen))
-    except RuntimeError:   # grpc >= 1.5x raises instead of returning 0
+        port = (
+            server.add_secure_port(listen, credentials) if credentials is not None else server.add_insecure_port(listen)
+        )
+    except RuntimeError:  # grpc >= 1.5x raises instead of returning 0
         port = 0
     if port == 0:
         raise OSError(f"cannot listen on {listen} (address in use or not local?)")
@@ -263,40 +285,42 @@ def _check_port_free(listen: str) -> None:
         return
     for family, kind, proto, _, addr in infos[:1]:
         with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as grpc: TIME_WAIT is no conflict
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc: TIME_WAIT is no conflict
             try:
                 probe.bind(addr)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise OSError(f"port {port} is already in use ({listen}): is another avatar serve "
-                                  f"running there?") from None
+                    raise OSError(
+                        f"port {port} is already in use ({listen}): is another avatar serve running there?"
+                    ) from None
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
     """Registers grpc.health.v1 and server reflection; returns the health servicer (NOT_SERVING)."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                   reflection.SERVICE_NAME]
+    names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     return health_servicer
 
 
-async def set_serving(health_servicer, service_names: Iterable[str], serving: bool = True,
-                      whole_server: bool = True) -> None:
+async def set_serving(
+    health_servicer, service_names: Iterable[str], serving: bool = True, whole_server: bool = True
+) -> None:
     """Sets the named services (and "" = the whole server, what grpcurl/k8s probe by default,
     unless whole_server is False) to SERVING or NOT_SERVING."""
-    status = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in [""] * whole_server + list(service_names):
         await health_servicer.set(name, status)
 
 
-def create_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
-                   token: str | None = None) -> grpc.aio.Channel:
+def create_channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None, token: str | None = None
+) -> grpc.aio.Channel:
     """An aio channel to a mesh peer with the same raised message limits; TLS when `credentials`
     is given, and `token` sent as ``authorization: Bearer`` on every call when given."""
     from avatar.security import aio_channel
+
     return aio_channel(address, credentials, token, MESSAGE_OPTIONS + CHANNEL_KEEPALIVE_OPTIONS)
 
 

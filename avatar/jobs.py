@@ -1,4 +1,5 @@
 """Job: what engines are asked to make, as a plain frozen dataclass built from the wire's JobSpec at the server edge."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -12,17 +13,18 @@ class Job:
     Engines validate what they use: a Job is data, a bad one is refused there with the reason.
     A field the wire leaves unset is 0 here too (from_proto); the generator needs infer_frames and
     sample_steps, the decoder neither."""
-    width: int                    # pixels, e.g. 704
-    height: int                   # pixels, e.g. 384
-    infer_frames: int = 0         # video frames per clip (the KV ring), e.g. 48
-    sample_steps: int = 0         # Euler steps per block, e.g. 4
-    num_blocks: int = 0           # blocks in the video, e.g. 11; 0: the decoder takes blocks until the stream ends
+
+    width: int  # pixels, e.g. 704
+    height: int  # pixels, e.g. 384
+    infer_frames: int = 0  # video frames per clip (the KV ring), e.g. 48
+    sample_steps: int = 0  # Euler steps per block, e.g. 4
+    num_blocks: int = 0  # blocks in the video, e.g. 11; 0: the decoder takes blocks until the stream ends
     seed: int = 0
     fps: int = FPS
     latent_frames_per_block: int = LATENT_FRAMES_PER_BLOCK
-    total_frames: int = 0         # video frames of the final video (the audio's length); 0: whole blocks
-    model: str = ""               # model preset, e.g. "tiny"
-    audio_sample_rate: int = 0    # Hz of the muxed audio, e.g. 48000
+    total_frames: int = 0  # video frames of the final video (the audio's length); 0: whole blocks
+    model: str = ""  # model preset, e.g. "tiny"
+    audio_sample_rate: int = 0  # Hz of the muxed audio, e.g. 48000
     request_id: str = ""
 
     @classmethod
@@ -32,6 +34,7 @@ class Job:
 
     def to_proto(self):
         from avatar.v1 import tensor_pb2
+
         return tensor_pb2.JobSpec(**asdict(self))
 
     @property

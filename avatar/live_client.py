@@ -6,6 +6,7 @@ of ConverseResponse: header (with the init segment), fragments, utterance and id
 The semantics follow LiveKit Agents' avatar contract: push_audio = a chunk, flush = END_OF_UTTERANCE,
 clear_buffer = INTERRUPT (answered by UtteranceFinished with the playback position, interrupted).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,9 @@ async def _requests(header: avatar_pb2.ConverseHeader, audio: AsyncIterable, cal
     yield END_OF_STREAM
 
 
-def converse(channel, header: avatar_pb2.ConverseHeader, audio: AsyncIterable, *,
-             timeout: float | None = None, metadata=None) -> AsyncIterator[avatar_pb2.ConverseResponse]:
+def converse(
+    channel, header: avatar_pb2.ConverseHeader, audio: AsyncIterable, *, timeout: float | None = None, metadata=None
+) -> AsyncIterator[avatar_pb2.ConverseResponse]:
     """Opens AvatarService/Converse on a grpc.aio channel; iterate the result for the responses.
     Cancel it (`.cancel()`) to leave: the server frees the session within one block."""
     stub = avatar_pb2_grpc.AvatarServiceStub(channel)
@@ -55,8 +57,9 @@ def pcm16(samples: np.ndarray) -> bytes:
     return (np.clip(np.asarray(samples, np.float32), -1, 1) * 32767).round().astype("<i2").tobytes()
 
 
-async def paced_chunks(pcm: bytes, rate: int, chunk_ms: float | Iterable[float], realtime: bool = True,
-                       start: float | None = None) -> AsyncIterator[bytes]:
+async def paced_chunks(
+    pcm: bytes, rate: int, chunk_ms: float | Iterable[float], realtime: bool = True, start: float | None = None
+) -> AsyncIterator[bytes]:
     """Cuts s16le bytes into chunks of chunk_ms (a number, or sizes to cycle through) and yields
     each when a live source would have it: at real-time pace from `start` (time.monotonic()),
     or as fast as the receiver takes them when realtime is False."""
@@ -65,10 +68,10 @@ async def paced_chunks(pcm: bytes, rate: int, chunk_ms: float | Iterable[float],
     at, i = 0, 0
     while at < len(pcm):
         n = max(1, round(sizes[i % len(sizes)] * rate / 1000)) * 2
-        piece = pcm[at:at + n]
+        piece = pcm[at : at + n]
         at += len(piece)
         i += 1
-        if realtime:   # a chunk exists once its last sample has been "spoken"
+        if realtime:  # a chunk exists once its last sample has been "spoken"
             delay = start + at / 2 / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)

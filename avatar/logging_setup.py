@@ -4,6 +4,7 @@
 for a terminal. Every record carries trace_id/span_id of the current OpenTelemetry span, so
 a log line leads to its trace in Jaeger and back.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -16,8 +17,10 @@ import sys
 LOG_FORMAT_ENV = "AVATAR_LOG_FORMAT"
 _SECRET_ENVS = ("AVATAR_AUTH_TOKEN", "AVATAR_INTERNAL_TOKEN")
 # "authorization: Bearer abc", "Bearer abc", "token=abc", "--auth-token abc"
-_PATTERNS = [re.compile(r"(?i)(bearer\s+)[^\s'\",;]+"),
-             re.compile(r"(?i)((?:auth|internal)[-_]token[\"']?\s*[=: ]\s*[\"']?)[^\s'\",;]+")]
+_PATTERNS = [
+    re.compile(r"(?i)(bearer\s+)[^\s'\",;]+"),
+    re.compile(r"(?i)((?:auth|internal)[-_]token[\"']?\s*[=: ]\s*[\"']?)[^\s'\",;]+"),
+]
 _REDACTED = "[REDACTED]"
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -68,16 +71,21 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         trace_id, span_id = _trace_ids()
-        out = {"ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name,
-               "message": redact(record.getMessage(), self.secrets)}
+        out = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage(), self.secrets),
+        }
         if self.service:
             out["service"] = self.service
         if trace_id:
             out["trace_id"], out["span_id"] = trace_id, span_id
-        for key, value in vars(record).items():   # fields passed with extra={...}
+        for key, value in vars(record).items():  # fields passed with extra={...}
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, (int, float, bool, type(None))) else redact(str(value), self.secrets)
+                out[key] = (
+                    value if isinstance(value, (int, float, bool, type(None))) else redact(str(value), self.secrets)
+                )
         if record.exc_info:
             out["exc"] = redact(self.formatException(record.exc_info), self.secrets)
         return json.dumps(out, ensure_ascii=False)
@@ -94,8 +102,13 @@ class TextFormatter(logging.Formatter):
         return redact(f"{line} trace_id={trace_id}" if trace_id else line, self.secrets)
 
 
-def setup_logging(service: str | None = None, level: str | int = None, fmt: str | None = None,
-                  stream=None, secrets: tuple[str, ...] = ()) -> logging.Handler:
+def setup_logging(
+    service: str | None = None,
+    level: str | int = None,
+    fmt: str | None = None,
+    stream=None,
+    secrets: tuple[str, ...] = (),
+) -> logging.Handler:
     """Installs one handler on the root logger (replacing handlers set up earlier by us).
     fmt: "json" or "text" (default: $AVATAR_LOG_FORMAT, else json when stderr is not a tty)."""
     fmt = fmt or os.environ.get(LOG_FORMAT_ENV) or ("text" if sys.stderr.isatty() else "json")

@@ -1,4 +1,9 @@
-"""Memory planner: from the GPU's free memory and a request, choose FP8 or bf16 weights, where the encoders live and how the KV cache is kept, before the job starts; refuse with the numbers instead of running into CUDA out-of-memory."""
+"""Memory planner: FP8 or bf16 weights, where the encoders live and how the KV cache is kept.
+
+From the GPU's free memory and a request, chosen before the job starts; a job that cannot fit is
+refused with the numbers instead of running into CUDA out-of-memory.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -8,33 +13,34 @@ from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, MODEL_DIMS, VAE_TIME_STRIDE
 
 GB = 1e9
-GiB = 2 ** 30
+GiB = 2**30
 
 # Parameter counts of the real checkpoints (tests/data/keys, ../shared/refs/keys/README.md).
 DIT_PARAMS = 16_295_755_609
-DIT_FP8_PARAMS = 15_938_355_200     # the linear weights of the 40 blocks and 12 audio injectors
-T5_PARAMS = 5_680_910_336           # umT5-XXL encoder
-WAV2VEC2_PARAMS = 317_000_000       # wav2vec2-large-xlsr-53 (without the CTC head)
+DIT_FP8_PARAMS = 15_938_355_200  # the linear weights of the 40 blocks and 12 audio injectors
+T5_PARAMS = 5_680_910_336  # umT5-XXL encoder
+WAV2VEC2_PARAMS = 317_000_000  # wav2vec2-large-xlsr-53 (without the CTC head)
 VAE_PARAMS = 126_892_531
 
-DIT = DIT_CONFIGS["s2v-14b"]        # the model the planner plans for: every dim below comes from it
+DIT = DIT_CONFIGS["s2v-14b"]  # the model the planner plans for: every dim below comes from it
 VAE_SPACE_STRIDE = MODEL_DIMS["s2v-14b"].vae_stride[1]
 VAE_DECODE_BYTES_PER_PIXEL = 11_700
 WORKSPACE_BYTES = 0.7 * GB
-CONTEXT_BYTES = 0.6 * GB            # CUDA context, cuBLAS/cuDNN workspaces
-FRAGMENTATION = 0.02                # allocator slack on top of every estimate
+CONTEXT_BYTES = 0.6 * GB  # CUDA context, cuBLAS/cuDNN workspaces
+FRAGMENTATION = 0.02  # allocator slack on top of every estimate
 ENCODER_TRANSIENT_BYTES = 7.4 * GB  # encoders on the GPU: measured, see encoder_bytes
 
 
 @dataclass(frozen=True)
 class MemoryRequest:
     """What a job needs to hold: output size, clip length (= KV window) and steps."""
+
     width: int
     height: int
-    infer_frames: int = 48          # video frames per clip; the KV window is infer_frames / 4 latent frames
+    infer_frames: int = 48  # video frames per clip; the KV window is infer_frames / 4 latent frames
     sample_steps: int = 4
     num_blocks: int = 1
-    online_decode: bool = True      # False: every frame's pixels are kept on the GPU until the end
+    online_decode: bool = True  # False: every frame's pixels are kept on the GPU until the end
 
     def __post_init__(self):
         if self.width <= 0 or self.height <= 0 or self.width % 16 or self.height % 16:
@@ -49,9 +55,14 @@ class MemoryRequest:
     @classmethod
     def from_job(cls, job, online_decode: bool = True) -> MemoryRequest:
         """From an avatar.jobs.Job (or anything with the same fields, e.g. a JobSpec)."""
-        return cls(width=job.width, height=job.height, infer_frames=job.infer_frames,
-                   sample_steps=job.sample_steps, num_blocks=max(1, job.num_blocks),
-                   online_decode=online_decode)
+        return cls(
+            width=job.width,
+            height=job.height,
+            infer_frames=job.infer_frames,
+            sample_steps=job.sample_steps,
+            num_blocks=max(1, job.num_blocks),
+            online_decode=online_decode,
+        )
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -78,13 +89,14 @@ class MemoryRequest:
 @dataclass(frozen=True)
 class PlannerOptions:
     """What the engine on this machine can do, and what the user asked for."""
-    precision: str = "auto"          # "auto" (bf16 when it fits, else FP8), "bf16", "fp8"
-    fp8_capable: bool = True         # the card runs FP8 matmuls (compute capability >= 8.9)
-    encoders_on_gpu: bool = True     # T5 + wav2vec2 may share this GPU (when False they stay on CPU)
+
+    precision: str = "auto"  # "auto" (bf16 when it fits, else FP8), "bf16", "fp8"
+    fp8_capable: bool = True  # the card runs FP8 matmuls (compute capability >= 8.9)
+    encoders_on_gpu: bool = True  # T5 + wav2vec2 may share this GPU (when False they stay on CPU)
     allow_single_kv_set: bool = True  # one KV cache set shared by the steps instead of one per step
-    allow_fp8_kv: bool = False       # the engine can keep the KV cache in e4m3
-    allow_kv_offload: bool = False   # the engine can keep the KV cache in pinned host memory
-    vae_on_gpu: bool = True          # the decoder (VAE) shares this GPU
+    allow_fp8_kv: bool = False  # the engine can keep the KV cache in e4m3
+    allow_kv_offload: bool = False  # the engine can keep the KV cache in pinned host memory
+    vae_on_gpu: bool = True  # the decoder (VAE) shares this GPU
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp8"):
@@ -94,12 +106,13 @@ class PlannerOptions:
 @dataclass(frozen=True)
 class MemoryPlan:
     """The choices, and the bytes each part takes on the GPU."""
+
     fp8: bool
-    encoder_device: str              # "cuda" (same GPU) or "cpu"
-    kv_sets: int                     # KV cache sets: sample_steps (one per step) or 1
-    kv_dtype: str                    # "bfloat16" or "float8_e4m3fn"
+    encoder_device: str  # "cuda" (same GPU) or "cpu"
+    kv_sets: int  # KV cache sets: sample_steps (one per step) or 1
+    kv_dtype: str  # "bfloat16" or "float8_e4m3fn"
     kv_offload: bool
-    parts: dict = field(default_factory=dict)   # name -> bytes
+    parts: dict = field(default_factory=dict)  # name -> bytes
     available: int = 0
 
     @property
@@ -112,9 +125,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items())
-        return (f"{'FP8' if self.fp8 else 'bf16'} DiT, encoders on {self.encoder_device}, "
-                f"KV {self.kv_sets} set(s) {self.kv_dtype}{' offloaded' if self.kv_offload else ''}: "
-                f"{self.total / GB:.1f} GB of {self.available / GB:.1f} GB ({parts})")
+        return (
+            f"{'FP8' if self.fp8 else 'bf16'} DiT, encoders on {self.encoder_device}, "
+            f"KV {self.kv_sets} set(s) {self.kv_dtype}{' offloaded' if self.kv_offload else ''}: "
+            f"{self.total / GB:.1f} GB of {self.available / GB:.1f} GB ({parts})"
+        )
 
 
 def dit_bytes(fp8: bool) -> int:
@@ -181,9 +196,17 @@ def encoder_bytes() -> int:
     return (T5_PARAMS + WAV2VEC2_PARAMS) * 2 + ENCODER_TRANSIENT_BYTES
 
 
-def estimate(req: MemoryRequest, *, fp8: bool, encoder_device: str, kv_sets: int,
-             kv_dtype: str = "bfloat16", kv_offload: bool = False, vae_on_gpu: bool = True,
-             available: int = 0) -> MemoryPlan:
+def estimate(
+    req: MemoryRequest,
+    *,
+    fp8: bool,
+    encoder_device: str,
+    kv_sets: int,
+    kv_dtype: str = "bfloat16",
+    kv_offload: bool = False,
+    vae_on_gpu: bool = True,
+    available: int = 0,
+) -> MemoryPlan:
     nbytes = 1 if kv_dtype == "float8_e4m3fn" else 2
     kv = kv_cache_bytes(req, kv_sets, nbytes)
     parts = {
@@ -220,8 +243,14 @@ def candidates(req: MemoryRequest, opts: PlannerOptions):
             for enc in encoders:
                 for kd in kv_dtypes:
                     for w in weights:
-                        yield dict(fp8=w, encoder_device=enc, kv_sets=ks, kv_dtype=kd, kv_offload=off,
-                                   vae_on_gpu=opts.vae_on_gpu)
+                        yield dict(
+                            fp8=w,
+                            encoder_device=enc,
+                            kv_sets=ks,
+                            kv_dtype=kd,
+                            kv_offload=off,
+                            vae_on_gpu=opts.vae_on_gpu,
+                        )
 
 
 def plan_memory(req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions()) -> MemoryPlan:
@@ -241,9 +270,11 @@ def plan_memory(req: MemoryRequest, available: int, opts: PlannerOptions = Plann
 def session_bytes(req: MemoryRequest, cache_sets: int, kv_dtype_bytes: int = 2) -> dict[str, int]:
     """What opening one session adds on a GPU that already holds the model: its KV cache (ring sets
     + sink) and one block's transient memory."""
-    return {"kv_cache": kv_cache_bytes(req, cache_sets, kv_dtype_bytes),
-            "text": text_context_bytes(),
-            "activations": activation_bytes(req)}
+    return {
+        "kv_cache": kv_cache_bytes(req, cache_sets, kv_dtype_bytes),
+        "text": text_context_bytes(),
+        "activations": activation_bytes(req),
+    }
 
 
 def check_session_memory(req: MemoryRequest, cache_sets: int, available: int, kv_dtype_bytes: int = 2) -> None:
@@ -253,10 +284,12 @@ def check_session_memory(req: MemoryRequest, cache_sets: int, available: int, kv
     total = sum(need.values())
     if total <= available:
         return
-    lines = [f"not enough free GPU memory to open a {req.size} session (infer_frames {req.infer_frames}, "
-             f"{cache_sets} KV cache set(s)): needs {total / GB:.1f} GB (KV cache {need['kv_cache'] / GB:.1f}, "
-             f"prompt {need['text'] / GB:.1f}, activations {need['activations'] / GB:.1f}), "
-             f"{available / GB:.1f} GB free. Try:"]
+    lines = [
+        f"not enough free GPU memory to open a {req.size} session (infer_frames {req.infer_frames}, "
+        f"{cache_sets} KV cache set(s)): needs {total / GB:.1f} GB (KV cache {need['kv_cache'] / GB:.1f}, "
+        f"prompt {need['text'] / GB:.1f}, activations {need['activations'] / GB:.1f}), "
+        f"{available / GB:.1f} GB free. Try:"
+    ]
     ladder = []
     if cache_sets > 1:
         ladder.append(("one KV cache set (--cache-sets 1)", req, 1))
@@ -271,12 +304,12 @@ def check_session_memory(req: MemoryRequest, cache_sets: int, available: int, kv
     raise ResourceExhausted("\n".join(lines))
 
 
-def oom_error(req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions(),
-              cause: BaseException | None = None) -> ResourceExhausted:
+def oom_error(
+    req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions(), cause: BaseException | None = None
+) -> ResourceExhausted:
     """The ResourceExhausted to raise when CUDA ran out of memory anyway (after the session's
     memory is freed): the planner's numbers and the ladder, plus what CUDA said."""
-    leanest = min((estimate(req, available=available, **c) for c in candidates(req, opts)),
-                  key=lambda p: p.total)
+    leanest = min((estimate(req, available=available, **c) for c in candidates(req, opts)), key=lambda p: p.total)
     msg = _refusal(req, available, opts, leanest).replace("not enough GPU memory", "ran out of GPU memory", 1)
     if cause is not None:
         msg += f"\n(CUDA: {str(cause).splitlines()[0][:200]})"
@@ -284,9 +317,11 @@ def oom_error(req: MemoryRequest, available: int, opts: PlannerOptions = Planner
 
 
 def _refusal(req: MemoryRequest, available: int, opts: PlannerOptions, leanest: MemoryPlan) -> str:
-    lines = [f"not enough GPU memory for {req.size}, infer_frames {req.infer_frames}, "
-             f"{req.sample_steps} steps: needs {leanest.total / GB:.1f} GB at least "
-             f"({leanest.describe()}), {available / GB:.1f} GB available. Try:"]
+    lines = [
+        f"not enough GPU memory for {req.size}, infer_frames {req.infer_frames}, "
+        f"{req.sample_steps} steps: needs {leanest.total / GB:.1f} GB at least "
+        f"({leanest.describe()}), {available / GB:.1f} GB available. Try:"
+    ]
     ladder = []
     if (req.width, req.height) != (384, 256) and req.width * req.height > 384 * 256:
         ladder.append(("a smaller size, 384*256", replace(req, width=384, height=256)))
@@ -301,8 +336,9 @@ def _refusal(req: MemoryRequest, available: int, opts: PlannerOptions, leanest: 
         verdict = "fits" if need <= available else "still too much"
         lines.append(f"  - {what}: needs {need / GB:.1f} GB ({verdict})")
     if opts.precision == "bf16" and opts.fp8_capable:
-        lines.append(f"  - FP8 weights (--fp8): the DiT drops from {dit_bytes(False) / GB:.1f} "
-                     f"to {dit_bytes(True) / GB:.1f} GB")
+        lines.append(
+            f"  - FP8 weights (--fp8): the DiT drops from {dit_bytes(False) / GB:.1f} to {dit_bytes(True) / GB:.1f} GB"
+        )
     return "\n".join(lines)
 
 
@@ -313,6 +349,7 @@ def gpu_available_bytes(device_index: int = 0) -> int:
 
     try:
         import pynvml
+
         pynvml.nvmlInit()
         try:
             info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_index))
@@ -335,8 +372,15 @@ def planning_requests() -> list[MemoryRequest]:
     """What a server plans for at start-up, largest first: the hd, standard and preview presets
     (preview's 32 frames per clip run as 36: whole blocks)."""
     from avatar.presets import JOB_PRESETS, whole_blocks
-    return [MemoryRequest(*JOB_PRESETS[name].size, infer_frames=whole_blocks(JOB_PRESETS[name].infer_frames),
-                          sample_steps=JOB_PRESETS[name].sample_steps) for name in ("hd", "standard", "preview")]
+
+    return [
+        MemoryRequest(
+            *JOB_PRESETS[name].size,
+            infer_frames=whole_blocks(JOB_PRESETS[name].infer_frames),
+            sample_steps=JOB_PRESETS[name].sample_steps,
+        )
+        for name in ("hd", "standard", "preview")
+    ]
 
 
 def apply_plan(spec, plan: MemoryPlan):

@@ -4,6 +4,7 @@ Every avatar process registers into one registry and serves it on ``--metrics-po
 ``/metrics``). GPU gauges are read from NVML at scrape time; on a machine without a GPU or
 NVML, ``avatar_gpu_available`` is 0 and ``avatar_gpu_nvml_error`` names the reason.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,22 +23,45 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # Seconds from a few ms (one VAE block on a GPU) to minutes (a whole hd video on CPU).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
-REQUESTS = Counter("avatar_requests", "RPCs handled, by final status code",
-                   ["service", "method", "code"], registry=REGISTRY)
-REQUEST_SECONDS = Histogram("avatar_request_seconds", "RPC wall time from arrival to the last message",
-                            ["service", "method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-STAGE_SECONDS = Histogram("avatar_stage_seconds", "Time per pipeline stage and request (summed over blocks)",
-                          ["stage"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-TIME_TO_FIRST_FRAGMENT = Histogram("avatar_time_to_first_fragment_seconds",
-                                   "Request arrival to the first video fragment sent",
-                                   buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-FPS = Histogram("avatar_generation_fps", "Video frames streamed per second of request time",
-                buckets=(0.5, 1, 2, 4, 8, 12, 16, 20, 25, 30, 45, 60, 100), registry=REGISTRY)
+REQUESTS = Counter(
+    "avatar_requests", "RPCs handled, by final status code", ["service", "method", "code"], registry=REGISTRY
+)
+REQUEST_SECONDS = Histogram(
+    "avatar_request_seconds",
+    "RPC wall time from arrival to the last message",
+    ["service", "method"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "avatar_stage_seconds",
+    "Time per pipeline stage and request (summed over blocks)",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_FRAGMENT = Histogram(
+    "avatar_time_to_first_fragment_seconds",
+    "Request arrival to the first video fragment sent",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+FPS = Histogram(
+    "avatar_generation_fps",
+    "Video frames streamed per second of request time",
+    buckets=(0.5, 1, 2, 4, 8, 12, 16, 20, 25, 30, 45, 60, 100),
+    registry=REGISTRY,
+)
 LAST_FPS = Gauge("avatar_generation_fps_last", "FPS of the last finished request", registry=REGISTRY)
-FRAMES = Counter("avatar_frames", "Video frames handed to clients, counted per fragment (cancelled streams too)",
-                 registry=REGISTRY)
-IN_FLIGHT = Gauge("avatar_inflight_rpcs", "RPCs running now (a decoder/generator stream = one session)",
-                  ["service", "method"], registry=REGISTRY)
+FRAMES = Counter(
+    "avatar_frames", "Video frames handed to clients, counted per fragment (cancelled streams too)", registry=REGISTRY
+)
+IN_FLIGHT = Gauge(
+    "avatar_inflight_rpcs",
+    "RPCs running now (a decoder/generator stream = one session)",
+    ["service", "method"],
+    registry=REGISTRY,
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +74,12 @@ class _AdmissionMetrics:
 ADMISSION = _AdmissionMetrics(
     active=Gauge("avatar_active_sessions", "Sessions holding a slot", ["service"], registry=REGISTRY),
     queued=Gauge("avatar_queue_depth", "Sessions waiting for a slot", ["service"], registry=REGISTRY),
-    rejected=Counter("avatar_rejected", "Requests refused with RESOURCE_EXHAUSTED by admission control",
-                     ["service"], registry=REGISTRY),
+    rejected=Counter(
+        "avatar_rejected",
+        "Requests refused with RESOURCE_EXHAUSTED by admission control",
+        ["service"],
+        registry=REGISTRY,
+    ),
 )
 
 
@@ -59,7 +87,7 @@ def observe_final(final) -> None:
     """Records one finished Generate from its FinalStatus (avatar.v1): stages, TTFF, FPS."""
     for t in final.timings:
         STAGE_SECONDS.labels(stage=t.stage).observe(t.ms / 1000.0)
-    if final.frames:   # frames are counted as they are sent (count_frames), not here
+    if final.frames:  # frames are counted as they are sent (count_frames), not here
         TIME_TO_FIRST_FRAGMENT.observe(final.time_to_first_fragment_s)
         if final.total_s > 0:
             fps = final.frames / final.total_s
@@ -74,6 +102,7 @@ def count_frames(frames: int) -> None:
 
 # --- GPUs ----------------------------------------------------------------------------------
 
+
 class GPUCollector:
     """Reads NVML on every scrape; reports why when there is no GPU instead of failing."""
 
@@ -82,6 +111,7 @@ class GPUCollector:
         self._nvml = None
         try:
             import pynvml
+
             pynvml.nvmlInit()
             self._nvml = pynvml
         except Exception as e:  # noqa: BLE001 - no library, no driver, no GPU: all the same to us
@@ -91,8 +121,9 @@ class GPUCollector:
         available = GaugeMetricFamily("avatar_gpu_available", "1 when NVML reports GPUs, else 0")
         if self._nvml is None:
             available.add_metric([], 0)
-            err = GaugeMetricFamily("avatar_gpu_nvml_error", "NVML could not be used; the label says why",
-                                    labels=["reason"])
+            err = GaugeMetricFamily(
+                "avatar_gpu_nvml_error", "NVML could not be used; the label says why", labels=["reason"]
+            )
             err.add_metric([self._error or "unknown"], 1)
             yield available
             yield err
@@ -100,8 +131,9 @@ class GPUCollector:
         nv = self._nvml
         used = GaugeMetricFamily("avatar_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu", "name"])
         total = GaugeMetricFamily("avatar_gpu_memory_total_bytes", "GPU memory in total", labels=["gpu", "name"])
-        util = GaugeMetricFamily("avatar_gpu_utilization_percent", "GPU busy time over the last sample period",
-                                 labels=["gpu", "name"])
+        util = GaugeMetricFamily(
+            "avatar_gpu_utilization_percent", "GPU busy time over the last sample period", labels=["gpu", "name"]
+        )
         temp = GaugeMetricFamily("avatar_gpu_temperature_celsius", "GPU core temperature", labels=["gpu", "name"])
         power = GaugeMetricFamily("avatar_gpu_power_watts", "GPU power draw", labels=["gpu", "name"])
         try:
@@ -115,9 +147,11 @@ class GPUCollector:
                 used.add_metric(labels, mem.used)
                 total.add_metric(labels, mem.total)
                 # each reading may be unsupported on some boards (e.g. power on MIG slices)
-                for fam, read in ((util, lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                                  (temp, lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
-                                  (power, lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0)):
+                for fam, read in (
+                    (util, lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu),
+                    (temp, lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+                    (power, lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
+                ):
                     try:
                         fam.add_metric(labels, read())
                     except nv.NVMLError:
@@ -150,6 +184,7 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0"):
 
 # --- gRPC ----------------------------------------------------------------------------------
 
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC by final status code and times it. Put it first so it sees refusals
     (UNAUTHENTICATED, RESOURCE_EXHAUSTED) made by the interceptors after it."""
@@ -161,8 +196,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         service = service.rsplit(".", 1)[-1]
         wrap = _wrap_stream if (handler.unary_stream or handler.stream_stream) else _wrap_unary
-        kw = dict(request_deserializer=handler.request_deserializer,
-                  response_serializer=handler.response_serializer)
+        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, service, method), **kw)
         if handler.unary_stream:
@@ -212,6 +246,7 @@ def _wrap_unary(behavior, service, method):
             raise
         finally:
             _record(service, method, context, started, exc)
+
     return wrapper
 
 
@@ -228,15 +263,23 @@ def _wrap_stream(behavior, service, method):
             raise
         finally:
             _record(service, method, context, started, exc)
+
     return wrapper
 
 
 # --- live sessions (AvatarService/Converse, gateway/converse.py) -----------------------------
-LIVE_AUDIO_TO_FRAGMENT = Histogram("avatar_live_audio_to_fragment_seconds",
-                                   "Live sessions: audio chunk received -> the fragment with its first sample sent",
-                                   buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-LIVE_INTERRUPT_TO_IDLE = Histogram("avatar_live_interrupt_to_idle_seconds",
-                                   "Live sessions: Interrupt received -> the first fragment after the cut sent",
-                                   buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-LIVE_BLOCKS = Counter("avatar_live_blocks", "Live sessions: fragments sent, speech or idle", ["kind"],
-                      registry=REGISTRY)
+LIVE_AUDIO_TO_FRAGMENT = Histogram(
+    "avatar_live_audio_to_fragment_seconds",
+    "Live sessions: audio chunk received -> the fragment with its first sample sent",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+LIVE_INTERRUPT_TO_IDLE = Histogram(
+    "avatar_live_interrupt_to_idle_seconds",
+    "Live sessions: Interrupt received -> the first fragment after the cut sent",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+LIVE_BLOCKS = Counter(
+    "avatar_live_blocks", "Live sessions: fragments sent, speech or idle", ["kind"], registry=REGISTRY
+)

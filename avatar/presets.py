@@ -1,15 +1,16 @@
 """Job presets (preview / standard / hd, as in the LiveAvatar article) and model presets."""
+
 from dataclasses import dataclass, replace
 
 from avatar.errors import InvalidInput
 
-FPS = 25                      # LiveAvatar renders at 25 fps (Wan2.2-S2V upstream: 16)
-LATENT_FRAMES_PER_BLOCK = 3   # one causal block = 3 latent frames
-VAE_TIME_STRIDE = 4           # = 12 video frames per block
+FPS = 25  # LiveAvatar renders at 25 fps (Wan2.2-S2V upstream: 16)
+LATENT_FRAMES_PER_BLOCK = 3  # one causal block = 3 latent frames
+VAE_TIME_STRIDE = 4  # = 12 video frames per block
 FRAMES_PER_BLOCK = LATENT_FRAMES_PER_BLOCK * VAE_TIME_STRIDE
-DEFAULT_SEED = 420            # upstream --base_seed
-OUTPUT_AUDIO_RATE = 48000     # Hz of the AAC track muxed into the video
-ENCODER_AUDIO_RATE = 16000    # Hz wav2vec2 expects
+DEFAULT_SEED = 420  # upstream --base_seed
+OUTPUT_AUDIO_RATE = 48000  # Hz of the AAC track muxed into the video
+ENCODER_AUDIO_RATE = 16000  # Hz wav2vec2 expects
 
 
 def whole_blocks(frames: int) -> int:
@@ -20,8 +21,9 @@ def whole_blocks(frames: int) -> int:
 @dataclass(frozen=True)
 class JobPreset:
     """Generation defaults a user picks by name. Sizes are pixel areas "W*H" as upstream."""
+
     name: str
-    size: tuple[int, int]      # (width, height) area for s2v-14b
+    size: tuple[int, int]  # (width, height) area for s2v-14b
     num_clip: int
     sample_steps: int
     infer_frames: int
@@ -38,16 +40,17 @@ DEFAULT_JOB_PRESET = "preview"
 
 KV_DTYPES = ("float8_e4m3fn",)
 AUDIO_ENCODERS = ("wav2vec2", "whisper")
-DEFAULT_AUDIO_ENCODER = "wav2vec2"   # what the LiveAvatar checkpoint was trained with
+DEFAULT_AUDIO_ENCODER = "wav2vec2"  # what the LiveAvatar checkpoint was trained with
 
 
 @dataclass(frozen=True)
 class GeneratorOptions:
     """How the generator runs the DiT: memory and speed trade-offs that leave the video unchanged
     (up to FP8 rounding). Read by the generator engine and the memory planner."""
-    cache_sets: int | None = None           # 1: one KV set, refreshed by a clean pass per block; None: one per step
-    kv_dtype: str | None = None             # "float8_e4m3fn": the KV cache in e4m3; None: the model's dtype
-    cuda_graphs: bool | None = None         # replay steady-state steps from CUDA graphs; None: on for CUDA devices
+
+    cache_sets: int | None = None  # 1: one KV set, refreshed by a clean pass per block; None: one per step
+    kv_dtype: str | None = None  # "float8_e4m3fn": the KV cache in e4m3; None: the model's dtype
+    cuda_graphs: bool | None = None  # replay steady-state steps from CUDA graphs; None: on for CUDA devices
     offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
 
     def __post_init__(self):
@@ -62,10 +65,11 @@ class EncoderOptions:
     """Which optional encoders the encoder service loads. wav2vec2 and the VAE reference latent
     are what the DiT was trained on; Whisper features and the CLIP embedding are options a
     request asks for, served only when loaded here."""
+
     audio_encoders: tuple[str, ...] = (DEFAULT_AUDIO_ENCODER,)  # loaded audio backends, e.g. ("wav2vec2", "whisper")
-    whisper_dir: str | None = None   # WhisperModel folder (e.g. whisper-medium); None: random (tiny / random weights)
-    clip_image: bool = False         # load a CLIPVisionModel for the portrait's identity embedding
-    clip_dir: str | None = None      # its folder (e.g. clip-vit-large-patch14); None: random (tiny / random weights)
+    whisper_dir: str | None = None  # WhisperModel folder (e.g. whisper-medium); None: random (tiny / random weights)
+    clip_image: bool = False  # load a CLIPVisionModel for the portrait's identity embedding
+    clip_dir: str | None = None  # its folder (e.g. clip-vit-large-patch14); None: random (tiny / random weights)
 
     def __post_init__(self):
         if not self.audio_encoders:
@@ -88,16 +92,17 @@ class ModelSpec:
     name: "tiny" (same classes, small dims, random seeded weights: runs on CPU, renders noise)
           or "s2v-14b" (Wan2.2-S2V-14B + LiveAvatar LoRA from ckpt_dir / lora_path).
     """
+
     name: str = "tiny"
-    ckpt_dir: str | None = None        # folder holding Wan2.2-S2V-14B/ layout files
-    lora_path: str | None = None       # liveavatar.safetensors (or any PEFT LoRA for the DiT)
-    random_weights: bool = False       # s2v-14b shapes with random values (benchmarks)
-    device: str = "cpu"                # "cpu", "cuda", "cuda:1"
+    ckpt_dir: str | None = None  # folder holding Wan2.2-S2V-14B/ layout files
+    lora_path: str | None = None  # liveavatar.safetensors (or any PEFT LoRA for the DiT)
+    random_weights: bool = False  # s2v-14b shapes with random values (benchmarks)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     encoder_device: str | None = None  # where T5 / wav2vec2 run; None: same as device
-    dtype: str = "bfloat16"            # parameter/activation dtype on GPU; tiny on CPU uses float32
-    fp8: bool = False                  # FP8 linear layers in the DiT
-    compile: bool = False              # torch.compile the DiT blocks
-    seed: int = 0                      # seed of random weights (tiny / random_weights)
+    dtype: str = "bfloat16"  # parameter/activation dtype on GPU; tiny on CPU uses float32
+    fp8: bool = False  # FP8 linear layers in the DiT
+    compile: bool = False  # torch.compile the DiT blocks
+    seed: int = 0  # seed of random weights (tiny / random_weights)
     generator_options: GeneratorOptions = GeneratorOptions()
     encoder_options: EncoderOptions = EncoderOptions()
 
@@ -105,11 +110,15 @@ class ModelSpec:
         # Weights from files never fall back to random ones: each optional encoder needs its folder.
         enc = self.encoder_options
         if self.from_files and "whisper" in enc.audio_encoders and not enc.whisper_dir:
-            raise InvalidInput("the whisper audio encoder needs --whisper-dir FOLDER (a WhisperModel checkpoint "
-                               "such as whisper-medium) when the weights come from --ckpt_dir")
+            raise InvalidInput(
+                "the whisper audio encoder needs --whisper-dir FOLDER (a WhisperModel checkpoint "
+                "such as whisper-medium) when the weights come from --ckpt_dir"
+            )
         if self.from_files and enc.clip_image and not enc.clip_dir:
-            raise InvalidInput("--clip-image needs a CLIPVisionModel folder (--clip-image FOLDER) when the weights "
-                               "come from --ckpt_dir")
+            raise InvalidInput(
+                "--clip-image needs a CLIPVisionModel folder (--clip-image FOLDER) when the weights "
+                "come from --ckpt_dir"
+            )
 
     @property
     def is_tiny(self) -> bool:
@@ -140,7 +149,7 @@ class ModelSpec:
 
 
 MODEL_NAMES = ("tiny", "s2v-14b")
-TINY_SIZE_SCALE = 4   # the tiny model renders each preset's area at 1/4 of each side
+TINY_SIZE_SCALE = 4  # the tiny model renders each preset's area at 1/4 of each side
 
 
 def preset_area(preset: JobPreset, model: ModelSpec) -> tuple[int, int]:
@@ -155,14 +164,15 @@ def preset_area(preset: JobPreset, model: ModelSpec) -> tuple[int, int]:
 @dataclass(frozen=True)
 class ModelDims:
     """Dimensions that cross service boundaries; each model file derives the rest itself."""
-    text_dim: int          # T5 embedding width fed to the DiT's text_embedding
-    audio_dim: int         # wav2vec2 hidden size
-    audio_layers: int      # wav2vec2 hidden states used (embeddings + every layer)
+
+    text_dim: int  # T5 embedding width fed to the DiT's text_embedding
+    audio_dim: int  # wav2vec2 hidden size
+    audio_layers: int  # wav2vec2 hidden states used (embeddings + every layer)
     latent_channels: int = 16
     vae_stride: tuple[int, int, int] = (4, 8, 8)
     patch: tuple[int, int, int] = (1, 2, 2)
-    motion_frames: int = 73   # video frames of motion context (FramePack), = 19 latent frames
-    text_len: int = 512       # most prompt tokens (T5 output rows) the DiT's text context holds
+    motion_frames: int = 73  # video frames of motion context (FramePack), = 19 latent frames
+    text_len: int = 512  # most prompt tokens (T5 output rows) the DiT's text context holds
 
 
 MODEL_DIMS = {

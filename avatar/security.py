@@ -7,6 +7,7 @@ internal token, which the gateway attaches to every downstream call; the public 
 opens them. The gRPC health service stays open so probes work.
 Tokens are compared in constant time and never logged, put in messages or on spans.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,7 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 # --- TLS -----------------------------------------------------------------------------------
 
+
 def _read_pem(path: str | os.PathLike, what: str) -> bytes:
     p = Path(path)
     try:
@@ -43,6 +45,7 @@ def _read_pem(path: str | os.PathLike, what: str) -> bytes:
 class TLSConfig:
     """PEM file paths. cert+key: serve TLS; plus ca: require client certs signed by it (mTLS).
     On the client side: ca verifies the server; cert+key present a client certificate."""
+
     cert: str | None = None
     key: str | None = None
     ca: str | None = None
@@ -62,8 +65,7 @@ class TLSConfig:
         return channel_credentials(self.ca, self.cert, self.key)
 
 
-def server_credentials(cert: str | None, key: str | None, ca: str | None = None
-                       ) -> grpc.ServerCredentials | None:
+def server_credentials(cert: str | None, key: str | None, ca: str | None = None) -> grpc.ServerCredentials | None:
     """TLS credentials for a listener, or None for plaintext. With ca: mutual TLS, clients
     without a certificate signed by that CA are refused during the handshake."""
     if not cert and not key:
@@ -74,12 +76,12 @@ def server_credentials(cert: str | None, key: str | None, ca: str | None = None
         raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
     pair = (_read_pem(key, "key"), _read_pem(cert, "certificate"))
     root = _read_pem(ca, "CA") if ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=root,
-                                       require_client_auth=root is not None)
+    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
-def channel_credentials(ca: str | None = None, cert: str | None = None, key: str | None = None
-                        ) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials | None:
     """TLS credentials for a channel, or None for plaintext (no ca and no client cert)."""
     if not (ca or cert or key):
         return None
@@ -88,7 +90,8 @@ def channel_credentials(ca: str | None = None, cert: str | None = None, key: str
     return grpc.ssl_channel_credentials(
         root_certificates=_read_pem(ca, "CA") if ca else None,
         private_key=_read_pem(key, "key") if key else None,
-        certificate_chain=_read_pem(cert, "certificate") if cert else None)
+        certificate_chain=_read_pem(cert, "certificate") if cert else None,
+    )
 
 
 def add_port(server, address: str, creds: grpc.ServerCredentials | None) -> int:
@@ -99,8 +102,9 @@ def add_port(server, address: str, creds: grpc.ServerCredentials | None) -> int:
     return port
 
 
-def aio_channel(address: str, creds: grpc.ChannelCredentials | None = None, token: str | None = None,
-                options: Iterable[tuple] = ()) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, creds: grpc.ChannelCredentials | None = None, token: str | None = None, options: Iterable[tuple] = ()
+) -> grpc.aio.Channel:
     """An asyncio channel that uses TLS when creds is given and sends token on every call."""
     interceptors = bearer_client_interceptors(token) if token else None
     options = list(options)
@@ -110,6 +114,7 @@ def aio_channel(address: str, creds: grpc.ChannelCredentials | None = None, toke
 
 
 # --- tokens --------------------------------------------------------------------------------
+
 
 def plaintext_token_warning(address: str, creds, token: str | None) -> str | None:
     """A warning when a token would cross the network unencrypted (no TLS, not loopback)."""
@@ -150,8 +155,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     token" for internal services) so an operator knows which secret is wrong.
     """
 
-    def __init__(self, tokens: Iterable[str], realm: str = "API token",
-                 open_prefixes: Iterable[str] = OPEN_METHOD_PREFIXES):
+    def __init__(
+        self, tokens: Iterable[str], realm: str = "API token", open_prefixes: Iterable[str] = OPEN_METHOD_PREFIXES
+    ):
         self._tokens = [t.encode() for t in tokens if t]
         if not self._tokens:
             raise ValueError("BearerAuthInterceptor needs at least one non-empty token")
@@ -186,12 +192,14 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str
     first buffer the whole request message (up to the message limit) before calling us, so an
     unauthenticated client could make the server hold 32 MiB per call. HTTP/2 frames carry no
     call shape, so the client sees a normal unary or streaming call end with `code`."""
+
     async def stream(requests, context):
         await context.abort(code, reason)
         yield  # never reached: makes this an async generator as streaming handlers must be
 
-    return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                 response_serializer=handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 class _BearerClientBase:
@@ -240,13 +248,16 @@ def auth_metadata(token: str | None) -> list[tuple[str, str]]:
 @dataclass(frozen=True)
 class SecurityConfig:
     """Everything a server or client process needs to know about TLS and tokens."""
+
     tls: TLSConfig = TLSConfig()
-    auth_token: str | None = None       # public API token (gateway); None: no auth
-    internal_token: str | None = None   # internal services' token; None: no auth
+    auth_token: str | None = None  # public API token (gateway); None: no auth
+    internal_token: str | None = None  # internal services' token; None: no auth
 
     def __repr__(self) -> str:  # never print tokens, even by accident
-        return (f"SecurityConfig(tls={self.tls!r}, auth_token={'set' if self.auth_token else None}, "
-                f"internal_token={'set' if self.internal_token else None})")
+        return (
+            f"SecurityConfig(tls={self.tls!r}, auth_token={'set' if self.auth_token else None}, "
+            f"internal_token={'set' if self.internal_token else None})"
+        )
 
     __str__ = __repr__
 
@@ -280,7 +291,7 @@ class SecurityConfig:
         """Token the gateway sends to its peers: the internal one."""
         return self.internal_token
 
-    def with_internal_token(self) -> "SecurityConfig":
+    def with_internal_token(self) -> SecurityConfig:
         """This config with an internal token: the given one, else a random one for this process
         (the embedded mesh's internal listener must not be open to other local users)."""
         if self.internal_token:
@@ -301,24 +312,37 @@ class SecurityConfig:
         return out
 
     @classmethod
-    def from_args(cls, args) -> "SecurityConfig":
+    def from_args(cls, args) -> SecurityConfig:
         """From parsed CLI flags (--tls-cert/--tls-key/--tls-ca/--auth-token/--internal-token)
         with AVATAR_AUTH_TOKEN / AVATAR_INTERNAL_TOKEN as fallbacks."""
-        return cls(tls=TLSConfig(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
-                                 getattr(args, "tls_ca", None)),
-                   auth_token=token_from(getattr(args, "auth_token", None), AUTH_TOKEN_ENV),
-                   internal_token=token_from(getattr(args, "internal_token", None), INTERNAL_TOKEN_ENV))
+        return cls(
+            tls=TLSConfig(
+                getattr(args, "tls_cert", None), getattr(args, "tls_key", None), getattr(args, "tls_ca", None)
+            ),
+            auth_token=token_from(getattr(args, "auth_token", None), AUTH_TOKEN_ENV),
+            internal_token=token_from(getattr(args, "internal_token", None), INTERNAL_TOKEN_ENV),
+        )
 
 
 def add_security_args(parser) -> None:
     """The TLS/auth flags, shared by `avatar serve`, `avatar generate` and `avatar batch`."""
     g = parser.add_argument_group("security")
-    g.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (server: listen with TLS; "
-                   "client: present it for mTLS)")
+    g.add_argument(
+        "--tls-cert", metavar="PEM", help="TLS certificate chain (server: listen with TLS; client: present it for mTLS)"
+    )
     g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    g.add_argument("--tls-ca", metavar="PEM", help="CA bundle (server: require client certs it signed = "
-                   "mTLS; client: verify the server with it)")
-    g.add_argument("--auth-token", metavar="TOKEN", help=f"bearer token of the public API "
-                   f"(default: ${AUTH_TOKEN_ENV}; prefer the variable: flags show up in `ps`)")
-    g.add_argument("--internal-token", metavar="TOKEN", help=f"token between gateway and internal "
-                   f"services (default: ${INTERNAL_TOKEN_ENV})")
+    g.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA bundle (server: require client certs it signed = mTLS; client: verify the server with it)",
+    )
+    g.add_argument(
+        "--auth-token",
+        metavar="TOKEN",
+        help=f"bearer token of the public API (default: ${AUTH_TOKEN_ENV}; prefer the variable: flags show up in `ps`)",
+    )
+    g.add_argument(
+        "--internal-token",
+        metavar="TOKEN",
+        help=f"token between gateway and internal services (default: ${INTERNAL_TOKEN_ENV})",
+    )

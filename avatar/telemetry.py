@@ -1,17 +1,17 @@
 """OpenTelemetry per process: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else optional JSONL file."""
+
 import contextlib
 import json
 import os
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Status, StatusCode
-from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SimpleSpanProcessor, SpanExporter,
-                                            SpanExportResult)
 
 TRACER_NAME = "avatar"
 _provider: TracerProvider | None = None
@@ -73,6 +73,7 @@ def make_provider(service_name: str, trace_file: str | None = None) -> TracerPro
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         # The exporter reads OTEL_EXPORTER_OTLP_* itself (endpoint, headers, insecure, timeout).
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if trace_file:
         # Simple (synchronous) processor: a span is on disk when it ends, even if the process is killed.

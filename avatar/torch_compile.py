@@ -1,5 +1,4 @@
 """torch.compile in a service process, where several threads run models at once."""
-import torch
 
 
 def tolerate_tracing_in_other_threads() -> None:
@@ -9,4 +8,5 @@ def tolerate_tracing_in_other_threads() -> None:
     on an H100 in `avatar serve --role all`, docs/operations.md). With this, such a call runs its
     module eagerly instead, for as long as the other thread traces."""
     import torch._dynamo
+
     torch._dynamo.config.error_on_nested_fx_trace = False

@@ -1,4 +1,5 @@
 """Tensor wire format: torch.Tensor <-> avatar.v1.Tensor, every dtype including bfloat16."""
+
 import numpy as np
 import torch
 
@@ -6,10 +7,17 @@ from avatar.v1 import tensor_pb2
 
 # dtype name on the wire -> torch dtype. Names are torch's, without the "torch." prefix.
 DTYPES = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
-    "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
-    "int64": torch.int64, "bool": torch.bool,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 

@@ -10,6 +10,7 @@ events after warm-up blocks and reports medians; prints a table and writes JSON.
     python bench/bench_generator.py --only smoke --out $OUT/smoke.json    # a quick pass over every path
     python bench/bench_generator.py --tiny --device cpu                   # CPU check of the code paths
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ from avatar.services.generator.causal_s2v_dit import CausalS2VDiT
 from avatar.services.generator.engine import GeneratorEngine, build_generator_model, compile_blocks
 from avatar.services.generator.scheduler import FlowMatchEuler
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def log(*a):
@@ -111,9 +112,9 @@ class LoopConfig:
     width: int
     height: int
     steps: int = 4
-    window_frames: int = 12      # latent frames in the ring = infer_frames / 4
-    num_sets: int = 4            # one ring per step (timestep forcing) or 1 (+ a clean pass per block)
-    kv_dtype: torch.dtype | None = None   # None: the model's dtype
+    window_frames: int = 12  # latent frames in the ring = infer_frames / 4
+    num_sets: int = 4  # one ring per step (timestep forcing) or 1 (+ a clean pass per block)
+    kv_dtype: torch.dtype | None = None  # None: the model's dtype
     seed: int = 0
 
 
@@ -139,6 +140,7 @@ def timed_forwards(dit: CausalS2VDiT, clock: Clock, marks: list):
         out = denoise(*args, **kwargs)
         marks.append((start, clock.mark()))
         return out
+
     dit.denoise = timed
     try:
         yield
@@ -157,12 +159,18 @@ class TimedSession:
         c = dit.config
         h, w = cfg.height // 8, cfg.width // 8
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        engine = GeneratorEngine(ModelSpec(device=device), dit=dit)   # the DiT given is the model
+        engine = GeneratorEngine(ModelSpec(device=device), dit=dit)  # the DiT given is the model
         engine.cache_sets = None if cfg.num_sets == cfg.steps else cfg.num_sets
         engine.kv_dtype = cfg.kv_dtype or dit.dtype
         engine.cuda_graphs, engine.free_memory = False, None
-        job = Job(width=cfg.width, height=cfg.height, infer_frames=cfg.window_frames * VAE_TIME_STRIDE,
-                  sample_steps=cfg.steps, num_blocks=1 << 20, seed=cfg.seed)
+        job = Job(
+            width=cfg.width,
+            height=cfg.height,
+            infer_frames=cfg.window_frames * VAE_TIME_STRIDE,
+            sample_steps=cfg.steps,
+            num_blocks=1 << 20,
+            seed=cfg.seed,
+        )
         text = self._randn(c.text_len, c.text_dim)
         ref = self._randn(c.in_dim, 1, h, w)
         motion = self._randn(c.in_dim, dit.motion_latent_frames, h, w)
@@ -204,6 +212,7 @@ def legacy_kv_reads():
     into fresh tensors. Emulated on today's layout with the same traffic and the same results:
     the ring and the (already rotated) sink are copied out, the sink rotated by the identity."""
     from avatar.services.generator import causal_s2v_dit as m
+
     orig = m.SelfAttention.forward
     identity: dict = {}
 
@@ -216,15 +225,15 @@ def legacy_kv_reads():
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k_rot = m.apply_rope(q, rope), m.apply_rope(k, rope)
         s0, sink = kv.sink_start, kv.sink_tokens
-        kv.keys[:, kv.write:kv.write + n] = m.to_cache_dtype(k_rot, kv.keys.dtype)
-        kv.values[:, kv.write:kv.write + n] = m.to_cache_dtype(v, kv.keys.dtype)
+        kv.keys[:, kv.write : kv.write + n] = m.to_cache_dtype(k_rot, kv.keys.dtype)
+        kv.values[:, kv.write : kv.write + n] = m.to_cache_dtype(v, kv.keys.dtype)
         ring = slice(s0 + sink, kv.hi) if kv.lo == s0 else slice(kv.lo, s0)
         key = (sink, q.shape[-1], str(x.device))
         if key not in identity:
             ones = torch.ones(sink, 1, q.shape[-1] // 2, device=x.device)
             identity[key] = m.Rope(ones, torch.zeros_like(ones))
-        keys = torch.cat([kv.keys[:, ring].to(dt), m.apply_rope(kv.keys[:, s0:s0 + sink].to(dt), identity[key])], 1)
-        values = torch.cat([kv.values[:, ring].to(dt), kv.values[:, s0:s0 + sink].to(dt)], 1)
+        keys = torch.cat([kv.keys[:, ring].to(dt), m.apply_rope(kv.keys[:, s0 : s0 + sink].to(dt), identity[key])], 1)
+        values = torch.cat([kv.values[:, ring].to(dt), kv.values[:, s0 : s0 + sink].to(dt)], 1)
         return self.o(m.attention(q, keys, values))
 
     m.SelfAttention.forward = forward
@@ -238,6 +247,7 @@ def profile_step(dit, cfg: LoopConfig, device, top: int = 25) -> dict:
     """torch.profiler over one block's DiT forwards (after a warm block): GPU time per kernel name,
     grouped, largest first, so the gap between a step and its GEMM + attention floor is visible."""
     from torch.profiler import ProfilerActivity, profile
+
     loop = TimedSession(dit, cfg, device, Clock(device))
     loop.run_block()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -259,8 +269,7 @@ def profile_step(dit, cfg: LoopConfig, device, top: int = 25) -> dict:
     return {"size": f"{cfg.width}*{cfg.height}", "gpu_ms_per_step": total, "kernels": rows[:60]}
 
 
-def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str,
-                flat_check: bool = False) -> dict:
+def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str, flat_check: bool = False) -> dict:
     """Prefill + `blocks` blocks; medians over the blocks after `warm`."""
     clock = Clock(device)
     free_memory(device)
@@ -272,13 +281,19 @@ def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str
         block_ms.append(b)
         fwd_ms.append(s)
     res = {
-        "variant": label, "size": f"{cfg.width}*{cfg.height}", "steps": cfg.steps,
-        "kv_sets": cfg.num_sets, "window_frames": cfg.window_frames, "kv_dtype": str(cfg.kv_dtype or dit.dtype).split(".")[-1],
-        "blocks": blocks, "warmup_blocks": warm,
-        "prefill_ms": loop.prefill_ms, "first_block_ms": block_ms[0],
+        "variant": label,
+        "size": f"{cfg.width}*{cfg.height}",
+        "steps": cfg.steps,
+        "kv_sets": cfg.num_sets,
+        "window_frames": cfg.window_frames,
+        "kv_dtype": str(cfg.kv_dtype or dit.dtype).split(".")[-1],
+        "blocks": blocks,
+        "warmup_blocks": warm,
+        "prefill_ms": loop.prefill_ms,
+        "first_block_ms": block_ms[0],
         "block_ms": median(block_ms[warm:]),
         # a denoising step: the median forward of the Euler steps (not the clean pass)
-        "step_ms": median([s for f in fwd_ms[warm:] for s in f[:cfg.steps]]),
+        "step_ms": median([s for f in fwd_ms[warm:] for s in f[: cfg.steps]]),
         "clean_pass_ms": median([f[cfg.steps] for f in fwd_ms[warm:]]) if cfg.num_sets == 1 else 0.0,
         "kv_cache_gib": loop.kv_cache_bytes / GiB,
         "peak_gib": peak_gib(device),
@@ -287,17 +302,23 @@ def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str
     res["dit_fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
     window_blocks = cfg.window_frames // LATENT_FRAMES_PER_BLOCK
     if flat_check and blocks >= 3 * window_blocks + 1:
-        clip2 = block_ms[window_blocks:2 * window_blocks]     # blocks of the 2nd clip (ring just full)
-        last = block_ms[-window_blocks:]                      # the last clip run
-        res["flat"] = {"clip2_block_ms": median(clip2), "last_clip": blocks // window_blocks,
-                       "last_clip_block_ms": median(last), "ratio": median(last) / median(clip2)}
+        clip2 = block_ms[window_blocks : 2 * window_blocks]  # blocks of the 2nd clip (ring just full)
+        last = block_ms[-window_blocks:]  # the last clip run
+        res["flat"] = {
+            "clip2_block_ms": median(clip2),
+            "last_clip": blocks // window_blocks,
+            "last_clip_block_ms": median(last),
+            "ratio": median(last) / median(clip2),
+        }
     loop.close()
     del loop
     free_memory(device)
-    log(f"  {label:14s} {res['size']:8s} sets={cfg.num_sets} win={cfg.window_frames} "
+    log(
+        f"  {label:14s} {res['size']:8s} sets={cfg.num_sets} win={cfg.window_frames} "
         f"step {res['step_ms']:.1f} ms  block {res['block_ms']:.1f} ms  ({res['dit_fps']:.1f} FPS DiT)  "
         f"prefill {res['prefill_ms']:.0f} ms  peak {res['peak_gib']:.1f} GiB"
-        + (f"  flat x{res['flat']['ratio']:.3f}" if "flat" in res else ""))
+        + (f"  flat x{res['flat']['ratio']:.3f}" if "flat" in res else "")
+    )
     return res
 
 
@@ -321,14 +342,21 @@ def bench_gemms(device, m: int, reps: int = 30) -> list[dict]:
     from torch import nn
 
     from avatar.services.generator.fp8 import FP8Linear, quantize, quantize_rows_fused, quantize_tensor_fused
+
     out = []
     xt = torch.randn(m, 5120, device=device, dtype=torch.bfloat16)
     qa, sa = quantize_tensor_fused(xt)
     qb, sb = quantize(xt, "tensor")
-    out.append({"tensor_quantiser": {"scale_rel_diff": ((sa - sb).abs() / sb).item(),
-                                     "q_mismatch_frac": (qa.float() != qb.float()).float().mean().item(),
-                                     "fused_ms": time_fn(lambda: quantize_tensor_fused(xt), device, reps),
-                                     "torch_ms": time_fn(lambda: quantize(xt, "tensor"), device, reps)}})
+    out.append(
+        {
+            "tensor_quantiser": {
+                "scale_rel_diff": ((sa - sb).abs() / sb).item(),
+                "q_mismatch_frac": (qa.float() != qb.float()).float().mean().item(),
+                "fused_ms": time_fn(lambda: quantize_tensor_fused(xt), device, reps),
+                "torch_ms": time_fn(lambda: quantize(xt, "tensor"), device, reps),
+            }
+        }
+    )
     log(f"  tensor quantiser: {out[-1]['tensor_quantiser']}")
     # the FP8 product alone vs with its activation quantisation, across token counts: a block at
     # 384*256 (1152) and 704*384 (3168), the sinks (960, 2640), audio tokens (15), AdaLN (3)
@@ -338,28 +366,59 @@ def bench_gemms(device, m: int, reps: int = 30) -> list[dict]:
         x = torch.randn(mm, 5120, device=device, dtype=torch.bfloat16)
         xr, sr = quantize_rows_fused(x)
         xq, sq = quantize_tensor_fused(x)
-        r = {"m": mm, "k": 5120, "n": 5120,
-             "bf16_ms": time_fn(lambda: lin(x), device, reps),
-             "row_layer_ms": time_fn(lambda: row(x), device, reps),
-             "tensor_layer_ms": time_fn(lambda: ten(x), device, reps),
-             "row_mm_only_ms": time_fn(lambda: torch._scaled_mm(
-                 xr, row.weight_fp8.t(), scale_a=sr, scale_b=row.weight_scale, bias=row.bias,
-                 out_dtype=torch.bfloat16, use_fast_accum=True), device, reps),
-             "tensor_mm_only_ms": time_fn(lambda: torch._scaled_mm(
-                 xq, ten.weight_fp8.t(), scale_a=sq, scale_b=ten.weight_scale, bias=ten.bias,
-                 out_dtype=torch.bfloat16, use_fast_accum=True), device, reps)}
+        r = {
+            "m": mm,
+            "k": 5120,
+            "n": 5120,
+            "bf16_ms": time_fn(lambda: lin(x), device, reps),
+            "row_layer_ms": time_fn(lambda: row(x), device, reps),
+            "tensor_layer_ms": time_fn(lambda: ten(x), device, reps),
+            "row_mm_only_ms": time_fn(
+                lambda: torch._scaled_mm(
+                    xr,
+                    row.weight_fp8.t(),
+                    scale_a=sr,
+                    scale_b=row.weight_scale,
+                    bias=row.bias,
+                    out_dtype=torch.bfloat16,
+                    use_fast_accum=True,
+                ),
+                device,
+                reps,
+            ),
+            "tensor_mm_only_ms": time_fn(
+                lambda: torch._scaled_mm(
+                    xq,
+                    ten.weight_fp8.t(),
+                    scale_a=sq,
+                    scale_b=ten.weight_scale,
+                    bias=ten.bias,
+                    out_dtype=torch.bfloat16,
+                    use_fast_accum=True,
+                ),
+                device,
+                reps,
+            ),
+        }
         out.append(r)
-        log("  gemm m=%5d 5120x5120: bf16 %.3f | fp8 row layer %.3f (mm %.3f) | fp8 tensor layer %.3f (mm %.3f) ms"
-            % (mm, r["bf16_ms"], r["row_layer_ms"], r["row_mm_only_ms"], r["tensor_layer_ms"], r["tensor_mm_only_ms"]))
+        log(
+            f"  gemm m={mm:5d} 5120x5120: bf16 {r['bf16_ms']:.3f} | fp8 row layer {r['row_layer_ms']:.3f} "
+            f"(mm {r['row_mm_only_ms']:.3f}) | fp8 tensor layer {r['tensor_layer_ms']:.3f} "
+            f"(mm {r['tensor_mm_only_ms']:.3f}) ms"
+        )
     x = torch.randn(m, 13824, device=device, dtype=torch.bfloat16) * 3
     q1, s1 = quantize_rows_fused(x)
     q2, s2 = quantize(x, "row")
-    check = {"scale_max_rel_diff": ((s1 - s2).abs() / s2).max().item(),
-             "q_mismatch_frac": (q1.float() != q2.float()).float().mean().item(),
-             "fused_ms": time_fn(lambda: quantize_rows_fused(x), device, reps),
-             "torch_ms": time_fn(lambda: quantize(x, "row"), device, reps)}
-    log(f"  row quantiser {m}x13824: fused {check['fused_ms']:.3f} ms vs torch {check['torch_ms']:.3f} ms; "
-        f"scale diff {check['scale_max_rel_diff']:.2e}, q mismatch {check['q_mismatch_frac']:.2e}")
+    check = {
+        "scale_max_rel_diff": ((s1 - s2).abs() / s2).max().item(),
+        "q_mismatch_frac": (q1.float() != q2.float()).float().mean().item(),
+        "fused_ms": time_fn(lambda: quantize_rows_fused(x), device, reps),
+        "torch_ms": time_fn(lambda: quantize(x, "row"), device, reps),
+    }
+    log(
+        f"  row quantiser {m}x13824: fused {check['fused_ms']:.3f} ms vs torch {check['torch_ms']:.3f} ms; "
+        f"scale diff {check['scale_max_rel_diff']:.2e}, q mismatch {check['q_mismatch_frac']:.2e}"
+    )
     out.append({"quantiser": check})
     for k, n in [(5120, 5120), (5120, 13824), (13824, 5120)]:
         lin = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
@@ -375,9 +434,11 @@ def bench_gemms(device, m: int, reps: int = 30) -> list[dict]:
         r["bf16_tflops"] = flops / r["bf16_ms"] / 1e9
         r["fp8_row_tflops"] = flops / r["fp8_row_ms"] / 1e9
         out.append(r)
-        log(f"  gemm {m}x{k}->{n}: bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f} TF/s)  "
+        log(
+            f"  gemm {m}x{k}->{n}: bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f} TF/s)  "
             f"fp8 row {r['fp8_row_ms']:.3f} ms ({r['fp8_row_tflops']:.0f} TF/s, err {r['fp8_row_relerr']:.3f})  "
-            f"fp8 tensor {r['fp8_tensor_ms']:.3f} ms (err {r['fp8_tensor_relerr']:.3f})")
+            f"fp8 tensor {r['fp8_tensor_ms']:.3f} ms (err {r['fp8_tensor_relerr']:.3f})"
+        )
     return out
 
 
@@ -400,6 +461,7 @@ def bench_attention(device, width, height) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from avatar.services.generator.attention import backend_for, prefer_cudnn_attention
+
     ft = (height // 16) * (width // 16)
     n, kv = 3 * ft, 12 * ft + int(2.5 * ft)
     q = torch.randn(1, n, 40, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
@@ -407,8 +469,11 @@ def bench_attention(device, width, height) -> dict:
     v = torch.randn(1, kv, 40, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
     res = {"size": f"{width}*{height}", "q": n, "kv": kv, "default_backend": backend_for(q, k, v)}
     ref = None
-    for name, be in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+    for name, be in [
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ]:
         try:
             with sdpa_kernel(be):
                 res[name + "_ms"] = time_fn(lambda: F.scaled_dot_product_attention(q, k, v), device, 20)
@@ -420,9 +485,11 @@ def bench_attention(device, width, height) -> dict:
             res[name + "_error"] = str(e)[:200]
     res["chosen_after_prefer_cudnn"] = prefer_cudnn_attention(device)
     res["backend_for_dit_layout"] = backend_for(q, k, v)
-    log(f"  attention {res['size']} q={n} kv={kv}: default {res['default_backend']} -> "
-        f"{res['backend_for_dit_layout']};  " + "  ".join(
-            f"{b} {res.get(b + '_ms') or float('nan'):.2f} ms" for b in ("cudnn", "flash", "efficient")))
+    log(
+        f"  attention {res['size']} q={n} kv={kv}: default {res['default_backend']} -> "
+        f"{res['backend_for_dit_layout']};  "
+        + "  ".join(f"{b} {res.get(b + '_ms') or float('nan'):.2f} ms" for b in ("cudnn", "flash", "efficient"))
+    )
     return res
 
 
@@ -434,6 +501,7 @@ def to_frames(pixels: torch.Tensor) -> np.ndarray:
 
 def build_vae(tiny: bool, device, dtype):
     from avatar.models.wan_vae import S2V_14B_VAE, TINY_VAE, WanVAE
+
     dims = TINY_VAE if tiny else S2V_14B_VAE
     with torch.device(device):
         model = dims.build()
@@ -444,6 +512,7 @@ def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int,
     """Streaming VAE decode of one block (3 latent frames -> 12 frames), the device->host uint8
     copy, and the H.264 + AAC fMP4 mux of those frames, per block."""
     from avatar.services.decoder.fmp4 import FragmentedMp4Writer
+
     clock = Clock(device)
     free_memory(device)
     reset_peak(device)
@@ -462,8 +531,13 @@ def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int,
         t0 = time.perf_counter()
         frames.append(to_frames(px))
         host_ms.append((time.perf_counter() - t0) * 1000)
-    res = {"size": f"{width}*{height}", "vae_ms": median(vae_ms[warm:]), "vae_first_ms": vae_ms[0],
-           "to_host_ms": median(host_ms[warm:]), "vae_peak_gib": peak_gib(device)}
+    res = {
+        "size": f"{width}*{height}",
+        "vae_ms": median(vae_ms[warm:]),
+        "vae_first_ms": vae_ms[0],
+        "to_host_ms": median(host_ms[warm:]),
+        "vae_peak_gib": peak_gib(device),
+    }
     dec.close()
     if clock.cuda:  # cuDNN's autotuner for the 3-D convolutions (shapes repeat every block)
         torch.backends.cudnn.benchmark = True
@@ -482,8 +556,10 @@ def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int,
     sr = 48000
     pcm = (np.sin(np.arange(sr * FRAMES_PER_BLOCK // FPS) * 2 * np.pi * 220 / sr) * 8000).astype(np.int16)
     yy, xx = np.mgrid[0:height, 0:width]
-    smooth = [np.stack([((xx + 3 * i) % 256), ((yy + 2 * i) % 256), np.full_like(xx, 128)], -1).astype(np.uint8)
-              for i in range(FRAMES_PER_BLOCK)]
+    smooth = [
+        np.stack([((xx + 3 * i) % 256), ((yy + 2 * i) % 256), np.full_like(xx, 128)], -1).astype(np.uint8)
+        for i in range(FRAMES_PER_BLOCK)
+    ]
     for name, blocks_frames in [("noise", frames), ("smooth", [np.stack(smooth)] * len(frames))]:
         writer = FragmentedMp4Writer(width, height, FPS, sr)
         writer.init_segment()
@@ -496,10 +572,12 @@ def bench_vae_and_mux(device, width, height, tiny: bool, blocks: int, warm: int,
         res[f"mux_{name}_ms"] = median(ms[warm:])
     del vae, dec
     free_memory(device)
-    log(f"  vae {res['size']}: decode {res['vae_ms']:.1f} ms/block (first {res['vae_first_ms']:.0f}; "
+    log(
+        f"  vae {res['size']}: decode {res['vae_ms']:.1f} ms/block (first {res['vae_first_ms']:.0f}; "
         f"cudnn.benchmark {res.get('vae_cudnn_benchmark_ms', float('nan')):.1f}), "
         f"to host {res['to_host_ms']:.1f} ms, mux noise {res['mux_noise_ms']:.1f} / smooth "
-        f"{res['mux_smooth_ms']:.1f} ms/block, VAE peak {res['vae_peak_gib']:.2f} GiB")
+        f"{res['mux_smooth_ms']:.1f} ms/block, VAE peak {res['vae_peak_gib']:.2f} GiB"
+    )
     return res
 
 
@@ -507,6 +585,7 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     """The real schedule on one GPU: block k's VAE decode on a second CUDA stream and its mux on a
     CPU thread, while the DiT runs block k+1. Wall-clock ms per block (host clock, synced)."""
     from avatar.services.decoder.fmp4 import FragmentedMp4Writer
+
     free_memory(device)
     reset_peak(device)
     vae = build_vae(tiny, device, torch.bfloat16 if device != "cpu" else torch.float32)
@@ -524,11 +603,11 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     for i in range(blocks + 1):
         t0 = time.perf_counter()
         if i < blocks:
-            _, _, lat, _ = loop.run_block()            # queued on the main stream
+            _, _, lat, _ = loop.run_block()  # queued on the main stream
             done = torch.cuda.Event() if side else None
             if side:
                 done.record()
-        if pending is not None:                        # previous block: decode on the side stream
+        if pending is not None:  # previous block: decode on the side stream
             plat, pdone = pending
             if side:
                 side.wait_event(pdone)
@@ -557,12 +636,19 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     dec.close()
     del vae, loop
     free_memory(device)
-    res = {"size": f"{cfg.width}*{cfg.height}", "wall_block_ms": median(walls[1 + warm:blocks]),
-           "first_fragment_s_after_prefill": t_first, "peak_gib": peak_gib(device), "kv_sets": cfg.num_sets,
-           "kv_dtype": str(cfg.kv_dtype or dit.dtype).split(".")[-1]}
+    res = {
+        "size": f"{cfg.width}*{cfg.height}",
+        "wall_block_ms": median(walls[1 + warm : blocks]),
+        "first_fragment_s_after_prefill": t_first,
+        "peak_gib": peak_gib(device),
+        "kv_sets": cfg.num_sets,
+        "kv_dtype": str(cfg.kv_dtype or dit.dtype).split(".")[-1],
+    }
     res["fps"] = FRAMES_PER_BLOCK / (res["wall_block_ms"] / 1000)
-    log(f"  overlap {res['size']}: {res['wall_block_ms']:.1f} ms/block wall = {res['fps']:.1f} FPS "
-        f"(DiT + VAE on a side stream + mux thread), peak {res['peak_gib']:.1f} GiB")
+    log(
+        f"  overlap {res['size']}: {res['wall_block_ms']:.1f} ms/block wall = {res['fps']:.1f} FPS "
+        f"(DiT + VAE on a side stream + mux thread), peak {res['peak_gib']:.1f} GiB"
+    )
     return res
 
 
@@ -571,10 +657,24 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, options: di
     open_session (sink prefill) and of generate_block (which syncs), on the same DiT."""
     c = dit.config
     h, w = height // 8, width // 8
-    eng = GeneratorEngine(ModelSpec(name="s2v-14b", device=device, random_weights=True,
-                                    generator_options=GeneratorOptions(**(options or {}))), dit=dit)
-    job = Job(width=width, height=height, infer_frames=48, sample_steps=4, num_blocks=blocks, seed=420,
-              total_frames=blocks * FRAMES_PER_BLOCK, model="s2v-14b", audio_sample_rate=48000, request_id="bench")
+    eng = GeneratorEngine(
+        ModelSpec(
+            name="s2v-14b", device=device, random_weights=True, generator_options=GeneratorOptions(**(options or {}))
+        ),
+        dit=dit,
+    )
+    job = Job(
+        width=width,
+        height=height,
+        infer_frames=48,
+        sample_steps=4,
+        num_blocks=blocks,
+        seed=420,
+        total_frames=blocks * FRAMES_PER_BLOCK,
+        model="s2v-14b",
+        audio_sample_rate=48000,
+        request_id="bench",
+    )
     text = torch.randn(min(77, c.text_len), c.text_dim, device=device).to(dit.dtype)
     ref = torch.randn(16, 1, h, w, device=device)
     motion = torch.randn(16, dit.motion_latent_frames, h, w, device=device)
@@ -593,14 +693,23 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, options: di
         ms.append((time.perf_counter() - t0) * 1000)
     kv_bytes = sess.kv_cache_bytes
     sess.close()
-    res = {"size": f"{width}*{height}", "generator_options": options or {}, "kv_cache_gib": kv_bytes / GiB,
-           "open_session_ms": open_ms, "first_block_ms": ms[0],
-           "block_ms": median(ms[warm:]), "block_ms_all": [round(m, 1) for m in ms], "peak_gib": peak_gib(device)}
+    res = {
+        "size": f"{width}*{height}",
+        "generator_options": options or {},
+        "kv_cache_gib": kv_bytes / GiB,
+        "open_session_ms": open_ms,
+        "first_block_ms": ms[0],
+        "block_ms": median(ms[warm:]),
+        "block_ms_all": [round(m, 1) for m in ms],
+        "peak_gib": peak_gib(device),
+    }
     res["fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
     del sess, eng
     free_memory(device)
-    log(f"  engine {res['size']}: open_session {open_ms:.0f} ms, first block {ms[0]:.0f} ms, "
-        f"block {res['block_ms']:.1f} ms ({res['fps']:.1f} FPS), peak {res['peak_gib']:.1f} GiB")
+    log(
+        f"  engine {res['size']}: open_session {open_ms:.0f} ms, first block {ms[0]:.0f} ms, "
+        f"block {res['block_ms']:.1f} ms ({res['fps']:.1f} FPS), peak {res['peak_gib']:.1f} GiB"
+    )
     return res
 
 
@@ -615,22 +724,32 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU check of the code paths)")
-    ap.add_argument("--only", default="all", help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
-                    "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile")
+    ap.add_argument(
+        "--only",
+        default="all",
+        help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
+        "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile",
+    )
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--flat-blocks", type=int, default=20, help="blocks of the flat-in-length run (bf16 704*384)")
     ap.add_argument("--mem-gib", type=float, default=24.0, help="per-process GPU memory cap of the 24 GB mode")
-    ap.add_argument("--compile-first", action="store_true",
-                    help="compile the blocks right after the FP8 swap: every FP8 variant runs compiled")
+    ap.add_argument(
+        "--compile-first",
+        action="store_true",
+        help="compile the blocks right after the FP8 swap: every FP8 variant runs compiled",
+    )
     ap.add_argument("--time-budget", type=float, default=540, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
     args = ap.parse_args()
     t_main = time.perf_counter()
     smoke = args.only == "smoke"
-    parts = set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile,engine,legacy,profile".split(",")) \
-        if args.only in ("all", "smoke") else set(args.only.split(","))
+    parts = (
+        set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile,engine,legacy,profile".split(","))
+        if args.only in ("all", "smoke")
+        else set(args.only.split(","))
+    )
     if smoke:
         args.blocks, args.warm, args.flat_blocks = 3, 1, 0
         parts.discard("compile")
@@ -641,8 +760,13 @@ def main():
     if args.tiny:
         sizes = [(w // 4 // 16 * 16, h // 4 // 16 * 16) for w, h in sizes]
     out_path = args.out or (os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
-    results: dict = {"command": " ".join(sys.argv), "commit": os.environ.get("BENCH_COMMIT", ""), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "preset": preset, "errors": {}}
+    results: dict = {
+        "command": " ".join(sys.argv),
+        "commit": os.environ.get("BENCH_COMMIT", ""),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "preset": preset,
+        "errors": {},
+    }
 
     def save():
         if out_path:
@@ -658,9 +782,14 @@ def main():
     env = {"torch": torch.__version__, "python": sys.version.split()[0]}
     if dev_cuda:
         p = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), memory_gib=p.total_memory / GiB, sms=p.multi_processor_count,
-                   capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        env.update(
+            gpu=torch.cuda.get_device_name(0),
+            memory_gib=p.total_memory / GiB,
+            sms=p.multi_processor_count,
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     results["env"] = env
     log(f"env: {env}")
     dt = torch.bfloat16 if dev_cuda else torch.float32
@@ -669,15 +798,24 @@ def main():
         m = 3 * (384 // 16) * (704 // 16)
         results["gemm"] = guarded("gemm", lambda: bench_gemms(device, m))
     if "attn" in parts and dev_cuda:
-        results["attention"] = [guarded(f"attn {w}*{h}", lambda w=w, h=h: bench_attention(device, w, h))
-                                for w, h in sizes]
+        results["attention"] = [
+            guarded(f"attn {w}*{h}", lambda w=w, h=h: bench_attention(device, w, h)) for w, h in sizes
+        ]
     elif dev_cuda:
         from avatar.services.generator.attention import prefer_cudnn_attention
+
         results["sdpa_backend"] = prefer_cudnn_attention(device)
 
     if "vae" in parts:
-        results["vae"] = [guarded(f"vae {w}*{h}", lambda w=w, h=h: bench_vae_and_mux(
-            device, w, h, args.tiny, max(args.blocks, 4) if dev_cuda else args.blocks, args.warm, dt)) for w, h in sizes[:1]]
+        results["vae"] = [
+            guarded(
+                f"vae {w}*{h}",
+                lambda w=w, h=h: bench_vae_and_mux(
+                    device, w, h, args.tiny, max(args.blocks, 4) if dev_cuda else args.blocks, args.warm, dt
+                ),
+            )
+            for w, h in sizes[:1]
+        ]
 
     # ---- DiT
     t0 = time.perf_counter()
@@ -686,10 +824,15 @@ def main():
     if dev_cuda:
         torch.cuda.synchronize()
     nparams = sum(p.numel() for p in dit.parameters())
-    results["dit"] = {"params": nparams, "build_s": time.perf_counter() - t0,
-                      "weights_gib": torch.cuda.memory_allocated() / GiB if dev_cuda else None}
-    log(f"DiT {nparams / 1e9:.2f} B params built in {results['dit']['build_s']:.1f} s "
-        f"({results['dit']['weights_gib']} GiB)")
+    results["dit"] = {
+        "params": nparams,
+        "build_s": time.perf_counter() - t0,
+        "weights_gib": torch.cuda.memory_allocated() / GiB if dev_cuda else None,
+    }
+    log(
+        f"DiT {nparams / 1e9:.2f} B params built in {results['dit']['build_s']:.1f} s "
+        f"({results['dit']['weights_gib']} GiB)"
+    )
     runs = results.setdefault("runs", [])
 
     def variant(label, size, **kw):
@@ -698,8 +841,10 @@ def main():
         blocks = kw.pop("blocks", args.blocks)
         warm = kw.pop("warm", args.warm)
         cfg = LoopConfig(w, h, **kw)
-        r = guarded(f"{label} {w}*{h}", lambda: run_variant(dit, cfg, device, max(blocks, flat), warm,
-                                                             label, flat_check=bool(flat)))
+        r = guarded(
+            f"{label} {w}*{h}",
+            lambda: run_variant(dit, cfg, device, max(blocks, flat), warm, label, flat_check=bool(flat)),
+        )
         if r:
             runs.append(r)
         return r
@@ -707,26 +852,34 @@ def main():
     ref_latents = {}
     if "quality" in parts:
         for w, h in sizes:
-            ref_latents[(w, h)] = guarded(f"quality ref {w}*{h}", lambda w=w, h=h: step_latents(
-                dit, LoopConfig(w, h), device))
+            ref_latents[(w, h)] = guarded(
+                f"quality ref {w}*{h}", lambda w=w, h=h: step_latents(dit, LoopConfig(w, h), device)
+            )
     if "bf16" in parts:
         log("bf16 eager:")
         for i, s in enumerate(sizes):
             variant("bf16", s, flat=args.flat_blocks if i == 0 else 0)
         variant("bf16", sizes[0], num_sets=1)
     if "overlap" in parts and "fp8" not in parts:
-        results["overlap"] = guarded("overlap", lambda: bench_overlap(
-            dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm))
+        results["overlap"] = guarded(
+            "overlap", lambda: bench_overlap(dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm)
+        )
 
     if {"fp8", "24gb", "compile"} & parts:
         from avatar.services.generator.fp8 import swap_linears_to_fp8
+
         t0 = time.perf_counter()
         swapped = swap_linears_to_fp8(dit)
         free_memory(device)
-        results["fp8"] = {"swapped_linears": len(swapped), "swap_s": time.perf_counter() - t0,
-                          "weights_gib": torch.cuda.memory_allocated() / GiB if dev_cuda else None}
-        log(f"FP8: {len(swapped)} linears swapped in {results['fp8']['swap_s']:.1f} s, "
-            f"weights now {results['fp8']['weights_gib']} GiB")
+        results["fp8"] = {
+            "swapped_linears": len(swapped),
+            "swap_s": time.perf_counter() - t0,
+            "weights_gib": torch.cuda.memory_allocated() / GiB if dev_cuda else None,
+        }
+        log(
+            f"FP8: {len(swapped)} linears swapped in {results['fp8']['swap_s']:.1f} s, "
+            f"weights now {results['fp8']['weights_gib']} GiB"
+        )
         if ref_latents:
             results["quality"] = {}
             for (w, h), ref in ref_latents.items():
@@ -735,12 +888,15 @@ def main():
                     if got:
                         errs = rel_errors(got, ref)
                         results["quality"][f"{w}*{h}"] = errs
-                        log(f"  FP8 vs bf16 latents {w}*{h}, rel. error per step: "
-                            + " ".join(f"{e:.4f}" for e in errs))
+                        log(
+                            f"  FP8 vs bf16 latents {w}*{h}, rel. error per step: " + " ".join(f"{e:.4f}" for e in errs)
+                        )
             w, h = sizes[0]
             if ref_latents.get((w, h)):
-                got = guarded("quality fp8+fp8kv", lambda: step_latents(
-                    dit, LoopConfig(w, h, kv_dtype=torch.float8_e4m3fn), device))
+                got = guarded(
+                    "quality fp8+fp8kv",
+                    lambda: step_latents(dit, LoopConfig(w, h, kv_dtype=torch.float8_e4m3fn), device),
+                )
                 if got:
                     errs = rel_errors(got, ref_latents[(w, h)])
                     results["quality"][f"{w}*{h} fp8 weights + fp8 kv"] = errs
@@ -759,21 +915,29 @@ def main():
             log(f"{tag}:")
             for i, s in enumerate(sizes):
                 # compiled: the first clip (4 blocks) sees every ring fill level and compiles
-                extra = dict(flat=args.flat_blocks if i == 0 else 0, warm=args.warm + 4,
-                             blocks=args.blocks + 4) if args.compile_first else {}
+                extra = (
+                    dict(flat=args.flat_blocks if i == 0 else 0, warm=args.warm + 4, blocks=args.blocks + 4)
+                    if args.compile_first
+                    else {}
+                )
                 variant(tag, s, **extra)
             if args.compile_first:
                 variant(tag, sizes[0])  # again, warm: prefill and first block without compilation
             variant(tag, sizes[0], num_sets=1)
         if "profile" in parts and dev_cuda:
-            results["profile"] = [guarded(f"profile {w}*{h}", lambda w=w, h=h: profile_step(
-                dit, LoopConfig(w, h), device)) for w, h in sizes]
+            results["profile"] = [
+                guarded(f"profile {w}*{h}", lambda w=w, h=h: profile_step(dit, LoopConfig(w, h), device))
+                for w, h in sizes
+            ]
         if "engine" in parts:
-            results["engine"] = [guarded(f"engine {w}*{h}", lambda w=w, h=h: bench_engine(
-                dit, w, h, device, args.blocks, args.warm)) for w, h in sizes]
+            results["engine"] = [
+                guarded(f"engine {w}*{h}", lambda w=w, h=h: bench_engine(dit, w, h, device, args.blocks, args.warm))
+                for w, h in sizes
+            ]
         if "overlap" in parts:
-            results["overlap"] = guarded("overlap", lambda: bench_overlap(
-                dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm))
+            results["overlap"] = guarded(
+                "overlap", lambda: bench_overlap(dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm)
+            )
         if "24gb" in parts:
             log(f"24 GiB mode (FP8 weights, one cache set + clean pass, process capped at {args.mem_gib} GiB):")
             if dev_cuda:
@@ -781,14 +945,33 @@ def main():
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gib * GiB / total))
             for label, kvd, win in [("24gb-fp8kv", torch.float8_e4m3fn, 12), ("24gb-bf16kv", None, 6)]:
-                variant(label + ("+compile" if args.compile_first else ""), sizes[0], num_sets=1,
-                        window_frames=win, kv_dtype=kvd, warm=args.warm + (4 if args.compile_first else 0),
-                        blocks=args.blocks + (4 if args.compile_first else 0))
+                variant(
+                    label + ("+compile" if args.compile_first else ""),
+                    sizes[0],
+                    num_sets=1,
+                    window_frames=win,
+                    kv_dtype=kvd,
+                    warm=args.warm + (4 if args.compile_first else 0),
+                    blocks=args.blocks + (4 if args.compile_first else 0),
+                )
             fp8kv = torch.float8_e4m3fn
-            results["engine_24gb"] = guarded("engine 24gb", lambda: bench_engine(
-                dit, *sizes[0], device, args.blocks, args.warm, options={"cache_sets": 1, "kv_dtype": "float8_e4m3fn"}))
-            results["overlap_24gb"] = guarded("overlap 24gb", lambda: bench_overlap(
-                dit, LoopConfig(*sizes[0], num_sets=1, kv_dtype=fp8kv), device, args.tiny, args.blocks, args.warm))
+            results["engine_24gb"] = guarded(
+                "engine 24gb",
+                lambda: bench_engine(
+                    dit,
+                    *sizes[0],
+                    device,
+                    args.blocks,
+                    args.warm,
+                    options={"cache_sets": 1, "kv_dtype": "float8_e4m3fn"},
+                ),
+            )
+            results["overlap_24gb"] = guarded(
+                "overlap 24gb",
+                lambda: bench_overlap(
+                    dit, LoopConfig(*sizes[0], num_sets=1, kv_dtype=fp8kv), device, args.tiny, args.blocks, args.warm
+                ),
+            )
             if dev_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
         t0 = time.perf_counter()
@@ -809,7 +992,7 @@ def main():
             free_memory(device)
             dit = build_dit(preset, device)
             compile_blocks(dit)
-            for s in (sizes if "compile-bf16" in parts else sizes[:1]):
+            for s in sizes if "compile-bf16" in parts else sizes[:1]:
                 r = variant("bf16+compile", s, blocks=args.blocks + 4, warm=args.warm + 4)
                 if r:
                     r["note"] = "first blocks include compilation"
@@ -823,18 +1006,24 @@ def print_table(results):
     log("\n| variant | size | KV sets x window | ms/step | ms/block | DiT FPS | prefill ms | peak GiB |")
     log("|---|---|---|---|---|---|---|---|")
     for r in results.get("runs", []):
-        log(f"| {r['variant']} | {r['size']} | {r['kv_sets']} x {r['window_frames']} ({r['kv_dtype']}) | "
+        log(
+            f"| {r['variant']} | {r['size']} | {r['kv_sets']} x {r['window_frames']} ({r['kv_dtype']}) | "
             f"{r['step_ms']:.1f} | {r['block_ms']:.1f} | {r['dit_fps']:.1f} | {r['prefill_ms']:.0f} | "
-            f"{r['peak_gib']:.1f} |")
+            f"{r['peak_gib']:.1f} |"
+        )
     for r in results.get("runs", []):
         if "flat" in r:
             f = r["flat"]
-            log(f"flat in length ({r['variant']} {r['size']}): clip 2 {f['clip2_block_ms']:.1f} ms/block, "
-                f"clip {f['last_clip']} {f['last_clip_block_ms']:.1f} ms/block, ratio {f['ratio']:.3f}")
+            log(
+                f"flat in length ({r['variant']} {r['size']}): clip 2 {f['clip2_block_ms']:.1f} ms/block, "
+                f"clip {f['last_clip']} {f['last_clip_block_ms']:.1f} ms/block, ratio {f['ratio']:.3f}"
+            )
     for v in results.get("vae", []) or []:
         if v:
-            log(f"VAE {v['size']}: {v['vae_ms']:.1f} ms/block decode + {v['to_host_ms']:.1f} ms to host; "
-                f"mux {v['mux_noise_ms']:.1f} (noise) / {v['mux_smooth_ms']:.1f} (smooth) ms/block")
+            log(
+                f"VAE {v['size']}: {v['vae_ms']:.1f} ms/block decode + {v['to_host_ms']:.1f} ms to host; "
+                f"mux {v['mux_noise_ms']:.1f} (noise) / {v['mux_smooth_ms']:.1f} (smooth) ms/block"
+            )
     if results.get("errors"):
         log("errors: " + json.dumps(results["errors"], indent=1)[:3000])
 

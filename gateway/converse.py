@@ -10,6 +10,7 @@ blocks are decided and not yet sent, and never more than that ahead of the clock
 has little to undo: it drops the queued audio and every decided block whose latent has not gone to
 the decoder yet (the decoder takes one block at a time for that reason); the next block is idle.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,30 +35,32 @@ from avatar.job_limits import MAX_VIDEO_S
 from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK
 from avatar.v1 import avatar_pb2, decoder_pb2, encoder_pb2, generator_pb2
 
-LOOKAHEAD_S = 0.2   # queued speech after a block passed to the encoder as right context
-MAX_SESSION_S = float(MAX_VIDEO_S)   # the longest job any service accepts (avatar.job_limits)
+LOOKAHEAD_S = 0.2  # queued speech after a block passed to the encoder as right context
+MAX_SESSION_S = float(MAX_VIDEO_S)  # the longest job any service accepts (avatar.job_limits)
 
 
 @dataclass(frozen=True)
 class ConverseConfig:
     """Server-side limits of live sessions (`avatar serve --live-*`)."""
-    idle_timeout_s: float = 60.0        # no client message for this long ends a session
-    max_session_s: float = 4 * 3600.0   # longest session; the generator's job needs a block count
-    block_budget_ms: float = 480.0      # generator ms per block a live session may need (real time: 480)
-    probe_blocks: int = 2               # blocks measured before the header; the last one decides
-    blocks_ahead: int = 2               # blocks decided and not yet sent, at most
-    max_queued_s: float = 30.0          # client audio held; more: stop reading (backpressure)
-    jitter_s: float = 0.2               # speech buffered before an utterance starts to play
-    max_chunk_s: float = 10.0           # longest AudioChunk
+
+    idle_timeout_s: float = 60.0  # no client message for this long ends a session
+    max_session_s: float = 4 * 3600.0  # longest session; the generator's job needs a block count
+    block_budget_ms: float = 480.0  # generator ms per block a live session may need (real time: 480)
+    probe_blocks: int = 2  # blocks measured before the header; the last one decides
+    blocks_ahead: int = 2  # blocks decided and not yet sent, at most
+    max_queued_s: float = 30.0  # client audio held; more: stop reading (backpressure)
+    jitter_s: float = 0.2  # speech buffered before an utterance starts to play
+    max_chunk_s: float = 10.0  # longest AudioChunk
 
     def __post_init__(self):
         if self.idle_timeout_s <= 0 or self.max_session_s <= 0 or self.block_budget_ms <= 0:
             raise ValueError("live idle timeout, session length and block budget must be positive")
-        if self.max_session_s > MAX_SESSION_S:   # the job's frame count is an int32
+        if self.max_session_s > MAX_SESSION_S:  # the job's frame count is an int32
             raise ValueError(f"a live session lasts at most {MAX_SESSION_S:g} s, got {self.max_session_s:g}")
         if self.max_queued_s < self.max_chunk_s:
-            raise ValueError(f"max_queued_s ({self.max_queued_s:g}) must hold the longest chunk "
-                             f"({self.max_chunk_s:g} s)")
+            raise ValueError(
+                f"max_queued_s ({self.max_queued_s:g}) must hold the longest chunk ({self.max_chunk_s:g} s)"
+            )
         if not 1 <= self.probe_blocks <= self.blocks_ahead:
             raise ValueError(f"probe_blocks must be in 1..blocks_ahead ({self.blocks_ahead}), got {self.probe_blocks}")
 
@@ -69,20 +72,28 @@ class TooSlowForLive(Exception):
 def plan_live_job(header: avatar_pb2.ConverseHeader, model, request_id: str, config: ConverseConfig):
     """Validates the header; returns (JobSpec for the generator, portrait pixels at the job size)."""
     if header.sample_rate not in INPUT_RATES:
-        raise InvalidInput(f"sample_rate must be one of {', '.join(map(str, INPUT_RATES))} Hz "
-                           f"(PCM s16le mono), got {header.sample_rate}")
+        raise InvalidInput(
+            f"sample_rate must be one of {', '.join(map(str, INPUT_RATES))} Hz "
+            f"(PCM s16le mono), got {header.sample_rate}"
+        )
     if not 0 <= header.idle_timeout_s <= config.idle_timeout_s or math.isnan(header.idle_timeout_s):
-        raise InvalidInput(f"idle_timeout_s must be in 0..{config.idle_timeout_s:g} (0: the server's), "
-                           f"got {header.idle_timeout_s:g}")
+        raise InvalidInput(
+            f"idle_timeout_s must be in 0..{config.idle_timeout_s:g} (0: the server's), got {header.idle_timeout_s:g}"
+        )
     if not header.image:
         raise InvalidInput("the header needs the portrait image (PNG, JPEG or WebP bytes)")
     image = media.load_image(header.image)
     frames = math.ceil(config.max_session_s * 25 / FRAMES_PER_BLOCK) * FRAMES_PER_BLOCK
     # The planner's rules (preset, size, steps, prompt) apply unchanged; the "audio" is the
     # longest session, in one clip per block count the generator can run through.
-    request = avatar_pb2.GenerateRequest(prompt=header.prompt, size=header.size, preset=header.preset,
-                                         sample_steps=header.sample_steps, num_clip=frames,
-                                         seed=header.seed if header.HasField("seed") else None)
+    request = avatar_pb2.GenerateRequest(
+        prompt=header.prompt,
+        size=header.size,
+        preset=header.preset,
+        sample_steps=header.sample_steps,
+        num_clip=frames,
+        seed=header.seed if header.HasField("seed") else None,
+    )
     job = planner.plan_job(request, model, config.max_session_s, image.size, request_id)
     return job, np.array(media.fit_image(image, job.width, job.height))
 
@@ -90,16 +101,17 @@ def plan_live_job(header: avatar_pb2.ConverseHeader, model, request_id: str, con
 @dataclass(eq=False)
 class _Block:
     """A decided block on its way through the mesh."""
-    index: int                    # in the generator's session (decided order)
+
+    index: int  # in the generator's session (decided order)
     taken: TakenBlock
-    epoch: int                    # interrupts before it was decided
-    pcm_out: np.ndarray           # int16 at the output rate, for the muxer
+    epoch: int  # interrupts before it was decided
+    pcm_out: np.ndarray  # int16 at the output rate, for the muxer
     decided_ns: int
-    cursor: int                   # the client's audio consumed before it (samples)
-    latent: object = None         # avatar.v1.Tensor once the generator returned it
+    cursor: int  # the client's audio consumed before it (samples)
+    latent: object = None  # avatar.v1.Tensor once the generator returned it
     dit_ms: float = 0.0
-    slot: int = -1                # fragment index once it went to the decoder
-    after: list = field(default_factory=list)   # events to send right after its fragment
+    slot: int = -1  # fragment index once it went to the decoder
+    after: list = field(default_factory=list)  # events to send right after its fragment
 
 
 def _summary(values_s: list[float]) -> avatar_pb2.LatencySummary:
@@ -119,9 +131,9 @@ class ConverseSession:
         self.request_id = uuid.uuid4().hex[:8]
         self.loop = asyncio.get_running_loop()
         self.cond = asyncio.Condition()
-        self.out: asyncio.Queue = asyncio.Queue()          # (response, block or None) in send order
+        self.out: asyncio.Queue = asyncio.Queue()  # (response, block or None) in send order
         self.header_ready: asyncio.Future = self.loop.create_future()
-        self.pending: collections.deque[_Block] = collections.deque()    # decided, not at the decoder
+        self.pending: collections.deque[_Block] = collections.deque()  # decided, not at the decoder
         self.in_decoder: collections.deque[_Block] = collections.deque()
         self.by_index: dict[int, _Block] = {}
         self.decided = self.forwarded = self.sent = self.idle_sent = self.frames = 0
@@ -129,11 +141,11 @@ class ConverseSession:
         self.eos = False
         self.stop_reason: str | None = None
         self.ahead = config.blocks_ahead
-        self.starting = True                # an utterance after idle waits for its jitter buffer
-        self.longest_chunk_s = 0.0          # the client's granularity: the jitter buffer covers it
-        self.t0: float | None = None        # the block clock: slot s is due at t0 + s * block_s
+        self.starting = True  # an utterance after idle waits for its jitter buffer
+        self.longest_chunk_s = 0.0  # the client's granularity: the jitter buffer covers it
+        self.t0: float | None = None  # the block clock: slot s is due at t0 + s * block_s
         self.idle_announced = False
-        self.audio_cursor = 0               # client samples put into blocks so far
+        self.audio_cursor = 0  # client samples put into blocks so far
         self.started: set[int] = set()
         self.finished: set[int] = set()
         self.played: dict[int, int] = collections.defaultdict(int)
@@ -158,7 +170,7 @@ class ConverseSession:
             yield self._stream_header()
             if self.degraded is not None:
                 yield avatar_pb2.ConverseResponse(degraded=self.degraded)
-            async with self.cond:   # the client starts playing: slot 2 is due one block from now
+            async with self.cond:  # the client starts playing: slot 2 is due one block from now
                 self.t0 = self.loop.time() - (self.config.probe_blocks - 1) * self.block_s
                 self.cond.notify_all()
             while (item := await self.out.get()) is not _END:
@@ -168,13 +180,21 @@ class ConverseSession:
                 yield response
                 if block is not None:
                     await self._on_sent(block)
-            yield avatar_pb2.ConverseResponse(status=avatar_pb2.ConverseStatus(
-                reason=self.stop_reason or "end_of_stream", blocks=self.sent, idle_blocks=self.idle_sent,
-                frames=self.frames, utterances=self.queue.utterances, interrupted=self.interrupted,
-                audio_to_fragment=_summary(self.latency["audio_to_fragment"]),
-                interrupt_to_idle=_summary(self.latency["interrupt_to_idle"]),
-                block_ms=_summary([ms / 1e3 for ms in self.latency["block_ms"]]),
-                total_s=time.perf_counter() - t_start, trace_id=telemetry.current_trace_id()))
+            yield avatar_pb2.ConverseResponse(
+                status=avatar_pb2.ConverseStatus(
+                    reason=self.stop_reason or "end_of_stream",
+                    blocks=self.sent,
+                    idle_blocks=self.idle_sent,
+                    frames=self.frames,
+                    utterances=self.queue.utterances,
+                    interrupted=self.interrupted,
+                    audio_to_fragment=_summary(self.latency["audio_to_fragment"]),
+                    interrupt_to_idle=_summary(self.latency["interrupt_to_idle"]),
+                    block_ms=_summary([ms / 1e3 for ms in self.latency["block_ms"]]),
+                    total_s=time.perf_counter() - t_start,
+                    trace_id=telemetry.current_trace_id(),
+                )
+            )
         finally:
             # Client gone, timeout or a failed stage: the services free their sessions on cancel.
             for call in self.calls:
@@ -188,8 +208,9 @@ class ConverseSession:
         if first is None or first.WhichOneof("event") != "header":
             raise InvalidInput("the first ConverseRequest must be the header (audio came before it)")
         self.header = first.header
-        self.job, self.pixels = await run_blocking(plan_live_job, self.header, self.gateway.model,
-                                                   self.request_id, self.config)
+        self.job, self.pixels = await run_blocking(
+            plan_live_job, self.header, self.gateway.model, self.request_id, self.config
+        )
         self.rate = self.header.sample_rate
         self.block_s = FRAMES_PER_BLOCK / self.job.fps
         self.block_n = round(self.block_s * self.rate)
@@ -203,29 +224,56 @@ class ConverseSession:
         """Portrait and prompt once, then the three streams of the conversation and their pumps."""
         g, options = self.gateway, call_options(self.context)
         self.image, self.text = await asyncio.gather(
-            g.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(job=self.job, pixels=wire.to_proto(self.pixels)),
-                                  **options),
-            g.encoder.EncodeText(encoder_pb2.EncodeTextRequest(job=self.job, prompt=self.header.prompt), **options))
+            g.encoder.EncodeImage(
+                encoder_pb2.EncodeImageRequest(job=self.job, pixels=wire.to_proto(self.pixels)), **options
+            ),
+            g.encoder.EncodeText(encoder_pb2.EncodeTextRequest(job=self.job, prompt=self.header.prompt), **options),
+        )
         self.features_in, self.decoder_in = asyncio.Queue(), asyncio.Queue()
         decode_job = type(self.job)()
         decode_job.CopyFrom(self.job)
-        decode_job.num_blocks, decode_job.total_frames = 0, 0     # open-ended: the decoder stream
+        decode_job.num_blocks, decode_job.total_frames = 0, 0  # open-ended: the decoder stream
         features = g.encoder.EncodeAudioStream(
-            _RequestStream(encoder_pb2.AudioStreamInput(job=self.job), self.features_in), **options)
-        fragments = g.decoder.Decode(_RequestStream(decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(
-            job=decode_job, prime_latent=self.image.ref_latent)), self.decoder_in), **options)
+            _RequestStream(encoder_pb2.AudioStreamInput(job=self.job), self.features_in), **options
+        )
+        fragments = g.decoder.Decode(
+            _RequestStream(
+                decoder_pb2.DecoderInput(
+                    start=decoder_pb2.DecodeStart(job=decode_job, prime_latent=self.image.ref_latent)
+                ),
+                self.decoder_in,
+            ),
+            **options,
+        )
         self.calls += [features, fragments]
-        self.tasks += [asyncio.create_task(self._guarded(c)) for c in (
-            self._read_client(), self._decide(), self._pump_features(features), self._forward(),
-            self._pump_fragments(fragments))]
+        self.tasks += [
+            asyncio.create_task(self._guarded(c))
+            for c in (
+                self._read_client(),
+                self._decide(),
+                self._pump_features(features),
+                self._forward(),
+                self._pump_fragments(fragments),
+            )
+        ]
         self._open_generator()
 
     def _stream_header(self) -> avatar_pb2.ConverseResponse:
-        return avatar_pb2.ConverseResponse(header=avatar_pb2.ConverseStreamHeader(
-            request_id=self.request_id, mime_type=mime_type(self.init_segment), init_segment=self.init_segment,
-            width=self.job.width, height=self.job.height, fps=self.job.fps, frames_per_block=FRAMES_PER_BLOCK,
-            sample_steps=self.job.sample_steps, model=self.gateway.model.describe(),
-            measured_block_ms=round(self.probe_ms[-1], 3), block_budget_ms=self.config.block_budget_ms))
+        return avatar_pb2.ConverseResponse(
+            header=avatar_pb2.ConverseStreamHeader(
+                request_id=self.request_id,
+                mime_type=mime_type(self.init_segment),
+                init_segment=self.init_segment,
+                width=self.job.width,
+                height=self.job.height,
+                fps=self.job.fps,
+                frames_per_block=FRAMES_PER_BLOCK,
+                sample_steps=self.job.sample_steps,
+                model=self.gateway.model.describe(),
+                measured_block_ms=round(self.probe_ms[-1], 3),
+                block_budget_ms=self.config.block_budget_ms,
+            )
+        )
 
     async def _guarded(self, coro):
         try:
@@ -241,11 +289,21 @@ class ConverseSession:
         """One GeneratorService session at job.sample_steps; blocks decided from now on go to it."""
         self.generator_in = asyncio.Queue()
         ready = asyncio.Event()
-        call = self.gateway.generator.Generate(_RequestStream(
-            generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
-                job=self.job, text=self.text.embeddings, ref_latent=self.image.ref_latent,
-                motion_latents=self.image.motion_latents)), self.generator_in, after_first=ready),
-            **call_options(self.context))
+        call = self.gateway.generator.Generate(
+            _RequestStream(
+                generator_pb2.GeneratorInput(
+                    start=generator_pb2.SessionStart(
+                        job=self.job,
+                        text=self.text.embeddings,
+                        ref_latent=self.image.ref_latent,
+                        motion_latents=self.image.motion_latents,
+                    )
+                ),
+                self.generator_in,
+                after_first=ready,
+            ),
+            **call_options(self.context),
+        )
         self.calls.append(call)
         self.tasks.append(asyncio.create_task(self._guarded(self._pump_latents(call, ready, first=self.decided))))
 
@@ -257,27 +315,33 @@ class ConverseSession:
         if not self.header.allow_degrade or new < 1:
             return False
         self.degraded = avatar_pb2.Degraded(
-            requested_sample_steps=steps, sample_steps=new, measured_block_ms=round(measured, 3),
+            requested_sample_steps=steps,
+            sample_steps=new,
+            measured_block_ms=round(measured, 3),
             block_budget_ms=self.config.block_budget_ms,
             reason=f"the generator needs {measured:.0f} ms per block at {steps} steps, over the budget of "
-                   f"{self.config.block_budget_ms:g} ms; running {new} steps")
+            f"{self.config.block_budget_ms:g} ms; running {new} steps",
+        )
         self.job.sample_steps = new
-        self.calls[-1].cancel()   # the probe's session; its blocks are made and kept
+        self.calls[-1].cancel()  # the probe's session; its blocks are made and kept
         self._open_generator()
         return True
 
     def _check_header_ready(self) -> None:
         if self.header_ready.done() or self.init_segment is None or len(self.probe_ms) < self.config.probe_blocks:
             return
-        measured = self.probe_ms[-1]   # the first block also pays one-time costs (graphs, caches)
+        measured = self.probe_ms[-1]  # the first block also pays one-time costs (graphs, caches)
         if measured > self.config.block_budget_ms and self.degraded is None and self._degrade(measured):
             self.header_ready.set_result(None)
         elif measured > self.config.block_budget_ms:
-            self.header_ready.set_exception(TooSlowForLive(
-                f"the generator needs {measured:.0f} ms per block at {self.job.width}*{self.job.height} with "
-                f"{self.job.sample_steps} steps (first blocks: {', '.join(f'{m:.0f}' for m in self.probe_ms)} ms); "
-                f"a live session needs at most {self.config.block_budget_ms:g} ms per block of "
-                f"{self.block_s * 1e3:.0f} ms: choose a smaller size or fewer sample_steps"))
+            self.header_ready.set_exception(
+                TooSlowForLive(
+                    f"the generator needs {measured:.0f} ms per block at {self.job.width}*{self.job.height} with "
+                    f"{self.job.sample_steps} steps (first blocks: {', '.join(f'{m:.0f}' for m in self.probe_ms)} ms); "
+                    f"a live session needs at most {self.config.block_budget_ms:g} ms per block of "
+                    f"{self.block_s * 1e3:.0f} ms: choose a smaller size or fewer sample_steps"
+                )
+            )
         else:
             self.header_ready.set_result(None)
 
@@ -296,8 +360,10 @@ class ConverseSession:
                 if len(data) % 2:
                     raise InvalidInput(f"an AudioChunk must hold whole 16-bit samples, got {len(data)} bytes")
                 if len(data) // 2 > max_chunk:
-                    raise InvalidInput(f"an AudioChunk of {len(data) // 2 / self.rate:.2f} s is over the limit of "
-                                       f"{self.config.max_chunk_s:g} s ({max_chunk * 2} bytes at {self.rate} Hz)")
+                    raise InvalidInput(
+                        f"an AudioChunk of {len(data) // 2 / self.rate:.2f} s is over the limit of "
+                        f"{self.config.max_chunk_s:g} s ({max_chunk * 2} bytes at {self.rate} Hz)"
+                    )
                 samples = pcm16_to_float(data)
                 self.longest_chunk_s = max(self.longest_chunk_s, len(samples) / self.rate)
                 async with self.cond:
@@ -322,7 +388,7 @@ class ConverseSession:
                 raise InvalidInput("the header may come only once, first")
             else:
                 raise InvalidInput("an empty ConverseRequest: set header, audio, end_of_utterance, interrupt or end")
-        async with self.cond:   # the client closed its side: as EndOfStream
+        async with self.cond:  # the client closed its side: as EndOfStream
             self._end_utterance()
             self.eos = True
             self.cond.notify_all()
@@ -354,13 +420,16 @@ class ConverseSession:
         """UtteranceFinished for u: after the fragment holding its last played sample."""
         self.finished.add(u)
         block = self.last_block_of.get(u)
-        if block is None:   # nothing of it played
+        if block is None:  # nothing of it played
             pts = self.forwarded * self.block_s
         else:
             seg = [s for s in block.taken.segments if s.utterance == u][-1]
             pts = block.slot * self.block_s + (seg.offset + seg.audio_end - seg.audio_start) / self.rate
-        event = avatar_pb2.ConverseResponse(utterance_finished=avatar_pb2.UtteranceFinished(
-            utterance=u, pts_s=round(pts, 6), played_s=round(self.played[u] / self.rate, 6), interrupted=interrupted))
+        event = avatar_pb2.ConverseResponse(
+            utterance_finished=avatar_pb2.UtteranceFinished(
+                utterance=u, pts_s=round(pts, 6), played_s=round(self.played[u] / self.rate, 6), interrupted=interrupted
+            )
+        )
         if block is not None and block in self.in_decoder:
             block.after.append(event)
         else:
@@ -377,15 +446,15 @@ class ConverseSession:
         live = self.forwarded + self._live_pending()
         if live - self.sent >= self.ahead:
             return None, None
-        if self.t0 is None:   # before the header: the probe blocks, decided at once
+        if self.t0 is None:  # before the header: the probe blocks, decided at once
             if self.decided >= self.config.probe_blocks:
                 return None, None
             due, deadline = True, now
         else:
-            earliest = self.t0 + (live - self.ahead) * self.block_s   # never further ahead of the clock
+            earliest = self.t0 + (live - self.ahead) * self.block_s  # never further ahead of the clock
             if now < earliest:
                 return None, earliest - now
-            deadline = self.t0 + live * self.block_s   # the video would run dry after this
+            deadline = self.t0 + live * self.block_s  # the video would run dry after this
             due = now >= deadline
         q = self.queue
         if q.samples and (q.front_complete() or self.eos):
@@ -393,7 +462,7 @@ class ConverseSession:
         jitter = round(min(max(self.config.jitter_s, self.longest_chunk_s), 1.0) * self.rate) if self.starting else 0
         if q.samples >= self.block_n + jitter:
             return "take", 0.0
-        if due:   # an utterance waits for its jitter buffer; one under way takes what there is
+        if due:  # an utterance waits for its jitter buffer; one under way takes what there is
             return ("idle" if self.starting else "take"), 0.0
         wake = deadline - now
         if not q.samples:
@@ -443,19 +512,28 @@ class ConverseSession:
         if idle:
             taken = TakenBlock(pcm=np.zeros(self.block_n, np.float32))
         ahead = self.queue.peek(lookahead_n)
-        if self.queue.open is None and len(ahead) < lookahead_n:   # silence follows for sure
+        if self.queue.open is None and len(ahead) < lookahead_n:  # silence follows for sure
             ahead = np.concatenate([ahead, np.zeros(lookahead_n - len(ahead), np.float32)])
-        block = _Block(index=self.decided, taken=taken, epoch=self.epoch, decided_ns=time.time_ns(),
-                       cursor=self.audio_cursor,
-                       pcm_out=media.to_pcm16(self.to_out.push(taken.pcm)))
+        block = _Block(
+            index=self.decided,
+            taken=taken,
+            epoch=self.epoch,
+            decided_ns=time.time_ns(),
+            cursor=self.audio_cursor,
+            pcm_out=media.to_pcm16(self.to_out.push(taken.pcm)),
+        )
         if taken.segments:
             self.audio_cursor = taken.segments[-1].audio_end
         self.pending.append(block)
         self.by_index[block.index] = block
         self.decided += 1
         # after silence, or when the audio ran dry mid-utterance, speech waits for a jitter buffer again
-        self.starting = taken.idle or (len(taken.pcm) and self.queue.samples == 0 and self.queue.open is not None
-                                       and taken.segments[-1].audio_end - taken.segments[0].audio_start < self.block_n)
+        self.starting = taken.idle or (
+            len(taken.pcm)
+            and self.queue.samples == 0
+            and self.queue.open is not None
+            and taken.segments[-1].audio_end - taken.segments[0].audio_start < self.block_n
+        )
         msg = encoder_pb2.AudioStreamBlock(pcm_16k=wire.to_proto(self.to_16k.push(taken.pcm)))
         if len(ahead):
             msg.lookahead_16k.CopyFrom(wire.to_proto(media.resample(ahead, self.rate, ENCODER_AUDIO_RATE)))
@@ -472,7 +550,7 @@ class ConverseSession:
         """One generator session's blocks; its block 0 is our block `first`."""
         async for out in call:
             if out.WhichOneof("event") == "ready":
-                self.ahead = max(self.ahead, out.ready.pipeline_depth)   # a TPP generator needs its depth
+                self.ahead = max(self.ahead, out.ready.pipeline_depth)  # a TPP generator needs its depth
                 ready.set()
                 continue
             async with self.cond:
@@ -498,14 +576,21 @@ class ConverseSession:
                 if not self.pending:
                     break
                 block = self.pending.popleft()
-                if block.epoch != self.epoch:   # decided before an interrupt: never shown
+                if block.epoch != self.epoch:  # decided before an interrupt: never shown
                     self.cond.notify_all()
                     continue
                 self._place(block)
                 self.cond.notify_all()
-            await self.decoder_in.put(decoder_pb2.DecoderInput(block=decoder_pb2.DecodeBlock(
-                index=block.slot, latent=block.latent, pcm=wire.to_proto(block.pcm_out),
-                keep_frames=FRAMES_PER_BLOCK)))
+            await self.decoder_in.put(
+                decoder_pb2.DecoderInput(
+                    block=decoder_pb2.DecodeBlock(
+                        index=block.slot,
+                        latent=block.latent,
+                        pcm=wire.to_proto(block.pcm_out),
+                        keep_frames=FRAMES_PER_BLOCK,
+                    )
+                )
+            )
         await self.decoder_in.put(_END)
 
     def _place(self, block: _Block) -> None:
@@ -517,9 +602,15 @@ class ConverseSession:
             u = seg.utterance
             if u not in self.started:
                 self.started.add(u)
-                block.after.append(avatar_pb2.ConverseResponse(utterance_started=avatar_pb2.UtteranceStarted(
-                    utterance=u, pts_s=round(start + seg.offset / self.rate, 6),
-                    audio_start_s=round(seg.audio_start / self.rate, 6))))
+                block.after.append(
+                    avatar_pb2.ConverseResponse(
+                        utterance_started=avatar_pb2.UtteranceStarted(
+                            utterance=u,
+                            pts_s=round(start + seg.offset / self.rate, 6),
+                            audio_start_s=round(seg.audio_start / self.rate, 6),
+                        )
+                    )
+                )
             self.played[u] += seg.audio_end - seg.audio_start
             self.last_block_of[u] = block
         if block.taken.idle and not self.idle_announced:
@@ -538,20 +629,45 @@ class ConverseSession:
                     self._check_header_ready()
                 continue
             frag = out.fragment
-            if frag.num_frames == 0:   # the AAC tail after the last block
-                await self.out.put((avatar_pb2.ConverseResponse(fragment=avatar_pb2.ConverseFragment(
-                    index=frag.index, data=frag.data, pts_s=frag.index * self.block_s, idle=True,
-                    audio_start_s=self.audio_cursor / self.rate, audio_end_s=self.audio_cursor / self.rate)), None))
+            if frag.num_frames == 0:  # the AAC tail after the last block
+                await self.out.put(
+                    (
+                        avatar_pb2.ConverseResponse(
+                            fragment=avatar_pb2.ConverseFragment(
+                                index=frag.index,
+                                data=frag.data,
+                                pts_s=frag.index * self.block_s,
+                                idle=True,
+                                audio_start_s=self.audio_cursor / self.rate,
+                                audio_end_s=self.audio_cursor / self.rate,
+                            )
+                        ),
+                        None,
+                    )
+                )
                 continue
-            async with self.cond:   # with the lock: _finish() sees the block either here or queued
+            async with self.cond:  # with the lock: _finish() sees the block either here or queued
                 block = self.in_decoder.popleft()
                 segs = block.taken.segments
                 a0 = segs[0].audio_start if segs else block.cursor
                 a1 = segs[-1].audio_end if segs else a0
-                self.out.put_nowait((avatar_pb2.ConverseResponse(fragment=avatar_pb2.ConverseFragment(
-                    index=block.slot, data=frag.data, pts_s=round(block.slot * self.block_s, 6),
-                    num_frames=frag.num_frames, audio_start_s=a0 / self.rate, audio_end_s=a1 / self.rate,
-                    utterance=segs[0].utterance if segs else 0, idle=not segs)), block))
+                self.out.put_nowait(
+                    (
+                        avatar_pb2.ConverseResponse(
+                            fragment=avatar_pb2.ConverseFragment(
+                                index=block.slot,
+                                data=frag.data,
+                                pts_s=round(block.slot * self.block_s, 6),
+                                num_frames=frag.num_frames,
+                                audio_start_s=a0 / self.rate,
+                                audio_end_s=a1 / self.rate,
+                                utterance=segs[0].utterance if segs else 0,
+                                idle=not segs,
+                            )
+                        ),
+                        block,
+                    )
+                )
                 for event in block.after:
                     self.out.put_nowait((event, None))
                 block.after = []
@@ -569,9 +685,15 @@ class ConverseSession:
             self.latency["interrupt_to_idle"].append(now - at)
             metrics.LIVE_INTERRUPT_TO_IDLE.observe(now - at)
         metrics.LIVE_BLOCKS.labels(kind="idle" if idle else "speech").inc()
-        telemetry.record_span("converse_block", block.decided_ns, now_ns, block=block.slot, idle=idle,
-                              utterance=block.taken.segments[0].utterance if not idle else 0,
-                              dit_ms=round(block.dit_ms, 3))
+        telemetry.record_span(
+            "converse_block",
+            block.decided_ns,
+            now_ns,
+            block=block.slot,
+            idle=idle,
+            utterance=block.taken.segments[0].utterance if not idle else 0,
+            dit_ms=round(block.dit_ms, 3),
+        )
         async with self.cond:
             self.sent += 1
             self.idle_sent += idle
@@ -587,4 +709,5 @@ async def converse(gateway, request_iterator, context, config: ConverseConfig):
             yield response
     except TooSlowForLive as exc:
         import grpc
+
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))

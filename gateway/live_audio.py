@@ -5,6 +5,7 @@ with utterance numbers and arrival times; `take_block` packs the next block (spe
 after). `StreamResampler` converts the played track to the encoder's and the muxer's rates without
 seams between blocks.
 """
+
 from __future__ import annotations
 
 import collections
@@ -13,25 +14,27 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
-INPUT_RATES = (16000, 24000)   # PCM s16le mono, what TTS engines and WebRTC stacks produce
+INPUT_RATES = (16000, 24000)  # PCM s16le mono, what TTS engines and WebRTC stacks produce
 
 
 @dataclass
 class Segment:
     """A run of one utterance's samples inside a block."""
+
     utterance: int
-    audio_start: int   # first sample in the client's audio timeline (all chunks concatenated)
+    audio_start: int  # first sample in the client's audio timeline (all chunks concatenated)
     audio_end: int
-    offset: int        # samples into the block where it plays
+    offset: int  # samples into the block where it plays
 
 
 @dataclass
 class TakenBlock:
     """One block's worth of audio at the input rate, and what it carries."""
-    pcm: np.ndarray                          # float32 [block_samples]
+
+    pcm: np.ndarray  # float32 [block_samples]
     segments: list[Segment] = field(default_factory=list)
-    received_at: float | None = None         # arrival of the chunk holding its first speech sample
-    finished: list[int] = field(default_factory=list)   # utterances whose last sample is in it
+    received_at: float | None = None  # arrival of the chunk holding its first speech sample
+    finished: list[int] = field(default_factory=list)  # utterances whose last sample is in it
 
     @property
     def idle(self) -> bool:
@@ -53,9 +56,9 @@ class SpeechQueue:
     def __init__(self, rate: int):
         self.rate = rate
         self._chunks: collections.deque[_Chunk] = collections.deque()
-        self.samples = 0              # queued
-        self.received = 0             # ever received: the client's audio timeline
-        self.utterances = 0           # numbered from 1
+        self.samples = 0  # queued
+        self.received = 0  # ever received: the client's audio timeline
+        self.utterances = 0  # numbered from 1
         self.open: int | None = None  # utterance still receiving audio
         self.closed: set[int] = set()
 
@@ -102,7 +105,7 @@ class SpeechQueue:
         for c in self._chunks:
             if have >= n:
                 break
-            out.append(c.samples[:n - have])
+            out.append(c.samples[: n - have])
             have += len(out[-1])
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -113,7 +116,7 @@ class SpeechQueue:
         while at < n and self._chunks:
             c = self._chunks[0]
             k = min(n - at, len(c.samples))
-            block.pcm[at:at + k] = c.samples[:k]
+            block.pcm[at : at + k] = c.samples[:k]
             seg = block.segments[-1] if block.segments else None
             if seg is not None and seg.utterance == c.utterance and seg.audio_end == c.audio_start:
                 seg.audio_end += k
@@ -157,7 +160,7 @@ class StreamResampler:
         got = [f.to_ndarray()[0] for f in self._resampler.resample(frame)]
         self._fifo = np.concatenate([self._fifo, *got])
         want = self._in * self.dst // self.src - self._out
-        if len(self._fifo) < want:   # only at the start: the filter's delay
+        if len(self._fifo) < want:  # only at the start: the filter's delay
             self._fifo = np.concatenate([np.zeros(want - len(self._fifo), np.float32), self._fifo])
         out, self._fifo = self._fifo[:want], self._fifo[want:]
         self._out += want

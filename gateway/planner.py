@@ -1,4 +1,5 @@
 """Request -> job: validates inputs, decodes media and plans the JobSpec every service follows."""
+
 import math
 from dataclasses import dataclass
 
@@ -7,17 +8,34 @@ import numpy as np
 from avatar import media
 from avatar.dit_config import MAX_SAMPLE_STEPS
 from avatar.errors import InvalidInput
-from avatar.job_limits import MAX_INFER_FRAMES, MAX_PROMPT_CHARS   # the internal services' bounds too
-from avatar.presets import (AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER, DEFAULT_JOB_PRESET, DEFAULT_SEED,
-                            ENCODER_AUDIO_RATE, FPS, FRAMES_PER_BLOCK, JOB_PRESETS, LATENT_FRAMES_PER_BLOCK,
-                            OUTPUT_AUDIO_RATE, ModelSpec, preset_area, whole_blocks)
+from avatar.job_limits import MAX_INFER_FRAMES, MAX_PROMPT_CHARS  # the internal services' bounds too
+from avatar.presets import (
+    AUDIO_ENCODERS,
+    DEFAULT_AUDIO_ENCODER,
+    DEFAULT_JOB_PRESET,
+    DEFAULT_SEED,
+    ENCODER_AUDIO_RATE,
+    FPS,
+    FRAMES_PER_BLOCK,
+    JOB_PRESETS,
+    LATENT_FRAMES_PER_BLOCK,
+    OUTPUT_AUDIO_RATE,
+    ModelSpec,
+    preset_area,
+    whole_blocks,
+)
 from avatar.v1 import avatar_pb2, tensor_pb2
 
-MIN_SIDE = 64              # FramePack's 4x motion projection is an 8x8-latent convolution
+MIN_SIDE = 64  # FramePack's 4x motion projection is an 8x8-latent convolution
 
 
-def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_duration_s: float,
-             image_size: tuple[int, int], request_id: str = "") -> tensor_pb2.JobSpec:
+def plan_job(
+    request: avatar_pb2.GenerateRequest,
+    model: ModelSpec,
+    audio_duration_s: float,
+    image_size: tuple[int, int],
+    request_id: str = "",
+) -> tensor_pb2.JobSpec:
     """The job for a request, after defaults: size from the preset (or --size) with the image's
     aspect, one block per 12 frames of audio. Only the request's own num_clip caps the video (at
     num_clip clips of infer_frames frames): a preset never cuts the audio short."""
@@ -31,11 +49,15 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
     if request.infer_frames < 0:
         raise InvalidInput(f"infer_frames must be positive (0: the preset's), got {request.infer_frames}")
     if request.infer_frames > MAX_INFER_FRAMES:
-        raise InvalidInput(f"infer_frames {request.infer_frames} is too large: at most {MAX_INFER_FRAMES} "
-                           f"frames per clip (upstream uses 48 or 80)")
+        raise InvalidInput(
+            f"infer_frames {request.infer_frames} is too large: at most {MAX_INFER_FRAMES} "
+            f"frames per clip (upstream uses 48 or 80)"
+        )
     if request.audio_encoder and request.audio_encoder not in AUDIO_ENCODERS:
-        raise InvalidInput(f"unknown audio_encoder {request.audio_encoder!r}: choose from {', '.join(AUDIO_ENCODERS)} "
-                           f"(empty: {DEFAULT_AUDIO_ENCODER})")
+        raise InvalidInput(
+            f"unknown audio_encoder {request.audio_encoder!r}: choose from {', '.join(AUDIO_ENCODERS)} "
+            f"(empty: {DEFAULT_AUDIO_ENCODER})"
+        )
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise InvalidInput(f"prompt is too long: {len(request.prompt)} characters, the limit is {MAX_PROMPT_CHARS}")
     # A clip is whole causal blocks: 32 (preview) or upstream's 80 round up to 36 and 84 frames.
@@ -47,30 +69,43 @@ def plan_job(request: avatar_pb2.GenerateRequest, model: ModelSpec, audio_durati
     area = media.parse_size(request.size) if request.size else preset_area(preset, model)
     width, height = media.plan_size(*image_size, *area, model.size_divisor)
     if min(width, height) < MIN_SIDE:
-        raise InvalidInput(f"size {area[0]}*{area[1]} gives a {width}x{height} video for this image's aspect; "
-                           f"the model needs at least {MIN_SIDE} px on each side: choose a larger --size")
+        raise InvalidInput(
+            f"size {area[0]}*{area[1]} gives a {width}x{height} video for this image's aspect; "
+            f"the model needs at least {MIN_SIDE} px on each side: choose a larger --size"
+        )
 
     total_frames = round(audio_duration_s * FPS)
     if total_frames < 1:
-        raise InvalidInput(f"the audio is too short ({audio_duration_s * 1000:.0f} ms): "
-                           f"it must last at least one video frame ({1000 / FPS:.0f} ms)")
+        raise InvalidInput(
+            f"the audio is too short ({audio_duration_s * 1000:.0f} ms): "
+            f"it must last at least one video frame ({1000 / FPS:.0f} ms)"
+        )
     if request.num_clip:
         total_frames = min(total_frames, request.num_clip * infer_frames)
     return tensor_pb2.JobSpec(
-        width=width, height=height, fps=FPS, infer_frames=infer_frames,
+        width=width,
+        height=height,
+        fps=FPS,
+        infer_frames=infer_frames,
         latent_frames_per_block=LATENT_FRAMES_PER_BLOCK,
-        num_blocks=math.ceil(total_frames / FRAMES_PER_BLOCK), total_frames=total_frames,
-        sample_steps=sample_steps, seed=request.seed if request.HasField("seed") else DEFAULT_SEED,
-        model=model.name, audio_sample_rate=OUTPUT_AUDIO_RATE, request_id=request_id)
+        num_blocks=math.ceil(total_frames / FRAMES_PER_BLOCK),
+        total_frames=total_frames,
+        sample_steps=sample_steps,
+        seed=request.seed if request.HasField("seed") else DEFAULT_SEED,
+        model=model.name,
+        audio_sample_rate=OUTPUT_AUDIO_RATE,
+        request_id=request_id,
+    )
 
 
 @dataclass
 class Plan:
     """A planned job with its decoded inputs."""
+
     job: tensor_pb2.JobSpec
-    pixels: np.ndarray      # uint8 [height, width, 3], the portrait fitted to the job size
-    pcm_16k: np.ndarray     # float32 mono at 16 kHz for the audio encoder, cut to the video length
-    pcm_out: np.ndarray     # int16 mono at job.audio_sample_rate, exactly the video's length
+    pixels: np.ndarray  # uint8 [height, width, 3], the portrait fitted to the job size
+    pcm_16k: np.ndarray  # float32 mono at 16 kHz for the audio encoder, cut to the video length
+    pcm_out: np.ndarray  # int16 mono at job.audio_sample_rate, exactly the video's length
     audio_duration_s: float  # of the input audio
 
     @property
@@ -83,8 +118,10 @@ class Plan:
         if self.job.total_frames >= round(self.audio_duration_s * self.job.fps):
             return ""
         clips = self.job.total_frames // self.job.infer_frames
-        return (f"num_clip {clips} x {self.job.infer_frames} frames cut the video to {self.duration_s:.2f} s of "
-                f"the {self.audio_duration_s:.2f} s of audio; num_clip 0 renders all of it")
+        return (
+            f"num_clip {clips} x {self.job.infer_frames} frames cut the video to {self.duration_s:.2f} s of "
+            f"the {self.audio_duration_s:.2f} s of audio; num_clip 0 renders all of it"
+        )
 
     def sample_at(self, frame: int) -> int:
         """First output-audio sample of a video frame (exact at 48 kHz / 25 fps: 1920 per frame)."""
@@ -96,11 +133,12 @@ class Plan:
         if not 0 <= first < self.job.total_frames:
             raise ValueError(f"block {index} is outside the job's {self.job.num_blocks} blocks")
         keep = min(FRAMES_PER_BLOCK, self.job.total_frames - first)
-        return self.pcm_out[self.sample_at(first):self.sample_at(first + keep)], keep
+        return self.pcm_out[self.sample_at(first) : self.sample_at(first + keep)], keep
 
 
-def prepare(request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: str = "",
-            max_audio_s: float = media.MAX_AUDIO_S) -> Plan:
+def prepare(
+    request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: str = "", max_audio_s: float = media.MAX_AUDIO_S
+) -> Plan:
     """Decodes and validates the request's image and audio, then plans the job."""
     image = media.load_image(request.image)
     audio = media.decode_audio(request.audio, max_duration_s=max_audio_s)
@@ -109,10 +147,11 @@ def prepare(request: avatar_pb2.GenerateRequest, model: ModelSpec, request_id: s
     pixels = np.array(media.fit_image(image, job.width, job.height))  # writable: torch.from_numpy warns otherwise
 
     # Audio cut (or padded by < half a frame of silence) to exactly the video's length.
-    used = samples[:round(job.total_frames / job.fps * rate)]
+    used = samples[: round(job.total_frames / job.fps * rate)]
     n_out = job.total_frames * job.audio_sample_rate // job.fps
     out = media.resample(used, rate, job.audio_sample_rate)
     pcm_out = media.to_pcm16(np.pad(out[:n_out], (0, max(0, n_out - len(out)))))
     pcm_16k = media.resample(used, rate, ENCODER_AUDIO_RATE)
-    return Plan(job=job, pixels=pixels, pcm_16k=pcm_16k.astype(np.float32), pcm_out=pcm_out,
-                audio_duration_s=audio.duration_s)
+    return Plan(
+        job=job, pixels=pixels, pcm_16k=pcm_16k.astype(np.float32), pcm_out=pcm_out, audio_duration_s=audio.duration_s
+    )

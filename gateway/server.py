@@ -1,4 +1,5 @@
 """AvatarService: the public gateway. Plans the job, orchestrates the mesh, streams fMP4 back."""
+
 import asyncio
 import contextlib
 import logging
@@ -11,25 +12,34 @@ import grpc
 from opentelemetry import trace
 
 from avatar import metrics, telemetry, wire
+from avatar.gateway import planner
 from avatar.grpc_util import PeerError, call_options, create_channel, run_blocking, set_serving
 from avatar.presets import FRAMES_PER_BLOCK, ModelSpec
-from avatar.v1 import (avatar_pb2, avatar_pb2_grpc, decoder_pb2, decoder_pb2_grpc, encoder_pb2,
-                       encoder_pb2_grpc, generator_pb2, generator_pb2_grpc, tensor_pb2)
-from avatar.gateway import planner
+from avatar.v1 import (
+    avatar_pb2,
+    avatar_pb2_grpc,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    tensor_pb2,
+)
 
 SERVICE_NAME = avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name
 PEERS = ("encoder", "generator", "decoder")
-PEER_CHECK_INTERVAL_S = 2.0   # health: how often the gateway checks that its peers are reachable
+PEER_CHECK_INTERVAL_S = 2.0  # health: how often the gateway checks that its peers are reachable
 PEER_CONNECT_TIMEOUT_S = 3.0
 log = logging.getLogger(__name__)
 _DONE = object()
-BLOCKS_AHEAD = 3   # blocks the generator may run ahead of the client (decoding + in flight)
+BLOCKS_AHEAD = 3  # blocks the generator may run ahead of the client (decoding + in flight)
 
 
 def mime_type(init_segment: bytes) -> str:
     """'video/mp4; codecs="avc1.PPCCLL,mp4a.40.2"' from the avcC box (profile, constraints, level)."""
     at = init_segment.find(b"avcC")
-    avc = "avc1." + init_segment[at + 5:at + 8].hex() if at >= 0 else "avc1"
+    avc = "avc1." + init_segment[at + 5 : at + 8].hex() if at >= 0 else "avc1"
     return f'video/mp4; codecs="{avc},mp4a.40.2"'
 
 
@@ -62,6 +72,7 @@ class _RequestStream:
 @dataclass
 class Timings:
     """Milliseconds per stage, summed over blocks, in the order stages first ran."""
+
     ms: dict = field(default_factory=lambda: defaultdict(float))
     count: dict = field(default_factory=lambda: defaultdict(int))
 
@@ -76,9 +87,18 @@ class Timings:
 class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`)."""
 
-    def __init__(self, model: ModelSpec, encoder: str, generator: str, decoder: str,
-                 credentials=None, token: str | None = None, admission=None,
-                 max_audio_s: float = planner.media.MAX_AUDIO_S, live=None):
+    def __init__(
+        self,
+        model: ModelSpec,
+        encoder: str,
+        generator: str,
+        decoder: str,
+        credentials=None,
+        token: str | None = None,
+        admission=None,
+        max_audio_s: float = planner.media.MAX_AUDIO_S,
+        live=None,
+    ):
         self.model = model
         self.peer_addresses = (encoder, generator, decoder)
         self.live = live  # gateway.converse.ConverseConfig for Converse; None: its defaults
@@ -105,6 +125,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         async def stop():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
         return stop
 
     async def unreachable_peers(self, timeout_s: float = PEER_CONNECT_TIMEOUT_S) -> list[str]:
@@ -112,8 +133,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             try:
                 await asyncio.wait_for(channel.channel_ready(), timeout_s)
                 return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return True
+
         states = await asyncio.gather(*(down(ch) for ch in self.channels))
         return [f"{name} at {addr}" for name, addr, d in zip(PEERS, self.peer_addresses, states) if d]
 
@@ -141,11 +163,13 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     async def Converse(self, request_iterator, context):
         # live sessions: gateway/converse.py owns the flow
         from avatar.gateway.converse import ConverseConfig, converse
+
         # Accepted: clients (avatar.live_client) start writing audio only after this.
         await context.send_initial_metadata(())
         async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
-            async with contextlib.aclosing(converse(self, request_iterator, context,
-                                                    self.live or ConverseConfig())) as outs:
+            async with contextlib.aclosing(
+                converse(self, request_iterator, context, self.live or ConverseConfig())
+            ) as outs:
                 async for out in outs:
                     yield out
 
@@ -179,14 +203,14 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         async def pump_audio():
             # Read here, not inside the request iterator, so an encoder error keeps its status code.
             blocks_fed = 0
-            waited = 0.0   # time spent waiting for credits is the client's, not the encoder's
+            waited = 0.0  # time spent waiting for credits is the client's, not the encoder's
             started = time.perf_counter()
             async for features in audio_call:
                 blocked = time.perf_counter()
                 fed_before = blocks_fed
                 while blocks_fed * FRAMES_PER_BLOCK < features.first_frame + features.features.shape[0]:
                     if blocks_fed > fed_before:
-                        open_window()   # one chunk spans several blocks: waiting would deadlock
+                        open_window()  # one chunk spans several blocks: waiting would deadlock
                     await credits.acquire()
                     blocks_fed += 1
                 waited += time.perf_counter() - blocked
@@ -198,13 +222,21 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
         def generator_requests():
             # a refused session must not race our audio writes: audio waits for SessionReady
-            return _RequestStream(generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
-                job=job, text=text.embeddings, ref_latent=image.ref_latent, motion_latents=image.motion_latents)),
-                generator_in, after_first=session_ready)
+            return _RequestStream(
+                generator_pb2.GeneratorInput(
+                    start=generator_pb2.SessionStart(
+                        job=job, text=text.embeddings, ref_latent=image.ref_latent, motion_latents=image.motion_latents
+                    )
+                ),
+                generator_in,
+                after_first=session_ready,
+            )
 
         def decoder_requests():
-            return _RequestStream(decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(
-                job=job, prime_latent=image.ref_latent)), decoder_in)
+            return _RequestStream(
+                decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(job=job, prime_latent=image.ref_latent)),
+                decoder_in,
+            )
 
         async def pump_blocks():
             async for out in generator_call:
@@ -216,8 +248,13 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 block = out.block
                 timings.add("dit_block", block.dit_ms)
                 pcm, keep = plan.block_audio(block.index)
-                await decoder_in.put(decoder_pb2.DecoderInput(block=decoder_pb2.DecodeBlock(
-                    index=block.index, latent=block.latent, pcm=wire.to_proto(pcm), keep_frames=keep)))
+                await decoder_in.put(
+                    decoder_pb2.DecoderInput(
+                        block=decoder_pb2.DecodeBlock(
+                            index=block.index, latent=block.latent, pcm=wire.to_proto(pcm), keep_frames=keep
+                        )
+                    )
+                )
             await decoder_in.put(_DONE)
 
         async def pump_fragments():
@@ -228,7 +265,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         async def guarded(coro, peer: str):
             try:
                 await coro
-            except grpc.aio.AioRpcError as exc:   # the client learns which service failed, not its address
+            except grpc.aio.AioRpcError as exc:  # the client learns which service failed, not its address
                 await events.put(PeerError(peer, exc))
             except Exception as exc:  # noqa: BLE001 - re-raised by the handler, mapped to a status
                 await events.put(exc)
@@ -236,24 +273,43 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # Three calls stay open for the whole job: audio features stream into the generator while
         # it streams latent blocks out, and each block goes to the decoder with its slice of PCM.
         # The audio encoder starts first, so it overlaps the image and text encoders.
-        audio_call = self.encoder.EncodeAudio(encoder_pb2.EncodeAudioRequest(
-            job=job, pcm_16k=wire.to_proto(plan.pcm_16k), audio_encoder=request.audio_encoder), **call_options(context))
+        audio_call = self.encoder.EncodeAudio(
+            encoder_pb2.EncodeAudioRequest(
+                job=job, pcm_16k=wire.to_proto(plan.pcm_16k), audio_encoder=request.audio_encoder
+            ),
+            **call_options(context),
+        )
         calls = [audio_call]
         tasks = [asyncio.create_task(guarded(pump_audio(), "encoder"))]
         first_fragment_s = None
         blocks = frames = 0
         try:
             image, text = await asyncio.gather(
-                self._timed(timings, "encode_image", self.encoder.EncodeImage(encoder_pb2.EncodeImageRequest(
-                    job=job, pixels=wire.to_proto(plan.pixels), clip_embedding=request.clip_embedding),
-                    **call_options(context))),
-                self._timed(timings, "encode_text", self.encoder.EncodeText(encoder_pb2.EncodeTextRequest(
-                    job=job, prompt=request.prompt), **call_options(context))))
+                self._timed(
+                    timings,
+                    "encode_image",
+                    self.encoder.EncodeImage(
+                        encoder_pb2.EncodeImageRequest(
+                            job=job, pixels=wire.to_proto(plan.pixels), clip_embedding=request.clip_embedding
+                        ),
+                        **call_options(context),
+                    ),
+                ),
+                self._timed(
+                    timings,
+                    "encode_text",
+                    self.encoder.EncodeText(
+                        encoder_pb2.EncodeTextRequest(job=job, prompt=request.prompt), **call_options(context)
+                    ),
+                ),
+            )
             generator_call = self.generator.Generate(generator_requests(), **call_options(context))
             decoder_call = self.decoder.Decode(decoder_requests(), **call_options(context))
             calls += [generator_call, decoder_call]
-            tasks += [asyncio.create_task(guarded(pump_blocks(), "generator")),
-                      asyncio.create_task(guarded(pump_fragments(), "decoder"))]
+            tasks += [
+                asyncio.create_task(guarded(pump_blocks(), "generator")),
+                asyncio.create_task(guarded(pump_fragments(), "decoder")),
+            ]
 
             while (event := await events.get()) is not _DONE:
                 if isinstance(event, Exception):
@@ -261,12 +317,21 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 if event.WhichOneof("event") == "init_segment":
                     # The header waits for the init segment: its MIME type names the H.264
                     # profile and level the encoder chose.
-                    yield avatar_pb2.GenerateResponse(header=avatar_pb2.StreamHeader(
-                        request_id=request_id, mime_type=mime_type(event.init_segment), width=job.width,
-                        height=job.height, fps=job.fps, expected_fragments=job.num_blocks,
-                        total_frames=job.total_frames, duration_s=plan.duration_s,
-                        model=self.model.describe(), job=job,
-                        clip_embedding=image.clip_embedding if request.clip_embedding else None))
+                    yield avatar_pb2.GenerateResponse(
+                        header=avatar_pb2.StreamHeader(
+                            request_id=request_id,
+                            mime_type=mime_type(event.init_segment),
+                            width=job.width,
+                            height=job.height,
+                            fps=job.fps,
+                            expected_fragments=job.num_blocks,
+                            total_frames=job.total_frames,
+                            duration_s=plan.duration_s,
+                            model=self.model.describe(),
+                            job=job,
+                            clip_embedding=image.clip_embedding if request.clip_embedding else None,
+                        )
+                    )
                     yield avatar_pb2.GenerateResponse(init_segment=avatar_pb2.InitSegment(data=event.init_segment))
                     continue
                 frag = event.fragment
@@ -274,9 +339,14 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 timings.add("mux", frag.mux_ms)
                 sent = time.perf_counter()
                 with telemetry.span("send", block=frag.index, bytes=len(frag.data)):
-                    yield avatar_pb2.GenerateResponse(fragment=avatar_pb2.MediaFragment(
-                        index=frag.index, data=frag.data, first_frame=frag.index * FRAMES_PER_BLOCK,
-                        num_frames=frag.num_frames))
+                    yield avatar_pb2.GenerateResponse(
+                        fragment=avatar_pb2.MediaFragment(
+                            index=frag.index,
+                            data=frag.data,
+                            first_frame=frag.index * FRAMES_PER_BLOCK,
+                            num_frames=frag.num_frames,
+                        )
+                    )
                 timings.add("send", (time.perf_counter() - sent) * 1e3)
                 metrics.count_frames(frag.num_frames)
                 credits.release()
@@ -285,15 +355,25 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                     open_window()
                 blocks += 1
                 frames += frag.num_frames
-                yield avatar_pb2.GenerateResponse(progress=avatar_pb2.Progress(
-                    blocks_done=blocks, blocks_total=job.num_blocks, elapsed_s=time.perf_counter() - t0))
+                yield avatar_pb2.GenerateResponse(
+                    progress=avatar_pb2.Progress(
+                        blocks_done=blocks, blocks_total=job.num_blocks, elapsed_s=time.perf_counter() - t0
+                    )
+                )
             if blocks != job.num_blocks:
                 raise RuntimeError(f"the decoder returned {blocks} of {job.num_blocks} fragments")
-            yield avatar_pb2.GenerateResponse(status=avatar_pb2.FinalStatus(
-                blocks=blocks, frames=frames, time_to_first_fragment_s=first_fragment_s or 0.0,
-                total_s=time.perf_counter() - t0, timings=timings.to_proto(),
-                trace_id=telemetry.current_trace_id(),
-                audio_duration_s=plan.audio_duration_s, truncation=plan.truncation))
+            yield avatar_pb2.GenerateResponse(
+                status=avatar_pb2.FinalStatus(
+                    blocks=blocks,
+                    frames=frames,
+                    time_to_first_fragment_s=first_fragment_s or 0.0,
+                    total_s=time.perf_counter() - t0,
+                    timings=timings.to_proto(),
+                    trace_id=telemetry.current_trace_id(),
+                    audio_duration_s=plan.audio_duration_s,
+                    truncation=plan.truncation,
+                )
+            )
         finally:
             # Client gone, deadline hit or a stage failed: stop every stage; the services close
             # their sessions when their stream is cancelled.

@@ -1,4 +1,5 @@
 """Shared fixtures: free loopback ports, `avatar serve` subprocesses that are up (health SERVING) and always killed."""
+
 import json
 import os
 import signal
@@ -36,7 +37,10 @@ def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen | None =
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"server at {address} exited with {proc.returncode}:\n{_tail(log)}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -115,7 +119,7 @@ class Services:
         return svc
 
     def stop_all(self) -> None:
-        for proc in self.procs:   # SIGTERM to all first: they drain in parallel
+        for proc in self.procs:  # SIGTERM to all first: they drain in parallel
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
@@ -143,9 +147,17 @@ def mesh(tmp_path_factory, env):
     try:
         parts = {role: services.start(role, trace=True, wait=False) for role in ("encoder", "generator", "decoder")}
         # The gateway starts alongside: its channels connect on first use.
-        parts["gateway"] = services.start("gateway", "--encoder", parts["encoder"].address,
-                                          "--generator", parts["generator"].address,
-                                          "--decoder", parts["decoder"].address, trace=True, wait=False)
+        parts["gateway"] = services.start(
+            "gateway",
+            "--encoder",
+            parts["encoder"].address,
+            "--generator",
+            parts["generator"].address,
+            "--decoder",
+            parts["decoder"].address,
+            trace=True,
+            wait=False,
+        )
         for svc in parts.values():
             wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
         yield parts
@@ -158,16 +170,20 @@ def clip_5s(tmp_path_factory) -> Path:
     """Exactly 5.0 s of the sample speech as 44.1 kHz stereo (exercises mono-mix and resampling)."""
     path = tmp_path_factory.mktemp("audio") / "speech-5s.wav"
     # ffmpeg comes with ffprobe (.ci/run installs it); 5.0 s = 220500 samples exactly.
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(ASSETS / "speech.wav"), "-t", "5", "-ar", "44100", "-ac", "2",
-                    str(path)], check=True, timeout=30)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(ASSETS / "speech.wav"), "-t", "5", "-ar", "44100", "-ac", "2", str(path)],
+        check=True,
+        timeout=30,
+    )
     return path
 
 
 def trim_speech(out: Path, start_s: float, length_s: float) -> Path:
     """A piece of the sample speech as its own WAV (soundfile: no sox needed)."""
     import soundfile
+
     pcm, rate = soundfile.read(str(ASSETS / "speech.wav"))
-    soundfile.write(str(out), pcm[round(start_s * rate):round((start_s + length_s) * rate)], rate)
+    soundfile.write(str(out), pcm[round(start_s * rate) : round((start_s + length_s) * rate)], rate)
     return out
 
 
@@ -175,7 +191,10 @@ def ffprobe(path: Path) -> dict:
     """Streams and format of a media file, with the video frames counted by decoding."""
     out = subprocess.run(
         ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", str(path)],
-        capture_output=True, text=True, timeout=60)
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if out.returncode != 0:
         raise AssertionError(f"ffprobe failed on {path}: {out.stderr}")
     return json.loads(out.stdout)
@@ -189,9 +208,10 @@ def audio_duration(path: Path) -> float:
 @dataclass
 class Stream:
     """What one AvatarService.Generate call returned, with the arrival time of every message."""
+
     header: object = None
     init_segment: bytes = b""
-    fragments: list = None        # [(arrival unix ns, MediaFragment)]
+    fragments: list = None  # [(arrival unix ns, MediaFragment)]
     progress: list = None
     status: object = None
 
@@ -223,9 +243,24 @@ def generate(address: str, request, timeout_s: float = 300) -> Stream:
 
 def video_frames(path: Path) -> list[dict]:
     """Per video frame: key_frame (0/1) and pts_time, in order."""
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                          "frame=key_frame,pts_time", "-of", "json", str(path)],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "frame=key_frame,pts_time",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return json.loads(out.stdout)["frames"]
 
 

@@ -1,5 +1,6 @@
 """Admission control: session cap, bounded queue, RESOURCE_EXHAUSTED with a retry hint,
 fair order between clients, deadlines while queued; unit level and over real gRPC."""
+
 import asyncio
 
 import grpc
@@ -29,7 +30,7 @@ def test_cap_queue_and_refusal():
         tasks = [asyncio.create_task(job(i)) for i in range(3)]
         await asyncio.sleep(0.05)
         assert (adm.active, adm.queued) == (2, 1) and running == [0, 1]
-        with pytest.raises(Overloaded) as e:      # 2 running + 1 queued: the 4th is refused
+        with pytest.raises(Overloaded) as e:  # 2 running + 1 queued: the 4th is refused
             async with adm.slot(client="c9"):
                 pass
         assert "2 of 2 sessions running and 1 of 1 queued" in str(e.value)
@@ -37,6 +38,7 @@ def test_cap_queue_and_refusal():
         release.set()
         await asyncio.gather(*tasks)
         assert (adm.active, adm.queued) == (0, 0) and sorted(running) == [0, 1, 2]
+
     run(go())
 
 
@@ -58,7 +60,7 @@ def test_fair_order_and_per_client_cap():
         with pytest.raises(Overloaded, match="limit 3 per client"):
             async with adm.slot(client="greedy"):
                 pass
-        queued.append(asyncio.create_task(job("polite", "p0")))   # arrives last ...
+        queued.append(asyncio.create_task(job("polite", "p0")))  # arrives last ...
         await asyncio.sleep(0.01)
         for _ in range(4):
             tag = order[-1]
@@ -67,6 +69,7 @@ def test_fair_order_and_per_client_cap():
         await asyncio.gather(first, *queued)
         # ... but goes before greedy's second and third: fewest running first
         assert order == ["g0", "p0", "g1", "g2"]
+
     run(go())
 
 
@@ -95,8 +98,9 @@ def test_deadline_while_queued_and_cancel_frees_the_place():
         hold.set()
         await h
         assert adm.active == 0
-        async with adm.slot(client="d"):     # the freed slot is usable
+        async with adm.slot(client="d"):  # the freed slot is usable
             assert adm.active == 1
+
     run(go())
 
 
@@ -110,6 +114,7 @@ def test_retry_hint_follows_session_length():
         async def holder():
             async with adm.slot(client="a"):
                 await hold.wait()
+
         h = asyncio.create_task(holder())
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded) as e:
@@ -118,6 +123,7 @@ def test_retry_hint_follows_session_length():
         assert 250 <= e.value.retry_after_ms <= 1000
         hold.set()
         await h
+
     run(go())
 
 
@@ -142,6 +148,7 @@ class _Slow(avatar_pb2_grpc.AvatarServiceServicer):
 async def _serve(servicer) -> tuple[grpc.aio.Server, int]:
     """`servicer` as an AvatarService on a free loopback port, errors mapped as the services map them."""
     from avatar.grpc_util import ErrorInterceptor
+
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     avatar_pb2_grpc.add_AvatarServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -168,13 +175,14 @@ def test_grpc_clients_get_resource_exhausted_with_retry_metadata():
             ok = [r for r in results if r[0] == "ok"]
             refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
             assert len(ok) + len(refused) == 12
-            assert len(ok) >= 4 and all(n == 3 for _, n in ok)   # 2 running + 2 queued at least
+            assert len(ok) >= 4 and all(n == 3 for _, n in ok)  # 2 running + 2 queued at least
             assert refused, "beyond cap + queue someone must be refused"
             for _, (details, hint) in refused:
                 assert "busy" in details and hint is not None and hint > 0
             assert adm.active == 0 and adm.queued == 0
         finally:
             await server.stop(None)
+
     run(go())
 
 
@@ -204,6 +212,7 @@ def test_retry_hint_crosses_a_hop():
                         return [m async for m in stub.Generate(avatar_pb2.GenerateRequest(), timeout=10)]
                     except grpc.aio.AioRpcError as e:
                         return e
+
                 results = await asyncio.gather(one(), one(), one())
             errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
             assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
@@ -211,6 +220,7 @@ def test_retry_hint_crosses_a_hop():
         finally:
             await front.stop(None)
             await back.stop(None)
+
     run(go())
 
 
@@ -238,14 +248,18 @@ class _Context:
 
 def test_client_key_is_the_authenticated_identity_else_the_peer_host():
     from avatar.admission import client_key
+
     # auth off: a bearer string proves nothing; random ones from one host are one client
     keys = {client_key(_Context(f"ipv4:10.0.0.7:{5000 + i}", token=f"random-{i}")) for i in range(5)}
     assert keys == {"ipv4:10.0.0.7"}
     assert client_key(_Context("ipv6:[::1]:5123")) == "ipv6:[::1]"
     # auth on: the (checked) token is the identity, wherever it connects from
     a = client_key(_Context("ipv4:10.0.0.7:1", token="tok-a"), token_checked=True)
-    assert a == client_key(_Context("ipv4:10.0.0.8:2", token="tok-a"), token_checked=True) != \
-        client_key(_Context("ipv4:10.0.0.7:1", token="tok-b"), token_checked=True)
+    assert (
+        a
+        == client_key(_Context("ipv4:10.0.0.8:2", token="tok-a"), token_checked=True)
+        != client_key(_Context("ipv4:10.0.0.7:1", token="tok-b"), token_checked=True)
+    )
     assert "tok-a" not in a
     # mTLS: the certificate names the client
     assert client_key(_Context("ipv4:10.0.0.7:1", token="x", cert=b"alice"), token_checked=True) == "cert:alice"
@@ -253,12 +267,14 @@ def test_client_key_is_the_authenticated_identity_else_the_peer_host():
 
 def test_per_client_cap_with_random_bearers_and_auth_off():
     """One host sending a new bearer string per call is still one client for --max-per-client."""
+
     async def go():
         adm = Admission(AdmissionConfig(max_sessions=4, max_queue=4, max_per_client=1), name="t-bearers")
         async with adm.slot(_Context("ipv4:10.0.0.7:1000", token="random-1")):
             with pytest.raises(Overloaded, match="limit 1 per client"):
                 async with adm.slot(_Context("ipv4:10.0.0.7:1001", token="random-2")):
                     pass
-            async with adm.slot(_Context("ipv4:10.0.0.9:1000", token="random-3")):   # another host
+            async with adm.slot(_Context("ipv4:10.0.0.9:1000", token="random-3")):  # another host
                 assert adm.active == 2
+
     asyncio.run(go())

@@ -1,4 +1,6 @@
-"""The GPU benchmark's code paths, run on CPU with the tiny model (so a model change that breaks the bench shows up in CI)."""
+"""The GPU benchmark's code paths, run on CPU with the tiny model (a model change that breaks
+the bench shows up in CI)."""
+
 import json
 import sys
 
@@ -8,9 +10,28 @@ import bench_generator  # noqa: E402
 
 def test_bench_runs_every_cpu_path_and_writes_json(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256",
-                                      "--only", "bf16,fp8,vae,engine,legacy", "--blocks", "2", "--warm", "1",
-                                      "--flat-blocks", "0", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "bench_generator.py",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--sizes",
+            "384*256",
+            "--only",
+            "bf16,fp8,vae,engine,legacy",
+            "--blocks",
+            "2",
+            "--warm",
+            "1",
+            "--flat-blocks",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
     bench_generator.main()
     res = json.loads(out.read_text())
     assert res["errors"] == {}
@@ -32,11 +53,12 @@ def test_the_legacy_kv_reads_give_the_same_latents(monkeypatch):
     import torch
 
     from avatar.services.generator import causal_s2v_dit
+
     monkeypatch.setattr(causal_s2v_dit, "CROSS_ATTN_NORM_DTYPE", torch.float32)
     dit = bench_generator.build_dit("tiny", "cpu")
     for sets in (4, 1):
         cfg = bench_generator.LoopConfig(192, 128, num_sets=sets)
-        now = bench_generator.step_latents(dit, cfg, "cpu", blocks=5)   # 15 frames: the 12-frame ring wraps
+        now = bench_generator.step_latents(dit, cfg, "cpu", blocks=5)  # 15 frames: the 12-frame ring wraps
         with bench_generator.legacy_kv_reads():
             before = bench_generator.step_latents(dit, cfg, "cpu", blocks=5)
         for a, b in zip(now, before):
@@ -47,8 +69,13 @@ def test_the_bench_steps_with_the_engines_schedule():
     """The bench runs the engine's sessions, so it samples with the engine's (upstream's) sigmas; its
     own formula, which it used to keep, put step 2 at 0.75 instead of upstream's 0.602."""
     from avatar.services.generator.scheduler import FlowMatchEuler
-    loop = bench_generator.TimedSession(bench_generator.build_dit("tiny", "cpu"), bench_generator.LoopConfig(128, 128),
-                                        "cpu", bench_generator.Clock("cpu"))
+
+    loop = bench_generator.TimedSession(
+        bench_generator.build_dit("tiny", "cpu"),
+        bench_generator.LoopConfig(128, 128),
+        "cpu",
+        bench_generator.Clock("cpu"),
+    )
     s = loop.sampler.sigmas
     loop.close()
     assert s == FlowMatchEuler.create(4, shift=3.0).sigmas
@@ -57,15 +84,36 @@ def test_the_bench_steps_with_the_engines_schedule():
 
 def test_pipeline_bench_runs_its_cpu_paths_and_writes_json(tmp_path, monkeypatch):
     import bench_pipeline
+
     out = tmp_path / "pipeline.json"
-    monkeypatch.setattr(sys, "argv", ["bench_pipeline.py", "--tiny", "--device", "cpu", "--sizes", "64*64",
-                                      "--only", "graphs,pipeline,24gb", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "bench_pipeline.py",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--sizes",
+            "64*64",
+            "--only",
+            "graphs,pipeline,24gb",
+            "--out",
+            str(out),
+        ],
+    )
     assert bench_pipeline.main() == 0
     res = json.loads(out.read_text())
     assert res["errors"] == {}
     labels = [r["label"] for r in res["runs"]]
-    assert labels[1:] == ["cpu", "cpu+graphs", "cpu+graphs, pipeline", "24gb, pipeline, infer_frames 24",
-                          "24gb+graphs, pipeline, infer_frames 24", "24gb, pipeline, infer_frames 36"]
+    assert labels[1:] == [
+        "cpu",
+        "cpu+graphs",
+        "cpu+graphs, pipeline",
+        "24gb, pipeline, infer_frames 24",
+        "24gb+graphs, pipeline, infer_frames 24",
+        "24gb, pipeline, infer_frames 36",
+    ]
     assert res["graphs_vs_eager_max_abs_diff"]["64*64"] == {"max_abs": 0.0, "rel": 0.0}
     for r in res["runs"][1:]:
         assert 0 < r["first_fragment_s"] and r["fps"] > 0 and r["dit_block_ms"] > 0

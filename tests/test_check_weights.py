@@ -1,4 +1,5 @@
 """check-weights on complete and broken folders (tiny, and full-size headers over sparse files); offline download."""
+
 import json
 import os
 import pathlib
@@ -9,13 +10,13 @@ import zipfile
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from avatar.checkpoints import DIT_INDEX, S2V_FOLDER
-from avatar.errors import WeightsError
-from avatar.app.weights_tools import LORA_FILE, S2V_REPO, check_weights, download_weights
 from ckpt_fixtures.dit import write_dit_checkpoint, write_lora
 from ckpt_fixtures.encoders import write_encoder_files
+from safetensors.torch import save_file
+
+from avatar.app.weights_tools import LORA_FILE, S2V_REPO, check_weights, download_weights
+from avatar.checkpoints import DIT_INDEX, S2V_FOLDER
+from avatar.errors import WeightsError
 from avatar.services.generator.weights import random_dit
 
 KEYS = pathlib.Path(__file__).parent / "data" / "keys"
@@ -33,7 +34,7 @@ def tiny_folder(tmp_path) -> pathlib.Path:
 def test_complete_tiny_folder_is_ok(tiny_folder, tmp_path):
     lora = tmp_path / LORA_FILE
     write_lora(lora, random_dit("tiny", "cpu", torch.float32, seed=0))
-    report = check_weights(tiny_folder.parent, lora_path=lora, model="tiny")   # the folder above works too
+    report = check_weights(tiny_folder.parent, lora_path=lora, model="tiny")  # the folder above works too
     assert report.ok, str(report)
     assert [c.name for c in report.components] == ["DiT", "VAE", "T5", "tokenizer", "wav2vec2", "LoRA"]
     text = str(report)
@@ -61,7 +62,7 @@ def test_truncated_pth_and_missing_pieces(tiny_folder):
     t5 = tiny_folder / "models_t5_umt5-xxl-enc-bf16.pth"
     with zipfile.ZipFile(t5) as zin:
         entries = [(i, zin.read(i)) for i in zin.infolist()]
-    with zipfile.ZipFile(t5, "w") as zout:   # an interrupted copy: the last storage lost half its bytes
+    with zipfile.ZipFile(t5, "w") as zout:  # an interrupted copy: the last storage lost half its bytes
         for n, (info, data) in enumerate(entries):
             zout.writestr(info, data[: len(data) // 2] if "/data/" in info.filename and n == len(entries) - 3 else data)
     (tiny_folder / "google" / "umt5-xxl" / "tokenizer.json").unlink()
@@ -80,12 +81,19 @@ def test_tiny_folder_is_not_the_14b_model(tiny_folder):
 
 def test_lora_for_other_layers_is_reported(tiny_folder, tmp_path):
     lora = tmp_path / "other.safetensors"
-    save_file({"base_model.model.blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(4, 64),
-               "base_model.model.blocks.0.self_attn.q.lora_B.default.weight": torch.zeros(64, 4),
-               "base_model.model.blocks.9.self_attn.q.lora_A.default.weight": torch.zeros(4, 64)}, str(lora))
+    save_file(
+        {
+            "base_model.model.blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(4, 64),
+            "base_model.model.blocks.0.self_attn.q.lora_B.default.weight": torch.zeros(64, 4),
+            "base_model.model.blocks.9.self_attn.q.lora_A.default.weight": torch.zeros(4, 64),
+        },
+        str(lora),
+    )
     report = check_weights(tiny_folder, lora_path=lora, model="tiny")
-    assert report.problems == ["LoRA: 1 LoRA tensor(s) for layers the DiT does not have: "
-                               "base_model.model.blocks.9.self_attn.q.lora_A.default.weight"]
+    assert report.problems == [
+        "LoRA: 1 LoRA tensor(s) for layers the DiT does not have: "
+        "base_model.model.blocks.9.self_attn.q.lora_A.default.weight"
+    ]
 
 
 def _sparse_safetensors(path: pathlib.Path, tensors: list[tuple[str, list[int], str]]) -> None:
@@ -118,14 +126,15 @@ def test_full_size_dit_and_lora_headers_match(tmp_path):
     (root / DIT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (root / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", "dim": 5120, "num_layers": 40}))
     lora = tmp_path / LORA_FILE
-    _sparse_safetensors(lora, [(n, s, d.removeprefix("torch."))
-                               for n, s, d in json.loads((KEYS / "liveavatar_lora.json").read_text())])
+    _sparse_safetensors(
+        lora, [(n, s, d.removeprefix("torch.")) for n, s, d in json.loads((KEYS / "liveavatar_lora.json").read_text())]
+    )
     report = check_weights(root, lora_path=lora)
     by_name = {c.name: c for c in report.components}
     assert by_name["DiT"].ok, by_name["DiT"].problems
     assert "1260 tensors in 4 shard(s), bfloat16, 16.30 B parameters" in by_name["DiT"].found
     assert by_name["LoRA"].ok and by_name["LoRA"].found == "448 of 448 target layers, rank 128"
-    assert not report.ok and "VAE: " in report.problems[0]     # the rest of the folder is absent
+    assert not report.ok and "VAE: " in report.problems[0]  # the rest of the folder is absent
 
 
 def test_download_fails_fast_offline(tmp_path, monkeypatch):
@@ -136,7 +145,7 @@ def test_download_fails_fast_offline(tmp_path, monkeypatch):
     assert not (tmp_path / "ckpt").exists()
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    with socket.socket() as s:          # a port nobody listens on: connection refused at once
+    with socket.socket() as s:  # a port nobody listens on: connection refused at once
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
@@ -153,13 +162,18 @@ def test_wav2vec2_with_legacy_weight_norm_names(tiny_folder):
     from safetensors.torch import load_file
 
     path = tiny_folder / "wav2vec2-large-xlsr-53-english" / "model.safetensors"
-    sd = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
-                                                                             "weight_v"): v
-          for k, v in load_file(str(path)).items()}
+    sd = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in load_file(str(path)).items()
+    }
     assert any(k.endswith("weight_g") for k in sd)
     save_file(sd, str(path), metadata={"format": "pt"})
     assert check_weights(tiny_folder, model="tiny").ok
     del sd["wav2vec2.encoder.pos_conv_embed.conv.weight_v"]
     save_file(sd, str(path), metadata={"format": "pt"})
     report = check_weights(tiny_folder, model="tiny")
-    assert report.problems == ["wav2vec2: missing keys: wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
+    assert report.problems == [
+        "wav2vec2: missing keys: wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"
+    ]

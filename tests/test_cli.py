@@ -1,8 +1,9 @@
 """The `avatar` command: embedded default (no --server) as a subprocess, OUT.json, bad input -> one line, exit 2."""
+
 import json
 import subprocess
 
-from conftest import AVATAR, ASSETS, ROOT, check_video
+from conftest import ASSETS, AVATAR, ROOT, check_video
 
 
 def run_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -11,14 +12,34 @@ def run_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.Completed
 
 def test_embedded_default_renders_mp4_and_sidecar(tmp_path, env):
     out = tmp_path / "sub" / "talk.mp4"
-    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
-                "--size", "64*64", "--num_clip", "2", "--infer_frames", "24", "--sample_steps", "2", "--seed", "5",
-                "--enable_online_decode", "--auth-token", "s3cret-token", "--out", str(out), env=env)
+    r = run_cli(
+        "generate",
+        "--image",
+        str(ASSETS / "astronaut.png"),
+        "--audio",
+        str(ASSETS / "speech.wav"),
+        "--size",
+        "64*64",
+        "--num_clip",
+        "2",
+        "--infer_frames",
+        "24",
+        "--sample_steps",
+        "2",
+        "--seed",
+        "5",
+        "--enable_online_decode",
+        "--auth-token",
+        "s3cret-token",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
-    assert "video is noise" in r.stderr          # says the tiny model renders noise
-    assert "block" in r.stderr                   # the progress bar
+    assert "video is noise" in r.stderr  # says the tiny model renders noise
+    assert "block" in r.stderr  # the progress bar
     check_video(out, 48 / 25)
-    assert "s3cret-token" not in out.with_suffix(".json").read_text()   # secrets stay out of the sidecar
+    assert "s3cret-token" not in out.with_suffix(".json").read_text()  # secrets stay out of the sidecar
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["seed"] == 5 and meta["server"] == "embedded" and meta["model"]["name"] == "tiny"
     assert (meta["blocks"], meta["frames"], meta["width"], meta["height"]) == (4, 48, 64, 64)
@@ -26,7 +47,7 @@ def test_embedded_default_renders_mp4_and_sidecar(tmp_path, env):
     assert meta["job"]["sample_steps"] == 2 and meta["job"]["infer_frames"] == 24
     assert set(meta["timings_ms"]) >= {"encode_image", "encode_text", "encode_audio", "dit_block", "vae_decode", "mux"}
     assert 0 < meta["time_to_first_fragment_s"] < meta["total_s"]
-    assert sorted(p.name for p in out.parent.iterdir()) == ["talk.json", "talk.mp4"]   # no temp files left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["talk.json", "talk.mp4"]  # no temp files left
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, env, mesh):
@@ -38,18 +59,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, env, mesh):
     r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(not_audio), *server, env=env)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "audio" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
-                "--size", "64x64", *server, env=env)
+    r = run_cli(
+        "generate",
+        "--image",
+        str(ASSETS / "astronaut.png"),
+        "--audio",
+        str(ASSETS / "speech.wav"),
+        "--size",
+        "64x64",
+        *server,
+        env=env,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "W*H" in r.stderr, r.stderr
-    r = run_cli("generate", "--image", str(tmp_path / "missing.png"), "--audio", str(ASSETS / "speech.wav"),
-                *server, env=env)
+    r = run_cli(
+        "generate", "--image", str(tmp_path / "missing.png"), "--audio", str(ASSETS / "speech.wav"), *server, env=env
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.png" in r.stderr, r.stderr
-    assert list(tmp_path.iterdir()) == [not_audio]    # nothing half-written
+    assert list(tmp_path.iterdir()) == [not_audio]  # nothing half-written
 
 
 def test_weights_commands_report_problems(tmp_path, monkeypatch, capsys):
     """Wiring of check-weights / download-weights (avatar.app.weights_tools has its own tests); in-process."""
     from avatar.app.cli import main
+
     root = tmp_path / "Wan2.2-S2V-14B"
     root.mkdir()
     (root / "config.json").write_text("{}")
@@ -65,25 +97,46 @@ def test_weights_commands_report_problems(tmp_path, monkeypatch, capsys):
 def test_generate_through_a_running_mesh_continues_the_client_trace(tmp_path, env, mesh):
     out = tmp_path / "remote.mp4"
     client_trace = tmp_path / "client.jsonl"
-    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
-                "--server", mesh["gateway"].address, "--size", "64*64", "--num_clip", "1", "--infer_frames", "12",
-                "--trace-file", str(client_trace), "--out", str(out), env=env)
+    r = run_cli(
+        "generate",
+        "--image",
+        str(ASSETS / "astronaut.png"),
+        "--audio",
+        str(ASSETS / "speech.wav"),
+        "--server",
+        mesh["gateway"].address,
+        "--size",
+        "64*64",
+        "--num_clip",
+        "1",
+        "--infer_frames",
+        "12",
+        "--trace-file",
+        str(client_trace),
+        "--out",
+        str(out),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     check_video(out, 12 / 25)
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["server"] == mesh["gateway"].address and meta["blocks"] == 1
     [root] = [json.loads(x) for x in client_trace.read_text().splitlines()]
     assert root["name"] == "avatar generate" and root["parent_id"] is None and root["trace_id"] == meta["trace_id"]
-    gateway_root = [s for s in mesh["gateway"].spans()
-                    if s["trace_id"] == meta["trace_id"] and s["name"] == "avatar.v1.AvatarService/Generate"]
+    gateway_root = [
+        s
+        for s in mesh["gateway"].spans()
+        if s["trace_id"] == meta["trace_id"] and s["name"] == "avatar.v1.AvatarService/Generate"
+    ]
     assert [s["parent_id"] for s in gateway_root] == [root["span_id"]]
 
 
 def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
     from conftest import Services
+
     services = Services(tmp_path, env)
     try:
-        svc = services.start("generator", "--warmup")     # waits for SERVING
+        svc = services.start("generator", "--warmup")  # waits for SERVING
         log = svc.log.read_text()
         warmed = [line for line in log.splitlines() if "generator warm-up" in line and "blocks in" in line]
         assert len(warmed) == 2 and "176*96: 5 blocks" in warmed[0] and "96*64: 4 blocks" in warmed[1], log
@@ -95,11 +148,28 @@ def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
 
 def test_a_video_cut_by_num_clip_says_so_in_the_summary_and_the_status(tmp_path, env, mesh):
     out = tmp_path / "cut.mp4"
-    r = run_cli("generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
-                "--server", mesh["gateway"].address, "--size", "64*64", "--num_clip", "1", "--infer_frames", "12",
-                "--sample_steps", "1", "--out", str(out), env=env)
+    r = run_cli(
+        "generate",
+        "--image",
+        str(ASSETS / "astronaut.png"),
+        "--audio",
+        str(ASSETS / "speech.wav"),
+        "--server",
+        mesh["gateway"].address,
+        "--size",
+        "64*64",
+        "--num_clip",
+        "1",
+        "--infer_frames",
+        "12",
+        "--sample_steps",
+        "1",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
-    said = ("num_clip 1 x 12 frames cut the video to 0.48 s of the 7.21 s of audio; num_clip 0 renders all of it")
+    said = "num_clip 1 x 12 frames cut the video to 0.48 s of the 7.21 s of audio; num_clip 0 renders all of it"
     assert f"the video covers only part of the audio: {said}" in r.stderr, r.stderr
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["truncation"] == said and abs(meta["audio_duration_s"] - 7.213) < 0.001

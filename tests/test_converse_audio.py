@@ -1,5 +1,6 @@
 """The audio side of live sessions without servers: streaming wav2vec2 features vs one offline pass,
 the speech queue's utterances and blocks, seamless resampling."""
+
 import numpy as np
 import pytest
 import soundfile
@@ -11,7 +12,7 @@ from avatar.gateway.live_audio import SpeechQueue, StreamResampler, pcm16_to_flo
 from avatar.services.encoder.audio_encoder import AudioEncoder
 from avatar.services.encoder.streaming_audio import StreamingAudioFeatures, offline_reference
 
-BLOCK = 7680   # 12 frames at 25 fps, 16 kHz
+BLOCK = 7680  # 12 frames at 25 fps, 16 kHz
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,12 @@ def relative_errors(encoder, pcm, lookahead: int, context_s: float = 3.84) -> np
     ref = offline_reference(encoder, pcm, 25, 12)
     stream = StreamingAudioFeatures(encoder, 25, 12, context_s)
     n = len(pcm) // BLOCK
-    got = torch.cat([stream.push(pcm[k * BLOCK:(k + 1) * BLOCK], pcm[(k + 1) * BLOCK:(k + 1) * BLOCK + lookahead])
-                     for k in range(n)])
+    got = torch.cat(
+        [
+            stream.push(pcm[k * BLOCK : (k + 1) * BLOCK], pcm[(k + 1) * BLOCK : (k + 1) * BLOCK + lookahead])
+            for k in range(n)
+        ]
+    )
     return ((got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).numpy()
 
 
@@ -51,7 +56,7 @@ def test_streaming_features_match_offline_within_the_stated_tolerance(encoder, s
 def test_streaming_features_keep_only_the_context(encoder, speech):
     stream = StreamingAudioFeatures(encoder, 25, 12, context_s=1.0)
     for k in range(6):
-        out = stream.push(speech[k * BLOCK:(k + 1) * BLOCK])
+        out = stream.push(speech[k * BLOCK : (k + 1) * BLOCK])
         assert tuple(out.shape) == (12, 5, 32) and torch.isfinite(out).all()
     assert stream.context_s == pytest.approx(0.96) and len(stream._history) == 2
     with pytest.raises(InvalidInput, match=r"must be \[7680\] samples"):
@@ -65,13 +70,15 @@ def test_speech_queue_packs_utterances_and_knows_their_ends():
     q.push(np.full(5000, 0.1, np.float32), now=1.0)
     q.push(np.full(5000, 0.2, np.float32), now=2.0)
     q.end_utterance()
-    q.push(np.full(3000, 0.3, np.float32), now=3.0)   # a second utterance, still open
+    q.push(np.full(3000, 0.3, np.float32), now=3.0)  # a second utterance, still open
     a = q.take_block(BLOCK)
     assert [(s.utterance, s.audio_start, s.audio_end, s.offset) for s in a.segments] == [(1, 0, 7680, 0)]
     assert a.received_at == 1.0 and a.finished == [] and not a.idle
     b = q.take_block(BLOCK)
-    assert [(s.utterance, s.audio_start, s.audio_end, s.offset) for s in b.segments] == \
-        [(1, 7680, 10000, 0), (2, 10000, 13000, 2320)]
+    assert [(s.utterance, s.audio_start, s.audio_end, s.offset) for s in b.segments] == [
+        (1, 7680, 10000, 0),
+        (2, 10000, 13000, 2320),
+    ]
     assert b.finished == [1] and b.received_at == 2.0
     assert np.all(b.pcm[5320:] == 0) and q.samples == 0
     q.push(np.ones(100, np.float32), now=4.0)
@@ -83,11 +90,11 @@ def test_stream_resampler_is_exact_and_seamless():
     t = np.arange(16000 * 2) / 16000
     tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
     r = StreamResampler(16000, 48000)
-    pieces = [r.push(tone[k:k + BLOCK]) for k in range(0, len(tone), BLOCK)]
-    assert [len(p) for p in pieces] == [3 * len(tone[k:k + BLOCK]) for k in range(0, len(tone), BLOCK)]
+    pieces = [r.push(tone[k : k + BLOCK]) for k in range(0, len(tone), BLOCK)]
+    assert [len(p) for p in pieces] == [3 * len(tone[k : k + BLOCK]) for k in range(0, len(tone), BLOCK)]
     out = np.concatenate(pieces)
-    ref = np.sin(2 * np.pi * 440 * (np.arange(len(out)) - 48) / 48000)   # 1 ms of filter delay
-    assert np.abs(out[200:-200] - ref[200:-200]).max() < 0.02   # no clicks at the block seams
+    ref = np.sin(2 * np.pi * 440 * (np.arange(len(out)) - 48) / 48000)  # 1 ms of filter delay
+    assert np.abs(out[200:-200] - ref[200:-200]).max() < 0.02  # no clicks at the block seams
     down = StreamResampler(24000, 16000)
     assert sum(len(down.push(np.zeros(11520, np.float32))) for _ in range(3)) == 3 * BLOCK
 
@@ -107,7 +114,7 @@ def test_a_full_queue_stops_reading_the_client_until_blocks_drain_it():
     async def requests():
         for k in range(3):
             pulled.append(k)
-            yield avatar_pb2.ConverseRequest(audio=avatar_pb2.AudioChunk(pcm=b"\1\0" * 16000))   # 1 s each
+            yield avatar_pb2.ConverseRequest(audio=avatar_pb2.AudioChunk(pcm=b"\1\0" * 16000))  # 1 s each
         pulled.append("interrupt")
         yield avatar_pb2.ConverseRequest(interrupt=avatar_pb2.Interrupt())
 
@@ -119,7 +126,7 @@ def test_a_full_queue_stops_reading_the_client_until_blocks_drain_it():
         # two seconds queued; the third chunk was read and waits for room, nothing after it is read
         assert session.queue.samples == 32000 and pulled == [0, 1, 2]
         async with session.cond:
-            session.queue.take_block(BLOCK)   # a block decided: still no room for a whole second
+            session.queue.take_block(BLOCK)  # a block decided: still no room for a whole second
             session.cond.notify_all()
         await asyncio.sleep(0.1)
         assert session.queue.samples == 32000 - BLOCK and pulled == [0, 1, 2]
@@ -129,7 +136,7 @@ def test_a_full_queue_stops_reading_the_client_until_blocks_drain_it():
         await asyncio.wait_for(reader, 5)
         assert pulled == [0, 1, 2, "interrupt"] and session.queue.samples == 0 and session.eos
         # the interrupt emptied the queue; the utterance is cut before any of it played
-        (event, _), = [session.out.get_nowait() for _ in range(session.out.qsize())]
+        ((event, _),) = [session.out.get_nowait() for _ in range(session.out.qsize())]
         fin = event.utterance_finished
         assert (fin.utterance, fin.played_s, fin.interrupted, session.interrupted) == (1, 0.0, True, 1)
 

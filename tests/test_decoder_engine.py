@@ -1,4 +1,5 @@
 """DecoderEngine with the tiny VAE at 64x64: primed streaming decode, trimmed last block, playable fMP4."""
+
 import json
 import shutil
 import subprocess
@@ -6,21 +7,29 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from ckpt_fixtures.encoders import write_vae
 
 from avatar.errors import InvalidInput, WeightsError
-from avatar.presets import ModelSpec
 from avatar.jobs import Job
-from ckpt_fixtures.encoders import write_vae
+from avatar.presets import ModelSpec
 from avatar.services.decoder.engine import DecoderEngine
 
 SIZE, FPS, RATE = 64, 25, 48000
-KEEP = [12, 7]              # the last block trimmed to the audio
+KEEP = [12, 7]  # the last block trimmed to the audio
 TOTAL = sum(KEEP)
 
 
 def _job(**kw) -> Job:
-    spec = dict(width=SIZE, height=SIZE, fps=FPS, latent_frames_per_block=3, num_blocks=len(KEEP),
-                total_frames=TOTAL, audio_sample_rate=RATE, model="tiny")
+    spec = dict(
+        width=SIZE,
+        height=SIZE,
+        fps=FPS,
+        latent_frames_per_block=3,
+        num_blocks=len(KEEP),
+        total_frames=TOTAL,
+        audio_sample_rate=RATE,
+        model="tiny",
+    )
     return Job(**(spec | kw))
 
 
@@ -49,8 +58,10 @@ def decoded(engine, latents):
     stream = engine.open_stream(_job(), prime)
     seen = []
     write = stream._writer.write_block
-    stream._writer.write_block = lambda frames, pcm, final=False: (seen.append(frames.copy()),
-                                                                   write(frames, pcm, final))[1]
+    stream._writer.write_block = lambda frames, pcm, final=False: (
+        seen.append(frames.copy()),
+        write(frames, pcm, final),
+    )[1]
     outs, first = [], 0
     for block, keep in zip(blocks, KEEP):
         outs.append(stream.decode_block(block, _pcm(first, keep), keep))
@@ -64,8 +75,8 @@ def decoded(engine, latents):
 def test_blocks_are_the_continuation_of_the_reference_frame(engine, latents, decoded):
     """Frames equal a one-shot decode of [prime, blocks...] without its first (reference) frame."""
     prime, blocks = latents
-    full = engine.vae.decode(torch.cat([prime] + blocks, dim=1)[None])[0]    # [3, 1 + 12 k, H, W]
-    expected = ((full[:, 1:1 + TOTAL] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    full = engine.vae.decode(torch.cat([prime] + blocks, dim=1)[None])[0]  # [3, 1 + 12 k, H, W]
+    expected = ((full[:, 1 : 1 + TOTAL] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     got = np.concatenate(decoded[3])
     assert got.shape == (TOTAL, SIZE, SIZE, 3)
     assert np.abs(got.astype(int) - expected.permute(1, 2, 3, 0).numpy().astype(int)).max() <= 1
@@ -77,28 +88,38 @@ def test_stream_is_a_playable_mp4(decoded, tmp_path):
     init, outs, tail, _ = decoded
     assert [o.num_frames for o in outs] == KEEP
     assert all(o.vae_ms > 0 and o.mux_ms > 0 for o in outs)
-    assert tail == b""      # the job's last block carried the audio tail
+    assert tail == b""  # the job's last block carried the audio tail
     path = tmp_path / "stream.mp4"
     path.write_bytes(init + b"".join(o.data for o in outs))
-    info = json.loads(subprocess.run(
-        ["ffprobe", "-v", "error", "-of", "json", "-show_streams", "-count_frames", str(path)],
-        check=True, capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["ffprobe", "-v", "error", "-of", "json", "-show_streams", "-count_frames", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     streams = {s["codec_type"]: s for s in info["streams"]}
     assert streams["video"]["codec_name"] == "h264" and streams["audio"]["codec_name"] == "aac"
     assert int(streams["video"]["nb_read_frames"]) == TOTAL
     assert float(streams["video"]["start_time"]) == 0 and float(streams["audio"]["start_time"]) >= 0
     assert abs(float(streams["audio"]["duration"]) - TOTAL / FPS) < 0.05
-    for k, o in enumerate(outs):       # each fragment plays alone after the init segment
+    for k, o in enumerate(outs):  # each fragment plays alone after the init segment
         one = tmp_path / f"one{k}.mp4"
         one.write_bytes(init + o.data)
-        frames = json.loads(subprocess.run(
-            ["ffprobe", "-v", "error", "-of", "json", "-show_frames", "-select_streams", "v", str(one)],
-            check=True, capture_output=True, text=True).stdout)["frames"]
+        frames = json.loads(
+            subprocess.run(
+                ["ffprobe", "-v", "error", "-of", "json", "-show_frames", "-select_streams", "v", str(one)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )["frames"]
         assert len(frames) == KEEP[k] and frames[0]["key_frame"] == 1
 
 
 def test_bad_blocks_are_refused(engine):
-    small = dict(width=32, height=32, num_blocks=1)      # 32x32 keeps this test cheap
+    small = dict(width=32, height=32, num_blocks=1)  # 32x32 keeps this test cheap
     block = torch.randn(16, 3, 4, 4)
     stream = engine.open_stream(_job(**small), torch.randn(16, 1, 4, 4))
     with pytest.raises(InvalidInput, match="latent must be"):
@@ -111,11 +132,11 @@ def test_bad_blocks_are_refused(engine):
         stream.decode_block(block, _pcm(0, 12).astype(np.float32), 12)
     with pytest.raises(InvalidInput, match="NaN"):
         stream.decode_block(torch.full((16, 3, 4, 4), float("nan")), _pcm(0, 12), 12)
-    assert stream.decode_block(block, _pcm(0, 12), 12).num_frames == 12   # still usable
+    assert stream.decode_block(block, _pcm(0, 12), 12).num_frames == 12  # still usable
     with pytest.raises(InvalidInput, match="extra"):
         stream.decode_block(block, _pcm(12, 12), 12)
     stream.close()
-    stream.close()   # twice is fine
+    stream.close()  # twice is fine
     with pytest.raises(RuntimeError, match="closed"):
         stream.decode_block(block, _pcm(12, 12), 12)
 
@@ -152,14 +173,18 @@ def test_compiled_decoder_runs_only_at_sizes_warmed_before_serving(latents):
     engine = DecoderEngine(ModelSpec(name="tiny", seed=3, compile=True))
     compilations = []
 
-    def backend(graph_module, example_inputs):   # dynamo's real capture, run without inductor (CPU)
+    def backend(graph_module, example_inputs):  # dynamo's real capture, run without inductor (CPU)
         compilations.append(len(example_inputs))
         return graph_module.forward
+
     engine._compiled = torch.compile(engine.vae.model.decoder, backend=backend)
 
     def decode(width, height):
         job = _job(width=width, height=height)
-        z = lambda t: torch.nn.functional.interpolate(t, size=(height // 8, width // 8))
+
+        def z(t):
+            return torch.nn.functional.interpolate(t, size=(height // 8, width // 8))
+
         stream = engine.open_stream(job, z(prime))
         used = stream._decoder._decoder
         pixels = [stream._decoder.decode(z(b)[None]) for b in blocks]
@@ -176,12 +201,13 @@ def test_compiled_decoder_runs_only_at_sizes_warmed_before_serving(latents):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     other_used, _ = decode(SIZE + 16, SIZE)
     assert other_used is engine.vae.model.decoder and len(compilations) == before
-    assert DecoderEngine(ModelSpec(name="tiny", seed=3)).warm_up([(SIZE, SIZE)]) == []   # no --compile
+    assert DecoderEngine(ModelSpec(name="tiny", seed=3)).warm_up([(SIZE, SIZE)]) == []  # no --compile
 
     def broken(graph_module, example_inputs):
         raise RuntimeError("the compiler failed")
+
     engine._compiled = torch.compile(engine.vae.model.decoder, backend=broken)
-    line, = engine.warm_up([(SIZE + 32, SIZE)])
+    (line,) = engine.warm_up([(SIZE + 32, SIZE)])
     assert line.startswith(f"{SIZE + 32}*{SIZE}: not compiled, decodes eagerly") and "compiler failed" in line
     assert engine.decoder_for(SIZE + 32, SIZE) is None
 
@@ -191,7 +217,9 @@ def test_a_compiled_decoder_keeps_decoding_while_another_thread_compiles(latents
     model called meanwhile from another thread used to raise "Detected that you are using FX to
     symbolically trace a dynamo-optimized function" (an H100 request in `serve --role all`)."""
     import threading
+
     from torch.fx.experimental.proxy_tensor import make_fx
+
     prime, blocks = latents
     engine = DecoderEngine(ModelSpec(name="tiny", seed=3, compile=True))
     engine._compiled = torch.compile(engine.vae.model.decoder, backend=lambda gm, inputs: gm.forward)
@@ -201,10 +229,11 @@ def test_a_compiled_decoder_keeps_decoding_while_another_thread_compiles(latents
 
     tracing, release = threading.Event(), threading.Event()
 
-    def traced(x):        # another thread's compilation, held in the middle of its trace
+    def traced(x):  # another thread's compilation, held in the middle of its trace
         tracing.set()
         release.wait(60)
         return x * 2
+
     tracer = threading.Thread(target=lambda: make_fx(traced)(torch.ones(2)))
     tracer.start()
     try:

@@ -1,5 +1,6 @@
 """deploy/: compose, Kubernetes manifests and Dockerfiles parse, follow their schemas and agree
 with the code (ports, flags, files). Docker and kubectl are not needed."""
+
 import re
 import shlex
 from pathlib import Path
@@ -19,8 +20,9 @@ GPU_ROLES = ("encoder", "generator", "decoder")
 # (e.g. "healtcheck", "restart_policy" at service level) fails here as `docker compose config` would.
 _DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(us|ms|s|m|h))+$"}
 _STR_LIST = {"type": "array", "items": {"type": "string"}}
-_ENV = {"oneOf": [{"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
-                  _STR_LIST]}
+_ENV = {
+    "oneOf": [{"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}}, _STR_LIST]
+}
 COMPOSE_SCHEMA = {
     "type": "object",
     "required": ["services"],
@@ -29,9 +31,14 @@ COMPOSE_SCHEMA = {
     "properties": {
         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"},
         "services": {"type": "object", "minProperties": 1, "additionalProperties": {"$ref": "#/$defs/service"}},
-        "networks": {"type": "object", "additionalProperties": {
-            "type": ["object", "null"], "additionalProperties": False,
-            "properties": {"driver": {"type": "string"}, "internal": {"type": "boolean"}}}},
+        "networks": {
+            "type": "object",
+            "additionalProperties": {
+                "type": ["object", "null"],
+                "additionalProperties": False,
+                "properties": {"driver": {"type": "string"}, "internal": {"type": "boolean"}},
+            },
+        },
         "volumes": {"type": "object"},
     },
     "$defs": {
@@ -56,33 +63,82 @@ COMPOSE_SCHEMA = {
                 "shm_size": {"type": ["string", "integer"]},
                 "ipc": {"type": "string"},
                 "profiles": _STR_LIST,
-                "logging": {"type": "object", "additionalProperties": False,
-                            "properties": {"driver": {"type": "string"}, "options": {"type": "object"}}},
+                "logging": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"driver": {"type": "string"}, "options": {"type": "object"}},
+                },
                 "healthcheck": {
-                    "type": "object", "additionalProperties": False, "required": ["test"],
-                    "properties": {"test": {"oneOf": [{"type": "string"}, _STR_LIST]},
-                                   "interval": _DURATION, "timeout": _DURATION, "retries": {"type": "integer"},
-                                   "start_period": _DURATION, "start_interval": _DURATION,
-                                   "disable": {"type": "boolean"}}},
-                "depends_on": {"oneOf": [_STR_LIST, {"type": "object", "additionalProperties": {
-                    "type": "object", "additionalProperties": False, "required": ["condition"],
-                    "properties": {"condition": {"enum": ["service_started", "service_healthy",
-                                                          "service_completed_successfully"]},
-                                   "required": {"type": "boolean"}, "restart": {"type": "boolean"}}}}]},
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["test"],
+                    "properties": {
+                        "test": {"oneOf": [{"type": "string"}, _STR_LIST]},
+                        "interval": _DURATION,
+                        "timeout": _DURATION,
+                        "retries": {"type": "integer"},
+                        "start_period": _DURATION,
+                        "start_interval": _DURATION,
+                        "disable": {"type": "boolean"},
+                    },
+                },
+                "depends_on": {
+                    "oneOf": [
+                        _STR_LIST,
+                        {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["condition"],
+                                "properties": {
+                                    "condition": {
+                                        "enum": ["service_started", "service_healthy", "service_completed_successfully"]
+                                    },
+                                    "required": {"type": "boolean"},
+                                    "restart": {"type": "boolean"},
+                                },
+                            },
+                        },
+                    ]
+                },
                 "deploy": {
-                    "type": "object", "additionalProperties": False,
+                    "type": "object",
+                    "additionalProperties": False,
                     "properties": {
                         "replicas": {"type": "integer"},
-                        "resources": {"type": "object", "additionalProperties": False, "properties": {
-                            "limits": {"type": "object"},
-                            "reservations": {"type": "object", "additionalProperties": False, "properties": {
-                                "cpus": {"type": ["string", "number"]}, "memory": {"type": "string"},
-                                "devices": {"type": "array", "items": {
-                                    "type": "object", "additionalProperties": False, "required": ["capabilities"],
-                                    "properties": {"driver": {"type": "string"},
-                                                   "count": {"oneOf": [{"type": "integer"}, {"const": "all"}]},
-                                                   "device_ids": _STR_LIST, "capabilities": _STR_LIST,
-                                                   "options": {"type": "object"}}}}}}}}}},
+                        "resources": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "limits": {"type": "object"},
+                                "reservations": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "cpus": {"type": ["string", "number"]},
+                                        "memory": {"type": "string"},
+                                        "devices": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "additionalProperties": False,
+                                                "required": ["capabilities"],
+                                                "properties": {
+                                                    "driver": {"type": "string"},
+                                                    "count": {"oneOf": [{"type": "integer"}, {"const": "all"}]},
+                                                    "device_ids": _STR_LIST,
+                                                    "capabilities": _STR_LIST,
+                                                    "options": {"type": "object"},
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
             },
         },
     },
@@ -107,6 +163,7 @@ def interpolate(value, env):
         if op in (":?", "?"):
             raise KeyError(f"{name}: {arg}")
         return arg or ""
+
     return _VAR.sub(sub, value)
 
 
@@ -133,7 +190,7 @@ def _flags(args):
 
 def test_compose_follows_the_schema(compose):
     jsonschema.validate(compose, COMPOSE_SCHEMA)
-    with pytest.raises(jsonschema.ValidationError):   # the schema does catch typos
+    with pytest.raises(jsonschema.ValidationError):  # the schema does catch typos
         bad = yaml.safe_load(yaml.safe_dump(compose))
         bad["services"]["gateway"]["healtcheck"] = bad["services"]["gateway"].pop("healthcheck")
         jsonschema.validate(bad, COMPOSE_SCHEMA)
@@ -191,7 +248,7 @@ def test_compose_reserves_gpus_and_runs_a_torchrun_generator(compose):
     assert multi["profiles"] == ["multi-gpu"]
     cmd = multi["command"]
     assert cmd[0] == "torchrun" and "--no-python" in cmd
-    serve = cmd[cmd.index("avatar") + 1:]
+    serve = cmd[cmd.index("avatar") + 1 :]
     assert serve[0] == "serve" and _flags(serve)["role"] == "generator"
     assert multi["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
     assert "gateway" not in [d for d in services["gateway"]["depends_on"] if d.startswith("generator-")]
@@ -201,8 +258,9 @@ def test_otel_collector_config_is_consistent():
     for path in (DEPLOY / "otel-collector.yaml",):
         cfg = yaml.safe_load(path.read_text())
         _check_collector(cfg)
-    k8s = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "otel-collector.yaml").read_text())
-           if d["kind"] == "ConfigMap"][0]
+    k8s = [
+        d for d in yaml.safe_load_all((DEPLOY / "k8s" / "otel-collector.yaml").read_text()) if d["kind"] == "ConfigMap"
+    ][0]
     _check_collector(yaml.safe_load(k8s["data"]["config.yaml"]))
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
@@ -216,31 +274,63 @@ def _check_collector(cfg):
         for kind in ("receivers", "processors", "exporters"):
             for item in pipe.get(kind, []):
                 assert item in cfg[kind], f"pipeline {name} uses undefined {kind[:-1]} {item}"
-    assert any(e.startswith("otlp") and "jaeger" in cfg["exporters"][e]["endpoint"]
-               for e in cfg["service"]["pipelines"]["traces"]["exporters"])
+    assert any(
+        e.startswith("otlp") and "jaeger" in cfg["exporters"][e]["endpoint"]
+        for e in cfg["service"]["pipelines"]["traces"]["exporters"]
+    )
 
 
 # --- kubernetes ----------------------------------------------------------------------------
 
-API_VERSIONS = {"Namespace": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
-                "Deployment": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1"}
-OBJECT_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata"],
-    "properties": {"metadata": {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}}}}},
+API_VERSIONS = {
+    "Namespace": "v1",
+    "ConfigMap": "v1",
+    "Service": "v1",
+    "PersistentVolumeClaim": "v1",
+    "Deployment": "apps/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
 }
-PROBE = {"type": "object", "required": ["grpc"], "properties": {
-    "grpc": {"type": "object", "required": ["port"], "additionalProperties": False,
-             "properties": {"port": {"type": "integer"}, "service": {"type": "string"}}},
-    "periodSeconds": {"type": "integer", "minimum": 1}, "failureThreshold": {"type": "integer", "minimum": 1},
-    "timeoutSeconds": {"type": "integer", "minimum": 1}, "initialDelaySeconds": {"type": "integer"}}}
+OBJECT_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata"],
+    "properties": {
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        }
+    },
+}
+PROBE = {
+    "type": "object",
+    "required": ["grpc"],
+    "properties": {
+        "grpc": {
+            "type": "object",
+            "required": ["port"],
+            "additionalProperties": False,
+            "properties": {"port": {"type": "integer"}, "service": {"type": "string"}},
+        },
+        "periodSeconds": {"type": "integer", "minimum": 1},
+        "failureThreshold": {"type": "integer", "minimum": 1},
+        "timeoutSeconds": {"type": "integer", "minimum": 1},
+        "initialDelaySeconds": {"type": "integer"},
+    },
+}
 CONTAINER_SCHEMA = {
-    "type": "object", "required": ["name", "image", "ports", "readinessProbe", "livenessProbe", "resources"],
-    "properties": {"readinessProbe": PROBE, "livenessProbe": PROBE, "startupProbe": PROBE,
-                   "args": {"type": "array", "items": {"type": "string"}},
-                   "command": {"type": "array", "items": {"type": "string"}},
-                   "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}}},
+    "type": "object",
+    "required": ["name", "image", "ports", "readinessProbe", "livenessProbe", "resources"],
+    "properties": {
+        "readinessProbe": PROBE,
+        "livenessProbe": PROBE,
+        "startupProbe": PROBE,
+        "args": {"type": "array", "items": {"type": "string"}},
+        "command": {"type": "array", "items": {"type": "string"}},
+        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
+    },
 }
 
 
@@ -278,8 +368,11 @@ def _containers(dep):
 
 
 def _mesh_deployments(docs):
-    return {d["metadata"]["name"].removeprefix("avatar-"): d for d in docs
-            if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("avatar-")}
+    return {
+        d["metadata"]["name"].removeprefix("avatar-"): d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("avatar-")
+    }
 
 
 def _check_deployment(role, dep, configmaps):
@@ -298,7 +391,7 @@ def _check_deployment(role, dep, configmaps):
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert c[probe]["grpc"]["port"] == ROLES[role], f"{role} {probe} must use gRPC health on its port"
     args = c.get("command", []) + c["args"]
-    serve = args[args.index("serve"):]
+    serve = args[args.index("serve") :]
     flags = _flags(serve)
     assert flags["role"] == role and flags["listen"] == f"0.0.0.0:{ROLES[role]}"
     for ref in c.get("envFrom", []):
@@ -309,7 +402,7 @@ def _check_deployment(role, dep, configmaps):
         assert "secretKeyRef" in env[name]["valueFrom"], f"{name} must come from a Secret"
         assert "value" not in env[name]
     defined = set(env) | {k for ref in c.get("envFrom", []) for k in configmaps[ref["configMapRef"]["name"]]}
-    for a in args:   # $(VAR) references must resolve or Kubernetes passes them through verbatim
+    for a in args:  # $(VAR) references must resolve or Kubernetes passes them through verbatim
         for var in re.findall(r"\$\(([A-Z0-9_]+)\)", a):
             assert var in defined, f"{role}: $({var}) is not defined"
     limits = c["resources"].get("limits", {})
@@ -337,8 +430,11 @@ def test_k8s_services_select_their_deployments(k8s):
     services = {s["metadata"]["name"]: s for s in _all(k8s, "Service")}
     assert set(ROLES) <= set(services)
     for name, svc in services.items():
-        matches = [d for d in deps.values()
-                   if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        matches = [
+            d
+            for d in deps.values()
+            if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(matches) == 1, f"Service {name} selects {len(matches)} deployments"
         port_names = {p["name"] for c in _containers(matches[0]) for p in c["ports"]}
         for p in svc["spec"]["ports"]:
@@ -355,13 +451,13 @@ def test_k8s_multi_gpu_generator_uses_torchrun(k8s):
     dep = _mesh_deployments(docs)["generator"]
     c, _ = _check_deployment("generator", dep, configmaps)
     assert c["command"] == ["torchrun"]
-    flags = _flags(c["args"][:c["args"].index("avatar")])
+    flags = _flags(c["args"][: c["args"].index("avatar")])
     assert "no-python" in flags and "standalone" in flags
     assert int(flags["nproc-per-node"]) == int(c["resources"]["limits"]["nvidia.com/gpu"]) > 1
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert "/dev/shm" in mounts, "NCCL needs a large /dev/shm"
     (svc,) = [d for d in docs if d["kind"] == "Service"]
-    assert svc["metadata"]["name"] == "generator"   # drop-in for generator.yaml
+    assert svc["metadata"]["name"] == "generator"  # drop-in for generator.yaml
 
 
 def test_k8s_internal_services_only_from_gateway(k8s):
@@ -382,6 +478,7 @@ def test_manifests_hold_no_secrets():
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------
+
 
 def _dockerfile(name):
     """(instruction, argument) pairs with line continuations joined."""
@@ -413,13 +510,15 @@ def test_dockerfiles_build_from_the_repo(name, base):
     assert users and users[-1] not in ("root", "0")
     run = " ".join(a for i, a in ins if i == "RUN")
     assert "requirements.txt" in run and "gen_protos.py" in run
-    if "--no-build-isolation" in run:   # then the build backend must be installed by hand
+    if "--no-build-isolation" in run:  # then the build backend must be installed by hand
         import tomllib
+
         pinned = (ROOT / "requirements.txt").read_text()
         for need in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]:
             dist = re.match(r"[A-Za-z0-9_.-]+", need).group(0)
-            assert f'"{need}"' in run or re.search(rf"^{dist}==", pinned, re.M), \
+            assert f'"{need}"' in run or re.search(rf"^{dist}==", pinned, re.M), (
                 f"{name} must install {need} before building without isolation"
+            )
     torch_pin = re.search(r"^torch==(\S+)", (ROOT / "requirements.txt").read_text(), re.M)
     assert torch_pin, "torch is pinned in requirements.txt"
     assert ("whl/cu" in run) == (name == "Dockerfile.cuda")
@@ -443,14 +542,21 @@ def test_deploy_flags_exist_in_the_cli(compose):
         pytest.skip("avatar.app.cli has no build_parser()")
     parser = parser()
     lines = [compose["services"][r]["command"] for r in ROLES]
-    lines.append(compose["services"]["generator-multi"]["command"][
-        compose["services"]["generator-multi"]["command"].index("avatar") + 1:])
+    lines.append(
+        compose["services"]["generator-multi"]["command"][
+            compose["services"]["generator-multi"]["command"].index("avatar") + 1 :
+        ]
+    )
     for name in ("gateway.yaml", "encoder.yaml", "generator.yaml", "decoder.yaml", "generator-multigpu.yaml"):
         for d in _k8s_docs(name):
             if d["kind"] == "Deployment":
                 args = _containers(d)[0]["args"]
-                lines.append([a.replace("$(AVATAR_MAX_SESSIONS)", "4").replace("$(AVATAR_MAX_QUEUE)", "8")
-                              for a in args[args.index("serve"):]])
+                lines.append(
+                    [
+                        a.replace("$(AVATAR_MAX_SESSIONS)", "4").replace("$(AVATAR_MAX_QUEUE)", "8")
+                        for a in args[args.index("serve") :]
+                    ]
+                )
     for ins in (_dockerfile("Dockerfile.cpu"), _dockerfile("Dockerfile.cuda")):
         lines.append(yaml.safe_load([a for i, a in ins if i == "CMD"][0]))
     for line in lines:

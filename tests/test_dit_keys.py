@@ -1,11 +1,12 @@
 """Full-size DiT on the meta device: upstream's parameter names/shapes and the LiveAvatar LoRA keys."""
+
 import json
 import re
 from pathlib import Path
 
 import pytest
-from peft import LoraConfig, inject_adapter_in_model
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from peft import LoraConfig, inject_adapter_in_model
 
 from avatar.errors import WeightsError
 from avatar.services.generator.lora import DEFAULT_TARGETS, PREFIX, plan_lora
@@ -32,6 +33,7 @@ def test_s2v_14b_meta_model_has_exactly_upstream_names_shapes_dtypes():
 def test_tiny_preset_has_the_same_structure_as_s2v_14b():
     def pattern(keys):
         return {re.sub(r"\.\d+\.", ".N.", k) for k in keys}
+
     tiny = build_dit("tiny", device="meta").state_dict()
     full = _manifest("wan22_s2v_14b_dit.json")
     assert pattern(tiny) == pattern(full)
@@ -44,8 +46,9 @@ def test_liveavatar_lora_keys_apply_to_the_meta_model():
     assert (plan.rank, plan.alpha, plan.wrapped, len(plan.modules)) == (128, 64.0, 448, 448)
     assert plan.extra == {} and plan.ignored == []
     # The same through peft itself: the wrapped model's LoRA tensors are exactly the file's keys.
-    inject_adapter_in_model(LoraConfig(r=128, lora_alpha=64, target_modules=list(DEFAULT_TARGETS)), model,
-                            low_cpu_mem_usage=True)
+    inject_adapter_in_model(
+        LoraConfig(r=128, lora_alpha=64, target_modules=list(DEFAULT_TARGETS)), model, low_cpu_mem_usage=True
+    )
     wrapped = {PREFIX + k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items() if ".lora_" in k}
     assert wrapped == lora
     assert sum(1 for k in wrapped if k.startswith(PREFIX + "audio_injector.")) == 96  # easy to overlook

@@ -13,6 +13,7 @@ switched off our outputs agree with them within 2.4e-6, with it on they differ b
 (1.2e-4 of the outputs' norm), the size of one bf16 rounding carried through the layers. So every
 check runs both ways: off, everything else is held to 1e-5; on (the default), to the measured bound.
 """
+
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ REFERENCE = Path(__file__).parent / "data" / "dit_upstream_reference.safetensors
 
 # (norm3 input dtype, largest |ours - recorded|, largest |diff| / |recorded| over a block's latents)
 AS_RECORDED = (torch.float32, 1e-5, 1e-6)
-AS_UPSTREAM_RUNS = (torch.bfloat16, 2e-3, 2e-4)   # measured: 1.5e-3 and 1.2e-4 (model), 9.8e-4 and 6.8e-5 (engine)
+AS_UPSTREAM_RUNS = (torch.bfloat16, 2e-3, 2e-4)  # measured: 1.5e-3 and 1.2e-4 (model), 9.8e-4 and 6.8e-5 (engine)
 
 
 @pytest.fixture(params=[AS_RECORDED, AS_UPSTREAM_RUNS], ids=["as-recorded", "as-upstream-runs"])
@@ -53,7 +54,9 @@ def test_sink_and_five_blocks_match_upstream(rounding):
         meta = f.metadata()
         want = {k: f.get_tensor(k) for k in f.keys()}
     lead = int(meta["rd"])
-    model = random_dit(dict(PRESETS["tiny"], audio_layers=25, text_len=512), "cpu", torch.float32, seed=int(meta["seed_weights"]))
+    model = random_dit(
+        dict(PRESETS["tiny"], audio_layers=25, text_len=512), "cpu", torch.float32, seed=int(meta["seed_weights"])
+    )
     g = torch.Generator().manual_seed(int(meta["seed_inputs"]))
     h, w, window = 8, 12, 6
     text = torch.randn(5, 32, generator=g)
@@ -66,10 +69,11 @@ def test_sink_and_five_blocks_match_upstream(rounding):
     sink_k, nref = want["sink_k.layer2"], h // 2 * w // 2
     motion_rope = model._sink_rope(h, w, REF_ROPE_FRAME, "cpu")
     motion_rope = Rope(motion_rope.cos[nref:], motion_rope.sin[nref:])
-    if dtype == torch.float32:   # layer 2's keys come after two layers of norm3: bound by the outputs below
+    if dtype == torch.float32:  # layer 2's keys come after two layers of norm3: bound by the outputs below
         torch.testing.assert_close(kv.ref_k[2], sink_k[:, :nref], rtol=0, atol=1e-5)
-        torch.testing.assert_close(kv.keys[0, 2, :, nref:kv.spec.sink_tokens],
-                                   apply_rope(sink_k[:, nref:], motion_rope), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            kv.keys[0, 2, :, nref : kv.spec.sink_tokens], apply_rope(sink_k[:, nref:], motion_rope), rtol=0, atol=1e-5
+        )
     for block in range(5):
         frame = 3 * block
         latents = torch.randn(1, 16, 3, h, w, generator=g)
@@ -92,17 +96,29 @@ def test_engine_blocks_match_upstreams_generate_loop(rounding):
         want = [f.get_tensor(f"block.{b}") for b in range(len(f.keys()))]
     seed, steps, infer, width, height = (int(meta[k]) for k in ("seed", "steps", "infer_frames", "width", "height"))
     clips, h, w = int(meta["clips"]), height // 8, width // 8
-    model = random_dit(dict(PRESETS["tiny"], audio_layers=25, text_len=512), "cpu", torch.float32, seed=int(meta["seed_weights"]))
+    model = random_dit(
+        dict(PRESETS["tiny"], audio_layers=25, text_len=512), "cpu", torch.float32, seed=int(meta["seed_weights"])
+    )
     g = torch.Generator().manual_seed(int(meta["seed_inputs"]))
     text = torch.randn(5, 32, generator=g)
     ref = torch.randn(16, 1, h, w, generator=g)
     motion = torch.randn(16, 19, h, w, generator=g)
     audio = torch.randn(clips * infer, 25, 32, generator=g)
-    job = Job(width=width, height=height, fps=25, infer_frames=infer, latent_frames_per_block=3,
-              num_blocks=len(want), total_frames=clips * infer, sample_steps=steps, seed=seed, model="tiny")
+    job = Job(
+        width=width,
+        height=height,
+        fps=25,
+        infer_frames=infer,
+        latent_frames_per_block=3,
+        num_blocks=len(want),
+        total_frames=clips * infer,
+        sample_steps=steps,
+        seed=seed,
+        model="tiny",
+    )
     session = GeneratorEngine(ModelSpec(), dit=model).open_session(job, text, ref, motion)
     for b, expected in enumerate(want):
-        got = session.generate_block(audio[12 * b:12 * (b + 1)])
+        got = session.generate_block(audio[12 * b : 12 * (b + 1)])
         _close(got, expected, atol, rel, f"block {b}")
 
 

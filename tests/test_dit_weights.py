@@ -1,4 +1,5 @@
 """The DiT from a tiny checkpoint in the upstream layout: strict, lazy loading and clear errors."""
+
 import json
 
 import pytest
@@ -6,9 +7,9 @@ import torch
 from ckpt_fixtures.dit import one_torch_thread, write_dit_checkpoint  # noqa: F401 (one_torch_thread: autouse)
 from safetensors.torch import load_file, save_file
 
+from avatar.checkpoints import DIT_INDEX as INDEX_NAME
 from avatar.errors import WeightsError
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
-from avatar.checkpoints import DIT_INDEX as INDEX_NAME
 from avatar.services.generator.weights import build_dit, load_dit, random_dit
 
 SHARD2 = "diffusion_pytorch_model-00002-of-00002.safetensors"

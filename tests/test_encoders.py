@@ -1,18 +1,26 @@
 """Encoders: umT5 from upstream names, audio features bucketed per video frame, the EncoderEngine contract."""
+
 import json
 import pathlib
 
 import numpy as np
 import pytest
 import torch
+from ckpt_fixtures.encoders import write_encoder_files, write_t5, write_tokenizer, write_wav2vec2
 
 from avatar.errors import InvalidInput, WeightsError
 from avatar.presets import MODEL_DIMS, EncoderOptions, ModelSpec
-from ckpt_fixtures.encoders import write_encoder_files, write_t5, write_tokenizer, write_wav2vec2
-from avatar.services.encoder.audio_encoder import (AudioEncoder, bucket_features, frame_indices, resample_features)
+from avatar.services.encoder.audio_encoder import AudioEncoder, bucket_features, frame_indices, resample_features
 from avatar.services.encoder.engine import REF_REPEAT, EncoderEngine
-from avatar.services.encoder.text_encoder import (TEXT_LEN, TINY_T5, UMT5_XXL, TextEncoder, expected_upstream_shapes,
-                                           infer_dims, upstream_key_map)
+from avatar.services.encoder.text_encoder import (
+    TEXT_LEN,
+    TINY_T5,
+    UMT5_XXL,
+    TextEncoder,
+    expected_upstream_shapes,
+    infer_dims,
+    upstream_key_map,
+)
 
 KEYS = pathlib.Path(__file__).parent / "data" / "keys"
 SR = 16000
@@ -21,8 +29,9 @@ SR = 16000
 def _speech_like(seconds: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SR)) / SR
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
-            + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    return (
+        0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2 + 0.05 * rng.standard_normal(t.size)
+    ).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +41,15 @@ def engine() -> EncoderEngine:
 
 # -- umT5 ---------------------------------------------------------------------------------------
 
+
 def test_full_size_t5_names_and_shapes_equal_upstream_manifest():
     manifest = {name: tuple(shape) for name, shape, _ in json.loads((KEYS / "umt5_xxl_enc.json").read_text())}
     assert expected_upstream_shapes(UMT5_XXL) == manifest
-    assert infer_dims(manifest) == UMT5_XXL   # 24 layers, 64 heads (from pos_embedding), ffn 10240
+    assert infer_dims(manifest) == UMT5_XXL  # 24 layers, 64 heads (from pos_embedding), ffn 10240
     with torch.device("meta"):
         model = UMT5_XXL.build()
     mapped = set(upstream_key_map(model).values())
-    assert set(model.state_dict()) - mapped == {"encoder.embed_tokens.weight"}   # the tied copy of shared
+    assert set(model.state_dict()) - mapped == {"encoder.embed_tokens.weight"}  # the tied copy of shared
 
 
 def test_tiny_t5_checkpoint_loads_strictly_and_runs(tmp_path):
@@ -63,8 +73,8 @@ def test_tiny_t5_checkpoint_loads_strictly_and_runs(tmp_path):
 
 def test_prompt_lengths():
     enc = TextEncoder.tiny(0)
-    assert enc.encode("").shape == (1, TINY_T5.dim)                 # just </s>
-    assert enc.encode("word " * 400).shape == (MODEL_DIMS["tiny"].text_len, TINY_T5.dim)   # the tiny DiT's text_len
+    assert enc.encode("").shape == (1, TINY_T5.dim)  # just </s>
+    assert enc.encode("word " * 400).shape == (MODEL_DIMS["tiny"].text_len, TINY_T5.dim)  # the tiny DiT's text_len
     assert TextEncoder(enc.model, enc.tokenizer, enc.dims).encode("word " * 400).shape == (TEXT_LEN, TINY_T5.dim)
     with pytest.raises(InvalidInput):
         enc.encode(None)
@@ -93,6 +103,7 @@ def test_t5_missing_key_is_named(tmp_path):
 
 # -- audio --------------------------------------------------------------------------------------
 
+
 def test_frame_indices_follow_upstream_rounding():
     assert frame_indices(0, 9, 25).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 10]
     # upstream Wan2.2-S2V at 16 fps: round-half-to-even gives 8 (not 7) for frame 4
@@ -114,7 +125,7 @@ def test_ten_seconds_of_audio_at_25_fps():
     enc = AudioEncoder.tiny(0)
     pcm = _speech_like(10.0)
     z = enc.hidden_states(pcm)
-    assert z.shape == (5, 499, 32)             # 5 hidden states, 50 Hz (upstream's worked example: 499)
+    assert z.shape == (5, 499, 32)  # 5 hidden states, 50 Hz (upstream's worked example: 499)
     chunks = list(enc.encode(pcm, fps=25, total_frames=260, chunk_frames=12))
     assert [f for f, _ in chunks] == list(range(0, 260, 12))
     assert [c.shape[0] for _, c in chunks] == [12] * 21 + [8]
@@ -132,19 +143,19 @@ def test_long_audio_is_encoded_in_windows_and_streamed(monkeypatch):
     base = AudioEncoder.tiny(0)
     enc = AudioEncoder(base.backend, base.model, base.feature_extractor, window_s=4.0, context_s=1.0)
     pcm = _speech_like(12.0)
-    whole = base.hidden_states(pcm)             # 12 s < base's 60 s window: one pass, as upstream
+    whole = base.hidden_states(pcm)  # 12 s < base's 60 s window: one pass, as upstream
     seen = []
     run = enc._wav2vec2
     monkeypatch.setattr(enc, "_wav2vec2", lambda v: (seen.append(len(v)), run(v))[1])
     windowed = enc.hidden_states(pcm)
     assert windowed.shape == whole.shape == (5, 599, 32)
-    assert max(seen) == 199 * 320 + 400 and len(seen) == 6   # 200 frames (4 s) per window, 100 new: ceil(599 / 100)
+    assert max(seen) == 199 * 320 + 400 and len(seen) == 6  # 200 frames (4 s) per window, 100 new: ceil(599 / 100)
     # away from nothing but attention context, windows agree closely with the single pass
     assert (windowed - whole).abs().max() < 0.05 * whole.abs().max()
     seen.clear()
     chunks = enc.encode(pcm, fps=25, total_frames=300)
     first, feats = next(chunks)
-    assert first == 0 and feats.shape == (12, 5, 32) and len(seen) == 1   # the first chunk needs one window
+    assert first == 0 and feats.shape == (12, 5, 32) and len(seen) == 1  # the first chunk needs one window
     assert sum(c.shape[0] for _, c in chunks) == 300 - 12 and len(seen) == 6
 
 
@@ -165,18 +176,22 @@ def test_whisper_backend_windows_long_audio():
     assert first == 0 and feats.shape == (12, 5, 32)
 
 
-@pytest.mark.parametrize("pcm, why", [
-    (np.zeros((100, 2), np.float32), "mono"),
-    (np.zeros(16000, np.int16), "float"),
-    (np.zeros(100, np.float32), "too short"),
-    (np.full(16000, np.nan, np.float32), "NaN"),
-])
+@pytest.mark.parametrize(
+    "pcm, why",
+    [
+        (np.zeros((100, 2), np.float32), "mono"),
+        (np.zeros(16000, np.int16), "float"),
+        (np.zeros(100, np.float32), "too short"),
+        (np.full(16000, np.nan, np.float32), "NaN"),
+    ],
+)
 def test_bad_audio_is_rejected(pcm, why):
     with pytest.raises(InvalidInput, match=why):
         AudioEncoder.tiny(0).hidden_states(pcm)
 
 
 # -- engine -------------------------------------------------------------------------------------
+
 
 def test_engine_image_latents_follow_upstream(engine):
     img = np.random.default_rng(0).integers(0, 256, (16, 32, 3), dtype=np.uint8)
@@ -189,8 +204,9 @@ def test_engine_image_latents_follow_upstream(engine):
     assert not torch.allclose(motion[:, :1], ref)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((32, 32, 3), np.float32), np.zeros((32, 32), np.uint8),
-                                 np.zeros((40, 32, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((32, 32, 3), np.float32), np.zeros((32, 32), np.uint8), np.zeros((40, 32, 3), np.uint8)]
+)
 def test_engine_rejects_bad_images(engine, bad):
     with pytest.raises(InvalidInput):
         engine.encode_image(bad)
@@ -207,7 +223,7 @@ def test_engine_text_audio_and_clip(engine):
 
 def test_engine_whisper_backend():
     eng = EncoderEngine(ModelSpec(encoder_options=EncoderOptions(audio_encoders=("whisper",))))
-    (_, feats), = list(eng.encode_audio(_speech_like(0.5), fps=25, total_frames=12, backend="whisper"))
+    ((_, feats),) = list(eng.encode_audio(_speech_like(0.5), fps=25, total_frames=12, backend="whisper"))
     assert feats.shape == (12, 5, 32)
 
 
@@ -222,6 +238,7 @@ def test_engine_from_folder_checks_dims(tmp_path):
 def test_random_t5_filled_on_its_device_is_finite_and_tied():
     """The path `--random-weights` takes on a GPU (allocated and filled on the device), run on CPU."""
     from avatar.services.encoder.text_encoder import TINY_T5, TextEncoder, filled_on_device
+
     model = filled_on_device(TINY_T5, 3, "cpu", torch.float32)
     assert model.encoder.embed_tokens.weight is model.shared.weight
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -229,7 +246,7 @@ def test_random_t5_filled_on_its_device_is_finite_and_tied():
     out = enc.encode("a talking astronaut")
     assert out.shape[1] == TINY_T5.dim and torch.isfinite(out).all()
     again = TextEncoder(filled_on_device(TINY_T5, 3, "cpu", torch.float32), enc.tokenizer, TINY_T5, 16)
-    assert torch.equal(again.encode("a talking astronaut"), out)     # seeded
+    assert torch.equal(again.encode("a talking astronaut"), out)  # seeded
 
 
 def test_repeated_portraits_and_prompts_come_from_the_cache(engine, monkeypatch):
@@ -240,9 +257,9 @@ def test_repeated_portraits_and_prompts_come_from_the_cache(engine, monkeypatch)
     monkeypatch.setattr(engine.vae, "encode_still", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = engine.encode_image(img)
     n = len(calls)
-    again = engine.encode_image(img.copy())           # same pixels, another array: no VAE work
+    again = engine.encode_image(img.copy())  # same pixels, another array: no VAE work
     assert len(calls) == n and all(torch.equal(a, b) for a, b in zip(first, again))
-    different = engine.encode_image(other)             # one pixel set apart is another image
+    different = engine.encode_image(other)  # one pixel set apart is another image
     assert len(calls) == 2 * n and not torch.equal(different[0], first[0])
     flipped = img.copy()
     flipped[0, 0, 0] ^= 1

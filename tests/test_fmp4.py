@@ -1,4 +1,5 @@
 """Fragmented MP4 writer: ffprobe reads the concatenated stream and each fragment on its own."""
+
 import io
 import json
 import shutil
@@ -24,8 +25,11 @@ def _frames(block: int, n: int = FRAMES_PER_BLOCK) -> np.ndarray:
     out = []
     for i in range(n):
         t = block * FRAMES_PER_BLOCK + i
-        out.append(np.stack([(x * 2 + t * 5) % 256, (y * 3 + t * 7) % 256,
-                             np.full_like(x, (t * 11) % 256)], axis=-1).astype(np.uint8))
+        out.append(
+            np.stack([(x * 2 + t * 5) % 256, (y * 3 + t * 7) % 256, np.full_like(x, (t * 11) % 256)], axis=-1).astype(
+                np.uint8
+            )
+        )
     return np.stack(out)
 
 
@@ -35,15 +39,16 @@ def _tone(start: int, n: int, freq: float = 440.0) -> np.ndarray:
 
 
 def _probe(path, *args) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-of", "json", *args, str(path)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-of", "json", *args, str(path)], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out)
 
 
 def _boxes(data: bytes) -> list[bytes]:
     kinds, pos = [], 0
     while pos < len(data):
-        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        size, kind = struct.unpack(">I4s", data[pos : pos + 8])
         kinds.append(kind)
         pos += size
     assert pos == len(data), "box sizes must add up to the byte count"
@@ -56,8 +61,7 @@ def stream():
     writer = FragmentedMp4Writer(W, H, FPS, RATE)
     fragments = []
     for b in range(5):
-        fragments.append(writer.write_block(_frames(b), _tone(b * SAMPLES_PER_BLOCK, SAMPLES_PER_BLOCK),
-                                            final=b == 4))
+        fragments.append(writer.write_block(_frames(b), _tone(b * SAMPLES_PER_BLOCK, SAMPLES_PER_BLOCK), final=b == 4))
     return writer, writer.init_segment(), fragments
 
 
@@ -87,8 +91,9 @@ def test_concatenated_stream_is_a_valid_mp4(stream, tmp_path):
     assert abs(float(v["duration"]) - video_s) < 1e-3
     assert abs(float(a["duration"]) - video_s) < 0.05
     # ffmpeg decodes the whole file without a complaint
-    err = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
-                         capture_output=True, text=True).stderr
+    err = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"], capture_output=True, text=True
+    ).stderr
     assert err == ""
 
 
@@ -109,10 +114,11 @@ def test_audio_stays_in_sync_with_frame_times(tmp_path):
     n = 4 * SAMPLES_PER_BLOCK
     pcm = np.zeros(n, np.int16)
     click = RATE  # sample index of 1.00 s
-    pcm[click:click + 480] = (np.sin(np.arange(480) / 480 * np.pi * 40) * 20000).astype(np.int16)
+    pcm[click : click + 480] = (np.sin(np.arange(480) / 480 * np.pi * 40) * 20000).astype(np.int16)
     data = writer.init_segment() + b"".join(
-        writer.write_block(_frames(b), pcm[b * SAMPLES_PER_BLOCK:(b + 1) * SAMPLES_PER_BLOCK], final=b == 3)
-        for b in range(4))
+        writer.write_block(_frames(b), pcm[b * SAMPLES_PER_BLOCK : (b + 1) * SAMPLES_PER_BLOCK], final=b == 3)
+        for b in range(4)
+    )
     with av.open(io.BytesIO(data)) as c:
         decoded = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
     assert abs(len(decoded) - n) < 1024
@@ -130,8 +136,11 @@ def test_fragment_is_ready_when_the_call_returns():
 
 def test_finish_flushes_the_audio_tail_and_trimmed_last_block(tmp_path):
     writer = FragmentedMp4Writer(W, H, FPS, RATE)
-    parts = [writer.init_segment(), writer.write_block(_frames(0), _tone(0, SAMPLES_PER_BLOCK)),
-             writer.write_block(_frames(1, 5), _tone(SAMPLES_PER_BLOCK, 5 * RATE // FPS))]
+    parts = [
+        writer.init_segment(),
+        writer.write_block(_frames(0), _tone(0, SAMPLES_PER_BLOCK)),
+        writer.write_block(_frames(1, 5), _tone(SAMPLES_PER_BLOCK, 5 * RATE // FPS)),
+    ]
     tail = writer.finish()
     assert _boxes(tail) == [b"moof", b"mdat"]
     assert writer.finish() == b""
@@ -149,7 +158,7 @@ def test_mime_type_names_the_real_codecs(stream):
     mime = writer.mime_type()
     assert mime.startswith('video/mp4; codecs="avc1.') and mime.endswith(',mp4a.40.2"')
     profile_level = mime.split("avc1.")[1][:6]
-    avcc = init[init.index(b"avcC") + 4:]
+    avcc = init[init.index(b"avcC") + 4 :]
     assert bytes.fromhex(profile_level) == avcc[1:4]
 
 
@@ -160,13 +169,16 @@ def test_avcc_and_annexb_helpers():
     assert rec[:4] == b"\x01\x42\xc0\x1e" and rec[4] == 0xFF and rec[5] == 0xE1
 
 
-@pytest.mark.parametrize("bad", [
-    dict(frames=np.zeros((12, H, W + 2, 3), np.uint8)),
-    dict(frames=np.zeros((12, H, W, 3), np.float32)),
-    dict(frames=np.zeros((0, H, W, 3), np.uint8)),
-    dict(pcm=np.zeros(100, np.float32)),
-    dict(pcm=np.zeros((2, 100), np.int16)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(frames=np.zeros((12, H, W + 2, 3), np.uint8)),
+        dict(frames=np.zeros((12, H, W, 3), np.float32)),
+        dict(frames=np.zeros((0, H, W, 3), np.uint8)),
+        dict(pcm=np.zeros(100, np.float32)),
+        dict(pcm=np.zeros((2, 100), np.int16)),
+    ],
+)
 def test_bad_blocks_are_rejected(bad):
     writer = FragmentedMp4Writer(W, H, FPS, RATE)
     args = dict(frames=_frames(0), pcm=_tone(0, SAMPLES_PER_BLOCK)) | bad
@@ -192,8 +204,12 @@ def test_colours_survive_and_are_tagged_bt709(tmp_path):
     path = tmp_path / "colour.mp4"
     path.write_bytes(data)
     v = _probe(path, "-show_streams", "-select_streams", "v")["streams"][0]
-    assert (v["color_space"], v["color_primaries"], v["color_transfer"], v["color_range"]) == \
-        ("bt709", "bt709", "bt709", "tv")
+    assert (v["color_space"], v["color_primaries"], v["color_transfer"], v["color_range"]) == (
+        "bt709",
+        "bt709",
+        "bt709",
+        "tv",
+    )
     with av.open(io.BytesIO(data)) as c:
         for i, frame in enumerate(c.decode(video=0)):
             rgb = frame.to_ndarray(format="rgb24")[H // 2, W // 2].astype(int)

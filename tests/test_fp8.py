@@ -1,10 +1,10 @@
 """FP8 linear layers: quantise/dequantise math, the scaled matmul's scale plumbing, and the swap rules."""
+
 import pytest
 import torch
 from torch import nn
 
-from avatar.services.generator.fp8 import (E4M3, E4M3_MAX, FP8Linear, dequantize, quantize,
-                                    swap_linears_to_fp8)
+from avatar.services.generator.fp8 import E4M3, E4M3_MAX, FP8Linear, dequantize, quantize, swap_linears_to_fp8
 
 
 def rel(a, b):
@@ -24,9 +24,9 @@ def test_quantize_roundtrip_within_e4m3_precision(granularity):
     assert torch.all(top == E4M3_MAX)
     back = dequantize(q, s)
     # 3 mantissa bits: every value that is not flushed is within half an ulp (2^-4 relative)
-    big = x.abs() > (s * 2 ** -6)  # above the e4m3 normal range of its group
+    big = x.abs() > (s * 2**-6)  # above the e4m3 normal range of its group
     err = ((back - x).abs() / x.abs())[big]
-    assert err.max() <= 2 ** -4 + 1e-6
+    assert err.max() <= 2**-4 + 1e-6
 
 
 def test_row_scaling_beats_tensor_scaling_on_rows_of_different_magnitude():
@@ -99,8 +99,8 @@ class _TinyDiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(48, d), nn.GELU(), nn.Linear(d, d))
         self.time_projection = nn.Linear(d, 6 * d)
         self.blocks = nn.ModuleList([_Block(d) for _ in range(2)])
-        self.heads = nn.Linear(d, d)          # "heads" must not match the "head" skip entry
-        self.odd = nn.Linear(d, 20)           # 20 is not divisible by 16: stays bf16
+        self.heads = nn.Linear(d, d)  # "heads" must not match the "head" skip entry
+        self.odd = nn.Linear(d, 20)  # 20 is not divisible by 16: stays bf16
         self.head = nn.Module()
         self.head.head = nn.Linear(d, 64)
 
@@ -117,15 +117,24 @@ def test_swap_converts_the_trunk_and_skips_embeddings_head_and_odd_sides():
     x = torch.randn(3, 10, 32, dtype=torch.bfloat16)
     before = model(x)
     swapped = swap_linears_to_fp8(model)
-    assert swapped == ["blocks.0.q", "blocks.0.ffn.0", "blocks.0.ffn.2",
-                       "blocks.1.q", "blocks.1.ffn.0", "blocks.1.ffn.2", "heads"]
+    assert swapped == [
+        "blocks.0.q",
+        "blocks.0.ffn.0",
+        "blocks.0.ffn.2",
+        "blocks.1.q",
+        "blocks.1.ffn.0",
+        "blocks.1.ffn.2",
+        "heads",
+    ]
     for name in swapped:
         assert isinstance(model.get_submodule(name), FP8Linear)
     for name in ["text_embedding.0", "text_embedding.2", "time_projection", "odd", "head.head"]:
         m = model.get_submodule(name)
         assert type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
-    assert not any(isinstance(p, torch.Tensor) and p.dtype == torch.bfloat16 and p.dim() == 2
-                   for n, p in model.blocks.named_parameters())  # no bf16 trunk weight left
+    assert not any(
+        isinstance(p, torch.Tensor) and p.dtype == torch.bfloat16 and p.dim() == 2
+        for n, p in model.blocks.named_parameters()
+    )  # no bf16 trunk weight left
     after = model(x)
     assert rel(after, before) < 0.1
     # buffers travel with the module (state_dict holds the FP8 weight and its scales)
@@ -136,6 +145,13 @@ def test_swap_converts_the_trunk_and_skips_embeddings_head_and_odd_sides():
 def test_swap_honours_a_custom_skip_list():
     model = _TinyDiT()
     swapped = swap_linears_to_fp8(model, skip=("blocks.1", "head"), granularity="tensor")
-    assert sorted(swapped) == ["blocks.0.ffn.0", "blocks.0.ffn.2", "blocks.0.q", "heads",
-                               "text_embedding.0", "text_embedding.2", "time_projection"]
+    assert sorted(swapped) == [
+        "blocks.0.ffn.0",
+        "blocks.0.ffn.2",
+        "blocks.0.q",
+        "heads",
+        "text_embedding.0",
+        "text_embedding.2",
+        "time_projection",
+    ]
     assert model.get_submodule("blocks.0.q").weight_scale.shape == ()

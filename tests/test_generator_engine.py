@@ -1,4 +1,5 @@
 """GeneratorEngine on the tiny DiT: block-causal sessions, reproducibility, flat KV memory, inputs."""
+
 import pytest
 import torch
 from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread, write_dit_checkpoint, write_lora  # noqa: F401 (one_torch_thread: autouse)
@@ -9,13 +10,23 @@ from avatar.presets import GeneratorOptions, ModelSpec
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.weights import random_dit
 
-H = W = 64                      # pixels: latent 8 x 8
-INFER_FRAMES = 24               # one clip = 6 latent frames = 2 blocks of 3
+H = W = 64  # pixels: latent 8 x 8
+INFER_FRAMES = 24  # one clip = 6 latent frames = 2 blocks of 3
 
 
 def _job(seed=420, steps=4, **kw):
-    fields = dict(width=W, height=H, fps=25, infer_frames=INFER_FRAMES, latent_frames_per_block=3,
-                  num_blocks=40, total_frames=480, sample_steps=steps, seed=seed, model="tiny")
+    fields = dict(
+        width=W,
+        height=H,
+        fps=25,
+        infer_frames=INFER_FRAMES,
+        latent_frames_per_block=3,
+        num_blocks=40,
+        total_frames=480,
+        sample_steps=steps,
+        seed=seed,
+        model="tiny",
+    )
     return Job(**{**fields, **kw})
 
 
@@ -61,9 +72,9 @@ def test_kv_cache_memory_is_flat_in_the_number_of_clips(engine):
     assert (spec.window_frames, spec.frame_tokens, spec.num_sets) == (6, 16, 4)
     assert session.kv_cache_bytes == spec.nbytes(torch.float32)
     sizes = {}
-    for block in range(20):                      # 10 clips of 2 blocks
+    for block in range(20):  # 10 clips of 2 blocks
         session.generate_block(audio[0])
-        if block + 1 in (4, 20):                 # after clip 2 and after clip 10
+        if block + 1 in (4, 20):  # after clip 2 and after clip 10
             sizes[block + 1] = (session.kv_cache_bytes, session.kv.keys.data_ptr())
     assert sizes[4] == sizes[20]
     assert session.last_block_ms > 0
@@ -77,11 +88,12 @@ def test_any_step_count_and_the_clean_context_variant(engine):
     one = _generate(engine, _job(steps=1), blocks=3)
     assert all(torch.isfinite(b).all() for b in one)
     forcing = _generate(engine, _job(steps=3), blocks=3)
-    clean = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=GeneratorOptions(cache_sets=1)),
-                            dit=engine.dit)
+    clean = GeneratorEngine(
+        ModelSpec(name="tiny", seed=0, generator_options=GeneratorOptions(cache_sets=1)), dit=engine.dit
+    )
     single = _generate(clean, _job(steps=3), blocks=3)
-    torch.testing.assert_close(single[0], forcing[0])   # the first block sees only itself and the sink
-    assert not torch.allclose(single[1], forcing[1])   # later blocks see a different (clean) context
+    torch.testing.assert_close(single[0], forcing[0])  # the first block sees only itself and the sink
+    assert not torch.allclose(single[1], forcing[1])  # later blocks see a different (clean) context
     with pytest.raises(InvalidInput, match="sample_steps"):
         engine.open_session(_job(steps=0), *_inputs(blocks=0)[:3])
     with pytest.raises(InvalidInput, match="cache_sets"):
@@ -94,9 +106,9 @@ def test_blocks_depend_on_their_audio_and_earlier_blocks_only(engine):
     changed = list(audio)
     changed[2] = torch.randn(12, 5, 32)
     other = _generate(engine, _job(), inputs=(text, ref, motion, changed))
-    assert all(torch.equal(a, b) for a, b in zip(base[:2], other[:2]))   # causal: the past is untouched
+    assert all(torch.equal(a, b) for a, b in zip(base[:2], other[:2]))  # causal: the past is untouched
     assert not torch.allclose(base[2], other[2])
-    assert not torch.allclose(base[3], other[3])                          # later blocks attend to it
+    assert not torch.allclose(base[3], other[3])  # later blocks attend to it
 
 
 def test_sink_is_refreshed_with_the_first_generated_frame_after_clip_one(engine):
@@ -140,31 +152,34 @@ def test_engine_loads_an_upstream_layout_checkpoint_and_lora(tmp_path):
 def test_fp8_linears_run_the_same_session():
     fp8 = GeneratorEngine(ModelSpec(name="tiny", seed=0, fp8=True))
     assert type(fp8.dit.blocks[0].ffn[0]).__name__ == "FP8Linear"
-    assert isinstance(fp8.dit.head.head, torch.nn.Linear)          # kept in high precision
+    assert isinstance(fp8.dit.head.head, torch.nn.Linear)  # kept in high precision
     out = _generate(fp8, _job(), blocks=2)
     ref = _generate(GeneratorEngine(ModelSpec(name="tiny", seed=0)), _job(), blocks=2)
     assert all(torch.isfinite(b).all() for b in out)
     rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(out, ref))
-    assert 0 < rel < 0.05, rel                                     # ~2% on the tiny model
+    assert 0 < rel < 0.05, rel  # ~2% on the tiny model
 
 
 def test_bfloat16_model_follows_the_float32_one():
     """The GPU dtype path (bf16 weights and activations, float32 modulation/residuals) on CPU."""
     bf16 = random_dit("tiny", "cpu", torch.bfloat16, seed=0)
     out = _generate(GeneratorEngine(ModelSpec(), dit=bf16), _job(), blocks=3)
-    ref = _generate(GeneratorEngine(ModelSpec(), dit=random_dit("tiny", "cpu", torch.float32, seed=0)), _job(), blocks=3)
+    ref = _generate(
+        GeneratorEngine(ModelSpec(), dit=random_dit("tiny", "cpu", torch.float32, seed=0)), _job(), blocks=3
+    )
     assert all(b.dtype == torch.bfloat16 for b in out)
     rel = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(out, ref)]
-    assert max(rel) < 0.02, rel                                    # ~0.5% measured
+    assert max(rel) < 0.02, rel  # ~0.5% measured
 
 
 def test_session_refuses_cleanly_when_the_memory_planner_says_it_does_not_fit(engine):
     from avatar.errors import ResourceExhausted
     from avatar.memory_planner import GiB
+
     text = torch.randn(7, 32)
     ref, motion = torch.randn(16, 1, 48, 88), torch.randn(16, 19, 48, 88)
     job = _job(width=704, height=384)
-    engine.free_memory = lambda: 1 * GiB       # the planner's fake free memory: a full GPU
+    engine.free_memory = lambda: 1 * GiB  # the planner's fake free memory: a full GPU
     try:
         with pytest.raises(ResourceExhausted) as e:
             engine.open_session(job, text, ref, motion)
@@ -178,6 +193,7 @@ def test_session_refuses_cleanly_when_the_memory_planner_says_it_does_not_fit(en
 def test_out_of_memory_in_a_block_frees_the_session_and_raises_the_ladder(engine, monkeypatch):
     from avatar.errors import ResourceExhausted
     from avatar.memory_planner import GiB
+
     text, ref, motion, audio = _inputs(blocks=2)
     engine.free_memory = lambda: 80 * GiB
     try:
@@ -187,11 +203,12 @@ def test_out_of_memory_in_a_block_frees_the_session_and_raises_the_ladder(engine
 
         def oom(*a, **k):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.83 GiB")
+
         monkeypatch.setattr(session.dit, "encode_audio", oom)
         with pytest.raises(ResourceExhausted) as e:
             session.generate_block(audio[1])
         assert "ran out of GPU memory" in str(e.value) and "Tried to allocate 4.83 GiB" in str(e.value)
-        assert session.kv.nbytes == 0                  # the caches are freed at once
+        assert session.kv.nbytes == 0  # the caches are freed at once
         with pytest.raises(InvalidInput, match="closed"):
             session.generate_block(audio[1])
     finally:
@@ -212,7 +229,7 @@ def test_fp8_kv_cache_halves_the_cache_and_stays_close(engine):
     ref_out = torch.stack(_generate(engine, _job(), blocks=3))
     assert torch.isfinite(got).all()
     rel = ((got - ref_out).norm() / ref_out.norm()).item()
-    assert 0 < rel < 0.01, rel                  # 0.1% on the tiny model: attention averages the rounding
+    assert 0 < rel < 0.01, rel  # 0.1% on the tiny model: attention averages the rounding
     with pytest.raises(InvalidInput, match="kv_dtype"):
         GeneratorOptions(kv_dtype="int4")
 
@@ -221,6 +238,7 @@ def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
     import argparse
 
     from avatar.app import cli
+
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
     spec = cli.model_spec(parser.parse_args(["--kv-fp8", "--cache-sets", "1"]))
@@ -236,8 +254,7 @@ def test_cli_kv_fp8_flag_reaches_the_session_cache(engine):
 def test_a_failure_inside_the_model_frees_the_kv_cache_while_the_error_is_still_held(engine, monkeypatch):
     text, ref, motion, audio = _inputs(blocks=1)
     session = engine.open_session(_job(), text, ref, motion)
-    fail_holding_a_cache_view(monkeypatch, engine.dit, "denoise", session.kv,
-                              lambda: session.generate_block(audio[0]))
+    fail_holding_a_cache_view(monkeypatch, engine.dit, "denoise", session.kv, lambda: session.generate_block(audio[0]))
     assert session._closed
 
 
@@ -245,28 +262,34 @@ def test_cli_graph_and_offload_flags_reach_the_engine(monkeypatch):
     import argparse
 
     from avatar.app import cli
+
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
-    assert cli.model_spec(parser.parse_args([])).generator_options.cuda_graphs is None   # default: on for CUDA
+    assert cli.model_spec(parser.parse_args([])).generator_options.cuda_graphs is None  # default: on for CUDA
     spec = cli.model_spec(parser.parse_args(["--no-cuda-graphs", "--offload-text-kv"]))
     assert spec.generator_options == GeneratorOptions(cuda_graphs=False, offload_text_projections=True)
     from avatar.services.generator.engine import cuda_graphs_wanted
+
     assert not cuda_graphs_wanted(spec, torch.device("cuda"))
     assert cuda_graphs_wanted(ModelSpec(name="tiny"), torch.device("cuda"))
     graphs_on = ModelSpec(name="tiny", generator_options=GeneratorOptions(cuda_graphs=True))
     assert not cuda_graphs_wanted(graphs_on, torch.device("cpu"))
     moved = []
-    monkeypatch.setattr("avatar.services.generator.causal_s2v_dit.CausalS2VDiT.offload_text_projections",
-                        lambda self: moved.append(self) or 0)
+    monkeypatch.setattr(
+        "avatar.services.generator.causal_s2v_dit.CausalS2VDiT.offload_text_projections",
+        lambda self: moved.append(self) or 0,
+    )
     from avatar.services.generator.engine import build_generator_model
+
     dit = build_generator_model(spec.with_(name="tiny"))
     assert moved == [dit]
 
 
 def test_warm_up_runs_every_ring_fill_level_of_each_size_and_skips_what_cannot_run(engine):
     from avatar.app.serve import warmup_sizes
+
     sizes = warmup_sizes(ModelSpec(name="tiny"))
-    assert sizes == [(176, 96, 48, 4), (96, 64, 36, 3)]     # hd and preview at the tiny model's sizes
+    assert sizes == [(176, 96, 48, 4), (96, 64, 36, 3)]  # hd and preview at the tiny model's sizes
     opened = []
     real = engine.open_session
     engine.open_session = lambda *a: opened.append(real(*a)) or opened[-1]

@@ -1,4 +1,5 @@
 """grpc_util: status codes from avatar.errors, 64 MiB messages both ways, health and reflection, in-process."""
+
 import asyncio
 
 import grpc
@@ -8,8 +9,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avatar import errors, grpc_util, wire
-from avatar.v1 import encoder_pb2, encoder_pb2_grpc
 from avatar.services.encoder.server import SERVICE_NAME, EncoderServicer
+from avatar.v1 import encoder_pb2, encoder_pb2_grpc
 
 RAISES = {
     "bad": errors.InvalidInput("size must be written W*H"),
@@ -49,8 +50,8 @@ async def _serve_and_call():
                     results[prompt] = (exc.code(), exc.details())
             ok = await stub.EncodeText(encoder_pb2.EncodeTextRequest(prompt="hello"), timeout=10)
             results["ok"] = list(ok.embeddings.shape)
-            big_in = wire.to_proto(torch.zeros(1024, 1024, 3, dtype=torch.uint8).numpy())   # 3 MiB in
-            big_in.data = big_in.data * 2                                                      # corrupt: 6 MiB
+            big_in = wire.to_proto(torch.zeros(1024, 1024, 3, dtype=torch.uint8).numpy())  # 3 MiB in
+            big_in.data = big_in.data * 2  # corrupt: 6 MiB
             try:
                 await stub.EncodeImage(encoder_pb2.EncodeImageRequest(pixels=big_in), timeout=10)
             except grpc.aio.AioRpcError as exc:
@@ -78,12 +79,15 @@ def test_errors_become_status_codes_and_big_messages_pass():
     assert r["health"] == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.parametrize("exc, code", [
-    (errors.InvalidInput("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.WeightsError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    (RuntimeError("boom\nsecond line"), grpc.StatusCode.INTERNAL),
-])
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (errors.InvalidInput("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.WeightsError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (RuntimeError("boom\nsecond line"), grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_status_of(exc, code):
     got, details = grpc_util.status_of(exc)
     assert got == code and "\n" not in details

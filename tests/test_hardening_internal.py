@@ -3,6 +3,7 @@ services behind their own token and listener, input limits in every internal RPC
 that reaches the encoder's work, per-client fairness on the public API only, small unread
 bodies on the public port, malformed messages, a busy port, deadline and frame metrics.
 Real server processes on 127.0.0.1; every wait is bounded."""
+
 import concurrent.futures
 import io
 import re
@@ -19,9 +20,18 @@ import pytest
 
 from avatar import wire
 from avatar.grpc_util import MESSAGE_OPTIONS, PUBLIC_MAX_REQUEST_BYTES
-from avatar.v1 import (avatar_pb2, avatar_pb2_grpc, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc,
-                       generator_pb2, generator_pb2_grpc, tensor_pb2)
-from tests.conftest import AVATAR, ASSETS, ROOT, Services, free_port
+from avatar.v1 import (
+    avatar_pb2,
+    avatar_pb2_grpc,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    tensor_pb2,
+)
+from tests.conftest import ASSETS, AVATAR, ROOT, Services, free_port
 
 pytestmark = [pytest.mark.mesh, pytest.mark.timeout(600)]
 IMAGE = (ASSETS / "astronaut.png").read_bytes()
@@ -48,8 +58,18 @@ def _bearer(token: str) -> list[tuple[str, str]]:
 
 
 def _job(blocks: int, **kw) -> tensor_pb2.JobSpec:
-    fields = dict(width=64, height=64, fps=25, infer_frames=36, latent_frames_per_block=3, num_blocks=blocks,
-                  total_frames=min(blocks * 12, 2**31 - 1), sample_steps=1, audio_sample_rate=48000, model="tiny")
+    fields = dict(
+        width=64,
+        height=64,
+        fps=25,
+        infer_frames=36,
+        latent_frames_per_block=3,
+        num_blocks=blocks,
+        total_frames=min(blocks * 12, 2**31 - 1),
+        sample_steps=1,
+        audio_sample_rate=48000,
+        model="tiny",
+    )
     return tensor_pb2.JobSpec(**(fields | kw))
 
 
@@ -81,8 +101,9 @@ def _generate(address: str, request, token: str = PUBLIC, timeout: float = 120):
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, env):
     """`avatar serve` all-in-one with a public and an internal token and metrics."""
-    services = Services(tmp_path_factory.mktemp("round2"), dict(env, AVATAR_AUTH_TOKEN=PUBLIC,
-                                                                AVATAR_INTERNAL_TOKEN=INTERNAL))
+    services = Services(
+        tmp_path_factory.mktemp("round2"), dict(env, AVATAR_AUTH_TOKEN=PUBLIC, AVATAR_INTERNAL_TOKEN=INTERNAL)
+    )
     try:
         yield services.start("all", "--metrics-port", "0", "--max-sessions", "2", "--max-queue", "2")
     finally:
@@ -91,14 +112,15 @@ def embedded(tmp_path_factory, env):
 
 # -- 1. internal services: own listener, own token, own input limits ---------------------------
 
+
 def test_public_token_does_not_open_internal_services(embedded):
     text = encoder_pb2.EncodeTextRequest(prompt="x")
-    with grpc.insecure_channel(embedded.address) as ch:   # the public port hosts only the gateway
+    with grpc.insecure_channel(embedded.address) as ch:  # the public port hosts only the gateway
         with pytest.raises(grpc.RpcError) as e:
             encoder_pb2_grpc.EncoderServiceStub(ch).EncodeText(text, timeout=10, metadata=_bearer(PUBLIC))
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     internal = _internal_address(embedded)
-    with grpc.insecure_channel(internal) as ch:           # the internal one wants the internal token
+    with grpc.insecure_channel(internal) as ch:  # the internal one wants the internal token
         stub = encoder_pb2_grpc.EncoderServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             stub.EncodeText(text, timeout=10, metadata=_bearer(PUBLIC))
@@ -113,33 +135,63 @@ def test_internal_rpcs_validate_their_own_inputs(embedded):
     with grpc.insecure_channel(_internal_address(embedded), options=MESSAGE_OPTIONS) as ch:
         enc = encoder_pb2_grpc.EncoderServiceStub(ch)
         checks = {
-            "4 MiB prompt": lambda: enc.EncodeText(encoder_pb2.EncodeTextRequest(prompt="a" * (4 << 20)),
-                                                   timeout=30, metadata=md),
-            "2^31-1 audio blocks": lambda: list(enc.EncodeAudio(encoder_pb2.EncodeAudioRequest(
-                job=_job(2**31 - 1), pcm_16k=wire.to_proto(np.zeros(16000, np.float32))), timeout=30, metadata=md)),
-            "more blocks than audio": lambda: list(enc.EncodeAudio(encoder_pb2.EncodeAudioRequest(
-                job=_job(100), pcm_16k=wire.to_proto(np.zeros(16000, np.float32))), timeout=30, metadata=md)),
-            "4000x4000 pixels": lambda: enc.EncodeImage(encoder_pb2.EncodeImageRequest(
-                pixels=wire.to_proto(np.zeros((4000, 4000, 3), np.uint8))), timeout=30, metadata=md),
-            "2^31-1 generator blocks": lambda: list(generator_pb2_grpc.GeneratorServiceStub(ch).Generate(iter([
-                generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(job=_job(2**31 - 1)))]),
-                timeout=30, metadata=md)),
-            "decoder job 100 px wide": lambda: list(decoder_pb2_grpc.DecoderServiceStub(ch).Decode(iter([
-                decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(job=_job(1, width=100)))]),
-                timeout=30, metadata=md)),
+            "4 MiB prompt": lambda: enc.EncodeText(
+                encoder_pb2.EncodeTextRequest(prompt="a" * (4 << 20)), timeout=30, metadata=md
+            ),
+            "2^31-1 audio blocks": lambda: list(
+                enc.EncodeAudio(
+                    encoder_pb2.EncodeAudioRequest(
+                        job=_job(2**31 - 1), pcm_16k=wire.to_proto(np.zeros(16000, np.float32))
+                    ),
+                    timeout=30,
+                    metadata=md,
+                )
+            ),
+            "more blocks than audio": lambda: list(
+                enc.EncodeAudio(
+                    encoder_pb2.EncodeAudioRequest(job=_job(100), pcm_16k=wire.to_proto(np.zeros(16000, np.float32))),
+                    timeout=30,
+                    metadata=md,
+                )
+            ),
+            "4000x4000 pixels": lambda: enc.EncodeImage(
+                encoder_pb2.EncodeImageRequest(pixels=wire.to_proto(np.zeros((4000, 4000, 3), np.uint8))),
+                timeout=30,
+                metadata=md,
+            ),
+            "2^31-1 generator blocks": lambda: list(
+                generator_pb2_grpc.GeneratorServiceStub(ch).Generate(
+                    iter([generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(job=_job(2**31 - 1)))]),
+                    timeout=30,
+                    metadata=md,
+                )
+            ),
+            "decoder job 100 px wide": lambda: list(
+                decoder_pb2_grpc.DecoderServiceStub(ch).Decode(
+                    iter([decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(job=_job(1, width=100)))]),
+                    timeout=30,
+                    metadata=md,
+                )
+            ),
         }
         for what, call in checks.items():
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as e:
                 call()
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value)
-            assert time.monotonic() - t0 < 10, what     # refused, not worked on
-    for reason in ("prompt is too long", "num_blocks must be between 1 and", "samples of 16 kHz audio fill",
-                   "over the largest area", "job size must be positive multiples of 16"):
+            assert time.monotonic() - t0 < 10, what  # refused, not worked on
+    for reason in (
+        "prompt is too long",
+        "num_blocks must be between 1 and",
+        "samples of 16 kHz audio fill",
+        "over the largest area",
+        "job size must be positive multiples of 16",
+    ):
         assert reason in embedded.log.read_text(), reason
 
 
 # -- 2. cancellation reaches the encoder's work; the encoder has its own cap --------------------
+
 
 def test_deadline_stops_the_encode_and_the_encoder_caps_its_work(tmp_path, env):
     services = Services(tmp_path, env)
@@ -151,7 +203,7 @@ def test_deadline_stops_the_encode_and_the_encoder_caps_its_work(tmp_path, env):
             first = stub.EncodeImage.future(big, timeout=3)
             time.sleep(1.0)
             t0 = time.monotonic()
-            with pytest.raises(grpc.RpcError) as e:   # the one slot is busy and nothing may wait
+            with pytest.raises(grpc.RpcError) as e:  # the one slot is busy and nothing may wait
                 stub.EncodeImage(big, timeout=30)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 2
             assert dict(e.value.trailing_metadata()).get("retry-after-ms")
@@ -176,16 +228,21 @@ def test_deadline_stops_the_encode_and_the_encoder_caps_its_work(tmp_path, env):
 
 # -- 3. per-client limits on the public API only -----------------------------------------------
 
+
 def test_max_per_client_does_not_cap_the_generator(tmp_path, env):
     """The gateway is the generator's only client: a per-client cap there caps the server."""
     services = Services(tmp_path, env)
     try:
         gen = services.start("generator", "--max-per-client", "1", "--max-sessions", "4")
-        c = 16   # tiny model channels
-        start = generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
-            job=_job(1), text=wire.to_proto(np.zeros((1, 32), np.float32)),
-            ref_latent=wire.to_proto(np.zeros((c, 1, 8, 8), np.float32)),
-            motion_latents=wire.to_proto(np.zeros((c, 19, 8, 8), np.float32))))
+        c = 16  # tiny model channels
+        start = generator_pb2.GeneratorInput(
+            start=generator_pb2.SessionStart(
+                job=_job(1),
+                text=wire.to_proto(np.zeros((1, 32), np.float32)),
+                ref_latent=wire.to_proto(np.zeros((c, 1, 8, 8), np.float32)),
+                motion_latents=wire.to_proto(np.zeros((c, 19, 8, 8), np.float32)),
+            )
+        )
         release = threading.Event()
 
         def requests():
@@ -196,7 +253,7 @@ def test_max_per_client_does_not_cap_the_generator(tmp_path, env):
             stub = generator_pb2_grpc.GeneratorServiceStub(ch)
             calls = [stub.Generate(requests(), timeout=60) for _ in range(2)]
             try:
-                firsts = [next(call) for call in calls]   # both sessions open at once
+                firsts = [next(call) for call in calls]  # both sessions open at once
                 assert all(f.WhichOneof("event") == "ready" for f in firsts)
             finally:
                 release.set()
@@ -208,6 +265,7 @@ def test_max_per_client_does_not_cap_the_generator(tmp_path, env):
 
 # -- 4 + load: bodies of unauthenticated clients are not buffered ------------------------------
 
+
 def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded):
     """Bounded load against the public and internal ports (items 1-4): 16 concurrent 31 MiB
     unauthenticated requests, 4 authenticated ones over the public limit, 8 internal calls with
@@ -216,7 +274,7 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
     grows by under 80 and 200 MiB in the two phases (under 500 MiB in all, with the 4 long requests) and
     the next good request completes within 60 s."""
     proc = psutil.Process(embedded.proc.pid)
-    _generate(embedded.address, _request(0.5))                   # warm: baseline after one request
+    _generate(embedded.address, _request(0.5))  # warm: baseline after one request
     sampler = _RssPeak(proc).__enter__()
     peak_before = sampler.reset()
     body = b"\0" * (PUBLIC_MAX_REQUEST_BYTES + (1 << 20))
@@ -226,8 +284,11 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
         req = avatar_pb2.GenerateRequest(image=body[:size], audio=b"x")
         with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
             try:
-                list(avatar_pb2_grpc.AvatarServiceStub(ch).Generate(req, timeout=60,
-                                                                    metadata=_bearer(token) if token else None))
+                list(
+                    avatar_pb2_grpc.AvatarServiceStub(ch).Generate(
+                        req, timeout=60, metadata=_bearer(token) if token else None
+                    )
+                )
             except grpc.RpcError as e:
                 return e.code()
 
@@ -235,7 +296,8 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
         with grpc.insecure_channel(internal) as ch:
             try:
                 encoder_pb2_grpc.EncoderServiceStub(ch).EncodeText(
-                    encoder_pb2.EncodeTextRequest(prompt="a" * (4 << 20)), timeout=60, metadata=_bearer(PUBLIC))
+                    encoder_pb2.EncodeTextRequest(prompt="a" * (4 << 20)), timeout=60, metadata=_bearer(PUBLIC)
+                )
             except grpc.RpcError as e:
                 return e.code()
 
@@ -254,7 +316,7 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
         codes = list(pool.map(public, [len(body)] * 4, [PUBLIC] * 4))
         codes += list(pool.map(public_token_on_internal, range(8)))
         codes += list(pool.map(random_bearer, range(6)))
-    assert codes[:4] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4, codes   # over 32 MiB: refused by size
+    assert codes[:4] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4, codes  # over 32 MiB: refused by size
     assert set(codes[4:]) == {grpc.StatusCode.UNAUTHENTICATED}, codes
     # authenticated bodies are read only once admitted: with the 2 slots and the 2 queue places
     # taken by long requests, 8 concurrent 31 MiB requests are refused without being read
@@ -262,13 +324,13 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
         stub = avatar_pb2_grpc.AvatarServiceStub(ch)
         long_calls = [stub.Generate(_request(8.0), timeout=120, metadata=_bearer(PUBLIC)) for _ in range(4)]
         try:
-            next(long_calls[0]), next(long_calls[1])        # both slots run
-            time.sleep(1.0)                                  # the other two wait in the queue
+            next(long_calls[0]), next(long_calls[1])  # both slots run
+            time.sleep(1.0)  # the other two wait in the queue
             peak_so_far = sampler.peak
             rss_busy = sampler.reset()
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(public, [31 << 20] * 8, [PUBLIC] * 8))
-            refused_mib = (sampler.peak - rss_busy) / 2**20   # 8 bodies read would be >= 248 MiB
+            refused_mib = (sampler.peak - rss_busy) / 2**20  # 8 bodies read would be >= 248 MiB
             sampler.peak = max(sampler.peak, peak_so_far)
         finally:
             for call in long_calls:
@@ -281,9 +343,11 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
     msgs = _generate(embedded.address, _request(0.5), timeout=60)
     next_ok_s = time.monotonic() - t1
     assert msgs[-1].WhichOneof("event") == "status"
-    print(f"attack {attack_s:.1f} s; peak RSS grew {unauthenticated_mib:.0f} MiB in the unauthenticated phase, "
-          f"{refused_mib:.0f} MiB for the 8 refused authenticated bodies, {grown:.0f} MiB in all (4 long requests "
-          f"included); next request {next_ok_s:.1f} s")
+    print(
+        f"attack {attack_s:.1f} s; peak RSS grew {unauthenticated_mib:.0f} MiB in the unauthenticated phase, "
+        f"{refused_mib:.0f} MiB for the 8 refused authenticated bodies, {grown:.0f} MiB in all (4 long requests "
+        f"included); next request {next_ok_s:.1f} s"
+    )
     # On loopback the unauthenticated bodies arrive spread out and a refusal frees each at once,
     # so reading them (the refusal before this fix) measured about the same (40 MiB): what fails
     # without the fix is the 32 MiB public limit above (33 MiB bodies were read and worked on).
@@ -325,13 +389,13 @@ class _RssPeak:
 
 # -- 5. a malformed message is the client's error ------------------------------------------------
 
+
 def test_malformed_protobuf_is_invalid_argument_one_line_counted(embedded):
     labels = dict(service="AvatarService", method="Generate", code="INVALID_ARGUMENT")
     before = _count(_metrics(embedded), "avatar_requests_total", **labels)
-    bad = b"\x1a\x02\xff\xfe"   # field 3 (prompt, a string) holding invalid UTF-8
+    bad = b"\x1a\x02\xff\xfe"  # field 3 (prompt, a string) holding invalid UTF-8
     with grpc.insecure_channel(embedded.address) as ch:
-        call = ch.unary_stream("/avatar.v1.AvatarService/Generate", request_serializer=None,
-                               response_deserializer=None)
+        call = ch.unary_stream("/avatar.v1.AvatarService/Generate", request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as e:
             list(call(bad, timeout=30, metadata=_bearer(PUBLIC)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
@@ -344,10 +408,12 @@ def test_malformed_protobuf_is_invalid_argument_one_line_counted(embedded):
 
 # -- 6. a busy port ------------------------------------------------------------------------------
 
+
 def test_second_serve_on_a_busy_port_refuses_to_start(embedded, env):
     t0 = time.monotonic()
-    out = subprocess.run([*AVATAR, "serve", "--listen", embedded.address], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*AVATAR, "serve", "--listen", embedded.address], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2, out
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
     port = embedded.address.rsplit(":", 1)[1]
@@ -356,6 +422,7 @@ def test_second_serve_on_a_busy_port_refuses_to_start(embedded, env):
 
 
 # -- 7. metrics: deadlines and frames of cancelled streams ---------------------------------------
+
 
 def test_deadline_and_cancelled_frames_are_counted(embedded):
     m0 = _metrics(embedded)
@@ -375,8 +442,9 @@ def test_deadline_and_cancelled_frames_are_counted(embedded):
     while True:
         m = _metrics(embedded)
         deadline_labels = dict(service="AvatarService", method="Generate", code="DEADLINE_EXCEEDED")
-        dl = (_count(m, "avatar_requests_total", **deadline_labels)
-              - _count(m0, "avatar_requests_total", **deadline_labels))
+        dl = _count(m, "avatar_requests_total", **deadline_labels) - _count(
+            m0, "avatar_requests_total", **deadline_labels
+        )
         sent = _count(m, "avatar_frames_total") - _count(m0, "avatar_frames_total")
         if (dl == 1 and sent >= frames) or time.monotonic() > deadline:
             break
@@ -387,8 +455,10 @@ def test_deadline_and_cancelled_frames_are_counted(embedded):
 
 # -- 7. the gateway's health follows its peers; errors name the service, not its address ---------
 
+
 def _health(address: str, service: str) -> str:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(address) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -408,7 +478,7 @@ def test_gateway_not_serving_while_a_peer_is_down(tmp_path, env):
         peers = {role: f"127.0.0.1:{free_port()}" for role in ("encoder", "generator", "decoder")}
         gw = services.start("gateway", *[a for role, addr in peers.items() for a in (f"--{role}", addr)])
         _wait_health(gw.address, "avatar.v1.AvatarService", "NOT_SERVING", 15)
-        assert _health(gw.address, "") == "SERVING"    # liveness: the gateway itself is fine
+        assert _health(gw.address, "") == "SERVING"  # liveness: the gateway itself is fine
         with pytest.raises(grpc.RpcError) as e:
             _generate(gw.address, _request(0.5), timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -416,6 +486,7 @@ def test_gateway_not_serving_while_a_peer_is_down(tmp_path, env):
         parts = [services.start(role, "--listen", addr, wait=False) for role, addr in peers.items()]
         for svc, addr in zip(parts, peers.values()):
             from tests.conftest import wait_serving
+
             wait_serving(addr, 120, svc.proc, svc.log)
         back_s = _wait_health(gw.address, "avatar.v1.AvatarService", "SERVING", 15)
         assert _generate(gw.address, _request(0.5))[-1].WhichOneof("event") == "status"
@@ -428,6 +499,7 @@ def test_gateway_not_serving_while_a_peer_is_down(tmp_path, env):
 
 # -- 8. warm-up: listening and NOT_SERVING while it runs, saying what it compiles ----------------
 
+
 def test_warm_up_reports_not_serving_and_progress(tmp_path, env):
     services = Services(tmp_path, env)
     try:
@@ -438,7 +510,7 @@ def test_warm_up_reports_not_serving_and_progress(tmp_path, env):
             assert gen.proc.poll() is None and time.monotonic() < deadline, gen.log.read_text()[-2000:]
             try:
                 status = _health(gen.address, "")
-            except grpc.RpcError:      # not listening yet (engine still building)
+            except grpc.RpcError:  # not listening yet (engine still building)
                 status = "UNREACHABLE"
             if not seen or seen[-1] != status:
                 seen.append(status)

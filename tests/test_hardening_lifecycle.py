@@ -1,6 +1,7 @@
 """Lifecycle under trouble: client cancel and deadlines free every session within one block; a
 decoder killed mid-stream becomes UNAVAILABLE in seconds and the mesh recovers when it is back;
 SIGTERM drains (health NOT_SERVING, in-flight streams finish or are cancelled within the grace)."""
+
 import io
 import json
 import re
@@ -36,8 +37,7 @@ def _speech(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
 
 
 def _request(seconds: float, **kw) -> avatar_pb2.GenerateRequest:
-    return avatar_pb2.GenerateRequest(image=IMAGE, audio=kw.pop("audio", None) or _speech(seconds),
-                                      size="64*64", **kw)
+    return avatar_pb2.GenerateRequest(image=IMAGE, audio=kw.pop("audio", None) or _speech(seconds), size="64*64", **kw)
 
 
 def metrics_of(svc) -> dict:
@@ -56,10 +56,16 @@ def wait_sessions_freed(svc, services=("gateway", "generator"), timeout_s=10.0) 
     t0 = time.monotonic()
     while True:
         m = metrics_of(svc)
-        busy = {k: v for k, v in m.items()
-                if k.startswith(("avatar_active_sessions", "avatar_queue_depth")) and v != 0}
-        busy.update({k: v for k, v in m.items() if k.startswith("avatar_inflight_rpcs") and v != 0
-                     and any(s in k for s in ("GeneratorService", "DecoderService", "EncoderService"))})
+        busy = {k: v for k, v in m.items() if k.startswith(("avatar_active_sessions", "avatar_queue_depth")) and v != 0}
+        busy.update(
+            {
+                k: v
+                for k, v in m.items()
+                if k.startswith("avatar_inflight_rpcs")
+                and v != 0
+                and any(s in k for s in ("GeneratorService", "DecoderService", "EncoderService"))
+            }
+        )
         if not busy:
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout_s:
@@ -97,14 +103,16 @@ def test_cancel_mid_stream_frees_sessions_within_one_block(embedded, tmp_path):
         for msg in call:
             if msg.WhichOneof("event") == "fragment":
                 break
-        header_blocks = 13   # 6 s at 25 fps = 150 frames = 13 blocks
+        header_blocks = 13  # 6 s at 25 fps = 150 frames = 13 blocks
         cancelled_ns = time.time_ns()
         call.cancel()
     freed_s = wait_sessions_freed(embedded)
-    time.sleep(0.5)   # let a block that was running finish and be written
+    time.sleep(0.5)  # let a block that was running finish and be written
     spans = [s for s in embedded.spans() if s["name"] == "dit_block"]
-    trace_id = max((s for s in spans if s["start_unix_nano"] < cancelled_ns and s["attributes"]["block"] == 0),
-                   key=lambda s: s["start_unix_nano"])["trace_id"]
+    trace_id = max(
+        (s for s in spans if s["start_unix_nano"] < cancelled_ns and s["attributes"]["block"] == 0),
+        key=lambda s: s["start_unix_nano"],
+    )["trace_id"]
     mine = [s for s in spans if s["trace_id"] == trace_id]
     after = [s for s in mine if s["start_unix_nano"] > cancelled_ns]
     assert len(mine) < header_blocks, "the job ran to the end despite the cancel"
@@ -117,8 +125,11 @@ def test_cancel_mid_stream_frees_sessions_within_one_block(embedded, tmp_path):
     _valid_mp4(msgs, tmp_path / "next.mp4")
     # a cancel is routine: it leaves no error noise (tracing contexts, abandoned request streams)
     log = embedded.log.read_text(errors="replace")
-    for noise in ("Failed to detach context", "asynchronous generator is already running",
-                  "Task exception was never retrieved"):
+    for noise in (
+        "Failed to detach context",
+        "asynchronous generator is already running",
+        "Task exception was never retrieved",
+    ):
         assert noise not in log, f"{noise!r} in the server log after a cancel"
 
 
@@ -157,12 +168,24 @@ def test_decoder_killed_mid_stream_then_back(tmp_path, env):
         parts = {r: services.start(r, "--metrics-port", "0", wait=False) for r in ("encoder", "generator", "decoder")}
         for svc in parts.values():
             wait_serving(svc.address, 120, svc.proc, svc.log)
-        gw = services.start("gateway", "--encoder", parts["encoder"].address, "--generator",
-                            parts["generator"].address, "--decoder", parts["decoder"].address, "--metrics-port", "0")
+        gw = services.start(
+            "gateway",
+            "--encoder",
+            parts["encoder"].address,
+            "--generator",
+            parts["generator"].address,
+            "--decoder",
+            parts["decoder"].address,
+            "--metrics-port",
+            "0",
+        )
         from avatar.v1 import encoder_pb2, encoder_pb2_grpc
-        with grpc.insecure_channel(parts["encoder"].address) as ch:   # no token: refused
+
+        with grpc.insecure_channel(parts["encoder"].address) as ch:  # no token: refused
             with pytest.raises(grpc.RpcError) as e:
-                encoder_pb2_grpc.EncoderServiceStub(ch).EncodeText(encoder_pb2.EncodeTextRequest(prompt="x"), timeout=10)
+                encoder_pb2_grpc.EncoderServiceStub(ch).EncodeText(
+                    encoder_pb2.EncodeTextRequest(prompt="x"), timeout=10
+                )
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "internal token" in e.value.details()
         with grpc.insecure_channel(gw.address, options=MESSAGE_OPTIONS) as ch:
             call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0), timeout=120)
@@ -198,7 +221,7 @@ def test_decoder_killed_mid_stream_then_back(tmp_path, env):
                         back.proc.send_signal(signal.SIGSTOP)
                         frozen = time.monotonic()
                         break
-                for msg in call:
+                for _msg in call:
                     pass
             waited = time.monotonic() - frozen
         back.proc.send_signal(signal.SIGCONT)
@@ -207,14 +230,18 @@ def test_decoder_killed_mid_stream_then_back(tmp_path, env):
         # operators see each failure as a JSON log line that names its trace
         records = [json.loads(line) for line in gw.log.read_text().splitlines() if line.startswith("{")]
         failures = [r for r in records if "UNAVAILABLE" in r["message"]]
-        assert len(failures) >= 3 and all(len(r["trace_id"]) == 32 and r["service"] == "avatar-gateway"
-                                          for r in failures), failures
+        assert len(failures) >= 3 and all(
+            len(r["trace_id"]) == 32 and r["service"] == "avatar-gateway" for r in failures
+        ), failures
         # ... and nothing else: failed requests leave no error noise behind (tracing contexts
         # detached in the wrong task, abandoned request streams closed by the loop)
         for svc in (gw, parts["encoder"], parts["generator"]):
             log = svc.log.read_text(errors="replace")
-            for noise in ("Failed to detach context", "asynchronous generator is already running",
-                          "Task exception was never retrieved"):
+            for noise in (
+                "Failed to detach context",
+                "asynchronous generator is already running",
+                "Task exception was never retrieved",
+            ):
                 assert noise not in log, f"{noise!r} in the {svc.role} log"
     finally:
         for p in services.procs:
@@ -240,9 +267,10 @@ def test_sigterm_drains_then_exits(tmp_path, env):
                     for r in watch:
                         statuses.append(r.status)
                         if r.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                            watch.cancel()   # an open Watch would hold the drain for the whole grace
+                            watch.cancel()  # an open Watch would hold the drain for the whole grace
                 except grpc.RpcError:
                     pass
+
             threading.Thread(target=watcher, daemon=True).start()
             call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(seconds), timeout=120)
             t0 = None
@@ -263,8 +291,11 @@ def test_sigterm_drains_then_exits(tmp_path, env):
             if expect_ok:
                 assert result == {"ok": True}, result
             else:
-                assert "ok" not in result and result["code"] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
-                                                                  grpc.StatusCode.ABORTED), result
+                assert "ok" not in result and result["code"] in (
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.ABORTED,
+                ), result
                 assert ended < grace + 5, f"the stream lasted {ended:.1f} s past SIGTERM with a {grace} s grace"
         finally:
             services.stop_all()
@@ -273,7 +304,7 @@ def test_sigterm_drains_then_exits(tmp_path, env):
 def test_slow_reader_stalls_the_generator(embedded, tmp_path):
     """A client that stops reading stops the generator a few blocks later (the gateway's block
     credits + HTTP/2 flow control), instead of the mesh buffering the whole video."""
-    window_64k = MESSAGE_OPTIONS + [("grpc.http2.bdp_probe", 0)]   # the client's window stays small
+    window_64k = MESSAGE_OPTIONS + [("grpc.http2.bdp_probe", 0)]  # the client's window stays small
     msgs = []
     with grpc.insecure_channel(embedded.address, options=window_64k) as ch:
         call = avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0, sample_steps=1), timeout=180)
@@ -283,16 +314,18 @@ def test_slow_reader_stalls_the_generator(embedded, tmp_path):
                 break
         total = msgs[0].header.expected_fragments
         paused = time.time_ns()
-        time.sleep(8)   # unthrottled, the tiny generator finishes all 17 blocks in this time
+        time.sleep(8)  # unthrottled, the tiny generator finishes all 17 blocks in this time
         resumed = time.time_ns()
         msgs.extend(call)
     spans = [s for s in embedded.spans() if s["name"] == "dit_block"]
     # this request's trace: the last block 0 started before the pause (the server is shared)
-    trace_id = max((s for s in spans if s["start_unix_nano"] < paused and s["attributes"]["block"] == 0),
-                   key=lambda s: s["start_unix_nano"])["trace_id"]
+    trace_id = max(
+        (s for s in spans if s["start_unix_nano"] < paused and s["attributes"]["block"] == 0),
+        key=lambda s: s["start_unix_nano"],
+    )["trace_id"]
     mine = [s for s in spans if s["trace_id"] == trace_id]
     during = [s for s in mine if paused < s["start_unix_nano"] < resumed]
     assert total == 17 and len(mine) == total
     assert len(during) <= 9, f"{len(during)} blocks generated while the client read nothing"
-    assert sum(m.WhichOneof("event") == "fragment" for m in msgs) == total   # and nothing was lost
+    assert sum(m.WhichOneof("event") == "fragment" for m in msgs) == total  # and nothing was lost
     _valid_mp4(msgs, tmp_path / "slow.mp4")

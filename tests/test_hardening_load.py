@@ -4,6 +4,7 @@ none hangs; RSS stays bounded), then sequential requests with flat RSS.
 
 The soak runs AVATAR_SOAK_REQUESTS requests (default 40 to keep CI short; 200 for the full soak
 of issue 5, see docs/operations.md)."""
+
 import concurrent.futures
 import io
 import os
@@ -40,8 +41,9 @@ def _speech(seconds: float, rate: int = 16000) -> bytes:
 
 
 # the smallest real job: one block of 64x64, one denoising step
-REQUEST = avatar_pb2.GenerateRequest(image=(ASSETS / "astronaut.png").read_bytes(), audio=_speech(0.4),
-                                     size="64*64", sample_steps=1)
+REQUEST = avatar_pb2.GenerateRequest(
+    image=(ASSETS / "astronaut.png").read_bytes(), audio=_speech(0.4), size="64*64", sample_steps=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,9 @@ def server(tmp_path_factory, env):
     # its heap, and RSS after a request moved between plateaus 9% apart over 200 requests with no
     # leak behind it (a CI run read +15.6%); with buffers over 64 KiB mmapped, RSS is the live
     # memory (flat within 1 MiB over 100 requests here) and a leak shows as it is.
-    services = Services(tmp_path_factory.mktemp("load"),
-                        dict(env, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="65536"))
+    services = Services(
+        tmp_path_factory.mktemp("load"), dict(env, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="65536")
+    )
     try:
         yield services.start("all", "--max-sessions", str(CAP), "--max-queue", str(QUEUE))
     finally:
@@ -98,7 +101,7 @@ def _one(address):
 
 
 def test_32_clients_against_a_cap_of_4(server, tmp_path):
-    with grpc.insecure_channel(server.address, options=MESSAGE_OPTIONS) as ch:   # warm up
+    with grpc.insecure_channel(server.address, options=MESSAGE_OPTIONS) as ch:  # warm up
         list(avatar_pb2_grpc.AvatarServiceStub(ch).Generate(REQUEST, timeout=120))
     baseline = psutil.Process(server.proc.pid).memory_info().rss
     barrier = threading.Barrier(CLIENTS)
@@ -119,7 +122,7 @@ def test_32_clients_against_a_cap_of_4(server, tmp_path):
     for _, (details, trailing), took in refused:
         assert "busy" in details and int(trailing[RETRY_AFTER_KEY]) > 0
         assert took < 10, "a refusal is immediate, not after waiting"
-    for i, (_, msgs, _) in enumerate(ok[:3]):   # spot-check the videos
+    for i, (_, msgs, _) in enumerate(ok[:3]):  # spot-check the videos
         path = tmp_path / f"ok{i}.mp4"
         path.write_bytes(b"".join(m.init_segment.data + m.fragment.data for m in msgs))
         assert sorted(s["codec_name"] for s in ffprobe(path)["streams"]) == ["aac", "h264"]
@@ -141,9 +144,11 @@ def test_soak_sequential_requests_rss_flat(server):
             assert msgs[-1].WhichOneof("event") == "status"
             if i >= SOAK_WARMUP:
                 rss.append(proc.memory_info().rss)
-    per_request = statistics.linear_regression(range(len(rss)), rss).slope   # bytes per request
-    print(f"soak: {SOAK_REQUESTS} requests, median {statistics.median(took):.2f} s each, RSS "
-          f"{rss[0] / 2**20:.0f} -> {rss[-1] / 2**20:.0f} MiB, trend {per_request / 2**10:+.0f} KiB per request")
+    per_request = statistics.linear_regression(range(len(rss)), rss).slope  # bytes per request
+    print(
+        f"soak: {SOAK_REQUESTS} requests, median {statistics.median(took):.2f} s each, RSS "
+        f"{rss[0] / 2**20:.0f} -> {rss[-1] / 2**20:.0f} MiB, trend {per_request / 2**10:+.0f} KiB per request"
+    )
     # a leak of 1 MiB per request, injected into the gateway, read +1200 KiB here; clean runs read
     # -14..+8 KiB, once +175 KiB over 25 requests (a single 5 MiB step of the heap)
     assert per_request < 512 << 10, f"RSS grows {per_request / 2**10:.0f} KiB per request"

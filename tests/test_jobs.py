@@ -1,4 +1,5 @@
 """Job, the engines' job: built from the wire's JobSpec at the server edge, field for field."""
+
 import dataclasses
 
 import pytest
@@ -8,9 +9,20 @@ from avatar.v1 import tensor_pb2
 
 
 def test_job_has_every_jobspec_field_and_round_trips():
-    spec = tensor_pb2.JobSpec(width=704, height=384, fps=25, infer_frames=48, latent_frames_per_block=3,
-                              num_blocks=11, total_frames=125, sample_steps=4, seed=2**40 + 7, model="s2v-14b",
-                              audio_sample_rate=48000, request_id="3f2a9c1e")
+    spec = tensor_pb2.JobSpec(
+        width=704,
+        height=384,
+        fps=25,
+        infer_frames=48,
+        latent_frames_per_block=3,
+        num_blocks=11,
+        total_frames=125,
+        sample_steps=4,
+        seed=2**40 + 7,
+        model="s2v-14b",
+        audio_sample_rate=48000,
+        request_id="3f2a9c1e",
+    )
     # a field added to the proto and not to Job would be dropped silently at the edge
     assert {f.name for f in dataclasses.fields(Job)} == {f.name for f in tensor_pb2.JobSpec.DESCRIPTOR.fields}
     job = Job.from_proto(spec)

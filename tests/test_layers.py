@@ -1,5 +1,6 @@
 """Every arrow points down: the foundation (`avatar`, the folder avatar/) imports no service, no
 gateway and no application code, neither at import time nor inside a function."""
+
 import ast
 import json
 import subprocess
@@ -22,9 +23,11 @@ def foundation_modules() -> list[str]:
 
 def test_the_foundation_imports_nothing_above_it():
     """Imports every foundation module in a fresh interpreter, then lists what got loaded."""
-    code = ("import importlib, json, sys\n"
-            f"for m in {foundation_modules()!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted(sys.modules)))")
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {foundation_modules()!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert r.returncode == 0, r.stderr[-2000:]
     loaded = json.loads(r.stdout)
@@ -37,7 +40,7 @@ def test_no_foundation_source_names_an_upper_layer():
     """Also the imports inside functions, which the first test does not run."""
     offenders = []
     for path in sorted((ROOT / "avatar").rglob("*.py")):
-        if "v1" in path.relative_to(ROOT).parts:   # generated stubs
+        if "v1" in path.relative_to(ROOT).parts:  # generated stubs
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = []
@@ -54,9 +57,18 @@ def test_no_foundation_source_names_an_upper_layer():
 def test_the_upper_layers_are_installed_under_avatar():
     """`services`, `gateway` and `app` are not top-level import names (they would clash with other
     code); the CLI is avatar.app.cli."""
-    r = subprocess.run([sys.executable, "-c", "import importlib.util as u; "
-                        "print([n for n in ('services', 'gateway', 'app') if u.find_spec(n)]); "
-                        "import avatar.app.cli, avatar.gateway.server, avatar.services.generator.engine"],
-                       capture_output=True, text=True, timeout=300, cwd="/")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.util as u; "
+            "print([n for n in ('services', 'gateway', 'app') if u.find_spec(n)]); "
+            "import avatar.app.cli, avatar.gateway.server, avatar.services.generator.engine",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
 """PEFT LoRA files on the tiny DiT: naming variants, merge == unmerged forward, clear failures."""
+
 import json
 
 import pytest
@@ -8,7 +9,7 @@ from safetensors.torch import save_file
 
 from avatar.errors import WeightsError
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
-from avatar.services.generator.lora import lora_layers, load_lora
+from avatar.services.generator.lora import load_lora, lora_layers
 from avatar.services.generator.weights import random_dit
 
 
@@ -44,7 +45,7 @@ def test_lora_loads_changes_outputs_and_merged_equals_unmerged(tmp_path, prefix,
     assert isinstance(merged.audio_injector.injector[0].q, torch.nn.Linear)
     torch.testing.assert_close(_velocity(merged), with_lora, rtol=1e-4, atol=1e-4)
 
-    report.handle.merge_adapter()     # merge in place, then take it back out: the base returns
+    report.handle.merge_adapter()  # merge in place, then take it back out: the base returns
     torch.testing.assert_close(_velocity(unmerged), with_lora, rtol=1e-4, atol=1e-4)
     report.handle.unmerge_adapter()
     report.handle.disable_adapter_layers()
@@ -87,17 +88,22 @@ def test_base_tensors_in_a_lora_file_load_as_upstream_would(tmp_path):
     tensors = write_lora(path, _dit(), rank=4)
     norm = torch.full((64,), 3.0)
     q_weight = torch.full((64, 64), 0.5)
-    tensors.update({
-        "base_model.model.blocks.0.norm3.weight": norm,
-        "base_model.model.blocks.0.self_attn.q.base_layer.weight": q_weight,
-        "base_model.model.blocks.1.self_attn.q.weight": torch.zeros(64, 64),   # renamed under peft: skipped
-        "base_model.model.no_such.weight": torch.zeros(3),
-    })
+    tensors.update(
+        {
+            "base_model.model.blocks.0.norm3.weight": norm,
+            "base_model.model.blocks.0.self_attn.q.base_layer.weight": q_weight,
+            "base_model.model.blocks.1.self_attn.q.weight": torch.zeros(64, 64),  # renamed under peft: skipped
+            "base_model.model.no_such.weight": torch.zeros(3),
+        }
+    )
     save_file(tensors, str(path))
     model = _dit()
     report = load_lora(model, path, merge=False)
     assert sorted(report.plan.extra.values()) == ["blocks.0.norm3.weight", "blocks.0.self_attn.q.weight"]
-    assert sorted(report.plan.ignored) == ["base_model.model.blocks.1.self_attn.q.weight", "base_model.model.no_such.weight"]
+    assert sorted(report.plan.ignored) == [
+        "base_model.model.blocks.1.self_attn.q.weight",
+        "base_model.model.no_such.weight",
+    ]
     assert torch.equal(model.blocks[0].norm3.weight, norm)
     assert torch.equal(model.blocks[0].self_attn.q.base_layer.weight, q_weight)
     assert torch.equal(model.blocks[1].self_attn.q.base_layer.weight, _dit().blocks[1].self_attn.q.weight)

@@ -1,4 +1,5 @@
 """avatar.media: every audio and image format decodes right; every bad input class is refused clearly."""
+
 import io
 import shutil
 import struct
@@ -35,7 +36,7 @@ def _wav(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
 def _speech_16k() -> np.ndarray:
     samples, rate = sf.read(SPEECH, dtype="float32")
     assert rate == 16000 and samples.ndim == 1
-    return samples[:round(CLIP_S * rate)]
+    return samples[: round(CLIP_S * rate)]
 
 
 # (name, ffmpeg output options, container extension, duration tolerance in s)
@@ -49,7 +50,7 @@ AUDIO_FORMATS = [
     ("ogg_vorbis", ["-ar", "44100", "-c:a", "libvorbis"], "ogg", 0.03),
     ("ogg_opus", ["-c:a", "libopus"], "opus", 0.03),
     ("m4a_aac_24k", ["-ar", "24000", "-c:a", "aac"], "m4a", 0.03),
-    ("adts_aac", ["-c:a", "aac"], "aac", 0.15),   # raw ADTS has no gapless info: priming stays
+    ("adts_aac", ["-c:a", "aac"], "aac", 0.15),  # raw ADTS has no gapless info: priming stays
     ("webm_opus", ["-c:a", "libopus"], "webm", 0.03),
 ]
 
@@ -81,8 +82,8 @@ def test_every_audio_format_decodes_to_mono_with_the_right_duration(audio_files,
     original = _speech_16k()
     back = media.resample(audio.samples, audio.sample_rate, 16000)
     n = len(original) - 2400
-    lag = int(np.argmax(np.correlate(back[:n + 2400], original[:n], "valid")))
-    corr = np.corrcoef(back[lag:lag + n], original[:n])[0, 1]
+    lag = int(np.argmax(np.correlate(back[: n + 2400], original[:n], "valid")))
+    corr = np.corrcoef(back[lag : lag + n], original[:n])[0, 1]
     assert corr > (0.99 if name.startswith(("wav", "flac")) else 0.9), corr
     # starts on time: within 8 ms (webm's Opus pre-skip leaves ~4 ms), except raw ADTS, which has
     # no way to say that the encoder's priming is not part of the audio
@@ -103,14 +104,14 @@ def test_silence_is_fine():
 
 
 def _truncate(data: bytes, frac: float = 0.6) -> bytes:
-    return data[:int(len(data) * frac)]
+    return data[: int(len(data) * frac)]
 
 
 def _corrupt(data: bytes) -> bytes:
     b = bytearray(data)
     rng = np.random.default_rng(1)
     mid = len(b) // 3
-    b[mid:mid + 1500] = rng.integers(0, 256, 1500, dtype=np.uint8).tobytes()
+    b[mid : mid + 1500] = rng.integers(0, 256, 1500, dtype=np.uint8).tobytes()
     return bytes(b)
 
 
@@ -131,11 +132,13 @@ BAD_AUDIO = [  # (case, bytes from the fixtures -> bad bytes, words the message 
     ("png image", lambda f: PORTRAIT.read_bytes(), "PNG image, not audio"),
     ("gif image", lambda f: b"GIF89a" + bytes(200), "GIF image, not audio"),
     ("text", lambda f: b"hello, this is a text file\n" * 20, "text, not audio"),
-    ("random bytes", lambda f: np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8)
-     .tobytes(), "unrecognised binary data, not a WAV"),
+    (
+        "random bytes",
+        lambda f: np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes(),
+        "unrecognised binary data, not a WAV",
+    ),
     ("HLS playlist", lambda f: b"#EXTM3U\n#EXTINF:1,\nfile:///etc/hostname\n", "text, not audio"),
-    ("binary HLS playlist", lambda f: b"#EXTM3U\n\x01\x02\n#EXTINF:1,\nfile:///etc/hostname\n",
-     "not a WAV"),
+    ("binary HLS playlist", lambda f: b"#EXTM3U\n\x01\x02\n#EXTINF:1,\nfile:///etc/hostname\n", "not a WAV"),
     ("video without audio", lambda f: f["video_only"], "no audio stream"),
     ("truncated wav", lambda f: _truncate(f["wav_44k_stereo"]), "truncated"),
     ("wav header only", lambda f: f["wav_44k_stereo"][:40], "could not be read"),
@@ -169,18 +172,18 @@ def test_too_long_audio_is_refused_against_the_configured_cap():
 
 @pytest.mark.parametrize("src,dst", [(48000, 16000), (16000, 48000), (44100, 16000), (22050, 48000)])
 def test_resample_keeps_length_pitch_and_level(src, dst):
-    t = np.arange(src) / src   # 1 s of a 1 kHz tone
+    t = np.arange(src) / src  # 1 s of a 1 kHz tone
     x = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
     y = media.resample(x, src, dst)
     assert y.dtype == np.float32 and len(y) == dst
     spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
-    assert abs(np.argmax(spectrum) - 1000) <= 1            # 1 s of signal: bin k = k Hz
-    mid = y[dst // 10: -dst // 10]
-    assert abs(np.sqrt(np.mean(mid ** 2)) - 0.5 / np.sqrt(2)) < 0.01
+    assert abs(np.argmax(spectrum) - 1000) <= 1  # 1 s of signal: bin k = k Hz
+    mid = y[dst // 10 : -dst // 10]
+    assert abs(np.sqrt(np.mean(mid**2)) - 0.5 / np.sqrt(2)) < 0.01
     # a tone above the new Nyquist is filtered out, not folded back
     if dst < src:
         hi = (0.5 * np.sin(2 * np.pi * (dst * 0.6) * t)).astype(np.float32)
-        assert np.sqrt(np.mean(media.resample(hi, src, dst)[dst // 10: -dst // 10] ** 2)) < 0.01
+        assert np.sqrt(np.mean(media.resample(hi, src, dst)[dst // 10 : -dst // 10] ** 2)) < 0.01
 
 
 def test_to_pcm16_clips():
@@ -215,7 +218,7 @@ def test_exif_orientation_is_applied():
     img = media.load_image(_encode(stored, "JPEG", exif=exif, quality=95))
     assert img.size == (100, 200)
     top, bottom = np.asarray(img)[20, 50], np.asarray(img)[180, 50]
-    assert top[0] > 200 and top[2] < 60          # the left (red) half is now on top
+    assert top[0] > 200 and top[2] < 60  # the left (red) half is now on top
     assert bottom[2] > 200 and bottom[0] < 60
 
 
@@ -225,9 +228,9 @@ def test_alpha_is_flattened_onto_white():
     rgba.paste((0, 0, 200, 128), (50, 0, 100, 100))
     arr = np.asarray(media.load_image(_encode(rgba, "PNG")))
     assert arr.shape == (100, 100, 3)
-    assert tuple(arr[50, 10]) == (200, 10, 10)          # opaque: unchanged
-    assert np.abs(arr[50, 80].astype(int) - (127, 127, 227)).max() <= 2   # half: blended with white
-    la = Image.new("LA", (80, 80), (0, 0))             # fully transparent grey: white
+    assert tuple(arr[50, 10]) == (200, 10, 10)  # opaque: unchanged
+    assert np.abs(arr[50, 80].astype(int) - (127, 127, 227)).max() <= 2  # half: blended with white
+    la = Image.new("LA", (80, 80), (0, 0))  # fully transparent grey: white
     assert (np.asarray(media.load_image(_encode(la, "PNG"))) == 255).all()
     webp = media.load_image(_encode(rgba, "WEBP", lossless=True))
     assert tuple(np.asarray(webp)[50, 10]) == (200, 10, 10)
@@ -238,7 +241,7 @@ def test_palette_16bit_and_cmyk_images_become_rgb():
     assert media.load_image(_encode(p, "PNG")).mode == "RGB"
     grey16 = Image.fromarray(np.full((70, 70), 65535 // 2, np.uint16))
     arr = np.asarray(media.load_image(_encode(grey16, "PNG")))
-    assert abs(int(arr[0, 0, 0]) - 128) <= 1            # scaled from 16 bits, not clipped to 255
+    assert abs(int(arr[0, 0, 0]) - 128) <= 1  # scaled from 16 bits, not clipped to 255
     cmyk = _portrait().convert("CMYK")
     assert media.load_image(_encode(cmyk, "JPEG")).mode == "RGB"
 
@@ -246,26 +249,32 @@ def test_palette_16bit_and_cmyk_images_become_rgb():
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims a size, with no pixel data: what a decompression bomb looks like
     before decoding."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + \
-        chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 BAD_IMAGES = [
     ("empty", lambda: b"", "empty"),
     ("text", lambda: b"just some words", "text, not an image"),
     ("audio", lambda: SPEECH.read_bytes(), "WAV audio file, not an image"),
-    ("random", lambda: np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
-     "not an image"),
+    ("random", lambda: np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "not an image"),
     ("gif", lambda: _encode(_portrait(), "GIF"), "GIF is not supported"),
     ("bmp", lambda: _encode(_portrait(), "BMP"), "BMP is not supported"),
     ("tiff", lambda: _encode(_portrait(), "TIFF"), "TIFF is not supported"),
-    ("animated png", lambda: _encode(_portrait(), "PNG", save_all=True,
-                                     append_images=[_portrait().rotate(90)]), "animated"),
-    ("animated webp", lambda: _encode(_portrait(), "WEBP", save_all=True,
-                                      append_images=[_portrait().rotate(90)]), "animated"),
+    (
+        "animated png",
+        lambda: _encode(_portrait(), "PNG", save_all=True, append_images=[_portrait().rotate(90)]),
+        "animated",
+    ),
+    (
+        "animated webp",
+        lambda: _encode(_portrait(), "WEBP", save_all=True, append_images=[_portrait().rotate(90)]),
+        "animated",
+    ),
     ("too small", lambda: _encode(_portrait((40, 300)), "PNG"), "too small: 40x300"),
     ("truncated png", lambda: _encode(_portrait(), "PNG")[:3000], "corrupt or cut short"),
     ("truncated jpeg", lambda: _encode(_portrait(), "JPEG")[:1500], "corrupt or cut short"),
@@ -287,16 +296,27 @@ def test_image_pixel_cap_is_configurable():
 
 
 # ------------------------------------------------------------------------------------- sizes
-@pytest.mark.parametrize("text,size", [("704*384", (704, 384)), (" 384 * 256 ", (384, 256)),
-                                       ("1920*1920", (1920, 1920))])
+@pytest.mark.parametrize(
+    "text,size", [("704*384", (704, 384)), (" 384 * 256 ", (384, 256)), ("1920*1920", (1920, 1920))]
+)
 def test_parse_size(text, size):
     assert media.parse_size(text) == size
 
 
-@pytest.mark.parametrize("text,words", [
-    ("704x384", "W\\*H"), ("704", "W\\*H"), ("", "W\\*H"), ("a*b", "W\\*H"), ("704*-384", "W\\*H"),
-    ("1.5*2", "W\\*H"), ("0*0", "positive"), ("0*384", "positive"), ("4000*4000", "too large"),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("704x384", "W\\*H"),
+        ("704", "W\\*H"),
+        ("", "W\\*H"),
+        ("a*b", "W\\*H"),
+        ("704*-384", "W\\*H"),
+        ("1.5*2", "W\\*H"),
+        ("0*0", "positive"),
+        ("0*384", "positive"),
+        ("4000*4000", "too large"),
+    ],
+)
 def test_bad_sizes(text, words):
     with pytest.raises(InvalidInput, match=words):
         media.parse_size(text)
@@ -334,7 +354,7 @@ def test_plan_size_properties(divisor):
         aw, ah = [(704, 384), (384, 256), (96, 64), (1280, 720)][int(rng.integers(4))]
         w, h = media.plan_size(iw, ih, aw, ah, divisor)
         assert w % divisor == 0 and h % divisor == 0 and w * h <= aw * ah
-        if iw * ih > aw * ah:     # downscaled: uses most of the area (within padding)
+        if iw * ih > aw * ah:  # downscaled: uses most of the area (within padding)
             assert (w + divisor) * (h + divisor) > aw * ah * 0.9
 
 
@@ -343,9 +363,9 @@ def test_fit_image_covers_then_crops_the_centre():
     img = Image.new("RGB", (300, 100), (255, 0, 0))
     img.paste((0, 255, 0), (100, 0, 200, 100))
     img.paste((0, 0, 255), (200, 0, 300, 100))
-    out = media.fit_image(img, 64, 64)                    # a square frame: only the middle fits
+    out = media.fit_image(img, 64, 64)  # a square frame: only the middle fits
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     assert (out[:, 8:56, 1] > 200).all() and (out[:, 8:56, 0] < 60).all()
-    wide = media.fit_image(img, 96, 32)                   # same aspect: everything, scaled
+    wide = media.fit_image(img, 96, 32)  # same aspect: everything, scaled
     assert wide.shape == (32, 96, 3)
     assert wide[16, 5, 0] > 200 and wide[16, 48, 1] > 200 and wide[16, 90, 2] > 200

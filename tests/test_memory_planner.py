@@ -1,14 +1,26 @@
 """Memory planner: choices from fake free-memory numbers, refusals that carry the numbers and the ladder."""
+
 import pytest
 
 from avatar.errors import InvalidInput, ResourceExhausted
-from avatar.memory_planner import (GB, GiB, MemoryRequest, PlannerOptions, dit_bytes, estimate,
-                                   kv_set_bytes, oom_error, plan_memory, sink_bytes,
-                                   check_session_memory, session_bytes)
+from avatar.memory_planner import (
+    GB,
+    GiB,
+    MemoryRequest,
+    PlannerOptions,
+    check_session_memory,
+    dit_bytes,
+    estimate,
+    kv_set_bytes,
+    oom_error,
+    plan_memory,
+    session_bytes,
+    sink_bytes,
+)
 
 HD = MemoryRequest(704, 384, infer_frames=48, sample_steps=4)
 PREVIEW = MemoryRequest(384, 256, infer_frames=32, sample_steps=3)
-H100 = int(79.6 * GiB)          # what an H100 80GB reports free with no context yet
+H100 = int(79.6 * GiB)  # what an H100 80GB reports free with no context yet
 CARD_24 = 24 * GiB
 
 
@@ -27,8 +39,10 @@ def test_weights_and_cache_arithmetic_match_the_checkpoint_and_the_issue():
     assert kv_set_bytes(HD, 1) * 2 == kv_set_bytes(HD, 2)
     # the cache follows the window (infer_frames), not the video length
     assert kv_set_bytes(MemoryRequest(704, 384, infer_frames=32), 2) < kv_set_bytes(HD, 2)
-    assert estimate(MemoryRequest(704, 384, num_blocks=500), fp8=True, encoder_device="cpu", kv_sets=1).total \
+    assert (
+        estimate(MemoryRequest(704, 384, num_blocks=500), fp8=True, encoder_device="cpu", kv_sets=1).total
         == estimate(MemoryRequest(704, 384, num_blocks=2), fp8=True, encoder_device="cpu", kv_sets=1).total
+    )
 
 
 def test_a_big_card_gets_the_fast_faithful_configuration():
@@ -118,21 +132,25 @@ def test_bad_requests_are_invalid_input():
 def test_from_job_reads_a_jobspec():
     class Job:
         width, height, infer_frames, sample_steps, num_blocks = 384, 256, 48, 4, 11
+
     r = MemoryRequest.from_job(Job())
     assert (r.size, r.window_latent_frames, r.num_blocks) == ("384*256", 12, 11)
 
 
-@pytest.mark.parametrize("req, fp8, sets, kv_dtype, measured_gib", [
-    # peak allocated on an H100, DiT only, with today's cache layout
-    # (bench/results/2026-11-25-h100-h7-full.json, docs/performance.md run D)
-    (HD, False, 4, "bfloat16", 74.22),
-    (HD, False, 1, "bfloat16", 43.21),
-    (HD, True, 4, "bfloat16", 59.33),
-    (HD, True, 1, "bfloat16", 28.31),
-    (HD, True, 1, "float8_e4m3fn", 22.27),
-    (MemoryRequest(384, 256), False, 4, "bfloat16", 46.76),
-    (MemoryRequest(384, 256), True, 4, "bfloat16", 31.87),
-])
+@pytest.mark.parametrize(
+    "req, fp8, sets, kv_dtype, measured_gib",
+    [
+        # peak allocated on an H100, DiT only, with today's cache layout
+        # (bench/results/2026-11-25-h100-h7-full.json, docs/performance.md run D)
+        (HD, False, 4, "bfloat16", 74.22),
+        (HD, False, 1, "bfloat16", 43.21),
+        (HD, True, 4, "bfloat16", 59.33),
+        (HD, True, 1, "bfloat16", 28.31),
+        (HD, True, 1, "float8_e4m3fn", 22.27),
+        (MemoryRequest(384, 256), False, 4, "bfloat16", 46.76),
+        (MemoryRequest(384, 256), True, 4, "bfloat16", 31.87),
+    ],
+)
 def test_estimates_track_measured_peaks(req, fp8, sets, kv_dtype, measured_gib):
     p = estimate(req, fp8=fp8, encoder_device="cpu", kv_sets=sets, kv_dtype=kv_dtype, vae_on_gpu=False)
     dit_only = (p.parts["dit"] + p.parts["kv_cache"] + p.parts["activations"]) / GiB
@@ -140,12 +158,15 @@ def test_estimates_track_measured_peaks(req, fp8, sets, kv_dtype, measured_gib):
     assert measured_gib <= dit_only <= measured_gib * 1.03
 
 
-@pytest.mark.parametrize("req, measured_gib", [
-    # run F (bench/results/2026-11-25-h100-pipeline-1.json): FP8, 4 bf16 sets, DiT only, with the
-    # prompt's keys/values now held per session
-    (HD, 59.73),
-    (MemoryRequest(384, 256), 32.30),
-])
+@pytest.mark.parametrize(
+    "req, measured_gib",
+    [
+        # run F (bench/results/2026-11-25-h100-pipeline-1.json): FP8, 4 bf16 sets, DiT only, with the
+        # prompt's keys/values now held per session
+        (HD, 59.73),
+        (MemoryRequest(384, 256), 32.30),
+    ],
+)
 def test_estimates_track_measured_peaks_with_the_text_context(req, measured_gib):
     p = estimate(req, fp8=True, encoder_device="cpu", kv_sets=4, vae_on_gpu=False)
     dit_only = (p.parts["dit"] + p.parts["kv_cache"] + p.parts["text"] + p.parts["activations"]) / GiB
@@ -163,9 +184,9 @@ def test_oom_error_names_the_ladder_and_the_cuda_message():
 def test_session_check_passes_when_the_cache_fits_and_refuses_with_the_ladder_otherwise():
     need = session_bytes(HD, 4)
     assert need["kv_cache"] == 4 * kv_set_bytes(HD, 2) + 2 * sink_bytes(HD, 2) + 40 * 1056 * 5120 * 2
-    check_session_memory(HD, 4, available=sum(need.values()))          # exactly enough: no error
+    check_session_memory(HD, 4, available=sum(need.values()))  # exactly enough: no error
     with pytest.raises(ResourceExhausted) as e:
-        check_session_memory(HD, 4, available=20 * GiB)                # a second HD session on an 80 GB card
+        check_session_memory(HD, 4, available=20 * GiB)  # a second HD session on an 80 GB card
     msg = str(e.value)
     assert "needs 47.7 GB (KV cache 46.3, prompt 0.4, activations 1.0), 21.5 GB free" in msg
     assert "one KV cache set (--cache-sets 1): needs 14.4 GB (fits)" in msg
@@ -176,9 +197,11 @@ def test_session_check_passes_when_the_cache_fits_and_refuses_with_the_ladder_ot
 
 # --- start-up planning: the ModelSpec a server runs, chosen from the GPU's free memory ------------
 
+
 def test_plan_for_device_picks_the_fastest_config_that_fits_and_the_spec_runs_it():
     from avatar.memory_planner import plan_for_device
     from avatar.presets import ModelSpec
+
     spec = ModelSpec(name="s2v-14b", random_weights=True, device="cuda")
     seen = []
     for gib in (140, 80, 48, 24):
@@ -190,9 +213,9 @@ def test_plan_for_device_picks_the_fastest_config_that_fits_and_the_spec_runs_it
         assert (planned.encoder_device == "cpu") == (plan.encoder_device == "cpu")
         seen.append((plan, req))
     assert not seen[0][0].fp8 and seen[0][0].kv_sets == 4 and seen[0][1].size == "704*384"  # big card: bf16
-    assert seen[1][1].size == "704*384"                       # an 80 GB card plans for hd
+    assert seen[1][1].size == "704*384"  # an 80 GB card plans for hd
     plan24, req24 = seen[-1]
-    assert req24.size == "384*256" and plan24.encoder_device == "cpu"   # 24 GB: preview, like the measurements
+    assert req24.size == "384*256" and plan24.encoder_device == "cpu"  # 24 GB: preview, like the measurements
     with pytest.raises(ResourceExhausted, match="needs"):
         plan_for_device(spec, available=12 * GiB, fp8_capable=True)
 
@@ -203,21 +226,32 @@ def test_cli_plans_memory_on_a_gpu_unless_the_user_chose(monkeypatch):
     from avatar import memory_planner
     from avatar.app import cli
     from avatar.presets import GeneratorOptions
+
     monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 40 * GiB)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
-    base = ["generate", "--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--random-weights",
-            "--device", "cuda"]
+    base = [
+        "generate",
+        "--image",
+        "a.png",
+        "--audio",
+        "a.wav",
+        "--out",
+        "o.mp4",
+        "--random-weights",
+        "--device",
+        "cuda",
+    ]
     planned = cli.model_spec(cli.build_parser().parse_args(base))
     _, plan, _ = memory_planner.plan_for_device(planned.with_(fp8=False, generator_options=GeneratorOptions()))
-    assert planned.fp8 == plan.fp8 and plan.fp8          # 40 GB: FP8 weights needed for hd
-    chosen = cli.model_spec(cli.build_parser().parse_args(base + ["--cache-sets", "1"]))   # the user's choice stands
+    assert planned.fp8 == plan.fp8 and plan.fp8  # 40 GB: FP8 weights needed for hd
+    chosen = cli.model_spec(cli.build_parser().parse_args(base + ["--cache-sets", "1"]))  # the user's choice stands
     assert not chosen.fp8 and chosen.generator_options == GeneratorOptions(cache_sets=1)
     off = cli.model_spec(cli.build_parser().parse_args(base + ["--memory-plan", "off"]))
     assert not off.fp8 and off.generator_options == GeneratorOptions()
     monkeypatch.setattr(memory_planner, "gpu_available_bytes", lambda index=0: 8 * GiB)
     with pytest.raises(cli.UserError, match="not enough GPU memory"):
         cli.model_spec(cli.build_parser().parse_args(base))
-    monkeypatch.setenv("WORLD_SIZE", "4")    # a TPP rank: one cache set each, no single-GPU plan
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a TPP rank: one cache set each, no single-GPU plan
     assert cli.model_spec(cli.build_parser().parse_args(base)).generator_options == GeneratorOptions()
 
 
@@ -229,10 +263,17 @@ def test_the_planners_numbers_are_the_models():
     from avatar.memory_planner import DIT_FP8_PARAMS, DIT_PARAMS, kv_cache_bytes
     from avatar.services.generator.kv_cache import KVCacheSpec
     from avatar.services.generator.weights import build_dit
+
     dit = build_dit("s2v-14b", "meta")
     assert sum(p.numel() for p in dit.parameters()) == DIT_PARAMS
-    assert sum(m.weight.numel() for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear)
-               and name.startswith(("blocks.", "audio_injector."))) == DIT_FP8_PARAMS
+    assert (
+        sum(
+            m.weight.numel()
+            for name, m in dit.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.startswith(("blocks.", "audio_injector."))
+        )
+        == DIT_FP8_PARAMS
+    )
     for req in (HD, PREVIEW, MemoryRequest(688, 368, infer_frames=48)):
         h, w = req.height // 8, req.width // 8
         assert (req.sink_tokens, req.tokens_per_latent_frame) == (dit.sink_tokens(h, w), dit.frame_tokens(h, w))
@@ -244,6 +285,7 @@ def test_the_planners_numbers_are_the_models():
 def test_sample_steps_beyond_the_one_limit_are_refused_everywhere():
     from avatar.dit_config import MAX_SAMPLE_STEPS
     from avatar.services.generator.scheduler import FlowMatchEuler
+
     assert MemoryRequest(384, 256, sample_steps=MAX_SAMPLE_STEPS).sample_steps == MAX_SAMPLE_STEPS
     with pytest.raises(InvalidInput, match=f"between 1 and {MAX_SAMPLE_STEPS}"):
         MemoryRequest(384, 256, sample_steps=MAX_SAMPLE_STEPS + 1)

@@ -1,5 +1,6 @@
 """Metrics over HTTP (request counts by status, stage histograms, GPU state without a GPU),
 `avatar gpu-monitor` without NVML, and JSON logs with trace ids and no secrets."""
+
 import asyncio
 import io
 import json
@@ -21,8 +22,11 @@ pytestmark = pytest.mark.timeout(60)
 
 def _scrape(port):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {s.name + repr(sorted(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}, text
+    return {
+        s.name + repr(sorted(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }, text
 
 
 def _value(samples, name, **labels):
@@ -54,23 +58,35 @@ def test_metrics_endpoint_counts_rpcs_and_reports_gpu_state():
                     except grpc.aio.AioRpcError:
                         pass
             await server.stop(None)
+
         asyncio.run(go())
-        metrics.observe_final(avatar_pb2.FinalStatus(
-            frames=100, total_s=4.0, time_to_first_fragment_s=0.5,
-            timings=[tensor_pb2.StageTiming(stage="dit_block", ms=1500, count=9)]))
+        metrics.observe_final(
+            avatar_pb2.FinalStatus(
+                frames=100,
+                total_s=4.0,
+                time_to_first_fragment_s=0.5,
+                timings=[tensor_pb2.StageTiming(stage="dit_block", ms=1500, count=9)],
+            )
+        )
         after, text = _scrape(port)
         key = dict(service="AvatarService", method="Generate")
-        assert _value(after, "avatar_requests_total", code="OK", **key) - \
-            _value(before, "avatar_requests_total", code="OK", **key) == 2
-        assert _value(after, "avatar_requests_total", code="INVALID_ARGUMENT", **key) - \
-            _value(before, "avatar_requests_total", code="INVALID_ARGUMENT", **key) == 1
+        assert (
+            _value(after, "avatar_requests_total", code="OK", **key)
+            - _value(before, "avatar_requests_total", code="OK", **key)
+            == 2
+        )
+        assert (
+            _value(after, "avatar_requests_total", code="INVALID_ARGUMENT", **key)
+            - _value(before, "avatar_requests_total", code="INVALID_ARGUMENT", **key)
+            == 1
+        )
         assert _value(after, "avatar_stage_seconds_count", stage="dit_block") >= 1
         assert _value(after, "avatar_generation_fps_last") == 25.0
         assert _value(after, "avatar_time_to_first_fragment_seconds_count") >= 1
         for name in ("avatar_active_sessions", "avatar_queue_depth", "avatar_request_seconds"):
             assert f"# TYPE {name}" in text
         gpu = metrics.register_gpu_collector()
-        if gpu._nvml is None:   # this machine has no NVML: the metrics say so, and why
+        if gpu._nvml is None:  # this machine has no NVML: the metrics say so, and why
             assert _value(after, "avatar_gpu_available") == 0.0
             assert "avatar_gpu_nvml_error{reason=" in text
         else:
@@ -89,8 +105,12 @@ def test_gpu_monitor_without_nvml_exits_2_with_one_line(tmp_path):
     except pynvml.NVMLError:
         pass
     out = tmp_path / "gpu.csv"
-    r = subprocess.run([sys.executable, "-m", "avatar.app.cli", "gpu-monitor", "--count", "1", "--csv", str(out)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "avatar.app.cli", "gpu-monitor", "--count", "1", "--csv", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "NVML" in lines[0] and "Traceback" not in r.stderr
@@ -104,8 +124,12 @@ def test_gpu_monitor_writes_csv(tmp_path):
     except pynvml.NVMLError:
         pytest.skip("no NVML here (covered by the exit-2 test)")
     out = tmp_path / "gpu.csv"
-    r = subprocess.run([sys.executable, "-m", "avatar.app.cli", "gpu-monitor", "--count", "2", "--interval", "0.1",
-                        "--csv", str(out)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "avatar.app.cli", "gpu-monitor", "--count", "2", "--interval", "0.1", "--csv", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     rows = out.read_text().splitlines()
     assert rows[0].startswith("timestamp,gpu,name") and len(rows) == 1 + 2 * pynvml.nvmlDeviceGetCount()
@@ -113,6 +137,7 @@ def test_gpu_monitor_writes_csv(tmp_path):
 
 def test_json_logs_carry_trace_ids_and_no_secrets(monkeypatch):
     from opentelemetry.sdk.trace import TracerProvider
+
     monkeypatch.setenv("AVATAR_INTERNAL_TOKEN", "internal-secret-value")
     stream = io.StringIO()
     handler = setup_logging("avatar-test", fmt="json", stream=stream)
@@ -144,6 +169,7 @@ def test_redact():
 class _FakeNVML:
     """Stands in for pynvml on machines without a GPU: two boards, the second without power
     readings (as on MIG slices), so the GPU code paths run here too."""
+
     NVML_TEMPERATURE_GPU = 0
 
     class NVMLError(Exception):
@@ -169,10 +195,12 @@ class _FakeNVML:
 
     def nvmlDeviceGetMemoryInfo(self, h):
         from types import SimpleNamespace
+
         return SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
 
     def nvmlDeviceGetUtilizationRates(self, h):
         from types import SimpleNamespace
+
         return SimpleNamespace(gpu=37 + h, memory=12)
 
     def nvmlDeviceGetTemperature(self, h, sensor):
@@ -189,10 +217,14 @@ def test_gpu_collector_and_monitor_with_nvml(monkeypatch, tmp_path, capsys):
     import csv
 
     from avatar.app import gpu_monitor
+
     fake = _FakeNVML()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in metrics.GPUCollector().collect() for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in metrics.GPUCollector().collect()
+        for s in fam.samples
+    }
     g0 = (("gpu", "0"), ("name", "NVIDIA H100 80GB HBM3"))
     g1 = (("gpu", "1"), ("name", "NVIDIA H100 MIG 1g.10gb"))
     assert samples[("avatar_gpu_available", ())] == 1
@@ -201,12 +233,12 @@ def test_gpu_collector_and_monitor_with_nvml(monkeypatch, tmp_path, capsys):
     assert samples[("avatar_gpu_utilization_percent", g1)] == 38
     assert samples[("avatar_gpu_temperature_celsius", g0)] == 51
     assert samples[("avatar_gpu_power_watts", g0)] == 312.5
-    assert ("avatar_gpu_power_watts", g1) not in samples   # unsupported: left out, not an error
+    assert ("avatar_gpu_power_watts", g1) not in samples  # unsupported: left out, not an error
 
     out = tmp_path / "gpu.csv"
     args = argparse.Namespace(interval=0.01, csv=str(out), count=3)
     assert gpu_monitor.run(args) == 0 and fake.shutdown
-    assert gpu_monitor.run(args) == 0    # appends, one header
+    assert gpu_monitor.run(args) == 0  # appends, one header
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 * 3 * 2 and out.read_text().count("timestamp") == 1
     assert rows[0]["memory_used_mib"] == "1024" and rows[1]["power_w"] == "" and rows[0]["power_w"] == "312.5"

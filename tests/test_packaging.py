@@ -1,5 +1,6 @@
 """The wheel is the product: built from the tracked files alone, installed into a fresh virtualenv
 with one `pip install`, it has every runtime dependency, the gRPC stubs and a working `avatar`."""
+
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,19 @@ def test_wheel_from_a_clean_tree_installs_and_renders(tmp_path):
         shutil.copy2(ROOT / name, src / name)
     assert not (src / "avatar" / "v1").exists(), "generated stubs are not tracked"
     # The project's own venv has the build backend and grpcio-tools (pyproject's build requires).
-    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
-         ".", cwd=src)
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        tmp_path / "dist",
+        ".",
+        cwd=src,
+    )
     (wheel,) = (tmp_path / "dist").glob("avatar_mesh-*.whl")
 
     env_dir = tmp_path / "venv"
@@ -43,8 +55,20 @@ def test_wheel_from_a_clean_tree_installs_and_renders(tmp_path):
     assert _run(avatar, "--version", cwd=tmp_path).stdout.strip().startswith("avatar ")
 
     audio = trim_speech(tmp_path / "a.wav", 0, 1.0)
-    _run(avatar, "generate", "--image", ASSETS / "astronaut.png", "--audio", audio, "--size", "64*64",
-         "--out", tmp_path / "out.mp4", cwd=tmp_path, timeout=300)
+    _run(
+        avatar,
+        "generate",
+        "--image",
+        ASSETS / "astronaut.png",
+        "--audio",
+        audio,
+        "--size",
+        "64*64",
+        "--out",
+        tmp_path / "out.mp4",
+        cwd=tmp_path,
+        timeout=300,
+    )
     probe = ffprobe(tmp_path / "out.mp4")
     kinds = sorted(s["codec_type"] for s in probe["streams"])
     assert kinds == ["audio", "video"]

@@ -1,4 +1,5 @@
 """TLS / mTLS round trips with a test CA made here, and bearer-token auth on real gRPC calls."""
+
 import asyncio
 import shutil
 import subprocess
@@ -27,19 +28,68 @@ def pki(tmp_path_factory):
         pytest.skip("openssl CLI not installed")
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "evil-ca"):
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=avatar test {ca}",
-                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
-                 cwd=d)
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                  "extendedKeyUsage=serverAuth\n")
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=avatar test {ca}",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            cwd=d,
+        )
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, ca, ext in (("server", "ca", "server.ext"), ("client", "ca", "client.ext"),
-                          ("evil-client", "evil-ca", "client.ext")):
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext, cwd=d)
+    for name, ca, ext in (
+        ("server", "ca", "server.ext"),
+        ("client", "ca", "client.ext"),
+        ("evil-client", "evil-ca", "client.ext"),
+    ):
+        _openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{ca}.pem",
+            "-CAkey",
+            f"{ca}.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            cwd=d,
+        )
     return d
 
 
@@ -87,6 +137,7 @@ def test_tls_round_trip_with_test_ca(pki):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             await server.stop(None)
+
     run(go())
 
 
@@ -98,14 +149,16 @@ def test_mtls_requires_a_client_certificate_from_the_ca(pki):
             ok = TLSConfig(str(pki / "client.pem"), str(pki / "client.key"), str(pki / "ca.pem"))
             got = await _generate(addr, ok.channel_credentials())
             assert got[0].header.fps == 25
-            for creds in (security.channel_credentials(pki / "ca.pem"),          # no client cert
-                          security.channel_credentials(pki / "ca.pem", pki / "evil-client.pem",
-                                                       pki / "evil-client.key")):  # cert from another CA
+            for creds in (
+                security.channel_credentials(pki / "ca.pem"),  # no client cert
+                security.channel_credentials(pki / "ca.pem", pki / "evil-client.pem", pki / "evil-client.key"),
+            ):  # cert from another CA
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await _generate(addr, creds, timeout=5)
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             await server.stop(None)
+
     run(go())
 
 
@@ -121,7 +174,7 @@ def test_bearer_auth_no_token_wrong_token_right_token():
                 await _generate(addr, token="wrong-token")
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "invalid API token" in e.value.details() and "wrong-token" not in e.value.details()
-            with pytest.raises(grpc.aio.AioRpcError) as e:   # not the Bearer scheme
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # not the Bearer scheme
                 await _generate(addr, metadata=[("authorization", "Basic s3cret-token")])
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             got = await _generate(addr, token="s3cret-token")
@@ -134,6 +187,7 @@ def test_bearer_auth_no_token_wrong_token_right_token():
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             await server.stop(None)
+
     run(go())
 
 
@@ -143,10 +197,12 @@ def test_roles_pick_the_right_token():
     assert SecurityConfig().server_interceptors("gateway") == []
 
     async def go():
-        for role, accepted, refused in (("gateway", ["public-tok"], ["internal-tok"]),
-                                        ("generator", ["internal-tok"], ["public-tok"]),
-                                        # the embedded server's public port: the internal token opens nothing
-                                        ("all", ["public-tok"], ["internal-tok", "nope"])):
+        for role, accepted, refused in (
+            ("gateway", ["public-tok"], ["internal-tok"]),
+            ("generator", ["internal-tok"], ["public-tok"]),
+            # the embedded server's public port: the internal token opens nothing
+            ("all", ["public-tok"], ["internal-tok", "nope"]),
+        ):
             server, addr = await _serve(interceptors=cfg.server_interceptors(role))
             try:
                 for tok in accepted:
@@ -159,6 +215,7 @@ def test_roles_pick_the_right_token():
                         assert "internal token" in e.value.details()
             finally:
                 await server.stop(None)
+
     run(go())
 
 
@@ -187,13 +244,15 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
     import time
 
     from avatar.app.healthcheck import check
-    from tests.conftest import AVATAR, ASSETS, ROOT, Services, free_port, trim_speech
-    chain = tmp_path / "fullchain.pem"   # leaf + CA: the embedded mesh verifies itself with it
+    from tests.conftest import ASSETS, AVATAR, ROOT, Services, free_port, trim_speech
+
+    chain = tmp_path / "fullchain.pem"  # leaf + CA: the embedded mesh verifies itself with it
     chain.write_bytes((pki / "server.pem").read_bytes() + (pki / "ca.pem").read_bytes())
     services = Services(tmp_path, dict(env, AVATAR_AUTH_TOKEN="pub-token-123", AVATAR_INTERNAL_TOKEN="int-token-456"))
     try:
-        svc = services.start("all", "--tls-cert", str(chain), "--tls-key", str(pki / "server.key"), wait=False,
-                             trace=True)
+        svc = services.start(
+            "all", "--tls-cert", str(chain), "--tls-key", str(pki / "server.key"), wait=False, trace=True
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -205,25 +264,56 @@ def test_real_mesh_with_tls_and_auth(pki, tmp_path, env):
             time.sleep(0.3)
         audio = tmp_path / "a.wav"
         trim_speech(audio, 0, 0.6)
-        base = [*AVATAR, "generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(audio),
-                "--size", "64*64", "--server", svc.address, "--tls-ca", str(pki / "ca.pem")]
+        base = [
+            *AVATAR,
+            "generate",
+            "--image",
+            str(ASSETS / "astronaut.png"),
+            "--audio",
+            str(audio),
+            "--size",
+            "64*64",
+            "--server",
+            svc.address,
+            "--tls-ca",
+            str(pki / "ca.pem"),
+        ]
         clean_env = {k: v for k, v in env.items() if k not in ("AVATAR_AUTH_TOKEN", "AVATAR_INTERNAL_TOKEN")}
-        r = subprocess.run([*base, "--out", str(tmp_path / "no.mp4")], capture_output=True, text=True,
-                           timeout=120, cwd=ROOT, env=clean_env)
+        r = subprocess.run(
+            [*base, "--out", str(tmp_path / "no.mp4")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env=clean_env,
+        )
         assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr and not (tmp_path / "no.mp4").exists()
-        r = subprocess.run([*base, "--out", str(tmp_path / "yes.mp4")], capture_output=True, text=True,
-                           timeout=120, cwd=ROOT, env=dict(clean_env, AVATAR_AUTH_TOKEN="pub-token-123"))
+        r = subprocess.run(
+            [*base, "--out", str(tmp_path / "yes.mp4")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env=dict(clean_env, AVATAR_AUTH_TOKEN="pub-token-123"),
+        )
         assert r.returncode == 0, r.stderr[-2000:]
-        r = subprocess.run([*base, "--auth-token", "pub-token-123", "--out", str(tmp_path / "flag.mp4")],
-                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=clean_env)
+        r = subprocess.run(
+            [*base, "--auth-token", "pub-token-123", "--out", str(tmp_path / "flag.mp4")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env=clean_env,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert "pub-token-123" not in (tmp_path / "flag.json").read_text(), "the token leaked into OUT.json"
         assert (tmp_path / "yes.mp4").stat().st_size > 1000
         probe = [sys.executable, "-m", "avatar.app.healthcheck", "--tls-ca", str(pki / "ca.pem")]
         r = subprocess.run([*probe, svc.address], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "SERVING" in r.stdout
-        r = subprocess.run([*probe, "--timeout", "1", f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
-                           timeout=60)
+        r = subprocess.run(
+            [*probe, "--timeout", "1", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
         log = svc.log.read_text()
         assert "pub-token-123" not in log and "int-token-456" not in log

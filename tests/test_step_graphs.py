@@ -4,6 +4,7 @@ On the CPU nothing is recorded, but every steady-state step runs exactly as a re
 the static buffers, with only what was copied into them. Stale or missing inputs (a RoPE not
 refreshed, a timestep not copied) change the latents and fail these tests.
 """
+
 import pytest
 import torch
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
@@ -13,7 +14,7 @@ from avatar.presets import ModelSpec
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.step_graphs import StepGraphs
 
-BLOCKS = 7     # 3 clips of 2 blocks + 1: the ring fills during clip 0, the sink is refreshed at clip 1
+BLOCKS = 7  # 3 clips of 2 blocks + 1: the ring fills during clip 0, the sink is refreshed at clip 1
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_the_first_blocks_never_wait_for_a_capture(engine):
     session = engine.open_session(_job(seed=7), text, ref, motion)
     session._graphs = StepGraphs(engine.dit, session.context, session.kv, capture=False)
     try:
-        session.generate_block(audio[0])     # block 0: the ring is not full yet
+        session.generate_block(audio[0])  # block 0: the ring is not full yet
         assert session._graphs.num_graphs == 0
     finally:
         session.close()
@@ -63,12 +64,13 @@ def test_the_first_blocks_never_wait_for_a_capture(engine):
 
 def test_offloaded_modules_are_copied_in_for_one_use_and_left_in_place():
     from avatar.services.generator.causal_s2v_dit import CrossAttention, _on_device
-    attn = CrossAttention(16, 2, 1e-6).to("meta")   # "the GPU" here
-    attn.k = torch.nn.Linear(16, 16)                  # offloaded: on another device than the rest
+
+    attn = CrossAttention(16, 2, 1e-6).to("meta")  # "the GPU" here
+    attn.k = torch.nn.Linear(16, 16)  # offloaded: on another device than the rest
     meta = torch.device("meta")
     twin = _on_device(attn, meta)
-    assert twin is not attn and twin.k is not attn.k and twin.q is attn.q   # only what lives elsewhere is copied
-    assert twin.k.weight.device == meta and attn.k.weight.device.type == "cpu"   # the module stays put
+    assert twin is not attn and twin.k is not attn.k and twin.q is attn.q  # only what lives elsewhere is copied
+    assert twin.k.weight.device == meta and attn.k.weight.device.type == "cpu"  # the module stays put
     assert _on_device(twin, meta) is twin
 
 

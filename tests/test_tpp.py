@@ -1,5 +1,6 @@
 """Multi-GPU generator (TPP) on CPU ranks over gloo: N local processes give the same latents, bit
 for bit, as one GeneratorSession with N cache sets; wrong step counts are refused."""
+
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ from avatar.presets import ModelSpec
 from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = 4          # 24 frames a clip = 2 blocks of 3 latent frames: two clips, so the sink refresh runs
+BLOCKS = 4  # 24 frames a clip = 2 blocks of 3 latent frames: two clips, so the sink refresh runs
 
 # One rank of the group. Rank 0 drives TPPEngine as the gRPC servicer would: session 1 submits
 # every block at once (they overlap across ranks), session 2 runs block by block; then the refusal.
@@ -103,14 +104,28 @@ RANK = textwrap.dedent("""
 
 
 def _job(steps, seed, blocks=BLOCKS):
-    return Job(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3, num_blocks=blocks,
-               total_frames=blocks * 12, sample_steps=steps, seed=seed, model="tiny")
+    return Job(
+        width=64,
+        height=64,
+        fps=25,
+        infer_frames=24,
+        latent_frames_per_block=3,
+        num_blocks=blocks,
+        total_frames=blocks * 12,
+        sample_steps=steps,
+        seed=seed,
+        model="tiny",
+    )
 
 
 def _inputs(seed, blocks=BLOCKS):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(7, 32, generator=g), torch.randn(16, 1, 8, 8, generator=g),
-            torch.randn(16, 19, 8, 8, generator=g), [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)])
+    return (
+        torch.randn(7, 32, generator=g),
+        torch.randn(16, 1, 8, 8, generator=g),
+        torch.randn(16, 19, 8, 8, generator=g),
+        [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)],
+    )
 
 
 def _free_port() -> int:
@@ -128,11 +143,26 @@ def run_group(n: int, tmp_path: Path, timeout: float = 120.0, mode: str = "run")
     procs = []
     try:
         for r in range(n):
-            env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
-                   "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(BLOCKS), mode], cwd=ROOT, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            env = {
+                **os.environ,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(n),
+                "LOCAL_WORLD_SIZE": str(n),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": "1",
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(out), str(BLOCKS), mode],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.monotonic() + timeout
         logs = []
         for p in procs:
@@ -179,8 +209,10 @@ def test_tpp_matches_one_process_with_a_cache_set_per_step(engine, tmp_path, n):
     assert not torch.equal(got["first"][0], got["first"][2])
     assert not torch.allclose(got["first"][0], got["second"][0])
     # a rank that fails ends that session's later blocks with its error; the next session is fine
-    assert meta["errors"][0] is None and meta["errors"][1:] == [f"RuntimeError: generator rank {n - 1}: "
-                                                                "injected failure (RuntimeError)"] * 2
+    assert (
+        meta["errors"][0] is None
+        and meta["errors"][1:] == [f"RuntimeError: generator rank {n - 1}: injected failure (RuntimeError)"] * 2
+    )
     assert len(meta["refused"]) == 2
     for msg, steps in zip(meta["refused"], (n - 1, n + 1)):
         assert f"sample_steps must be {n}, got {steps}" in msg
@@ -188,8 +220,8 @@ def test_tpp_matches_one_process_with_a_cache_set_per_step(engine, tmp_path, n):
 
 def test_a_rank_that_dies_fails_the_session_and_rank_0_exits(tmp_path):
     got, meta = run_group(2, tmp_path, timeout=60, mode="die")
-    assert meta["first"] == "torch.Size([16, 3, 8, 8])"     # block 0 came back before rank 1 died
-    assert got["codes"] == [1, 3], got["log"][-3000:]       # rank 0 exits 1: the orchestrator restarts
+    assert meta["first"] == "torch.Size([16, 3, 8, 8])"  # block 0 came back before rank 1 died
+    assert got["codes"] == [1, 3], got["log"][-3000:]  # rank 0 exits 1: the orchestrator restarts
     assert "BLOCK 1 FAILED: a generator rank failed" in got["log"]
     assert "restarting the group" in got["log"]
 
@@ -210,20 +242,37 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
     dec = start_service("decoder", wait=False)
     gen_addr = f"127.0.0.1:{_free_port()}"
     log = tmp_path / "generator-tpp.log"
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", "--nproc-per-node=2",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--no-python"]
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        "--no-python",
+    ]
     with open(log, "wb") as out:
-        gen = subprocess.Popen([*torchrun, *AVATAR, "serve", "--role=generator", f"--listen={gen_addr}",
-                                "--max-sessions=1"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        gen = subprocess.Popen(
+            [*torchrun, *AVATAR, "serve", "--role=generator", f"--listen={gen_addr}", "--max-sessions=1"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         gw = start_service("gateway", "--encoder", enc.address, "--generator", gen_addr, "--decoder", dec.address)
         for svc in (enc, dec):
             wait_serving(svc.address, 120, svc.proc, svc.log)
         wait_serving(gen_addr, 120, gen, log)
         request = avatar_pb2.GenerateRequest(
-            image=(ROOT / "assets" / "astronaut.png").read_bytes(), audio=clip_5s.read_bytes(),
-            preset="preview", size="64*64", seed=7, sample_steps=2, num_clip=1)
+            image=(ROOT / "assets" / "astronaut.png").read_bytes(),
+            audio=clip_5s.read_bytes(),
+            preset="preview",
+            size="64*64",
+            seed=7,
+            sample_steps=2,
+            num_clip=1,
+        )
         s = generate(gw.address, request)
         assert s.status.blocks >= 2 and len(s.fragments) == s.status.blocks
         check_video(s.write_mp4(tmp_path / "tpp.mp4"), s.status.frames / 25)
@@ -236,9 +285,14 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
         assert "sample_steps must be 2, got 4" in err.value.details()
         text, ref, motion, _ = _inputs(3, blocks=0)
-        start = generator_pb2.GeneratorInput(start=generator_pb2.SessionStart(
-            job=_job(4, 1).to_proto(), text=wire.to_proto(text), ref_latent=wire.to_proto(ref),
-            motion_latents=wire.to_proto(motion)))
+        start = generator_pb2.GeneratorInput(
+            start=generator_pb2.SessionStart(
+                job=_job(4, 1).to_proto(),
+                text=wire.to_proto(text),
+                ref_latent=wire.to_proto(ref),
+                motion_latents=wire.to_proto(motion),
+            )
+        )
         with grpc.insecure_channel(gen_addr) as ch, pytest.raises(grpc.RpcError) as err:
             list(generator_pb2_grpc.GeneratorServiceStub(ch).Generate(iter([start]), timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -260,8 +314,15 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
 
 def test_only_the_generator_role_runs_under_torchrun(env):
     from conftest import AVATAR
-    out = subprocess.run([*AVATAR, "serve", "--role", "all", "--listen", "127.0.0.1:0"], cwd=ROOT,
-                         env={**env, "WORLD_SIZE": "2", "RANK": "0"}, capture_output=True, text=True, timeout=60)
+
+    out = subprocess.run(
+        [*AVATAR, "serve", "--role", "all", "--listen", "127.0.0.1:0"],
+        cwd=ROOT,
+        env={**env, "WORLD_SIZE": "2", "RANK": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "under torchrun only --role generator runs" in out.stderr
 
@@ -269,6 +330,7 @@ def test_only_the_generator_role_runs_under_torchrun(env):
 def test_a_rank_whose_step_fails_frees_its_cache_while_the_error_is_still_held(engine, monkeypatch):
     text, ref, motion, audio = _inputs(5, blocks=1)
     step = engine.open_step_session(_job(2, 1, blocks=1), text, ref, motion, 0)
-    fail_holding_a_cache_view(monkeypatch, engine.dit, "denoise", step.kv,
-                              lambda: step.denoise_block(step.block_noise(0), audio[0]))
+    fail_holding_a_cache_view(
+        monkeypatch, engine.dit, "denoise", step.kv, lambda: step.denoise_block(step.block_noise(0), audio[0])
+    )
     assert step.kv_cache_bytes == 0

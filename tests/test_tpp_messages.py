@@ -1,4 +1,5 @@
 """TPP ring messages: typed, and their tensors carried bit for bit whatever their dtype, shape or layout."""
+
 import pytest
 import torch
 
@@ -15,15 +16,15 @@ def _round_trip(msg):
 
 def test_tensors_of_any_dtype_travel_bit_for_bit_beside_the_header():
     x = torch.randn(1, 16, 3, 8, 8).to(torch.bfloat16)
-    audio = torch.randn(5, 12, 32).transpose(0, 1)            # not contiguous
-    first = torch.empty(1, 16, 0, 8, 8)                       # empty: no bytes on the wire
+    audio = torch.randn(5, 12, 32).transpose(0, 1)  # not contiguous
+    first = torch.empty(1, 16, 0, 8, 8)  # empty: no bytes on the wire
     back, tensors = _round_trip(Block(sid=3, index=7, x=x, audio=audio, first=first))
     assert len(tensors) == 2 and all(t.dtype == torch.uint8 for t in tensors)
     assert (back.sid, back.index, back.error) == (3, 7, None)
     assert back.x.dtype == torch.bfloat16 and torch.equal(back.x.view(torch.int16), x.view(torch.int16))
     assert torch.equal(back.audio, audio) and back.first.shape == first.shape
     header, _ = encode(Block(sid=3, index=7, x=x, audio=audio, first=first))
-    assert len(header) < 1024                                  # the tensors are not in the header
+    assert len(header) < 1024  # the tensors are not in the header
 
 
 def test_open_session_carries_the_job_and_a_failure_reaches_rank_0_as_its_error():

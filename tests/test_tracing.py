@@ -1,4 +1,5 @@
 """One trace across processes: four services with their own trace files, one trace id, a span per stage."""
+
 import json
 from collections import Counter
 
@@ -10,9 +11,14 @@ STAGES = ("encode_image", "encode_audio", "encode_text", "dit_block", "vae_decod
 
 
 def test_one_request_is_one_trace_across_four_processes(mesh, tmp_path):
-    request = avatar_pb2.GenerateRequest(image=(ASSETS / "astronaut.png").read_bytes(),
-                                         audio=(ASSETS / "speech.wav").read_bytes(), size="64*64",
-                                         num_clip=1, infer_frames=24, sample_steps=2)
+    request = avatar_pb2.GenerateRequest(
+        image=(ASSETS / "astronaut.png").read_bytes(),
+        audio=(ASSETS / "speech.wav").read_bytes(),
+        size="64*64",
+        num_clip=1,
+        infer_frames=24,
+        sample_steps=2,
+    )
     s = generate(mesh["gateway"].address, request)
     trace_id = s.status.trace_id
     assert len(trace_id) == 32 and int(trace_id, 16) != 0
@@ -20,9 +26,12 @@ def test_one_request_is_one_trace_across_four_processes(mesh, tmp_path):
     spans = {role: [sp for sp in svc.spans() if sp["trace_id"] == trace_id] for role, svc in mesh.items()}
     everything = [sp for found in spans.values() for sp in found]
     # Each process exported spans of this request, under this trace id only.
-    assert all(spans[role] for role in ("gateway", "encoder", "generator", "decoder")), \
-        {role: len(found) for role, found in spans.items()}
-    assert {sp["service"] for sp in everything} == {f"avatar-{r}" for r in ("gateway", "encoder", "generator", "decoder")}
+    assert all(spans[role] for role in ("gateway", "encoder", "generator", "decoder")), {
+        role: len(found) for role, found in spans.items()
+    }
+    assert {sp["service"] for sp in everything} == {
+        f"avatar-{r}" for r in ("gateway", "encoder", "generator", "decoder")
+    }
 
     names = Counter(sp["name"] for sp in everything)
     for stage in STAGES:
@@ -50,10 +59,10 @@ def test_otlp_exporter_when_endpoint_is_set(monkeypatch, tmp_path):
     from concurrent import futures
 
     import grpc
+    from conftest import free_port
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
     from avatar import telemetry
-    from conftest import free_port
 
     received = []
 
@@ -99,8 +108,8 @@ def test_a_stream_closed_from_another_task_ends_its_spans_without_logging_errors
 
     async def main():
         gen = stream()
-        await anext(gen)                     # spans attached in this task's context
-        await asyncio.create_task(gen.aclose())   # closed from another task, as grpc.aio does
+        await anext(gen)  # spans attached in this task's context
+        await asyncio.create_task(gen.aclose())  # closed from another task, as grpc.aio does
         # the same generator run to an error in one task still records it
         failing = stream()
         await anext(failing)

@@ -1,14 +1,14 @@
 """Wan2.1 VAE: upstream names at full size, strict loading of upstream-layout files, streaming decode."""
+
 import json
 import pathlib
 
 import pytest
 import torch
+from ckpt_fixtures.encoders import write_vae
 
 from avatar.errors import InvalidInput, WeightsError
-from avatar.models.wan_vae import (S2V_14B_VAE, TINY_VAE, WanVAE, expected_upstream_shapes, infer_dims,
-                                   upstream_key_map)
-from ckpt_fixtures.encoders import write_vae
+from avatar.models.wan_vae import S2V_14B_VAE, TINY_VAE, WanVAE, expected_upstream_shapes, infer_dims, upstream_key_map
 
 KEYS = pathlib.Path(__file__).parent / "data" / "keys"
 
@@ -50,11 +50,14 @@ def test_upstream_layout_checkpoint_loads_strictly_and_runs(tmp_path):
     assert torch.isfinite(video).all() and video.abs().max() <= 1.0
 
 
-@pytest.mark.parametrize("damage, expect", [
-    ("drop", "missing keys: decoder.head.2.bias"),
-    ("extra", "unexpected keys: decoder.head.3.weight"),
-    ("shape", "wrong shapes: conv2.bias [15]"),
-])
+@pytest.mark.parametrize(
+    "damage, expect",
+    [
+        ("drop", "missing keys: decoder.head.2.bias"),
+        ("extra", "unexpected keys: decoder.head.3.weight"),
+        ("shape", "wrong shapes: conv2.bias [15]"),
+    ],
+)
 def test_broken_checkpoint_names_the_key_and_file(tmp_path, damage, expect):
     path = write_vae(tmp_path)
     sd = torch.load(path, weights_only=True)
@@ -109,13 +112,13 @@ def test_streams_do_not_share_caches(vae):
 
 def test_encode_still_equals_encoding_the_repeated_frames(vae, monkeypatch):
     image = _pixels(1, 16, 16, seed=4)
-    for n in (1, 5, 125):   # 125 frames = 31 groups of 4: past the fixed point (about 20 groups here)
+    for n in (1, 5, 125):  # 125 frames = 31 groups of 4: past the fixed point (about 20 groups here)
         assert torch.equal(vae.encode_still(image, n), vae.encode(image.repeat(1, 1, n, 1, 1))), n
     calls = []
     forward = vae.model.encoder.forward
     monkeypatch.setattr(vae.model.encoder, "forward", lambda *a, **k: (calls.append(1), forward(*a, **k))[1])
     vae.encode_still(image, 365)
-    assert len(calls) < 40   # not 92: the steady state is copied, not recomputed
+    assert len(calls) < 40  # not 92: the steady state is copied, not recomputed
 
 
 def test_bad_input_is_rejected(vae):

@@ -1,4 +1,5 @@
 """Tensor wire format: every dtype round-trips bit-exactly through the proto bytes, bad messages are refused."""
+
 import numpy as np
 import pytest
 import torch
@@ -49,11 +50,14 @@ def test_non_contiguous_and_numpy_and_empty():
     assert wire.from_proto(wire.to_proto(s)).item() == 7
 
 
-@pytest.mark.parametrize("msg, match", [
-    (tensor_pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8), "unknown tensor dtype"),
-    (tensor_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 15), "needs 16 bytes, got 15"),
-    (tensor_pb2.Tensor(dtype="int16", shape=[-1], data=b""), "negative"),
-])
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        (tensor_pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8), "unknown tensor dtype"),
+        (tensor_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 15), "needs 16 bytes, got 15"),
+        (tensor_pb2.Tensor(dtype="int16", shape=[-1], data=b""), "negative"),
+    ],
+)
 def test_bad_messages_are_refused(msg, match):
     with pytest.raises(ValueError, match=match):
         wire.from_proto(msg)

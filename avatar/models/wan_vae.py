@@ -8,6 +8,7 @@ Decoding is causal: each latent frame is decoded with a cache of the last frames
 conv saw. `StreamingDecoder` keeps that cache between calls, so decoding block after block gives
 the same pixels as decoding every latent at once.
 """
+
 import dataclasses
 import pathlib
 
@@ -21,20 +22,49 @@ from avatar.presets import ModelSpec
 # Per-channel statistics of Wan2.1 latents (upstream `WanVAE.mean/std`); the tiny VAE uses the same
 # constants so that both presets share one normalisation code path and latent contract.
 WAN21_LATENT_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
 )
 WAN21_LATENT_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
 )
-TIME_STRIDE = 4      # pixel frames per latent frame after the first
+TIME_STRIDE = 4  # pixel frames per latent frame after the first
 SPACE_STRIDE = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class VAEDims:
     """Constructor arguments of the Wan2.1 VAE (upstream `_video_vae` names them the same way)."""
+
     base_dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -46,14 +76,18 @@ class VAEDims:
         if self.z_dim != len(WAN21_LATENT_MEAN):
             raise ValueError(f"Wan2.1 latent statistics are for z_dim 16, not {self.z_dim}")
         return AutoencoderKLWan(
-            base_dim=self.base_dim, z_dim=self.z_dim, dim_mult=list(self.dim_mult),
-            num_res_blocks=self.num_res_blocks, attn_scales=[],
+            base_dim=self.base_dim,
+            z_dim=self.z_dim,
+            dim_mult=list(self.dim_mult),
+            num_res_blocks=self.num_res_blocks,
+            attn_scales=[],
             temperal_downsample=list(self.temperal_downsample),
-            latents_mean=list(WAN21_LATENT_MEAN), latents_std=list(WAN21_LATENT_STD),
+            latents_mean=list(WAN21_LATENT_MEAN),
+            latents_std=list(WAN21_LATENT_STD),
         )
 
 
-S2V_14B_VAE = VAEDims()                         # Wan2.1_VAE.pth as shipped with Wan2.2-S2V-14B
+S2V_14B_VAE = VAEDims()  # Wan2.1_VAE.pth as shipped with Wan2.2-S2V-14B
 TINY_VAE = VAEDims(base_dim=8, num_res_blocks=1)  # same classes, 1/12 of the width
 
 
@@ -90,8 +124,13 @@ def _upstream_name(name: str, dims: VAEDims) -> str:
 
 def _upstream_resnet_leaf(leaf: list[str]) -> list[str]:
     # upstream residual blocks are one nn.Sequential: RMS_norm, SiLU, conv, RMS_norm, SiLU, Dropout, conv
-    renames = {"norm1": ["residual", "0"], "conv1": ["residual", "2"], "norm2": ["residual", "3"],
-               "conv2": ["residual", "6"], "conv_shortcut": ["shortcut"]}
+    renames = {
+        "norm1": ["residual", "0"],
+        "conv1": ["residual", "2"],
+        "norm2": ["residual", "3"],
+        "conv2": ["residual", "6"],
+        "conv_shortcut": ["shortcut"],
+    }
     return [*renames.get(leaf[0], [leaf[0]]), *leaf[1:]]
 
 
@@ -136,15 +175,22 @@ def infer_dims(shapes: dict[str, tuple[int, ...]], source: str = "VAE checkpoint
                     mult.append(shapes[f"encoder.downsamples.{i}.residual.2.weight"][0] // base)
                 res_in_level += 1
             else:
-                raise WeightsError(f"{source}: encoder.downsamples.{i} is neither a residual block nor a "
-                                   f"resample (attention inside the encoder is not supported)")
+                raise WeightsError(
+                    f"{source}: encoder.downsamples.{i} is neither a residual block nor a "
+                    f"resample (attention inside the encoder is not supported)"
+                )
         per_level.append(res_in_level)
     except KeyError as e:
         raise WeightsError(f"{source}: not a Wan2.1 VAE state dict (no {e.args[0]})") from e
     if len(set(per_level)) != 1 or len(mult) != len(temporal) + 1:
         raise WeightsError(f"{source}: irregular encoder layout (residual blocks per level {per_level})")
-    return VAEDims(base_dim=base, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=per_level[0],
-                   temperal_downsample=tuple(temporal))
+    return VAEDims(
+        base_dim=base,
+        z_dim=z_dim,
+        dim_mult=tuple(mult),
+        num_res_blocks=per_level[0],
+        temperal_downsample=tuple(temporal),
+    )
 
 
 def _place(model: AutoencoderKLWan, device, dtype) -> AutoencoderKLWan:
@@ -166,16 +212,18 @@ class WanVAE:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.mean = torch.tensor(WAN21_LATENT_MEAN, device=self.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.inv_std = 1.0 / torch.tensor(WAN21_LATENT_STD, device=self.device,
-                                          dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(WAN21_LATENT_STD, device=self.device, dtype=torch.float32).view(
+            1, -1, 1, 1, 1
+        )
         self._dec_convs = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
         self._enc_convs = sum(isinstance(m, WanCausalConv3d) for m in model.encoder.modules())
 
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_upstream(cls, path: str | pathlib.Path, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | str = torch.float32) -> "WanVAE":
+    def from_upstream(
+        cls, path: str | pathlib.Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+    ) -> "WanVAE":
         """Loads upstream's Wan2.1_VAE.pth (any size: dims are read from the tensor shapes), strictly."""
         sd = load_pth(path)
         dims = infer_dims({k: tuple(v.shape) for k, v in sd.items()}, str(path))
@@ -183,20 +231,30 @@ class WanVAE:
             model = dims.build()
         key_map = upstream_key_map(model, dims)
         target = model.state_dict()
-        check_state_dict(path, "Wan2.1 VAE", {k: tuple(v.shape) for k, v in sd.items()},
-                         {up: tuple(target[name].shape) for up, name in key_map.items()})
+        check_state_dict(
+            path,
+            "Wan2.1 VAE",
+            {k: tuple(v.shape) for k, v in sd.items()},
+            {up: tuple(target[name].shape) for up, name in key_map.items()},
+        )
         model.load_state_dict({key_map[k]: v for k, v in sd.items()}, strict=True, assign=True)
         return cls(_place(model, device, dtype), dims)
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu",
-             dtype: torch.dtype | str = torch.float32) -> "WanVAE":
+    def tiny(
+        cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+    ) -> "WanVAE":
         """Same classes at small width, random weights from `seed` (reproducible across machines)."""
         return cls.random(TINY_VAE, seed, device, dtype)
 
     @classmethod
-    def random(cls, dims: VAEDims = S2V_14B_VAE, seed: int = 0, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str = torch.float32) -> "WanVAE":
+    def random(
+        cls,
+        dims: VAEDims = S2V_14B_VAE,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+    ) -> "WanVAE":
         """Random weights (seeded on CPU), e.g. the full-size VAE for benchmarks without the files."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -233,8 +291,9 @@ class WanVAE:
         self._check_pixels(pixels)
         x = pixels.to(device=self.device, dtype=self.dtype)
         cache: list = [None] * self._enc_convs
-        chunks = [x[:, :, :1]] + [x[:, :, 1 + TIME_STRIDE * i: 1 + TIME_STRIDE * (i + 1)]
-                                  for i in range((x.shape[2] - 1) // TIME_STRIDE)]
+        chunks = [x[:, :, :1]] + [
+            x[:, :, 1 + TIME_STRIDE * i : 1 + TIME_STRIDE * (i + 1)] for i in range((x.shape[2] - 1) // TIME_STRIDE)
+        ]
         out = torch.cat([self.model.encoder(c, feat_cache=cache, feat_idx=[0]) for c in chunks], dim=2)
         return self._normalise(self.model.quant_conv(out))
 
@@ -256,7 +315,7 @@ class WanVAE:
         prev = None
         while len(outs) < 1 + groups:
             outs.append(self.model.encoder(group, feat_cache=cache, feat_idx=[0]))
-            state = list(cache)   # the encoder replaces cache entries, never writes into them
+            state = list(cache)  # the encoder replaces cache entries, never writes into them
             if prev is not None and _same_state(prev, state):
                 outs.extend([outs[-1]] * (1 + groups - len(outs)))
                 break
@@ -282,8 +341,10 @@ class WanVAE:
         if pixels.ndim != 5 or pixels.shape[1] != 3:
             raise InvalidInput(f"VAE input must be [B, 3, T, H, W], got {list(pixels.shape)}")
         if pixels.shape[3] % SPACE_STRIDE or pixels.shape[4] % SPACE_STRIDE:
-            raise InvalidInput(f"VAE input height and width must be multiples of {SPACE_STRIDE}, "
-                               f"got {pixels.shape[3]}x{pixels.shape[4]}")
+            raise InvalidInput(
+                f"VAE input height and width must be multiples of {SPACE_STRIDE}, "
+                f"got {pixels.shape[3]}x{pixels.shape[4]}"
+            )
 
 
 class StreamingDecoder:
@@ -294,7 +355,7 @@ class StreamingDecoder:
         self._decoder = decoder if decoder is not None else vae.model.decoder
         self._cache: list = [None] * vae._dec_convs
         self._first = True
-        self.frames_in = 0   # latent frames decoded so far
+        self.frames_in = 0  # latent frames decoded so far
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -312,7 +373,7 @@ class StreamingDecoder:
         for i in range(z.shape[2]):
             # one latent frame at a time through every layer: the same kernels run on the same shapes
             # whatever the block split, so streamed pixels are bit-identical to a one-shot decode
-            x = vae.model.post_quant_conv(z[:, :, i:i + 1])
+            x = vae.model.post_quant_conv(z[:, :, i : i + 1])
             outs.append(self._decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=self._first))
             self._first = False
         self.frames_in += z.shape[2]
@@ -324,6 +385,9 @@ class StreamingDecoder:
 
 
 def _same_state(a: list, b: list) -> bool:
-    return all((x is y) or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y))
-               or (x == y if isinstance(x, str) else False) for x, y in zip(a, b))
-
+    return all(
+        (x is y)
+        or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y))
+        or (x == y if isinstance(x, str) else False)
+        for x, y in zip(a, b)
+    )

@@ -1,4 +1,5 @@
 """DecoderEngine: streaming Wan VAE decode of latent blocks, muxed with audio into fMP4 fragments."""
+
 from __future__ import annotations
 
 import time
@@ -11,18 +12,18 @@ from avatar.errors import InvalidInput
 from avatar.jobs import Job
 from avatar.models.wan_vae import WanVAE
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
-from avatar.torch_compile import tolerate_tracing_in_other_threads
 from avatar.services.decoder.fmp4 import FragmentedMp4Writer
+from avatar.torch_compile import tolerate_tracing_in_other_threads
 
 SPACE_STRIDE = 8
 
 
 @dataclass(frozen=True)
 class DecodedBlock:
-    data: bytes        # one moof+mdat, starting with an IDR frame
-    num_frames: int    # video frames in it
-    vae_ms: float      # VAE decode time
-    mux_ms: float      # H.264/AAC encode + boxing time
+    data: bytes  # one moof+mdat, starting with an IDR frame
+    num_frames: int  # video frames in it
+    vae_ms: float  # VAE decode time
+    mux_ms: float  # H.264/AAC encode + boxing time
 
 
 class DecoderEngine:
@@ -37,7 +38,7 @@ class DecoderEngine:
         # only at the sizes warmed there: a compilation takes about 70 s, which no request waits for.
         self._compiled = None
         if model.compile:
-            tolerate_tracing_in_other_threads()   # the DiT may still compile for a new aspect ratio
+            tolerate_tracing_in_other_threads()  # the DiT may still compile for a new aspect ratio
             self._compiled = torch.compile(self.vae.model.decoder)
         self._compiled_sizes: set[tuple[int, int]] = set()
 
@@ -57,11 +58,11 @@ class DecoderEngine:
             stream = self.vae.stream_decoder(self._compiled)
             try:
                 stream.decode(torch.zeros(1, self.z_dim, 1, h, w))
-                for _ in range(3):   # the cache holds one frame after the first call, two from then on
+                for _ in range(3):  # the cache holds one frame after the first call, two from then on
                     stream.decode(torch.zeros(1, self.z_dim, LATENT_FRAMES_PER_BLOCK, h, w))
                 if self.vae.device.type == "cuda":
                     torch.cuda.synchronize(self.vae.device)
-            except Exception as e:   # out of memory, or the compiler failed: this size stays eager
+            except Exception as e:  # out of memory, or the compiler failed: this size stays eager
                 reason = " ".join(str(e).split())[:200]
                 lines.append(f"{width}*{height}: not compiled, decodes eagerly ({type(e).__name__}: {reason})")
                 continue
@@ -71,7 +72,7 @@ class DecoderEngine:
             lines.append(f"{width}*{height}: compiled in {time.perf_counter() - start:.1f} s")
         return lines
 
-    def open_stream(self, job: Job, prime_latent: torch.Tensor) -> "DecoderStream":
+    def open_stream(self, job: Job, prime_latent: torch.Tensor) -> DecoderStream:
         """A stream for one video; prime_latent [16, 1, h, w] is the reference image's latent."""
         return DecoderStream(self, job, prime_latent)
 
@@ -83,8 +84,9 @@ class DecoderStream:
         if job.width <= 0 or job.height <= 0 or job.width % 16 or job.height % 16:
             raise InvalidInput(f"job size must be positive multiples of 16, got {job.width}x{job.height}")
         if job.fps <= 0 or job.audio_sample_rate <= 0:
-            raise InvalidInput(f"job fps and audio_sample_rate must be positive, got {job.fps}, "
-                               f"{job.audio_sample_rate}")
+            raise InvalidInput(
+                f"job fps and audio_sample_rate must be positive, got {job.fps}, {job.audio_sample_rate}"
+            )
         self.job = job
         self.latent_hw = (job.height // SPACE_STRIDE, job.width // SPACE_STRIDE)
         self.latent_frames = job.latent_frames_per_block or LATENT_FRAMES_PER_BLOCK
@@ -127,22 +129,23 @@ class DecoderStream:
             raise InvalidInput(f"pcm must be int16 mono [samples], got {pcm.dtype} {list(pcm.shape)}")
         rate, fps = self.job.audio_sample_rate, self.job.fps
         expected = ((self.frames + keep_frames) * rate // fps) - (self.frames * rate // fps)
-        if abs(len(pcm) - expected) > rate // fps:   # more than a frame off: audio would drift
-            raise InvalidInput(f"block {self.blocks}: {len(pcm)} audio samples for {keep_frames} "
-                               f"frames, expected {expected} at {rate} Hz / {fps} fps")
+        if abs(len(pcm) - expected) > rate // fps:  # more than a frame off: audio would drift
+            raise InvalidInput(
+                f"block {self.blocks}: {len(pcm)} audio samples for {keep_frames} "
+                f"frames, expected {expected} at {rate} Hz / {fps} fps"
+            )
 
         t0 = time.perf_counter()
-        pixels = self._decoder.decode(latent[None])          # [1, 3, 12, H, W] in [-1, 1]
+        pixels = self._decoder.decode(latent[None])  # [1, 3, 12, H, W] in [-1, 1]
         frames = ((pixels[0, :, :keep_frames] + 1.0) * 127.5).round_().clamp_(0, 255)
         frames = frames.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
-        t1 = time.perf_counter()     # .cpu() above waits for the GPU, so this is the VAE's time
+        t1 = time.perf_counter()  # .cpu() above waits for the GPU, so this is the VAE's time
         final = bool(self.job.num_blocks) and self.blocks + 1 == self.job.num_blocks
         data = self._writer.write_block(frames, pcm, final=final)
         t2 = time.perf_counter()
         self.blocks += 1
         self.frames += keep_frames
-        return DecodedBlock(data=data, num_frames=keep_frames, vae_ms=(t1 - t0) * 1e3,
-                            mux_ms=(t2 - t1) * 1e3)
+        return DecodedBlock(data=data, num_frames=keep_frames, vae_ms=(t1 - t0) * 1e3, mux_ms=(t2 - t1) * 1e3)
 
     def finish(self) -> bytes:
         """The audio tail as a last fragment, for streams whose job did not say num_blocks
@@ -160,7 +163,6 @@ class DecoderStream:
         want = (self._z, frames, *self.latent_hw)
         if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != want:
             got = list(latent.shape) if hasattr(latent, "shape") else type(latent).__name__
-            raise InvalidInput(f"{what} must be {list(want)} for a {self.job.width}x"
-                               f"{self.job.height} job, got {got}")
+            raise InvalidInput(f"{what} must be {list(want)} for a {self.job.width}x{self.job.height} job, got {got}")
         if not torch.isfinite(latent).all():
             raise InvalidInput(f"{what} contains NaN or infinite values")

@@ -16,6 +16,7 @@ start), so instead the first 1024 input samples (21 ms at 48 kHz, in practice le
 dropped and the priming plays in their place: every later sample is presented at its exact input
 time, both streams start at 0, and the audio lasts exactly as long as the PCM given.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,13 +29,13 @@ from av.video.frame import PictureType
 from av.video.reformatter import ColorRange, Colorspace
 
 VIDEO_TRACK, AUDIO_TRACK = 1, 2
-AAC_FRAME = 1024            # samples per AAC-LC access unit
-AAC_PRIMING = 1024          # ffmpeg's native AAC encoder starts every stream with this delay
+AAC_FRAME = 1024  # samples per AAC-LC access unit
+AAC_PRIMING = 1024  # ffmpeg's native AAC encoder starts every stream with this delay
 VIDEO_TICKS_PER_FRAME = 512  # video timescale = fps * 512 (12800 at 25 fps, as ffmpeg picks)
 
-_BT709 = 1                    # AVCOL_SPC/PRI/TRC_BT709
-_KEY_SAMPLE = 0x02000000      # sample_depends_on = 2 (an IDR: depends on nothing)
-_DELTA_SAMPLE = 0x01010000    # sample_depends_on = 1, sample_is_non_sync_sample = 1
+_BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709
+_KEY_SAMPLE = 0x02000000  # sample_depends_on = 2 (an IDR: depends on nothing)
+_DELTA_SAMPLE = 0x01010000  # sample_depends_on = 1, sample_is_non_sync_sample = 1
 _UNITY_MATRIX = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
 
 
@@ -90,11 +91,11 @@ class _BitReader:
 def _sps_chroma_and_depth(sps: bytes) -> tuple[int, int, int]:
     """(chroma_format_idc, bit_depth_luma_minus8, bit_depth_chroma_minus8) of a High-profile SPS."""
     rbsp = sps[1:].replace(b"\x00\x00\x03", b"\x00\x00")
-    r = _BitReader(rbsp[3:])       # skip profile_idc, constraint flags, level_idc
-    r.ue()                          # seq_parameter_set_id
+    r = _BitReader(rbsp[3:])  # skip profile_idc, constraint flags, level_idc
+    r.ue()  # seq_parameter_set_id
     chroma = r.ue()
     if chroma == 3:
-        r.bit()                     # separate_colour_plane_flag
+        r.bit()  # separate_colour_plane_flag
     return chroma, r.ue(), r.ue()
 
 
@@ -103,7 +104,7 @@ def avcc_from_parameter_sets(sps: bytes, pps: bytes) -> bytes:
     profile, compat, level = sps[1], sps[2], sps[3]
     rec = bytes([1, profile, compat, level, 0xFF, 0xE1]) + struct.pack(">H", len(sps)) + sps
     rec += bytes([1]) + struct.pack(">H", len(pps)) + pps
-    if profile in (100, 110, 122, 144):   # High profiles carry chroma format and bit depths
+    if profile in (100, 110, 122, 144):  # High profiles carry chroma format and bit depths
         chroma, luma8, chroma8 = _sps_chroma_and_depth(sps)
         rec += bytes([0xFC | chroma, 0xF8 | luma8, 0xF8 | chroma8, 0])
     return rec
@@ -126,8 +127,16 @@ class FragmentedMp4Writer:
     or write_block(..., final=True) for the last block, which carries the audio tail itself.
     """
 
-    def __init__(self, width: int, height: int, fps: int = 25, sample_rate: int = 48000,
-                 crf: int = 23, preset: str = "veryfast", audio_bitrate: int = 96000):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        fps: int = 25,
+        sample_rate: int = 48000,
+        crf: int = 23,
+        preset: str = "veryfast",
+        audio_bitrate: int = 96000,
+    ):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"video size must be positive and even, got {width}x{height}")
         if not 1 <= fps <= 120:
@@ -140,15 +149,19 @@ class FragmentedMp4Writer:
         v = av.CodecContext.create("libx264", "w")
         v.width, v.height, v.pix_fmt = width, height, "yuv420p"
         v.time_base, v.framerate = Fraction(1, fps), Fraction(fps)
-        v.flags |= av.codec.context.Flags.global_header     # SPS/PPS in extradata, for avcC
+        v.flags |= av.codec.context.Flags.global_header  # SPS/PPS in extradata, for avcC
         # BT.709, limited range, written into the SPS so players need not guess (they differ)
         v.colorspace, v.color_range, v.color_primaries, v.color_trc = _BT709, 1, _BT709, _BT709
         # slice threads only: frame threads would hold packets back by a few frames
         v.thread_type, v.thread_count = "SLICE", min(4, os.cpu_count() or 1)
         # zerolatency: no lookahead and no B-frames, so each frame's packet comes out at once;
         # keyframes are placed by us at block starts only.
-        v.options = {"preset": preset, "tune": "zerolatency", "crf": str(crf),
-                     "x264-params": "keyint=infinite:scenecut=0:bframes=0"}
+        v.options = {
+            "preset": preset,
+            "tune": "zerolatency",
+            "crf": str(crf),
+            "x264-params": "keyint=infinite:scenecut=0:bframes=0",
+        }
         v.open()
         self._video = v
         nals = split_annexb(bytes(v.extradata or b""))
@@ -164,12 +177,12 @@ class FragmentedMp4Writer:
         a.time_base = Fraction(1, sample_rate)
         a.open()
         self._audio = a
-        self._asc = bytes(a.extradata)   # AudioSpecificConfig
+        self._asc = bytes(a.extradata)  # AudioSpecificConfig
 
-        self._pcm = np.zeros(0, np.float32)   # samples waiting for a full AAC frame
-        self._to_drop = AAC_PRIMING           # input samples the priming stands in for
-        self._audio_in = 0                   # samples handed to the encoder so far
-        self._audio_next_dts = 0             # media time of the next AAC packet (incl. priming)
+        self._pcm = np.zeros(0, np.float32)  # samples waiting for a full AAC frame
+        self._to_drop = AAC_PRIMING  # input samples the priming stands in for
+        self._audio_in = 0  # samples handed to the encoder so far
+        self._audio_next_dts = 0  # media time of the next AAC packet (incl. priming)
         self._video_frames = 0
         self._sequence = 0
         self._finished = False
@@ -204,8 +217,7 @@ class FragmentedMp4Writer:
         video = []
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709,
-                                   dst_color_range=ColorRange.MPEG)
+            frame = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
             frame.pts = self._video_frames + i
             frame.pict_type = PictureType.I if i == 0 else PictureType.NONE
             video.extend(self._video.encode(frame))
@@ -253,13 +265,12 @@ class FragmentedMp4Writer:
         whole = len(buf) // AAC_FRAME * AAC_FRAME
         packets = []
         for start in range(0, whole, AAC_FRAME):
-            packets += self._encode_frame(buf[start:start + AAC_FRAME])
+            packets += self._encode_frame(buf[start : start + AAC_FRAME])
         self._pcm = buf[whole:]
         return packets
 
     def _encode_frame(self, samples: np.ndarray) -> list:
-        frame = av.AudioFrame.from_ndarray(samples[None, :].astype(np.float32), format="fltp",
-                                           layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples[None, :].astype(np.float32), format="fltp", layout="mono")
         frame.sample_rate = self.sample_rate
         frame.pts = self._audio_in
         self._audio_in += len(samples)
@@ -268,56 +279,100 @@ class FragmentedMp4Writer:
     # ------------------------------------------------------------------ boxes
     def _build_init(self) -> bytes:
         ftyp = _box(b"ftyp", b"iso5", struct.pack(">I", 512), b"iso5iso6mp41")
-        mvhd = _full_box(b"mvhd", 0, 0, struct.pack(">IIII", 0, 0, 1000, 0),
-                         struct.pack(">IH", 0x10000, 0x100), bytes(10), _UNITY_MATRIX, bytes(24),
-                         struct.pack(">I", AUDIO_TRACK + 1))
-        mvex = _box(b"mvex", *(_full_box(b"trex", 0, 0, struct.pack(">5I", t, 1, 0, 0, 0))
-                               for t in (VIDEO_TRACK, AUDIO_TRACK)))
+        mvhd = _full_box(
+            b"mvhd",
+            0,
+            0,
+            struct.pack(">IIII", 0, 0, 1000, 0),
+            struct.pack(">IH", 0x10000, 0x100),
+            bytes(10),
+            _UNITY_MATRIX,
+            bytes(24),
+            struct.pack(">I", AUDIO_TRACK + 1),
+        )
+        mvex = _box(
+            b"mvex", *(_full_box(b"trex", 0, 0, struct.pack(">5I", t, 1, 0, 0, 0)) for t in (VIDEO_TRACK, AUDIO_TRACK))
+        )
         return ftyp + _box(b"moov", mvhd, self._video_trak(), self._audio_trak(), mvex)
 
-    def _trak(self, track: int, timescale: int, handler: bytes, name: bytes, media_header: bytes,
-              sample_entry: bytes, volume: int, size: tuple[int, int]) -> bytes:
-        tkhd = _full_box(b"tkhd", 0, 3, struct.pack(">IIIII", 0, 0, track, 0, 0), bytes(8),
-                         struct.pack(">hhhH", 0, 0, volume, 0), _UNITY_MATRIX,
-                         struct.pack(">II", size[0] << 16, size[1] << 16))
+    def _trak(
+        self,
+        track: int,
+        timescale: int,
+        handler: bytes,
+        name: bytes,
+        media_header: bytes,
+        sample_entry: bytes,
+        volume: int,
+        size: tuple[int, int],
+    ) -> bytes:
+        tkhd = _full_box(
+            b"tkhd",
+            0,
+            3,
+            struct.pack(">IIIII", 0, 0, track, 0, 0),
+            bytes(8),
+            struct.pack(">hhhH", 0, 0, volume, 0),
+            _UNITY_MATRIX,
+            struct.pack(">II", size[0] << 16, size[1] << 16),
+        )
         mdhd = _full_box(b"mdhd", 0, 0, struct.pack(">IIIIHH", 0, 0, timescale, 0, 0x55C4, 0))
         hdlr = _full_box(b"hdlr", 0, 0, bytes(4), handler, bytes(12), name + b"\x00")
-        dinf = _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack(">I", 1),
-                                       _full_box(b"url ", 0, 1)))
-        stbl = _box(b"stbl", _full_box(b"stsd", 0, 0, struct.pack(">I", 1), sample_entry),
-                    _full_box(b"stts", 0, 0, bytes(4)), _full_box(b"stsc", 0, 0, bytes(4)),
-                    _full_box(b"stsz", 0, 0, bytes(8)), _full_box(b"stco", 0, 0, bytes(4)))
+        dinf = _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack(">I", 1), _full_box(b"url ", 0, 1)))
+        stbl = _box(
+            b"stbl",
+            _full_box(b"stsd", 0, 0, struct.pack(">I", 1), sample_entry),
+            _full_box(b"stts", 0, 0, bytes(4)),
+            _full_box(b"stsc", 0, 0, bytes(4)),
+            _full_box(b"stsz", 0, 0, bytes(8)),
+            _full_box(b"stco", 0, 0, bytes(4)),
+        )
         minf = _box(b"minf", media_header, dinf, stbl)
         return _box(b"trak", tkhd, _box(b"mdia", mdhd, hdlr, minf))
 
     def _video_trak(self) -> bytes:
         avcc = _box(b"avcC", avcc_from_parameter_sets(self._sps, self._pps))
-        avc1 = _box(b"avc1", bytes(6), struct.pack(">H", 1), bytes(16),
-                    struct.pack(">HHIIIH", self.width, self.height, 0x480000, 0x480000, 0, 1),
-                    bytes(32), struct.pack(">Hh", 0x18, -1), avcc)
+        avc1 = _box(
+            b"avc1",
+            bytes(6),
+            struct.pack(">H", 1),
+            bytes(16),
+            struct.pack(">HHIIIH", self.width, self.height, 0x480000, 0x480000, 0, 1),
+            bytes(32),
+            struct.pack(">Hh", 0x18, -1),
+            avcc,
+        )
         vmhd = _full_box(b"vmhd", 0, 1, bytes(8))
-        return self._trak(VIDEO_TRACK, self.video_timescale, b"vide", b"VideoHandler", vmhd, avc1,
-                          0, (self.width, self.height))
+        return self._trak(
+            VIDEO_TRACK, self.video_timescale, b"vide", b"VideoHandler", vmhd, avc1, 0, (self.width, self.height)
+        )
 
     def _audio_trak(self) -> bytes:
         # object type 0x40 (MPEG-4 audio), stream type audio; buffer size 0, max and avg bitrate
-        decoder_config = _descriptor(4, bytes([0x40, 0x15]) + bytes(3)
-                                     + struct.pack(">II", self._audio_bitrate, self._audio_bitrate)
-                                     + _descriptor(5, self._asc))
-        es = _descriptor(3, struct.pack(">HB", AUDIO_TRACK, 0) + decoder_config
-                         + _descriptor(6, b"\x02"))
-        mp4a = _box(b"mp4a", bytes(6), struct.pack(">H", 1), bytes(8),
-                    struct.pack(">HHHHI", 1, 16, 0, 0, self.sample_rate << 16),
-                    _full_box(b"esds", 0, 0, es))
+        decoder_config = _descriptor(
+            4,
+            bytes([0x40, 0x15])
+            + bytes(3)
+            + struct.pack(">II", self._audio_bitrate, self._audio_bitrate)
+            + _descriptor(5, self._asc),
+        )
+        es = _descriptor(3, struct.pack(">HB", AUDIO_TRACK, 0) + decoder_config + _descriptor(6, b"\x02"))
+        mp4a = _box(
+            b"mp4a",
+            bytes(6),
+            struct.pack(">H", 1),
+            bytes(8),
+            struct.pack(">HHHHI", 1, 16, 0, 0, self.sample_rate << 16),
+            _full_box(b"esds", 0, 0, es),
+        )
         smhd = _full_box(b"smhd", 0, 0, bytes(4))
-        return self._trak(AUDIO_TRACK, self.sample_rate, b"soun", b"SoundHandler", smhd, mp4a,
-                          0x100, (0, 0))
+        return self._trak(AUDIO_TRACK, self.sample_rate, b"soun", b"SoundHandler", smhd, mp4a, 0x100, (0, 0))
 
     def _fragment(self, video: list, first_frame: int, audio: list) -> bytes:
         """moof + mdat for these packets; video samples first in the mdat, then audio."""
         self._sequence += 1
         v_samples = []
-        for i, pkt in enumerate(video):
+        for pkt in video:
             nals = [n for n in split_annexb(bytes(pkt)) if n[0] & 0x1F not in (7, 8, 9)]
             data = b"".join(struct.pack(">I", len(n)) + n for n in nals)
             flags = _KEY_SAMPLE if pkt.is_keyframe else _DELTA_SAMPLE
@@ -326,8 +381,9 @@ class FragmentedMp4Writer:
         a_start = self._audio_next_dts
         for pkt in audio:
             if pkt.pts is not None and pkt.pts + AAC_PRIMING != self._audio_next_dts:
-                raise RuntimeError(f"AAC packet at {pkt.pts} out of sequence "
-                                   f"(expected {self._audio_next_dts - AAC_PRIMING})")
+                raise RuntimeError(
+                    f"AAC packet at {pkt.pts} out of sequence (expected {self._audio_next_dts - AAC_PRIMING})"
+                )
             duration = int(pkt.duration or AAC_FRAME)
             a_samples.append((bytes(pkt), duration, _KEY_SAMPLE))
             self._audio_next_dts += duration
@@ -339,10 +395,8 @@ class FragmentedMp4Writer:
             tracks.append((AUDIO_TRACK, a_start, a_samples))
 
         def moof(offsets: list[int]) -> bytes:
-            trafs = [self._traf(t, base, samples, off) for (t, base, samples), off
-                     in zip(tracks, offsets)]
-            return _box(b"moof", _full_box(b"mfhd", 0, 0, struct.pack(">I", self._sequence)),
-                        *trafs)
+            trafs = [self._traf(t, base, samples, off) for (t, base, samples), off in zip(tracks, offsets)]
+            return _box(b"moof", _full_box(b"mfhd", 0, 0, struct.pack(">I", self._sequence)), *trafs)
 
         # data offsets are relative to the moof start; its size does not depend on their values
         moof_size = len(moof([0] * len(tracks)))
@@ -358,6 +412,11 @@ class FragmentedMp4Writer:
         tfhd = _full_box(b"tfhd", 0, 0x020000, struct.pack(">I", track))  # default-base-is-moof
         tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", base_time))
         # data-offset + per-sample duration, size and flags
-        trun = _full_box(b"trun", 0, 0x000701, struct.pack(">Ii", len(samples), data_offset),
-                         *(struct.pack(">III", dur, len(data), flags) for data, dur, flags in samples))
+        trun = _full_box(
+            b"trun",
+            0,
+            0x000701,
+            struct.pack(">Ii", len(samples), data_offset),
+            *(struct.pack(">III", dur, len(data), flags) for data, dur, flags in samples),
+        )
         return _box(b"traf", tfhd, tfdt, trun)

@@ -1,14 +1,16 @@
 """DecoderService: thin grpc.aio servicer over DecoderEngine; one bidi stream = one video."""
+
 import time
 
 from avatar import job_limits, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.jobs import Job
-from avatar.v1 import decoder_pb2, decoder_pb2_grpc
 from avatar.services.decoder.engine import DecoderEngine
+from avatar.v1 import decoder_pb2, decoder_pb2_grpc
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
+
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     def __init__(self, engine: DecoderEngine):
@@ -19,8 +21,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first DecoderInput must be a DecodeStart")
         job = Job.from_proto(first.start.job)
-        job_limits.check_job(job, audio_rate=True, open_ended=True)   # reachable from the cluster: bounded jobs
-        stream = await run_blocking(self.engine.open_stream, job, wire.tensor_arg(first.start.prime_latent, "prime_latent"))
+        job_limits.check_job(job, audio_rate=True, open_ended=True)  # reachable from the cluster: bounded jobs
+        stream = await run_blocking(
+            self.engine.open_stream, job, wire.tensor_arg(first.start.prime_latent, "prime_latent")
+        )
         try:
             yield decoder_pb2.DecoderOutput(init_segment=await run_blocking(stream.init_segment))
             async for msg in request_iterator:
@@ -38,14 +42,26 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                     # The engine measures both parts; place them as child spans, VAE first, mux last.
                     vae_ns, mux_ns = int(out.vae_ms * 1e6), int(out.mux_ms * 1e6)
                     telemetry.record_span("vae_decode", start_ns, min(end_ns, start_ns + vae_ns), block=block.index)
-                    telemetry.record_span("mux", max(start_ns, end_ns - mux_ns), end_ns, block=block.index,
-                                          frames=out.num_frames, bytes=len(out.data))
-                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(
-                    index=block.index, data=out.data, num_frames=out.num_frames, vae_ms=out.vae_ms, mux_ms=out.mux_ms))
+                    telemetry.record_span(
+                        "mux",
+                        max(start_ns, end_ns - mux_ns),
+                        end_ns,
+                        block=block.index,
+                        frames=out.num_frames,
+                        bytes=len(out.data),
+                    )
+                yield decoder_pb2.DecoderOutput(
+                    fragment=decoder_pb2.DecodedFragment(
+                        index=block.index,
+                        data=out.data,
+                        num_frames=out.num_frames,
+                        vae_ms=out.vae_ms,
+                        mux_ms=out.mux_ms,
+                    )
+                )
             # An open-ended stream (a live session: job.num_blocks 0) ends when the caller closes
             # its side: the AAC encoder's tail goes out as a last, audio-only fragment.
             if not job.num_blocks and (tail := await run_blocking(stream.finish)):
-                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(index=stream.blocks,
-                                                                                     data=tail))
+                yield decoder_pb2.DecoderOutput(fragment=decoder_pb2.DecodedFragment(index=stream.blocks, data=tail))
         finally:
             await run_blocking(stream.close)

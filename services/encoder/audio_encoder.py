@@ -10,24 +10,31 @@ Upstream runs wav2vec2 over the whole audio at once, so memory grows with its sq
 `context_s` of audio on each side that is discarded, and features stream out while later windows
 are still to come, so hours of audio need the memory of one window.
 """
+
 import dataclasses
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, WhisperConfig,
-                          WhisperFeatureExtractor, WhisperModel)
+from transformers import (
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperModel,
+)
 
 from avatar.errors import InvalidInput, WeightsError
 from avatar.presets import ENCODER_AUDIO_RATE, MODEL_DIMS
 
-FEATURE_RATE = 50      # hidden-state frames per second (320-sample stride at 16 kHz)
-RESAMPLED_RATE = 30    # upstream's intermediate rate ("video_rate")
+FEATURE_RATE = 50  # hidden-state frames per second (320-sample stride at 16 kHz)
+RESAMPLED_RATE = 30  # upstream's intermediate rate ("video_rate")
 BACKENDS = ("wav2vec2", "whisper")
 WHISPER_WINDOW_S = 30  # Whisper's encoder sees fixed 30 s windows
-SAMPLES_PER_FRAME = ENCODER_AUDIO_RATE // FEATURE_RATE   # 320
+SAMPLES_PER_FRAME = ENCODER_AUDIO_RATE // FEATURE_RATE  # 320
 
 
 def resample_features(z: torch.Tensor) -> torch.Tensor:
@@ -57,7 +64,7 @@ def bucket_features(z30: torch.Tensor, first_frame: int, num_frames: int, fps: i
 @dataclasses.dataclass(frozen=True)
 class AudioDims:
     hidden: int
-    layers: int   # transformer layers; hidden states = layers + 1
+    layers: int  # transformer layers; hidden states = layers + 1
 
 
 WAV2VEC2_LARGE = AudioDims(hidden=1024, layers=24)
@@ -67,10 +74,20 @@ TINY_AUDIO = AudioDims(hidden=MODEL_DIMS["tiny"].audio_dim, layers=MODEL_DIMS["t
 def tiny_wav2vec2_config(dims: AudioDims = TINY_AUDIO) -> Wav2Vec2Config:
     """A small XLSR-style (stable layer norm) wav2vec2 that keeps the 320-sample stride, so 50 Hz."""
     return Wav2Vec2Config(
-        vocab_size=32, hidden_size=dims.hidden, num_hidden_layers=dims.layers, num_attention_heads=2,
-        intermediate_size=2 * dims.hidden, conv_dim=(16,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        do_stable_layer_norm=True, feat_extract_norm="layer", mask_time_prob=0.0, layerdrop=0.0,
+        vocab_size=32,
+        hidden_size=dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=2,
+        intermediate_size=2 * dims.hidden,
+        conv_dim=(16,) * 7,
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+        mask_time_prob=0.0,
+        layerdrop=0.0,
     )
 
 
@@ -78,10 +95,21 @@ def whisper_config(dims: AudioDims = TINY_AUDIO) -> WhisperConfig:
     """A Whisper encoder of the given width and depth (1024 x 24 is whisper-medium's), one decoder layer."""
     heads = max(2, dims.hidden // 64)
     return WhisperConfig(
-        vocab_size=64, num_mel_bins=80, d_model=dims.hidden, encoder_layers=dims.layers, decoder_layers=1,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * dims.hidden,
-        decoder_ffn_dim=4 * dims.hidden, max_source_positions=1500, max_target_positions=16,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        vocab_size=64,
+        num_mel_bins=80,
+        d_model=dims.hidden,
+        encoder_layers=dims.layers,
+        decoder_layers=1,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * dims.hidden,
+        decoder_ffn_dim=4 * dims.hidden,
+        max_source_positions=1500,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
     )
 
 
@@ -100,14 +128,21 @@ class AudioEncoder:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cfg = model.config
-        self.dims = AudioDims(hidden=cfg.hidden_size if backend == "wav2vec2" else cfg.d_model,
-                              layers=cfg.num_hidden_layers if backend == "wav2vec2" else cfg.encoder_layers)
+        self.dims = AudioDims(
+            hidden=cfg.hidden_size if backend == "wav2vec2" else cfg.d_model,
+            layers=cfg.num_hidden_layers if backend == "wav2vec2" else cfg.encoder_layers,
+        )
 
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder: str | pathlib.Path, backend: str = "wav2vec2",
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AudioEncoder":
+    def from_pretrained(
+        cls,
+        folder: str | pathlib.Path,
+        backend: str = "wav2vec2",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "AudioEncoder":
         """wav2vec2: a Wav2Vec2ForCTC folder (upstream's wav2vec2-large-xlsr-53-english/);
         whisper: a WhisperModel folder (e.g. openai/whisper-medium: 1024 wide, 24 layers)."""
         folder = pathlib.Path(folder)
@@ -131,21 +166,39 @@ class AudioEncoder:
         return cls.random(TINY_AUDIO, seed, backend, device, torch.float32)
 
     @classmethod
-    def random(cls, dims: AudioDims = WAV2VEC2_LARGE, seed: int = 0, backend: str = "wav2vec2",
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AudioEncoder":
+    def random(
+        cls,
+        dims: AudioDims = WAV2VEC2_LARGE,
+        seed: int = 0,
+        backend: str = "wav2vec2",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "AudioEncoder":
         """Random weights (seeded on CPU) with the given width and depth; no file needed."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if backend == "wav2vec2":
                 cfg = tiny_wav2vec2_config(dims)
-                if dims == WAV2VEC2_LARGE:   # the real XLSR-53 large layout
-                    cfg = Wav2Vec2Config(vocab_size=33, hidden_size=1024, num_hidden_layers=24,
-                                         num_attention_heads=16, intermediate_size=4096,
-                                         do_stable_layer_norm=True, feat_extract_norm="layer",
-                                         mask_time_prob=0.0, layerdrop=0.0)
+                if dims == WAV2VEC2_LARGE:  # the real XLSR-53 large layout
+                    cfg = Wav2Vec2Config(
+                        vocab_size=33,
+                        hidden_size=1024,
+                        num_hidden_layers=24,
+                        num_attention_heads=16,
+                        intermediate_size=4096,
+                        do_stable_layer_norm=True,
+                        feat_extract_norm="layer",
+                        mask_time_prob=0.0,
+                        layerdrop=0.0,
+                    )
                 model = Wav2Vec2ForCTC(cfg)
-                fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=ENCODER_AUDIO_RATE, padding_value=0.0,
-                                              do_normalize=True, return_attention_mask=True)
+                fe = Wav2Vec2FeatureExtractor(
+                    feature_size=1,
+                    sampling_rate=ENCODER_AUDIO_RATE,
+                    padding_value=0.0,
+                    do_normalize=True,
+                    return_attention_mask=True,
+                )
             elif backend == "whisper":
                 model = WhisperModel(whisper_config(dims))
                 fe = WhisperFeatureExtractor(feature_size=80, sampling_rate=ENCODER_AUDIO_RATE)
@@ -184,14 +237,14 @@ class AudioEncoder:
         ctx = int(self.context_s * FEATURE_RATE)
         core = int(self.window_s * FEATURE_RATE) - 2 * ctx
         cfg = self.model.config
-        receptive, jump = 1, 1   # samples one frame reads (400 for wav2vec2's conv stack)
+        receptive, jump = 1, 1  # samples one frame reads (400 for wav2vec2's conv stack)
         for k, st in zip(cfg.conv_kernel, cfg.conv_stride):
             receptive, jump = receptive + (k - 1) * jump, jump * st
         for c0 in range(0, total, core):
             c1 = min(c0 + core, total)
             a, b = max(0, c0 - ctx), min(total, c1 + ctx)
-            h = self._wav2vec2(values[a * SAMPLES_PER_FRAME:(b - 1) * SAMPLES_PER_FRAME + receptive])
-            yield c0, h[:, c0 - a:c1 - a]
+            h = self._wav2vec2(values[a * SAMPLES_PER_FRAME : (b - 1) * SAMPLES_PER_FRAME + receptive])
+            yield c0, h[:, c0 - a : c1 - a]
 
     def _wav2vec2(self, values: torch.Tensor) -> torch.Tensor:
         out = self.model.wav2vec2(values[None].to(device=self.device, dtype=self.dtype), output_hidden_states=True)
@@ -201,7 +254,7 @@ class AudioEncoder:
         # Whisper encodes fixed 30 s windows (1500 frames at 50 Hz); keep each window's real frames.
         window = WHISPER_WINDOW_S * ENCODER_AUDIO_RATE
         for start in range(0, len(pcm), window):
-            piece = pcm[start:start + window]
+            piece = pcm[start : start + window]
             keep = len(piece) // SAMPLES_PER_FRAME
             if keep == 0:
                 break
@@ -209,8 +262,9 @@ class AudioEncoder:
             out = self.model.encoder(mel.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
             yield start // SAMPLES_PER_FRAME, torch.cat(out.hidden_states)[:, :keep].float().cpu()
 
-    def encode(self, pcm_16k: np.ndarray, fps: int, total_frames: int,
-               chunk_frames: int = 12) -> Iterator[tuple[int, torch.Tensor]]:
+    def encode(
+        self, pcm_16k: np.ndarray, fps: int, total_frames: int, chunk_frames: int = 12
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yields (first_frame, features [n, layers + 1, hidden]) for frames 0..total_frames-1,
         `chunk_frames` at a time (the last chunk may be shorter); frames past the audio are zeros.
 
@@ -243,7 +297,7 @@ class AudioEncoder:
                 while buf_start + buf.shape[1] <= int(hi.max()):
                     _, h = next(windows)
                     buf = torch.cat([buf, h], dim=1)
-                drop = int(lo.min()) - buf_start   # positions only move forward: free what is behind
+                drop = int(lo.min()) - buf_start  # positions only move forward: free what is behind
                 if drop > 0:
                     buf, buf_start = buf[:, drop:], buf_start + drop
                 x0, x1 = buf[:, lo - buf_start], buf[:, hi - buf_start]

@@ -1,10 +1,11 @@
 """EncoderEngine: reference image -> VAE latents (+ CLIP identity embedding), prompt -> umT5 embeddings,
 audio -> per-frame features (wav2vec2, or Whisper when loaded)."""
+
 import collections
 import hashlib
 import logging
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -23,11 +24,18 @@ log = logging.getLogger(__name__)
 # frames and keeps the second latent; the motion context is those 5 frames repeated 73 times
 # (365 frames), of which the FramePack motioner uses the last 19 latents.
 REF_REPEAT = 5
-CACHED_RESULTS = 16   # images and prompts remembered (a few MB each, host memory)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                 patch_size=8)
-CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=224, patch_size=14)
+CACHED_RESULTS = 16  # images and prompts remembered (a few MB each, host memory)
+TINY_CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)
+CLIP_VIT_L14 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+)
 
 
 class _ResultCache:
@@ -48,7 +56,7 @@ class _ResultCache:
                 self.hits += 1
                 return self._items[key]
             self.misses += 1
-        value = compute()        # outside the lock: requests for other inputs are not held up
+        value = compute()  # outside the lock: requests for other inputs are not held up
         with self._lock:
             self._items[key] = value
             while len(self._items) > self.size:
@@ -71,15 +79,17 @@ class EncoderEngine:
         layout = resolve_ckpt_dir(model.ckpt_dir) if model.from_files else None
         if layout is not None:
             # upstream keeps the T5 in bf16 wherever it runs (11 GB)
-            self.text = TextEncoder.from_upstream(layout.t5, layout.tokenizer, enc_device, torch.bfloat16,
-                                                  max_len=self.dims.text_len)
+            self.text = TextEncoder.from_upstream(
+                layout.t5, layout.tokenizer, enc_device, torch.bfloat16, max_len=self.dims.text_len
+            )
         elif model.is_tiny:
             self.text = TextEncoder.tiny(model.seed, enc_device)
         elif model.random_weights:
-            self.text = TextEncoder.random(UMT5_XXL, model.seed, enc_device, torch.bfloat16,
-                                           max_len=self.dims.text_len)
-        self.audio_encoders = {backend: _load_audio_encoder(model, backend, layout, enc_device)
-                               for backend in model.encoder_options.audio_encoders}
+            self.text = TextEncoder.random(UMT5_XXL, model.seed, enc_device, torch.bfloat16, max_len=self.dims.text_len)
+        self.audio_encoders = {
+            backend: _load_audio_encoder(model, backend, layout, enc_device)
+            for backend in model.encoder_options.audio_encoders
+        }
         self._check_dims()
         # A cancelled or timed-out RPC stops this work within one layer (avatar.cancellation):
         # a portrait's encode takes 24-29 s on a CPU and must not outlive its request.
@@ -88,17 +98,27 @@ class EncoderEngine:
         self._images, self._prompts, self._clip_embeddings = _ResultCache(), _ResultCache(), _ResultCache()
         self.clip = _load_clip(model, enc_device) if model.encoder_options.clip_image else None
         audio = ", ".join(f"{name} {a.dims.layers + 1}x{a.dims.hidden}" for name, a in self.audio_encoders.items())
-        log.info("encoder ready: %s; VAE on %s (%s), umT5 %dx%d and %s on %s%s", model.describe(),
-                 self.vae.device, str(self.vae.dtype).removeprefix("torch."), self.text.dims.layers,
-                 self.text.dims.dim, audio, enc_device, ", CLIP on" if self.clip else "")
+        log.info(
+            "encoder ready: %s; VAE on %s (%s), umT5 %dx%d and %s on %s%s",
+            model.describe(),
+            self.vae.device,
+            str(self.vae.dtype).removeprefix("torch."),
+            self.text.dims.layers,
+            self.text.dims.dim,
+            audio,
+            enc_device,
+            ", CLIP on" if self.clip else "",
+        )
 
     def _check_dims(self) -> None:
         if self.text.dims.dim != self.dims.text_dim:
             raise WeightsError(f"text encoder width {self.text.dims.dim} != the model's text_dim {self.dims.text_dim}")
         for name, audio in self.audio_encoders.items():
             if (audio.dims.hidden, audio.dims.layers + 1) != (self.dims.audio_dim, self.dims.audio_layers):
-                raise WeightsError(f"{name} audio encoder gives {audio.dims.layers + 1} x {audio.dims.hidden} "
-                                   f"hidden states; the model needs {self.dims.audio_layers} x {self.dims.audio_dim}")
+                raise WeightsError(
+                    f"{name} audio encoder gives {audio.dims.layers + 1} x {audio.dims.hidden} "
+                    f"hidden states; the model needs {self.dims.audio_layers} x {self.dims.audio_dim}"
+                )
 
     # -- image ---------------------------------------------------------------------------------
 
@@ -109,7 +129,7 @@ class EncoderEngine:
         return self._images.get_or_compute(_pixels_key(pixels), lambda: self._encode_image(pixels))
 
     def _encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        image = _image_tensor(pixels, 16)   # VAE stride 8 x DiT patch 2
+        image = _image_tensor(pixels, 16)  # VAE stride 8 x DiT patch 2
         lat_motion = (self.dims.motion_frames + TIME_STRIDE - 1) // TIME_STRIDE
         # One pass serves both: the VAE is causal, so the still video's latent 1 (frames 1-4) is
         # the reference latent of upstream's 5-frame video, and its last latents are the motion
@@ -141,8 +161,14 @@ class EncoderEngine:
         by prompt like images)."""
         return self._prompts.get_or_compute(prompt.encode(), lambda: self.text.encode(prompt))
 
-    def encode_audio(self, pcm_16k: np.ndarray, fps: int, total_frames: int, chunk_frames: int = 12,
-                     backend: str = DEFAULT_AUDIO_ENCODER) -> Iterator[tuple[int, torch.Tensor]]:
+    def encode_audio(
+        self,
+        pcm_16k: np.ndarray,
+        fps: int,
+        total_frames: int,
+        chunk_frames: int = 12,
+        backend: str = DEFAULT_AUDIO_ENCODER,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """16 kHz mono float PCM -> (first_frame, features [n, audio_layers, audio_dim]) per chunk;
         frames past the audio are zeros. `backend`: one of the loaded audio encoders."""
         return self.audio_encoder(backend).encode(pcm_16k, fps, total_frames, chunk_frames)
@@ -153,8 +179,10 @@ class EncoderEngine:
             raise InvalidInput(f"unknown audio encoder {backend!r}: choose from {', '.join(AUDIO_ENCODERS)}")
         if backend not in self.audio_encoders:
             loaded = ",".join(self.audio_encoders)
-            raise InvalidInput(f"the {backend} audio encoder is not loaded (this encoder loads {loaded}): start it "
-                               f"with --audio-encoders {loaded},{backend}")
+            raise InvalidInput(
+                f"the {backend} audio encoder is not loaded (this encoder loads {loaded}): start it "
+                f"with --audio-encoders {loaded},{backend}"
+            )
         return self.audio_encoders[backend]
 
 
@@ -180,12 +208,14 @@ def _load_audio_encoder(spec: ModelSpec, backend: str, layout, device: torch.dev
 def _image_tensor(pixels: np.ndarray, divisor: int) -> torch.Tensor:
     """uint8 [H, W, 3] -> float [1, 3, 1, H, W] in [-1, 1] (upstream: ToTensor, then * 2 - 1)."""
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise InvalidInput(f"image must be uint8 [H, W, 3], got {getattr(pixels, 'dtype', type(pixels))} "
-                           f"{list(getattr(pixels, 'shape', []))}")
+        raise InvalidInput(
+            f"image must be uint8 [H, W, 3], got {getattr(pixels, 'dtype', type(pixels))} "
+            f"{list(getattr(pixels, 'shape', []))}"
+        )
     h, w = pixels.shape[:2]
     if h % divisor or w % divisor or h == 0 or w == 0:
         raise InvalidInput(f"image sides must be positive multiples of {divisor}, got {w}x{h}")
-    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255.0   # a copy: input may be read-only
+    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255.0  # a copy: input may be read-only
     return (x * 2.0 - 1.0)[None, :, None]
 
 
@@ -193,7 +223,8 @@ def _load_clip(spec: ModelSpec, device: torch.device):
     """(CLIPVisionModel, CLIPImageProcessor) from --clip-image FOLDER, else random: tiny, or
     ViT-L/14's shape for --random-weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
-    try:   # the PIL backend is the one that works without torchvision
+
+    try:  # the PIL backend is the one that works without torchvision
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:
         from transformers import CLIPImageProcessor

@@ -14,6 +14,7 @@ edge; the caller passes what it already has queued as `lookahead`, 0.2 s removes
 and the level of the whole recording, which wav2vec2's input normalisation uses offline: here
 the mean and variance are running statistics of the stream so far, converging to the offline ones.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ from avatar.services.encoder.audio_encoder import (
 )
 
 DEFAULT_CONTEXT_S = 3.84  # left context per window (8 blocks); longer gains < 0.1% (docs/model.md)
-LOOKAHEAD_S = 0.2         # right context worth passing: past it the block's frames no longer change
+LOOKAHEAD_S = 0.2  # right context worth passing: past it the block's frames no longer change
 MAX_LOOKAHEAD_S = 1.0
 
 
@@ -55,20 +56,21 @@ class StreamingAudioFeatures:
     """Feeds one stream's 16 kHz audio block by block: push(pcm of one block) -> its features
     [frames_per_block, layers + 1, hidden]. Keeps `context_s` of past audio, nothing more."""
 
-    def __init__(self, encoder: AudioEncoder, fps: int, frames_per_block: int,
-                 context_s: float = DEFAULT_CONTEXT_S):
+    def __init__(self, encoder: AudioEncoder, fps: int, frames_per_block: int, context_s: float = DEFAULT_CONTEXT_S):
         if fps <= 0 or frames_per_block <= 0:
             raise InvalidInput(f"bad audio framing: fps {fps}, frames per block {frames_per_block}")
         block = frames_per_block * ENCODER_AUDIO_RATE / fps
         if block != int(block) or int(block) % SAMPLES_PER_FRAME:
-            raise InvalidInput(f"a block of {frames_per_block} frames at {fps} fps is {block} samples at 16 kHz; "
-                               f"it must be a whole multiple of {SAMPLES_PER_FRAME}")
+            raise InvalidInput(
+                f"a block of {frames_per_block} frames at {fps} fps is {block} samples at 16 kHz; "
+                f"it must be a whole multiple of {SAMPLES_PER_FRAME}"
+            )
         self.encoder, self.fps, self.frames_per_block = encoder, fps, frames_per_block
         self.block_samples = int(block)
         # whole blocks of context, so every window starts on a 50 Hz frame boundary
         self.context_blocks = max(0, round(context_s * ENCODER_AUDIO_RATE / self.block_samples))
-        self._history: list[np.ndarray] = []   # the last context_blocks blocks
-        self._count, self._sum, self._sum_sq = 0, 0.0, 0.0   # running input statistics
+        self._history: list[np.ndarray] = []  # the last context_blocks blocks
+        self._count, self._sum, self._sum_sq = 0, 0.0, 0.0  # running input statistics
         self.blocks = 0
 
     @property
@@ -93,7 +95,7 @@ class StreamingAudioFeatures:
         positions = feature_positions(self.blocks * self.frames_per_block, self.frames_per_block, self.fps)
         out = interpolate_frames(hidden, first_sample // SAMPLES_PER_FRAME, positions)
         self._history.append(pcm.copy())
-        del self._history[:max(0, len(self._history) - self.context_blocks)]
+        del self._history[: max(0, len(self._history) - self.context_blocks)]
         self.blocks += 1
         return out
 

@@ -7,6 +7,7 @@ whitespace-cleaned, tokenized with </s> appended, cut at 512 tokens, and the out
 real tokens ([L, 4096]). Upstream pads to 512 and masks the padding out; running the real tokens
 alone gives the same result without the padding's cost.
 """
+
 import dataclasses
 import html
 import pathlib
@@ -20,29 +21,41 @@ from avatar.checkpoints import check_state_dict, load_pth
 from avatar.errors import InvalidInput, WeightsError
 from avatar.presets import MODEL_DIMS
 
-TEXT_LEN = 512   # upstream text_len: tokens kept per prompt, </s> included
+TEXT_LEN = 512  # upstream text_len: tokens kept per prompt, </s> included
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Dims:
     """Shape of an umT5 encoder; upstream's names in comments."""
+
     vocab: int = 256384
-    dim: int = 4096        # dim
-    dim_attn: int = 4096   # dim_attn = heads x head dim
-    ffn: int = 10240       # dim_ffn
-    heads: int = 64        # num_heads
-    layers: int = 24       # num_layers
-    buckets: int = 32      # num_buckets (relative positions, max distance 128)
+    dim: int = 4096  # dim
+    dim_attn: int = 4096  # dim_attn = heads x head dim
+    ffn: int = 10240  # dim_ffn
+    heads: int = 64  # num_heads
+    layers: int = 24  # num_layers
+    buckets: int = 32  # num_buckets (relative positions, max distance 128)
 
     def config(self) -> UMT5Config:
         if self.dim_attn % self.heads:
             raise ValueError(f"attention width {self.dim_attn} is not a multiple of {self.heads} heads")
         return UMT5Config(
-            vocab_size=self.vocab, d_model=self.dim, d_kv=self.dim_attn // self.heads, d_ff=self.ffn,
-            num_heads=self.heads, num_layers=self.layers, relative_attention_num_buckets=self.buckets,
-            relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-            layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
-            pad_token_id=0, eos_token_id=1,
+            vocab_size=self.vocab,
+            d_model=self.dim,
+            d_kv=self.dim_attn // self.heads,
+            d_ff=self.ffn,
+            num_heads=self.heads,
+            num_layers=self.layers,
+            relative_attention_num_buckets=self.buckets,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            layer_norm_epsilon=1e-6,
+            is_encoder_decoder=False,
+            use_cache=False,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
         )
 
     def build(self) -> UMT5EncoderModel:
@@ -60,8 +73,8 @@ _BLOCK_RENAMES = {
     "layer.0.SelfAttention.o.weight": "attn.o.weight",
     "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
     "layer.0.layer_norm.weight": "norm1.weight",
-    "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",   # GELU branch
-    "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",      # linear branch
+    "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",  # GELU branch
+    "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",  # linear branch
     "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
     "layer.1.layer_norm.weight": "norm2.weight",
 }
@@ -105,8 +118,15 @@ def infer_dims(shapes: dict[str, tuple[int, ...]], source: str = "T5 checkpoint"
         vocab, dim = shapes["token_embedding.weight"]
         layers = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
         buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]
-        return T5Dims(vocab=vocab, dim=dim, dim_attn=shapes["blocks.0.attn.q.weight"][0],
-                      ffn=shapes["blocks.0.ffn.fc1.weight"][0], heads=heads, layers=layers, buckets=buckets)
+        return T5Dims(
+            vocab=vocab,
+            dim=dim,
+            dim_attn=shapes["blocks.0.attn.q.weight"][0],
+            ffn=shapes["blocks.0.ffn.fc1.weight"][0],
+            heads=heads,
+            layers=layers,
+            buckets=buckets,
+        )
     except (KeyError, ValueError) as e:
         raise WeightsError(f"{source}: not an umT5 encoder state dict ({e})") from e
 
@@ -127,10 +147,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=TEXT_LEN)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=TEXT_LEN
+    )
 
 
 class TextEncoder:
@@ -140,16 +162,21 @@ class TextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.dims = dims
-        self.max_len = max_len   # the DiT's text_len: 512 upstream, 16 for the tiny DiT
+        self.max_len = max_len  # the DiT's text_len: 512 upstream, 16 for the tiny DiT
         # fast tokenizers set truncation state per call and fail ("Already borrowed") when shared by threads
         self._tokenizer_lock = threading.Lock()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
     @classmethod
-    def from_upstream(cls, ckpt_path: str | pathlib.Path, tokenizer_dir: str | pathlib.Path,
-                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                      max_len: int = TEXT_LEN) -> "TextEncoder":
+    def from_upstream(
+        cls,
+        ckpt_path: str | pathlib.Path,
+        tokenizer_dir: str | pathlib.Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        max_len: int = TEXT_LEN,
+    ) -> "TextEncoder":
         """Loads models_t5_umt5-xxl-enc-bf16.pth (memory-mapped, strictly) and the tokenizer folder."""
         tokenizer = load_tokenizer(tokenizer_dir)
         sd = load_pth(ckpt_path)
@@ -158,10 +185,14 @@ class TextEncoder:
             model = dims.build()
         key_map = upstream_key_map(model)
         target = model.state_dict()
-        check_state_dict(ckpt_path, "umT5 encoder", {k: tuple(v.shape) for k, v in sd.items()},
-                         {up: tuple(target[name].shape) for up, name in key_map.items()})
+        check_state_dict(
+            ckpt_path,
+            "umT5 encoder",
+            {k: tuple(v.shape) for k, v in sd.items()},
+            {up: tuple(target[name].shape) for up, name in key_map.items()},
+        )
         hf = {key_map[k]: v for k, v in sd.items()}
-        hf["encoder.embed_tokens.weight"] = hf["shared.weight"]   # tied: one tensor, not a copy
+        hf["encoder.embed_tokens.weight"] = hf["shared.weight"]  # tied: one tensor, not a copy
         model.load_state_dict(hf, strict=True, assign=True)
         model.encoder.embed_tokens = model.shared
         if len(tokenizer) > dims.vocab:
@@ -174,8 +205,15 @@ class TextEncoder:
         return cls.random(TINY_T5, seed, device, torch.float32, byte_tokenizer(), MODEL_DIMS["tiny"].text_len)
 
     @classmethod
-    def random(cls, dims: T5Dims = UMT5_XXL, seed: int = 0, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.bfloat16, tokenizer=None, max_len: int = TEXT_LEN) -> "TextEncoder":
+    def random(
+        cls,
+        dims: T5Dims = UMT5_XXL,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        tokenizer=None,
+        max_len: int = TEXT_LEN,
+    ) -> "TextEncoder":
         """Random weights, seeded, created in `dtype`; the byte tokenizer unless one is given.
 
         On the CPU transformers' own init; elsewhere the model is allocated once on the device and
@@ -193,8 +231,9 @@ class TextEncoder:
         if not isinstance(prompt, str):
             raise InvalidInput(f"prompt must be text, got {type(prompt).__name__}")
         with self._tokenizer_lock:
-            ids = self.tokenizer(clean_prompt(prompt), truncation=True, max_length=self.max_len,
-                                 add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer(
+                clean_prompt(prompt), truncation=True, max_length=self.max_len, add_special_tokens=True
+            )["input_ids"]
         return list(ids)
 
     @torch.no_grad()
@@ -220,12 +259,12 @@ def filled_on_device(dims: T5Dims, seed: int, device: str | torch.device, dtype:
     with torch.device("meta"):
         model = dims.build()
     model = model.to_empty(device=device).to(dtype)
-    model.encoder.embed_tokens = model.shared      # to_empty unties them; keep one tensor
+    model.encoder.embed_tokens = model.shared  # to_empty unties them; keep one tensor
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
-                p.fill_(1.0)                       # RMSNorm scales
+                p.fill_(1.0)  # RMSNorm scales
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     return model

@@ -14,6 +14,7 @@ Token streams the model sees:
 Dtypes follow upstream's autocast behaviour: linears run in the model dtype, the timestep
 embedding, modulation, residual adds inside a block, the head and the audio encoder in float32.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,7 +31,7 @@ from torch import nn
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
 from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
-REF_ROPE_FRAME = 30          # RoPE frame index of the reference image at prefill (upstream)
+REF_ROPE_FRAME = 30  # RoPE frame index of the reference image at prefill (upstream)
 ROPE_THETA = 10000.0
 # Upstream rounds the text cross-attention's pre-norm (norm3) input, and so its output, to bf16
 # whatever the model dtype, a float32 run included: the model was trained so.
@@ -38,7 +39,7 @@ CROSS_ATTN_NORM_DTYPE = torch.bfloat16
 
 # Constructor arguments per preset, from the one description of the geometry (avatar/dit_config.py).
 PRESETS: dict[str, dict] = {name: config.kwargs() for name, config in DIT_CONFIGS.items()}
-_S2V = DIT_CONFIGS["s2v-14b"]   # the constructor defaults
+_S2V = DIT_CONFIGS["s2v-14b"]  # the constructor defaults
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -52,9 +53,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 # --------------------------------------------------------------------------- RoPE
 
+
 @dataclass
 class Rope:
     """cos/sin of the rotary angles of L tokens: [L, 1, D/2] float32 (broadcast over heads)."""
+
     cos: torch.Tensor
     sin: torch.Tensor
 
@@ -89,8 +92,14 @@ def rope_grid(head_dim: int, frames, rows, cols, device) -> Rope:
         axes.append(torch.stack([ang.cos(), ang.sin()]).to(torch.float16).float())
     f, h, w = axes
     nf, nh, nw = f.shape[1], h.shape[1], w.shape[1]
-    grid = torch.cat([f[:, :, None, None].expand(2, nf, nh, nw, -1), h[:, None, :, None].expand(2, nf, nh, nw, -1),
-                      w[:, None, None, :].expand(2, nf, nh, nw, -1)], dim=-1).reshape(2, nf * nh * nw, 1, -1)
+    grid = torch.cat(
+        [
+            f[:, :, None, None].expand(2, nf, nh, nw, -1),
+            h[:, None, :, None].expand(2, nf, nh, nw, -1),
+            w[:, None, None, :].expand(2, nf, nh, nw, -1),
+        ],
+        dim=-1,
+    ).reshape(2, nf * nh * nw, 1, -1)
     return Rope(grid[0], grid[1])
 
 
@@ -103,6 +112,7 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer evaluated in float32 (upstream runs it under float32 autocast)."""
@@ -145,6 +155,7 @@ class RMSNorm(nn.Module):
 
 # --------------------------------------------------------------------------- attention layers
 
+
 @dataclass
 class LayerKV:
     """Where one layer's self-attention reads and writes keys/values (views into a KVCache).
@@ -157,9 +168,10 @@ class LayerKV:
     One write per buffer per call: torch.compile then updates it in place (with two, inductor
     rewrote the whole buffer every layer).
     """
+
     keys: torch.Tensor
     values: torch.Tensor
-    ref_k: torch.Tensor                  # [B, frame_tokens, H, D], unrotated
+    ref_k: torch.Tensor  # [B, frame_tokens, H, D], unrotated
     sink_start: int
     sink_tokens: int
     write: int = 0
@@ -188,15 +200,15 @@ class SelfAttention(_Projections):
         q, k_rot = apply_rope(q, rope), apply_rope(k, rope)
         cache = kv.keys.dtype
         s0, nref = kv.sink_start, kv.ref_k.shape[1]
-        if kv.prefill:   # the sink: attends to itself
+        if kv.prefill:  # the sink: attends to itself
             kv.ref_k.copy_(to_cache_dtype(k[:, :nref], cache))
-            kv.keys[..., s0 + nref:s0 + kv.sink_tokens, :, :] = to_cache_dtype(k_rot[:, nref:], cache)
-            kv.values[..., s0:s0 + kv.sink_tokens, :, :] = to_cache_dtype(v, cache)
+            kv.keys[..., s0 + nref : s0 + kv.sink_tokens, :, :] = to_cache_dtype(k_rot[:, nref:], cache)
+            kv.values[..., s0 : s0 + kv.sink_tokens, :, :] = to_cache_dtype(v, cache)
             keys, values = k_rot, v
         else:
-            kv.keys[:, kv.write:kv.write + n] = to_cache_dtype(k_rot, cache)
-            kv.values[:, kv.write:kv.write + n] = to_cache_dtype(v, cache)
-            keys, values = kv.keys[:, kv.lo:kv.hi].to(q.dtype), kv.values[:, kv.lo:kv.hi].to(q.dtype)
+            kv.keys[:, kv.write : kv.write + n] = to_cache_dtype(k_rot, cache)
+            kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
+            keys, values = kv.keys[:, kv.lo : kv.hi].to(q.dtype), kv.values[:, kv.lo : kv.hi].to(q.dtype)
         return self.o(attention(q, keys, values))
 
 
@@ -256,6 +268,7 @@ class Head(nn.Module):
 
 # --------------------------------------------------------------------------- audio
 
+
 class CausalConv1d(nn.Module):
     """Conv1d over time with replicate left padding, so frame t never sees frames after t."""
 
@@ -294,7 +307,7 @@ class AudioConvEncoder(nn.Module):
         """x [B, T, in_dim] float32 -> (local [B, T', n+1, dim], global [B, T', 1, dim])."""
         b, t, _ = x.shape
         x = x.transpose(1, 2)
-        local = self.conv1_local(x)                                    # [B, n*dim/4, T]
+        local = self.conv1_local(x)  # [B, n*dim/4, T]
         local = local.unflatten(1, (self.num_tokens, -1)).flatten(0, 1)  # [B*n, dim/4, T]
         local = self._trunk(local).unflatten(0, (b, self.num_tokens)).transpose(1, 2)  # [B, T', n, dim]
         pad = self.padding_tokens.float().expand(b, local.shape[1], 1, -1)
@@ -314,7 +327,7 @@ class CausalAudioEncoder(nn.Module):
     def forward(self, features):
         """features [B, layers, audio_dim, T] -> (local [B, T', n+1, dim], global [B, T', 1, dim]) f32."""
         w = F.silu(self.weights.float())
-        feat = (features.float() * w).sum(1) / w.sum(1)   # [B, audio_dim, T]
+        feat = (features.float() * w).sum(1) / w.sum(1)  # [B, audio_dim, T]
         return self.encoder(feat.transpose(1, 2))
 
 
@@ -349,6 +362,7 @@ class AudioInjector(nn.Module):
 @dataclass
 class AudioTokens:
     """One block's encoded audio: per latent frame `tokens` [B, F, n+1, C] and `global_` [B, F, 1, C]."""
+
     tokens: torch.Tensor
     global_: torch.Tensor
 
@@ -358,6 +372,7 @@ class TextContext:
     """The prompt as every layer's text cross-attention sees it: per layer (keys, values)
     [B, text_len, H, D]. The prompt is fixed for a session, so these are computed once at its
     start instead of in every step (saves 2 x 40 projections of 512 tokens per step)."""
+
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
     @property
@@ -370,12 +385,14 @@ class StepPositions:
     """Everything position-dependent of one forward: where it writes/reads in the KV cache (plain
     ints) and the RoPE of the block and of the sink's reference token (tensors). Split from the
     forward so that a CUDA graph can be captured per span, with the RoPE fed in as buffers."""
+
     span: BlockSpan
     rope: Rope
     ref_rope: Rope
 
 
 # --------------------------------------------------------------------------- motion context
+
 
 class FramePacker(nn.Module):
     """FramePack motion context: the newest motion latent frames at full resolution, older ones
@@ -397,9 +414,14 @@ class FramePacker(nn.Module):
         if keep:
             padded[:, :, -keep:] = motion[:, :, -keep:]
         far, mid, near = padded.split(self.buckets[::-1], dim=2)
-        return torch.cat([self.proj(near).flatten(2).transpose(1, 2),
-                          self.proj_2x(mid).flatten(2).transpose(1, 2),
-                          self.proj_4x(far).flatten(2).transpose(1, 2)], dim=1)
+        return torch.cat(
+            [
+                self.proj(near).flatten(2).transpose(1, 2),
+                self.proj_2x(mid).flatten(2).transpose(1, 2),
+                self.proj_4x(far).flatten(2).transpose(1, 2),
+            ],
+            dim=1,
+        )
 
     def rope(self, head_dim: int, h: int, w: int, device) -> Rope:
         """Negative RoPE frames before the video; sparse rows/columns spread over the full grid."""
@@ -420,18 +442,34 @@ class FramePacker(nn.Module):
 
 # --------------------------------------------------------------------------- the model
 
+
 class CausalS2VDiT(ModelMixin, ConfigMixin):
     """LiveAvatar's causal Wan2.2-S2V DiT. Constructor defaults = the s2v-14b configuration."""
 
     _no_split_modules = ["CausalS2VBlock"]
 
     @register_to_config
-    def __init__(self, patch_size=_S2V.patch_size, in_dim=_S2V.in_dim, out_dim=_S2V.out_dim, dim=_S2V.dim,
-                 ffn_dim=_S2V.ffn_dim, freq_dim=_S2V.freq_dim, text_dim=_S2V.text_dim, text_len=_S2V.text_len,
-                 num_heads=_S2V.num_heads, num_layers=_S2V.num_layers, eps=_S2V.eps, cond_dim=_S2V.cond_dim,
-                 audio_dim=_S2V.audio_dim, audio_layers=_S2V.audio_layers, num_audio_token=_S2V.num_audio_token,
-                 audio_inject_layers=_S2V.audio_inject_layers, motion_frames=_S2V.motion_frames,
-                 framepack_buckets=_S2V.framepack_buckets):
+    def __init__(
+        self,
+        patch_size=_S2V.patch_size,
+        in_dim=_S2V.in_dim,
+        out_dim=_S2V.out_dim,
+        dim=_S2V.dim,
+        ffn_dim=_S2V.ffn_dim,
+        freq_dim=_S2V.freq_dim,
+        text_dim=_S2V.text_dim,
+        text_len=_S2V.text_len,
+        num_heads=_S2V.num_heads,
+        num_layers=_S2V.num_layers,
+        eps=_S2V.eps,
+        cond_dim=_S2V.cond_dim,
+        audio_dim=_S2V.audio_dim,
+        audio_layers=_S2V.audio_layers,
+        num_audio_token=_S2V.num_audio_token,
+        audio_inject_layers=_S2V.audio_inject_layers,
+        motion_frames=_S2V.motion_frames,
+        framepack_buckets=_S2V.framepack_buckets,
+    ):
         super().__init__()
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
@@ -504,7 +542,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                         moved += t.numel() * t.element_size()
                 proj.to("cpu")
                 if torch.cuda.is_available():
-                    for name, t in (*proj._parameters.items(), *proj._buffers.items()):
+                    for _name, t in (*proj._parameters.items(), *proj._buffers.items()):
                         if t is not None and not t.is_pinned():
                             t.data = t.data.pin_memory()
         return moved
@@ -538,8 +576,9 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------ forward passes
 
     @torch.no_grad()
-    def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, context: TextContext,
-                     kv: KVCache) -> None:
+    def prefill_sink(
+        self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, context: TextContext, kv: KVCache
+    ) -> None:
         """Run the reference + motion tokens (timestep 0) through every layer and store their
         keys/values as the cache's sink. ref_latent [B, 16, 1, h, w], motion [B, 16, T, h, w]."""
         b, _, _, h, w = ref_latent.shape
@@ -556,14 +595,28 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         rope = self._sink_rope(h, w, REF_ROPE_FRAME, device)
         spec = kv.spec
         for i, block in enumerate(self.blocks):
-            x = block(x, mod, rope, context.kv[i], LayerKV(kv.keys[:, i], kv.values[:, i], kv.ref_k[i],
-                                                     spec.sink_start, spec.sink_tokens, prefill=True))
+            x = block(
+                x,
+                mod,
+                rope,
+                context.kv[i],
+                LayerKV(kv.keys[:, i], kv.values[:, i], kv.ref_k[i], spec.sink_start, spec.sink_tokens, prefill=True),
+            )
         kv.sink_filled = True
 
     @torch.no_grad()
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: TextContext,
-                audio: AudioTokens, kv: KVCache, cache_set: int, frame_start: int, sink_frame: int,
-                cond_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: TextContext,
+        audio: AudioTokens,
+        kv: KVCache,
+        cache_set: int,
+        frame_start: int,
+        sink_frame: int,
+        cond_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Velocity for one block of noisy latents, attending to the cache and the sink.
 
         latents [B, 16, F, h, w]; timestep [B] or [B, F] in [0, 1000]; context from embed_text;
@@ -574,17 +627,28 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         pos = self.positions(kv, cache_set, frame_start, f, h, w, sink_frame, latents.device)
         return self.denoise(latents, timestep, context, audio, kv, pos, cond_states)
 
-    def positions(self, kv: KVCache, cache_set: int, frame_start: int, frames: int, h: int, w: int,
-                  sink_frame: int, device) -> StepPositions:
+    def positions(
+        self, kv: KVCache, cache_set: int, frame_start: int, frames: int, h: int, w: int, sink_frame: int, device
+    ) -> StepPositions:
         """The cache span and RoPE of a block of `frames` latent frames starting at frame_start."""
         rows, cols = range(h // 2), range(w // 2)
-        return StepPositions(kv.block_span(cache_set, frame_start, frames),
-                             rope_grid(self.head_dim, range(frame_start, frame_start + frames), rows, cols, device),
-                             rope_grid(self.head_dim, range(sink_frame, sink_frame + 1), rows, cols, device))
+        return StepPositions(
+            kv.block_span(cache_set, frame_start, frames),
+            rope_grid(self.head_dim, range(frame_start, frame_start + frames), rows, cols, device),
+            rope_grid(self.head_dim, range(sink_frame, sink_frame + 1), rows, cols, device),
+        )
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, context: TextContext, audio: AudioTokens,
-                kv: KVCache, pos: StepPositions, cond_states: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: TextContext,
+        audio: AudioTokens,
+        kv: KVCache,
+        pos: StepPositions,
+        cond_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """forward() with its positions given: no host-device synchronisation, no host data, so
         it can be captured in a CUDA graph (services/generator/step_graphs.py)."""
         if not kv.sink_filled:
@@ -600,8 +664,16 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         span, spec = pos.span, kv.spec
         self._rotate_reference(kv, span.group, pos.ref_rope, dtype)
         for i, block in enumerate(self.blocks):
-            layer_kv = LayerKV(kv.keys[span.group, i], kv.values[span.group, i], kv.ref_k[i], spec.sink_start,
-                               spec.sink_tokens, span.write, span.lo, span.hi)
+            layer_kv = LayerKV(
+                kv.keys[span.group, i],
+                kv.values[span.group, i],
+                kv.ref_k[i],
+                spec.sink_start,
+                spec.sink_tokens,
+                span.write,
+                span.lo,
+                span.hi,
+            )
             x = block(x, mod, pos.rope, context.kv[i], layer_kv)
             if i in self.injector_of_layer:
                 x = self.audio_injector(self.injector_of_layer[i], x, audio.tokens, audio.global_)
@@ -614,8 +686,8 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         buffers, a few layers per op (bounded float32 temporaries, few launches)."""
         s0, nref = kv.spec.sink_start, kv.spec.frame_tokens
         for i in range(0, kv.spec.num_layers, layers_at_once):
-            ref = kv.ref_k[i:i + layers_at_once].to(dtype)
-            kv.keys[group, i:i + layers_at_once, :, s0:s0 + nref] = to_cache_dtype(apply_rope(ref, rope), kv.dtype)
+            ref = kv.ref_k[i : i + layers_at_once].to(dtype)
+            kv.keys[group, i : i + layers_at_once, :, s0 : s0 + nref] = to_cache_dtype(apply_rope(ref, rope), kv.dtype)
 
     def _unpatchify(self, x, f, rows, cols):
         b = x.shape[0]
@@ -661,8 +733,10 @@ def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
     if all(t.device == device for t in direct) and all(children[n] is m for n, m in module._modules.items()):
         return module
     twin = copy.copy(module)
-    twin._parameters = {n: None if p is None else nn.Parameter(p.to(device, non_blocking=True), requires_grad=False)
-                        for n, p in module._parameters.items()}
+    twin._parameters = {
+        n: None if p is None else nn.Parameter(p.to(device, non_blocking=True), requires_grad=False)
+        for n, p in module._parameters.items()
+    }
     twin._buffers = {n: None if b is None else b.to(device, non_blocking=True) for n, b in module._buffers.items()}
     twin._modules = children
     return twin

@@ -9,6 +9,7 @@ from a CPU torch.Generator seeded with job.seed + clip index, so runs are reprod
 GeneratorSession is the one block loop: the multi-GPU generator's ranks (distributed/tpp.py)
 each run a session of one sampling step, and the benchmarks (bench/) run sessions too.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -37,7 +38,7 @@ from avatar.services.generator.weights import load_dit, random_dit
 
 log = logging.getLogger(__name__)
 
-SINK_AHEAD = (4, 30)   # upstream draws the reference token's RoPE lead (latent frames) per call
+SINK_AHEAD = (4, 30)  # upstream draws the reference token's RoPE lead (latent frames) per call
 
 
 def model_dtype(model: ModelSpec) -> torch.dtype:
@@ -66,7 +67,8 @@ def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
         dit = load_dit(model.ckpt_dir, device=device, dtype=dtype)
         if model.lora_path:
             from avatar.services.generator.lora import load_lora
-            report = load_lora(dit, model.lora_path)   # merged before any FP8 swap, as upstream
+
+            report = load_lora(dit, model.lora_path)  # merged before any FP8 swap, as upstream
             log.info("%s", report.describe())
     elif model.is_tiny:
         dit = random_dit("tiny", device, dtype, seed=model.seed)
@@ -101,6 +103,7 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
     import torch._dynamo
 
     from avatar.torch_compile import tolerate_tracing_in_other_threads
+
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     tolerate_tracing_in_other_threads()
     for module in (*dit.blocks, *dit.audio_injector.injector):
@@ -128,12 +131,14 @@ class GeneratorEngine:
             index = self.dit.device.index if self.dit.device.index is not None else torch.cuda.current_device()
             self.free_memory = lambda: gpu_available_bytes(index)
 
-    def open_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                     motion_latents: torch.Tensor) -> GeneratorSession:
+    def open_session(
+        self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor
+    ) -> GeneratorSession:
         return GeneratorSession(self, job, text, ref_latent, motion_latents, cache_sets=self.cache_sets)
 
-    def open_step_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                          motion_latents: torch.Tensor, step: int) -> GeneratorSession:
+    def open_step_session(
+        self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor, step: int
+    ) -> GeneratorSession:
         """Sampling step `step` of every block only, on that step's cache set (a TPP rank's share)."""
         return GeneratorSession(self, job, text, ref_latent, motion_latents, step=step)
 
@@ -147,13 +152,24 @@ class GeneratorEngine:
         c, lines = self.dit.config, []
         for width, height, infer_frames, steps in sizes:
             blocks = infer_frames // FRAMES_PER_BLOCK + 1
-            job = Job(width=width, height=height, infer_frames=infer_frames, sample_steps=steps, num_blocks=blocks,
-                      total_frames=blocks * FRAMES_PER_BLOCK, model=self.spec.name)
+            job = Job(
+                width=width,
+                height=height,
+                infer_frames=infer_frames,
+                sample_steps=steps,
+                num_blocks=blocks,
+                total_frames=blocks * FRAMES_PER_BLOCK,
+                model=self.spec.name,
+            )
             h, w = height // 8, width // 8
             start = time.perf_counter()
             try:
-                session = self.open_session(job, torch.zeros(1, c.text_dim), torch.zeros(c.in_dim, 1, h, w),
-                                            torch.zeros(c.in_dim, self.dit.motion_latent_frames, h, w))
+                session = self.open_session(
+                    job,
+                    torch.zeros(1, c.text_dim),
+                    torch.zeros(c.in_dim, 1, h, w),
+                    torch.zeros(c.in_dim, self.dit.motion_latent_frames, h, w),
+                )
                 try:
                     for _ in range(blocks):
                         session.generate_block(torch.zeros(FRAMES_PER_BLOCK, c.audio_layers, c.audio_dim))
@@ -170,8 +186,8 @@ class GeneratorEngine:
 class SessionPlan:
     h: int
     w: int
-    block_frames: int        # latent frames per block
-    clip_frames: int         # latent frames per clip (= the ring)
+    block_frames: int  # latent frames per block
+    clip_frames: int  # latent frames per clip (= the ring)
     steps: int
     cache_sets: int
 
@@ -194,27 +210,36 @@ class GeneratorSession:
     session's, and denoise_block() runs sampling step k only; chained over k = 0..N-1 the
     steps give the full session's latents bit for bit."""
 
-    pipeline_depth = 1   # blocks in flight before the first result: one, run in the caller's thread
+    pipeline_depth = 1  # blocks in flight before the first result: one, run in the caller's thread
 
-    def __init__(self, engine: GeneratorEngine, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                 motion_latents: torch.Tensor, cache_sets: int | None = None,
-                 sink_ahead: tuple[int, int] = SINK_AHEAD, refresh_sink: bool = True, step: int | None = None):
+    def __init__(
+        self,
+        engine: GeneratorEngine,
+        job: Job,
+        text: torch.Tensor,
+        ref_latent: torch.Tensor,
+        motion_latents: torch.Tensor,
+        cache_sets: int | None = None,
+        sink_ahead: tuple[int, int] = SINK_AHEAD,
+        refresh_sink: bool = True,
+        step: int | None = None,
+    ):
         self.engine = engine
         self.dit = dit = engine.dit
         self.plan = plan = plan_session(job, dit, ref_latent, motion_latents, text, cache_sets)
         if step is not None and not (0 <= step < plan.steps and plan.cache_sets == plan.steps):
             raise InvalidInput(f"step {step} out of range for {plan.steps} sampling steps with a cache set each")
         self.step = step
-        self.session_steps = range(plan.steps) if step is None else range(step, step + 1)   # the steps it runs
+        self.session_steps = range(plan.steps) if step is None else range(step, step + 1)  # the steps it runs
         self.seed = int(job.seed)
         self.sampler = FlowMatchEuler.create(plan.steps)
         self.sink_ahead = sink_ahead
         self.refresh_sink = refresh_sink
-        self._rng = random.Random(self.seed)   # the sink's RoPE lead, drawn per forward as upstream
+        self._rng = random.Random(self.seed)  # the sink's RoPE lead, drawn per forward as upstream
         self.device, self.dtype = dit.device, dit.dtype
         self._closed = False
         self.kv = None
-        self._clip_noise: tuple[int, torch.Tensor] | None = None   # (clip, its noise)
+        self._clip_noise: tuple[int, torch.Tensor] | None = None  # (clip, its noise)
         self._first_frame: torch.Tensor | None = None
         self.context = self.motion = None
         self._graphs: StepGraphs | None = None
@@ -227,8 +252,12 @@ class GeneratorSession:
         # The planner's numbers are the full-size model's (avatar/memory_planner.py).
         self._memory_request = MemoryRequest.from_job(job) if job.width % 16 == 0 == job.height % 16 else None
         if engine.free_memory is not None and self._memory_request is not None:
-            check_session_memory(self._memory_request, spec.num_sets if step is None else 1, engine.free_memory(),
-                                 kv_dtype_bytes=engine.kv_dtype.itemsize)
+            check_session_memory(
+                self._memory_request,
+                spec.num_sets if step is None else 1,
+                engine.free_memory(),
+                kv_dtype_bytes=engine.kv_dtype.itemsize,
+            )
         self.block_index = 0
         self.last_block_ms = 0.0
         with self._freed_on_failure():
@@ -260,7 +289,7 @@ class GeneratorSession:
         try:
             yield
         except InvalidInput:
-            raise   # refused before any model work: the session is intact
+            raise  # refused before any model work: the session is intact
         except Exception as e:
             self.close()
             traceback.clear_frames(e.__traceback__)
@@ -300,7 +329,7 @@ class GeneratorSession:
         if self._clip_noise is None or self._clip_noise[0] != clip:
             self._clip_noise = clip, clip_noise(self.seed, clip, p).to(self.device, self.dtype)
         f0 = in_clip * p.block_frames
-        return self._clip_noise[1][:, :, f0:f0 + p.block_frames]
+        return self._clip_noise[1][:, :, f0 : f0 + p.block_frames]
 
     def check_audio(self, audio: torch.Tensor) -> None:
         """InvalidInput unless audio is one block's features [frames_per_block, audio_layers, audio_dim]."""
@@ -313,8 +342,9 @@ class GeneratorSession:
         (a TPP step before the last never sees a finished block: rank 0 passes it on)."""
         return self.refresh_sink and index == self.plan.blocks_per_clip and self._first_frame is None
 
-    def denoise_block(self, x: torch.Tensor, audio: torch.Tensor,
-                      first_frame: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise_block(
+        self, x: torch.Tensor, audio: torch.Tensor, first_frame: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """This session's sampling steps on the next block: latents x [1, 16, block_frames, h, w]
         (noise, or the previous step's output) -> after them. `first_frame` [1, 16, 1, h, w]:
         block 0's finished first frame, for a step session whose needs_first_frame() says so."""
@@ -354,8 +384,9 @@ class GeneratorSession:
     def _denoise(self, x: torch.Tensor, t: float, tokens, cache_set: int, frame: int, sink_frame: int) -> torch.Tensor:
         """One forward of the DiT at timestep t: through the session's CUDA graphs when it has them."""
         timestep = torch.full((1,), t, device=self.device)
-        pos = self.dit.positions(self.kv, cache_set, frame, x.shape[2], self.plan.h, self.plan.w,
-                                 sink_frame, self.device)
+        pos = self.dit.positions(
+            self.kv, cache_set, frame, x.shape[2], self.plan.h, self.plan.w, sink_frame, self.device
+        )
         if self._graphs is not None:
             return self._graphs.run(x, timestep, tokens, pos)
         return self.dit.denoise(x, timestep, self.context, tokens, self.kv, pos)
@@ -404,13 +435,16 @@ def plan_session(job: Job, dit: CausalS2VDiT, ref_latent, motion_latents, text, 
     if block < 1:
         raise InvalidInput(f"latent_frames_per_block must be positive, got {block}")
     if job.infer_frames % (block * VAE_TIME_STRIDE) or job.infer_frames <= 0:
-        raise InvalidInput(f"infer_frames {job.infer_frames} must be a positive multiple of "
-                           f"{block * VAE_TIME_STRIDE} (latent_frames_per_block {block} x {VAE_TIME_STRIDE})")
+        raise InvalidInput(
+            f"infer_frames {job.infer_frames} must be a positive multiple of "
+            f"{block * VAE_TIME_STRIDE} (latent_frames_per_block {block} x {VAE_TIME_STRIDE})"
+        )
     steps = job.sample_steps
     if not 1 <= steps <= MAX_SAMPLE_STEPS:
         raise InvalidInput(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {steps}")
     sets = steps if cache_sets is None else int(cache_sets)
     if sets not in (1, steps):
         raise InvalidInput(f"cache_sets must be 1 (clean context) or sample_steps ({steps}), got {sets}")
-    return SessionPlan(h=h, w=w, block_frames=block, clip_frames=job.infer_frames // VAE_TIME_STRIDE,
-                 steps=steps, cache_sets=sets)
+    return SessionPlan(
+        h=h, w=w, block_frames=block, clip_frames=job.infer_frames // VAE_TIME_STRIDE, steps=steps, cache_sets=sets
+    )

@@ -1,4 +1,8 @@
-"""FP8 (e4m3) linear layers for the DiT: FP8 weights with their scales, activations quantised on the fly, products through torch._scaled_mm."""
+"""FP8 (e4m3) linear layers for the DiT.
+
+FP8 weights with their scales, activations quantised on the fly, products through torch._scaled_mm.
+"""
+
 from __future__ import annotations
 
 import torch
@@ -47,6 +51,7 @@ except ImportError:  # CPU-only installs: the torch path below is used
     triton = None
 
 if triton is not None:
+
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
         # one program per row: read it once, write e4m3 + its scale (eager torch needs 5 passes)
@@ -61,6 +66,7 @@ if triton is not None:
 
 
 if triton is not None:
+
     @triton.jit
     def _quantize_scaled_kernel(x_ptr, q_ptr, amax_ptr, n, BLOCK: tl.constexpr):
         # per-tensor: the scale comes from a device scalar (no host sync), one pass over x
@@ -93,8 +99,7 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         block = triton.next_power_of_2(k)
-        _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), BLOCK=block,
-                                    num_warps=16 if block >= 16384 else 8)
+        _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), BLOCK=block, num_warps=16 if block >= 16384 else 8)
     return q, s
 
 
@@ -120,8 +125,15 @@ class FP8Linear(nn.Module):
     for each. The output has the input's dtype (the product itself is written in bf16).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 granularity: str = "row", fast_accum: bool = True, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        granularity: str = "row",
+        fast_accum: bool = True,
+        device=None,
+    ):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -144,9 +156,15 @@ class FP8Linear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, granularity: str = "row", fast_accum: bool = True) -> FP8Linear:
         w = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    granularity=granularity, fast_accum=fast_accum, device="meta")
-        q, s = quantize(w, granularity)                     # per output row: s [out, 1]
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            granularity=granularity,
+            fast_accum=fast_accum,
+            device="meta",
+        )
+        q, s = quantize(w, granularity)  # per output row: s [out, 1]
         layer.weight_fp8 = q
         layer.weight_scale = s.reshape(1, -1) if granularity == "row" else s
         if linear.bias is not None:
@@ -158,8 +176,9 @@ class FP8Linear(nn.Module):
         self._quantize = fn
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.weight_fp8, self.weight_scale.reshape(-1, 1) if self.granularity == "row"
-                          else self.weight_scale)
+        return dequantize(
+            self.weight_fp8, self.weight_scale.reshape(-1, 1) if self.granularity == "row" else self.weight_scale
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -167,15 +186,24 @@ class FP8Linear(nn.Module):
             raise ValueError(f"expected last dim {self.in_features}, got {tuple(shape)}")
         x2 = x.reshape(-1, self.in_features)
         xq, xs = self._quantize(x2, self.granularity)
-        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                             bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
+        y = torch._scaled_mm(
+            xq,
+            self.weight_fp8.t(),
+            scale_a=xs,
+            scale_b=self.weight_scale,
+            bias=self.bias,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=self.fast_accum,
+        )
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, granularity={self.granularity}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, granularity={self.granularity}"
+        )
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -184,15 +212,24 @@ def _matches(name: str, pattern: str) -> bool:
     return f".{pattern}." in f".{name}."
 
 
-def swap_linears_to_fp8(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP,
-                        granularity: str = "row", fast_accum: bool = True,
-                        compiled_quantize: bool = False) -> list[str]:
+def swap_linears_to_fp8(
+    model: nn.Module,
+    skip: tuple[str, ...] = DEFAULT_SKIP,
+    granularity: str = "row",
+    fast_accum: bool = True,
+    compiled_quantize: bool = False,
+) -> list[str]:
     """Replace every nn.Linear of model (except skipped ones and sides not divisible by 16) with an
     FP8Linear, in place, one layer at a time so that the bf16 weight of a layer is freed before
     the next is converted (peak = FP8 model + one bf16 layer). Returns the swapped names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and not any(_matches(n, p) for p in skip)
-             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and not any(_matches(n, p) for p in skip)
+        and m.in_features % 16 == 0
+        and m.out_features % 16 == 0
+    ]
     qfn = torch.compile(quantize, dynamic=True) if compiled_quantize else None
     for name in names:
         parent_name, _, child = name.rpartition(".")

@@ -16,6 +16,7 @@ also kept unrotated (`ref_k`) and rotated into the sink per call.
 The cache may be stored in float8_e4m3fn (half the bytes of bf16): writes convert (clamped to
 e4m3's range), attention reads upcast copies of the slice it needs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_MAX = 448.0   # largest finite float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -36,31 +37,49 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @dataclass(frozen=True)
 class KVCacheSpec:
     """Shapes of a KV cache, all derived from the model config and the latent size."""
+
     num_layers: int
     num_heads: int
     head_dim: int
-    frame_tokens: int       # tokens of one latent frame (= the reference token count)
-    window_frames: int      # latent frames the ring holds (one clip)
-    sink_tokens: int        # reference + motion tokens
-    num_sets: int = 1       # rings: 1, or one per sampling step (timestep forcing)
+    frame_tokens: int  # tokens of one latent frame (= the reference token count)
+    window_frames: int  # latent frames the ring holds (one clip)
+    sink_tokens: int  # reference + motion tokens
+    num_sets: int = 1  # rings: 1, or one per sampling step (timestep forcing)
     batch: int = 1
 
     def __post_init__(self):
-        for name in ("num_layers", "num_heads", "head_dim", "frame_tokens", "window_frames", "sink_tokens",
-                     "num_sets", "batch"):
+        for name in (
+            "num_layers",
+            "num_heads",
+            "head_dim",
+            "frame_tokens",
+            "window_frames",
+            "sink_tokens",
+            "num_sets",
+            "batch",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"KVCacheSpec.{name} must be positive, got {getattr(self, name)}")
         if self.frame_tokens > self.sink_tokens:
-            raise ValueError(f"the sink ({self.sink_tokens} tokens) must hold the reference frame "
-                             f"({self.frame_tokens} tokens)")
+            raise ValueError(
+                f"the sink ({self.sink_tokens} tokens) must hold the reference frame ({self.frame_tokens} tokens)"
+            )
 
     @classmethod
-    def for_model(cls, model, latent_h: int, latent_w: int, window_frames: int, num_sets: int = 1,
-                  batch: int = 1) -> KVCacheSpec:
+    def for_model(
+        cls, model, latent_h: int, latent_w: int, window_frames: int, num_sets: int = 1, batch: int = 1
+    ) -> KVCacheSpec:
         cfg = model.config
-        return cls(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.dim // cfg.num_heads,
-                   frame_tokens=model.frame_tokens(latent_h, latent_w), window_frames=window_frames,
-                   sink_tokens=model.sink_tokens(latent_h, latent_w), num_sets=num_sets, batch=batch)
+        return cls(
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            head_dim=cfg.dim // cfg.num_heads,
+            frame_tokens=model.frame_tokens(latent_h, latent_w),
+            window_frames=window_frames,
+            sink_tokens=model.sink_tokens(latent_h, latent_w),
+            num_sets=num_sets,
+            batch=batch,
+        )
 
     @property
     def ring_tokens(self) -> int:
@@ -97,8 +116,9 @@ class RingFirstSpec(KVCacheSpec):
         return self.ring_tokens + self.sink_tokens
 
 
-def step_cache_spec(model, latent_h: int, latent_w: int, window_frames: int, step: int,
-                    steps: int) -> tuple[KVCacheSpec, int]:
+def step_cache_spec(
+    model, latent_h: int, latent_w: int, window_frames: int, step: int, steps: int
+) -> tuple[KVCacheSpec, int]:
     """The single cache set of sampling step `step` (of `steps`, one set per step) laid out as in
     the multi-set cache, and the index the model addresses it by (a TPP rank holds only this)."""
     if steps > 1 and step % 2 == 0:
@@ -110,9 +130,10 @@ def step_cache_spec(model, latent_h: int, latent_w: int, window_frames: int, ste
 @dataclass(frozen=True)
 class BlockSpan:
     """Where one block's forward writes and reads in its group's buffer (token indices)."""
+
     group: int
-    write: int      # the block's tokens go to [write, write + n)
-    lo: int         # attention reads keys/values [lo, hi): the filled ring and the sink
+    write: int  # the block's tokens go to [write, write + n)
+    lo: int  # attention reads keys/values [lo, hi): the filled ring and the sink
     hi: int
 
 
@@ -125,8 +146,9 @@ class KVCache:
         buf = (s.groups, s.num_layers, s.batch, s.buffer_tokens, s.num_heads, s.head_dim)
         self.keys = torch.zeros(buf, dtype=dtype, device=device)
         self.values = torch.zeros(buf, dtype=dtype, device=device)
-        self.ref_k = torch.zeros((s.num_layers, s.batch, s.frame_tokens, s.num_heads, s.head_dim),
-                                 dtype=dtype, device=device)
+        self.ref_k = torch.zeros(
+            (s.num_layers, s.batch, s.frame_tokens, s.num_heads, s.head_dim), dtype=dtype, device=device
+        )
         self.sink_filled = False
 
     @property
@@ -139,8 +161,10 @@ class KVCache:
         window, ft = self.spec.window_frames, self.spec.frame_tokens
         offset = frame_start % window
         if frame_start < 0 or offset + num_frames > window:
-            raise ValueError(f"block of {num_frames} frames at frame {frame_start} does not fit a ring "
-                             f"of {window} frames (the window must be a multiple of the block)")
+            raise ValueError(
+                f"block of {num_frames} frames at frame {frame_start} does not fit a ring "
+                f"of {window} frames (the window must be a multiple of the block)"
+            )
         return offset * ft, min(frame_start + num_frames, window) * ft
 
     def block_span(self, cache_set: int, frame_start: int, num_frames: int) -> BlockSpan:
@@ -151,9 +175,9 @@ class KVCache:
         n = num_frames * s.frame_tokens
         group, side = divmod(cache_set, 2) if s.num_sets > 1 else (0, 1)
         s0, sink = s.sink_start, s.sink_tokens
-        if side:   # ring after the sink, filled forwards
+        if side:  # ring after the sink, filled forwards
             return BlockSpan(group, s0 + sink + slot, s0, s0 + sink + valid)
-        return BlockSpan(group, s0 - slot - n, s0 - valid, s0 + sink)   # before it, filled backwards
+        return BlockSpan(group, s0 - slot - n, s0 - valid, s0 + sink)  # before it, filled backwards
 
     @property
     def nbytes(self) -> int:

@@ -6,6 +6,7 @@ shapes, otherwise loading fails naming the keys (upstream loads non-strictly and
 them). rank comes from the tensors; alpha and targets from an `adapter_config.json` beside the
 file if there is one, else LiveAvatar's (alpha 64, q,k,v,o,ffn.0,ffn.2). Merged by default.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,14 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]
 @dataclass
 class LoraPlan:
     """How a LoRA file's tensors map onto a model (names and shapes only, no data read)."""
+
     rank: int
     alpha: float
     targets: tuple[str, ...]
-    modules: dict[str, tuple[str, str]]            # module name -> (key of A, key of B)
-    extra: dict[str, str] = field(default_factory=dict)   # non-LoRA key -> model parameter it sets
-    ignored: list[str] = field(default_factory=list)      # non-LoRA keys that set nothing
-    wrapped: int = 0                               # linear layers the targets select in the model
+    modules: dict[str, tuple[str, str]]  # module name -> (key of A, key of B)
+    extra: dict[str, str] = field(default_factory=dict)  # non-LoRA key -> model parameter it sets
+    ignored: list[str] = field(default_factory=list)  # non-LoRA keys that set nothing
+    wrapped: int = 0  # linear layers the targets select in the model
 
 
 @dataclass
@@ -46,7 +48,7 @@ class LoraReport:
     path: str
     plan: LoraPlan
     merged: bool
-    handle: LoraModel | None = None   # kept when not merged: .merge_adapter() / .unmerge_adapter()
+    handle: LoraModel | None = None  # kept when not merged: .merge_adapter() / .unmerge_adapter()
 
     @property
     def matched(self) -> int:
@@ -54,8 +56,10 @@ class LoraReport:
 
     def describe(self) -> str:
         p = self.plan
-        text = (f"LoRA {self.path}: {self.matched} tensors matched {len(p.modules)} of {p.wrapped} target layers "
-                f"(rank {p.rank}, alpha {p.alpha:g}, {'merged' if self.merged else 'unmerged'})")
+        text = (
+            f"LoRA {self.path}: {self.matched} tensors matched {len(p.modules)} of {p.wrapped} target layers "
+            f"(rank {p.rank}, alpha {p.alpha:g}, {'merged' if self.merged else 'unmerged'})"
+        )
         if p.extra:
             text += f"; {len(p.extra)} base tensors loaded"
         if p.ignored:
@@ -73,9 +77,15 @@ def _sidecar_config(path: pathlib.Path) -> dict:
         raise WeightsError(f"{cfg_path}: not valid JSON ({e})") from e
 
 
-def plan_lora(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], *, source: str = "LoRA",
-              rank: int | None = None, alpha: float | None = None,
-              targets: tuple[str, ...] | None = None) -> LoraPlan:
+def plan_lora(
+    model: torch.nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    source: str = "LoRA",
+    rank: int | None = None,
+    alpha: float | None = None,
+    targets: tuple[str, ...] | None = None,
+) -> LoraPlan:
     """Match LoRA tensor names/shapes against the model (works on the meta device)."""
     prefixed = [k.startswith(PREFIX) for k in shapes]
     if any(prefixed) and not all(prefixed):
@@ -115,11 +125,14 @@ def plan_lora(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], *, sou
         lin = linears[module]
         want_a, want_b = (file_rank, lin.in_features), (lin.out_features, file_rank)
         if tuple(shapes[ab["A"]]) != want_a or tuple(shapes[ab["B"]]) != want_b:
-            bad.append(f"{module}: A {tuple(shapes[ab['A']])} B {tuple(shapes[ab['B']])}, "
-                       f"expected A {want_a} B {want_b}")
+            bad.append(
+                f"{module}: A {tuple(shapes[ab['A']])} B {tuple(shapes[ab['B']])}, expected A {want_a} B {want_b}"
+            )
     if unmatched:
-        raise WeightsError(f"{source}: {len(unmatched)} LoRA key(s) match no {'/'.join(targets)} linear layer "
-                           f"of the model: {', '.join(unmatched[:5])}")
+        raise WeightsError(
+            f"{source}: {len(unmatched)} LoRA key(s) match no {'/'.join(targets)} linear layer "
+            f"of the model: {', '.join(unmatched[:5])}"
+        )
     if bad:
         raise WeightsError(f"{source}: {len(bad)} LoRA shape mismatch(es): {'; '.join(bad[:5])}")
     params = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -127,22 +140,34 @@ def plan_lora(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], *, sou
     for key in others:
         name = key[strip:]
         module = name.rsplit(".", 1)[0]
-        if ".base_layer." in name:       # peft's name of a wrapped layer's own weight
+        if ".base_layer." in name:  # peft's name of a wrapped layer's own weight
             name = name.replace(".base_layer.", ".")
-        elif module in wrapped:          # upstream: renamed under peft, so never loaded
+        elif module in wrapped:  # upstream: renamed under peft, so never loaded
             ignored.append(key)
             continue
         if params.get(name) == tuple(shapes[key]):
             extra[key] = name
         else:
             ignored.append(key)
-    return LoraPlan(rank=file_rank, alpha=float(alpha or DEFAULT_ALPHA), targets=targets,
-                    modules={m: (ab["A"], ab["B"]) for m, ab in pairs.items()}, extra=extra,
-                    ignored=ignored, wrapped=len(wrapped))
+    return LoraPlan(
+        rank=file_rank,
+        alpha=float(alpha or DEFAULT_ALPHA),
+        targets=targets,
+        modules={m: (ab["A"], ab["B"]) for m, ab in pairs.items()},
+        extra=extra,
+        ignored=ignored,
+        wrapped=len(wrapped),
+    )
 
 
-def load_lora(model: torch.nn.Module, path: str | pathlib.Path, *, merge: bool = True,
-              rank: int | None = None, alpha: float | None = None) -> LoraReport:
+def load_lora(
+    model: torch.nn.Module,
+    path: str | pathlib.Path,
+    *,
+    merge: bool = True,
+    rank: int | None = None,
+    alpha: float | None = None,
+) -> LoraReport:
     """Wrap the model's target layers with peft LoRA, load the file, merge (default) and unload.
 
     With merge=False the LoRA layers stay (report.handle can merge_adapter()/unmerge_adapter()).
@@ -150,14 +175,25 @@ def load_lora(model: torch.nn.Module, path: str | pathlib.Path, *, merge: bool =
     path = pathlib.Path(path)
     shapes = {k: shape for k, (shape, _) in read_safetensors_header(path).items()}
     side = _sidecar_config(path)
-    plan = plan_lora(model, shapes, source=str(path), rank=rank if rank is not None else side.get("r"),
-                     alpha=alpha if alpha is not None else side.get("lora_alpha"),
-                     targets=tuple(side["target_modules"]) if isinstance(side.get("target_modules"), list) else None)
-    cfg = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, target_modules=list(plan.targets), lora_dropout=0.0,
-                     bias="none", init_lora_weights=True)
+    plan = plan_lora(
+        model,
+        shapes,
+        source=str(path),
+        rank=rank if rank is not None else side.get("r"),
+        alpha=alpha if alpha is not None else side.get("lora_alpha"),
+        targets=tuple(side["target_modules"]) if isinstance(side.get("target_modules"), list) else None,
+    )
+    cfg = LoraConfig(
+        r=plan.rank,
+        lora_alpha=plan.alpha,
+        target_modules=list(plan.targets),
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=True,
+    )
     params = dict(model.named_parameters())
     with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
-        for key, name in plan.extra.items():   # before wrapping, while the names are plain
+        for key, name in plan.extra.items():  # before wrapping, while the names are plain
             params[name].copy_(f.get_tensor(key))
         handle = LoraModel(model, cfg, ADAPTER)
         layers = dict(model.named_modules())

@@ -1,4 +1,5 @@
 """The generator engine contract the servicer uses: GeneratorEngine (one process) and TPPEngine (N ranks) meet it."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -42,7 +43,8 @@ class BlockGenerator(Protocol):
     """Opens sessions; InvalidInput for a job or conditioning it cannot run, ResourceExhausted when
     it has no room for one more."""
 
-    def open_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                     motion_latents: torch.Tensor) -> BlockSession:
+    def open_session(
+        self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor
+    ) -> BlockSession:
         """text [L, text_dim], ref_latent [16, 1, h, w], motion_latents [16, T, h, w]."""
         ...

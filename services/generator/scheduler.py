@@ -3,6 +3,7 @@
 The sigmas come from diffusers itself so that N steps reproduce upstream's schedule exactly; the
 Euler step is stateless here, because with timestep forcing every block walks the same steps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 @dataclass(frozen=True)
 class FlowMatchEuler:
-    sigmas: tuple[float, ...]      # num_steps + 1 values, 1.0 ... 0.0
-    timesteps: tuple[float, ...]   # num_steps values the model sees, sigma * 1000
+    sigmas: tuple[float, ...]  # num_steps + 1 values, 1.0 ... 0.0
+    timesteps: tuple[float, ...]  # num_steps values the model sees, sigma * 1000
 
     @classmethod
     def create(cls, num_steps: int, shift: float = 3.0) -> FlowMatchEuler:

@@ -1,4 +1,5 @@
 """GeneratorService: thin grpc.aio servicer over GeneratorEngine; one bidi stream = one session."""
+
 import asyncio
 import collections
 import contextlib
@@ -23,7 +24,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def Generate(self, request_iterator, context):
         async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
-            async with contextlib.aclosing(self._generate(request_iterator, context)) as outs:  # cleanup at once, not at GC
+            async with contextlib.aclosing(
+                self._generate(request_iterator, context)
+            ) as outs:  # cleanup at once, not at GC
                 async for out in outs:
                     yield out
 
@@ -33,17 +36,22 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidInput("the first GeneratorInput must be a SessionStart")
         start = first.start
         job = Job.from_proto(start.job)
-        job_limits.check_job(job, sampling=True)   # reachable from the cluster: no unbounded session
+        job_limits.check_job(job, sampling=True)  # reachable from the cluster: no unbounded session
         block_frames = job.frames_per_block
         session = await run_blocking(
-            self.engine.open_session, job, wire.tensor_arg(start.text, "text"),
-            wire.tensor_arg(start.ref_latent, "ref_latent"), wire.tensor_arg(start.motion_latents, "motion_latents"))
+            self.engine.open_session,
+            job,
+            wire.tensor_arg(start.text, "text"),
+            wire.tensor_arg(start.ref_latent, "ref_latent"),
+            wire.tensor_arg(start.motion_latents, "motion_latents"),
+        )
         blocks = _InFlight(self, session, job)
         try:
             # Ready before the caller sends audio: a refusal above reaches it as a clean status
             # (a status that races the caller's writes comes out as INTERNAL in grpc.aio).
-            yield generator_pb2.GeneratorOutput(ready=generator_pb2.SessionReady(
-                kv_cache_bytes=session.kv_cache_bytes, pipeline_depth=blocks.depth))
+            yield generator_pb2.GeneratorOutput(
+                ready=generator_pb2.SessionReady(kv_cache_bytes=session.kv_cache_bytes, pipeline_depth=blocks.depth)
+            )
             pending: list[torch.Tensor] = []  # audio frames received but not yet used by a block
             have = 0
             index = 0
@@ -55,8 +63,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     raise InvalidInput(f"audio features must be [frames, layers, dim], got {list(feats.shape)}")
                 have += feats.shape[0]
                 if index * block_frames + have > job.num_blocks * block_frames:
-                    raise InvalidInput(f"more audio features than the job's {job.num_blocks} blocks of "
-                                       f"{block_frames} frames")
+                    raise InvalidInput(
+                        f"more audio features than the job's {job.num_blocks} blocks of {block_frames} frames"
+                    )
                 pending.append(feats)
                 while have >= block_frames and index < job.num_blocks:
                     audio = torch.cat(pending)
@@ -79,14 +88,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         finally:
             await run_blocking(session.close)
 
-    async def _block(self, session: BlockSession, job: Job, index: int,
-                     audio: torch.Tensor) -> generator_pb2.GeneratorOutput:
+    async def _block(
+        self, session: BlockSession, job: Job, index: int, audio: torch.Tensor
+    ) -> generator_pb2.GeneratorOutput:
         with telemetry.span("dit_block", block=index, steps=job.sample_steps):
             t0 = time.perf_counter()
             latent = await run_blocking(session.generate_block, audio)
             dit_ms = (time.perf_counter() - t0) * 1e3
         return generator_pb2.GeneratorOutput(
-            block=generator_pb2.LatentBlock(index=index, latent=wire.to_proto(latent), dit_ms=dit_ms))
+            block=generator_pb2.LatentBlock(index=index, latent=wire.to_proto(latent), dit_ms=dit_ms)
+        )
 
 
 class _InFlight:
@@ -114,6 +125,11 @@ class _InFlight:
             index, t0, fut = self.queue.popleft()
             with telemetry.span("dit_block", block=index, steps=self.job.sample_steps, pipelined=True):
                 latent = await fut
-            outs.append(generator_pb2.GeneratorOutput(block=generator_pb2.LatentBlock(
-                index=index, latent=wire.to_proto(latent), dit_ms=(time.perf_counter() - t0) * 1e3)))
+            outs.append(
+                generator_pb2.GeneratorOutput(
+                    block=generator_pb2.LatentBlock(
+                        index=index, latent=wire.to_proto(latent), dit_ms=(time.perf_counter() - t0) * 1e3
+                    )
+                )
+            )
         return outs

@@ -16,6 +16,7 @@ When: only for spans whose ring is full, i.e. from the last block of the first c
 blocks (what the time to first fragment waits for) run as before and never pay for a capture;
 a capture costs one ordinary forward (its output is the call's result) plus the recording.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,7 +41,7 @@ class StepGraphs:
         self.enabled = True
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self._static: dict[str, torch.Tensor] | None = None
-        self._span = None          # the span of the inputs in the buffers (set with them)
+        self._span = None  # the span of the inputs in the buffers (set with them)
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
 
@@ -49,8 +50,9 @@ class StepGraphs:
         s = self.kv.spec
         return pos.span.hi - pos.span.lo == s.sink_tokens + s.ring_tokens
 
-    def run(self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens,
-            pos: StepPositions) -> torch.Tensor:
+    def run(
+        self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens, pos: StepPositions
+    ) -> torch.Tensor:
         if not (self.enabled and self.steady(pos)):
             return self.dit.denoise(latents, timestep, self.context, audio, self.kv, pos)
         key = (pos.span, tuple(latents.shape))
@@ -61,7 +63,7 @@ class StepGraphs:
         graph, out = entry
         if graph is not None:
             graph.replay()
-        else:   # no capture (CPU): run on the buffers, as a replay would
+        else:  # no capture (CPU): run on the buffers, as a replay would
             out = self._forward()
         self.replays += 1
         return out
@@ -79,11 +81,20 @@ class StepGraphs:
     # -------------------------------------------------------------- internals
 
     def _fill(self, latents, timestep, audio: AudioTokens, pos: StepPositions) -> None:
-        new = {"latents": latents, "timestep": timestep, "tokens": audio.tokens, "global": audio.global_,
-               "cos": pos.rope.cos, "sin": pos.rope.sin, "ref_cos": pos.ref_rope.cos, "ref_sin": pos.ref_rope.sin}
-        if self._static is None or any(self._static[k].shape != v.shape or self._static[k].dtype != v.dtype
-                                       for k, v in new.items()):
-            self._graphs.clear()   # new shapes (never within a session): graphs would read stale buffers
+        new = {
+            "latents": latents,
+            "timestep": timestep,
+            "tokens": audio.tokens,
+            "global": audio.global_,
+            "cos": pos.rope.cos,
+            "sin": pos.rope.sin,
+            "ref_cos": pos.ref_rope.cos,
+            "ref_sin": pos.ref_rope.sin,
+        }
+        if self._static is None or any(
+            self._static[k].shape != v.shape or self._static[k].dtype != v.dtype for k, v in new.items()
+        ):
+            self._graphs.clear()  # new shapes (never within a session): graphs would read stale buffers
             self._static = {k: torch.empty_like(v, memory_format=torch.contiguous_format) for k, v in new.items()}
         for k, v in new.items():
             self._static[k].copy_(v)
@@ -92,8 +103,9 @@ class StepGraphs:
     def _forward(self) -> torch.Tensor:
         s = self._static
         pos = StepPositions(self._span, Rope(s["cos"], s["sin"]), Rope(s["ref_cos"], s["ref_sin"]))
-        return self.dit.denoise(s["latents"], s["timestep"], self.context, AudioTokens(s["tokens"], s["global"]),
-                                self.kv, pos)
+        return self.dit.denoise(
+            s["latents"], s["timestep"], self.context, AudioTokens(s["tokens"], s["global"]), self.kv, pos
+        )
 
     def _record(self, key) -> torch.Tensor:
         # An ordinary forward on the static buffers first: it is this call's result, and it runs
@@ -109,9 +121,8 @@ class StepGraphs:
             # thread_local: other services of an `avatar serve --role all` process keep using the GPU
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 static_out = self._forward()
-        except Exception as e:   # never fail a session for an optimisation
-            log.warning("CUDA graph capture failed (%s: %s); this session runs without graphs",
-                        type(e).__name__, e)
+        except Exception as e:  # never fail a session for an optimisation
+            log.warning("CUDA graph capture failed (%s: %s); this session runs without graphs", type(e).__name__, e)
             self.enabled = False
             self._graphs.clear()
             return out

@@ -4,6 +4,7 @@ Loading is lazy: the model is built on the meta device, then each shard is opene
 safetensors (mmap) and its tensors assigned into the model (`load_state_dict(assign=True)`),
 cast to the target dtype/device one tensor at a time, so two full copies never exist in RAM.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -23,10 +24,21 @@ log = logging.getLogger(__name__)
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 
 # Upstream config.json switches for variants we do not implement: the value each must have.
-_REQUIRED = {"model_type": "s2v", "enable_adain": True, "adain_mode": "attn_norm", "enable_framepack": True,
-             "enable_motioner": False, "zero_timestep": True, "add_last_motion": True, "enable_tsm": False,
-             "trainable_token_pos_emb": False, "qk_norm": True, "cross_attn_norm": True,
-             "window_size": [-1, -1], "local_attn_size": -1}
+_REQUIRED = {
+    "model_type": "s2v",
+    "enable_adain": True,
+    "adain_mode": "attn_norm",
+    "enable_framepack": True,
+    "enable_motioner": False,
+    "zero_timestep": True,
+    "add_last_motion": True,
+    "enable_tsm": False,
+    "trainable_token_pos_emb": False,
+    "qk_norm": True,
+    "cross_attn_norm": True,
+    "window_size": [-1, -1],
+    "local_attn_size": -1,
+}
 _CONSTRUCTOR_KEYS = set(inspect.signature(CausalS2VDiT.__init__).parameters) - {"self"}
 
 
@@ -51,8 +63,9 @@ def _normal(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def build_dit(preset_or_config: str | dict = "s2v-14b", device: str | torch.device = "meta",
-              dtype: torch.dtype = torch.bfloat16) -> CausalS2VDiT:
+def build_dit(
+    preset_or_config: str | dict = "s2v-14b", device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16
+) -> CausalS2VDiT:
     """The DiT with uninitialised weights on `device` (meta: names and shapes only, no memory).
 
     Built on the meta device and cast there, then allocated once on `device` in `dtype`: a
@@ -68,8 +81,9 @@ def build_dit(preset_or_config: str | dict = "s2v-14b", device: str | torch.devi
     return model.eval().requires_grad_(False)
 
 
-def random_dit(preset_or_config: str | dict, device: str | torch.device, dtype: torch.dtype,
-               seed: int = 0) -> CausalS2VDiT:
+def random_dit(
+    preset_or_config: str | dict, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+) -> CausalS2VDiT:
     """Random weights, deterministic from `seed`, created directly on `device` (no CPU round trip)."""
     model = build_dit(preset_or_config, device=device, dtype=dtype)
     return model.init_random(seed)
@@ -118,12 +132,17 @@ def check_dit_files(model: CausalS2VDiT, ckpt_dir: str | pathlib.Path) -> dict[s
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {_few(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {_few(unexpected)} "
-                        f"(in {_few(sorted({headers[k][1].name for k in unexpected}))})")
+        problems.append(
+            f"unexpected {len(unexpected)} tensor(s): {_few(unexpected)} "
+            f"(in {_few(sorted({headers[k][1].name for k in unexpected}))})"
+        )
     if listed_elsewhere:
         problems.append(f"index lists {_few(listed_elsewhere)} in another shard than the one holding it")
-    bad = [f"{k} is {headers[k][0]} in {headers[k][1].name}, expected {expected[k]}"
-           for k in sorted(expected) if k in headers and headers[k][0] != expected[k]]
+    bad = [
+        f"{k} is {headers[k][0]} in {headers[k][1].name}, expected {expected[k]}"
+        for k in sorted(expected)
+        if k in headers and headers[k][0] != expected[k]
+    ]
     if bad:
         problems.append(f"{len(bad)} shape mismatch(es): {_few(bad)}")
     if problems:
@@ -136,8 +155,9 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(str(i) for i in items[:n]) + more
 
 
-def load_dit(ckpt_dir: str | pathlib.Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.bfloat16) -> CausalS2VDiT:
+def load_dit(
+    ckpt_dir: str | pathlib.Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> CausalS2VDiT:
     """The DiT from an upstream-layout folder (config.json + sharded safetensors), strict.
     `ckpt_dir` may be that folder or the one above it, as for every other component."""
     ckpt_dir = resolve_ckpt_dir(ckpt_dir).root

@@ -5,6 +5,7 @@ keys, tiny values, plus keys our constructor does not take), shards named
 diffusion_pytorch_model-0000N-of-0000M.safetensors and diffusion_pytorch_model.safetensors.index.json.
 `write_lora` writes a peft LoRA like liveavatar.safetensors (with or without `base_model.model.`).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,26 @@ from avatar.services.generator.weights import random_dit
 
 # What upstream's config.json carries besides the sizes (values of the 14B config).
 UPSTREAM_EXTRA = {
-    "_class_name": "WanModel_S2V", "_diffusers_version": "0.35.0", "model_type": "s2v",
-    "enable_adain": True, "adain_mode": "attn_norm", "zero_init": True, "zero_timestep": True,
-    "enable_motioner": False, "add_last_motion": True, "enable_tsm": False, "trainable_token_pos_emb": False,
-    "motion_token_num": 1024, "enable_framepack": True, "framepack_drop_mode": "padd",
+    "_class_name": "WanModel_S2V",
+    "_diffusers_version": "0.35.0",
+    "model_type": "s2v",
+    "enable_adain": True,
+    "adain_mode": "attn_norm",
+    "zero_init": True,
+    "zero_timestep": True,
+    "enable_motioner": False,
+    "add_last_motion": True,
+    "enable_tsm": False,
+    "trainable_token_pos_emb": False,
+    "motion_token_num": 1024,
+    "enable_framepack": True,
+    "framepack_drop_mode": "padd",
 }
 
 
-def write_dit_checkpoint(folder: str | pathlib.Path, seed: int = 0, num_shards: int = 2,
-                         model: CausalS2VDiT | None = None) -> CausalS2VDiT:
+def write_dit_checkpoint(
+    folder: str | pathlib.Path, seed: int = 0, num_shards: int = 2, model: CausalS2VDiT | None = None
+) -> CausalS2VDiT:
     """Write a tiny random DiT (bf16) into `folder`; returns the float32 model it came from."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,7 +53,7 @@ def write_dit_checkpoint(folder: str | pathlib.Path, seed: int = 0, num_shards: 
     weight_map, total = {}, 0
     for i in range(num_shards):
         shard = f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {n: state[n] for n in names[i * per:(i + 1) * per]}
+        part = {n: state[n] for n in names[i * per : (i + 1) * per]}
         save_file(part, str(folder / shard), metadata={"format": "pt"})
         weight_map.update({n: shard for n in part})
         total += sum(t.numel() * t.element_size() for t in part.values())
@@ -50,8 +62,15 @@ def write_dit_checkpoint(folder: str | pathlib.Path, seed: int = 0, num_shards: 
     return model
 
 
-def write_lora(path: str | pathlib.Path, model: torch.nn.Module, rank: int = 4, seed: int = 1,
-               prefix: bool = True, adapter_segment: bool = True, scale: float = 0.05) -> dict[str, torch.Tensor]:
+def write_lora(
+    path: str | pathlib.Path,
+    model: torch.nn.Module,
+    rank: int = 4,
+    seed: int = 1,
+    prefix: bool = True,
+    adapter_segment: bool = True,
+    scale: float = 0.05,
+) -> dict[str, torch.Tensor]:
     """A random LoRA on every q,k,v,o,ffn.0,ffn.2 linear of `model`, named as peft names them."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -82,6 +101,7 @@ def fail_holding_a_cache_view(monkeypatch, model, method: str, kv, run) -> BaseE
     no longer keeps the cache's storage alive. Returns the error."""
     import gc
     import weakref
+
     storage = weakref.ref(kv.keys)
 
     def failing(*args, **kwargs):
@@ -89,7 +109,7 @@ def fail_holding_a_cache_view(monkeypatch, model, method: str, kv, run) -> BaseE
         raise RuntimeError(f"kernel failed on {tuple(layer_keys.shape)}")
 
     monkeypatch.setattr(model, method, failing)
-    gc.disable()                            # no collection may rescue it: the error is held below
+    gc.disable()  # no collection may rescue it: the error is held below
     try:
         with pytest.raises(RuntimeError, match="kernel failed") as failure:
             run()

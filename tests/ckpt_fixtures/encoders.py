@@ -4,6 +4,7 @@ google/umt5-xxl/ and wav2vec2-large-xlsr-53-english/, as they sit in a Wan2.2-S2
 Key names come from our classes through the same name maps the loaders use; the full-size maps are
 checked against the upstream manifests (tests/data/keys), so the tiny files have upstream's layout.
 """
+
 import json
 import pathlib
 

@@ -4,6 +4,7 @@ All torch.distributed code lives in this package. `avatar serve --role generator
 torchrun with N processes runs N ranks, one sampling step each (sample_steps must equal N):
 rank 0 serves GeneratorService, ranks 1..N-1 run `run_worker`. See tpp.py and docs/model.md.
 """
+
 import os
 
 

@@ -4,6 +4,7 @@ Down the ring (rank 0 -> 1 -> ... -> N-1) travel OpenSession, Block, CloseSessio
 Shutdown; the last rank answers each with its reply (`message.reply()`) up to rank 0. A rank
 that fails sets `error` on the message it passes on, so rank 0 learns it with the reply.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -19,12 +20,13 @@ from avatar.jobs import Job
 @dataclass(frozen=True)
 class RankError:
     """The first failure on the way round: the error's class name (avatar.errors) and its message."""
+
     kind: str
     message: str
 
     @classmethod
     def of(cls, exc: BaseException, at_rank: int) -> RankError:
-        if isinstance(exc, torch.OutOfMemoryError):   # the session is freed on every rank; others may fit
+        if isinstance(exc, torch.OutOfMemoryError):  # the session is freed on every rank; others may fit
             return cls("ResourceExhausted", f"generator rank {at_rank} ran out of GPU memory: {exc}")
         return cls(type(exc).__name__, f"generator rank {at_rank}: {exc}")
 
@@ -37,6 +39,7 @@ class RankError:
 
 # ---------------------------------------------------------------- replies (last rank -> rank 0)
 
+
 @dataclass(frozen=True)
 class Opened:
     sid: int
@@ -47,7 +50,7 @@ class Opened:
 class BlockDone:
     sid: int
     index: int
-    x: torch.Tensor | None = None         # the finished block [1, 16, F, h, w]; None on error
+    x: torch.Tensor | None = None  # the finished block [1, 16, F, h, w]; None on error
     error: RankError | None = None
 
 
@@ -68,14 +71,16 @@ class ShutDown:
 
 # ---------------------------------------------------------------- down the ring
 
+
 @dataclass(frozen=True)
 class OpenSession:
     """A session starts: every rank opens its step's share and prefills its own sink."""
+
     sid: int
     job: Job
-    text: torch.Tensor                    # [L, text_dim]
-    ref_latent: torch.Tensor              # [16, 1, h, w]
-    motion_latents: torch.Tensor          # [16, T, h, w]
+    text: torch.Tensor  # [L, text_dim]
+    ref_latent: torch.Tensor  # [16, 1, h, w]
+    motion_latents: torch.Tensor  # [16, T, h, w]
     error: RankError | None = None
 
     def reply(self) -> Opened:
@@ -85,11 +90,12 @@ class OpenSession:
 @dataclass(frozen=True)
 class Block:
     """One block after the sender's step: the next rank runs its step on x."""
+
     sid: int
     index: int
-    x: torch.Tensor | None                # [1, 16, F, h, w]; None once a rank failed
-    audio: torch.Tensor | None            # [F*4, audio_layers, audio_dim]; None once a rank failed
-    first: torch.Tensor | None = None     # block 0's first latent frame, for the sink refresh at clip 1
+    x: torch.Tensor | None  # [1, 16, F, h, w]; None once a rank failed
+    audio: torch.Tensor | None  # [F*4, audio_layers, audio_dim]; None once a rank failed
+    first: torch.Tensor | None = None  # block 0's first latent frame, for the sink refresh at clip 1
     error: RankError | None = None
 
     def failed(self, error: RankError) -> Block:
@@ -129,14 +135,16 @@ def encode(msg: Message | Reply) -> tuple[bytes, list[torch.Tensor]]:
     """A message as its header (the dataclass without its tensors, with each tensor's dtype and
     shape; pickled) and each non-empty tensor's bytes as a flat uint8 tensor, bit for bit."""
     tensors = {f.name: getattr(msg, f.name) for f in fields(msg) if isinstance(getattr(msg, f.name), torch.Tensor)}
-    header = pickle.dumps((replace(msg, **dict.fromkeys(tensors)),
-                           [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]), protocol=5)
+    header = pickle.dumps(
+        (replace(msg, **dict.fromkeys(tensors)), [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]),
+        protocol=5,
+    )
     return header, [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors.values() if t.numel()]
 
 
 def decode(header: bytes, read) -> Message | Reply:
     """encode's inverse; `read(nbytes)` gives the next tensor's bytes as a uint8 tensor."""
-    msg, specs = pickle.loads(header)   # peers are this job's own ranks
+    msg, specs = pickle.loads(header)  # peers are this job's own ranks
     tensors = {}
     for name, dtype, shape in specs:
         nbytes = torch.Size(shape).numel() * dtype.itemsize
@@ -152,7 +160,7 @@ class Channel:
 
     def __init__(self, peer: int, group, device: torch.device):
         self.peer, self.group, self.device = peer, group, device
-        self._in_flight: list = []     # the works and their buffers, which must outlive the sends
+        self._in_flight: list = []  # the works and their buffers, which must outlive the sends
 
     def send(self, msg: Message | Reply) -> None:
         header, tensors = encode(msg)
@@ -180,4 +188,5 @@ class Channel:
             data = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             dist.recv(data, self.peer, group=self.group)
             return data.cpu()
+
         return decode(header.cpu().numpy().tobytes(), read)

@@ -22,6 +22,7 @@ which ends that session with the error; the service stays up. A rank that dies t
 with it: rank 0 fails its sessions with "a generator rank failed" and exits, torchrun stops the
 other ranks and exits non-zero, and the orchestrator (compose `restart:`, Kubernetes) restarts it.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -61,20 +62,21 @@ from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
 
 log = logging.getLogger(__name__)
 
-EXIT_DELAY_S = 2.0   # after a rank failure, rank 0 lets the failed RPCs reach their clients, then exits
-PING_S = 60.0        # an idle rank 0 pings the ring, so idle ranks' receives never reach the group timeout
-GROUP_TIMEOUT = datetime.timedelta(minutes=30)   # a rank silent this long is taken as hung
+EXIT_DELAY_S = 2.0  # after a rank failure, rank 0 lets the failed RPCs reach their clients, then exits
+PING_S = 60.0  # an idle rank 0 pings the ring, so idle ranks' receives never reach the group timeout
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # a rank silent this long is taken as hung
 
 
 # ---------------------------------------------------------------- process group
+
 
 @dataclass(frozen=True)
 class Group:
     rank: int
     world_size: int
-    device: torch.device          # where this rank's DiT runs (cuda:LOCAL_RANK or cpu)
-    comm_device: torch.device     # where message buffers live (cuda for NCCL, cpu for gloo)
-    up: Any                       # process group for last rank -> rank 0
+    device: torch.device  # where this rank's DiT runs (cuda:LOCAL_RANK or cpu)
+    comm_device: torch.device  # where message buffers live (cuda for NCCL, cpu for gloo)
+    up: Any  # process group for last rank -> rank 0
 
     @property
     def last(self) -> int:
@@ -106,11 +108,14 @@ def init_group(model: ModelSpec) -> tuple[Group, ModelSpec]:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **({"device_id": device} if backend == "nccl" else {}))
     up = dist.new_group(backend=backend, timeout=GROUP_TIMEOUT)
-    group = Group(dist.get_rank(), dist.get_world_size(), device, device if backend == "nccl" else torch.device("cpu"), up)
+    group = Group(
+        dist.get_rank(), dist.get_world_size(), device, device if backend == "nccl" else torch.device("cpu"), up
+    )
     return group, model.with_(device=str(device))
 
 
 # ---------------------------------------------------------------- ranks 1..N-1
+
 
 def run_worker(group: Group, engine: GeneratorEngine) -> None:
     """Rank i > 0: step i of every block of every session, until rank 0 sends Shutdown."""
@@ -129,9 +134,10 @@ def run_worker(group: Group, engine: GeneratorEngine) -> None:
         out.flush()
         if isinstance(msg, OpenSession) and msg.error is None:
             try:
-                sessions[msg.sid] = engine.open_step_session(msg.job, msg.text, msg.ref_latent, msg.motion_latents,
-                                                             step)
-            except Exception as exc:   # reported to rank 0, which fails the session
+                sessions[msg.sid] = engine.open_step_session(
+                    msg.job, msg.text, msg.ref_latent, msg.motion_latents, step
+                )
+            except Exception as exc:  # reported to rank 0, which fails the session
                 log.warning("rank %d: session %d did not open: %s", step, msg.sid, exc)
                 msg = replace(msg, error=RankError.of(exc, step))
         elif isinstance(msg, Block) and msg.error is None:
@@ -159,15 +165,16 @@ def _run_step(msg: Block, sessions: dict[int, GeneratorSession], failed: dict[in
         return msg.failed(RankError("RuntimeError", f"generator rank {step}: no session {msg.sid}"))
     try:
         return replace(msg, x=_denoise(session, msg.x, msg.audio, msg.index, msg.first))
-    except Exception as exc:   # the session has freed its memory (GeneratorSession._freed_on_failure)
+    except Exception as exc:  # the session has freed its memory (GeneratorSession._freed_on_failure)
         log.warning("rank %d: session %d block %d failed: %s", step, msg.sid, msg.index, exc)
         failed[msg.sid] = RankError.of(exc, step)
         sessions.pop(msg.sid).close()
         return msg.failed(failed[msg.sid])
 
 
-def _denoise(session: GeneratorSession, x: torch.Tensor, audio: torch.Tensor, index: int,
-             first: torch.Tensor | None) -> torch.Tensor:
+def _denoise(
+    session: GeneratorSession, x: torch.Tensor, audio: torch.Tensor, index: int, first: torch.Tensor | None
+) -> torch.Tensor:
     """One step session's step of block `index` (blocks arrive in order), the result on the CPU."""
     if index != session.block_index:
         raise RuntimeError(f"block {index} arrived, expected block {session.block_index}")
@@ -191,6 +198,7 @@ def start_rank0(model: ModelSpec) -> TPPEngine:
 
 # ---------------------------------------------------------------- rank 0
 
+
 class TPPEngine:
     """GeneratorEngine's interface on rank 0 of a TPP group (one session at a time)."""
 
@@ -205,7 +213,7 @@ class TPPEngine:
         self._down = Channel(1, None, group.comm_device)
         self._up = Channel(group.last, group.up, group.comm_device)
         self._commands: queue.Queue = queue.Queue()
-        self._waiting: dict[tuple, concurrent.futures.Future] = {}   # _reply_key -> future
+        self._waiting: dict[tuple, concurrent.futures.Future] = {}  # _reply_key -> future
         self._lock = threading.Lock()
         self._sids = itertools.count(1)
         self._active: int | None = None
@@ -217,11 +225,14 @@ class TPPEngine:
 
     # -- API used by GeneratorServicer (from worker threads / the event loop) and TPPSession
 
-    def open_session(self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor,
-                     motion_latents: torch.Tensor) -> TPPSession:
+    def open_session(
+        self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor
+    ) -> TPPSession:
         if job.sample_steps != self.world_size:
-            raise InvalidInput(f"this multi-GPU generator runs {self.world_size} ranks, one sampling step each: "
-                               f"sample_steps must be {self.world_size}, got {job.sample_steps}")
+            raise InvalidInput(
+                f"this multi-GPU generator runs {self.world_size} ranks, one sampling step each: "
+                f"sample_steps must be {self.world_size}, got {job.sample_steps}"
+            )
         with self._lock:
             if self._active is not None:
                 raise errors.ResourceExhausted("the multi-GPU generator runs one session at a time (--max-sessions=1)")
@@ -261,6 +272,7 @@ class TPPEngine:
 
     async def aclose(self) -> None:
         import asyncio
+
         await asyncio.to_thread(self.close)
 
     # -- plumbing: the driver thread runs one command at a time, in order
@@ -291,7 +303,7 @@ class TPPEngine:
                 fut.set_result(command(*args))
             except Exception as exc:
                 fut.set_exception(exc)
-            except BaseException as exc:   # the process is going down
+            except BaseException as exc:  # the process is going down
                 fut.set_exception(exc)
                 raise
             if command == self._shutdown:
@@ -308,7 +320,7 @@ class TPPEngine:
             raise
         if reply.error is not None:
             step.close()
-            self._close(sid, None)   # ranks before the one that failed have opened
+            self._close(sid, None)  # ranks before the one that failed have opened
             raise reply.error.exception()
         return step
 
@@ -322,7 +334,7 @@ class TPPEngine:
         first = None
         try:
             if session.step.needs_first_frame(index):
-                first = session.results[0].result()[:, :, :1]   # waits for block 0 to come round
+                first = session.results[0].result()[:, :, :1]  # waits for block 0 to come round
             x = _denoise(session.step, session.step.block_noise(index), audio, index, first)
         except Exception as exc:
             session.error = RankError.of(exc, 0)
@@ -406,10 +418,11 @@ def _reply_key(reply: Reply) -> tuple:
 class TPPSession:
     """One stream on the TPP group. submit() returns at once (blocks overlap across ranks);
     results come back in order. `pipeline_depth` blocks may be in flight."""
+
     engine: TPPEngine
     sid: int
-    step: GeneratorSession        # rank 0's share: sampling step 0 of every block
-    results: dict = field(default_factory=dict)   # block index -> future of its finished latent
+    step: GeneratorSession  # rank 0's share: sampling step 0 of every block
+    results: dict = field(default_factory=dict)  # block index -> future of its finished latent
     error: RankError | None = None
     last_block_ms: float = 0.0
     _next: int = 0
@@ -434,7 +447,7 @@ class TPPSession:
         sent = self.engine.run_block(self, index, audio)
         out: concurrent.futures.Future = concurrent.futures.Future()
 
-        def relay(f):   # `sent` resolves when step 0 is sent; then wait for the result
+        def relay(f):  # `sent` resolves when step 0 is sent; then wait for the result
             if f.exception() is not None:
                 out.set_exception(f.exception())
                 return
@@ -445,9 +458,11 @@ class TPPSession:
                     out.set_exception(r.exception())
                 else:
                     out.set_result(r.result()[0])
-                if index:   # block 0 stays: the sink refresh at the second clip needs its first frame
+                if index:  # block 0 stays: the sink refresh at the second clip needs its first frame
                     self.results.pop(index, None)
+
             self.results[index].add_done_callback(done)
+
         sent.add_done_callback(relay)
         return out
 
