@@ -130,7 +130,11 @@ def main() -> None:
     ap.add_argument("--refuse-size", default="", help="a size the guard should refuse, e.g. 704*384")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    result = {"live": asyncio.run(live_session(args.server, args.size, args.steps, args.speech_s, args.gap_s))}
+    try:
+        live = asyncio.run(live_session(args.server, args.size, args.steps, args.speech_s, args.gap_s))
+    except grpc.aio.AioRpcError as e:  # e.g. the real-time guard's FAILED_PRECONDITION, with its numbers
+        live = {"size": args.size, "code": e.code().name, "details": e.details()}
+    result = {"live": live}
     if args.refuse_size:
         result["guard"] = asyncio.run(refused(args.server, args.refuse_size, args.steps))
     text = json.dumps(result, indent=1)
