@@ -7,19 +7,8 @@
 # benches, .whl/mesh/*.whl the serving stack, see docs/performance.md) and avatar/v1.
 # Extra arguments go to `avatar serve`, e.g. --compile --fp8 --kv-fp8.
 set -uo pipefail
-source bench/device_setup.sh || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/mesh/*.whl || exit 1
 OUT=${OUT:-/tmp/converse_out}
-mkdir -p "$OUT"
-python3 -m avatar.app.cli serve --random-weights --device cuda --listen 127.0.0.1:50051 "$@" > "$OUT/serve.log" 2>&1 &
-server=$!
-for _ in $(seq 480); do
-    python3 -m avatar.app.healthcheck 127.0.0.1:50051 >/dev/null 2>&1 && break
-    kill -0 $server 2>/dev/null || { tail -30 "$OUT/serve.log"; exit 1; }
-    sleep 1
-done
-echo "server ready after ${SECONDS}s"
+source bench/serve_gpu.sh "$@" || exit 1
 python3 bench/converse_gpu.py --server 127.0.0.1:50051 --size "${SIZE:-384*256}" --steps "${STEPS:-4}" \
     --speech-s "${SPEECH_S:-20}" --gap-s "${GAP_S:-30}" --refuse-size "${REFUSE_SIZE:-704*384}" \
     --out "$OUT/converse.json"

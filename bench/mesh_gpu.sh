@@ -7,11 +7,7 @@
 # Run on the device machine from the repo root, carrying .whl (wheels, see performance.md) and
 # avatar/v1 (generated code). Extra arguments go to `avatar serve`, e.g. --compile.
 set -uo pipefail
-source bench/device_setup.sh || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/mesh/*.whl || exit 1
 OUT=${OUT:-/tmp/mesh_out}
-mkdir -p "$OUT"
 python3 - <<'PY'
 # a 704x384 portrait cut from the sample, so the video takes exactly the hd size
 from PIL import Image
@@ -20,14 +16,7 @@ w, h = im.size
 ch = w * 384 // 704
 im.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch)).resize((704, 384)).save("/tmp/portrait.png")
 PY
-python3 -m avatar.app.cli serve --random-weights --device cuda --listen 127.0.0.1:50051 "$@" > "$OUT/serve.log" 2>&1 &
-server=$!
-for _ in $(seq 480); do
-    python3 -m avatar.app.healthcheck 127.0.0.1:50051 >/dev/null 2>&1 && break
-    kill -0 $server 2>/dev/null || { tail -30 "$OUT/serve.log"; exit 1; }
-    sleep 1
-done
-echo "server ready after ${SECONDS}s"
+source bench/serve_gpu.sh "$@" || exit 1
 request() {   # name, then generate's flags
     local name=$1; shift
     python3 -m avatar.app.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png --audio assets/speech.wav \
