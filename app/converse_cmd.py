@@ -79,7 +79,8 @@ async def run(args) -> int:
     import grpc
 
     from avatar import grpc_util, media
-    from avatar.app.cli import UserError, _read, model_spec
+    from avatar.app.cli import UserError, _read, model_for
+    from avatar.app.embedded import SetupError, gateway_for
     from avatar.errors import InvalidInput
     from avatar.files import unlink_quietly
     from avatar.live_client import END_OF_UTTERANCE, converse, paced_chunks, pcm16
@@ -103,22 +104,6 @@ async def run(args) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    mesh, creds, token = None, None, None
-    if args.server:
-        from avatar.security import SecurityConfig
-
-        try:
-            sec = SecurityConfig.from_args(args)
-            creds, token = sec.tls.channel_credentials(), sec.auth_token
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        address = args.server
-    else:
-        from avatar.app.serve import ServeConfig, start
-
-        mesh = await start(ServeConfig(role="all", listen="127.0.0.1:0", model=model_spec(args)))
-        address = mesh.address
-
     started = asyncio.Event()  # audio starts when the session does, as a voice agent's would
 
     async def requests():
@@ -127,45 +112,47 @@ async def run(args) -> int:
             yield chunk
         yield END_OF_UTTERANCE
 
-    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    status = header_msg = None
-    t0 = time.monotonic()
-    first_fragment_s = None
-    try:
-        async with grpc_util.create_channel(address, creds, token) as channel:
-            with os.fdopen(fd, "wb") as f:
-                async for msg in converse(channel, header, requests(), timeout=args.timeout):
-                    kind = msg.WhichOneof("event")
-                    if kind == "header":
-                        header_msg = msg.header
-                        if "noise" in header_msg.model:
-                            print(f"avatar converse: note: model is {header_msg.model}", file=sys.stderr)
-                        f.write(msg.header.init_segment)
-                        started.set()
-                    elif kind == "fragment":
-                        f.write(msg.fragment.data)
-                        if first_fragment_s is None:
-                            first_fragment_s = time.monotonic() - t0
-                    elif kind == "degraded":
-                        print(f"avatar converse: degraded: {msg.degraded.reason}", file=sys.stderr)
-                    elif kind == "status":
-                        status = msg.status
-        if status is None:
-            raise RuntimeError("the stream ended without a final status")
-        os.chmod(part, 0o644)
-        os.replace(part, out)
-    except grpc.aio.AioRpcError as exc:
-        unlink_quietly(part)
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            raise UserError(exc.details()) from None
-        print(f"avatar converse: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except BaseException:
-        unlink_quietly(part)
-        raise
-    finally:
-        if mesh is not None:
-            await mesh.stop(grace=1.0)
+    async with gateway_for(args, None if args.server else model_for(args)) as gateway:
+        try:
+            creds = gateway.tls.channel_credentials()
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
+        fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+        status = header_msg = None
+        t0 = time.monotonic()
+        first_fragment_s = None
+        try:
+            async with grpc_util.create_channel(gateway.address, creds, gateway.token) as channel:
+                with os.fdopen(fd, "wb") as f:
+                    async for msg in converse(channel, header, requests(), timeout=args.timeout):
+                        kind = msg.WhichOneof("event")
+                        if kind == "header":
+                            header_msg = msg.header
+                            if "noise" in header_msg.model:
+                                print(f"avatar converse: note: model is {header_msg.model}", file=sys.stderr)
+                            f.write(msg.header.init_segment)
+                            started.set()
+                        elif kind == "fragment":
+                            f.write(msg.fragment.data)
+                            if first_fragment_s is None:
+                                first_fragment_s = time.monotonic() - t0
+                        elif kind == "degraded":
+                            print(f"avatar converse: degraded: {msg.degraded.reason}", file=sys.stderr)
+                        elif kind == "status":
+                            status = msg.status
+            if status is None:
+                raise RuntimeError("the stream ended without a final status")
+            os.chmod(part, 0o644)
+            os.replace(part, out)
+        except grpc.aio.AioRpcError as exc:
+            unlink_quietly(part)
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise UserError(exc.details()) from None
+            print(f"avatar converse: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except BaseException:
+            unlink_quietly(part)
+            raise
     a, i = status.audio_to_fragment, status.interrupt_to_idle
     print(
         f"avatar converse: wrote {out} ({status.blocks} blocks, {status.idle_blocks} idle, {status.frames} frames, "
