@@ -187,6 +187,38 @@ def trim_speech(out: Path, start_s: float, length_s: float) -> Path:
     return out
 
 
+def tone_wav(seconds: float, rate: int = 16000, hz: float = 200.0) -> bytes:
+    """A mono 16-bit WAV of a sine tone at 0.3 of full scale: audio the mesh accepts, made in memory."""
+    import io
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def metrics_of(svc: Service) -> dict:
+    """The Prometheus samples of a service started with a metrics port (its log names the port)."""
+    import re
+    import urllib.request
+
+    port = int(re.search(r"metrics on :(\d+)", svc.log.read_text()).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
 def ffprobe(path: Path) -> dict:
     """Streams and format of a media file, with the video frames counted by decoding."""
     out = subprocess.run(

@@ -4,7 +4,6 @@ interrupts, and what the mp4 made of the fragments holds (ffprobe, the decoded a
 import asyncio
 import re
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import av
@@ -12,11 +11,11 @@ import grpc
 import numpy as np
 import pytest
 import soundfile
-from conftest import ASSETS, Services, ffprobe, trim_speech
 
 from avatar import grpc_util, media
 from avatar.live_client import END_OF_UTTERANCE, INTERRUPT, converse, paced_chunks, pcm16
 from avatar.v1 import avatar_pb2
+from tests.conftest import ASSETS, Services, ffprobe, metrics_of, trim_speech
 
 pytestmark = pytest.mark.mesh
 
@@ -107,15 +106,6 @@ def best_lag(out: np.ndarray, ref: np.ndarray, around: int, search: int) -> tupl
         c = float(np.dot(seg, ref) / (np.linalg.norm(seg) * np.linalg.norm(ref) + 1e-9))
         best = max(best, (lag, c), key=lambda x: x[1])
     return best
-
-
-def metrics_of(svc) -> dict:
-    port = int(re.search(r"metrics on :(\d+)", svc.log.read_text()).group(1))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {
-        k: float(v)
-        for k, _, v in (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))
-    }
 
 
 INTERNAL_TOKEN = "converse-internal-token"

@@ -5,13 +5,10 @@ bodies on the public port, malformed messages, a busy port, deadline and frame m
 Real server processes on 127.0.0.1; every wait is bounded."""
 
 import concurrent.futures
-import io
 import re
 import subprocess
 import threading
 import time
-import urllib.request
-import wave
 
 import grpc
 import numpy as np
@@ -31,26 +28,15 @@ from avatar.v1 import (
     generator_pb2_grpc,
     tensor_pb2,
 )
-from tests.conftest import ASSETS, AVATAR, ROOT, Services, free_port
+from tests.conftest import ASSETS, AVATAR, ROOT, Services, free_port, metrics_of, tone_wav
 
 pytestmark = [pytest.mark.mesh, pytest.mark.timeout(600)]
 IMAGE = (ASSETS / "astronaut.png").read_bytes()
 PUBLIC, INTERNAL = "public-tok-r2", "internal-tok-r2"
 
 
-def _speech(seconds: float, rate: int = 16000) -> bytes:
-    t = np.arange(int(rate * seconds)) / rate
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 def _request(seconds: float = 1.0) -> avatar_pb2.GenerateRequest:
-    return avatar_pb2.GenerateRequest(image=IMAGE, audio=_speech(seconds), size="64*64")
+    return avatar_pb2.GenerateRequest(image=IMAGE, audio=tone_wav(seconds, hz=180), size="64*64")
 
 
 def _bearer(token: str) -> list[tuple[str, str]]:
@@ -71,17 +57,6 @@ def _job(blocks: int, **kw) -> tensor_pb2.JobSpec:
         model="tiny",
     )
     return tensor_pb2.JobSpec(**(fields | kw))
-
-
-def _metrics(svc) -> dict:
-    port = int(re.search(r"metrics on :(\d+)", svc.log.read_text()).group(1))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def _count(m: dict, name: str, **labels) -> float:
@@ -212,11 +187,11 @@ def test_deadline_stops_the_encode_and_the_encoder_caps_its_work(tmp_path, env):
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             expired = time.monotonic()
             # the encode (~70 s on this CPU) stops at its next layer, not when it is done
-            while _count(_metrics(enc), "avatar_inflight_rpcs", method="EncodeImage") > 0:
+            while _count(metrics_of(enc), "avatar_inflight_rpcs", method="EncodeImage") > 0:
                 assert time.monotonic() - expired < 10, "the encode still runs after its deadline"
                 time.sleep(0.2)
             stopped_s = time.monotonic() - expired
-            m = _metrics(enc)
+            m = metrics_of(enc)
             assert _count(m, "avatar_requests_total", method="EncodeImage", code="DEADLINE_EXCEEDED") == 1
             assert _count(m, "avatar_rejected_total", service="encoder") == 1
             small = encoder_pb2.EncodeImageRequest(pixels=wire.to_proto(np.full((64, 64, 3), 128, np.uint8)))
@@ -392,7 +367,7 @@ class _RssPeak:
 
 def test_malformed_protobuf_is_invalid_argument_one_line_counted(embedded):
     labels = dict(service="AvatarService", method="Generate", code="INVALID_ARGUMENT")
-    before = _count(_metrics(embedded), "avatar_requests_total", **labels)
+    before = _count(metrics_of(embedded), "avatar_requests_total", **labels)
     bad = b"\x1a\x02\xff\xfe"  # field 3 (prompt, a string) holding invalid UTF-8
     with grpc.insecure_channel(embedded.address) as ch:
         call = ch.unary_stream("/avatar.v1.AvatarService/Generate", request_serializer=None, response_deserializer=None)
@@ -400,7 +375,7 @@ def test_malformed_protobuf_is_invalid_argument_one_line_counted(embedded):
             list(call(bad, timeout=30, metadata=_bearer(PUBLIC)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
     assert "malformed request message" in e.value.details() and "<class" not in e.value.details()
-    assert _count(_metrics(embedded), "avatar_requests_total", **labels) == before + 1
+    assert _count(metrics_of(embedded), "avatar_requests_total", **labels) == before + 1
     log = embedded.log.read_text()
     assert "Traceback" not in log
     assert len([line for line in log.splitlines() if "malformed request message" in line]) == 1
@@ -425,7 +400,7 @@ def test_second_serve_on_a_busy_port_refuses_to_start(embedded, env):
 
 
 def test_deadline_and_cancelled_frames_are_counted(embedded):
-    m0 = _metrics(embedded)
+    m0 = metrics_of(embedded)
     with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
         with pytest.raises(grpc.RpcError) as e:
             list(avatar_pb2_grpc.AvatarServiceStub(ch).Generate(_request(8.0), timeout=1.5, metadata=_bearer(PUBLIC)))
@@ -440,7 +415,7 @@ def test_deadline_and_cancelled_frames_are_counted(embedded):
                     break
     deadline = time.monotonic() + 10
     while True:
-        m = _metrics(embedded)
+        m = metrics_of(embedded)
         deadline_labels = dict(service="AvatarService", method="Generate", code="DEADLINE_EXCEEDED")
         dl = _count(m, "avatar_requests_total", **deadline_labels) - _count(
             m0, "avatar_requests_total", **deadline_labels

@@ -4,11 +4,9 @@ SIGTERM drains (health NOT_SERVING, in-flight streams finish or are cancelled wi
 
 import io
 import json
-import re
 import signal
 import threading
 import time
-import urllib.request
 import wave
 
 import grpc
@@ -18,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avatar.grpc_util import MESSAGE_OPTIONS
 from avatar.v1 import avatar_pb2, avatar_pb2_grpc
-from tests.conftest import ASSETS, Services, ffprobe, wait_serving
+from tests.conftest import ASSETS, Services, ffprobe, metrics_of, wait_serving
 
 pytestmark = pytest.mark.timeout(300)
 IMAGE = (ASSETS / "astronaut.png").read_bytes()
@@ -38,17 +36,6 @@ def _speech(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
 
 def _request(seconds: float, **kw) -> avatar_pb2.GenerateRequest:
     return avatar_pb2.GenerateRequest(image=IMAGE, audio=kw.pop("audio", None) or _speech(seconds), size="64*64", **kw)
-
-
-def metrics_of(svc) -> dict:
-    port = int(re.search(r"metrics on :(\d+)", svc.log.read_text()).group(1))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def wait_sessions_freed(svc, services=("gateway", "generator"), timeout_s=10.0) -> float:

@@ -6,22 +6,19 @@ The soak runs AVATAR_SOAK_REQUESTS requests (default 40 to keep CI short; 200 fo
 of issue 5, see docs/operations.md)."""
 
 import concurrent.futures
-import io
 import os
 import statistics
 import threading
 import time
-import wave
 
 import grpc
-import numpy as np
 import psutil
 import pytest
 
 from avatar.admission import RETRY_AFTER_KEY
 from avatar.grpc_util import MESSAGE_OPTIONS
 from avatar.v1 import avatar_pb2, avatar_pb2_grpc
-from tests.conftest import ASSETS, Services, ffprobe
+from tests.conftest import ASSETS, Services, ffprobe, tone_wav
 
 pytestmark = pytest.mark.timeout(600)
 CLIENTS, CAP, QUEUE = 32, 4, 4
@@ -29,20 +26,9 @@ SOAK_REQUESTS = int(os.environ.get("AVATAR_SOAK_REQUESTS", "40"))
 SOAK_WARMUP = 5
 
 
-def _speech(seconds: float, rate: int = 16000) -> bytes:
-    t = np.arange(int(rate * seconds)) / rate
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 200 * t) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 # the smallest real job: one block of 64x64, one denoising step
 REQUEST = avatar_pb2.GenerateRequest(
-    image=(ASSETS / "astronaut.png").read_bytes(), audio=_speech(0.4), size="64*64", sample_steps=1
+    image=(ASSETS / "astronaut.png").read_bytes(), audio=tone_wav(0.4), size="64*64", sample_steps=1
 )
 
 
