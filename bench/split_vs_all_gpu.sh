@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 13's first move, measured in one run on one GPU: the same requests through the gateway with
+# all four services in one process (`avatar serve`, the default) and with one process per service
+# (serve_split_gpu.sh). Per mode: a 704*384 request with a new portrait, the same again (encoder
+# cache), 384*256 at 4 steps, then a live session (bench/converse_gpu.py) at 384*256, 4 steps.
+# Run on the device machine from the repo root, carrying .whl and avatar/v1; extra arguments go to
+# `avatar serve` in both modes, e.g. --compile. Results: $OUT/{all,split}/.
+set -uo pipefail
+ROOT_OUT=${OUT:-/tmp/split_out}
+python3 - <<'PY'
+from PIL import Image
+im = Image.open("assets/astronaut.png")
+w, h = im.size
+ch = w * 384 // 704
+im.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch)).resize((704, 384)).save("/tmp/portrait.png")
+PY
+request() {   # name, then generate's flags
+    local name=$1; shift
+    python3 -m avatar.app.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png --audio assets/speech.wav \
+        --out "$OUT/$name.mp4" "$@" 2> "$OUT/$name.log" || tail -5 "$OUT/$name.log"
+}
+summary() {
+    python3 - "$OUT" <<'PY'
+import json, sys
+for name in ("hd1", "hd2", "sd4"):
+    try:
+        m = json.load(open(f"{sys.argv[1]}/{name}.json"))
+    except FileNotFoundError:
+        print(f"{name}: no result"); continue
+    t = {k: round(v["ms"] / max(1, v.get("count", 1)), 1) for k, v in m["timings_ms"].items()}
+    print(f"{name}: {m['width']}x{m['height']} {m['frames']} frames in {m['total_s']:.2f} s = "
+          f"{m['frames'] / m['total_s']:.1f} FPS; first fragment {m['time_to_first_fragment_s']:.2f} s; ms: {t}")
+PY
+}
+for mode in ${MODES:-all split}; do
+    OUT=$ROOT_OUT/$mode
+    SECONDS=0
+    if [ $mode = all ]; then source bench/serve_gpu.sh "$@" || continue; servers=$server
+    else source bench/serve_split_gpu.sh "$@" || continue; fi
+    request hd1 --preset hd
+    request hd2 --preset hd
+    request sd4 --size 384*256 --sample_steps 4
+    python3 bench/converse_gpu.py --server 127.0.0.1:50051 --size 384*256 --steps "${STEPS:-4}" \
+        --speech-s "${SPEECH_S:-12}" --gap-s "${GAP_S:-6}" --out "$OUT/converse.json" > "$OUT/converse.txt"
+    kill -TERM $servers; wait $servers
+    echo "== $mode"
+    summary
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['live']; print({k: d.get(k) for k in \
+('code','details','size','measured_block_ms','blocks','audio_to_fragment_ms','interrupt_to_idle_ms','max_gap_between_fragments_s','generator_block_ms')})" \
+        "$OUT/converse.json" 2>&1 | tail -2
+done
