@@ -281,7 +281,9 @@ async def start(cfg: ServeConfig) -> RunningServer:
     return running
 
 
-async def serve_forever(cfg: ServeConfig) -> None:
+async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
+    """Serves until SIGINT/SIGTERM, or until `stop` is set when given (then the caller owns the
+    signals: app/processes.py)."""
     from avatar.services.generator import distributed
 
     if distributed.launched():
@@ -306,10 +308,11 @@ async def serve_forever(cfg: ServeConfig) -> None:
         file=sys.stderr,
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("avatar serve: stopping", file=sys.stderr, flush=True)
     await running.stop(cfg.grace_s)

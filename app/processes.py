@@ -1,0 +1,208 @@
+"""`avatar serve --processes per-service`: the embedded mesh as one process per service.
+
+In one process the gateway, the encoders, the DiT's Python loop and the VAE decode share one GIL;
+on one H200 the VAE decode took 912 ms per 704*384 block there and 395 ms in its own process
+(docs/performance.md, run O). So on a GPU host the embedded default starts the encoder, the
+generator and the decoder as child processes on loopback behind a random internal token, and
+hosts the gateway (and its public listener) itself, exactly as a deployed mesh runs them.
+
+The children are tied to this process: they leave the terminal's process group (Ctrl-C reaches
+the parent, which drains the gateway before stopping them) and die with it (PR_SET_PDEATHSIG).
+A child that dies takes the whole server down with an error, so a supervisor restarts it whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from dataclasses import replace
+
+from avatar import grpc_util
+from avatar.security import SecurityConfig
+
+log = logging.getLogger("avatar.app.processes")
+
+CHILD_ROLES = ("generator", "encoder", "decoder")  # the generator first: it needs the most memory
+MODES = ("auto", "one", "per-service")
+STOP_TIMEOUT_S = 30.0
+
+
+class ChildFailed(RuntimeError):
+    """A child process exited: before serving, or while serving."""
+
+
+def per_service(mode: str, role: str, device: str) -> bool:
+    """Whether `serve` splits the embedded mesh: "auto" does on a GPU (CPU: one process is
+    lighter and as fast for the tiny model)."""
+    if mode not in MODES:
+        raise ValueError(f"--processes {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "per-service" and role != "all":
+        raise ValueError(f"--processes per-service splits --role all, not --role {role}")
+    return role == "all" and (mode == "per-service" or (mode == "auto" and device.startswith("cuda")))
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_main(cfg, parent_pid: int) -> None:
+    """A child's entry point (spawned): one role of the mesh until the parent stops it."""
+    os.setpgrp()  # out of the terminal's foreground group: Ctrl-C is the parent's to handle
+    if sys.platform.startswith("linux"):
+        # PR_SET_PDEATHSIG: never outlive the parent. SIGKILL, not a drain: the gateway that was
+        # the only client is gone.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before that
+        return
+    from avatar.app.serve import serve_forever
+    from avatar.logging_setup import setup_logging
+
+    setup_logging(f"avatar-{cfg.role}")
+    try:
+        asyncio.run(serve_forever(cfg))
+    except Exception as exc:  # noqa: BLE001 - one line for the parent's log, then a failing exit code
+        print(
+            f"avatar serve ({cfg.role}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+class Children:
+    """The encoder, generator and decoder processes of one split mesh."""
+
+    def __init__(self, cfg):
+        self.token = cfg.security.with_internal_token().internal_token
+        self.addresses: dict[str, str] = {}
+        self.procs: dict[str, multiprocessing.Process] = {}
+        self._cfg = cfg
+
+    def child_config(self, role: str, port: int, metrics_port: int | None):
+        from avatar.app.serve import ServeConfig
+
+        cfg = self._cfg
+        # Internal services: loopback, the internal token, no TLS (as "all"'s internal listener),
+        # no per-client limit (their one client is the gateway).
+        admission = replace(cfg.admission, max_per_client=0) if cfg.admission else None
+        return ServeConfig(
+            role=role,
+            listen=f"127.0.0.1:{port}",
+            model=cfg.model,
+            trace_file=f"{cfg.trace_file}.{role}" if cfg.trace_file else None,
+            security=SecurityConfig(internal_token=self.token),
+            admission=admission if role == "generator" else None,
+            metrics_port=metrics_port,
+            grace_s=cfg.grace_s,
+            warmup=cfg.warmup,
+            compile_cache=cfg.compile_cache,
+            encoder_admission=cfg.encoder_admission,
+        )
+
+    async def start(self) -> None:
+        """Starts the children one after the other (the generator first: the later ones see the
+        memory it took) and returns when each reports SERVING; raises if one exits first."""
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or grpc
+        metrics = self._cfg.metrics_port
+        for i, role in enumerate(CHILD_ROLES):
+            port = _free_loopback_port()
+            child_metrics = metrics + 1 + i if metrics else None
+            proc = ctx.Process(
+                target=_child_main,
+                args=(self.child_config(role, port, child_metrics), os.getpid()),
+                name=f"avatar-{role}",
+            )
+            proc.start()
+            self.procs[role], self.addresses[role] = proc, f"127.0.0.1:{port}"
+            log.info("started the %s (pid %d) on %s", role, proc.pid, self.addresses[role])
+            if role == "generator":
+                await self._wait_serving(role)
+        for role in CHILD_ROLES[1:]:
+            await self._wait_serving(role)
+
+    async def _wait_serving(self, role: str) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        proc = self.procs[role]
+        while True:
+            if not proc.is_alive():
+                raise ChildFailed(
+                    f"the {role} process exited with code {proc.exitcode} before serving (its log is above)"
+                )
+            async with grpc_util.create_channel(self.addresses[role]) as channel:
+                try:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except Exception:  # noqa: BLE001 - not listening yet, or warming up
+                    pass
+            await asyncio.sleep(0.5)
+
+    async def watch(self) -> str:
+        """Returns (with the reason) when a child has exited."""
+        while True:
+            for role, proc in self.procs.items():
+                if not proc.is_alive():
+                    return f"the {role} process (pid {proc.pid}) exited with code {proc.exitcode}"
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        """SIGTERM (each drains its in-flight RPCs), then SIGKILL for one still there."""
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = asyncio.get_running_loop().time() + STOP_TIMEOUT_S
+        for role, proc in self.procs.items():
+            while proc.is_alive() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+            if proc.is_alive():
+                log.warning("the %s process did not stop within %.0f s: killing it", role, STOP_TIMEOUT_S)
+                proc.kill()
+            proc.join(1)
+
+
+async def serve_per_service(cfg) -> None:
+    """`serve --role all` as a gateway in this process over three children; stops on SIGINT/SIGTERM
+    (gateway first, then the children) or when a child dies (then raises, exit code 1)."""
+    from avatar.app.serve import serve_forever
+
+    children = Children(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.create_task(children.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            return
+        stopping.cancel()
+        starting.result()
+        gateway_cfg = replace(
+            cfg,
+            role="gateway",
+            security=replace(cfg.security, internal_token=children.token),
+            **{role: children.addresses[role] for role in CHILD_ROLES},
+        )
+        died = asyncio.create_task(children.watch())
+        gateway = asyncio.create_task(serve_forever(gateway_cfg, stop=stop))
+        await asyncio.wait({died, gateway}, return_when=asyncio.FIRST_COMPLETED)
+        if died.done():
+            stop.set()
+            await gateway
+            raise ChildFailed(f"{died.result()}: stopping the server")
+        died.cancel()
+        gateway.result()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await children.stop()

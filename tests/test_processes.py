@@ -1,0 +1,85 @@
+"""`avatar serve --processes per-service`: the embedded mesh as a gateway over three child processes."""
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from avatar.v1 import avatar_pb2
+from tests.conftest import AVATAR, ROOT, check_video, generate
+
+ASSETS = ROOT / "assets"
+
+
+def children(svc) -> list[psutil.Process]:
+    """The encoder, generator and decoder processes (multiprocessing's resource tracker aside)."""
+    procs = psutil.Process(svc.proc.pid).children()
+    return [p for p in procs if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def gone(pids: list[int], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def split(start_service):
+    svc = start_service("all", "--processes", "per-service")
+    kids = children(svc)
+    assert len(kids) == 3, [p.cmdline() for p in kids]
+    return svc, kids
+
+
+def test_a_video_through_three_child_processes_then_sigterm_stops_them_all(start_service, clip_5s, tmp_path):
+    svc, kids = split(start_service)
+    request = avatar_pb2.GenerateRequest(
+        image=(ASSETS / "astronaut.png").read_bytes(), audio=clip_5s.read_bytes(), size="64*64", preset="preview"
+    )
+    stream = generate(svc.address, request)
+    check_video(stream.write_mp4(tmp_path / "out.mp4"), 5.0)
+    log = svc.log.read_text()
+    for role in ("encoder", "generator", "decoder"):
+        assert f"started the {role}" in log
+    # Each service ran in its own process: the internal listeners belong to the children.
+    assert {k.pid for k in kids}.isdisjoint({svc.proc.pid})
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(timeout=60) == 0
+    assert gone([k.pid for k in kids], 5)
+
+
+def test_a_child_that_dies_takes_the_server_down_with_a_reason(start_service):
+    svc, kids = split(start_service)
+    decoder = next(
+        k for k in kids if "decoder" in svc.log.read_text().split(f"pid {k.pid}")[0].rsplit("started", 1)[-1]
+    )
+    os.kill(decoder.pid, signal.SIGKILL)
+    assert svc.proc.wait(timeout=60) == 1
+    last = svc.log.read_text().strip().splitlines()[-1]
+    assert last.startswith("avatar serve: the decoder process") and "exited" in last, last
+    assert gone([k.pid for k in kids], 5)
+
+
+def test_children_do_not_outlive_a_killed_parent(start_service):
+    svc, kids = split(start_service)
+    svc.proc.kill()
+    svc.proc.wait(timeout=10)
+    assert gone([k.pid for k in kids], 10), [k.pid for k in kids if k.is_running()]
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["--role", "gateway", "--processes", "per-service"], "--processes per-service splits --role all"),
+        (["--processes", "threads"], "invalid choice: 'threads'"),
+    ],
+)
+def test_bad_processes_flags_exit_2_with_one_line(args, reason, env):
+    out = subprocess.run([*AVATAR, "serve", *args], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert reason in out.stderr and "Traceback" not in out.stderr
