@@ -216,6 +216,7 @@ def test_aiortc_viewer_receives_the_decoders_h264_and_the_audio(server, tmp_path
     vcl = [nal for unit in received_units for nal in split_annexb(unit) if nal[0] & 0x1F in (1, 5)]
     assert len(vcl) == len(frames) and all(nal in samples_sent for nal in vcl)
     assert sum(nal[0] & 0x1F == 5 for nal in vcl) == viewer.video_frames // 12  # one IDR per fragment
+    assert vcl[0][0] & 0x1F == 5 and [n[0] & 0x1F for n in split_annexb(received_units[0])][:2] == [7, 8]
     assert not encoded
     assert whep.RTP_PACKETS.labels(kind="video")._value.get() > packets_before
 

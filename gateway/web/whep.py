@@ -37,6 +37,7 @@ import av
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc import codecs as rtc_codecs
+from aiortc import rtp as rtc_rtp
 from aiortc import sdp as rtc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecCapability, RTCRtpCodecParameters
@@ -79,6 +80,7 @@ _PROFILE_LEVEL_IDS = {
 }
 
 OPUS = RTCRtpCodecCapability(mimeType="audio/opus", clockRate=48000, channels=2)
+RTX = RTCRtpCodecCapability(mimeType="video/rtx", clockRate=90000)  # retransmissions on their own stream
 
 VIEWERS = Gauge("avatar_whep_viewers", "WebRTC (WHEP) viewers connected or connecting", registry=REGISTRY)
 REFUSED = Counter("avatar_whep_refused", "WHEP offers refused, by reason", ["reason"], registry=REGISTRY)
@@ -147,6 +149,17 @@ def register_h264_profiles() -> None:
             ),
             RTCRtpCodecParameters(mimeType="video/rtx", clockRate=90000, payloadType=pt + 1, parameters={"apt": pt}),
         ]
+
+
+def accept_low_dynamic_payload_types() -> None:
+    """Lets aiortc answer with the offer's payload type when it is in 35-63.
+
+    Chromium numbers some formats below 96 (its High 4:4:4 Predictive H.264 is 41, say), as RFC
+    3551 allows once 96-127 are taken; aiortc adopts an offered payload type only within 96-127
+    and would answer with its own number, which the browser maps to another format (an RTX one):
+    the viewer then receives packets but never assembles a frame. 64-95 stay out (they collide
+    with RTCP packet types under rtcp-mux)."""
+    rtc_rtp.DYNAMIC_PAYLOAD_TYPES = (*range(35, 64), *range(96, 128))
 
 
 def stream_profile(init_segment: bytes) -> tuple[H264, str]:
@@ -306,7 +319,7 @@ class Viewer:
     async def answer(self, offer: str, video_codec: RTCRtpCodecCapability | None, has_audio: bool) -> str:
         """Sets the offer, answers with our send-only tracks; ICE gathering completes first."""
         if video_codec is not None:
-            self.pc.addTransceiver(self.video, direction="sendonly").setCodecPreferences([video_codec])
+            self.pc.addTransceiver(self.video, direction="sendonly").setCodecPreferences([video_codec, RTX])
         if has_audio:
             self.pc.addTransceiver(self.audio, direction="sendonly").setCodecPreferences([OPUS])
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
@@ -536,6 +549,7 @@ def add_whep_routes(
     coroutine function; None leaves auth to the app's middleware (or to no one).
     """
     register_h264_profiles()
+    accept_low_dynamic_payload_types()
     endpoint = WhepEndpoint(hub, auth, max_viewers, max_viewers_per_session, ice_servers)
     app.router.add_post("/v1/sessions/{session_id}/whep", endpoint.offer)
     app.router.add_delete("/v1/sessions/{session_id}/whep/{viewer_id}", endpoint.delete)
