@@ -199,9 +199,13 @@ def test_aiortc_viewer_receives_the_decoders_h264_and_the_audio(server, tmp_path
     # (aiortc's jitter buffer hands a frame on when the next one starts: the very last stays)
     assert viewer.video_frames >= 96 and len(frames) == viewer.video_frames - 1, (len(frames), viewer.video_frames)
     assert {b.pts - a.pts for a, b in zip(frames, frames[1:])} == {90000 // 25}
-    arrivals = [t for t, _ in got.video]
-    fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
-    assert 22 <= fps <= 28, fps
+    # paced at 25 fps, not sent in block-sized bursts; and keeping up with the session (which on
+    # a loaded CPU may itself run slower than real time)
+    arrivals = np.array([t for t, _ in got.video])
+    gap_ms = float(np.median(np.diff(arrivals))) * 1000
+    assert 30 <= gap_ms <= 50, gap_ms
+    fed = [at for at, f in pub.fragments if f.num_frames and f.pts_s >= viewer.first_video_pts_s - 1e-6]
+    assert arrivals[-1] - arrivals[0] <= max(fed[-1] - fed[0], len(frames) / 25) + 1.0
     # audio: Opus decoded by the viewer, 48 kHz, about as long as the video
     samples = sum(f.samples for _, f in got.audio)
     assert {f.sample_rate for _, f in got.audio} == {48000}
@@ -227,7 +231,9 @@ def test_aiortc_viewer_receives_the_decoders_h264_and_the_audio(server, tmp_path
     assert len(lat) == viewer.video_frames // 12
     print(
         f"\nWHEP latency fragment published -> first frame received: p50 {statistics.median(lat) * 1000:.0f} ms, "
-        f"max {max(lat) * 1000:.0f} ms over {len(lat)} fragments; arrival fps {fps:.2f}"
+        f"max {max(lat) * 1000:.0f} ms over {len(lat)} fragments; median frame gap {gap_ms:.1f} ms, "
+        f"{len(frames) / (arrivals[-1] - arrivals[0]):.2f} fps received while the session published "
+        f"{12 * (len(fed) - 1) / (fed[-1] - fed[0]):.2f} fps"
     )
     assert statistics.median(lat) < 1.0, lat
 
@@ -396,3 +402,60 @@ def test_viewer_limits_are_checked():
         whep.WhepEndpoint(SessionHub(), max_viewers=2, max_viewers_per_session=3)
     with pytest.raises(ValueError, match="non-empty token"):
         whep.token_auth([""])
+
+
+@pytest.mark.mesh
+def test_an_audio_only_viewer_gets_opus_and_its_track_ends_with_the_session():
+    async def main():
+        hub = SessionHub()
+        session, writer = synthetic_session(hub)
+        tone = (3000 * np.sin(2 * np.pi * 220 * np.arange(23040) / 48000)).astype(np.int16)
+        got = Received()
+        async with whep_app(hub) as (base, endpoint):
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("audio", direction="recvonly")
+            loop = asyncio.get_running_loop()
+
+            @pc.on("track")
+            def on_track(track):
+                async def read():
+                    try:
+                        while True:
+                            got.audio.append((loop.time(), await track.recv()))
+                    except MediaStreamError:
+                        got.ended.add(track.kind)
+
+                asyncio.ensure_future(read())
+
+            await pc.setLocalDescription(await pc.createOffer())
+            async with aiohttp.ClientSession() as http:
+                url = f"{base}/v1/sessions/{session.id}/whep"
+                async with http.post(
+                    url, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+                ) as r:
+                    assert r.status == 201, await r.text()
+                    answer = await r.text()
+            assert "m=video" not in answer and "opus/48000" in answer
+            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            (viewer,) = endpoint.viewers.values()
+            for _ in range(100):  # connected: the viewer subscribed to the session
+                if session.viewers:
+                    break
+                await asyncio.sleep(0.05)
+            frames = np.zeros((12, 64, 64, 3), np.uint8)
+            for _ in range(5):
+                session.publish_fragment(writer.write_block(frames, tone))
+                await asyncio.sleep(0.48)
+            hub.close(session)
+            for _ in range(100):
+                if got.ended:
+                    break
+                await asyncio.sleep(0.05)
+            await pc.close()
+            return got, viewer, len(endpoint.viewers)
+
+    got, viewer, left = asyncio.run(main())
+    assert got.ended == {"audio"} and left == 0 and viewer.video_frames == 0
+    pcm = np.concatenate([f.to_ndarray().reshape(-1) for _, f in got.audio]).astype(np.float32)
+    assert len(pcm) / 2 / 48000 > 1.5  # stereo s16 from Opus: most of the 2.4 s
+    assert np.sqrt(np.mean(pcm**2)) > 500  # the tone, not silence

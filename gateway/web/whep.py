@@ -210,8 +210,8 @@ class FragmentDemuxer:
     AudioFrames. The AAC decoder lives across fragments: a fresh one per fragment would lose the
     MDCT overlap and click at every block boundary."""
 
-    def __init__(self, init_segment: bytes):
-        self.init_segment = init_segment
+    def __init__(self, init_segment: bytes, audio: bool = True):
+        self.init_segment, self.with_audio = init_segment, audio
         self._audio = av.CodecContext.create("aac", "r")
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
         self._audio_ready = False
@@ -229,7 +229,7 @@ class FragmentDemuxer:
                 if packet.stream.type == "video":
                     for unit in to_annexb.filter(packet):
                         video.append((float(unit.pts * unit.time_base), unit))
-                elif packet.stream.type == "audio":
+                elif packet.stream.type == "audio" and self.with_audio:
                     audio += self._decode_audio(packet)
         return video, audio
 
@@ -298,7 +298,7 @@ class Viewer:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=endpoint.ice_servers))
         self.video = _PacedTrack("video", self)
         self.audio = _PacedTrack("audio", self)
-        self.demuxer = FragmentDemuxer(session.init_segment)
+        self.demuxer: FragmentDemuxer | None = None  # made by answer(), once the tracks are known
         self.clock = _Clock()
         self.fragments = 0  # fed to the tracks
         self.video_frames = 0  # H.264 access units fed
@@ -322,6 +322,7 @@ class Viewer:
             self.pc.addTransceiver(self.video, direction="sendonly").setCodecPreferences([video_codec, RTX])
         if has_audio:
             self.pc.addTransceiver(self.audio, direction="sendonly").setCodecPreferences([OPUS])
+        self.demuxer = FragmentDemuxer(self.session.init_segment, audio=has_audio)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._connect_deadline)
@@ -341,6 +342,8 @@ class Viewer:
         try:
             async for fragment in self.session.fragments():
                 video, audio = self.demuxer.demux(fragment)
+                if not self._uses(self.video):  # an audio-only viewer
+                    video = []
                 if not video and not audio:
                     continue
                 first = min(t for t, _ in video[:1] + audio[:1])
@@ -364,12 +367,15 @@ class Viewer:
             for track in (self.video, self.audio):
                 track.queue.put_nowait(None)
         # the tracks end (RTCP BYE) once they have sent what is queued; then the connection goes
-        sending = [s.track for s in self.pc.getSenders() if isinstance(s.track, _PacedTrack)]
+        sending = [t for t in (self.video, self.audio) if self._uses(t)]
         try:
             await asyncio.wait_for(asyncio.gather(*(t.drained.wait() for t in sending)), 5.0)
         except TimeoutError:
             pass
         await self.close(reason, error)
+
+    def _uses(self, track: _PacedTrack) -> bool:
+        return any(s.track is track for s in self.pc.getSenders())
 
     async def _count_sent(self) -> None:
         """Adds the RTP packets and bytes sent since the last call to the Prometheus counters."""
@@ -443,10 +449,15 @@ class WhepEndpoint:
         return [v for v in self.viewers.values() if v.session.id == session_id]
 
     async def _check_auth(self, request: web.Request) -> None:
-        if self.auth is not None:
+        if self.auth is None:
+            return
+        try:
             result = self.auth(request)
             if inspect.isawaitable(result):
                 await result
+        except web.HTTPException:
+            REFUSED.labels(reason="auth").inc()
+            raise
 
     async def offer(self, request: web.Request) -> web.StreamResponse:
         await self._check_auth(request)
@@ -474,6 +485,13 @@ class WhepEndpoint:
         session = self.hub.get(session_id)
         if session is None:
             return _refuse(404, f"no live session {session_id!r}", "session")
+        try:
+            ready = await session.wait_ready(READY_TIMEOUT_S)
+        except TimeoutError:
+            return _refuse(409, f"the session has not started its stream within {READY_TIMEOUT_S:g} s", "not_ready")
+        if not ready or session.ended:
+            return _refuse(410, "the session has ended", "ended")
+        # checked after the wait, so that offers waiting together cannot pass the limit together
         if len(self.viewers) >= self.max_viewers:
             return _refuse(
                 429, f"{self.max_viewers} WebRTC viewers are watching already", "capacity", **{"Retry-After": "5"}
@@ -485,12 +503,6 @@ class WhepEndpoint:
                 "capacity",
                 **{"Retry-After": "5"},
             )
-        try:
-            ready = await session.wait_ready(READY_TIMEOUT_S)
-        except TimeoutError:
-            return _refuse(409, f"the session has not started its stream within {READY_TIMEOUT_S:g} s", "not_ready")
-        if not ready or session.ended:
-            return _refuse(410, "the session has ended", "ended")
         try:
             profile, _ = stream_profile(session.init_segment)
             video_codec = choose_video_codec(offer, profile)
