@@ -8,6 +8,7 @@ are the decoder's) and headless Chromium (getStats framesDecoded, <video> curren
 
 import asyncio
 import io
+import json
 import shutil
 import statistics
 from contextlib import asynccontextmanager
@@ -220,7 +221,8 @@ def test_aiortc_viewer_receives_the_decoders_h264_and_the_audio(server, tmp_path
     vcl = [nal for unit in received_units for nal in split_annexb(unit) if nal[0] & 0x1F in (1, 5)]
     assert len(vcl) == len(frames) and all(nal in samples_sent for nal in vcl)
     assert sum(nal[0] & 0x1F == 5 for nal in vcl) == viewer.video_frames // 12  # one IDR per fragment
-    assert vcl[0][0] & 0x1F == 5 and [n[0] & 0x1F for n in split_annexb(received_units[0])][:2] == [7, 8]
+    first_unit = [n[0] & 0x1F for n in split_annexb(received_units[0])]  # e.g. SEI, SPS, PPS, IDR
+    assert vcl[0][0] & 0x1F == 5 and first_unit.index(7) < first_unit.index(8) < first_unit.index(5), first_unit
     assert not encoded
     assert whep.RTP_PACKETS.labels(kind="video")._value.get() > packets_before
 
@@ -405,7 +407,12 @@ def test_viewer_limits_are_checked():
 
 
 @pytest.mark.mesh
-def test_an_audio_only_viewer_gets_opus_and_its_track_ends_with_the_session():
+def test_an_audio_only_viewer_gets_opus_and_its_track_ends_with_the_session(tmp_path, monkeypatch):
+    from avatar import telemetry
+
+    provider = telemetry.make_provider("whep-test", str(tmp_path / "spans.jsonl"))
+    monkeypatch.setattr(telemetry, "tracer", lambda: provider.get_tracer("test"))
+
     async def main():
         hub = SessionHub()
         session, writer = synthetic_session(hub)
@@ -459,3 +466,8 @@ def test_an_audio_only_viewer_gets_opus_and_its_track_ends_with_the_session():
     pcm = np.concatenate([f.to_ndarray().reshape(-1) for _, f in got.audio]).astype(np.float32)
     assert len(pcm) / 2 / 48000 > 1.5  # stereo s16 from Opus: most of the 2.4 s
     assert np.sqrt(np.mean(pcm**2)) > 500  # the tone, not silence
+    provider.shutdown()
+    (span,) = [json.loads(x) for x in (tmp_path / "spans.jsonl").read_text().splitlines()]
+    attrs = span["attributes"]
+    assert span["name"] == "whep_viewer" and attrs["end_reason"] == "session ended", span
+    assert attrs["fragments"] == 5 and attrs["video_frames"] == 0 and attrs["rtp_audio_packets"] > 50
