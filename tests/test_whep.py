@@ -471,3 +471,14 @@ def test_an_audio_only_viewer_gets_opus_and_its_track_ends_with_the_session(tmp_
     attrs = span["attributes"]
     assert span["name"] == "whep_viewer" and attrs["end_reason"] == "session ended", span
     assert attrs["fragments"] == 5 and attrs["video_frames"] == 0 and attrs["rtp_audio_packets"] > 50
+
+
+def test_a_viewers_clock_paces_by_media_time_and_re_anchors_when_far_off():
+    clock = whep._Clock()
+    assert clock.due(10.0, now=100.0) == 100.0  # anchored on the first item
+    assert clock.due(10.48, now=100.1) == pytest.approx(100.48)  # early: waits for its slot
+    assert clock.due(10.96, now=100.96 + whep.MAX_LATE_S - 0.01) == pytest.approx(100.96)  # a bit late: sent now
+    # the producer stalled: later than MAX_LATE_S, the clock moves instead of bursting to catch up
+    assert clock.due(11.44, now=102.5) == 102.5 and clock.due(11.92, now=102.5) == pytest.approx(102.98)
+    # fragments were skipped (media jumped ahead): re-anchored instead of a long wait
+    assert clock.due(30.0, now=103.0) == 103.0

@@ -257,8 +257,9 @@ class _Clock:
     def __init__(self):
         self._offset: float | None = None
 
-    def due(self, media_s: float) -> float:
-        now = asyncio.get_running_loop().time()
+    def due(self, media_s: float, now: float | None = None) -> float:
+        """The loop time at which media time media_s is sent."""
+        now = asyncio.get_running_loop().time() if now is None else now
         if self._offset is None or not -MAX_EARLY_S <= now - (media_s + self._offset) <= MAX_LATE_S:
             self._offset = now - media_s
         return media_s + self._offset
