@@ -50,7 +50,7 @@ def pan_clip(width: int, height: int, frames: int, device) -> torch.Tensor:
     im = Image.open(os.path.join(ROOT, "assets", "astronaut.png")).convert("RGB")
     scale = max((width + 2 * frames) / im.width, height / im.height)
     im = im.resize((math.ceil(im.width * scale), math.ceil(im.height * scale)))
-    arr = torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
+    arr = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1
     top = (arr.shape[1] - height) // 2
     clip = torch.stack([arr[:, top : top + height, 2 * i : 2 * i + width] for i in range(frames)], dim=1)
     return clip[None].to(device)
