@@ -4,7 +4,9 @@ Per size (704*384 and 384*256 by default) and variant (full eager, full compiled
 light compiled): ms per block (3 latent frames -> 12 frames, the streaming decoders the decoder
 service runs, a primed stream as in DecoderStream) and the peak GPU memory of the decode, then the
 light decoder's error against the full VAE on the same latents (PSNR over all frames, in dB, on
-[-1, 1] pixels), and each decoder's PSNR against the source clip.
+[-1, 1] pixels), and each decoder's PSNR against the source clip. On a GPU, also one block's decode
+on the decoder's low-priority stream beside a stand-in DiT on its own stream, at the same and at a
+higher priority (`overlap`): what the stream priority buys.
 
 The latents are the full VAE's encoding of a clip panned across assets/astronaut.png (a moving
 picture, not Gaussian noise, which no decoder was trained on). The error means something only
@@ -91,6 +93,56 @@ def timed_stream(decoder, module, prime, blocks, warm: int, device) -> tuple[lis
     return times, peak, torch.cat(frames, dim=2)
 
 
+def overlap(decoder, prime, block, device, matmuls: int) -> dict:
+    """A stand-in DiT (bf16 8192^3 matmuls, about the DiT's arithmetic intensity) queued on its own
+    stream together with one block's decode on the decoder engine's stream (DecodeStream, priority
+    0), as in one serving process: the DiT's and the decode's times alone, then side by side with
+    the DiT at the same priority (0) and at a higher one (-1). Times from CUDA events per stream."""
+    from avatar.services.decoder.engine import DecodeStream
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    dec_stream = DecodeStream(device)
+    stream = decoder.stream_decoder()
+    with dec_stream.active():
+        stream.decode(prime)
+
+    def run(dit_stream, decode: bool, dit: bool) -> tuple[float, float]:
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        if dit:
+            with torch.cuda.stream(dit_stream):
+                ev[0].record()
+                for _ in range(matmuls):
+                    torch.mm(a, b)
+                ev[1].record()
+        if decode:
+            with dec_stream.active(), torch.no_grad():
+                ev[2].record()
+                stream.decode(block)
+                ev[3].record()
+        torch.cuda.synchronize()
+        return (
+            ev[0].elapsed_time(ev[1]) if dit else float("nan"),
+            ev[2].elapsed_time(ev[3]) if decode else float("nan"),
+        )
+
+    same, high = torch.cuda.Stream(device, priority=0), torch.cuda.Stream(device, priority=-1)
+    run(same, True, True)  # warm-up: cuBLAS, the decoder's kernels
+    dit_alone, _ = run(same, False, True)
+    _, decode_alone = run(same, True, False)
+    dit_same, decode_same = run(same, True, True)
+    dit_high, decode_high = run(high, True, True)
+    stream.close()
+    r = lambda v: round(v, 2)  # noqa: E731
+    return {
+        "dit_alone_ms": r(dit_alone),
+        "decode_alone_ms": r(decode_alone),
+        "same_priority": {"dit_ms": r(dit_same), "decode_ms": r(decode_same)},
+        "dit_higher_priority": {"dit_ms": r(dit_high), "decode_ms": r(decode_high)},
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -101,6 +153,12 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant, the first --warm untimed")
     ap.add_argument("--warm", type=int, default=3, help="untimed blocks (compiled: the cache-shape changes)")
     ap.add_argument("--no-compile", action="store_true", help="eager variants only")
+    ap.add_argument(
+        "--overlap-matmuls",
+        type=int,
+        default=150,
+        help="GPU only: the stand-in DiT's 8192^3 matmuls queued beside one decode (0: skip that part)",
+    )
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench_decoders.json when $OUT is set)")
     args = ap.parse_args()
 
@@ -187,6 +245,14 @@ def main() -> int:
             else:
                 row["error"] = "not measured (random weights)"
                 log(f"{width}*{height} error: not measured (random weights; give --full-vae and --light)")
+        if device.type == "cuda" and args.overlap_matmuls > 0:
+            for kind, decoder in (("full", full), ("light", light)):
+                try:
+                    row[f"{kind} beside a DiT"] = o = overlap(decoder, prime, blocks[0], device, args.overlap_matmuls)
+                    log(f"{width}*{height} {kind} eager beside a stand-in DiT: {o}")
+                except Exception as e:
+                    results["errors"][f"{width}*{height} {kind} overlap"] = f"{type(e).__name__}: {str(e)[:500]}"
+                    traceback.print_exc(limit=6)
         save()
     log(json.dumps(results, indent=1))
     return 1 if results["errors"] else 0

@@ -24,6 +24,7 @@ from avatar.services.decoder.light_decoder import LightDecoder
 from avatar.torch_compile import tolerate_tracing_in_other_threads
 
 SPACE_STRIDE = 8
+LOWEST_STREAM_PRIORITY = 0  # torch.cuda.Stream: a lower number is a higher priority; 0 is the lowest
 log = logging.getLogger("avatar.decoder")
 
 
@@ -41,8 +42,8 @@ class DecodeStream:
     def __init__(self, device: torch.device):
         self.stream = None
         if device.type == "cuda":
-            lowest, _highest = torch.cuda.Stream.priority_range()  # numerically: lowest = largest
-            self.stream = torch.cuda.Stream(device, priority=lowest)
+            # 0 is CUDA's lowest stream priority (higher numbers map to it; -1, -2 ... rank above)
+            self.stream = torch.cuda.Stream(device, priority=LOWEST_STREAM_PRIORITY)
 
     @property
     def priority(self) -> int | None:
@@ -99,7 +100,7 @@ class DecoderEngine:
 
     def _stream_note(self) -> str:
         p = self.stream.priority
-        return "" if p is None else f", on its own CUDA stream (priority {p}, the lowest)"
+        return "" if p is None else f", on its own CUDA stream (priority {p}, the lowest; the DiT's should be higher)"
 
     def decoder_for(self, width: int, height: int) -> torch.nn.Module | None:
         """The compiled decoder if this size was warmed up, else None (eager)."""
