@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, AVATAR, ROOT, ffprobe, generate
+from conftest import ASSETS, AVATAR, ROOT, ffprobe, generate, metrics_of
 
 from avatar.errors import WeightsError
 from avatar.jobs import Job
@@ -276,8 +276,9 @@ def test_a_mesh_with_the_light_decoder_streams_the_same_frames_count(tmp_path, s
     from avatar.v1 import avatar_pb2
 
     torch.save(_checkpoint(TINY_LIGHT, seed=5), tmp_path / "taew2_1_tiny.pth")
+    ckpt = str(tmp_path / "taew2_1_tiny.pth")
     light = start_service(
-        "all", "--latent-decoder", "light", "--light-decoder-path", str(tmp_path / "taew2_1_tiny.pth")
+        "all", "--latent-decoder", "light", "--light-decoder-path", ckpt, "--metrics-port", "0", trace=True
     )
     full = start_service("all")
     request = avatar_pb2.GenerateRequest(
@@ -302,3 +303,6 @@ def test_a_mesh_with_the_light_decoder_streams_the_same_frames_count(tmp_path, s
     assert int(lv["nb_read_frames"]) == int(fv["nb_read_frames"]) == ls.status.frames == fs.status.frames
     assert lpath.read_bytes() != fpath.read_bytes()  # a different decoder really ran
     assert "latent decoder: light" in light.log.read_text()
+    assert metrics_of(light)['avatar_latent_decoder{kind="light"}'] == 1
+    spans = [s for s in light.spans() if s["name"] == "vae_decode"]
+    assert spans and all(s["attributes"]["decoder"] == "light" for s in spans)
