@@ -190,10 +190,10 @@ def load_state_dict(path: str | pathlib.Path) -> tuple[LightDims, dict[str, torc
     strictly against the published layout. `encoder.*` tensors are read and left out."""
     path = pathlib.Path(path).expanduser()
     sd = _load_file(path)
-    stray = sorted(k for k in sd if not k.startswith(("decoder.", "encoder.")))
+    stray = sorted(str(k) for k in sd if not str(k).startswith(("decoder.", "encoder.")))
     if stray:
         raise WeightsError(f"{path}: not a {WHAT} checkpoint (unexpected tensors {', '.join(stray[:4])})")
-    sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+    sd = {k: v for k, v in sd.items() if str(k).startswith("decoder.")}
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: holds non-tensor values under decoder.*")
     dims = infer_dims({k: tuple(v.shape) for k, v in sd.items()}, str(path))
