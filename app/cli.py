@@ -96,6 +96,20 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "embedding (clip_embedding); the DiT does not use it",
     )
     g.add_argument(
+        "--latent-decoder",
+        choices=("full", "light"),
+        default="full",
+        help="full (default): the Wan2.1 VAE's decoder, what the model was trained with; light: "
+        "TAEHV's tiny decoder for Wan 2.1 latents (taew2_1), several times faster, an approximation "
+        '(docs/performance.md, "Light decoder")',
+    )
+    g.add_argument(
+        "--light-decoder-path",
+        metavar="FILE",
+        help="the light decoder's weights, taew2_1.pth or .safetensors from github.com/madebyollin/taehv; "
+        "needed with --ckpt_dir, else random weights",
+    )
+    g.add_argument(
         "--memory-plan",
         choices=("auto", "off"),
         default="auto",
@@ -112,7 +126,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def model_spec(args):
     from avatar.errors import InvalidInput
-    from avatar.presets import EncoderOptions, GeneratorOptions, ModelSpec
+    from avatar.presets import DecoderOptions, EncoderOptions, GeneratorOptions, ModelSpec
 
     name = args.model or ("s2v-14b" if args.ckpt_dir or args.random_weights else "tiny")
     if name == "s2v-14b" and not (args.ckpt_dir or args.random_weights):
@@ -137,6 +151,10 @@ def model_spec(args):
             clip_image=bool(clip_image),
             clip_dir=clip_image if isinstance(clip_image, str) else None,
         )
+        decoder_options = DecoderOptions(
+            kind=getattr(args, "latent_decoder", "full"),
+            light_path=getattr(args, "light_decoder_path", None),
+        )
         spec = ModelSpec(
             name=name,
             ckpt_dir=args.ckpt_dir,
@@ -147,6 +165,7 @@ def model_spec(args):
             compile=getattr(args, "compile", False),
             generator_options=generator_options,
             encoder_options=encoder_options,
+            decoder_options=decoder_options,
         )
     except InvalidInput as exc:
         raise UserError(str(exc)) from None
@@ -470,6 +489,11 @@ def model_for(args, role: str = "all"):
     if role != "gateway" and args.device.startswith("cuda"):
         _check_cuda(args.device)
     spec = model_spec(args)
+    light = spec.decoder_options.light_path
+    if role in ("all", "decoder") and light and not Path(light).expanduser().is_file():
+        raise UserError(
+            f"--light-decoder-path {light}: no such file; taew2_1.pth is published in github.com/madebyollin/taehv"
+        )
     if role != "gateway" and not args.random_weights:
         if args.ckpt_dir:
             _check_ckpt_dir(args.ckpt_dir)

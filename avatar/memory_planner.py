@@ -25,6 +25,12 @@ VAE_PARAMS = 126_892_531
 DIT = DIT_CONFIGS["s2v-14b"]  # the model the planner plans for: every dim below comes from it
 VAE_SPACE_STRIDE = MODEL_DIMS["s2v-14b"].vae_stride[1]
 VAE_DECODE_BYTES_PER_PIXEL = 11_700
+# The light decoder (TAEHV taew2_1's decoder, --latent-decoder light): 9.84 M parameters; per latent
+# frame its widest live tensors are 4 frames x 64 channels at full size (bf16, about three at once)
+# plus the block's float32 pixels: ~2 kB per output pixel, derived from the layer shapes, not
+# measured (bench/bench_decoders.py reports the peak).
+LIGHT_DECODER_PARAMS = 9_844_611
+LIGHT_DECODE_BYTES_PER_PIXEL = 2_000
 WORKSPACE_BYTES = 0.7 * GB
 CONTEXT_BYTES = 0.6 * GB  # CUDA context, cuBLAS/cuDNN workspaces
 FRAGMENTATION = 0.02  # allocator slack on top of every estimate
@@ -97,6 +103,7 @@ class PlannerOptions:
     allow_fp8_kv: bool = False  # the engine can keep the KV cache in e4m3
     allow_kv_offload: bool = False  # the engine can keep the KV cache in pinned host memory
     vae_on_gpu: bool = True  # the decoder (VAE) shares this GPU
+    light_decoder: bool = False  # the decoder runs the light latent decoder instead of the VAE's
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp8"):
@@ -174,9 +181,12 @@ def activation_bytes(req: MemoryRequest) -> int:
     return int(WORKSPACE_BYTES + block * (DIT.ffn_dim * 2 * 2 + DIT.dim * 4 * 2))
 
 
-def vae_bytes(req: MemoryRequest) -> int:
+def vae_bytes(req: MemoryRequest, light: bool = False) -> int:
     """VAE weights (bf16) + streaming decode of one block at full size: measured 3.17 GiB peak at
-    704*384 on an H100 (docs/performance.md), i.e. about 11.7 kB per output pixel."""
+    704*384 on an H100 (docs/performance.md), i.e. about 11.7 kB per output pixel. light: the
+    light decoder's instead (LIGHT_DECODE_BYTES_PER_PIXEL)."""
+    if light:
+        return LIGHT_DECODER_PARAMS * 2 + req.width * req.height * LIGHT_DECODE_BYTES_PER_PIXEL
     return VAE_PARAMS * 2 + req.width * req.height * VAE_DECODE_BYTES_PER_PIXEL
 
 
@@ -205,6 +215,7 @@ def estimate(
     kv_dtype: str = "bfloat16",
     kv_offload: bool = False,
     vae_on_gpu: bool = True,
+    light_decoder: bool = False,
     available: int = 0,
 ) -> MemoryPlan:
     nbytes = 1 if kv_dtype == "float8_e4m3fn" else 2
@@ -216,7 +227,7 @@ def estimate(
         "text": text_context_bytes(),
         "activations": activation_bytes(req),
         # the decoder runs beside the generator (next block's DiT while this block decodes)
-        "vae": vae_bytes(req) if vae_on_gpu else 0,
+        "vae": vae_bytes(req, light_decoder) if vae_on_gpu else 0,
         "encoders": encoder_bytes() if encoder_device == "cuda" else 0,
         "video": video_bytes(req),
     }
@@ -250,6 +261,7 @@ def candidates(req: MemoryRequest, opts: PlannerOptions):
                             kv_dtype=kd,
                             kv_offload=off,
                             vae_on_gpu=opts.vae_on_gpu,
+                            light_decoder=opts.light_decoder,
                         )
 
 
@@ -407,7 +419,7 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
         available = gpu_available_bytes(index)
     if fp8_capable is None:
         fp8_capable = torch.cuda.get_device_capability(index) >= (8, 9)
-    opts = PlannerOptions(fp8_capable=fp8_capable, allow_fp8_kv=True)
+    opts = PlannerOptions(fp8_capable=fp8_capable, allow_fp8_kv=True, light_decoder=spec.decoder_options.is_light)
     requests = planning_requests()
     for req in requests:
         try:

@@ -62,6 +62,12 @@ IN_FLIGHT = Gauge(
     ["service", "method"],
     registry=REGISTRY,
 )
+LATENT_DECODER = Gauge(
+    "avatar_latent_decoder",
+    "1 for the latent decoder this decoder service runs: full (the Wan2.1 VAE) or light (TAEHV taew2_1)",
+    ["kind"],
+    registry=REGISTRY,
+)
 
 
 @dataclass(frozen=True)

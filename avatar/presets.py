@@ -85,6 +85,33 @@ class EncoderOptions:
             raise InvalidInput("clip_dir is given but clip_image is off")
 
 
+LATENT_DECODERS = ("full", "light")
+DEFAULT_LATENT_DECODER = "full"  # the Wan2.1 VAE: what the checkpoint was trained and judged with
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Which latent decoder the decoder service runs: "full", the Wan2.1 VAE's decoder, or "light",
+    TAEHV's tiny decoder for Wan 2.1 latents (taew2_1, an approximation: docs/performance.md,
+    "Light decoder"). Both give the same frames per block, so the choice changes quality and
+    speed, never the stream's shape."""
+
+    kind: str = DEFAULT_LATENT_DECODER
+    light_path: str | None = None  # taew2_1.pth / .safetensors; None: random (tiny / random weights)
+
+    def __post_init__(self):
+        if self.kind not in LATENT_DECODERS:
+            raise InvalidInput(f"latent decoder must be one of {', '.join(LATENT_DECODERS)}, got {self.kind!r}")
+        if self.light_path and self.kind != "light":
+            raise InvalidInput(
+                "--light-decoder-path is given but the latent decoder is not light: add --latent-decoder light"
+            )
+
+    @property
+    def is_light(self) -> bool:
+        return self.kind == "light"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model a service runs and how. Every service builds its part from this alone.
@@ -105,6 +132,7 @@ class ModelSpec:
     seed: int = 0  # seed of random weights (tiny / random_weights)
     generator_options: GeneratorOptions = GeneratorOptions()
     encoder_options: EncoderOptions = EncoderOptions()
+    decoder_options: DecoderOptions = DecoderOptions()
 
     def __post_init__(self):
         # Weights from files never fall back to random ones: each optional encoder needs its folder.
@@ -118,6 +146,11 @@ class ModelSpec:
             raise InvalidInput(
                 "--clip-image needs a CLIPVisionModel folder (--clip-image FOLDER) when the weights "
                 "come from --ckpt_dir"
+            )
+        if self.from_files and self.decoder_options.is_light and not self.decoder_options.light_path:
+            raise InvalidInput(
+                "--latent-decoder light needs --light-decoder-path FILE (taew2_1.pth from "
+                "github.com/madebyollin/taehv) when the weights come from --ckpt_dir"
             )
 
     @property
@@ -135,6 +168,16 @@ class ModelSpec:
         return 16 if self.is_tiny else 64
 
     def describe(self) -> str:
+        return self._describe_weights() + self._describe_decoder()
+
+    def _describe_decoder(self) -> str:
+        # said wherever the model is named (serve's banner, StreamHeader.model): never silent
+        if not self.decoder_options.is_light:
+            return ""
+        source = self.decoder_options.light_path or "random weights"
+        return f", light latent decoder (TAEHV taew2_1, {source})"
+
+    def _describe_weights(self) -> str:
         if self.from_files:
             lora = f" + LoRA {self.lora_path}" if self.lora_path else ""
             return f"{self.name} from {self.ckpt_dir}{lora}"

@@ -5,7 +5,8 @@
 # interrupted utterance, then a size the real-time guard must refuse.
 # Run on the device machine from the repo root, carrying .whl (wheels: .whl/*.whl as for the other
 # benches, .whl/mesh/*.whl the serving stack, see docs/performance.md) and avatar/v1.
-# Extra arguments go to `avatar serve`, e.g. --compile --fp8 --kv-fp8.
+# Extra arguments go to `avatar serve`, e.g. --compile --fp8 --kv-fp8; `--decoder light` runs the light
+# latent decoder (serve_gpu.sh passes it as --latent-decoder light).
 set -uo pipefail
 OUT=${OUT:-/tmp/converse_out}
 source bench/serve_gpu.sh "$@" || exit 1

@@ -5,7 +5,8 @@
 # (the encoder's result cache answers), then 384*256 at 4 steps. With --compile the server
 # compiles the DiT and the VAE decoder in its warm-up, before it reports SERVING.
 # Run on the device machine from the repo root, carrying .whl (wheels, see performance.md) and
-# avatar/v1 (generated code). Extra arguments go to `avatar serve`, e.g. --compile.
+# avatar/v1 (generated code). Extra arguments go to `avatar serve`, e.g. --compile; `--decoder light`
+# runs the light latent decoder (serve_gpu.sh passes it as --latent-decoder light).
 set -uo pipefail
 OUT=${OUT:-/tmp/mesh_out}
 python3 - <<'PY'

@@ -2,11 +2,22 @@
 # wheels (device_setup.sh, then .whl/mesh/*.whl, the serving stack), then `avatar serve` with
 # full-size random weights on 127.0.0.1:50051 and the arguments given (its log: $OUT/serve.log),
 # waiting until it reports SERVING (with --compile, after its warm-up). Sets $server (its pid).
+# `--decoder full|light` picks the latent decoder (serve's --latent-decoder; serve's own --decoder
+# is a peer address, meaningless for the one-process mesh), e.g. `bash bench/mesh_gpu.sh --decoder light`.
 source bench/device_setup.sh || return 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/mesh/*.whl || return 1
 mkdir -p "$OUT"
-python3 -m avatar.app.cli serve --random-weights --device cuda --listen 127.0.0.1:50051 "$@" > "$OUT/serve.log" 2>&1 &
+serve_args=()
+while (($#)); do
+    case $1 in
+        --decoder) serve_args+=(--latent-decoder "${2:-}"); shift; (($#)) && shift ;;
+        --decoder=*) serve_args+=(--latent-decoder "${1#*=}"); shift ;;
+        *) serve_args+=("$1"); shift ;;
+    esac
+done
+python3 -m avatar.app.cli serve --random-weights --device cuda --listen 127.0.0.1:50051 ${serve_args[@]+"${serve_args[@]}"} \
+    > "$OUT/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 480); do
     python3 -m avatar.app.healthcheck 127.0.0.1:50051 >/dev/null 2>&1 && break

@@ -1,7 +1,14 @@
-"""DecoderEngine: streaming Wan VAE decode of latent blocks, muxed with audio into fMP4 fragments."""
+"""DecoderEngine: streaming Wan VAE decode of latent blocks, muxed with audio into fMP4 fragments.
+
+The latent decoder is the full Wan2.1 VAE's (default) or the light one (TAEHV taew2_1,
+light_decoder.py), as ModelSpec.decoder_options says. On a GPU every decode runs on the engine's
+own CUDA stream at the lowest priority, so the DiT's kernels go first when both are queued.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -13,9 +20,43 @@ from avatar.jobs import Job
 from avatar.models.wan_vae import WanVAE
 from avatar.presets import LATENT_FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from avatar.services.decoder.fmp4 import FragmentedMp4Writer
+from avatar.services.decoder.light_decoder import LightDecoder
 from avatar.torch_compile import tolerate_tracing_in_other_threads
 
 SPACE_STRIDE = 8
+LOWEST_STREAM_PRIORITY = 0  # torch.cuda.Stream: a lower number is a higher priority; 0 is the lowest
+log = logging.getLogger("avatar.decoder")
+
+
+class DecodeStream:
+    """Where the decoder's GPU work runs: its own CUDA stream with the lowest priority the device
+    offers. CUDA's block scheduler then starts a queued DiT kernel (on a stream of higher
+    priority) before this stream's next one, so a decode running beside a block's denoising takes
+    the SMs the DiT leaves free instead of delaying it. A no-op on the CPU.
+
+    Every call enters `active()`: the stream first waits for whatever the caller's stream queued
+    (a latent produced on the GPU by another stream is complete before it is read), then the
+    decode, its host copies and its causal caches all live on this one stream, in order; the
+    `.cpu()` at the end of a block waits for this stream alone."""
+
+    def __init__(self, device: torch.device):
+        self.stream = None
+        if device.type == "cuda":
+            # 0 is CUDA's lowest stream priority (higher numbers map to it; -1, -2 ... rank above)
+            self.stream = torch.cuda.Stream(device, priority=LOWEST_STREAM_PRIORITY)
+
+    @property
+    def priority(self) -> int | None:
+        return None if self.stream is None else self.stream.priority
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
 
 
 @dataclass(frozen=True)
@@ -27,20 +68,39 @@ class DecodedBlock:
 
 
 class DecoderEngine:
-    """Holds the VAE; every stream gets its own causal cache and MP4 writer."""
+    """Holds the latent decoder (the VAE's or the light one); every stream gets its own causal
+    cache and MP4 writer."""
 
     def __init__(self, model: ModelSpec):
         self.model = model
-        self.vae = WanVAE.from_spec(model)
-        self.z_dim = self.vae.dims.z_dim
+        self.kind = model.decoder_options.kind
+        # `vae`: whichever decoder runs; both have stream_decoder(module), decode(), device, z_dim
+        if model.decoder_options.is_light:
+            self.vae = LightDecoder.from_spec(model)
+            self.z_dim = self.vae.z_dim
+            module = self.vae.model
+        else:
+            self.vae = WanVAE.from_spec(model)
+            self.z_dim = self.vae.dims.z_dim
+            module = self.vae.model.decoder
+        self.stream = DecodeStream(self.vae.device)
+        log.info("latent decoder: %s%s", self.describe(), self._stream_note())
         # torch.compile of the VAE decoder: -29% per block at 704*384 on an H100 (217 -> 153 ms,
         # docs/performance.md). Compiled in warm_up, before the server reports SERVING, and used
         # only at the sizes warmed there: a compilation takes about 70 s, which no request waits for.
         self._compiled = None
         if model.compile:
             tolerate_tracing_in_other_threads()  # the DiT may still compile for a new aspect ratio
-            self._compiled = torch.compile(self.vae.model.decoder)
+            self._compiled = torch.compile(module)
         self._compiled_sizes: set[tuple[int, int]] = set()
+
+    def describe(self) -> str:
+        """Which decoder runs, e.g. "full (Wan2.1 VAE)" or "light (TAEHV taew2_1, /w/taew2_1.pth)"."""
+        return self.vae.describe() if isinstance(self.vae, LightDecoder) else "full (Wan2.1 VAE)"
+
+    def _stream_note(self) -> str:
+        p = self.stream.priority
+        return "" if p is None else f", on its own CUDA stream (priority {p}, the lowest; the DiT's should be higher)"
 
     def decoder_for(self, width: int, height: int) -> torch.nn.Module | None:
         """The compiled decoder if this size was warmed up, else None (eager)."""
@@ -57,9 +117,10 @@ class DecoderEngine:
             h, w = height // SPACE_STRIDE, width // SPACE_STRIDE
             stream = self.vae.stream_decoder(self._compiled)
             try:
-                stream.decode(torch.zeros(1, self.z_dim, 1, h, w))
-                for _ in range(3):  # the cache holds one frame after the first call, two from then on
-                    stream.decode(torch.zeros(1, self.z_dim, LATENT_FRAMES_PER_BLOCK, h, w))
+                with self.stream.active():
+                    stream.decode(torch.zeros(1, self.z_dim, 1, h, w))
+                    for _ in range(3):  # the cache holds one frame after the first call, two from then on
+                        stream.decode(torch.zeros(1, self.z_dim, LATENT_FRAMES_PER_BLOCK, h, w))
                 if self.vae.device.type == "cuda":
                     torch.cuda.synchronize(self.vae.device)
             except Exception as e:  # out of memory, or the compiler failed: this size stays eager
@@ -92,6 +153,7 @@ class DecoderStream:
         self.latent_frames = job.latent_frames_per_block or LATENT_FRAMES_PER_BLOCK
         self._vae = engine.vae
         self._z = engine.z_dim
+        self._stream = engine.stream
         self._check_latent(prime_latent, 1, "prime_latent")
         try:
             self._writer = FragmentedMp4Writer(job.width, job.height, job.fps, job.audio_sample_rate)
@@ -100,7 +162,8 @@ class DecoderStream:
         self._decoder = self._vae.stream_decoder(engine.decoder_for(job.width, job.height))
         # the causal cache starts from the reference frame, as the generator's context does;
         # its one pixel frame is not part of the video
-        self._decoder.decode(prime_latent[None])
+        with self._stream.active():
+            self._decoder.decode(prime_latent[None])
         self.blocks = 0
         self.frames = 0
 
@@ -136,10 +199,12 @@ class DecoderStream:
             )
 
         t0 = time.perf_counter()
-        pixels = self._decoder.decode(latent[None])  # [1, 3, 12, H, W] in [-1, 1]
-        frames = ((pixels[0, :, :keep_frames] + 1.0) * 127.5).round_().clamp_(0, 255)
-        frames = frames.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
-        t1 = time.perf_counter()  # .cpu() above waits for the GPU, so this is the VAE's time
+        with self._stream.active():
+            pixels = self._decoder.decode(latent[None])  # [1, 3, 12, H, W] in [-1, 1]
+            frames = ((pixels[0, :, :keep_frames] + 1.0) * 127.5).round_().clamp_(0, 255)
+            # queued on the decoder's stream after the decode; .cpu() waits for that stream only
+            frames = frames.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        t1 = time.perf_counter()  # .cpu() above waits for the GPU, so this is the decoder's time
         final = bool(self.job.num_blocks) and self.blocks + 1 == self.job.num_blocks
         data = self._writer.write_block(frames, pcm, final=final)
         t2 = time.perf_counter()

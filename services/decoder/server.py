@@ -2,7 +2,7 @@
 
 import time
 
-from avatar import job_limits, telemetry, wire
+from avatar import job_limits, metrics, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.jobs import Job
@@ -15,6 +15,7 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_na
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     def __init__(self, engine: DecoderEngine):
         self.engine = engine
+        metrics.LATENT_DECODER.labels(engine.kind).set(1)
 
     async def Decode(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
@@ -41,7 +42,13 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                     end_ns = time.time_ns()
                     # The engine measures both parts; place them as child spans, VAE first, mux last.
                     vae_ns, mux_ns = int(out.vae_ms * 1e6), int(out.mux_ms * 1e6)
-                    telemetry.record_span("vae_decode", start_ns, min(end_ns, start_ns + vae_ns), block=block.index)
+                    telemetry.record_span(
+                        "vae_decode",
+                        start_ns,
+                        min(end_ns, start_ns + vae_ns),
+                        block=block.index,
+                        decoder=self.engine.kind,
+                    )
                     telemetry.record_span(
                         "mux",
                         max(start_ns, end_ns - mux_ns),
