@@ -407,7 +407,12 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
         available = gpu_available_bytes(index)
     if fp8_capable is None:
         fp8_capable = torch.cuda.get_device_capability(index) >= (8, 9)
-    opts = PlannerOptions(fp8_capable=fp8_capable, allow_fp8_kv=True)
+    # --encoder-device / --decoder-device on another device: not this GPU's memory, and kept there
+    encoders_here = not _elsewhere(spec.encoder_device, spec.device)
+    vae_here = not _elsewhere(spec.decoder_device, spec.device)
+    opts = PlannerOptions(
+        fp8_capable=fp8_capable, allow_fp8_kv=True, encoders_on_gpu=encoders_here, vae_on_gpu=vae_here
+    )
     requests = planning_requests()
     for req in requests:
         try:
@@ -416,4 +421,16 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
             if req is requests[-1]:
                 raise
             continue
-        return apply_plan(spec, plan), plan, req
+        planned = apply_plan(spec, plan)
+        return (planned if encoders_here else planned.with_(encoder_device=spec.encoder_device)), plan, req
+
+
+def _elsewhere(device: str | None, main: str) -> bool:
+    """Whether `device` is set and names another device than `main` ("cuda" is cuda:0)."""
+    if device is None:
+        return False
+
+    def norm(d: str) -> str:
+        return "cuda:0" if d == "cuda" else d
+
+    return norm(device) != norm(main)
