@@ -20,8 +20,8 @@ from dataclasses import dataclass
 DEGREES = ("tpp", "fsdp")
 # Known names that are refused with a reason rather than as typos.
 NOT_BUILT = {
-    "ulysses": "Ulysses sequence parallelism is not built: it keeps a full DiT copy per rank, so it does "
-    "not make 704*384 fit a 24 GiB card (docs/operations.md, 'Memory per rank'); use fsdp"
+    "ulysses": "Ulysses sequence parallelism is not built (it would keep a full DiT per rank and split "
+    "the cache by heads; docs/operations.md, 'Memory per rank'); use fsdp to fit small cards"
 }
 
 
