@@ -260,3 +260,87 @@ def test_sharding_refuses_options_it_does_not_combine_with():
         check_sharding(ModelSpec(name="tiny", compile=True))
     with pytest.raises(InvalidInput, match="already sharded"):
         check_sharding(ModelSpec(name="tiny", generator_options=GeneratorOptions(offload_text_projections=True)))
+
+
+# ---------------------------------------------------------------- through `avatar serve`
+
+
+def _latents(address: str, job: Job, inputs) -> list[torch.Tensor]:
+    """A GeneratorService session straight to a generator: every block's latent."""
+    import grpc
+
+    from avatar import wire
+    from avatar.grpc_util import MESSAGE_OPTIONS
+    from avatar.v1 import encoder_pb2, generator_pb2, generator_pb2_grpc
+
+    text, ref, motion, audio = inputs
+    messages = [
+        generator_pb2.GeneratorInput(
+            start=generator_pb2.SessionStart(
+                job=job.to_proto(),
+                text=wire.to_proto(text),
+                ref_latent=wire.to_proto(ref),
+                motion_latents=wire.to_proto(motion),
+            )
+        ),
+        *(
+            generator_pb2.GeneratorInput(audio=encoder_pb2.AudioFeatures(first_frame=12 * i, features=wire.to_proto(a)))
+            for i, a in enumerate(audio)
+        ),
+    ]
+    with grpc.insecure_channel(address, options=MESSAGE_OPTIONS) as ch:
+        outs = generator_pb2_grpc.GeneratorServiceStub(ch).Generate(iter(messages), timeout=180)
+        return [wire.from_proto(o.block.latent) for o in outs if o.WhichOneof("event") == "block"]
+
+
+@pytest.mark.mesh
+def test_torchrun_serve_with_parallel_fsdp_gives_the_one_process_latents(tmp_path, env, start_service):
+    """`torchrun --nproc-per-node 2 avatar serve --role generator --parallel fsdp=2` (2 CPU ranks)
+    answers a session with the same latents, bit for bit, as a one-process generator; a bad input
+    is INVALID_ARGUMENT and the group goes on; SIGTERM stops both ranks."""
+    import signal
+
+    import grpc
+    from conftest import AVATAR, wait_serving
+
+    plain = start_service("generator", wait=False)
+    address = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "generator-fsdp.log"
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        "--no-python",
+    ]
+    with open(log, "wb") as out:
+        gen = subprocess.Popen(
+            [*torchrun, *AVATAR, "serve", "--role=generator", f"--listen={address}", "--parallel=fsdp=2"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_serving(plain.address, 120, plain.proc, plain.log)
+        wait_serving(address, 180, gen, log)
+        text, ref, motion, audio = _inputs(3)
+        with pytest.raises(grpc.RpcError) as err:
+            _latents(address, _job(1), (text, ref[:, :, :4], motion, audio))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ref_latent must be" in err.value.details()
+        sharded = _latents(address, _job(420), (text, ref, motion, audio))
+        one = _latents(plain.address, _job(420), (text, ref, motion, audio))
+        assert len(sharded) == len(one) == BLOCKS
+        for a, b in zip(sharded, one):
+            assert torch.equal(a, b), f"max diff {(a - b).abs().max().item()}"
+        gen.send_signal(signal.SIGTERM)
+        gen.wait(timeout=60)
+        text = log.read_text()
+        assert "FSDP shard 1/2 ready" in text and "FSDP shard 1: stop" in text, text[-3000:]
+        assert "avatar serve: stopping" in text and "[rank1]" not in text, text[-3000:]
+    finally:
+        if gen.poll() is None:
+            os.killpg(gen.pid, signal.SIGKILL)
+            gen.wait()
