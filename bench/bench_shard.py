@@ -190,7 +190,7 @@ def main(argv=None) -> int:
 
         group, spec = sharding.init_shard_group(spec, config)
         load_on = "cpu" if args.load_on == "host" else spec.device
-        engine = sharding.build_sharded_engine(spec, group.mesh, load_device=load_on)
+        engine = sharding.build_in_turn(group, spec, load_device=load_on)
         weights = sharding.local_weight_bytes(engine.dit)
         rank = group.rank
     else:

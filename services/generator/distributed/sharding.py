@@ -128,6 +128,19 @@ def build_sharded_engine(model: ModelSpec, mesh, load_device: str = "cpu") -> Ge
     return engine
 
 
+def build_in_turn(group: ShardGroup, model: ModelSpec, load_device: str = "cpu") -> GeneratorEngine:
+    """build_sharded_engine on every rank, one rank after another when building in host memory:
+    the host then holds one unsharded copy at a time (32.6 GB in bf16), not one per rank."""
+    if torch.device(load_device).type != "cpu":
+        return build_sharded_engine(model, group.mesh, load_device)
+    engine = None
+    for turn in range(group.size):
+        if turn == group.rank:
+            engine = build_sharded_engine(model, group.mesh, load_device)
+        dist.barrier(group=group.control)
+    return engine
+
+
 # ---------------------------------------------------------------- process group
 
 
@@ -299,7 +312,7 @@ def worker_main(model: ModelSpec, config: ParallelConfig) -> None:
     """Entry of ranks 1..F-1 under `avatar serve --role generator --parallel fsdp=F`."""
     group, spec = init_shard_group(model, config)
     try:
-        run_shard_worker(group, build_sharded_engine(spec, group.mesh))
+        run_shard_worker(group, build_in_turn(group, spec))
     finally:
         dist.destroy_process_group()
 
@@ -307,7 +320,7 @@ def worker_main(model: ModelSpec, config: ParallelConfig) -> None:
 def start_rank0(model: ModelSpec, config: ParallelConfig) -> ShardedEngine:
     """Rank 0's engine for GeneratorServicer (app/serve.py)."""
     group, spec = init_shard_group(model, config)
-    return ShardedEngine(group, build_sharded_engine(spec, group.mesh))
+    return ShardedEngine(group, build_in_turn(group, spec))
 
 
 # ---------------------------------------------------------------- rank 0
