@@ -63,6 +63,8 @@ RANK = textwrap.dedent("""
             sharding.run_shard_worker(group, engine)
             continue
         shard = sharding.ShardedEngine(group, engine)
+        from avatar.metrics import GENERATOR_PARALLEL
+        meta["gauge_fsdp"] = GENERATOR_PARALLEL.labels("fsdp")._value.get()
         text, ref, motion, audio = inputs(1)
         a = shard.open_session(job(420), text, ref, motion)
         try:
@@ -205,6 +207,7 @@ def test_sharded_generator_equals_one_process_bit_for_bit(tmp_path):
         assert not torch.equal(got[name + "_a"][0], got[name + "_a"][2])  # not trivially equal
         # a refused session (bad conditioning) ends only itself, on every rank alike
         assert "ref_latent must be [16, 1, 8, 8]" in metas[0][name + "_refused"]
+        assert metas[0]["gauge_fsdp"] == 2  # avatar_generator_parallel_degree{kind="fsdp"}
         # each rank holds part of the weights: together about one copy, each well under it
         full = sum(t.numel() * t.element_size() for t in (*engine.dit.parameters(), *engine.dit.buffers()))
         local = [m[name + "_local_bytes"] for m in metas]
@@ -316,7 +319,15 @@ def test_torchrun_serve_with_parallel_fsdp_gives_the_one_process_latents(tmp_pat
     ]
     with open(log, "wb") as out:
         gen = subprocess.Popen(
-            [*torchrun, *AVATAR, "serve", "--role=generator", f"--listen={address}", "--parallel=fsdp=2"],
+            [
+                *torchrun,
+                *AVATAR,
+                "serve",
+                "--role=generator",
+                f"--listen={address}",
+                "--parallel=fsdp=2",
+                f"--trace-file={tmp_path / 'spans.jsonl'}",
+            ],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -337,6 +348,13 @@ def test_torchrun_serve_with_parallel_fsdp_gives_the_one_process_latents(tmp_pat
             assert torch.equal(a, b), f"max diff {(a - b).abs().max().item()}"
         gen.send_signal(signal.SIGTERM)
         gen.wait(timeout=60)
+        # each block's lockstep command is a span inside the block's dit_block span
+        import json
+
+        spans = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+        blocks = {s["span_id"] for s in spans if s["name"] == "dit_block"}
+        steps = [s for s in spans if s["name"] == "fsdp_command" and s["attributes"].get("command") == "Step"]
+        assert len(steps) == BLOCKS and all(s["parent_id"] in blocks for s in steps), spans
         text = log.read_text()
         assert "FSDP shard 1/2 ready" in text and "FSDP shard 1: stop" in text, text[-3000:]
         assert "avatar serve: stopping" in text and "[rank1]" not in text, text[-3000:]

@@ -20,6 +20,7 @@ down (the orchestrator restarts it), as with TPP.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import datetime
 import itertools
 import logging
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from avatar import errors
+from avatar import errors, telemetry
 from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
@@ -341,6 +342,10 @@ class ShardedEngine:
         self.broken: str | None = None
         self._driver = threading.Thread(target=self._drive, name="fsdp-driver", daemon=True)
         self._driver.start()
+        from avatar.metrics import GENERATOR_PARALLEL
+
+        GENERATOR_PARALLEL.labels("fsdp").set(group.size)
+        GENERATOR_PARALLEL.labels("tpp").set(1)
 
     def open_session(
         self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor
@@ -371,38 +376,44 @@ class ShardedEngine:
         if self.broken:
             raise RuntimeError(self.broken)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((command, fut))
+        # the caller's context (its trace) goes with the command: the driver's span joins it
+        self._commands.put((command, fut, contextvars.copy_context()))
         return fut
 
     def _drive(self) -> None:
         while True:
             try:
-                command, fut = self._commands.get(timeout=PING_S)
+                command, fut, context = self._commands.get(timeout=PING_S)
             except queue.Empty:
-                command, fut = Ping(), concurrent.futures.Future()
+                command, fut, context = Ping(), concurrent.futures.Future(), contextvars.Context()
             if self.broken:
                 fut.set_exception(RuntimeError(self.broken))
                 continue
-            error, result = None, None
-            try:
-                _broadcast(self.group, command)
-                result = _apply(self.group, self.engine, self._sessions, command)
-            except AGREED as exc:
-                error = exc
-            except Exception as exc:
-                self._fail(f"a generator shard failed ({type(exc).__name__}: {exc}); restarting the group", fut)
-                continue
-            try:
-                _agree(self.group, error)
-            except Exception as exc:
-                self._fail(str(exc), fut)
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
+            context.run(self._execute, command, fut)
             if isinstance(command, Stop):
                 return
+
+    def _execute(self, command: Command, fut: concurrent.futures.Future) -> None:
+        """Broadcast, run here, agree; the future gets the result or the agreed error."""
+        error, result = None, None
+        try:
+            with telemetry.span("fsdp_command", command=type(command).__name__, shards=self.group.size):
+                _broadcast(self.group, command)
+                result = _apply(self.group, self.engine, self._sessions, command)
+        except AGREED as exc:
+            error = exc
+        except Exception as exc:
+            self._fail(f"a generator shard failed ({type(exc).__name__}: {exc}); restarting the group", fut)
+            return
+        try:
+            _agree(self.group, error)
+        except Exception as exc:
+            self._fail(str(exc), fut)
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
     def _fail(self, reason: str, fut: concurrent.futures.Future) -> None:
         """The shards are out of step: fail what waits, then exit so torchrun restarts the group."""
@@ -411,7 +422,7 @@ class ShardedEngine:
         fut.set_exception(RuntimeError(reason))
         while True:
             try:
-                _, waiting = self._commands.get_nowait()
+                _, waiting, _ = self._commands.get_nowait()
             except queue.Empty:
                 break
             waiting.set_exception(RuntimeError(reason))
