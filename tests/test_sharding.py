@@ -362,3 +362,73 @@ def test_torchrun_serve_with_parallel_fsdp_gives_the_one_process_latents(tmp_pat
         if gen.poll() is None:
             os.killpg(gen.pid, signal.SIGKILL)
             gen.wait()
+
+
+DIE = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from avatar.jobs import Job
+    from avatar.presets import ModelSpec
+    from avatar.services.generator.distributed import sharding
+    from avatar.services.generator.distributed.parallel_config import ParallelConfig
+
+    group, spec = sharding.init_shard_group(ModelSpec(name="tiny", seed=0), ParallelConfig(fsdp=2))
+    engine = sharding.build_in_turn(group, spec)
+    g = torch.Generator().manual_seed(1)
+    text, ref = torch.randn(7, 32, generator=g), torch.randn(16, 1, 8, 8, generator=g)
+    motion = torch.randn(16, 19, 8, 8, generator=g)
+    job = Job(width=64, height=64, infer_frames=24, sample_steps=2, num_blocks=3, total_frames=36, model="tiny")
+    if group.rank:
+        apply = sharding._apply
+        def dying(group, engine, sessions, command):
+            if isinstance(command, sharding.Step) and sessions[command.sid].block_index == 1:
+                raise RuntimeError("injected crash")   # not an agreed error: this rank exits
+            return apply(group, engine, sessions, command)
+        sharding._apply = dying
+        sharding.run_shard_worker(group, engine)
+    else:
+        shard = sharding.ShardedEngine(group, engine)
+        s = shard.open_session(job, text, ref, motion)
+        s.generate_block(torch.randn(12, 5, 32, generator=g))
+        print("BLOCK 0 OK", flush=True)
+        try:
+            s.generate_block(torch.randn(12, 5, 32, generator=g))
+        except Exception as e:
+            print("BLOCK 1 FAILED:", e, flush=True)
+        import time
+        time.sleep(30)   # rank 0 exits on its own (status 1): the orchestrator restarts the group
+""")
+
+
+@pytest.mark.mesh
+def test_a_shard_that_fails_takes_the_group_down_and_rank_0_exits(tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(DIE)
+    port, procs = _free_port(), []
+    try:
+        for r in range(2):
+            env = {
+                **os.environ,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": "1",
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                )
+            )
+        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [1, 1], logs
+    assert "BLOCK 0 OK" in logs[0] and "BLOCK 1 FAILED: a generator shard failed" in logs[0], logs[0][-3000:]
+    assert "restarting the group" in logs[0]
+    assert "FSDP shard 1 failed; exiting so the group restarts" in logs[1] and "injected crash" in logs[1]
