@@ -114,9 +114,10 @@ def check_sharding(model: ModelSpec) -> None:
 
 def build_sharded_engine(model: ModelSpec, mesh, load_device: str = "cpu") -> GeneratorEngine:
     """The DiT built in host memory (in the GPU's dtype, FP8-swapped when asked), then sharded
-    onto the mesh's device unit by unit: no rank ever holds the whole model on its GPU (needs host
-    memory for one copy per rank; load_device=model.device builds on the GPU instead, faster where
-    a whole copy fits). CUDA graphs are off: a graph cannot hold FSDP's all-gathers."""
+    onto the mesh's device unit by unit: no rank ever holds the whole model on its GPU (the host
+    holds one copy while it builds: build_in_turn; load_device=model.device builds on the GPU
+    instead, faster where a whole copy fits). CUDA graphs are off: a graph cannot hold FSDP's
+    all-gathers."""
     check_sharding(model)
     device = torch.device(model.device)
     dit = build_generator_model(model, load_device=torch.device(load_device))
@@ -353,9 +354,6 @@ class ShardedEngine:
         sid = next(self._sids)
         command = Open(sid, job, text.detach().cpu(), ref_latent.detach().cpu(), motion_latents.detach().cpu())
         return ShardedSession(self, sid, self._call(command).result())
-
-    def warm_up(self, sizes) -> list[str]:
-        return []  # --compile is refused with sharding; nothing to warm
 
     def close(self, timeout: float = 30.0) -> None:
         """Stops every shard and leaves the process group."""
