@@ -97,6 +97,7 @@ class PlannerOptions:
     allow_fp8_kv: bool = False  # the engine can keep the KV cache in e4m3
     allow_kv_offload: bool = False  # the engine can keep the KV cache in pinned host memory
     vae_on_gpu: bool = True  # the decoder (VAE) shares this GPU
+    encoders_movable: bool = True  # False: the user placed the encoders (--encoder-device); never moved to the CPU
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp8"):
@@ -230,7 +231,7 @@ def candidates(req: MemoryRequest, opts: PlannerOptions):
     weights = {"bf16": [False], "fp8": [True], "auto": [False, True]}[opts.precision]
     if not opts.fp8_capable:
         weights = [w for w in weights if not w]
-    encoders = ["cuda", "cpu"] if opts.encoders_on_gpu else ["cpu"]
+    encoders = (["cuda", "cpu"] if opts.encoders_movable else ["cuda"]) if opts.encoders_on_gpu else ["cpu"]
     kv_sets = [req.sample_steps] + ([1] if opts.allow_single_kv_set and req.sample_steps > 1 else [])
     kv_dtypes = ["bfloat16"] + (["float8_e4m3fn"] if opts.allow_fp8_kv else [])
     offload = [False] + ([True] if opts.allow_kv_offload else [])
@@ -411,7 +412,11 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
     encoders_here = not _elsewhere(spec.encoder_device, spec.device)
     vae_here = not _elsewhere(spec.decoder_device, spec.device)
     opts = PlannerOptions(
-        fp8_capable=fp8_capable, allow_fp8_kv=True, encoders_on_gpu=encoders_here, vae_on_gpu=vae_here
+        fp8_capable=fp8_capable,
+        allow_fp8_kv=True,
+        encoders_on_gpu=encoders_here,
+        vae_on_gpu=vae_here,
+        encoders_movable=spec.encoder_device is None,
     )
     requests = planning_requests()
     for req in requests:
@@ -422,7 +427,11 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
                 raise
             continue
         planned = apply_plan(spec, plan)
-        return (planned if encoders_here else planned.with_(encoder_device=spec.encoder_device)), plan, req
+        return (
+            (planned if spec.encoder_device is None else planned.with_(encoder_device=spec.encoder_device)),
+            plan,
+            req,
+        )
 
 
 def _elsewhere(device: str | None, main: str) -> bool:

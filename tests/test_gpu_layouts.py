@@ -87,3 +87,12 @@ def test_the_memory_plan_leaves_out_what_runs_on_another_device():
     assert req.size == "704*384" and shared.kv_dtype == "float8_e4m3fn" and apart.kv_dtype == "bfloat16"
     same = plan_for_device(spec.with_(decoder_device="cuda"), available=80 * GiB, fp8_capable=True)[1]
     assert "vae" in same.parts  # "cuda" is cuda:0: the same GPU
+
+
+def test_encoders_placed_on_the_dit_gpu_stay_there_in_the_plan():
+    spec = ModelSpec(name="s2v-14b", random_weights=True, device="cuda:0")
+    _, free_choice, _ = plan_for_device(spec, available=40 * GiB, fp8_capable=True)
+    assert free_choice.encoder_device == "cpu"  # 40 GiB: the plan moves the encoders off the GPU
+    planned, placed, _ = plan_for_device(spec.with_(encoder_device="cuda:0"), available=40 * GiB, fp8_capable=True)
+    assert planned.encoder_device == "cuda:0" and placed.encoder_device == "cuda" and "encoders" in placed.parts
+    assert placed.total <= 40 * GiB  # it fits by other rungs (FP8 weights, one cache set...)
