@@ -432,3 +432,15 @@ def test_a_shard_that_fails_takes_the_group_down_and_rank_0_exits(tmp_path):
     assert "BLOCK 0 OK" in logs[0] and "BLOCK 1 FAILED: a generator shard failed" in logs[0], logs[0][-3000:]
     assert "restarting the group" in logs[0]
     assert "FSDP shard 1 failed; exiting so the group restarts" in logs[1] and "injected crash" in logs[1]
+
+
+def test_only_errors_raised_before_any_collective_are_agreed():
+    """A refusal every rank makes alike keeps the group; out of memory inside a forward may hit
+    one rank only (the others wait in an all-gather), so the rank exits instead."""
+    from avatar.errors import InvalidInput, ResourceExhausted
+    from avatar.services.generator.distributed.sharding import _agreed
+
+    assert _agreed(InvalidInput("bad ref_latent")) and _agreed(ResourceExhausted("not enough free GPU memory"))
+    oom = ResourceExhausted("ran out of GPU memory")
+    oom.__cause__ = torch.OutOfMemoryError("CUDA out of memory")
+    assert not _agreed(oom) and not _agreed(RuntimeError("a kernel failed"))

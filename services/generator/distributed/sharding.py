@@ -11,10 +11,11 @@ for bit on CPU float32 (tests/test_sharding.py). Sharding buys memory, not speed
 compute the same block. Rank 0 serves gRPC with ShardedEngine; each call it gets (open, block,
 close) is broadcast to ranks 1..F-1 (`run_shard_worker`) on a gloo group before rank 0 runs it.
 
-Failures: InvalidInput and ResourceExhausted are decided alike on every rank (the session-opening
-memory check uses the smallest free memory of the group) and end only that session. Anything else
-can leave the other ranks inside an all-gather, so the rank exits and torchrun takes the group
-down (the orchestrator restarts it), as with TPP.
+Failures: InvalidInput and a refused session (ResourceExhausted: the session-opening memory check
+uses the smallest free memory of the group) are decided alike on every rank and end only that
+session. Anything else, running out of memory inside a forward included, can leave the other
+ranks inside an all-gather, so the rank exits and torchrun takes the group down (the
+orchestrator restarts it), as with TPP.
 """
 
 from __future__ import annotations
@@ -280,6 +281,13 @@ class _Broken(RuntimeError):
     """The group cannot go on: a rank must exit."""
 
 
+def _agreed(exc: BaseException) -> bool:
+    """An error every rank raises alike before any collective: a refused input or a refused session.
+    Running out of memory inside a forward (GeneratorSession reports it as ResourceExhausted) may
+    strike one rank only, while the others wait in an all-gather: not agreed."""
+    return isinstance(exc, AGREED) and not isinstance(exc.__cause__, torch.OutOfMemoryError)
+
+
 # ---------------------------------------------------------------- ranks 1..F-1
 
 
@@ -293,13 +301,13 @@ def run_shard_worker(group: ShardGroup, engine: GeneratorEngine) -> None:
         error = None
         try:
             _apply(group, engine, sessions, command)
-        except AGREED as exc:
+        except Exception as exc:
+            if not _agreed(exc):
+                log.critical("FSDP shard %d failed; exiting so the group restarts", group.rank, exc_info=True)
+                os._exit(1)
             error = exc
             if isinstance(command, Step):  # the session freed itself; rank 0 closes it everywhere
                 log.info("shard %d: session %d block failed: %s", group.rank, command.sid, exc)
-        except Exception:
-            log.critical("FSDP shard %d failed; exiting so the group restarts", group.rank, exc_info=True)
-            os._exit(1)
         try:
             _agree(group, error)
         except _Broken as exc:
@@ -398,11 +406,11 @@ class ShardedEngine:
             with telemetry.span("fsdp_command", command=type(command).__name__, shards=self.group.size):
                 _broadcast(self.group, command)
                 result = _apply(self.group, self.engine, self._sessions, command)
-        except AGREED as exc:
-            error = exc
         except Exception as exc:
-            self._fail(f"a generator shard failed ({type(exc).__name__}: {exc}); restarting the group", fut)
-            return
+            if not _agreed(exc):
+                self._fail(f"a generator shard failed ({type(exc).__name__}: {exc}); restarting the group", fut)
+                return
+            error = exc
         try:
             _agree(self.group, error)
         except Exception as exc:
