@@ -15,7 +15,7 @@ from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
 from avatar.services.generator.distributed.parallel_config import ParallelConfig
-from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
+from avatar.services.generator.engine import GeneratorEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = 4  # 24 frames a clip = 2 blocks: two clips, so the sink refresh runs
@@ -28,7 +28,7 @@ RANK = textwrap.dedent("""
     torch.set_num_threads(1)
     from avatar.errors import InvalidInput
     from avatar.jobs import Job
-    from avatar.presets import ModelSpec
+    from avatar.presets import GeneratorOptions, ModelSpec
     from avatar.services.generator.distributed import sharding
     from avatar.services.generator.distributed.parallel_config import ParallelConfig
     from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
@@ -55,7 +55,9 @@ RANK = textwrap.dedent("""
     spec = ModelSpec(name="tiny", seed=0)
     group, spec = sharding.init_shard_group(spec, ParallelConfig(fsdp=2))
     result, meta = {}, {}
-    for name, s in (("f32", spec), ("fp8", spec.with_(fp8=True))):
+    lean = GeneratorOptions(cache_sets=1, kv_dtype="float8_e4m3fn")   # the 24 GiB layout's settings
+    variants = (("f32", spec), ("fp8", spec.with_(fp8=True)), ("lean", spec.with_(fp8=True, generator_options=lean)))
+    for name, s in variants:
         engine = sharding.build_sharded_engine(s, group.mesh)
         meta[name + "_local_bytes"] = sharding.local_weight_bytes(engine.dit)
         result[name + "_forward"] = forward(engine.dit)
@@ -171,7 +173,7 @@ def run_shards(n: int, tmp_path: Path, timeout: float = 240.0):
 
 def _session(engine, seed, input_seed, steps):
     text, ref, motion, audio = _inputs(input_seed)
-    session = GeneratorSession(engine, _job(seed, steps), text, ref, motion)
+    session = engine.open_session(_job(seed, steps), text, ref, motion)  # the engine's cache sets and dtype
     try:
         return [session.generate_block(a) for a in audio]
     finally:
@@ -193,9 +195,17 @@ def _forward(dit):
 @pytest.mark.mesh
 def test_sharded_generator_equals_one_process_bit_for_bit(tmp_path):
     """FSDP2 all-gathers the exact weights and every rank runs the same operations, so on CPU
-    float32 the latents are bit-identical, with FP8 weights too (quantised before sharding)."""
+    float32 the latents are bit-identical, with FP8 weights too (quantised before sharding), and
+    with the 24 GiB layout's one FP8 cache set (--fp8 --cache-sets 1 --kv-fp8)."""
+    from avatar.presets import GeneratorOptions
+
     got, metas = run_shards(2, tmp_path)
-    for name, spec in (("f32", ModelSpec(name="tiny", seed=0)), ("fp8", ModelSpec(name="tiny", seed=0, fp8=True))):
+    lean = GeneratorOptions(cache_sets=1, kv_dtype="float8_e4m3fn")  # --cache-sets 1 --kv-fp8: the 24 GiB layout
+    for name, spec in (
+        ("f32", ModelSpec(name="tiny", seed=0)),
+        ("fp8", ModelSpec(name="tiny", seed=0, fp8=True)),
+        ("lean", ModelSpec(name="tiny", seed=0, fp8=True, generator_options=lean)),
+    ):
         engine = GeneratorEngine(spec)
         want_forward = _forward(engine.dit)
         assert torch.equal(got[name + "_forward"], want_forward), name
