@@ -35,6 +35,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="cpu", help="torch device of the engines, e.g. cpu, cuda, cuda:1")
     g.add_argument(
+        "--encoder-device",
+        metavar="DEVICE",
+        help="where the text and audio encoders (umT5, wav2vec2/Whisper, CLIP) run, e.g. cuda:4 or cpu "
+        "(default: --device; the memory plan may choose cpu); docs/operations.md, 'GPU layouts'",
+    )
+    g.add_argument(
+        "--decoder-device",
+        metavar="DEVICE",
+        help="where the decoder's VAE runs, e.g. cuda:4: a GPU of its own keeps the decode off the "
+        "DiT's GPU (default: --device); docs/operations.md, 'GPU layouts'",
+    )
+    g.add_argument(
         "--fp8",
         action="store_true",
         help="FP8 (e4m3) linear layers in the DiT: half the weight memory, faster on Ada/Hopper (docs/performance.md)",
@@ -161,6 +173,8 @@ def model_spec(args):
             lora_path=args.lora_path,
             random_weights=args.random_weights,
             device=args.device,
+            encoder_device=args.encoder_device,
+            decoder_device=args.decoder_device,
             fp8=fp8,
             compile=getattr(args, "compile", False),
             generator_options=generator_options,
@@ -287,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--role all: one process for the four services, or per-service: the encoder, generator "
         "and decoder in child processes on loopback (the GIL is not shared: the VAE decode ran 2.3x "
         "faster, docs/performance.md run O); auto (default): per-service on a GPU, one on CPU",
+    )
+    p.add_argument(
+        "--parallel",
+        metavar="tpp=N,fsdp=F",
+        help="under torchrun, how the generator's ranks split the work: tpp stages (a DiT each, "
+        "steps pipelined) x fsdp shards (FSDP2: 1/F of the weights each, for small cards); the "
+        "degrees multiply to the processes started (default: tpp over every rank)",
     )
     _add_model_flags(p)
     _add_serving_flags(p)
@@ -445,6 +466,7 @@ def cmd_serve(args) -> int:
         if args.encoder_concurrency < 1 or args.encoder_queue < 0:
             raise ValueError("--encoder-concurrency must be at least 1 and --encoder-queue not negative")
         encoder_admission = AdmissionConfig(args.encoder_concurrency, args.encoder_queue)
+        parallel = parallel_config(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     cfg = ServeConfig(
@@ -464,6 +486,7 @@ def cmd_serve(args) -> int:
         live=converse_cmd.live_config(args),
         compile_cache=args.compile_cache,
         encoder_admission=encoder_admission,
+        parallel=parallel,
     )
     from avatar.app import processes
     from avatar.errors import WeightsError
@@ -482,12 +505,32 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def parallel_config(args):
+    """--parallel checked against the processes torchrun started (ValueError naming the degrees)."""
+    from avatar.services.generator.distributed.parallel_config import ParallelConfig
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.parallel and args.role != "generator":
+        raise ValueError(f"--parallel applies to --role generator (under torchrun), not --role {args.role}")
+    config = ParallelConfig.for_world(args.parallel, world) if args.parallel or world > 1 else None
+    if config is not None and config.tpp > 1 and config.sharded:
+        raise ValueError(
+            f"--parallel {config.describe()}: TPP stages of sharded DiTs are not wired yet; "
+            f"use tpp={world} (a DiT per rank) or fsdp={world} (one DiT sharded over all ranks)"
+        )
+    return config
+
+
 def model_for(args, role: str = "all"):
     """model_spec(args) between checks of what it cannot see: --device before (the memory plan asks
     the device), the weight files after (a bad flag combination is the simpler thing to report).
     A newcomer gets one line saying what to do instead of a traceback from deep inside a load."""
     if role != "gateway" and args.device.startswith("cuda"):
         _check_cuda(args.device)
+    if role != "gateway":
+        for flag, device in (("--encoder-device", args.encoder_device), ("--decoder-device", args.decoder_device)):
+            if device is not None:
+                _check_device(flag, device)
     spec = model_spec(args)
     light = spec.decoder_options.light_path
     if role in ("all", "decoder") and light and not Path(light).expanduser().is_file():
@@ -538,18 +581,27 @@ def _check_ckpt_dir(ckpt_dir: str) -> None:
         )
 
 
-def _check_cuda(device: str) -> None:
+def _check_cuda(device: str, flag: str = "--device") -> None:
     import torch
 
     if not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise UserError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+        raise UserError(f"{flag} {device}: {why} (torch {torch.__version__}); use {flag} cpu")
     index = device.partition(":")[2]
     if index and (not index.isascii() or not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise UserError(
-            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
+
+
+def _check_device(flag: str, device: str) -> None:
+    """UserError unless `device` is cpu or a CUDA device this machine has."""
+    if device == "cpu" or device.startswith("cuda:") or device == "cuda":
+        if device != "cpu":
+            _check_cuda(device, flag)
+        return
+    raise UserError(f"{flag} {device}: not a device here; use cpu, cuda or cuda:N")
 
 
 def _read(path: str, what: str) -> bytes:

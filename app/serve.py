@@ -42,6 +42,8 @@ class ServeConfig:
     compile_cache: str | None = None  # torch.compile caches kept here across restarts (use_compile_cache)
     # encoder: image and prompt encodes at once + waiting; beyond: RESOURCE_EXHAUSTED. None: no cap
     encoder_admission: AdmissionConfig | None = field(default_factory=lambda: AdmissionConfig(2, 8))
+    # generator under torchrun: a ParallelConfig (services/generator/distributed); None: one process
+    parallel: object = None
 
 
 @dataclass
@@ -107,6 +109,16 @@ def use_compile_cache(directory: str) -> Path:
 
     inductor_config.fx_graph_cache = True
     return path
+
+
+def decoder_model(model: ModelSpec) -> ModelSpec:
+    """The decoder's ModelSpec: its VAE on --decoder-device when one is given (a GPU of its own,
+    so the decode never queues behind the DiT), else on --device."""
+    return model.with_(device=model.decoder_device) if model.decoder_device else model
+
+
+def _sharded(cfg: ServeConfig) -> bool:
+    return cfg.parallel is not None and cfg.parallel.sharded
 
 
 def _host(listen: str) -> str:
@@ -202,7 +214,12 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from avatar.services.generator.server import SERVICE_NAME, GeneratorServicer
         from avatar.v1 import generator_pb2_grpc
 
-        if distributed.launched():  # torchrun: rank 0 of a TPP group (services/generator/distributed)
+        if distributed.launched() and _sharded(cfg):  # torchrun: rank 0 of an FSDP2 shard group
+            from avatar.services.generator.distributed.sharding import start_rank0
+
+            engine = await loop.run_in_executor(None, start_rank0, cfg.model, cfg.parallel)
+            closers.append(engine.aclose)
+        elif distributed.launched():  # torchrun: rank 0 of a TPP group (services/generator/distributed)
             from avatar.services.generator.distributed.tpp import start_rank0
 
             engine = await loop.run_in_executor(None, start_rank0, cfg.model)
@@ -219,7 +236,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from avatar.services.decoder.server import SERVICE_NAME, DecoderServicer
         from avatar.v1 import decoder_pb2_grpc
 
-        engine = await loop.run_in_executor(None, DecoderEngine, cfg.model)
+        engine = await loop.run_in_executor(None, DecoderEngine, decoder_model(cfg.model))
         if warmup:
             warmups.append(("decoder", engine, [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]))
         decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), internal)
@@ -294,6 +311,11 @@ async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> 
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, lambda: log.info("waiting for rank 0 to stop the group"))
+            if _sharded(cfg):
+                from avatar.services.generator.distributed.sharding import worker_main
+
+                await asyncio.to_thread(worker_main, cfg.model, cfg.parallel)
+                return
             from avatar.services.generator.distributed.tpp import worker_main
 
             await asyncio.to_thread(worker_main, cfg.model)

@@ -104,6 +104,7 @@ class PlannerOptions:
     allow_kv_offload: bool = False  # the engine can keep the KV cache in pinned host memory
     vae_on_gpu: bool = True  # the decoder (VAE) shares this GPU
     light_decoder: bool = False  # the decoder runs the light latent decoder instead of the VAE's
+    encoders_movable: bool = True  # False: the user placed the encoders (--encoder-device); never moved to the CPU
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp8"):
@@ -241,7 +242,7 @@ def candidates(req: MemoryRequest, opts: PlannerOptions):
     weights = {"bf16": [False], "fp8": [True], "auto": [False, True]}[opts.precision]
     if not opts.fp8_capable:
         weights = [w for w in weights if not w]
-    encoders = ["cuda", "cpu"] if opts.encoders_on_gpu else ["cpu"]
+    encoders = (["cuda", "cpu"] if opts.encoders_movable else ["cuda"]) if opts.encoders_on_gpu else ["cpu"]
     kv_sets = [req.sample_steps] + ([1] if opts.allow_single_kv_set and req.sample_steps > 1 else [])
     kv_dtypes = ["bfloat16"] + (["float8_e4m3fn"] if opts.allow_fp8_kv else [])
     offload = [False] + ([True] if opts.allow_kv_offload else [])
@@ -419,7 +420,17 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
         available = gpu_available_bytes(index)
     if fp8_capable is None:
         fp8_capable = torch.cuda.get_device_capability(index) >= (8, 9)
-    opts = PlannerOptions(fp8_capable=fp8_capable, allow_fp8_kv=True, light_decoder=spec.decoder_options.is_light)
+    # --encoder-device / --decoder-device on another device: not this GPU's memory, and kept there
+    encoders_here = not _elsewhere(spec.encoder_device, spec.device)
+    vae_here = not _elsewhere(spec.decoder_device, spec.device)
+    opts = PlannerOptions(
+        fp8_capable=fp8_capable,
+        allow_fp8_kv=True,
+        encoders_on_gpu=encoders_here,
+        vae_on_gpu=vae_here,
+        encoders_movable=spec.encoder_device is None,
+        light_decoder=spec.decoder_options.is_light,
+    )
     requests = planning_requests()
     for req in requests:
         try:
@@ -428,4 +439,109 @@ def plan_for_device(spec, available: int | None = None, fp8_capable: bool | None
             if req is requests[-1]:
                 raise
             continue
-        return apply_plan(spec, plan), plan, req
+        planned = apply_plan(spec, plan)
+        return (
+            (planned if spec.encoder_device is None else planned.with_(encoder_device=spec.encoder_device)),
+            plan,
+            req,
+        )
+
+
+def _elsewhere(device: str | None, main: str) -> bool:
+    """Whether `device` is set and names another device than `main` ("cuda" is cuda:0)."""
+    if device is None:
+        return False
+
+    def norm(d: str) -> str:
+        return "cuda:0" if d == "cuda" else d
+
+    return norm(device) != norm(main)
+
+
+# --- per rank, for the multi-GPU layouts (docs/operations.md, "Memory per rank") ------------------
+
+LAYOUTS = ("single", "tpp", "fsdp", "ulysses")
+COLLECTIVE_BYTES = (
+    0.5 * GB
+)  # NCCL's channels and buffers on a rank of a group: an allowance until bench_shard measures it
+
+
+def dit_unit_params() -> dict[str, int]:
+    """Parameters of the DiT's FSDP2 units (services/generator/distributed/sharding.py), from its
+    config: a transformer block (its text k/v projections included: units of their own, in
+    `text_projections`), an audio injector (cross-attention + AdaLN), and the root: what is left
+    (embeddings, head, audio encoder, FramePack), kept whole on every rank."""
+    d, f = DIT.dim, DIT.ffn_dim
+    block = 8 * d * d + 2 * d * f + 21 * d + f  # self- and cross-attention (+ qk norms), norm3, FFN, modulation
+    injector = (4 * d * d + 6 * d) + (2 * d * d + 2 * d)
+    blocks, injectors = DIT.num_layers * block, len(DIT.audio_inject_layers) * injector
+    return {
+        "block": block,
+        "block_linear_weights": 8 * d * d + 2 * d * f,
+        "text_projections": 2 * d * d + 3 * d,
+        "injector": injector,
+        "injector_linear_weights": 6 * d * d,
+        "blocks": blocks,
+        "injectors": injectors,
+        "root": DIT_PARAMS - blocks - injectors,
+    }
+
+
+def _unit_bytes(params: int, linear_weights: int, fp8: bool) -> int:
+    """bf16, or FP8 linear weights (1 byte) with the rest (biases, norms, modulation) in bf16."""
+    return params * 2 - (linear_weights if fp8 else 0)
+
+
+def sharded_dit_bytes(fp8: bool, shards: int) -> dict[str, int]:
+    """One FSDP2 rank's weights: its 1/shards of the blocks and injectors, the whole root, and the
+    units gathered at once while a block runs (this block, the next one prefetched, an injector)."""
+    u = dit_unit_params()
+    block = _unit_bytes(u["block"], u["block_linear_weights"], fp8)
+    injector = _unit_bytes(u["injector"], u["injector_linear_weights"], fp8)
+    sharded = DIT.num_layers * block + len(DIT.audio_inject_layers) * injector
+    return {"shards": -(-sharded // shards), "root": u["root"] * 2, "gathered": 2 * block + injector}
+
+
+def rank_bytes(
+    req: MemoryRequest,
+    layout: str,
+    degree: int = 1,
+    *,
+    fp8: bool,
+    kv_sets: int | None = None,
+    kv_dtype: str = "bfloat16",
+    vae_on_gpu: bool = False,
+    encoders_on_gpu: bool = False,
+) -> dict[str, int]:
+    """Bytes one rank holds (the busiest: rank 0, with the VAE and encoders when they share it):
+
+    - single: one GPU, the DiT and the session's cache (kv_sets: sample_steps or 1);
+    - tpp: a full DiT per rank; each rank keeps only its steps' cache sets (steps / degree);
+    - fsdp: 1/degree of the weights (sharded_dit_bytes), the whole cache on every rank;
+    - ulysses: a full DiT per rank; the sequence, its attention heads and so the cache, the text
+      keys/values and the block's activations split degree ways (estimated: not built)."""
+    if layout not in LAYOUTS:
+        raise InvalidInput(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if degree < 1 or (layout == "single" and degree != 1):
+        raise InvalidInput(f"layout {layout} with degree {degree}")
+    nbytes = 1 if kv_dtype == "float8_e4m3fn" else 2
+    sets = req.sample_steps if kv_sets is None else kv_sets
+    split = degree if layout == "ulysses" else 1
+    if layout == "tpp":
+        sets = -(-req.sample_steps // degree)  # its own steps' sets (no single shared set: each step has its own)
+    if layout == "fsdp":
+        weights = sharded_dit_bytes(fp8, degree)
+        parts = {"dit_shards": weights["shards"], "dit_root": weights["root"], "dit_gathered": weights["gathered"]}
+    else:
+        parts = {"dit": dit_bytes(fp8)}
+    transient = activation_bytes(req) - WORKSPACE_BYTES
+    parts |= {
+        "kv_cache": kv_cache_bytes(req, sets, nbytes) // split,
+        "text": text_context_bytes() // split,
+        "activations": WORKSPACE_BYTES + transient / split,
+        "vae": vae_bytes(req) if vae_on_gpu else 0,
+        "encoders": encoder_bytes() if encoders_on_gpu else 0,
+        "collectives": COLLECTIVE_BYTES if layout != "single" else 0,
+    }
+    parts["overhead"] = CONTEXT_BYTES + FRAGMENTATION * sum(parts.values())
+    return {k: int(v) for k, v in parts.items() if v}

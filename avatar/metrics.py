@@ -56,6 +56,12 @@ LAST_FPS = Gauge("avatar_generation_fps_last", "FPS of the last finished request
 FRAMES = Counter(
     "avatar_frames", "Video frames handed to clients, counted per fragment (cancelled streams too)", registry=REGISTRY
 )
+GENERATOR_PARALLEL = Gauge(
+    "avatar_generator_parallel_degree",
+    "Ranks of this generator per kind of parallelism (tpp, fsdp; --parallel), 1: not used",
+    ["kind"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge(
     "avatar_inflight_rpcs",
     "RPCs running now (a decoder/generator stream = one session)",

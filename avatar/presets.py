@@ -126,6 +126,7 @@ class ModelSpec:
     random_weights: bool = False  # s2v-14b shapes with random values (benchmarks)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     encoder_device: str | None = None  # where T5 / wav2vec2 run; None: same as device
+    decoder_device: str | None = None  # where the decoder's VAE runs (e.g. its own GPU); None: same as device
     dtype: str = "bfloat16"  # parameter/activation dtype on GPU; tiny on CPU uses float32
     fp8: bool = False  # FP8 linear layers in the DiT
     compile: bool = False  # torch.compile the DiT blocks

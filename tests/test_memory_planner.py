@@ -298,3 +298,51 @@ def test_the_fp8_hint_quotes_the_planners_own_weight_sizes():
     with pytest.raises(ResourceExhausted) as e:
         plan_memory(HD, CARD_24, PlannerOptions(precision="bf16"))
     assert f"from {dit_bytes(False) / GB:.1f} to {dit_bytes(True) / GB:.1f} GB" in str(e.value)
+
+
+# --- per rank, for the multi-GPU layouts (docs/operations.md, "Memory per rank") -----------------
+
+
+def test_fsdp_units_add_up_to_the_checkpoint_and_match_the_model():
+    """The planner's unit sizes come from the config; the model built on the meta device agrees."""
+    import torch
+
+    from avatar.memory_planner import DIT_FP8_PARAMS, DIT_PARAMS, dit_unit_params
+    from avatar.services.generator.causal_s2v_dit import CausalS2VDiT
+
+    u = dit_unit_params()
+    with torch.device("meta"):
+        dit = CausalS2VDiT()
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    block = dit.blocks[0]
+    assert u["block"] == count(block)
+    assert u["text_projections"] == sum(
+        count(m) for m in (block.cross_attn.k, block.cross_attn.v, block.cross_attn.norm_k)
+    )
+    assert u["injector"] == count(dit.audio_injector.injector[0]) + count(dit.audio_injector.injector_adain_layers[0])
+    assert u["blocks"] + u["injectors"] + u["root"] == DIT_PARAMS == count(dit)
+    assert 40 * u["block_linear_weights"] + 12 * u["injector_linear_weights"] == DIT_FP8_PARAMS
+
+
+def test_rank_bytes_at_704x384_on_24_gib_cards():
+    """docs/operations.md's table: which layout fits a 24 GiB card (22 GiB peak, issue 15's bar)."""
+    from avatar.memory_planner import dit_bytes, rank_bytes, sharded_dit_bytes
+
+    bar = 22 * GiB
+
+    def total(layout, degree, **kw):
+        return sum(rank_bytes(HD, layout, degree, **kw).values())
+
+    fp8_1set = dict(fp8=True, kv_sets=1, kv_dtype="float8_e4m3fn")
+    # a full copy per rank does not fit, one GPU or TPP (each TPP rank still holds a whole step set)
+    assert total("single", 1, **fp8_1set) > bar and total("tpp", 4, fp8=True, kv_dtype="float8_e4m3fn") > bar
+    # FSDP2 fits with FP8 weights and one FP8 cache set, over 2 or 4 cards; 4 sets do not fit
+    assert total("fsdp", 2, **fp8_1set) < 18 * GiB and total("fsdp", 4, **fp8_1set) < 14 * GiB
+    assert total("fsdp", 4, fp8=True, kv_dtype="float8_e4m3fn") > bar
+    # FSDP shards the weights only: 4 ranks hold a quarter each (+ the root and two gathered blocks)
+    w = sharded_dit_bytes(True, 4)
+    assert 4 * w["shards"] == pytest.approx(dit_bytes(True) - w["root"], rel=1e-6)
+    # the VAE on rank 0 (no decoder GPU of its own) costs 3.2 GiB there
+    assert total("fsdp", 4, vae_on_gpu=True, **fp8_1set) - total("fsdp", 4, **fp8_1set) > 3 * GiB
+    with pytest.raises(InvalidInput, match="layout must be one of"):
+        rank_bytes(HD, "pipeline", 2, fp8=True)

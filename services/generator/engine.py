@@ -58,22 +58,25 @@ def kv_cache_dtype(model: ModelSpec, default: torch.dtype) -> torch.dtype:
     return default if name is None else getattr(torch, name)
 
 
-def build_generator_model(model: ModelSpec) -> CausalS2VDiT:
-    """The DiT a ModelSpec names: tiny (random, seeded), s2v-14b random, or loaded (+ LoRA)."""
+def build_generator_model(model: ModelSpec, load_device: torch.device | None = None) -> CausalS2VDiT:
+    """The DiT a ModelSpec names: tiny (random, seeded), s2v-14b random, or loaded (+ LoRA).
+    `load_device`: build it there (in the dtype of model.device) instead, e.g. in host memory for
+    FSDP2 to shard onto the GPUs (services/generator/distributed/sharding.py)."""
     device, dtype = torch.device(model.device), model_dtype(model)
     if model.fp8 and not fp8_supported(device):
         raise InvalidInput(f"--fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); {device} has none")
+    at = device if load_device is None else load_device
     if model.from_files:
-        dit = load_dit(model.ckpt_dir, device=device, dtype=dtype)
+        dit = load_dit(model.ckpt_dir, device=at, dtype=dtype)
         if model.lora_path:
             from avatar.services.generator.lora import load_lora
 
             report = load_lora(dit, model.lora_path)  # merged before any FP8 swap, as upstream
             log.info("%s", report.describe())
     elif model.is_tiny:
-        dit = random_dit("tiny", device, dtype, seed=model.seed)
+        dit = random_dit("tiny", at, dtype, seed=model.seed)
     elif model.random_weights:
-        dit = random_dit("s2v-14b", device, dtype, seed=model.seed)
+        dit = random_dit("s2v-14b", at, dtype, seed=model.seed)
     else:
         raise InvalidInput("s2v-14b needs --ckpt_dir (or --random-weights for benchmarks)")
     if model.fp8:
