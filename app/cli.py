@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from avatar import package_version
-from avatar.app import converse_cmd
+from avatar.app import converse_cmd, web_cmd
 
 EXIT_BAD_INPUT = 2
 
@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_flags(p)
     add_security_args(p)
     converse_cmd.add_serve_flags(p)
+    web_cmd.add_serve_flags(p)
 
     p = sub.add_parser("generate", help="render a talking-avatar video from a portrait and speech")
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
@@ -437,6 +438,7 @@ def cmd_serve(args) -> int:
         live=converse_cmd.live_config(args),
         compile_cache=args.compile_cache,
         encoder_admission=encoder_admission,
+        web=web_cmd.web_config(args, security),
     )
     from avatar.errors import WeightsError
 
