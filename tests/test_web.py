@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -52,6 +53,8 @@ def web(tmp_path_factory, env):
             "0",
             "--live-idle-timeout-s",
             "30",
+            "--live-block-budget-ms",
+            "5000",  # the real-time guard is tested elsewhere; here 8 test runs share 2 cores
             trace=True,
         )
         svc.url = f"http://127.0.0.1:{port}"
@@ -481,3 +484,88 @@ def test_the_page_plays_a_speech_file_live_in_headless_chromium(web):
             assert page.evaluate("window.avatarPage.status.reason") == "end_of_stream"
         finally:
             browser.close()
+
+
+# --- HTTPS and a busy gateway ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def busy_tls(tmp_path_factory, env):
+    """`avatar serve --http` with a certificate (HTTPS) and room for one session, none waiting."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path_factory.mktemp("web-tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", "server.key", "-out", "server.pem", "-days", "2", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        cwd=d,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    services = Services(d, env)
+    port = free_port()
+    try:
+        svc = services.start(
+            "all",
+            "--http",
+            str(port),
+            "--tls-cert",
+            str(d / "server.pem"),
+            "--tls-key",
+            str(d / "server.key"),
+            "--max-sessions",
+            "1",
+            "--max-queue",
+            "0",
+            "--live-block-budget-ms",
+            "5000",
+            wait=False,  # the gRPC health probe of conftest speaks plaintext: wait for the page instead
+        )
+        svc.url = f"https://127.0.0.1:{port}"
+        svc.ssl = ssl.create_default_context(cafile=str(d / "server.pem"))
+        deadline = time.monotonic() + 120
+        while True:
+            assert svc.proc.poll() is None, svc.log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{svc.url}/", timeout=2, context=svc.ssl).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, svc.log.read_text()[-3000:]
+                time.sleep(0.3)
+        yield svc
+    finally:
+        services.stop_all()
+
+
+def test_https_and_a_busy_gateway_is_429_with_retry_after(busy_tls):
+    with urllib.request.urlopen(f"{busy_tls.url}/static/app.js", timeout=10, context=busy_tls.ssl) as r:
+        assert r.status == 200 and b"ManagedMediaSource" in r.read()
+    with pytest.raises(OSError):  # plain HTTP is not spoken on the HTTPS port
+        urllib.request.urlopen(busy_tls.url.replace("https:", "http:") + "/", timeout=10)
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            # the one session slot, held over wss://
+            async with http.ws_connect(f"{busy_tls.url}/v1/converse", ssl=busy_tls.ssl) as first:
+                await first.send_str(json.dumps(header()))
+                assert json.loads((await first.receive(timeout=60)).data)["type"] == "header"
+                form = aiohttp.FormData()
+                form.add_field("image", IMAGE, filename="a.png")
+                form.add_field("audio", SPEECH.read_bytes(), filename="a.wav")
+                async with http.post(f"{busy_tls.url}/v1/jobs", data=form, ssl=busy_tls.ssl) as r:
+                    job = (r.status, r.headers.get("Retry-After"), await r.json())
+                async with http.ws_connect(f"{busy_tls.url}/v1/converse", ssl=busy_tls.ssl) as second:
+                    await second.send_str(json.dumps(header()))
+                    refused = json.loads((await second.receive(timeout=60)).data)
+                    closing = await second.receive(timeout=10)
+                    assert closing.type == aiohttp.WSMsgType.CLOSE
+                    second_close = closing.data
+                await first.send_str('{"type": "end"}')
+            return job, refused, second_close
+
+    (status, retry_after, body), refused, second_close = asyncio.run(main())
+    assert status == 429 and body["code"] == "RESOURCE_EXHAUSTED" and int(retry_after) >= 1, body
+    assert refused["type"] == "error" and refused["status"] == 429 and second_close == 4429, refused
+    assert refused["retry_after_s"] >= 1

@@ -28,6 +28,7 @@ from aiohttp import WSMsgType, web
 from google.protobuf import json_format
 
 from avatar import telemetry
+from avatar.admission import retry_after_ms
 from avatar.gateway.web.app import HTTP_STATUS, SUBPROTOCOL, auth_refusal, dumps, json_error, origin_refusal
 from avatar.gateway.web.metrics import BYTES_STREAMED, WEBSOCKET_SESSIONS
 from avatar.grpc_util import PUBLIC_MAX_REQUEST_BYTES
@@ -109,11 +110,14 @@ class Session:
         await self.ws.send_bytes(data)
         BYTES_STREAMED.labels(ROUTE).inc(len(data))
 
-    async def fail(self, status: int, code: str, reason: str) -> None:
+    async def fail(self, status: int, code: str, reason: str, retry_after_s: int | None = None) -> None:
         if self.ws.closed:
             return
+        error = {"type": "error", "status": status, "code": code, "error": reason}
+        if retry_after_s:
+            error["retry_after_s"] = retry_after_s
         try:
-            await self.send_json({"type": "error", "status": status, "code": code, "error": reason})
+            await self.send_json(error)
         except ConnectionError:
             return
         await self.ws.close(code=4000 + status, message=reason.encode()[:120])
@@ -162,7 +166,9 @@ class Session:
                 await self.send_response(msg)
         except grpc.aio.AioRpcError as exc:
             status = HTTP_STATUS.get(exc.code(), 502)
-            await self.fail(status, exc.code().name, exc.details() or exc.code().name)
+            hint = retry_after_ms(exc) if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+            retry_s = max(1, -(-(hint or 1000) // 1000)) if status == 429 else None
+            await self.fail(status, exc.code().name, exc.details() or exc.code().name, retry_s)
         except (asyncio.CancelledError, ConnectionError):
             if not self.client_gone and not self.ws.closed:
                 raise
