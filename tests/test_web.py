@@ -162,6 +162,11 @@ def test_websocket_session_covers_the_audio_and_publishes_to_the_hub(web, tmp_pa
     streams = {s["codec_type"]: s for s in info["streams"]}
     assert streams["video"]["codec_name"] == "h264" and streams["audio"]["codec_name"] == "aac"
     assert int(streams["video"]["nb_read_frames"]) == 12 * len(blocks)
+    # one span for the WebSocket session, the parent of its Converse call's trace
+    spans = web.spans()
+    session_span = next(s for s in spans if s["name"] == "HTTP GET /v1/converse" and s["end_unix_nano"])
+    converse = [s for s in spans if s["name"].endswith("/Converse") and s["trace_id"] == status["trace_id"]]
+    assert converse and session_span["trace_id"] == status["trace_id"]
 
 
 def test_websocket_interrupt_cuts_the_utterance_and_goes_idle(web):
@@ -170,7 +175,6 @@ def test_websocket_interrupt_cuts_the_utterance_and_goes_idle(web):
     async def script(ws, t, started):
         await started.wait()
         await feed(ws, pcm, stop_after_s=2.5)
-        t.interrupted_at = len(t.fragments)
         await ws.send_str('{"type": "interrupt"}')
         await asyncio.sleep(1.5)
         await ws.send_str('{"type": "end"}')
@@ -178,11 +182,12 @@ def test_websocket_interrupt_cuts_the_utterance_and_goes_idle(web):
     t = asyncio.run(session(web.url, script))
     assert t.close_code == 1000
     finished = t.of("utterance_finished")
-    assert finished and finished[0]["interrupted"] is True and 0 < finished[0]["played_s"] < 2.6
-    # within one block after the interrupt's answer the fragments are idle
-    after = [m for m, _, _ in t.fragments[t.interrupted_at :] if m["num_frames"]]
-    assert any(m["idle"] for m in after[:3]), after[:3]
-    assert after[-1]["idle"]
+    assert finished and finished[0]["interrupted"] is True and 0 < finished[0]["played_s"] <= 2.5 + 1e-3, finished
+    # the rest of the utterance is not rendered: no speech past what played, idle after the answer
+    assert max(m["audio_end_s"] for m in speech_fragments(t)) <= finished[0]["played_s"] + 1e-3
+    after = t.messages[t.messages.index(finished[0]) + 1 :]
+    frames_after = [m for m in after if m["type"] == "fragment" and m["num_frames"]]
+    assert frames_after and all(m["idle"] for m in frames_after), frames_after[:3]
     assert t.messages[-1]["type"] == "status" and t.messages[-1]["interrupted"] == 1
 
 
@@ -212,9 +217,13 @@ def test_a_client_that_leaves_frees_its_session_within_a_block(web):
             return time.monotonic()
 
     left = asyncio.run(main())
+    # The web front cancels the Converse call as the socket closes; one block is 0.48 s, the
+    # slack is for 8 test runs sharing 2 cores. The internal streams behind it follow (as in
+    # test_converse: within 5 s under that load).
     while busy := _sessions_held(web):
-        # one block is 0.48 s; the slack is for 8 test runs sharing 2 cores
-        assert time.monotonic() - left < 2.0, f"still held 2 s after the client left: {busy}"
+        gone_s = time.monotonic() - left
+        assert gone_s < 1.5 or not any("Converse" in k for k in busy), f"the session outlived its client: {busy}"
+        assert gone_s < 5.0, f"still held 5 s after the client left: {busy}"
         time.sleep(0.05)
     assert metrics_of(web)["avatar_http_websocket_sessions"] == 0
 
@@ -320,6 +329,11 @@ def test_job_refusals_keep_the_gateways_reason(web):
 def test_bad_multipart_is_400_with_the_reason(web, fields, reason):
     status, _, body = post_job(web.url, fields)
     assert status == 400 and reason in body["error"], body
+
+
+def test_a_body_over_the_public_limit_is_413(web):
+    status, _, body = post_job(web.url, {"image": IMAGE, "audio": b"\0" * (32 * 2**20 + 1)})
+    assert status == 413 and "Too Large" in body["error"], body
 
 
 def test_a_body_that_is_not_multipart_is_400(web):
