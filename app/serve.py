@@ -139,8 +139,10 @@ async def start(cfg: ServeConfig) -> RunningServer:
     """
     if cfg.role not in ROLES:
         raise ValueError(f"unknown role {cfg.role!r}: choose one of {', '.join(ROLES)}")
-    if cfg.web is not None and cfg.role not in ("all", "gateway"):
-        raise ValueError(f"--http serves the public API: it runs with --role all or gateway, not {cfg.role}")
+    if cfg.web is not None:
+        if cfg.role not in ("all", "gateway"):
+            raise ValueError(f"--http serves the public API: it runs with --role all or gateway, not {cfg.role}")
+        grpc_util._check_port_free(cfg.web.listen)  # before minutes of model loading, not after
     telemetry.setup(f"avatar-{cfg.role}", cfg.trace_file)
     if cfg.compile_cache:
         path = use_compile_cache(cfg.compile_cache)
@@ -280,7 +282,11 @@ async def start(cfg: ServeConfig) -> RunningServer:
         await grpc_util.set_serving(internal_health, internal_names)
     await grpc_util.set_serving(health, names)
     if gateway is not None and cfg.web is not None:
-        running.web = await _start_web(cfg, gateway, interceptors, closers)
+        try:
+            running.web = await _start_web(cfg, gateway, interceptors, closers)
+        except BaseException:
+            await running.stop(0)
+            raise
     if gateway is not None:
         # NOT_SERVING for the gateway's name while a service behind it is unreachable
         closers.insert(0, gateway.watch_peers(health, SERVICE_NAME))

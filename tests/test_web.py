@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import ASSETS, Services, ffprobe, free_port, metrics_of
+from tests.conftest import ASSETS, AVATAR, Services, ffprobe, free_port, metrics_of
 
 TOKEN = "web-test-token"
 ALLOWED_ORIGIN = "https://app.example.com"
@@ -583,3 +584,28 @@ def test_https_and_a_busy_gateway_is_429_with_retry_after(busy_tls):
     assert status == 429 and body["code"] == "RESOURCE_EXHAUSTED" and int(retry_after) >= 1, body
     assert refused["type"] == "error" and refused["status"] == 429 and second_close == 4429, refused
     assert refused["retry_after_s"] >= 1
+
+
+def test_bad_http_flags_are_one_line_and_exit_code_2(env):
+    """Refused before any model loads: a bad address, a role without the public API, a bad origin,
+    and a port another process holds."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy_port = held.getsockname()[1]
+        cases = [
+            (["--http", "nonsense"], "--http 'nonsense': expected [HOST:]PORT"),
+            (["--http", "8080", "--role", "encoder"], "runs with --role all or gateway, not encoder"),
+            (["--http", "8080", "--http-allowed-origins", "app.example.com"], "is not an origin like https://"),
+            (["--http", str(busy_port)], f"port {busy_port} is already in use"),
+        ]
+        for args, reason in cases:
+            r = subprocess.run(
+                [*AVATAR, "serve", "--listen", "127.0.0.1:0", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            errors = [line for line in r.stderr.splitlines() if not line.startswith("{")]  # JSON log lines aside
+            assert r.returncode == 2 and len(errors) == 1 and reason in errors[0], (args, r.stderr[-2000:])

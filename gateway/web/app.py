@@ -179,7 +179,6 @@ async def observe(request: web.Request, handler):
         except web.HTTPException as exc:
             code = exc.status
             if exc.status >= 400 and exc.content_type != "application/json":
-                code = exc.status
                 return json_error(exc.status, exc.reason)
             raise
         except Exception:

@@ -10,6 +10,7 @@ finished job is forgotten `ttl_s` after it ended.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from avatar.gateway.web.app import grpc_error_response, json_error
 from avatar.gateway.web.metrics import BYTES_STREAMED
 from avatar.grpc_util import PUBLIC_MAX_REQUEST_BYTES
 from avatar.v1 import avatar_pb2
+
+log = logging.getLogger("avatar.gateway.web")
 
 START_WAIT_S = 5.0  # POST waits this long for the first fragment, so early refusals keep their status
 VIDEO_ROUTE = "/v1/jobs/{id}/video.mp4"
@@ -164,6 +167,9 @@ class JobStore:
             job.finish()
         except GenerateError as exc:
             job.finish(exc)
+        except Exception:  # a bug must not leave the job "running" for its readers forever
+            log.exception("web job %s failed", job.id)
+            job.finish(GenerateError(grpc.StatusCode.INTERNAL, "the job failed (see the server log)"))
         except asyncio.CancelledError:
             job.finish(GenerateError(grpc.StatusCode.CANCELLED, "the job was cancelled"))
             raise
