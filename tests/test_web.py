@@ -4,6 +4,7 @@ auth, origins and bad input."""
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import socket
@@ -464,41 +465,70 @@ def test_bad_messages_after_the_header_close_with_400(web, payload, reason):
 # --- the page in a browser ---------------------------------------------------------------------
 
 
-def test_the_page_plays_a_speech_file_live_in_headless_chromium(web):
+@contextlib.contextmanager
+def chromium():
+    """Debian's Chromium under Playwright (nothing downloaded), with a fake microphone that beeps."""
     if CHROMIUM is None:
         pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream", "--no-sandbox"],
+            args=[
+                "--autoplay-policy=no-user-gesture-required",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                "--no-sandbox",
+            ],
         )
         try:
-            page = browser.new_page()
-            page.goto(f"{web.url}/?token={TOKEN}")
-            assert page.evaluate("typeof (window.MediaSource || window.ManagedMediaSource)") == "function"
-            assert page.is_disabled("#transport-webrtc") == (page.evaluate("typeof window.avatarWhep") == "undefined")
-            page.set_input_files("#speech", str(SPEECH))
-            page.fill("#size", "64*64")
-            page.fill("#steps", "2")
-            page.click("#start")
-            # the video plays while the session is still live (7.2 s of speech fed at real-time pace)
-            page.wait_for_function(
-                "document.getElementById('video').currentTime > 1.0 && window.avatarPage.state === 'live'",
-                timeout=90_000,
-            )
-            seen = page.evaluate("({t: document.getElementById('video').currentTime, p: window.avatarPage})")
-            assert seen["p"]["fragments"] >= 3 and seen["p"]["latenciesMs"] and seen["p"]["error"] is None
-            assert page.inner_text("#live-via") == "MSE" and "ms" in page.inner_text("#latency")
-            page.click("#interrupt")
-            page.wait_for_function(
-                "window.avatarPage.events.some(e => e.includes('\"interrupted\":true'))", timeout=30_000
-            )
-            page.click("#stop")
-            page.wait_for_function("window.avatarPage.state === 'ended'", timeout=30_000)
-            assert page.evaluate("window.avatarPage.status.reason") == "end_of_stream"
+            yield browser
         finally:
             browser.close()
+
+
+def test_the_page_streams_the_microphone_through_its_audio_worklet(web):
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(f"{web.url}/?token={TOKEN}")
+        page.check("input[name=source][value=mic]")
+        page.fill("#size", "64*64")
+        page.fill("#steps", "2")
+        page.click("#start")
+        # the fake microphone's beeps arrive as speech: fragments that carry audio, and the video plays
+        page.wait_for_function(
+            "window.avatarPage.latenciesMs.length >= 2 && document.getElementById('video').currentTime > 0.5",
+            timeout=90_000,
+        )
+        assert any("AudioWorklet" in e for e in page.evaluate("window.avatarPage.events"))
+        page.click("#stop")
+        page.wait_for_function("window.avatarPage.state === 'ended'", timeout=30_000)
+        assert page.evaluate("window.avatarPage.status.reason") == "end_of_stream"
+
+
+def test_the_page_plays_a_speech_file_live_in_headless_chromium(web):
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(f"{web.url}/?token={TOKEN}")
+        assert page.evaluate("typeof (window.MediaSource || window.ManagedMediaSource)") == "function"
+        assert page.is_disabled("#transport-webrtc") == (page.evaluate("typeof window.avatarWhep") == "undefined")
+        page.set_input_files("#speech", str(SPEECH))
+        page.fill("#size", "64*64")
+        page.fill("#steps", "2")
+        page.click("#start")
+        # the video plays while the session is still live (7.2 s of speech fed at real-time pace)
+        page.wait_for_function(
+            "document.getElementById('video').currentTime > 1.0 && window.avatarPage.state === 'live'",
+            timeout=90_000,
+        )
+        seen = page.evaluate("({t: document.getElementById('video').currentTime, p: window.avatarPage})")
+        assert seen["p"]["fragments"] >= 3 and seen["p"]["latenciesMs"] and seen["p"]["error"] is None
+        assert page.inner_text("#live-via") == "MSE" and "ms" in page.inner_text("#latency")
+        page.click("#interrupt")
+        page.wait_for_function("window.avatarPage.events.some(e => e.includes('\"interrupted\":true'))", timeout=30_000)
+        page.click("#stop")
+        page.wait_for_function("window.avatarPage.state === 'ended'", timeout=30_000)
+        assert page.evaluate("window.avatarPage.status.reason") == "end_of_stream"
 
 
 # --- HTTPS and a busy gateway ------------------------------------------------------------------

@@ -111,6 +111,8 @@ async function startMic() {
   const node = new AudioWorkletNode(ctx, "pcm16-resampler", { processorOptions: { targetRate: RATE, chunkS: 0.02 } });
   node.port.onmessage = (e) => sendPcm(new Int16Array(e.data));
   ctx.createMediaStreamSource(stream).connect(node);
+  node.connect(ctx.destination);  // a node nothing pulls is never run; its output is silence
+  await ctx.resume();
   log(`microphone on (${ctx.sampleRate} Hz, resampled to ${RATE} Hz in an AudioWorklet)`);
   return { stop() { stream.getTracks().forEach((t) => t.stop()); ctx.close(); } };
 }

@@ -12,15 +12,16 @@ class Pcm16Resampler extends AudioWorkletProcessor {
     this.pos = 0;                                // next output position, in input samples from `prev`
     this.prev = 0;                               // last input sample of the previous block
     this.sum = 0; this.count = 0;                // box filter accumulator
-    this.out = new Int16Array(Math.round(targetRate * chunkS));
+    this.chunk = Math.round(targetRate * chunkS);  // samples per message
+    this.out = new Int16Array(this.chunk);
     this.n = 0;
   }
 
   emit(value) {
     this.out[this.n++] = Math.max(-1, Math.min(1, value)) * 0x7fff;
-    if (this.n === this.out.length) {
-      this.port.postMessage(this.out.buffer, [this.out.buffer]);
-      this.out = new Int16Array(this.out.length);
+    if (this.n === this.chunk) {
+      this.port.postMessage(this.out.buffer, [this.out.buffer]);  // transferred: this.out is now empty
+      this.out = new Int16Array(this.chunk);
       this.n = 0;
     }
   }
