@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from avatar import package_version
-from avatar.app import converse_cmd
+from avatar.app import converse_cmd, web_cmd
 
 EXIT_BAD_INPUT = 2
 
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_flags(p)
     add_security_args(p)
     converse_cmd.add_serve_flags(p)
+    web_cmd.add_serve_flags(p)
 
     p = sub.add_parser("generate", help="render a talking-avatar video from a portrait and speech")
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
@@ -487,6 +488,7 @@ def cmd_serve(args) -> int:
         compile_cache=args.compile_cache,
         encoder_admission=encoder_admission,
         parallel=parallel,
+        web=web_cmd.web_config(args, security),
     )
     from avatar.app import processes
     from avatar.errors import WeightsError

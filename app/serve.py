@@ -44,6 +44,7 @@ class ServeConfig:
     encoder_admission: AdmissionConfig | None = field(default_factory=lambda: AdmissionConfig(2, 8))
     # generator under torchrun: a ParallelConfig (services/generator/distributed); None: one process
     parallel: object = None
+    web: object = None  # gateway: an avatar.gateway.web.app.WebConfig (`--http`); None: no web front
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunningServer:
     internal: grpc.aio.Server | None = None  # "all": the loopback listener of the internal services
     internal_health: object = None
     internal_port: int | None = None
+    web: object = None  # the web front (avatar.gateway.web.app.RunningWeb) when --http is on
 
     @property
     def address(self) -> str:
@@ -149,6 +151,10 @@ async def start(cfg: ServeConfig) -> RunningServer:
     """
     if cfg.role not in ROLES:
         raise ValueError(f"unknown role {cfg.role!r}: choose one of {', '.join(ROLES)}")
+    if cfg.web is not None:
+        if cfg.role not in ("all", "gateway"):
+            raise ValueError(f"--http serves the public API: it runs with --role all or gateway, not {cfg.role}")
+        grpc_util._check_port_free(cfg.web.listen)  # before minutes of model loading, not after
     telemetry.setup(f"avatar-{cfg.role}", cfg.trace_file)
     if cfg.compile_cache:
         path = use_compile_cache(cfg.compile_cache)
@@ -292,10 +298,42 @@ async def start(cfg: ServeConfig) -> RunningServer:
     if internal_health is not None:
         await grpc_util.set_serving(internal_health, internal_names)
     await grpc_util.set_serving(health, names)
+    if gateway is not None and cfg.web is not None:
+        try:
+            running.web = await _start_web(cfg, gateway, interceptors, closers)
+        except BaseException:
+            await running.stop(0)
+            raise
     if gateway is not None:
         # NOT_SERVING for the gateway's name while a service behind it is unreachable
         closers.insert(0, gateway.watch_peers(health, SERVICE_NAME))
     return running
+
+
+async def _start_web(cfg: ServeConfig, gateway, interceptors: list, closers: list):
+    """The web front (avatar.gateway.web) on the same loop. It calls the public API as a client
+    does, over its own loopback listener with the public listener's interceptors (auth, admission,
+    metrics) and limits, so that TLS on the public port needs no client setup here."""
+    from avatar.gateway.web.app import start_web
+    from avatar.v1 import avatar_pb2_grpc
+
+    listener, port = grpc_util.create_server(
+        "127.0.0.1:0", None, interceptors, max_request_bytes=grpc_util.PUBLIC_MAX_REQUEST_BYTES
+    )
+    avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, listener)
+    await listener.start()
+    try:
+        web = await start_web(replace(cfg.web, grpc_address=f"127.0.0.1:{port}"))
+    except BaseException:
+        await listener.stop(0)
+        raise
+
+    async def stop_web():
+        await web.stop()  # its sessions end first, then the listener they used
+        await listener.stop(0)
+
+    closers.insert(0, stop_web)
+    return web
 
 
 async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -326,7 +364,8 @@ async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> 
         f"listening on {_host(cfg.listen)}:{running.port}{' (TLS)' if cfg.security.tls.cert else ''}, "
         f"model {cfg.model.describe()}"
         + (f", internal services on 127.0.0.1:{running.internal_port} (internal token)" if running.internal else "")
-        + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""),
+        + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else "")
+        + (f", web on {running.web.url}" if running.web else ""),
         file=sys.stderr,
         flush=True,
     )

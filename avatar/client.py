@@ -57,6 +57,7 @@ class GenerateError(Exception):
     def __init__(self, code: grpc.StatusCode, details: str, attempts: int = 0):
         super().__init__(f"{code.name}: {details}")
         self.code, self.details, self.attempts = code, details, attempts
+        self.retry_after_ms: int | None = None  # the gateway's hint with RESOURCE_EXHAUSTED, if any
 
 
 class InvalidRequest(GenerateError):
@@ -257,7 +258,9 @@ class GenerateCall:
 def _error(exc: grpc.aio.AioRpcError, attempts: int) -> GenerateError:
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(exc.details() or "", attempts)
-    return GenerateError(exc.code(), exc.details() or "", attempts)
+    error = GenerateError(exc.code(), exc.details() or "", attempts)
+    error.retry_after_ms = retry_after_ms(exc)
+    return error
 
 
 @dataclasses.dataclass

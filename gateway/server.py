@@ -164,9 +164,11 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # live sessions: gateway/converse.py owns the flow
         from avatar.gateway.converse import ConverseConfig, converse
 
-        # Accepted: clients (avatar.live_client) start writing audio only after this.
-        await context.send_initial_metadata(())
         async with self.admission.slot(context) if self.admission else contextlib.nullcontext():
+            # Accepted: clients (avatar.live_client) start writing only after this, so a refusal
+            # above reaches them as its status, not as a write failing under them ("Internal
+            # error from Core" while a large header is still being sent).
+            await context.send_initial_metadata(())
             async with contextlib.aclosing(
                 converse(self, request_iterator, context, self.live or ConverseConfig())
             ) as outs:
