@@ -203,6 +203,11 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from avatar.v1 import generator_pb2_grpc
 
         if distributed.launched():  # torchrun: rank 0 of a TPP group (services/generator/distributed)
+            if cfg.model.avatar_loras:
+                raise ValueError(
+                    "--avatar-lora is not served by a multi-GPU (TPP) generator yet: "
+                    "serve per-avatar LoRAs from single-GPU generators"
+                )
             from avatar.services.generator.distributed.tpp import start_rank0
 
             engine = await loop.run_in_executor(None, start_rank0, cfg.model)

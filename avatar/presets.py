@@ -87,6 +87,17 @@ class EncoderOptions:
 
 
 LORA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a registered avatar LoRA's name (lora_id)
+
+
+def check_lora_id(lora_id: str) -> str:
+    """A request's lora_id: empty (the base model) or a name an avatar LoRA can be registered under."""
+    if lora_id and not LORA_ID.match(lora_id):
+        raise InvalidInput(
+            f"lora_id {lora_id[:80]!r} cannot name an avatar LoRA: 1 to 64 letters, digits, '.', '_' or '-'"
+        )
+    return lora_id
+
+
 DEFAULT_MAX_LORAS = 4  # per-avatar LoRAs a generator holds at once (about 1.35 GB each for the 14B in bf16)
 
 

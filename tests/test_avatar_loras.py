@@ -2,11 +2,14 @@
 merged, switched back and forth, held LRU, refused with the reason when unknown or bad."""
 
 import struct
+import subprocess
 import threading
 
+import grpc
 import pytest
 import torch
 from ckpt_fixtures.dit import one_torch_thread, write_lora  # noqa: F401 (one_torch_thread: autouse)
+from conftest import ASSETS, AVATAR, check_video, generate, metrics_of, tone_wav
 from safetensors.torch import save_file
 
 from avatar.errors import InvalidInput, ResourceExhausted, WeightsError
@@ -256,3 +259,158 @@ def test_without_avatar_loras_the_model_has_no_hooks(loras):
     assert not any(m._forward_hooks for m in plain.dit.modules())
     hooked = _engine(loras)
     assert sum(bool(m._forward_hooks) for m in hooked.dit.modules()) == 52
+
+
+def test_generator_rpcs_take_lora_id_and_list_the_loras(loras):
+    """GeneratorService in-process: Generate's SessionStart.lora_id, Loras for a router."""
+    import asyncio
+
+    from avatar import wire
+    from avatar.grpc_util import create_server
+    from avatar.services.generator.server import GeneratorServicer
+    from avatar.v1 import encoder_pb2, generator_pb2, generator_pb2_grpc
+
+    engine = _engine(loras, ("acme", "globex", "initech"), max_loras=2)
+    text, ref, motion, audio = _inputs()
+
+    def start(lora_id):
+        return generator_pb2.GeneratorInput(
+            start=generator_pb2.SessionStart(
+                job=_job().to_proto(),
+                text=wire.to_proto(text),
+                ref_latent=wire.to_proto(ref),
+                motion_latents=wire.to_proto(motion),
+                lora_id=lora_id,
+            )
+        )
+
+    async def main():
+        server, port = create_server("127.0.0.1:0")
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine), server)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = generator_pb2_grpc.GeneratorServiceStub(ch)
+                empty = await stub.Loras(generator_pb2.LorasRequest())
+                assert (list(empty.registered), list(empty.loaded), empty.max_loras) == (
+                    ["acme", "globex", "initech"],
+                    [],
+                    2,
+                )
+                call = stub.Generate()
+                await call.write(start("globex"))
+                assert (await call.read()).WhichOneof("event") == "ready"
+                busy = await stub.Loras(generator_pb2.LorasRequest())
+                assert list(busy.loaded) == ["globex"] and dict(busy.in_use) == {"globex": 1} and busy.loads == 1
+                for a in audio:
+                    await call.write(
+                        generator_pb2.GeneratorInput(audio=encoder_pb2.AudioFeatures(features=wire.to_proto(a)))
+                    )
+                await call.done_writing()
+                got = torch.stack([wire.tensor_arg((await call.read()).block.latent, "latent") for _ in audio])
+                assert torch.equal(got, _render(engine, "globex"))
+                refused = stub.Generate()
+                await refused.write(start("nobody"))
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await refused.read()
+                assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert (
+                    "unknown lora_id 'nobody': this generator serves acme, globex, initech" in failure.value.details()
+                )
+                after = await stub.Loras(generator_pb2.LorasRequest())
+                assert dict(after.in_use) == {} and list(after.loaded) == ["globex"] and after.evictions == 0
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+# --- through the mesh: gateway -> generator over gRPC ----------------------------------------
+
+
+def _request(lora_id: str, audio: bytes):
+    from avatar.v1 import avatar_pb2
+
+    return avatar_pb2.GenerateRequest(
+        image=(ASSETS / "astronaut.png").read_bytes(), audio=audio, size="64*64", seed=7, lora_id=lora_id
+    )
+
+
+def _video(address: str, lora_id: str, audio: bytes, path) -> bytes:
+    s = generate(address, _request(lora_id, audio), timeout_s=120)
+    check_video(s.write_mp4(path), 1.0)
+    return b"".join(f.data for _, f in s.fragments)
+
+
+def test_avatars_through_the_mesh_switch_back_and_forth(start_service, tmp_path):
+    from avatar.v1 import avatar_pb2, avatar_pb2_grpc
+
+    paths = {}
+    for i, name in enumerate(("acme", "globex")):
+        paths[name] = tmp_path / f"{name}.safetensors"
+        write_lora(paths[name], random_dit("tiny", "cpu", torch.float32, seed=0), rank=4, seed=20 + i, scale=0.2)
+    server = start_service(
+        "all",
+        *("--avatar-lora", f"acme={paths['acme']}", "--avatar-lora", f"globex={paths['globex']}"),
+        *("--max-loras", "1", "--metrics-port", "0"),
+        trace=True,
+    )
+    audio = tone_wav(1.0)
+    videos = {}
+    for n, lora_id in enumerate(("acme", "globex", "acme", "")):
+        videos.setdefault(lora_id, []).append(_video(server.address, lora_id, audio, tmp_path / f"{n}.mp4"))
+    # acme again after globex took the only slot: reloaded, the same video byte for byte
+    assert videos["acme"][0] == videos["acme"][1]
+    assert len({videos["acme"][0], videos["globex"][0], videos[""][0]}) == 3
+
+    with grpc.insecure_channel(server.address) as ch:
+        stub = avatar_pb2_grpc.AvatarServiceStub(ch)
+        for lora_id, words in (
+            ("nobody", "unknown lora_id 'nobody': this generator serves acme, globex"),
+            ("a b", "cannot name an avatar LoRA"),
+        ):
+            with pytest.raises(grpc.RpcError) as failure:
+                list(stub.Generate(_request(lora_id, audio), timeout=60))
+            assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in failure.value.details()
+
+        def converse():
+            yield avatar_pb2.ConverseRequest(
+                header=avatar_pb2.ConverseHeader(
+                    image=(ASSETS / "astronaut.png").read_bytes(), size="64*64", sample_rate=16000, lora_id="nobody"
+                )
+            )
+            yield avatar_pb2.ConverseRequest(end=avatar_pb2.EndOfStream())
+
+        with pytest.raises(grpc.RpcError) as failure:
+            list(stub.Converse(converse(), timeout=60))
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "this generator serves acme, globex" in failure.value.details()
+
+    samples = metrics_of(server)
+    assert samples['avatar_lora_loads_total{lora_id="acme"}'] == 2
+    assert samples['avatar_lora_loads_total{lora_id="globex"}'] == 1
+    assert samples["avatar_lora_evictions_total"] == 2 and samples["avatar_loras_loaded"] == 1
+    blocks = [sp for sp in server.spans() if sp["name"] == "dit_block"]
+    assert {sp["attributes"].get("lora_id") for sp in blocks} == {"acme", "globex", ""}
+
+
+def test_serve_refuses_a_bad_lora_at_start_with_one_line(tmp_path, env):
+    bad = tmp_path / "bad.safetensors"
+    tensors = write_lora(bad, random_dit("tiny", "cpu", torch.float32, seed=0), rank=4)
+    save_file({k: v for k, v in tensors.items() if ".blocks.1.ffn.0." not in k}, str(bad))
+    for flag, words in (
+        (f"acme={bad}", f"avatar LoRA acme ({bad}): 102 LoRA tensors cover 51 of the 52"),
+        ("acme", "expected NAME=PATH"),
+        (f"a/b={bad}", "avatar LoRA name 'a/b'"),
+        (f"acme={bad} --role gateway", "pass it to --role generator, not gateway"),
+    ):
+        r = subprocess.run(
+            [*AVATAR, "serve", "--listen", "127.0.0.1:0", "--avatar-lora", *flag.split()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
