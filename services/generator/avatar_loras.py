@@ -27,18 +27,14 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
-from avatar import metrics
 from avatar.checkpoints import read_safetensors_header
 from avatar.errors import InvalidInput, ResourceExhausted, WeightsError
 from avatar.presets import LORA_ID
-
-if TYPE_CHECKING:
-    from avatar.services.generator.lora import LoraPlan
+from avatar.services.generator.lora import LoraPlan, _sidecar_config, is_target, plan_lora
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +74,6 @@ def plan_avatar_lora(name: str, path: str | pathlib.Path, meta_dit: torch.nn.Mod
     Stricter than `--lora_path`: the file must cover every layer its targets select (the 896
     keys of LiveAvatar's layout for the 14B), be complete on disk, and hold nothing but LoRA
     pairs, since base tensors would change the model every other avatar shares."""
-    from avatar.services.generator.lora import _sidecar_config, plan_lora  # peft: imported when used
-
     check_name(name)
     path = pathlib.Path(path).expanduser()
     source = f"avatar LoRA {name} ({path})"
@@ -106,12 +100,8 @@ def plan_avatar_lora(name: str, path: str | pathlib.Path, meta_dit: torch.nn.Mod
     except (TypeError, ValueError) as e:  # an adapter_config.json with values of the wrong type
         raise WeightsError(f"{source}: adapter_config.json does not fit ({e})") from e
     if len(plan.modules) != plan.wrapped:
-        linears = {n for n, m in meta_dit.named_modules() if isinstance(m, torch.nn.Linear)}
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import check_target_module_exists
-
-        cfg = LoraConfig(r=plan.rank, target_modules=list(plan.targets))
-        missing = sorted(n for n in linears if check_target_module_exists(cfg, n) and n not in plan.modules)
+        linears = [n for n, m in meta_dit.named_modules() if isinstance(m, torch.nn.Linear)]
+        missing = sorted(n for n in linears if is_target(n, plan.targets) and n not in plan.modules)
         raise WeightsError(
             f"{source}: {2 * len(plan.modules)} LoRA tensors cover {len(plan.modules)} of the {plan.wrapped} "
             f"{','.join(plan.targets)} layers (expected {2 * plan.wrapped} tensors); missing: {', '.join(missing[:4])}"
@@ -191,6 +181,10 @@ class LoraBank:
         self._lock = threading.Lock()
         self.loads = self.evictions = 0
         self._hooks: list = []
+        # imported with a bank: the engine alone (the GPU benches) needs neither grpc nor prometheus_client
+        from avatar import metrics
+
+        self.metrics = metrics
 
     def register(self, name: str, path: str | pathlib.Path, meta_dit: torch.nn.Module) -> AvatarLora:
         """Validates and registers (WeightsError naming the problem); nothing is loaded yet."""
@@ -213,7 +207,7 @@ class LoraBank:
         targets = set().union(*(lora.plan.modules for lora in self.registered.values()))
         for name in sorted(targets):
             self._hooks.append(dit.get_submodule(name).register_forward_hook(_delta_hook(name)))
-        metrics.LORAS_LOADED.set(0)
+        self.metrics.LORAS_LOADED.set(0)
         return len(targets)
 
     def known(self) -> list[str]:
@@ -243,9 +237,9 @@ class LoraBank:
                 self._make_room(name)
                 self._load(lora)
                 self._held[name] = lora
-                metrics.LORAS_LOADED.set(len(self._held))
+                self.metrics.LORAS_LOADED.set(len(self._held))
             lora.sessions += 1
-            metrics.LORA_SESSIONS.labels(name).inc()
+            self.metrics.LORA_SESSIONS.labels(name).inc()
             return LoraLease(self, lora)
 
     def _release(self, lora: AvatarLora) -> None:
@@ -263,7 +257,7 @@ class LoraBank:
             dropped = self._held.pop(idle)
             dropped.weights, dropped.nbytes = None, 0
             self.evictions += 1
-            metrics.LORA_EVICTIONS.inc()
+            self.metrics.LORA_EVICTIONS.inc()
             log.info("avatar LoRA %s dropped for %s (LRU, --max-loras %d)", idle, name, self.max_loras)
 
     def _load(self, lora: AvatarLora) -> None:
@@ -282,8 +276,8 @@ class LoraBank:
         lora.weights, lora.nbytes = weights, nbytes
         self.loads += 1
         seconds = time.perf_counter() - start
-        metrics.LORA_LOADS.labels(lora.name).inc()
-        metrics.LORA_LOAD_SECONDS.observe(seconds)
+        self.metrics.LORA_LOADS.labels(lora.name).inc()
+        self.metrics.LORA_LOAD_SECONDS.observe(seconds)
         log.info("avatar LoRA %s loaded in %.2f s (%.1f MiB)", lora.name, seconds, nbytes / 2**20)
 
 
