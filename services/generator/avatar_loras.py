@@ -210,6 +210,12 @@ class LoraBank:
         self.metrics.LORAS_LOADED.set(0)
         return len(targets)
 
+    def detach(self) -> None:
+        """Removes the hooks: the model's forward is the plain one again (the bench's baseline)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
     def known(self) -> list[str]:
         return sorted(self.registered)
 
