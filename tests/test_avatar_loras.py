@@ -1,6 +1,8 @@
 """Per-avatar LoRAs on the tiny DiT: chosen per session, equal to a generator with that LoRA
 merged, switched back and forth, held LRU, refused with the reason when unknown or bad."""
 
+import base64
+import json
 import struct
 import subprocess
 import threading
@@ -387,12 +389,66 @@ def test_avatars_through_the_mesh_switch_back_and_forth(start_service, tmp_path)
         assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "this generator serves acme, globex" in failure.value.details()
 
+    # grpcurl, as docs/operations.md shows it: lora_id in the JSON request
+    body = json.dumps(
+        {
+            "image": base64.b64encode((ASSETS / "astronaut.png").read_bytes()).decode(),
+            "audio": base64.b64encode(audio).decode(),
+            "size": "64*64",
+            "seed": 7,
+            "lora_id": "globex",
+        }
+    )
+    out = grpcurl("-d", "@", server.address, "avatar.v1.AvatarService/Generate", stdin=body)
+    assert out.returncode == 0, out.stderr
+    frags = [base64.b64decode(m["fragment"]["data"]) for m in _json_stream(out.stdout) if "fragment" in m]
+    assert b"".join(frags) == videos["globex"][0]
+    body = json.dumps(
+        {
+            "image": base64.b64encode((ASSETS / "astronaut.png").read_bytes()).decode(),
+            "audio": base64.b64encode(audio).decode(),
+            "lora_id": "nobody",
+        }
+    )
+    out = grpcurl("-d", "@", server.address, "avatar.v1.AvatarService/Generate", stdin=body)
+    assert out.returncode != 0 and "InvalidArgument" in out.stderr and "serves acme, globex" in out.stderr
+
     samples = metrics_of(server)
+    # acme, globex, acme, base, globex (grpcurl) with one LoRA held: every LoRA session loaded its own
     assert samples['avatar_lora_loads_total{lora_id="acme"}'] == 2
-    assert samples['avatar_lora_loads_total{lora_id="globex"}'] == 1
-    assert samples["avatar_lora_evictions_total"] == 2 and samples["avatar_loras_loaded"] == 1
+    assert samples['avatar_lora_loads_total{lora_id="globex"}'] == 2
+    assert samples["avatar_lora_evictions_total"] == 3 and samples["avatar_loras_loaded"] == 1
+    assert samples['avatar_lora_sessions_total{lora_id="globex"}'] == 2
     blocks = [sp for sp in server.spans() if sp["name"] == "dit_block"]
     assert {sp["attributes"].get("lora_id") for sp in blocks} == {"acme", "globex", ""}
+
+
+def test_a_router_reads_a_generators_loras_with_grpcurl(start_service, tmp_path):
+    path = tmp_path / "acme.safetensors"
+    write_lora(path, random_dit("tiny", "cpu", torch.float32, seed=0), rank=4)
+    generator = start_service("generator", "--avatar-lora", f"acme={path}", "--max-loras", "3")
+    out = grpcurl("-d", "{}", generator.address, "avatar.v1.GeneratorService/Loras")
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["registered"] == ["acme"] and reply["max_loras"] == 3 and "loaded" not in reply
+
+
+def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    from test_grpcurl import GRPCURL
+
+    cmd = [str(GRPCURL), "-plaintext", "-max-msg-sz", str(64 << 20), *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def _json_stream(text: str) -> list[dict]:
+    decoder, i, out = json.JSONDecoder(), 0, []
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        message, i = decoder.raw_decode(text, i)
+        out.append(message)
+    return out
 
 
 def test_serve_refuses_a_bad_lora_at_start_with_one_line(tmp_path, env):
