@@ -11,6 +11,10 @@ from avatar import package_version
 from avatar.app import converse_cmd
 
 EXIT_BAD_INPUT = 2
+# gRPC's core logs transport events at INFO unless told otherwise (e.g. "Got goaway ... Cancelling
+# all calls" when an embedded mesh stops after a peer refused a request): errors only, so a
+# refusal stays one line. Set before grpc is first imported; an explicit setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 class UserError(Exception):

@@ -451,6 +451,30 @@ def _json_stream(text: str) -> list[dict]:
     return out
 
 
+@pytest.mark.mesh
+def test_cli_generate_renders_an_avatar_and_refuses_an_unknown_one(tmp_path, env):
+    """`avatar generate` without --server: its own mesh registers --avatar-lora, --lora-id picks it."""
+    path = tmp_path / "acme.safetensors"
+    write_lora(path, random_dit("tiny", "cpu", torch.float32, seed=0), rank=4, scale=0.2)
+    (tmp_path / "hi.wav").write_bytes(tone_wav(1.0))
+    common = ["generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(tmp_path / "hi.wav")]
+    common += ["--size", "64*64", "--avatar-lora", f"acme={path}"]
+    for lora_id, rc, words in (("nobody", 2, "unknown lora_id 'nobody': this generator serves acme"), ("acme", 0, "")):
+        out = tmp_path / f"{lora_id}.mp4"
+        r = subprocess.run(
+            [*AVATAR, *common, "--lora-id", lora_id, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert r.returncode == rc, r.stderr
+        if rc:
+            assert words in r.stderr and r.stderr.count("\n") == 1 and not out.exists(), r.stderr
+    check_video(tmp_path / "acme.mp4", 1.0)
+    assert json.loads((tmp_path / "acme.json").read_text())["parameters"]["lora_id"] == "acme"
+
+
 def test_serve_refuses_a_bad_lora_at_start_with_one_line(tmp_path, env):
     bad = tmp_path / "bad.safetensors"
     tensors = write_lora(bad, random_dit("tiny", "cpu", torch.float32, seed=0), rank=4)
