@@ -121,7 +121,7 @@ def test_switching_back_and_forth_and_lru_eviction_beyond_max_loras(loras):
     engine = _engine(loras, ("acme", "globex", "initech"), max_loras=2)
     loads_before = metrics.LORA_LOADS.labels("acme")._value.get()
     first = {name: _render(engine, name) for name in ("acme", "globex")}
-    assert engine.loras.loaded() == ["globex", "acme"] and engine.loras.evictions == 0
+    assert engine.loaded_loras() == ["globex", "acme"] and engine.loras.evictions == 0
     initech = _render(engine, "initech")  # a third: acme, the least recently used, is dropped
     assert engine.loras.loaded() == ["initech", "globex"] and engine.loras.evictions == 1
     assert engine.loras.registered["acme"].weights is None
@@ -257,7 +257,7 @@ def test_bad_names_and_max_loras_are_refused():
 
 def test_without_avatar_loras_the_model_has_no_hooks(loras):
     plain = GeneratorEngine(ModelSpec(name="tiny", seed=SEED))
-    assert plain.loras is None
+    assert plain.loras is None and plain.loaded_loras() == []
     assert not any(m._forward_hooks for m in plain.dit.modules())
     hooked = _engine(loras)
     assert sum(bool(m._forward_hooks) for m in hooked.dit.modules()) == 52

@@ -168,6 +168,11 @@ class GeneratorEngine:
                 lease.release()
             raise
 
+    def loaded_loras(self) -> list[str]:
+        """Avatar LoRA ids held on the device now, most recently used first: a session of one of
+        them starts without loading anything (what a router prefers); [] without avatar LoRAs."""
+        return self.loras.loaded() if self.loras is not None else []
+
     def _acquire_lora(self, lora_id: str) -> LoraLease | None:
         if not lora_id:
             return None
