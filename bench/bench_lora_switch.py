@@ -128,8 +128,9 @@ def main():
     ap.add_argument("--max-loras", type=int, default=2, help="held at once: every switch drops one")
     ap.add_argument("--switches", type=int, default=6, help="switches measured")
     ap.add_argument("--sizes", default="704*384,384*256")
-    ap.add_argument("--blocks", type=int, default=6, help="blocks per session (the first --warm are warm-up)")
-    ap.add_argument("--warm", type=int, default=2)
+    # 4 blocks a clip at 48 frames: CUDA graphs replay from the 5th block on, the steady state
+    ap.add_argument("--blocks", type=int, default=10, help="blocks per session (the first --warm are warm-up)")
+    ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where the LoRA files go (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/lora_switch.json when $OUT is set)")
     args = ap.parse_args()
