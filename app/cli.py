@@ -11,6 +11,10 @@ from avatar import package_version
 from avatar.app import converse_cmd, web_cmd
 
 EXIT_BAD_INPUT = 2
+# gRPC's core logs transport events at INFO unless told otherwise (e.g. "Got goaway ... Cancelling
+# all calls" when an embedded mesh stops after a peer refused a request): errors only, so a
+# refusal stays one line. Set before grpc is first imported; an explicit setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 class UserError(Exception):
@@ -136,6 +140,35 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_avatar_lora_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-avatar LoRAs (docs/operations.md, Per-avatar LoRA)")
+    g.add_argument(
+        "--avatar-lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="register a LoRA a request picks by lora_id NAME (repeatable); applied unmerged on top of "
+        "the base (and its --lora_path), validated at start-up like check-weights",
+    )
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        metavar="N",
+        help="avatar LoRAs the generator holds on its device at once, least recently used dropped (default 4)",
+    )
+
+
+def _avatar_loras(args) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in getattr(args, "avatar_lora", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--avatar-lora {item}: expected NAME=PATH, e.g. acme=/weights/acme/lora.safetensors")
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
 def model_spec(args):
     from avatar.errors import InvalidInput
     from avatar.presets import DecoderOptions, EncoderOptions, GeneratorOptions, ModelSpec
@@ -180,6 +213,8 @@ def model_spec(args):
             generator_options=generator_options,
             encoder_options=encoder_options,
             decoder_options=decoder_options,
+            avatar_loras=_avatar_loras(args),
+            **({"max_loras": args.max_loras} if getattr(args, "max_loras", None) is not None else {}),
         )
     except InvalidInput as exc:
         raise UserError(str(exc)) from None
@@ -310,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "degrees multiply to the processes started (default: tpp over every rank)",
     )
     _add_model_flags(p)
+    _add_avatar_lora_flags(p)
     _add_serving_flags(p)
     add_security_args(p)
     converse_cmd.add_serve_flags(p)
@@ -351,7 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also get the portrait's CLIP identity embedding, written to OUT.json (clip_embedding)",
     )
+    p.add_argument(
+        "--lora-id",
+        default="",
+        metavar="NAME",
+        help="render with the avatar LoRA registered under NAME (serve --avatar-lora NAME=PATH; "
+        "without --server: this command's --avatar-lora); default: the base model",
+    )
     _add_model_flags(p)
+    _add_avatar_lora_flags(p)
     add_security_args(p)
 
     _add_model_flags(converse_cmd.add_parser(sub))  # live sessions: app/converse_cmd.py
@@ -539,6 +583,8 @@ def model_for(args, role: str = "all"):
         raise UserError(
             f"--light-decoder-path {light}: no such file; taew2_1.pth is published in github.com/madebyollin/taehv"
         )
+    if spec.avatar_loras:
+        _check_avatar_loras(spec, role)
     if role != "gateway" and not args.random_weights:
         if args.ckpt_dir:
             _check_ckpt_dir(args.ckpt_dir)
@@ -548,6 +594,19 @@ def model_for(args, role: str = "all"):
                 f"LiveAvatar/liveavatar.safetensors"
             )
     return spec
+
+
+def _check_avatar_loras(spec, role: str) -> None:
+    """Every --avatar-lora validated against the DiT's shapes (headers only) before any model loads."""
+    if role not in ("all", "generator"):
+        raise UserError(f"--avatar-lora registers LoRAs with a generator: pass it to --role generator, not {role}")
+    from avatar.errors import WeightsError
+    from avatar.services.generator.engine import register_avatar_loras
+
+    try:
+        register_avatar_loras(spec)
+    except WeightsError as exc:
+        raise UserError(str(exc).replace("\n", " ")) from None
 
 
 def _check_ckpt_dir(ckpt_dir: str) -> None:
@@ -632,6 +691,7 @@ def _request(args):
         seed=args.seed,
         audio_encoder=args.audio_encoder or "",
         clip_embedding=args.clip_embedding,
+        lora_id=args.lora_id,
     )
 
 
@@ -641,6 +701,8 @@ async def cmd_generate(args) -> int:
     request = _request(args)
     out = Path(args.out)
     model = None
+    if args.server and args.avatar_lora:
+        raise UserError("--avatar-lora is for the mesh this command starts; with --server, the server registers them")
     if not args.server:  # with --server the model is the server's
         model = model_for(args)
     progress = _Progress()

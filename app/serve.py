@@ -220,6 +220,11 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from avatar.services.generator.server import SERVICE_NAME, GeneratorServicer
         from avatar.v1 import generator_pb2_grpc
 
+        if distributed.launched() and cfg.model.avatar_loras:
+            raise ValueError(
+                "--avatar-lora is not served by a multi-GPU (TPP or FSDP) generator yet: "
+                "serve per-avatar LoRAs from single-GPU generators"
+            )
         if distributed.launched() and _sharded(cfg):  # torchrun: rank 0 of an FSDP2 shard group
             from avatar.services.generator.distributed.sharding import start_rank0
 

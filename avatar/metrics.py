@@ -295,3 +295,24 @@ LIVE_INTERRUPT_TO_IDLE = Histogram(
 LIVE_BLOCKS = Counter(
     "avatar_live_blocks", "Live sessions: fragments sent, speech or idle", ["kind"], registry=REGISTRY
 )
+
+# Per-avatar LoRAs of a generator (services/generator/avatar_loras.py)
+LORA_SESSIONS = Counter(
+    "avatar_lora_sessions", "Generator sessions opened with a per-avatar LoRA", ["lora_id"], registry=REGISTRY
+)
+LORA_LOADS = Counter(
+    "avatar_lora_loads",
+    "Per-avatar LoRAs loaded onto the device because a session asked for one not held (LoRA switches)",
+    ["lora_id"],
+    registry=REGISTRY,
+)
+LORA_EVICTIONS = Counter(
+    "avatar_lora_evictions", "Per-avatar LoRAs dropped (least recently used) to make room", registry=REGISTRY
+)
+LORAS_LOADED = Gauge("avatar_loras_loaded", "Per-avatar LoRAs held on the device now", registry=REGISTRY)
+LORA_LOAD_SECONDS = Histogram(
+    "avatar_lora_load_seconds",
+    "Time to load one per-avatar LoRA onto the device (the cost of a switch)",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)

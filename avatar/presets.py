@@ -1,5 +1,6 @@
 """Job presets (preview / standard / hd, as in the LiveAvatar article) and model presets."""
 
+import re
 from dataclasses import dataclass, replace
 
 from avatar.errors import InvalidInput
@@ -112,6 +113,21 @@ class DecoderOptions:
         return self.kind == "light"
 
 
+LORA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a registered avatar LoRA's name (lora_id)
+
+
+def check_lora_id(lora_id: str) -> str:
+    """A request's lora_id: empty (the base model) or a name an avatar LoRA can be registered under."""
+    if lora_id and not LORA_ID.match(lora_id):
+        raise InvalidInput(
+            f"lora_id {lora_id[:80]!r} cannot name an avatar LoRA: 1 to 64 letters, digits, '.', '_' or '-'"
+        )
+    return lora_id
+
+
+DEFAULT_MAX_LORAS = 4  # per-avatar LoRAs a generator holds at once (about 1.35 GB each for the 14B in bf16)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model a service runs and how. Every service builds its part from this alone.
@@ -134,8 +150,24 @@ class ModelSpec:
     generator_options: GeneratorOptions = GeneratorOptions()
     encoder_options: EncoderOptions = EncoderOptions()
     decoder_options: DecoderOptions = DecoderOptions()
+    # (name, path) of per-avatar LoRAs a request picks by lora_id, applied unmerged on top of the
+    # base (services/generator/avatar_loras.py); () : none, the generator's forward is unchanged
+    avatar_loras: tuple[tuple[str, str], ...] = ()
+    max_loras: int = DEFAULT_MAX_LORAS  # avatar LoRAs held on the device at once (least recently used dropped)
 
     def __post_init__(self):
+        names = [name for name, _ in self.avatar_loras]
+        bad = next((n for n in names if not LORA_ID.match(n)), None)
+        if bad is not None:
+            raise InvalidInput(
+                f"avatar LoRA name {bad[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InvalidInput(f"avatar LoRA {twice[0]} is registered twice")
+        if self.max_loras < 1:
+            raise InvalidInput(f"--max-loras must be at least 1, got {self.max_loras}")
         # Weights from files never fall back to random ones: each optional encoder needs its folder.
         enc = self.encoder_options
         if self.from_files and "whisper" in enc.audio_encoders and not enc.whisper_dir:

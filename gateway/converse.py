@@ -32,7 +32,7 @@ from avatar.gateway.server import _DONE as _END
 from avatar.gateway.server import _RequestStream, mime_type
 from avatar.grpc_util import call_options, run_blocking
 from avatar.job_limits import MAX_VIDEO_S
-from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK
+from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK, check_lora_id
 from avatar.v1 import avatar_pb2, decoder_pb2, encoder_pb2, generator_pb2
 
 LOOKAHEAD_S = 0.2  # queued speech after a block passed to the encoder as right context
@@ -80,6 +80,7 @@ def plan_live_job(header: avatar_pb2.ConverseHeader, model, request_id: str, con
         raise InvalidInput(
             f"idle_timeout_s must be in 0..{config.idle_timeout_s:g} (0: the server's), got {header.idle_timeout_s:g}"
         )
+    check_lora_id(header.lora_id)
     if not header.image:
         raise InvalidInput("the header needs the portrait image (PNG, JPEG or WebP bytes)")
     image = media.load_image(header.image)
@@ -208,6 +209,8 @@ class ConverseSession:
         if first is None or first.WhichOneof("event") != "header":
             raise InvalidInput("the first ConverseRequest must be the header (audio came before it)")
         self.header = first.header
+        if self.header.lora_id:
+            trace.get_current_span().set_attribute("lora_id", self.header.lora_id[:80])
         self.job, self.pixels = await run_blocking(
             plan_live_job, self.header, self.gateway.model, self.request_id, self.config
         )
@@ -297,6 +300,7 @@ class ConverseSession:
                         text=self.text.embeddings,
                         ref_latent=self.image.ref_latent,
                         motion_latents=self.image.motion_latents,
+                        lora_id=self.header.lora_id,
                     )
                 ),
                 self.generator_in,

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from avatar import metrics, telemetry, wire
 from avatar.gateway import planner
 from avatar.grpc_util import PeerError, call_options, create_channel, run_blocking, set_serving
-from avatar.presets import FRAMES_PER_BLOCK, ModelSpec
+from avatar.presets import FRAMES_PER_BLOCK, ModelSpec, check_lora_id
 from avatar.v1 import (
     avatar_pb2,
     avatar_pb2_grpc,
@@ -179,6 +179,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         t0 = time.perf_counter()
         request_id = uuid.uuid4().hex[:8]
         trace.get_current_span().set_attribute("request_id", request_id)
+        if check_lora_id(request.lora_id):
+            trace.get_current_span().set_attribute("lora_id", request.lora_id)  # checked: at most 64 chars
         plan = await run_blocking(planner.prepare, request, self.model, request_id, self.max_audio_s)
         job = plan.job
 
@@ -227,7 +229,11 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             return _RequestStream(
                 generator_pb2.GeneratorInput(
                     start=generator_pb2.SessionStart(
-                        job=job, text=text.embeddings, ref_latent=image.ref_latent, motion_latents=image.motion_latents
+                        job=job,
+                        text=text.embeddings,
+                        ref_latent=image.ref_latent,
+                        motion_latents=image.motion_latents,
+                        lora_id=request.lora_id,
                     )
                 ),
                 generator_in,

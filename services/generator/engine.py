@@ -28,13 +28,15 @@ from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.jobs import Job
 from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
 from avatar.presets import FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
+from avatar.services.generator import avatar_loras
 from avatar.services.generator.attention import prefer_cudnn_attention
+from avatar.services.generator.avatar_loras import LoraBank, LoraLease
 from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
 from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec, step_cache_spec
 from avatar.services.generator.scheduler import FlowMatchEuler
 from avatar.services.generator.step_graphs import StepGraphs
-from avatar.services.generator.weights import load_dit, random_dit
+from avatar.services.generator.weights import build_dit, load_dit, random_dit, read_dit_config
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,25 @@ def build_generator_model(model: ModelSpec, load_device: torch.device | None = N
     return dit
 
 
+def register_avatar_loras(model: ModelSpec, dit: CausalS2VDiT | None = None) -> LoraBank:
+    """The spec's avatar LoRAs, each validated against the DiT's shapes (a meta-device twin:
+    names and shapes only); WeightsError naming the first bad one."""
+    if dit is not None:
+        config = dict(dit.config)
+    elif model.from_files:
+        from avatar.checkpoints import resolve_ckpt_dir
+
+        config = read_dit_config(resolve_ckpt_dir(model.ckpt_dir).root)
+    else:
+        config = "tiny" if model.is_tiny else "s2v-14b"
+    meta = build_dit(config, device="meta")
+    where = (dit.device, dit.dtype) if dit is not None else (torch.device(model.device), model_dtype(model))
+    bank = LoraBank(model.max_loras, *where)
+    for name, path in model.avatar_loras:
+        bank.register(name, path, meta)
+    return bank
+
+
 def cuda_graphs_wanted(model: ModelSpec, device: torch.device) -> bool:
     """`GeneratorOptions.cuda_graphs`: replay each steady-state step from a CUDA graph
     (services/generator/step_graphs.py); default on for CUDA devices."""
@@ -125,7 +146,11 @@ class GeneratorEngine:
 
     def __init__(self, model: ModelSpec, dit: CausalS2VDiT | None = None):
         self.spec = model
+        # per-avatar LoRAs are validated before the (slow) model load: a bad file fails at once
+        self.loras = register_avatar_loras(model, dit) if model.avatar_loras else None
         self.dit = dit if dit is not None else build_generator_model(model)
+        if self.loras is not None:
+            log.info("per-avatar LoRAs: %d linear layers hooked", self.loras.attach(self.dit))
         self.cache_sets = model.generator_options.cache_sets
         self.kv_dtype = kv_cache_dtype(model, self.dit.dtype)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
@@ -135,9 +160,28 @@ class GeneratorEngine:
             self.free_memory = lambda: gpu_available_bytes(index)
 
     def open_session(
-        self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor
+        self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor, lora_id: str = ""
     ) -> GeneratorSession:
-        return GeneratorSession(self, job, text, ref_latent, motion_latents, cache_sets=self.cache_sets)
+        """`lora_id`: a registered avatar LoRA the session renders with (loaded now if not held); "": the base."""
+        lease = self._acquire_lora(lora_id)
+        try:
+            return GeneratorSession(self, job, text, ref_latent, motion_latents, cache_sets=self.cache_sets, lora=lease)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+
+    def loaded_loras(self) -> list[str]:
+        """Avatar LoRA ids held on the device now, most recently used first: a session of one of
+        them starts without loading anything (what a router prefers); [] without avatar LoRAs."""
+        return self.loras.loaded() if self.loras is not None else []
+
+    def _acquire_lora(self, lora_id: str) -> LoraLease | None:
+        if not lora_id:
+            return None
+        if self.loras is None:
+            raise InvalidInput(f"lora_id {lora_id[:80]!r}: {avatar_loras.NOT_SERVED}")
+        return self.loras.acquire(lora_id)
 
     def open_step_session(
         self, job: Job, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor, step: int
@@ -226,8 +270,11 @@ class GeneratorSession:
         sink_ahead: tuple[int, int] = SINK_AHEAD,
         refresh_sink: bool = True,
         step: int | None = None,
+        lora: LoraLease | None = None,
     ):
         self.engine = engine
+        self.lora_lease = lora  # released at close: the LoRA may be dropped for another from then on
+        self.lora = lora.lora if lora is not None else None  # every model call of this session runs with it
         self.dit = dit = engine.dit
         self.plan = plan = plan_session(job, dit, ref_latent, motion_latents, text, cache_sets)
         if step is not None and not (0 <= step < plan.steps and plan.cache_sets == plan.steps):
@@ -263,7 +310,7 @@ class GeneratorSession:
             )
         self.block_index = 0
         self.last_block_ms = 0.0
-        with self._freed_on_failure():
+        with self._freed_on_failure(), avatar_loras.active(self.lora):
             self.kv = KVCache(spec, engine.kv_dtype, self.device)
             self.context = dit.embed_text(text.to(self.device)[None])
             self.motion = motion_latents.to(self.device, self.dtype)[None]
@@ -353,7 +400,7 @@ class GeneratorSession:
         block 0's finished first frame, for a step session whose needs_first_frame() says so."""
         if self._closed:
             raise InvalidInput("the generator session is closed")
-        with self._freed_on_failure():
+        with self._freed_on_failure(), avatar_loras.active(self.lora):
             return self._denoise_block(x, audio, first_frame)
 
     def _denoise_block(self, x: torch.Tensor, audio: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
@@ -408,6 +455,8 @@ class GeneratorSession:
             if self.kv is not None:
                 self.kv.free()
             self._clip_noise = self._first_frame = self.context = self.motion = None
+            if self.lora_lease is not None:
+                self.lora_lease.release()
 
 
 def clip_noise(seed: int, clip: int, plan: SessionPlan) -> torch.Tensor:

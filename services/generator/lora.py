@@ -13,15 +13,16 @@ import json
 import pathlib
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora import LoraLayer, LoraModel
-from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import safe_open
 
 from avatar.checkpoints import read_safetensors_header
 from avatar.errors import WeightsError
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer, LoraModel
 
 PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -77,6 +78,12 @@ def _sidecar_config(path: pathlib.Path) -> dict:
         raise WeightsError(f"{cfg_path}: not valid JSON ({e})") from e
 
 
+def is_target(module: str, targets: tuple[str, ...]) -> bool:
+    """peft's rule for a list of target names: the module's name is one of them or ends with
+    "." + one (so "q" selects blocks.0.self_attn.q and audio_injector.injector.0.q alike)."""
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
 def plan_lora(
     model: torch.nn.Module,
     shapes: dict[str, tuple[int, ...]],
@@ -114,9 +121,8 @@ def plan_lora(
     if rank is not None and rank != file_rank:
         raise WeightsError(f"{source}: rank {file_rank} in the tensors, but the adapter config says {rank}")
     targets = tuple(targets or DEFAULT_TARGETS)
-    cfg = LoraConfig(r=file_rank, lora_alpha=alpha or DEFAULT_ALPHA, target_modules=list(targets))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    wrapped = {n for n in linears if check_target_module_exists(cfg, n)}
+    wrapped = {n for n in linears if is_target(n, targets)}
     unmatched, bad = [], []
     for module, ab in sorted(pairs.items()):
         if module not in wrapped:
@@ -172,6 +178,9 @@ def load_lora(
 
     With merge=False the LoRA layers stay (report.handle can merge_adapter()/unmerge_adapter()).
     """
+    from peft import LoraConfig  # imported here: planning a LoRA needs no peft
+    from peft.tuners.lora import LoraModel
+
     path = pathlib.Path(path)
     shapes = {k: shape for k, (shape, _) in read_safetensors_header(path).items()}
     side = _sidecar_config(path)
@@ -210,4 +219,6 @@ def load_lora(
 
 
 def lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
+    from peft.tuners.lora import LoraLayer
+
     return [m for m in model.modules() if isinstance(m, LoraLayer)]

@@ -6,11 +6,13 @@ import contextlib
 import time
 
 import torch
+from opentelemetry import trace
 
 from avatar import job_limits, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
 from avatar.jobs import Job
+from avatar.services.generator import avatar_loras
 from avatar.services.generator.protocols import BlockGenerator, BlockSession
 from avatar.v1 import generator_pb2, generator_pb2_grpc
 
@@ -38,14 +40,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         job = Job.from_proto(start.job)
         job_limits.check_job(job, sampling=True)  # reachable from the cluster: no unbounded session
         block_frames = job.frames_per_block
+        lora = _lora_kwargs(self.engine, start.lora_id)
         session = await run_blocking(
             self.engine.open_session,
             job,
             wire.tensor_arg(start.text, "text"),
             wire.tensor_arg(start.ref_latent, "ref_latent"),
             wire.tensor_arg(start.motion_latents, "motion_latents"),
+            **lora,
         )
-        blocks = _InFlight(self, session, job)
+        blocks = _InFlight(self, session, job, start.lora_id)
         try:
             # Ready before the caller sends audio: a refusal above reaches it as a clean status
             # (a status that races the caller's writes comes out as INTERNAL in grpc.aio).
@@ -88,10 +92,21 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         finally:
             await run_blocking(session.close)
 
+    async def Loras(self, request, context) -> generator_pb2.LorasReply:
+        st = avatar_loras.status(getattr(self.engine, "loras", None))
+        return generator_pb2.LorasReply(
+            registered=st.registered,
+            loaded=st.loaded,
+            max_loras=st.max_loras,
+            in_use=st.in_use,
+            loads=st.loads,
+            evictions=st.evictions,
+        )
+
     async def _block(
-        self, session: BlockSession, job: Job, index: int, audio: torch.Tensor
+        self, session: BlockSession, job: Job, index: int, audio: torch.Tensor, lora_id: str = ""
     ) -> generator_pb2.GeneratorOutput:
-        with telemetry.span("dit_block", block=index, steps=job.sample_steps):
+        with telemetry.span("dit_block", block=index, steps=job.sample_steps, lora_id=lora_id):
             t0 = time.perf_counter()
             latent = await run_blocking(session.generate_block, audio)
             dit_ms = (time.perf_counter() - t0) * 1e3
@@ -100,19 +115,30 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         )
 
 
+def _lora_kwargs(engine: BlockGenerator, lora_id: str) -> dict:
+    """open_session's lora_id when the request names one (an engine without avatar LoRAs, such as
+    the multi-GPU one, refuses it here); {} keeps the call as it was without."""
+    if not lora_id:
+        return {}
+    trace.get_current_span().set_attribute("lora_id", lora_id[:80])
+    if getattr(engine, "loras", None) is None:
+        raise InvalidInput(f"lora_id {lora_id[:80]!r}: {avatar_loras.NOT_SERVED}")
+    return {"lora_id": lora_id}
+
+
 class _InFlight:
     """Blocks of one stream in order. A GeneratorSession runs one block at a time; a session with
     `pipeline_depth` > 1 (the multi-GPU TPP generator) takes up to that many blocks before the
     first comes back, so blocks overlap across its ranks."""
 
-    def __init__(self, servicer: GeneratorServicer, session: BlockSession, job: Job):
-        self.servicer, self.session, self.job = servicer, session, job
+    def __init__(self, servicer: GeneratorServicer, session: BlockSession, job: Job, lora_id: str = ""):
+        self.servicer, self.session, self.job, self.lora_id = servicer, session, job, lora_id
         self.depth = session.pipeline_depth
         self.queue: collections.deque = collections.deque()
 
     async def push(self, index: int, audio: torch.Tensor) -> list[generator_pb2.GeneratorOutput]:
         if self.depth <= 1:
-            return [await self.servicer._block(self.session, self.job, index, audio)]
+            return [await self.servicer._block(self.session, self.job, index, audio, self.lora_id)]
         self.queue.append((index, time.perf_counter(), asyncio.wrap_future(self.session.submit(audio))))
         return await self._take(self.depth - 1)
 
@@ -123,7 +149,9 @@ class _InFlight:
         outs = []
         while self.queue and (len(self.queue) > keep or self.queue[0][2].done()):
             index, t0, fut = self.queue.popleft()
-            with telemetry.span("dit_block", block=index, steps=self.job.sample_steps, pipelined=True):
+            with telemetry.span(
+                "dit_block", block=index, steps=self.job.sample_steps, pipelined=True, lora_id=self.lora_id
+            ):
                 latent = await fut
             outs.append(
                 generator_pb2.GeneratorOutput(
