@@ -1,0 +1,243 @@
+"""The LiveKit Agents VideoGenerator over Converse, against a real `avatar serve` on loopback (tiny
+model): fed with rtc.AudioFrames of the sample speech it yields 25 fps video with the same audio
+and an AudioSegmentEnd; driven by LiveKit's own AvatarRunner, barge-in and the playback
+notifications work as an agent expects. No LiveKit server: the room is the only stand-in."""
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import soundfile
+from livekit import rtc
+from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, QueueAudioOutput
+
+from avatar import grpc_util, media
+from avatar.integrations.livekit import ConverseVideoGenerator
+from avatar.v1 import avatar_pb2
+from tests.conftest import ASSETS, Services
+
+pytestmark = pytest.mark.mesh
+
+IMAGE = (ASSETS / "astronaut.png").read_bytes()
+SPEECH_RATE = 16000  # assets/speech.wav
+FRAME_MS = 100  # what DataStreamAudioReceiver hands the runner
+
+
+def header(rate: int, **kw) -> avatar_pb2.ConverseHeader:
+    return avatar_pb2.ConverseHeader(**{"image": IMAGE, "size": "64*64", "sample_steps": 2, "sample_rate": rate, **kw})
+
+
+def speech(start_s: float, length_s: float) -> np.ndarray:
+    pcm, rate = soundfile.read(str(ASSETS / "speech.wav"), dtype="int16")
+    assert rate == SPEECH_RATE
+    return pcm[round(start_s * rate) : round((start_s + length_s) * rate)]
+
+
+def audio_frames(pcm: np.ndarray, rate: int = SPEECH_RATE) -> list[rtc.AudioFrame]:
+    n = rate * FRAME_MS // 1000
+    return [rtc.AudioFrame(pcm[i : i + n].tobytes(), rate, 1, len(pcm[i : i + n])) for i in range(0, len(pcm), n)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, env):
+    services = Services(tmp_path_factory.mktemp("livekit"), env)
+    try:
+        yield services.start("all", "--live-idle-timeout-s", "30")
+    finally:
+        services.stop_all()
+
+
+class Recorded(ConverseVideoGenerator):
+    """The generator, keeping (time.monotonic(), item) of everything it yields and the times of
+    clear_buffer() calls."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.items, self.cleared_at = [], []
+
+    async def clear_buffer(self):
+        self.cleared_at.append(time.monotonic())
+        await super().clear_buffer()
+
+    async def _frames(self):
+        async for item in super()._frames():
+            self.items.append((time.monotonic(), item))
+            yield item
+
+    def of(self, kind):
+        return [x for _, x in self.items if isinstance(x, kind)]
+
+
+async def consume(gen):
+    async for _ in gen:
+        pass
+
+
+def test_speech_frames_become_25_fps_video_with_the_same_audio(server):
+    pcm = speech(0.5, 3.0)
+    rate = 24000  # session rate: the 16 kHz frames are resampled on the way in
+
+    async def main():
+        async with grpc_util.create_channel(server.address) as channel:
+            gen = Recorded(channel, header(rate))
+            h = await gen.start()
+            opts = gen.options()
+            assert (opts.video_width, opts.video_height, opts.video_fps) == (h.width, h.height, 25)
+            assert (opts.audio_sample_rate, opts.audio_channels) == (rate, 1)
+            reader = asyncio.create_task(consume(gen))
+            pushed_at = time.monotonic()
+            for frame in audio_frames(pcm):  # faster than real time, as a TTS does
+                await gen.push_audio(frame)
+            await gen.push_audio(AudioSegmentEnd())
+            while not gen.of(AudioSegmentEnd) and not reader.done():  # it plays in real time
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # then idles
+            await gen.end()
+            await asyncio.wait_for(reader, 60)
+            return gen, pushed_at
+
+    gen, pushed_at = asyncio.run(main())
+    h, status = gen.stream_header, gen.status
+    items = [x for _, x in gen.items]
+    video = gen.of(rtc.VideoFrame)
+    audio = gen.of(rtc.AudioFrame)
+    # video: every frame of every block, at the session's size, 25 per second of the stream
+    assert status is not None and status.reason == "end_of_stream" and status.utterances == 1
+    assert len(video) == status.frames == 12 * status.blocks
+    assert all((v.width, v.height, len(v.data)) == (h.width, h.height, h.width * h.height * 4) for v in video)
+    assert len({bytes(v.data) for v in video}) > 1  # decoded pictures, not one repeated frame
+    # audio: the speech once, at the session rate, as much as was pushed (resampling keeps the length)
+    out = np.concatenate([np.frombuffer(a.data, np.int16) for a in audio])
+    assert all(a.sample_rate == rate and a.num_channels == 1 for a in audio)
+    assert abs(len(out) / rate - 3.0) < 0.005
+    ref = media.resample(pcm.astype(np.float32) / 32768, SPEECH_RATE, rate)
+    n = min(len(out), len(ref))
+    corr = float(np.dot(out[:n], ref[:n]) / (np.linalg.norm(out[:n]) * np.linalg.norm(ref[:n])))
+    assert corr > 0.99, corr
+    # the audio plays with its video: each video frame is followed by at most its 40 ms of audio
+    speaking, per_video = 0, 0
+    for x in items:
+        if isinstance(x, rtc.VideoFrame):
+            speaking += per_video > 0
+            per_video = 0
+        elif isinstance(x, rtc.AudioFrame):
+            per_video += x.samples_per_channel
+            assert per_video <= rate // 25
+    speaking += per_video > 0
+    assert speaking == int(np.ceil(len(out) / (rate // 25)))  # 75 frames = 3.0 s at 25 fps
+    # the stream covers the speech plus the idle blocks around it: 25 fps of stream time
+    assert len(video) / 25 >= 3.0 + 0.48 and status.idle_blocks >= 1
+    # one AudioSegmentEnd, right after the utterance's last sample, then idle video only
+    ends = [i for i, x in enumerate(items) if isinstance(x, AudioSegmentEnd)]
+    last_audio = max(i for i, x in enumerate(items) if isinstance(x, rtc.AudioFrame))
+    assert ends == [last_audio + 1]
+    assert sum(isinstance(x, rtc.VideoFrame) for x in items[ends[0] :]) >= 12 + 9  # its last block's rest, idle
+    # latency: audio pushed -> the first video frame that plays it (printed for docs/clients.md)
+    first_speech_video = next(
+        t
+        for (t, x), (_, y) in zip(gen.items, gen.items[1:])
+        if isinstance(x, rtc.VideoFrame) and isinstance(y, rtc.AudioFrame)
+    )
+    print(f"\nlivekit: audio pushed -> first speaking video frame {1000 * (first_speech_video - pushed_at):.0f} ms")
+
+
+class OfflineRoom(rtc.EventEmitter):
+    """The part of a connected rtc.Room that AvatarRunner uses, with nowhere to publish to (no
+    LiveKit server here): the tracks are kept, their sources are LiveKit's real ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.local_participant = self
+        self.tracks = []
+
+    def isconnected(self) -> bool:
+        return True
+
+    async def publish_track(self, track, options):
+        self.tracks.append(track)
+        return self
+
+    async def wait_for_subscription(self):
+        return None
+
+
+def test_avatar_runner_barge_in_and_playback_notifications(server):
+    rate = 16000
+    first, second = speech(0.5, 4.0), speech(5.0, 1.0)
+
+    async def main():
+        async with grpc_util.create_channel(server.address) as channel:
+            gen = Recorded(channel, header(rate))
+            await gen.start()
+            # the agent's side in the same process: LiveKit's queue between AudioOutput and runner
+            agent_out = QueueAudioOutput(sample_rate=rate)
+            finished = []
+            agent_out.on("playback_finished", finished.append)
+            room = OfflineRoom()
+            runner = AvatarRunner(room, audio_recv=agent_out, video_gen=gen, options=gen.options())
+            await runner.start()
+            for frame in audio_frames(first):  # faster than real time, as a TTS does
+                await agent_out.capture_frame(frame)
+            deadline = time.monotonic() + 30
+            while sum(a.duration for a in gen.of(rtc.AudioFrame)) < 1.5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # barge-in once 1.5 s of it played
+            agent_out.clear_buffer()  # the user spoke: LiveKit's barge-in, then the
+            agent_out.flush()  # segment's end, as the agent's audio forwarding does when cut
+            await asyncio.sleep(1.5)
+            for frame in audio_frames(second):
+                await agent_out.capture_frame(frame)
+            agent_out.flush()
+            deadline = time.monotonic() + 30
+            while len(finished) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await gen.end()
+            while gen.status is None and time.monotonic() < deadline:  # the runner plays the rest
+                await asyncio.sleep(0.1)
+            await runner.aclose()
+            return gen, finished, room
+
+    gen, finished, room = asyncio.run(main())
+    assert [t.name for t in room.tracks] == ["avatar_audio", "avatar_video"]
+    # barge-in: the runner cleared the generator, no audio of the first utterance played after it
+    assert len(gen.cleared_at) == 1
+    played_first = sum(a.duration for a in gen.of(rtc.AudioFrame)) - 1.0
+    after = [x for t, x in gen.items if t > gen.cleared_at[0]]
+    second_starts = next(i for i, x in enumerate(after) if isinstance(x, rtc.AudioFrame))
+    assert sum(isinstance(x, rtc.VideoFrame) for x in after[:second_starts]) >= 12  # idle blocks in between
+    # the agent heard: the first utterance interrupted where it stopped, the second played whole
+    assert [e.interrupted for e in finished] == [True, False]
+    assert 1.5 <= finished[0].playback_position <= 4.0
+    assert abs(finished[0].playback_position - played_first) < 0.05
+    # (AvatarRunner may count the audio frame in flight at the barge-in into the next segment)
+    assert abs(finished[1].playback_position - 1.0) <= 0.04 + 1e-6
+    s = gen.status
+    assert s.utterances == 2 and s.interrupted == 1 and s.interrupt_to_idle.count == 1
+
+
+def test_bad_input(server):
+    async def main():
+        with pytest.raises(ValueError, match="sample_rate must be 16000 or 24000"):
+            ConverseVideoGenerator(None, header(44100))
+        async with grpc_util.create_channel(server.address) as channel:
+            gen = ConverseVideoGenerator(channel, header(16000))
+            with pytest.raises(RuntimeError, match="start"):
+                await gen.push_audio(audio_frames(speech(0, 0.1))[0])
+            # a header the session refuses: the server's reason
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ConverseVideoGenerator(channel, header(16000, sample_steps=99)).start()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sample_steps" in err.value.details()
+            await gen.start()
+            with pytest.raises(TypeError, match="rtc.AudioFrame or AudioSegmentEnd"):
+                await gen.push_audio(speech(0, 0.1).tobytes())
+            with pytest.raises(ValueError, match="bad audio frame"):
+                await gen.push_audio(rtc.AudioFrame(bytes(320), 0, 1, 160))
+            await gen.push_audio(audio_frames(speech(0, 0.1))[0])  # still usable after the bad ones
+            await gen.aclose()
+            with pytest.raises(RuntimeError, match="closed"):
+                await gen.push_audio(audio_frames(speech(0, 0.1))[0])
+            async for _ in gen:  # iteration ends quietly after aclose
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 120))
