@@ -4,6 +4,7 @@ and an AudioSegmentEnd; driven by LiveKit's own AvatarRunner, barge-in and the p
 notifications work as an agent expects. No LiveKit server: the room is the only stand-in."""
 
 import asyncio
+import subprocess
 import time
 
 import grpc
@@ -16,7 +17,7 @@ from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, QueueAudi
 from avatar import grpc_util, media
 from avatar.integrations.livekit import ConverseVideoGenerator
 from avatar.v1 import avatar_pb2
-from tests.conftest import ASSETS, Services
+from tests.conftest import ASSETS, AVATAR, ROOT, Services, free_port
 
 pytestmark = pytest.mark.mesh
 
@@ -241,3 +242,47 @@ def test_bad_input(server):
                 pass
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def worker(*args: str, env: dict, **env_vars) -> subprocess.CompletedProcess:
+    """`avatar livekit-worker` as a user runs it, with exactly the LiveKit variables given."""
+    e = {k: v for k, v in env.items() if not k.startswith("LIVEKIT_")} | env_vars
+    cmd = [*AVATAR, "livekit-worker", "--room", "demo", "--image", str(ASSETS / "astronaut.png"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+
+
+def test_worker_bad_input_is_one_line_and_exit_code_2(server, env, tmp_path):
+    creds = dict(LIVEKIT_API_KEY="devkey", LIVEKIT_API_SECRET="secret-of-at-least-32-characters!")
+    url = dict(LIVEKIT_URL="ws://127.0.0.1:7880")
+    mesh = ["--server", server.address, "--size", "64*64"]
+    for args, env_vars, why in [
+        ((), creds, "LIVEKIT_URL"),
+        (("--livekit-url", "ftp://example.com"), creds, "ws://"),
+        ((), url, "LIVEKIT_API_KEY"),
+        (("--sample-rate", "44100"), creds | url, "16000 or 24000"),
+        (("--image", str(tmp_path / "missing.png")), creds | url, "missing.png"),
+        (("--sample_steps", "99"), creds | url, "sample_steps"),  # the session's own reason
+    ]:
+        r = worker(*args, *mesh, env=env, **env_vars)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = worker("--help", env=env)
+    assert r.returncode == 0 and "DataStreamAudioOutput" in r.stdout and "LIVEKIT_API_KEY" in r.stdout
+
+
+def test_worker_without_a_livekit_server_says_so(server, env):
+    """No LiveKit server can run here: the worker starts its session, cannot join, and says why."""
+    port = free_port()  # nothing listens there
+    r = worker(
+        "--server",
+        server.address,
+        "--size",
+        "64*64",
+        env=env,
+        LIVEKIT_URL=f"ws://127.0.0.1:{port}",
+        LIVEKIT_API_KEY="devkey",
+        LIVEKIT_API_SECRET="secret-of-at-least-32-characters!",
+    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("avatar livekit-worker: cannot join room 'demo' at ws://127.0.0.1:"), r.stderr

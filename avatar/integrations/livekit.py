@@ -62,6 +62,8 @@ class ConverseVideoGenerator(VideoGenerator):
         self.rate = header.sample_rate
         self.stream_header: avatar_pb2.ConverseStreamHeader | None = None
         self.status: avatar_pb2.ConverseStatus | None = None  # the session's last message
+        self.ended = asyncio.Event()  # the output stream is over (status, aclose() or error)
+        self.error: BaseException | None = None  # what ended it, if not the status or aclose()
         self._call = None
         self._closed = False
         # requests not yet given to gRPC: PCM bytes or ConverseRequests; `_unsent` samples of PCM
@@ -184,6 +186,11 @@ class ConverseVideoGenerator(VideoGenerator):
             if self._closed and not (task and task.cancelling()):
                 return  # our aclose() cancelled the call
             raise
+        except Exception as exc:
+            self.error = exc
+            raise
+        finally:
+            self.ended.set()
 
     def _speech(self, lo: int, hi: int):
         """The agent's samples [lo, hi) as AudioFrames, with AudioSegmentEnd where an utterance ends."""
