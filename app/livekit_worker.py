@@ -4,7 +4,8 @@ It joins the room next to a LiveKit voice agent, takes the agent's speech from L
 stream (DataStreamAudioReceiver: the agent sets `DataStreamAudioOutput` as its audio output) and
 publishes the avatar's video and that speech with LiveKit's AvatarRunner, fed by
 avatar.integrations.livekit.ConverseVideoGenerator. One process per room, as LiveKit's own avatar
-workers; it runs until the room is left, the session ends or a signal stops it.
+workers; it runs until the agent or the worker leaves the room, the session ends or a signal
+stops it.
 """
 
 from __future__ import annotations
@@ -161,6 +162,14 @@ async def run(args) -> int:
             room = rtc.Room()
             left = asyncio.Event()
             room.on("disconnected", lambda *_: left.set())
+
+            def agent_left(p: rtc.RemoteParticipant) -> None:  # the avatar has nobody to speak for
+                if p.identity == args.agent_identity or (
+                    not args.agent_identity and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+                ):
+                    left.set()
+
+            room.on("participant_disconnected", agent_left)
             runner = None
             try:
                 try:

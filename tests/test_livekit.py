@@ -15,6 +15,7 @@ from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, QueueAudioOutput
 
 from avatar import grpc_util, media
+from avatar.app.cli import main
 from avatar.integrations.livekit import ConverseVideoGenerator
 from avatar.v1 import avatar_pb2
 from tests.conftest import ASSETS, AVATAR, ROOT, Services, free_port
@@ -251,21 +252,30 @@ def worker(*args: str, env: dict, **env_vars) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
 
 
-def test_worker_bad_input_is_one_line_and_exit_code_2(server, env, tmp_path):
+def test_worker_bad_input_is_one_line_and_exit_code_2(server, env, tmp_path, monkeypatch, capsys):
     creds = dict(LIVEKIT_API_KEY="devkey", LIVEKIT_API_SECRET="secret-of-at-least-32-characters!")
     url = dict(LIVEKIT_URL="ws://127.0.0.1:7880")
     mesh = ["--server", server.address, "--size", "64*64"]
+    image = ["--room", "demo", "--image", str(ASSETS / "astronaut.png")]
     for args, env_vars, why in [
         ((), creds, "LIVEKIT_URL"),
         (("--livekit-url", "ftp://example.com"), creds, "ws://"),
         ((), url, "LIVEKIT_API_KEY"),
         (("--sample-rate", "44100"), creds | url, "16000 or 24000"),
+        (("--room", " "), creds | url, "--room"),
         (("--image", str(tmp_path / "missing.png")), creds | url, "missing.png"),
         (("--sample_steps", "99"), creds | url, "sample_steps"),  # the session's own reason
     ]:
-        r = worker(*args, *mesh, env=env, **env_vars)
-        assert r.returncode == 2, (args, r.stderr)
-        assert r.stderr.count("\n") == 1 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+        for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "LIVEKIT_TOKEN"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env_vars.items():
+            monkeypatch.setenv(k, v)
+        assert main(["livekit-worker", *image, *args, *mesh]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err and err.startswith("avatar livekit-worker: error:"), err
+    # the installed command, as a user runs it
+    r = worker(env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "LIVEKIT_URL" in r.stderr, r.stderr
     r = worker("--help", env=env)
     assert r.returncode == 0 and "DataStreamAudioOutput" in r.stdout and "LIVEKIT_API_KEY" in r.stdout
 
@@ -283,6 +293,9 @@ def test_worker_without_a_livekit_server_says_so(server, env):
         LIVEKIT_API_KEY="devkey",
         LIVEKIT_API_SECRET="secret-of-at-least-32-characters!",
     )
-    last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert last.startswith("avatar livekit-worker: cannot join room 'demo' at ws://127.0.0.1:"), r.stderr
+    # one line says why (LiveKit's own log lines about the attempts come around it)
+    said = [line for line in r.stderr.splitlines() if line.startswith("avatar livekit-worker:")]
+    assert len(said) == 1 and said[0].startswith(
+        f"avatar livekit-worker: cannot join room 'demo' at ws://127.0.0.1:{port}"
+    )

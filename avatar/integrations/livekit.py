@@ -71,7 +71,7 @@ class ConverseVideoGenerator(VideoGenerator):
         self._unsent = 0
         self._wake = asyncio.Condition()
         # The agent's audio on the session's timeline (samples at self.rate, every one sent):
-        # _pcm holds [_pcm_start, _sent) until its fragment has played it.
+        # _pcm holds [_pcm_start, _pushed) until its fragment has played it.
         self._pcm = np.zeros(0, np.int16)
         self._pcm_start = 0
         self._pushed = 0  # samples pushed and not dropped by clear_buffer (sent or in the outbox)
@@ -106,6 +106,9 @@ class ConverseVideoGenerator(VideoGenerator):
         """The agent is done: the session plays what it has, then iteration ends (with `status`)."""
         self._check_open()
         self._flush_resampler()
+        if self._open:  # EndOfStream ends the open utterance too
+            self._open = False
+            self._ends.append(self._pushed)
         await self._send(END_OF_STREAM)
         self._closed = True
 
@@ -197,7 +200,7 @@ class ConverseVideoGenerator(VideoGenerator):
         while lo < hi:
             end = self._ends[0] if self._ends and self._ends[0] <= hi else hi
             if end > lo:
-                pcm = self._pcm[lo - self._pcm_start : end - self._pcm_start]
+                pcm = self._pcm[max(0, lo - self._pcm_start) : max(0, end - self._pcm_start)]
                 yield rtc.AudioFrame(pcm.tobytes(), self.rate, 1, len(pcm))
             lo = max(lo, end)
             if self._ends and self._ends[0] <= lo:
