@@ -37,9 +37,13 @@ def speech(start_s: float, length_s: float) -> np.ndarray:
     return pcm[round(start_s * rate) : round((start_s + length_s) * rate)]
 
 
-def audio_frames(pcm: np.ndarray, rate: int = SPEECH_RATE) -> list[rtc.AudioFrame]:
-    n = rate * FRAME_MS // 1000
-    return [rtc.AudioFrame(pcm[i : i + n].tobytes(), rate, 1, len(pcm[i : i + n])) for i in range(0, len(pcm), n)]
+def audio_frames(pcm: np.ndarray, rate: int = SPEECH_RATE, channels: int = 1) -> list[rtc.AudioFrame]:
+    """Frames of FRAME_MS; pcm is interleaved when channels > 1."""
+    n = rate * FRAME_MS // 1000 * channels
+    return [
+        rtc.AudioFrame(pcm[i : i + n].tobytes(), rate, channels, len(pcm[i : i + n]) // channels)
+        for i in range(0, len(pcm), n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +194,7 @@ def test_avatar_runner_barge_in_and_playback_notifications(server):
             agent_out.clear_buffer()  # the user spoke: LiveKit's barge-in, then the
             agent_out.flush()  # segment's end, as the agent's audio forwarding does when cut
             await asyncio.sleep(1.5)
-            for frame in audio_frames(second):
+            for frame in audio_frames(np.repeat(second, 2), channels=2):  # stereo this time: mixed down to mono
                 await agent_out.capture_frame(frame)
             agent_out.flush()
             deadline = time.monotonic() + 30
