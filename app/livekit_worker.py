@@ -122,7 +122,7 @@ def _check(args) -> str:
 async def run(args) -> int:
     import grpc
 
-    from avatar import grpc_util
+    from avatar import grpc_util, telemetry
     from avatar.app.cli import UserError, _read, model_for
     from avatar.app.embedded import SetupError, gateway_for
     from avatar.logging_setup import setup_logging
@@ -140,9 +140,6 @@ async def run(args) -> int:
         sample_rate=args.sample_rate,
     )
     setup_logging("avatar-livekit-worker")
-    from livekit import rtc
-    from livekit.agents.voice.avatar import AvatarRunner, DataStreamAudioReceiver
-
     from avatar.integrations.livekit import ConverseVideoGenerator
 
     async with gateway_for(args, None if args.server else model_for(args)) as gateway:
@@ -151,56 +148,77 @@ async def run(args) -> int:
         except ValueError as exc:
             raise SetupError(str(exc)) from None
         async with grpc_util.create_channel(gateway.address, creds, gateway.token) as channel:
-            gen = ConverseVideoGenerator(channel, header)
-            try:
-                h = await gen.start()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise UserError(exc.details()) from None
-                print(f"avatar livekit-worker: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                return 1
-            room = rtc.Room()
-            left = asyncio.Event()
-            room.on("disconnected", lambda *_: left.set())
-
-            def agent_left(p: rtc.RemoteParticipant) -> None:  # the avatar has nobody to speak for
-                if p.identity == args.agent_identity or (
-                    not args.agent_identity and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-                ):
-                    left.set()
-
-            room.on("participant_disconnected", agent_left)
-            runner = None
-            try:
+            # the session's trace on the mesh is a child of the worker's span
+            with telemetry.span("livekit_worker", room=args.room, identity=args.identity) as span:
+                gen = ConverseVideoGenerator(channel, header, metadata=telemetry.outgoing_metadata())
                 try:
-                    await room.connect(url, token)
-                except rtc.ConnectError as exc:
-                    print(f"avatar livekit-worker: cannot join room {args.room!r} at {url}: {exc}", file=sys.stderr)
+                    h = await gen.start()
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise UserError(exc.details()) from None
+                    print(f"avatar livekit-worker: {exc.code().name}: {exc.details()}", file=sys.stderr)
                     return 1
-                receiver = DataStreamAudioReceiver(room, sender_identity=args.agent_identity)
-                runner = AvatarRunner(room, audio_recv=receiver, video_gen=gen, options=gen.options())
-                await runner.start()
-                log.info(
-                    "avatar %r in room %r: %dx%d at %d fps, session %s",
-                    args.identity,
-                    args.room,
-                    h.width,
-                    h.height,
-                    h.fps,
-                    h.request_id,
-                )
-                waits = [asyncio.ensure_future(gen.ended.wait()), asyncio.ensure_future(left.wait())]
-                _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for w in pending:
-                    w.cancel()
-            finally:
-                if runner is not None:
-                    await runner.aclose()
-                await gen.aclose()
-                await room.disconnect()
+                span.set_attribute("request_id", h.request_id)
+                try:
+                    joined = await _in_room(args, url, token, gen)
+                finally:
+                    await gen.aclose()
+                span.set_attribute("joined", joined)
+                if not joined:
+                    return 1
     if gen.error is not None:
         print(f"avatar livekit-worker: the live session failed: {gen.error}", file=sys.stderr)
         return 1
     reason = gen.status.reason if gen.status is not None else "left the room"
     print(f"avatar livekit-worker: done ({reason})", file=sys.stderr)
     return 0
+
+
+async def _in_room(args, url: str, token: str, gen) -> bool:
+    """Publishes the avatar in the room until the agent or the worker leaves it or the session
+    ends; False (and the reason printed) when the room cannot be joined."""
+    from livekit import rtc
+    from livekit.agents.voice.avatar import AvatarRunner, DataStreamAudioReceiver
+
+    room = rtc.Room()
+    left = asyncio.Event()
+    room.on("disconnected", lambda *_: left.set())
+
+    def agent_left(p: rtc.RemoteParticipant) -> None:  # the avatar has nobody to speak for
+        if p.identity == args.agent_identity or (
+            not args.agent_identity and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        ):
+            left.set()
+
+    room.on("participant_disconnected", agent_left)
+    try:
+        await room.connect(url, token)
+    except rtc.ConnectError as exc:
+        print(f"avatar livekit-worker: cannot join room {args.room!r} at {url}: {exc}", file=sys.stderr)
+        return False
+    runner = AvatarRunner(
+        room,
+        audio_recv=DataStreamAudioReceiver(room, sender_identity=args.agent_identity),
+        video_gen=gen,
+        options=gen.options(),
+    )
+    try:
+        await runner.start()
+        h = gen.stream_header
+        log.info(
+            "avatar %r in room %r: %dx%d at %d fps, session %s",
+            args.identity,
+            args.room,
+            h.width,
+            h.height,
+            h.fps,
+            h.request_id,
+        )
+        waits = [asyncio.ensure_future(gen.ended.wait()), asyncio.ensure_future(left.wait())]
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in pending:
+            w.cancel()
+    finally:
+        await runner.aclose()
+        await room.disconnect()
+    return True

@@ -4,6 +4,7 @@ and an AudioSegmentEnd; driven by LiveKit's own AvatarRunner, barge-in and the p
 notifications work as an agent expects. No LiveKit server: the room is the only stand-in."""
 
 import asyncio
+import json
 import subprocess
 import time
 
@@ -286,10 +287,13 @@ def test_worker_bad_input_is_one_line_and_exit_code_2(server, env, tmp_path, mon
     assert r.returncode == 0 and "DataStreamAudioOutput" in r.stdout and "LIVEKIT_API_KEY" in r.stdout
 
 
-def test_worker_without_a_livekit_server_says_so(server, env):
+def test_worker_without_a_livekit_server_says_so(server, env, tmp_path):
     """No LiveKit server can run here: the worker starts its session, cannot join, and says why."""
     port = free_port()  # nothing listens there
+    trace = tmp_path / "worker.trace.jsonl"
     r = worker(
+        "--trace-file",
+        str(trace),
         "--server",
         server.address,
         "--size",
@@ -307,3 +311,7 @@ def test_worker_without_a_livekit_server_says_so(server, env):
     assert len(said) == 1 and said[0].startswith(
         f"avatar livekit-worker: cannot join room 'demo' at ws://127.0.0.1:{port}"
     )
+    # its span says which room and which session (the session's trace on the mesh hangs below it)
+    (span,) = [x for x in map(json.loads, trace.read_text().splitlines()) if x["name"] == "livekit_worker"]
+    a = span["attributes"]
+    assert a["room"] == "demo" and a["identity"] == "avatar-mesh" and a["request_id"] and a["joined"] is False
