@@ -53,7 +53,7 @@ def server(tmp_path_factory, env):
     try:
         # a generous block budget: the real-time guard is tested elsewhere (test_converse.py), and
         # a busy CI machine must not make these sessions refused
-        yield services.start("all", "--live-idle-timeout-s", "30", "--live-block-budget-ms", "5000")
+        yield services.start("all", "--live-idle-timeout-s", "30", "--live-block-budget-ms", "5000", trace=True)
     finally:
         services.stop_all()
 
@@ -315,3 +315,7 @@ def test_worker_without_a_livekit_server_says_so(server, env, tmp_path):
     (span,) = [x for x in map(json.loads, trace.read_text().splitlines()) if x["name"] == "livekit_worker"]
     a = span["attributes"]
     assert a["room"] == "demo" and a["identity"] == "avatar-mesh" and a["request_id"] and a["joined"] is False
+    deadline = time.monotonic() + 20  # the session's span ends once the server saw the call end
+    while not any(x["trace_id"] == span["trace_id"] for x in server.spans()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(x["trace_id"] == span["trace_id"] for x in server.spans())
