@@ -152,6 +152,38 @@ def test_speech_frames_become_25_fps_video_with_the_same_audio(server):
     print(f"\nlivekit: audio pushed -> first speaking video frame {1000 * (first_speech_video - pushed_at):.0f} ms")
 
 
+def test_an_utterance_ended_after_it_played_ends_at_once(server):
+    """A TTS may close its segment only after all its audio played (the session rendered the last
+    partial block when the video would have run dry): the AudioSegmentEnd must follow at once,
+    not wait for the next utterance."""
+    pcm = speech(0.5, 1.0)  # two blocks and 40 ms
+
+    async def main():
+        async with grpc_util.create_channel(server.address) as channel:
+            gen = Recorded(channel, header(SPEECH_RATE))
+            await gen.start()
+            reader = asyncio.create_task(consume(gen))
+            for frame in audio_frames(pcm):
+                await gen.push_audio(frame)
+            deadline = time.monotonic() + 60
+            while sum(a.duration for a in gen.of(rtc.AudioFrame)) < 1.0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not gen.of(AudioSegmentEnd)
+            await asyncio.sleep(0.5)
+            ended_at = time.monotonic()
+            await gen.push_audio(AudioSegmentEnd())
+            while not gen.of(AudioSegmentEnd) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await gen.aclose()
+            await asyncio.wait_for(reader, 30)
+            return gen, ended_at
+
+    gen, ended_at = asyncio.run(main())
+    assert abs(sum(a.duration for a in gen.of(rtc.AudioFrame)) - 1.0) < 1e-6
+    (end_at,) = [t for t, x in gen.items if isinstance(x, AudioSegmentEnd)]
+    assert end_at - ended_at < 5.0  # with the next message of the session, not with the next speech
+
+
 class OfflineRoom(rtc.EventEmitter):
     """The part of a connected rtc.Room that AvatarRunner uses, with nowhere to publish to (no
     LiveKit server here): the tracks are kept, their sources are LiveKit's real ones."""

@@ -166,6 +166,11 @@ class ConverseVideoGenerator(VideoGenerator):
         per_frame = self.rate // self.stream_header.fps  # samples of audio per video frame
         try:
             async for msg in self._call:
+                # An utterance whose end came after all its audio had played (a TTS that flushes
+                # late): its end is due now, not with the next speech.
+                while self._ends and self._ends[0] <= self._pcm_start:
+                    self._ends.popleft()
+                    yield AudioSegmentEnd()
                 kind = msg.WhichOneof("event")
                 if kind == "fragment" and msg.fragment.num_frames:
                     f = msg.fragment
