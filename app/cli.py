@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from avatar import package_version
-from avatar.app import converse_cmd, web_cmd
+from avatar.app import converse_cmd, livekit_worker, web_cmd
 
 EXIT_BAD_INPUT = 2
 # gRPC's core logs transport events at INFO unless told otherwise (e.g. "Got goaway ... Cancelling
@@ -399,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(p)
 
     _add_model_flags(converse_cmd.add_parser(sub))  # live sessions: app/converse_cmd.py
+    _add_model_flags(livekit_worker.add_parser(sub))  # LiveKit avatar: app/livekit_worker.py
 
     p = sub.add_parser("batch", help="one video per JSON profile in a folder; resumable, with a manifest")
     from avatar.app import batch
@@ -438,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_stoppable(cmd_generate(args), args.command)
         if args.command == "converse":
             return asyncio.run(converse_cmd.run(args))
+        if args.command == "livekit-worker":
+            return run_stoppable(livekit_worker.run(args), args.command)
         if args.command == "batch":
             from avatar.app.batch import example_command, run
 

@@ -1,0 +1,1 @@
+"""Adapters that plug a live session (Converse) into other frameworks; each one needs its extra."""
