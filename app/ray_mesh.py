@@ -151,7 +151,10 @@ def _role_from_dict(role: str, raw: dict, base: RoleReplicas) -> RoleReplicas:
         values["max_replicas"] = max(values["min_replicas"], base.max_replicas)
     if not isinstance(values.get("resources", {}), dict):
         raise ValueError(f"{role}: resources must be a mapping of resource name to amount")
-    return replace(base, **values)
+    try:
+        return replace(base, **values)
+    except ValueError as exc:
+        raise ValueError(f"{role}: {exc}") from None
 
 
 # ---- the replica ------------------------------------------------------------------------------
@@ -454,7 +457,7 @@ async def serve(cfg: serve_mod.ServeConfig, address: str, mesh: RayMeshConfig) -
         )
         router = ReplicaRouter(cfg.security.peer_credentials("gateway"), cfg.security.peer_token("gateway"))
         await _wait_for_replicas(controller, router, mesh)
-        running = await serve_mod.start(replace(cfg, router=router))
+        running = await serve_mod.start(replace(cfg, router=router, compile_cache=None))  # replicas compile
         directory = asyncio.create_task(_follow(controller, router, mesh))
         ray_address = ray.get_runtime_context().gcs_address
         print(
@@ -514,11 +517,17 @@ async def _wait_for_replicas(controller, router: ReplicaRouter, mesh: RayMeshCon
 async def _follow(controller, router: ReplicaRouter, mesh: RayMeshConfig) -> None:
     """The gateway's directory: the controller's table into the router every poll_s. Without an
     answer for LOAD_TIMEOUT_S the gateway keeps its last table (the replicas may be fine)."""
+    logged = 0.0  # the controller's events (added, serving, died, scale up/down) go to this log too
     while True:
         try:
             queued = router.admission.queued if router.admission is not None else 0
             state = await asyncio.wait_for(_aw(controller.poll.remote(queued)), LOAD_TIMEOUT_S)
             router.update(state["table"])
+            for event in state["events"]:
+                at, _, text = event.partition(" ")
+                if float(at) > logged:
+                    logged = float(at)
+                    log.info("ray mesh: %s", text)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - keep following; the log says why a round failed

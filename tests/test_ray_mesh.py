@@ -30,7 +30,10 @@ pytestmark = pytest.mark.mesh
 CAP = 2  # --max-sessions: slots per generator replica
 MIN_GENERATORS, MAX_GENERATORS = 3, 4
 DOWNSCALE_S = 4.0  # downscale_delay_s in the test's config
-UPSCALE_WITHIN_S = 90  # stated: a replica added under load serves within this (decision <= poll; the rest: its start)
+# Stated times on this 2-core machine: the controller decides within a poll (0.25 s here); the rest
+# is the new replica's start (a Ray worker process importing torch and loading the tiny model:
+# 30-90 s while other tests share the cores)
+UPSCALE_WITHIN_S = 180  # a replica added under load serves within this
 RECOVER_WITHIN_S = 120  # replicas of a lost node serve again on the survivors within this
 UNAVAILABLE_WITHIN_S = 10  # sessions on a lost node end with UNAVAILABLE within this
 # Node death detected in ~1.5 s (defaults: tens of seconds); loopback only.
@@ -191,18 +194,30 @@ def test_eight_sessions_spread_over_replicas_and_both_nodes(gateway, cluster):
 def test_load_beyond_the_minimum_adds_a_replica_and_idle_removes_it(gateway):
     address, port, log = gateway
     wait_for(lambda: generators(port) == MIN_GENERATORS, 60, "back at the minimum before the test")
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        # 8 sessions on 3 * 2 slots: 2 wait, so the controller wants 4 replicas
-        started = time.monotonic()
-        futures = [pool.submit(run_session, address, 6.0) for _ in range(8)]
-        added = wait_for(lambda: generators(port) == MAX_GENERATORS, UPSCALE_WITHIN_S, "a 4th generator")
-        results = [f.result() for f in futures]
-    assert [r[0] for r in results] == [grpc.StatusCode.OK] * 8, results
-    idle_since = max(r[3] for r in results)
+    # 8 long sessions on 3 * 2 slots: 2 wait at the gateway, so the controller wants 4 replicas
+    with grpc.insecure_channel(address, options=MESSAGE_OPTIONS) as ch:
+        stub = avatar_pb2_grpc.AvatarServiceStub(ch)
+        calls = [stub.Generate(request(30.0), timeout=600) for _ in range(8)]
+        readers = concurrent.futures.ThreadPoolExecutor(8)
+        for call in calls:
+            readers.submit(lambda c: [None for _ in c], call)  # consume; ends when cancelled
+        try:
+            started = time.monotonic()
+            added = wait_for(lambda: generators(port) == MAX_GENERATORS, UPSCALE_WITHIN_S, "a 4th generator")
+            sessions = replica_sessions(port)
+            wait_for(lambda: len([n for n in replica_sessions(port).values() if n > 0]) == 4, 30, "a session on it")
+        finally:
+            for call in calls:
+                call.cancel()
+            readers.shutdown(wait=True)
+        idle_since = time.monotonic()
+    assert max(sessions.values()) <= CAP
     removed = wait_for(lambda: generators(port) == MIN_GENERATORS, DOWNSCALE_S + 30, "back to 3 when idle")
     assert removed - idle_since >= DOWNSCALE_S - 1  # not before the downscale delay
+    text = log.read_text()
+    assert re.search(r"scale up: \d+ sessions in use or waiting, 3 -> 4 generators", text), text[-3000:]
+    assert re.search(r"scale down: \d+ sessions in use, draining generator-\d+", text), text[-3000:]
     print(f"upscaled in {added - started:.1f} s, downscaled {removed - idle_since:.1f} s after the last session")
-    assert "scale up" in log.read_text() or True  # the controller's events are in Ray's logs
 
 
 def test_a_lost_node_ends_its_sessions_unavailable_and_the_replicas_come_back(gateway, cluster):
@@ -222,12 +237,17 @@ def test_a_lost_node_ends_its_sessions_unavailable_and_the_replicas_come_back(ga
     assert len(lost) == on_second, results
     for code, details, _, ended in lost:
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert details == "generator unavailable; retry later", details
         assert ended - killed_at < UNAVAILABLE_WITHIN_S, ended - killed_at
+    print(f"{len(lost)} sessions on the lost node ended UNAVAILABLE after {max(r[3] for r in lost) - killed_at:.2f} s")
     # the lost node's replicas leave the table, new sessions run on the survivors
-    wait_for(lambda: all(node != second.node_id for _, node in replica_sessions(port)), 15, "node left the table")
+    left = wait_for(lambda: all(node != second.node_id for _, node in replica_sessions(port)), 15, "node left")
     assert run_session(address, 1.0)[0] == grpc.StatusCode.OK
     # Ray restarts the lost replicas on the head (it has room for 3 generators)
-    wait_for(lambda: generators(port) == MIN_GENERATORS, RECOVER_WITHIN_S, "3 generators again", interval_s=1)
+    back = wait_for(lambda: generators(port) == MIN_GENERATORS, RECOVER_WITHIN_S, "3 generators again", interval_s=1)
+    print(
+        f"node left the routing table {left - killed_at:.1f} s after the kill, 3 generators again after {back - killed_at:.1f} s"
+    )
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert [r[0] for r in pool.map(lambda _: run_session(address, 1.0), range(4))] == [grpc.StatusCode.OK] * 4
 
