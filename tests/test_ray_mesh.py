@@ -246,7 +246,8 @@ def test_a_lost_node_ends_its_sessions_unavailable_and_the_replicas_come_back(ga
     # Ray restarts the lost replicas on the head (it has room for 3 generators)
     back = wait_for(lambda: generators(port) == MIN_GENERATORS, RECOVER_WITHIN_S, "3 generators again", interval_s=1)
     print(
-        f"node left the routing table {left - killed_at:.1f} s after the kill, 3 generators again after {back - killed_at:.1f} s"
+        f"node left the routing table {left - killed_at:.1f} s after the kill, "
+        f"3 generators again after {back - killed_at:.1f} s"
     )
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert [r[0] for r in pool.map(lambda _: run_session(address, 1.0), range(4))] == [grpc.StatusCode.OK] * 4
