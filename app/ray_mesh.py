@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -47,6 +48,7 @@ class RoleReplicas:
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # 1: one GPU per replica
     resources: dict = field(default_factory=dict)  # custom Ray resources per replica, e.g. {"generator_slot": 1}
+    tpp: int = 1  # generator: ranks of a TPP group per replica (services/generator/distributed); 1: one process
 
     def __post_init__(self):
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -56,6 +58,8 @@ class RoleReplicas:
             )
         if self.num_cpus < 0 or self.num_gpus < 0 or any(v <= 0 for v in self.resources.values()):
             raise ValueError("num_cpus, num_gpus and resources must not be negative")
+        if self.tpp < 1 or (self.tpp > 1 and self.num_gpus and self.num_gpus != self.tpp):
+            raise ValueError(f"tpp: a group of tpp ranks needs num_gpus == tpp (one GPU per rank), got {self.tpp}")
 
     def actor_options(self) -> dict:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
@@ -139,7 +143,7 @@ def _role_from_dict(role: str, raw: dict, base: RoleReplicas) -> RoleReplicas:
     if not isinstance(raw, dict):
         raise ValueError(f"{role}: expected a mapping")
     allowed = {"num_cpus", "num_gpus", "resources"} | (
-        {"min_replicas", "max_replicas"} if role == "generator" else {"replicas"}
+        {"min_replicas", "max_replicas", "tpp"} if role == "generator" else {"replicas"}
     )
     unknown = set(raw) - allowed
     if unknown:
@@ -164,9 +168,10 @@ class ReplicaActor:
     """One replica: the existing gRPC service of `role`, started on the actor's node at its first
     load() call (so a restart by Ray serves again at the controller's next poll)."""
 
-    def __init__(self, role: str, replica_id: str, cfg: serve_mod.ServeConfig):
-        self.role, self.replica_id, self.cfg = role, replica_id, cfg
+    def __init__(self, role: str, replica_id: str, cfg: serve_mod.ServeConfig, tpp: int = 1):
+        self.role, self.replica_id, self.cfg, self.tpp = role, replica_id, cfg, tpp
         self.running = None
+        self.group: _TppGroup | None = None  # tpp > 1: the ranks, child processes of this actor
         self.address = ""
         self._starting: asyncio.Task | None = None
 
@@ -177,6 +182,18 @@ class ReplicaActor:
         if not self._starting.done():
             return None
         self._starting.result()
+        if self.group is not None:
+            sessions = await self.group.sessions()
+            import ray
+
+            return ReplicaLoad(
+                self.replica_id,
+                self.role,
+                self.address,
+                ray.get_runtime_context().get_node_id(),
+                sessions,
+                self.cfg.admission.max_sessions if self.cfg.admission else 0,
+            )
         sessions = capacity = 0
         loras: tuple[str, ...] = ()
         generator = self.running.servicers.get("generator")
@@ -204,13 +221,121 @@ class ReplicaActor:
 
         host = ray.util.get_node_ip_address()
         cfg = replace(self.cfg, role=self.role, listen=f"{host}:0")
-        self.running = await serve_mod.start(cfg)
-        self.address = f"{host}:{self.running.port}"
+        if self.tpp > 1:
+            self.group = _TppGroup(replace(cfg, listen=f"{host}:{_free_port(host)}"), self.tpp)
+            await self.group.start()
+            self.address = self.group.cfg.listen
+        else:
+            self.running = await serve_mod.start(cfg)
+            self.address = f"{host}:{self.running.port}"
         log.info("%s serving on %s", self.replica_id, self.address)
 
     async def stop(self, grace_s: float) -> None:
         if self.running is not None:
             await self.running.stop(grace_s)
+        if self.group is not None:
+            await self.group.stop(grace_s)
+
+
+class _TppGroup:
+    """A TPP group (services/generator/distributed) as one replica: `tpp` rank processes started
+    the way torchrun would (env rendezvous on loopback), on the GPUs Ray gave this actor; rank 0
+    serves GeneratorService. They die with the actor (PR_SET_PDEATHSIG); a rank that exits makes
+    the actor exit, and Ray restarts the replica."""
+
+    def __init__(self, cfg: serve_mod.ServeConfig, tpp: int):
+        self.cfg = replace(cfg, role="generator", metrics_port=_free_port("127.0.0.1"))
+        self.tpp = tpp
+        self.procs: list = []
+        self.last = 0  # sessions at the last scrape
+
+    async def start(self) -> None:
+        import pickle
+        import subprocess
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="avatar-tpp-", suffix=".pickle")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(self.cfg, f)
+        port = _free_port("127.0.0.1")
+        for r in range(self.tpp):
+            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(self.tpp))
+            env.update(LOCAL_WORLD_SIZE=str(self.tpp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "avatar.app.ray_mesh", path], env=env, preexec_fn=_die_with_parent
+                )
+            )
+        try:
+            while not await self._serving():
+                self._check()
+                await asyncio.sleep(0.5)
+        finally:
+            os.unlink(path)
+
+    def _check(self) -> None:
+        for r, p in enumerate(self.procs):
+            if p.poll() is not None:
+                raise RuntimeError(f"TPP rank {r} exited with {p.returncode}")
+
+    async def _serving(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from avatar.grpc_util import create_channel
+
+        async with create_channel(self.cfg.listen) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except Exception:  # noqa: BLE001 - not listening yet
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def sessions(self) -> int:
+        """Sessions in use on rank 0, from its Prometheus metrics (slots held + waiting)."""
+        try:
+            self._check()
+        except RuntimeError:
+            log.error("a rank of the TPP group died: restarting the replica")
+            os._exit(1)  # Ray restarts the actor, which starts a new group
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.cfg.metrics_port}/metrics"
+        try:
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=2).read().decode())
+        except OSError:  # rank 0 busy or restarting its listener: the last count stands
+            return self.last
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(
+                ('avatar_active_sessions{service="generator"}', 'avatar_queue_depth{service="generator"}')
+            ):
+                total += float(line.rpartition(" ")[2])
+        self.last = int(total)
+        return self.last
+
+    async def stop(self, grace_s: float) -> None:
+        import signal as sig
+
+        if self.procs and self.procs[0].poll() is None:
+            self.procs[0].send_signal(sig.SIGTERM)  # rank 0 drains, then stops the others
+        deadline = time.monotonic() + grace_s + 10
+        while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 # ---- the controller ---------------------------------------------------------------------------
@@ -223,6 +348,8 @@ class _Replica:
     handle: object
     report: ReplicaLoad | None = None  # last answer; None: starting or not answering
     draining: bool = False  # scaled down: no new sessions; killed when idle
+    served: bool = False  # reported once: a later error is a failure, not a start-up error
+    misses: int = 0  # load() calls in a row that timed out
 
 
 class MeshController:
@@ -284,7 +411,7 @@ class MeshController:
                 scheduling_strategy="SPREAD",  # replicas on different nodes: a lost node costs fewer
                 **spec.actor_options(),
             )
-            .remote(role, rid, self.cfg)
+            .remote(role, rid, self.cfg, spec.tpp if role == "generator" else 1)
         )
         self.replicas[rid] = _Replica(rid, role, handle)
         self._event(f"added {rid}")
@@ -313,19 +440,25 @@ class MeshController:
             if isinstance(answer, ray.exceptions.ActorDiedError):  # gone for good: replace it
                 self.replicas.pop(rep.replica_id, None)
                 self._event(f"{rep.replica_id} died: {str(answer).splitlines()[0][:200]}")
-            elif isinstance(answer, ray.exceptions.RayTaskError):  # its service failed to start
+            elif isinstance(answer, ray.exceptions.RayTaskError) and not rep.served:  # failed to start
                 self.errors.append(f"{rep.replica_id} failed to start: {_first_line(answer)}")
                 self.replicas.pop(rep.replica_id, None)
                 ray.kill(rep.handle, no_restart=True)
                 self._event(self.errors[-1])
             elif isinstance(answer, BaseException):  # restarting, node lost, or slow: not routable now
+                rep.misses += 1
+                # one slow answer (a replica busy on CPU) keeps its place; Ray saying it restarts does not
+                if isinstance(answer, TimeoutError) and rep.misses < 2:
+                    continue
                 if rep.report is not None:
                     self._event(f"{rep.replica_id} stopped answering ({type(answer).__name__})")
                 rep.report = None
             else:
+                rep.misses = 0
                 if answer is not None and rep.report is None:
                     self._event(f"{rep.replica_id} serving at {answer.address}")
                 rep.report = answer
+                rep.served = rep.served or answer is not None
                 if rep.draining and answer is not None and answer.sessions == 0:
                     self.replicas.pop(rep.replica_id, None)
                     ray.kill(rep.handle, no_restart=True)
@@ -389,8 +522,8 @@ def connect(address: str) -> None:
     except ImportError:
         raise ValueError("--ray needs Ray: pip install 'avatar-mesh[ray]'") from None
     kwargs = {"namespace": NAMESPACE, "log_to_driver": False, "configure_logging": False}
-    if address == "local":
-        ray.init(include_dashboard=False, **kwargs)
+    if address == "local":  # a new instance even when `ray start` made one on this machine
+        ray.init(address="local", include_dashboard=False, **kwargs)
         return
     if address != "auto":
         host, sep, port = address.rpartition(":")
@@ -562,3 +695,14 @@ def check_flags(args) -> None:
     given = [f"--{n}" for n in ("encoder", "generator", "decoder") if getattr(args, n)]
     if given:
         raise ValueError(f"--ray finds replicas through Ray: drop {', '.join(given)}")
+
+
+if __name__ == "__main__":  # one rank of a TPP group replica (_TppGroup): its ServeConfig, pickled
+    import pickle
+
+    with open(sys.argv[1], "rb") as f:
+        _cfg = pickle.load(f)
+    from avatar.logging_setup import setup_logging
+
+    setup_logging("avatar-generator")
+    asyncio.run(serve_mod.serve_forever(_cfg))

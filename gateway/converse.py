@@ -227,7 +227,7 @@ class ConverseSession:
         """Portrait and prompt once, then the three streams of the conversation and their pumps."""
         options = call_options(self.context)
         # The session's replicas (`serve --ray`: chosen now, kept for the whole session)
-        g = self.peers = self.gateway.route(getattr(self.header, "lora_id", ""))
+        g = self.peers = await self.gateway.route(getattr(self.header, "lora_id", ""))
         self.image, self.text = await asyncio.gather(
             g.encoder.EncodeImage(
                 encoder_pb2.EncodeImageRequest(job=self.job, pixels=wire.to_proto(self.pixels)), **options

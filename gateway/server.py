@@ -128,14 +128,14 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         if self.router is not None:
             await self.router.close()
 
-    def route(self, lora_id: str = ""):
+    async def route(self, lora_id: str = ""):
         """The peers of one new session (gateway.replicas.Route); release() it when the session ends.
         Without a router: the fixed peers."""
         from avatar.gateway.replicas import Route
 
         if self.router is None:
             return Route(self.encoder, self.generator, self.decoder, {})
-        return self.router.route(lora_id)
+        return await self.router.route(lora_id)
 
     def watch_peers(self, health, service_name: str = SERVICE_NAME, interval_s: float = PEER_CHECK_INTERVAL_S):
         """Keeps `service_name` NOT_SERVING in `health` while a peer is unreachable (load balancers
@@ -205,7 +205,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         job = plan.job
 
         timings = Timings()
-        peers = self.route(getattr(request, "lora_id", ""))  # kept for the whole stream
+        peers = await self.route(getattr(request, "lora_id", ""))  # kept for the whole stream
         generator_in: asyncio.Queue = asyncio.Queue()
         decoder_in: asyncio.Queue = asyncio.Queue()
         events: asyncio.Queue = asyncio.Queue()
@@ -291,6 +291,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             try:
                 await coro
             except grpc.aio.AioRpcError as exc:  # the client learns which service failed, not its address
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    peers.unavailable(peer)  # `serve --ray`: no new session to a replica that died
                 await events.put(PeerError(peer, exc))
             except Exception as exc:  # noqa: BLE001 - re-raised by the handler, mapped to a status
                 await events.put(exc)

@@ -145,18 +145,18 @@ def wait_for(check, timeout_s: float, what: str, interval_s: float = 0.25):
     raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
-def request(seconds: float) -> avatar_pb2.GenerateRequest:
+def request(seconds: float, steps: int = 1) -> avatar_pb2.GenerateRequest:
     return avatar_pb2.GenerateRequest(
-        image=(ASSETS / "astronaut.png").read_bytes(), audio=tone_wav(seconds), size="64*64", sample_steps=1
+        image=(ASSETS / "astronaut.png").read_bytes(), audio=tone_wav(seconds), size="64*64", sample_steps=steps
     )
 
 
-def run_session(address: str, seconds: float, timeout_s: float = 240):
+def run_session(address: str, seconds: float, timeout_s: float = 240, steps: int = 1):
     """(status code, details, fragments, time the call ended)."""
     frags = 0
     with grpc.insecure_channel(address, options=MESSAGE_OPTIONS) as ch:
         try:
-            for msg in avatar_pb2_grpc.AvatarServiceStub(ch).Generate(request(seconds), timeout=timeout_s):
+            for msg in avatar_pb2_grpc.AvatarServiceStub(ch).Generate(request(seconds, steps), timeout=timeout_s):
                 frags += msg.WhichOneof("event") == "fragment"
                 if msg.WhichOneof("event") == "status":
                     return grpc.StatusCode.OK, "", frags, time.monotonic()
@@ -281,3 +281,42 @@ def test_bad_ray_flags_exit_2_with_one_line(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (args, r.stderr)
+
+
+def test_ray_local_with_a_tpp_group_as_one_generator_replica(tmp_path):
+    """`--ray local` (Ray started inside `avatar serve`) and a generator replica that is a TPP
+    group of 2 ranks (gloo on CPU): a session completes through rank 0; the ranks end with it."""
+    config = tmp_path / "tpp.yaml"
+    config.write_text(
+        "encoder: {replicas: 1, num_cpus: 0}\ndecoder: {replicas: 1, num_cpus: 0}\n"
+        "generator: {min_replicas: 1, max_replicas: 1, num_cpus: 0, tpp: 2}\n"
+    )
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "gateway.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **RAY_ENV)
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [*AVATAR, "serve", "--ray", "local", "--ray-config", str(config), "--listen", address]
+    cmd += ["--max-sessions", "2", "--metrics-port", "0"]
+    ranks = []
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(address, 240, proc, log)
+        ranks = [p for p in psutil.process_iter(["cmdline"]) if "avatar.app.ray_mesh" in (p.info["cmdline"] or [])]
+        assert len(ranks) == 2, [p.info["cmdline"] for p in ranks]
+        code, details, frags, _ = run_session(address, 1.0, steps=2)  # a group of 2 runs one step per rank
+        assert (code, frags) == (grpc.StatusCode.OK, 3), details
+        port = int(re.search(r"metrics on :(\d+)", log.read_text()).group(1))
+        assert generators(port) == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    alive = psutil.wait_procs(ranks, timeout=30)[1]
+    assert not alive, "TPP ranks outlived the mesh"
+    assert proc.returncode == 0, log.read_text()[-3000:]

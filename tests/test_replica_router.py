@@ -30,18 +30,18 @@ def test_sessions_go_to_the_least_loaded_replica_with_a_free_slot_and_stay_count
     async def body():
         router = ReplicaRouter()
         router.update(table(("g1", 2, ()), ("g2", 2, ()), ("g3", 1, ())))
-        routes = [router.route() for _ in range(5)]
+        routes = [await router.route() for _ in range(5)]
         picked = [r.replicas["generator"].replica_id for r in routes]
         # fraction in use first: g1, g2, g3 each get one, then g1 and g2 their second
         assert sorted(picked) == ["g1", "g1", "g2", "g2", "g3"]
         assert dict(router.sessions) == {"g1": 2, "g2": 2, "g3": 1, "encoder-0": 5, "decoder-0": 5}
-        over = router.route()  # none free: the least loaded anyway (its own admission queues it)
+        over = await router.route(wait_s=0)  # none free: the least loaded anyway (its own admission queues it)
         routes[0].release()
         routes[0].release()  # twice is harmless
         freed = routes[0].replicas["generator"].replica_id
         assert router.sessions[freed] == 1
         over.release()
-        assert router.route().replicas["generator"].replica_id == freed
+        assert (await router.route()).replicas["generator"].replica_id == freed
         await router.close()
 
     run(body())
@@ -51,11 +51,11 @@ def test_a_session_prefers_a_free_replica_holding_its_lora():
     async def body():
         router = ReplicaRouter()
         router.update(table(("g1", 2, ()), ("g2", 2, ("brand-a",)), ("g3", 2, ("brand-b",))))
-        assert router.route("brand-b").replicas["generator"].replica_id == "g3"
-        assert router.route("brand-b").replicas["generator"].replica_id == "g3"
+        assert (await router.route("brand-b")).replicas["generator"].replica_id == "g3"
+        assert (await router.route("brand-b")).replicas["generator"].replica_id == "g3"
         # g3 is full now: the least loaded of the others, not a queue behind g3
-        assert router.route("brand-b").replicas["generator"].replica_id == "g1"
-        assert router.route("").replicas["generator"].replica_id in ("g1", "g2")
+        assert (await router.route("brand-b")).replicas["generator"].replica_id == "g1"
+        assert (await router.route("")).replicas["generator"].replica_id in ("g1", "g2")
         await router.close()
 
     run(body())
@@ -66,15 +66,15 @@ def test_no_replica_of_a_role_is_unavailable_and_a_gone_replica_gets_no_sessions
         router = ReplicaRouter()
         router.update(table(("g1", 2, ()), decoders=0))
         with pytest.raises(NoReplica) as exc:
-            router.route()
+            await router.route()
         code, details = status_of(exc.value)
         assert code == grpc.StatusCode.UNAVAILABLE and "decoder unavailable" in details
         assert router.missing_roles() == ["decoder"]
         router.update(table(("g1", 2, ()), ("g2", 2, ())))
-        running = router.route()
+        running = await router.route()
         assert running.replicas["generator"].replica_id == "g1"
         router.update(table(("g2", 2, ())))  # g1's node died
-        assert {router.route().replicas["generator"].replica_id for _ in range(2)} == {"g2"}
+        assert {(await router.route()).replicas["generator"].replica_id for _ in range(2)} == {"g2"}
         running.release()  # its session ended: the retired channel closes
         assert "g1" not in router.sessions and not router._retired
         await router.close()
@@ -136,3 +136,42 @@ def test_ray_config_parses_and_refuses_bad_keys(tmp_path):
     bad.write_text("generator: [1, 2\n")
     with pytest.raises(ValueError, match=r"--ray-config .*bad.yaml: not YAML"):
         RayMeshConfig.load(str(bad), gpu=False)
+
+
+def test_a_replica_whose_call_failed_unavailable_gets_no_new_session_until_it_restarts():
+    async def body():
+        router = ReplicaRouter()
+        router.admission = Admission(AdmissionConfig(max_sessions=1, max_queue=0), "gateway")
+        router.update(table(("g1", 2, ()), ("g2", 2, ())))
+        route = await router.route()
+        assert route.replicas["generator"].replica_id == "g1"
+        route.unavailable("generator")  # its process died: the directory has not noticed yet
+        assert router.admission.capacity == 2
+        router.update(table(("g1", 2, ()), ("g2", 2, ())))  # the stale report changes nothing
+        router.update(table(("g2", 2, ())))  # nor does leaving the table and coming back
+        router.update(table(("g1", 2, ()), ("g2", 2, ())))
+        assert {(await router.route()).replicas["generator"].replica_id for _ in range(2)} == {"g2"}
+        restarted = table(("g2", 2, ())) + [ReplicaLoad("g1", "generator", "127.0.0.1:999", "n2", 0, 2)]
+        router.update(restarted)  # Ray restarted it elsewhere: a new address, routable again
+        assert (await router.route()).replicas["generator"].replica_id == "g1"
+        await router.close()
+
+    run(body())
+
+
+def test_a_session_granted_while_slots_vanished_waits_for_a_free_one():
+    async def body():
+        router = ReplicaRouter()
+        router.update(table(("g1", 1, ()), ("g2", 1, ())))
+        first = await router.route()
+        router.update(table(("g1" if first.replicas["generator"].replica_id == "g1" else "g2", 1, ())))
+        waiting = asyncio.create_task(router.route(wait_s=5))  # the only replica is full
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        first.release()  # a slot frees: the waiting session takes it, within the cap
+        second = await asyncio.wait_for(waiting, 1)
+        assert second.replicas["generator"].replica_id == first.replicas["generator"].replica_id
+        assert max(n for rid, n in router.sessions.items() if rid.startswith("g")) == 1
+        await router.close()
+
+    run(body())
