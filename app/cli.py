@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(p)
     converse_cmd.add_serve_flags(p)
     web_cmd.add_serve_flags(p)
+    from avatar.app import ray_mesh
+
+    ray_mesh.add_serve_flags(p)
 
     p = sub.add_parser("generate", help="render a talking-avatar video from a portrait and speech")
     p.add_argument("--image", required=True, help="portrait: PNG, JPEG or WebP")
@@ -503,12 +506,14 @@ def run_stoppable(work, command: str) -> int:
 
 def cmd_serve(args) -> int:
     from avatar.admission import AdmissionConfig
+    from avatar.app import ray_mesh
     from avatar.app.serve import GRACE_S, ServeConfig, serve_forever
     from avatar.logging_setup import setup_logging
     from avatar.security import SecurityConfig
 
     setup_logging(f"avatar-{args.role}")
     try:
+        ray_mesh.check_flags(args)
         security = SecurityConfig.from_args(args)
         admission = AdmissionConfig(args.max_sessions, args.max_queue, args.max_per_client)
         if args.encoder_concurrency < 1 or args.encoder_queue < 0:
@@ -523,7 +528,7 @@ def cmd_serve(args) -> int:
         encoder=args.encoder,
         generator=args.generator,
         decoder=args.decoder,
-        model=model_for(args, args.role),
+        model=model_for(args, "gateway" if args.ray else args.role),  # --ray: replicas load it on their nodes
         trace_file=args.trace_file,
         security=security,
         admission=admission,
@@ -545,6 +550,10 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
+        if args.ray:
+            mesh = ray_mesh.RayMeshConfig.load(args.ray_config, gpu=cfg.model.device.startswith("cuda"))
+            asyncio.run(ray_mesh.serve(cfg, args.ray, mesh))
+            return 0
         asyncio.run(processes.serve_per_service(cfg) if split else serve_forever(cfg))
     except (ValueError, OSError, WeightsError) as exc:
         raise UserError(str(exc).replace("\n", " ")) from None

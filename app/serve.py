@@ -45,6 +45,7 @@ class ServeConfig:
     # generator under torchrun: a ParallelConfig (services/generator/distributed); None: one process
     parallel: object = None
     web: object = None  # gateway: an avatar.gateway.web.app.WebConfig (`--http`); None: no web front
+    router: object = None  # gateway: a gateway.replicas.ReplicaRouter in place of peer addresses (--ray)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class RunningServer:
     internal_health: object = None
     internal_port: int | None = None
     web: object = None  # the web front (avatar.gateway.web.app.RunningWeb) when --http is on
+    servicers: dict = field(default_factory=dict)  # role -> its servicer (a Ray replica reads its load)
 
     @property
     def address(self) -> str:
@@ -186,6 +188,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
     internal_names: list[str] = []  # services on `internal` when it is a second listener
     on_internal = internal_names if internal is not server else names
     closers = []
+    servicers = {}
     warmups = []
     metrics_port = None
     if cfg.metrics_port is not None:
@@ -240,7 +243,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
             if warmup:
                 warmups.append(("generator", engine, warmup_sizes(cfg.model)))
         admission = Admission(internal_admission, "generator") if internal_admission else None
-        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine, admission), internal)
+        servicers["generator"] = GeneratorServicer(engine, admission)
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicers["generator"], internal)
         on_internal.append(SERVICE_NAME)
     if cfg.role in ("all", "decoder"):
         from avatar.services.decoder.engine import DecoderEngine
@@ -260,6 +264,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
         if cfg.role == "all":
             # Same code path as a deployed mesh: the gateway calls its siblings over loopback.
             peers = (f"127.0.0.1:{internal_port}",) * 3
+        elif cfg.router is not None:  # --ray: the router picks replicas per session
+            peers = (None, None, None)
         else:
             missing = [n for n in ("encoder", "generator", "decoder") if not getattr(cfg, n)]
             if missing:
@@ -272,6 +278,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
             token=sec.peer_token(cfg.role),
             admission=gateway_admission,
             live=cfg.live,
+            router=cfg.router,
             **({"max_audio_s": cfg.max_audio_s} if cfg.max_audio_s else {}),
         )
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, server)
@@ -294,6 +301,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         internal if internal is not server else None,
         internal_health,
         internal_port if internal is not server else None,
+        servicers,
     )
     # Listening, but NOT_SERVING while the models warm up (compile): probes see progress, not
     # connection refused, and load balancers send nothing yet.

@@ -114,6 +114,7 @@ class Admission:
         self._grants = itertools.count()
         self._waiting: list[_Waiter] = []
         self._active = 0
+        self._capacity = config.max_sessions  # set_capacity: the slots of the replicas behind (--ray)
         self._seq = itertools.count()
         self._mean_s: float | None = None  # moving average of session length
         self._metrics = _metrics()
@@ -127,11 +128,24 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiting)
 
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def set_capacity(self, max_sessions: int) -> None:
+        """Changes the number of slots (a gateway on Ray: the generator replicas' slots, which come
+        and go; 0 while none serves, so sessions wait or are refused). More slots go to the waiting
+        at once; fewer take effect as sessions end."""
+        self._capacity = max(0, max_sessions)
+        while self._waiting and self._active < self._capacity:
+            self._grant_next()
+        self._publish()
+
     def retry_after_ms(self) -> int:
         """When a slot is likely free: one mean session length per full round of the queue."""
         if self._mean_s is None:
             return _DEFAULT_RETRY_MS
-        rounds = 1 + len(self._waiting) / self.config.max_sessions
+        rounds = 1 + len(self._waiting) / max(1, self._capacity)
         return int(min(_MAX_RETRY_MS, max(_MIN_RETRY_MS, 1000 * self._mean_s * rounds)))
 
     @contextlib.asynccontextmanager
@@ -167,12 +181,12 @@ class Admission:
             raise self._refuse(
                 f"this client already has {mine} requests running or queued (limit {cfg.max_per_client} per client)"
             )
-        if self._active < cfg.max_sessions and not self._waiting:
+        if self._active < self._capacity and not self._waiting:
             self._take(client)
             return
         if len(self._waiting) >= cfg.max_queue:
             raise self._refuse(
-                f"{self._active} of {cfg.max_sessions} sessions running and "
+                f"{self._active} of {self._capacity} sessions running and "
                 f"{len(self._waiting)} of {cfg.max_queue} queued"
             )
         waiter = _Waiter(client, next(self._seq), asyncio.get_running_loop().create_future())
@@ -200,7 +214,7 @@ class Admission:
             # same moment, and its library reports DEADLINE_EXCEEDED whichever status wins.
             raise QueueDeadline(
                 f"{self.name} busy: no session slot freed before the deadline "
-                f"({cfg.max_sessions} running, {len(self._waiting)} queued)"
+                f"({self._capacity} running, {len(self._waiting)} queued)"
             ) from None
 
     def _take(self, client: str) -> None:
@@ -218,16 +232,19 @@ class Admission:
                 self._last_grant.pop(client, None)
         if duration_s is not None:
             self._mean_s = duration_s if self._mean_s is None else 0.8 * self._mean_s + 0.2 * duration_s
-        if self._waiting and self._active < self.config.max_sessions:
-            # fairness: fewest sessions running first, then the client served longest ago
-            # (round robin between clients), then arrival order
-            nxt = min(
-                self._waiting, key=lambda w: (self._running.get(w.client, 0), self._last_grant.get(w.client, -1), w.seq)
-            )
-            self._waiting.remove(nxt)
-            self._take(nxt.client)
-            nxt.future.set_result(None)
+        if self._waiting and self._active < self._capacity:
+            self._grant_next()
         self._publish()
+
+    def _grant_next(self) -> None:
+        # fairness: fewest sessions running first, then the client served longest ago
+        # (round robin between clients), then arrival order
+        nxt = min(
+            self._waiting, key=lambda w: (self._running.get(w.client, 0), self._last_grant.get(w.client, -1), w.seq)
+        )
+        self._waiting.remove(nxt)
+        self._take(nxt.client)
+        nxt.future.set_result(None)
 
     def _publish(self) -> None:
         if self._metrics:

@@ -13,5 +13,9 @@ class ResourceExhausted(AvatarError):
     """Not enough memory or capacity for the job now: RESOURCE_EXHAUSTED, with what to lower."""
 
 
+class Unavailable(AvatarError):
+    """No service can take the work now (e.g. no live replica of a role): UNAVAILABLE, retry later."""
+
+
 class WeightsError(AvatarError):
     """A checkpoint is missing, incomplete or does not match the architecture: FAILED_PRECONDITION."""

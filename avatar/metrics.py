@@ -94,6 +94,22 @@ ADMISSION = _AdmissionMetrics(
     ),
 )
 
+# `avatar serve --ray` (gateway/replicas.py): the replicas the gateway routes to and its choices
+RAY_REPLICAS = Gauge("avatar_ray_replicas", "Replicas serving and routable, per role", ["role"], registry=REGISTRY)
+REPLICA_SESSIONS = Gauge(
+    "avatar_replica_sessions",
+    "Sessions the gateway runs on each replica (node: its Ray node id)",
+    ["role", "replica", "node"],
+    registry=REGISTRY,
+)
+ROUTING = Counter(
+    "avatar_routing_decisions",
+    "Replicas chosen for new sessions, by reason: least_loaded, lora_loaded, over_capacity (none free), "
+    "no_replica (the session failed UNAVAILABLE)",
+    ["role", "decision"],
+    registry=REGISTRY,
+)
+
 
 def observe_final(final) -> None:
     """Records one finished Generate from its FinalStatus (avatar.v1): stages, TTFF, FPS."""

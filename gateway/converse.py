@@ -157,6 +157,7 @@ class ConverseSession:
         self.init_segment: bytes | None = None
         self.probe_ms: list[float] = []
         self.degraded: avatar_pb2.Degraded | None = None
+        self.peers = None  # gateway.replicas.Route: the replicas of this session, once chosen
 
     # ---- the stream the client gets ----------------------------------------------------------
 
@@ -203,6 +204,8 @@ class ConverseSession:
             for task in self.tasks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.peers is not None:
+                self.peers.release()
 
     async def _read_header(self) -> None:
         first = await anext(aiter(self.requests), None)
@@ -225,7 +228,9 @@ class ConverseSession:
 
     async def _open_mesh(self) -> None:
         """Portrait and prompt once, then the three streams of the conversation and their pumps."""
-        g, options = self.gateway, call_options(self.context)
+        options = call_options(self.context)
+        # The session's replicas (`serve --ray`: chosen now, kept for the whole session)
+        g = self.peers = await self.gateway.route(getattr(self.header, "lora_id", ""))
         self.image, self.text = await asyncio.gather(
             g.encoder.EncodeImage(
                 encoder_pb2.EncodeImageRequest(job=self.job, pixels=wire.to_proto(self.pixels)), **options
@@ -292,7 +297,7 @@ class ConverseSession:
         """One GeneratorService session at job.sample_steps; blocks decided from now on go to it."""
         self.generator_in = asyncio.Queue()
         ready = asyncio.Event()
-        call = self.gateway.generator.Generate(
+        call = self.peers.generator.Generate(
             _RequestStream(
                 generator_pb2.GeneratorInput(
                     start=generator_pb2.SessionStart(

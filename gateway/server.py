@@ -85,26 +85,36 @@ class Timings:
 
 
 class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
-    """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`)."""
+    """Calls the encoder, generator and decoder at the given addresses (loopback in `serve --role all`),
+    or, given a `router` (gateway.replicas.ReplicaRouter, `serve --ray`), at the replicas it picks
+    per session."""
 
     def __init__(
         self,
         model: ModelSpec,
-        encoder: str,
-        generator: str,
-        decoder: str,
+        encoder: str | None,
+        generator: str | None,
+        decoder: str | None,
         credentials=None,
         token: str | None = None,
         admission=None,
         max_audio_s: float = planner.media.MAX_AUDIO_S,
         live=None,
+        router=None,
     ):
         self.model = model
+        self.router = router
+        if router is not None:
+            router.admission = admission  # the gateway's slots follow the replicas' (set_capacity)
         self.peer_addresses = (encoder, generator, decoder)
         self.live = live  # gateway.converse.ConverseConfig for Converse; None: its defaults
         self.max_audio_s = max_audio_s  # longest speech input accepted, seconds
         # credentials/token: TLS and the internal token for the peers (avatar.security)
-        self.channels = [create_channel(a, credentials, token) for a in (encoder, generator, decoder)]
+        addresses = () if router is not None else (encoder, generator, decoder)
+        self.channels = [create_channel(a, credentials, token) for a in addresses]
+        if router is not None:
+            self.encoder = self.generator = self.decoder = None
+            return
         # avatar.admission.Admission for Converse's live sessions; Generate's slot is taken before
         # its request is read (AdmitBeforeReading, the same Admission: app/serve.py)
         self.admission = admission
@@ -115,6 +125,17 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     async def close(self) -> None:
         for ch in self.channels:
             await ch.close()
+        if self.router is not None:
+            await self.router.close()
+
+    async def route(self, lora_id: str = ""):
+        """The peers of one new session (gateway.replicas.Route); release() it when the session ends.
+        Without a router: the fixed peers."""
+        from avatar.gateway.replicas import Route
+
+        if self.router is None:
+            return Route(self.encoder, self.generator, self.decoder, {})
+        return await self.router.route(lora_id)
 
     def watch_peers(self, health, service_name: str = SERVICE_NAME, interval_s: float = PEER_CHECK_INTERVAL_S):
         """Keeps `service_name` NOT_SERVING in `health` while a peer is unreachable (load balancers
@@ -129,6 +150,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         return stop
 
     async def unreachable_peers(self, timeout_s: float = PEER_CONNECT_TIMEOUT_S) -> list[str]:
+        if self.router is not None:  # replicas come and go: a role without any is down
+            return [f"{role} (no replica serving)" for role in self.router.missing_roles()]
+
         async def down(channel) -> bool:
             try:
                 await asyncio.wait_for(channel.channel_ready(), timeout_s)
@@ -185,6 +209,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         job = plan.job
 
         timings = Timings()
+        peers = await self.route(getattr(request, "lora_id", ""))  # kept for the whole stream
         generator_in: asyncio.Queue = asyncio.Queue()
         decoder_in: asyncio.Queue = asyncio.Queue()
         events: asyncio.Queue = asyncio.Queue()
@@ -274,6 +299,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             try:
                 await coro
             except grpc.aio.AioRpcError as exc:  # the client learns which service failed, not its address
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    peers.unavailable(peer)  # `serve --ray`: no new session to a replica that died
                 await events.put(PeerError(peer, exc))
             except Exception as exc:  # noqa: BLE001 - re-raised by the handler, mapped to a status
                 await events.put(exc)
@@ -281,7 +308,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # Three calls stay open for the whole job: audio features stream into the generator while
         # it streams latent blocks out, and each block goes to the decoder with its slice of PCM.
         # The audio encoder starts first, so it overlaps the image and text encoders.
-        audio_call = self.encoder.EncodeAudio(
+        audio_call = peers.encoder.EncodeAudio(
             encoder_pb2.EncodeAudioRequest(
                 job=job, pcm_16k=wire.to_proto(plan.pcm_16k), audio_encoder=request.audio_encoder
             ),
@@ -296,7 +323,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 self._timed(
                     timings,
                     "encode_image",
-                    self.encoder.EncodeImage(
+                    peers.encoder.EncodeImage(
                         encoder_pb2.EncodeImageRequest(
                             job=job, pixels=wire.to_proto(plan.pixels), clip_embedding=request.clip_embedding
                         ),
@@ -306,13 +333,13 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 self._timed(
                     timings,
                     "encode_text",
-                    self.encoder.EncodeText(
+                    peers.encoder.EncodeText(
                         encoder_pb2.EncodeTextRequest(job=job, prompt=request.prompt), **call_options(context)
                     ),
                 ),
             )
-            generator_call = self.generator.Generate(generator_requests(), **call_options(context))
-            decoder_call = self.decoder.Decode(decoder_requests(), **call_options(context))
+            generator_call = peers.generator.Generate(generator_requests(), **call_options(context))
+            decoder_call = peers.decoder.Decode(decoder_requests(), **call_options(context))
             calls += [generator_call, decoder_call]
             tasks += [
                 asyncio.create_task(guarded(pump_blocks(), "generator")),
@@ -390,6 +417,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            peers.release()
 
     @staticmethod
     async def _timed(timings: Timings, stage: str, call):

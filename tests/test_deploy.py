@@ -564,3 +564,111 @@ def test_deploy_flags_exist_in_the_cli(compose):
             parser.parse_args(line)
         except SystemExit:
             pytest.fail(f"`avatar {shlex.join(line)}` is refused by the CLI")
+
+
+# --- KubeRay (avatar serve --ray) ----------------------------------------------------------
+
+KUBERAY = DEPLOY / "kuberay"
+KUBERAY_API = {"RayCluster": "ray.io/v1", "ConfigMap": "v1", "Service": "v1"}
+
+
+@pytest.fixture(scope="module")
+def kuberay():
+    kust = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+    assert {p.name for p in KUBERAY.glob("*.yaml")} == set(kust["resources"]) | {"kustomization.yaml"}
+    docs = [d for res in kust["resources"] for d in yaml.safe_load_all((KUBERAY / res).read_text()) if d]
+    for d in docs:
+        jsonschema.validate(d, OBJECT_SCHEMA)
+        assert KUBERAY_API.get(d["kind"]) == d["apiVersion"], (d["kind"], d["apiVersion"])
+        assert d["metadata"]["namespace"] == "avatar"
+    return {d["kind"]: d for d in docs}
+
+
+def _head(kuberay):
+    return kuberay["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _serve_line(container) -> list[str]:
+    """The `avatar serve ...` words of a container's bash command, $(VAR)s resolved from its env."""
+    env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+    script = container["args"][0]
+    for var in re.findall(r"\$\(([A-Z0-9_]+)\)", script):
+        assert var in env, f"$({var}) is not defined in the container's env"
+        script = script.replace(f"$({var})", env[var])
+    words = shlex.split(script.split("exec avatar", 1)[1])
+    assert words[0] == "serve"
+    return words
+
+
+def test_kuberay_head_runs_ray_then_the_gateway_on_ray(kuberay):
+    cluster = kuberay["RayCluster"]
+    assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    pinned = re.search(r"^ray==(\S+)", (ROOT / "requirements-dev.txt").read_text(), re.M).group(1)
+    assert cluster["spec"]["rayVersion"] == pinned
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    head = _head(kuberay)
+    script = head["args"][0]
+    # KubeRay's own `ray start` without --block, then the gateway in the foreground (exec: SIGTERM reaches it)
+    assert "${KUBERAY_GEN_RAY_START_CMD/--block/} &&" in script and "exec avatar serve" in script
+    flags = _flags(_serve_line(head))
+    assert flags["ray"] == "auto" and flags["listen"] == "0.0.0.0:50051" and flags["metrics-port"] == "9100"
+    assert not {"encoder", "generator", "decoder", "role"} & set(flags), "--ray finds replicas through Ray"
+    mounts = {m["name"]: m["mountPath"] for m in head["volumeMounts"]}
+    assert flags["ray-config"] == mounts["ray-mesh"] + "/ray-mesh.yaml"
+    volumes = {v["name"]: v for v in cluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]}
+    assert volumes["ray-mesh"]["configMap"]["name"] == kuberay["ConfigMap"]["metadata"]["name"]
+    env = {e["name"]: e for e in head["env"]}
+    for name in ("AVATAR_AUTH_TOKEN", "AVATAR_INTERNAL_TOKEN"):
+        assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["grpc"] == 50051 and ports["metrics"] == 9100 and ports["gcs"] == 6379
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        jsonschema.validate(head[probe], PROBE)
+        assert head[probe]["grpc"]["port"] == 50051
+    assert head["readinessProbe"]["grpc"]["service"] == "avatar.v1.AvatarService"
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {}), "the gateway needs no GPU"
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "no replica on the head"
+
+
+def test_kuberay_serve_line_and_mesh_config_are_accepted(kuberay):
+    cli = pytest.importorskip("avatar.app.cli")
+    from avatar.app.ray_mesh import RayMeshConfig
+
+    args = cli.build_parser().parse_args(_serve_line(_head(kuberay)))
+    assert args.ray == "auto"
+    mesh = RayMeshConfig.from_dict(yaml.safe_load(kuberay["ConfigMap"]["data"]["ray-mesh.yaml"]), gpu=True)
+    (group,) = kuberay["RayCluster"]["spec"]["workerGroupSpecs"]
+    (worker,) = group["template"]["spec"]["containers"]
+    gpus = int(worker["resources"]["limits"]["nvidia.com/gpu"])
+    cpus = int(group["rayStartParams"]["num-cpus"])
+    for role in ("encoder", "generator", "decoder"):  # every replica fits on one worker pod
+        spec = mesh.role(role)
+        assert 0 < spec.num_gpus <= gpus and spec.num_cpus <= cpus, role
+    # the encoder and the decoder share a pod's GPU; generators fit in what the group may grow to
+    assert mesh.encoder.num_gpus + mesh.decoder.num_gpus <= gpus
+    assert group["minReplicas"] * gpus >= mesh.generator.min_replicas + 1
+    assert group["maxReplicas"] * gpus >= mesh.generator.max_replicas + 1
+    assert "KUBERAY_GEN_RAY_START_CMD" in worker["args"][0]
+    pod = group["template"]["spec"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["securityContext"]["runAsNonRoot"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    k8s_claims = {d["metadata"]["name"] for n in ("models-pvc.yaml", "compile-cache-pvc.yaml") for d in _k8s_docs(n)}
+    assert claims <= k8s_claims, "workers mount the PVCs deploy/k8s defines"
+
+
+def test_kuberay_service_selects_the_head(kuberay):
+    svc = kuberay["Service"]
+    cluster = kuberay["RayCluster"]
+    # KubeRay labels the head pod with its cluster name and node type
+    assert svc["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    port_names = {p["name"] for p in _head(kuberay)["ports"]}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+    assert svc["spec"]["type"] == "LoadBalancer"
+
+
+def test_ray_mesh_example_config_parses():
+    from avatar.app.ray_mesh import RayMeshConfig
+
+    mesh = RayMeshConfig.load(str(DEPLOY / "ray-mesh.example.yaml"), gpu=True)
+    assert mesh.generator.max_replicas > mesh.generator.min_replicas >= 1
+    assert mesh.encoder.num_gpus + mesh.decoder.num_gpus <= 1.5
