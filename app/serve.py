@@ -301,7 +301,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         internal if internal is not server else None,
         internal_health,
         internal_port if internal is not server else None,
-        servicers,
+        servicers=servicers,
     )
     # Listening, but NOT_SERVING while the models warm up (compile): probes see progress, not
     # connection refused, and load balancers send nothing yet.
