@@ -1,5 +1,6 @@
-"""Multi-GPU generator (TPP) on CPU ranks over gloo: N local processes give the same latents, bit
-for bit, as one GeneratorSession with N cache sets; wrong step counts are refused."""
+"""Multi-GPU generator (TPP) on CPU ranks over gloo: R local processes give the same latents, bit
+for bit, as one GeneratorSession (a cache set per step) for any R and S, one session or several
+in flight; a rank's failure ends its session; a rank that dies takes the group down."""
 
 import json
 import os
@@ -16,22 +17,26 @@ from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread  # noq
 
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
-from avatar.services.generator.engine import GeneratorEngine, GeneratorSession
+from avatar.services.generator.distributed.tpp import rank_steps, step_rank
+from avatar.services.generator.engine import GeneratorEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = 4  # 24 frames a clip = 2 blocks of 3 latent frames: two clips, so the sink refresh runs
 
-# One rank of the group. Rank 0 drives TPPEngine as the gRPC servicer would: session 1 submits
-# every block at once (they overlap across ranks), session 2 runs block by block; then the refusal.
+# One rank of the group. Rank 0 drives TPPEngine as the gRPC servicer would, from a plan (JSON):
+# "alone": sessions one after another, each submitting every block at once (they overlap across
+# ranks); "together": groups of sessions in flight at the same time, blocks submitted
+# interleaved; "fail": a session whose block 1 fails on the last rank, then one that runs.
+# Every session is [steps, seed, input seed]; rank 0 saves each session's latents by its key.
 RANK = textwrap.dedent("""
     import json, os, sys, torch
     torch.set_num_threads(1)
-    from avatar.errors import InvalidInput
+    from avatar.errors import ResourceExhausted
     from avatar.jobs import Job
     from avatar.presets import ModelSpec
     from avatar.services.generator.distributed import tpp
     from avatar.services.generator.engine import GeneratorEngine
-    out, blocks = sys.argv[1], int(sys.argv[2])
+    out, blocks, plan = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 
     def job(steps, seed):
         return Job(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3, num_blocks=blocks,
@@ -41,6 +46,10 @@ RANK = textwrap.dedent("""
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(7, 32, generator=g), torch.randn(16, 1, 8, 8, generator=g),
                 torch.randn(16, 19, 8, 8, generator=g), [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)])
+
+    def open_(tppe, steps, seed, input_seed):
+        text, ref, motion, audio = inputs(input_seed)
+        return tppe.open_session(job(steps, seed), text, ref, motion), audio
 
     group, spec = tpp.init_group(ModelSpec(name="tiny", seed=0))
     engine = GeneratorEngine(spec)
@@ -56,14 +65,14 @@ RANK = textwrap.dedent("""
         tpp._denoise = failing
         tpp.run_worker(group, engine)
     else:
-        tppe = tpp.TPPEngine(group, engine)
+        tppe = tpp.TPPEngine(group, engine, max_sessions=plan.get("max_sessions", 1))
         n = group.world_size
-        if sys.argv[3] == "die":
-            text, ref, motion, audio = inputs(1)
-            s = tppe.open_session(job(n, 98), text, ref, motion)
+        if plan.get("die"):
+            s, audio = open_(tppe, 2, 98, 1)
             futures = [s.submit(a) for a in audio]
+            first = str(futures[0].result(timeout=60).shape)
             with open(out + ".json", "w") as f:
-                json.dump({"first": str(futures[0].result(timeout=60).shape)}, f)
+                json.dump({"first": first}, f)
             try:
                 futures[1].result(timeout=60)
             except Exception as e:
@@ -71,35 +80,46 @@ RANK = textwrap.dedent("""
             import time
             time.sleep(30)   # rank 0 exits on its own (status 1) so the orchestrator restarts the group
             sys.exit(0)
-        text, ref, motion, audio = inputs(1)
-        s = tppe.open_session(job(n, 420), text, ref, motion)
-        futures = [s.submit(a) for a in audio]
-        first = [f.result(timeout=120) for f in futures]
-        s.close()
-        text, ref, motion, audio = inputs(2)
-        s = tppe.open_session(job(n, 99), text, ref, motion)
-        futures = [s.submit(a) for a in audio[:3]]
-        errors = []
-        for f in futures:
+        results, meta = {}, {}
+        for steps, seed, input_seed in plan.get("alone", []):
+            s, audio = open_(tppe, steps, seed, input_seed)
+            futures = [s.submit(a) for a in audio]
+            results[f"{steps}-{seed}-{input_seed}"] = [f.result(timeout=120) for f in futures]
+            s.close()
+        for together in plan.get("together", []):
+            opened = [open_(tppe, *spec) for spec in together]
             try:
-                f.result(timeout=120)
-                errors.append(None)
-            except Exception as e:
-                errors.append(f"{type(e).__name__}: {e}")
-        s.close()
-        s = tppe.open_session(job(n, 7), text, ref, motion)
-        second = [s.generate_block(a) for a in audio[:2]]
-        s.close()
-        refused = []
-        for steps in (n - 1, n + 1):
-            try:
-                tppe.open_session(job(steps, 1), text, ref, motion).close()
-            except InvalidInput as e:
-                refused.append(str(e))
-        torch.save({"first": first, "second": second}, out + ".pt")
+                open_(tppe, *together[0])
+                meta["admitted beyond max_sessions"] = True
+            except ResourceExhausted as e:
+                meta["refused"] = str(e)
+            meta.setdefault("offsets", []).append([s.offset for s, _ in opened])
+            futures = [[] for _ in opened]
+            for b in range(blocks):   # interleaved: every session's block b before any block b + 1
+                for i, (s, audio) in enumerate(opened):
+                    futures[i].append(s.submit(audio[b]))
+            for spec, fs, (s, _) in zip(together, futures, opened):
+                results["together-" + "-".join(map(str, spec))] = [f.result(timeout=120) for f in fs]
+                s.close()
+        if plan.get("fail"):
+            s, audio = open_(tppe, n, 99, 2)
+            futures = [s.submit(a) for a in audio[:3]]
+            errors = []
+            for f in futures:
+                try:
+                    f.result(timeout=120)
+                    errors.append(None)
+                except Exception as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+            s.close()
+            meta["errors"] = errors
+            s, audio = open_(tppe, n, 7, 2)
+            results[f"{n}-7-2"] = [s.generate_block(a) for a in audio]
+            s.close()
+        torch.save(results, out + ".pt")
         tppe.close()
         with open(out + ".json", "w") as f:
-            json.dump({"refused": refused, "errors": errors}, f)
+            json.dump(meta, f)
 """)
 
 
@@ -134,7 +154,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_group(n: int, tmp_path: Path, timeout: float = 120.0, mode: str = "run") -> tuple[dict, dict]:
+def run_group(n: int, tmp_path: Path, plan: dict, timeout: float = 180.0) -> tuple[dict, dict]:
     """Starts n ranks as torchrun would (env rendezvous on loopback); always reaps them."""
     script = tmp_path / "rank.py"
     script.write_text(RANK)
@@ -156,7 +176,7 @@ def run_group(n: int, tmp_path: Path, timeout: float = 120.0, mode: str = "run")
             }
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(script), str(out), str(BLOCKS), mode],
+                    [sys.executable, str(script), str(out), str(BLOCKS), json.dumps(plan)],
                     cwd=ROOT,
                     env=env,
                     stdout=subprocess.PIPE,
@@ -170,8 +190,9 @@ def run_group(n: int, tmp_path: Path, timeout: float = 120.0, mode: str = "run")
                 logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode())
             except subprocess.TimeoutExpired:
                 pytest.fail(f"TPP group of {n} did not finish in {timeout:.0f} s")
-        if mode == "die":
-            return {"codes": [p.returncode for p in procs], "log": logs[0]}, json.loads(Path(f"{out}.json").read_text())
+        if plan.get("die"):
+            meta = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").exists() else {}
+            return {"codes": [p.returncode for p in procs], "log": logs[0]}, meta
         for r, (p, log) in enumerate(zip(procs, logs)):
             assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}\nrank 0:\n{logs[0][-3000:]}"
     finally:
@@ -187,40 +208,78 @@ def engine():
     return GeneratorEngine(ModelSpec(name="tiny", seed=0))
 
 
-def _reference(engine, steps, seed, input_seed, blocks):
+def _reference(engine, steps, seed, input_seed, blocks=BLOCKS):
+    """The single-process generator's latents (GeneratorEngine.open_session: a cache set per step)."""
     text, ref, motion, audio = _inputs(input_seed)
-    session = GeneratorSession(engine, _job(steps, seed), text, ref, motion, cache_sets=steps)
+    session = engine.open_session(_job(steps, seed), text, ref, motion)
     try:
         return [session.generate_block(a) for a in audio[:blocks]]
     finally:
         session.close()
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_tpp_matches_one_process_with_a_cache_set_per_step(engine, tmp_path, n):
-    got, meta = run_group(n, tmp_path)
-    first = _reference(engine, n, 420, 1, BLOCKS)
-    second = _reference(engine, n, 7, 2, 2)
-    assert len(got["first"]) == BLOCKS and len(got["second"]) == 2
-    for a, b in zip(got["first"] + got["second"], first + second):
+def _assert_same(got: list, want: list) -> None:
+    assert len(got) == len(want) == BLOCKS
+    for a, b in zip(got, want):
         assert a.shape == (16, 3, 8, 8) and a.dtype == torch.float32
         assert torch.equal(a, b), f"max diff {(a - b).abs().max().item()}"
-    # not trivially equal: blocks differ from each other and from the other seed
-    assert not torch.equal(got["first"][0], got["first"][2])
-    assert not torch.allclose(got["first"][0], got["second"][0])
+
+
+def test_step_placement_covers_every_step_once_and_spreads_a_lone_session_from_rank_0():
+    for world in (2, 3, 4):
+        for steps in (1, 2, 3, 4, 5, 7):
+            for offset in range(world):
+                owned = [rank_steps(r, steps, offset, world) for r in range(world)]
+                assert sorted(k for ks in owned for k in ks) == list(range(steps))
+                # as even as it gets: every rank runs floor or ceil(S/R) steps
+                assert {len(ks) for ks in owned} <= {steps // world, -(-steps // world)}
+    assert rank_steps(1, 5, 0, 2) == [1, 3] and rank_steps(0, 5, 0, 2) == [0, 2, 4]
+    assert [step_rank(k, 2, 4) for k in range(3)] == [2, 3, 0]
+
+
+# R x S: every S for R = 2 and 4 (S < R, = R, > R, not a multiple), S in 2, 4, 5 for R = 3. Each R
+# is one group (process start-up dominates on 2 cores: about 10-20 s a group).
+GRID = {2: (2, 3, 4, 5), 3: (2, 4, 5), 4: (2, 3, 4, 5)}
+# sessions in flight together, [steps, seed, input seed]: S < R, = R and > R mixed in one ring
+TOGETHER = {2: [[3, 11, 3], [5, 12, 4]], 4: [[3, 21, 5], [4, 22, 6], [5, 23, 7], [2, 24, 8]]}
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_tpp_matches_the_single_process_generator_for_any_steps(engine, tmp_path, n):
+    alone = [[steps, 400 + steps, 1] for steps in GRID[n]]
+    together = [TOGETHER[n]] if n in TOGETHER else []
+    got, meta = run_group(
+        n, tmp_path, {"alone": alone, "together": together, "fail": True, "max_sessions": len(TOGETHER.get(n, [1]))}
+    )
+    for steps, seed, input_seed in alone:
+        _assert_same(got[f"{steps}-{seed}-{input_seed}"], _reference(engine, steps, seed, input_seed))
+    # not trivially equal: blocks differ from each other, and from another step count
+    first = got[f"{GRID[n][0]}-{400 + GRID[n][0]}-1"]
+    assert not torch.equal(first[0], first[2])
+    assert not torch.allclose(first[0], got[f"{GRID[n][1]}-{400 + GRID[n][1]}-1"][0])
+    # several sessions in flight: each one's latents are its single-session latents
+    for spec in together[0] if together else []:
+        _assert_same(got["together-" + "-".join(map(str, spec))], _reference(engine, *spec))
+    if together:
+        assert "admitted beyond max_sessions" not in meta
+        assert f"runs {len(together[0])} session(s) at once" in meta["refused"]
+        # the group placed the sessions so that their steps spread evenly over the ranks
+        load = [0] * n
+        for (steps, _, _), offset in zip(together[0], meta["offsets"][0]):
+            for r in range(n):
+                load[r] += len(rank_steps(r, steps, offset, n))
+        assert max(load) - min(load) <= 1, (load, meta["offsets"])
     # a rank that fails ends that session's later blocks with its error; the next session is fine
     assert (
         meta["errors"][0] is None
         and meta["errors"][1:] == [f"RuntimeError: generator rank {n - 1}: injected failure (RuntimeError)"] * 2
     )
-    assert len(meta["refused"]) == 2
-    for msg, steps in zip(meta["refused"], (n - 1, n + 1)):
-        assert f"sample_steps must be {n}, got {steps}" in msg
+    _assert_same(got[f"{n}-7-2"], _reference(engine, n, 7, 2))
 
 
 def test_a_rank_that_dies_fails_the_session_and_rank_0_exits(tmp_path):
-    got, meta = run_group(2, tmp_path, timeout=60, mode="die")
-    assert meta["first"] == "torch.Size([16, 3, 8, 8])"  # block 0 came back before rank 1 died
+    got, meta = run_group(2, tmp_path, {"die": True}, timeout=60)
+    assert meta.get("first") == "torch.Size([16, 3, 8, 8])", got["log"][-3000:]  # block 0 came back first
     assert got["codes"] == [1, 3], got["log"][-3000:]  # rank 0 exits 1: the orchestrator restarts
     assert "BLOCK 1 FAILED: a generator rank failed" in got["log"]
     assert "restarting the group" in got["log"]
