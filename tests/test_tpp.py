@@ -4,6 +4,7 @@ in flight; a rank's failure ends its session; a rank that dies takes the group d
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ BLOCKS = 4  # 24 frames a clip = 2 blocks of 3 latent frames: two clips, so the 
 # interleaved; "fail": a session whose block 1 fails on the last rank, then one that runs.
 # Every session is [steps, seed, input seed]; rank 0 saves each session's latents by its key.
 RANK = textwrap.dedent("""
-    import json, os, sys, torch
+    import json, os, sys, time, torch
     torch.set_num_threads(1)
     from avatar.errors import ResourceExhausted
     from avatar.jobs import Job
@@ -60,6 +61,7 @@ RANK = textwrap.dedent("""
             if session.seed == 99 and index == 1 and group.rank == group.last:
                 raise RuntimeError("injected failure")
             if session.seed == 98 and index == 1:
+                print(f"DIES AT {time.time():.3f}", flush=True)
                 os._exit(3)   # a rank that dies
             return run(session, x, audio, index, first)
         tpp._denoise = failing
@@ -76,8 +78,8 @@ RANK = textwrap.dedent("""
             try:
                 futures[1].result(timeout=60)
             except Exception as e:
+                print(f"FAILED AT {time.time():.3f}", flush=True)
                 print("BLOCK 1 FAILED:", e, flush=True)
-            import time
             time.sleep(30)   # rank 0 exits on its own (status 1) so the orchestrator restarts the group
             sys.exit(0)
         results, meta = {}, {}
@@ -192,7 +194,7 @@ def run_group(n: int, tmp_path: Path, plan: dict, timeout: float = 180.0) -> tup
                 pytest.fail(f"TPP group of {n} did not finish in {timeout:.0f} s")
         if plan.get("die"):
             meta = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").exists() else {}
-            return {"codes": [p.returncode for p in procs], "log": logs[0]}, meta
+            return {"codes": [p.returncode for p in procs], "log": logs[0], "logs": logs}, meta
         for r, (p, log) in enumerate(zip(procs, logs)):
             assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}\nrank 0:\n{logs[0][-3000:]}"
     finally:
@@ -278,17 +280,20 @@ def test_tpp_matches_the_single_process_generator_for_any_steps(engine, tmp_path
 
 
 def test_a_rank_that_dies_fails_the_session_and_rank_0_exits(tmp_path):
-    got, meta = run_group(2, tmp_path, {"die": True}, timeout=60)
+    got, meta = run_group(2, tmp_path, {"die": True}, timeout=240)
     assert meta.get("first") == "torch.Size([16, 3, 8, 8])", got["log"][-3000:]  # block 0 came back first
     assert got["codes"] == [1, 3], got["log"][-3000:]  # rank 0 exits 1: the orchestrator restarts
     assert "BLOCK 1 FAILED: a generator rank failed" in got["log"]
     assert "restarting the group" in got["log"]
+    died = float(re.search(r"DIES AT ([\d.]+)", got["logs"][1]).group(1))
+    failed = float(re.search(r"FAILED AT ([\d.]+)", got["log"]).group(1))
+    assert failed - died < 5, f"rank 0 saw the death after {failed - died:.1f} s"
 
 
 def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, clip_5s, start_service):
     """`torchrun --nproc-per-node 2 --no-python avatar serve --role generator` (as the manifests
-    run it, on 2 CPU ranks) behind a gateway: a real Generate gives a valid MP4, a wrong step count
-    is refused, SIGTERM stops every rank."""
+    run it, on 2 CPU ranks) behind a gateway: a real Generate of the preview preset (3 steps on 2
+    ranks) gives a valid MP4, bad input is refused, SIGTERM stops every rank."""
     import signal
 
     import grpc
@@ -326,36 +331,29 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
         request = avatar_pb2.GenerateRequest(
             image=(ROOT / "assets" / "astronaut.png").read_bytes(),
             audio=clip_5s.read_bytes(),
-            preset="preview",
+            preset="preview",  # 3 sampling steps on 2 ranks: a lap and a half of the ring a block
             size="64*64",
             seed=7,
-            sample_steps=2,
             num_clip=1,
         )
         s = generate(gw.address, request)
         assert s.status.blocks >= 2 and len(s.fragments) == s.status.blocks
         check_video(s.write_mp4(tmp_path / "tpp.mp4"), s.status.frames / 25)
 
-        # A step count the group cannot run is refused with the reason, through the gateway (which
-        # waits for the session to be ready before it sends audio) and straight to the generator.
-        request.sample_steps = 4
-        with pytest.raises(grpc.RpcError) as err:
-            generate(gw.address, request)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
-        assert "sample_steps must be 2, got 4" in err.value.details()
+        # Bad input is refused with the reason before any rank works on it.
         text, ref, motion, _ = _inputs(3, blocks=0)
         start = generator_pb2.GeneratorInput(
             start=generator_pb2.SessionStart(
-                job=_job(4, 1).to_proto(),
+                job=_job(3, 1).to_proto(),
                 text=wire.to_proto(text),
-                ref_latent=wire.to_proto(ref),
+                ref_latent=wire.to_proto(ref[:, :, :4]),
                 motion_latents=wire.to_proto(motion),
             )
         )
         with grpc.insecure_channel(gen_addr) as ch, pytest.raises(grpc.RpcError) as err:
             list(generator_pb2_grpc.GeneratorServiceStub(ch).Generate(iter([start]), timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "sample_steps must be 2, got 4" in err.value.details()
+        assert "ref_latent must be [16, 1, 8, 8], got [16, 1, 4, 8]" in err.value.details()
 
         # torchrun passes SIGTERM to both ranks: rank 0 drains and stops rank 1, which waits for it.
         # (torchrun itself reports the signal with exit status 1, whatever its workers did.)
@@ -368,6 +366,124 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
     finally:
         if gen.poll() is None:
             os.killpg(gen.pid, signal.SIGKILL)
+            gen.wait()
+
+
+def _group_processes(pgid: int) -> list[int]:
+    """Live processes of a process group (torchrun and the ranks it started), zombies left out."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_killing_a_rank_mid_stream_ends_the_stream_and_the_group(tmp_path, env):
+    """`avatar serve --role generator` under torchrun (2 CPU ranks), a stream in progress, rank 1
+    SIGKILLed: the stream ends with the reason within a few seconds, health says NOT_SERVING,
+    torchrun exits non-zero and no process of the group is left."""
+    import re
+    import signal
+    import threading
+
+    import grpc
+    from conftest import AVATAR
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from avatar import wire
+    from avatar.v1 import encoder_pb2, generator_pb2, generator_pb2_grpc
+
+    gen_addr = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "generator-tpp.log"
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "--no-python",
+    ]
+    with open(log, "wb") as out:
+        gen = subprocess.Popen(
+            [*torchrun, *AVATAR, "serve", "--role=generator", f"--listen={gen_addr}", "--max-sessions=2"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    statuses: list[int] = []
+    stop = threading.Event()
+    try:
+        from conftest import wait_serving
+
+        wait_serving(gen_addr, 240, gen, log)
+        rank1 = int(re.search(r"TPP rank 1/2 ready on cpu \(pid (\d+)\)", log.read_text()).group(1))
+
+        def watch_health():
+            with grpc.insecure_channel(gen_addr) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                while not stop.is_set():
+                    try:
+                        statuses.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+                    except grpc.RpcError:
+                        pass
+                    time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch_health, daemon=True)
+        watcher.start()
+        blocks = 200  # far more than arrive before the kill: the stream is mid-way
+        text, ref, motion, audio = _inputs(3, blocks=1)
+        start = generator_pb2.GeneratorInput(
+            start=generator_pb2.SessionStart(
+                job=_job(3, 1, blocks=blocks).to_proto(),
+                text=wire.to_proto(text),
+                ref_latent=wire.to_proto(ref),
+                motion_latents=wire.to_proto(motion),
+            )
+        )
+        feats = generator_pb2.GeneratorInput(audio=encoder_pb2.AudioFeatures(features=wire.to_proto(audio[0])))
+
+        def requests():
+            yield start
+            for _ in range(blocks):
+                if stop.is_set():
+                    return
+                yield feats
+                time.sleep(0.05)  # a live source: the stream lasts while the rank is killed
+
+        got, killed_at = 0, None
+        with grpc.insecure_channel(gen_addr) as ch, pytest.raises(grpc.RpcError) as err:
+            for out in generator_pb2_grpc.GeneratorServiceStub(ch).Generate(requests(), timeout=120):
+                if out.WhichOneof("event") == "block":
+                    got += 1
+                    if got == 2:
+                        os.kill(rank1, signal.SIGKILL)
+                        killed_at = time.monotonic()
+        ended = time.monotonic() - killed_at
+        assert killed_at is not None, "the stream ended before the kill"
+        assert ended < 5, f"the stream ended {ended:.1f} s after the kill"
+        assert "a generator rank failed" in err.value.details(), err.value
+        assert gen.wait(timeout=60) != 0
+        stop.set()
+        watcher.join(timeout=5)
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses[-5:]
+        assert "restarting the group" in log.read_text()
+        deadline = time.monotonic() + 10
+        while _group_processes(gen.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group_processes(gen.pid) == [], log.read_text()[-3000:]
+    finally:
+        stop.set()
+        if gen.poll() is None or _group_processes(gen.pid):
+            try:
+                os.killpg(gen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             gen.wait()
 
 
