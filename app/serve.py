@@ -207,7 +207,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
             from avatar.services.generator.distributed.tpp import start_rank0
 
             # The group takes as many sessions at once as the generator admits (--max-sessions).
-            group_sessions = cfg.admission.max_sessions if cfg.admission else 1
+            group_sessions = (cfg.admission or AdmissionConfig()).max_sessions
             engine = await loop.run_in_executor(None, start_rank0, cfg.model, group_sessions)
             closers.append(engine.aclose)
             tpp_engine = engine

@@ -239,6 +239,29 @@ def test_step_placement_covers_every_step_once_and_spreads_a_lone_session_from_r
     assert [step_rank(k, 2, 4) for k in range(3)] == [2, 3, 0]
 
 
+def test_a_rank_not_started_by_torchrun_or_with_a_bad_timeout_refuses_with_the_reason(monkeypatch):
+    from avatar.services.generator.distributed import tpp
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(
+        ValueError, match="TPP rank without MASTER_ADDR, MASTER_PORT: start the generator with torchrun"
+    ):
+        tpp.init_group(ModelSpec(name="tiny"))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    for bad in ("10", "soon"):
+        monkeypatch.setenv(tpp.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"AVATAR_TPP_TIMEOUT_S must be a number of seconds >= 120, got '{bad}'"):
+            tpp.init_group(ModelSpec(name="tiny"))
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"  # NVLink multicast stays off whatever was asked
+    monkeypatch.setenv(tpp.TIMEOUT_ENV, "600")
+    assert tpp.group_timeout().total_seconds() == 600
+
+
 # R x S: every S for R = 2 and 4 (S < R, = R, > R, not a multiple), S in 2, 4, 5 for R = 3. Each R
 # is one group (process start-up dominates on 2 cores: about 10-20 s a group).
 GRID = {2: (2, 3, 4, 5), 3: (2, 4, 5), 4: (2, 3, 4, 5)}
