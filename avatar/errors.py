@@ -13,5 +13,9 @@ class ResourceExhausted(AvatarError):
     """Not enough memory or capacity for the job now: RESOURCE_EXHAUSTED, with what to lower."""
 
 
+class Unavailable(AvatarError):
+    """The service cannot serve now but may after a restart (a multi-GPU group lost a rank): UNAVAILABLE."""
+
+
 class WeightsError(AvatarError):
     """A checkpoint is missing, incomplete or does not match the architecture: FAILED_PRECONDITION."""

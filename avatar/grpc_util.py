@@ -51,6 +51,7 @@ SERVER_KEEPALIVE_OPTIONS = [
 _STATUS = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.WeightsError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

@@ -327,7 +327,7 @@ class TPPEngine:
         plan = plan_session(job, self.dit, ref_latent, motion_latents, text, None)  # bad input: refused here
         with self._lock:
             if self.broken:
-                raise RuntimeError(self.broken)
+                raise errors.Unavailable(self.broken)
             if len(self._sessions) >= self.max_sessions:
                 raise errors.ResourceExhausted(
                     f"the multi-GPU generator runs {self.max_sessions} session(s) at once (--max-sessions); "
@@ -417,7 +417,7 @@ class TPPEngine:
 
     def _call(self, priority: int, command, *args) -> concurrent.futures.Future:
         if self.broken:
-            raise RuntimeError(self.broken)
+            raise errors.Unavailable(self.broken)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((priority, next(self._order), command, args, fut))
         return fut
@@ -426,7 +426,7 @@ class TPPEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self.broken:
-                fut.set_exception(RuntimeError(self.broken))
+                fut.set_exception(errors.Unavailable(self.broken))
             else:
                 self._waiting[key] = fut
         return fut
@@ -451,7 +451,7 @@ class TPPEngine:
             except queue.Empty:
                 command, args, fut = self._ping, (), concurrent.futures.Future()
             if self.broken:
-                fut.set_exception(RuntimeError(self.broken))
+                fut.set_exception(errors.Unavailable(self.broken))
                 continue
             try:
                 fut.set_result(command(*args))
@@ -526,8 +526,8 @@ class TPPEngine:
             if isinstance(reply, Block):  # another lap: rank 0's next step, in the driver thread
                 try:
                     self._call(CONTINUE, self._continue, reply)
-                except RuntimeError:
-                    return  # broken
+                except errors.Unavailable:
+                    return  # the group is gone
                 continue
             self._resolve(reply)
             if isinstance(reply, ShutDown):
@@ -541,7 +541,7 @@ class TPPEngine:
             self.broken = reason
             waiting, self._waiting = list(self._waiting.values()), {}
         for fut in waiting:
-            fut.set_exception(RuntimeError(reason))
+            fut.set_exception(errors.Unavailable(reason))
         for hook in self._failure_hooks:
             try:
                 hook(reason)
@@ -636,7 +636,7 @@ class TPPSession:
                 result.add_done_callback(lambda r, index=index, out=out, t0=t0: self._done(index, out, t0, r))
                 try:
                     self.engine._call(COMMAND, self.engine._inject, self, index, audio, first)
-                except RuntimeError as exc:  # the group is gone
+                except errors.Unavailable as exc:  # the group is gone
                     if not result.done():
                         result.set_exception(exc)
 
