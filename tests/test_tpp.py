@@ -387,29 +387,72 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
         assert "TPP rank 1: shutdown" in text and "avatar serve: stopping" in text
         assert "ChildFailedError" not in text and "[rank1]" not in text, text[-3000:]
     finally:
-        if gen.poll() is None:
-            os.killpg(gen.pid, signal.SIGKILL)
-            gen.wait()
+        _kill_all(gen, [])
 
 
-def _group_processes(pgid: int) -> list[int]:
-    """Live processes of a process group (torchrun and the ranks it started), zombies left out."""
-    pids = []
+def _descendants(pid: int) -> list[int]:
+    """Live processes under `pid` (torchrun starts its ranks in sessions of their own, so its
+    process group does not hold them), zombies left out."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    def live(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    return [p for p in pids if live(p)]
+
+
+def _kill_all(proc: subprocess.Popen, pids: list[int]) -> None:
+    """Ends a torchrun group a test started, its ranks by their ids too."""
+    import signal
+
+    for pid in {*pids, *_descendants(proc.pid)}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _wait_for_line(log: Path, pattern: str, timeout: float, proc: subprocess.Popen) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(pattern, log.read_text(errors="replace"))
+        if found:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"no {pattern!r} in the log:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 def test_killing_a_rank_mid_stream_ends_the_stream_and_the_group(tmp_path, env):
     """`avatar serve --role generator` under torchrun (2 CPU ranks), a stream in progress, rank 1
     SIGKILLed: the stream ends with the reason within a few seconds, health says NOT_SERVING,
     torchrun exits non-zero and no process of the group is left."""
-    import re
     import signal
     import threading
 
@@ -441,24 +484,26 @@ def test_killing_a_rank_mid_stream_ends_the_stream_and_the_group(tmp_path, env):
         )
     statuses: list[int] = []
     stop = threading.Event()
+    ranks: list[int] = []
     try:
         from conftest import wait_serving
 
         wait_serving(gen_addr, 240, gen, log)
-        rank1 = int(re.search(r"TPP rank 1/2 ready on cpu \(pid (\d+)\)", log.read_text()).group(1))
+        rank1 = int(_wait_for_line(log, r"TPP rank 1/2 ready on cpu \(pid (\d+)\)", 120, gen).group(1))
+        ranks = _descendants(gen.pid)
+        assert rank1 in ranks and len(ranks) == 2, ranks  # rank 0 and rank 1, children of torchrun
 
-        def watch_health():
+        def watch_health():  # Health.Watch: the server pushes each change, no poll can miss one
             with grpc.insecure_channel(gen_addr) as ch:
-                stub = health_pb2_grpc.HealthStub(ch)
-                while not stop.is_set():
-                    try:
-                        statuses.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
-                    except grpc.RpcError:
-                        pass
-                    time.sleep(0.05)
+                try:
+                    for change in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=300):
+                        statuses.append(change.status)
+                except grpc.RpcError:
+                    pass  # the server went away
 
         watcher = threading.Thread(target=watch_health, daemon=True)
         watcher.start()
+        _wait_until(lambda: statuses, 30)  # watching: SERVING came first
         blocks = 200  # far more than arrive before the kill: the stream is mid-way
         text, ref, motion, audio = _inputs(3, blocks=1)
         start = generator_pb2.GeneratorInput(
@@ -493,22 +538,14 @@ def test_killing_a_rank_mid_stream_ends_the_stream_and_the_group(tmp_path, env):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value  # retry: the group restarts
         assert "a generator rank failed" in err.value.details(), err.value
         assert gen.wait(timeout=60) != 0
-        stop.set()
-        watcher.join(timeout=5)
-        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses[-5:]
+        watcher.join(timeout=10)
+        assert statuses[0] == health_pb2.HealthCheckResponse.SERVING, statuses
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
         assert "restarting the group" in log.read_text()
-        deadline = time.monotonic() + 10
-        while _group_processes(gen.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _group_processes(gen.pid) == [], log.read_text()[-3000:]
+        assert _alive(ranks) == [], log.read_text()[-3000:]  # torchrun has reaped both ranks
     finally:
         stop.set()
-        if gen.poll() is None or _group_processes(gen.pid):
-            try:
-                os.killpg(gen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            gen.wait()
+        _kill_all(gen, ranks)
 
 
 def test_only_the_generator_role_runs_under_torchrun(env):
