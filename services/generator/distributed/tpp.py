@@ -77,7 +77,11 @@ from avatar.services.generator.engine import GeneratorEngine, GeneratorSession, 
 
 log = logging.getLogger(__name__)
 
-EXIT_DELAY_S = 2.0  # after a rank failure, rank 0 lets the failed RPCs reach their clients, then exits
+# After a rank failure rank 0 exits once its streams have ended and their statuses had time to
+# reach the clients (EXIT_DELAY_S after the last one), or EXIT_GRACE_S after the failure at the
+# latest. Not on a fixed timer: on a loaded host a timer can cut off results already back.
+EXIT_DELAY_S = 1.0
+EXIT_GRACE_S = 15.0
 PING_S = 60.0  # an idle rank 0 pings the ring, so idle ranks' receives never reach the group timeout
 TIMEOUT_ENV = "AVATAR_TPP_TIMEOUT_S"  # a rank silent this long is taken as hung (default 30 minutes)
 
@@ -547,7 +551,20 @@ class TPPEngine:
                 hook(reason)
             except Exception as exc:
                 log.warning("TPP failure hook: %s", exc)
-        threading.Timer(EXIT_DELAY_S, os._exit, (1,)).start()
+        threading.Thread(target=self._exit_when_drained, name="tpp-exit", daemon=True).start()
+
+    def _exit_when_drained(self) -> None:
+        deadline, idle_since = time.monotonic() + EXIT_GRACE_S, None
+        while time.monotonic() < deadline:
+            with self._lock:
+                idle = not self._sessions
+            idle_since = (idle_since or time.monotonic()) if idle else None
+            if idle_since is not None and time.monotonic() - idle_since >= EXIT_DELAY_S:
+                break
+            time.sleep(0.1)
+        log.critical("TPP: rank 0 exits so the group restarts")
+        logging.shutdown()
+        os._exit(1)
 
 
 def _reply_key(reply: Reply) -> tuple:
