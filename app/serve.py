@@ -202,6 +202,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
 
         closers.append(close_metrics)
     loop = asyncio.get_running_loop()
+    tpp_engine = None  # rank 0 of a multi-GPU generator group
     warmup = cfg.warmup if cfg.warmup is not None else cfg.model.compile
     # Internal services take no per-client limit: their one client is the gateway.
     internal_admission = replace(cfg.admission, max_per_client=0) if cfg.admission else None
@@ -236,8 +237,11 @@ async def start(cfg: ServeConfig) -> RunningServer:
         elif distributed.launched():  # torchrun: rank 0 of a TPP group (services/generator/distributed)
             from avatar.services.generator.distributed.tpp import start_rank0
 
-            engine = await loop.run_in_executor(None, start_rank0, cfg.model)
+            # The group takes as many sessions at once as the generator admits (--max-sessions).
+            group_sessions = (cfg.admission or AdmissionConfig()).max_sessions
+            engine = await loop.run_in_executor(None, start_rank0, cfg.model, group_sessions)
             closers.append(engine.aclose)
+            tpp_engine = engine
         else:
             engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
             if warmup:
@@ -286,6 +290,10 @@ async def start(cfg: ServeConfig) -> RunningServer:
         closers.append(gateway.close)
 
     health = grpc_util.add_health_and_reflection(server, names)
+    if tpp_engine is not None:  # a rank that dies: NOT_SERVING at once, before rank 0 exits
+        tpp_engine.on_failure(
+            lambda reason: asyncio.run_coroutine_threadsafe(grpc_util.set_serving(health, names, False), loop)
+        )
     internal_health = None
     if internal is not server:
         internal_health = grpc_util.add_health_and_reflection(internal, internal_names)

@@ -14,7 +14,8 @@ class ResourceExhausted(AvatarError):
 
 
 class Unavailable(AvatarError):
-    """No service can take the work now (e.g. no live replica of a role): UNAVAILABLE, retry later."""
+    """The service cannot serve now but may later (no live replica of a role; a multi-GPU group lost a
+    rank and restarts): UNAVAILABLE, retry later."""
 
 
 class WeightsError(AvatarError):

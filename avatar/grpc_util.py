@@ -51,8 +51,8 @@ SERVER_KEEPALIVE_OPTIONS = [
 _STATUS = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.WeightsError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.WeightsError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

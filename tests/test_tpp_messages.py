@@ -39,3 +39,19 @@ def test_open_session_carries_the_job_and_a_failure_reaches_rank_0_as_its_error(
     assert isinstance(oom, ResourceExhausted) and "rank 1 ran out of GPU memory" in str(oom)
     with pytest.raises(RuntimeError, match=r"generator rank 0: injected \(ValueError\)"):
         raise RankError.of(ValueError("injected"), 0).exception()
+
+
+def test_a_block_with_steps_left_goes_up_as_itself_and_a_finished_one_as_its_result():
+    x = torch.randn(1, 16, 3, 8, 8)
+    lap = Block(sid=2, index=5, x=x, audio=torch.zeros(12, 5, 32), step=2, steps=5)
+    back, _ = _round_trip(lap)
+    assert (back.step, back.steps) == (2, 5) and not back.finished
+    assert back.reply() is back  # another lap: rank 0 runs step 2
+    done = _round_trip(Block(sid=2, index=5, x=x, audio=None, step=5, steps=5))[0].reply()
+    assert done.index == 5 and done.error is None and torch.equal(done.x, x)
+    opened = _round_trip(
+        OpenSession(
+            1, Job(64, 64, sample_steps=3), torch.zeros(1, 32), torch.zeros(16, 1, 8, 8), torch.zeros(16, 19, 8, 8), 2
+        )
+    )[0]
+    assert opened.offset == 2 and opened.reply().kv_cache_bytes == 0

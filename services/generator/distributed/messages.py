@@ -1,8 +1,10 @@
 """The TPP ring's messages: one frozen dataclass per kind, and the channel that carries them between two ranks.
 
-Down the ring (rank 0 -> 1 -> ... -> N-1) travel OpenSession, Block, CloseSession, Ping and
-Shutdown; the last rank answers each with its reply (`message.reply()`) up to rank 0. A rank
-that fails sets `error` on the message it passes on, so rank 0 learns it with the reply.
+Down the ring (rank 0 -> 1 -> ... -> R-1) travel OpenSession, Block, CloseSession, Ping and
+Shutdown; the last rank answers each with its reply (`message.reply()`) up to rank 0. A Block
+whose sampling steps are not all done yet goes up as itself: rank 0 runs its next step and sends
+it round again (a lap per R steps). A rank that fails sets `error` on the message it passes on,
+so rank 0 learns it with the reply.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class RankError:
 class Opened:
     sid: int
     error: RankError | None = None
+    kv_cache_bytes: int = 0  # the largest share of the session's KV cache on one rank
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,18 @@ class OpenSession:
     text: torch.Tensor  # [L, text_dim]
     ref_latent: torch.Tensor  # [16, 1, h, w]
     motion_latents: torch.Tensor  # [16, T, h, w]
+    offset: int = 0  # sampling step k runs on rank (offset + k) % R (tpp.step_rank)
     error: RankError | None = None
+    kv_cache_bytes: int = 0  # the largest share so far: each rank raises it to its own
 
     def reply(self) -> Opened:
-        return Opened(self.sid, self.error)
+        return Opened(self.sid, self.error, self.kv_cache_bytes)
 
 
 @dataclass(frozen=True)
 class Block:
-    """One block after the sender's step: the next rank runs its step on x."""
+    """One block on its way round: x after sampling steps 0..step-1; the rank that runs `step`
+    runs it next (and the ranks between pass it on)."""
 
     sid: int
     index: int
@@ -97,11 +103,21 @@ class Block:
     audio: torch.Tensor | None  # [F*4, audio_layers, audio_dim]; None once a rank failed
     first: torch.Tensor | None = None  # block 0's first latent frame, for the sink refresh at clip 1
     error: RankError | None = None
+    step: int = 0  # the next sampling step to run
+    steps: int = 1  # the session's sampling steps
+
+    @property
+    def finished(self) -> bool:
+        """Every step has run, or one failed: nothing is left to do but to reach rank 0."""
+        return self.error is not None or self.step >= self.steps
 
     def failed(self, error: RankError) -> Block:
         return replace(self, x=None, audio=None, first=None, error=error)
 
-    def reply(self) -> BlockDone:
+    def reply(self) -> BlockDone | Block:
+        """What the last rank sends up: the finished block, or this block for another lap."""
+        if not self.finished:
+            return self
         return BlockDone(self.sid, self.index, self.x if self.error is None else None, self.error)
 
 
@@ -128,7 +144,7 @@ class Shutdown:
 
 
 Message = OpenSession | Block | CloseSession | Ping | Shutdown
-Reply = Opened | BlockDone | Closed | Pong | ShutDown
+Reply = Opened | BlockDone | Closed | Pong | ShutDown | Block
 
 
 def encode(msg: Message | Reply) -> tuple[bytes, list[torch.Tensor]]:
