@@ -262,7 +262,7 @@ def test_a_rank_not_started_by_torchrun_or_with_a_bad_timeout_refuses_with_the_r
     assert tpp.group_timeout().total_seconds() == 600
 
 
-# R x S: every S for R = 2 and 4 (S < R, = R, > R, not a multiple), S in 2, 4, 5 for R = 3. Each R
+# R x S: every S in 2..5 for R = 2, 3 and 4 (S < R, = R, > R, not a multiple). Each R
 # is one group (process start-up dominates on 2 cores: about 10-20 s a group).
 GRID = {2: (2, 3, 4, 5), 3: (2, 3, 4, 5), 4: (2, 3, 4, 5)}
 # sessions in flight together, [steps, seed, input seed]: S < R, = R and > R mixed in one ring
