@@ -102,7 +102,15 @@ def test_speech_frames_become_25_fps_video_with_the_same_audio(server):
             await gen.push_audio(AudioSegmentEnd())
             while not gen.of(AudioSegmentEnd) and not reader.done():  # it plays in real time
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)  # then idles
+            # then idles: wait for the rest of its last block and one idle block (not a fixed time:
+            # a loaded machine makes blocks slower than real time)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not reader.done():
+                items = [x for _, x in gen.items]
+                end = next((i for i, x in enumerate(items) if isinstance(x, AudioSegmentEnd)), len(items))
+                if sum(isinstance(x, rtc.VideoFrame) for x in items[end:]) >= 12 + 9:
+                    break
+                await asyncio.sleep(0.05)
             await gen.end()
             await asyncio.wait_for(reader, 60)
             return gen, pushed_at
