@@ -234,7 +234,14 @@ def test_avatar_runner_barge_in_and_playback_notifications(server):
                 await asyncio.sleep(0.02)  # barge-in once 1.5 s of it played
             agent_out.clear_buffer()  # the user spoke: LiveKit's barge-in, then the
             agent_out.flush()  # segment's end, as the agent's audio forwarding does when cut
-            await asyncio.sleep(1.5)
+            # a pause: wait for an idle block after the barge-in (not a fixed time: a loaded machine
+            # makes blocks slower than real time)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                after = [x for t, x in gen.items if gen.cleared_at and t > gen.cleared_at[0]]
+                if sum(isinstance(x, rtc.VideoFrame) for x in after) >= 12:
+                    break
+                await asyncio.sleep(0.05)
             for frame in audio_frames(np.repeat(second, 2), channels=2):  # stereo this time: mixed down to mono
                 await agent_out.capture_frame(frame)
             agent_out.flush()
