@@ -212,6 +212,11 @@ class OfflineRoom(rtc.EventEmitter):
         return None
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known race (issue 12, open): an audio frame in flight at clear_buffer() is sometimes handed "
+    "out after it, before the idle blocks (failed 2 of 4 runs on 2026-12-03)",
+)
 def test_avatar_runner_barge_in_and_playback_notifications(server):
     rate = 16000
     first, second = speech(0.5, 4.0), speech(5.0, 1.0)

@@ -524,7 +524,8 @@ def test_the_page_plays_a_speech_file_live_in_headless_chromium(web):
         page.click("#start")
         # the video plays while the session is still live (7.2 s of speech fed at real-time pace)
         page.wait_for_function(
-            "document.getElementById('video').currentTime > 1.0 && window.avatarPage.state === 'live'",
+            "document.getElementById('video').currentTime > 1.0 && window.avatarPage.state === 'live'"
+            " && window.avatarPage.latenciesMs.length > 0",
             timeout=90_000,
         )
         seen = page.evaluate("({t: document.getElementById('video').currentTime, p: window.avatarPage})")
