@@ -1,8 +1,8 @@
 """Multi-GPU generator: timestep-forcing pipeline parallelism (TPP) under torchrun.
 
 All torch.distributed code lives in this package. `avatar serve --role generator` started by
-torchrun with N processes runs N ranks, one sampling step each (sample_steps must equal N):
-rank 0 serves GeneratorService, ranks 1..N-1 run `run_worker`. See tpp.py and docs/model.md.
+torchrun with N processes runs N ranks: TPP (tpp.py: step k of a block on rank k mod N) or FSDP2
+shards (sharding.py). Rank 0 serves GeneratorService. See docs/architecture.md.
 """
 
 import os
@@ -15,3 +15,25 @@ def launched() -> bool:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def join_group(device_name: str, local_rank: int, timeout, what: str):
+    """This rank's device (cuda:LOCAL_RANK, or the CPU) and the default process group on it:
+    NCCL on GPUs, gloo on the CPU. Returns (device, backend)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"rank with LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ValueError(f"{what} runs on cuda or cpu, not {device}")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
+    return device, backend

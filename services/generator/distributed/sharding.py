@@ -41,6 +41,7 @@ from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
 from avatar.services.generator.causal_s2v_dit import CausalS2VDiT
+from avatar.services.generator.distributed import join_group
 from avatar.services.generator.distributed.parallel_config import ParallelConfig
 from avatar.services.generator.engine import GeneratorEngine, GeneratorSession, build_generator_model
 from avatar.services.generator.fp8 import FP8Linear
@@ -169,20 +170,7 @@ def init_shard_group(model: ModelSpec, config: ParallelConfig) -> tuple[ShardGro
             f"use tpp={config.world_size} (full copies) or fsdp={config.world_size}"
         )
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast reserves memory per communicator (docs/operations.md)
-    device = torch.device(model.device)
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"rank with LOCAL_RANK {local} has no GPU: {torch.cuda.device_count()} visible")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    elif device.type == "cpu":
-        backend = "gloo"
-    else:
-        raise ValueError(f"FSDP runs on cuda or cpu, not {device}")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **({"device_id": device} if backend == "nccl" else {}))
+    device, backend = join_group(model.device, int(os.environ.get("LOCAL_RANK", "0")), GROUP_TIMEOUT, "FSDP")
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
     control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if backend != "gloo" else dist.group.WORLD
     group = ShardGroup(dist.get_rank(), world, device, mesh, control)

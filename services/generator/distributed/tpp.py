@@ -58,6 +58,7 @@ from avatar import errors
 from avatar.errors import InvalidInput
 from avatar.jobs import Job
 from avatar.presets import VAE_TIME_STRIDE, ModelSpec
+from avatar.services.generator.distributed import join_group
 from avatar.services.generator.distributed.messages import (
     Block,
     BlockDone,
@@ -143,19 +144,7 @@ def init_group(model: ModelSpec) -> tuple[Group, ModelSpec]:
         )
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     timeout = group_timeout()
-    device = torch.device(model.device)
-    if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"rank with LOCAL_RANK {local} has no GPU: {torch.cuda.device_count()} visible")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    elif device.type == "cpu":
-        backend = "gloo"
-    else:
-        raise ValueError(f"TPP runs on cuda or cpu, not {device}")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
+    device, backend = join_group(model.device, local, timeout, "TPP")
     up = dist.new_group(backend=backend, timeout=timeout)
     group = Group(
         dist.get_rank(), dist.get_world_size(), device, device if backend == "nccl" else torch.device("cpu"), up
