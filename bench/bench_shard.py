@@ -30,6 +30,7 @@ import torch
 from avatar.errors import AvatarError
 from avatar.jobs import Job
 from avatar.presets import FRAMES_PER_BLOCK, GeneratorOptions, ModelSpec
+from avatar.services.generator.distributed import leave_group
 
 GiB = 2**30
 
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
 
         ranks = [None] * group.size
         dist.all_gather_object(ranks, mine, group=group.control)
-        dist.destroy_process_group()
+        leave_group(group.control)
     if rank:
         return 0
     result |= {

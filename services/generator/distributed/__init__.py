@@ -37,3 +37,21 @@ def join_group(device_name: str, local_rank: int, timeout, what: str):
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
     return device, backend
+
+
+def leave_group(control=None) -> None:
+    """Leaves every process group, after a barrier on `control` (a gloo group) so no rank tears
+    down its group while another still has a collective in flight: gloo's worker threads then
+    hold no work when the interpreter exits (an abort at exit otherwise, seen once in CI)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier(group=control)
+    except Exception:  # a peer already gone: still leave
+        pass
+    dist.destroy_process_group()
+    gc.collect()  # drop finished Work objects (and their tensors) while Python is fully alive

@@ -41,7 +41,7 @@ from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
 from avatar.services.generator.causal_s2v_dit import CausalS2VDiT
-from avatar.services.generator.distributed import join_group
+from avatar.services.generator.distributed import join_group, leave_group
 from avatar.services.generator.distributed.parallel_config import ParallelConfig
 from avatar.services.generator.engine import GeneratorEngine, GeneratorSession, build_generator_model
 from avatar.services.generator.fp8 import FP8Linear
@@ -311,8 +311,10 @@ def worker_main(model: ModelSpec, config: ParallelConfig) -> None:
     group, spec = init_shard_group(model, config)
     try:
         run_shard_worker(group, build_in_turn(group, spec))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the peers may be gone
+        raise
+    leave_group(group.control)
 
 
 def start_rank0(model: ModelSpec, config: ParallelConfig) -> ShardedEngine:
@@ -358,7 +360,9 @@ class ShardedEngine:
                 self._call(Stop()).result(timeout)
             except Exception as exc:
                 log.warning("FSDP shutdown: %s", exc)
-        if dist.is_initialized():
+        if self.broken is None:
+            leave_group(self.group.control)
+        elif dist.is_initialized():
             dist.destroy_process_group()
 
     async def aclose(self) -> None:
