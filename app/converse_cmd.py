@@ -14,6 +14,7 @@ INPUT_RATE = 16000  # the file is sent as PCM s16le mono at 16 kHz
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from avatar.presets import AUDIO_ENCODERS
     from avatar.security import add_security_args
 
     p = sub.add_parser(
@@ -33,6 +34,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--size", default="", help='pixel area "W*H", e.g. 64*64')
     p.add_argument("--sample_steps", type=int, default=0, help="denoising steps per block (0: the preset's)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--audio-encoder",
+        choices=AUDIO_ENCODERS,
+        default=None,
+        help="audio encoder of the live speech features (default wav2vec2, what the model was trained with); "
+        "without --server the embedded mesh loads it",
+    )
     p.add_argument("--server", metavar="ADDR", help="a running gateway (default: the mesh in this process)")
     p.add_argument("--out", required=True, help="output video, e.g. out/live.mp4")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the session in seconds")
@@ -101,6 +109,7 @@ async def run(args) -> int:
         sample_steps=args.sample_steps,
         seed=args.seed,
         sample_rate=INPUT_RATE,
+        audio_encoder=args.audio_encoder or "",
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="HZ",
         help="session audio rate, 16000 or 24000 (default 24000: LiveKit TTS output); other rates are resampled",
     )
+    g.add_argument(
+        "--audio-encoder",
+        choices=("wav2vec2", "whisper"),
+        default=None,
+        help="audio encoder of the speech features (default wav2vec2); without --server the embedded mesh loads it",
+    )
     p.add_argument("--server", metavar="ADDR", help="a running gateway (default: the mesh in this process)")
     add_security_args(p)
     return p
@@ -138,6 +144,7 @@ async def run(args) -> int:
         sample_steps=args.sample_steps,
         seed=args.seed,
         sample_rate=args.sample_rate,
+        audio_encoder=args.audio_encoder or "",
     )
     setup_logging("avatar-livekit-worker")
     from avatar.integrations.livekit import ConverseVideoGenerator

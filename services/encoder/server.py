@@ -105,7 +105,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             raise InvalidInput(f"the job must have fps {FPS} and latent_frames_per_block {LATENT_FRAMES_PER_BLOCK}")
         max_blocks = min(job.num_blocks or job_limits.MAX_JOB_BLOCKS, job_limits.MAX_JOB_BLOCKS)  # bounded
         stream = StreamingAudioFeatures(
-            self.engine.audio_encoder(DEFAULT_AUDIO_ENCODER), job.fps, job.latent_frames_per_block * VAE_TIME_STRIDE
+            self.engine.audio_encoder(first.audio_encoder or DEFAULT_AUDIO_ENCODER),
+            job.fps,
+            job.latent_frames_per_block * VAE_TIME_STRIDE,
         )
         async for msg in request_iterator:
             if msg.WhichOneof("event") != "block":
@@ -118,7 +120,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if msg.block.HasField("lookahead_16k")
                 else None
             )
-            with telemetry.span("encode_audio_block", block=stream.blocks):
+            with telemetry.span("encode_audio_block", block=stream.blocks, audio_encoder=stream.encoder.backend):
                 features = await run_blocking(stream.push, pcm, ahead)
             yield encoder_pb2.AudioFeatures(
                 first_frame=(stream.blocks - 1) * stream.frames_per_block, features=wire.to_proto(features)

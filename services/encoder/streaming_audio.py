@@ -17,6 +17,8 @@ the mean and variance are running statistics of the stream so far, converging to
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -26,10 +28,12 @@ from avatar.services.encoder.audio_encoder import (
     FEATURE_RATE,
     RESAMPLED_RATE,
     SAMPLES_PER_FRAME,
+    WHISPER_WINDOW_S,
     AudioEncoder,
     frame_indices,
 )
 
+WHISPER_SEGMENT = WHISPER_WINDOW_S * ENCODER_AUDIO_RATE  # samples
 DEFAULT_CONTEXT_S = 3.84  # left context per window (8 blocks); longer gains < 0.1% (docs/model.md)
 LOOKAHEAD_S = 0.2  # right context worth passing: past it the block's frames no longer change
 MAX_LOOKAHEAD_S = 1.0
@@ -69,6 +73,8 @@ class StreamingAudioFeatures:
         self.block_samples = int(block)
         # whole blocks of context, so every window starts on a 50 Hz frame boundary
         self.context_blocks = max(0, round(context_s * ENCODER_AUDIO_RATE / self.block_samples))
+        if encoder.backend == "whisper":  # its context is the 30 s segment a block is in, as offline
+            self.context_blocks = max(self.context_blocks, math.ceil(WHISPER_SEGMENT / self.block_samples) + 1)
         self._history: list[np.ndarray] = []  # the last context_blocks blocks
         self._count, self._sum, self._sum_sq = 0, 0.0, 0.0  # running input statistics
         self.blocks = 0
@@ -91,13 +97,31 @@ class StreamingAudioFeatures:
         self._sum_sq += float(np.square(pcm, dtype=np.float64).sum())
         window = np.concatenate([*self._history, pcm, ahead])
         first_sample = (self.blocks - len(self._history)) * self.block_samples
-        hidden = self._hidden_states(window)
         positions = feature_positions(self.blocks * self.frames_per_block, self.frames_per_block, self.fps)
-        out = interpolate_frames(hidden, first_sample // SAMPLES_PER_FRAME, positions)
+        if self.encoder.backend == "whisper":
+            hidden, first_50hz = self._whisper_segments(window, first_sample, positions)
+        else:
+            hidden, first_50hz = self._hidden_states(window), first_sample // SAMPLES_PER_FRAME
+        out = interpolate_frames(hidden, first_50hz, positions)
         self._history.append(pcm.copy())
         del self._history[: max(0, len(self._history) - self.context_blocks)]
         self.blocks += 1
         return out
+
+    def _whisper_segments(self, window: np.ndarray, first_sample: int, positions: torch.Tensor):
+        """Whisper adds absolute position embeddings over fixed 30 s segments, so a frame's features
+        depend on where it sits in its segment: encode each segment the block's frames read from
+        its start (kept as context) to what is known, as the offline pass encodes the whole segment.
+        Returns (hidden states [layers + 1, T, hidden], their first 50 Hz frame)."""
+        lo = int(positions.min().floor()) * SAMPLES_PER_FRAME
+        hi = (int(positions.max().ceil()) + 1) * SAMPLES_PER_FRAME
+        end = first_sample + len(window)
+        first_segment = lo // WHISPER_SEGMENT
+        parts = []
+        for k in range(first_segment, (min(hi, end) - 1) // WHISPER_SEGMENT + 1):
+            a, b = max(k * WHISPER_SEGMENT, first_sample), min((k + 1) * WHISPER_SEGMENT, end)
+            parts.append(self.encoder.hidden_states(window[a - first_sample : b - first_sample]))
+        return torch.cat(parts, dim=1), max(first_segment * WHISPER_SEGMENT, first_sample) // SAMPLES_PER_FRAME
 
     @torch.no_grad()
     def _hidden_states(self, window: np.ndarray) -> torch.Tensor:
