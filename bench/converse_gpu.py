@@ -4,7 +4,9 @@ One session: speech at real-time pace in 100 ms chunks, end of utterance, a sile
 blocks), a second utterance interrupted half-way, a short idle tail. Then a session at a size the
 generator cannot keep up with, which the real-time guard must refuse with its numbers.
 Prints and writes (--out) the figures issue 11's targets name: p50/p95 audio -> fragment,
-interrupt -> idle, the longest gap between fragments (a stall), and the guard's answer.
+interrupt -> idle, the longest gap between fragments (a stall), the lag of fragments behind
+their presentation time in the first and the last minute (drift), and the guard's answer.
+`--soak-s 600` repeats the cycle for 10 minutes (the soak target: 30 s silences with --gap-s 30).
 
     python3 bench/converse_gpu.py --server 127.0.0.1:50051 --size 384*256 --steps 4 \
         --speech-s 20 --gap-s 30 --refuse-size 704*384 --out $OUT/converse.json
@@ -41,26 +43,34 @@ def header(size: str, steps: int) -> avatar_pb2.ConverseHeader:
     return avatar_pb2.ConverseHeader(image=image, size=size, sample_steps=steps, sample_rate=RATE)
 
 
-async def live_session(address: str, size: str, steps: int, speech_s: float, gap_s: float) -> dict:
+async def live_session(
+    address: str, size: str, steps: int, speech_s: float, gap_s: float, soak_s: float = 0.0, audio_encoder: str = ""
+) -> dict:
     first, second = speech(speech_s), speech(max(2.0, speech_s / 2))
 
     async def audio():
-        async for chunk in paced_chunks(first, RATE, 100):
-            yield chunk
-        yield END_OF_UTTERANCE
-        await asyncio.sleep(gap_s)  # nothing to say: the avatar idles
-        start = time.monotonic()
-        async for chunk in paced_chunks(second, RATE, 100, start=start):
-            yield chunk
-            if time.monotonic() - start > len(second) / 2 / RATE / 2:
+        t_start = time.monotonic()
+        while True:  # one cycle; --soak-s repeats it until that many seconds have passed
+            async for chunk in paced_chunks(first, RATE, 100):
+                yield chunk
+            yield END_OF_UTTERANCE
+            await asyncio.sleep(gap_s)  # nothing to say: the avatar idles
+            start = time.monotonic()
+            async for chunk in paced_chunks(second, RATE, 100, start=start):
+                yield chunk
+                if time.monotonic() - start > len(second) / 2 / RATE / 2:
+                    break
+            yield INTERRUPT  # barge-in half-way through the second utterance
+            await asyncio.sleep(3.0)
+            if time.monotonic() - t_start >= soak_s:
                 break
-        yield INTERRUPT  # barge-in half-way through the second utterance
-        await asyncio.sleep(3.0)
 
     arrivals, fragments, events, status, hdr = [], [], [], None, None
     t0 = time.monotonic()
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
-        async for msg in converse(ch, header(size, steps), audio(), timeout=speech_s + gap_s + 600):
+        hdr_in = header(size, steps)
+        hdr_in.audio_encoder = audio_encoder
+        async for msg in converse(ch, hdr_in, audio(), timeout=speech_s + gap_s + soak_s + 600):
             kind = msg.WhichOneof("event")
             now = time.monotonic() - t0
             if kind == "header":
@@ -76,6 +86,9 @@ async def live_session(address: str, size: str, steps: int, speech_s: float, gap
     gaps = np.diff(arrivals) if len(arrivals) > 1 else np.array([0.0])
     block_s = hdr.frames_per_block / hdr.fps
     pts = [p for p, *_ in fragments]
+    # arrival - presentation time: constant while the stream keeps real time; growing = drift
+    lag = np.array(arrivals) - np.array(pts) if pts else np.zeros(1)
+    minute = max(1, int(60 / block_s))
     return {
         "size": f"{hdr.width}*{hdr.height}",
         "sample_steps": hdr.sample_steps,
@@ -87,6 +100,9 @@ async def live_session(address: str, size: str, steps: int, speech_s: float, gap
         "first_fragment_s": arrivals[0] if arrivals else None,
         "max_gap_between_fragments_s": float(gaps.max()),
         "p99_gap_between_fragments_s": float(np.percentile(gaps, 99)),
+        "lag_first_minute_s": float(np.median(lag[:minute])),
+        "lag_last_minute_s": float(np.median(lag[-minute:])),
+        "audio_encoder": audio_encoder or "wav2vec2",
         "audio_to_fragment_ms": {
             "p50": status.audio_to_fragment.p50_ms,
             "p95": status.audio_to_fragment.p95_ms,
@@ -128,10 +144,14 @@ def main() -> None:
     ap.add_argument("--speech-s", type=float, default=20.0)
     ap.add_argument("--gap-s", type=float, default=30.0)
     ap.add_argument("--refuse-size", default="", help="a size the guard should refuse, e.g. 704*384")
+    ap.add_argument("--soak-s", type=float, default=0.0, help="repeat the cycle until S seconds (e.g. 600)")
+    ap.add_argument("--audio-encoder", default="", help="wav2vec2 (default) or whisper")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
-        live = asyncio.run(live_session(args.server, args.size, args.steps, args.speech_s, args.gap_s))
+        live = asyncio.run(
+            live_session(args.server, args.size, args.steps, args.speech_s, args.gap_s, args.soak_s, args.audio_encoder)
+        )
     except grpc.aio.AioRpcError as e:  # e.g. the real-time guard's FAILED_PRECONDITION, with its numbers
         live = {"size": args.size, "code": e.code().name, "details": e.details()}
     result = {"live": live}

@@ -12,6 +12,7 @@ OUT=${OUT:-/tmp/converse_out}
 source bench/serve_gpu.sh "$@" || exit 1
 python3 bench/converse_gpu.py --server 127.0.0.1:50051 --size "${SIZE:-384*256}" --steps "${STEPS:-4}" \
     --speech-s "${SPEECH_S:-20}" --gap-s "${GAP_S:-30}" --refuse-size "${REFUSE_SIZE:-704*384}" \
+    --soak-s "${SOAK_S:-0}" --audio-encoder "${AUDIO_ENCODER:-}" \
     --out "$OUT/converse.json"
 rc=$?
 kill -TERM $server; wait $server
