@@ -89,9 +89,8 @@ class Children:
         from avatar.app.serve import ServeConfig
 
         cfg = self._cfg
-        # Internal services: loopback, the internal token, no TLS (as "all"'s internal listener),
-        # no per-client limit (their one client is the gateway).
-        admission = replace(cfg.admission, max_per_client=0) if cfg.admission else None
+        # Internal services: loopback, the internal token, no TLS (as "all"'s internal listener).
+        admission = cfg.admission.internal() if cfg.admission else None
         return ServeConfig(
             role=role,
             listen=f"127.0.0.1:{port}",

@@ -204,8 +204,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
     loop = asyncio.get_running_loop()
     tpp_engine = None  # rank 0 of a multi-GPU generator group
     warmup = cfg.warmup if cfg.warmup is not None else cfg.model.compile
-    # Internal services take no per-client limit: their one client is the gateway.
-    internal_admission = replace(cfg.admission, max_per_client=0) if cfg.admission else None
+    internal_admission = cfg.admission.internal() if cfg.admission else None
 
     # Each role imports only its own engine (a gateway loads no model code); engines build in a
     # thread so a slow checkpoint load does not block the loop.

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -54,6 +54,10 @@ class AdmissionConfig:
             raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
         if self.max_queue < 0 or self.max_per_client < 0:
             raise ValueError("max_queue and max_per_client must not be negative")
+
+    def internal(self) -> AdmissionConfig:
+        """The same caps for an internal service: no per-client limit (its one client is the gateway)."""
+        return replace(self, max_per_client=0)
 
 
 def client_key(context, token_checked: bool = False) -> str:

@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from conftest import free_port, run_ranks
 
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
@@ -114,14 +114,6 @@ def _inputs(seed):
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_shards(n: int, tmp_path: Path, timeout: float = 240.0):
     """n ranks as torchrun starts them (env rendezvous on loopback); always reaped."""
     import json
@@ -129,44 +121,9 @@ def run_shards(n: int, tmp_path: Path, timeout: float = 240.0):
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     out = tmp_path / "shard"
-    port = _free_port()
-    procs = []
-    try:
-        for r in range(n):
-            env = {
-                **os.environ,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": str(n),
-                "LOCAL_WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "PYTHONPATH": str(ROOT),
-                "OMP_NUM_THREADS": "1",
-            }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(script), str(out), str(BLOCKS)],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.monotonic() + timeout
-        logs = []
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode())
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"shard group of {n} did not finish in {timeout:.0f} s")
-        for r, (p, log) in enumerate(zip(procs, logs)):
-            assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    ranks = run_ranks(n, [sys.executable, str(script), str(out), str(BLOCKS)], timeout, "shard group")
+    for r, (code, log) in enumerate(ranks):
+        assert code == 0, f"rank {r} exited {code}:\n{log[-3000:]}"
     metas = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(n)]
     return torch.load(f"{out}.pt"), metas
 
@@ -317,14 +274,14 @@ def test_torchrun_serve_with_parallel_fsdp_gives_the_one_process_latents(tmp_pat
     from conftest import AVATAR, wait_serving
 
     plain = start_service("generator", wait=False)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "generator-fsdp.log"
     torchrun = [
         str(Path(sys.executable).parent / "torchrun"),
         "--nnodes=1",
         "--nproc-per-node=2",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         "--no-python",
     ]
     with open(log, "wb") as out:
@@ -414,7 +371,7 @@ DIE = textwrap.dedent("""
 def test_a_shard_that_fails_takes_the_group_down_and_rank_0_exits(tmp_path):
     script = tmp_path / "die.py"
     script.write_text(DIE)
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     try:
         for r in range(2):
             env = {

@@ -5,7 +5,6 @@ in flight; a rank's failure ends its session; a rank that dies takes the group d
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_fixtures.dit import fail_holding_a_cache_view, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
+from conftest import free_port, run_ranks
 
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
@@ -150,58 +150,18 @@ def _inputs(seed, blocks=BLOCKS):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_group(n: int, tmp_path: Path, plan: dict, timeout: float = 180.0) -> tuple[dict, dict]:
     """Starts n ranks as torchrun would (env rendezvous on loopback); always reaps them."""
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     out = tmp_path / f"tpp{n}"
-    port = _free_port()
-    procs = []
-    try:
-        for r in range(n):
-            env = {
-                **os.environ,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": str(n),
-                "LOCAL_WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "PYTHONPATH": str(ROOT),
-                "OMP_NUM_THREADS": "1",
-            }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(script), str(out), str(BLOCKS), json.dumps(plan)],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.monotonic() + timeout
-        logs = []
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode())
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"TPP group of {n} did not finish in {timeout:.0f} s")
-        if plan.get("die"):
-            meta = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").exists() else {}
-            return {"codes": [p.returncode for p in procs], "log": logs[0], "logs": logs}, meta
-        for r, (p, log) in enumerate(zip(procs, logs)):
-            assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}\nrank 0:\n{logs[0][-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    ranks = run_ranks(n, [sys.executable, str(script), str(out), str(BLOCKS), json.dumps(plan)], timeout, "TPP group")
+    codes, logs = [code for code, _ in ranks], [log for _, log in ranks]
+    if plan.get("die"):
+        meta = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").exists() else {}
+        return {"codes": codes, "log": logs[0], "logs": logs}, meta
+    for r, (code, log) in enumerate(ranks):
+        assert code == 0, f"rank {r} exited {code}:\n{log[-3000:]}\nrank 0:\n{logs[0][-3000:]}"
     return torch.load(f"{out}.pt"), json.loads(Path(f"{out}.json").read_text())
 
 
@@ -327,14 +287,14 @@ def test_torchrun_generator_serves_the_mesh_and_stops_cleanly(tmp_path, env, cli
 
     enc = start_service("encoder", wait=False)
     dec = start_service("decoder", wait=False)
-    gen_addr = f"127.0.0.1:{_free_port()}"
+    gen_addr = f"127.0.0.1:{free_port()}"
     log = tmp_path / "generator-tpp.log"
     torchrun = [
         str(Path(sys.executable).parent / "torchrun"),
         "--nnodes=1",
         "--nproc-per-node=2",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         "--no-python",
     ]
     with open(log, "wb") as out:
@@ -463,14 +423,14 @@ def test_killing_a_rank_mid_stream_ends_the_stream_and_the_group(tmp_path, env):
     from avatar import wire
     from avatar.v1 import encoder_pb2, generator_pb2, generator_pb2_grpc
 
-    gen_addr = f"127.0.0.1:{_free_port()}"
+    gen_addr = f"127.0.0.1:{free_port()}"
     log = tmp_path / "generator-tpp.log"
     torchrun = [
         str(Path(sys.executable).parent / "torchrun"),
         "--nnodes=1",
         "--nproc-per-node=2",
         "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
+        f"--master-port={free_port()}",
         "--no-python",
     ]
     with open(log, "wb") as out:
