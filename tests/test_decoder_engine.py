@@ -4,15 +4,19 @@ import json
 import shutil
 import subprocess
 
+import av
 import numpy as np
 import pytest
 import torch
+from av.video.reformatter import ColorRange, Colorspace
 from ckpt_fixtures.encoders import write_vae
+from conftest import ASSETS
+from PIL import Image
 
 from avatar.errors import InvalidInput, WeightsError
 from avatar.jobs import Job
 from avatar.presets import ModelSpec
-from avatar.services.decoder.engine import DecoderEngine
+from avatar.services.decoder.engine import DecoderEngine, to_yuv420p
 
 SIZE, FPS, RATE = 64, 25, 48000
 KEEP = [12, 7]  # the last block trimmed to the audio
@@ -80,6 +84,54 @@ def test_blocks_are_the_continuation_of_the_reference_frame(engine, latents, dec
     got = np.concatenate(decoded[3])
     assert got.shape == (TOTAL, SIZE, SIZE, 3)
     assert np.abs(got.astype(int) - expected.permute(1, 2, 3, 0).numpy().astype(int)).max() <= 1
+
+
+def test_yuv420p_conversion_matches_swscale_bt709_limited_range():
+    """The on-device RGB -> yuv420p (the decoder's path on a GPU) equals what swscale makes of the
+    same picture: Y within one level; chroma on average within half a level (swscale filters the
+    2x2 subsampling differently from our box average: up to 6 levels apart at sharp edges)."""
+    rgb = np.array(Image.open(ASSETS / "astronaut.png").convert("RGB").resize((128, 96)))
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[:, None].float() / 127.5 - 1.0  # [3, 1, H, W]
+    ours = to_yuv420p(pixels)[0].numpy().astype(int)
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+        format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+    )
+    theirs = frame.to_ndarray().astype(int)
+    assert ours.shape == theirs.shape == (144, 128)
+    assert np.abs(ours[:96] - theirs[:96]).max() <= 1  # Y
+    assert np.abs(ours[96:] - theirs[96:]).mean() < 0.5 and np.abs(ours[96:] - theirs[96:]).max() <= 8  # Cb, Cr
+
+
+def test_the_gpu_path_hands_the_muxer_yuv420p_and_plays_the_same_video(engine, latents, decoded, tmp_path):
+    """yuv_on_device (on by itself on a GPU) forced on the CPU: the muxer gets yuv420p planes and
+    the video decodes to the RGB path's frames within a few levels."""
+    prime, blocks = latents
+    stream = engine.open_stream(_job(), prime)
+    assert not stream.yuv_on_device  # the CPU keeps RGB + swscale
+    stream.yuv_on_device = True
+    seen, write = [], stream._writer.write_block
+    stream._writer.write_block = lambda frames, pcm, final=False: (
+        seen.append(frames.shape),
+        write(frames, pcm, final),
+    )[1]
+    outs, first = [], 0
+    for block, keep in zip(blocks, KEEP):
+        outs.append(stream.decode_block(block, _pcm(first, keep), keep))
+        first += keep
+    init = stream.init_segment()
+    stream.close()
+    assert seen == [(keep, SIZE * 3 // 2, SIZE) for keep in KEEP]
+    paths = []
+    for name, (head, parts) in {"yuv": (init, outs), "rgb": (decoded[0], decoded[1])}.items():
+        paths.append(tmp_path / f"{name}.mp4")
+        paths[-1].write_bytes(head + b"".join(o.data for o in parts))
+    yuv, rgb = (np.stack([f.to_ndarray(format="rgb24") for f in av.open(str(p)).decode(video=0)]) for p in paths)
+    assert yuv.shape == rgb.shape == (TOTAL, SIZE, SIZE, 3)
+    # as close to the decoder's frames as the RGB path's video (the tiny VAE's frames are noise:
+    # H.264 and 4:2:0 lose a lot of them either way)
+    truth = np.concatenate(decoded[3]).astype(int)
+    err_yuv, err_rgb = np.abs(yuv - truth).mean(), np.abs(rgb - truth).mean()
+    assert err_yuv < 1.1 * err_rgb, (err_yuv, err_rgb)
 
 
 def test_stream_is_a_playable_mp4(decoded, tmp_path):

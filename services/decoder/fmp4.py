@@ -199,7 +199,10 @@ class FragmentedMp4Writer:
         return f'video/mp4; codecs="{avc},mp4a.40.2"'
 
     def write_block(self, frames: np.ndarray, pcm: np.ndarray, final: bool = False) -> bytes:
-        """Encodes frames uint8 [n, H, W, 3] and mono pcm int16 [samples]; returns one moof+mdat.
+        """Encodes frames and mono pcm int16 [samples]; returns one moof+mdat. Frames are RGB
+        uint8 [n, H, W, 3] (converted to BT.709 limited range here), or already yuv420p:
+        uint8 [n, H * 3 // 2, W], the Y plane's rows then the U and V planes' bytes, as PyAV's
+        yuv420p ndarrays (the decoder converts on its GPU: swscale was half of the mux time).
 
         The fragment starts with an IDR frame. Audio packets the AAC encoder has finished so far
         ride along; its last ~1-2 frames (the encoder's delay) come in the next fragment, or in
@@ -208,16 +211,25 @@ class FragmentedMp4Writer:
         if self._finished:
             raise RuntimeError("write_block after finish()")
         frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(f"frames must be [n, {self.height}, {self.width}, 3], got {frames.shape}")
+        yuv = frames.ndim == 3
+        if frames.shape[1:] not in ((self.height, self.width, 3), (self.height * 3 // 2, self.width)):
+            raise ValueError(
+                f"frames must be RGB [n, {self.height}, {self.width}, 3] or yuv420p "
+                f"[n, {self.height * 3 // 2}, {self.width}], got {frames.shape}"
+            )
         if frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got {frames.dtype}")
         if len(frames) == 0:
             raise ValueError("a block needs at least one video frame")
         video = []
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
+        for i, pixels in enumerate(frames):
+            if yuv:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="yuv420p")
+            else:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+                frame = frame.reformat(
+                    format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+                )
             frame.pts = self._video_frames + i
             frame.pict_type = PictureType.I if i == 0 else PictureType.NONE
             video.extend(self._video.encode(frame))
