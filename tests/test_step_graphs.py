@@ -83,3 +83,51 @@ def test_text_context_is_computed_once_and_matches_per_step_projections(engine):
     x = torch.randn(1, 10, dit.config.dim)
     attn = dit.blocks[1].cross_attn
     assert torch.equal(attn(x, tokens), attn(x, ctx.kv[1]))
+
+
+def test_captures_on_one_device_take_turns(engine, monkeypatch):
+    """Two sessions reaching their first steady block at once record one after the other (one
+    shared capture stream per device: two at once broke both on the H200, run Q); other devices
+    are not held up."""
+    import contextlib
+    import threading
+    import time
+
+    from avatar.services.generator import step_graphs
+
+    inside, most, guard = [0], [0], threading.Lock()
+
+    @contextlib.contextmanager
+    def recording(graph, pool=None, capture_error_mode="global"):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)  # long enough for the other thread to arrive
+        yield
+        with guard:
+            inside[0] -= 1
+
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Recorded", (), {"replay": lambda self: None})())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+    def first_steady_block(results, i):
+        engine.cache_sets = 1
+        text, ref, motion, audio = _inputs(seed=3, blocks=3)  # block 1 is the first steady one
+        session = engine.open_session(_job(seed=7), text, ref, motion)
+        session._graphs = StepGraphs(engine.dit, session.context, session.kv, capture=True)
+        try:
+            results[i] = [session.generate_block(a) for a in audio]
+        finally:
+            session.close()
+
+    results = [None, None]
+    threads = [threading.Thread(target=first_steady_block, args=(results, i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in results)
+    assert most[0] == 1  # never two recordings at once on the CPU "device"
+    assert step_graphs.capture_lock(torch.device("cpu")) is step_graphs.capture_lock(torch.device("cpu"))
+    assert step_graphs.capture_lock(torch.device("cpu")) is not step_graphs.capture_lock(torch.device("cuda", 1))

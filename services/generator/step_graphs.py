@@ -20,6 +20,7 @@ a capture costs one ordinary forward (its output is the call's result) plus the 
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -27,6 +28,16 @@ from avatar.services.generator.causal_s2v_dit import AudioTokens, CausalS2VDiT, 
 from avatar.services.generator.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
+
+_capture_locks: dict[str, threading.Lock] = {}
+_capture_locks_guard = threading.Lock()
+
+
+def capture_lock(device: torch.device) -> threading.Lock:
+    """One capture at a time per device: torch.cuda.graph records on one shared capture stream,
+    and two sessions recording at once broke both captures (run Q, docs/performance.md)."""
+    with _capture_locks_guard:
+        return _capture_locks.setdefault(str(device), threading.Lock())
 
 
 class StepGraphs:
@@ -119,7 +130,10 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: other services of an `avatar serve --role all` process keep using the GPU
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with (
+                capture_lock(self._static["latents"].device),
+                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            ):
                 static_out = self._forward()
         except Exception as e:  # never fail a session for an optimisation
             log.warning("CUDA graph capture failed (%s: %s); this session runs without graphs", type(e).__name__, e)
