@@ -286,7 +286,9 @@ class ConverseVideoGenerator(VideoGenerator):
         while True:
             async with self._wake:
                 try:
-                    await asyncio.wait_for(self._wake.wait_for(lambda: self._outbox or self._closed), KEEPALIVE_S)
+                    # Not wait_for: Python 3.11's drops a cancel (the call's end) that comes as the wait ends
+                    async with asyncio.timeout(KEEPALIVE_S):
+                        await self._wake.wait_for(lambda: self._outbox or self._closed)
                 except TimeoutError:
                     if not self._open:
                         self._outbox.append(END_OF_UTTERANCE)
