@@ -508,7 +508,10 @@ class ConverseSession:
                     if what is not None:
                         break
                     try:
-                        await asyncio.wait_for(self.cond.wait(), wait)
+                        # Not wait_for: Python 3.11's drops a cancel that comes as the wait ends
+                        # (CPython gh-86296), and the session then outlived its client.
+                        async with asyncio.timeout(wait):
+                            await self.cond.wait()
                     except TimeoutError:
                         pass
                 if self.stop_reason is not None:

@@ -204,12 +204,6 @@ def _sessions_held(web) -> dict:
     }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known regression (issue 12, open): after the 2026-12-03 merges the web front's Converse call "
-    "outlives a WebSocket client that leaves by more than 3 s (the gRPC path frees it in one block: "
-    "test_converse)",
-)
 def test_a_client_that_leaves_frees_its_session_within_a_block(web):
     async def main():
         async with aiohttp.ClientSession() as http:

@@ -176,13 +176,12 @@ class ConverseVideoGenerator(VideoGenerator):
                     f = msg.fragment
                     a0, a1 = round(f.audio_start_s * self.rate), round(f.audio_end_s * self.rate)
                     frames = await asyncio.to_thread(decode_video, init, f.data)
-                    for i, video in enumerate(frames):
+                    for item in self._play(frames, a0, a1, per_frame):
+                        # Checked before every item: the runner may call clear_buffer() while it
+                        # holds the one before, and nothing of the cut speech may follow that call.
                         if a1 > a0 and a0 < self._cut_at:  # speech an Interrupt cut (also mid-block)
                             break
-                        yield video
-                        lo, hi = a0 + i * per_frame, min(a1, a0 + (i + 1) * per_frame)
-                        for item in self._speech(lo, hi):
-                            yield item
+                        yield item
                     if a1 > a0 and a0 >= self._cut_at:
                         self._release(a1)
                 elif kind == "degraded":
@@ -199,6 +198,12 @@ class ConverseVideoGenerator(VideoGenerator):
             raise
         finally:
             self.ended.set()
+
+    def _play(self, frames: list[rtc.VideoFrame], a0: int, a1: int, per_frame: int):
+        """A fragment's video frames, each followed by the agent's samples it plays ([a0, a1))."""
+        for i, video in enumerate(frames):
+            yield video
+            yield from self._speech(a0 + i * per_frame, min(a1, a0 + (i + 1) * per_frame))
 
     def _speech(self, lo: int, hi: int):
         """The agent's samples [lo, hi) as AudioFrames, with AudioSegmentEnd where an utterance ends."""
@@ -281,7 +286,9 @@ class ConverseVideoGenerator(VideoGenerator):
         while True:
             async with self._wake:
                 try:
-                    await asyncio.wait_for(self._wake.wait_for(lambda: self._outbox or self._closed), KEEPALIVE_S)
+                    # Not wait_for: Python 3.11's drops a cancel (the call's end) that comes as the wait ends
+                    async with asyncio.timeout(KEEPALIVE_S):
+                        await self._wake.wait_for(lambda: self._outbox or self._closed)
                 except TimeoutError:
                     if not self._open:
                         self._outbox.append(END_OF_UTTERANCE)
