@@ -172,7 +172,7 @@ class ReplicaRouter:
     async def route(self, lora_id: str = "", wait_s: float | None = None) -> Route:
         """The encoder, generator and decoder of a new session. The generator: among replicas
         with a free slot, one holding `lora_id` first, then the least loaded (fraction of slots
-        in use, then sessions, then name). A replica
+        in use, then sessions, then for a LoRA the fewest LoRAs held, then name). A replica
         never gets more sessions than its slots. The gateway's admission hands out no more
         sessions than the replicas have slots, but slots can vanish between its grant and this
         call (a replica drained, late with its reports, or failed a call): the session then
@@ -245,6 +245,8 @@ class ReplicaRouter:
         holding = [r for r in free if lora_id and lora_id in r.loras]
         if holding:
             return min(holding, key=load), "lora_loaded"
+        if lora_id:  # it loads the LoRA: among the least loaded, one holding fewest evicts none in use
+            return min(free, key=lambda r: (*load(r)[:2], len(r.loras), r.replica_id)), "least_loaded"
         return min(free, key=load), "least_loaded"
 
     def _has_slot(self, rep: ReplicaLoad) -> bool:

@@ -3,6 +3,7 @@ that leaves, and the gateway admission's capacity following the replicas. Also t
 parser and the controller's scaling decisions (app/ray_mesh.py, no cluster)."""
 
 import asyncio
+import concurrent.futures
 from dataclasses import replace
 
 import grpc
@@ -12,6 +13,7 @@ from avatar.admission import Admission, AdmissionConfig, Overloaded
 from avatar.app import serve as serve_mod
 from avatar.app.ray_mesh import MeshController, RayMeshConfig
 from avatar.gateway.replicas import NoFreeSlot, NoReplica, ReplicaLoad, ReplicaRouter
+from avatar.gateway.server import GatewayServicer
 from avatar.grpc_util import status_of
 
 
@@ -280,5 +282,136 @@ def test_the_controller_drains_no_replica_the_gateway_runs_sessions_on():
         assert not controller._drained(victim)
         victim.report = replace(victim.report, sessions=0)
         assert controller._drained(victim)
+
+    run(body())
+
+
+# --- LoRA affinity end to end: two generator processes on loopback ------------------------------
+
+
+class RecordingRouter(ReplicaRouter):
+    """The router the gateway uses, noting which generator each session got."""
+
+    def __init__(self):
+        super().__init__()
+        self.picked: list[tuple[str, str]] = []  # (lora_id, generator replica), in routing order
+
+    async def route(self, lora_id: str = "", wait_s: float | None = None):
+        chosen = await super().route(lora_id, wait_s)
+        self.picked.append((lora_id, chosen.replicas["generator"].replica_id))
+        return chosen
+
+
+def test_lora_sessions_land_on_the_generator_process_holding_their_lora(start_service, tmp_path):
+    """Two generator processes holding one LoRA each at most (--max-loras 1, --max-sessions 2), an
+    encoder and a decoder, a gateway in this process routing through ReplicaRouter. The directory
+    is what a Ray replica reports: each generator's loaded LoRAs, here read with its Loras RPC.
+    Sessions go to the generator holding their LoRA while it has a free slot, a LoRA nobody holds
+    goes to the generator holding none (not evicting one), and a video is the same byte for byte
+    whichever generator process rendered it."""
+    import torch
+    from ckpt_fixtures.dit import write_lora
+    from conftest import ASSETS, START_TIMEOUT_S, check_video, generate, tone_wav, wait_serving
+
+    from avatar.grpc_util import create_server
+    from avatar.presets import ModelSpec
+    from avatar.services.generator.weights import random_dit
+    from avatar.v1 import avatar_pb2, avatar_pb2_grpc, generator_pb2, generator_pb2_grpc
+
+    loras = []
+    for i, name in enumerate(("acme", "globex")):
+        path = tmp_path / f"{name}.safetensors"
+        write_lora(path, random_dit("tiny", "cpu", torch.float32, seed=0), rank=4, seed=30 + i, scale=0.2)
+        loras += ["--avatar-lora", f"{name}={path}"]
+    gen_args = (*loras, "--max-loras", "1", "--max-sessions", "2")
+    services = {
+        "encoder-1": start_service("encoder", wait=False),
+        "decoder-1": start_service("decoder", wait=False),
+        "g1": start_service("generator", *gen_args, wait=False),
+        "g2": start_service("generator", *gen_args, wait=False),
+    }
+    for svc in services.values():
+        wait_serving(svc.address, START_TIMEOUT_S, svc.proc, svc.log)
+    generators = {rid: services[rid].address for rid in ("g1", "g2")}
+
+    def request(lora_id: str, seconds: float) -> avatar_pb2.GenerateRequest:
+        return avatar_pb2.GenerateRequest(
+            image=(ASSETS / "astronaut.png").read_bytes(),
+            audio=tone_wav(seconds),
+            size="64*64",
+            seed=7,
+            lora_id=lora_id,
+        )
+
+    async def body():
+        router = RecordingRouter()
+        channels = {rid: grpc.aio.insecure_channel(address) for rid, address in generators.items()}
+        stubs = {rid: generator_pb2_grpc.GeneratorServiceStub(ch) for rid, ch in channels.items()}
+
+        async def loras_of(rid: str):
+            return await stubs[rid].Loras(generator_pb2.LorasRequest(), timeout=10)
+
+        async def refresh():
+            table = [ReplicaLoad(rid, rid.split("-")[0], services[rid].address, "n1") for rid in services if "-" in rid]
+            for rid, address in generators.items():
+                held = tuple((await loras_of(rid)).loaded)
+                table.append(ReplicaLoad(rid, "generator", address, "n1", 0, 2, held))
+            router.update(table)
+
+        async def directory():
+            while True:
+                await refresh()
+                await asyncio.sleep(0.1)
+
+        async def holding(rid: str, lora_id: str):
+            async with asyncio.timeout(10):
+                while router.table[rid].loras != (lora_id,):
+                    await asyncio.sleep(0.05)
+
+        # clients in threads beside the gateway's own blocking work (prepare): room for both
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(16))
+        await refresh()
+        server, port = create_server("127.0.0.1:0")
+        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(
+            GatewayServicer(ModelSpec(), None, None, None, router=router), server
+        )
+        await server.start()
+        following = asyncio.create_task(directory())
+        gateway = f"127.0.0.1:{port}"
+
+        def render(lora_id: str, seconds: float, name: str) -> bytes:  # a client, in a thread
+            s = generate(gateway, request(lora_id, seconds), 240)
+            check_video(s.write_mp4(tmp_path / f"{name}.mp4"), seconds)
+            return b"".join(f.data for _, f in s.fragments)
+
+        async def video(lora_id: str, seconds: float, name: str) -> bytes:
+            return await asyncio.to_thread(render, lora_id, seconds, name)
+
+        try:
+            acme = await video("acme", 1.0, "acme")  # nobody holds a LoRA: the first by name
+            assert router.picked == [("acme", "g1")]
+            await holding("g1", "acme")
+            globex = await video("globex", 1.0, "globex")  # to g2, which holds none: acme stays loaded
+            assert router.picked[-1] == ("globex", "g2")
+            await holding("g2", "globex")
+            assert await video("acme", 1.0, "acme-again") == acme  # each to the generator holding it
+            assert await video("globex", 1.0, "globex-again") == globex
+            assert acme != globex
+            assert router.picked == [("acme", "g1"), ("globex", "g2"), ("acme", "g1"), ("globex", "g2")]
+            # three acme sessions at once: g1's two slots, then g2 (free), which loads acme in globex's place
+            router.picked.clear()
+            three = await asyncio.gather(*(video("acme", 3.0, f"acme-{n}") for n in range(3)))
+            assert sorted(rid for _, rid in router.picked) == ["g1", "g1", "g2"]
+            assert three[0] == three[1] == three[2]  # the same video from either generator process
+            g1, g2 = await loras_of("g1"), await loras_of("g2")
+            assert (g1.loads, g1.evictions, list(g1.loaded)) == (1, 0, ["acme"])  # acme loaded once, kept
+            assert (g2.loads, g2.evictions, list(g2.loaded)) == (2, 1, ["acme"])
+        finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+            await server.stop(0)
+            await router.close()
+            for ch in channels.values():
+                await ch.close()
 
     run(body())
