@@ -104,6 +104,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     ):
         self.model = model
         self.router = router
+        # avatar.admission.Admission for Converse's live sessions; Generate's slot is taken before
+        # its request is read (AdmitBeforeReading, the same Admission: app/serve.py)
+        self.admission = admission
         if router is not None:
             router.admission = admission  # the gateway's slots follow the replicas' (set_capacity)
         self.peer_addresses = (encoder, generator, decoder)
@@ -115,9 +118,6 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         if router is not None:
             self.encoder = self.generator = self.decoder = None
             return
-        # avatar.admission.Admission for Converse's live sessions; Generate's slot is taken before
-        # its request is read (AdmitBeforeReading, the same Admission: app/serve.py)
-        self.admission = admission
         self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels[0])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels[1])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[2])

@@ -15,6 +15,7 @@ from avatar.app.ray_mesh import MeshController, RayMeshConfig
 from avatar.gateway.replicas import NoFreeSlot, NoReplica, ReplicaLoad, ReplicaRouter
 from avatar.gateway.server import GatewayServicer
 from avatar.grpc_util import status_of
+from avatar.presets import ModelSpec
 
 
 def table(*generators, encoders=1, decoders=1):
@@ -107,6 +108,23 @@ def test_the_gateway_admission_capacity_is_the_replicas_slots():
             assert admission.active == 3 and admission.capacity == 4
             router.update(table())  # every generator gone: nothing new is admitted
             assert admission.capacity == 0
+        await router.close()
+
+    run(body())
+
+
+def test_converse_takes_the_gateway_admission_slot_with_a_router_too():
+    """`serve --ray`: Converse's live sessions wait and are refused by the same admission as
+    Generate (it raised AttributeError: the servicer kept no admission when given a router)."""
+
+    async def body():
+        admission = Admission(AdmissionConfig(max_sessions=1, max_queue=0), "gateway")
+        router = ReplicaRouter()
+        gateway = GatewayServicer(ModelSpec(), None, None, None, admission=admission, router=router)
+        router.update(table(("g1", 1, ())))
+        async with admission.slot(client="a"):  # the only slot is in use
+            with pytest.raises(Overloaded, match=r"gateway busy: 1 of 1 sessions running and 0 of 0 queued"):
+                await anext(gateway.Converse(iter(()), None))
         await router.close()
 
     run(body())
@@ -314,7 +332,6 @@ def test_lora_sessions_land_on_the_generator_process_holding_their_lora(start_se
     from conftest import ASSETS, START_TIMEOUT_S, check_video, generate, tone_wav, wait_serving
 
     from avatar.grpc_util import create_server
-    from avatar.presets import ModelSpec
     from avatar.services.generator.weights import random_dit
     from avatar.v1 import avatar_pb2, avatar_pb2_grpc, generator_pb2, generator_pb2_grpc
 
