@@ -361,6 +361,11 @@ class MeshController:
         self.numbers = dict.fromkeys(ROLES, 0)
         self.targets = {role: mesh.role(role).min_replicas for role in ROLES}
         self.queued = 0  # sessions waiting at the gateway: load beyond the replicas' slots
+        # From the gateway's last poll: replica_id -> sessions it runs there (exact and current,
+        # where a replica's own report lags by the session's encodes and a poll), and the
+        # replicas it routes new sessions to (None: not told yet)
+        self.routed: dict[str, int] = {}
+        self.routing: set[str] | None = None
         self.errors: list[str] = []
         self.scale_since: tuple[int, float] | None = None  # (desired count, since) while it differs
         self.events: list[str] = []
@@ -369,12 +374,17 @@ class MeshController:
             for _ in range(self.targets[role]):
                 self._add(role)
 
-    async def poll(self, queued: int = 0) -> dict:
+    async def poll(
+        self, queued: int = 0, routed: dict[str, int] | None = None, routing: list[str] | None = None
+    ) -> dict:
         """The routing table (replicas serving and not draining), start-up errors and the scaling
-        state; `queued`: sessions waiting at the gateway."""
+        state. From the gateway: `queued`, sessions waiting for a slot; `routed`, the sessions it
+        runs on each replica; `routing`, the replicas in its table now."""
         if self._loop is None:
             self._loop = asyncio.ensure_future(self._run())
         self.queued = queued
+        self.routed = dict(routed or {})
+        self.routing = None if routing is None else set(routing)
         return {
             "table": [r.report for r in self.replicas.values() if r.report is not None and not r.draining],
             "errors": list(self.errors),
@@ -395,12 +405,17 @@ class MeshController:
         self.replicas.clear()
 
     def _add(self, role: str) -> None:
+        self.numbers[role] += 1
+        rid = f"{role}-{self.numbers[role]}"
+        self.replicas[rid] = _Replica(rid, role, self._start_actor(role, rid))
+        self._event(f"added {rid}")
+
+    def _start_actor(self, role: str, rid: str):
+        """The Ray actor of a new replica (its handle); Ray places and starts it."""
         import ray
 
         spec = self.mesh.role(role)
-        self.numbers[role] += 1
-        rid = f"{role}-{self.numbers[role]}"
-        handle = (
+        return (
             ray.remote(ReplicaActor)
             .options(
                 name=f"avatar-{rid}",
@@ -413,8 +428,6 @@ class MeshController:
             )
             .remote(role, rid, self.cfg, spec.tpp if role == "generator" else 1)
         )
-        self.replicas[rid] = _Replica(rid, role, handle)
-        self._event(f"added {rid}")
 
     def _event(self, text: str) -> None:
         log.info("%s", text)
@@ -459,7 +472,7 @@ class MeshController:
                     self._event(f"{rep.replica_id} serving at {answer.address}")
                 rep.report = answer
                 rep.served = rep.served or answer is not None
-                if rep.draining and answer is not None and answer.sessions == 0:
+                if self._drained(rep):
                     self.replicas.pop(rep.replica_id, None)
                     ray.kill(rep.handle, no_restart=True)
                     self._event(f"removed {rep.replica_id} (idle)")
@@ -468,13 +481,31 @@ class MeshController:
                 while sum(r.role == role and not r.draining for r in self.replicas.values()) < self.targets[role]:
                     self._add(role)
 
+    def _sessions(self, rep: _Replica) -> int:
+        """Sessions on a replica: the larger of its report and the gateway's count. The report
+        alone lags: a session the gateway routed there seconds ago (still at the encoder) is not
+        in it yet, and a replica drained or removed on it would lose that session."""
+        reported = rep.report.sessions if rep.report is not None else 0
+        return max(reported, self.routed.get(rep.replica_id, 0))
+
+    def _drained(self, rep: _Replica) -> bool:
+        """A draining replica may go when it runs no session by its report and by the gateway's
+        count, taken when the gateway's table no longer had it (until then it may route there)."""
+        return (
+            rep.draining
+            and rep.report is not None
+            and self._sessions(rep) == 0
+            and self.routing is not None
+            and rep.replica_id not in self.routing
+        )
+
     def _scale(self) -> None:
         """Generators: desired = ceil((sessions in use + waiting) / target per replica), within
         min..max; up after upscale_delay_s, down by one idle replica after downscale_delay_s."""
         spec = self.mesh.generator
         per = self.mesh.target_sessions or (self.cfg.admission.max_sessions if self.cfg.admission else 1)
         gens = [r for r in self.replicas.values() if r.role == "generator" and not r.draining]
-        in_use = sum(r.report.sessions for r in gens if r.report is not None) + self.queued
+        in_use = sum(self._sessions(r) for r in gens) + self.queued
         desired = min(spec.max_replicas, max(spec.min_replicas, math.ceil(in_use / per)))
         current = len(gens)
         now = time.monotonic()
@@ -491,7 +522,7 @@ class MeshController:
                 self._add("generator")
             self.scale_since = None
         elif desired < current and waited >= self.mesh.downscale_delay_s:
-            idle = [r for r in gens if r.report is not None and r.report.sessions == 0]
+            idle = [r for r in gens if r.report is not None and self._sessions(r) == 0]
             if idle:
                 victim = max(idle, key=lambda r: int(r.replica_id.rsplit("-", 1)[1]))  # the newest
                 victim.draining = True
@@ -653,8 +684,11 @@ async def _follow(controller, router: ReplicaRouter, mesh: RayMeshConfig) -> Non
     logged = 0.0  # the controller's events (added, serving, died, scale up/down) go to this log too
     while True:
         try:
-            queued = router.admission.queued if router.admission is not None else 0
-            state = await asyncio.wait_for(_aw(controller.poll.remote(queued)), LOAD_TIMEOUT_S)
+            # waiting for a slot: in the gateway's queue, or admitted and waiting for a replica's slot
+            queued = (router.admission.queued if router.admission is not None else 0) + router.waiting
+            # one snapshot: sessions routed during the call below are in the next poll
+            routed, routing = dict(router.sessions), list(router.table)
+            state = await asyncio.wait_for(_aw(controller.poll.remote(queued, routed, routing)), LOAD_TIMEOUT_S)
             router.update(state["table"])
             for event in state["events"]:
                 at, _, text = event.partition(" ")

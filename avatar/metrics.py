@@ -104,8 +104,8 @@ REPLICA_SESSIONS = Gauge(
 )
 ROUTING = Counter(
     "avatar_routing_decisions",
-    "Replicas chosen for new sessions, by reason: least_loaded, lora_loaded, over_capacity (none free), "
-    "no_replica (the session failed UNAVAILABLE)",
+    "Replicas chosen for new sessions, by reason: least_loaded, lora_loaded, no_free_slot (the session's "
+    "deadline passed while it waited for a slot), no_replica (the session failed UNAVAILABLE)",
     ["role", "decision"],
     registry=REGISTRY,
 )

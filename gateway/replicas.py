@@ -4,9 +4,10 @@ A directory (app/ray_mesh.py) refreshes the table of replicas and their load rep
 times a second; the gateway asks `route()` for the encoder, generator and decoder of each new
 session and keeps them for the whole stream. The generator is the scarce one: a session takes
 one of its slots (`capacity`, its --max-sessions), so the router picks the least loaded replica
-with a free slot, preferring one that already holds the session's LoRA. The gateway's Admission
-(queue, RESOURCE_EXHAUSTED, retry hint) sees the sum of the live replicas' slots as its
-capacity, so waiting and refusing keep today's single-host semantics and messages.
+with a free slot, preferring one that already holds the session's LoRA, and never gives a
+replica more sessions than its slots. The gateway's Admission (queue, RESOURCE_EXHAUSTED, retry
+hint) sees the sum of the live replicas' slots as its capacity, so waiting and refusing keep
+today's single-host semantics and messages.
 
 No Ray here: the router only knows ReplicaLoad reports, so it is tested without a cluster.
 """
@@ -20,12 +21,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from avatar import errors, metrics, telemetry
-from avatar.grpc_util import create_channel
+from avatar.grpc_util import DeadlineExceeded, create_channel
 from avatar.v1 import decoder_pb2_grpc, encoder_pb2_grpc, generator_pb2_grpc
 
 log = logging.getLogger(__name__)
 ROLES = ("encoder", "generator", "decoder")
-FREE_SLOT_WAIT_S = 5.0  # a session admitted while the replicas' slots shrank waits this long for one
+NO_GENERATOR_WAIT_S = 5.0  # with no generator serving, a new session waits this long for one (a restart)
 PROBE_S = 2.0  # a replica whose call failed UNAVAILABLE is probed this often until it answers again
 SUSPECT_MAX_S = 300.0  # ... for at most this long: by then Ray has noticed a dead node
 _STUBS = {
@@ -51,6 +52,10 @@ class ReplicaLoad:
 
 class NoReplica(errors.Unavailable):
     """No live replica of a role: the session fails with UNAVAILABLE."""
+
+
+class NoFreeSlot(DeadlineExceeded):
+    """The session's wait for a free generator slot outlasted its deadline: DEADLINE_EXCEEDED."""
 
 
 @dataclass
@@ -88,6 +93,7 @@ class ReplicaRouter:
         self.admission = None  # the gateway's avatar.admission.Admission: capacity follows the replicas
         self.table: dict[str, ReplicaLoad] = {}
         self.sessions: dict[str, int] = defaultdict(int)  # replica_id -> sessions routed there, running
+        self.waiting = 0  # admitted sessions waiting here for a free generator slot (autoscaling counts them)
         self._stubs: dict[str, object] = {}  # replica_id -> stub on its channel
         self._channels: dict[str, object] = {}
         self._retired: dict[str, list] = defaultdict(list)  # replica_id -> channels of gone servers still in use
@@ -163,22 +169,20 @@ class ReplicaRouter:
 
     # ---- the gateway's side ------------------------------------------------------------------
 
-    async def route(self, lora_id: str = "", wait_s: float = FREE_SLOT_WAIT_S) -> Route:
+    async def route(self, lora_id: str = "", wait_s: float | None = None) -> Route:
         """The encoder, generator and decoder of a new session. The generator: among replicas
         with a free slot, one holding `lora_id` first, then the least loaded (fraction of slots
-        in use, then sessions, then name). The gateway's admission hands out no more sessions than
-        the replicas have slots, but slots can vanish between its grant and this call (a replica
-        left the table): then the session waits up to `wait_s` for a free slot, and after that
-        goes to the least loaded replica, whose own admission queues it. Raises NoReplica."""
+        in use, then sessions, then for a LoRA the fewest LoRAs held, then name). A replica
+        never gets more sessions than its slots. The gateway's admission hands out no more
+        sessions than the replicas have slots, but slots can vanish between its grant and this
+        call (a replica drained, late with its reports, or failed a call): the session then
+        waits here for the next free slot on any replica, up to `wait_s` (the call's remaining
+        deadline; None: until one frees or the call ends). Raises NoReplica when a role has
+        no replica serving, NoFreeSlot when `wait_s` passed first."""
         with telemetry.span("route", lora_id=lora_id or "") as span:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + wait_s
-            while not self._free_generator() and self.table and loop.time() < deadline:
-                self._changes.clear()
-                try:
-                    await asyncio.wait_for(self._changes.wait(), deadline - loop.time())
-                except TimeoutError:
-                    break
+            waited_s = await self._wait_for_free_slot(wait_s)
+            if waited_s:
+                span.set_attribute("slot_wait_s", round(waited_s, 3))
             chosen, decisions = {}, {}
             for role in ROLES:
                 chosen[role], decisions[role] = self._choose(role, lora_id)
@@ -189,6 +193,39 @@ class ReplicaRouter:
                 metrics.ROUTING.labels(role=role, decision=decisions[role]).inc()
             self._publish()
             return Route(*(self._stub(chosen[role]) for role in ROLES), chosen, self)
+
+    async def _wait_for_free_slot(self, wait_s: float | None) -> float:
+        """Until a generator has a free slot; the seconds waited. With no generator serving at
+        all, returns after NO_GENERATOR_WAIT_S (Ray may have restarted one by then; if not,
+        _choose raises NoReplica); past `wait_s`, raises NoFreeSlot."""
+        if self._free_generator():
+            return 0.0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.waiting += 1
+        try:
+            while not self._free_generator():
+                waited = loop.time() - started
+                serving = any(r.role == "generator" for r in self.routable())
+                if not serving and waited >= NO_GENERATOR_WAIT_S:
+                    break
+                if wait_s is not None and waited >= wait_s:
+                    metrics.ROUTING.labels(role="generator", decision="no_free_slot").inc()
+                    raise NoFreeSlot(
+                        f"generator busy: no replica's slot freed within {wait_s:.1f} s "
+                        f"({self._generator_sessions()} sessions on {self.capacity()} slots)"
+                    )
+                limits = [NO_GENERATOR_WAIT_S - waited] if not serving else []
+                if wait_s is not None:
+                    limits.append(wait_s - waited)
+                self._changes.clear()
+                try:
+                    await asyncio.wait_for(self._changes.wait(), min(limits) if limits else None)
+                except TimeoutError:
+                    pass
+            return loop.time() - started
+        finally:
+            self.waiting -= 1
 
     def _choose(self, role: str, lora_id: str) -> tuple[ReplicaLoad, str]:
         replicas = [r for r in self.routable() if r.role == role]
@@ -202,16 +239,24 @@ class ReplicaRouter:
 
         if role != "generator":
             return min(replicas, key=load), "least_loaded"
-        free = [r for r in replicas if self.sessions.get(r.replica_id, 0) < r.capacity]
-        if not free:
-            return min(replicas, key=load), "over_capacity"
+        free = [r for r in replicas if self._has_slot(r)]
+        if not free:  # route() waits for a free slot first: never more sessions than a replica's slots
+            raise NoReplica("generator unavailable: every replica's slots are in use; retry later")
         holding = [r for r in free if lora_id and lora_id in r.loras]
         if holding:
             return min(holding, key=load), "lora_loaded"
+        if lora_id:  # it loads the LoRA: among the least loaded, one holding fewest evicts none in use
+            return min(free, key=lambda r: (*load(r)[:2], len(r.loras), r.replica_id)), "least_loaded"
         return min(free, key=load), "least_loaded"
 
+    def _has_slot(self, rep: ReplicaLoad) -> bool:
+        return not rep.capacity or self.sessions.get(rep.replica_id, 0) < rep.capacity  # 0: no cap
+
     def _free_generator(self) -> bool:
-        return any(self.sessions.get(r.replica_id, 0) < r.capacity for r in self.routable() if r.role == "generator")
+        return any(self._has_slot(r) for r in self.routable() if r.role == "generator")
+
+    def _generator_sessions(self) -> int:
+        return sum(self.sessions.get(r.replica_id, 0) for r in self.routable() if r.role == "generator")
 
     def _release(self, route: Route) -> None:
         for rep in route.replicas.values():

@@ -104,6 +104,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
     ):
         self.model = model
         self.router = router
+        # avatar.admission.Admission for Converse's live sessions; Generate's slot is taken before
+        # its request is read (AdmitBeforeReading, the same Admission: app/serve.py)
+        self.admission = admission
         if router is not None:
             router.admission = admission  # the gateway's slots follow the replicas' (set_capacity)
         self.peer_addresses = (encoder, generator, decoder)
@@ -115,9 +118,6 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         if router is not None:
             self.encoder = self.generator = self.decoder = None
             return
-        # avatar.admission.Admission for Converse's live sessions; Generate's slot is taken before
-        # its request is read (AdmitBeforeReading, the same Admission: app/serve.py)
-        self.admission = admission
         self.encoder = encoder_pb2_grpc.EncoderServiceStub(self.channels[0])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels[1])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[2])
@@ -128,14 +128,15 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         if self.router is not None:
             await self.router.close()
 
-    async def route(self, lora_id: str = ""):
+    async def route(self, lora_id: str = "", wait_s: float | None = None):
         """The peers of one new session (gateway.replicas.Route); release() it when the session ends.
-        Without a router: the fixed peers."""
+        Without a router: the fixed peers. `wait_s`: how long the session may wait for a free
+        generator slot (its remaining deadline; None: until one frees or the call ends)."""
         from avatar.gateway.replicas import Route
 
         if self.router is None:
             return Route(self.encoder, self.generator, self.decoder, {})
-        return await self.router.route(lora_id)
+        return await self.router.route(lora_id, wait_s)
 
     def watch_peers(self, health, service_name: str = SERVICE_NAME, interval_s: float = PEER_CHECK_INTERVAL_S):
         """Keeps `service_name` NOT_SERVING in `health` while a peer is unreachable (load balancers
@@ -209,7 +210,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         job = plan.job
 
         timings = Timings()
-        peers = await self.route(getattr(request, "lora_id", ""))  # kept for the whole stream
+        peers = await self.route(getattr(request, "lora_id", ""), context.time_remaining())  # for the whole stream
         generator_in: asyncio.Queue = asyncio.Queue()
         decoder_in: asyncio.Queue = asyncio.Queue()
         events: asyncio.Queue = asyncio.Queue()
