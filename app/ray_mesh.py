@@ -21,7 +21,6 @@ import asyncio
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -634,12 +633,7 @@ async def serve(cfg: serve_mod.ServeConfig, address: str, mesh: RayMeshConfig) -
             file=sys.stderr,
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        print("avatar serve: stopping", file=sys.stderr, flush=True)
+        await serve_mod.until_stopped()
         await running.stop(cfg.grace_s)
         directory.cancel()
     finally:

@@ -389,6 +389,13 @@ async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> 
         file=sys.stderr,
         flush=True,
     )
+    await until_stopped(stop)
+    await running.stop(cfg.grace_s)
+    telemetry.shutdown()
+
+
+async def until_stopped(stop: asyncio.Event | None = None) -> None:
+    """Waits for SIGINT/SIGTERM, or for `stop` when given (its setter owns the signals), and says so."""
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -396,5 +403,3 @@ async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> 
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("avatar serve: stopping", file=sys.stderr, flush=True)
-    await running.stop(cfg.grace_s)
-    telemetry.shutdown()
