@@ -516,13 +516,18 @@ class ConverseSession:
                         pass
                 if self.stop_reason is not None:
                     break
-                slot = self.forwarded + self._live_pending()
-                if self.t0 is not None and now > self.t0 + slot * self.block_s:
-                    # late (a slow block or a stalled client): the player waited, so does the clock
-                    self.t0 = now - slot * self.block_s
+                self._keep_time(now, self.forwarded + self._live_pending())
                 block = self._take(lookahead_n, idle=what == "idle")
             await self.features_in.put(encoder_pb2.AudioStreamInput(block=block))
         await self.features_in.put(_END)
+
+    def _keep_time(self, now: float, slot: int) -> None:
+        """A decision late by more than a quarter block (a slow block, a stalled client): the
+        player waited, so does the clock. Less is the timer waking late, a few ms per idle block
+        that the player's buffer absorbs; following it drifted the stream 14 s behind real time
+        over a 10-minute soak (docs/performance.md). The clock stays absolute then."""
+        if self.t0 is not None and now - (self.t0 + slot * self.block_s) > self.block_s / 4:
+            self.t0 = now - slot * self.block_s
 
     def _take(self, lookahead_n: int, idle: bool) -> encoder_pb2.AudioStreamBlock:
         taken = self.queue.take_block(0 if idle else self.block_n)

@@ -155,3 +155,23 @@ def test_a_full_queue_stops_reading_the_client_until_blocks_drain_it():
         assert (fin.utterance, fin.played_s, fin.interrupted, session.interrupted) == (1, 0.0, True, 1)
 
     asyncio.run(main())
+
+
+def test_the_block_clock_follows_real_lateness_but_not_timer_jitter():
+    """A decision a few ms late (the timer) leaves the clock where it is: following it moved the
+    stream 14 s behind real time over a 10-minute CPU soak. A block later than a quarter block
+    (a slow block, a stalled client) moves it: the player waited."""
+    import asyncio
+
+    from avatar.gateway.converse import ConverseConfig, ConverseSession
+
+    async def main():
+        session = ConverseSession(None, None, None, ConverseConfig())
+        session.block_s, session.t0 = 0.48, 100.0
+        for slot in range(1, 1001):  # a thousand idle blocks, each decided 20 ms after it was due
+            session._keep_time(100.0 + slot * 0.48 + 0.02, slot)
+        assert session.t0 == 100.0
+        session._keep_time(100.0 + 1001 * 0.48 + 0.3, 1001)  # 300 ms late: the player stalled
+        assert session.t0 == pytest.approx(100.3)
+
+    asyncio.run(main())
