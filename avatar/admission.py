@@ -199,7 +199,10 @@ class Admission:
         try:
             if timeout is not None and timeout <= 0:
                 raise TimeoutError
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            # not wait_for: Python 3.11's drops a cancel that comes as the wait ends (CPython
+            # gh-86296), and a departed client's request then went on to run its whole session
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(waiter.future)
         except (TimeoutError, asyncio.CancelledError) as e:
             if waiter.future.done() and not waiter.future.cancelled():
                 # the slot was handed over just as we gave up: pass it on

@@ -147,7 +147,8 @@ class ReplicaRouter:
             await asyncio.sleep(PROBE_S)
             channel = create_channel(key[1], self.credentials)
             try:
-                await asyncio.wait_for(channel.channel_ready(), PROBE_S)
+                async with asyncio.timeout(PROBE_S):
+                    await channel.channel_ready()
                 log.info("replica %s at %s answers again", *key)
                 break
             except TimeoutError:
@@ -220,7 +221,10 @@ class ReplicaRouter:
                     limits.append(wait_s - waited)
                 self._changes.clear()
                 try:
-                    await asyncio.wait_for(self._changes.wait(), min(limits) if limits else None)
+                    # not wait_for: Python 3.11's drops a cancel that comes as the wait ends
+                    # (CPython gh-86296): a client gone while waiting would still get a session
+                    async with asyncio.timeout(min(limits) if limits else None):
+                        await self._changes.wait()
                 except TimeoutError:
                     pass
             return loop.time() - started

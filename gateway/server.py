@@ -156,7 +156,8 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
         async def down(channel) -> bool:
             try:
-                await asyncio.wait_for(channel.channel_ready(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await channel.channel_ready()
                 return False
             except TimeoutError:
                 return True
