@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import statistics
 import time
@@ -37,6 +38,9 @@ from avatar.v1 import avatar_pb2, decoder_pb2, encoder_pb2, generator_pb2
 
 LOOKAHEAD_S = 0.2  # queued speech after a block passed to the encoder as right context
 MAX_SESSION_S = float(MAX_VIDEO_S)  # the longest job any service accepts (avatar.job_limits)
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -526,7 +530,8 @@ class ConverseSession:
         player waited, so does the clock. Less is the timer waking late, a few ms per idle block
         that the player's buffer absorbs; following it drifted the stream 14 s behind real time
         over a 10-minute soak (docs/performance.md). The clock stays absolute then."""
-        if self.t0 is not None and now - (self.t0 + slot * self.block_s) > self.block_s / 4:
+        if self.t0 is not None and (late := now - (self.t0 + slot * self.block_s)) > self.block_s / 4:
+            log.info("session %s: block %d decided %.0f ms late; the clock follows", self.request_id, slot, late * 1e3)
             self.t0 = now - slot * self.block_s
 
     def _take(self, lookahead_n: int, idle: bool) -> encoder_pb2.AudioStreamBlock:
