@@ -528,8 +528,8 @@ class ConverseSession:
     def _keep_time(self, now: float, slot: int) -> None:
         """A decision late by more than a quarter block (a slow block, a stalled client): the
         player waited, so does the clock. Less is the timer waking late, a few ms per idle block
-        that the player's buffer absorbs; following it drifted the stream 14 s behind real time
-        over a 10-minute soak (docs/performance.md). The clock stays absolute then."""
+        that the player's buffer absorbs: following it too, those ms added up over every idle
+        block of a long session, behind real time for good. The clock stays absolute then."""
         if self.t0 is not None and (late := now - (self.t0 + slot * self.block_s)) > self.block_s / 4:
             log.info("session %s: block %d decided %.0f ms late; the clock follows", self.request_id, slot, late * 1e3)
             self.t0 = now - slot * self.block_s

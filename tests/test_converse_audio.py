@@ -158,9 +158,9 @@ def test_a_full_queue_stops_reading_the_client_until_blocks_drain_it():
 
 
 def test_the_block_clock_follows_real_lateness_but_not_timer_jitter():
-    """A decision a few ms late (the timer) leaves the clock where it is: following it moved the
-    stream 14 s behind real time over a 10-minute CPU soak. A block later than a quarter block
-    (a slow block, a stalled client) moves it: the player waited."""
+    """A decision a few ms late (the timer) leaves the clock where it is: following it, the ms
+    of a thousand idle blocks added up to 20 s behind real time. A block later than a quarter
+    block (a slow block, a stalled client) moves it: the player waited."""
     import asyncio
 
     from avatar.gateway.converse import ConverseConfig, ConverseSession
