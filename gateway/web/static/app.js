@@ -16,6 +16,7 @@ const page = {               // what the page knows, also read by tests (window.
 window.avatarPage = page;
 
 let ws = null, feeder = null, mic = null, media = null, sent = [], sentS = 0;
+let ended = false;  // "end" sent: nothing may follow it (the server closes with 4400 otherwise)
 
 function setState(s) { page.state = s; $("state").textContent = s; }
 
@@ -75,7 +76,7 @@ async function decodeSpeech(file) {
 // --- sending -------------------------------------------------------------------------------
 
 function sendPcm(pcm) {
-  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  if (!ws || ws.readyState !== WebSocket.OPEN || ended) return;
   ws.send(pcm.buffer.slice(pcm.byteOffset, pcm.byteOffset + pcm.byteLength));
   const seconds = pcm.length / RATE;
   sent.push({ start: sentS, end: sentS + seconds, at: performance.now() });
@@ -114,7 +115,8 @@ async function startMic() {
   node.connect(ctx.destination);  // a node nothing pulls is never run; its output is silence
   await ctx.resume();
   log(`microphone on (${ctx.sampleRate} Hz, resampled to ${RATE} Hz in an AudioWorklet)`);
-  return { stop() { stream.getTracks().forEach((t) => t.stop()); ctx.close(); } };
+  // the worklet's chunks already posted still arrive after stop(): drop them at the port
+  return { stop() { node.port.onmessage = null; node.port.close(); stream.getTracks().forEach((t) => t.stop()); ctx.close(); } };
 }
 
 // --- watching ------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ function wsUrl() {
 }
 
 async function start() {
-  page.error = null; page.fragments = 0; page.latenciesMs = []; page.events = []; sent = []; sentS = 0;
+  page.error = null; page.fragments = 0; page.latenciesMs = []; page.events = []; sent = []; sentS = 0; ended = false;
   $("events").textContent = ""; $("fragments").textContent = "0"; showLatency();
   const source = document.querySelector("input[name=source]:checked").value;
   let pcm = null;
@@ -256,7 +258,7 @@ function stopSources() { feeder?.stop(); feeder = null; }
 $("start").onclick = () => start().catch((e) => { log(`error: ${e.message}`); setState("error"); $("start").disabled = false; });
 // Barge-in: the file stops (its speaker was cut off); the microphone stays open.
 $("interrupt").onclick = () => { if (feeder?.file) stopSources(); sendControl("interrupt"); log("interrupt sent"); };
-$("stop").onclick = () => { stopSources(); sendControl("end"); log("end sent"); };
+$("stop").onclick = () => { stopSources(); sendControl("end"); ended = true; log("end sent"); };
 $("portrait").onchange = () => { const f = $("portrait").files[0]; if (f) $("portrait-preview").src = URL.createObjectURL(f); };
 $("token").value = new URLSearchParams(location.search).get("token") || "";
 setupWebrtcSwitch();
