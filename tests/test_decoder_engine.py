@@ -55,11 +55,12 @@ def latents():
     return prime, blocks
 
 
-@pytest.fixture(scope="module")
-def decoded(engine, latents):
-    """Runs one stream, capturing the frames handed to the muxer."""
+def run_stream(engine, latents, yuv_on_device: bool = False):
+    """Runs one stream; (init segment, blocks, tail, the frames handed to the muxer)."""
     prime, blocks = latents
     stream = engine.open_stream(_job(), prime)
+    assert not stream.yuv_on_device  # the CPU keeps RGB + swscale
+    stream.yuv_on_device = yuv_on_device
     seen = []
     write = stream._writer.write_block
     stream._writer.write_block = lambda frames, pcm, final=False: (
@@ -74,6 +75,11 @@ def decoded(engine, latents):
     init = stream.init_segment()
     stream.close()
     return init, outs, tail, seen
+
+
+@pytest.fixture(scope="module")
+def decoded(engine, latents):
+    return run_stream(engine, latents)
 
 
 def test_blocks_are_the_continuation_of_the_reference_frame(engine, latents, decoded):
@@ -104,23 +110,9 @@ def test_yuv420p_conversion_matches_swscale_bt709_limited_range():
 
 def test_the_gpu_path_hands_the_muxer_yuv420p_and_plays_the_same_video(engine, latents, decoded, tmp_path):
     """yuv_on_device (on by itself on a GPU) forced on the CPU: the muxer gets yuv420p planes and
-    the video decodes to the RGB path's frames within a few levels."""
-    prime, blocks = latents
-    stream = engine.open_stream(_job(), prime)
-    assert not stream.yuv_on_device  # the CPU keeps RGB + swscale
-    stream.yuv_on_device = True
-    seen, write = [], stream._writer.write_block
-    stream._writer.write_block = lambda frames, pcm, final=False: (
-        seen.append(frames.shape),
-        write(frames, pcm, final),
-    )[1]
-    outs, first = [], 0
-    for block, keep in zip(blocks, KEEP):
-        outs.append(stream.decode_block(block, _pcm(first, keep), keep))
-        first += keep
-    init = stream.init_segment()
-    stream.close()
-    assert seen == [(keep, SIZE * 3 // 2, SIZE) for keep in KEEP]
+    the video is as close to the decoder's frames as the RGB path's video."""
+    init, outs, _, seen = run_stream(engine, latents, yuv_on_device=True)
+    assert [f.shape for f in seen] == [(keep, SIZE * 3 // 2, SIZE) for keep in KEEP]
     paths = []
     for name, (head, parts) in {"yuv": (init, outs), "rgb": (decoded[0], decoded[1])}.items():
         paths.append(tmp_path / f"{name}.mp4")

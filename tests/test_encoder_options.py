@@ -284,58 +284,39 @@ def test_an_option_the_encoder_did_not_load_is_refused(servers, speech_2s, field
     assert words in exc.value.details()
 
 
-def test_cli_and_grpcurl_ask_for_whisper_and_clip(servers, speech_2s, tmp_path, env):
-    options, plain = servers
-    out = tmp_path / "cli.mp4"
-    run = subprocess.run(
-        [
-            *AVATAR,
-            "generate",
-            "--server",
-            options.address,
-            "--image",
-            str(ASSETS / "astronaut.png"),
-            "--audio",
-            str(speech_2s),
-            "--size",
-            "64*64",
-            "--audio-encoder",
-            "whisper",
-            "--clip-embedding",
-            "--out",
-            str(out),
-        ],
+def _avatar(verb, address, speech, out, env, *flags):
+    """`avatar VERB --server ADDRESS` with the sample portrait and `speech`, writing `out`."""
+    return subprocess.run(
+        [*AVATAR, verb, "--server", address, "--image", str(ASSETS / "astronaut.png"), "--audio", str(speech)]
+        + ["--out", str(out), *flags],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_cli_and_grpcurl_ask_for_whisper_and_clip(servers, speech_2s, tmp_path, env):
+    options, plain = servers
+    out = tmp_path / "cli.mp4"
+    run = _avatar(
+        "generate",
+        options.address,
+        speech_2s,
+        out,
+        env,
+        "--size",
+        "64*64",
+        "--audio-encoder",
+        "whisper",
+        "--clip-embedding",
     )
     assert run.returncode == 0, run.stderr
     check_video(out, 2.0)
     report = json.loads(out.with_suffix(".json").read_text())
     assert len(report["clip_embedding"]) == 32 and report["parameters"]["audio_encoder"] == "whisper"
-    refused = subprocess.run(
-        [
-            *AVATAR,
-            "generate",
-            "--server",
-            plain.address,
-            "--image",
-            str(ASSETS / "astronaut.png"),
-            "--audio",
-            str(speech_2s),
-            "--audio-encoder",
-            "whisper",
-            "--out",
-            str(tmp_path / "x.mp4"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    refused = _avatar("generate", plain.address, speech_2s, tmp_path / "x.mp4", env, "--audio-encoder", "whisper")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "--audio-encoders wav2vec2,whisper" in refused.stderr
 
@@ -374,37 +355,22 @@ def test_cli_and_grpcurl_ask_for_whisper_and_clip(servers, speech_2s, tmp_path, 
 # -- live sessions (Converse) ---------------------------------------------------------------------
 
 
-def _converse_cli(address, speech, out, env, *flags):
-    return subprocess.run(
-        [
-            *AVATAR,
-            "converse",
-            "--server",
-            address,
-            "--image",
-            str(ASSETS / "astronaut.png"),
-            "--audio",
-            str(speech),
-            "--size",
-            "64*64",
-            "--sample_steps",
-            "2",
-            "--out",
-            str(out),
-            *flags,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_a_live_session_encodes_its_speech_with_whisper_when_asked(servers, speech_2s, tmp_path, env):
     options, _ = servers
     out = tmp_path / "live-whisper.mp4"
-    run = _converse_cli(options.address, speech_2s, out, env, "--audio-encoder", "whisper")
+    run = _avatar(
+        "converse",
+        options.address,
+        speech_2s,
+        out,
+        env,
+        "--size",
+        "64*64",
+        "--sample_steps",
+        "2",
+        "--audio-encoder",
+        "whisper",
+    )
     assert run.returncode == 0, run.stderr
     info = ffprobe(out)
     video = next(st for st in info["streams"] if st["codec_type"] == "video")
