@@ -114,7 +114,9 @@ class _Block:
     pcm_out: np.ndarray  # int16 at the output rate, for the muxer
     decided_ns: int
     cursor: int  # the client's audio consumed before it (samples)
+    features: object = None  # the encoder's AudioFeatures, until the block goes to the generator
     latent: object = None  # avatar.v1.Tensor once the generator returned it
+    dropped: bool = False  # decided before an interrupt and never sent to the generator
     dit_ms: float = 0.0
     slot: int = -1  # fragment index once it went to the decoder
     after: list = field(default_factory=list)  # events to send right after its fragment
@@ -141,7 +143,12 @@ class ConverseSession:
         self.header_ready: asyncio.Future = self.loop.create_future()
         self.pending: collections.deque[_Block] = collections.deque()  # decided, not at the decoder
         self.in_decoder: collections.deque[_Block] = collections.deque()
-        self.by_index: dict[int, _Block] = {}
+        # decided blocks on their way to the generator, in decided order: the encoder's features
+        # not back yet; back and waiting for the generator; sent to it, latents not back yet
+        self.awaiting_features: collections.deque[_Block] = collections.deque()
+        self.featured: collections.deque[_Block] = collections.deque()
+        self.at_generator: collections.deque[_Block] = collections.deque()
+        self.generator_depth = 1  # blocks the generator holds at once (a TPP group: its pipeline depth)
         self.decided = self.forwarded = self.sent = self.idle_sent = self.frames = 0
         self.epoch = 0
         self.eos = False
@@ -323,7 +330,7 @@ class ConverseSession:
             **call_options(self.context),
         )
         self.calls.append(call)
-        self.tasks.append(asyncio.create_task(self._guarded(self._pump_latents(call, ready, first=self.decided))))
+        self.tasks.append(asyncio.create_task(self._guarded(self._pump_latents(call, ready))))
 
     def _degrade(self, measured: float) -> bool:
         """allow_degrade: fewer steps (block time grows with them), in a new generator session
@@ -552,7 +559,7 @@ class ConverseSession:
         if taken.segments:
             self.audio_cursor = taken.segments[-1].audio_end
         self.pending.append(block)
-        self.by_index[block.index] = block
+        self.awaiting_features.append(block)
         self.decided += 1
         # after silence, or when the audio ran dry mid-utterance, speech waits for a jitter buffer again
         self.starting = taken.idle or (
@@ -571,17 +578,42 @@ class ConverseSession:
 
     async def _pump_features(self, call):
         async for features in call:
-            await self.generator_in.put(generator_pb2.GeneratorInput(audio=features))
+            async with self.cond:
+                block = self.awaiting_features.popleft()
+                block.features = features
+                self.featured.append(block)
+                self._feed_generator()
 
-    async def _pump_latents(self, call, ready: asyncio.Event, first: int):
-        """One generator session's blocks; its block 0 is our block `first`."""
+    def _feed_generator(self) -> None:
+        """Features go to the generator just in time, one block at a time (a TPP group: as many as
+        its pipeline holds), so a block decided before an interrupt that has not reached it yet
+        is never made: the idle block after an interrupt waits for the block being made at most,
+        not for the queue behind it (on an H200 at 384*256: p95 interrupt -> idle 752 ms with
+        every decided block queued at the generator)."""
+        while self.featured and len(self.at_generator) < self.generator_depth:
+            block = self.featured.popleft()
+            features, block.features = block.features, None
+            if block.epoch != self.epoch:
+                block.dropped = True
+                self.cond.notify_all()
+                continue
+            self.at_generator.append(block)
+            self.generator_in.put_nowait(generator_pb2.GeneratorInput(audio=features))
+
+    async def _pump_latents(self, call, ready: asyncio.Event):
+        """One generator session's blocks, in the order they were sent to it."""
         async for out in call:
             if out.WhichOneof("event") == "ready":
-                self.ahead = max(self.ahead, out.ready.pipeline_depth)  # a TPP generator needs its depth
+                async with self.cond:
+                    depth = max(1, out.ready.pipeline_depth)
+                    self.ahead = max(self.ahead, depth)  # a TPP generator needs its depth
+                    self.generator_depth = depth
+                    self._feed_generator()
                 ready.set()
                 continue
             async with self.cond:
-                block = self.by_index.pop(first + out.block.index)
+                block = self.at_generator.popleft()
+                self._feed_generator()
                 block.latent, block.dit_ms = out.block.latent, out.block.dit_ms
                 self.latency["block_ms"].append(out.block.dit_ms)
                 if len(self.probe_ms) < self.config.probe_blocks:
@@ -592,7 +624,8 @@ class ConverseSession:
     def _forward_ready(self) -> bool:
         if self.pending:
             head = self.pending[0]
-            return head.latent is not None and (head.epoch != self.epoch or not self.in_decoder)
+            made = head.latent is not None or head.dropped
+            return made and (head.epoch != self.epoch or not self.in_decoder)
         return self.stop_reason is not None and not self.in_decoder
 
     async def _forward(self):

@@ -175,3 +175,46 @@ def test_the_block_clock_follows_real_lateness_but_not_timer_jitter():
         assert session.t0 == pytest.approx(100.3)
 
     asyncio.run(main())
+
+
+def test_blocks_decided_before_an_interrupt_never_reach_a_busy_generator():
+    """The generator gets features just in time, one block at a time: blocks decided before an
+    interrupt and still waiting for it are dropped, not made, so the first idle block waits for
+    the block being made at most (with every decided block queued at the generator, the p95
+    interrupt -> idle on an H200 was 752 ms at 384*256)."""
+    import asyncio
+    import collections
+
+    from avatar.gateway.converse import ConverseConfig, ConverseSession, _Block
+    from avatar.gateway.live_audio import TakenBlock
+    from avatar.v1 import encoder_pb2
+
+    def block(index, epoch):
+        b = _Block(index, TakenBlock(pcm=np.zeros(4, np.float32)), epoch, np.zeros(4, np.int16), 0, 0)
+        b.features = encoder_pb2.AudioFeatures(first_frame=index)
+        return b
+
+    async def main():
+        session = ConverseSession(None, None, None, ConverseConfig())
+        session.generator_in = asyncio.Queue()
+        made = block(0, 0)
+        queued = [block(1, 0), block(2, 0)]  # decided ahead, waiting for the generator
+        session.featured.extend([made, *queued])
+        session._feed_generator()
+        assert list(session.at_generator) == [made] and session.generator_in.qsize() == 1
+        session.epoch += 1  # the interrupt
+        after = block(3, 1)  # the idle block decided after it
+        session.featured.append(after)
+        session.at_generator.popleft()  # block 0's latents are back
+        async with session.cond:  # as the pumps call it
+            session._feed_generator()
+        sent = [session.generator_in.get_nowait() for _ in range(session.generator_in.qsize())]
+        assert [m.audio.first_frame for m in sent] == [0, 3]
+        assert all(b.dropped for b in queued) and not after.dropped and list(session.at_generator) == [after]
+        # a TPP group holds its pipeline's depth at once
+        session.generator_depth, session.at_generator = 3, collections.deque()
+        session.featured.extend(block(i, 1) for i in range(4, 8))
+        session._feed_generator()
+        assert len(session.at_generator) == 3 and len(session.featured) == 1
+
+    asyncio.run(main())
