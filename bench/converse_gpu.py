@@ -38,13 +38,25 @@ def speech(seconds: float) -> bytes:
     return pcm16(np.tile(mono, reps)[: int(seconds * RATE)])
 
 
-def header(size: str, steps: int) -> avatar_pb2.ConverseHeader:
-    image = (ROOT / "assets" / "astronaut.png").read_bytes()
+PORTRAIT = ROOT / "assets" / "astronaut.png"  # square: the 384*256 area gives a 256*256 video
+
+
+def header(size: str, steps: int, image: Path = PORTRAIT) -> avatar_pb2.ConverseHeader:
+    """The session's header; `image` decides the video's aspect (--image: a 3:2 portrait at
+    384*256 gives exactly the size the server warmed up)."""
+    image = Path(image).read_bytes()
     return avatar_pb2.ConverseHeader(image=image, size=size, sample_steps=steps, sample_rate=RATE)
 
 
 async def live_session(
-    address: str, size: str, steps: int, speech_s: float, gap_s: float, soak_s: float = 0.0, audio_encoder: str = ""
+    address: str,
+    size: str,
+    steps: int,
+    speech_s: float,
+    gap_s: float,
+    soak_s: float = 0.0,
+    audio_encoder: str = "",
+    image: Path = PORTRAIT,
 ) -> dict:
     first, second = speech(speech_s), speech(max(2.0, speech_s / 2))
 
@@ -68,7 +80,7 @@ async def live_session(
     arrivals, fragments, events, status, hdr = [], [], [], None, None
     t0 = time.monotonic()
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
-        hdr_in = header(size, steps)
+        hdr_in = header(size, steps, image)
         hdr_in.audio_encoder = audio_encoder
         async for msg in converse(ch, hdr_in, audio(), timeout=speech_s + gap_s + soak_s + 600):
             kind = msg.WhichOneof("event")
@@ -121,7 +133,7 @@ async def live_session(
     }
 
 
-async def refused(address: str, size: str, steps: int) -> dict:
+async def refused(address: str, size: str, steps: int, image: Path = PORTRAIT) -> dict:
     async def audio():
         async for chunk in paced_chunks(speech(3.0), RATE, 100):
             yield chunk
@@ -129,7 +141,7 @@ async def refused(address: str, size: str, steps: int) -> dict:
 
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         try:
-            async for _ in converse(ch, header(size, steps), audio(), timeout=300):
+            async for _ in converse(ch, header(size, steps, image), audio(), timeout=300):
                 pass
         except grpc.aio.AioRpcError as e:
             return {"size": size, "code": e.code().name, "details": e.details()}
@@ -146,17 +158,27 @@ def main() -> None:
     ap.add_argument("--refuse-size", default="", help="a size the guard should refuse, e.g. 704*384")
     ap.add_argument("--soak-s", type=float, default=0.0, help="repeat the cycle until S seconds (e.g. 600)")
     ap.add_argument("--audio-encoder", default="", help="wav2vec2 (default) or whisper")
+    ap.add_argument("--image", type=Path, default=PORTRAIT, help="the portrait (default: the square sample)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
         live = asyncio.run(
-            live_session(args.server, args.size, args.steps, args.speech_s, args.gap_s, args.soak_s, args.audio_encoder)
+            live_session(
+                args.server,
+                args.size,
+                args.steps,
+                args.speech_s,
+                args.gap_s,
+                args.soak_s,
+                args.audio_encoder,
+                args.image,
+            )
         )
     except grpc.aio.AioRpcError as e:  # e.g. the real-time guard's FAILED_PRECONDITION, with its numbers
         live = {"size": args.size, "code": e.code().name, "details": e.details()}
     result = {"live": live}
     if args.refuse_size:
-        result["guard"] = asyncio.run(refused(args.server, args.refuse_size, args.steps))
+        result["guard"] = asyncio.run(refused(args.server, args.refuse_size, args.steps, args.image))
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

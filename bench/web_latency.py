@@ -78,7 +78,7 @@ class Sender:
 async def grpc_path(args, pcm: bytes) -> dict:
     sender, lat, started = Sender(pcm), [], asyncio.Event()
     header = avatar_pb2.ConverseHeader(
-        image=(ROOT / "assets" / "astronaut.png").read_bytes(),
+        image=args.image.read_bytes(),
         size=args.size,
         sample_steps=args.steps,
         sample_rate=RATE,
@@ -113,7 +113,7 @@ async def grpc_path(args, pcm: bytes) -> dict:
 async def websocket_path(args, pcm: bytes) -> dict:
     sender, lat, block_ms, server = Sender(pcm), [], None, {}
     header = {
-        "image": base64.b64encode((ROOT / "assets" / "astronaut.png").read_bytes()).decode(),
+        "image": base64.b64encode(args.image.read_bytes()).decode(),
         "size": args.size,
         "sample_steps": args.steps,
         "sample_rate": RATE,
@@ -159,7 +159,7 @@ async def http_job_path(args, runs: int = 3) -> dict:
     async with aiohttp.ClientSession(headers=headers) as http:
         for _ in range(runs):
             form = aiohttp.FormData()
-            form.add_field("image", (ROOT / "assets" / "astronaut.png").read_bytes(), filename="astronaut.png")
+            form.add_field("image", args.image.read_bytes(), filename=args.image.name)
             form.add_field("audio", (ROOT / "assets" / "speech.wav").read_bytes(), filename="speech.wav")
             form.add_field("size", args.size)
             form.add_field("steps", str(args.steps))
@@ -182,6 +182,7 @@ async def main() -> None:
     p.add_argument("--size", default="64*64")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--speech-s", type=float, default=15.0, help="seconds of speech per session")
+    p.add_argument("--image", type=Path, default=ROOT / "assets" / "astronaut.png", help="the portrait")
     p.add_argument("--out", default=None, help="write the figures here as JSON")
     args = p.parse_args()
     pcm = speech(args.speech_s)

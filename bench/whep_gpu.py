@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,12 +25,14 @@ import psutil
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from converse_gpu import RATE, header, speech  # bench/ is on the path: run as bench/whep_gpu.py
 
 from avatar import grpc_util
 from avatar.gateway.web import whep
 from avatar.gateway.web.hub import SessionHub
 from avatar.live_client import END_OF_UTTERANCE, converse, paced_chunks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
+from converse_gpu import PORTRAIT, RATE, header, speech  # noqa: E402
 
 
 async def viewer(base: str, session_id: str) -> tuple[RTCPeerConnection, list]:
@@ -66,7 +69,7 @@ async def viewer(base: str, session_id: str) -> tuple[RTCPeerConnection, list]:
     return pc, frames
 
 
-async def run(address: str, size: str, steps: int, speech_s: float, n_viewers: int) -> dict:
+async def run(address: str, size: str, steps: int, speech_s: float, n_viewers: int, image: Path = PORTRAIT) -> dict:
     whep.register_h264_profiles()
     hub = SessionHub()
     session = hub.open()
@@ -91,7 +94,7 @@ async def run(address: str, size: str, steps: int, speech_s: float, n_viewers: i
     async def produce():
         try:
             async with grpc_util.create_channel(address) as channel:
-                async for msg in converse(channel, header(size, steps), audio(), timeout=speech_s + 300):
+                async for msg in converse(channel, header(size, steps, image), audio(), timeout=speech_s + 300):
                     kind = msg.WhichOneof("event")
                     if kind == "header":
                         session.publish_header(msg.header.init_segment, msg.header.mime_type)
@@ -144,11 +147,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--speech-s", type=float, default=20.0)
     p.add_argument("--viewers", default="1,4,8", help="viewer counts to run, one session each")
+    p.add_argument("--image", type=Path, default=PORTRAIT, help="the portrait (default: the square sample)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     results = []
     for n in (int(x) for x in args.viewers.split(",")):
-        result = asyncio.run(run(args.server, args.size, args.steps, args.speech_s, n))
+        result = asyncio.run(run(args.server, args.size, args.steps, args.speech_s, n, args.image))
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.out:
