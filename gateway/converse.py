@@ -168,6 +168,8 @@ class ConverseSession:
         self.latency = {"audio_to_fragment": [], "interrupt_to_idle": [], "block_ms": []}
         self.init_segment: bytes | None = None
         self.probe_ms: list[float] = []
+        self.steady_ms = 0.0  # the generator's steady block time at this size and steps (0: unknown)
+        self.steady_by_size: dict[str, float] = {}  # the same for every size it measured
         self.degraded: avatar_pb2.Degraded | None = None
         self.peers = None  # gateway.replicas.Route: the replicas of this session, once chosen
 
@@ -294,7 +296,7 @@ class ConverseSession:
                 frames_per_block=FRAMES_PER_BLOCK,
                 sample_steps=self.job.sample_steps,
                 model=self.gateway.model.describe(),
-                measured_block_ms=round(self.probe_ms[-1], 3),
+                measured_block_ms=round(self._block_ms(), 3),
                 block_budget_ms=self.config.block_budget_ms,
             )
         )
@@ -352,23 +354,40 @@ class ConverseSession:
         self._open_generator()
         return True
 
+    def _block_ms(self) -> float:
+        """What the guard decides by: the generator's steady block time at this size and steps
+        when it has measured one, else the last probe block (the first pays one-time costs)."""
+        return self.steady_ms or self.probe_ms[-1]
+
     def _check_header_ready(self) -> None:
         if self.header_ready.done() or self.init_segment is None or len(self.probe_ms) < self.config.probe_blocks:
             return
-        measured = self.probe_ms[-1]  # the first block also pays one-time costs (graphs, caches)
-        if measured > self.config.block_budget_ms and self.degraded is None and self._degrade(measured):
+        measured, budget = self._block_ms(), self.config.block_budget_ms
+        if measured > budget and self.degraded is None and self._degrade(measured):
             self.header_ready.set_result(None)
-        elif measured > self.config.block_budget_ms:
-            self.header_ready.set_exception(
-                TooSlowForLive(
-                    f"the generator needs {measured:.0f} ms per block at {self.job.width}*{self.job.height} with "
-                    f"{self.job.sample_steps} steps (first blocks: {', '.join(f'{m:.0f}' for m in self.probe_ms)} ms); "
-                    f"a live session needs at most {self.config.block_budget_ms:g} ms per block of "
-                    f"{self.block_s * 1e3:.0f} ms: choose a smaller size or fewer sample_steps"
-                )
-            )
+        elif measured > budget:
+            self.header_ready.set_exception(TooSlowForLive(self._too_slow(measured)))
         else:
             self.header_ready.set_result(None)
+
+    def _too_slow(self, measured: float) -> str:
+        """The refusal: the numbers, and the largest size this generator measured that keeps up."""
+        steps, budget = self.job.sample_steps, self.config.block_budget_ms
+        first = ", ".join(f"{m:.0f}" for m in self.probe_ms)
+        basis = f"with full caches; its first blocks: {first} ms" if self.steady_ms else f"first blocks: {first} ms"
+        fast = [(size, ms) for size, ms in self.steady_by_size.items() if ms <= budget]
+        if fast:
+            size, ms = max(fast, key=lambda f: math.prod(int(x) for x in f[0].split("*")))
+            advice = f"the largest size that keeps up at {steps} steps here: {size} ({ms:.0f} ms per block)"
+        elif self.steady_by_size:
+            advice = f"no size measured here keeps up at {steps} steps: choose fewer sample_steps"
+        else:
+            advice = "choose a smaller size or fewer sample_steps"
+        return (
+            f"the generator needs {measured:.0f} ms per block at {self.job.width}*{self.job.height} with "
+            f"{steps} steps ({basis}); a live session needs at most {budget:g} ms per block of "
+            f"{self.block_s * 1e3:.0f} ms: {advice}"
+        )
 
     # ---- client -> queue -----------------------------------------------------------------------
 
@@ -608,6 +627,8 @@ class ConverseSession:
                     depth = max(1, out.ready.pipeline_depth)
                     self.ahead = max(self.ahead, depth)  # a TPP generator needs its depth
                     self.generator_depth = depth
+                    self.steady_ms = out.ready.steady_block_ms
+                    self.steady_by_size = dict(out.ready.steady_block_ms_by_size)
                     self._feed_generator()
                 ready.set()
                 continue

@@ -218,3 +218,45 @@ def test_blocks_decided_before_an_interrupt_never_reach_a_busy_generator():
         assert len(session.at_generator) == 3 and len(session.featured) == 1
 
     asyncio.run(main())
+
+
+def test_the_guard_decides_by_the_generators_steady_block_time_and_names_a_size_that_keeps_up():
+    """A session's first blocks pay one-time costs (on an H200, 4 steps: 473 and 615 ms at 256*256,
+    not warmed up, where 384*256 ran at 220-285 ms per block), so the guard decides by the steady block time the
+    generator measured at its warm-up or in earlier sessions, and a refusal names the largest
+    size measured there that keeps up; without those figures the probe blocks decide."""
+    import asyncio
+
+    from avatar.gateway.converse import ConverseConfig, ConverseSession, TooSlowForLive
+    from avatar.v1 import avatar_pb2, tensor_pb2
+
+    async def decide(size, probe, steady=0.0, by_size=None):
+        session = ConverseSession(None, None, None, ConverseConfig())
+        w, h = (int(x) for x in size.split("*"))
+        session.job = tensor_pb2.JobSpec(width=w, height=h, sample_steps=4)
+        session.header, session.block_s, session.init_segment = avatar_pb2.ConverseHeader(), 0.48, b"init"
+        session.steady_ms, session.steady_by_size = steady, by_size or {}
+        session.probe_ms = probe
+        session._check_header_ready()
+        return session, session.header_ready.exception()
+
+    async def main():
+        sizes = {"704*384": 825.0, "384*256": 221.0, "256*256": 180.0}
+        session, refused = await decide("384*256", [473.0, 615.0], steady=221.0, by_size=sizes)
+        assert refused is None and session._block_ms() == 221.0  # admitted: the header says 221
+        _, refused = await decide("704*384", [607.0, 825.0], steady=825.0, by_size=sizes)
+        assert isinstance(refused, TooSlowForLive)
+        assert (
+            "needs 825 ms per block at 704*384 with 4 steps (with full caches; its first blocks: 607, 825 ms)"
+            in str(refused)
+        )
+        assert str(refused).endswith("the largest size that keeps up at 4 steps here: 384*256 (221 ms per block)")
+        _, refused = await decide("704*384", [607.0, 825.0], steady=825.0, by_size={"704*384": 825.0})
+        assert str(refused).endswith("no size measured here keeps up at 4 steps: choose fewer sample_steps")
+        _, refused = await decide("256*256", [300.0, 500.0])  # nothing measured: the probe decides
+        assert "needs 500 ms per block at 256*256 with 4 steps (first blocks: 300, 500 ms)" in str(refused)
+        assert str(refused).endswith("choose a smaller size or fewer sample_steps")
+        session, refused = await decide("256*256", [300.0, 450.0])
+        assert refused is None and session._block_ms() == 450.0
+
+    asyncio.run(main())

@@ -292,12 +292,30 @@ def test_warm_up_runs_every_ring_fill_level_of_each_size_and_skips_what_cannot_r
     assert sizes == [(176, 96, 48, 4), (96, 64, 36, 3)]  # hd and preview at the tiny model's sizes
     opened = []
     real = engine.open_session
-    engine.open_session = lambda *a: opened.append(real(*a)) or opened[-1]
+    engine.open_session = lambda *a: opened.append(real(*a)) or setattr(opened[-1], "_opened_with", a) or opened[-1]
     try:
         lines = engine.warm_up(sizes + [(100, 64, 48, 4)])
     finally:
         del engine.open_session
     assert [line.split(":")[0] for line in lines] == ["176*96", "96*64", "100*64"]
     assert "skipped" in lines[2] and "multiples of 8" in lines[2]
-    # one clip and one block more: the ring fills, then wraps; every session is closed again
-    assert [s.block_index for s in opened] == [5, 4] and all(s._closed for s in opened)
+    # two clips and two blocks more: the ring fills, wraps, the graphs of the second clip are
+    # captured and the last two blocks measure the steady block time; every session is closed again
+    assert [s.block_index for s in opened] == [10, 8] and all(s._closed for s in opened)
+    assert "steady" in lines[0] and "at 4 steps" in lines[0] and "steady" in lines[1]
+    times = engine.block_times
+    hd = times.block_ms(176, 96, forwards=4)
+    assert hd > 0 and times.block_ms(176, 96, forwards=2) == pytest.approx(hd / 2)  # per forward
+    assert times.block_ms(100, 64, forwards=4) is None  # skipped: never measured
+    measured = set(times.by_size(forwards=3))  # with the sizes earlier tests' sessions ran long enough
+    assert {"176*96", "96*64"} <= measured and "100*64" not in measured
+    # what the generator's SessionReady tells the live guard before the session's first block
+    from avatar.services.generator.server import _ready
+
+    session = engine.open_session(*opened[0]._opened_with)
+    try:
+        ready = _ready(engine, session, depth=1)
+    finally:
+        session.close()
+    assert ready.steady_block_ms == pytest.approx(hd) and ready.kv_cache_bytes > 0
+    assert dict(ready.steady_block_ms_by_size) == pytest.approx(times.by_size(forwards=4))

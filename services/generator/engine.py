@@ -31,6 +31,7 @@ from avatar.presets import FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from avatar.services.generator import avatar_loras
 from avatar.services.generator.attention import prefer_cudnn_attention
 from avatar.services.generator.avatar_loras import LoraBank, LoraLease
+from avatar.services.generator.block_times import BlockTimes
 from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
 from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec, step_cache_spec
@@ -154,6 +155,7 @@ class GeneratorEngine:
         self.cache_sets = model.generator_options.cache_sets
         self.kv_dtype = kv_cache_dtype(model, self.dit.dtype)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
+        self.block_times = BlockTimes()  # steady blocks by size: what the live guard reads
         self.free_memory: Callable[[], int] | None = None
         if self.dit.device.type == "cuda":
             index = self.dit.device.index if self.dit.device.index is not None else torch.cuda.current_device()
@@ -190,15 +192,17 @@ class GeneratorEngine:
         return GeneratorSession(self, job, text, ref_latent, motion_latents, step=step)
 
     def warm_up(self, sizes: list[tuple[int, int, int, int]]) -> list[str]:
-        """Runs a short session of zeros per (width, height, infer_frames, sample_steps): one clip
-        and one block more, so every shape a session meets (the ring filling up, then full) has
-        run once. With --compile that is where compilation happens (a minute at 704*384, seconds
-        for the next size), before the server reports SERVING: no request waits for it, and no
+        """Runs a short session of zeros per (width, height, infer_frames, sample_steps): two clips
+        and two blocks more, so every shape a session meets (the ring filling up, then full) has
+        run once, the second clip's CUDA graphs are captured, and the last two blocks, replayed,
+        measure the size's steady block time (block_times: what the live guard reads). With
+        --compile that is where compilation happens (a minute at 704*384, seconds for the next
+        size), before the server reports SERVING: no request waits for it, and no
         other thread's model call runs while torch.compile traces (docs/operations.md).
         Returns one line per size; a size that cannot run here (memory) is skipped with its reason."""
         c, lines = self.dit.config, []
         for width, height, infer_frames, steps in sizes:
-            blocks = infer_frames // FRAMES_PER_BLOCK + 1
+            blocks = 2 * (infer_frames // FRAMES_PER_BLOCK) + 2
             job = Job(
                 width=width,
                 height=height,
@@ -225,7 +229,11 @@ class GeneratorEngine:
             except (InvalidInput, ResourceExhausted) as e:
                 lines.append(f"{width}*{height}: skipped ({str(e).splitlines()[0]})")
                 continue
-            lines.append(f"{width}*{height}: {blocks} blocks in {time.perf_counter() - start:.1f} s")
+            steady = session.steady_block_ms()
+            lines.append(
+                f"{width}*{height}: {blocks} blocks in {time.perf_counter() - start:.1f} s"
+                + (f", steady {steady:.0f} ms per block at {steps} steps" if steady else "")
+            )
         return lines
 
 
@@ -277,6 +285,7 @@ class GeneratorSession:
         self.lora = lora.lora if lora is not None else None  # every model call of this session runs with it
         self.dit = dit = engine.dit
         self.plan = plan = plan_session(job, dit, ref_latent, motion_latents, text, cache_sets)
+        self.size = (job.width, job.height)
         if step is not None and not (0 <= step < plan.steps and plan.cache_sets == plan.steps):
             raise InvalidInput(f"step {step} out of range for {plan.steps} sampling steps with a cache set each")
         self.step = step
@@ -361,7 +370,13 @@ class GeneratorSession:
             # this stream only: a decoder sharing the process (--role all) keeps its own queue going
             torch.cuda.current_stream(self.device).synchronize()
         self.last_block_ms = (time.perf_counter() - start) * 1e3
+        if self.block_index > 2 * self.plan.blocks_per_clip:  # caches full, graphs captured: steady
+            self.engine.block_times.record(*self.size, self.last_block_ms, self.plan.forwards_per_block)
         return x[0]
+
+    def steady_block_ms(self) -> float | None:
+        """This session's steady block time as measured on its engine at its size (None: not yet)."""
+        return self.engine.block_times.block_ms(*self.size, self.plan.forwards_per_block)
 
     def submit(self, audio: torch.Tensor) -> concurrent.futures.Future:
         """generate_block, run now in the caller's thread; the future holds its latent (or error)."""

@@ -53,9 +53,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         try:
             # Ready before the caller sends audio: a refusal above reaches it as a clean status
             # (a status that races the caller's writes comes out as INTERNAL in grpc.aio).
-            yield generator_pb2.GeneratorOutput(
-                ready=generator_pb2.SessionReady(kv_cache_bytes=session.kv_cache_bytes, pipeline_depth=blocks.depth)
-            )
+            yield generator_pb2.GeneratorOutput(ready=_ready(self.engine, session, blocks.depth))
             pending: list[torch.Tensor] = []  # audio frames received but not yet used by a block
             have = 0
             index = 0
@@ -113,6 +111,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return generator_pb2.GeneratorOutput(
             block=generator_pb2.LatentBlock(index=index, latent=wire.to_proto(latent), dit_ms=dit_ms)
         )
+
+
+def _ready(engine: BlockGenerator, session: BlockSession, depth: int) -> generator_pb2.SessionReady:
+    """The session is open; with the steady block times this engine measured (an engine that
+    keeps none, such as the multi-GPU one, reports none: the guard then reads the first blocks)."""
+    ready = generator_pb2.SessionReady(kv_cache_bytes=session.kv_cache_bytes, pipeline_depth=depth)
+    times = getattr(engine, "block_times", None)
+    if times is not None and hasattr(session, "steady_block_ms"):
+        ready.steady_block_ms = session.steady_block_ms() or 0.0
+        ready.steady_block_ms_by_size.update(times.by_size(session.plan.forwards_per_block))
+    return ready
 
 
 def _lora_kwargs(engine: BlockGenerator, lora_id: str) -> dict:
