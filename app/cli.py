@@ -595,7 +595,9 @@ def model_for(args, role: str = "all"):
         raise UserError(
             f"--light-decoder-path {light}: no such file; taew2_1.pth is published in github.com/madebyollin/taehv"
         )
-    if spec.avatar_loras:
+    # --ray: the generator replicas register the LoRAs on their nodes (the files need not be on
+    # the gateway's); a bad one fails a replica's start, and `serve` exits with its reason
+    if spec.avatar_loras and not getattr(args, "ray", None):
         _check_avatar_loras(spec, role)
     if role != "gateway" and not args.random_weights:
         if args.ckpt_dir:

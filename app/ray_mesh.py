@@ -552,6 +552,9 @@ def connect(address: str) -> None:
     except ImportError:
         raise ValueError("--ray needs Ray: pip install 'avatar-mesh[ray]'") from None
     kwargs = {"namespace": NAMESPACE, "log_to_driver": False, "configure_logging": False}
+    # ray.init runs off the main thread (it blocks) and warns it set no SIGTERM handler: the
+    # gateway handles SIGTERM itself (a drain), and the stray line broke one-line start-up errors
+    logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler is not set" not in r.getMessage())
     if address == "local":  # a new instance even when `ray start` made one on this machine
         ray.init(address="local", include_dashboard=False, **kwargs)
         return

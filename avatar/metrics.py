@@ -102,6 +102,12 @@ REPLICA_SESSIONS = Gauge(
     ["role", "replica", "node"],
     registry=REGISTRY,
 )
+REPLICA_LORAS = Gauge(
+    "avatar_replica_loras",
+    "Per-avatar LoRAs each generator replica holds, as the gateway routes by them (1 per held LoRA)",
+    ["replica", "lora_id"],
+    registry=REGISTRY,
+)
 ROUTING = Counter(
     "avatar_routing_decisions",
     "Replicas chosen for new sessions, by reason: least_loaded, lora_loaded, no_free_slot (the session's "

@@ -297,9 +297,12 @@ class ReplicaRouter:
         for role in ROLES:
             metrics.RAY_REPLICAS.labels(role=role).set(sum(r.role == role for r in routable))
         metrics.REPLICA_SESSIONS.clear()
+        metrics.REPLICA_LORAS.clear()
         for rep in routable:
             rid = rep.replica_id
             metrics.REPLICA_SESSIONS.labels(role=rep.role, replica=rid, node=rep.node_id).set(self.sessions.get(rid, 0))
+            for lora_id in rep.loras:
+                metrics.REPLICA_LORAS.labels(replica=rid, lora_id=lora_id).set(1)
 
     async def close(self) -> None:
         for probe in self._suspects.values():
