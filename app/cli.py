@@ -322,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run the hd and preview presets through the generator and the decoder before "
-        "reporting SERVING (default: with --compile, which compiles there, so no request "
-        "waits for compilation)",
+        help="run the hd and preview presets through the encoder, the generator and the decoder "
+        "before reporting SERVING (default: with --compile, which compiles there, so no request "
+        "waits for compilation or a model's first call)",
     )
     p.add_argument("--encoder", metavar="ADDR", help="EncoderService address (--role gateway)")
     p.add_argument("--generator", metavar="ADDR", help="GeneratorService address (--role gateway)")

@@ -37,7 +37,7 @@ class ServeConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this port; None: off, 0: any free
     grace_s: float = GRACE_S  # shutdown: seconds in-flight streams get to finish
     max_audio_s: float | None = None  # gateway: longest speech input; None: avatar.media's default
-    warmup: bool | None = None  # generator and decoder: run the presets once before SERVING; None: with --compile
+    warmup: bool | None = None  # encoder, generator, decoder: run the presets once before SERVING; None: with --compile
     live: object = None  # gateway: a gateway.converse.ConverseConfig; None: defaults
     compile_cache: str | None = None  # torch.compile caches kept here across restarts (use_compile_cache)
     # encoder: image and prompt encodes at once + waiting; beyond: RESOURCE_EXHAUSTED. None: no cap
@@ -214,6 +214,8 @@ async def start(cfg: ServeConfig) -> RunningServer:
         from avatar.v1 import encoder_pb2_grpc
 
         engine = await loop.run_in_executor(None, EncoderEngine, cfg.model)
+        if warmup:
+            warmups.append(("encoder", engine, [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]))
         encoder_admission = Admission(cfg.encoder_admission, "encoder") if cfg.encoder_admission else None
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine, encoder_admission), internal)
         on_internal.append(SERVICE_NAME)

@@ -147,6 +147,22 @@ def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
         services.stop_all()
 
 
+def test_serve_warms_the_encoder_up_before_it_reports_serving(tmp_path, env):
+    from conftest import Services
+
+    services = Services(tmp_path, env)
+    try:
+        svc = services.start("encoder", "--warmup")  # waits for SERVING
+        log = svc.log.read_text()
+        warmed = [line for line in log.splitlines() if "encoder warm-up" in line and " in " in line]
+        assert any("176*96: portrait in" in line for line in warmed), log
+        assert any("96*64: portrait in" in line for line in warmed), log
+        assert any("prompt and 1 s of audio (wav2vec2)" in line for line in warmed), log
+        assert log.index("encoder warm-up") < log.index("listening on")
+    finally:
+        services.stop_all()
+
+
 def test_a_video_cut_by_num_clip_says_so_in_the_summary_and_the_status(tmp_path, env, mesh):
     out = tmp_path / "cut.mp4"
     r = run_cli(

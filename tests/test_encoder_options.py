@@ -418,3 +418,22 @@ def test_a_live_session_with_an_encoder_not_loaded_is_refused(servers, encoder, 
         asyncio.run(session())
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value
     assert words in exc.value.details()
+
+
+def test_encoder_warm_up_runs_each_model_once_and_leaves_the_portrait_cache_alone():
+    """--warmup (on with --compile): the encoder's models make their first call before SERVING,
+    at the warm-up sizes; no request sends the grey portrait, so it is not cached."""
+    from avatar.presets import ModelSpec
+    from avatar.services.encoder.engine import EncoderEngine
+
+    engine = EncoderEngine(ModelSpec(name="tiny"))
+    calls = []
+    real = engine._encode_image
+    engine._encode_image = lambda pixels: calls.append(pixels.shape) or real(pixels)
+    lines = engine.warm_up([(96, 64), (64, 64)])
+    assert calls == [(64, 96, 3), (64, 64, 3)]
+    assert [line.split(":")[0] for line in lines[:2]] == ["96*64", "64*64"]
+    assert lines[2].startswith("prompt and 1 s of audio (wav2vec2) in ")
+    again = engine.warm_up([(96, 64)])  # text and audio warm once, whatever the sizes
+    assert len(again) == 1 and again[0].startswith("96*64: portrait in ")
+    assert not engine._images._items and len(engine._prompts._items) == 1  # the empty prompt is a real result
