@@ -131,36 +131,31 @@ def test_generate_through_a_running_mesh_continues_the_client_trace(tmp_path, en
     assert [s["parent_id"] for s in gateway_root] == [root["span_id"]]
 
 
-def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
+def _warm_up_log(tmp_path, env, role: str) -> tuple[str, list[str]]:
+    """`avatar serve --role ROLE --warmup` until SERVING: its log, and its warm-up result lines.
+    The warm-up must come before the service is announced (it listened, NOT_SERVING, meanwhile)."""
     from conftest import Services
 
     services = Services(tmp_path, env)
     try:
-        svc = services.start("generator", "--warmup")  # waits for SERVING
-        log = svc.log.read_text()
-        warmed = [line for line in log.splitlines() if "generator warm-up" in line and "blocks in" in line]
-        assert len(warmed) == 2 and "176*96: 10 blocks" in warmed[0] and "96*64: 8 blocks" in warmed[1], log
-        assert all("steady" in line for line in warmed), log  # what the live guard reads
-        # the warm-up came before the service was announced (it listened, NOT_SERVING, meanwhile)
-        assert log.index("generator warm-up") < log.index("listening on")
+        log = services.start(role, "--warmup").log.read_text()  # waits for SERVING
     finally:
         services.stop_all()
+    assert log.index(f"{role} warm-up") < log.index("listening on"), log
+    return log, [line for line in log.splitlines() if f"{role} warm-up" in line and " in " in line]
+
+
+def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
+    log, warmed = _warm_up_log(tmp_path, env, "generator")
+    assert len(warmed) == 2 and "176*96: 10 blocks" in warmed[0] and "96*64: 8 blocks" in warmed[1], log
+    assert all("steady" in line for line in warmed), log  # what the live guard reads
 
 
 def test_serve_warms_the_encoder_up_before_it_reports_serving(tmp_path, env):
-    from conftest import Services
-
-    services = Services(tmp_path, env)
-    try:
-        svc = services.start("encoder", "--warmup")  # waits for SERVING
-        log = svc.log.read_text()
-        warmed = [line for line in log.splitlines() if "encoder warm-up" in line and " in " in line]
-        assert any("176*96: portrait in" in line for line in warmed), log
-        assert any("96*64: portrait in" in line for line in warmed), log
-        assert any("prompt and 1 s of audio (wav2vec2)" in line for line in warmed), log
-        assert log.index("encoder warm-up") < log.index("listening on")
-    finally:
-        services.stop_all()
+    log, warmed = _warm_up_log(tmp_path, env, "encoder")
+    assert any("176*96: portrait in" in line for line in warmed), log
+    assert any("96*64: portrait in" in line for line in warmed), log
+    assert any("prompt and 1 s of audio (wav2vec2)" in line for line in warmed), log
 
 
 def test_a_video_cut_by_num_clip_says_so_in_the_summary_and_the_status(tmp_path, env, mesh):

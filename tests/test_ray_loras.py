@@ -13,9 +13,7 @@ import concurrent.futures
 import json
 import os
 import re
-import signal
 import subprocess
-import tempfile
 
 import grpc
 import pytest
@@ -28,8 +26,7 @@ from avatar.services.generator.weights import random_dit
 from avatar.v1 import avatar_pb2, generator_pb2, generator_pb2_grpc
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
-from test_ray_mesh import NODE, RAY_ENV, metrics, wait_for  # noqa: E402
+from test_ray_mesh import RAY_ENV, metrics, ray_cluster, serving, stop, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.mesh
 
@@ -47,33 +44,8 @@ autoscaling: {poll_s: 0.25}
 @pytest.fixture(scope="module")
 def cluster():
     """A head (encoder, decoder, one generator) and a second node (one generator): `gen: 1` each."""
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
-    temp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths have a length limit
-    c = None
-    try:
-        c = Cluster(
-            initialize_head=True,
-            connect=False,
-            head_node_args={
-                "num_cpus": 2,
-                "resources": {"head": 6, "gen": 1},
-                "include_dashboard": False,
-                "temp_dir": temp,
-                **NODE,
-            },
-        )
-        c.add_node(num_cpus=2, resources={"gen": 1}, **NODE)
+    with ray_cluster(ENV, "rl", {"head": 6, "gen": 1}, {"gen": 1}) as (c, _):
         yield c
-    finally:
-        if c is not None:
-            c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        subprocess.run(["rm", "-rf", temp], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +64,6 @@ def _env() -> dict:
     return env
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def gateway(cluster, loras, tmp_path_factory):
     """`avatar serve --ray` with both LoRAs registered; (address, metrics port, log, trace file)."""
@@ -114,14 +76,8 @@ def gateway(cluster, loras, tmp_path_factory):
     cmd += ["--max-sessions", str(CAP), "--metrics-port", "0", "--trace-file", str(trace), "--max-loras", "1"]
     for name, path in loras.items():
         cmd += ["--avatar-lora", f"{name}={path}"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_serving(address, 240, proc, log)
-        port = int(re.search(r"metrics on :(\d+)", log.read_text()).group(1))
+    with serving(cmd, address, _env(), log) as (_, port):
         yield address, port, log, trace
-    finally:
-        _stop(proc)
 
 
 def _request(lora_id: str, seconds: float) -> avatar_pb2.GenerateRequest:
@@ -150,7 +106,7 @@ def _references(loras: dict, work) -> dict[tuple[str, float], bytes]:
             for seconds in (1.0, 3.0) if name == "acme" else (1.0,):
                 out[name, seconds] = _video(address, name, seconds, work / f"reference-{name}-{seconds:g}.mp4")
         finally:
-            _stop(proc)
+            stop(proc)
     return out
 
 

@@ -6,6 +6,7 @@ Sized for a 2-core machine: tiny model, no dashboard, 80 MB object stores, one t
 """
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import signal
@@ -53,11 +54,14 @@ autoscaling: {{upscale_delay_s: 0, downscale_delay_s: {DOWNSCALE_S}, poll_s: 0.2
 """
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+@contextlib.contextmanager
+def ray_cluster(env: dict, prefix: str, head_resources: dict, node_resources: dict):
+    """A head and a second node on loopback (ray.cluster_utils), with `env` in os.environ while
+    they run (their raylets and workers read it); shut down, their files removed and the
+    environment restored, also when a test fails. Yields (cluster, second node)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
     c = None
     try:
         c = Cluster(
@@ -65,13 +69,13 @@ def cluster():
             connect=False,
             head_node_args={
                 "num_cpus": 2,
-                "resources": {"head": 4, "gen": 3},
+                "resources": head_resources,
                 "include_dashboard": False,
                 "temp_dir": temp,
                 **NODE,
             },
         )
-        second = c.add_node(num_cpus=2, resources={"gen": 3}, **NODE)
+        second = c.add_node(num_cpus=2, resources=node_resources, **NODE)
         yield c, second
     finally:
         if c is not None:
@@ -82,6 +86,36 @@ def cluster():
             else:
                 os.environ[k] = v
         subprocess.run(["rm", "-rf", temp], check=False)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM (a clean shutdown of the mesh), SIGKILL after grace_s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serving(cmd: list, address: str, env: dict, log, grace_s: float = 30):
+    """Runs `cmd` (an `avatar serve` listening on address, with --metrics-port 0) until SERVING;
+    yields (process, metrics port); stopped at the end, also when a test fails."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(address, 240, proc, log)
+        yield proc, int(re.search(r"metrics on :(\d+)", log.read_text()).group(1))
+    finally:
+        stop(proc, grace_s)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ray_cluster(RAY_ENV, "rt", {"head": 4, "gen": 3}, {"gen": 3}) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +130,8 @@ def gateway(cluster, tmp_path_factory):
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     cmd = [*AVATAR, "serve", "--ray", c.address, "--ray-config", str(config), "--listen", address]
     cmd += ["--max-sessions", str(CAP), "--max-queue", "16", "--metrics-port", "0"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_serving(address, 240, proc, log)
-        port = int(re.search(r"metrics on :(\d+)", log.read_text()).group(1))
+    with serving(cmd, address, env, log) as (_, port):
         yield address, port, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 def metrics(port: int) -> dict:
@@ -305,24 +327,12 @@ def test_ray_local_with_a_tpp_group_as_one_generator_replica(tmp_path):
     cmd = [*AVATAR, "serve", "--ray", "local", "--ray-config", str(config), "--listen", address]
     cmd += ["--max-sessions", "2", "--metrics-port", "0"]
     ranks = []
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_serving(address, 240, proc, log)
+    with serving(cmd, address, env, log, grace_s=60) as (proc, port):
         ranks = [p for p in psutil.process_iter(["cmdline"]) if "avatar.app.ray_mesh" in (p.info["cmdline"] or [])]
         assert len(ranks) == 2, [p.info["cmdline"] for p in ranks]
         code, details, frags, _ = run_session(address, 1.0, steps=2)  # a group of 2 runs one step per rank
         assert (code, frags) == (grpc.StatusCode.OK, 3), details
-        port = int(re.search(r"metrics on :(\d+)", log.read_text()).group(1))
         assert generators(port) == 1
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
     alive = psutil.wait_procs(ranks, timeout=30)[1]
     assert not alive, "TPP ranks outlived the mesh"
     assert proc.returncode == 0, log.read_text()[-3000:]
