@@ -17,11 +17,6 @@ OUT=/tmp/round_work && rm -rf $OUT && mkdir -p $OUT $RESULTS   # everything, vid
 STEPS=${STEPS:-4}
 python3 bench/hd_portrait.py /tmp/portrait.png
 source bench/serve_gpu.sh --http 127.0.0.1:8080 "$@" || exit 1
-request() {   # name, then generate's flags
-    local name=$1; shift
-    timeout 120 python3 -m avatar.app.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png \
-        --audio assets/speech.wav --out "$OUT/$name.mp4" "$@" 2> "$OUT/$name.log" || tail -3 "$OUT/$name.log"
-}
 request hd1 --preset hd
 request hd2 --preset hd
 request hd3 --preset hd
@@ -45,17 +40,10 @@ nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 kill -TERM $server; wait $server
 timeout 90 python3 bench/bench_mux.py --device cuda --out "$OUT/mux.json" > "$OUT/mux.txt" 2>&1 || tail -5 "$OUT/mux.txt"
 grep -E "memory plan|warm-up|warm|listening|SERVING|moved|error|Error" "$OUT/serve.log" | head -30
+python3 bench/mesh_summary.py "$OUT" hd1 hd2 hd3 sd4
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-for name in ("hd1", "hd2", "hd3", "sd4"):
-    try:
-        m = json.load(open(f"{out}/{name}.json"))
-    except FileNotFoundError:
-        print(f"{name}: no result"); continue
-    t = {k: round(v["ms"] / max(1, v.get("count", 1)), 1) for k, v in m["timings_ms"].items()}
-    print(f"{name}: {m['width']}x{m['height']} {m['frames']} frames in {m['total_s']:.2f} s = "
-          f"{m['frames'] / m['total_s']:.1f} FPS; first fragment {m['time_to_first_fragment_s']:.2f} s; ms: {t}")
 for name in ("converse", "web_latency", "whep", "mux"):
     try:
         print(name, json.dumps(json.load(open(f"{out}/{name}.json")))[:1500])

@@ -1,7 +1,9 @@
 # Sourced by the mesh benches (mesh_gpu.sh, converse_gpu.sh) on the device machine: the carried
 # wheels (device_setup.sh, then .whl/mesh/*.whl, the serving stack), then `avatar serve` with
 # full-size random weights on 127.0.0.1:50051 and the arguments given (its log: $OUT/serve.log),
-# waiting until it reports SERVING (with --compile, after its warm-up). Sets $server (its pid).
+# waiting until it reports SERVING (with --compile, after its warm-up). Sets $server (its pid) and
+# defines request NAME FLAGS...: one `avatar generate --server` with /tmp/portrait.png
+# (bench/hd_portrait.py) and the sample speech, into $OUT/NAME.{mp4,json,log}.
 # `--decoder full|light` picks the latent decoder (serve's --latent-decoder; serve's own --decoder
 # is a peer address, meaningless for the one-process mesh), e.g. `bash bench/mesh_gpu.sh --decoder light`.
 source bench/device_setup.sh || return 1
@@ -29,3 +31,10 @@ for _ in $(seq 480); do
     sleep 1
 done
 echo "server ready after ${SECONDS}s"
+
+request() {   # name, then generate's flags
+    local name=$1; shift
+    timeout 300 python3 -m avatar.app.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png \
+        --audio assets/speech.wav --out "$OUT/$name.mp4" "$@" 2> "$OUT/$name.log" \
+        || { tail -5 "$OUT/$name.log"; tail -20 "$OUT/serve.log"; }
+}

@@ -7,31 +7,7 @@
 # `avatar serve` in both modes, e.g. --compile. Results: $OUT/{all,split}/.
 set -uo pipefail
 ROOT_OUT=${OUT:-/tmp/split_out}
-python3 - <<'PY'
-from PIL import Image
-im = Image.open("assets/astronaut.png")
-w, h = im.size
-ch = w * 384 // 704
-im.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch)).resize((704, 384)).save("/tmp/portrait.png")
-PY
-request() {   # name, then generate's flags
-    local name=$1; shift
-    python3 -m avatar.app.cli generate --server 127.0.0.1:50051 --image /tmp/portrait.png --audio assets/speech.wav \
-        --out "$OUT/$name.mp4" "$@" 2> "$OUT/$name.log" || tail -5 "$OUT/$name.log"
-}
-summary() {
-    python3 - "$OUT" <<'PY'
-import json, sys
-for name in ("hd1", "hd2", "sd4"):
-    try:
-        m = json.load(open(f"{sys.argv[1]}/{name}.json"))
-    except FileNotFoundError:
-        print(f"{name}: no result"); continue
-    t = {k: round(v["ms"] / max(1, v.get("count", 1)), 1) for k, v in m["timings_ms"].items()}
-    print(f"{name}: {m['width']}x{m['height']} {m['frames']} frames in {m['total_s']:.2f} s = "
-          f"{m['frames'] / m['total_s']:.1f} FPS; first fragment {m['time_to_first_fragment_s']:.2f} s; ms: {t}")
-PY
-}
+python3 bench/hd_portrait.py /tmp/portrait.png
 for mode in ${MODES:-all split}; do   # MODES=split: only the GPU default
     OUT=$ROOT_OUT/$mode
     SECONDS=0
@@ -44,7 +20,7 @@ for mode in ${MODES:-all split}; do   # MODES=split: only the GPU default
         --speech-s "${SPEECH_S:-12}" --gap-s "${GAP_S:-6}" --out "$OUT/converse.json" > "$OUT/converse.txt"
     kill -TERM $server; wait $server
     echo "== $mode"
-    summary
+    python3 bench/mesh_summary.py "$OUT" hd1 hd2 sd4
     python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['live']; print({k: d.get(k) for k in \
 ('code','details','size','measured_block_ms','blocks','audio_to_fragment_ms','interrupt_to_idle_ms','max_gap_between_fragments_s','generator_block_ms')})" \
         "$OUT/converse.json" 2>&1 | tail -2
