@@ -8,6 +8,7 @@ NVML, ``avatar_gpu_available`` is 0 and ``avatar_gpu_nvml_error`` names the reas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -290,8 +291,9 @@ def _wrap_stream(behavior, service, method):
         started, exc = time.monotonic(), None
         IN_FLIGHT.labels(service=service, method=method).inc()
         try:
-            async for response in behavior(request, context):
-                yield response
+            async with contextlib.aclosing(behavior(request, context)) as responses:  # closed with this one
+                async for response in responses:
+                    yield response
         except BaseException as e:
             exc = e
             raise

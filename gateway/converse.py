@@ -213,13 +213,15 @@ class ConverseSession:
             )
         finally:
             # Client gone, timeout or a failed stage: the services free their sessions on cancel.
-            for call in self.calls:
-                call.cancel()
-            for task in self.tasks:
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-            if self.peers is not None:
-                self.peers.release()
+            try:
+                for call in self.calls:
+                    call.cancel()
+                for task in self.tasks:
+                    task.cancel()
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            finally:  # also when cancelled again while the pumps end
+                if self.peers is not None:
+                    self.peers.release()
 
     async def _read_header(self) -> None:
         first = await anext(aiter(self.requests), None)

@@ -414,12 +414,14 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         finally:
             # Client gone, deadline hit or a stage failed: stop every stage; the services close
             # their sessions when their stream is cancelled.
-            for call in calls:
-                call.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            peers.release()
+            try:
+                for call in calls:
+                    call.cancel()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:  # also when cancelled again while the pumps end
+                peers.release()
 
     @staticmethod
     async def _timed(timings: Timings, stage: str, call):

@@ -91,3 +91,90 @@ def test_errors_become_status_codes_and_big_messages_pass():
 def test_status_of(exc, code):
     got, details = grpc_util.status_of(exc)
     assert got == code and "\n" not in details
+
+
+class _EndingContext:
+    """The part of grpc.aio's ServicerContext these interceptors use; `rpc_ended()` runs the done
+    callbacks as grpc does once the RPC's task has finished."""
+
+    def __init__(self):
+        self.callbacks = []
+
+    def add_done_callback(self, callback):
+        self.callbacks.append(callback)
+
+    def invocation_metadata(self):
+        return ()
+
+    def time_remaining(self):
+        return None
+
+    def code(self):
+        return None
+
+    def rpc_ended(self):
+        for callback in self.callbacks:
+            callback(self)
+
+
+def test_a_response_stream_grpc_abandons_is_closed_when_its_rpc_ends():
+    """grpc.aio writes each response outside the handler; a client gone during a write makes it
+    leave its loop with the handler suspended at `yield`, never closed. Kept alive (in production
+    by a reference cycle), the handler's cleanup would wait for the garbage collector: it runs at
+    the RPC's end instead, through every interceptor's wrapper."""
+    from collections import namedtuple
+
+    from avatar import metrics
+
+    cleaned = []
+
+    async def stream(request, context):
+        try:
+            while True:
+                yield b"fragment"
+        finally:
+            cleaned.append("session released")
+
+    async def scenario():
+        details = namedtuple("Details", "method invocation_metadata")("/avatar.v1.Test/Stream", ())
+
+        async def servicer(_):
+            return grpc.unary_stream_rpc_method_handler(stream)
+
+        async def with_metrics(d):
+            return await metrics.MetricsInterceptor().intercept_service(servicer, d)
+
+        handler = await grpc_util.CloseAbandonedStreams().intercept_service(with_metrics, details)
+        context = _EndingContext()
+        responses = handler.unary_stream(b"request", context)
+        assert await anext(responses) == b"fragment"
+        assert cleaned == []  # grpc now fails the write and leaves its loop, `responses` still referenced
+        context.rpc_ended()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return list(cleaned)  # checked here: at its end asyncio.run closes every open generator anyway
+
+    cancelled = metrics.REQUESTS.labels(service="Test", method="Stream", code="CANCELLED")
+    before = cancelled._value.get()
+    assert asyncio.run(scenario()) == ["session released"]
+    assert cancelled._value.get() == before + 1  # counted once, as cancelled
+
+
+def test_a_finished_response_stream_is_left_alone_at_the_rpc_end():
+    async def stream(request, context):
+        yield b"only"
+
+    async def scenario():
+        details = type("Details", (), {"method": "/avatar.v1.Test/Once", "invocation_metadata": ()})()
+
+        async def servicer(_):
+            return grpc.unary_stream_rpc_method_handler(stream)
+
+        handler = await grpc_util.CloseAbandonedStreams().intercept_service(servicer, details)
+        context = _EndingContext()
+        got = [r async for r in handler.unary_stream(b"request", context)]
+        context.rpc_ended()  # nothing left to close: no task, no error
+        await asyncio.sleep(0)
+        return got, len(grpc_util._closing)
+
+    assert asyncio.run(scenario()) == ([b"only"], 0)

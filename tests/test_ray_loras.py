@@ -19,14 +19,14 @@ import grpc
 import pytest
 import torch
 from ckpt_fixtures.dit import write_lora
-from conftest import ASSETS, AVATAR, ROOT, check_video, free_port, generate, tone_wav, wait_serving
+from conftest import ASSETS, AVATAR, ROOT, check_video, generate, tone_wav
 from safetensors.torch import save_file
 
 from avatar.services.generator.weights import random_dit
 from avatar.v1 import avatar_pb2, generator_pb2, generator_pb2_grpc
 
 ray = pytest.importorskip("ray")
-from test_ray_mesh import RAY_ENV, metrics, ray_cluster, serving, stop, wait_for  # noqa: E402
+from test_ray_mesh import RAY_ENV, metrics, ray_cluster, serving, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.mesh
 
@@ -70,13 +70,12 @@ def gateway(cluster, loras, tmp_path_factory):
     work = tmp_path_factory.mktemp("ray-loras")
     config = work / "ray-mesh.yaml"
     config.write_text(CONFIG)
-    address = f"127.0.0.1:{free_port()}"
     log, trace = work / "gateway.log", work / "gateway.trace.jsonl"
-    cmd = [*AVATAR, "serve", "--ray", cluster.address, "--ray-config", str(config), "--listen", address]
+    cmd = [*AVATAR, "serve", "--ray", cluster.address, "--ray-config", str(config), "--listen", "127.0.0.1:0"]
     cmd += ["--max-sessions", str(CAP), "--metrics-port", "0", "--trace-file", str(trace), "--max-loras", "1"]
     for name, path in loras.items():
         cmd += ["--avatar-lora", f"{name}={path}"]
-    with serving(cmd, address, _env(), log) as (_, port):
+    with serving(cmd, _env(), log) as (_, address, port):
         yield address, port, log, trace
 
 
@@ -96,17 +95,11 @@ def _references(loras: dict, work) -> dict[tuple[str, float], bytes]:
     """(lora_id, seconds) -> the video of `avatar serve` (one process, no Ray) registering only that LoRA."""
     out = {}
     for name, path in loras.items():
-        address = f"127.0.0.1:{free_port()}"
         log = work / f"reference-{name}.log"
-        cmd = [*AVATAR, "serve", "--listen", address, "--avatar-lora", f"{name}={path}", "--max-loras", "1"]
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
-        try:
-            wait_serving(address, 120, proc, log)
+        cmd = [*AVATAR, "serve", "--listen", "127.0.0.1:0", "--avatar-lora", f"{name}={path}", "--max-loras", "1"]
+        with serving(cmd + ["--metrics-port", "0"], _env(), log) as (_, address, _):
             for seconds in (1.0, 3.0) if name == "acme" else (1.0,):
                 out[name, seconds] = _video(address, name, seconds, work / f"reference-{name}-{seconds:g}.mp4")
-        finally:
-            stop(proc)
     return out
 
 

@@ -18,7 +18,7 @@ import urllib.request
 import grpc
 import psutil
 import pytest
-from conftest import ASSETS, AVATAR, ROOT, free_port, tone_wav, wait_serving
+from conftest import ASSETS, AVATAR, ROOT, tone_wav, wait_serving
 
 from avatar.grpc_util import MESSAGE_OPTIONS
 from avatar.v1 import avatar_pb2, avatar_pb2_grpc
@@ -99,15 +99,26 @@ def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
             proc.wait(timeout=10)
 
 
+LISTENING = re.compile(r"avatar serve: .*listening on (\S+?:\d+)")
+
+
 @contextlib.contextmanager
-def serving(cmd: list, address: str, env: dict, log, grace_s: float = 30):
-    """Runs `cmd` (an `avatar serve` listening on address, with --metrics-port 0) until SERVING;
-    yields (process, metrics port); stopped at the end, also when a test fails."""
+def serving(cmd: list, env: dict, log, grace_s: float = 30):
+    """Runs `cmd` (an `avatar serve` with --listen 127.0.0.1:0 and --metrics-port 0) until SERVING;
+    yields (process, its address, metrics port); stopped at the end, also when a test fails.
+    Port 0, read back from the log: a free port picked before the start can be taken in between
+    by one of Ray's processes, whose gRPC health service answers SERVING for the gateway."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_serving(address, 240, proc, log)
-        yield proc, int(re.search(r"metrics on :(\d+)", log.read_text()).group(1))
+        deadline = time.monotonic() + 240
+        while not (listening := LISTENING.search(log.read_text(errors="replace"))):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[:3]} not listening (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        address = listening.group(1)
+        wait_serving(address, 60, proc, log)
+        yield proc, address, int(re.search(r"metrics on :(\d+)", log.read_text()).group(1))
     finally:
         stop(proc, grace_s)
 
@@ -124,13 +135,12 @@ def gateway(cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("ray")
     config = work / "ray-mesh.yaml"
     config.write_text(CONFIG)
-    address = f"127.0.0.1:{free_port()}"
     log = work / "gateway.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **RAY_ENV)
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    cmd = [*AVATAR, "serve", "--ray", c.address, "--ray-config", str(config), "--listen", address]
+    cmd = [*AVATAR, "serve", "--ray", c.address, "--ray-config", str(config), "--listen", "127.0.0.1:0"]
     cmd += ["--max-sessions", str(CAP), "--max-queue", "16", "--metrics-port", "0"]
-    with serving(cmd, address, env, log) as (_, port):
+    with serving(cmd, env, log) as (_, address, port):
         yield address, port, log
 
 
@@ -319,15 +329,14 @@ def test_ray_local_with_a_tpp_group_as_one_generator_replica(tmp_path):
         "encoder: {replicas: 1, num_cpus: 0}\ndecoder: {replicas: 1, num_cpus: 0}\n"
         "generator: {min_replicas: 1, max_replicas: 1, num_cpus: 0, tpp: 2}\n"
     )
-    address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "gateway.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **RAY_ENV)
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     env.pop("RAY_ADDRESS", None)
-    cmd = [*AVATAR, "serve", "--ray", "local", "--ray-config", str(config), "--listen", address]
+    cmd = [*AVATAR, "serve", "--ray", "local", "--ray-config", str(config), "--listen", "127.0.0.1:0"]
     cmd += ["--max-sessions", "2", "--metrics-port", "0"]
     ranks = []
-    with serving(cmd, address, env, log, grace_s=60) as (proc, port):
+    with serving(cmd, env, log, grace_s=60) as (proc, address, port):
         ranks = [p for p in psutil.process_iter(["cmdline"]) if "avatar.app.ray_mesh" in (p.info["cmdline"] or [])]
         assert len(ranks) == 2, [p.info["cmdline"] for p in ranks]
         code, details, frags, _ = run_session(address, 1.0, steps=2)  # a group of 2 runs one step per rank
