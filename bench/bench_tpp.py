@@ -30,13 +30,15 @@ import datetime
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
+from local_ranks import RanksTimedOut, run_ranks  # noqa: E402
 
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,12 +233,6 @@ def worker(path: str) -> None:
 # --------------------------------------------------------------------------- the launcher
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_group(a: argparse.Namespace, world: int) -> dict:
     """R ranks as torchrun would start them; their JSON merged, each rank's peak memory listed."""
     with tempfile.TemporaryDirectory(prefix=f"tpp{world}-") as tmp:
@@ -258,31 +254,12 @@ def run_group(a: argparse.Namespace, world: int) -> dict:
         }
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(cfg))
-        port = free_port()
-        procs = []
-        for r in range(world):
-            env = {
-                **os.environ,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": str(world),
-                "LOCAL_WORLD_SIZE": str(world),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "NCCL_NVLS_ENABLE": "0",  # NVLink multicast off: see docs/operations.md
-            }
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(path)], env=env, cwd=ROOT))
-        deadline, codes = time.monotonic() + a.timeout, []
-        try:
-            for p in procs:
-                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            codes.append("timeout")
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        argv = [sys.executable, __file__, "--worker", str(path)]
+        nvls_off = {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast off: see docs/operations.md
+        try:  # the ranks write to this process's output
+            codes = [code for code, _ in run_ranks(world, argv, a.timeout, env=nvls_off, capture=False)]
+        except RanksTimedOut as e:
+            codes = ["timeout" if code is None else code for code in e.exit_codes]
         ranks = []
         for r in range(world):
             f = Path(tmp) / f"rank{r}.json"

@@ -19,12 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import psutil
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 
 from avatar import grpc_util
 from avatar.gateway.web import whep
@@ -33,40 +30,7 @@ from avatar.live_client import END_OF_UTTERANCE, converse, paced_chunks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
 from converse_gpu import PORTRAIT, RATE, header, speech  # noqa: E402
-
-
-async def viewer(base: str, session_id: str) -> tuple[RTCPeerConnection, list]:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    frames: list = []  # (arrival, pts in 1/90000 from the first frame)
-    loop = asyncio.get_running_loop()
-
-    @pc.on("track")
-    def on_track(track):
-        async def read():
-            try:
-                while True:
-                    frame = await track.recv()
-                    if track.kind == "video":
-                        frames.append((loop.time(), frame.pts))
-            except MediaStreamError:
-                pass
-
-        asyncio.ensure_future(read())
-
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{base}/v1/sessions/{session_id}/whep",
-            data=pc.localDescription.sdp,
-            headers={"Content-Type": "application/sdp"},
-        ) as r:
-            if r.status != 201:
-                raise RuntimeError(f"offer refused: {r.status} {await r.text()}")
-            answer = await r.text()
-    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-    return pc, frames
+from whep_viewer import Received, whep_viewer  # noqa: E402
 
 
 async def run(address: str, size: str, steps: int, speech_s: float, n_viewers: int, image: Path = PORTRAIT) -> dict:
@@ -108,7 +72,11 @@ async def run(address: str, size: str, steps: int, speech_s: float, n_viewers: i
 
     producer = asyncio.ensure_future(produce())
     await session.wait_ready(300)
-    viewers = [await viewer(base, session.id) for _ in range(n_viewers)]
+    viewers = []
+    for _ in range(n_viewers):
+        got = Received()  # video: (arrival, pts in 1/90000 from the first frame)
+        pc, _ = await whep_viewer(base, session.id, got, keep=lambda frame: frame.pts)
+        viewers.append((pc, got.video))
     watched = list(endpoint.viewers.values())
     proc = psutil.Process()
     cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,45 +20,18 @@ _VENV_AVATAR = Path(sys.executable).parent / "avatar"
 # The installed console script when present (what users run), else the module.
 AVATAR = [str(_VENV_AVATAR)] if _VENV_AVATAR.exists() else [sys.executable, "-m", "avatar.app.cli"]
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import local_ranks  # noqa: E402  (the rank launcher bench/bench_tpp.py uses too)
+from local_ranks import free_port  # noqa: E402
 
 
 def run_ranks(n: int, argv: list[str], timeout: float, what: str) -> list[tuple[int, str]]:
     """Runs `argv` as n ranks the way torchrun starts them (env rendezvous on 127.0.0.1, gloo on
     the CPU); returns each rank's (exit code, output). Always reaps them; fails the test on timeout."""
-    port = free_port()
-    procs = []
     try:
-        for r in range(n):
-            env = {
-                **os.environ,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": str(n),
-                "LOCAL_WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "PYTHONPATH": str(ROOT),
-                "OMP_NUM_THREADS": "1",
-            }
-            procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout
-        logs = []
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode())
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{what} of {n} did not finish in {timeout:.0f} s")
-        return [(p.returncode, log) for p, log in zip(procs, logs)]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        return local_ranks.run_ranks(n, argv, timeout, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, what=what)
+    except local_ranks.RanksTimedOut as e:
+        pytest.fail(str(e))
 
 
 def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None):

@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import statistics
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,10 @@ from avatar.gateway.web.hub import SessionHub
 from avatar.live_client import END_OF_UTTERANCE, converse, paced_chunks, pcm16
 from avatar.services.decoder.fmp4 import FragmentedMp4Writer, split_annexb
 from avatar.v1 import avatar_pb2
-from tests.conftest import ASSETS, Services, trim_speech
+from tests.conftest import ASSETS, ROOT, Services, trim_speech
+
+sys.path.insert(0, str(ROOT / "bench"))
+from whep_viewer import Received, whep_viewer  # noqa: E402
 
 IMAGE = (ASSETS / "astronaut.png").read_bytes()
 RATE = 16000
@@ -105,48 +109,6 @@ async def live_session(address: str, hub: SessionHub, session, speech: Path, out
         hub.close(session)
 
 
-@dataclass
-class Received:
-    video: list = field(default_factory=list)  # (arrival, VideoFrame)
-    audio: list = field(default_factory=list)  # (arrival, AudioFrame)
-    ended: set = field(default_factory=set)
-
-
-async def aiortc_viewer(base: str, session_id: str, got: Received, token: str = TOKEN) -> tuple[RTCPeerConnection, str]:
-    """An aiortc WHEP client: recvonly video + audio, offer posted, answer set."""
-    whep.register_h264_profiles()  # an aiortc viewer must offer High profile to get the decoder's H.264
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    loop = asyncio.get_running_loop()
-
-    @pc.on("track")
-    def on_track(track):
-        async def read():
-            try:
-                while True:
-                    frame = await track.recv()
-                    getattr(got, track.kind).append((loop.time(), frame))
-            except MediaStreamError:
-                got.ended.add(track.kind)
-
-        asyncio.ensure_future(read())
-
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        resp = await http.post(
-            f"{base}/v1/sessions/{session_id}/whep?token={token}",
-            data=pc.localDescription.sdp,
-            headers={"Content-Type": "application/sdp"},
-        )
-        answer = await resp.text()
-        assert resp.status == 201, answer
-        assert resp.content_type == "application/sdp"
-        location = resp.headers["Location"]
-    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-    return pc, location
-
-
 def fragment_samples(init: bytes, fragment: bytes) -> list[bytes]:
     """The H.264 NAL units of a fragment's video samples (length-prefixed in the mdat)."""
     nals = []
@@ -176,7 +138,7 @@ def test_aiortc_viewer_receives_the_decoders_h264_and_the_audio(server, tmp_path
         async with whep_app(hub, auth=whep.token_auth([TOKEN])) as (base, endpoint):
             producer = asyncio.ensure_future(live_session(server.address, hub, session, speech, pub))
             assert await session.wait_ready(60)
-            pc, location = await aiortc_viewer(base, session.id, got)
+            pc, location = await whep_viewer(base, session.id, got, TOKEN)
             (viewer,) = endpoint.viewers.values()
             assert location == f"/v1/sessions/{session.id}/whep/{viewer.id}"
             assert whep.VIEWERS._value.get() == 1
