@@ -5,17 +5,19 @@
 # (e.g. --compile --fp8 --kv-fp8 --decoder light), then WebRTC viewers (whep_gpu.py, 1 and 4), then
 # a SOAK_S-second live session at 384*256 (converse_gpu.py --soak-s: 20 s speech, 30 s silence, an
 # interrupted utterance, repeated) with a 3:2 portrait, then the server stops.
+# Many interrupts in one call (issue 11's interrupt -> idle p95): SPEECH_S=4 GAP_S=2 SOAK_S=240
+# VIEWERS=none (about 24 interrupts; with the server's start it fits one 600 s call, no detaching).
 # Carry .whl (with .whl/webrtc) and avatar/v1, as for round_gpu.sh.
 set -uo pipefail
 export OUT=/tmp/soak
 rm -rf $OUT && mkdir -p $OUT
 python3 bench/hd_portrait.py /tmp/portrait.png
 source bench/serve_gpu.sh "$@" || { echo failed > $OUT/done; exit 1; }
-timeout 150 python3 bench/whep_gpu.py --server 127.0.0.1:50051 --image /tmp/portrait.png --size 384*256 \
+[ "${VIEWERS:-1,4}" = none ] || timeout 150 python3 bench/whep_gpu.py --server 127.0.0.1:50051 --image /tmp/portrait.png --size 384*256 \
     --steps "${STEPS:-4}" --speech-s 10 --viewers "${VIEWERS:-1,4}" --out "$OUT/whep.json" > "$OUT/whep.txt" 2>&1
 echo "whep rc=$? at ${SECONDS}s"
 python3 bench/converse_gpu.py --server 127.0.0.1:50051 --image /tmp/portrait.png --size 384*256 \
-    --steps "${STEPS:-4}" --speech-s 20 --gap-s 30 --soak-s "${SOAK_S:-600}" --out "$OUT/soak.json" > "$OUT/soak.txt" 2>&1
+    --steps "${STEPS:-4}" --speech-s "${SPEECH_S:-20}" --gap-s "${GAP_S:-30}" --soak-s "${SOAK_S:-600}" --out "$OUT/soak.json" > "$OUT/soak.txt" 2>&1
 echo "soak rc=$? at ${SECONDS}s"
 kill -TERM $server; wait $server
 echo ok > $OUT/done
