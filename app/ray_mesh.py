@@ -30,6 +30,7 @@ from pathlib import Path
 from avatar import telemetry
 from avatar.app import serve as serve_mod
 from avatar.gateway.replicas import ROLES, ReplicaLoad, ReplicaRouter
+from avatar.services.generator.distributed import torchrun_env
 
 log = logging.getLogger("avatar.app.ray_mesh")
 
@@ -258,8 +259,7 @@ class _TppGroup:
             pickle.dump(self.cfg, f)
         port = _free_port("127.0.0.1")
         for r in range(self.tpp):
-            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(self.tpp))
-            env.update(LOCAL_WORLD_SIZE=str(self.tpp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env = dict(os.environ, **torchrun_env(r, self.tpp, port))
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "avatar.app.ray_mesh", path], env=env, preexec_fn=_die_with_parent

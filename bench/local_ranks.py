@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from avatar.services.generator.distributed import torchrun_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,16 +39,7 @@ def run_ranks(
     procs = []
     try:
         for r in range(n):
-            rank_env = {
-                **os.environ,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": str(n),
-                "LOCAL_WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                **(env or {}),
-            }
+            rank_env = {**os.environ, **torchrun_env(r, n, port), **(env or {})}
             procs.append(subprocess.Popen(argv, cwd=ROOT, env=rank_env, **streams))
         deadline = time.monotonic() + timeout
         logs = []

@@ -1,5 +1,5 @@
 """An aiortc WHEP viewer of a live session, shared by bench/whep_gpu.py and tests/test_whep.py:
-recvonly video and audio, the SDP offer POSTed, every frame decoded recorded with its arrival
+recvonly video and audio (or one of them), the SDP offer POSTed, every frame decoded recorded with its arrival
 time on the event loop's clock."""
 
 import asyncio
@@ -28,15 +28,17 @@ async def whep_viewer(
     got: Received,
     token: str | None = None,
     keep: Callable = lambda frame: frame,
+    kinds: tuple[str, ...] = ("video", "audio"),
 ) -> tuple[RTCPeerConnection, str]:
     """Joins session `session_id` at the gateway `base` (http://host:port), with `token` as the
     ?token= query when given; frames go into `got` until the tracks end. `keep` picks what is kept
-    of each frame (a bench of many viewers keeps the pts, not every decoded picture). Returns the
-    connection (the caller closes it) and the viewer's resource (the answer's Location)."""
+    of each frame (a bench of many viewers keeps the pts, not every decoded picture); `kinds`, the
+    tracks offered. Returns the connection (the caller closes it; the answer is its
+    remoteDescription) and the viewer's resource (the answer's Location)."""
     whep.register_h264_profiles()  # an aiortc viewer must offer High profile to get the decoder's H.264
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
+    for kind in kinds:
+        pc.addTransceiver(kind, direction="recvonly")
     loop = asyncio.get_running_loop()
 
     @pc.on("track")

@@ -371,31 +371,9 @@ DIE = textwrap.dedent("""
 def test_a_shard_that_fails_takes_the_group_down_and_rank_0_exits(tmp_path):
     script = tmp_path / "die.py"
     script.write_text(DIE)
-    port, procs = free_port(), []
-    try:
-        for r in range(2):
-            env = {
-                **os.environ,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "PYTHONPATH": str(ROOT),
-                "OMP_NUM_THREADS": "1",
-            }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-                )
-            )
-        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [1, 1], logs
+    ranks = run_ranks(2, [sys.executable, str(script)], 120, "the group")
+    logs = [log for _, log in ranks]
+    assert [code for code, _ in ranks] == [1, 1], logs
     assert "BLOCK 0 OK" in logs[0] and "BLOCK 1 FAILED: a generator shard failed" in logs[0], logs[0][-3000:]
     assert "restarting the group" in logs[0]
     assert "FSDP shard 1 failed; exiting so the group restarts" in logs[1] and "injected crash" in logs[1]

@@ -22,9 +22,8 @@ import numpy as np
 import pytest
 import soundfile
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.codecs.h264 import H264Decoder, H264Encoder
-from aiortc.mediastreams import MediaStreamError
 
 from avatar import grpc_util
 from avatar.gateway.web import whep
@@ -381,31 +380,9 @@ def test_an_audio_only_viewer_gets_opus_and_its_track_ends_with_the_session(tmp_
         tone = (3000 * np.sin(2 * np.pi * 220 * np.arange(23040) / 48000)).astype(np.int16)
         got = Received()
         async with whep_app(hub) as (base, endpoint):
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.addTransceiver("audio", direction="recvonly")
-            loop = asyncio.get_running_loop()
-
-            @pc.on("track")
-            def on_track(track):
-                async def read():
-                    try:
-                        while True:
-                            got.audio.append((loop.time(), await track.recv()))
-                    except MediaStreamError:
-                        got.ended.add(track.kind)
-
-                asyncio.ensure_future(read())
-
-            await pc.setLocalDescription(await pc.createOffer())
-            async with aiohttp.ClientSession() as http:
-                url = f"{base}/v1/sessions/{session.id}/whep"
-                async with http.post(
-                    url, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
-                ) as r:
-                    assert r.status == 201, await r.text()
-                    answer = await r.text()
+            pc, _ = await whep_viewer(base, session.id, got, kinds=("audio",))
+            answer = pc.remoteDescription.sdp
             assert "m=video" not in answer and "opus/48000" in answer
-            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
             (viewer,) = endpoint.viewers.values()
             for _ in range(100):  # connected: the viewer subscribed to the session
                 if session.viewers:

@@ -55,3 +55,16 @@ def leave_group(control=None) -> None:
         pass
     dist.destroy_process_group()
     gc.collect()  # drop finished Work objects (and their tensors) while Python is fully alive
+
+
+def torchrun_env(index: int, world: int, port: int, address: str = "127.0.0.1") -> dict[str, str]:
+    """The variables torchrun sets for rank `index` of a one-host group (env rendezvous at
+    address:port), for launchers that start the ranks themselves (a Ray replica, the benches)."""
+    return {
+        "RANK": str(index),
+        "LOCAL_RANK": str(index),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": address,
+        "MASTER_PORT": str(port),
+    }
