@@ -30,7 +30,7 @@ from avatar.errors import InvalidInput
 from avatar.gateway import planner
 from avatar.gateway.live_audio import INPUT_RATES, SpeechQueue, StreamResampler, TakenBlock, pcm16_to_float
 from avatar.gateway.server import _DONE as _END
-from avatar.gateway.server import _RequestStream, mime_type
+from avatar.gateway.server import _RequestStream, end_session, mime_type
 from avatar.grpc_util import call_options, run_blocking
 from avatar.job_limits import MAX_VIDEO_S
 from avatar.presets import DEFAULT_AUDIO_ENCODER, ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK, check_lora_id
@@ -211,17 +211,8 @@ class ConverseSession:
                     trace_id=telemetry.current_trace_id(),
                 )
             )
-        finally:
-            # Client gone, timeout or a failed stage: the services free their sessions on cancel.
-            try:
-                for call in self.calls:
-                    call.cancel()
-                for task in self.tasks:
-                    task.cancel()
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-            finally:  # also when cancelled again while the pumps end
-                if self.peers is not None:
-                    self.peers.release()
+        finally:  # client gone, timeout or a failed stage
+            await end_session(self.calls, self.tasks, self.peers)
 
     async def _read_header(self) -> None:
         first = await anext(aiter(self.requests), None)

@@ -43,6 +43,21 @@ def mime_type(init_segment: bytes) -> str:
     return f'video/mp4; codecs="{avc},mp4a.40.2"'
 
 
+async def end_session(calls, tasks, peers) -> None:
+    """Ends one session's stages (Generate's and Converse's): cancels its downstream calls (the
+    services close their sessions when their stream is cancelled) and its pump tasks, waits for
+    the pumps, then releases its peers, also when cancelled again while the pumps end."""
+    try:
+        for call in calls:
+            call.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        if peers is not None:
+            peers.release()
+
+
 class _RequestStream:
     """The requests of one internal call: a first message, then what arrives on `queue` until
     _DONE. An async iterator rather than an async generator: grpc.aio abandons the iterator
@@ -412,16 +427,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                 )
             )
         finally:
-            # Client gone, deadline hit or a stage failed: stop every stage; the services close
-            # their sessions when their stream is cancelled.
-            try:
-                for call in calls:
-                    call.cancel()
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            finally:  # also when cancelled again while the pumps end
-                peers.release()
+            await end_session(calls, tasks, peers)
 
     @staticmethod
     async def _timed(timings: Timings, stage: str, call):

@@ -191,6 +191,71 @@ def test_bearer_auth_no_token_wrong_token_right_token():
     run(go())
 
 
+def test_refused_bodies_are_never_read():
+    """An unauthenticated call and one refused for want of a slot end without their request
+    being read: grpc never hands the body to the deserializer (a unary handler that refused
+    after the fact would have had grpc read and parse all 31 MiB first). The deserializer's
+    count is what tells; tests/test_hardening_internal.py measures the memory under load."""
+    from avatar.admission import Admission, AdmissionConfig, AdmitBeforeReading
+    from avatar.grpc_util import PUBLIC_MAX_REQUEST_BYTES
+
+    method = "/avatar.v1.AvatarService/Generate"
+    read, holding, release = [], asyncio.Event(), asyncio.Event()
+
+    def deserialize(data: bytes):
+        read.append(len(data))
+        return avatar_pb2.GenerateRequest.FromString(data)
+
+    async def generate(request, context):
+        holding.set()
+        await release.wait()
+        yield avatar_pb2.GenerateResponse(header=avatar_pb2.StreamHeader(request_id="done"))
+
+    async def go():
+        admission = Admission(AdmissionConfig(max_sessions=1, max_queue=0), name="t-unread")
+        server = grpc.aio.server(
+            interceptors=[BearerAuthInterceptor(["tok"]), AdmitBeforeReading(admission, [method])],
+            options=[("grpc.max_receive_message_length", PUBLIC_MAX_REQUEST_BYTES)],
+        )
+        handler = grpc.unary_stream_rpc_method_handler(
+            generate,
+            request_deserializer=deserialize,
+            response_serializer=avatar_pb2.GenerateResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("avatar.v1.AvatarService", {"Generate": handler})]
+        )
+        addr = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        body = avatar_pb2.GenerateRequest(image=b"\0" * (31 << 20))
+        try:
+            async with grpc.aio.insecure_channel(addr) as ch:
+                stub = avatar_pb2_grpc.AvatarServiceStub(ch)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    [m async for m in stub.Generate(body, timeout=30)]
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and read == []
+                first = stub.Generate(
+                    avatar_pb2.GenerateRequest(prompt="first"), timeout=30, metadata=security.auth_metadata("tok")
+                )
+                reading = asyncio.ensure_future(first.read())
+                await asyncio.wait_for(holding.wait(), 10)  # the only slot is taken
+                assert len(read) == 1
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    [m async for m in stub.Generate(body, timeout=30, metadata=security.auth_metadata("tok"))]
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(read) == 1
+                release.set()
+                assert (await reading).header.request_id == "done"
+                assert (await first.code()) == grpc.StatusCode.OK
+                # once a slot is free the same body is read, whole
+                holding.clear()
+                got = [m async for m in stub.Generate(body, timeout=30, metadata=security.auth_metadata("tok"))]
+                assert got[0].header.request_id == "done" and read[1] == body.ByteSize()
+        finally:
+            await server.stop(None)
+
+    run(go())
+
+
 def test_roles_pick_the_right_token():
     cfg = SecurityConfig(auth_token="public-tok", internal_token="internal-tok")
     assert "public-tok" not in repr(cfg) and "internal-tok" not in str(cfg)
