@@ -7,12 +7,18 @@
 # interrupted utterance, repeated) with a 3:2 portrait, then the server stops.
 # Many interrupts in one call (issue 11's interrupt -> idle p95): SPEECH_S=4 GAP_S=2 SOAK_S=240
 # VIEWERS=none (about 24 interrupts; with the server's start it fits one 600 s call, no detaching).
+# REQUESTS=1 first sends round_gpu.sh's four mesh requests (704*384 x3, 384*256) to the same server.
 # Carry .whl (with .whl/webrtc) and avatar/v1, as for round_gpu.sh.
 set -uo pipefail
 export OUT=/tmp/soak
 rm -rf $OUT && mkdir -p $OUT
 python3 bench/hd_portrait.py /tmp/portrait.png
 source bench/serve_gpu.sh "$@" || { echo failed > $OUT/done; exit 1; }
+if [ -n "${REQUESTS:-}" ]; then   # the mesh requests of round_gpu.sh first (issue 13's figures), same server
+    request hd1 --preset hd; request hd2 --preset hd; request hd3 --preset hd; request sd4 --size 384*256 --sample_steps 4
+    python3 bench/mesh_summary.py "$OUT" hd1 hd2 hd3 sd4 | tee "$OUT/mesh.txt"
+    echo "mesh requests done at ${SECONDS}s"
+fi
 [ "${VIEWERS:-1,4}" = none ] || timeout 150 python3 bench/whep_gpu.py --server 127.0.0.1:50051 --image /tmp/portrait.png --size 384*256 \
     --steps "${STEPS:-4}" --speech-s 10 --viewers "${VIEWERS:-1,4}" --out "$OUT/whep.json" > "$OUT/whep.txt" 2>&1
 echo "whep rc=$? at ${SECONDS}s"
