@@ -74,8 +74,8 @@ class PeerError(errors.AvatarError):
 
     def status(self) -> tuple[grpc.StatusCode, str]:
         code, details = self.error.code(), self.error.details() or ""
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return code, f"{self.service} unavailable; retry later"
+        if code == grpc.StatusCode.UNAVAILABLE or _connection_lost(code, details):
+            return grpc.StatusCode.UNAVAILABLE, f"{self.service} unavailable; retry later"
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return code, f"{self.service}: {code.name.lower().replace('_', ' ')}"
         if code in (
@@ -85,6 +85,19 @@ class PeerError(errors.AvatarError):
         ):
             return code, _without_addresses(details)  # our own services' reasons: keep them
         return code, f"{self.service} failed ({code.name})"
+
+
+def _connection_lost(code: grpc.StatusCode, details: str) -> bool:
+    """A peer killed mid-stream mostly surfaces as UNAVAILABLE, but grpc can also end the call
+    INTERNAL or UNKNOWN with a transport reason ("Received RST_STREAM ...", "Stream removed"; seen
+    in CI as "decoder failed (INTERNAL)" after SIGKILL). Our own services' INTERNAL statuses always
+    read "internal error: ..." or "<service> failed (...)" (status_of), so any other is the transport."""
+    if code == grpc.StatusCode.UNKNOWN:
+        return details == "Stream removed"
+    return code == grpc.StatusCode.INTERNAL and not (details.startswith("internal error") or _OUR_FAILED.match(details))
+
+
+_OUR_FAILED = re.compile(r"\w+ failed \([A-Z_]+\)$")
 
 
 def _without_addresses(text: str) -> str:

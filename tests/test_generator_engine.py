@@ -92,8 +92,11 @@ def test_any_step_count_and_the_clean_context_variant(engine):
         ModelSpec(name="tiny", seed=0, generator_options=GeneratorOptions(cache_sets=1)), dit=engine.dit
     )
     single = _generate(clean, _job(steps=3), blocks=3)
-    torch.testing.assert_close(single[0], forcing[0])  # the first block sees only itself and the sink
-    assert not torch.allclose(single[1], forcing[1])  # later blocks see a different (clean) context
+    # The first block sees only itself and the sink. The two cache layouts feed attention in a
+    # different order: float32 rounding only (max 1.7e-5 on an AMD EPYC, values up to 5; later
+    # blocks differ by ~0.3 because they see a different, clean, context).
+    torch.testing.assert_close(single[0], forcing[0], rtol=1e-4, atol=1e-4)
+    assert (single[1] - forcing[1]).abs().max() > 1e-2
     with pytest.raises(InvalidInput, match="sample_steps"):
         engine.open_session(_job(steps=0), *_inputs(blocks=0)[:3])
     with pytest.raises(InvalidInput, match="cache_sets"):

@@ -93,6 +93,30 @@ def test_status_of(exc, code):
     assert got == code and "\n" not in details
 
 
+@pytest.mark.parametrize(
+    "code, details, want",
+    [
+        # a peer's lost connection, however grpc words it: retry later
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2", grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.UNKNOWN, "Stream removed", grpc.StatusCode.UNAVAILABLE),
+        # our own services' failures keep their code
+        (grpc.StatusCode.INTERNAL, "internal error: RuntimeError: boom", grpc.StatusCode.INTERNAL),
+        (grpc.StatusCode.INTERNAL, "generator failed (INTERNAL)", grpc.StatusCode.INTERNAL),
+        (grpc.StatusCode.UNKNOWN, "Exception iterating responses: boom", grpc.StatusCode.UNKNOWN),
+        (grpc.StatusCode.INVALID_ARGUMENT, "bad size", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_a_peer_that_died_is_unavailable_not_internal(code, details, want):
+    """A decoder killed mid-stream ended a CI run's request INTERNAL ("decoder failed (INTERNAL)")
+    where the client must learn UNAVAILABLE: retry later."""
+    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+    got, text = grpc_util.PeerError("decoder", error).status()
+    assert got == want
+    if want == grpc.StatusCode.UNAVAILABLE:
+        assert text == "decoder unavailable; retry later"
+
+
 class _EndingContext:
     """The part of grpc.aio's ServicerContext these interceptors use; `rpc_ended()` runs the done
     callbacks as grpc does once the RPC's task has finished."""

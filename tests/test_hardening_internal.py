@@ -298,10 +298,16 @@ def test_load_unauthenticated_bodies_and_internal_attacks_stay_bounded(embedded)
     # taken by long requests, 8 concurrent 31 MiB requests are refused without being read
     with grpc.insecure_channel(embedded.address, options=MESSAGE_OPTIONS) as ch:
         stub = avatar_pb2_grpc.AvatarServiceStub(ch)
-        long_calls = [stub.Generate(_request(8.0), timeout=120, metadata=_bearer(PUBLIC)) for _ in range(4)]
+        # long enough (60 s of video) that no slot frees while the 8 are refused
+        long_calls = [stub.Generate(_request(60.0), timeout=120, metadata=_bearer(PUBLIC)) for _ in range(4)]
         try:
             next(long_calls[0]), next(long_calls[1])  # both slots run
-            time.sleep(1.0)  # the other two wait in the queue
+            # the other two wait in the queue (once in CI two of the 8 bodies took queue places
+            # instead, were admitted later and read: after a fixed second, with 8 s long requests)
+            deadline = time.monotonic() + 30
+            while _count(metrics_of(embedded), "avatar_queue_depth", service="gateway") < 2:
+                assert time.monotonic() < deadline, "the two long requests never queued"
+                time.sleep(0.05)
             peak_so_far = sampler.peak
             rss_busy = sampler.reset()
             with concurrent.futures.ThreadPoolExecutor(8) as pool:

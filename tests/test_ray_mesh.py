@@ -59,9 +59,13 @@ def ray_cluster(env: dict, prefix: str, head_resources: dict, node_resources: di
     """A head and a second node on loopback (ray.cluster_utils), with `env` in os.environ while
     they run (their raylets and workers read it); shut down, their files removed and the
     environment restored, also when a test fails. Yields (cluster, second node)."""
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Ray writes the cluster's address to $RAY_TMPDIR/ray/ray_current_cluster (default /tmp/ray),
+    # whatever temp_dir says, and fails if that folder does not exist (a fresh machine): keep it here.
+    os.makedirs(os.path.join(temp, "ray"))
+    env = {**env, "RAY_TMPDIR": temp}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
     c = None
     try:
         c = Cluster(
