@@ -11,10 +11,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/mesh_out}
 python3 bench/hd_portrait.py /tmp/portrait.png
 source bench/serve_gpu.sh "$@" || exit 1
-request hd1 --preset hd
-request hd2 --preset hd
-request hd3 --preset hd
-request sd4 --size 384*256 --sample_steps 4
+mesh_requests   # hd1 hd2 hd3 sd4 (serve_gpu.sh)
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 kill -INT $server; wait $server
 grep -E "memory plan|warm-up|listening" "$OUT/serve.log" | head -12

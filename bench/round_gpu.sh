@@ -17,10 +17,7 @@ OUT=/tmp/round_work && rm -rf $OUT && mkdir -p $OUT $RESULTS   # everything, vid
 STEPS=${STEPS:-4}
 python3 bench/hd_portrait.py /tmp/portrait.png
 source bench/serve_gpu.sh --http 127.0.0.1:8080 "$@" || exit 1
-request hd1 --preset hd
-request hd2 --preset hd
-request hd3 --preset hd
-request sd4 --size 384*256 --sample_steps 4
+mesh_requests   # hd1 hd2 hd3 sd4 (serve_gpu.sh)
 echo "== mesh requests done at ${SECONDS}s"
 timeout 150 python3 bench/converse_gpu.py --server 127.0.0.1:50051 --image /tmp/portrait.png --size 384*256 \
     --steps "$STEPS" --speech-s "${SPEECH_S:-16}" --gap-s "${GAP_S:-8}" --refuse-size 704*384 \

@@ -3,7 +3,8 @@
 # full-size random weights on 127.0.0.1:50051 and the arguments given (its log: $OUT/serve.log),
 # waiting until it reports SERVING (with --compile, after its warm-up). Sets $server (its pid) and
 # defines request NAME FLAGS...: one `avatar generate --server` with /tmp/portrait.png
-# (bench/hd_portrait.py) and the sample speech, into $OUT/NAME.{mp4,json,log}.
+# (bench/hd_portrait.py) and the sample speech, into $OUT/NAME.{mp4,json,log}, and mesh_requests:
+# the four requests hd1 hd2 hd3 sd4 that mesh_gpu.sh, round_gpu.sh and soak_gpu.sh send.
 # `--decoder full|light` picks the latent decoder (serve's --latent-decoder; serve's own --decoder
 # is a peer address, meaningless for the one-process mesh), e.g. `bash bench/mesh_gpu.sh --decoder light`.
 source bench/device_setup.sh || return 1
@@ -31,6 +32,13 @@ for _ in $(seq 480); do
     sleep 1
 done
 echo "server ready after ${SECONDS}s"
+
+mesh_requests() {   # the mesh benches' four: 704*384 with a new portrait, the same twice more, 384*256 at 4 steps
+    request hd1 --preset hd
+    request hd2 --preset hd
+    request hd3 --preset hd
+    request sd4 --size 384*256 --sample_steps 4
+}
 
 request() {   # name, then generate's flags
     local name=$1; shift

@@ -15,7 +15,7 @@ rm -rf $OUT && mkdir -p $OUT
 python3 bench/hd_portrait.py /tmp/portrait.png
 source bench/serve_gpu.sh "$@" || { echo failed > $OUT/done; exit 1; }
 if [ -n "${REQUESTS:-}" ]; then   # the mesh requests of round_gpu.sh first (issue 13's figures), same server
-    request hd1 --preset hd; request hd2 --preset hd; request hd3 --preset hd; request sd4 --size 384*256 --sample_steps 4
+    mesh_requests
     python3 bench/mesh_summary.py "$OUT" hd1 hd2 hd3 sd4 | tee "$OUT/mesh.txt"
     echo "mesh requests done at ${SECONDS}s"
 fi
