@@ -199,7 +199,10 @@ def test_engine_image_latents_follow_upstream(engine):
     assert ref.shape == (16, 1, 2, 4) and motion.shape == (16, 19, 2, 4)
     x = torch.from_numpy(img).permute(2, 0, 1).float()[None, :, None] / 255 * 2 - 1
     assert torch.allclose(ref, engine.vae.encode(x.repeat(1, 1, REF_REPEAT, 1, 1))[0, :, 1:], atol=1e-6)
-    # 365 still frames: the motion context has reached the causal fixed point, every latent is the same
+    # the motion context: the last 19 latents of upstream's 365-frame still video, all at the
+    # causal fixed point (encode_still iterates the groups until it; encode_steady is one pass)
+    still = engine.vae.encode_still(x, REF_REPEAT * 73)[0, :, -19:]
+    assert torch.allclose(motion, still, atol=1e-5)
     assert torch.equal(motion, motion[:, -1:].expand_as(motion))
     assert not torch.allclose(motion[:, :1], ref)
 
@@ -253,8 +256,8 @@ def test_repeated_portraits_and_prompts_come_from_the_cache(engine, monkeypatch)
     rng = np.random.default_rng(7)
     img, other = (rng.integers(0, 256, (16, 32, 3), dtype=np.uint8) for _ in range(2))
     calls = []
-    real = engine.vae.encode_still
-    monkeypatch.setattr(engine.vae, "encode_still", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine.vae.encode_steady
+    monkeypatch.setattr(engine.vae, "encode_steady", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = engine.encode_image(img)
     n = len(calls)
     again = engine.encode_image(img.copy())  # same pixels, another array: no VAE work

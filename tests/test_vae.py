@@ -121,6 +121,24 @@ def test_encode_still_equals_encoding_the_repeated_frames(vae, monkeypatch):
     assert len(calls) < 40  # not 92: the steady state is copied, not recomputed
 
 
+def test_encode_steady_is_the_fixed_point_encode_still_reaches_in_one_pass(vae, monkeypatch):
+    for seed, (h, w) in enumerate([(16, 16), (32, 48)]):
+        image = _pixels(1, h, w, seed=10 + seed)
+        tail = vae.encode_still(image, 365)[:, :, -19:]  # iterated to the fixed point
+        steady = vae.encode_steady(image)
+        assert steady.shape == (1, 16, 1, h // 8, w // 8)
+        assert torch.allclose(tail, steady.expand_as(tail), atol=1e-5), (tail - steady).abs().max()
+        # a different image settles elsewhere: the pass depends on the pixels, not only the weights
+        assert not torch.allclose(steady, vae.encode_steady(_pixels(1, h, w, seed=20 + seed)), atol=1e-3)
+    calls = []
+    forward = vae.model.encoder.forward
+    monkeypatch.setattr(vae.model.encoder, "forward", lambda *a, **k: (calls.append(1), forward(*a, **k))[1])
+    vae.encode_steady(image)
+    assert calls == []  # its own (summed-kernel) copy of the encoder, one pass, no groups
+    with pytest.raises(ValueError, match="one frame"):
+        vae.encode_steady(image.repeat(1, 1, 2, 1, 1))
+
+
 def test_bad_input_is_rejected(vae):
     with pytest.raises(InvalidInput, match="multiples of 8"):
         vae.encode(_pixels(1, 30, 32))

@@ -9,11 +9,13 @@ conv saw. `StreamingDecoder` keeps that cache between calls, so decoding block a
 the same pixels as decoding every latent at once.
 """
 
+import copy
 import dataclasses
 import pathlib
+import threading
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d, WanResample
 
 from avatar.checkpoints import check_state_dict, load_pth, resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
@@ -217,6 +219,8 @@ class WanVAE:
         )
         self._dec_convs = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
         self._enc_convs = sum(isinstance(m, WanCausalConv3d) for m in model.encoder.modules())
+        self._steady_encoder: torch.nn.Module | None = None
+        self._steady_lock = threading.Lock()
 
     # -- construction --------------------------------------------------------------------------
 
@@ -323,6 +327,24 @@ class WanVAE:
         return self._normalise(self.model.quant_conv(torch.cat(outs, dim=2)))
 
     @torch.no_grad()
+    def encode_steady(self, image: torch.Tensor) -> torch.Tensor:
+        """The latent every frame of a still video of `image` [B, 3, 1, H, W] settles to: [B, 16, 1, h, w].
+
+        On a constant input each causal conv sees the same frame at every tap once the zero padding
+        of the first frame has left its temporal receptive field (112 frames, 28 groups of 4, for
+        the Wan2.1 encoder: measured 29 in bf16, docs/performance.md), so the steady state is the
+        encoder with every temporal kernel summed over time, run on one frame: one pass instead of
+        the ~30 groups encode_still iterates. Equal to encode_still's tail up to float rounding."""
+        self._check_pixels(image)
+        if image.shape[2] != 1:
+            raise ValueError("encode_steady takes one frame [B, 3, 1, H, W]")
+        with self._steady_lock:
+            if self._steady_encoder is None:
+                self._steady_encoder = _steady_state_encoder(self.model.encoder)
+        out = self._steady_encoder(image.to(device=self.device, dtype=self.dtype))
+        return self._normalise(self.model.quant_conv(out))
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalised latents [B, 16, t, h, w] -> pixels [B, 3, 1 + 4(t-1), 8h, 8w] in [-1, 1] (float32)."""
         return self.stream_decoder().decode(latents)
@@ -358,6 +380,24 @@ class StreamingDecoder:
         self.frames_in = 0  # latent frames decoded so far
 
     @torch.no_grad()
+    def encode_steady(self, image: torch.Tensor) -> torch.Tensor:
+        """The latent every frame of a still video of `image` [B, 3, 1, H, W] settles to: [B, 16, 1, h, w].
+
+        On a constant input each causal conv sees the same frame at every tap once the zero padding
+        of the first frame has left its temporal receptive field (112 frames, 28 groups of 4, for
+        the Wan2.1 encoder: measured 29 in bf16, docs/performance.md), so the steady state is the
+        encoder with every temporal kernel summed over time, run on one frame: one pass instead of
+        the ~30 groups encode_still iterates. Equal to encode_still's tail up to float rounding."""
+        self._check_pixels(image)
+        if image.shape[2] != 1:
+            raise ValueError("encode_steady takes one frame [B, 3, 1, H, W]")
+        with self._steady_lock:
+            if self._steady_encoder is None:
+                self._steady_encoder = _steady_state_encoder(self.model.encoder)
+        out = self._steady_encoder(image.to(device=self.device, dtype=self.dtype))
+        return self._normalise(self.model.quant_conv(out))
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 16, t, h, w] (normalised) -> pixels [B, 3, n, 8h, 8w] in [-1, 1], float32, where
         n = 1 + 4(t-1) for the stream's first call and 4t afterwards."""
@@ -382,6 +422,40 @@ class StreamingDecoder:
     def close(self) -> None:
         """Frees the cache (a few frames of activations per causal conv); the decoder is unusable after."""
         self._cache = None
+
+
+class _SteadyTimeDownsample(torch.nn.Module):
+    """A downsample3d WanResample on a constant video: the spatial downsample, then its (summed)
+    temporal conv, which diffusers applies only when it holds a cache."""
+
+    def __init__(self, resample: WanResample):
+        super().__init__()
+        resample.mode = "downsample2d"  # the spatial part only
+        self.resample = resample
+
+    def forward(self, x, feat_cache=None, feat_idx=(0,)):
+        return self.resample.time_conv(self.resample(x))
+
+
+def _steady_state_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the Wan2.1 encoder that maps one frame to the steady state of a still video of it:
+    every causal conv's temporal kernel summed over time (the taps all see the same frame)."""
+    steady = copy.deepcopy(encoder)
+    for module in steady.modules():  # a forward patched onto an instance would still run the original
+        module.__dict__.pop("forward", None)
+    for name, module in list(steady.named_modules()):
+        if isinstance(module, WanResample) and module.mode == "downsample3d":
+            parent_name, _, child = name.rpartition(".")
+            setattr(steady.get_submodule(parent_name), child, _SteadyTimeDownsample(module))
+        elif isinstance(module, WanResample) and module.mode != "downsample2d":
+            raise ValueError(f"steady-state encoding does not handle WanResample mode {module.mode!r}")
+    for module in steady.modules():
+        if isinstance(module, WanCausalConv3d) and module.kernel_size[0] > 1:
+            module.weight = torch.nn.Parameter(module.weight.sum(2, keepdim=True), requires_grad=False)
+            module.kernel_size = (1, *module.kernel_size[1:])
+            module.stride = (1, *module.stride[1:])
+            module._padding = (*module._padding[:4], 0, 0)
+    return steady
 
 
 def _same_state(a: list, b: list) -> bool:

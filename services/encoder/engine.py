@@ -156,11 +156,12 @@ class EncoderEngine:
     def _encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         image = _image_tensor(pixels, 16)  # VAE stride 8 x DiT patch 2
         lat_motion = (self.dims.motion_frames + TIME_STRIDE - 1) // TIME_STRIDE
-        # One pass serves both: the VAE is causal, so the still video's latent 1 (frames 1-4) is
-        # the reference latent of upstream's 5-frame video, and its last latents are the motion
-        # context of the 365-frame one.
-        still = self.vae.encode_still(image, REF_REPEAT * self.dims.motion_frames)[0]
-        return still[:, 1:2].cpu(), still[:, -lat_motion:].cpu()
+        # The reference: latent 1 of upstream's 5-frame still video. The motion context: the last
+        # 19 latents of the 365-frame one, all past the encoder's transient (latents 73-91; it
+        # settles by latent 29), so each is the still video's steady state, one encoder pass.
+        ref = self.vae.encode(image.expand(-1, -1, REF_REPEAT, -1, -1))[0, :, 1:2]
+        motion = self.vae.encode_steady(image)[0].expand(-1, lat_motion, -1, -1)
+        return ref.cpu(), motion.contiguous().cpu()
 
     def clip_embedding(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 [H, W, 3] -> the portrait's CLIP identity embedding, float32 [hidden] (the vision
