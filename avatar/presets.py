@@ -53,12 +53,15 @@ class GeneratorOptions:
     kv_dtype: str | None = None  # "float8_e4m3fn": the KV cache in e4m3; None: the model's dtype
     cuda_graphs: bool | None = None  # replay steady-state steps from CUDA graphs; None: on for CUDA devices
     offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
+    fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache (an approximation)
 
     def __post_init__(self):
         if self.cache_sets is not None and self.cache_sets != 1:
             raise InvalidInput(f"cache_sets must be 1 (or unset: one set per sampling step), got {self.cache_sets!r}")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise InvalidInput(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or unset), got {self.kv_dtype!r}")
+        if self.fp8_attention and self.kv_dtype != "float8_e4m3fn":
+            raise InvalidInput("fp8_attention reads the KV cache as FP8: it needs kv_dtype float8_e4m3fn (--kv-fp8)")
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ class LoopConfig:
     window_frames: int = 12  # latent frames in the ring = infer_frames / 4
     num_sets: int = 4  # one ring per step (timestep forcing) or 1 (+ a clean pass per block)
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
+    fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache
     seed: int = 0
 
 
@@ -162,6 +163,7 @@ class TimedSession:
         engine = GeneratorEngine(ModelSpec(device=device), dit=dit)  # the DiT given is the model
         engine.cache_sets = None if cfg.num_sets == cfg.steps else cfg.num_sets
         engine.kv_dtype = cfg.kv_dtype or dit.dtype
+        engine.fp8_attention = cfg.fp8_attention
         engine.cuda_graphs, engine.free_memory = False, None
         job = Job(
             width=cfg.width,
@@ -728,7 +730,8 @@ def main():
         "--only",
         default="all",
         help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
-        "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile",
+        "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile,fp8-attention "
+        "(fp8-attention: not in all)",
     )
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
@@ -865,7 +868,7 @@ def main():
             "overlap", lambda: bench_overlap(dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm)
         )
 
-    if {"fp8", "24gb", "compile"} & parts:
+    if {"fp8", "24gb", "compile", "fp8-attention"} & parts:
         from avatar.services.generator.fp8 import swap_linears_to_fp8
 
         t0 = time.perf_counter()
@@ -924,6 +927,31 @@ def main():
             if args.compile_first:
                 variant(tag, sizes[0])  # again, warm: prefill and first block without compilation
             variant(tag, sizes[0], num_sets=1)
+        if "fp8-attention" in parts:
+            fp8kv = torch.float8_e4m3fn
+            log(f"{tag}: bf16 cache, FP8 cache (bf16 attention over an upcast slice), FP8 attention:")
+            for s in sizes:
+                extra = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
+                variant(tag, s, **extra)
+                variant(f"{tag} kv-fp8", s, kv_dtype=fp8kv, **extra)
+                variant(f"{tag} fp8-attention", s, kv_dtype=fp8kv, fp8_attention=True, **extra)
+            results["fp8_attention_quality"] = {}
+            for w, h in sizes:
+                ref = guarded(
+                    f"latents kv-fp8 {w}*{h}",
+                    lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, kv_dtype=fp8kv), device),
+                )
+                got = guarded(
+                    f"latents fp8-attention {w}*{h}",
+                    lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, kv_dtype=fp8kv, fp8_attention=True), device),
+                )
+                if ref and got:
+                    errs = rel_errors(got, ref)
+                    results["fp8_attention_quality"][f"{w}*{h}"] = errs
+                    log(
+                        f"  FP8 attention vs bf16 attention (FP8 cache) latents {w}*{h}, rel. error per step: "
+                        + " ".join(f"{e:.4f}" for e in errs)
+                    )
         if "profile" in parts and dev_cuda:
             results["profile"] = [
                 guarded(f"profile {w}*{h}", lambda w=w, h=h: profile_step(dit, LoopConfig(w, h), device))

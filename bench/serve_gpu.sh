@@ -10,6 +10,10 @@
 source bench/device_setup.sh || return 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/mesh/*.whl || return 1
+if [ -d .whl/cudnn ]; then   # the cuDNN frontend, for --fp8-attention
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/cudnn/*.whl || return 1
+fi
 if [ -d .whl/webrtc ]; then   # aiortc and its dependencies, for the WHEP benches (whep_gpu.sh, round_gpu.sh)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/webrtc/*.whl || return 1

@@ -29,6 +29,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
+from avatar.services.generator.fp8_attention import fp8_attention
 from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30  # RoPE frame index of the reference image at prefill (upstream)
@@ -178,6 +179,7 @@ class LayerKV:
     lo: int = 0
     hi: int = 0
     prefill: bool = False
+    fp8_attention: bool = False  # attend over the FP8 cache with FP8 products (fp8_attention.py)
 
 
 class _Projections(nn.Module):
@@ -208,6 +210,8 @@ class SelfAttention(_Projections):
         else:
             kv.keys[:, kv.write : kv.write + n] = to_cache_dtype(k_rot, cache)
             kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
+            if kv.fp8_attention:
+                return self.o(fp8_attention(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]))
             keys, values = kv.keys[:, kv.lo : kv.hi].to(q.dtype), kv.values[:, kv.lo : kv.hi].to(q.dtype)
         return self.o(attention(q, keys, values))
 
@@ -673,6 +677,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                 span.write,
                 span.lo,
                 span.hi,
+                fp8_attention=kv.fp8_attention,
             )
             x = block(x, mod, pos.rope, context.kv[i], layer_kv)
             if i in self.injector_of_layer:

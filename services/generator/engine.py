@@ -34,6 +34,7 @@ from avatar.services.generator.avatar_loras import LoraBank, LoraLease
 from avatar.services.generator.block_times import BlockTimes
 from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
 from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
+from avatar.services.generator.fp8_attention import unavailable_reason as fp8_attention_unavailable
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec, step_cache_spec
 from avatar.services.generator.scheduler import FlowMatchEuler
 from avatar.services.generator.step_graphs import StepGraphs
@@ -154,6 +155,9 @@ class GeneratorEngine:
             log.info("per-avatar LoRAs: %d linear layers hooked", self.loras.attach(self.dit))
         self.cache_sets = model.generator_options.cache_sets
         self.kv_dtype = kv_cache_dtype(model, self.dit.dtype)
+        self.fp8_attention = model.generator_options.fp8_attention
+        if self.fp8_attention and (reason := fp8_attention_unavailable(self.dit.device)):
+            raise InvalidInput(reason)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
         self.block_times = BlockTimes()  # steady blocks by size: what the live guard reads
         self.free_memory: Callable[[], int] | None = None
@@ -320,7 +324,7 @@ class GeneratorSession:
         self.block_index = 0
         self.last_block_ms = 0.0
         with self._freed_on_failure(), avatar_loras.active(self.lora):
-            self.kv = KVCache(spec, engine.kv_dtype, self.device)
+            self.kv = KVCache(spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention)
             self.context = dit.embed_text(text.to(self.device)[None])
             self.motion = motion_latents.to(self.device, self.dtype)[None]
             dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)

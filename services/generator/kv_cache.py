@@ -141,7 +141,10 @@ class KVCache:
     """keys/values [groups, layers, B, buffer_tokens, H, D]; ref_k [layers, B, frame_tokens, H, D]
     holds the reference token's keys unrotated (its RoPE frame moves with the current block)."""
 
-    def __init__(self, spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | str, fp8_attention: bool = False):
+        if fp8_attention and dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8 attention reads the cache as FP8; this one would be {dtype}")
+        self.fp8_attention = fp8_attention  # attention over it with FP8 products (fp8_attention.py)
         self.spec = s = spec
         buf = (s.groups, s.num_layers, s.batch, s.buffer_tokens, s.num_heads, s.head_dim)
         self.keys = torch.zeros(buf, dtype=dtype, device=device)

@@ -1,0 +1,169 @@
+"""GPU benchmark of the DiT's self-attention over the KV cache: bf16 against FP8 kernels.
+
+At each size the shapes are the model's (s2v-14b: 40 heads of 128; a block's 3 latent frames of
+queries over the sink and a full ring of 12 latent frames of keys). Variants:
+- `sdpa-bf16`: torch SDPA (cuDNN on Hopper) on a bf16 cache, the default path;
+- `sdpa-from-fp8`: the same after upcasting an FP8 cache's slice (what `--kv-fp8` runs today);
+- `fp8-attention`: services/generator/fp8_attention.py (cuDNN's FP8 attention through the cuDNN
+  frontend, `nvidia-cudnn-frontend`), with the query quantisation and the output's conversion
+  that the model runs around it (fused by torch.compile in the model), and the kernel alone;
+  then the kernel against the torch reference of its arithmetic (what the CPU tests run).
+Errors are ||out - ref|| / ||ref|| against float32 SDPA on the same (bf16) inputs, for random
+queries (nearly uniform attention) and for queries x4 (peaked attention).
+
+    python3 bench/bench_attention.py                 # writes $OUT/attention.json when OUT is set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from avatar.dit_config import DIT_CONFIGS
+from avatar.services.generator.attention import prefer_cudnn_attention
+from avatar.services.generator.fp8_attention import fp8_attention, reference
+
+E4M3 = torch.float8_e4m3fn
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def shapes(width: int, height: int, window: int = 12, block: int = 3) -> tuple[int, int]:
+    cfg = DIT_CONFIGS["s2v-14b"]
+    lh, lw = height // 8, width // 8
+    ft = cfg.frame_tokens(lh, lw)
+    return block * ft, cfg.sink_tokens(lh, lw) + window * ft
+
+
+def timed(fn, reps: int = 30) -> float:
+    """Median ms over `reps` calls (CUDA events), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float().flatten(), ref.float().flatten()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def sdpa(q, k, v):  # [B, L, H, D] -> [B, Lq, H*D]
+    return (
+        F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        .transpose(1, 2)
+        .flatten(2)
+    )
+
+
+def bench_size(width: int, height: int, device, heads: int, head_dim: int) -> dict:
+    lq, lk = shapes(width, height)
+    res = {"size": f"{width}*{height}", "queries": lq, "keys": lk, "heads": heads, "head_dim": head_dim, "variants": {}}
+    flops = 4 * lq * lk * heads * head_dim
+    log(f"{width}*{height}: {lq} queries over {lk} keys, {heads} x {head_dim}")
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, lq, heads, head_dim, device=device, generator=g).bfloat16()
+    k = torch.randn(1, lk, heads, head_dim, device=device, generator=g).bfloat16()
+    v = torch.randn(1, lk, heads, head_dim, device=device, generator=g).bfloat16()
+    k8, v8 = k.to(E4M3), v.to(E4M3)
+    refs = {t: sdpa((q.float() * t), k.float(), v.float()) for t in (1, 4)}
+
+    def record(name, ms, outs):
+        errs = {f"q_x{t}": rel(o, refs[t]) for t, o in outs.items()}
+        res["variants"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err": errs}
+        log(
+            f"  {name:34s} {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  err "
+            + " ".join(f"{k}={e:.4f}" for k, e in errs.items())
+        )
+
+    def guarded(name, fn):
+        try:
+            fn()
+        except Exception as e:  # a variant that does not run is reported, the rest go on
+            res["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"  {name}: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+
+    guarded(
+        "sdpa-bf16", lambda: record("sdpa-bf16", timed(lambda: sdpa(q, k, v)), {t: sdpa(q * t, k, v) for t in (1, 4)})
+    )
+    guarded(
+        "sdpa-from-fp8",
+        lambda: record(
+            "sdpa-from-fp8",
+            timed(lambda: sdpa(q, k8.to(torch.bfloat16), v8.to(torch.bfloat16))),
+            {t: sdpa(q * t, k8.to(torch.bfloat16), v8.to(torch.bfloat16)) for t in (1, 4)},
+        ),
+    )
+    guarded(
+        "fp8-attention",
+        lambda: record(
+            "fp8-attention",
+            timed(lambda: fp8_attention(q, k8, v8)),
+            {t: fp8_attention(q * t, k8, v8) for t in (1, 4)},
+        ),
+    )
+    descale = (q.abs().amax().float() / 448).reshape(1, 1, 1, 1)
+    q8 = (q.float() / descale).to(E4M3)
+    guarded(
+        "fp8-attention, cuDNN kernel alone",
+        lambda: record(
+            "fp8-attention, cuDNN kernel alone",
+            timed(lambda: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale)),
+            {1: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).to(torch.bfloat16).flatten(2)},
+        ),
+    )
+    # the CPU reference (what the tests check) against cuDNN, on the first 256 queries
+    sub = slice(0, 256)
+    got = torch.ops.avatar.fp8_sdpa(q8[:, sub], k8, v8, descale).float()
+    ref = reference(q8[:, sub].cpu(), k8.cpu(), v8.cpu(), descale.cpu()).float()
+    res["cudnn_vs_reference"] = rel(got.cpu(), ref)
+    log(f"  cuDNN FP8 attention vs the torch reference of its arithmetic: {res['cudnn_vs_reference']:.4f}")
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="704*384,384*256")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    backend = prefer_cudnn_attention(device)
+    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, SDPA backend {backend}")
+    try:
+        import cudnn
+
+        log(f"cudnn frontend {getattr(cudnn, '__version__', '?')}, backend {cudnn.backend_version()}")
+    except Exception as e:
+        log(f"cudnn frontend: {type(e).__name__}: {e}")
+    cfg = DIT_CONFIGS["s2v-14b"]
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sizes": []}
+    for size in args.sizes.split(","):
+        w, h = (int(x) for x in size.split("*"))
+        results["sizes"].append(bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads))
+    out = args.out or (os.path.join(os.environ["OUT"], "attention.json") if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""FP8 self-attention over the KV cache (opt-in: `--fp8-attention`): cuDNN's fused FP8 attention
+through the cuDNN frontend (`pip install nvidia-cudnn-frontend`) on Hopper; elsewhere (the CPU
+tests) a torch reference of the same arithmetic.
+
+Numerics: keys and values are read as the FP8 KV cache stores them (e4m3, unscaled: the option
+implies `--kv-fp8`, and no upcast copy of the cache slice is made); the queries are quantised to
+e4m3 with one scale per call (amax / 448); the softmax numerators enter the second product as
+e4m3 scaled by 256 (a power of two); the output is e4m3 (on Hopper cuDNN writes FP8 attention
+output only in FP8), turned back to bf16 for the output projection. Products accumulate in
+float32. Speed and error against bf16 attention: docs/performance.md ("FP8 attention").
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+P_SCALE = 256.0  # the probabilities' scale into e4m3 (cuDNN's scale_s)
+
+
+def fp8_attention(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.Tensor:
+    """q [B, Lq, H, D] (bf16), k8/v8 [B, Lk, H, D] e4m3 (views into the cache) -> [B, Lq, H*D] in q's dtype."""
+    descale = q.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
+    q8 = (q.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale.reshape(1, 1, 1, 1)).to(q.dtype).flatten(2)
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why `--fp8-attention` cannot run on `device` (None: it can). The CPU runs the reference."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return f"--fp8-attention needs a Hopper GPU (compute capability 9.0) for cuDNN's FP8 attention; {device} is not"
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        return "--fp8-attention needs the cuDNN frontend: pip install nvidia-cudnn-frontend"
+    return None
+
+
+@torch.library.custom_op("avatar::fp8_sdpa", mutates_args=())
+def fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention of e4m3 tensors [B, L, H, D] (q scaled by descale_q, k and v by 1) ->
+    e4m3 [B, Lq, H, D]. An opaque op for torch.compile: inductor fuses the quantisation around it."""
+    if q8.is_cuda:
+        return _CudnnFp8Sdpa.get(q8, k8, v8)(q8, k8, v8, descale_q)
+    return reference(q8, k8, v8, descale_q)
+
+
+@fp8_sdpa.register_fake
+def _(q8, k8, v8, descale_q):
+    return q8.new_empty((*q8.shape[:-1], v8.shape[-1]))
+
+
+def reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor) -> torch.Tensor:
+    """cuDNN's FP8 attention arithmetic in float32 torch (one softmax max instead of a running one:
+    the same up to the e4m3 rounding of the probabilities)."""
+    q = q8.float() * descale_q.float().reshape(())
+    s = torch.einsum("bmhd,bnhd->bhmn", q, k8.float()) / math.sqrt(q.shape[-1])
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    norm = p.sum(-1).transpose(1, 2)[..., None]  # [B, Lq, H, 1]
+    p8 = (p * P_SCALE).to(E4M3).float() / P_SCALE
+    out = torch.einsum("bhmn,bnhd->bmhd", p8, v8.float()) / norm
+    return out.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+class _CudnnFp8Sdpa:
+    """One built cuDNN FP8 attention graph, for one set of shapes and strides (a session's few
+    cache spans at one size: built on first use, outside any CUDA graph capture; see step_graphs)."""
+
+    _built: dict[tuple, _CudnnFp8Sdpa] = {}
+    _lock = threading.Lock()
+    _handles = threading.local()
+
+    @classmethod
+    def get(cls, q8, k8, v8) -> _CudnnFp8Sdpa:
+        key = (q8.device, *(tuple(t.shape) + t.stride() for t in (q8, k8, v8)))
+        with cls._lock:
+            if key not in cls._built:
+                cls._built[key] = cls(q8, k8, v8)
+            return cls._built[key]
+
+    @classmethod
+    def handle(cls, device: torch.device):
+        import cudnn
+
+        handles = cls._handles.__dict__.setdefault("by_device", {})
+        if device not in handles:
+            with torch.cuda.device(device):
+                handles[device] = cudnn.create_handle()
+        return handles[device]
+
+    def __init__(self, q8, k8, v8):
+        import cudnn
+
+        b, lq, h, d = q8.shape
+        dev = q8.device
+        self.out_shape = (b, lq, h, v8.shape[-1])
+        g = cudnn.pygraph(
+            io_data_type=cudnn.data_type.FP8_E4M3,
+            intermediate_data_type=cudnn.data_type.FLOAT,
+            compute_data_type=cudnn.data_type.FLOAT,
+            handle=self.handle(dev),
+        )
+
+        def bhsd(t):  # our [B, L, H, D] as cuDNN's logical [B, H, L, D], same memory
+            return dict(
+                dim=[t.shape[0], t.shape[2], t.shape[1], t.shape[3]], stride=[t.stride(i) for i in (0, 2, 1, 3)]
+            )
+
+        def scalar(name):
+            return g.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
+
+        self.q, self.k, self.v = (
+            g.tensor(name=n, data_type=cudnn.data_type.FP8_E4M3, **bhsd(t))
+            for n, t in (("q", q8), ("k", k8), ("v", v8))
+        )
+        names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+        self.scales = {n: scalar(n) for n in names}
+        o, _, amax_s, amax_o = g.sdpa_fp8(
+            q=self.q,
+            k=self.k,
+            v=self.v,
+            **self.scales,
+            is_inference=True,
+            attn_scale=1 / math.sqrt(d),
+            use_causal_mask=False,
+            name="fp8_sdpa",
+        )
+        out = torch.empty(self.out_shape, dtype=E4M3, device=dev)
+        o.set_output(True).set_data_type(cudnn.data_type.FP8_E4M3).set_dim(bhsd(out)["dim"]).set_stride(
+            bhsd(out)["stride"]
+        )
+        for amax in (amax_s, amax_o):  # outputs cuDNN insists on; nothing reads them
+            amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        self.graph, self.o, self.amax = g, o, (amax_s, amax_o)
+        self.workspace_size = g.get_workspace_size()
+        one = torch.ones(1, 1, 1, 1, device=dev)
+        self.constants = {"descale_k": one, "descale_v": one, "descale_s": one / P_SCALE, "scale_s": one * P_SCALE}
+        self.constants["scale_o"] = one
+        self.amax_out = torch.empty(2, 1, 1, 1, 1, device=dev)
+
+    def __call__(self, q8, k8, v8, descale_q) -> torch.Tensor:
+        import cudnn
+
+        dev = q8.device
+        handle = self.handle(dev)
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(dev).cuda_stream)
+        out = torch.empty(self.out_shape, dtype=E4M3, device=dev)
+        workspace = torch.empty(max(1, self.workspace_size), dtype=torch.uint8, device=dev)
+        pack = {self.q: q8, self.k: k8, self.v: v8, self.o: out, self.amax[0]: self.amax_out[0]}
+        pack[self.amax[1]] = self.amax_out[1]
+        pack[self.scales["descale_q"]] = descale_q
+        for name, value in self.constants.items():
+            pack[self.scales[name]] = value
+        self.graph.execute(pack, workspace, handle=handle)
+        return out

@@ -1,0 +1,97 @@
+"""FP8 attention (--fp8-attention): the reference arithmetic, the model path on the tiny DiT, the flag."""
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+
+from avatar.errors import InvalidInput
+from avatar.jobs import Job
+from avatar.presets import GeneratorOptions, ModelSpec
+from avatar.services.generator.engine import GeneratorEngine
+from avatar.services.generator.fp8_attention import E4M3, fp8_attention, reference, unavailable_reason
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+
+
+def _exact(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 4.0])
+def test_fp8_attention_is_close_to_exact_attention_over_the_same_fp8_cache(sharpness):
+    g = torch.Generator().manual_seed(int(sharpness))
+    q = torch.randn(1, 96, 4, 32, generator=g) * sharpness
+    k8 = torch.randn(1, 300, 4, 32, generator=g).to(E4M3)
+    v8 = torch.randn(1, 300, 4, 32, generator=g).to(E4M3)
+    exact = _exact(q, k8.float(), v8.float())  # what bf16 attention over the FP8 cache computes
+    got = fp8_attention(q, k8, v8).unflatten(-1, (4, 32))
+    assert got.shape == exact.shape and got.dtype == q.dtype and torch.isfinite(got).all()
+    err = _rel(got, exact)
+    # e4m3 queries, probabilities and output: a few percent on random data, never more than 8%
+    assert 0 < err < 0.08, err
+    # the probabilities' scale matters: without it, small ones round to zero in e4m3
+    descale = q.abs().amax() / 448
+    q8 = (q / descale).to(E4M3)
+    assert _rel(reference(q8, k8, v8, descale.reshape(1, 1, 1, 1)).float(), exact) < 0.08
+
+
+def test_the_model_attends_with_fp8_products_only_when_the_cache_says_so():
+    spec = KVCacheSpec(num_layers=1, num_heads=2, head_dim=8, frame_tokens=4, window_frames=2, sink_tokens=4)
+    assert KVCache(spec, E4M3, "cpu", fp8_attention=True).fp8_attention
+    assert not KVCache(spec, E4M3, "cpu").fp8_attention
+    with pytest.raises(ValueError, match="as FP8"):
+        KVCache(spec, torch.bfloat16, "cpu", fp8_attention=True)
+
+
+def _job():
+    return Job(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3, num_blocks=40,
+               total_frames=480, sample_steps=4, seed=7, model="tiny")  # fmt: skip
+
+
+def _blocks(engine, blocks=3):
+    g = torch.Generator().manual_seed(0)
+    text, ref, motion = (
+        torch.randn(7, 32, generator=g),
+        torch.randn(16, 1, 8, 8, generator=g),
+        torch.randn(16, 19, 8, 8, generator=g),
+    )
+    audio = [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)]
+    session = engine.open_session(_job(), text, ref, motion)
+    try:
+        assert session.kv.fp8_attention == engine.fp8_attention
+        return torch.stack([session.generate_block(a) for a in audio])
+    finally:
+        session.close()
+
+
+def test_the_tiny_dit_with_fp8_attention_stays_close_to_bf16_attention_over_the_fp8_cache(monkeypatch):
+    fp8kv = GeneratorEngine(
+        ModelSpec(name="tiny", seed=0, generator_options=GeneratorOptions(kv_dtype="float8_e4m3fn"))
+    )
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    fp8attn = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=options), dit=fp8kv.dit)
+    calls = []
+    real = torch.ops.avatar.fp8_sdpa
+    monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa", lambda *a: calls.append(a[1].shape) or real(*a))
+    got, ref = _blocks(fp8attn), _blocks(fp8kv)
+    assert calls and all(c[2:] == (4, 16) for c in calls)  # every layer, every step, over the cache
+    assert torch.isfinite(got).all()
+    assert 0 < _rel(got, ref) < 0.05, _rel(got, ref)
+
+
+def test_fp8_attention_needs_the_fp8_cache_and_the_cli_flag_implies_it():
+    with pytest.raises(InvalidInput, match="kv_dtype float8_e4m3fn"):
+        GeneratorOptions(fp8_attention=True)
+    from avatar.app import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_model_flags(parser)
+    spec = cli.model_spec(parser.parse_args(["--fp8-attention"]))
+    assert spec.generator_options == GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    assert unavailable_reason("cpu") is None  # the CPU runs the reference arithmetic
