@@ -131,3 +131,69 @@ def test_captures_on_one_device_take_turns(engine, monkeypatch):
     assert most[0] == 1  # never two recordings at once on the CPU "device"
     assert step_graphs.capture_lock(torch.device("cpu")) is step_graphs.capture_lock(torch.device("cpu"))
     assert step_graphs.capture_lock(torch.device("cpu")) is not step_graphs.capture_lock(torch.device("cuda", 1))
+
+
+# -- a finished session's cache and graphs, handed to the next session of its shapes ---------------
+
+
+def _session_blocks(engine, seed, blocks=5, **job_kw):
+    text, ref, motion, audio = _inputs(seed=seed, blocks=blocks)
+    session = engine.open_session(_job(seed=seed, **job_kw), text, ref, motion)
+    try:
+        out = [session.generate_block(a) for a in audio]
+        return out, session
+    finally:
+        session.close()
+
+
+@pytest.fixture()
+def pooled():
+    """An engine whose sessions keep graphs (on the CPU: the static-buffer path a replay runs)."""
+    engine = GeneratorEngine(ModelSpec(name="tiny", seed=0))
+    engine.cuda_graphs = True
+    yield engine
+    engine.drop_idle_slots()
+
+
+def test_the_next_session_of_the_same_shapes_replays_the_last_ones_graphs(pooled):
+    fresh = GeneratorEngine(ModelSpec(name="tiny", seed=0), dit=pooled.dit)
+    fresh.cuda_graphs = True
+    first, s1 = _session_blocks(pooled, seed=1)
+    kv = s1.kv
+    assert pooled.idle_slot_bytes == kv.nbytes > 0 and s1._graphs is None
+    kept = pooled._idle[0].graphs
+    recorded = kept.num_graphs
+    # another prompt, portrait, audio and seed: everything the graphs read is refreshed
+    second, s2 = _session_blocks(pooled, seed=2)
+    assert s2.kv is kv and s2.graphs is None and pooled._idle[0].graphs is kept
+    assert kept.num_graphs == recorded  # nothing recorded again: every steady step replayed
+    assert torch.equal(torch.stack(second), torch.stack(_session_blocks(fresh, seed=2)[0]))
+    assert not torch.equal(torch.stack(first), torch.stack(second))
+    fresh.drop_idle_slots()
+
+
+def test_kept_slots_are_bounded_and_freed_for_memory_and_after_failures(pooled, monkeypatch):
+    from avatar.errors import ResourceExhausted
+    from avatar.services.generator.engine import IDLE_SLOTS
+
+    kvs = []
+    for steps in range(2, 3 + IDLE_SLOTS):  # a cache layout per step count: none matches another
+        kvs.append(_session_blocks(pooled, seed=steps, blocks=1, sample_steps=steps)[1].kv)
+    assert len(pooled._idle) == IDLE_SLOTS
+    assert kvs[0].nbytes == 0 and all(kv.nbytes > 0 for kv in kvs[1:])  # the oldest was freed
+    # a session that does not fit while finished sessions hold memory: they go first
+    pooled.free_memory = lambda: 0 if pooled._idle else 80 * 2**30
+    _session_blocks(pooled, seed=9, blocks=1, sample_steps=1)  # matches no kept layout
+    assert all(kv.nbytes == 0 for kv in kvs) and len(pooled._idle) == 1
+    pooled.drop_idle_slots()
+    pooled.free_memory = lambda: 0
+    with pytest.raises(ResourceExhausted):
+        _session_blocks(pooled, seed=9, blocks=1)
+    pooled.free_memory = None
+    # a session that fails inside the model is not handed on
+    text, ref, motion, audio = _inputs(seed=4, blocks=1)
+    session = pooled.open_session(_job(seed=4), text, ref, motion)
+    monkeypatch.setattr(pooled.dit, "encode_audio", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        session.generate_block(audio[0])
+    assert pooled._idle == [] and session.kv.nbytes == 0

@@ -383,6 +383,13 @@ class TextContext:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
 
+    def copy_(self, other: TextContext) -> TextContext:
+        """Another prompt's keys and values into these tensors (a CUDA graph reads them by address)."""
+        for mine, theirs in zip(self.kv, other.kv, strict=True):
+            for a, b in zip(mine, theirs, strict=True):
+                a.copy_(b)
+        return self
+
 
 @dataclass
 class StepPositions:

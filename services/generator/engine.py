@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from avatar.services.generator import avatar_loras
 from avatar.services.generator.attention import prefer_cudnn_attention
 from avatar.services.generator.avatar_loras import LoraBank, LoraLease
 from avatar.services.generator.block_times import BlockTimes
-from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT
+from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT, TextContext
 from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
 from avatar.services.generator.fp8_attention import unavailable_reason as fp8_attention_unavailable
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec, step_cache_spec
@@ -42,6 +44,7 @@ from avatar.services.generator.weights import build_dit, load_dit, random_dit, r
 
 log = logging.getLogger(__name__)
 
+IDLE_SLOTS = 2  # finished sessions' caches + CUDA graphs kept for the next session of their shapes
 SINK_AHEAD = (4, 30)  # upstream draws the reference token's RoPE lead (latent frames) per call
 
 
@@ -160,6 +163,8 @@ class GeneratorEngine:
             raise InvalidInput(reason)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
         self.block_times = BlockTimes()  # steady blocks by size: what the live guard reads
+        self._idle: list[_Slot] = []  # most recently kept last
+        self._idle_lock = threading.Lock()
         self.free_memory: Callable[[], int] | None = None
         if self.dit.device.type == "cuda":
             index = self.dit.device.index if self.dit.device.index is not None else torch.cuda.current_device()
@@ -176,6 +181,38 @@ class GeneratorEngine:
             if lease is not None:
                 lease.release()
             raise
+
+    def take_slot(self, key: tuple) -> _Slot | None:
+        """A finished session's cache and graphs for these shapes (None: there is none)."""
+        with self._idle_lock:
+            for i, slot in enumerate(self._idle):
+                if slot.key == key:
+                    return self._idle.pop(i)
+        return None
+
+    def keep_slot(self, slot: _Slot) -> None:
+        with self._idle_lock:
+            self._idle.append(slot)
+            dropped, self._idle = self._idle[:-IDLE_SLOTS], self._idle[-IDLE_SLOTS:]
+        for old in dropped:
+            old.free()
+
+    def drop_idle_slots(self) -> int:
+        """Frees the kept caches and graphs (for a session that needs their memory); returns their bytes."""
+        with self._idle_lock:
+            dropped, self._idle = self._idle, []
+        freed = sum(slot.kv.nbytes for slot in dropped)
+        for slot in dropped:
+            slot.free()
+        if dropped and self.dit.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
+
+    @property
+    def idle_slot_bytes(self) -> int:
+        """GPU memory the kept caches hold (the graphs' own pools come on top)."""
+        with self._idle_lock:
+            return sum(slot.kv.nbytes for slot in self._idle)
 
     def loaded_loras(self) -> list[str]:
         """Avatar LoRA ids held on the device now, most recently used first: a session of one of
@@ -260,6 +297,23 @@ class SessionPlan:
         return self.steps + (1 if self.cache_sets == 1 else 0)
 
 
+@dataclass
+class _Slot:
+    """What a session's CUDA graphs read by address: its KV cache, its text context's tensors and
+    the graphs. A finished session leaves it to the engine, and the next session of the same
+    shapes (size, steps, cache layout) starts with every graph already captured: a capture costs
+    a block about twice its time, and a session captures one graph per (cache set, ring slot)."""
+
+    key: tuple
+    kv: KVCache
+    context: TextContext
+    graphs: StepGraphs
+
+    def free(self) -> None:
+        self.graphs.close()
+        self.kv.free()
+
+
 class GeneratorSession:
     """One stream: the block loop. generate_block() once per block of audio, in order; close()
     frees the caches.
@@ -312,25 +366,38 @@ class GeneratorSession:
         else:
             spec, cache_set = step_cache_spec(dit, plan.h, plan.w, plan.clip_frames, step, plan.steps)
             self._cache_set_of_step = lambda i: cache_set
+        # TPP step sessions run without graphs (not measured on a multi-GPU group yet); a LoRA's
+        # weights are read by the graphs too, so only base-model sessions hand theirs on.
+        graphs = engine.cuda_graphs and step is None
+        self._slot_key = (spec, engine.kv_dtype, engine.fp8_attention) if graphs and self.lora is None else None
+        self._failed = False
+        slot = engine.take_slot(self._slot_key) if self._slot_key is not None else None
         # The planner's numbers are the full-size model's (avatar/memory_planner.py).
         self._memory_request = MemoryRequest.from_job(job) if job.width % 16 == 0 == job.height % 16 else None
-        if engine.free_memory is not None and self._memory_request is not None:
-            check_session_memory(
-                self._memory_request,
-                spec.num_sets if step is None else 1,
-                engine.free_memory(),
-                kv_dtype_bytes=engine.kv_dtype.itemsize,
+        if slot is None and engine.free_memory is not None and self._memory_request is not None:
+            sets = spec.num_sets if step is None else 1
+            check = functools.partial(
+                check_session_memory, self._memory_request, sets, kv_dtype_bytes=engine.kv_dtype.itemsize
             )
+            try:
+                check(engine.free_memory())
+            except ResourceExhausted:
+                if not engine.drop_idle_slots():  # finished sessions' caches go first
+                    raise
+                check(engine.free_memory())
         self.block_index = 0
         self.last_block_ms = 0.0
         with self._freed_on_failure(), avatar_loras.active(self.lora):
-            self.kv = KVCache(spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention)
-            self.context = dit.embed_text(text.to(self.device)[None])
+            context = dit.embed_text(text.to(self.device)[None])
+            if slot is not None:
+                self.kv, self.context, self._graphs = slot.kv, slot.context.copy_(context), slot.graphs
+            else:
+                self.kv = KVCache(spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention)
+                self.context = context
             self.motion = motion_latents.to(self.device, self.dtype)[None]
             dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
-        # TPP step sessions run without graphs: not measured on a multi-GPU group yet
-        if engine.cuda_graphs and step is None:
-            self._graphs = StepGraphs(dit, self.context, self.kv)
+        if graphs and self._graphs is None:
+            self._graphs = StepGraphs(dit, self.context, self.kv, capture=self.device.type == "cuda")
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -354,6 +421,7 @@ class GeneratorSession:
         except InvalidInput:
             raise  # refused before any model work: the session is intact
         except Exception as e:
+            self._failed = True  # its cache and graphs are freed, not handed on
             self.close()
             traceback.clear_frames(e.__traceback__)
             if self.device.type == "cuda":
@@ -468,11 +536,22 @@ class GeneratorSession:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._graphs is not None:
-                self._graphs.close()
-                self._graphs = None
-            if self.kv is not None:
-                self.kv.free()
+            reusable = (
+                self._slot_key is not None
+                and not self._failed
+                and self._graphs is not None
+                and self._graphs.enabled
+                and self.kv is not None
+                and self.kv.nbytes > 0
+            )
+            if reusable:  # the next session of these shapes replays these graphs
+                self.engine.keep_slot(_Slot(self._slot_key, self.kv, self.context, self._graphs))
+            else:
+                if self._graphs is not None:
+                    self._graphs.close()
+                if self.kv is not None:
+                    self.kv.free()
+            self._graphs = None
             self._clip_noise = self._first_frame = self.context = self.motion = None
             if self.lora_lease is not None:
                 self.lora_lease.release()
