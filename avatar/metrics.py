@@ -334,6 +334,12 @@ LORA_EVICTIONS = Counter(
     "avatar_lora_evictions", "Per-avatar LoRAs dropped (least recently used) to make room", registry=REGISTRY
 )
 LORAS_LOADED = Gauge("avatar_loras_loaded", "Per-avatar LoRAs held on the device now", registry=REGISTRY)
+KEPT_CACHE_BYTES = Gauge(
+    "avatar_generator_kept_cache_bytes",
+    "KV caches of finished sessions kept with their CUDA graphs for the next session of their shapes "
+    "(freed first when a session needs the memory)",
+    registry=REGISTRY,
+)
 LORA_LOAD_SECONDS = Histogram(
     "avatar_lora_load_seconds",
     "Time to load one per-avatar LoRA onto the device (the cost of a switch)",

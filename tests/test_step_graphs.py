@@ -161,6 +161,9 @@ def test_the_next_session_of_the_same_shapes_replays_the_last_ones_graphs(pooled
     first, s1 = _session_blocks(pooled, seed=1)
     kv = s1.kv
     assert pooled.idle_slot_bytes == kv.nbytes > 0 and s1._graphs is None
+    from avatar import metrics
+
+    assert metrics.REGISTRY.get_sample_value("avatar_generator_kept_cache_bytes") == kv.nbytes
     kept = pooled._idle[0].graphs
     recorded = kept.num_graphs
     # another prompt, portrait, audio and seed: everything the graphs read is refreshed
@@ -186,6 +189,9 @@ def test_kept_slots_are_bounded_and_freed_for_memory_and_after_failures(pooled, 
     _session_blocks(pooled, seed=9, blocks=1, sample_steps=1)  # matches no kept layout
     assert all(kv.nbytes == 0 for kv in kvs) and len(pooled._idle) == 1
     pooled.drop_idle_slots()
+    from avatar import metrics
+
+    assert metrics.REGISTRY.get_sample_value("avatar_generator_kept_cache_bytes") == 0
     pooled.free_memory = lambda: 0
     with pytest.raises(ResourceExhausted):
         _session_blocks(pooled, seed=9, blocks=1)

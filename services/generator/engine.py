@@ -187,13 +187,16 @@ class GeneratorEngine:
         with self._idle_lock:
             for i, slot in enumerate(self._idle):
                 if slot.key == key:
-                    return self._idle.pop(i)
+                    taken = self._idle.pop(i)
+                    self._report_kept()
+                    return taken
         return None
 
     def keep_slot(self, slot: _Slot) -> None:
         with self._idle_lock:
             self._idle.append(slot)
             dropped, self._idle = self._idle[:-IDLE_SLOTS], self._idle[-IDLE_SLOTS:]
+            self._report_kept()
         for old in dropped:
             old.free()
 
@@ -201,12 +204,18 @@ class GeneratorEngine:
         """Frees the kept caches and graphs (for a session that needs their memory); returns their bytes."""
         with self._idle_lock:
             dropped, self._idle = self._idle, []
+            self._report_kept()
         freed = sum(slot.kv.nbytes for slot in dropped)
         for slot in dropped:
             slot.free()
         if dropped and self.dit.device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
+
+    def _report_kept(self) -> None:  # under _idle_lock
+        from avatar import metrics
+
+        metrics.KEPT_CACHE_BYTES.set(sum(slot.kv.nbytes for slot in self._idle))
 
     @property
     def idle_slot_bytes(self) -> int:
