@@ -336,8 +336,8 @@ LORA_EVICTIONS = Counter(
 LORAS_LOADED = Gauge("avatar_loras_loaded", "Per-avatar LoRAs held on the device now", registry=REGISTRY)
 KEPT_CACHE_BYTES = Gauge(
     "avatar_generator_kept_cache_bytes",
-    "KV caches of finished sessions kept with their CUDA graphs for the next session of their shapes "
-    "(freed first when a session needs the memory)",
+    "KV caches and prompt keys/values of finished sessions, kept with their CUDA graphs (whose memory "
+    "pools come on top) for the next session of their shapes; freed first when a session needs the memory",
     registry=REGISTRY,
 )
 LORA_LOAD_SECONDS = Histogram(

@@ -160,10 +160,11 @@ def test_the_next_session_of_the_same_shapes_replays_the_last_ones_graphs(pooled
     fresh.cuda_graphs = True
     first, s1 = _session_blocks(pooled, seed=1)
     kv = s1.kv
-    assert pooled.idle_slot_bytes == kv.nbytes > 0 and s1._graphs is None
+    kept_bytes = kv.nbytes + pooled._idle[0].context.nbytes
+    assert pooled.idle_slot_bytes == kept_bytes and kv.nbytes > 0 and s1._graphs is None
     from avatar import metrics
 
-    assert metrics.REGISTRY.get_sample_value("avatar_generator_kept_cache_bytes") == kv.nbytes
+    assert metrics.REGISTRY.get_sample_value("avatar_generator_kept_cache_bytes") == kept_bytes
     kept = pooled._idle[0].graphs
     recorded = kept.num_graphs
     # another prompt, portrait, audio and seed: everything the graphs read is refreshed
@@ -203,3 +204,13 @@ def test_kept_slots_are_bounded_and_freed_for_memory_and_after_failures(pooled, 
     with pytest.raises(RuntimeError, match="boom"):
         session.generate_block(audio[0])
     assert pooled._idle == [] and session.kv.nbytes == 0
+
+
+def test_a_session_that_fails_while_opening_on_a_kept_cache_frees_it(pooled, monkeypatch):
+    kv = _session_blocks(pooled, seed=1, blocks=1)[1].kv
+    assert pooled.idle_slot_bytes > 0
+    monkeypatch.setattr(pooled.dit, "prefill_sink", lambda *a: (_ for _ in ()).throw(RuntimeError("prefill failed")))
+    text, ref, motion, _ = _inputs(seed=2, blocks=1)
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        pooled.open_session(_job(seed=2), text, ref, motion)
+    assert pooled._idle == [] and kv.nbytes == 0  # taken, then freed with the failed session

@@ -205,7 +205,7 @@ class GeneratorEngine:
         with self._idle_lock:
             dropped, self._idle = self._idle, []
             self._report_kept()
-        freed = sum(slot.kv.nbytes for slot in dropped)
+        freed = sum(slot.nbytes for slot in dropped)
         for slot in dropped:
             slot.free()
         if dropped and self.dit.device.type == "cuda":
@@ -215,13 +215,13 @@ class GeneratorEngine:
     def _report_kept(self) -> None:  # under _idle_lock
         from avatar import metrics
 
-        metrics.KEPT_CACHE_BYTES.set(sum(slot.kv.nbytes for slot in self._idle))
+        metrics.KEPT_CACHE_BYTES.set(sum(slot.nbytes for slot in self._idle))
 
     @property
     def idle_slot_bytes(self) -> int:
-        """GPU memory the kept caches hold (the graphs' own pools come on top)."""
+        """GPU memory the kept caches and prompt keys/values hold (the graphs' own pools come on top)."""
         with self._idle_lock:
-            return sum(slot.kv.nbytes for slot in self._idle)
+            return sum(slot.nbytes for slot in self._idle)
 
     def loaded_loras(self) -> list[str]:
         """Avatar LoRA ids held on the device now, most recently used first: a session of one of
@@ -318,6 +318,11 @@ class _Slot:
     context: TextContext
     graphs: StepGraphs
 
+    @property
+    def nbytes(self) -> int:
+        """The cache's and the prompt keys/values' bytes (the graphs' memory pool comes on top)."""
+        return self.kv.nbytes + self.context.nbytes
+
     def free(self) -> None:
         self.graphs.close()
         self.kv.free()
@@ -396,10 +401,12 @@ class GeneratorSession:
                 check(engine.free_memory())
         self.block_index = 0
         self.last_block_ms = 0.0
+        if slot is not None:  # the session owns them from here: a failure below frees them
+            self.kv, self._graphs = slot.kv, slot.graphs
         with self._freed_on_failure(), avatar_loras.active(self.lora):
             context = dit.embed_text(text.to(self.device)[None])
             if slot is not None:
-                self.kv, self.context, self._graphs = slot.kv, slot.context.copy_(context), slot.graphs
+                self.context = slot.context.copy_(context)
             else:
                 self.kv = KVCache(spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention)
                 self.context = context
