@@ -149,6 +149,7 @@ class _CudnnFp8Sdpa:
         self.constants = {"descale_k": one, "descale_v": one, "descale_s": one / P_SCALE, "scale_s": one * P_SCALE}
         self.constants["scale_o"] = one
         self.amax_out = torch.empty(2, 1, 1, 1, 1, device=dev)
+        self._run_lock = threading.Lock()  # sessions run in threads; one launch at a time per graph
 
     def __call__(self, q8, k8, v8, descale_q) -> torch.Tensor:
         import cudnn
@@ -163,5 +164,6 @@ class _CudnnFp8Sdpa:
         pack[self.scales["descale_q"]] = descale_q
         for name, value in self.constants.items():
             pack[self.scales[name]] = value
-        self.graph.execute(pack, workspace, handle=handle)
+        with self._run_lock:
+            self.graph.execute(pack, workspace, handle=handle)
         return out
