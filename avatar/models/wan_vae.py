@@ -380,24 +380,6 @@ class StreamingDecoder:
         self.frames_in = 0  # latent frames decoded so far
 
     @torch.no_grad()
-    def encode_steady(self, image: torch.Tensor) -> torch.Tensor:
-        """The latent every frame of a still video of `image` [B, 3, 1, H, W] settles to: [B, 16, 1, h, w].
-
-        On a constant input each causal conv sees the same frame at every tap once the zero padding
-        of the first frame has left its temporal receptive field (112 frames, 28 groups of 4, for
-        the Wan2.1 encoder: measured 29 in bf16, docs/performance.md), so the steady state is the
-        encoder with every temporal kernel summed over time, run on one frame: one pass instead of
-        the ~30 groups encode_still iterates. Equal to encode_still's tail up to float rounding."""
-        self._check_pixels(image)
-        if image.shape[2] != 1:
-            raise ValueError("encode_steady takes one frame [B, 3, 1, H, W]")
-        with self._steady_lock:
-            if self._steady_encoder is None:
-                self._steady_encoder = _steady_state_encoder(self.model.encoder)
-        out = self._steady_encoder(image.to(device=self.device, dtype=self.dtype))
-        return self._normalise(self.model.quant_conv(out))
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 16, t, h, w] (normalised) -> pixels [B, 3, n, 8h, 8w] in [-1, 1], float32, where
         n = 1 + 4(t-1) for the stream's first call and 4t afterwards."""
