@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from test_generator_engine import _inputs, _job
 
 from avatar.errors import InvalidInput
-from avatar.jobs import Job
 from avatar.presets import GeneratorOptions, ModelSpec
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.fp8_attention import E4M3, fp8_attention, reference, unavailable_reason
@@ -49,20 +49,9 @@ def test_the_model_attends_with_fp8_products_only_when_the_cache_says_so():
         KVCache(spec, torch.bfloat16, "cpu", fp8_attention=True)
 
 
-def _job():
-    return Job(width=64, height=64, fps=25, infer_frames=24, latent_frames_per_block=3, num_blocks=40,
-               total_frames=480, sample_steps=4, seed=7, model="tiny")  # fmt: skip
-
-
 def _blocks(engine, blocks=3):
-    g = torch.Generator().manual_seed(0)
-    text, ref, motion = (
-        torch.randn(7, 32, generator=g),
-        torch.randn(16, 1, 8, 8, generator=g),
-        torch.randn(16, 19, 8, 8, generator=g),
-    )
-    audio = [torch.randn(12, 5, 32, generator=g) for _ in range(blocks)]
-    session = engine.open_session(_job(), text, ref, motion)
+    text, ref, motion, audio = _inputs(blocks=blocks)
+    session = engine.open_session(_job(seed=7), text, ref, motion)
     try:
         assert session.kv.fp8_attention == engine.fp8_attention
         return torch.stack([session.generate_block(a) for a in audio])

@@ -215,13 +215,16 @@ class GeneratorEngine:
     def _report_kept(self) -> None:  # under _idle_lock
         from avatar import metrics
 
-        metrics.KEPT_CACHE_BYTES.set(sum(slot.nbytes for slot in self._idle))
+        metrics.KEPT_CACHE_BYTES.set(self._kept_bytes())
+
+    def _kept_bytes(self) -> int:  # under _idle_lock
+        return sum(slot.nbytes for slot in self._idle)
 
     @property
     def idle_slot_bytes(self) -> int:
         """GPU memory the kept caches and prompt keys/values hold (the graphs' own pools come on top)."""
         with self._idle_lock:
-            return sum(slot.nbytes for slot in self._idle)
+            return self._kept_bytes()
 
     def loaded_loras(self) -> list[str]:
         """Avatar LoRA ids held on the device now, most recently used first: a session of one of

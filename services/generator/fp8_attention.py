@@ -146,8 +146,13 @@ class _CudnnFp8Sdpa:
         self.graph, self.o, self.amax = g, o, (amax_s, amax_o)
         self.workspace_size = g.get_workspace_size()
         one = torch.ones(1, 1, 1, 1, device=dev)
-        self.constants = {"descale_k": one, "descale_v": one, "descale_s": one / P_SCALE, "scale_s": one * P_SCALE}
-        self.constants["scale_o"] = one
+        self.constants = {
+            "descale_k": one,
+            "descale_v": one,
+            "descale_s": one / P_SCALE,
+            "scale_s": one * P_SCALE,
+            "scale_o": one,
+        }
         self.amax_out = torch.empty(2, 1, 1, 1, 1, device=dev)
         self._run_lock = threading.Lock()  # sessions run in threads; one launch at a time per graph
 
