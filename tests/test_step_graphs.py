@@ -8,7 +8,7 @@ refreshed, a timestep not copied) change the latents and fail these tests.
 import pytest
 import torch
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
-from test_generator_engine import _inputs, _job
+from test_generator_engine import INFER_FRAMES, H, W, _inputs, _job
 
 from avatar.presets import ModelSpec
 from avatar.services.generator.engine import GeneratorEngine
@@ -214,3 +214,60 @@ def test_a_session_that_fails_while_opening_on_a_kept_cache_frees_it(pooled, mon
     with pytest.raises(RuntimeError, match="prefill failed"):
         pooled.open_session(_job(seed=2), text, ref, motion)
     assert pooled._idle == [] and kv.nbytes == 0  # taken, then freed with the failed session
+
+
+def test_the_warm_up_records_the_first_clip_and_the_next_session_replays_every_block(pooled):
+    fresh = GeneratorEngine(ModelSpec(name="tiny", seed=0), dit=pooled.dit)
+    pooled.warm_up([(W, H, INFER_FRAMES, 4)])
+    (warm,) = pooled._idle
+    # 2 blocks per clip: block 0's span (the ring filling) and the two full-ring spans, per cache set
+    assert warm.graphs.num_graphs == 3 * 4
+    replays = warm.graphs.replays
+    blocks, session = _session_blocks(pooled, seed=2, blocks=3)
+    assert session.kv is warm.kv and warm.graphs.num_graphs == 3 * 4  # nothing recorded in the request
+    assert warm.graphs.replays - replays == 3 * 4  # every forward of every block, block 0 included
+    assert torch.equal(torch.stack(blocks), torch.stack(_session_blocks(fresh, seed=2, blocks=3)[0]))
+    # a session of the same shapes that opens meanwhile records only the full-ring spans; of the
+    # two kept afterwards, the next session takes the one with the first clip's graphs
+    text, ref, motion, audio = _inputs(seed=5, blocks=3)
+    a = pooled.open_session(_job(seed=5), text, ref, motion)
+    b = pooled.open_session(_job(seed=6), text, ref, motion)
+    for s in (a, b):
+        for x in audio:
+            s.generate_block(x)
+    assert a.graphs is warm.graphs and b.graphs.num_graphs == 2 * 4
+    b.close()
+    a.close()
+    assert [slot.graphs.num_graphs for slot in pooled._idle] == [2 * 4, 3 * 4]
+    _, c = _session_blocks(pooled, seed=7, blocks=1)
+    assert c.kv is warm.kv
+
+
+def test_a_failed_first_clip_capture_keeps_the_full_ring_graphs(engine, monkeypatch, caplog):
+    import contextlib
+
+    captures = []
+
+    @contextlib.contextmanager
+    def recording(graph, pool=None, capture_error_mode="global"):
+        captures.append(graph)
+        if len(captures) == 1:  # block 0's first step: a span of the ring still filling
+            raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Recorded", (), {"replay": lambda self: None})())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    engine.cache_sets = None
+    text, ref, motion, audio = _inputs(seed=3, blocks=3)
+    session = engine.open_session(_job(seed=7), text, ref, motion)
+    session._graphs = graphs = StepGraphs(engine.dit, session.context, session.kv, capture=True)
+    session.record_first_clip = True
+    try:
+        for a in audio:
+            session.generate_block(a)
+        assert graphs.filling_failed and graphs.enabled
+        assert graphs.num_graphs == 2 * 4  # the two full-ring spans per cache set; block 0 ran as it is
+    finally:
+        session.close()
+    assert len(captures) == 1 + 2 * 4 and "first-clip block failed" in caplog.text

@@ -185,12 +185,13 @@ class GeneratorEngine:
     def take_slot(self, key: tuple) -> _Slot | None:
         """A finished session's cache and graphs for these shapes (None: there is none)."""
         with self._idle_lock:
-            for i, slot in enumerate(self._idle):
-                if slot.key == key:
-                    taken = self._idle.pop(i)
-                    self._report_kept()
-                    return taken
-        return None
+            matching = [slot for slot in self._idle if slot.key == key]
+            if not matching:
+                return None
+            taken = max(matching, key=lambda slot: slot.graphs.num_graphs)  # the warm-up's: its first clip too
+            self._idle.remove(taken)
+            self._report_kept()
+            return taken
 
     def keep_slot(self, slot: _Slot) -> None:
         with self._idle_lock:
@@ -247,7 +248,8 @@ class GeneratorEngine:
     def warm_up(self, sizes: list[tuple[int, int, int, int]]) -> list[str]:
         """Runs a short session of zeros per (width, height, infer_frames, sample_steps): two clips
         and two blocks more, so every shape a session meets (the ring filling up, then full) has
-        run once, the second clip's CUDA graphs are captured, and the last two blocks, replayed,
+        run once, every CUDA graph is captured (the first clip's too: the session is kept, and the
+        next of its size replays from its first block), and the last two blocks, replayed,
         measure the size's steady block time (block_times: what the live guard reads). With
         --compile that is where compilation happens (a minute at 704*384, seconds for the next
         size), before the server reports SERVING: no request waits for it, and no
@@ -274,6 +276,7 @@ class GeneratorEngine:
                     torch.zeros(c.in_dim, 1, h, w),
                     torch.zeros(c.in_dim, self.dit.motion_latent_frames, h, w),
                 )
+                session.record_first_clip = True  # kept for the next session of this size
                 try:
                     for _ in range(blocks):
                         session.generate_block(torch.zeros(FRAMES_PER_BLOCK, c.audio_layers, c.audio_dim))
@@ -388,6 +391,7 @@ class GeneratorSession:
         graphs = engine.cuda_graphs and step is None
         self._slot_key = (spec, engine.kv_dtype, engine.fp8_attention) if graphs and self.lora is None else None
         self._failed = False
+        self.record_first_clip = False  # the warm-up's: graphs for the first clip's blocks too
         slot = engine.take_slot(self._slot_key) if self._slot_key is not None else None
         # The planner's numbers are the full-size model's (avatar/memory_planner.py).
         self._memory_request = MemoryRequest.from_job(job) if job.width % 16 == 0 == job.height % 16 else None
@@ -544,7 +548,7 @@ class GeneratorSession:
             self.kv, cache_set, frame, x.shape[2], self.plan.h, self.plan.w, sink_frame, self.device
         )
         if self._graphs is not None:
-            return self._graphs.run(x, timestep, tokens, pos)
+            return self._graphs.run(x, timestep, tokens, pos, record_filling=self.record_first_clip)
         return self.dit.denoise(x, timestep, self.context, tokens, self.kv, pos)
 
     def _sink_frame(self, frame: int) -> int:

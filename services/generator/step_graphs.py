@@ -12,9 +12,13 @@ latents, the timestep, the audio tokens, the RoPE of the block and of the sink's
 token) is copied into static buffers before a replay. The session's KV cache and text context
 are fixed for its lifetime, so graphs belong to a session and go with it.
 
-When: only for spans whose ring is full, i.e. from the last block of the first clip on. The first
-blocks (what the time to first fragment waits for) run as before and never pay for a capture;
-a capture costs one ordinary forward (its output is the call's result) plus the recording.
+When: for spans whose ring is full, i.e. from the last block of the first clip on. The first
+blocks (what the time to first fragment waits for) never pay for a capture in a request: a
+capture costs one ordinary forward (its output is the call's result) plus the recording, and
+each filling span runs once per session. Their spans are the same ints in every session of the
+same shapes, though, so the server's warm-up records them too (`record_filling`), and a session
+that takes the warm-up's graphs over (GeneratorEngine's kept slots) replays its first blocks as
+well (at 384*256 the host, not the GPU, sets an unreplayed block's time: docs/performance.md, Z2).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class StepGraphs:
         self._span = None  # the span of the inputs in the buffers (set with them)
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
+        self.filling_failed = False  # a first-clip capture failed: record full-ring spans only
 
     def steady(self, pos: StepPositions) -> bool:
         """Whether the span reads a full ring (its ints repeat every clip from now on)."""
@@ -62,15 +67,24 @@ class StepGraphs:
         return pos.span.hi - pos.span.lo == s.sink_tokens + s.ring_tokens
 
     def run(
-        self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens, pos: StepPositions
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        audio: AudioTokens,
+        pos: StepPositions,
+        record_filling: bool = False,
     ) -> torch.Tensor:
-        if not (self.enabled and self.steady(pos)):
-            return self.dit.denoise(latents, timestep, self.context, audio, self.kv, pos)
+        """One forward; replayed when this span has a graph, recorded when it has none and its
+        ring is full (or `record_filling`: the warm-up's first clip), else run as is."""
         key = (pos.span, tuple(latents.shape))
+        steady = self.steady(pos)
+        wanted = steady or (record_filling and not self.filling_failed)
+        if not self.enabled or not (key in self._graphs or wanted):
+            return self.dit.denoise(latents, timestep, self.context, audio, self.kv, pos)
         self._fill(latents, timestep, audio, pos)
         entry = self._graphs.get(key)
         if entry is None:
-            return self._record(key)
+            return self._record(key, steady)
         graph, out = entry
         if graph is not None:
             graph.replay()
@@ -118,7 +132,7 @@ class StepGraphs:
             s["latents"], s["timestep"], self.context, AudioTokens(s["tokens"], s["global"]), self.kv, pos
         )
 
-    def _record(self, key) -> torch.Tensor:
+    def _record(self, key, steady: bool) -> torch.Tensor:
         # An ordinary forward on the static buffers first: it is this call's result, and it runs
         # any first-time work (compilation for these shapes, cuBLAS/cuDNN plans) outside the
         # capture. Recording then launches nothing; the cache writes it records are the ones
@@ -136,6 +150,14 @@ class StepGraphs:
             ):
                 static_out = self._forward()
         except Exception as e:  # never fail a session for an optimisation
+            if not steady:  # the warm-up's extra: the full-ring graphs stay
+                log.warning(
+                    "CUDA graph capture of a first-clip block failed (%s: %s); those blocks run as they are",
+                    type(e).__name__,
+                    e,
+                )
+                self.filling_failed = True
+                return out
             log.warning("CUDA graph capture failed (%s: %s); this session runs without graphs", type(e).__name__, e)
             self.enabled = False
             self._graphs.clear()
