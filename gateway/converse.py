@@ -703,6 +703,8 @@ class ConverseSession:
 
     async def _pump_fragments(self, call):
         async for out in call:
+            if out.WhichOneof("event") == "decoded":  # only Generate's first block waits for it
+                continue
             if out.WhichOneof("event") == "init_segment":
                 self.init_segment = out.init_segment
                 async with self.cond:

@@ -234,8 +234,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         # been sent, so a fast generator or a slow client never piles blocks up in the mesh.
         # The first block runs alone: on a shared GPU its VAE decode would otherwise compete with
         # the next blocks' DiT work and hold the first fragment back; the rest of the window opens
-        # when it has been sent, when one audio chunk spans several blocks, or at once for a
-        # pipelined generator (TPP), which needs `pipeline_depth` blocks before its first result.
+        # when its frames are decoded (its encoding on the CPU overlaps the next block's DiT), when
+        # one audio chunk spans several blocks, or at once for a pipelined generator (TPP), which
+        # needs `pipeline_depth` blocks before its first result.
         credits = asyncio.Semaphore(1)
         window_open = False
 
@@ -309,6 +310,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
         async def pump_fragments():
             async for out in decoder_call:
+                if out.WhichOneof("event") == "decoded":
+                    open_window()
+                    continue
                 await events.put(out)
             await events.put(_DONE)
 

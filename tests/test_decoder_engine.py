@@ -185,6 +185,28 @@ def test_bad_blocks_are_refused(engine):
         stream.decode_block(block, _pcm(12, 12), 12)
 
 
+def test_decoding_and_muxing_in_two_halves_gives_the_same_fragments(engine, latents):
+    """What the decoder service does (it reports the device's half done before muxing) gives
+    decode_block's bytes; the halves go in order, one block at a time."""
+    _, whole, _, _ = run_stream(engine, latents)
+    prime, blocks = latents
+    stream = engine.open_stream(_job(), prime)
+    try:
+        first = stream.decode_frames(blocks[0], _pcm(0, KEEP[0]), KEEP[0])
+        assert first.frames.shape[0] == KEEP[0] and first.vae_ms > 0 and stream.blocks == 0
+        with pytest.raises(RuntimeError, match="without mux"):
+            stream.decode_frames(blocks[1], _pcm(KEEP[0], KEEP[1]), KEEP[1])
+        halves = [stream.mux(first)]
+        with pytest.raises(RuntimeError, match="decode_frames"):
+            stream.mux(first)  # muxed already
+        second = stream.decode_frames(blocks[1], _pcm(KEEP[0], KEEP[1]), KEEP[1])
+        halves.append(stream.mux(second))
+    finally:
+        stream.close()
+    assert [h.data for h in halves] == [w.data for w in whole]
+    assert [h.num_frames for h in halves] == KEEP
+
+
 def test_bad_streams_are_refused(engine, latents):
     prime, _ = latents
     with pytest.raises(InvalidInput, match="prime_latent"):

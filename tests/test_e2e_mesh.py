@@ -41,3 +41,40 @@ def test_five_second_clip_streams_through_separate_processes(mesh, clip_5s, tmp_
     assert first_fragment_at < last_block_done, (
         f"first fragment arrived {(first_fragment_at - last_block_done) / 1e6:.0f} ms after the last block was made"
     )
+
+
+def test_the_decoder_says_each_block_is_decoded_before_its_fragment(mesh):
+    """The device's half of a block first (the gateway starts the next blocks on it), then the
+    encoded fragment: init, decoded 0, fragment 0, decoded 1, fragment 1."""
+    import grpc
+    import numpy as np
+    import torch
+
+    from avatar import wire
+    from avatar.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+
+    job = tensor_pb2.JobSpec(
+        width=64, height=64, fps=25, latent_frames_per_block=3, num_blocks=2, total_frames=24,
+        audio_sample_rate=48000, model="tiny", infer_frames=24, sample_steps=1,
+    )  # fmt: skip
+    pcm = wire.to_proto(np.zeros(12 * 48000 // 25, np.int16))
+    inputs = [
+        decoder_pb2.DecoderInput(
+            start=decoder_pb2.DecodeStart(job=job, prime_latent=wire.to_proto(torch.zeros(16, 1, 8, 8)))
+        )
+    ]
+    inputs += [
+        decoder_pb2.DecoderInput(
+            block=decoder_pb2.DecodeBlock(
+                index=k, latent=wire.to_proto(torch.zeros(16, 3, 8, 8)), pcm=pcm, keep_frames=12
+            )
+        )
+        for k in range(2)
+    ]
+    with grpc.insecure_channel(mesh["decoder"].address) as channel:
+        outs = list(decoder_pb2_grpc.DecoderServiceStub(channel).Decode(iter(inputs), timeout=120))
+    events = [
+        (o.WhichOneof("event"), o.decoded if o.WhichOneof("event") == "decoded" else o.fragment.index) for o in outs
+    ]
+    assert events == [("init_segment", 0), ("decoded", 0), ("fragment", 0), ("decoded", 1), ("fragment", 1)]
+    assert all(o.fragment.data and o.fragment.vae_ms > 0 for o in outs if o.WhichOneof("event") == "fragment")

@@ -67,6 +67,16 @@ class DecodedBlock:
     mux_ms: float  # H.264/AAC encode + boxing time
 
 
+@dataclass(frozen=True)
+class DecodedFrames:
+    """One block's frames on the host, decoded and not yet muxed (DecoderStream.decode_frames)."""
+
+    frames: np.ndarray  # uint8: yuv420p [n, H * 3 // 2, W] from a GPU, else RGB [n, H, W, 3]
+    pcm: np.ndarray  # int16 mono, the kept frames' audio
+    keep_frames: int
+    vae_ms: float
+
+
 def to_yuv420p(pixels: torch.Tensor) -> torch.Tensor:
     """RGB [3, n, H, W] in [-1, 1] -> uint8 [n, H * 3 // 2, W]: BT.709 limited-range Y, then the
     Cb and Cr planes averaged over 2x2 pixels (FragmentedMp4Writer's yuv420p frames)."""
@@ -184,6 +194,7 @@ class DecoderStream:
             self._decoder.decode(prime_latent[None])
         self.blocks = 0
         self.frames = 0
+        self._pending: DecodedFrames | None = None  # decoded, not yet muxed
 
     def init_segment(self) -> bytes:
         return self._writer.init_segment()
@@ -197,8 +208,16 @@ class DecoderStream:
         keep_frames (1..12) trims the last block to the audio's length. The job's last block
         (job.num_blocks) also carries the audio encoder's tail, so the stream ends complete.
         """
+        return self.mux(self.decode_frames(latent, pcm, keep_frames))
+
+    def decode_frames(self, latent: torch.Tensor, pcm: np.ndarray, keep_frames: int) -> DecodedFrames:
+        """decode_block's first half, the device's: the block's frames on the host, for mux().
+        A caller that learns the device is done can start the next block's device work while
+        this one is encoded (the gateway does, for the first block)."""
         if self._decoder is None:
             raise RuntimeError("decode_block on a closed DecoderStream")
+        if self._pending is not None:
+            raise RuntimeError("decode_frames twice without mux(): blocks are muxed in order")
         if self.job.num_blocks and self.blocks >= self.job.num_blocks:
             raise InvalidInput(f"the job has {self.job.num_blocks} blocks; block {self.blocks} is extra")
         self._check_latent(latent, self.latent_frames, "latent")
@@ -225,13 +244,23 @@ class DecoderStream:
             else:
                 frames = ((pixels[0, :, :keep_frames] + 1.0) * 127.5).round_().clamp_(0, 255)
                 frames = frames.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
-        t1 = time.perf_counter()  # .cpu() above waits for the GPU, so this is the decoder's time
+        # .cpu() above waits for the GPU, so this is the decoder's time
+        self._pending = DecodedFrames(frames, pcm, keep_frames, (time.perf_counter() - t0) * 1e3)
+        return self._pending
+
+    def mux(self, decoded: DecodedFrames) -> DecodedBlock:
+        """decode_block's second half, the CPU's: H.264 + AAC into one fMP4 fragment."""
+        if decoded is not self._pending or self._writer is None:
+            raise RuntimeError("mux() takes the block decode_frames() just returned")
+        t1 = time.perf_counter()
         final = bool(self.job.num_blocks) and self.blocks + 1 == self.job.num_blocks
-        data = self._writer.write_block(frames, pcm, final=final)
-        t2 = time.perf_counter()
+        data = self._writer.write_block(decoded.frames, decoded.pcm, final=final)
+        self._pending = None
         self.blocks += 1
-        self.frames += keep_frames
-        return DecodedBlock(data=data, num_frames=keep_frames, vae_ms=(t1 - t0) * 1e3, mux_ms=(t2 - t1) * 1e3)
+        self.frames += decoded.keep_frames
+        return DecodedBlock(
+            data=data, num_frames=decoded.keep_frames, vae_ms=decoded.vae_ms, mux_ms=(time.perf_counter() - t1) * 1e3
+        )
 
     def finish(self) -> bytes:
         """The audio tail as a last fragment, for streams whose job did not say num_blocks

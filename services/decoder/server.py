@@ -1,7 +1,5 @@
 """DecoderService: thin grpc.aio servicer over DecoderEngine; one bidi stream = one video."""
 
-import time
-
 from avatar import job_limits, metrics, telemetry, wire
 from avatar.errors import InvalidInput
 from avatar.grpc_util import run_blocking
@@ -37,26 +35,12 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                     raise InvalidInput(f"pcm must be int16 mono [samples], got {pcm.dtype} {list(pcm.shape)}")
                 latent = wire.tensor_arg(block.latent, "latent")
                 with telemetry.span("decode_block", block=block.index, keep_frames=block.keep_frames):
-                    start_ns = time.time_ns()
-                    out = await run_blocking(stream.decode_block, latent, pcm.numpy(), block.keep_frames)
-                    end_ns = time.time_ns()
-                    # The engine measures both parts; place them as child spans, VAE first, mux last.
-                    vae_ns, mux_ns = int(out.vae_ms * 1e6), int(out.mux_ms * 1e6)
-                    telemetry.record_span(
-                        "vae_decode",
-                        start_ns,
-                        min(end_ns, start_ns + vae_ns),
-                        block=block.index,
-                        decoder=self.engine.kind,
-                    )
-                    telemetry.record_span(
-                        "mux",
-                        max(start_ns, end_ns - mux_ns),
-                        end_ns,
-                        block=block.index,
-                        frames=out.num_frames,
-                        bytes=len(out.data),
-                    )
+                    with telemetry.span("vae_decode", block=block.index, decoder=self.engine.kind):
+                        frames = await run_blocking(stream.decode_frames, latent, pcm.numpy(), block.keep_frames)
+                    yield decoder_pb2.DecoderOutput(decoded=block.index)
+                    with telemetry.span("mux", block=block.index, frames=block.keep_frames) as span:
+                        out = await run_blocking(stream.mux, frames)
+                        span.set_attribute("bytes", len(out.data))
                 yield decoder_pb2.DecoderOutput(
                     fragment=decoder_pb2.DecodedFragment(
                         index=block.index,
