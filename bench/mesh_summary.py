@@ -1,30 +1,75 @@
 """One line per `avatar generate --server` request of a mesh bench: size, FPS end to end, first
 fragment, and milliseconds per call or block by stage, read from the sidecar JSON each request
 wrote beside its video; with the server's spans in OUT/trace.jsonl (`avatar serve --trace-file`),
-a second line with the DiT's milliseconds for each block in order (where a request's first
-blocks, CUDA graph captures included, differ from its steady ones).
+two more: the DiT's milliseconds for each block in order (where a request's first blocks differ
+from its steady ones), and the first fragment's path, each stage's start and end in ms from the
+gateway's receipt of the request (what the first fragment waits for).
 Usage: python3 bench/mesh_summary.py OUT NAME... (e.g. hd1 hd2 sd4)."""
 
 import json
 import sys
 from pathlib import Path
 
+ROOT_SPAN = "avatar.v1.AvatarService/Generate"
+# (span name, its block attribute or None, label) on the first fragment's path, in order
+FIRST_FRAGMENT_PATH = (
+    ("encode_image", None, "image"),
+    ("encode_text", None, "text"),
+    ("encode_audio", None, "audio"),
+    ("open_session", None, "session"),
+    ("dit_block", 0, "DiT 0"),
+    ("vae_decode", 0, "decode 0"),
+    ("mux", 0, "mux 0"),
+    ("send", 0, "send 0"),
+)
 
-def dit_blocks(trace: Path, trace_id: str) -> list[float]:
-    """The request's dit_block spans (generator service), ms per block in block order."""
-    blocks = {}
+
+def read_spans(trace: Path) -> list[dict]:
+    spans = []
     for line in trace.read_text().splitlines():
         try:
-            span = json.loads(line)
+            spans.append(json.loads(line))
         except json.JSONDecodeError:  # a line two processes wrote at once
             continue
+    return spans
+
+
+def dit_blocks(spans: list[dict], trace_id: str) -> list[float]:
+    """The request's dit_block spans (generator service), ms per block in block order."""
+    blocks = {}
+    for span in spans:
         if span.get("name") == "dit_block" and span.get("trace_id") == trace_id and span.get("duration_ms"):
             blocks[int(span["attributes"].get("block", -1))] = span["duration_ms"]
     return [blocks[i] for i in sorted(blocks)]
 
 
+def first_fragment_path(spans: list[dict], trace_id: str) -> str:
+    """'image 2-35, text 2-10, audio 3-130 (first chunk 120), session 36-80 (28 graphs), DiT 0
+    81-600, ...': each stage on the first fragment's path, ms from the request's root span."""
+    mine = [s for s in spans if s.get("trace_id") == trace_id and s.get("end_unix_nano")]
+    roots = [s for s in mine if s.get("name") == ROOT_SPAN]
+    if not roots:
+        return ""
+    t0 = roots[0]["start_unix_nano"]
+    parts = []
+    for name, block, label in FIRST_FRAGMENT_PATH:
+        found = [s for s in mine if s["name"] == name and (block is None or s["attributes"].get("block") == block)]
+        if not found:
+            continue
+        s = min(found, key=lambda s: s["start_unix_nano"])
+        part = f"{label} {(s['start_unix_nano'] - t0) / 1e6:.0f}-{(s['end_unix_nano'] - t0) / 1e6:.0f}"
+        attrs = s["attributes"]
+        if "first_chunk_ms" in attrs:
+            part += f" (first chunk at {(s['start_unix_nano'] - t0) / 1e6 + attrs['first_chunk_ms']:.0f})"
+        if name == "open_session" and "graphs" in attrs:
+            part += f" ({attrs['graphs']} graphs kept)"
+        parts.append(part)
+    return ", ".join(parts)
+
+
 def main(out: Path, names: list[str]) -> None:
     trace = out / "trace.jsonl"
+    spans = read_spans(trace) if trace.exists() else []
     for name in names:
         try:
             m = json.loads((out / f"{name}.json").read_text())
@@ -36,10 +81,12 @@ def main(out: Path, names: list[str]) -> None:
             f"{name}: {m['width']}x{m['height']} {m['frames']} frames in {m['total_s']:.2f} s = "
             f"{m['frames'] / m['total_s']:.1f} FPS; first fragment {m['time_to_first_fragment_s']:.2f} s; ms: {t}"
         )
-        if trace.exists() and m.get("trace_id"):
-            per_block = dit_blocks(trace, m["trace_id"])
+        if spans and m.get("trace_id"):
+            per_block = dit_blocks(spans, m["trace_id"])
             if per_block:
                 print(f"  {name} DiT ms per block: " + " ".join(f"{ms:.0f}" for ms in per_block))
+            if path := first_fragment_path(spans, m["trace_id"]):
+                print(f"  {name} first fragment, ms from the request: {path}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,31 @@ sys.path.insert(0, "bench")
 import mesh_summary  # noqa: E402
 
 
+def _span(name, trace, start_ms, end_ms, **attributes):
+    ms = 1_000_000
+    base = 1_700_000_000_000 * ms
+    return {
+        "name": name,
+        "trace_id": trace * 32,
+        "start_unix_nano": base + int(start_ms * ms),
+        "end_unix_nano": base + int(end_ms * ms),
+        "duration_ms": end_ms - start_ms,
+        "attributes": attributes,
+    }
+
+
 def test_per_block_dit_times_come_from_the_requests_own_spans_in_block_order(tmp_path, capsys):
     spans = [
-        {"name": "dit_block", "trace_id": "a" * 32, "duration_ms": 700.0, "attributes": {"block": 1}},
-        {"name": "dit_block", "trace_id": "a" * 32, "duration_ms": 520.0, "attributes": {"block": 0}},
-        {"name": "dit_block", "trace_id": "b" * 32, "duration_ms": 9.0, "attributes": {"block": 2}},  # other request
-        {"name": "vae_decode", "trace_id": "a" * 32, "duration_ms": 20.0, "attributes": {"block": 2}},
+        _span("avatar.v1.AvatarService/Generate", "a", 0, 2000),
+        _span("encode_image", "a", 20, 53),
+        _span("encode_audio", "a", 18, 200, first_chunk_ms=110.4),
+        _span("open_session", "a", 60, 95, graphs=28),
+        _span("dit_block", "a", 1300, 2000, block=1),
+        _span("dit_block", "a", 130, 650, block=0),
+        _span("dit_block", "b", 0, 9, block=2),  # another request
+        _span("vae_decode", "a", 655, 680, block=0),
+        _span("vae_decode", "a", 1000, 1020, block=1),
+        _span("send", "a", 770, 772, block=0),
     ]
     lines = [json.dumps(s) for s in spans] + ['{"name": "dit_bl']  # a torn line from two writers
     (tmp_path / "trace.jsonl").write_text("\n".join(lines) + "\n")
@@ -26,9 +45,15 @@ def test_per_block_dit_times_come_from_the_requests_own_spans_in_block_order(tmp
         "trace_id": "a" * 32,
     }
     (tmp_path / "hd1.json").write_text(json.dumps(sidecar))
-    assert mesh_summary.dit_blocks(tmp_path / "trace.jsonl", "a" * 32) == [520.0, 700.0]
+    spans_read = mesh_summary.read_spans(tmp_path / "trace.jsonl")
+    assert len(spans_read) == len(spans) and mesh_summary.dit_blocks(spans_read, "a" * 32) == [520.0, 700.0]
     mesh_summary.main(tmp_path, ["hd1", "sd4"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("hd1: 704x384 24 frames in 2.00 s = 12.0 FPS; first fragment 0.90 s")
     assert out[1] == "  hd1 DiT ms per block: 520 700"
-    assert out[2] == "sd4: no result"
+    # the stages found, in the path's order, block 0's only; text and mux have no span here
+    assert out[2] == (
+        "  hd1 first fragment, ms from the request: image 20-53, audio 18-200 (first chunk at 128), "
+        "session 60-95 (28 graphs kept), DiT 0 130-650, decode 0 655-680, send 0 770-772"
+    )
+    assert out[3] == "sd4: no result"

@@ -42,6 +42,17 @@ def test_one_request_is_one_trace_across_four_processes(mesh, tmp_path):
     assert {sp["service"] for sp in everything if sp["name"] == "dit_block"} == {"avatar-generator"}
     assert {sp["service"] for sp in everything if sp["name"] in ("vae_decode", "mux")} == {"avatar-decoder"}
 
+    # What bench/mesh_summary.py reads for the first fragment's path: every stage of it, in order
+    import sys
+
+    sys.path.insert(0, "bench")
+    import mesh_summary
+
+    path = mesh_summary.first_fragment_path(everything, trace_id)
+    labels = [label for _, _, label in mesh_summary.FIRST_FRAGMENT_PATH]
+    assert [part.split(" (")[0].rsplit(" ", 1)[0] for part in path.split(", ")] == labels, path
+    assert "first chunk at" in path and "graphs kept" in path
+
     # One tree: a single root (the gateway's Generate), every other span's parent is in the trace,
     # and each service's server span hangs under a gateway span (propagated through gRPC metadata).
     ids = {sp["span_id"]: sp for sp in everything}

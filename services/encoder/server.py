@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import time
 
 import numpy as np
 
@@ -73,7 +74,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             )
         # Whole blocks: frames past the audio come back as zeros, so every block gets 12 frames.
         frames = job.num_blocks * FRAMES_PER_BLOCK
-        with telemetry.span("encode_audio", samples=int(pcm.shape[0]), frames=frames):
+        with telemetry.span("encode_audio", samples=int(pcm.shape[0]), frames=frames) as span:
+            started = time.perf_counter()
             chunks = await run_blocking(
                 lambda: iter(
                     self.engine.encode_audio(
@@ -91,6 +93,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if item is done:
                     break
                 first_frame, features = item
+                if first_frame == 0:  # the first block waits for it (wav2vec2 reads the whole audio first)
+                    span.set_attribute("first_chunk_ms", round((time.perf_counter() - started) * 1e3, 3))
                 yield encoder_pb2.AudioFeatures(first_frame=int(first_frame), features=wire.to_proto(features))
 
     # --- live sessions (Converse): one stream = one speaker's audio, block by block -------

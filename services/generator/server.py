@@ -41,14 +41,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         job_limits.check_job(job, sampling=True)  # reachable from the cluster: no unbounded session
         block_frames = job.frames_per_block
         lora = _lora_kwargs(self.engine, start.lora_id)
-        session = await run_blocking(
-            self.engine.open_session,
-            job,
-            wire.tensor_arg(start.text, "text"),
-            wire.tensor_arg(start.ref_latent, "ref_latent"),
-            wire.tensor_arg(start.motion_latents, "motion_latents"),
-            **lora,
-        )
+        with telemetry.span("open_session", width=job.width, height=job.height) as span:
+            session = await run_blocking(
+                self.engine.open_session,
+                job,
+                wire.tensor_arg(start.text, "text"),
+                wire.tensor_arg(start.ref_latent, "ref_latent"),
+                wire.tensor_arg(start.motion_latents, "motion_latents"),
+                **lora,
+            )
+            graphs = getattr(session, "graphs", None)  # a kept session's: captured already
+            span.set_attribute("graphs", graphs.num_graphs if graphs is not None else 0)
         blocks = _InFlight(self, session, job, start.lora_id)
         try:
             # Ready before the caller sends audio: a refusal above reaches it as a clean status
