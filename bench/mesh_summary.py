@@ -4,10 +4,12 @@ wrote beside its video; with the server's spans in OUT/trace.jsonl (`avatar serv
 two more: the DiT's milliseconds for each block in order (where a request's first blocks differ
 from its steady ones), and the first fragment's path, each stage's start and end in ms from the
 gateway's receipt of the request (what the first fragment waits for).
-Usage: python3 bench/mesh_summary.py OUT NAME... (e.g. hd1 hd2 sd4)."""
+Usage: python3 bench/mesh_summary.py OUT NAME... (e.g. hd1 hd2 sd4); for requests sent at once,
+python3 bench/mesh_summary.py --aggregate OUT NAME... (FPS over them all)."""
 
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 ROOT_SPAN = "avatar.v1.AvatarService/Generate"
@@ -67,6 +69,25 @@ def first_fragment_path(spans: list[dict], trace_id: str) -> str:
     return ", ".join(parts)
 
 
+def aggregate(out: Path, names: list[str]) -> str:
+    """Requests sent at once: how many finished, all their frames over the time from the first
+    one's start to the last one's end (the sidecars' clocks: client start-ups left out), and
+    their first fragments."""
+    done = [json.loads(p.read_text()) for p in (out / f"{n}.json" for n in names) if p.exists()]
+    if not done:
+        return f"{len(names)} sessions at once: none finished"
+    wall_s = (
+        max(datetime.fromisoformat(d["finished"]) for d in done)
+        - min(datetime.fromisoformat(d["started"]) for d in done)
+    ).total_seconds()
+    frames = sum(d["frames"] for d in done)
+    firsts = " ".join(f"{d['time_to_first_fragment_s']:.2f}" for d in done)
+    return (
+        f"{len(names)} sessions at once: {len(done)} done, {frames} frames in {wall_s:.2f} s = "
+        f"{frames / wall_s:.1f} FPS aggregate; first fragments {firsts} s"
+    )
+
+
 def main(out: Path, names: list[str]) -> None:
     trace = out / "trace.jsonl"
     spans = read_spans(trace) if trace.exists() else []
@@ -90,4 +111,7 @@ def main(out: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    if sys.argv[1] == "--aggregate":  # --aggregate OUT NAME...: requests sent at once
+        print(aggregate(Path(sys.argv[2]), sys.argv[3:]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2:])

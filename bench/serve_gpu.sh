@@ -1,5 +1,5 @@
 # Sourced by the mesh benches (mesh_gpu.sh, converse_gpu.sh) on the device machine: the carried
-# wheels (device_setup.sh, then .whl/mesh/*.whl, the serving stack), then `avatar serve` with
+# wheels (serve_wheels.sh), then `avatar serve` with
 # full-size random weights on 127.0.0.1:50051 and the arguments given (its log: $OUT/serve.log),
 # waiting until it reports SERVING (with --compile, after its warm-up). Sets $server (its pid) and
 # defines request NAME FLAGS...: one `avatar generate --server` with /tmp/portrait.png
@@ -7,17 +7,7 @@
 # the four requests hd1 hd2 hd3 sd4 that mesh_gpu.sh, round_gpu.sh and soak_gpu.sh send.
 # `--decoder full|light` picks the latent decoder (serve's --latent-decoder; serve's own --decoder
 # is a peer address, meaningless for the one-process mesh), e.g. `bash bench/mesh_gpu.sh --decoder light`.
-source bench/device_setup.sh || return 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/mesh/*.whl || return 1
-if [ -d .whl/cudnn ]; then   # the cuDNN frontend, for --fp8-attention
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/cudnn/*.whl || return 1
-fi
-if [ -d .whl/webrtc ]; then   # aiortc and its dependencies, for the WHEP benches (whep_gpu.sh, round_gpu.sh)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/webrtc/*.whl || return 1
-fi
+source bench/serve_wheels.sh || return 1
 mkdir -p "$OUT"
 serve_args=()
 while (($#)); do

@@ -57,3 +57,17 @@ def test_per_block_dit_times_come_from_the_requests_own_spans_in_block_order(tmp
         "session 60-95 (28 graphs kept), DiT 0 130-650, decode 0 655-680, send 0 770-772"
     )
     assert out[3] == "sd4: no result"
+
+
+def test_sessions_at_once_count_their_frames_over_the_sidecars_own_span(tmp_path):
+    for name, started, finished, first in (("c2-1", "00.0", "04.0", 0.5), ("c2-2", "01.0", "05.0", 1.1)):
+        sidecar = {
+            "frames": 100,
+            "time_to_first_fragment_s": first,
+            "started": f"2026-12-04T20:00:{started}00+00:00",
+            "finished": f"2026-12-04T20:00:{finished}00+00:00",
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(sidecar))
+    line = mesh_summary.aggregate(tmp_path, ["c2-1", "c2-2", "c2-3"])  # c2-3 failed: no sidecar
+    assert line == "3 sessions at once: 2 done, 200 frames in 5.00 s = 40.0 FPS aggregate; first fragments 0.50 1.10 s"
+    assert mesh_summary.aggregate(tmp_path, ["x"]) == "1 sessions at once: none finished"

@@ -33,3 +33,66 @@ def test_bad_arguments_are_refused_with_the_reason(capsys):
             bench_tpp.parse_args(argv)
         assert exit_.value.code == 2
     assert "--ranks and --sessions" in capsys.readouterr().err
+
+
+def _free_port_run(n: int) -> int:
+    """The first of n consecutive loopback ports free now."""
+    import socket
+
+    for base in range(52000, 60000, 10):
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+@pytest.mark.mesh
+def test_the_gateway_run_script_on_cpu_ranks(tmp_path):
+    """bench/tpp_mesh_gpu.sh (issue 15's run through the gateway) with DRY_RUN: a generator of 2
+    gloo ranks under torchrun, encoder, decoder and gateway processes, three requests, 2 and 4 at
+    once, then a rank killed mid-stream; what it brings back is at most 8 files."""
+    import os
+    import subprocess
+
+    from conftest import ROOT, check_video, trim_speech
+
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "AUDIO": str(trim_speech(tmp_path / "clip.wav", 0.5, 2.0)),
+        "BASE_PORT": str(_free_port_run(4)),
+        "OMP_NUM_THREADS": "1",
+    }
+    run = subprocess.run(
+        ["bash", "bench/tpp_mesh_gpu.sh", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    for name in ("hd1", "hd2", "hd3"):
+        assert f"{name}: 96x64 50 frames" in summary and f"{name} first fragment, ms from the request: image" in summary
+    assert "2 sessions at once: 2 done, 100 frames" in summary
+    assert "4 sessions at once: 4 done, 200 frames" in summary
+    killed = next(line for line in summary.splitlines() if line.startswith("rank pid"))
+    assert "the client exited 1" in killed and "UNAVAILABLE" in killed, killed
+    assert "torchrun exited with 1 after the kill" in summary
+    assert sorted(p.name for p in out.iterdir()) == [
+        "hd1.mp4", "mesh.json", "requests.log", "services.log", "summary.txt", "trace.jsonl",
+    ]  # fmt: skip
+    assert sorted(json.loads((out / "mesh.json").read_text())) == sorted(
+        ["hd1", "hd2", "hd3", "c2-1", "c2-2", "c4-1", "c4-2", "c4-3", "c4-4"]
+    )
+    check_video(out / "hd1.mp4", 2.0)
+    leftover = subprocess.run(["pgrep", "-f", f"127.0.0.1:{env['BASE_PORT']}"], capture_output=True, text=True)
+    assert leftover.stdout == "", "processes left running"
