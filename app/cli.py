@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "converse":
             return asyncio.run(converse_cmd.run(args))
         if args.command == "livekit-worker":
-            return run_stoppable(livekit_worker.run(args), args.command)
+            livekit_worker.exit_now(run_stoppable(livekit_worker.run(args), args.command))
         if args.command == "batch":
             from avatar.app.batch import example_command, run
 

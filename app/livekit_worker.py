@@ -125,6 +125,19 @@ def _check(args) -> str:
     return url
 
 
+def exit_now(code: int):
+    """Ends the process with `code` once its spans and output are out, without the interpreter's
+    teardown: LiveKit's Rust runtime (livekit 1.1.21) can abort there ("panic in a function that
+    cannot unwind", SIGABRT) after a failed connect, which turned a clean exit 1 into a crash in
+    CI once (2026-12-04). The command's last act, after every cleanup of its own."""
+    from avatar import telemetry
+
+    telemetry.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 async def run(args) -> int:
     import grpc
 
