@@ -271,3 +271,16 @@ def test_a_failed_first_clip_capture_keeps_the_full_ring_graphs(engine, monkeypa
     finally:
         session.close()
     assert len(captures) == 1 + 2 * 4 and "first-clip block failed" in caplog.text
+
+
+def test_the_warm_up_slots_are_dropped_last(pooled):
+    from avatar.services.generator.engine import IDLE_SLOTS
+
+    assert IDLE_SLOTS == 3
+    pooled.warm_up([(W, H, INFER_FRAMES, 4), (W, H, INFER_FRAMES, 3)])  # like hd and preview
+    warm = list(pooled._idle)
+    assert all(slot.graphs.first_clip for slot in warm)
+    kept = [_session_blocks(pooled, seed=steps, blocks=3, sample_steps=steps)[1].kv for steps in (2, 1)]
+    # the first request's slot went, not the older warm-ups'
+    assert pooled._idle[:2] == warm and pooled._idle[2].kv is kept[1] and kept[0].nbytes == 0
+    assert not pooled._idle[2].graphs.first_clip

@@ -44,7 +44,9 @@ from avatar.services.generator.weights import build_dit, load_dit, random_dit, r
 
 log = logging.getLogger(__name__)
 
-IDLE_SLOTS = 2  # finished sessions' caches + CUDA graphs kept for the next session of their shapes
+# Finished sessions' caches + CUDA graphs kept for the next session of their shapes: the warm-up's
+# two (hd, preview) and one more; the warm-up's go last, as only a warm-up records a first clip.
+IDLE_SLOTS = 3
 SINK_AHEAD = (4, 30)  # upstream draws the reference token's RoPE lead (latent frames) per call
 
 
@@ -188,7 +190,7 @@ class GeneratorEngine:
             matching = [slot for slot in self._idle if slot.key == key]
             if not matching:
                 return None
-            taken = max(matching, key=lambda slot: slot.graphs.num_graphs)  # the warm-up's: its first clip too
+            taken = max(matching, key=lambda slot: slot.graphs.first_clip)  # the warm-up's if there is one
             self._idle.remove(taken)
             self._report_kept()
             return taken
@@ -196,7 +198,10 @@ class GeneratorEngine:
     def keep_slot(self, slot: _Slot) -> None:
         with self._idle_lock:
             self._idle.append(slot)
-            dropped, self._idle = self._idle[:-IDLE_SLOTS], self._idle[-IDLE_SLOTS:]
+            dropped = []
+            while len(self._idle) > IDLE_SLOTS:  # the oldest, a request's before a warm-up's
+                dropped.append(min(self._idle, key=lambda s: s.graphs.first_clip))
+                self._idle.remove(dropped[-1])
             self._report_kept()
         for old in dropped:
             old.free()

@@ -60,6 +60,7 @@ class StepGraphs:
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
         self.filling_failed = False  # a first-clip capture failed: record full-ring spans only
+        self.first_clip = False  # holds graphs of first-clip spans (what only a warm-up records)
 
     def steady(self, pos: StepPositions) -> bool:
         """Whether the span reads a full ring (its ints repeat every clip from now on)."""
@@ -140,6 +141,7 @@ class StepGraphs:
         out = self._forward()
         if not self.capture:
             self._graphs[key] = (None, out)
+            self.first_clip |= not steady
             return out
         graph = torch.cuda.CUDAGraph()
         try:
@@ -163,4 +165,5 @@ class StepGraphs:
             self._graphs.clear()
             return out
         self._graphs[key] = (graph, static_out)
+        self.first_clip |= not steady
         return out
