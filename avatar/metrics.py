@@ -337,7 +337,8 @@ LORAS_LOADED = Gauge("avatar_loras_loaded", "Per-avatar LoRAs held on the device
 KEPT_CACHE_BYTES = Gauge(
     "avatar_generator_kept_cache_bytes",
     "KV caches and prompt keys/values of finished sessions, kept with their CUDA graphs (whose memory "
-    "pools come on top) for the next session of their shapes; freed first when a session needs the memory",
+    "pools come on top) for the next session of their shapes, and the last portraits' sinks; freed first "
+    "when a session needs the memory",
     registry=REGISTRY,
 )
 LORA_LOAD_SECONDS = Histogram(

@@ -64,7 +64,7 @@ def first_fragment_path(spans: list[dict], trace_id: str) -> str:
         if "first_chunk_ms" in attrs:
             part += f" (first chunk at {(s['start_unix_nano'] - t0) / 1e6 + attrs['first_chunk_ms']:.0f})"
         if name == "open_session" and "graphs" in attrs:
-            part += f" ({attrs['graphs']} graphs kept)"
+            part += f" ({attrs['graphs']} graphs kept{', sink kept' if attrs.get('sink_kept') else ''})"
         parts.append(part)
     return ", ".join(parts)
 

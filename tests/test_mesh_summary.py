@@ -25,7 +25,7 @@ def test_per_block_dit_times_come_from_the_requests_own_spans_in_block_order(tmp
         _span("avatar.v1.AvatarService/Generate", "a", 0, 2000),
         _span("encode_image", "a", 20, 53),
         _span("encode_audio", "a", 18, 200, first_chunk_ms=110.4),
-        _span("open_session", "a", 60, 95, graphs=28),
+        _span("open_session", "a", 60, 95, graphs=28, sink_kept=True),
         _span("dit_block", "a", 1300, 2000, block=1),
         _span("dit_block", "a", 130, 650, block=0),
         _span("dit_block", "b", 0, 9, block=2),  # another request
@@ -54,7 +54,7 @@ def test_per_block_dit_times_come_from_the_requests_own_spans_in_block_order(tmp
     # the stages found, in the path's order, block 0's only; text and mux have no span here
     assert out[2] == (
         "  hd1 first fragment, ms from the request: image 20-53, audio 18-200 (first chunk at 128), "
-        "session 60-95 (28 graphs kept), DiT 0 130-650, decode 0 655-680, send 0 770-772"
+        "session 60-95 (28 graphs kept, sink kept), DiT 0 130-650, decode 0 655-680, send 0 770-772"
     )
     assert out[3] == "sd4: no result"
 

@@ -284,3 +284,35 @@ def test_the_warm_up_slots_are_dropped_last(pooled):
     # the first request's slot went, not the older warm-ups'
     assert pooled._idle[:2] == warm and pooled._idle[2].kv is kept[1] and kept[0].nbytes == 0
     assert not pooled._idle[2].graphs.first_clip
+
+
+def test_a_returning_portrait_and_prompt_copy_the_kept_sink_and_get_the_same_latents(pooled, monkeypatch):
+    from avatar import metrics
+    from avatar.services.generator.sink_cache import SinkCache
+
+    pooled.sinks = SinkCache()
+    fresh = GeneratorEngine(ModelSpec(name="tiny", seed=0), dit=pooled.dit)
+    runs = []
+    real = pooled.dit.prefill_sink
+    monkeypatch.setattr(pooled.dit, "prefill_sink", lambda *a: runs.append(1) or real(*a))
+
+    def session(seed, inputs_seed, engine=pooled):
+        text, ref, motion, audio = _inputs(seed=inputs_seed, blocks=5)  # past the sink refresh (clip 1)
+        s = engine.open_session(_job(seed=seed), text, ref, motion)
+        try:
+            return [s.generate_block(a) for a in audio], s.sink_restored
+        finally:
+            s.close()
+
+    first, restored = session(seed=1, inputs_seed=3)
+    assert not restored and len(runs) == 2  # the sink, then its refresh after clip 0
+    assert pooled.sinks.nbytes > 0
+    assert metrics.REGISTRY.get_sample_value("avatar_generator_kept_cache_bytes") == pooled.idle_slot_bytes
+    again, restored = session(seed=2, inputs_seed=3)  # same portrait, motion and prompt; another seed
+    assert restored and len(runs) == 3 and pooled.sinks.hits == 1  # only the refresh ran
+    assert torch.equal(torch.stack(again), torch.stack(session(seed=2, inputs_seed=3, engine=fresh)[0]))
+    other, restored = session(seed=2, inputs_seed=4)  # another portrait and prompt: its own sink
+    assert not restored and not torch.equal(torch.stack(other), torch.stack(again))
+    # two kept: both inputs restore; reclaimed with the slots when a session needs the memory
+    assert session(seed=5, inputs_seed=3)[1] and session(seed=5, inputs_seed=4)[1]
+    assert pooled.drop_idle_slots() > 0 and pooled.sinks.nbytes == 0

@@ -39,6 +39,7 @@ from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
 from avatar.services.generator.fp8_attention import unavailable_reason as fp8_attention_unavailable
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec, step_cache_spec
 from avatar.services.generator.scheduler import FlowMatchEuler
+from avatar.services.generator.sink_cache import SinkCache
 from avatar.services.generator.step_graphs import StepGraphs
 from avatar.services.generator.weights import build_dit, load_dit, random_dit, read_dit_config
 
@@ -165,6 +166,9 @@ class GeneratorEngine:
             raise InvalidInput(reason)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
         self.block_times = BlockTimes()  # steady blocks by size: what the live guard reads
+        # the last portraits' sinks (services/generator/sink_cache.py); on a GPU, where the sink's
+        # forward is on the first fragment's path
+        self.sinks = SinkCache() if self.dit.device.type == "cuda" else None
         self._idle: list[_Slot] = []  # most recently kept last
         self._idle_lock = threading.Lock()
         self.free_memory: Callable[[], int] | None = None
@@ -206,15 +210,25 @@ class GeneratorEngine:
         for old in dropped:
             old.free()
 
+    def keep_sink(self, kv: KVCache, inputs: tuple[torch.Tensor, ...]) -> None:
+        try:
+            self.sinks.keep(kv, inputs)
+        except torch.OutOfMemoryError:  # never fail a session for an optimisation
+            self.sinks.clear()
+        with self._idle_lock:
+            self._report_kept()
+
     def drop_idle_slots(self) -> int:
-        """Frees the kept caches and graphs (for a session that needs their memory); returns their bytes."""
+        """Frees the kept caches, graphs and sinks (for a session that needs their memory);
+        returns their bytes."""
         with self._idle_lock:
             dropped, self._idle = self._idle, []
+            sink_bytes = self.sinks.clear() if self.sinks is not None else 0
             self._report_kept()
-        freed = sum(slot.nbytes for slot in dropped)
+        freed = sum(slot.nbytes for slot in dropped) + sink_bytes
         for slot in dropped:
             slot.free()
-        if dropped and self.dit.device.type == "cuda":
+        if freed and self.dit.device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
 
@@ -224,7 +238,7 @@ class GeneratorEngine:
         metrics.KEPT_CACHE_BYTES.set(self._kept_bytes())
 
     def _kept_bytes(self) -> int:  # under _idle_lock
-        return sum(slot.nbytes for slot in self._idle)
+        return sum(slot.nbytes for slot in self._idle) + (self.sinks.nbytes if self.sinks is not None else 0)
 
     @property
     def idle_slot_bytes(self) -> int:
@@ -415,15 +429,25 @@ class GeneratorSession:
         self.last_block_ms = 0.0
         if slot is not None:  # the session owns them from here: a failure below frees them
             self.kv, self._graphs = slot.kv, slot.graphs
+        self.sink_restored = False  # the sink of a recent session with these inputs, copied
         with self._freed_on_failure(), avatar_loras.active(self.lora):
-            context = dit.embed_text(text.to(self.device)[None])
+            text = text.to(self.device)
+            context = dit.embed_text(text[None])
             if slot is not None:
                 self.context = slot.context.copy_(context)
             else:
                 self.kv = KVCache(spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention)
                 self.context = context
             self.motion = motion_latents.to(self.device, self.dtype)[None]
-            dit.prefill_sink(ref_latent.to(self.device, self.dtype)[None], self.motion, self.context, self.kv)
+            ref = ref_latent.to(self.device, self.dtype)[None]
+            # an avatar LoRA changes the sink; TPP ranks (step sessions) keep their memory for the ring
+            sinks = engine.sinks if self.lora is None and step is None else None
+            inputs = (ref, self.motion, text)
+            self.sink_restored = sinks is not None and sinks.restore(self.kv, inputs)
+            if not self.sink_restored:
+                dit.prefill_sink(ref, self.motion, self.context, self.kv)
+                if sinks is not None:
+                    engine.keep_sink(self.kv, inputs)
         if graphs and self._graphs is None:
             self._graphs = StepGraphs(dit, self.context, self.kv, capture=self.device.type == "cuda")
 
