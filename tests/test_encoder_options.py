@@ -414,8 +414,14 @@ def test_a_live_session_with_an_encoder_not_loaded_is_refused(servers, encoder, 
             async for _ in converse(channel, header, audio(), timeout=120):
                 pass
 
-    with pytest.raises(grpc.RpcError) as exc:
-        asyncio.run(session())
+    # grpc.aio clients sometimes lose a status that ends a bidi call early and report a local
+    # INTERNAL "Internal error from Core" instead (grpc/grpc#36066: ~1 in 10 here, the server's
+    # side done and the client's writes finished); such a try is made again, the refusal must come.
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as exc:
+            asyncio.run(session())
+        if exc.value.details() != "Internal error from Core":
+            break
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value
     assert words in exc.value.details()
 
