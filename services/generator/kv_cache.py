@@ -182,6 +182,26 @@ class KVCache:
             return BlockSpan(group, s0 + sink + slot, s0, s0 + sink + valid)
         return BlockSpan(group, s0 - slot - n, s0 - valid, s0 + sink)  # before it, filled backwards
 
+    def sink(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A copy of what prefill wrote: the motion tokens' rotated keys [layers, B, sink - ref, H, D],
+        the sink's values [layers, B, sink, H, D] and the reference's unrotated keys (its rotated
+        keys are written per call); every group holds the same, so group 0's."""
+        s0, nref, n = self.spec.sink_start, self.spec.frame_tokens, self.spec.sink_tokens
+        return (
+            self.keys[0, :, :, s0 + nref : s0 + n].clone(),
+            self.values[0, :, :, s0 : s0 + n].clone(),
+            self.ref_k.clone(),
+        )
+
+    def load_sink(self, sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Writes a copy made by sink() into every group, as prefill would have."""
+        keys, values, ref_k = sink
+        s0, nref, n = self.spec.sink_start, self.spec.frame_tokens, self.spec.sink_tokens
+        self.keys[:, :, :, s0 + nref : s0 + n] = keys
+        self.values[:, :, :, s0 : s0 + n] = values
+        self.ref_k.copy_(ref_k)
+        self.sink_filled = True
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.ref_k))

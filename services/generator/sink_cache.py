@@ -25,13 +25,11 @@ KEPT_SINKS = 2  # the last portraits' sinks; dropped with the kept slots when a 
 class _Sink:
     key: tuple  # the cache's shapes and dtype
     inputs: tuple[torch.Tensor, ...]  # ref latent, motion latents, text embeddings, as the session got them
-    keys: torch.Tensor  # [layers, B, sink - ref tokens, H, D]: the motion tokens' rotated keys
-    values: torch.Tensor  # [layers, B, sink, H, D]
-    ref_k: torch.Tensor  # [layers, B, ref tokens, H, D], unrotated
+    tensors: tuple[torch.Tensor, ...]  # KVCache.sink()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.inputs, self.keys, self.values, self.ref_k))
+        return sum(t.numel() * t.element_size() for t in (*self.inputs, *self.tensors))
 
     def matches(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> bool:
         return self.key == key and all(
@@ -56,23 +54,12 @@ class SinkCache:
             self._sinks.remove(found)
             self._sinks.append(found)
             self.hits += 1
-        s0, nref, sink = kv.spec.sink_start, kv.ref_k.shape[2], kv.spec.sink_tokens
-        kv.keys[:, :, :, s0 + nref : s0 + sink] = found.keys
-        kv.values[:, :, :, s0 : s0 + sink] = found.values
-        kv.ref_k.copy_(found.ref_k)
-        kv.sink_filled = True
+        kv.load_sink(found.tensors)
         return True
 
     def keep(self, kv: KVCache, inputs: tuple[torch.Tensor, ...]) -> None:
         """Keeps the sink `kv` was just prefilled with, for sessions with equal inputs."""
-        s0, nref, sink = kv.spec.sink_start, kv.ref_k.shape[2], kv.spec.sink_tokens
-        kept = _Sink(
-            _key(kv),
-            tuple(t.clone() for t in inputs),
-            kv.keys[0, :, :, s0 + nref : s0 + sink].clone(),
-            kv.values[0, :, :, s0 : s0 + sink].clone(),
-            kv.ref_k.clone(),
-        )
+        kept = _Sink(_key(kv), tuple(t.clone() for t in inputs), kv.sink())
         with self._lock:
             self._sinks = [s for s in self._sinks if not s.matches(kept.key, kept.inputs)] + [kept]
             del self._sinks[: -self.size]
