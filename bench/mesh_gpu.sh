@@ -20,8 +20,6 @@ names=(hd1 hd2 hd3 sd4 sd5)
 python3 bench/mesh_summary.py "$OUT" "${names[@]}" | tee "$OUT/summary.txt"   # + per block and the first fragment's path
 # What comes back from the device is at most 8 files: one video, the sidecars in one JSON
 # ({name: sidecar}, as bench/results/*-mesh*.json), the logs in one file, the spans, the summary.
-python3 -c 'import json, os, sys; out, names = sys.argv[1], sys.argv[2:]
-print(json.dumps({n: json.load(open(f"{out}/{n}.json")) for n in names if os.path.exists(f"{out}/{n}.json")}, indent=1))' \
-    "$OUT" "${names[@]}" > "$OUT/mesh.json"
+python3 bench/mesh_summary.py --bundle "$OUT" "${names[@]}" > "$OUT/mesh.json"
 for n in "${names[@]}"; do echo "== $n"; cat "$OUT/$n.log" 2>/dev/null; done > "$OUT/requests.log"
 for n in "${names[@]}"; do rm -f "$OUT/$n.log" "$OUT/$n.json"; [ "$n" = hd1 ] || rm -f "$OUT/$n.mp4"; done

@@ -5,7 +5,8 @@ two more: the DiT's milliseconds for each block in order (where a request's firs
 from its steady ones), and the first fragment's path, each stage's start and end in ms from the
 gateway's receipt of the request (what the first fragment waits for).
 Usage: python3 bench/mesh_summary.py OUT NAME... (e.g. hd1 hd2 sd4); for requests sent at once,
-python3 bench/mesh_summary.py --aggregate OUT NAME... (FPS over them all)."""
+python3 bench/mesh_summary.py --aggregate OUT NAME... (FPS over them all); --bundle OUT NAME...
+prints the sidecars as one JSON object."""
 
 import json
 import sys
@@ -88,6 +89,12 @@ def aggregate(out: Path, names: list[str]) -> str:
     )
 
 
+def bundle(out: Path, names: list[str]) -> dict:
+    """The requests' sidecars in one object, {name: sidecar} (one file back from the device
+    instead of one per request; the format of bench/results/*-mesh*.json)."""
+    return {n: json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()}
+
+
 def main(out: Path, names: list[str]) -> None:
     trace = out / "trace.jsonl"
     spans = read_spans(trace) if trace.exists() else []
@@ -113,5 +120,7 @@ def main(out: Path, names: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--aggregate":  # --aggregate OUT NAME...: requests sent at once
         print(aggregate(Path(sys.argv[2]), sys.argv[3:]))
+    elif sys.argv[1] == "--bundle":  # --bundle OUT NAME...: the sidecars as one JSON on stdout
+        print(json.dumps(bundle(Path(sys.argv[2]), sys.argv[3:]), indent=1))
     else:
         main(Path(sys.argv[1]), sys.argv[2:])

@@ -104,9 +104,7 @@ fi
 kill -INT "$gateway" "$encoder" "$decoder" "$generator" 2>/dev/null; wait "$gateway" "$encoder" "$decoder" 2>/dev/null
 [ -n "${DRY_RUN:-}" ] || nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
 { $PY bench/mesh_summary.py "$OUT" "${names[@]}"; cat "$OUT/concurrent.txt"; } | tee "$OUT/summary.txt"
-$PY -c 'import json, os, sys; out, names = sys.argv[1], sys.argv[2:]
-print(json.dumps({n: json.load(open(f"{out}/{n}.json")) for n in names if os.path.exists(f"{out}/{n}.json")}, indent=1))' \
-    "$OUT" "${names[@]}" > "$OUT/mesh.json"
+$PY bench/mesh_summary.py --bundle "$OUT" "${names[@]}" > "$OUT/mesh.json"
 for s in generator encoder decoder gateway; do echo "== $s"; cat "$OUT/$s.log"; done > "$OUT/services.log"
 for n in "${names[@]}" killed; do echo "== $n"; cat "$OUT/$n.log" 2>/dev/null; done > "$OUT/requests.log"
 for n in "${names[@]}" killed; do rm -f "$OUT/$n.log" "$OUT/$n.json"; [ "$n" = hd1 ] || rm -f "$OUT/$n.mp4"; done
