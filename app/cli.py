@@ -82,6 +82,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         '"FP8 attention")',
     )
     g.add_argument(
+        "--fused-norms",
+        action="store_true",
+        help="with --fp8: each residual add + LayerNorm + modulation + FP8 quantisation of the DiT "
+        "in one Triton kernel instead of torch.compile's (same arithmetic; docs/performance.md, "
+        '"Fused norms")',
+    )
+    g.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -197,6 +204,7 @@ def model_spec(args):
             cuda_graphs=args.cuda_graphs,
             offload_text_projections=args.offload_text_kv,
             fp8_attention=getattr(args, "fp8_attention", False),
+            fused_norms=getattr(args, "fused_norms", False),
         )
         encoder_options = EncoderOptions(
             audio_encoders=audio_encoders,

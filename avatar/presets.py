@@ -54,6 +54,7 @@ class GeneratorOptions:
     cuda_graphs: bool | None = None  # replay steady-state steps from CUDA graphs; None: on for CUDA devices
     offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
     fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache (an approximation)
+    fused_norms: bool = False  # residual + norm + modulation + FP8 quantisation in one Triton kernel (needs fp8)
 
     def __post_init__(self):
         if self.cache_sets is not None and self.cache_sets != 1:
@@ -171,6 +172,12 @@ class ModelSpec:
             raise InvalidInput(f"avatar LoRA {twice[0]} is registered twice")
         if self.max_loras < 1:
             raise InvalidInput(f"--max-loras must be at least 1, got {self.max_loras}")
+        if self.generator_options.fused_norms and not self.fp8:
+            raise InvalidInput("--fused-norms writes the FP8 linears' inputs: it needs --fp8")
+        if self.generator_options.fused_norms and self.avatar_loras:
+            raise InvalidInput(
+                "--fused-norms hands the linears FP8 inputs, which per-avatar LoRAs (--avatar-lora) cannot read"
+            )
         # Weights from files never fall back to random ones: each optional encoder needs its folder.
         enc = self.encoder_options
         if self.from_files and "whisper" in enc.audio_encoders and not enc.whisper_dir:

@@ -116,6 +116,7 @@ class LoopConfig:
     num_sets: int = 4  # one ring per step (timestep forcing) or 1 (+ a clean pass per block)
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
     fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache
+    fused_norms: bool = False  # the blocks' norms in fused_norms.py's kernels (FP8 linears only)
     seed: int = 0
 
 
@@ -165,6 +166,8 @@ class TimedSession:
         engine.kv_dtype = cfg.kv_dtype or dit.dtype
         engine.fp8_attention = cfg.fp8_attention
         engine.cuda_graphs, engine.free_memory = False, None
+        for block in dit.blocks:
+            block.fused_norms = cfg.fused_norms
         job = Job(
             width=cfg.width,
             height=cfg.height,
@@ -456,6 +459,92 @@ def time_fn(fn, device, reps: int = 20, warm: int = 3) -> float:
     return median(ts)
 
 
+def bench_norm_kernels(device, width, height, dim: int = 5120, ffn_dim: int = 13824) -> dict:
+    """One layer's four stretches between FP8 linears at a block's token count: the block's torch
+    code compiled as the model compiles it (dynamic shapes) against fused_norms.py's kernels, with
+    the share of FP8 codes equal to the eager torch code's (the CPU tests run the kernels in
+    Triton's interpreter; this is the GPU's own arithmetic) and the bandwidth each reaches."""
+    import torch.nn.functional as F
+
+    from avatar.services.generator import fused_norms
+    from avatar.services.generator.causal_s2v_dit import _gate, _modulate
+    from avatar.services.generator.fp8 import quantize
+
+    m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
+    g = torch.Generator(device=device).manual_seed(0)
+    device_is_cuda = torch.device(device).type == "cuda"
+
+    def rnd(*shape, dtype=torch.bfloat16, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    x, y, stream = rnd(1, m, dim), rnd(1, m, dim), rnd(1, m, dim, dtype=torch.float32)
+    mod = rnd(1, LATENT_FRAMES_PER_BLOCK, 6, dim, dtype=torch.float32, scale=0.3)
+    w, b, hidden = rnd(dim), rnd(dim), rnd(1, m, ffn_dim)
+    mods = [mod[:, :, i] for i in range(6)]
+
+    def rows(t):  # what FP8Linear does to its input
+        return quantize(t.reshape(-1, t.shape[-1]), "row")
+
+    def fused_rows(out):
+        residual, r = out if isinstance(out, tuple) and not isinstance(out, fused_norms.FP8Rows) else (None, out)
+        return residual, r.codes.reshape(-1, r.codes.shape[-1]), r.scale.reshape(-1, 1)
+
+    def norm1():
+        return None, *rows(
+            _modulate(F.layer_norm(x.float(), (dim,), eps=1e-6).to(x.dtype), mods[0], mods[1]).bfloat16()
+        )
+
+    def norm3():
+        r = x.float() + _gate(y, mods[2])
+        return r, *rows(F.layer_norm(r.bfloat16().float(), (dim,), w.float(), b.float(), eps=1e-6).bfloat16())
+
+    def norm2():
+        r = stream + y.float()
+        return r, *rows(_modulate(F.layer_norm(r, (dim,), eps=1e-6), mods[3], mods[4]).bfloat16())
+
+    def gelu():
+        return None, *rows(F.gelu(hidden, approximate="tanh"))
+
+    cases = {  # name: (the block's torch code, the fused kernel, bytes it reads and writes)
+        "norm1+modulate": (
+            norm1,
+            lambda: fused_norms.norm_quantize(x, mod, 1e-6, shift=0, scale=1, round_norm=True),
+            m * dim * (2 + 1),
+        ),
+        "gated residual+norm3": (
+            norm3,
+            lambda: fused_norms.norm_quantize(x, mod, 1e-6, residual=y, gate=2, weight=w, bias=b, round_input=True),
+            m * dim * (2 + 2 + 4 + 1),
+        ),
+        "residual+norm2+modulate": (
+            norm2,
+            lambda: fused_norms.norm_quantize(stream, mod, 1e-6, residual=y, shift=3, scale=4),
+            m * dim * (4 + 2 + 4 + 1),
+        ),
+        "gelu": (gelu, lambda: fused_norms.gelu_quantize(hidden), m * ffn_dim * (2 + 1)),
+    }
+    res = {"size": f"{width}*{height}", "tokens": m}
+    for name, (torch_code, fused, nbytes) in cases.items():
+        # codes against the eager code: inductor skips the bf16 roundings inside its kernels
+        (r_ref, q_ref, s_ref), (r_got, q_got, s_got) = torch_code(), fused_rows(fused())
+        compiled, reps = torch.compile(torch_code, dynamic=True), 30 if device_is_cuda else 2
+        t_compiled, t_fused = time_fn(compiled, device, reps), time_fn(fused, device, reps)
+        res[name] = r = {
+            "compiled_ms": t_compiled,
+            "fused_ms": t_fused,
+            "fused_gb_s": nbytes / t_fused / 1e6,
+            "codes_equal": (q_ref.view(torch.uint8) == q_got.view(torch.uint8)).float().mean().item(),
+            "scale_max_rel_diff": (s_got / s_ref - 1).abs().max().item(),
+            "residual_equal": None if r_ref is None else torch.equal(r_ref, r_got),
+        }
+        log(
+            f"  {name} {width}*{height} ({m} tokens): torch.compile {t_compiled * 1e3:.0f} us, fused "
+            f"{t_fused * 1e3:.0f} us ({r['fused_gb_s']:.0f} GB/s), codes equal {r['codes_equal']:.5f}, "
+            f"scales within {r['scale_max_rel_diff']:.1e}, residual equal {r['residual_equal']}"
+        )
+    return res
+
+
 def bench_attention(device, width, height) -> dict:
     """SDPA backends for one block's self-attention over a full window (DiT layout: [B, L, H, D]
     transposed views, as the model's attention function passes them)."""
@@ -730,8 +819,8 @@ def main():
         "--only",
         default="all",
         help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
-        "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile,fp8-attention "
-        "(fp8-attention: not in all)",
+        "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile,fp8-attention,fused-norms "
+        "(fp8-attention, fused-norms: not in all)",
     )
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
@@ -868,7 +957,7 @@ def main():
             "overlap", lambda: bench_overlap(dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm)
         )
 
-    if {"fp8", "24gb", "compile", "fp8-attention"} & parts:
+    if {"fp8", "24gb", "compile", "fp8-attention", "fused-norms"} & parts:
         from avatar.services.generator.fp8 import swap_linears_to_fp8
 
         t0 = time.perf_counter()
@@ -952,6 +1041,45 @@ def main():
                         f"  FP8 attention vs bf16 attention (FP8 cache) latents {w}*{h}, rel. error per step: "
                         + " ".join(f"{e:.4f}" for e in errs)
                     )
+        if "fused-norms" in parts:
+            results["norm_kernels"] = [
+                guarded(
+                    f"norm kernels {w}*{h}",
+                    lambda w=w, h=h: bench_norm_kernels(device, w, h, dit.config.dim, dit.config.ffn_dim),
+                )
+                for w, h in sizes
+            ]
+            from avatar.services.generator.fp8_attention import unavailable_reason
+
+            dit.use_fused_norms()  # checks the model can (FP8 rows, bf16, Triton); each variant sets its own
+            best = dict(kv_dtype=torch.float8_e4m3fn, fp8_attention=unavailable_reason(device) is None)
+            label = tag + (" fp8-attention" if best["fp8_attention"] else " kv-fp8")
+            log(f"{label}: the blocks' norms by torch.compile, then by fused_norms.py's kernels:")
+            for s in sizes:
+                extra = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
+                variant(label, s, **best, **extra)
+                variant(f"{label} fused-norms", s, fused_norms=True, **best, **extra)
+            results["fused_norms_quality"] = {}
+            for w, h in sizes:
+                ref = guarded(
+                    f"latents {label} {w}*{h}", lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, **best), device)
+                )
+                got = guarded(
+                    f"latents {label} fused-norms {w}*{h}",
+                    lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, fused_norms=True, **best), device),
+                )
+                if ref and got:
+                    errs = rel_errors(got, ref)
+                    results["fused_norms_quality"][f"{w}*{h}"] = errs
+                    log(
+                        f"  fused norms vs torch's latents {w}*{h}, rel. error per step: "
+                        + " ".join(f"{e:.4f}" for e in errs)
+                    )
+            if dev_cuda:
+                results["profile_fused_norms"] = guarded(
+                    "profile fused-norms",
+                    lambda: profile_step(dit, LoopConfig(*sizes[0], fused_norms=True, **best), device),
+                )
         if "profile" in parts and dev_cuda:
             results["profile"] = [
                 guarded(f"profile {w}*{h}", lambda w=w, h=h: profile_step(dit, LoopConfig(w, h), device))

@@ -1,7 +1,13 @@
 """Shared fixtures: free loopback ports, `avatar serve` subprocesses that are up (health SERVING) and always killed."""
+# ruff: noqa: E402 (the environment is set before the imports)
+
+import os
+
+# The GPU's Triton kernels run in Triton's interpreter on the CPU (tests/test_fused_norms.py). Set
+# before anything imports triton: its jit decorator reads it then.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -119,3 +119,32 @@ def test_pipeline_bench_runs_its_cpu_paths_and_writes_json(tmp_path, monkeypatch
         assert 0 < r["first_fragment_s"] and r["fps"] > 0 and r["dit_block_ms"] > 0
         assert ("vae_ms" in r) == r["decoder"] and (r["fragment_kb"] > 0 if r["decoder"] else True)
     assert res["offload_text_projections"]["text_kv_identical"] is True
+
+
+def test_the_fused_norms_part_times_both_paths_and_compares_their_latents(tmp_path, monkeypatch):
+    """--only fused-norms (the kernels in Triton's interpreter here): the four kernels against the
+    block's compiled torch code, both DiT variants, their latents."""
+    import torch
+    from triton_interpreter import exact_downcasts
+
+    from avatar.services.generator.weights import random_dit
+
+    # the kernels round as a bf16 model does: the tiny model in bf16 (the bench's CPU default is float32)
+    monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
+    out = tmp_path / "bench.json"
+    argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "fused-norms"]
+    monkeypatch.setattr(sys, "argv", argv + ["--blocks", "2", "--warm", "1", "--out", str(out)])
+    with exact_downcasts():
+        bench_generator.main()
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    kernels = res["norm_kernels"][0]
+    names = ("norm1+modulate", "gated residual+norm3", "residual+norm2+modulate", "gelu")
+    assert set(kernels) == {"size", "tokens", *names}
+    for name in names:
+        assert kernels[name]["fused_ms"] > 0 and kernels[name]["compiled_ms"] > 0
+        assert kernels[name]["codes_equal"] > 0.99 and kernels[name]["scale_max_rel_diff"] < 0.02, kernels[name]
+    assert kernels["gated residual+norm3"]["residual_equal"] and kernels["residual+norm2+modulate"]["residual_equal"]
+    assert [r["variant"] for r in res["runs"]] == ["fp8 fp8-attention", "fp8 fp8-attention fused-norms"]
+    errors = res["fused_norms_quality"]["96*64"]
+    assert len(errors) == 8 and max(errors) < 0.05, errors

@@ -29,6 +29,8 @@ from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
+from avatar.services.generator import fused_norms
+from avatar.services.generator.fp8 import FP8Linear, FP8Rows
 from avatar.services.generator.fp8_attention import fp8_attention
 from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
@@ -194,9 +196,9 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(self, x: torch.Tensor, rope: Rope, kv: LayerKV) -> torch.Tensor:
-        n = x.shape[1]
+    def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        n = q.shape[1]
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k_rot = apply_rope(q, rope), apply_rope(k, rope)
@@ -225,7 +227,9 @@ class CrossAttention(_Projections):
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
         return k, v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | FP8Rows, context: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """context: tokens [B, L, C], or their (keys, values) from context_kv."""
         k, v = self.context_kv(context) if isinstance(context, torch.Tensor) else context
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
@@ -244,10 +248,13 @@ class CausalS2VBlock(nn.Module):
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+        self.fused_norms = False  # the stretches between FP8 linears in Triton kernels (use_fused_norms)
 
     def forward(self, x, mod, rope: Rope, text_kv: tuple[torch.Tensor, torch.Tensor], kv: LayerKV):
         """x [B, L, C] model dtype; mod [B, G, 6, C] float32 timestep modulation per token group;
         text_kv: this layer's keys and values of the prompt (TextContext)."""
+        if self.fused_norms:
+            return self._forward_fused(x, mod, rope, text_kv, kv)
         dtype = x.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + mod).unbind(2)
         y = self.self_attn(_modulate(self.norm1(x), shift1, scale1).to(dtype), rope, kv)
@@ -255,6 +262,22 @@ class CausalS2VBlock(nn.Module):
         x = x + self.cross_attn(self.norm3(x.to(CROSS_ATTN_NORM_DTYPE)).to(dtype), text_kv).float()
         y = self.ffn(_modulate(self.norm2(x), shift2, scale2).to(dtype))
         return (x + _gate(y, gate2)).to(dtype)
+
+    def _forward_fused(self, x, mod, rope: Rope, text_kv: tuple[torch.Tensor, torch.Tensor], kv: LayerKV):
+        """forward() of an FP8 block, each residual add + norm + modulation + the next linear's
+        quantisation in one kernel (fused_norms.py). mod's six vectors: shift1, scale1, gate1,
+        shift2, scale2, gate2."""
+        dtype = x.dtype
+        mod = (self.modulation.float()[:, None] + mod).contiguous()
+        _, h = fused_norms.norm_quantize(x, mod, self.norm1.eps, shift=0, scale=1, round_norm=True)
+        y = self.self_attn(h, rope, kv)
+        x, h = fused_norms.norm_quantize(
+            x, mod, self.norm3.eps, residual=y, gate=2, weight=self.norm3.weight, bias=self.norm3.bias, round_input=True
+        )
+        y = self.cross_attn(h, text_kv)
+        x, h = fused_norms.norm_quantize(x, mod, self.norm2.eps, residual=y, shift=3, scale=4)
+        y = self.ffn[2](fused_norms.gelu_quantize(self.ffn[0](h)))
+        return (x + _gate(y, mod[:, :, 5])).to(dtype)
 
 
 class Head(nn.Module):
@@ -557,6 +580,21 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                         if t is not None and not t.is_pinned():
                             t.data = t.data.pin_memory()
         return moved
+
+    def use_fused_norms(self) -> None:
+        """Run every block's norms in the fused kernels of fused_norms.py (`--fused-norms`). Needs
+        FP8 linears with row scales in the trunk, bf16 activations and Triton; ValueError naming
+        what is missing otherwise."""
+        if reason := fused_norms.unavailable_reason(self.device):
+            raise ValueError(reason)
+        if self.dtype != torch.bfloat16:
+            raise ValueError(f"--fused-norms rounds as a bf16 model does; this one is {self.dtype}")
+        for block in self.blocks:
+            linears = (block.self_attn.q, block.self_attn.k, block.self_attn.v, block.cross_attn.q)
+            if not all(isinstance(m, FP8Linear) and m.granularity == "row" for m in (*linears, *block.ffn[::2])):
+                raise ValueError("--fused-norms quantises the linears' inputs per row: it needs --fp8")
+        for block in self.blocks:
+            block.fused_norms = True
 
     @torch.no_grad()
     def encode_audio(self, features: torch.Tensor) -> AudioTokens:

@@ -92,6 +92,11 @@ def build_generator_model(model: ModelSpec, load_device: torch.device | None = N
     if model.fp8:
         swapped = swap_linears_to_fp8(dit)
         log.info("FP8 linear layers: %d", len(swapped))
+    if model.generator_options.fused_norms:
+        try:
+            dit.use_fused_norms()
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
     if device.type == "cuda":
         prefer_cudnn_attention(device)
     if model.generator_options.offload_text_projections:

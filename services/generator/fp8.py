@@ -5,6 +5,8 @@ FP8 weights with their scales, activations quantised on the fly, products throug
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -22,6 +24,14 @@ DEFAULT_SKIP = (
     "head",
     "final_linear",
 )
+
+
+class FP8Rows(NamedTuple):
+    """Activations already quantised per row by a fused kernel (fused_norms.py): codes [..., K]
+    e4m3 and scales [..., 1] float32. FP8Linear takes them as its input and skips its own step."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
 
 
 def quantize(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,12 +190,17 @@ class FP8Linear(nn.Module):
             self.weight_fp8, self.weight_scale.reshape(-1, 1) if self.granularity == "row" else self.weight_scale
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+        rows = isinstance(x, FP8Rows)
+        shape = x.codes.shape if rows else x.shape
         if shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {tuple(shape)}")
-        x2 = x.reshape(-1, self.in_features)
-        xq, xs = self._quantize(x2, self.granularity)
+        if rows:
+            if self.granularity != "row":
+                raise ValueError("FP8Rows carry one scale per row: this layer scales per tensor")
+            xq, xs = x.codes.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
+        else:
+            xq, xs = self._quantize(x.reshape(-1, self.in_features), self.granularity)
         y = torch._scaled_mm(
             xq,
             self.weight_fp8.t(),
@@ -195,7 +210,7 @@ class FP8Linear(nn.Module):
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
-        if y.dtype != x.dtype:
+        if not rows and y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 

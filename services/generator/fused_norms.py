@@ -1,0 +1,237 @@
+"""One Triton kernel for each stretch of a DiT block between two FP8 linears (`--fused-norms`).
+
+In the FP8 DiT every linear quantises its input per row first, and what comes before that is a
+residual add, a LayerNorm and the timestep modulation (or the FFN's GELU). Under torch.compile
+those became reduction kernels that ran at a fraction of their memory traffic: four of them took
+30 of the 167 ms of a 704*384 step on an H100 (the profile of run H7, docs/performance.md), about
+five times what reading and writing their tensors costs. Here each stretch is one program per row
+that holds the row in registers: read once, write the FP8 codes, their scale and (after a residual
+add) the new float32 residual.
+
+Same arithmetic as the block's own code (tests/test_fused_norms.py compares both, in Triton's
+interpreter on the CPU): float32 inside, rounded to bf16 where the block rounds, then e4m3 with
+one scale per row as `fp8.quantize`. Only the order of the LayerNorm's sums differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from avatar.services.generator.fp8 import E4M3, FP8Rows
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: unavailable_reason() says so
+    triton = None
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the fused kernels cannot run on `device`, or None. Triton compiles for CUDA GPUs; on the
+    CPU only its interpreter runs them (TRITON_INTERPRET=1, what the tests use)."""
+    device = torch.device(device)
+    if triton is None:
+        return "--fused-norms needs Triton (installed with the CUDA builds of torch)"
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return f"--fused-norms runs on a CUDA GPU, not on {device}"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_quantize_kernel(
+        x_ptr,
+        y_ptr,
+        mod_ptr,
+        w_ptr,
+        b_ptr,
+        x_out_ptr,
+        q_ptr,
+        s_ptr,
+        C,
+        tokens,
+        tokens_per_group,
+        groups,
+        eps,
+        GATE: tl.constexpr,
+        SHIFT: tl.constexpr,
+        SCALE: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        ROUND_INPUT: tl.constexpr,
+        AFFINE: tl.constexpr,
+        ROUND_NORM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One row (token) per program. mod holds the block's six modulation vectors per token
+        # group, [B, G, 6, C]; SHIFT/SCALE/GATE pick one of the six (-1: not used).
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < C
+        group_row = (row // tokens) * groups + (row % tokens) // tokens_per_group
+        mod_row = mod_ptr + group_row * 6 * C
+        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:  # x + y (* gate), kept in float32 as the block keeps its residual
+            y = tl.load(y_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+            if GATE >= 0:
+                y = y * tl.load(mod_row + GATE * C + offs, mask=mask, other=0.0)
+            x = x + y
+            tl.store(x_out_ptr + row * C + offs, x, mask=mask)
+        if ROUND_INPUT:  # the text cross-attention's norm reads the residual in bf16
+            x = x.to(tl.bfloat16).to(tl.float32)
+        mean = tl.sum(x, axis=0) / C
+        centred = tl.where(mask, x - mean, 0.0)
+        h = centred / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+        if AFFINE:
+            h = h * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
+        if ROUND_NORM:  # the LayerNorm returns its input's dtype (bf16)
+            h = h.to(tl.bfloat16).to(tl.float32)
+        if SCALE >= 0:
+            h = h * (1.0 + tl.load(mod_row + SCALE * C + offs, mask=mask, other=0.0))
+        if SHIFT >= 0:
+            h = h + tl.load(mod_row + SHIFT * C + offs, mask=mask, other=0.0)
+        _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask)
+
+    @triton.jit
+    def _gelu_quantize_kernel(x_ptr, q_ptr, s_ptr, C, BLOCK: tl.constexpr):
+        # GELU (tanh form, as nn.GELU(approximate="tanh")) of one row, then its FP8 codes
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < C
+        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
+        tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # saturates to +-1, no overflow to nan
+        _store_rows_fp8(0.5 * x * (1.0 + tanh), q_ptr, s_ptr, row, C, offs, mask)
+
+    @triton.jit
+    def _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask):
+        # the next linear's input is bf16: round there first, then fp8.quantize(h, "row")
+        h = tl.where(mask, h.to(tl.bfloat16).to(tl.float32), 0.0)
+        scale = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12) / 448.0
+        q = tl.clamp(h / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * C + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+
+def _launch_shape(c: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(c)
+    return block, 16 if block >= 16384 else 8 if block >= 2048 else 4
+
+
+# Each kernel is a torch custom op: torch.compile calls it as one opaque op with the output shapes
+# of its fake below, and fuses the block's other elementwise work around it (a Triton kernel
+# traced by dynamo instead would not run in the interpreter the tests use).
+
+
+@torch.library.custom_op("avatar::norm_quantize", mutates_args=())
+def _norm_quantize_op(
+    x: torch.Tensor,
+    mod: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    shift: int,
+    scale: int,
+    gate: int,
+    round_input: bool,
+    round_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, n, c = x.shape
+    # rows are indexed as row * C: the first layer's input (a transposed patch embedding) is
+    # copied once here; every later one comes out of the block contiguous
+    x, mod = x.contiguous(), mod.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    x_out, codes, scales = _norm_quantize_outputs(x, residual)
+    if b * n:
+        block, warps = _launch_shape(c)
+        _norm_quantize_kernel[(b * n,)](
+            x,
+            residual if residual is not None else x,
+            mod,
+            weight if weight is not None else mod,
+            bias if bias is not None else mod,
+            x_out if residual is not None else codes,
+            codes,
+            scales,
+            c,
+            n,
+            n // mod.shape[1],
+            mod.shape[1],
+            eps,
+            GATE=gate,
+            SHIFT=shift,
+            SCALE=scale,
+            RESIDUAL=residual is not None,
+            ROUND_INPUT=round_input,
+            AFFINE=weight is not None,
+            ROUND_NORM=round_norm,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return x_out, codes, scales
+
+
+def _norm_quantize_outputs(x, residual):
+    b, n, c = x.shape
+    x_out = x.new_empty((b, n, c) if residual is not None else (0,), dtype=torch.float32)
+    return x_out, x.new_empty((b, n, c), dtype=E4M3), x.new_empty((b, n, 1), dtype=torch.float32)
+
+
+@_norm_quantize_op.register_fake
+def _(x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm):
+    return _norm_quantize_outputs(x, residual)
+
+
+@torch.library.custom_op("avatar::gelu_quantize", mutates_args=())
+def _gelu_quantize_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scales = _gelu_quantize_outputs(x)
+    c = x.shape[-1]
+    if x.numel():
+        block, warps = _launch_shape(c)
+        _gelu_quantize_kernel[(x.numel() // c,)](x.contiguous(), codes, scales, c, BLOCK=block, num_warps=warps)
+    return codes, scales
+
+
+def _gelu_quantize_outputs(x):
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@_gelu_quantize_op.register_fake
+def _(x):
+    return _gelu_quantize_outputs(x)
+
+
+def norm_quantize(
+    x: torch.Tensor,
+    mod: torch.Tensor,
+    eps: float,
+    *,
+    shift: int = -1,
+    scale: int = -1,
+    residual: torch.Tensor | None = None,
+    gate: int = -1,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    round_input: bool = False,
+    round_norm: bool = False,
+) -> tuple[torch.Tensor | None, FP8Rows]:
+    """LayerNorm of x [B, L, C] (after x += residual * mod[gate] when a residual is given), the
+    optional affine weight/bias, modulation h * (1 + mod[scale]) + mod[shift], then the FP8 codes
+    of h in bf16. mod [B, G, 6, C] float32, the block's modulation per token group (L = G * n).
+
+    Returns (the float32 x after the residual add, or None; FP8Rows [B, L, C])."""
+    b, n, c = x.shape
+    if mod.dtype != torch.float32 or mod.shape[0] != b or mod.shape[2:] != (6, c) or n % mod.shape[1]:
+        raise ValueError(f"mod must be float32 [B, G, 6, C] with G dividing L, got {mod.dtype} {list(mod.shape)}")
+    x_out, codes, scales = torch.ops.avatar.norm_quantize(
+        x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm
+    )
+    return (x_out if residual is not None else None), FP8Rows(codes, scales)
+
+
+def gelu_quantize(x: torch.Tensor) -> FP8Rows:
+    """The FP8 codes of GELU(x) (tanh form) in bf16, x [..., C] (the FFN's hidden layer)."""
+    return FP8Rows(*torch.ops.avatar.gelu_quantize(x))

@@ -1,0 +1,227 @@
+"""--fused-norms: the Triton kernels of services/generator/fused_norms.py against the block's own
+torch arithmetic, run in Triton's interpreter on the CPU (TRITON_INTERPRET=1, conftest.py) with
+the interpreter's float casts made to round as a GPU does (tests/triton_interpreter.py)."""
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from triton_interpreter import exact_downcasts
+
+from avatar.errors import InvalidInput
+from avatar.jobs import Job
+from avatar.presets import GeneratorOptions, ModelSpec
+from avatar.services.generator import fused_norms
+from avatar.services.generator.causal_s2v_dit import _gate, _modulate
+from avatar.services.generator.engine import GeneratorEngine, build_generator_model
+from avatar.services.generator.fp8 import E4M3_MAX, quantize, swap_linears_to_fp8
+from avatar.services.generator.weights import random_dit
+
+pytestmark = pytest.mark.skipif(fused_norms.triton is None, reason="needs triton (requirements-dev.txt)")
+
+B, L, G, C = 2, 12, 3, 96  # C not a power of two: the kernels mask the row's tail
+
+
+@pytest.fixture(autouse=True)
+def _gpu_rounding():
+    with exact_downcasts():
+        yield
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, C, generator=g).bfloat16()
+    y = torch.randn(B, L, C, generator=g).bfloat16()
+    mod = torch.randn(B, G, 6, C, generator=g) * 0.3
+    w, b = torch.randn(C, generator=g).bfloat16(), torch.randn(C, generator=g).bfloat16()
+    return x, y, mod, w, b
+
+
+def _assert_same_codes(rows, expected_bf16):
+    q, s = quantize(expected_bf16.reshape(-1, expected_bf16.shape[-1]), "row")
+    assert rows.codes.shape == expected_bf16.shape and rows.scale.shape == (*expected_bf16.shape[:-1], 1)
+    assert torch.equal(rows.scale.reshape(-1, 1), s)
+    assert torch.equal(rows.codes.reshape(q.shape).view(torch.uint8), q.view(torch.uint8))
+
+
+def test_the_first_norm_is_the_blocks_layer_norm_modulation_and_row_quantisation():
+    x, _, mod, _, _ = _inputs()
+    x_out, rows = fused_norms.norm_quantize(x, mod, 1e-6, shift=0, scale=1, round_norm=True)
+    assert x_out is None
+    normed = F.layer_norm(x.float(), (C,), eps=1e-6).bfloat16()  # FP32LayerNorm: back to x's dtype
+    _assert_same_codes(rows, _modulate(normed, mod[:, :, 0], mod[:, :, 1]).bfloat16())
+
+
+def test_the_cross_attention_norm_adds_the_gated_residual_and_keeps_it_in_float32():
+    x, y, mod, w, b = _inputs(1)
+    x_out, rows = fused_norms.norm_quantize(x, mod, 1e-6, residual=y, gate=2, weight=w, bias=b, round_input=True)
+    residual = x.float() + _gate(y, mod[:, :, 2])
+    assert x_out.dtype == torch.float32 and torch.equal(x_out, residual)
+    normed = F.layer_norm(residual.bfloat16().float(), (C,), w.float(), b.float(), eps=1e-6)
+    _assert_same_codes(rows, normed.bfloat16())
+
+
+def test_the_ffn_norm_adds_an_ungated_residual_to_a_float32_stream():
+    x, y, mod, _, _ = _inputs(2)
+    stream = x.float() * 3
+    x_out, rows = fused_norms.norm_quantize(stream, mod, 1e-6, residual=y, shift=3, scale=4)
+    residual = stream + y.float()
+    assert torch.equal(x_out, residual)
+    normed = F.layer_norm(residual, (C,), eps=1e-6)  # float32 in, float32 out: no rounding before modulation
+    _assert_same_codes(rows, _modulate(normed, mod[:, :, 3], mod[:, :, 4]).bfloat16())
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy's exp in the interpreter; GPUs give inf
+def test_gelu_quantize_is_the_tanh_gelu_then_row_quantisation_and_saturates():
+    _, y, _, _, _ = _inputs(3)
+    y = torch.cat([y, torch.full((1, L, C), 60.0).bfloat16(), torch.full((1, L, C), -60.0).bfloat16()])
+    rows = fused_norms.gelu_quantize(y)
+    expected = F.gelu(y, approximate="tanh")
+    assert torch.isfinite(rows.codes.float()).all()
+    q, s = quantize(expected.reshape(-1, C), "row")
+    # tanh from exp() and torch's tanh may land on either side of a bf16 rounding step
+    got = rows.codes.reshape(-1, C).float() * rows.scale.reshape(-1, 1)
+    assert torch.allclose(rows.scale.reshape(-1, 1), s, rtol=1e-2)
+    assert torch.allclose(got, q.float() * s, rtol=0.07, atol=float(s.max()) / 2)
+    assert (rows.codes.reshape(-1, C).view(torch.uint8) != q.view(torch.uint8)).float().mean() < 0.01
+
+
+def test_zero_rows_get_zero_codes_and_the_smallest_scale():
+    x = torch.zeros(1, 3, C).bfloat16()
+    _, rows = fused_norms.norm_quantize(x, torch.zeros(1, 1, 6, C), 1e-6, shift=0, scale=1, round_norm=True)
+    assert (rows.codes.float() == 0).all() and torch.equal(rows.scale, torch.full((1, 3, 1), 1e-12 / E4M3_MAX))
+
+
+def test_bad_modulation_shapes_are_refused():
+    x, _, mod, _, _ = _inputs()
+    with pytest.raises(ValueError, match="mod must be float32"):
+        fused_norms.norm_quantize(x, mod[:, :, :5].contiguous(), 1e-6)
+    with pytest.raises(ValueError, match="mod must be float32"):
+        fused_norms.norm_quantize(x[:, :10], mod, 1e-6)  # 3 groups do not divide 10 tokens
+
+
+def test_a_transposed_input_gives_the_same_codes():
+    x, _, mod, _, _ = _inputs()
+    channel_major = x.transpose(1, 2).contiguous().transpose(1, 2)  # the first layer's input is laid out so
+    _, expected = fused_norms.norm_quantize(x, mod, 1e-6, shift=0, scale=1, round_norm=True)
+    _, got = fused_norms.norm_quantize(channel_major, mod, 1e-6, shift=0, scale=1, round_norm=True)
+    assert torch.equal(got.codes.view(torch.uint8), expected.codes.view(torch.uint8))
+
+
+H = W = 64
+
+
+def _job(steps=4):
+    return Job(
+        width=W,
+        height=H,
+        fps=25,
+        infer_frames=24,
+        latent_frames_per_block=3,
+        num_blocks=40,
+        total_frames=480,
+        sample_steps=steps,
+        seed=420,
+        model="tiny",
+    )
+
+
+def _blocks(dit, n=3):
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(7, 32, generator=g)
+    ref = torch.randn(16, 1, 8, 8, generator=g)
+    motion = torch.randn(16, 19, 8, 8, generator=g)
+    session = GeneratorEngine(ModelSpec(), dit=dit).open_session(_job(), text, ref, motion)
+    try:
+        return [session.generate_block(torch.randn(12, 5, 32, generator=g)).float() for _ in range(n)]
+    finally:
+        session.close()
+
+
+def _fp8_dit():
+    dit = random_dit("tiny", "cpu", torch.bfloat16, seed=0)
+    swap_linears_to_fp8(dit)
+    return dit
+
+
+def test_every_block_call_of_a_session_matches_the_unfused_block(monkeypatch):
+    """A whole session (sink prefill, ring, the second clip's sink refresh) where each block call
+    runs both ways on the same inputs. Only the LayerNorm's summation order differs: nearly every
+    call is bit-identical, the rest differ by a rounding step somewhere in the block."""
+    from avatar.services.generator.causal_s2v_dit import CausalS2VBlock
+
+    forward, errors = CausalS2VBlock.forward, []
+
+    def both_ways(block, *args):
+        block.fused_norms = False
+        expected = forward(block, *args).float()
+        block.fused_norms = True  # runs last: its keys and values stay in the cache
+        got = forward(block, *args)
+        errors.append(((got.float() - expected).norm() / expected.norm()).item())
+        return got
+
+    monkeypatch.setattr(CausalS2VBlock, "forward", both_ways)
+    dit = _fp8_dit()
+    dit.use_fused_norms()
+    assert all(block.fused_norms for block in dit.blocks)
+    out = _blocks(dit)
+    assert all(torch.isfinite(b).all() for b in out)
+    assert len(errors) == 4 * (2 + 3 * 4)  # layers x (2 sink prefills, 3 blocks of 4 steps)
+    assert sum(e == 0 for e in errors) >= 0.9 * len(errors), errors
+    assert max(errors) < 5e-3, errors  # one rounding step in one layer measured 0.16%
+
+
+def test_fused_norms_are_refused_where_they_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="needs --fp8"):
+        random_dit("tiny", "cpu", torch.bfloat16, seed=0).use_fused_norms()
+    float32_fp8 = random_dit("tiny", "cpu", torch.float32, seed=0)
+    swap_linears_to_fp8(float32_fp8)
+    with pytest.raises(ValueError, match="bf16"):
+        float32_fp8.use_fused_norms()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert fused_norms.unavailable_reason("cpu") == "--fused-norms runs on a CUDA GPU, not on cpu"
+    with pytest.raises(InvalidInput, match="CUDA GPU"):
+        build_generator_model(ModelSpec(name="tiny", fp8=True, generator_options=GeneratorOptions(fused_norms=True)))
+
+
+def test_the_flag_reaches_the_spec_and_is_checked_against_fp8_and_avatar_loras():
+    from avatar.app import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_model_flags(parser)
+    assert cli.model_spec(parser.parse_args(["--fp8", "--fused-norms"])).generator_options.fused_norms
+    assert not cli.model_spec(parser.parse_args(["--fp8"])).generator_options.fused_norms
+    with pytest.raises(cli.UserError, match="needs --fp8"):
+        cli.model_spec(parser.parse_args(["--fused-norms"]))
+    with pytest.raises(InvalidInput, match="per-avatar LoRAs"):
+        ModelSpec(fp8=True, generator_options=GeneratorOptions(fused_norms=True), avatar_loras=(("a", "/x"),))
+
+
+def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch):
+    """torch.compile (dynamic shapes, as --compile) keeps each kernel as one custom op call."""
+    from avatar.services.generator.engine import compile_blocks
+
+    eager = _fp8_dit()
+    eager.use_fused_norms()
+    expected = _blocks(eager, 1)
+    launches = {"norm": 0, "gelu": 0}
+
+    def counted(name, kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                launches[name] += 1
+                return kernel[grid]
+
+        return Launcher()
+
+    monkeypatch.setattr(fused_norms, "_norm_quantize_kernel", counted("norm", fused_norms._norm_quantize_kernel))
+    monkeypatch.setattr(fused_norms, "_gelu_quantize_kernel", counted("gelu", fused_norms._gelu_quantize_kernel))
+    compiled = _fp8_dit()
+    compiled.use_fused_norms()
+    compile_blocks(compiled)
+    got = _blocks(compiled, 1)
+    assert launches == {"norm": 3 * 4 * 5, "gelu": 4 * 5}  # per layer, 4 layers, the sink + 4 steps
+    rel = ((got[0] - expected[0]).norm() / expected[0].norm()).item()
+    assert rel < 0.03, rel  # inductor rounds the rest of the block its own way (1.1% measured)
