@@ -96,8 +96,12 @@ def test_zero_rows_get_zero_codes_and_the_smallest_scale():
 
 def test_bad_modulation_shapes_are_refused():
     x, _, mod, _, _ = _inputs()
+    with pytest.raises(ValueError, match="mod has 2 vectors per group: shift/scale/gate 0/1/2"):
+        fused_norms.norm_quantize(x, mod[:, :, :2].contiguous(), 1e-6, shift=0, scale=1, residual=x, gate=2)
     with pytest.raises(ValueError, match="mod must be float32"):
-        fused_norms.norm_quantize(x, mod[:, :, :5].contiguous(), 1e-6)
+        fused_norms.norm_quantize(x, mod[:, :, :, :-1].contiguous(), 1e-6)
+    with pytest.raises(ValueError, match="mod must be float32"):
+        fused_norms.norm_quantize(x, mod.bfloat16(), 1e-6)
     with pytest.raises(ValueError, match="mod must be float32"):
         fused_norms.norm_quantize(x[:, :10], mod, 1e-6)  # 3 groups do not divide 10 tokens
 
@@ -146,31 +150,41 @@ def _fp8_dit():
     return dit
 
 
-def test_every_block_call_of_a_session_matches_the_unfused_block(monkeypatch):
-    """A whole session (sink prefill, ring, the second clip's sink refresh) where each block call
-    runs both ways on the same inputs. Only the LayerNorm's summation order differs: nearly every
-    call is bit-identical, the rest differ by a rounding step somewhere in the block."""
-    from avatar.services.generator.causal_s2v_dit import CausalS2VBlock
+def test_every_block_and_injection_call_of_a_session_matches_the_unfused_one(monkeypatch):
+    """A whole session (sink prefill, ring, the second clip's sink refresh) where each block and
+    audio injection call runs both ways on the same inputs. Only the LayerNorm's summation order
+    differs: nearly every call is bit-identical, the rest differ by a rounding step in the block."""
+    from avatar.services.generator.causal_s2v_dit import AudioInjection, CausalS2VBlock
 
-    forward, errors = CausalS2VBlock.forward, []
+    errors = {CausalS2VBlock: [], AudioInjection: []}
 
-    def both_ways(block, *args):
-        block.fused_norms = False
-        expected = forward(block, *args).float()
-        block.fused_norms = True  # runs last: its keys and values stay in the cache
-        got = forward(block, *args)
-        errors.append(((got.float() - expected).norm() / expected.norm()).item())
-        return got
+    def both_ways(cls):
+        forward = cls.forward
 
-    monkeypatch.setattr(CausalS2VBlock, "forward", both_ways)
+        def run(module, *args):
+            module.fused_norms = False
+            expected = forward(module, *args).float()
+            module.fused_norms = True  # runs last: a block's keys and values stay in the cache
+            got = forward(module, *args)
+            errors[cls].append(((got.float() - expected).norm() / expected.norm()).item())
+            return got
+
+        monkeypatch.setattr(cls, "forward", run)
+
+    both_ways(CausalS2VBlock)
+    both_ways(AudioInjection)
     dit = _fp8_dit()
     dit.use_fused_norms()
     assert all(block.fused_norms for block in dit.blocks)
+    assert all(injection.fused_norms for injection in dit.audio_injector.injections)
     out = _blocks(dit)
     assert all(torch.isfinite(b).all() for b in out)
-    assert len(errors) == 4 * (2 + 3 * 4)  # layers x (2 sink prefills, 3 blocks of 4 steps)
-    assert sum(e == 0 for e in errors) >= 0.9 * len(errors), errors
-    assert max(errors) < 5e-3, errors  # one rounding step in one layer measured 0.16%
+    blocks, injections = errors[CausalS2VBlock], errors[AudioInjection]
+    assert len(blocks) == 4 * (2 + 3 * 4)  # layers x (2 sink prefills, 3 blocks of 4 steps)
+    assert len(injections) == 3 * 3 * 4  # injections (after layers 0, 2, 3) x 3 blocks x 4 steps
+    for calls in (blocks, injections):
+        assert sum(e == 0 for e in calls) >= 0.9 * len(calls), calls
+        assert max(calls) < 5e-3, calls  # one rounding step in one layer measured 0.16%
 
 
 def test_fused_norms_are_refused_where_they_cannot_run(monkeypatch):
@@ -222,6 +236,7 @@ def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch)
     compiled.use_fused_norms()
     compile_blocks(compiled)
     got = _blocks(compiled, 1)
-    assert launches == {"norm": 3 * 4 * 5, "gelu": 4 * 5}  # per layer, 4 layers, the sink + 4 steps
+    # 3 per layer x 4 layers (sink and steps) + 1 per injection x 3 (steps only); the sink + 4 steps
+    assert launches == {"norm": 3 * 4 * 5 + 3 * 4, "gelu": 4 * 5}
     rel = ((got[0] - expected[0]).norm() / expected[0].norm()).item()
     assert rel < 0.03, rel  # inductor rounds the rest of the block its own way (1.1% measured)

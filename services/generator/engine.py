@@ -134,16 +134,17 @@ def cuda_graphs_wanted(model: ModelSpec, device: torch.device) -> bool:
 
 
 def compile_blocks(dit: CausalS2VDiT) -> None:
-    """torch.compile every transformer block and audio injector (one graph shared by all: same
-    code, parameters as inputs), with dynamic shapes from the start, because the ring fill, the
-    slot and the latent size change between calls (bench/bench_generator.py measures this)."""
+    """torch.compile every transformer block and audio injection (AdaLN, cross-attention, residual:
+    one graph shared by all of a kind, parameters as inputs), with dynamic shapes from the start,
+    because the ring fill, the slot and the latent size change between calls
+    (bench/bench_generator.py measures this)."""
     import torch._dynamo
 
     from avatar.torch_compile import tolerate_tracing_in_other_threads
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     tolerate_tracing_in_other_threads()
-    for module in (*dit.blocks, *dit.audio_injector.injector):
+    for module in (*dit.blocks, *dit.audio_injector.injections):
         module.compile(dynamic=True)
 
 

@@ -55,6 +55,7 @@ if triton is not None:
         tokens,
         tokens_per_group,
         groups,
+        vectors,
         eps,
         GATE: tl.constexpr,
         SHIFT: tl.constexpr,
@@ -65,13 +66,13 @@ if triton is not None:
         ROUND_NORM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # One row (token) per program. mod holds the block's six modulation vectors per token
-        # group, [B, G, 6, C]; SHIFT/SCALE/GATE pick one of the six (-1: not used).
+        # One row (token) per program. mod holds `vectors` modulation vectors per token group,
+        # [B, G, vectors, C] (a block's six, AdaLN's two); SHIFT/SCALE/GATE pick one (-1: none).
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
         group_row = (row // tokens) * groups + (row % tokens) // tokens_per_group
-        mod_row = mod_ptr + group_row * 6 * C
+        mod_row = mod_ptr + group_row * vectors * C
         x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
         if RESIDUAL:  # x + y (* gate), kept in float32 as the block keeps its residual
             y = tl.load(y_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
@@ -160,6 +161,7 @@ def _norm_quantize_op(
             n,
             n // mod.shape[1],
             mod.shape[1],
+            mod.shape[2],
             eps,
             GATE=gate,
             SHIFT=shift,
@@ -220,12 +222,15 @@ def norm_quantize(
 ) -> tuple[torch.Tensor | None, FP8Rows]:
     """LayerNorm of x [B, L, C] (after x += residual * mod[gate] when a residual is given), the
     optional affine weight/bias, modulation h * (1 + mod[scale]) + mod[shift], then the FP8 codes
-    of h in bf16. mod [B, G, 6, C] float32, the block's modulation per token group (L = G * n).
+    of h in bf16. mod [B, G, K, C] float32: K modulation vectors per token group (L = G * n), e.g.
+    a block's six; shift, scale and gate index them (-1: not applied).
 
     Returns (the float32 x after the residual add, or None; FP8Rows [B, L, C])."""
     b, n, c = x.shape
-    if mod.dtype != torch.float32 or mod.shape[0] != b or mod.shape[2:] != (6, c) or n % mod.shape[1]:
-        raise ValueError(f"mod must be float32 [B, G, 6, C] with G dividing L, got {mod.dtype} {list(mod.shape)}")
+    if mod.dtype != torch.float32 or mod.dim() != 4 or mod.shape[0] != b or mod.shape[3] != c or n % mod.shape[1]:
+        raise ValueError(f"mod must be float32 [B, G, K, C] with G dividing L, got {mod.dtype} {list(mod.shape)}")
+    if max(shift, scale, gate) >= mod.shape[2]:
+        raise ValueError(f"mod has {mod.shape[2]} vectors per group: shift/scale/gate {shift}/{scale}/{gate}")
     x_out, codes, scales = torch.ops.avatar.norm_quantize(
         x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm
     )
