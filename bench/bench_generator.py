@@ -166,8 +166,8 @@ class TimedSession:
         engine.kv_dtype = cfg.kv_dtype or dit.dtype
         engine.fp8_attention = cfg.fp8_attention
         engine.cuda_graphs, engine.free_memory = False, None
-        for block in dit.blocks:
-            block.fused_norms = cfg.fused_norms
+        for module in (*dit.blocks, *dit.audio_injector.injections):
+            module.fused_norms = cfg.fused_norms
         job = Job(
             width=cfg.width,
             height=cfg.height,
@@ -246,6 +246,34 @@ def legacy_kv_reads():
         yield
     finally:
         m.SelfAttention.forward = orig
+
+
+@contextlib.contextmanager
+def legacy_injections(dit: CausalS2VDiT, compiled: bool):
+    """The audio injections before 2026-12-05, for a before/after in one run: torch.compile took
+    only each injection's cross-attention; its AdaLN and the residual add ran eagerly."""
+    from avatar.services.generator import causal_s2v_dit as m
+
+    orig = m.AudioInjector.forward
+
+    def forward(self, idx, x, audio_tokens, audio_global):
+        injection = self.injections[idx]
+        b, f = audio_tokens.shape[:2]
+        xf = x.reshape(b * f, -1, x.shape[-1])
+        h = injection.adain(xf, audio_global.flatten(0, 1)[:, 0]).to(x.dtype)
+        return x + injection.attn(h, audio_tokens.flatten(0, 1)).reshape(x.shape)
+
+    attns = [injection.attn for injection in dit.audio_injector.injections]
+    if compiled:
+        for attn in attns:
+            attn.compile(dynamic=True)
+    m.AudioInjector.forward = forward
+    try:
+        yield
+    finally:
+        m.AudioInjector.forward = orig
+        for attn in attns:
+            attn._compiled_call_impl = None  # inside the whole injection's graph again
 
 
 def profile_step(dit, cfg: LoopConfig, device, top: int = 25) -> dict:
@@ -1059,6 +1087,10 @@ def main():
                 extra = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
                 variant(label, s, **best, **extra)
                 variant(f"{label} fused-norms", s, fused_norms=True, **best, **extra)
+            log(f"{label}, the audio injections as before 2026-12-05 (only their cross-attention compiled):")
+            with legacy_injections(dit, compiled=args.compile_first):
+                extra = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
+                variant(f"{label} legacy-injections", sizes[0], **best, **extra)
             results["fused_norms_quality"] = {}
             for w, h in sizes:
                 ref = guarded(

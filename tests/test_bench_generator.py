@@ -145,6 +145,20 @@ def test_the_fused_norms_part_times_both_paths_and_compares_their_latents(tmp_pa
         assert kernels[name]["fused_ms"] > 0 and kernels[name]["compiled_ms"] > 0
         assert kernels[name]["codes_equal"] > 0.99 and kernels[name]["scale_max_rel_diff"] < 0.02, kernels[name]
     assert kernels["gated residual+norm3"]["residual_equal"] and kernels["residual+norm2+modulate"]["residual_equal"]
-    assert [r["variant"] for r in res["runs"]] == ["fp8 fp8-attention", "fp8 fp8-attention fused-norms"]
+    variants = ["fp8 fp8-attention", "fp8 fp8-attention fused-norms", "fp8 fp8-attention legacy-injections"]
+    assert [r["variant"] for r in res["runs"]] == variants
     errors = res["fused_norms_quality"]["96*64"]
     assert len(errors) == 8 and max(errors) < 0.05, errors
+
+
+def test_the_legacy_injections_compute_what_the_injections_compute():
+    """The before/after of the audio injections' compilation is fair only if the emulated old
+    call computes the same thing (eager here: the same ops in the same order)."""
+    import torch
+
+    dit = bench_generator.build_dit("tiny", "cpu")
+    cfg = bench_generator.LoopConfig(192, 128)
+    now = bench_generator.step_latents(dit, cfg, "cpu", blocks=1)
+    with bench_generator.legacy_injections(dit, compiled=False):
+        before = bench_generator.step_latents(dit, cfg, "cpu", blocks=1)
+    assert len(now) == 4 and all(torch.equal(a, b) for a, b in zip(now, before))
