@@ -140,10 +140,11 @@ def test_the_fused_norms_part_times_both_paths_and_compares_their_latents(tmp_pa
     assert res["errors"] == {}
     kernels = res["norm_kernels"][0]
     names = ("norm1+modulate", "gated residual+norm3", "residual+norm2+modulate", "gelu")
-    assert set(kernels) == {"size", "tokens", *names}
+    assert set(kernels) == {"size", "tokens", *names, "k rms+rope to the FP8 cache"}
     for name in names:
         assert kernels[name]["fused_ms"] > 0 and kernels[name]["compiled_ms"] > 0
         assert kernels[name]["codes_equal"] > 0.99 and kernels[name]["scale_max_rel_diff"] < 0.02, kernels[name]
+    assert kernels["k rms+rope to the FP8 cache"]["codes_equal"] == 1.0
     assert kernels["gated residual+norm3"]["residual_equal"] and kernels["residual+norm2+modulate"]["residual_equal"]
     variants = ["fp8 fp8-attention", "fp8 fp8-attention fused-norms", "fp8 fp8-attention legacy-injections"]
     assert [r["variant"] for r in res["runs"]] == variants

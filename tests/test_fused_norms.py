@@ -88,6 +88,28 @@ def test_gelu_quantize_is_the_tanh_gelu_then_row_quantisation_and_saturates():
     assert (rows.codes.reshape(-1, C).view(torch.uint8) != q.view(torch.uint8)).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+def test_rms_rope_is_the_attentions_rms_norm_then_rope_as_the_cache_stores_it(cache):
+    from avatar.services.generator.causal_s2v_dit import RMSNorm, apply_rope, rope_grid
+    from avatar.services.generator.kv_cache import to_cache_dtype
+
+    heads, head_dim = 4, 16
+    rope = rope_grid(head_dim, range(5, 8), range(2), range(2), "cpu")  # 3 frames of 2 x 2 tokens
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(B, rope.cos.shape[0], heads * head_dim, generator=g) * 3).bfloat16()
+    norm = RMSNorm(heads * head_dim, 1e-6).bfloat16()
+    norm.weight.data = (torch.randn(heads * head_dim, generator=g) * 400).bfloat16()  # past e4m3's 448
+    fp8 = cache == "fp8"
+    got = fused_norms.rms_rope(x, norm.weight, rope.cos, rope.sin, 1e-6, fp8)
+    expected = apply_rope(norm(x).unflatten(-1, (heads, -1)), rope).flatten(2)
+    if fp8:
+        assert expected.abs().max() > E4M3_MAX  # the clamp is exercised
+        expected = to_cache_dtype(expected, torch.float8_e4m3fn)
+    assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        fused_norms.rms_rope(x[:, :-1], norm.weight, rope.cos, rope.sin, 1e-6)
+
+
 def test_zero_rows_get_zero_codes_and_the_smallest_scale():
     x = torch.zeros(1, 3, C).bfloat16()
     _, rows = fused_norms.norm_quantize(x, torch.zeros(1, 1, 6, C), 1e-6, shift=0, scale=1, round_norm=True)
@@ -151,8 +173,9 @@ def _fp8_dit():
 
 
 def test_every_block_and_injection_call_of_a_session_matches_the_unfused_one(monkeypatch):
-    """A whole session (sink prefill, ring, the second clip's sink refresh) where each block and
-    audio injection call runs both ways on the same inputs. Only the LayerNorm's summation order
+    """A whole session (sink prefill, ring, the second clip's sink refresh) where each block (its
+    self-attention's q/k norms and RoPE included) and audio injection call runs both ways on the
+    same inputs. Only the LayerNorm's summation order
     differs: nearly every call is bit-identical, the rest differ by a rounding step in the block."""
     from avatar.services.generator.causal_s2v_dit import AudioInjection, CausalS2VBlock
 
@@ -220,7 +243,7 @@ def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch)
     eager = _fp8_dit()
     eager.use_fused_norms()
     expected = _blocks(eager, 1)
-    launches = {"norm": 0, "gelu": 0}
+    launches = {"norm": 0, "gelu": 0, "rope": 0}
 
     def counted(name, kernel):
         class Launcher:
@@ -232,11 +255,13 @@ def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch)
 
     monkeypatch.setattr(fused_norms, "_norm_quantize_kernel", counted("norm", fused_norms._norm_quantize_kernel))
     monkeypatch.setattr(fused_norms, "_gelu_quantize_kernel", counted("gelu", fused_norms._gelu_quantize_kernel))
+    monkeypatch.setattr(fused_norms, "_rms_rope_kernel", counted("rope", fused_norms._rms_rope_kernel))
     compiled = _fp8_dit()
     compiled.use_fused_norms()
     compile_blocks(compiled)
     got = _blocks(compiled, 1)
-    # 3 per layer x 4 layers (sink and steps) + 1 per injection x 3 (steps only); the sink + 4 steps
-    assert launches == {"norm": 3 * 4 * 5 + 3 * 4, "gelu": 4 * 5}
+    # norms: 3 per layer x 4 layers (sink and steps) + 1 per injection x 3 (steps only); q and k
+    # of each layer in the 4 steps (the sink's prefill keeps its own code)
+    assert launches == {"norm": 3 * 4 * 5 + 3 * 4, "gelu": 4 * 5, "rope": 2 * 4 * 4}
     rel = ((got[0] - expected[0]).norm() / expected[0].norm()).item()
     assert rel < 0.03, rel  # inductor rounds the rest of the block its own way (1.1% measured)

@@ -196,26 +196,42 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
+    fused_norms = False  # q/k RMSNorm + RoPE (+ the cache's cast) in one kernel each (use_fused_norms)
+
     def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        n = q.shape[1]
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        q, k_rot = apply_rope(q, rope), apply_rope(k, rope)
-        cache = kv.keys.dtype
-        s0, nref = kv.sink_start, kv.ref_k.shape[1]
+        heads, cache = (self.num_heads, -1), kv.keys.dtype
         if kv.prefill:  # the sink: attends to itself
-            kv.ref_k.copy_(to_cache_dtype(k[:, :nref], cache))
-            kv.keys[..., s0 + nref : s0 + kv.sink_tokens, :, :] = to_cache_dtype(k_rot[:, nref:], cache)
-            kv.values[..., s0 : s0 + kv.sink_tokens, :, :] = to_cache_dtype(v, cache)
-            keys, values = k_rot, v
+            return self._prefill(x, rope, kv)
+        if self.fused_norms:
+            q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, rope.cos, rope.sin, self.norm_q.eps)
+            k = fused_norms.rms_rope(
+                self.k(x), self.norm_k.weight, rope.cos, rope.sin, self.norm_k.eps, cache == torch.float8_e4m3fn
+            )
+            q, k = q.unflatten(-1, heads), k.unflatten(-1, heads)
         else:
-            kv.keys[:, kv.write : kv.write + n] = to_cache_dtype(k_rot, cache)
-            kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
-            if kv.fp8_attention:
-                return self.o(fp8_attention(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]))
-            keys, values = kv.keys[:, kv.lo : kv.hi].to(q.dtype), kv.values[:, kv.lo : kv.hi].to(q.dtype)
+            q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
+            k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
+        v = self.v(x).unflatten(-1, heads)
+        n = q.shape[1]
+        kv.keys[:, kv.write : kv.write + n] = k if k.dtype == cache else to_cache_dtype(k, cache)
+        kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
+        if kv.fp8_attention:
+            return self.o(fp8_attention(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]))
+        keys, values = kv.keys[:, kv.lo : kv.hi].to(q.dtype), kv.values[:, kv.lo : kv.hi].to(q.dtype)
         return self.o(attention(q, keys, values))
+
+    def _prefill(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
+        """The sink's tokens: the reference's keys stored unrotated (each call rotates them to its
+        own frame), the motion tokens' rotated; attention over the sink itself."""
+        heads, cache = (self.num_heads, -1), kv.keys.dtype
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        v = self.v(x).unflatten(-1, heads)
+        k_rot, s0, nref = apply_rope(k, rope), kv.sink_start, kv.ref_k.shape[1]
+        kv.ref_k.copy_(to_cache_dtype(k[:, :nref], cache))
+        kv.keys[..., s0 + nref : s0 + kv.sink_tokens, :, :] = to_cache_dtype(k_rot[:, nref:], cache)
+        kv.values[..., s0 : s0 + kv.sink_tokens, :, :] = to_cache_dtype(v, cache)
+        return self.o(attention(q, k_rot, v))
 
 
 class CrossAttention(_Projections):
@@ -248,7 +264,17 @@ class CausalS2VBlock(nn.Module):
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
-        self.fused_norms = False  # the stretches between FP8 linears in Triton kernels (use_fused_norms)
+        self.fused_norms = False
+
+    @property
+    def fused_norms(self) -> bool:
+        """The stretches between FP8 linears in Triton kernels (use_fused_norms), the
+        self-attention's q/k norms and RoPE included."""
+        return self._fused_norms
+
+    @fused_norms.setter
+    def fused_norms(self, on: bool) -> None:
+        self._fused_norms = self.self_attn.fused_norms = on
 
     def forward(self, x, mod, rope: Rope, text_kv: tuple[torch.Tensor, torch.Tensor], kv: LayerKV):
         """x [B, L, C] model dtype; mod [B, G, 6, C] float32 timestep modulation per token group;

@@ -116,6 +116,44 @@ if triton is not None:
         tl.store(s_ptr + row, scale)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rms_rope_kernel(
+        x_ptr,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        C,
+        tokens,
+        eps,
+        HALF_D: tl.constexpr,
+        FP8: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One token's query or key row: RMSNorm over all heads (bf16 out, times the bf16 weight,
+        # as the block's RMSNorm), then RoPE on each head's channel pairs (float32, bf16 out);
+        # FP8: clamped to e4m3's range and cast, as the KV cache stores it.
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < C
+        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        h = (x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps))).to(tl.bfloat16).to(tl.float32)
+        h = (h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+        x0, x1 = tl.split(tl.reshape(h, (BLOCK // 2, 2)))
+        pair = tl.arange(0, BLOCK // 2)
+        angle = (row % tokens) * HALF_D + pair % HALF_D
+        cos = tl.load(cos_ptr + angle, mask=pair < C // 2, other=1.0)
+        sin = tl.load(sin_ptr + angle, mask=pair < C // 2, other=0.0)
+        x0r = x0 * cos - x1 * sin
+        x1r = x0 * sin + x1 * cos
+        out = tl.reshape(tl.join(x0r, x1r), (BLOCK,)).to(tl.bfloat16)
+        if FP8:
+            out = tl.clamp(out.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(out_ptr + row * C + offs, out, mask=mask)
+
+
 def _launch_shape(c: int) -> tuple[int, int]:
     block = triton.next_power_of_2(c)
     return block, 16 if block >= 16384 else 8 if block >= 2048 else 4
@@ -204,6 +242,42 @@ def _gelu_quantize_outputs(x):
 @_gelu_quantize_op.register_fake
 def _(x):
     return _gelu_quantize_outputs(x)
+
+
+@torch.library.custom_op("avatar::rms_rope", mutates_args=())
+def _rms_rope_op(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, fp8: bool
+) -> torch.Tensor:
+    b, n, c = x.shape
+    out = _rms_rope_output(x, fp8)
+    if b * n:
+        block, warps = _launch_shape(c)
+        half_d = cos.shape[-1]
+        _rms_rope_kernel[(b * n,)](
+            x.contiguous(), weight, cos.contiguous(), sin.contiguous(), out, c, n, eps,
+            HALF_D=half_d, FP8=fp8, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+def _rms_rope_output(x, fp8):
+    return x.new_empty(x.shape, dtype=E4M3 if fp8 else torch.bfloat16)
+
+
+@_rms_rope_op.register_fake
+def _(x, weight, cos, sin, eps, fp8):
+    return _rms_rope_output(x, fp8)
+
+
+def rms_rope(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, fp8: bool = False
+) -> torch.Tensor:
+    """RMSNorm (times weight) of each token of x [B, L, C] in bf16, then RoPE with cos/sin [L, 1, D/2]
+    on each head's channel pairs; bf16 out, or e4m3 clamped to its range (the FP8 KV cache)."""
+    b, n, c = x.shape
+    if cos.shape != sin.shape or cos.shape[0] != n or c % (2 * cos.shape[-1]):
+        raise ValueError(f"cos/sin must be [L, 1, D/2] for x {list(x.shape)}, got {list(cos.shape)}")
+    return torch.ops.avatar.rms_rope(x, weight, cos, sin, eps, fp8)
 
 
 def norm_quantize(
