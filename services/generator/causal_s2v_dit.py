@@ -400,7 +400,7 @@ class AudioAdaLN(nn.Module):
 class AudioInjection(nn.Module):
     """One injection: AdaLN from the frame's global audio token, cross-attention to the frame's
     audio tokens, the residual add. One module so that torch.compile takes it whole (compiling
-    the cross-attention alone left the AdaLN and the add as eager float32 kernels: ~10 ms of a
+    the cross-attention alone left the AdaLN and the add as eager float32 kernels: ~8 ms of a
     704*384 step in run H7's profile). Not registered in the DiT: it refers to AudioInjector's
     layers, whose names stay upstream's."""
 
@@ -632,9 +632,9 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         return moved
 
     def use_fused_norms(self) -> None:
-        """Run every block's norms in the fused kernels of fused_norms.py (`--fused-norms`). Needs
-        FP8 linears with row scales in the trunk, bf16 activations and Triton; ValueError naming
-        what is missing otherwise."""
+        """Run the norms of every block, self-attention and audio injection in the fused kernels of
+        fused_norms.py (`--fused-norms`). Needs FP8 linears with row scales in the trunk, bf16
+        activations and Triton; ValueError naming what is missing otherwise."""
         if reason := fused_norms.unavailable_reason(self.device):
             raise ValueError(reason)
         if self.dtype != torch.bfloat16:
