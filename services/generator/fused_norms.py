@@ -6,7 +6,9 @@ those became reduction kernels that ran at a fraction of their memory traffic: f
 30 of the 167 ms of a 704*384 step on an H100 (the profile of run H7, docs/performance.md), about
 five times what reading and writing their tensors costs. Here each stretch is one program per row
 that holds the row in registers: read once, write the FP8 codes, their scale and (after a residual
-add) the new float32 residual.
+add) the new float32 residual. The same for the audio injections' AdaLN (`norm_quantize` with two
+modulation vectors) and the self-attention's q/k RMSNorm + RoPE (`rms_rope`, the keys in the
+cache's dtype).
 
 Same arithmetic as the block's own code (tests/test_fused_norms.py compares both, in Triton's
 interpreter on the CPU): float32 inside, rounded to bf16 where the block rounds, then e4m3 with
