@@ -128,3 +128,20 @@ def test_avatar_generate_with_fp8_attention_renders_a_video(tmp_path, env):
     assert r.returncode == 0, r.stderr
     check_video(plain, 24 / 25)
     assert plain.read_bytes() != out.read_bytes()
+
+
+def test_the_op_returns_what_its_fake_promises():
+    """torch.compile plans around the fake's output (shape, dtype, strides): the CPU reference's
+    einsum gave other strides, and a compiled DiT with --fp8-attention failed on it."""
+    import torch
+
+    from avatar.services.generator import fp8_attention  # noqa: F401 (registers avatar::fp8_sdpa)
+
+    g = torch.Generator().manual_seed(0)
+    q8, k8, v8 = (torch.randn(1, n, 4, 16, generator=g).to(torch.float8_e4m3fn) for n in (6, 10, 10))
+    checks = torch.library.opcheck(
+        torch.ops.avatar.fp8_sdpa.default,
+        (q8, k8, v8, torch.full((1, 1, 1, 1), 0.01)),
+        test_utils=("test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    assert set(checks.values()) == {"SUCCESS"}, checks

@@ -110,6 +110,27 @@ def test_rms_rope_is_the_attentions_rms_norm_then_rope_as_the_cache_stores_it(ca
         fused_norms.rms_rope(x[:, :-1], norm.weight, rope.cos, rope.sin, 1e-6)
 
 
+def test_each_op_returns_what_its_fake_promises():
+    """torch.compile plans around the fakes' outputs (shapes, dtypes, strides) and traces the ops
+    with dynamic shapes; opcheck runs both against the kernels."""
+    from avatar.services.generator.causal_s2v_dit import rope_grid
+
+    x, y, mod, w, b = _inputs(5)
+    rope = rope_grid(16, range(3), range(2), range(2), "cpu")
+    calls = {
+        torch.ops.avatar.norm_quantize.default: [
+            (x, mod, None, None, None, 1e-6, 0, 1, -1, False, True),
+            (x, mod, y, w, b, 1e-6, -1, -1, 2, True, False),
+        ],
+        torch.ops.avatar.gelu_quantize.default: [(y,)],
+        torch.ops.avatar.rms_rope.default: [(x, w, rope.cos, rope.sin, 1e-6, fp8) for fp8 in (False, True)],
+    }
+    for op, arg_sets in calls.items():
+        for args in arg_sets:
+            checks = torch.library.opcheck(op, args, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+            assert set(checks.values()) == {"SUCCESS"}, (op, checks)
+
+
 def test_zero_rows_get_zero_codes_and_the_smallest_scale():
     x = torch.zeros(1, 3, C).bfloat16()
     _, rows = fused_norms.norm_quantize(x, torch.zeros(1, 1, 6, C), 1e-6, shift=0, scale=1, round_norm=True)
