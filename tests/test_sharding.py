@@ -230,6 +230,8 @@ def test_sharding_refuses_options_it_does_not_combine_with():
         check_sharding(ModelSpec(name="tiny", compile=True))
     with pytest.raises(InvalidInput, match="already sharded"):
         check_sharding(ModelSpec(name="tiny", generator_options=GeneratorOptions(offload_text_projections=True)))
+    with pytest.raises(InvalidInput, match="--fused-norms with --parallel fsdp"):
+        check_sharding(ModelSpec(name="tiny", fp8=True, generator_options=GeneratorOptions(fused_norms=True)))
 
 
 # ---------------------------------------------------------------- through `avatar serve`

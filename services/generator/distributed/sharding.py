@@ -112,6 +112,8 @@ def check_sharding(model: ModelSpec) -> None:
         raise InvalidInput("--compile with --parallel fsdp is not measured yet: leave out --compile")
     if model.generator_options.offload_text_projections:
         raise InvalidInput("--offload-text-kv with --parallel fsdp: the text projections are already sharded")
+    if model.generator_options.fused_norms:
+        raise InvalidInput("--fused-norms with --parallel fsdp is not measured yet: leave out --fused-norms")
 
 
 def build_sharded_engine(model: ModelSpec, mesh, load_device: str = "cpu") -> GeneratorEngine:
