@@ -1123,7 +1123,10 @@ def main():
                         f"  fused norms vs torch's latents {w}*{h}, rel. error per step: "
                         + " ".join(f"{e:.4f}" for e in errs)
                     )
-            if dev_cuda:
+            if dev_cuda:  # what each step's GPU time is spent on, both ways, at the first size
+                results["profile_unfused_norms"] = guarded(
+                    "profile", lambda: profile_step(dit, LoopConfig(*sizes[0], **best), device)
+                )
                 results["profile_fused_norms"] = guarded(
                     "profile fused-norms",
                     lambda: profile_step(dit, LoopConfig(*sizes[0], fused_norms=True, **best), device),
