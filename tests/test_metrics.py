@@ -245,3 +245,21 @@ def test_gpu_collector_and_monitor_with_nvml(monkeypatch, tmp_path, capsys):
     assert gpu_monitor.run(argparse.Namespace(interval=0.01, csv=None, count=1)) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["time", "gpu", "name"] and len(table) == 3
+
+
+def test_a_cancellation_at_the_deadline_counts_as_deadline_exceeded():
+    """The client's deadline passes before the server's (which counts from the request's arrival):
+    its cancellation can arrive with time still left here, and is the deadline all the same."""
+
+    class Context:
+        def __init__(self, remaining):
+            self.remaining = remaining
+
+        def time_remaining(self):
+            return self.remaining
+
+    cancelled = asyncio.CancelledError()
+    assert metrics._code_of(Context(-0.01), cancelled) == "DEADLINE_EXCEEDED"
+    assert metrics._code_of(Context(0.3), cancelled) == "DEADLINE_EXCEEDED"  # the client's clock ran first
+    assert metrics._code_of(Context(5.0), cancelled) == "CANCELLED"  # the client went away
+    assert metrics._code_of(Context(None), cancelled) == "CANCELLED"  # no deadline at all
