@@ -286,3 +286,14 @@ def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch)
     assert launches == {"norm": 3 * 4 * 5 + 3 * 4, "gelu": 4 * 5, "rope": 2 * 4 * 4}
     rel = ((got[0] - expected[0]).norm() / expected[0].norm()).item()
     assert rel < 0.03, rel  # inductor rounds the rest of the block its own way (1.1% measured)
+
+
+def test_the_eager_row_quantiser_kernel_shares_the_row_arithmetic():
+    """fp8.py's Triton row quantiser (eager mode on a GPU) stores its rows through the same
+    store_row_e4m3 as the fused kernels: the same codes and scales as quantize(x, "row")."""
+    from avatar.services.generator.fp8 import quantize_rows_fused
+
+    x = torch.cat([torch.randn(5, C) * 7, torch.zeros(1, C)]).bfloat16()
+    q, s = quantize_rows_fused(x)
+    q_ref, s_ref = quantize(x, "row")
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

@@ -63,16 +63,22 @@ except ImportError:  # CPU-only installs: the torch path below is used
 if triton is not None:
 
     @triton.jit
+    def store_row_e4m3(x, q_ptr, s_ptr, row, K, offs, mask):
+        # quantize(x, "row") of one float32 row held by a program (masked lanes 0): its scale
+        # amax / 448 at s_ptr[row], its codes at q_ptr[row * K:]; shared with fused_norms.py
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
         # one program per row: read it once, write e4m3 + its scale (eager torch needs 5 passes)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
-        q = tl.clamp(x / scale, -448.0, 448.0)
-        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row, scale)
+        store_row_e4m3(x, q_ptr, s_ptr, row, K, offs, mask)
 
 
 if triton is not None:

@@ -26,6 +26,8 @@ from avatar.services.generator.fp8 import E4M3, FP8Rows
 try:
     import triton
     import triton.language as tl
+
+    from avatar.services.generator.fp8 import store_row_e4m3
 except ImportError:  # CPU-only installs: unavailable_reason() says so
     triton = None
 
@@ -111,11 +113,7 @@ if triton is not None:
     @triton.jit
     def _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask):
         # the next linear's input is bf16: round there first, then fp8.quantize(h, "row")
-        h = tl.where(mask, h.to(tl.bfloat16).to(tl.float32), 0.0)
-        scale = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12) / 448.0
-        q = tl.clamp(h / scale, -448.0, 448.0)
-        tl.store(q_ptr + row * C + offs, q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row, scale)
+        store_row_e4m3(tl.where(mask, h.to(tl.bfloat16).to(tl.float32), 0.0), q_ptr, s_ptr, row, C, offs, mask)
 
 
 if triton is not None:
