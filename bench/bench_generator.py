@@ -166,8 +166,7 @@ class TimedSession:
         engine.kv_dtype = cfg.kv_dtype or dit.dtype
         engine.fp8_attention = cfg.fp8_attention
         engine.cuda_graphs, engine.free_memory = False, None
-        for module in (*dit.blocks, *dit.audio_injector.injections):
-            module.fused_norms = cfg.fused_norms
+        dit.use_fused_norms(cfg.fused_norms)
         job = Job(
             width=cfg.width,
             height=cfg.height,
@@ -983,6 +982,18 @@ def main():
             runs.append(r)
         return r
 
+    def latent_errors(into: dict, ref, got, what):
+        """into[size]: the relative error per step of got's latents against ref's, each a
+        (label, LoopConfig); nothing when either run failed (its error is in results)."""
+        (ref_label, ref_cfg), (got_label, got_cfg), size = ref, got, f"{ref[1].width}*{ref[1].height}"
+        expected = guarded(f"latents {ref_label} {size}", lambda: step_latents(dit, ref_cfg, device))
+        actual = guarded(f"latents {got_label} {size}", lambda: step_latents(dit, got_cfg, device))
+        if expected and actual:
+            into[size] = errs = rel_errors(actual, expected)
+            log(f"  {what} latents {size}, rel. error per step: " + " ".join(f"{e:.4f}" for e in errs))
+
+    # compiled: the first clip (4 blocks) sees every ring fill level and compiles
+    compiling = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
     ref_latents = {}
     if "quality" in parts:
         for w, h in sizes:
@@ -1062,27 +1073,17 @@ def main():
             fp8kv = torch.float8_e4m3fn
             log(f"{tag}: bf16 cache, FP8 cache (bf16 attention over an upcast slice), FP8 attention:")
             for s in sizes:
-                extra = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
-                variant(tag, s, **extra)
-                variant(f"{tag} kv-fp8", s, kv_dtype=fp8kv, **extra)
-                variant(f"{tag} fp8-attention", s, kv_dtype=fp8kv, fp8_attention=True, **extra)
+                variant(tag, s, **compiling)
+                variant(f"{tag} kv-fp8", s, kv_dtype=fp8kv, **compiling)
+                variant(f"{tag} fp8-attention", s, kv_dtype=fp8kv, fp8_attention=True, **compiling)
             results["fp8_attention_quality"] = {}
             for w, h in sizes:
-                ref = guarded(
-                    f"latents kv-fp8 {w}*{h}",
-                    lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, kv_dtype=fp8kv), device),
+                latent_errors(
+                    results["fp8_attention_quality"],
+                    ("kv-fp8", LoopConfig(w, h, kv_dtype=fp8kv)),
+                    ("fp8-attention", LoopConfig(w, h, kv_dtype=fp8kv, fp8_attention=True)),
+                    "FP8 attention vs bf16 attention (FP8 cache)",
                 )
-                got = guarded(
-                    f"latents fp8-attention {w}*{h}",
-                    lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, kv_dtype=fp8kv, fp8_attention=True), device),
-                )
-                if ref and got:
-                    errs = rel_errors(got, ref)
-                    results["fp8_attention_quality"][f"{w}*{h}"] = errs
-                    log(
-                        f"  FP8 attention vs bf16 attention (FP8 cache) latents {w}*{h}, rel. error per step: "
-                        + " ".join(f"{e:.4f}" for e in errs)
-                    )
         if "fused-norms" in parts:
             results["norm_kernels"] = [
                 guarded(
@@ -1095,34 +1096,23 @@ def main():
             ]
             from avatar.services.generator.fp8_attention import unavailable_reason
 
-            dit.use_fused_norms()  # checks the model can (FP8 rows, bf16, Triton); each variant sets its own
             best = dict(kv_dtype=torch.float8_e4m3fn, fp8_attention=unavailable_reason(device) is None)
             label = tag + (" fp8-attention" if best["fp8_attention"] else " kv-fp8")
             log(f"{label}: the blocks' norms by torch.compile, then by fused_norms.py's kernels:")
             for s in sizes:
-                extra = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
-                variant(label, s, **best, **extra)
-                variant(f"{label} fused-norms", s, fused_norms=True, **best, **extra)
+                variant(label, s, **best, **compiling)
+                variant(f"{label} fused-norms", s, fused_norms=True, **best, **compiling)
             log(f"{label}, the audio injections as before 2026-12-05 (only their cross-attention compiled):")
             with legacy_injections(dit, compiled=args.compile_first):
-                extra = dict(warm=args.warm + 4, blocks=args.blocks + 4) if args.compile_first else {}
-                variant(f"{label} legacy-injections", sizes[0], **best, **extra)
+                variant(f"{label} legacy-injections", sizes[0], **best, **compiling)
             results["fused_norms_quality"] = {}
             for w, h in sizes:
-                ref = guarded(
-                    f"latents {label} {w}*{h}", lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, **best), device)
+                latent_errors(
+                    results["fused_norms_quality"],
+                    (label, LoopConfig(w, h, **best)),
+                    (f"{label} fused-norms", LoopConfig(w, h, fused_norms=True, **best)),
+                    "fused norms vs torch's",
                 )
-                got = guarded(
-                    f"latents {label} fused-norms {w}*{h}",
-                    lambda w=w, h=h: step_latents(dit, LoopConfig(w, h, fused_norms=True, **best), device),
-                )
-                if ref and got:
-                    errs = rel_errors(got, ref)
-                    results["fused_norms_quality"][f"{w}*{h}"] = errs
-                    log(
-                        f"  fused norms vs torch's latents {w}*{h}, rel. error per step: "
-                        + " ".join(f"{e:.4f}" for e in errs)
-                    )
             if dev_cuda:  # what each step's GPU time is spent on, both ways, at the first size
                 results["profile_unfused_norms"] = guarded(
                     "profile", lambda: profile_step(dit, LoopConfig(*sizes[0], **best), device)

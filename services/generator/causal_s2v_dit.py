@@ -199,9 +199,9 @@ class SelfAttention(_Projections):
     fused_norms = False  # q/k RMSNorm + RoPE (+ the cache's cast) in one kernel each (use_fused_norms)
 
     def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
-        heads, cache = (self.num_heads, -1), kv.keys.dtype
         if kv.prefill:  # the sink: attends to itself
             return self._prefill(x, rope, kv)
+        heads, cache = (self.num_heads, -1), kv.keys.dtype
         if self.fused_norms:
             q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, rope.cos, rope.sin, self.norm_q.eps)
             k = fused_norms.rms_rope(
@@ -294,7 +294,7 @@ class CausalS2VBlock(nn.Module):
         quantisation in one kernel (fused_norms.py). mod's six vectors: shift1, scale1, gate1,
         shift2, scale2, gate2."""
         dtype = x.dtype
-        mod = (self.modulation.float()[:, None] + mod).contiguous()
+        mod = self.modulation.float()[:, None] + mod
         _, h = fused_norms.norm_quantize(x, mod, self.norm1.eps, shift=0, scale=1, round_norm=True)
         y = self.self_attn(h, rope, kv)
         x, h = fused_norms.norm_quantize(
@@ -415,7 +415,7 @@ class AudioInjection(nn.Module):
         xf = x.reshape(b * f, -1, x.shape[-1])
         cond = audio_global.flatten(0, 1)[:, 0]
         if self.fused_norms:
-            shift_scale = self.adain.linear(F.silu(cond)).float().unflatten(-1, (1, 2, -1)).contiguous()
+            shift_scale = self.adain.linear(F.silu(cond)).float().unflatten(-1, (1, 2, -1))
             _, h = fused_norms.norm_quantize(xf, shift_scale, 1e-5, shift=0, scale=1)
         else:
             h = self.adain(xf, cond).to(x.dtype)
@@ -631,22 +631,23 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                             t.data = t.data.pin_memory()
         return moved
 
-    def use_fused_norms(self) -> None:
+    def use_fused_norms(self, on: bool = True) -> None:
         """Run the norms of every block, self-attention and audio injection in the fused kernels of
-        fused_norms.py (`--fused-norms`). Needs FP8 linears with row scales in the trunk, bf16
-        activations and Triton; ValueError naming what is missing otherwise."""
-        if reason := fused_norms.unavailable_reason(self.device):
-            raise ValueError(reason)
-        if self.dtype != torch.bfloat16:
-            raise ValueError(f"--fused-norms rounds as a bf16 model does; this one is {self.dtype}")
+        fused_norms.py (`--fused-norms`), or again in torch (on=False). Needs FP8 linears with row
+        scales in the trunk, bf16 activations and Triton; ValueError naming what is missing
+        otherwise."""
         blocks, injections = list(self.blocks), self.audio_injector.injections
+        if on and (reason := fused_norms.unavailable_reason(self.device)):
+            raise ValueError(reason)
+        if on and self.dtype != torch.bfloat16:
+            raise ValueError(f"--fused-norms rounds as a bf16 model does; this one is {self.dtype}")
         linears = [injection.attn.q for injection in injections]
         for b in blocks:
             linears += [b.self_attn.q, b.self_attn.k, b.self_attn.v, b.cross_attn.q, *b.ffn[::2]]
-        if not all(isinstance(m, FP8Linear) and m.granularity == "row" for m in linears):
+        if on and not all(isinstance(m, FP8Linear) and m.granularity == "row" for m in linears):
             raise ValueError("--fused-norms quantises the linears' inputs per row: it needs --fp8")
         for module in (*blocks, *injections):
-            module.fused_norms = True
+            module.fused_norms = on
 
     @torch.no_grad()
     def encode_audio(self, features: torch.Tensor) -> AudioTokens:
