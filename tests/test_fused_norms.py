@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from test_generator_engine import _generate, _job
 from triton_interpreter import exact_downcasts
 
 from avatar.errors import InvalidInput
-from avatar.jobs import Job
 from avatar.presets import GeneratorOptions, ModelSpec
 from avatar.services.generator import fused_norms
 from avatar.services.generator.causal_s2v_dit import _gate, _modulate
@@ -157,34 +157,9 @@ def test_a_transposed_input_gives_the_same_codes():
     assert torch.equal(got.codes.view(torch.uint8), expected.codes.view(torch.uint8))
 
 
-H = W = 64
-
-
-def _job(steps=4):
-    return Job(
-        width=W,
-        height=H,
-        fps=25,
-        infer_frames=24,
-        latent_frames_per_block=3,
-        num_blocks=40,
-        total_frames=480,
-        sample_steps=steps,
-        seed=420,
-        model="tiny",
-    )
-
-
 def _blocks(dit, n=3):
-    g = torch.Generator().manual_seed(0)
-    text = torch.randn(7, 32, generator=g)
-    ref = torch.randn(16, 1, 8, 8, generator=g)
-    motion = torch.randn(16, 19, 8, 8, generator=g)
-    session = GeneratorEngine(ModelSpec(), dit=dit).open_session(_job(), text, ref, motion)
-    try:
-        return [session.generate_block(torch.randn(12, 5, 32, generator=g)).float() for _ in range(n)]
-    finally:
-        session.close()
+    """n blocks of test_generator_engine's session (its job and seeded inputs) on `dit`."""
+    return [b.float() for b in _generate(GeneratorEngine(ModelSpec(), dit=dit), _job(), blocks=n)]
 
 
 def _fp8_dit():
