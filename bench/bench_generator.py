@@ -1099,9 +1099,17 @@ def main():
             best = dict(kv_dtype=torch.float8_e4m3fn, fp8_attention=unavailable_reason(device) is None)
             label = tag + (" fp8-attention" if best["fp8_attention"] else " kv-fp8")
             log(f"{label}: the blocks' norms by torch.compile, then by fused_norms.py's kernels:")
-            for s in sizes:
+            for i, s in enumerate(sizes):
                 variant(label, s, **best, **compiling)
                 variant(f"{label} fused-norms", s, fused_norms=True, **best, **compiling)
+                if i == 0 and dev_cuda:  # where each step's GPU time goes, both ways, before the rest
+                    results["profile_unfused_norms"] = guarded(
+                        "profile", lambda: profile_step(dit, LoopConfig(*s, **best), device)
+                    )
+                    results["profile_fused_norms"] = guarded(
+                        "profile fused-norms",
+                        lambda: profile_step(dit, LoopConfig(*s, fused_norms=True, **best), device),
+                    )
             log(f"{label}, the audio injections as before 2026-12-05 (only their cross-attention compiled):")
             with legacy_injections(dit, compiled=args.compile_first):
                 variant(f"{label} legacy-injections", sizes[0], **best, **compiling)
@@ -1112,14 +1120,6 @@ def main():
                     (label, LoopConfig(w, h, **best)),
                     (f"{label} fused-norms", LoopConfig(w, h, fused_norms=True, **best)),
                     "fused norms vs torch's",
-                )
-            if dev_cuda:  # what each step's GPU time is spent on, both ways, at the first size
-                results["profile_unfused_norms"] = guarded(
-                    "profile", lambda: profile_step(dit, LoopConfig(*sizes[0], **best), device)
-                )
-                results["profile_fused_norms"] = guarded(
-                    "profile fused-norms",
-                    lambda: profile_step(dit, LoopConfig(*sizes[0], fused_norms=True, **best), device),
                 )
         if "profile" in parts and dev_cuda:
             results["profile"] = [
