@@ -301,6 +301,76 @@ def profile_step(dit, cfg: LoopConfig, device, top: int = 25) -> dict:
     return {"size": f"{cfg.width}*{cfg.height}", "gpu_ms_per_step": total, "kernels": rows[:60]}
 
 
+def gpu_timeline(trace_path: str, top: int = 12) -> dict:
+    """From torch.profiler's chrome trace: how much of the span from the first kernel to the last
+    the GPU ran kernels, and the idle gaps between them, each put down to what the host was in at
+    the gap's middle (the innermost runtime call and torch op), summed per cause, largest first."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    work = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"])
+        for e in events
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    )
+    if not work:
+        return {"error": "no kernels in the trace"}
+    busy, gaps = 0.0, []
+    lo, hi, last = work[0][0], work[0][1], work[0][2]
+    for start, end, name in work[1:]:
+        if start > hi:
+            busy += hi - lo
+            gaps.append((hi, start, last, name))
+            lo = start
+        if end > hi:
+            hi, last = end, name
+    busy += hi - lo
+    span = hi - work[0][0]
+    host = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("cat"), e["name"])
+        for e in events
+        if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")
+    )
+    by_cause: dict[str, list] = {}
+    largest = []
+    active, i = [], 0
+    for g0, g1, before, after in sorted(gaps, key=lambda g: (g[0] + g[1]) / 2):
+        mid = (g0 + g1) / 2
+        while i < len(host) and host[i][0] <= mid:
+            active.append(host[i])
+            i += 1
+        active = [h for h in active if h[1] >= mid]
+        runtime = min(
+            (h for h in active if h[2] in ("cuda_runtime", "cuda_driver")), key=lambda h: h[1] - h[0], default=None
+        )
+        op = min((h for h in active if h[2] in ("cpu_op", "user_annotation")), key=lambda h: h[1] - h[0], default=None)
+        cause = f"{runtime[3] if runtime else '(no runtime call)'} in {op[3][:60] if op else '(no torch op)'}"
+        c = by_cause.setdefault(cause, [0.0, 0])
+        c[0] += g1 - g0
+        c[1] += 1
+        largest.append(
+            {
+                "us": g1 - g0,
+                "at_ms": (g0 - work[0][0]) / 1000,
+                "cause": cause,
+                "after": before[:70],
+                "before": after[:70],
+            }
+        )
+    largest.sort(key=lambda g: -g["us"])
+    causes = sorted(
+        ({"cause": k, "ms": v[0] / 1000, "gaps": v[1]} for k, v in by_cause.items()), key=lambda c: -c["ms"]
+    )
+    return {
+        "span_ms": span / 1000,
+        "gpu_busy_ms": busy / 1000,
+        "idle_ms": (span - busy) / 1000,
+        "gaps": len(gaps),
+        "gaps_over_50us": sum(1 for g in gaps if g[1] - g[0] > 50),
+        "idle_by_cause": causes[:top],
+        "largest_gaps": largest[:top],
+    }
+
+
 def run_variant(dit, cfg: LoopConfig, device, blocks: int, warm: int, label: str, flat_check: bool = False) -> dict:
     """Prefill + `blocks` blocks; medians over the blocks after `warm`."""
     clock = Clock(device)
@@ -784,9 +854,13 @@ def bench_overlap(dit, cfg: LoopConfig, device, tiny: bool, blocks: int, warm: i
     return res
 
 
-def bench_engine(dit, width, height, device, blocks: int, warm: int, options: dict | None = None) -> dict:
+def bench_engine(
+    dit, width, height, device, blocks: int, warm: int, options: dict | None = None, timeline_blocks: int = 0
+) -> dict:
     """Cross-check through the real GeneratorEngine (the service's code path): wall ms of
-    open_session (sink prefill) and of generate_block (which syncs), on the same DiT."""
+    open_session (sink prefill) and of generate_block (which syncs), on the same DiT. With
+    `timeline_blocks`, that many more blocks run under torch.profiler and `gpu_timeline` says
+    how much of their time the GPU idled, and why (the steady blocks replay CUDA graphs)."""
     c = dit.config
     h, w = height // 8, width // 8
     eng = GeneratorEngine(
@@ -824,6 +898,23 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, options: di
         sess.generate_block(audio)
         ms.append((time.perf_counter() - t0) * 1000)
     kv_bytes = sess.kv_cache_bytes
+    timeline = None
+    if timeline_blocks and device != "cpu":
+        import tempfile
+
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(timeline_blocks):
+                sess.generate_block(torch.randn(FRAMES_PER_BLOCK, c.audio_layers, c.audio_dim, device=device))
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1000 / timeline_blocks
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            timeline = gpu_timeline(f"{tmp}/trace.json")
+        timeline["blocks"] = timeline_blocks
+        timeline["wall_ms_per_block_profiled"] = wall
     sess.close()
     res = {
         "size": f"{width}*{height}",
@@ -836,6 +927,21 @@ def bench_engine(dit, width, height, device, blocks: int, warm: int, options: di
         "peak_gib": peak_gib(device),
     }
     res["fps"] = FRAMES_PER_BLOCK / (res["block_ms"] / 1000)
+    if timeline:
+        res["timeline"] = timeline
+        n = timeline_blocks
+        log(
+            f"  engine {res['size']} under the profiler: {timeline['wall_ms_per_block_profiled']:.0f} ms per block; "
+            f"GPU busy {timeline['gpu_busy_ms'] / n:.0f} ms, idle {timeline['idle_ms'] / n:.0f} ms per block "
+            f"({timeline['gaps'] / n:.0f} gaps, {timeline['gaps_over_50us'] / n:.0f} over 50 us); idle by cause:"
+        )
+        for c in timeline["idle_by_cause"]:
+            log(f"    {c['ms'] / n:7.2f} ms/block  x{c['gaps'] / n:6.0f}  {c['cause']}")
+        for g in timeline["largest_gaps"][:6]:
+            log(
+                f"    gap {g['us']:.0f} us at {g['at_ms']:.0f} ms: {g['cause']}"
+                f" (after {g['after']}, before {g['before']})"
+            )
     del sess, eng
     free_memory(device)
     log(
@@ -860,8 +966,8 @@ def main():
         "--only",
         default="all",
         help="all | smoke | comma list of: env,gemm,attn,bf16,fp8,"
-        "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile,fp8-attention,fused-norms "
-        "(fp8-attention, fused-norms: not in all)",
+        "quality,vae,overlap,24gb,compile,compile-bf16,engine,legacy,profile,fp8-attention,fused-norms,engine-gaps "
+        "(fp8-attention, fused-norms, engine-gaps: not in all)",
     )
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--blocks", type=int, default=8, help="blocks per variant (the first --warm are warm-up)")
@@ -1010,7 +1116,7 @@ def main():
             "overlap", lambda: bench_overlap(dit, LoopConfig(*sizes[0]), device, args.tiny, args.blocks, args.warm)
         )
 
-    if {"fp8", "24gb", "compile", "fp8-attention", "fused-norms"} & parts:
+    if {"fp8", "24gb", "compile", "fp8-attention", "fused-norms", "engine-gaps"} & parts:
         from avatar.services.generator.fp8 import swap_linears_to_fp8
 
         t0 = time.perf_counter()
@@ -1126,6 +1232,26 @@ def main():
                 guarded(f"profile {w}*{h}", lambda w=w, h=h: profile_step(dit, LoopConfig(w, h), device))
                 for w, h in sizes
             ]
+        if "engine-gaps" in parts:  # the service's engine, graphs and all: where its GPU idles
+            from avatar.services.generator.fp8_attention import unavailable_reason
+
+            opts = dict(kv_dtype="float8_e4m3fn", fp8_attention=unavailable_reason(device) is None)
+            results["engine_gaps"] = []
+            steady = 8 if dev_cuda else 0  # graphs replay from the third clip on (the CPU only checks the path)
+            for w, h in sizes:
+                for fused in (False, True):
+                    dit.use_fused_norms(fused)
+                    log(f"engine {w}*{h} {opts}, fused norms {'on' if fused else 'off'}:")
+                    r = guarded(
+                        f"engine gaps {w}*{h} fused {fused}",
+                        lambda w=w, h=h: bench_engine(
+                            dit, w, h, device, args.blocks + steady, args.warm + steady, opts, timeline_blocks=2
+                        ),
+                    )
+                    if r:
+                        r["fused_norms"] = fused
+                    results["engine_gaps"].append(r)
+            dit.use_fused_norms(False)
         if "engine" in parts:
             results["engine"] = [
                 guarded(f"engine {w}*{h}", lambda w=w, h=h: bench_engine(dit, w, h, device, args.blocks, args.warm))

@@ -163,3 +163,62 @@ def test_the_legacy_injections_compute_what_the_injections_compute():
     with bench_generator.legacy_injections(dit, compiled=False):
         before = bench_generator.step_latents(dit, cfg, "cpu", blocks=1)
     assert len(now) == 4 and all(torch.equal(a, b) for a, b in zip(now, before))
+
+
+def test_gpu_timeline_finds_the_idle_gaps_and_what_the_host_was_in(tmp_path):
+    """Kernels 0-100 us and 150-250 us and 250-300 us on the GPU; the host in a stream sync
+    inside an `aten::item` during the first gap, in a launch inside `aten::mm` at the second."""
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1000, "dur": 100},
+            {"ph": "X", "cat": "kernel", "name": "norm", "ts": 1150, "dur": 100},
+            {"ph": "X", "cat": "kernel", "name": "attn", "ts": 1240, "dur": 60},  # overlaps norm
+            {"ph": "X", "cat": "gpu_memset", "name": "Memset", "ts": 1400, "dur": 20},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 1090, "dur": 70},
+            {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 1095, "dur": 60},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 1290, "dur": 200},
+            {"ph": "X", "cat": "cpu_op", "name": "outer", "ts": 900, "dur": 1000},
+            {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1340, "dur": 20},
+            {"ph": "i", "name": "marker", "ts": 1200},
+        ]
+    }
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    t = bench_generator.gpu_timeline(str(path))
+    assert t["span_ms"] == 0.42 and t["gaps"] == 2 and t["gaps_over_50us"] == 1
+    assert abs(t["gpu_busy_ms"] - 0.27) < 1e-9 and abs(t["idle_ms"] - 0.15) < 1e-9
+    assert [(c["cause"], round(c["ms"], 3)) for c in t["idle_by_cause"]] == [
+        ("cudaLaunchKernel in aten::mm", 0.1),
+        ("cudaStreamSynchronize in aten::item", 0.05),
+    ]
+    assert t["largest_gaps"][0] | {"at_ms": None} == {
+        "us": 100.0,
+        "at_ms": None,
+        "cause": "cudaLaunchKernel in aten::mm",
+        "after": "attn",
+        "before": "Memset",
+    }
+    assert bench_generator.gpu_timeline(str(path)) == t
+
+
+def test_the_engine_gaps_part_runs_the_engine_both_ways(tmp_path, monkeypatch):
+    """--only engine-gaps on the CPU (no profiler there): the engine with FP8 attention over the
+    FP8 cache, without and with the fused norms, per size."""
+    import torch
+    from triton_interpreter import exact_downcasts
+
+    from avatar.services.generator.weights import random_dit
+
+    monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
+    out = tmp_path / "bench.json"
+    argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "engine-gaps"]
+    monkeypatch.setattr(sys, "argv", argv + ["--blocks", "1", "--warm", "0", "--out", str(out)])
+    with exact_downcasts():
+        bench_generator.main()
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    runs = res["engine_gaps"]
+    assert [(r["size"], r["fused_norms"]) for r in runs] == [("96*64", False), ("96*64", True)]
+    for r in runs:
+        assert r["generator_options"] == {"kv_dtype": "float8_e4m3fn", "fp8_attention": True}
+        assert len(r["block_ms_all"]) == 1 and r["block_ms"] > 0
