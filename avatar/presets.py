@@ -54,7 +54,9 @@ class GeneratorOptions:
     cuda_graphs: bool | None = None  # replay steady-state steps from CUDA graphs; None: on for CUDA devices
     offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
     fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache (an approximation)
-    fused_norms: bool = False  # residual + norm + modulation + FP8 quantisation in one Triton kernel (needs fp8)
+    # residual + norm + modulation + FP8 quantisation in one Triton kernel (needs fp8); None: on with
+    # fp8 where the kernels run (a CUDA GPU, bf16, no per-avatar LoRAs, not FSDP)
+    fused_norms: bool | None = None
 
     def __post_init__(self):
         if self.cache_sets is not None and self.cache_sets != 1:

@@ -225,11 +225,33 @@ def test_the_flag_reaches_the_spec_and_is_checked_against_fp8_and_avatar_loras()
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
     assert cli.model_spec(parser.parse_args(["--fp8", "--fused-norms"])).generator_options.fused_norms
-    assert not cli.model_spec(parser.parse_args(["--fp8"])).generator_options.fused_norms
+    assert cli.model_spec(parser.parse_args(["--fp8"])).generator_options.fused_norms is None  # the default
+    assert cli.model_spec(parser.parse_args(["--fp8", "--no-fused-norms"])).generator_options.fused_norms is False
     with pytest.raises(cli.UserError, match="needs --fp8"):
         cli.model_spec(parser.parse_args(["--fused-norms"]))
     with pytest.raises(InvalidInput, match="per-avatar LoRAs"):
         ModelSpec(fp8=True, generator_options=GeneratorOptions(fused_norms=True), avatar_loras=(("a", "/x"),))
+
+
+def test_fused_norms_are_the_default_with_fp8_where_they_run_as_measured():
+    from avatar.services.generator.engine import fused_norms_wanted
+
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+
+    def wanted(device=cuda, dtype=bf16, sharded=False, **spec):
+        return fused_norms_wanted(ModelSpec(**{"fp8": True, **spec}), device, dtype, sharded=sharded)
+
+    assert wanted()
+    assert not wanted(fp8=False)
+    assert not wanted(device=cpu)
+    assert not wanted(dtype=torch.float32)
+    assert not wanted(sharded=True)
+    assert not wanted(avatar_loras=(("a", "/x"),))
+    assert not wanted(generator_options=GeneratorOptions(fused_norms=False))
+    assert wanted(device=cpu, generator_options=GeneratorOptions(fused_norms=True))  # asked: checked when applied
+    # a tiny FP8 model on the CPU is built without them (the kernels run there only in the interpreter)
+    dit = build_generator_model(ModelSpec(name="tiny", fp8=True))
+    assert not any(block.fused_norms for block in dit.blocks)
 
 
 def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch):
