@@ -87,7 +87,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --fp8: each residual add + LayerNorm + modulation + FP8 quantisation of the DiT "
         "in one Triton kernel instead of torch.compile's (same arithmetic; default on with --fp8 on a "
-        "CUDA GPU without per-avatar LoRAs or FSDP: 704*384 blocks 11%% faster; docs/performance.md, "
+        "CUDA GPU with CUDA graphs, without per-avatar LoRAs or FSDP: 704*384 blocks 11%% faster; "
+        "docs/performance.md, "
         '"Fused norms")',
     )
     g.add_argument(

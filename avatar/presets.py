@@ -55,7 +55,7 @@ class GeneratorOptions:
     offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
     fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache (an approximation)
     # residual + norm + modulation + FP8 quantisation in one Triton kernel (needs fp8); None: on with
-    # fp8 where the kernels run (a CUDA GPU, bf16, no per-avatar LoRAs, not FSDP)
+    # fp8 where they run as measured (a CUDA GPU, bf16, CUDA graphs, no per-avatar LoRAs, not FSDP)
     fused_norms: bool | None = None
 
     def __post_init__(self):

@@ -246,6 +246,7 @@ def test_fused_norms_are_the_default_with_fp8_where_they_run_as_measured():
     assert not wanted(device=cpu)
     assert not wanted(dtype=torch.float32)
     assert not wanted(sharded=True)
+    assert not wanted(generator_options=GeneratorOptions(cuda_graphs=False))
     assert not wanted(avatar_loras=(("a", "/x"),))
     assert not wanted(generator_options=GeneratorOptions(fused_norms=False))
     assert wanted(device=cpu, generator_options=GeneratorOptions(fused_norms=True))  # asked: checked when applied

@@ -137,9 +137,10 @@ def cuda_graphs_wanted(model: ModelSpec, device: torch.device) -> bool:
 
 def fused_norms_wanted(model: ModelSpec, device: torch.device, dtype: torch.dtype, sharded: bool = False) -> bool:
     """`GeneratorOptions.fused_norms`: True runs the fused kernels or fails saying what is missing;
-    None (the default) runs them with --fp8 wherever they can run as measured: a CUDA GPU, a bf16
-    model, no per-avatar LoRAs, the whole model on the GPU (not FSDP's shards). They cut a 704*384
-    block from 672 to 597 ms (run F1, docs/performance.md)."""
+    None (the default) runs them with --fp8 wherever they run as measured: a CUDA GPU, a bf16
+    model, CUDA graphs (without them each kernel's launch costs more host time than it saves at
+    384*256), no per-avatar LoRAs, the whole model on the GPU (not FSDP's shards). They cut a
+    704*384 block from 672 to 597 ms (runs F1, F2, docs/performance.md)."""
     asked = model.generator_options.fused_norms
     if asked is not None:
         return asked
@@ -147,6 +148,7 @@ def fused_norms_wanted(model: ModelSpec, device: torch.device, dtype: torch.dtyp
         model.fp8
         and device.type == "cuda"
         and dtype == torch.bfloat16
+        and cuda_graphs_wanted(model, device)
         and not model.avatar_loras
         and not sharded
         and fused_norms_unavailable(device) is None
