@@ -345,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
         "before reporting SERVING (default: with --compile, which compiles there, so no request "
         "waits for compilation or a model's first call)",
     )
+    p.add_argument(
+        "--warmup-shape",
+        action="append",
+        default=[],
+        metavar="WxH[@STEPS][/FRAMES]",
+        help="also warm up this video size (exactly as a stream's header reports it), with STEPS "
+        "sampling steps and FRAMES frames per clip (default: the preview preset's, what a request "
+        "naming neither gets), e.g. 384x256@4; repeatable; implies --warmup",
+    )
     p.add_argument("--encoder", metavar="ADDR", help="EncoderService address (--role gateway)")
     p.add_argument("--generator", metavar="ADDR", help="GeneratorService address (--role gateway)")
     p.add_argument("--decoder", metavar="ADDR", help="DecoderService address (--role gateway)")
@@ -539,6 +548,8 @@ def cmd_serve(args) -> int:
             raise ValueError("--encoder-concurrency must be at least 1 and --encoder-queue not negative")
         encoder_admission = AdmissionConfig(args.encoder_concurrency, args.encoder_queue)
         parallel = parallel_config(args)
+        model = model_for(args, "gateway" if args.ray else args.role)  # --ray: replicas load it on their nodes
+        warmup, warmup_shapes = warmup_flags(args, model)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     cfg = ServeConfig(
@@ -547,14 +558,15 @@ def cmd_serve(args) -> int:
         encoder=args.encoder,
         generator=args.generator,
         decoder=args.decoder,
-        model=model_for(args, "gateway" if args.ray else args.role),  # --ray: replicas load it on their nodes
+        model=model,
         trace_file=args.trace_file,
         security=security,
         admission=admission,
         metrics_port=args.metrics_port,
         grace_s=GRACE_S if args.grace is None else args.grace,
         max_audio_s=args.max_audio_s,
-        warmup=args.warmup,
+        warmup=warmup,
+        warmup_shapes=warmup_shapes,
         live=converse_cmd.live_config(args),
         compile_cache=args.compile_cache,
         encoder_admission=encoder_admission,
@@ -580,6 +592,20 @@ def cmd_serve(args) -> int:
         print(f"avatar serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def warmup_flags(args, model) -> tuple[bool | None, tuple]:
+    """(--warmup, the --warmup-shape sizes): shapes imply the warm-up; ValueError where they cannot apply."""
+    from avatar.app.serve import parse_warmup_shape
+
+    shapes = tuple(parse_warmup_shape(text, model) for text in args.warmup_shape)
+    if not shapes:
+        return args.warmup, ()
+    if args.warmup is False:
+        raise ValueError("--warmup-shape asks for a warm-up that --no-warmup turns off: drop one of them")
+    if args.role == "gateway":
+        raise ValueError("--warmup-shape warms the encoder, generator and decoder up, not --role gateway")
+    return True, shapes
 
 
 def parallel_config(args):

@@ -101,6 +101,7 @@ class Children:
             metrics_port=metrics_port,
             grace_s=cfg.grace_s,
             warmup=cfg.warmup,
+            warmup_shapes=cfg.warmup_shapes,
             compile_cache=cfg.compile_cache,
             encoder_admission=cfg.encoder_admission,
         )

@@ -38,6 +38,7 @@ class ServeConfig:
     grace_s: float = GRACE_S  # shutdown: seconds in-flight streams get to finish
     max_audio_s: float | None = None  # gateway: longest speech input; None: avatar.media's default
     warmup: bool | None = None  # encoder, generator, decoder: run the presets once before SERVING; None: with --compile
+    warmup_shapes: tuple = ()  # (width, height, infer_frames, sample_steps) to warm up beside the presets'
     live: object = None  # gateway: a gateway.converse.ConverseConfig; None: defaults
     compile_cache: str | None = None  # torch.compile caches kept here across restarts (use_compile_cache)
     # encoder: image and prompt encodes at once + waiting; beyond: RESOURCE_EXHAUSTED. None: no cap
@@ -79,12 +80,13 @@ class RunningServer:
             await close()
 
 
-def warmup_sizes(model: ModelSpec) -> list[tuple[int, int, int, int]]:
+def warmup_sizes(model: ModelSpec, extra: tuple = ()) -> list[tuple[int, int, int, int]]:
     """(width, height, infer_frames, sample_steps) of the hd and preview presets, largest first,
-    at the model's own sizes (avatar.presets.preset_area); clips are whole blocks of 12 frames."""
+    at the model's own sizes (avatar.presets.preset_area); clips are whole blocks of 12 frames.
+    Then `extra` (--warmup-shape), less what the presets already run."""
     from avatar.presets import JOB_PRESETS, preset_area, whole_blocks
 
-    return [
+    sizes = [
         (
             *preset_area(JOB_PRESETS[name], model),
             whole_blocks(JOB_PRESETS[name].infer_frames),
@@ -92,6 +94,40 @@ def warmup_sizes(model: ModelSpec) -> list[tuple[int, int, int, int]]:
         )
         for name in ("hd", "preview")
     ]
+    return sizes + [s for s in dict.fromkeys(extra) if s not in sizes]
+
+
+def parse_warmup_shape(text: str, model: ModelSpec) -> tuple[int, int, int, int]:
+    """`WxH[@STEPS][/FRAMES]` -> (width, height, infer_frames, sample_steps): a video size exactly as
+    a stream's header reports it (a request's --size is an area the portrait's aspect shapes), the
+    steps and frames per clip defaulting to what a request that names neither gets (the default
+    preset's). ValueError with the reason."""
+    from avatar.dit_config import MAX_SAMPLE_STEPS
+    from avatar.gateway.planner import MIN_SIDE
+    from avatar.job_limits import MAX_INFER_FRAMES
+    from avatar.presets import DEFAULT_JOB_PRESET, JOB_PRESETS, whole_blocks
+
+    preset = JOB_PRESETS[DEFAULT_JOB_PRESET]
+    usage = f"--warmup-shape {text!r}: expected WIDTHxHEIGHT[@STEPS][/FRAMES], e.g. 384x256@4 or 512x512@4/48"
+    size, _, frames = text.strip().partition("/")
+    size, _, steps = size.partition("@")
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+        steps_n = int(steps) if steps else preset.sample_steps
+        frames_n = int(frames) if frames else preset.infer_frames
+    except ValueError:
+        raise ValueError(usage) from None
+    d = model.size_divisor
+    if width < MIN_SIDE or height < MIN_SIDE or width % d or height % d:
+        raise ValueError(
+            f"--warmup-shape {text!r}: the video's sides must be multiples of {d} of at least {MIN_SIDE} "
+            f"(the sizes this model makes), got {width}x{height}"
+        )
+    if not 1 <= steps_n <= MAX_SAMPLE_STEPS:
+        raise ValueError(f"--warmup-shape {text!r}: steps must be between 1 and {MAX_SAMPLE_STEPS}, got {steps_n}")
+    if not 1 <= frames_n <= MAX_INFER_FRAMES:
+        raise ValueError(f"--warmup-shape {text!r}: frames must be between 1 and {MAX_INFER_FRAMES}, got {frames_n}")
+    return width, height, whole_blocks(frames_n), steps_n
 
 
 def use_compile_cache(directory: str) -> Path:
@@ -119,6 +155,11 @@ def decoder_model(model: ModelSpec) -> ModelSpec:
     """The decoder's ModelSpec: its VAE on --decoder-device when one is given (a GPU of its own,
     so the decode never queues behind the DiT), else on --device."""
     return model.with_(device=model.decoder_device) if model.decoder_device else model
+
+
+def _pixel_sizes(shapes: list) -> list[tuple[int, int]]:
+    """The encoder's and decoder's warm-up: each (width, height) once (steps and frames are the DiT's)."""
+    return list(dict.fromkeys((w, h) for w, h, _, _ in shapes))
 
 
 def _sharded(cfg: ServeConfig) -> bool:
@@ -215,7 +256,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
 
         engine = await loop.run_in_executor(None, EncoderEngine, cfg.model)
         if warmup:
-            warmups.append(("encoder", engine, [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]))
+            warmups.append(("encoder", engine, _pixel_sizes(warmup_sizes(cfg.model, cfg.warmup_shapes))))
         encoder_admission = Admission(cfg.encoder_admission, "encoder") if cfg.encoder_admission else None
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine, encoder_admission), internal)
         on_internal.append(SERVICE_NAME)
@@ -246,7 +287,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
         else:
             engine = await loop.run_in_executor(None, GeneratorEngine, cfg.model)
             if warmup:
-                warmups.append(("generator", engine, warmup_sizes(cfg.model)))
+                warmups.append(("generator", engine, warmup_sizes(cfg.model, cfg.warmup_shapes)))
         admission = Admission(internal_admission, "generator") if internal_admission else None
         servicers["generator"] = GeneratorServicer(engine, admission)
         generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicers["generator"], internal)
@@ -258,7 +299,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
 
         engine = await loop.run_in_executor(None, DecoderEngine, decoder_model(cfg.model))
         if warmup:
-            warmups.append(("decoder", engine, [(w, h) for w, h, _, _ in warmup_sizes(cfg.model)]))
+            warmups.append(("decoder", engine, _pixel_sizes(warmup_sizes(cfg.model, cfg.warmup_shapes))))
         decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), internal)
         on_internal.append(SERVICE_NAME)
     gateway = None

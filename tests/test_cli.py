@@ -131,14 +131,14 @@ def test_generate_through_a_running_mesh_continues_the_client_trace(tmp_path, en
     assert [s["parent_id"] for s in gateway_root] == [root["span_id"]]
 
 
-def _warm_up_log(tmp_path, env, role: str) -> tuple[str, list[str]]:
-    """`avatar serve --role ROLE --warmup` until SERVING: its log, and its warm-up result lines.
+def _warm_up_log(tmp_path, env, role: str, *flags: str) -> tuple[str, list[str]]:
+    """`avatar serve --role ROLE --warmup FLAGS` until SERVING: its log, and its warm-up result lines.
     The warm-up must come before the service is announced (it listened, NOT_SERVING, meanwhile)."""
     from conftest import Services
 
     services = Services(tmp_path, env)
     try:
-        log = services.start(role, "--warmup").log.read_text()  # waits for SERVING
+        log = services.start(role, *(flags or ("--warmup",))).log.read_text()  # waits for SERVING
     finally:
         services.stop_all()
     assert log.index(f"{role} warm-up") < log.index("listening on"), log
@@ -149,6 +149,29 @@ def test_serve_warms_the_generator_up_before_it_reports_serving(tmp_path, env):
     log, warmed = _warm_up_log(tmp_path, env, "generator")
     assert len(warmed) == 2 and "176*96: 10 blocks" in warmed[0] and "96*64: 8 blocks" in warmed[1], log
     assert all("steady" in line for line in warmed), log  # what the live guard reads
+
+
+def test_serve_warms_up_the_shapes_it_is_told_beside_the_presets(tmp_path, env):
+    """--warmup-shape: a size, steps and clip the presets do not run (run F2's first 384*256 request
+    at 4 steps waited 4.0 s for what the warm-up had not done); it implies --warmup."""
+    log, warmed = _warm_up_log(tmp_path, env, "generator", "--warmup-shape", "64x64@2/12", "--warmup-shape", "96x64@3")
+    assert len(warmed) == 3, log  # 96x64@3 (36 frames) is the preview preset's: run once
+    assert "176*96: 10 blocks" in warmed[0] and "96*64: 8 blocks" in warmed[1], log
+    assert "64*64: 4 blocks" in warmed[2] and "at 2 steps" in warmed[2], log
+
+
+def test_serve_refuses_a_bad_warmup_shape_with_one_line(env):
+    for flags, words in (
+        (["--warmup-shape", "384*256"], "expected WIDTHxHEIGHT[@STEPS][/FRAMES]"),
+        (["--warmup-shape", "100x64"], "multiples of 16 of at least 64"),
+        (["--warmup-shape", "64x64@0"], "steps must be between 1 and 50, got 0"),
+        (["--warmup-shape", "64x64@2/-12"], "frames must be between 1 and 1200"),
+        (["--warmup-shape", "64x64", "--no-warmup"], "--no-warmup turns off"),
+        (["--warmup-shape", "64x64", "--role", "gateway"], "not --role gateway"),
+    ):
+        r = run_cli("serve", "--model", "tiny", "--listen", "127.0.0.1:0", *flags, env=env, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_serve_warms_the_encoder_up_before_it_reports_serving(tmp_path, env):

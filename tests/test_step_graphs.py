@@ -286,6 +286,19 @@ def test_the_warm_up_slots_are_dropped_last(pooled):
     assert not pooled._idle[2].graphs.first_clip
 
 
+def test_every_warmed_shape_keeps_its_slot_beside_one_for_requests(pooled):
+    """--warmup-shape can warm more shapes than IDLE_SLOTS: none of them may evict another."""
+    from avatar.services.generator.engine import IDLE_SLOTS
+
+    shapes = [(W, H, INFER_FRAMES, steps) for steps in range(1, IDLE_SLOTS + 2)]
+    pooled.warm_up(shapes)
+    warm = list(pooled._idle)
+    assert len(warm) == len(shapes) > IDLE_SLOTS and all(slot.graphs.first_clip for slot in warm)
+    kept = [_session_blocks(pooled, seed=7, blocks=3, sample_steps=steps)[1].kv for steps in (6, 7)]
+    assert pooled._idle[: len(shapes)] == warm and len(pooled._idle) == len(shapes) + 1
+    assert pooled._idle[-1].kv is kept[1] and kept[0].nbytes == 0  # the older request's went
+
+
 def test_a_returning_portrait_and_prompt_copy_the_kept_sink_and_get_the_same_latents(pooled, monkeypatch):
     from avatar import metrics
     from avatar.services.generator.sink_cache import SinkCache

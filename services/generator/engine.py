@@ -47,7 +47,8 @@ from avatar.services.generator.weights import build_dit, load_dit, random_dit, r
 log = logging.getLogger(__name__)
 
 # Finished sessions' caches + CUDA graphs kept for the next session of their shapes: the warm-up's
-# two (hd, preview) and one more; the warm-up's go last, as only a warm-up records a first clip.
+# (hd, preview and each --warmup-shape) and one more; the warm-up's go last, as only a warm-up
+# records a first clip.
 IDLE_SLOTS = 3
 SINK_AHEAD = (4, 30)  # upstream draws the reference token's RoPE lead (latent frames) per call
 
@@ -231,7 +232,11 @@ class GeneratorEngine:
         with self._idle_lock:
             self._idle.append(slot)
             dropped = []
-            while len(self._idle) > IDLE_SLOTS:  # the oldest, a request's before a warm-up's
+            # the oldest, a request's before a warm-up's; every warmed shape's stays (--warmup-shape
+            # may warm more than IDLE_SLOTS - 1), and one more for a request's. A session short of
+            # memory frees them all first (drop_idle_slots).
+            warmed = sum(slot.graphs.first_clip for slot in self._idle)
+            while len(self._idle) > max(IDLE_SLOTS, warmed + 1):
                 dropped.append(min(self._idle, key=lambda s: s.graphs.first_clip))
                 self._idle.remove(dropped[-1])
             self._report_kept()
