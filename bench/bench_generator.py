@@ -322,10 +322,28 @@ def profile_step(dit, cfg: LoopConfig, device, top: int = 25) -> dict:
     return {"size": f"{cfg.width}*{cfg.height}", "keys": keys, "gpu_ms_per_step": total, "kernels": rows[:60]}
 
 
+# What a kernel's name says it computes, first match wins: ours (fused_norms.py), then inductor's
+# (named after the ops they fuse, "triton_red_fused__scaled_mm_..." is a quantisation, not a
+# GEMM), cuBLAS's Hopper GEMMs ("nvjet_*"), cuDNN's attention ("*sdpa*", "*fmha*")
+KERNEL_KINDS = (
+    ("fused norms", ("_norm_quantize_kernel", "_gelu_quantize_kernel", "_rms_rope_kernel")),
+    ("inductor", ("triton_",)),
+    ("gemm", ("nvjet", "gemm", "cutlass")),
+    ("attention", ("sdpa", "fmha", "flash", "attn", "attention")),
+    ("copy / memset", ("memcpy", "memset", "copy_kernel")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
 def gpu_timeline(trace_path: str, top: int = 12) -> dict:
     """From torch.profiler's chrome trace: how much of the span from the first kernel to the last
-    the GPU ran kernels, and the idle gaps between them, each put down to what the host was in at
-    the gap's middle (the innermost runtime call and torch op), summed per cause, largest first."""
+    the GPU ran kernels (summed by kind, and the largest kernels by name), and the idle gaps between
+    them, each put down to what the host was in at the gap's middle (the innermost runtime call and
+    torch op), summed per cause, largest first."""
     with open(trace_path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
     work = sorted(
@@ -346,6 +364,13 @@ def gpu_timeline(trace_path: str, top: int = 12) -> dict:
             hi, last = end, name
     busy += hi - lo
     span = hi - work[0][0]
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for start, end, name in work:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + end - start
+        k = by_name.setdefault(name, [0.0, 0])
+        k[0] += end - start
+        k[1] += 1
     host = sorted(
         (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("cat"), e["name"])
         for e in events
@@ -389,6 +414,11 @@ def gpu_timeline(trace_path: str, top: int = 12) -> dict:
         "gaps_over_50us": sum(1 for g in gaps if g[1] - g[0] > 50),
         "idle_by_cause": causes[:top],
         "largest_gaps": largest[:top],
+        "kernel_ms_by_kind": {k: v / 1000 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "kernels": [
+            {"kernel": n[:120], "ms": v[0] / 1000, "calls": v[1]}
+            for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: 2 * top]
+        ],
     }
 
 
@@ -958,6 +988,10 @@ def bench_engine(
         )
         for c in timeline["idle_by_cause"]:
             log(f"    {c['ms'] / n:7.2f} ms/block  x{c['gaps'] / n:6.0f}  {c['cause']}")
+        kinds = ", ".join(f"{k} {ms / n:.1f}" for k, ms in timeline["kernel_ms_by_kind"].items())
+        log(f"    kernels by kind, ms/block: {kinds}")
+        for k in timeline["kernels"][:12]:
+            log(f"    {k['ms'] / n:7.2f} ms/block  x{k['calls'] / n:5.0f}  {k['kernel'][:100]}")
         for g in timeline["largest_gaps"][:6]:
             log(
                 f"    gap {g['us']:.0f} us at {g['at_ms']:.0f} ms: {g['cause']}"

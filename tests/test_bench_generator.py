@@ -213,6 +213,18 @@ def test_gpu_timeline_finds_the_idle_gaps_and_what_the_host_was_in(tmp_path):
         "after": "attn",
         "before": "Memset",
     }
+    assert t["kernel_ms_by_kind"] == {"gemm": 0.1, "other": 0.1, "attention": 0.06, "copy / memset": 0.02}
+    names = {
+        "nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_ovscale_bias_TNT": "gemm",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f8_knob_32_64x256x128_4x1x1_cga1x1": "attention",
+        "triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_view_13": "inductor",
+        "triton_red_fused__scaled_dot_product_cudnn_attention__to_copy_mean_mul_pow_rsqrt": "inductor",
+        "_norm_quantize_kernel": "fused norms",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Tenso": "copy / memset",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>": "other",
+    }
+    assert {n: bench_generator.kernel_kind(n) for n in names} == names
+    assert [(k["kernel"], k["calls"]) for k in t["kernels"]] == [("gemm", 1), ("norm", 1), ("attn", 1), ("Memset", 1)]
     assert bench_generator.gpu_timeline(str(path)) == t
 
 
