@@ -83,3 +83,15 @@ def test_bad_processes_flags_exit_2_with_one_line(args, reason, env):
     out = subprocess.run([*AVATAR, "serve", *args], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
     assert reason in out.stderr and "Traceback" not in out.stderr
+
+
+def test_each_child_gets_the_warm_up_it_was_asked_for():
+    """--warmup and --warmup-shape reach the encoder, generator and decoder processes."""
+    from avatar.app.processes import Children
+    from avatar.app.serve import ServeConfig
+
+    shapes = ((64, 64, 12, 2),)
+    kids = Children(ServeConfig(warmup=True, warmup_shapes=shapes))
+    for role in ("encoder", "generator", "decoder"):
+        cfg = kids.child_config(role, 1234, None)
+        assert (cfg.role, cfg.warmup, cfg.warmup_shapes) == (role, True, shapes)
