@@ -79,6 +79,6 @@ printf 'carry_wheels: .whl %.1f MiB (+ tracked files and avatar/v1: %.1f MiB of 
     "$(echo "$size / 1048576" | bc -l)" "$(echo "$total / 1048576" | bc -l)"
 du -sh .whl/* | sort -h | tail -6
 if [ "$total" -gt $((64 * 1048576)) ]; then
-    echo "carry_wheels: over 64 MiB: leave .whl/webrtc out of this call, or carry fewer" >&2
+    echo "carry_wheels: over 64 MiB: a call carries .whl/webrtc (WHEP benches) or .whl/cudnn (--fp8-attention), not both: delete the other" >&2
     exit 1
 fi
