@@ -206,6 +206,33 @@ def test_every_block_and_injection_call_of_a_session_matches_the_unfused_one(mon
         assert max(calls) < 5e-3, calls  # one rounding step in one layer measured 0.16%
 
 
+def test_with_fp8_attention_the_projection_multiplies_the_attentions_codes_as_they_are():
+    """--fused-norms --fp8-attention: cuDNN's e4m3 output (scale 1) goes into the FP8 output
+    projection with scales of 1, so it computes codes @ W up to the bf16 result; re-quantising those
+    codes to per-row scales (what the projection did with a bf16 input) rounds them a second time."""
+    from avatar.services.generator.fp8 import FP8Rows
+
+    dit = _fp8_dit()
+    dit.use_fused_norms()
+    o = dit.blocks[0].self_attn.o
+    seen = []
+    handle = o.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    try:
+        _generate(GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=options), dit=dit), _job(), blocks=1)
+    finally:
+        handle.remove()
+    rows, out = seen[-1]  # the block's last step
+    assert isinstance(rows, FP8Rows) and rows.codes.dtype == torch.float8_e4m3fn
+    assert torch.equal(rows.scale, torch.ones_like(rows.scale))
+    weight = o.weight_fp8.float() * o.weight_scale.reshape(-1, 1)
+    exact = rows.codes.float() @ weight.t() + o.bias.float()
+    err = ((out.float() - exact).norm() / exact.norm()).item()
+    twice = o(rows.codes.to(torch.bfloat16)).float()  # bf16 in: quantised per row again
+    err_twice = ((twice - exact).norm() / exact.norm()).item()
+    assert err < 0.01 and err_twice > 2 * err, (err, err_twice)
+
+
 def test_fused_norms_are_refused_where_they_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="needs --fp8"):
         random_dit("tiny", "cpu", torch.bfloat16, seed=0).use_fused_norms()

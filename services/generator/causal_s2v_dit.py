@@ -31,7 +31,7 @@ from torch import nn
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
 from avatar.services.generator import fused_norms
 from avatar.services.generator.fp8 import FP8Linear, FP8Rows
-from avatar.services.generator.fp8_attention import fp8_attention
+from avatar.services.generator.fp8_attention import fp8_attention_codes
 from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30  # RoPE frame index of the reference image at prefill (upstream)
@@ -216,7 +216,12 @@ class SelfAttention(_Projections):
         kv.keys[:, kv.write : kv.write + n] = k if k.dtype == cache else to_cache_dtype(k, cache)
         kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
         if kv.fp8_attention:
-            return self.o(fp8_attention(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]))
+            out8 = fp8_attention_codes(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi])
+            if self.fused_norms and isinstance(self.o, FP8Linear) and self.o.granularity == "row":
+                # cuDNN's e4m3 output at scale 1 is what the FP8 projection multiplies: no bf16
+                # round trip, no second rounding to per-row scales (one kernel less per layer)
+                return self.o(FP8Rows(out8, torch.ones(*out8.shape[:-1], 1, device=out8.device)))
+            return self.o(out8.to(q.dtype))
         keys, values = kv.keys[:, kv.lo : kv.hi].to(q.dtype), kv.values[:, kv.lo : kv.hi].to(q.dtype)
         return self.o(attention(q, keys, values))
 

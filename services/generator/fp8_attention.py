@@ -6,7 +6,8 @@ Numerics: keys and values are read as the FP8 KV cache stores them (e4m3, unscal
 implies `--kv-fp8`, and no upcast copy of the cache slice is made); the queries are quantised to
 e4m3 with one scale per call (amax / 448); the softmax numerators enter the second product as
 e4m3 scaled by 256 (a power of two); the output is e4m3 (on Hopper cuDNN writes FP8 attention
-output only in FP8), turned back to bf16 for the output projection. Products accumulate in
+output only in FP8), turned back to bf16 for the output projection, or, with `--fused-norms`
+and an FP8 projection, handed to it as they are (no second rounding to per-row scales). Products accumulate in
 float32. Speed and error against bf16 attention: docs/performance.md ("FP8 attention").
 """
 
@@ -24,9 +25,15 @@ P_SCALE = 256.0  # the probabilities' scale into e4m3 (cuDNN's scale_s)
 
 def fp8_attention(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.Tensor:
     """q [B, Lq, H, D] (bf16), k8/v8 [B, Lk, H, D] e4m3 (views into the cache) -> [B, Lq, H*D] in q's dtype."""
+    return fp8_attention_codes(q, k8, v8).to(q.dtype)
+
+
+def fp8_attention_codes(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.Tensor:
+    """fp8_attention's output as cuDNN writes it: e4m3 [B, Lq, H*D] at scale 1 (the codes are the
+    values). An FP8 projection can take them as they are (FP8Rows with scales of 1)."""
     descale = q.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
     q8 = (q.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale.reshape(1, 1, 1, 1)).to(q.dtype).flatten(2)
+    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale.reshape(1, 1, 1, 1)).flatten(2)
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
