@@ -158,7 +158,8 @@ def fused_norms_wanted(model: ModelSpec, device: torch.device, dtype: torch.dtyp
 
 def compile_blocks(dit: CausalS2VDiT) -> None:
     """torch.compile every transformer block and audio injection (AdaLN, cross-attention, residual:
-    one graph shared by all of a kind, parameters as inputs), with dynamic shapes from the start,
+    one graph shared by all of a kind, parameters as inputs) and the reference keys' rotation,
+    with dynamic shapes from the start,
     because the ring fill, the slot and the latent size change between calls
     (bench/bench_generator.py measures this)."""
     import torch._dynamo
@@ -169,6 +170,7 @@ def compile_blocks(dit: CausalS2VDiT) -> None:
     tolerate_tracing_in_other_threads()
     for module in (*dit.blocks, *dit.audio_injector.injections):
         module.compile(dynamic=True)
+    dit.compile_reference_rotation()
 
 
 class GeneratorEngine:
