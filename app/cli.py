@@ -605,6 +605,8 @@ def warmup_flags(args, model) -> tuple[bool | None, tuple]:
         raise ValueError("--warmup-shape asks for a warm-up that --no-warmup turns off: drop one of them")
     if args.role == "gateway":
         raise ValueError("--warmup-shape warms the encoder, generator and decoder up, not --role gateway")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--warmup-shape: a multi-GPU (torchrun) generator has no warm-up yet; drop the flag")
     return True, shapes
 
 

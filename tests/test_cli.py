@@ -172,6 +172,12 @@ def test_serve_refuses_a_bad_warmup_shape_with_one_line(env):
         r = run_cli("serve", "--model", "tiny", "--listen", "127.0.0.1:0", *flags, env=env, timeout=120)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # under torchrun (a TPP generator): no warm-up there yet, so the flag would do nothing
+    r = run_cli(
+        "serve", "--model", "tiny", "--role", "generator", "--listen", "127.0.0.1:0", "--warmup-shape", "64x64",
+        env={**env, "WORLD_SIZE": "2"}, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "a multi-GPU (torchrun) generator has no warm-up yet" in r.stderr, r.stderr
 
 
 def test_serve_warms_the_encoder_up_before_it_reports_serving(tmp_path, env):
