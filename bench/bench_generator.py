@@ -367,7 +367,8 @@ def gpu_timeline(trace_path: str, top: int = 12) -> dict:
     by_kind: dict[str, float] = {}
     by_name: dict[str, list] = {}
     for start, end, name in work:
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + end - start
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + end - start
         k = by_name.setdefault(name, [0.0, 0])
         k[0] += end - start
         k[1] += 1

@@ -1,7 +1,8 @@
 """Two per-forward costs of the DiT at one size, each the old way and the new, in one short call
 (no model load): the reference keys' rotation into the sink (eager layer groups vs compiled, as
 --compile runs it since 2026-12-05) and the FP8 attention output into the output projection (bf16
-and re-quantised per row vs the e4m3 codes as they are, with --fused-norms). CUDA-event medians.
+and re-quantised per row vs the e4m3 codes as they are, with --fused-norms). Medians of
+bench_generator.time_fn (CUDA events on a GPU).
 
     python3 bench/bench_rotation.py [--size 704*384] [--device cuda] [--out FILE]
 """
@@ -10,37 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
+from bench_generator import time_fn
 
 from avatar.services.generator.causal_s2v_dit import CausalS2VDiT, rope_grid
 from avatar.services.generator.fp8 import FP8Linear, FP8Rows
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
 
 E4M3 = torch.float8_e4m3fn
-
-
-def timed(fn, device: str, reps: int, warm: int = 3) -> float:
-    """Median ms of fn() over reps calls (CUDA events on a GPU, wall clock on the CPU)."""
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 class _Rotator(CausalS2VDiT):
@@ -60,10 +40,10 @@ def bench(width: int, height: int, device: str, layers: int, heads: int, head_di
     rope = rope_grid(head_dim, range(40, 41), range(h), range(w), device)
     rot = _Rotator()
     res: dict = {"size": f"{width}*{height}", "reference_tokens": frame, "layers": layers}
-    res["rotation_eager_ms"] = timed(lambda: rot._rotate_reference(kv, 1, rope, torch.bfloat16), device, reps)
+    res["rotation_eager_ms"] = time_fn(lambda: rot._rotate_reference(kv, 1, rope, torch.bfloat16), device, reps)
     eager = kv.keys.clone()
     rot.compile_reference_rotation()
-    res["rotation_compiled_ms"] = timed(lambda: rot._rotate_reference(kv, 1, rope, torch.bfloat16), device, reps)
+    res["rotation_compiled_ms"] = time_fn(lambda: rot._rotate_reference(kv, 1, rope, torch.bfloat16), device, reps)
     res["rotation_same_bytes"] = (kv.keys.view(torch.uint8) == eager.view(torch.uint8)).float().mean().item()
     del eager
 
@@ -73,8 +53,8 @@ def bench(width: int, height: int, device: str, layers: int, heads: int, head_di
     o = FP8Linear.from_linear(lin, "row")
     codes = (torch.randn(1, tokens, dim, device=device) * 2).to(E4M3)
     ones = torch.ones(1, tokens, 1, device=device)
-    res["oproj_requantised_ms"] = timed(lambda: o(codes.to(torch.bfloat16)), device, reps)
-    res["oproj_codes_as_they_are_ms"] = timed(lambda: o(FP8Rows(codes, ones)), device, reps)
+    res["oproj_requantised_ms"] = time_fn(lambda: o(codes.to(torch.bfloat16)), device, reps)
+    res["oproj_codes_as_they_are_ms"] = time_fn(lambda: o(FP8Rows(codes, ones)), device, reps)
     weight = o.weight_fp8.float() * o.weight_scale.reshape(-1, 1)
     exact = codes.float() @ weight.t() + o.bias.float()
 

@@ -116,7 +116,7 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 def rotated_reference_keys(ref_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
     """The reference's unrotated keys (as the cache stores them) at a RoPE frame, in the cache's
-    dtype: what CausalS2VDiT._rotate_reference computes layer group by layer group."""
+    dtype (CausalS2VDiT._rotate_reference: eagerly a few layers at a time, compiled all at once)."""
     return to_cache_dtype(apply_rope(ref_k.to(dtype), Rope(cos, sin)), ref_k.dtype)
 
 
@@ -805,13 +805,12 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         """Rotate the reference tokens' keys to this call's RoPE frame, into the sink of `group`'s
         buffers: compiled, all layers in one kernel; eager, a few layers per op (bounded float32
         temporaries, few launches)."""
-        s0, nref = kv.spec.sink_start, kv.spec.frame_tokens
-        if self._rotate_compiled is not None:
-            kv.keys[group, :, :, s0 : s0 + nref] = self._rotate_compiled(kv.ref_k, rope.cos, rope.sin, dtype)
-            return
-        for i in range(0, kv.spec.num_layers, layers_at_once):
-            ref = kv.ref_k[i : i + layers_at_once].to(dtype)
-            kv.keys[group, i : i + layers_at_once, :, s0 : s0 + nref] = to_cache_dtype(apply_rope(ref, rope), kv.dtype)
+        s0, nref, layers = kv.spec.sink_start, kv.spec.frame_tokens, kv.spec.num_layers
+        compiled = self._rotate_compiled is not None
+        rotate = self._rotate_compiled if compiled else rotated_reference_keys
+        step = layers if compiled else layers_at_once
+        for i in range(0, layers, step):
+            kv.keys[group, i : i + step, :, s0 : s0 + nref] = rotate(kv.ref_k[i : i + step], rope.cos, rope.sin, dtype)
 
     def _unpatchify(self, x, f, rows, cols):
         b = x.shape[0]

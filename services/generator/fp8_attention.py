@@ -7,8 +7,8 @@ implies `--kv-fp8`, and no upcast copy of the cache slice is made); the queries 
 e4m3 with one scale per call (amax / 448); the softmax numerators enter the second product as
 e4m3 scaled by 256 (a power of two); the output is e4m3 (on Hopper cuDNN writes FP8 attention
 output only in FP8), turned back to bf16 for the output projection, or, with `--fused-norms`
-and an FP8 projection, handed to it as they are (no second rounding to per-row scales). Products accumulate in
-float32. Speed and error against bf16 attention: docs/performance.md ("FP8 attention").
+and an FP8 projection, handed to it as they are (no second rounding to per-row scales).
+Products accumulate in float32. Speed and error against bf16 attention: docs/performance.md ("FP8 attention").
 """
 
 from __future__ import annotations
