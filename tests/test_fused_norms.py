@@ -110,6 +110,22 @@ def test_rms_rope_is_the_attentions_rms_norm_then_rope_as_the_cache_stores_it(ca
         fused_norms.rms_rope(x[:, :-1], norm.weight, rope.cos, rope.sin, 1e-6)
 
 
+def test_rms_rope_amax_is_rms_rope_and_the_largest_value_of_its_output():
+    from avatar.services.generator.causal_s2v_dit import rope_grid
+
+    rope = rope_grid(16, range(3), range(2), range(2), "cpu")
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(B, rope.cos.shape[0], 64, generator=g) * 3).bfloat16()
+    w = (torch.randn(64, generator=g) * 5).bfloat16()
+    q, amax = fused_norms.rms_rope_amax(x, w, rope.cos, rope.sin, 1e-6)
+    assert torch.equal(q, fused_norms.rms_rope(x, w, rope.cos, rope.sin, 1e-6))
+    assert amax.dtype == torch.float32 and amax.shape == () and amax.item() == q.abs().amax().item() > 0
+    again, amax_again = fused_norms.rms_rope_amax(x * 0.5, w, rope.cos, rope.sin, 1e-6)
+    assert amax_again.item() == again.abs().amax().item()  # a fresh maximum each call, not the last one's
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        fused_norms.rms_rope_amax(x[:, :-1], w, rope.cos, rope.sin, 1e-6)
+
+
 def test_each_op_returns_what_its_fake_promises():
     """torch.compile plans around the fakes' outputs (shapes, dtypes, strides) and traces the ops
     with dynamic shapes; opcheck runs both against the kernels."""
@@ -124,6 +140,7 @@ def test_each_op_returns_what_its_fake_promises():
         ],
         torch.ops.avatar.gelu_quantize.default: [(y,)],
         torch.ops.avatar.rms_rope.default: [(x, w, rope.cos, rope.sin, 1e-6, fp8) for fp8 in (False, True)],
+        torch.ops.avatar.rms_rope_amax.default: [(x, w, rope.cos, rope.sin, 1e-6)],
     }
     for op, arg_sets in calls.items():
         for args in arg_sets:

@@ -207,9 +207,13 @@ class SelfAttention(_Projections):
     def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
         if kv.prefill:  # the sink: attends to itself
             return self._prefill(x, rope, kv)
-        heads, cache = (self.num_heads, -1), kv.keys.dtype
+        heads, cache, q_amax = (self.num_heads, -1), kv.keys.dtype, None
         if self.fused_norms:
-            q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, rope.cos, rope.sin, self.norm_q.eps)
+            args = (self.q(x), self.norm_q.weight, rope.cos, rope.sin, self.norm_q.eps)
+            if kv.fp8_attention:  # the queries' scale from the same pass (no reduction over q)
+                q, q_amax = fused_norms.rms_rope_amax(*args)
+            else:
+                q = fused_norms.rms_rope(*args)
             k = fused_norms.rms_rope(
                 self.k(x), self.norm_k.weight, rope.cos, rope.sin, self.norm_k.eps, cache == torch.float8_e4m3fn
             )
@@ -222,7 +226,7 @@ class SelfAttention(_Projections):
         kv.keys[:, kv.write : kv.write + n] = k if k.dtype == cache else to_cache_dtype(k, cache)
         kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
         if kv.fp8_attention:
-            out8 = fp8_attention_codes(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi])
+            out8 = fp8_attention_codes(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi], q_amax)
             if self.fused_norms and isinstance(self.o, FP8Linear) and self.o.granularity == "row":
                 # cuDNN's e4m3 output at scale 1 is what the FP8 projection multiplies: no bf16
                 # round trip, no second rounding to per-row scales (one kernel less per layer)

@@ -28,10 +28,15 @@ def fp8_attention(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.
     return fp8_attention_codes(q, k8, v8).to(q.dtype)
 
 
-def fp8_attention_codes(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.Tensor:
+def fp8_attention_codes(
+    q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_amax: torch.Tensor | None = None
+) -> torch.Tensor:
     """fp8_attention's output as cuDNN writes it: e4m3 [B, Lq, H*D] at scale 1 (the codes are the
-    values). An FP8 projection can take them as they are (FP8Rows with scales of 1)."""
-    descale = q.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
+    values). An FP8 projection can take them as they are (FP8Rows with scales of 1). q_amax: the
+    queries' largest |value| where the kernel that made them has it (fused_norms.rms_rope_amax)."""
+    if q_amax is None:
+        q_amax = q.abs().amax()
+    descale = q_amax.float().clamp(min=1e-12) / E4M3_MAX
     q8 = (q.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale.reshape(1, 1, 1, 1)).flatten(2)
 

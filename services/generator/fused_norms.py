@@ -128,13 +128,16 @@ if triton is not None:
         C,
         tokens,
         eps,
+        amax_ptr,
         HALF_D: tl.constexpr,
         FP8: tl.constexpr,
+        AMAX: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # One token's query or key row: RMSNorm over all heads (bf16 out, times the bf16 weight,
         # as the block's RMSNorm), then RoPE on each head's channel pairs (float32, bf16 out);
-        # FP8: clamped to e4m3's range and cast, as the KV cache stores it.
+        # FP8: clamped to e4m3's range and cast, as the KV cache stores it. AMAX: the largest
+        # |out| of all rows into amax_ptr (the FP8 attention's query scale, without a second read).
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
@@ -149,6 +152,8 @@ if triton is not None:
         x0r = x0 * cos - x1 * sin
         x1r = x0 * sin + x1 * cos
         out = tl.reshape(tl.join(x0r, x1r), (BLOCK,)).to(tl.bfloat16)
+        if AMAX:
+            tl.atomic_max(amax_ptr, tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=0))
         if FP8:
             out = tl.clamp(out.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
         tl.store(out_ptr + row * C + offs, out, mask=mask)
@@ -248,20 +253,37 @@ def _(x):
 def _rms_rope_op(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, fp8: bool
 ) -> torch.Tensor:
-    b, n, c = x.shape
     out = _rms_rope_output(x, fp8)
+    _launch_rms_rope(x, weight, cos, sin, eps, out, None)
+    return out
+
+
+@torch.library.custom_op("avatar::rms_rope_amax", mutates_args=())
+def _rms_rope_amax_op(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, amax = _rms_rope_amax_outputs(x)
+    _launch_rms_rope(x, weight, cos, sin, eps, out, amax.zero_())
+    return out, amax
+
+
+def _launch_rms_rope(x, weight, cos, sin, eps, out, amax):
+    b, n, c = x.shape
     if b * n:
         block, warps = _launch_shape(c)
-        half_d = cos.shape[-1]
         _rms_rope_kernel[(b * n,)](
             x.contiguous(), weight, cos.contiguous(), sin.contiguous(), out, c, n, eps,
-            HALF_D=half_d, FP8=fp8, BLOCK=block, num_warps=warps,
+            amax if amax is not None else out, HALF_D=cos.shape[-1], FP8=out.dtype == E4M3,
+            AMAX=amax is not None, BLOCK=block, num_warps=warps,
         )  # fmt: skip
-    return out
 
 
 def _rms_rope_output(x, fp8):
     return x.new_empty(x.shape, dtype=E4M3 if fp8 else torch.bfloat16)
+
+
+def _rms_rope_amax_outputs(x):
+    return _rms_rope_output(x, False), x.new_empty((), dtype=torch.float32)
 
 
 @_rms_rope_op.register_fake
@@ -269,15 +291,33 @@ def _(x, weight, cos, sin, eps, fp8):
     return _rms_rope_output(x, fp8)
 
 
+@_rms_rope_amax_op.register_fake
+def _(x, weight, cos, sin, eps):
+    return _rms_rope_amax_outputs(x)
+
+
+def _check_rope(x, cos, sin):
+    n, c = x.shape[1], x.shape[2]
+    if cos.shape != sin.shape or cos.shape[0] != n or c % (2 * cos.shape[-1]):
+        raise ValueError(f"cos/sin must be [L, 1, D/2] for x {list(x.shape)}, got {list(cos.shape)}")
+
+
 def rms_rope(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, fp8: bool = False
 ) -> torch.Tensor:
     """RMSNorm (times weight) of each token of x [B, L, C] in bf16, then RoPE with cos/sin [L, 1, D/2]
     on each head's channel pairs; bf16 out, or e4m3 clamped to its range (the FP8 KV cache)."""
-    b, n, c = x.shape
-    if cos.shape != sin.shape or cos.shape[0] != n or c % (2 * cos.shape[-1]):
-        raise ValueError(f"cos/sin must be [L, 1, D/2] for x {list(x.shape)}, got {list(cos.shape)}")
+    _check_rope(x, cos, sin)
     return torch.ops.avatar.rms_rope(x, weight, cos, sin, eps, fp8)
+
+
+def rms_rope_amax(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_rope in bf16, and the largest |value| of its output (float32 scalar) from the same pass:
+    the queries of the FP8 attention, whose scale would otherwise take a reduction over them."""
+    _check_rope(x, cos, sin)
+    return torch.ops.avatar.rms_rope_amax(x, weight, cos, sin, eps)
 
 
 def norm_quantize(
