@@ -130,6 +130,27 @@ def bench_size(width: int, height: int, device, heads: int, head_dim: int) -> di
             {1: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).to(torch.bfloat16).flatten(2)},
         ),
     )
+    # every plan cuDNN offers for these shapes, timed on them; the fastest against the heuristics' choice
+    from avatar.services.generator.fp8_attention import _CudnnFp8Sdpa
+
+    def every_plan():
+        _CudnnFp8Sdpa.autotune = True
+        try:
+            tuned = _CudnnFp8Sdpa(q8, k8, v8)
+        finally:
+            _CudnnFp8Sdpa.autotune = False
+        res["cudnn_plans_ms"] = tuned.plan_ms
+        for name, ms in tuned.plan_ms.items():
+            log(f"    plan {name}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)")
+        fastest = tuned.graph.get_plan_name_at_index(tuned.plan_index) if tuned.plan_index is not None else None
+        res["cudnn_fastest_plan"] = fastest
+        record(
+            "fp8-attention, fastest cuDNN plan",
+            timed(lambda: tuned(q8, k8, v8, descale)),
+            {1: tuned(q8, k8, v8, descale).to(torch.bfloat16).flatten(2)},
+        )
+
+    guarded("fp8-attention, fastest cuDNN plan", every_plan)
     # the CPU reference (what the tests check) against cuDNN, on the first 256 queries
     sub = slice(0, 256)
     got = torch.ops.avatar.fp8_sdpa(q8[:, sub], k8, v8, descale).float()
