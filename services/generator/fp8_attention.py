@@ -89,7 +89,6 @@ class _CudnnFp8Sdpa:
     _built: dict[tuple, _CudnnFp8Sdpa] = {}
     _lock = threading.Lock()
     _handles = threading.local()
-    autotune = False  # build every plan cuDNN offers, time each once and keep the fastest
 
     @classmethod
     def get(cls, q8, k8, v8) -> _CudnnFp8Sdpa:
@@ -109,7 +108,9 @@ class _CudnnFp8Sdpa:
                 handles[device] = cudnn.create_handle()
         return handles[device]
 
-    def __init__(self, q8, k8, v8):
+    def __init__(self, q8, k8, v8, every_plan: bool = False):
+        """every_plan: build each plan cuDNN offers, not only the heuristics' choice, so that a
+        bench can run them one by one (use_plan; bench/bench_attention.py times them)."""
         import cudnn
 
         b, lq, h, d = q8.shape
@@ -156,15 +157,13 @@ class _CudnnFp8Sdpa:
         g.build_operation_graph()
         g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         g.check_support()
-        tune = self.autotune and not torch.cuda.is_current_stream_capturing()
-        if tune:
+        if every_plan:
             g.build_plans(cudnn.build_plan_policy.ALL)
         else:
             g.build_plans()
         self.graph, self.o, self.amax = g, o, (amax_s, amax_o)
         self.workspace_size = g.get_workspace_size()
         self.plan_index: int | None = None  # None: the heuristics' choice
-        self.plan_ms: dict[str, float] = {}  # autotune's timings, by plan name
         one = torch.ones(1, 1, 1, 1, device=dev)
         self.constants = {
             "descale_k": one,
@@ -175,31 +174,11 @@ class _CudnnFp8Sdpa:
         }
         self.amax_out = torch.empty(2, 1, 1, 1, 1, device=dev)
         self._run_lock = threading.Lock()  # sessions run in threads; one launch at a time per graph
-        if tune:
-            self._pick_fastest_plan(q8, k8, v8)
 
-    def _pick_fastest_plan(self, q8, k8, v8, reps: int = 5) -> None:
-        """Times each plan that built on the real inputs (median of `reps` after one warm-up) and
-        keeps the fastest; plans that fail to run are skipped."""
-        g, times = self.graph, {}
-        descale = torch.ones(1, 1, 1, 1, device=q8.device)
-        for index in range(g.get_execution_plan_count()):
-            try:
-                self.workspace_size = max(self.workspace_size, g.get_workspace_size_plan_at_index(index))
-                self.plan_index = index
-                ms = []
-                for _ in range(reps + 1):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    self(q8, k8, v8, descale)
-                    end.record()
-                    end.synchronize()
-                    ms.append(start.elapsed_time(end))
-                times[index] = sorted(ms[1:])[reps // 2]
-                self.plan_ms[g.get_plan_name_at_index(index)] = times[index]
-            except Exception:  # a plan that built but cannot run these shapes: not a candidate
-                continue
-        self.plan_index = min(times, key=times.get) if times else None
+    def use_plan(self, index: int) -> None:
+        """Run plan `index` of the graph's list from now on (built with every_plan)."""
+        self.workspace_size = max(self.workspace_size, self.graph.get_workspace_size_plan_at_index(index))
+        self.plan_index = index
 
     def __call__(self, q8, k8, v8, descale_q) -> torch.Tensor:
         import cudnn
