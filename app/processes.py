@@ -19,11 +19,9 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 from dataclasses import replace
 
-from avatar import grpc_util
 from avatar.security import SecurityConfig
 
 log = logging.getLogger("avatar.app.processes")
@@ -47,14 +45,10 @@ def per_service(mode: str, role: str, device: str) -> bool:
     return role == "all" and (mode == "per-service" or (mode == "auto" and device.startswith("cuda")))
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_main(cfg, parent_pid: int) -> None:
-    """A child's entry point (spawned): one role of the mesh until the parent stops it."""
+def _child_main(cfg, parent_pid: int, serving) -> None:
+    """A child's entry point (spawned): one role of the mesh until the parent stops it. It binds
+    a port of its own choosing (port 0) and sends it over `serving` once SERVING: a port the
+    parent picked could be taken by an outgoing connection before the child bound it."""
     os.setpgrp()  # out of the terminal's foreground group: Ctrl-C is the parent's to handle
     if sys.platform.startswith("linux"):
         # PR_SET_PDEATHSIG: never outlive the parent. SIGKILL, not a drain: the gateway that was
@@ -67,7 +61,7 @@ def _child_main(cfg, parent_pid: int) -> None:
 
     setup_logging(f"avatar-{cfg.role}")
     try:
-        asyncio.run(serve_forever(cfg))
+        asyncio.run(serve_forever(cfg, on_serving=lambda running: serving.send(running.port)))
     except Exception as exc:  # noqa: BLE001 - one line for the parent's log, then a failing exit code
         print(
             f"avatar serve ({cfg.role}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
@@ -83,9 +77,10 @@ class Children:
         self.token = cfg.security.with_internal_token().internal_token
         self.addresses: dict[str, str] = {}
         self.procs: dict[str, multiprocessing.Process] = {}
+        self.serving: dict = {}  # role -> the read end of the pipe its child sends its port on
         self._cfg = cfg
 
-    def child_config(self, role: str, port: int, metrics_port: int | None):
+    def child_config(self, role: str, metrics_port: int | None):
         from avatar.app.serve import ServeConfig
 
         cfg = self._cfg
@@ -93,7 +88,7 @@ class Children:
         admission = cfg.admission.internal() if cfg.admission else None
         return ServeConfig(
             role=role,
-            listen=f"127.0.0.1:{port}",
+            listen="127.0.0.1:0",  # the child's pick, reported once serving
             model=cfg.model,
             trace_file=f"{cfg.trace_file}.{role}" if cfg.trace_file else None,
             security=SecurityConfig(internal_token=self.token),
@@ -112,38 +107,37 @@ class Children:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or grpc
         metrics = self._cfg.metrics_port
         for i, role in enumerate(CHILD_ROLES):
-            port = _free_loopback_port()
             child_metrics = metrics + 1 + i if metrics else None
+            self.serving[role], child_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_child_main,
-                args=(self.child_config(role, port, child_metrics), os.getpid()),
+                args=(self.child_config(role, child_metrics), os.getpid(), child_end),
                 name=f"avatar-{role}",
             )
             proc.start()
-            self.procs[role], self.addresses[role] = proc, f"127.0.0.1:{port}"
-            log.info("started the %s (pid %d) on %s", role, proc.pid, self.addresses[role])
+            child_end.close()  # the child's copy is its own: EOF here once it exits
+            self.procs[role] = proc
+            log.info("started the %s (pid %d)", role, proc.pid)
             if role == "generator":
                 await self._wait_serving(role)
         for role in CHILD_ROLES[1:]:
             await self._wait_serving(role)
 
     async def _wait_serving(self, role: str) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        proc = self.procs[role]
-        while True:
+        proc, serving = self.procs[role], self.serving[role]
+        while not serving.poll():
             if not proc.is_alive():
-                raise ChildFailed(
-                    f"the {role} process exited with code {proc.exitcode} before serving (its log is above)"
-                )
-            async with grpc_util.create_channel(self.addresses[role]) as channel:
-                try:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except Exception:  # noqa: BLE001 - not listening yet, or warming up
-                    pass
-            await asyncio.sleep(0.5)
+                break
+            await asyncio.sleep(0.2)
+        try:
+            port = serving.recv()
+        except EOFError:  # it exited before serving
+            proc.join(5)
+            raise ChildFailed(
+                f"the {role} process exited with code {proc.exitcode} before serving (its log is above)"
+            ) from None
+        self.addresses[role] = f"127.0.0.1:{port}"
+        log.info("the %s serves on %s", role, self.addresses[role])
 
     async def watch(self) -> str:
         """Returns (with the reason) when a child has exited."""

@@ -30,6 +30,7 @@ from pathlib import Path
 from avatar import telemetry
 from avatar.app import serve as serve_mod
 from avatar.gateway.replicas import ROLES, ReplicaLoad, ReplicaRouter
+from avatar.grpc_util import free_port
 from avatar.services.generator.distributed import torchrun_env
 
 log = logging.getLogger("avatar.app.ray_mesh")
@@ -222,7 +223,7 @@ class ReplicaActor:
         host = ray.util.get_node_ip_address()
         cfg = replace(self.cfg, role=self.role, listen=f"{host}:0")
         if self.tpp > 1:
-            self.group = _TppGroup(replace(cfg, listen=f"{host}:{_free_port(host)}"), self.tpp)
+            self.group = _TppGroup(replace(cfg, listen=f"{host}:{free_port(host)}"), self.tpp)
             await self.group.start()
             self.address = self.group.cfg.listen
         else:
@@ -244,7 +245,7 @@ class _TppGroup:
     the actor exit, and Ray restarts the replica."""
 
     def __init__(self, cfg: serve_mod.ServeConfig, tpp: int):
-        self.cfg = replace(cfg, role="generator", metrics_port=_free_port("127.0.0.1"))
+        self.cfg = replace(cfg, role="generator", metrics_port=free_port("127.0.0.1"))
         self.tpp = tpp
         self.procs: list = []
         self.last = 0  # sessions at the last scrape
@@ -257,7 +258,7 @@ class _TppGroup:
         fd, path = tempfile.mkstemp(prefix="avatar-tpp-", suffix=".pickle")
         with os.fdopen(fd, "wb") as f:
             pickle.dump(self.cfg, f)
-        port = _free_port("127.0.0.1")
+        port = free_port("127.0.0.1")
         for r in range(self.tpp):
             env = dict(os.environ, **torchrun_env(r, self.tpp, port))
             self.procs.append(
@@ -329,12 +330,6 @@ def _die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # ---- the controller ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -399,9 +400,13 @@ async def _start_web(cfg: ServeConfig, gateway, interceptors: list, closers: lis
     return web
 
 
-async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
+async def serve_forever(
+    cfg: ServeConfig,
+    stop: asyncio.Event | None = None,
+    on_serving: Callable[[RunningServer], None] | None = None,
+) -> None:
     """Serves until SIGINT/SIGTERM, or until `stop` is set when given (then the caller owns the
-    signals: app/processes.py)."""
+    signals: app/processes.py); `on_serving` is called once SERVING (a child tells its parent)."""
     from avatar.services.generator import distributed
 
     if distributed.launched():
@@ -422,6 +427,8 @@ async def serve_forever(cfg: ServeConfig, stop: asyncio.Event | None = None) -> 
             await asyncio.to_thread(worker_main, cfg.model)
             return
     running = await start(cfg)
+    if on_serving is not None:
+        on_serving(running)
     print(
         f"avatar serve: {cfg.role} ({', '.join(n.rsplit('.', 1)[-1] for n in running.service_names)}) "
         f"listening on {_host(cfg.listen)}:{running.port}{' (TLS)' if cfg.security.tls.cert else ''}, "

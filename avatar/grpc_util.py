@@ -7,6 +7,7 @@ import errno
 import functools
 import inspect
 import logging
+import random
 import re
 import socket
 from collections.abc import Callable, Iterable
@@ -347,6 +348,34 @@ def create_server(
     if port == 0:
         raise OSError(f"cannot listen on {listen} (address in use or not local?)")
     return server, port
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host`, for a process about to bind it (a rendezvous, a
+    child's metrics). Outside the kernel's ephemeral range on purpose: a port from that range (what
+    binding port 0 gives) can be taken by any outgoing connection between this check and the
+    later bind, which then fails "address already in use". Below 20000 are Ray's worker ports."""
+    low, high = _ephemeral_ports()
+    first, last = (20000, low - 1) if low > 21000 else (high + 1, 65535)
+    pick = random.Random()  # not the global generator: a caller that seeds it must not pin ports
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        port = pick.randint(first, last)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port on {host} in {first}-{last}")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _check_port_free(listen: str) -> None:

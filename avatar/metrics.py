@@ -213,7 +213,10 @@ def register_gpu_collector() -> GPUCollector:
 def start_metrics_server(port: int, addr: str = "0.0.0.0"):
     """Serves REGISTRY over HTTP on addr:port (0 picks a free port); returns (server, port)."""
     register_gpu_collector()
-    server, thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    try:
+        server, thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from None
     return server, server.server_address[1]
 
 

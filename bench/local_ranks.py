@@ -2,12 +2,11 @@
 127.0.0.1): the launcher of bench/bench_tpp.py and of the multi-rank tests (tests/conftest.py)."""
 
 import os
-import random
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from avatar.grpc_util import free_port  # noqa: F401 - also the tests' (tests/conftest.py)
 from avatar.services.generator.distributed import torchrun_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,35 +19,6 @@ class RanksTimedOut(TimeoutError):
     def __init__(self, message: str, exit_codes: list[int | None]):
         super().__init__(message)
         self.exit_codes = exit_codes
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on, for a server about to start.
-
-    Outside the kernel's ephemeral range on purpose: a port from that range (what binding port 0
-    gives) can be taken by any outgoing connection (the server's own, a test's) between this check
-    and the server's bind, which then fails with "address already in use". Below 20000 are Ray's
-    worker ports."""
-    low, high = _ephemeral_ports()
-    first, last = (20000, low - 1) if low > 21000 else (high + 1, 65535)
-    pick = random.Random()  # not the global generator: a test that seeds it must not pin the ports
-    for _ in range(200):
-        port = pick.randint(first, last)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError(f"no free loopback port in {first}-{last}")
 
 
 def run_ranks(

@@ -1,7 +1,9 @@
 """`avatar serve --processes per-service`: the embedded mesh as a gateway over three child processes."""
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -9,7 +11,7 @@ import psutil
 import pytest
 
 from avatar.v1 import avatar_pb2
-from tests.conftest import AVATAR, ROOT, check_video, generate
+from tests.conftest import AVATAR, ROOT, check_video, free_port, generate
 
 ASSETS = ROOT / "assets"
 
@@ -44,8 +46,12 @@ def test_a_video_through_three_child_processes_then_sigterm_stops_them_all(start
     stream = generate(svc.address, request)
     check_video(stream.write_mp4(tmp_path / "out.mp4"), 5.0)
     log = svc.log.read_text()
+    listening = {c.laddr.port for k in kids for c in k.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     for role in ("encoder", "generator", "decoder"):
         assert f"started the {role}" in log
+        # the port the child bound and reported is the one the gateway was given
+        port = int(re.search(rf"the {role} serves on 127\.0\.0\.1:(\d+)", log).group(1))
+        assert port in listening, (role, port, listening)
     # Each service ran in its own process: the internal listeners belong to the children.
     assert {k.pid for k in kids}.isdisjoint({svc.proc.pid})
     svc.proc.send_signal(signal.SIGTERM)
@@ -63,6 +69,30 @@ def test_a_child_that_dies_takes_the_server_down_with_a_reason(start_service):
     last = svc.log.read_text().strip().splitlines()[-1]
     assert last.startswith("avatar serve: the decoder process") and "exited" in last, last
     assert gone([k.pid for k in kids], 5)
+
+
+def test_a_child_that_fails_before_serving_stops_the_server_with_a_reason(env, tmp_path):
+    """The generator child cannot open its metrics port (the parent's + 1, taken here): the
+    server exits 1 naming it, and the other children were never started."""
+    metrics = free_port()
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", metrics + 1))
+        taken.listen()
+        out = subprocess.run(
+            [*AVATAR, "serve", "--listen", f"127.0.0.1:{free_port()}", "--processes", "per-service"]
+            + ["--metrics-port", str(metrics)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("avatar serve: the generator process exited with code 1 before serving"), last
+    assert f"avatar serve (generator): cannot serve metrics on 127.0.0.1:{metrics + 1}: Address already in use" in (
+        out.stderr
+    )
+    assert "started the encoder" not in out.stderr
 
 
 def test_children_do_not_outlive_a_killed_parent(start_service):
@@ -93,5 +123,6 @@ def test_each_child_gets_the_warm_up_it_was_asked_for():
     shapes = ((64, 64, 12, 2),)
     kids = Children(ServeConfig(warmup=True, warmup_shapes=shapes))
     for role in ("encoder", "generator", "decoder"):
-        cfg = kids.child_config(role, 1234, None)
+        cfg = kids.child_config(role, None)
         assert (cfg.role, cfg.warmup, cfg.warmup_shapes) == (role, True, shapes)
+        assert cfg.listen == "127.0.0.1:0"  # the child binds a port of its choosing and reports it
