@@ -22,6 +22,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from avatar import grpc_util
 from avatar.security import SecurityConfig
 
 log = logging.getLogger("avatar.app.processes")
@@ -167,6 +168,13 @@ async def serve_per_service(cfg) -> None:
     (gateway first, then the children) or when a child dies (then raises, exit code 1)."""
     from avatar.app.serve import serve_forever
 
+    # The public ports are checked (gRPC) and held (--http) before the children load for minutes.
+    grpc_util._check_port_free(cfg.listen)
+    web_socket = None
+    if cfg.web is not None:
+        from avatar.gateway.web.app import reserve_web_port
+
+        web_socket = reserve_web_port(cfg.web)
     children = Children(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -188,7 +196,7 @@ async def serve_per_service(cfg) -> None:
             **{role: children.addresses[role] for role in CHILD_ROLES},
         )
         died = asyncio.create_task(children.watch())
-        gateway = asyncio.create_task(serve_forever(gateway_cfg, stop=stop))
+        gateway = asyncio.create_task(serve_forever(gateway_cfg, stop=stop, web_socket=web_socket))
         await asyncio.wait({died, gateway}, return_when=asyncio.FIRST_COMPLETED)
         if died.done():
             stop.set()
@@ -200,3 +208,5 @@ async def serve_per_service(cfg) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await children.stop()
+        if web_socket is not None:  # when the web front never took it
+            web_socket.close()

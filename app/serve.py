@@ -184,9 +184,10 @@ def _warm_up(kind: str, engine, sizes: list) -> None:
             log.info("%s warm-up: %s", kind, line)
 
 
-async def start(cfg: ServeConfig) -> RunningServer:
+async def start(cfg: ServeConfig, web_socket=None) -> RunningServer:
     """Builds the role's engines, binds, starts (health NOT_SERVING), warms up when asked and then
-    reports SERVING. Port 0 picks a free port.
+    reports SERVING. Port 0 picks a free port. `web_socket`: the --http port, already reserved
+    (app/processes.py reserves it before its children load).
 
     "all" hosts the gateway on cfg.listen and the internal services on a second listener on
     loopback (a free port) behind the internal token, a random one per process unless given:
@@ -198,7 +199,10 @@ async def start(cfg: ServeConfig) -> RunningServer:
     if cfg.web is not None:
         if cfg.role not in ("all", "gateway"):
             raise ValueError(f"--http serves the public API: it runs with --role all or gateway, not {cfg.role}")
-        grpc_util._check_port_free(cfg.web.listen)  # before minutes of model loading, not after
+        if web_socket is None:  # held from now on: refused before minutes of model loading, not after
+            from avatar.gateway.web.app import reserve_web_port
+
+            web_socket = reserve_web_port(cfg.web)
     telemetry.setup(f"avatar-{cfg.role}", cfg.trace_file)
     if cfg.compile_cache:
         path = use_compile_cache(cfg.compile_cache)
@@ -364,7 +368,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
     await grpc_util.set_serving(health, names)
     if gateway is not None and cfg.web is not None:
         try:
-            running.web = await _start_web(cfg, gateway, interceptors, closers)
+            running.web = await _start_web(cfg, gateway, interceptors, closers, web_socket)
         except BaseException:
             await running.stop(0)
             raise
@@ -374,7 +378,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
     return running
 
 
-async def _start_web(cfg: ServeConfig, gateway, interceptors: list, closers: list):
+async def _start_web(cfg: ServeConfig, gateway, interceptors: list, closers: list, sock=None):
     """The web front (avatar.gateway.web) on the same loop. It calls the public API as a client
     does, over its own loopback listener with the public listener's interceptors (auth, admission,
     metrics) and limits, so that TLS on the public port needs no client setup here."""
@@ -387,7 +391,7 @@ async def _start_web(cfg: ServeConfig, gateway, interceptors: list, closers: lis
     avatar_pb2_grpc.add_AvatarServiceServicer_to_server(gateway, listener)
     await listener.start()
     try:
-        web = await start_web(replace(cfg.web, grpc_address=f"127.0.0.1:{port}"))
+        web = await start_web(replace(cfg.web, grpc_address=f"127.0.0.1:{port}"), sock=sock)
     except BaseException:
         await listener.stop(0)
         raise
@@ -404,9 +408,11 @@ async def serve_forever(
     cfg: ServeConfig,
     stop: asyncio.Event | None = None,
     on_serving: Callable[[RunningServer], None] | None = None,
+    web_socket=None,
 ) -> None:
     """Serves until SIGINT/SIGTERM, or until `stop` is set when given (then the caller owns the
-    signals: app/processes.py); `on_serving` is called once SERVING (a child tells its parent)."""
+    signals: app/processes.py); `on_serving` is called once SERVING (a child tells its parent);
+    `web_socket`: start's."""
     from avatar.services.generator import distributed
 
     if distributed.launched():
@@ -426,7 +432,7 @@ async def serve_forever(
 
             await asyncio.to_thread(worker_main, cfg.model)
             return
-    running = await start(cfg)
+    running = await start(cfg, web_socket)
     if on_serving is not None:
         on_serving(running)
     print(

@@ -382,23 +382,37 @@ def _check_port_free(listen: str) -> None:
     """OSError 'port N is already in use' before grpc tries (its own failure is a core log line
     and a RuntimeError without the reason). Port 0 and names that do not resolve pass through."""
     host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
     if not port.isdigit() or int(port) == 0:
         return
+    held = reserve_port(host.strip("[]") or "0.0.0.0", int(port), listen)
+    if held is not None:
+        held.close()
+
+
+def reserve_port(host: str, port: int, listen: str) -> socket.socket | None:
+    """A socket bound to host:port (not listening yet), for a listener that starts minutes later,
+    after the model loads: held, the port cannot be taken meanwhile. OSError 'port N is already in
+    use (listen)'; None where the host does not resolve or the bind fails otherwise (the server's
+    own bind then says why)."""
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
-        return
-    for family, kind, proto, _, addr in infos[:1]:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc: TIME_WAIT is no conflict
-            try:
-                probe.bind(addr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise OSError(
-                        f"port {port} is already in use ({listen}): is another avatar serve running there?"
-                    ) from None
+        return None
+    family, kind, proto, _, addr = infos[0]
+    # Without SO_REUSEADDR first: two sockets that both set it may share a port none listens on
+    # yet, so only this one holds it against a second server. With it where that fails: a
+    # connection of the last run in TIME_WAIT is no conflict (grpc and aiohttp set it too).
+    for reuse in (0, 1):
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+        try:
+            sock.bind(addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                return None
+    raise OSError(f"port {port} is already in use ({listen}): is another avatar serve running there?")
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:

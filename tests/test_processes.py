@@ -1,11 +1,13 @@
 """`avatar serve --processes per-service`: the embedded mesh as a gateway over three child processes."""
 
+import errno
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -93,6 +95,40 @@ def test_a_child_that_fails_before_serving_stops_the_server_with_a_reason(env, t
         out.stderr
     )
     assert "started the encoder" not in out.stderr
+
+
+def test_the_http_port_is_held_while_the_children_load_then_serves(start_service, env):
+    """--http is bound before the children load (nothing can take it meanwhile; a busy one is
+    refused at once, exit 2), and the page is served on it once they are up."""
+    port = free_port()
+    svc = start_service("all", "--processes", "per-service", "--http", str(port), wait=False)
+    deadline = time.monotonic() + 60
+    while "started the generator" not in svc.log.read_text():
+        assert svc.proc.poll() is None and time.monotonic() < deadline, svc.log.read_text()[-2000:]
+        time.sleep(0.05)
+    with socket.socket() as other, pytest.raises(OSError) as taken:
+        other.bind(("127.0.0.1", port))
+    assert taken.value.errno == errno.EADDRINUSE
+    busy = subprocess.run(
+        [*AVATAR, "serve", "--listen", "127.0.0.1:0", "--processes", "per-service", "--http", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    errors = [line for line in busy.stderr.splitlines() if not line.startswith("{")]
+    assert busy.returncode == 2 and len(errors) == 1 and f"port {port} is already in use" in errors[0], busy.stderr
+    assert "started the" not in busy.stderr  # refused before any child
+    deadline = time.monotonic() + 180
+    while True:
+        assert svc.proc.poll() is None, svc.log.read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                assert page.status == 200 and b"<html" in page.read().lower()
+                break
+        except OSError:
+            assert time.monotonic() < deadline, svc.log.read_text()[-2000:]
+            time.sleep(0.5)
 
 
 def test_children_do_not_outlive_a_killed_parent(start_service):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 import ssl
 import time
 import weakref
@@ -23,7 +24,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from avatar import telemetry
+from avatar import grpc_util, telemetry
 from avatar.gateway.web.hub import SessionHub
 from avatar.gateway.web.metrics import HTTP_REQUESTS
 from avatar.grpc_util import PUBLIC_MAX_REQUEST_BYTES
@@ -266,14 +267,25 @@ class RunningWeb:
         await self.runner.cleanup()
 
 
-async def start_web(config: WebConfig, hub: SessionHub | None = None) -> RunningWeb:
-    """Binds and serves the web front on the running loop; port 0 picks a free one."""
+def reserve_web_port(config: WebConfig) -> socket.socket | None:
+    """The --http port bound now, before minutes of model loading: 'port N is already in use'
+    at once, and nothing can take it until start_web listens on it."""
+    host, port = parse_listen(config.listen)
+    return grpc_util.reserve_port(host, port, config.listen)
+
+
+async def start_web(config: WebConfig, hub: SessionHub | None = None, sock: socket.socket | None = None) -> RunningWeb:
+    """Binds (or takes `sock`, from reserve_web_port) and serves the web front on the running
+    loop; port 0 picks a free one."""
     host, port = parse_listen(config.listen)
     app = make_web_app(config, hub)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     context = ssl_context(config.tls)
-    site = web.TCPSite(runner, host, port, ssl_context=context, shutdown_timeout=1.0)
+    if sock is not None:
+        site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=1.0)
+    else:
+        site = web.TCPSite(runner, host, port, ssl_context=context, shutdown_timeout=1.0)
     try:
         await site.start()
     except OSError as exc:
