@@ -372,7 +372,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _ephemeral_ports() -> tuple[int, int]:
     try:
-        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999  # Linux's default
