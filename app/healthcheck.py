@@ -1,4 +1,5 @@
-"""Probe a server's gRPC health service: `python -m avatar.app.healthcheck HOST:PORT` (exit 0 = SERVING)."""
+"""Probe a server's gRPC health service: `python -m avatar.app.healthcheck HOST:PORT` (exit 0 = SERVING,
+1 = not serving or unreachable, 2 = a bad address or TLS file)."""
 
 import argparse
 import os
@@ -18,8 +19,10 @@ def check(
     server_name: str | None = None,
 ) -> str:
     """Returns the serving status name ("SERVING", "NOT_SERVING", ...) or raises grpc.RpcError."""
+    from avatar.grpc_util import check_port_range
     from avatar.security import channel_credentials
 
+    check_port_range(address)
     creds = channel_credentials(tls_ca, tls_cert, tls_key)
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     channel = (
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(f"{a.address}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as e:  # a bad address or TLS file: the caller's to fix
+        print(f"avatar.app.healthcheck: error: {e}", file=sys.stderr)
+        return 2
     print(f"{a.address}: {status}")
     return 0 if status == "SERVING" else 1
 

@@ -379,9 +379,22 @@ def _ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+_HOST_PORT = re.compile(r"(?:\[[^\]]*\]|[^:/\[\]]*):(\d+)")  # host:port or [v6]:port, no scheme
+
+
+def check_port_range(address: str, lowest: int = 1) -> None:
+    """ValueError for a HOST:PORT whose port is out of range: grpc takes it modulo 65536 (99999
+    would quietly be 34463). Other target forms (dns:///..., unix:...) pass through."""
+    match = _HOST_PORT.fullmatch(address)
+    if match and not lowest <= int(match.group(1)) <= 65535:
+        raise ValueError(f"{address}: port {match.group(1)} is out of range ({lowest}..65535)")
+
+
 def _check_port_free(listen: str) -> None:
     """OSError 'port N is already in use' before grpc tries (its own failure is a core log line
-    and a RuntimeError without the reason). Port 0 and names that do not resolve pass through."""
+    and a RuntimeError without the reason); ValueError for a port out of range. Port 0 and names
+    that do not resolve pass through."""
+    check_port_range(listen, lowest=0)
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or int(port) == 0:
         return
@@ -442,6 +455,7 @@ def create_channel(
     is given, and `token` sent as ``authorization: Bearer`` on every call when given."""
     from avatar.security import aio_channel
 
+    check_port_range(address)
     return aio_channel(address, credentials, token, MESSAGE_OPTIONS + CHANNEL_KEEPALIVE_OPTIONS)
 
 

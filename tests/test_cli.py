@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 from conftest import ASSETS, AVATAR, ROOT, check_video
 
@@ -215,3 +216,34 @@ def test_a_video_cut_by_num_clip_says_so_in_the_summary_and_the_status(tmp_path,
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["truncation"] == said and abs(meta["audio_duration_s"] - 7.213) < 0.001
     check_video(out, 12 / 25)
+
+
+def test_a_port_out_of_range_is_one_line_and_exit_code_2(tmp_path, env):
+    """grpc takes a port modulo 65536: 127.0.0.1:99999 would quietly be port 34463, as a server's
+    listener, a gateway's peer, a client's server and a health probe's target."""
+    image, audio, out = str(ASSETS / "astronaut.png"), str(ASSETS / "speech.wav"), str(tmp_path / "x.mp4")
+    for args, words in (
+        (["serve", "--listen", "127.0.0.1:99999"], "127.0.0.1:99999: port 99999 is out of range (0..65535)"),
+        (["serve", "--listen", "[::1]:65536"], "[::1]:65536: port 65536 is out of range"),
+        (
+            ["serve", "--role", "gateway", "--listen", "127.0.0.1:0", "--encoder", "127.0.0.1:70000"]
+            + ["--generator", "127.0.0.1:1", "--decoder", "127.0.0.1:2"],
+            "127.0.0.1:70000: port 70000 is out of range (1..65535)",
+        ),
+        (
+            ["generate", "--server", "localhost:99999", "--image", image, "--audio", audio, "--out", out],
+            "localhost:99999: port 99999 is out of range (1..65535)",
+        ),
+    ):
+        r = run_cli(*args, env=env, timeout=120)
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("{")]  # JSON log lines aside
+        assert r.returncode == 2 and len(errors) == 1 and words in errors[0], (args, r.stderr[-2000:])
+    probe = subprocess.run(
+        [sys.executable, "-m", "avatar.app.healthcheck", "127.0.0.1:99999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert probe.returncode == 2 and probe.stderr.count("\n") == 1 and "port 99999 is out of range" in probe.stderr
+    assert list(tmp_path.iterdir()) == []
