@@ -31,6 +31,7 @@ import re
 import sys
 from pathlib import Path
 
+from avatar.app import arg_types
 from avatar.files import unlink_quietly, write_json_atomic
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -406,7 +407,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with the gateway's retry-after-ms) (default 3)",
     )
     p.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="deadline per video in seconds, retries included"
+        "--timeout",
+        type=arg_types.positive_seconds,
+        default=None,
+        metavar="S",
+        help="deadline per video in seconds, retries included",
     )
 
 

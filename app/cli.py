@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from avatar import package_version
-from avatar.app import converse_cmd, livekit_worker, web_cmd
+from avatar.app import arg_types, converse_cmd, livekit_worker, web_cmd
 
 EXIT_BAD_INPUT = 2
 # gRPC's core logs transport events at INFO unless told otherwise (e.g. "Got goaway ... Cancelling
@@ -304,7 +304,7 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--metrics-port",
-        type=int,
+        type=arg_types.port,
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a running gateway, e.g. 127.0.0.1:50051 (default: start the mesh in this process)",
     )
     p.add_argument("--out", required=True, help="output video, e.g. out/demo.mp4 (OUT.json is written beside it)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline of the request in seconds")
+    p.add_argument(
+        "--timeout", type=arg_types.positive_seconds, default=None, help="deadline of the request in seconds"
+    )
     p.add_argument(
         "--audio-encoder",
         choices=AUDIO_ENCODERS,

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from avatar.app import arg_types
+
 INPUT_RATE = 16000  # the file is sent as PCM s16le mono at 16 kHz
 
 
@@ -43,7 +45,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--server", metavar="ADDR", help="a running gateway (default: the mesh in this process)")
     p.add_argument("--out", required=True, help="output video, e.g. out/live.mp4")
-    p.add_argument("--timeout", type=float, default=None, help="deadline of the session in seconds")
+    p.add_argument(
+        "--timeout", type=arg_types.positive_seconds, default=None, help="deadline of the session in seconds"
+    )
     add_security_args(p)
     return p
 

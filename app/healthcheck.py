@@ -8,6 +8,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from avatar.app import arg_types
+
 
 def check(
     address: str,
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avatar.app.healthcheck", description=__doc__)
     p.add_argument("address", help="HOST:PORT of an avatar server, e.g. 127.0.0.1:50051")
     p.add_argument("--service", default="", help="health service name; empty: the whole server")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds, e.g. 3")
+    p.add_argument("--timeout", type=arg_types.positive_seconds, default=3.0, help="seconds, e.g. 3")
     p.add_argument("--tls-ca", default=os.environ.get("AVATAR_TLS_CA"), help="CA bundle (PEM) for TLS")
     p.add_argument("--tls-cert", default=os.environ.get("AVATAR_TLS_CLIENT_CERT"), help="client cert for mTLS")
     p.add_argument("--tls-key", default=os.environ.get("AVATAR_TLS_CLIENT_KEY"), help="client key for mTLS")

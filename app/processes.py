@@ -168,6 +168,11 @@ async def serve_per_service(cfg) -> None:
     (gateway first, then the children) or when a child dies (then raises, exit code 1)."""
     from avatar.app.serve import serve_forever
 
+    if cfg.metrics_port and cfg.metrics_port + len(CHILD_ROLES) > 65535:
+        raise ValueError(
+            f"--metrics-port {cfg.metrics_port}: the children serve theirs on the next "
+            f"{len(CHILD_ROLES)} ports, past 65535: choose a lower one"
+        )
     # The public ports are checked (gRPC) and held (--http) before the children load for minutes.
     grpc_util._check_port_free(cfg.listen)
     web_socket = None

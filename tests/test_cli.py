@@ -247,3 +247,39 @@ def test_a_port_out_of_range_is_one_line_and_exit_code_2(tmp_path, env):
     )
     assert probe.returncode == 2 and probe.stderr.count("\n") == 1 and "port 99999 is out of range" in probe.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_port_or_deadline_flag_is_refused_before_anything_starts(tmp_path, env):
+    image, audio, out = str(ASSETS / "astronaut.png"), str(ASSETS / "speech.wav"), str(tmp_path / "x.mp4")
+    for args, words in (
+        (["serve", "--metrics-port", "99999"], "argument --metrics-port: port 99999 is out of range (0..65535)"),
+        (["serve", "--metrics-port", "http"], "argument --metrics-port: expected a port number, got 'http'"),
+        (
+            ["serve", "--metrics-port", "65534", "--processes", "per-service"],
+            "--metrics-port 65534: the children serve theirs on the next 3 ports, past 65535",
+        ),
+        (
+            ["generate", "--image", image, "--audio", audio, "--out", out, "--timeout", "-3"],
+            "argument --timeout: must be a positive number of seconds, got -3",
+        ),
+        (
+            ["converse", "--image", image, "--audio", audio, "--out", out, "--timeout", "nan"],
+            "argument --timeout: must be a positive number of seconds, got nan",
+        ),
+        (
+            ["batch", str(tmp_path), "--out", str(tmp_path / "videos"), "--timeout", "0"],
+            "argument --timeout: must be a positive number of seconds, got 0",
+        ),
+    ):
+        r = run_cli(*args, env=env, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and words in last and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert "started the" not in r.stderr and list(tmp_path.iterdir()) == [], args  # nothing ran, nothing written
+    probe = subprocess.run(
+        [sys.executable, "-m", "avatar.app.healthcheck", "--timeout", "0", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert probe.returncode == 2 and "must be a positive number of seconds" in probe.stderr.splitlines()[-1]

@@ -1,0 +1,28 @@
+"""Argument types shared by the CLI's verbs: a bad value is argparse's one-line error, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def port(value: str) -> int:
+    """A TCP port, 0..65535 (0: the system picks one)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is out of range (0..65535)")
+    return number
+
+
+def positive_seconds(value: str) -> float:
+    """A duration in seconds, > 0 and finite (a deadline that has already passed is a mistake)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, e.g. 30, got {value!r}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return seconds
