@@ -26,3 +26,14 @@ def positive_seconds(value: str) -> float:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
     return seconds
+
+
+def non_negative_seconds(value: str) -> float:
+    """A duration in seconds, >= 0 and finite (0: at once)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, e.g. 30, got {value!r}") from None
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, got {value}")
+    return seconds

@@ -311,14 +311,14 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--grace",
-        type=float,
+        type=arg_types.non_negative_seconds,
         default=None,
         metavar="S",
         help="on SIGTERM: seconds in-flight streams get to finish before they are cancelled",
     )
     g.add_argument(
         "--max-audio-s",
-        type=float,
+        type=arg_types.positive_seconds,
         default=None,
         metavar="S",
         help="gateway: refuse speech longer than S seconds (default 600)",

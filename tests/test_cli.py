@@ -254,6 +254,8 @@ def test_a_bad_port_or_deadline_flag_is_refused_before_anything_starts(tmp_path,
     for args, words in (
         (["serve", "--metrics-port", "99999"], "argument --metrics-port: port 99999 is out of range (0..65535)"),
         (["serve", "--metrics-port", "http"], "argument --metrics-port: expected a port number, got 'http'"),
+        (["serve", "--grace", "-1"], "argument --grace: must be 0 or a positive number of seconds, got -1"),
+        (["serve", "--max-audio-s", "0"], "argument --max-audio-s: must be a positive number of seconds, got 0"),
         (
             ["serve", "--metrics-port", "65534", "--processes", "per-service"],
             "--metrics-port 65534: the children serve theirs on the next 3 ports, past 65535",
