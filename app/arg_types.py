@@ -19,21 +19,20 @@ def port(value: str) -> int:
 
 def positive_seconds(value: str) -> float:
     """A duration in seconds, > 0 and finite (a deadline that has already passed is a mistake)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, e.g. 30, got {value!r}") from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
-    return seconds
+    return _seconds(value, zero_ok=False)
 
 
 def non_negative_seconds(value: str) -> float:
     """A duration in seconds, >= 0 and finite (0: at once)."""
+    return _seconds(value, zero_ok=True)
+
+
+def _seconds(value: str, zero_ok: bool) -> float:
     try:
         seconds = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, e.g. 30, got {value!r}") from None
-    if not (seconds >= 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, got {value}")
+    if not ((seconds > 0 or (zero_ok and seconds == 0)) and math.isfinite(seconds)):
+        what = "0 or a positive number" if zero_ok else "a positive number"
+        raise argparse.ArgumentTypeError(f"must be {what} of seconds, got {value}")
     return seconds

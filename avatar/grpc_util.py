@@ -350,24 +350,26 @@ def create_server(
     return server, port
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on at `host`, for a process about to bind it (a rendezvous, a
-    child's metrics). Outside the kernel's ephemeral range on purpose: a port from that range (what
-    binding port 0 gives) can be taken by any outgoing connection between this check and the
-    later bind, which then fails "address already in use". Below 20000 are Ray's worker ports."""
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """A port nothing listens on at `host` (the first of `count` consecutive ones), for a process
+    about to bind it (a rendezvous, a child's metrics). Outside the kernel's ephemeral range on
+    purpose: a port from that range (what binding port 0 gives) can be taken by any outgoing
+    connection between this check and the later bind, which then fails "address already in use".
+    Below 20000 are Ray's worker ports."""
     low, high = _ephemeral_ports()
-    first, last = (20000, low - 1) if low > 21000 else (high + 1, 65535)
+    first, last = (20000, low - count) if low > 21000 else (high + 1, 65536 - count)
     pick = random.Random()  # not the global generator: a caller that seeds it must not pin ports
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(200):
         port = pick.randint(first, last)
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with contextlib.ExitStack() as probes:
             try:
-                probe.bind((host, port))
+                for p in range(port, port + count):
+                    probes.enter_context(socket.socket(family, socket.SOCK_STREAM)).bind((host, p))
             except OSError:
                 continue
             return port
-    raise OSError(f"no free port on {host} in {first}-{last}")
+    raise OSError(f"no {count} free port(s) on {host} in {first}-{last + count - 1}")
 
 
 def _ephemeral_ports() -> tuple[int, int]:

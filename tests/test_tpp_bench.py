@@ -2,13 +2,13 @@
 process and a group of 2, several sessions in flight, JSON with every figure the GPU run reports."""
 
 import json
-import random
 import sys
 
 import pytest
 
 sys.path.insert(0, "bench")
 import bench_tpp  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 
 @pytest.mark.mesh
@@ -36,27 +36,6 @@ def test_bad_arguments_are_refused_with_the_reason(capsys):
     assert "--ranks and --sessions" in capsys.readouterr().err
 
 
-def _free_port_run(n: int) -> int:
-    """The first of n consecutive loopback ports free now, below the kernel's ephemeral range (where an
-    outgoing connection could take one before its server binds it: avatar.grpc_util.free_port)."""
-    import socket
-
-    for base in range(random.Random().randrange(21000, 31000, 10), 32000, 10):
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 @pytest.mark.mesh
 def test_the_gateway_run_script_on_cpu_ranks(tmp_path):
     """bench/tpp_mesh_gpu.sh (issue 15's run through the gateway) with DRY_RUN: a generator of 2
@@ -74,7 +53,7 @@ def test_the_gateway_run_script_on_cpu_ranks(tmp_path):
         "PYTHON": sys.executable,
         "OUT": str(out),
         "AUDIO": str(trim_speech(tmp_path / "clip.wav", 0.5, 2.0)),
-        "BASE_PORT": str(_free_port_run(4)),
+        "BASE_PORT": str(free_port(count=4)),
         "OMP_NUM_THREADS": "1",
     }
     run = subprocess.run(
