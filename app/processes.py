@@ -27,7 +27,12 @@ from avatar.security import SecurityConfig
 
 log = logging.getLogger("avatar.app.processes")
 
-CHILD_ROLES = ("generator", "encoder", "decoder")  # the generator first: it needs the most memory
+# Started in this order: the encoder and decoder (fixed sizes, their warm-up peaks held by their
+# allocators) before the generator, whose kept caches adapt to the memory left (a session short of
+# memory frees them). The generator first held 55.8 GiB of an 80 GB H100 with three warmed sizes'
+# caches, and the encoder's 22.8 GiB did not fit (2026-12-06, docs/performance.md).
+CHILD_ROLES = ("encoder", "decoder", "generator")
+METRICS_OFFSET = {"generator": 1, "encoder": 2, "decoder": 3}  # --metrics-port P: the children's P+1..P+3
 MODES = ("auto", "one", "per-service")
 STOP_TIMEOUT_S = 30.0
 
@@ -103,12 +108,12 @@ class Children:
         )
 
     async def start(self) -> None:
-        """Starts the children one after the other (the generator first: the later ones see the
-        memory it took) and returns when each reports SERVING; raises if one exits first."""
+        """Starts the encoder and the decoder, then, once both serve, the generator (CHILD_ROLES
+        says why); returns when each reports SERVING; raises if one exits first."""
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or grpc
         metrics = self._cfg.metrics_port
-        for i, role in enumerate(CHILD_ROLES):
-            child_metrics = metrics + 1 + i if metrics else None
+        for role in CHILD_ROLES:
+            child_metrics = metrics + METRICS_OFFSET[role] if metrics else None
             self.serving[role], child_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_child_main,
@@ -119,10 +124,10 @@ class Children:
             child_end.close()  # the child's copy is its own: EOF here once it exits
             self.procs[role] = proc
             log.info("started the %s (pid %d)", role, proc.pid)
-            if role == "generator":
-                await self._wait_serving(role)
-        for role in CHILD_ROLES[1:]:
-            await self._wait_serving(role)
+            if role == "decoder":
+                await self._wait_serving("encoder")
+                await self._wait_serving("decoder")
+        await self._wait_serving("generator")
 
     async def _wait_serving(self, role: str) -> None:
         proc, serving = self.procs[role], self.serving[role]
@@ -168,7 +173,7 @@ async def serve_per_service(cfg) -> None:
     (gateway first, then the children) or when a child dies (then raises, exit code 1)."""
     from avatar.app.serve import serve_forever
 
-    if cfg.metrics_port and cfg.metrics_port + len(CHILD_ROLES) > 65535:
+    if cfg.metrics_port and cfg.metrics_port + max(METRICS_OFFSET.values()) > 65535:
         raise ValueError(
             f"--metrics-port {cfg.metrics_port}: the children serve theirs on the next "
             f"{len(CHILD_ROLES)} ports, past 65535: choose a lower one"

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
-from bench_generator import time_fn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
+from bench_generator import time_fn  # noqa: E402
 
 from avatar.services.generator.causal_s2v_dit import CausalS2VDiT, rope_grid
 from avatar.services.generator.fp8 import FP8Linear, FP8Rows

@@ -54,6 +54,9 @@ def test_a_video_through_three_child_processes_then_sigterm_stops_them_all(start
         # the port the child bound and reported is the one the gateway was given
         port = int(re.search(rf"the {role} serves on 127\.0\.0\.1:(\d+)", log).group(1))
         assert port in listening, (role, port, listening)
+    # The generator, whose kept caches adapt to what is free, starts once the others hold theirs.
+    started = log.index("started the generator")
+    assert log.index("the encoder serves on") < started and log.index("the decoder serves on") < started
     # Each service ran in its own process: the internal listeners belong to the children.
     assert {k.pid for k in kids}.isdisjoint({svc.proc.pid})
     svc.proc.send_signal(signal.SIGTERM)
@@ -74,11 +77,11 @@ def test_a_child_that_dies_takes_the_server_down_with_a_reason(start_service):
 
 
 def test_a_child_that_fails_before_serving_stops_the_server_with_a_reason(env, tmp_path):
-    """The generator child cannot open its metrics port (the parent's + 1, taken here): the
-    server exits 1 naming it, and the other children were never started."""
+    """The encoder child cannot open its metrics port (the parent's + 2, taken here): the server
+    exits 1 naming it, and the generator (started once the encoder and decoder serve) never was."""
     metrics = free_port()
     with socket.socket() as taken:
-        taken.bind(("0.0.0.0", metrics + 1))
+        taken.bind(("0.0.0.0", metrics + 2))
         taken.listen()
         out = subprocess.run(
             [*AVATAR, "serve", "--listen", f"127.0.0.1:{free_port()}", "--processes", "per-service"]
@@ -90,11 +93,11 @@ def test_a_child_that_fails_before_serving_stops_the_server_with_a_reason(env, t
         )
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("avatar serve: the generator process exited with code 1 before serving"), last
-    assert f"avatar serve (generator): cannot serve metrics on 127.0.0.1:{metrics + 1}: Address already in use" in (
+    assert last.startswith("avatar serve: the encoder process exited with code 1 before serving"), last
+    assert f"avatar serve (encoder): cannot serve metrics on 127.0.0.1:{metrics + 2}: Address already in use" in (
         out.stderr
     )
-    assert "started the encoder" not in out.stderr
+    assert "started the generator" not in out.stderr
 
 
 def test_the_http_port_is_held_while_the_children_load_then_serves(start_service, env):
@@ -103,7 +106,7 @@ def test_the_http_port_is_held_while_the_children_load_then_serves(start_service
     port = free_port()
     svc = start_service("all", "--processes", "per-service", "--http", str(port), wait=False)
     deadline = time.monotonic() + 60
-    while "started the generator" not in svc.log.read_text():
+    while "started the encoder" not in svc.log.read_text():
         assert svc.proc.poll() is None and time.monotonic() < deadline, svc.log.read_text()[-2000:]
         time.sleep(0.05)
     with socket.socket() as other, pytest.raises(OSError) as taken:
