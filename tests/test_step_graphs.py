@@ -185,6 +185,15 @@ def test_kept_slots_are_bounded_and_freed_for_memory_and_after_failures(pooled, 
         kvs.append(_session_blocks(pooled, seed=steps, blocks=1, sample_steps=steps)[1].kv)
     assert len(pooled._idle) == IDLE_SLOTS
     assert kvs[0].nbytes == 0 and all(kv.nbytes > 0 for kv in kvs[1:])  # the oldest was freed
+    # short of memory, the smallest kept cache goes first (the cheapest to capture again), and
+    # only as many as it takes: kept caches of a 12-, a 48- and a 24-frame clip
+    pooled.drop_idle_slots()
+    sized = [_session_blocks(pooled, seed=8, blocks=1, infer_frames=f)[1].kv for f in (12, 48, 24)]
+    assert sized[0].nbytes < sized[2].nbytes < sized[1].nbytes
+    pooled.free_memory = lambda: 0 if all(kv.nbytes for kv in sized) else 80 * 2**30
+    _session_blocks(pooled, seed=8, blocks=1, sample_steps=2)  # matches no kept layout
+    assert sized[0].nbytes == 0 and sized[1].nbytes > 0 and sized[2].nbytes > 0
+    kvs = sized + kvs
     # a session that does not fit while finished sessions hold memory: they go first
     pooled.free_memory = lambda: 0 if pooled._idle else 80 * 2**30
     _session_blocks(pooled, seed=9, blocks=1, sample_steps=1)  # matches no kept layout
