@@ -1,8 +1,8 @@
 """Two per-forward costs of the DiT at one size, each the old way and the new, in one short call
-(no model load): the reference keys' rotation into the sink (eager layer groups vs compiled, as
---compile runs it since 2026-12-05) and the FP8 attention output into the output projection (bf16
-and re-quantised per row vs the e4m3 codes as they are, with --fused-norms). Medians of
-bench_generator.time_fn (CUDA events on a GPU).
+(no model load): the reference keys' rotation into the sink (eager layer groups; compiled, as
+--compile runs it since 2026-12-05; the Triton kernel of --fused-norms, since 2026-12-06) and the
+FP8 attention output into the output projection (bf16 and re-quantised per row vs the e4m3 codes
+as they are, with --fused-norms). Medians of bench_generator.time_fn (CUDA events on a GPU).
 
     python3 bench/bench_rotation.py [--size 704*384] [--device cuda] [--out FILE]
 """
@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
 from bench_generator import time_fn  # noqa: E402
 
+from avatar.services.generator import fused_norms
 from avatar.services.generator.causal_s2v_dit import CausalS2VDiT, rope_grid
 from avatar.services.generator.fp8 import FP8Linear, FP8Rows
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
@@ -32,6 +33,7 @@ class _Rotator(CausalS2VDiT):
     def __init__(self):  # noqa: D107 - deliberately not CausalS2VDiT's
         torch.nn.Module.__init__(self)
         self._rotate_compiled = None
+        self._rotate_fused = False
 
 
 def bench(width: int, height: int, device: str, layers: int, heads: int, head_dim: int, reps: int) -> dict:
@@ -48,6 +50,12 @@ def bench(width: int, height: int, device: str, layers: int, heads: int, head_di
     rot.compile_reference_rotation()
     res["rotation_compiled_ms"] = time_fn(lambda: rot._rotate_reference(kv, 1, rope, torch.bfloat16), device, reps)
     res["rotation_same_bytes"] = (kv.keys.view(torch.uint8) == eager.view(torch.uint8)).float().mean().item()
+    if fused_norms.unavailable_reason(device) is None:  # a CUDA GPU (or Triton's interpreter)
+        kv.keys.zero_()
+        rot._rotate_fused = True  # with --fused-norms: one Triton kernel into the sink
+        res["rotation_triton_ms"] = time_fn(lambda: rot._rotate_reference(kv, 1, rope, torch.bfloat16), device, reps)
+        same = (kv.keys.view(torch.uint8) == eager.view(torch.uint8)).float().mean().item()
+        res["rotation_triton_same_bytes"] = same
     del eager
 
     dim = heads * head_dim

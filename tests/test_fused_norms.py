@@ -126,6 +126,35 @@ def test_rms_rope_amax_is_rms_rope_and_the_largest_value_of_its_output():
         fused_norms.rms_rope_amax(x[:, :-1], w, rope.cos, rope.sin, 1e-6)
 
 
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+def test_rope_into_writes_the_rotated_reference_keys_into_the_sink_rows_only(cache):
+    """The reference keys of every layer at this call's RoPE frame, written into one cache set's
+    sink rows (a strided view of the buffer) as rotated_reference_keys computes them; the rows
+    around them untouched."""
+    from avatar.services.generator.causal_s2v_dit import rope_grid, rotated_reference_keys
+
+    layers, heads, head_dim, s0, buffer = 3, 4, 16, 5, 20
+    dtype = torch.float8_e4m3fn if cache == "fp8" else torch.bfloat16
+    rope = rope_grid(head_dim, range(9, 10), range(2), range(3), "cpu")  # one frame of 2 x 3 tokens
+    n = rope.cos.shape[0]
+    g = torch.Generator().manual_seed(8)
+    ref_k = (torch.randn(layers, B, n, heads, head_dim, generator=g) * 300).to(dtype)
+    keys = (torch.randn(2, layers, B, buffer, heads, head_dim, generator=g) * 3).to(dtype)
+    before = keys.clone()
+    fused_norms.rope_into(ref_k, rope.cos, rope.sin, keys[1, :, :, s0 : s0 + n])
+    expected = rotated_reference_keys(ref_k, rope.cos, rope.sin, torch.bfloat16)
+    if cache == "fp8":
+        assert rotated_reference_keys(ref_k.bfloat16(), rope.cos, rope.sin, torch.bfloat16).abs().max() > E4M3_MAX
+    got = keys[1, :, :, s0 : s0 + n]
+    assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    keys[1, :, :, s0 : s0 + n] = before[1, :, :, s0 : s0 + n]
+    assert torch.equal(keys.view(torch.uint8), before.view(torch.uint8))  # nothing else written
+    with pytest.raises(ValueError, match="out must be"):
+        fused_norms.rope_into(ref_k, rope.cos, rope.sin, keys[1, :, :, s0 : s0 + n - 1])
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        fused_norms.rope_into(ref_k[:, :, :-1], rope.cos, rope.sin, keys[1, :, :, s0 : s0 + n - 1])
+
+
 def test_each_op_returns_what_its_fake_promises():
     """torch.compile plans around the fakes' outputs (shapes, dtypes, strides) and traces the ops
     with dynamic shapes; opcheck runs both against the kernels."""
@@ -209,11 +238,15 @@ def test_every_block_and_injection_call_of_a_session_matches_the_unfused_one(mon
 
     both_ways(CausalS2VBlock)
     both_ways(AudioInjection)
+    rotations = []
+    rope_into = fused_norms.rope_into
+    monkeypatch.setattr(fused_norms, "rope_into", lambda *a: rotations.append(rope_into(*a)))
     dit = _fp8_dit()
     dit.use_fused_norms()
     assert all(block.fused_norms for block in dit.blocks)
     assert all(injection.fused_norms for injection in dit.audio_injector.injections)
     out = _blocks(dit)
+    assert len(rotations) == 3 * 4  # the reference keys into the sink: every step of every block
     assert all(torch.isfinite(b).all() for b in out)
     blocks, injections = errors[CausalS2VBlock], errors[AudioInjection]
     assert len(blocks) == 4 * (2 + 3 * 4)  # layers x (2 sink prefills, 3 blocks of 4 steps)

@@ -8,7 +8,7 @@ five times what reading and writing their tensors costs. Here each stretch is on
 that holds the row in registers: read once, write the FP8 codes, their scale and (after a residual
 add) the new float32 residual. The same for the audio injections' AdaLN (`norm_quantize` with two
 modulation vectors) and the self-attention's q/k RMSNorm + RoPE (`rms_rope`, the keys in the
-cache's dtype).
+cache's dtype); and, outside the blocks, the reference keys' RoPE into the sink (`rope_into`).
 
 Same arithmetic as the block's own code (tests/test_fused_norms.py compares both, in Triton's
 interpreter on the CPU): float32 inside, rounded to bf16 where the block rounds, then e4m3 with
@@ -159,6 +159,45 @@ if triton is not None:
         tl.store(out_ptr + row * C + offs, out, mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rope_into_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        C,
+        tokens,
+        per_layer,
+        stride_layer,
+        stride_batch,
+        stride_token,
+        HALF_D: tl.constexpr,
+        FP8: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One token's stored reference key (a layer's, a batch item's; all heads) at this call's
+        # RoPE frame, as rotated_reference_keys: bf16 in, the rotation in float32, bf16 out, then
+        # the cache's dtype; written straight into the sink's rows (strided), no copy after.
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < C
+        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
+        x0, x1 = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
+        pair = tl.arange(0, BLOCK // 2)
+        token = row % tokens
+        angle = token * HALF_D + pair % HALF_D
+        cos = tl.load(cos_ptr + angle, mask=pair < C // 2, other=1.0)
+        sin = tl.load(sin_ptr + angle, mask=pair < C // 2, other=0.0)
+        out = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK,)).to(tl.bfloat16)
+        if FP8:
+            out = tl.clamp(out.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
+        layer, batch = row // per_layer, (row % per_layer) // tokens
+        dst = out_ptr + layer * stride_layer + batch * stride_batch + token * stride_token
+        tl.store(dst + offs, out, mask=mask)
+
+
 def _launch_shape(c: int) -> tuple[int, int]:
     block = triton.next_power_of_2(c)
     return block, 16 if block >= 16384 else 8 if block >= 2048 else 4
@@ -278,6 +317,19 @@ def _launch_rms_rope(x, weight, cos, sin, eps, out, amax):
         )  # fmt: skip
 
 
+@torch.library.custom_op("avatar::rope_into", mutates_args=("out",))
+def _rope_into_op(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    layers, b, n = keys.shape[:3]
+    c = keys[0, 0, 0].numel()
+    if keys.numel():
+        block, warps = _launch_shape(c)
+        _rope_into_kernel[(layers * b * n,)](
+            keys.contiguous(), cos.contiguous(), sin.contiguous(), out, c, n, b * n,
+            out.stride(0), out.stride(1), out.stride(2), HALF_D=cos.shape[-1], FP8=out.dtype == E4M3,
+            BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+
+
 def _rms_rope_output(x, fp8):
     return x.new_empty(x.shape, dtype=E4M3 if fp8 else torch.bfloat16)
 
@@ -294,6 +346,11 @@ def _(x, weight, cos, sin, eps, fp8):
 @_rms_rope_amax_op.register_fake
 def _(x, weight, cos, sin, eps):
     return _rms_rope_amax_outputs(x)
+
+
+@_rope_into_op.register_fake
+def _(keys, cos, sin, out):
+    return None
 
 
 def _check_rope(x, cos, sin):
@@ -318,6 +375,18 @@ def rms_rope_amax(
     the queries of the FP8 attention, whose scale would otherwise take a reduction over them."""
     _check_rope(x, cos, sin)
     return torch.ops.avatar.rms_rope_amax(x, weight, cos, sin, eps)
+
+
+def rope_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    """The reference's stored keys [layers, B, L, H, D] (bf16 or e4m3) rotated with cos/sin
+    [L, 1, D/2] into out (the same shape, each token's H x D contiguous, e.g. the sink's rows of
+    one cache set) in out's dtype: rotated_reference_keys in one kernel that writes in place."""
+    heads_dims = keys.shape[-2:]
+    if out.shape != keys.shape or out.stride(-1) != 1 or out.stride(-2) != keys.shape[-1]:
+        raise ValueError(f"out must be {list(keys.shape)} with each token's {list(heads_dims)} contiguous")
+    if cos.shape != sin.shape or cos.shape[0] != keys.shape[2] or keys.shape[-1] != 2 * cos.shape[-1]:
+        raise ValueError(f"cos/sin must be [L, 1, D/2] for keys {list(keys.shape)}, got {list(cos.shape)}")
+    torch.ops.avatar.rope_into(keys, cos, sin, out)
 
 
 def norm_quantize(
