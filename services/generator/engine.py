@@ -236,7 +236,7 @@ class GeneratorEngine:
             dropped = []
             # the oldest, a request's before a warm-up's; every warmed shape's stays (--warmup-shape
             # may warm more than IDLE_SLOTS - 1), and one more for a request's. A session short of
-            # memory frees them all first (drop_idle_slots).
+            # memory frees them, smallest first, until it fits (drop_idle_slots).
             warmed = sum(slot.graphs.first_clip for slot in self._idle)
             while len(self._idle) > max(IDLE_SLOTS, warmed + 1):
                 dropped.append(min(self._idle, key=lambda s: s.graphs.first_clip))
