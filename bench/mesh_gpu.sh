@@ -15,6 +15,9 @@ mesh_requests   # hd1 hd2 hd3 sd4 (serve_gpu.sh)
 request sd5 --size 384*256 --sample_steps 4   # sd4 again: its size's graphs kept from sd4
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 kill -INT $server; wait $server
+# The per-service children write their spans beside the gateway's (trace.jsonl.<role>): one file
+# of them comes back (at most 8 do), and the summary reads them all.
+for f in "$OUT"/trace.jsonl.*; do [ -f "$f" ] && cat "$f" >> "$OUT/trace.jsonl" && rm -f "$f"; done
 grep -E "memory plan|warm-up|listening" "$OUT/serve.log" | head -12
 names=(hd1 hd2 hd3 sd4 sd5)
 python3 bench/mesh_summary.py "$OUT" "${names[@]}" | tee "$OUT/summary.txt"   # + per block and the first fragment's path

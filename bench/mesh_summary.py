@@ -28,12 +28,17 @@ FIRST_FRAGMENT_PATH = (
 
 
 def read_spans(trace: Path) -> list[dict]:
+    """The spans in `trace` and in the files beside it that `serve --processes per-service` (the
+    default on a GPU) has its children write, one per service (trace.jsonl.generator, ...)."""
     spans = []
-    for line in trace.read_text().splitlines():
-        try:
-            spans.append(json.loads(line))
-        except json.JSONDecodeError:  # a line two processes wrote at once
+    for path in (trace, *sorted(trace.parent.glob(trace.name + ".*"))):
+        if not path.is_file():
             continue
+        for line in path.read_text().splitlines():
+            try:
+                spans.append(json.loads(line))
+            except json.JSONDecodeError:  # a line two processes wrote at once
+                continue
     return spans
 
 
@@ -96,8 +101,7 @@ def bundle(out: Path, names: list[str]) -> dict:
 
 
 def main(out: Path, names: list[str]) -> None:
-    trace = out / "trace.jsonl"
-    spans = read_spans(trace) if trace.exists() else []
+    spans = read_spans(out / "trace.jsonl")
     for name in names:
         try:
             m = json.loads((out / f"{name}.json").read_text())
