@@ -12,6 +12,7 @@ Errors are ||out - ref|| / ||ref|| against float32 SDPA on the same (bf16) input
 queries (nearly uniform attention) and for queries x4 (peaked attention).
 
     python3 bench/bench_attention.py                 # writes $OUT/attention.json when OUT is set
+    python3 bench/bench_attention.py --cross --sizes '704*384'   # + the text cross-attention's shape
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def sdpa(q, k, v):  # [B, L, H, D] -> [B, Lq, H*D]
     )
 
 
-def bench_size(width: int, height: int, device, heads: int, head_dim: int) -> dict:
+def bench_size(width: int, height: int, device, heads: int, head_dim: int, keys: int | None = None) -> dict:
+    """keys: the self-attention's (sink + full ring) when None; else that many (the prompt's, for
+    the text cross-attention: bf16 today, timed in FP8 to see whether it would be worth it)."""
     lq, lk = shapes(width, height)
+    lk = lk if keys is None else keys
     res = {"size": f"{width}*{height}", "queries": lq, "keys": lk, "heads": heads, "head_dim": head_dim, "variants": {}}
     flops = 4 * lq * lk * heads * head_dim
     log(f"{width}*{height}: {lq} queries over {lk} keys, {heads} x {head_dim}")
@@ -169,6 +173,11 @@ def bench_size(width: int, height: int, device, heads: int, head_dim: int) -> di
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="704*384,384*256")
+    p.add_argument(
+        "--cross",
+        action="store_true",
+        help="also the text cross-attention's shape: a block's queries over the prompt's 512 tokens",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -185,6 +194,10 @@ def main(argv=None) -> int:
     for size in args.sizes.split(","):
         w, h = (int(x) for x in size.split("*"))
         results["sizes"].append(bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads))
+        if args.cross:
+            results.setdefault("cross", []).append(
+                bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads, keys=cfg.text_len)
+            )
     out = args.out or (os.path.join(os.environ["OUT"], "attention.json") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:
