@@ -119,6 +119,26 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _rope_row(h, token, cos_ptr, sin_ptr, C, HALF_D: tl.constexpr, BLOCK: tl.constexpr):
+        # RoPE on each head's channel pairs of one token's row (float32 in), bf16 out
+        x0, x1 = tl.split(tl.reshape(h, (BLOCK // 2, 2)))
+        pair = tl.arange(0, BLOCK // 2)
+        angle = token * HALF_D + pair % HALF_D
+        cos = tl.load(cos_ptr + angle, mask=pair < C // 2, other=1.0)
+        sin = tl.load(sin_ptr + angle, mask=pair < C // 2, other=0.0)
+        return tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK,)).to(tl.bfloat16)
+
+    @triton.jit
+    def _cache_codes(out, FP8: tl.constexpr):
+        # as the KV cache stores a bf16 row: as it is, or clamped to e4m3's range and cast
+        if FP8:
+            out = tl.clamp(out.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
+        return out
+
+
+if triton is not None:
+
+    @triton.jit
     def _rms_rope_kernel(
         x_ptr,
         w_ptr,
@@ -144,19 +164,10 @@ if triton is not None:
         x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
         h = (x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps))).to(tl.bfloat16).to(tl.float32)
         h = (h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-        x0, x1 = tl.split(tl.reshape(h, (BLOCK // 2, 2)))
-        pair = tl.arange(0, BLOCK // 2)
-        angle = (row % tokens) * HALF_D + pair % HALF_D
-        cos = tl.load(cos_ptr + angle, mask=pair < C // 2, other=1.0)
-        sin = tl.load(sin_ptr + angle, mask=pair < C // 2, other=0.0)
-        x0r = x0 * cos - x1 * sin
-        x1r = x0 * sin + x1 * cos
-        out = tl.reshape(tl.join(x0r, x1r), (BLOCK,)).to(tl.bfloat16)
+        out = _rope_row(h, row % tokens, cos_ptr, sin_ptr, C, HALF_D, BLOCK)
         if AMAX:
             tl.atomic_max(amax_ptr, tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=0))
-        if FP8:
-            out = tl.clamp(out.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
-        tl.store(out_ptr + row * C + offs, out, mask=mask)
+        tl.store(out_ptr + row * C + offs, _cache_codes(out, FP8), mask=mask)
 
 
 if triton is not None:
@@ -184,18 +195,11 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         mask = offs < C
         x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
-        x0, x1 = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
-        pair = tl.arange(0, BLOCK // 2)
         token = row % tokens
-        angle = token * HALF_D + pair % HALF_D
-        cos = tl.load(cos_ptr + angle, mask=pair < C // 2, other=1.0)
-        sin = tl.load(sin_ptr + angle, mask=pair < C // 2, other=0.0)
-        out = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK,)).to(tl.bfloat16)
-        if FP8:
-            out = tl.clamp(out.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
+        out = _rope_row(x, token, cos_ptr, sin_ptr, C, HALF_D, BLOCK)
         layer, batch = row // per_layer, (row % per_layer) // tokens
         dst = out_ptr + layer * stride_layer + batch * stride_batch + token * stride_token
-        tl.store(dst + offs, out, mask=mask)
+        tl.store(dst + offs, _cache_codes(out, FP8), mask=mask)
 
 
 def _launch_shape(c: int) -> tuple[int, int]:
