@@ -293,15 +293,32 @@ def session_bytes(req: MemoryRequest, cache_sets: int, kv_dtype_bytes: int = 2) 
 def check_session_memory(req: MemoryRequest, cache_sets: int, available: int, kv_dtype_bytes: int = 2) -> None:
     """Raise ResourceExhausted before a session allocates its cache when `available` bytes (free on
     the GPU, e.g. gpu_available_bytes()) cannot hold it; the message says what would fit."""
+    if sum(session_bytes(req, cache_sets, kv_dtype_bytes).values()) > available:
+        raise ResourceExhausted(
+            _session_shortage(req, cache_sets, available, kv_dtype_bytes, "not enough free GPU memory to open")
+        )
+
+
+def session_oom_error(
+    req: MemoryRequest, cache_sets: int, available: int, kv_dtype_bytes: int = 2, cause: BaseException | None = None
+) -> ResourceExhausted:
+    """The ResourceExhausted of a session that ran out of memory inside the model although it was
+    admitted (the model is loaded: only the session's own memory counts; the other services on
+    the GPU or other sessions took the rest): what it needs, what is free now, the ladder, CUDA's words."""
+    msg = _session_shortage(req, cache_sets, available, kv_dtype_bytes, "ran out of GPU memory in")
+    if cause is not None:
+        msg += f"\n(CUDA: {str(cause).splitlines()[0][:200]})"
+    return ResourceExhausted(msg)
+
+
+def _session_shortage(req: MemoryRequest, cache_sets: int, available: int, kv_dtype_bytes: int, what: str) -> str:
     need = session_bytes(req, cache_sets, kv_dtype_bytes)
     total = sum(need.values())
-    if total <= available:
-        return
+    kv = "FP8" if kv_dtype_bytes == 1 else "bf16"
     lines = [
-        f"not enough free GPU memory to open a {req.size} session (infer_frames {req.infer_frames}, "
-        f"{cache_sets} KV cache set(s)): needs {total / GB:.1f} GB (KV cache {need['kv_cache'] / GB:.1f}, "
-        f"prompt {need['text'] / GB:.1f}, activations {need['activations'] / GB:.1f}), "
-        f"{available / GB:.1f} GB free. Try:"
+        f"{what} a {req.size} session (infer_frames {req.infer_frames}, {cache_sets} {kv} KV cache set(s)): "
+        f"needs {total / GB:.1f} GB (KV cache {need['kv_cache'] / GB:.1f}, prompt {need['text'] / GB:.1f}, "
+        f"activations {need['activations'] / GB:.1f}), {available / GB:.1f} GB free. Try:"
     ]
     ladder = []
     if cache_sets > 1:
@@ -310,23 +327,11 @@ def check_session_memory(req: MemoryRequest, cache_sets: int, available: int, kv
         ladder.append(("a smaller size, 384*256", replace(req, width=384, height=256), cache_sets))
     if req.infer_frames > 32:
         ladder.append(("infer_frames 32", replace(req, infer_frames=32), cache_sets))
-    for what, r, sets in ladder:
+    for rung, r, sets in ladder:
         n = sum(session_bytes(r, sets, kv_dtype_bytes).values())
-        lines.append(f"  - {what}: needs {n / GB:.1f} GB ({'fits' if n <= available else 'still too much'})")
+        lines.append(f"  - {rung}: needs {n / GB:.1f} GB ({'fits' if n <= available else 'still too much'})")
     lines.append("  - fewer sessions at once on this GPU (each holds its own cache)")
-    raise ResourceExhausted("\n".join(lines))
-
-
-def oom_error(
-    req: MemoryRequest, available: int, opts: PlannerOptions = PlannerOptions(), cause: BaseException | None = None
-) -> ResourceExhausted:
-    """The ResourceExhausted to raise when CUDA ran out of memory anyway (after the session's
-    memory is freed): the planner's numbers and the ladder, plus what CUDA said."""
-    leanest = min((estimate(req, available=available, **c) for c in candidates(req, opts)), key=lambda p: p.total)
-    msg = _refusal(req, available, opts, leanest).replace("not enough GPU memory", "ran out of GPU memory", 1)
-    if cause is not None:
-        msg += f"\n(CUDA: {str(cause).splitlines()[0][:200]})"
-    return ResourceExhausted(msg)
+    return "\n".join(lines)
 
 
 def _refusal(req: MemoryRequest, available: int, opts: PlannerOptions, leanest: MemoryPlan) -> str:

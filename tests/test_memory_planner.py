@@ -12,9 +12,9 @@ from avatar.memory_planner import (
     dit_bytes,
     estimate,
     kv_set_bytes,
-    oom_error,
     plan_memory,
     session_bytes,
+    session_oom_error,
     sink_bytes,
 )
 
@@ -173,12 +173,18 @@ def test_estimates_track_measured_peaks_with_the_text_context(req, measured_gib)
     assert measured_gib <= dit_only <= measured_gib * 1.03
 
 
-def test_oom_error_names_the_ladder_and_the_cuda_message():
-    err = oom_error(HD, CARD_24, cause=RuntimeError("CUDA out of memory. Tried to allocate 4.83 GiB\nmore"))
+def test_a_session_out_of_memory_counts_its_own_memory_and_names_the_ladder_and_the_cuda_message():
+    err = session_oom_error(
+        HD, 4, 9 * GiB, kv_dtype_bytes=1, cause=RuntimeError("CUDA out of memory. Tried to allocate 4.83 GiB\nmore")
+    )
     assert isinstance(err, ResourceExhausted)
     msg = str(err)
-    assert msg.startswith("ran out of GPU memory for 704*384") and "Tried to allocate 4.83 GiB" in msg
-    assert "a smaller size, 384*256: needs" in msg and "more" not in msg
+    need = sum(session_bytes(HD, 4, 1).values())
+    head = "ran out of GPU memory in a 704*384 session (infer_frames 48, 4 FP8 KV cache set(s)): "
+    head += f"needs {need / GB:.1f} GB"
+    assert msg.startswith(head) and "9.7 GB free" in msg  # the loaded model's weights are not counted
+    assert "one KV cache set (--cache-sets 1): needs" in msg and "a smaller size, 384*256: needs" in msg
+    assert "Tried to allocate 4.83 GiB" in msg and "more" not in msg
 
 
 def test_session_check_passes_when_the_cache_fits_and_refuses_with_the_ladder_otherwise():

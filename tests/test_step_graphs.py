@@ -215,6 +215,41 @@ def test_kept_slots_are_bounded_and_freed_for_memory_and_after_failures(pooled, 
     assert pooled._idle == [] and session.kv.nbytes == 0
 
 
+def test_a_block_out_of_memory_frees_kept_caches_one_by_one_and_runs_again(pooled, monkeypatch, caplog):
+    """Run L2 (docs/performance.md): a 384*256 session ran out of memory at its sink refresh while
+    a 704*384 session's kept cache held 20+ GiB; kept caches are an optimisation, so they give way."""
+    from avatar.errors import ResourceExhausted
+
+    fresh = GeneratorEngine(ModelSpec(name="tiny", seed=0), dit=pooled.dit)
+    want, _ = _session_blocks(fresh, seed=5, blocks=BLOCKS)
+    small, large = (_session_blocks(pooled, seed=8, blocks=1, infer_frames=f)[1].kv for f in (12, 48))
+    real_prefill, failures = pooled.dit.prefill_sink, []
+
+    def prefill_short_of_memory(*args):  # the sink refresh of clip 1 fails while anything is kept
+        if failures or not pooled._idle:
+            return real_prefill(*args)
+        failures.append(len(pooled._idle))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 600.00 MiB")
+
+    text, ref, motion, audio = _inputs(seed=5, blocks=BLOCKS)
+    session = pooled.open_session(_job(seed=5), text, ref, motion)  # matches neither kept layout
+    monkeypatch.setattr(pooled.dit, "prefill_sink", prefill_short_of_memory)
+    try:
+        got = [session.generate_block(a) for a in audio]
+    finally:
+        session.close()
+    assert failures == [2] and small.nbytes == 0 and large.nbytes > 0  # the smallest went, only it
+    assert torch.equal(torch.stack(got), torch.stack(want))  # the block ran again from its start
+    assert "out of GPU memory in a" in caplog.text
+    # nothing left to give way: the session fails with its own numbers and CUDA's words
+    pooled.drop_idle_slots()
+    monkeypatch.setattr(pooled.dit, "encode_audio", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("Tried")))
+    session = pooled.open_session(_job(seed=5), text, ref, motion)
+    with pytest.raises(ResourceExhausted, match=r"ran out of GPU memory in a \d+\*\d+ session .*\n(.|\n)*CUDA: Tried"):
+        session.generate_block(audio[0])
+    assert session.kv.nbytes == 0
+
+
 def test_a_session_that_fails_while_opening_on_a_kept_cache_frees_it(pooled, monkeypatch):
     kv = _session_blocks(pooled, seed=1, blocks=1)[1].kv
     assert pooled.idle_slot_bytes > 0

@@ -28,7 +28,7 @@ import torch
 from avatar.dit_config import MAX_SAMPLE_STEPS
 from avatar.errors import InvalidInput, ResourceExhausted
 from avatar.jobs import Job
-from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, oom_error
+from avatar.memory_planner import MemoryRequest, check_session_memory, gpu_available_bytes, session_oom_error
 from avatar.presets import FRAMES_PER_BLOCK, VAE_TIME_STRIDE, ModelSpec
 from avatar.services.generator import avatar_loras
 from avatar.services.generator.attention import prefer_cudnn_attention
@@ -259,17 +259,23 @@ class GeneratorEngine:
         to capture again on an H100, a 384*256 one's ~1 s), until `enough()` (None: all of them).
         Returns their bytes."""
         freed = 0
-        with self._idle_lock:
-            freed += self.sinks.clear() if self.sinks is not None else 0
-            self._report_kept()
         while not (enough is not None and enough()):
-            with self._idle_lock:
-                if not self._idle:
-                    break
+            if not (step := self.free_next_kept()):
+                break
+            freed += step
+        return freed
+
+    def free_next_kept(self) -> int:
+        """Frees the next of what drop_idle_slots frees, in its order; its bytes (0: nothing was kept)."""
+        with self._idle_lock:
+            freed = self.sinks.clear() if self.sinks is not None else 0
+            smallest = None
+            if not freed and self._idle:
                 smallest = min(self._idle, key=lambda slot: slot.nbytes)
                 self._idle.remove(smallest)
-                self._report_kept()
-            freed += smallest.nbytes
+            self._report_kept()
+        if smallest is not None:
+            freed = max(1, smallest.nbytes)
             smallest.free()
         if freed and self.dit.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -534,7 +540,8 @@ class GeneratorSession:
                 raise
             req = self._memory_request or MemoryRequest(384, 256)
             available = self.engine.free_memory() if self.engine.free_memory is not None else 0
-            raise oom_error(req, available, cause=e) from e
+            sets = self.plan.cache_sets if self.step is None else 1
+            raise session_oom_error(req, sets, available, self.engine.kv_dtype.itemsize, cause=e) from e
 
     def generate_block(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [frames_per_block, audio_layers, audio_dim] -> latent [16, block_frames, h, w]."""
@@ -595,19 +602,41 @@ class GeneratorSession:
             return self._denoise_block(x, audio, first_frame)
 
     def _denoise_block(self, x: torch.Tensor, audio: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
-        p, dit = self.plan, self.dit
+        p = self.plan
         self.check_audio(audio)
         index = self.block_index
+        sink_ref = None
         if self.refresh_sink and index == p.blocks_per_clip:
             # Upstream re-prefills the sink after the first clip, with its first generated frame
             # as the reference (the motion context stays: it would need the VAE here).
-            first = self._first_frame if self._first_frame is not None else first_frame
-            if first is None:
+            sink_ref = self._first_frame if self._first_frame is not None else first_frame
+            if sink_ref is None:
                 raise RuntimeError("the first clip's first frame did not arrive for the sink refresh")
-            dit.prefill_sink(first.to(self.device, self.dtype), self.motion, self.context, self.kv)
         # Every block draws the leads of all its forwards, in order, whichever steps this session
         # runs: a TPP step session then sees the same draws as the full session's step.
         sink_frames = [self._sink_frame(index * p.block_frames) for _ in range(p.forwards_per_block)]
+        while True:
+            try:
+                return self._run_block(x, audio, sink_ref, sink_frames)
+            except torch.OutOfMemoryError as e:
+                # Other sessions' kept caches (an optimisation) give way before this session fails:
+                # one at a time, smallest first, and the block runs again from its start (it
+                # rewrites the same cache rows from the same inputs and draws, so the same latents).
+                traceback.clear_frames(e.__traceback__)  # the failed attempt's tensors go now
+                freed = self.engine.free_next_kept()
+                if not freed:
+                    raise
+                log.warning(
+                    "out of GPU memory in a %dx%d block; freed %.2f GiB of kept caches and run it again",
+                    *self.size,
+                    freed / 2**30,
+                )
+
+    def _run_block(self, x, audio, sink_ref: torch.Tensor | None, sink_frames: list[int]) -> torch.Tensor:
+        p, dit = self.plan, self.dit
+        index = self.block_index
+        if sink_ref is not None:
+            dit.prefill_sink(sink_ref.to(self.device, self.dtype), self.motion, self.context, self.kv)
         frame = index * p.block_frames
         tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
         x = x.to(self.device, self.dtype)
