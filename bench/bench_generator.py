@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -1035,6 +1036,12 @@ def main():
         action="store_true",
         help="compile the blocks right after the FP8 swap: every FP8 variant runs compiled",
     )
+    ap.add_argument(
+        "--norm-warps",
+        default=None,
+        help="JSON of bench_norm_warps.py --out: engine-gaps then runs the fused norm kernels at the "
+        "default launch widths and at these, instead of fused norms on and off",
+    )
     ap.add_argument("--time-budget", type=float, default=540, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
     args = ap.parse_args()
@@ -1292,21 +1299,33 @@ def main():
             from avatar.services.generator.fp8_attention import unavailable_reason
 
             opts = dict(kv_dtype="float8_e4m3fn", fp8_attention=unavailable_reason(device) is None)
+            from avatar.services.generator import fused_norms
+
             results["engine_gaps"] = []
             steady = 8 if dev_cuda else 0  # graphs replay from the third clip on (the CPU only checks the path)
+            # (fused norms, their launch widths): on and off, or on at the default and the swept widths
+            tuned = json.loads(Path(args.norm_warps).read_text())["warps"] if args.norm_warps else None
+            runs = [(True, None), (False, None)] if tuned is None else [(True, None), (True, tuned)]
+            defaults = dict(fused_norms.LAUNCH_WARPS)
             for w, h in sizes:
-                for fused in (True, False):  # the default first: a call cut short still measures it
+                for fused, warps in runs:  # the default first: a call cut short still measures it
                     dit.use_fused_norms(fused)
-                    log(f"engine {w}*{h} {opts}, fused norms {'on' if fused else 'off'}:")
+                    fused_norms.LAUNCH_WARPS.clear()
+                    fused_norms.LAUNCH_WARPS.update(defaults if warps is None else warps)
+                    label = f"fused norms {'on' if fused else 'off'}" + (f", warps {warps}" if warps else "")
+                    log(f"engine {w}*{h} {opts}, {label}:")
                     r = guarded(
-                        f"engine gaps {w}*{h} fused {fused}",
+                        f"engine gaps {w}*{h} {label}",
                         lambda w=w, h=h: bench_engine(
                             dit, w, h, device, args.blocks + steady, args.warm + steady, opts, timeline_blocks=2
                         ),
                     )
                     if r:
                         r["fused_norms"] = fused
+                        r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
                     results["engine_gaps"].append(r)
+            fused_norms.LAUNCH_WARPS.clear()
+            fused_norms.LAUNCH_WARPS.update(defaults)
             dit.use_fused_norms(False)
         if "engine" in parts:
             results["engine"] = [

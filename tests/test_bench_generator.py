@@ -249,3 +249,36 @@ def test_the_engine_gaps_part_runs_the_engine_both_ways(tmp_path, monkeypatch):
     for r in runs:
         assert r["generator_options"] == {"kv_dtype": "float8_e4m3fn", "fp8_attention": True}
         assert len(r["block_ms_all"]) == 1 and r["block_ms"] > 0
+
+
+def test_the_engine_gaps_part_runs_the_swept_launch_widths_beside_the_defaults(tmp_path, monkeypatch):
+    """--norm-warps FILE (bench_norm_warps.py's --out): the fused engine at the default launch
+    widths, then at the file's; fused_norms' own widths are put back afterwards."""
+    import torch
+    from triton_interpreter import exact_downcasts
+
+    from avatar.services.generator import fused_norms
+    from avatar.services.generator.weights import random_dit
+
+    monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
+    monkeypatch.setattr(fused_norms, "LAUNCH_WARPS", {"rope_into": 2})
+    seen = []
+    real = fused_norms._launch_shape
+    monkeypatch.setattr(fused_norms, "_launch_shape", lambda c, k: seen.append((k, real(c, k)[1])) or real(c, k))
+    warps = tmp_path / "warps.json"
+    warps.write_text(json.dumps({"warps": {"norm_quantize": 16, "gelu_quantize": 2}}))
+    out = tmp_path / "bench.json"
+    argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "engine-gaps"]
+    argv += ["--blocks", "1", "--warm", "0", "--norm-warps", str(warps), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with exact_downcasts():
+        bench_generator.main()
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    runs = res["engine_gaps"]
+    assert [(r["fused_norms"], r["launch_warps"]) for r in runs] == [
+        (True, {"rope_into": 2}),
+        (True, {"norm_quantize": 16, "gelu_quantize": 2}),
+    ]
+    assert ("norm_quantize", 16) in seen and ("gelu_quantize", 2) in seen and ("rope_into", 2) in seen
+    assert fused_norms.LAUNCH_WARPS == {"rope_into": 2}

@@ -202,9 +202,14 @@ if triton is not None:
         tl.store(dst + offs, _cache_codes(out, FP8), mask=mask)
 
 
-def _launch_shape(c: int) -> tuple[int, int]:
+# Warps per program of each kernel (one row per program), by kernel: what bench/bench_norm_warps.py
+# measured fastest; a kernel not named here takes the default for its row width.
+LAUNCH_WARPS: dict[str, int] = {}
+
+
+def _launch_shape(c: int, kernel: str) -> tuple[int, int]:
     block = triton.next_power_of_2(c)
-    return block, 16 if block >= 16384 else 8 if block >= 2048 else 4
+    return block, LAUNCH_WARPS.get(kernel, 16 if block >= 16384 else 8 if block >= 2048 else 4)
 
 
 # Each kernel is a torch custom op: torch.compile calls it as one opaque op with the output shapes
@@ -233,7 +238,7 @@ def _norm_quantize_op(
     residual = residual.contiguous() if residual is not None else None
     x_out, codes, scales = _norm_quantize_outputs(x, residual)
     if b * n:
-        block, warps = _launch_shape(c)
+        block, warps = _launch_shape(c, "residual_norm_quantize" if residual is not None else "norm_quantize")
         _norm_quantize_kernel[(b * n,)](
             x,
             residual if residual is not None else x,
@@ -278,7 +283,7 @@ def _gelu_quantize_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes, scales = _gelu_quantize_outputs(x)
     c = x.shape[-1]
     if x.numel():
-        block, warps = _launch_shape(c)
+        block, warps = _launch_shape(c, "gelu_quantize")
         _gelu_quantize_kernel[(x.numel() // c,)](x.contiguous(), codes, scales, c, BLOCK=block, num_warps=warps)
     return codes, scales
 
@@ -313,7 +318,7 @@ def _rms_rope_amax_op(
 def _launch_rms_rope(x, weight, cos, sin, eps, out, amax):
     b, n, c = x.shape
     if b * n:
-        block, warps = _launch_shape(c)
+        block, warps = _launch_shape(c, "rms_rope_amax" if amax is not None else "rms_rope")
         _rms_rope_kernel[(b * n,)](
             x.contiguous(), weight, cos.contiguous(), sin.contiguous(), out, c, n, eps,
             amax if amax is not None else out, HALF_D=cos.shape[-1], FP8=out.dtype == E4M3,
@@ -326,7 +331,7 @@ def _rope_into_op(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out:
     layers, b, n = keys.shape[:3]
     c = keys[0, 0, 0].numel()
     if keys.numel():
-        block, warps = _launch_shape(c)
+        block, warps = _launch_shape(c, "rope_into")
         _rope_into_kernel[(layers * b * n,)](
             keys.contiguous(), cos.contiguous(), sin.contiguous(), out, c, n, b * n,
             out.stride(0), out.stride(1), out.stride(2), HALF_D=cos.shape[-1], FP8=out.dtype == E4M3,
