@@ -51,6 +51,9 @@ def dit_blocks(spans: list[dict], trace_id: str) -> list[float]:
     return [blocks[i] for i in sorted(blocks)]
 
 
+OPEN_STAGES = ("admit_ms", "inputs_ms", "sink_ms")  # the generator's session opening (open_session span)
+
+
 def first_fragment_path(spans: list[dict], trace_id: str) -> str:
     """'image 2-35, text 2-10, audio 3-130 (first chunk 120), session 36-80 (28 graphs), DiT 0
     81-600, ...': each stage on the first fragment's path, ms from the request's root span."""
@@ -68,9 +71,11 @@ def first_fragment_path(spans: list[dict], trace_id: str) -> str:
         part = f"{label} {(s['start_unix_nano'] - t0) / 1e6:.0f}-{(s['end_unix_nano'] - t0) / 1e6:.0f}"
         attrs = s["attributes"]
         if "first_chunk_ms" in attrs:
-            part += f" (first chunk at {(s['start_unix_nano'] - t0) / 1e6 + attrs['first_chunk_ms']:.0f})"
+            model = f"; its model {attrs['first_chunk_model_ms']:.0f} ms" if "first_chunk_model_ms" in attrs else ""
+            part += f" (first chunk at {(s['start_unix_nano'] - t0) / 1e6 + attrs['first_chunk_ms']:.0f}{model})"
         if name == "open_session" and "graphs" in attrs:
-            part += f" ({attrs['graphs']} graphs kept{', sink kept' if attrs.get('sink_kept') else ''})"
+            stages = "".join(f"; {k[:-3]} {attrs[k]:.0f} ms" for k in OPEN_STAGES if k in attrs)
+            part += f" ({attrs['graphs']} graphs kept{'; sink kept' if attrs.get('sink_kept') else ''}{stages})"
         parts.append(part)
     return ", ".join(parts)
 

@@ -24,8 +24,8 @@ def test_per_block_dit_times_come_from_the_requests_own_spans_in_block_order(tmp
     spans = [
         _span("avatar.v1.AvatarService/Generate", "a", 0, 2000),
         _span("encode_image", "a", 20, 53),
-        _span("encode_audio", "a", 18, 200, first_chunk_ms=110.4),
-        _span("open_session", "a", 60, 95, graphs=28, sink_kept=True),
+        _span("encode_audio", "a", 18, 200, first_chunk_ms=110.4, first_chunk_model_ms=31.2),
+        _span("open_session", "a", 60, 95, graphs=28, sink_kept=True, admit_ms=1.2, inputs_ms=20.4, sink_ms=3.0),
         _span("dit_block", "a", 1300, 2000, block=1),
         _span("dit_block", "a", 130, 650, block=0),
         _span("dit_block", "b", 0, 9, block=2),  # another request
@@ -59,8 +59,9 @@ def test_per_block_dit_times_come_from_the_requests_own_spans_in_block_order(tmp
     assert out[1] == "  hd1 DiT ms per block: 520 700"
     # the stages found, in the path's order, block 0's only; text and mux have no span here
     assert out[2] == (
-        "  hd1 first fragment, ms from the request: image 20-53, audio 18-200 (first chunk at 128), "
-        "session 60-95 (28 graphs kept, sink kept), DiT 0 130-650, decode 0 655-680, send 0 770-772"
+        "  hd1 first fragment, ms from the request: image 20-53, audio 18-200 (first chunk at 128; its model "
+        "31 ms), session 60-95 (28 graphs kept; sink kept; admit 1 ms; inputs 20 ms; sink 3 ms), DiT 0 130-650, "
+        "decode 0 655-680, send 0 770-772"
     )
     assert out[3] == "sd4: no result"
 

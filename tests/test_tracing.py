@@ -52,6 +52,14 @@ def test_one_request_is_one_trace_across_four_processes(mesh, tmp_path):
     labels = [label for _, _, label in mesh_summary.FIRST_FRAGMENT_PATH]
     assert [part.split(" (")[0].rsplit(" ", 1)[0] for part in path.split(", ")] == labels, path
     assert "first chunk at" in path and "graphs kept" in path
+    assert "; its model " in path and all(f"; {stage} " in path for stage in ("admit", "inputs", "sink"))
+    # where the first chunk's time went: the audio model's share of it, and the session's opening
+    (audio,) = [sp["attributes"] for sp in spans["encoder"] if sp["name"] == "encode_audio"]
+    assert 0 < audio["first_chunk_model_ms"] <= audio["first_chunk_ms"] and audio["model_windows"] == 1
+    assert audio["model_ms"] == audio["first_chunk_model_ms"]  # one window: the whole clip at once
+    (opening,) = [sp for sp in spans["generator"] if sp["name"] == "open_session"]
+    parts = [opening["attributes"][k] for k in ("admit_ms", "inputs_ms", "sink_ms")]
+    assert all(ms >= 0 for ms in parts) and sum(parts) <= opening["duration_ms"]
 
     # One tree: a single root (the gateway's Generate), every other span's parent is in the trace,
     # and each service's server span hangs under a gateway span (propagated through gRPC metadata).

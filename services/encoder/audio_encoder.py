@@ -13,6 +13,7 @@ are still to come, so hours of audio need the memory of one window.
 
 import dataclasses
 import pathlib
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -246,6 +247,19 @@ class AudioEncoder:
             h = self._wav2vec2(values[a * SAMPLES_PER_FRAME : (b - 1) * SAMPLES_PER_FRAME + receptive])
             yield c0, h[:, c0 - a : c1 - a]
 
+    def _timed_windows(self, pcm: np.ndarray, timings: dict) -> Iterator[tuple[int, torch.Tensor]]:
+        """_windows, adding each window's wall time (the model and its copy to the host, which
+        waits for the device) to timings["model_ms"] and counting timings["windows"]."""
+        windows = self._windows(pcm)
+        while True:
+            start = time.perf_counter()
+            window = next(windows, None)
+            if window is None:
+                return
+            timings["model_ms"] = timings.get("model_ms", 0.0) + (time.perf_counter() - start) * 1e3
+            timings["windows"] = timings.get("windows", 0) + 1
+            yield window
+
     def _wav2vec2(self, values: torch.Tensor) -> torch.Tensor:
         out = self.model.wav2vec2(values[None].to(device=self.device, dtype=self.dtype), output_hidden_states=True)
         return torch.cat(out.hidden_states).float().cpu()
@@ -263,7 +277,7 @@ class AudioEncoder:
             yield start // SAMPLES_PER_FRAME, torch.cat(out.hidden_states)[:, :keep].float().cpu()
 
     def encode(
-        self, pcm_16k: np.ndarray, fps: int, total_frames: int, chunk_frames: int = 12
+        self, pcm_16k: np.ndarray, fps: int, total_frames: int, chunk_frames: int = 12, timings: dict | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yields (first_frame, features [n, layers + 1, hidden]) for frames 0..total_frames-1,
         `chunk_frames` at a time (the last chunk may be shorter); frames past the audio are zeros.
@@ -274,14 +288,14 @@ class AudioEncoder:
         if fps <= 0 or total_frames < 0 or chunk_frames <= 0:
             raise InvalidInput(f"bad audio framing: fps {fps}, total_frames {total_frames}, chunk {chunk_frames}")
         pcm = _check_pcm(pcm_16k)
-        return self._encode(pcm, fps, total_frames, chunk_frames)
+        return self._encode(pcm, fps, total_frames, chunk_frames, {} if timings is None else timings)
 
-    def _encode(self, pcm, fps, total_frames, chunk_frames):
+    def _encode(self, pcm, fps, total_frames, chunk_frames, timings: dict):
         t50 = self.num_feature_frames(len(pcm))
         t30 = int(t50 / FEATURE_RATE * RESAMPLED_RATE)
         # align_corners=True: 30 Hz frame j sits at 50 Hz position j * (t50 - 1) / (t30 - 1), in float32 as torch
         scale = torch.tensor((t50 - 1) / (t30 - 1) if t30 > 1 else 0.0, dtype=torch.float32)
-        windows = self._windows(pcm)
+        windows = self._timed_windows(pcm, timings)
         buf = torch.zeros(self.dims.layers + 1, 0, self.dims.hidden)
         buf_start = 0
         for first in range(0, total_frames, chunk_frames):

@@ -194,10 +194,12 @@ class EncoderEngine:
         total_frames: int,
         chunk_frames: int = 12,
         backend: str = DEFAULT_AUDIO_ENCODER,
+        timings: dict | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """16 kHz mono float PCM -> (first_frame, features [n, audio_layers, audio_dim]) per chunk;
-        frames past the audio are zeros. `backend`: one of the loaded audio encoders."""
-        return self.audio_encoder(backend).encode(pcm_16k, fps, total_frames, chunk_frames)
+        frames past the audio are zeros. `backend`: one of the loaded audio encoders. `timings`
+        gets the audio model's wall ms so far ("model_ms") and its windows ("windows")."""
+        return self.audio_encoder(backend).encode(pcm_16k, fps, total_frames, chunk_frames, timings)
 
     def audio_encoder(self, backend: str = DEFAULT_AUDIO_ENCODER):
         """The loaded audio encoder named `backend`; InvalidInput naming the flag if it is not loaded."""

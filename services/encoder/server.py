@@ -76,6 +76,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         frames = job.num_blocks * FRAMES_PER_BLOCK
         with telemetry.span("encode_audio", samples=int(pcm.shape[0]), frames=frames) as span:
             started = time.perf_counter()
+            timings: dict = {}  # the audio model's share of the time (first_chunk_model_ms, model_ms)
             chunks = await run_blocking(
                 lambda: iter(
                     self.engine.encode_audio(
@@ -84,6 +85,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                         frames,
                         chunk_frames=FRAMES_PER_BLOCK,
                         backend=request.audio_encoder or DEFAULT_AUDIO_ENCODER,
+                        timings=timings,
                     )
                 )
             )
@@ -95,7 +97,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 first_frame, features = item
                 if first_frame == 0:  # the first block waits for it (wav2vec2 reads the whole audio first)
                     span.set_attribute("first_chunk_ms", round((time.perf_counter() - started) * 1e3, 3))
+                    span.set_attribute("first_chunk_model_ms", round(timings.get("model_ms", 0.0), 3))
                 yield encoder_pb2.AudioFeatures(first_frame=int(first_frame), features=wire.to_proto(features))
+            span.set_attribute("model_ms", round(timings.get("model_ms", 0.0), 3))
+            span.set_attribute("model_windows", timings.get("windows", 0))
 
     # --- live sessions (Converse): one stream = one speaker's audio, block by block -------
     async def EncodeAudioStream(self, request_iterator, context):

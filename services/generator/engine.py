@@ -434,6 +434,8 @@ class GeneratorSession:
         step: int | None = None,
         lora: LoraLease | None = None,
     ):
+        self.open_ms: dict[str, float] = {}  # wall ms of the opening's stages (the servicer's span shows them)
+        opened = time.perf_counter()
         self.engine = engine
         self.lora_lease = lora  # released at close: the LoRA may be dropped for another from then on
         self.lora = lora.lora if lora is not None else None  # every model call of this session runs with it
@@ -485,6 +487,7 @@ class GeneratorSession:
                 check(engine.free_memory())
         self.block_index = 0
         self.last_block_ms = 0.0
+        opened = self._opened("admit_ms", opened)
         if slot is not None:  # the session owns them from here: a failure below frees them
             self.kv, self._graphs = slot.kv, slot.graphs
         self.sink_restored = False  # the sink of a recent session with these inputs, copied
@@ -498,6 +501,7 @@ class GeneratorSession:
                 self.context = context
             self.motion = motion_latents.to(self.device, self.dtype)[None]
             ref = ref_latent.to(self.device, self.dtype)[None]
+            opened = self._opened("inputs_ms", opened)
             # an avatar LoRA changes the sink; TPP ranks (step sessions) keep their memory for the ring
             sinks = engine.sinks if self.lora is None and step is None else None
             inputs = (ref, self.motion, text)
@@ -506,8 +510,16 @@ class GeneratorSession:
                 dit.prefill_sink(ref, self.motion, self.context, self.kv)
                 if sinks is not None:
                     engine.keep_sink(self.kv, inputs)
+            self._opened("sink_ms", opened)
         if graphs and self._graphs is None:
             self._graphs = StepGraphs(dit, self.context, self.kv, capture=self.device.type == "cuda")
+
+    def _opened(self, stage: str, since: float) -> float:
+        """Records a stage of the opening (host wall time: device work queued and not waited for
+        lands in the first block) and returns now, the next stage's start."""
+        now = time.perf_counter()
+        self.open_ms[stage] = round((now - since) * 1e3, 3)
+        return now
 
     @property
     def kv_cache_bytes(self) -> int:

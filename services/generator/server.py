@@ -53,6 +53,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             graphs = getattr(session, "graphs", None)  # a kept session's: captured already
             span.set_attribute("graphs", graphs.num_graphs if graphs is not None else 0)
             span.set_attribute("sink_kept", bool(getattr(session, "sink_restored", False)))
+            for stage, ms in getattr(session, "open_ms", {}).items():  # admit_ms, inputs_ms, sink_ms
+                span.set_attribute(stage, ms)
         blocks = _InFlight(self, session, job, start.lora_id)
         try:
             # Ready before the caller sends audio: a refusal above reaches it as a clean status
