@@ -34,6 +34,9 @@ PEER_CONNECT_TIMEOUT_S = 3.0
 log = logging.getLogger(__name__)
 _DONE = object()
 BLOCKS_AHEAD = 3  # blocks the generator may run ahead of the client (decoding + in flight)
+# Block 0's first frames go out as a fragment of their own: the client starts playing them while
+# the rest is encoded (x264 + AAC of 4 frames at 704*384: ~36 ms against ~89 for 12 on 2 cores).
+FIRST_FRAGMENT_FRAMES = 4
 
 
 def mime_type(init_segment: bytes) -> str:
@@ -285,7 +288,11 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
         def decoder_requests():
             return _RequestStream(
-                decoder_pb2.DecoderInput(start=decoder_pb2.DecodeStart(job=job, prime_latent=image.ref_latent)),
+                decoder_pb2.DecoderInput(
+                    start=decoder_pb2.DecodeStart(
+                        job=job, prime_latent=image.ref_latent, first_fragment_frames=FIRST_FRAGMENT_FRAMES
+                    )
+                ),
                 decoder_in,
             )
 
@@ -339,6 +346,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
         tasks = [asyncio.create_task(guarded(pump_audio(), "encoder"))]
         first_fragment_s = None
         blocks = frames = 0
+        part_ms: defaultdict[str, float] = defaultdict(float)  # of the block whose fragments are going out
         try:
             image, text = await asyncio.gather(
                 self._timed(
@@ -380,7 +388,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                             width=job.width,
                             height=job.height,
                             fps=job.fps,
-                            expected_fragments=job.num_blocks,
+                            expected_fragments=job.num_blocks + (plan.block_audio(0)[1] > FIRST_FRAGMENT_FRAMES),
                             total_frames=job.total_frames,
                             duration_s=plan.duration_s,
                             model=self.model.describe(),
@@ -391,33 +399,35 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                     yield avatar_pb2.GenerateResponse(init_segment=avatar_pb2.InitSegment(data=event.init_segment))
                     continue
                 frag = event.fragment
-                timings.add("vae_decode", frag.vae_ms)
-                timings.add("mux", frag.mux_ms)
                 sent = time.perf_counter()
                 with telemetry.span("send", block=frag.index, bytes=len(frag.data)):
                     yield avatar_pb2.GenerateResponse(
                         fragment=avatar_pb2.MediaFragment(
-                            index=frag.index,
-                            data=frag.data,
-                            first_frame=frag.index * FRAMES_PER_BLOCK,
-                            num_frames=frag.num_frames,
+                            index=frag.index, data=frag.data, first_frame=frames, num_frames=frag.num_frames
                         )
                     )
-                timings.add("send", (time.perf_counter() - sent) * 1e3)
+                # stage times per block, however many fragments it came in
+                part_ms["send"] += (time.perf_counter() - sent) * 1e3
+                part_ms["vae_decode"] += frag.vae_ms
+                part_ms["mux"] += frag.mux_ms
                 metrics.count_frames(frag.num_frames)
-                credits.release()
+                frames += frag.num_frames
                 if first_fragment_s is None:
                     first_fragment_s = sent - t0
                     open_window()
+                if frag.continued:  # the rest of this block comes next (block 0's first frames went first)
+                    continue
+                for stage in list(part_ms):
+                    timings.add(stage, part_ms.pop(stage))
+                credits.release()
                 blocks += 1
-                frames += frag.num_frames
                 yield avatar_pb2.GenerateResponse(
                     progress=avatar_pb2.Progress(
                         blocks_done=blocks, blocks_total=job.num_blocks, elapsed_s=time.perf_counter() - t0
                     )
                 )
             if blocks != job.num_blocks:
-                raise RuntimeError(f"the decoder returned {blocks} of {job.num_blocks} fragments")
+                raise RuntimeError(f"the decoder returned {blocks} of {job.num_blocks} blocks")
             yield avatar_pb2.GenerateResponse(
                 status=avatar_pb2.FinalStatus(
                     blocks=blocks,

@@ -36,10 +36,13 @@ def test_generate_streams_header_init_fragments_progress_status(mesh, tmp_path):
 
     messages, call = asyncio.run(collect())
     kinds = [m.WhichOneof("event") for m in messages]
-    assert kinds == ["header", "init_segment"] + ["fragment", "progress"] * 3 + ["status"], kinds
+    # block 0 in two fragments (its first 4 frames sooner), then progress once per block
+    assert kinds == ["header", "init_segment", "fragment"] + ["fragment", "progress"] * 3 + ["status"], kinds
     assert call.attempts == 1 and call.audio_note is None
     header, status = messages[0].header, messages[-1].status
-    assert (header.total_frames, header.expected_fragments, status.frames) == (36, 3, 36)
+    assert (header.total_frames, header.expected_fragments, status.frames, status.blocks) == (36, 4, 36, 3)
+    frags = [m.fragment for m in messages if m.WhichOneof("event") == "fragment"]
+    assert [(f.index, f.first_frame, f.num_frames) for f in frags] == [(0, 0, 4), (0, 4, 8), (1, 12, 12), (2, 24, 12)]
     mp4 = tmp_path / "stream.mp4"
     mp4.write_bytes(messages[1].init_segment.data + b"".join(m.fragment.data for m in messages if m.fragment.data))
     check_video(mp4, 36 / 25)

@@ -63,9 +63,9 @@ def run_stream(engine, latents, yuv_on_device: bool = False):
     stream.yuv_on_device = yuv_on_device
     seen = []
     write = stream._writer.write_block
-    stream._writer.write_block = lambda frames, pcm, final=False: (
+    stream._writer.write_block = lambda frames, pcm, final=False, keyframe=True: (
         seen.append(frames.copy()),
-        write(frames, pcm, final),
+        write(frames, pcm, final, keyframe),
     )[1]
     outs, first = [], 0
     for block, keep in zip(blocks, KEEP):
@@ -124,6 +124,54 @@ def test_the_gpu_path_hands_the_muxer_yuv420p_and_plays_the_same_video(engine, l
     truth = np.concatenate(decoded[3]).astype(int)
     err_yuv, err_rgb = np.abs(yuv - truth).mean(), np.abs(rgb - truth).mean()
     assert err_yuv < 1.1 * err_rgb, (err_yuv, err_rgb)
+
+
+def test_the_first_block_in_two_fragments_is_the_same_video_sooner(engine, latents, decoded, tmp_path):
+    """mux(frames=4) then mux(): block 0's first 4 frames (an IDR first) and their audio as a
+    fragment of their own, then the rest going on from there (no IDR): the same H.264 and AAC
+    packets as one fragment per block, so the same decoded pictures and sound."""
+    if shutil.which("ffprobe") is None:
+        pytest.skip("needs ffprobe")
+    prime, blocks = latents
+    stream = engine.open_stream(_job(), prime)
+    frames = stream.decode_frames(blocks[0], _pcm(0, KEEP[0]), KEEP[0])
+    with pytest.raises(ValueError, match=r"frames must be in 1\.\.12"):
+        stream.mux(frames, 13)
+    first = stream.mux(frames, 4)
+    assert (first.num_frames, first.continued, stream.blocks) == (4, True, 0) and first.vae_ms > 0
+    with pytest.raises(RuntimeError, match="decode_frames twice"):  # the block is not done yet
+        stream.decode_frames(blocks[1], _pcm(12, KEEP[1]), KEEP[1])
+    rest = stream.mux(frames)
+    assert (rest.num_frames, rest.continued, rest.vae_ms, stream.blocks, stream.frames) == (8, False, 0.0, 1, 12)
+    last = stream.decode_block(blocks[1], _pcm(12, KEEP[1]), KEEP[1])
+    init = stream.init_segment()
+    stream.close()
+    split, whole = tmp_path / "split.mp4", tmp_path / "whole.mp4"
+    split.write_bytes(init + first.data + rest.data + last.data)
+    whole.write_bytes(decoded[0] + b"".join(o.data for o in decoded[1]))
+
+    def packets(path, kind):
+        with av.open(str(path)) as c:
+            return [(bytes(p), p.is_keyframe, p.pts) for p in c.demux(**{kind: 0}) if p.size]
+
+    for kind in ("video", "audio"):  # the same packets at the same times: only the fragments' bounds moved
+        assert packets(split, kind) == packets(whole, kind)
+    with av.open(str(split)) as c:
+        keys = [p.is_keyframe for p in c.demux(video=0) if p.size]
+    assert keys == [True] + [False] * 11 + [True] + [False] * 6  # IDRs at block starts only
+    info = json.loads(
+        subprocess.run(
+            ["ffprobe", "-v", "error", "-of", "json", "-show_streams", "-count_frames", str(split)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    video = next(st for st in info["streams"] if st["codec_type"] == "video")
+    assert int(video["nb_read_frames"]) == TOTAL
+    # the first fragment alone plays: its 4 frames and the audio encoded so far
+    head = tmp_path / "head.mp4"
+    head.write_bytes(init + first.data)
+    with av.open(str(head)) as c:
+        assert len([f for f in c.decode(video=0)]) == 4
 
 
 def test_stream_is_a_playable_mp4(decoded, tmp_path):

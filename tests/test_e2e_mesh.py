@@ -1,5 +1,6 @@
 """End to end: the four services as separate OS processes on loopback; a 5 s clip streams as fMP4."""
 
+import pytest
 from conftest import ASSETS, check_video, generate
 
 from avatar.v1 import avatar_pb2
@@ -18,11 +19,12 @@ def test_five_second_clip_streams_through_separate_processes(mesh, clip_5s, tmp_
 
     assert s.header.mime_type.startswith("video/mp4") and s.header.fps == 25
     assert (s.header.width, s.header.height) == (64, 64)
-    assert (s.header.total_frames, s.header.expected_fragments) == (125, 11)
+    # block 0 in two fragments (its first 4 frames sooner), every other block in one
+    assert (s.header.total_frames, s.header.expected_fragments) == (125, 12)
     assert "noise" in s.header.model
-    assert [f.index for _, f in s.fragments] == list(range(11))
-    assert [f.num_frames for _, f in s.fragments] == [12] * 10 + [5]
-    assert [f.first_frame for _, f in s.fragments] == [12 * i for i in range(11)]
+    assert [f.index for _, f in s.fragments] == [0, *range(11)]
+    assert [f.num_frames for _, f in s.fragments] == [4, 8] + [12] * 9 + [5]
+    assert [f.first_frame for _, f in s.fragments] == [0, 4] + [12 * i for i in range(1, 11)]
     assert [p.blocks_done for p in s.progress] == list(range(1, 12))
     assert (s.status.blocks, s.status.frames) == (11, 125)
     stages = {t.stage: t for t in s.status.timings}
@@ -78,3 +80,44 @@ def test_the_decoder_says_each_block_is_decoded_before_its_fragment(mesh):
     ]
     assert events == [("init_segment", 0), ("decoded", 0), ("fragment", 0), ("decoded", 1), ("fragment", 1)]
     assert all(o.fragment.data and o.fragment.vae_ms > 0 for o in outs if o.WhichOneof("event") == "fragment")
+
+
+def test_the_decoder_sends_block_0s_first_frames_alone_when_asked_and_refuses_a_bad_count(mesh):
+    """DecodeStart.first_fragment_frames 4: block 0 as a 4-frame fragment marked continued, then
+    its other 8; block 1 whole. A count beyond a block's frames is INVALID_ARGUMENT with the reason."""
+    import grpc
+    import numpy as np
+    import torch
+
+    from avatar import wire
+    from avatar.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+
+    job = tensor_pb2.JobSpec(
+        width=64, height=64, fps=25, latent_frames_per_block=3, num_blocks=2, total_frames=24,
+        audio_sample_rate=48000, model="tiny", infer_frames=24, sample_steps=1,
+    )  # fmt: skip
+    pcm = wire.to_proto(np.zeros(12 * 48000 // 25, np.int16))
+
+    def decode(split: int):
+        start = decoder_pb2.DecodeStart(
+            job=job, prime_latent=wire.to_proto(torch.zeros(16, 1, 8, 8)), first_fragment_frames=split
+        )
+        inputs = [decoder_pb2.DecoderInput(start=start)]
+        inputs += [
+            decoder_pb2.DecoderInput(
+                block=decoder_pb2.DecodeBlock(
+                    index=k, latent=wire.to_proto(torch.zeros(16, 3, 8, 8)), pcm=pcm, keep_frames=12
+                )
+            )
+            for k in range(2)
+        ]
+        with grpc.insecure_channel(mesh["decoder"].address) as channel:
+            return list(decoder_pb2_grpc.DecoderServiceStub(channel).Decode(iter(inputs), timeout=120))
+
+    frags = [o.fragment for o in decode(4) if o.WhichOneof("event") == "fragment"]
+    assert [(f.index, f.num_frames, f.continued) for f in frags] == [(0, 4, True), (0, 8, False), (1, 12, False)]
+    assert frags[0].vae_ms > 0 and frags[1].vae_ms == 0 and all(f.mux_ms > 0 and f.data for f in frags)
+    with pytest.raises(grpc.RpcError) as e:
+        decode(13)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "first_fragment_frames must be in 0..12, got 13"

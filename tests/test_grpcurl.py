@@ -85,9 +85,9 @@ def test_generate_from_json_streams_a_valid_mp4(server, tmp_path):
     kinds = [m.WhichOneof("event") for m in messages]
     assert kinds[:2] == ["header", "init_segment"] and kinds[-1] == "status", kinds
     header = messages[0].header
-    assert header.total_frames == 36 and header.expected_fragments == 3
+    assert header.total_frames == 36 and header.expected_fragments == 4  # block 0 in two
     fragments = [m.fragment for m in messages if m.WhichOneof("event") == "fragment"]
-    assert [f.index for f in fragments] == [0, 1, 2]
+    assert [(f.index, f.first_frame) for f in fragments] == [(0, 0), (0, 4), (1, 12), (2, 24)]
     mp4 = tmp_path / "grpcurl.mp4"
     mp4.write_bytes(messages[1].init_segment.data + b"".join(f.data for f in fragments))
     check_video(mp4, 36 / 25)

@@ -219,7 +219,7 @@ def test_eight_sessions_spread_over_replicas_and_both_nodes(gateway, cluster):
         samples = sample_while(futures, port)
         results = [f.result() for f in futures]
     assert [r[0] for r in results] == [grpc.StatusCode.OK] * 8, results
-    assert all(r[2] == 3 for r in results), results  # 1 s = 25 frames = 3 fragments each
+    assert all(r[2] == 4 for r in results), results  # 1 s = 25 frames = 3 blocks, block 0 in two fragments
     assert max(max(s.values(), default=0) for s in samples) <= CAP  # never more than a replica's slots
     busy_nodes = {node for s in samples for (_, node), n in s.items() if n > 0}
     assert second.node_id in busy_nodes and len(busy_nodes) == 2, busy_nodes
@@ -344,7 +344,7 @@ def test_ray_local_with_a_tpp_group_as_one_generator_replica(tmp_path):
         ranks = [p for p in psutil.process_iter(["cmdline"]) if "avatar.app.ray_mesh" in (p.info["cmdline"] or [])]
         assert len(ranks) == 2, [p.info["cmdline"] for p in ranks]
         code, details, frags, _ = run_session(address, 1.0, steps=2)  # a group of 2 runs one step per rank
-        assert (code, frags) == (grpc.StatusCode.OK, 3), details
+        assert (code, frags) == (grpc.StatusCode.OK, 4), details  # 3 blocks, block 0 in two fragments
         assert generators(port) == 1
     alive = psutil.wait_procs(ranks, timeout=30)[1]
     assert not alive, "TPP ranks outlived the mesh"

@@ -61,10 +61,11 @@ class DecodeStream:
 
 @dataclass(frozen=True)
 class DecodedBlock:
-    data: bytes  # one moof+mdat, starting with an IDR frame
+    data: bytes  # one moof+mdat, starting with an IDR frame (a block's later part: where it left off)
     num_frames: int  # video frames in it
-    vae_ms: float  # VAE decode time
+    vae_ms: float  # VAE decode time (the block's first part; 0 on a later part)
     mux_ms: float  # H.264/AAC encode + boxing time
+    continued: bool = False  # more of this block follows (mux(..., frames=n))
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ class DecoderStream:
             self._decoder.decode(prime_latent[None])
         self.blocks = 0
         self.frames = 0
-        self._pending: DecodedFrames | None = None  # decoded, not yet muxed
+        self._pending: DecodedFrames | None = None  # decoded, not yet (all) muxed
+        self._muxed = 0  # frames of the pending block muxed so far
 
     def init_segment(self) -> bytes:
         return self._writer.init_segment()
@@ -248,19 +250,36 @@ class DecoderStream:
         self._pending = DecodedFrames(frames, pcm, keep_frames, (time.perf_counter() - t0) * 1e3)
         return self._pending
 
-    def mux(self, decoded: DecodedFrames) -> DecodedBlock:
-        """decode_block's second half, the CPU's: H.264 + AAC into one fMP4 fragment."""
+    def mux(self, decoded: DecodedFrames, frames: int | None = None) -> DecodedBlock:
+        """decode_block's second half, the CPU's: H.264 + AAC into one fMP4 fragment. `frames`:
+        only the block's next that many frames (and their audio), so that a first fragment goes
+        out sooner; the block stays pending and the next call goes on where this one stopped
+        (None: the rest of the block)."""
         if decoded is not self._pending or self._writer is None:
             raise RuntimeError("mux() takes the block decode_frames() just returned")
+        start, left = self._muxed, decoded.keep_frames - self._muxed
+        if frames is not None and not 1 <= frames <= left:
+            raise ValueError(f"frames must be in 1..{left} (the block's frames not muxed yet), got {frames}")
+        end = decoded.keep_frames if frames is None else start + frames
+        # audio by frame: the samples of frames [start, end) of this block, the rest in the last part
+        rate, fps = self.job.audio_sample_rate, self.job.fps
+        at = [((self.frames + k) * rate // fps) - (self.frames * rate // fps) for k in (start, end)]
+        pcm = decoded.pcm[at[0] :] if end == decoded.keep_frames else decoded.pcm[at[0] : at[1]]
         t1 = time.perf_counter()
-        final = bool(self.job.num_blocks) and self.blocks + 1 == self.job.num_blocks
-        data = self._writer.write_block(decoded.frames, decoded.pcm, final=final)
-        self._pending = None
-        self.blocks += 1
-        self.frames += decoded.keep_frames
+        continued = end < decoded.keep_frames
+        final = not continued and bool(self.job.num_blocks) and self.blocks + 1 == self.job.num_blocks
+        data = self._writer.write_block(decoded.frames[start:end], pcm, final=final, keyframe=start == 0)
+        mux_ms = (time.perf_counter() - t1) * 1e3
+        if continued:
+            self._muxed = end
+        else:
+            self._pending, self._muxed = None, 0
+            self.blocks += 1
+            self.frames += decoded.keep_frames
         return DecodedBlock(
-            data=data, num_frames=decoded.keep_frames, vae_ms=decoded.vae_ms, mux_ms=(time.perf_counter() - t1) * 1e3
-        )
+            data=data, num_frames=end - start, vae_ms=decoded.vae_ms if start == 0 else 0.0, mux_ms=mux_ms,
+            continued=continued,
+        )  # fmt: skip
 
     def finish(self) -> bytes:
         """The audio tail as a last fragment, for streams whose job did not say num_blocks

@@ -198,13 +198,15 @@ class FragmentedMp4Writer:
         avc = "avc1." + self._sps[1:4].hex()
         return f'video/mp4; codecs="{avc},mp4a.40.2"'
 
-    def write_block(self, frames: np.ndarray, pcm: np.ndarray, final: bool = False) -> bytes:
+    def write_block(self, frames: np.ndarray, pcm: np.ndarray, final: bool = False, keyframe: bool = True) -> bytes:
         """Encodes frames and mono pcm int16 [samples]; returns one moof+mdat. Frames are RGB
         uint8 [n, H, W, 3] (converted to BT.709 limited range here), or already yuv420p:
         uint8 [n, H * 3 // 2, W], the Y plane's rows then the U and V planes' bytes, as PyAV's
         yuv420p ndarrays (the decoder converts on its GPU: swscale was half of the mux time).
 
-        The fragment starts with an IDR frame. Audio packets the AAC encoder has finished so far
+        The fragment starts with an IDR frame (`keyframe=False`: it goes on from the previous
+        fragment's frames instead, e.g. the rest of a block whose first frames went out sooner;
+        its samples are marked as not sync samples). Audio packets the AAC encoder has finished so far
         ride along; its last ~1-2 frames (the encoder's delay) come in the next fragment, or in
         this one when `final` (the stream ends here: nothing may be written after it).
         """
@@ -231,11 +233,11 @@ class FragmentedMp4Writer:
                     format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
                 )
             frame.pts = self._video_frames + i
-            frame.pict_type = PictureType.I if i == 0 else PictureType.NONE
+            frame.pict_type = PictureType.I if i == 0 and keyframe else PictureType.NONE
             video.extend(self._video.encode(frame))
         if len(video) != len(frames):
             raise RuntimeError(f"libx264 returned {len(video)} packets for {len(frames)} frames")
-        if not video[0].is_keyframe:
+        if keyframe and not video[0].is_keyframe:
             raise RuntimeError("libx264 did not start the block with a keyframe")
         audio = self._encode_pcm(pcm)
         if final:
