@@ -380,7 +380,9 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                     raise event
                 if event.WhichOneof("event") == "init_segment":
                     # The header waits for the init segment: its MIME type names the H.264
-                    # profile and level the encoder chose.
+                    # profile and level the encoder chose, and the decoder says whether it sends
+                    # block 0 in two fragments (one that predates the split says 0).
+                    split = event.first_fragment_frames
                     yield avatar_pb2.GenerateResponse(
                         header=avatar_pb2.StreamHeader(
                             request_id=request_id,
@@ -388,7 +390,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                             width=job.width,
                             height=job.height,
                             fps=job.fps,
-                            expected_fragments=job.num_blocks + (plan.block_audio(0)[1] > FIRST_FRAGMENT_FRAMES),
+                            expected_fragments=job.num_blocks + (0 < split < plan.block_audio(0)[1]),
                             total_frames=job.total_frames,
                             duration_s=plan.duration_s,
                             model=self.model.describe(),

@@ -79,6 +79,7 @@ def test_the_decoder_says_each_block_is_decoded_before_its_fragment(mesh):
         (o.WhichOneof("event"), o.decoded if o.WhichOneof("event") == "decoded" else o.fragment.index) for o in outs
     ]
     assert events == [("init_segment", 0), ("decoded", 0), ("fragment", 0), ("decoded", 1), ("fragment", 1)]
+    assert outs[0].first_fragment_frames == 0  # not asked to split: one fragment per block
     assert all(o.fragment.data and o.fragment.vae_ms > 0 for o in outs if o.WhichOneof("event") == "fragment")
 
 
@@ -114,7 +115,9 @@ def test_the_decoder_sends_block_0s_first_frames_alone_when_asked_and_refuses_a_
         with grpc.insecure_channel(mesh["decoder"].address) as channel:
             return list(decoder_pb2_grpc.DecoderServiceStub(channel).Decode(iter(inputs), timeout=120))
 
-    frags = [o.fragment for o in decode(4) if o.WhichOneof("event") == "fragment"]
+    outs = decode(4)
+    assert outs[0].WhichOneof("event") == "init_segment" and outs[0].first_fragment_frames == 4  # what it will do
+    frags = [o.fragment for o in outs if o.WhichOneof("event") == "fragment"]
     assert [(f.index, f.num_frames, f.continued) for f in frags] == [(0, 4, True), (0, 8, False), (1, 12, False)]
     assert frags[0].vae_ms > 0 and frags[1].vae_ms == 0 and all(f.mux_ms > 0 and f.data for f in frags)
     with pytest.raises(grpc.RpcError) as e:

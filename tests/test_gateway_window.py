@@ -129,6 +129,9 @@ def test_the_next_blocks_start_when_the_first_is_decoded_not_when_it_is_sent():
     kinds = [m.WhichOneof("event") for m in messages]
     fragments = [m.fragment.index for m in messages if m.WhichOneof("event") == "fragment"]
     assert kinds[0] == "header" and kinds[-1] == "status" and fragments == [0, 1, 2, 3, 4], kinds
+    # this scripted decoder predates the split first block (it says no first_fragment_frames):
+    # the header promises one fragment per block, as many as come
+    assert messages[0].header.expected_fragments == 5
     # the first block ran alone; block 1's audio went out once block 0 was decoded, and block
     # 0's fragment (held back until then) followed it
     order = peers.order

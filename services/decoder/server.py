@@ -28,7 +28,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             self.engine.open_stream, job, wire.tensor_arg(first.start.prime_latent, "prime_latent")
         )
         try:
-            yield decoder_pb2.DecoderOutput(init_segment=await run_blocking(stream.init_segment))
+            init = await run_blocking(stream.init_segment)
+            yield decoder_pb2.DecoderOutput(init_segment=init, first_fragment_frames=split)
             async for msg in request_iterator:
                 if msg.WhichOneof("event") != "block":
                     raise InvalidInput("only DecodeBlock messages may follow the DecodeStart")
