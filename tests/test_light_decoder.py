@@ -212,9 +212,9 @@ def test_engine_runs_the_light_decoder_block_by_block():
     stream = engine.open_stream(_job(2), prime)
     seen = []
     write = stream._writer.write_block
-    stream._writer.write_block = lambda frames, pcm, final=False: (
+    stream._writer.write_block = lambda frames, pcm, final=False, keyframe=True: (
         seen.append(frames.copy()),
-        write(frames, pcm, final),
+        write(frames, pcm, final, keyframe),
     )[1]
     pcm = np.zeros(12 * 48000 // 25, dtype=np.int16)
     outs = [stream.decode_block(b, pcm, 12) for b in blocks]
