@@ -230,7 +230,7 @@ class DecoderStream:
         if pcm.dtype != np.int16 or pcm.ndim != 1:
             raise InvalidInput(f"pcm must be int16 mono [samples], got {pcm.dtype} {list(pcm.shape)}")
         rate, fps = self.job.audio_sample_rate, self.job.fps
-        expected = ((self.frames + keep_frames) * rate // fps) - (self.frames * rate // fps)
+        expected = self._block_samples(keep_frames)
         if abs(len(pcm) - expected) > rate // fps:  # more than a frame off: audio would drift
             raise InvalidInput(
                 f"block {self.blocks}: {len(pcm)} audio samples for {keep_frames} "
@@ -262,9 +262,8 @@ class DecoderStream:
             raise ValueError(f"frames must be in 1..{left} (the block's frames not muxed yet), got {frames}")
         end = decoded.keep_frames if frames is None else start + frames
         # audio by frame: the samples of frames [start, end) of this block, the rest in the last part
-        rate, fps = self.job.audio_sample_rate, self.job.fps
-        at = [((self.frames + k) * rate // fps) - (self.frames * rate // fps) for k in (start, end)]
-        pcm = decoded.pcm[at[0] :] if end == decoded.keep_frames else decoded.pcm[at[0] : at[1]]
+        first, last = self._block_samples(start), self._block_samples(end)
+        pcm = decoded.pcm[first:] if end == decoded.keep_frames else decoded.pcm[first:last]
         t1 = time.perf_counter()
         continued = end < decoded.keep_frames
         final = not continued and bool(self.job.num_blocks) and self.blocks + 1 == self.job.num_blocks
@@ -292,6 +291,12 @@ class DecoderStream:
             self._decoder.close()
         self._decoder = None
         self._writer = None
+
+    def _block_samples(self, frames: int) -> int:
+        """Audio samples that play during the current block's first `frames` frames (frame k of
+        the video starts at sample k * rate // fps: no drift however many blocks)."""
+        rate, fps = self.job.audio_sample_rate, self.job.fps
+        return ((self.frames + frames) * rate // fps) - (self.frames * rate // fps)
 
     def _check_latent(self, latent: torch.Tensor, frames: int, what: str) -> None:
         want = (self._z, frames, *self.latent_hw)
