@@ -45,9 +45,8 @@ def test_five_second_clip_streams_through_separate_processes(mesh, clip_5s, tmp_
     )
 
 
-def test_the_decoder_says_each_block_is_decoded_before_its_fragment(mesh):
-    """The device's half of a block first (the gateway starts the next blocks on it), then the
-    encoded fragment: init, decoded 0, fragment 0, decoded 1, fragment 1."""
+def _decode_two_blocks(address: str, first_fragment_frames: int = 0) -> list:
+    """DecoderService.Decode of a 2-block 64x64 job (zero latents, silent audio): every output."""
     import grpc
     import numpy as np
     import torch
@@ -60,11 +59,10 @@ def test_the_decoder_says_each_block_is_decoded_before_its_fragment(mesh):
         audio_sample_rate=48000, model="tiny", infer_frames=24, sample_steps=1,
     )  # fmt: skip
     pcm = wire.to_proto(np.zeros(12 * 48000 // 25, np.int16))
-    inputs = [
-        decoder_pb2.DecoderInput(
-            start=decoder_pb2.DecodeStart(job=job, prime_latent=wire.to_proto(torch.zeros(16, 1, 8, 8)))
-        )
-    ]
+    start = decoder_pb2.DecodeStart(
+        job=job, prime_latent=wire.to_proto(torch.zeros(16, 1, 8, 8)), first_fragment_frames=first_fragment_frames
+    )
+    inputs = [decoder_pb2.DecoderInput(start=start)]
     inputs += [
         decoder_pb2.DecoderInput(
             block=decoder_pb2.DecodeBlock(
@@ -73,8 +71,14 @@ def test_the_decoder_says_each_block_is_decoded_before_its_fragment(mesh):
         )
         for k in range(2)
     ]
-    with grpc.insecure_channel(mesh["decoder"].address) as channel:
-        outs = list(decoder_pb2_grpc.DecoderServiceStub(channel).Decode(iter(inputs), timeout=120))
+    with grpc.insecure_channel(address) as channel:
+        return list(decoder_pb2_grpc.DecoderServiceStub(channel).Decode(iter(inputs), timeout=120))
+
+
+def test_the_decoder_says_each_block_is_decoded_before_its_fragment(mesh):
+    """The device's half of a block first (the gateway starts the next blocks on it), then the
+    encoded fragment: init, decoded 0, fragment 0, decoded 1, fragment 1."""
+    outs = _decode_two_blocks(mesh["decoder"].address)
     events = [
         (o.WhichOneof("event"), o.decoded if o.WhichOneof("event") == "decoded" else o.fragment.index) for o in outs
     ]
@@ -87,40 +91,13 @@ def test_the_decoder_sends_block_0s_first_frames_alone_when_asked_and_refuses_a_
     """DecodeStart.first_fragment_frames 4: block 0 as a 4-frame fragment marked continued, then
     its other 8; block 1 whole. A count beyond a block's frames is INVALID_ARGUMENT with the reason."""
     import grpc
-    import numpy as np
-    import torch
 
-    from avatar import wire
-    from avatar.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
-
-    job = tensor_pb2.JobSpec(
-        width=64, height=64, fps=25, latent_frames_per_block=3, num_blocks=2, total_frames=24,
-        audio_sample_rate=48000, model="tiny", infer_frames=24, sample_steps=1,
-    )  # fmt: skip
-    pcm = wire.to_proto(np.zeros(12 * 48000 // 25, np.int16))
-
-    def decode(split: int):
-        start = decoder_pb2.DecodeStart(
-            job=job, prime_latent=wire.to_proto(torch.zeros(16, 1, 8, 8)), first_fragment_frames=split
-        )
-        inputs = [decoder_pb2.DecoderInput(start=start)]
-        inputs += [
-            decoder_pb2.DecoderInput(
-                block=decoder_pb2.DecodeBlock(
-                    index=k, latent=wire.to_proto(torch.zeros(16, 3, 8, 8)), pcm=pcm, keep_frames=12
-                )
-            )
-            for k in range(2)
-        ]
-        with grpc.insecure_channel(mesh["decoder"].address) as channel:
-            return list(decoder_pb2_grpc.DecoderServiceStub(channel).Decode(iter(inputs), timeout=120))
-
-    outs = decode(4)
+    outs = _decode_two_blocks(mesh["decoder"].address, 4)
     assert outs[0].WhichOneof("event") == "init_segment" and outs[0].first_fragment_frames == 4  # what it will do
     frags = [o.fragment for o in outs if o.WhichOneof("event") == "fragment"]
     assert [(f.index, f.num_frames, f.continued) for f in frags] == [(0, 4, True), (0, 8, False), (1, 12, False)]
     assert frags[0].vae_ms > 0 and frags[1].vae_ms == 0 and all(f.mux_ms > 0 and f.data for f in frags)
     with pytest.raises(grpc.RpcError) as e:
-        decode(13)
+        _decode_two_blocks(mesh["decoder"].address, 13)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details() == "first_fragment_frames must be in 0..12, got 13"
