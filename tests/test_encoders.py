@@ -139,6 +139,31 @@ def test_ten_seconds_of_audio_at_25_fps():
     assert torch.allclose(feats, bucket_features(z30, 0, 260, 25), atol=1e-5)
 
 
+def test_chunks_gathered_in_the_model_dtype_equal_interpolating_float32_copies():
+    # On a GPU the hidden states stay there in bf16 and each chunk gathers its frames before
+    # widening them; the features must be exactly those of widening the whole states first.
+    from avatar.services.encoder.audio_encoder import TINY_AUDIO
+
+    enc = AudioEncoder.random(TINY_AUDIO, seed=3, dtype=torch.bfloat16)
+    pcm = _speech_like(3.0)
+    states = enc.device_hidden_states(pcm)
+    assert states.dtype == torch.bfloat16
+    whole = enc.hidden_states(pcm)
+    assert whole.dtype == torch.float32 and torch.equal(whole, states.float())
+    t50, fps = whole.shape[1], 25
+    t30 = int(t50 / 50 * 30)
+    scale = torch.tensor((t50 - 1) / (t30 - 1), dtype=torch.float32)
+    chunks = list(enc.encode(pcm, fps=fps, total_frames=72, chunk_frames=12))
+    assert [f for f, _ in chunks] == list(range(0, 72, 12))
+    for first, feats in chunks:
+        src = torch.from_numpy(frame_indices(first, feats.shape[0], fps)).float() * scale
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=t50 - 1)
+        lam = (src - lo.float()).view(1, -1, 1)
+        expected = (whole[:, lo] * (1 - lam) + whole[:, hi] * lam).transpose(0, 1)
+        assert feats.dtype == torch.float32 and torch.equal(feats, expected), first
+
+
 def test_long_audio_is_encoded_in_windows_and_streamed(monkeypatch):
     base = AudioEncoder.tiny(0)
     enc = AudioEncoder(base.backend, base.model, base.feature_extractor, window_s=4.0, context_s=1.0)

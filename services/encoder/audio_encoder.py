@@ -220,11 +220,18 @@ class AudioEncoder:
 
     def hidden_states(self, pcm_16k: np.ndarray) -> torch.Tensor:
         """All hidden states at 50 Hz: [layers + 1, T50, hidden], float32 on the CPU (whole audio in memory)."""
-        return torch.cat([h for _, h in self._windows(_check_pcm(pcm_16k))], dim=1)
+        return self.device_hidden_states(pcm_16k).float().cpu()
+
+    def device_hidden_states(self, pcm_16k: np.ndarray) -> torch.Tensor:
+        """hidden_states left where the model ran, in its dtype: a caller that needs a few frames
+        of them gathers those there and copies only them to the host."""
+        windows = [h for _, h in self._windows(_check_pcm(pcm_16k))]
+        return windows[0] if len(windows) == 1 else torch.cat(windows, dim=1)
 
     @torch.no_grad()
     def _windows(self, pcm: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
-        """Consecutive (first 50 Hz frame, hidden states [layers + 1, n, hidden]) covering the audio."""
+        """Consecutive (first 50 Hz frame, hidden states [layers + 1, n, hidden]) covering the
+        audio, on the model's device in its dtype."""
         if self.backend == "whisper":
             yield from self._whisper_windows(pcm)
             return
@@ -248,21 +255,23 @@ class AudioEncoder:
             yield c0, h[:, c0 - a : c1 - a]
 
     def _timed_windows(self, pcm: np.ndarray, timings: dict) -> Iterator[tuple[int, torch.Tensor]]:
-        """_windows, adding each window's wall time (the model and its copy to the host, which
-        waits for the device) to timings["model_ms"] and counting timings["windows"]."""
+        """_windows, adding each window's wall time (the model's, waited for on its device) to
+        timings["model_ms"] and counting timings["windows"]."""
         windows = self._windows(pcm)
         while True:
             start = time.perf_counter()
             window = next(windows, None)
             if window is None:
                 return
+            if window[1].is_cuda:
+                torch.cuda.synchronize(window[1].device)
             timings["model_ms"] = timings.get("model_ms", 0.0) + (time.perf_counter() - start) * 1e3
             timings["windows"] = timings.get("windows", 0) + 1
             yield window
 
     def _wav2vec2(self, values: torch.Tensor) -> torch.Tensor:
         out = self.model.wav2vec2(values[None].to(device=self.device, dtype=self.dtype), output_hidden_states=True)
-        return torch.cat(out.hidden_states).float().cpu()
+        return torch.cat(out.hidden_states)
 
     def _whisper_windows(self, pcm: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
         # Whisper encodes fixed 30 s windows (1500 frames at 50 Hz); keep each window's real frames.
@@ -274,7 +283,7 @@ class AudioEncoder:
                 break
             mel = self.feature_extractor(piece, sampling_rate=ENCODER_AUDIO_RATE, return_tensors="pt").input_features
             out = self.model.encoder(mel.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
-            yield start // SAMPLES_PER_FRAME, torch.cat(out.hidden_states)[:, :keep].float().cpu()
+            yield start // SAMPLES_PER_FRAME, torch.cat(out.hidden_states)[:, :keep]
 
     def encode(
         self, pcm_16k: np.ndarray, fps: int, total_frames: int, chunk_frames: int = 12, timings: dict | None = None
@@ -296,7 +305,11 @@ class AudioEncoder:
         # align_corners=True: 30 Hz frame j sits at 50 Hz position j * (t50 - 1) / (t30 - 1), in float32 as torch
         scale = torch.tensor((t50 - 1) / (t30 - 1) if t30 > 1 else 0.0, dtype=torch.float32)
         windows = self._timed_windows(pcm, timings)
-        buf = torch.zeros(self.dims.layers + 1, 0, self.dims.hidden)
+        # The hidden states stay on the model's device, in its dtype: each chunk gathers its
+        # frames there and copies only them to the host (a 7 s clip's 25 x 360 x 1024 would be
+        # 37 MB to copy and concatenate before the first chunk). Widening to float32 after the
+        # gather is exact, so the arithmetic is the same as on float32 copies.
+        buf = None
         buf_start = 0
         for first in range(0, total_frames, chunk_frames):
             n = min(chunk_frames, total_frames - first)
@@ -307,15 +320,16 @@ class AudioEncoder:
                 src = idx[valid].float() * scale
                 lo = src.floor().long().clamp_(max=t50 - 1)
                 hi = (lo + 1).clamp_(max=t50 - 1)
-                lam = (src - lo.float()).view(1, -1, 1)
-                while buf_start + buf.shape[1] <= int(hi.max()):
+                lam = (src - lo.float()).view(1, -1, 1).to(self.device)
+                while buf is None or buf_start + buf.shape[1] <= int(hi.max()):
                     _, h = next(windows)
-                    buf = torch.cat([buf, h], dim=1)
+                    buf = h if buf is None else torch.cat([buf, h], dim=1)
                 drop = int(lo.min()) - buf_start  # positions only move forward: free what is behind
                 if drop > 0:
                     buf, buf_start = buf[:, drop:], buf_start + drop
-                x0, x1 = buf[:, lo - buf_start], buf[:, hi - buf_start]
-                out[valid] = (x0 * (1 - lam) + x1 * lam).transpose(0, 1)
+                x0 = buf[:, (lo - buf_start).to(self.device)].float()
+                x1 = buf[:, (hi - buf_start).to(self.device)].float()
+                out[valid] = (x0 * (1 - lam) + x1 * lam).transpose(0, 1).cpu()
             yield first, out
 
 

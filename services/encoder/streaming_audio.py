@@ -46,13 +46,15 @@ def feature_positions(first_frame: int, num_frames: int, fps: int) -> torch.Tens
 
 
 def interpolate_frames(hidden: torch.Tensor, first_50hz: int, positions: torch.Tensor) -> torch.Tensor:
-    """hidden [layers, T, dim] holding 50 Hz frames first_50hz.. -> [len(positions), layers, dim],
-    linear between the two frames around each position (frames past the end are clamped)."""
+    """hidden [layers, T, dim] holding 50 Hz frames first_50hz.. -> [len(positions), layers, dim]
+    float32 on hidden's device, linear between the two frames around each position (frames past
+    the end are clamped). Only the gathered frames are widened to float32 (exact)."""
     last = first_50hz + hidden.shape[1] - 1
     lo = positions.floor().long().clamp(first_50hz, last)
     hi = (lo + 1).clamp(max=last)
-    lam = (positions - lo.double()).clamp(0, 1).float().view(1, -1, 1)
-    x0, x1 = hidden[:, lo - first_50hz], hidden[:, hi - first_50hz]
+    lam = (positions - lo.double()).clamp(0, 1).float().view(1, -1, 1).to(hidden.device)
+    x0 = hidden[:, (lo - first_50hz).to(hidden.device)].float()
+    x1 = hidden[:, (hi - first_50hz).to(hidden.device)].float()
     return (x0 * (1 - lam) + x1 * lam).transpose(0, 1).contiguous()
 
 
@@ -102,7 +104,7 @@ class StreamingAudioFeatures:
             hidden, first_50hz = self._whisper_segments(window, first_sample, positions)
         else:
             hidden, first_50hz = self._hidden_states(window), first_sample // SAMPLES_PER_FRAME
-        out = interpolate_frames(hidden, first_50hz, positions)
+        out = interpolate_frames(hidden, first_50hz, positions).cpu()  # gathered on the model's device
         self._history.append(pcm.copy())
         del self._history[: max(0, len(self._history) - self.context_blocks)]
         self.blocks += 1
@@ -120,21 +122,21 @@ class StreamingAudioFeatures:
         parts = []
         for k in range(first_segment, (min(hi, end) - 1) // WHISPER_SEGMENT + 1):
             a, b = max(k * WHISPER_SEGMENT, first_sample), min((k + 1) * WHISPER_SEGMENT, end)
-            parts.append(self.encoder.hidden_states(window[a - first_sample : b - first_sample]))
+            parts.append(self.encoder.device_hidden_states(window[a - first_sample : b - first_sample]))
         return torch.cat(parts, dim=1), max(first_segment * WHISPER_SEGMENT, first_sample) // SAMPLES_PER_FRAME
 
     @torch.no_grad()
     def _hidden_states(self, window: np.ndarray) -> torch.Tensor:
         enc = self.encoder
         if enc.backend != "wav2vec2" or not getattr(enc.feature_extractor, "do_normalize", False):
-            return enc.hidden_states(window)
+            return enc.device_hidden_states(window)
         # wav2vec2's extractor normalises by the statistics of what it is given: the whole file
         # offline; here the stream's running statistics stand in for them (not the window's).
         mean = self._sum / self._count
         var = max(self._sum_sq / self._count - mean * mean, 0.0)
         values = torch.from_numpy((window - mean) / np.sqrt(var + 1e-7)).float()
         out = enc.model.wav2vec2(values[None].to(enc.device, enc.dtype), output_hidden_states=True)
-        return torch.cat(out.hidden_states).float().cpu()
+        return torch.cat(out.hidden_states)
 
 
 def _check_block(pcm, what: str) -> np.ndarray:
