@@ -297,23 +297,35 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
             )
 
         async def pump_blocks():
-            async for out in generator_call:
-                if out.WhichOneof("event") == "ready":
-                    if out.ready.pipeline_depth > 1:
-                        open_window(max(BLOCKS_AHEAD, out.ready.pipeline_depth))
-                    session_ready.set()
-                    continue
-                block = out.block
-                timings.add("dit_block", block.dit_ms)
-                pcm, keep = plan.block_audio(block.index)
-                await decoder_in.put(
-                    decoder_pb2.DecoderInput(
-                        block=decoder_pb2.DecodeBlock(
-                            index=block.index, latent=block.latent, pcm=wire.to_proto(pcm), keep_frames=keep
-                        )
+            output_audio = None
+            try:
+                async for out in generator_call:
+                    if out.WhichOneof("event") == "ready":
+                        if out.ready.pipeline_depth > 1:
+                            open_window(max(BLOCKS_AHEAD, out.ready.pipeline_depth))
+                        session_ready.set()
+                        # The muxer's audio (plan.pcm_out), made while block 0 runs: this loop
+                        # is idle then, and it is off the path to the encoders and the session.
+                        output_audio = asyncio.ensure_future(run_blocking(lambda: plan.pcm_out))
+                        continue
+                    if output_audio is not None:
+                        await output_audio
+                    await forward_block(out.block)
+            finally:
+                if output_audio is not None:
+                    output_audio.cancel()  # a stream that ended before block 0 must not leave it behind
+            await decoder_in.put(_DONE)
+
+        async def forward_block(block):
+            timings.add("dit_block", block.dit_ms)
+            pcm, keep = plan.block_audio(block.index)
+            await decoder_in.put(
+                decoder_pb2.DecoderInput(
+                    block=decoder_pb2.DecodeBlock(
+                        index=block.index, latent=block.latent, pcm=wire.to_proto(pcm), keep_frames=keep
                     )
                 )
-            await decoder_in.put(_DONE)
+            )
 
         async def pump_fragments():
             async for out in decoder_call:
@@ -390,7 +402,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                             width=job.width,
                             height=job.height,
                             fps=job.fps,
-                            expected_fragments=job.num_blocks + (0 < split < plan.block_audio(0)[1]),
+                            expected_fragments=job.num_blocks + (0 < split < plan.kept_frames(0)),
                             total_frames=job.total_frames,
                             duration_s=plan.duration_s,
                             model=self.model.describe(),

@@ -107,6 +107,21 @@ def test_prepare_cuts_audio_into_exact_block_slices_in_sync():
     assert np.array_equal(np.concatenate([pcm for pcm, _ in slices]), plan.pcm_out)  # no gap, no overlap
     with pytest.raises(ValueError):
         plan.block_audio(job.num_blocks)
+    assert [plan.kept_frames(i) for i in range(job.num_blocks)] == [k for _, k in slices]
+    with pytest.raises(ValueError):
+        plan.kept_frames(-1)
+
+
+def test_prepare_leaves_the_output_audio_for_later(monkeypatch):
+    # The encoders need only the 16 kHz audio: the 48 kHz output (the muxer's) is made on first
+    # use, which the gateway schedules while block 0 runs, not on the way to the encoders.
+    calls = []
+    resample = planner.media.resample
+    monkeypatch.setattr(planner.media, "resample", lambda x, a, b: (calls.append(b), resample(x, a, b))[1])
+    plan = planner.prepare(req(image=png_bytes(128, 128), audio=wav_bytes(np.zeros(16000, np.float32), 16000)), TINY)
+    assert calls == [16000]
+    assert len(plan.pcm_out) == plan.job.total_frames * 1920 and calls == [16000, 48000]
+    assert plan.pcm_out is plan.pcm_out and calls == [16000, 48000]  # made once
 
 
 def test_prepare_cuts_audio_to_the_capped_video():
