@@ -24,12 +24,13 @@ KEPT_SINKS = 2  # the last portraits' sinks; dropped with the kept slots when a 
 @dataclass
 class _Sink:
     key: tuple  # the cache's shapes and dtype
-    inputs: tuple[torch.Tensor, ...]  # ref latent, motion latents, text embeddings, as the session got them
-    tensors: tuple[torch.Tensor, ...]  # KVCache.sink()
+    inputs: tuple[torch.Tensor, ...]  # ref latent, motion latents, text embeddings as the session got them (host)
+    tensors: tuple[torch.Tensor, ...]  # KVCache.sink() (device)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.inputs, *self.tensors))
+        """The device memory it holds (its inputs are kept on the host: a few MB)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def matches(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> bool:
         return self.key == key and all(
@@ -45,7 +46,9 @@ class SinkCache:
         self.hits = 0
 
     def restore(self, kv: KVCache, inputs: tuple[torch.Tensor, ...]) -> bool:
-        """Copies the kept sink of these inputs into `kv` (every group's copy); False: none kept."""
+        """Copies the kept sink of these inputs (host tensors) into `kv` (every group's copy);
+        False: none kept."""
+        inputs = tuple(t.detach().cpu() for t in inputs)
         key = _key(kv)
         with self._lock:
             found = next((s for s in reversed(self._sinks) if s.matches(key, inputs)), None)
@@ -58,8 +61,9 @@ class SinkCache:
         return True
 
     def keep(self, kv: KVCache, inputs: tuple[torch.Tensor, ...]) -> None:
-        """Keeps the sink `kv` was just prefilled with, for sessions with equal inputs."""
-        kept = _Sink(_key(kv), tuple(t.clone() for t in inputs), kv.sink())
+        """Keeps the sink `kv` was just prefilled with, for sessions with equal inputs (host
+        tensors: compared without waiting for the device)."""
+        kept = _Sink(_key(kv), tuple(t.detach().cpu().clone() for t in inputs), kv.sink())
         with self._lock:
             self._sinks = [s for s in self._sinks if not s.matches(kept.key, kept.inputs)] + [kept]
             del self._sinks[: -self.size]
