@@ -14,7 +14,7 @@ import torch
 from avatar.cancellation import check_between_layers
 from avatar.checkpoints import resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
-from avatar.models.wan_vae import TIME_STRIDE, WanVAE
+from avatar.models.wan_vae import WanVAE
 from avatar.presets import AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER, ModelSpec, dims_of
 from avatar.services.encoder.audio_encoder import WAV2VEC2_LARGE, AudioEncoder
 from avatar.services.encoder.text_encoder import UMT5_XXL, TextEncoder
@@ -148,19 +148,21 @@ class EncoderEngine:
     # -- image ---------------------------------------------------------------------------------
 
     def encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [H, W, 3] at job size -> ref_latent [16, 1, h, w], motion_latents [16, 19, h, w] (float32).
-        The same pixels again come from a cache (the tensors are shared: do not modify them)."""
+        """uint8 [H, W, 3] at job size -> ref_latent [16, 1, h, w], motion_latents [16, 1, h, w]
+        (float32): a still portrait's motion context is one steady-state latent that stands for
+        all 19 motion latent frames (the generator repeats it). The same pixels again come from a
+        cache (the tensors are shared: do not modify them)."""
         pixels = np.ascontiguousarray(pixels)
         return self._images.get_or_compute(_pixels_key(pixels), lambda: self._encode_image(pixels))
 
     def _encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         image = _image_tensor(pixels, 16)  # VAE stride 8 x DiT patch 2
-        lat_motion = (self.dims.motion_frames + TIME_STRIDE - 1) // TIME_STRIDE
         # The reference: latent 1 of upstream's 5-frame still video. The motion context: the last
         # 19 latents of the 365-frame one, all past the encoder's transient (latents 73-91; it
-        # settles by latent 29), so each is the still video's steady state, one encoder pass.
+        # settles by latent 29), so each is the still video's steady state, one encoder pass; sent
+        # once, not 19 times (5.1 MB -> 270 KB at 704*384, on the first fragment's path twice).
         ref = self.vae.encode(image.expand(-1, -1, REF_REPEAT, -1, -1))[0, :, 1:2]
-        motion = self.vae.encode_steady(image)[0].expand(-1, lat_motion, -1, -1)
+        motion = self.vae.encode_steady(image)[0]
         return ref.cpu(), motion.contiguous().cpu()
 
     def clip_embedding(self, pixels: np.ndarray) -> torch.Tensor:
