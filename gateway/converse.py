@@ -30,7 +30,7 @@ from avatar.errors import InvalidInput
 from avatar.gateway import planner
 from avatar.gateway.live_audio import INPUT_RATES, SpeechQueue, StreamResampler, TakenBlock, pcm16_to_float
 from avatar.gateway.server import _DONE as _END
-from avatar.gateway.server import _RequestStream, end_session, mime_type
+from avatar.gateway.server import _RequestStream, end_session, mime_type, motion_context
 from avatar.grpc_util import call_options, run_blocking
 from avatar.job_limits import MAX_VIDEO_S
 from avatar.presets import DEFAULT_AUDIO_ENCODER, ENCODER_AUDIO_RATE, FRAMES_PER_BLOCK, check_lora_id
@@ -316,7 +316,7 @@ class ConverseSession:
                         job=self.job,
                         text=self.text.embeddings,
                         ref_latent=self.image.ref_latent,
-                        motion_latents=self.image.motion_latents,
+                        **motion_context(self.image),
                         lora_id=self.header.lora_id,
                     )
                 ),

@@ -46,6 +46,14 @@ def mime_type(init_segment: bytes) -> str:
     return f'video/mp4; codecs="{avc},mp4a.40.2"'
 
 
+def motion_context(image: encoder_pb2.EncodeImageResponse) -> dict:
+    """SessionStart's motion field from an EncodeImage answer: the still latent as it came (one
+    frame standing for 19), or the frames of an encoder that predates it."""
+    if image.HasField("still_motion_latent"):
+        return {"still_motion_latent": image.still_motion_latent}
+    return {"motion_latents": image.motion_latents}
+
+
 async def end_session(calls, tasks, peers) -> None:
     """Ends one session's stages (Generate's and Converse's): cancels its downstream calls (the
     services close their sessions when their stream is cancelled) and its pump tasks, waits for
@@ -278,7 +286,7 @@ class GatewayServicer(avatar_pb2_grpc.AvatarServiceServicer):
                         job=job,
                         text=text.embeddings,
                         ref_latent=image.ref_latent,
-                        motion_latents=image.motion_latents,
+                        **motion_context(image),
                         lora_id=request.lora_id,
                     )
                 ),

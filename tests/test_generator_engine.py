@@ -121,16 +121,6 @@ def test_sink_is_refreshed_with_the_first_generated_frame_after_clip_one(engine)
     assert not torch.allclose(refreshed[2], kept[2])
 
 
-def test_a_still_portraits_one_motion_latent_stands_for_all_19(engine):
-    # EncodeImage sends a still portrait's steady-state motion latent once: the same blocks as
-    # the 19 copies the model reads.
-    text, ref, _, audio = _inputs(blocks=3)
-    still = torch.randn(16, 1, 8, 8)
-    once = _generate(engine, _job(), blocks=3, inputs=(text, ref, still, audio))
-    repeated = _generate(engine, _job(), blocks=3, inputs=(text, ref, still.expand(-1, 19, -1, -1), audio))
-    assert all(torch.equal(a, b) for a, b in zip(once, repeated))
-
-
 def test_bad_inputs_are_rejected_with_reasons(engine):
     text, ref, motion, audio = _inputs(blocks=1)
     with pytest.raises(InvalidInput, match=r"ref_latent must be \[16, 1, 8, 8\]"):
@@ -141,8 +131,6 @@ def test_bad_inputs_are_rejected_with_reasons(engine):
         engine.open_session(_job(infer_frames=30), text, ref, motion)
     with pytest.raises(InvalidInput, match="at least 8x8"):
         engine.open_session(_job(width=48, height=48), text, torch.randn(16, 1, 6, 6), torch.randn(16, 19, 6, 6))
-    with pytest.raises(InvalidInput, match="this model's 19 motion latent frames, or 1 for a still portrait"):
-        engine.open_session(_job(), text, ref, motion[:, :5])
     session = engine.open_session(_job(), text, ref, motion)
     with pytest.raises(InvalidInput, match=r"audio features must be \[12, 5, 32\]"):
         session.generate_block(torch.randn(12, 25, 32))

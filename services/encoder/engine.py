@@ -148,10 +148,10 @@ class EncoderEngine:
     # -- image ---------------------------------------------------------------------------------
 
     def encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [H, W, 3] at job size -> ref_latent [16, 1, h, w], motion_latents [16, 1, h, w]
-        (float32): a still portrait's motion context is one steady-state latent that stands for
-        all 19 motion latent frames (the generator repeats it). The same pixels again come from a
-        cache (the tensors are shared: do not modify them)."""
+        """uint8 [H, W, 3] at job size -> ref_latent [16, 1, h, w] and the still motion latent
+        [16, 1, h, w] (float32): a still portrait's motion context is one steady-state latent that
+        stands for each of the 19 motion latent frames (the generator's servicer repeats it). The
+        same pixels again come from a cache (the tensors are shared: do not modify them)."""
         pixels = np.ascontiguousarray(pixels)
         return self._images.get_or_compute(_pixels_key(pixels), lambda: self._encode_image(pixels))
 

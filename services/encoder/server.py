@@ -43,8 +43,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             raise InvalidInput(f"pixels are {width}x{height}, the job is {request.job.width}x{request.job.height}")
         async with self._slot(context):
             with telemetry.span("encode_image", width=width, height=height):
-                ref, motion = await run_blocking(self.engine.encode_image, pixels.numpy())
-            reply = encoder_pb2.EncodeImageResponse(ref_latent=wire.to_proto(ref), motion_latents=wire.to_proto(motion))
+                ref, still = await run_blocking(self.engine.encode_image, pixels.numpy())
+            reply = encoder_pb2.EncodeImageResponse(
+                ref_latent=wire.to_proto(ref), still_motion_latent=wire.to_proto(still)
+            )
             if request.clip_embedding:
                 with telemetry.span("clip_embedding"):
                     reply.clip_embedding.CopyFrom(

@@ -502,10 +502,7 @@ class GeneratorSession:
             else:
                 self.kv = KVCache(spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention)
                 self.context = context
-            # A still portrait's motion context is one steady latent standing for every frame
-            # (EncodeImage sends it once: 19x fewer bytes on two hops); the model reads all of them.
-            motion = motion_latents.to(self.device, self.dtype)[None]
-            self.motion = motion.expand(-1, -1, dit.motion_latent_frames, -1, -1).contiguous()
+            self.motion = motion_latents.to(self.device, self.dtype)[None]
             ref = ref_latent.to(self.device, self.dtype)[None]
             opened = self._opened("inputs_ms", opened)
             # an avatar LoRA changes the sink; TPP ranks (step sessions) keep their memory for the ring
@@ -727,14 +724,8 @@ def plan_session(job: Job, dit: CausalS2VDiT, ref_latent, motion_latents, text, 
     c = dit.config.in_dim
     if ref_latent.ndim != 4 or tuple(ref_latent.shape) != (c, 1, h, w):
         raise InvalidInput(f"ref_latent must be [{c}, 1, {h}, {w}], got {list(ref_latent.shape)}")
-    t = dit.motion_latent_frames
     if motion_latents.ndim != 4 or motion_latents.shape[0] != c or tuple(motion_latents.shape[2:]) != (h, w):
-        raise InvalidInput(f"motion_latents must be [{c}, {t} or 1, {h}, {w}], got {list(motion_latents.shape)}")
-    if motion_latents.shape[1] not in (1, t):
-        raise InvalidInput(
-            f"motion_latents must hold this model's {t} motion latent frames, or 1 for a still portrait "
-            f"(repeated), got {motion_latents.shape[1]}"
-        )
+        raise InvalidInput(f"motion_latents must be [{c}, T, {h}, {w}], got {list(motion_latents.shape)}")
     if text.ndim != 2 or text.shape[1] != text_dim or not 1 <= text.shape[0] <= dit.config.text_len:
         raise InvalidInput(f"text embeddings must be [1..{dit.config.text_len}, {text_dim}], got {list(text.shape)}")
     block = job.latent_frames_per_block

@@ -47,7 +47,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 job,
                 wire.tensor_arg(start.text, "text"),
                 wire.tensor_arg(start.ref_latent, "ref_latent"),
-                wire.tensor_arg(start.motion_latents, "motion_latents"),
+                _motion_latents(start, self.engine),
                 **lora,
             )
             graphs = getattr(session, "graphs", None)  # a kept session's: captured already
@@ -128,6 +128,23 @@ def _ready(engine: BlockGenerator, session: BlockSession, depth: int) -> generat
         ready.steady_block_ms = session.steady_block_ms() or 0.0
         ready.steady_block_ms_by_size.update(times.by_size(session.plan.forwards_per_block))
     return ready
+
+
+def _motion_latents(start: generator_pb2.SessionStart, engine: BlockGenerator) -> torch.Tensor:
+    """The session's motion context [16, T, h, w]: motion_latents as sent, or the still latent
+    repeated to the model's motion frames (a view: nothing is copied on the host)."""
+    still, frames = start.HasField("still_motion_latent"), start.HasField("motion_latents")
+    if still == frames:
+        raise InvalidInput(
+            "SessionStart needs exactly one of motion_latents and still_motion_latent, "
+            f"got {'both' if still else 'neither'}"
+        )
+    if frames:
+        return wire.tensor_arg(start.motion_latents, "motion_latents")
+    latent = wire.tensor_arg(start.still_motion_latent, "still_motion_latent")
+    if latent.ndim != 4 or latent.shape[1] != 1:
+        raise InvalidInput(f"still_motion_latent must be one latent frame [16, 1, h, w], got {list(latent.shape)}")
+    return latent.expand(-1, engine.dit.motion_latent_frames, -1, -1)
 
 
 def _lora_kwargs(engine: BlockGenerator, lora_id: str) -> dict:
