@@ -263,8 +263,8 @@ class AudioEncoder:
             window = next(windows, None)
             if window is None:
                 return
-            if window[1].is_cuda:
-                torch.cuda.synchronize(window[1].device)
+            if window[1].is_cuda:  # this stream only: in one process the DiT's work is not ours to wait for
+                torch.cuda.current_stream(window[1].device).synchronize()
             timings["model_ms"] = timings.get("model_ms", 0.0) + (time.perf_counter() - start) * 1e3
             timings["windows"] = timings.get("windows", 0) + 1
             yield window
@@ -308,7 +308,8 @@ class AudioEncoder:
         # The hidden states stay on the model's device, in its dtype: each chunk gathers its
         # frames there and copies only them to the host (a 7 s clip's 25 x 360 x 1024 would be
         # 37 MB to copy and concatenate before the first chunk). Widening to float32 after the
-        # gather is exact, so the arithmetic is the same as on float32 copies.
+        # gather is exact, so the arithmetic is the same as on float32 copies. A window's states
+        # stay on the device while its chunks are read (bf16: 18 MB for 7 s, 154 MB for 60 s).
         buf = None
         buf_start = 0
         for first in range(0, total_frames, chunk_frames):
