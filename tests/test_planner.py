@@ -164,3 +164,28 @@ def test_a_cut_says_what_cut_it_and_how_to_get_all_of_it():
     )
     whole = planner.prepare(req(image=png_bytes(128, 128), audio=audio, preset="preview"), TINY)
     assert whole.job.total_frames == 1500 and whole.truncation == ""
+
+
+def test_a_returning_portrait_is_decoded_and_fitted_once_per_size(monkeypatch):
+    monkeypatch.setattr(planner, "PORTRAITS", planner.FittedPortraits(size=2))
+    decoded = []
+    load = planner.media.load_image
+    monkeypatch.setattr(planner.media, "load_image", lambda data: (decoded.append(len(data)), load(data))[1])
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buf, format="PNG")
+    portrait, audio = buf.getvalue(), wav_bytes(np.zeros(16000, np.float32), 16000)
+    first = planner.prepare(req(image=portrait, audio=audio, size="96*64"), TINY)
+    again = planner.prepare(req(image=portrait, audio=audio, size="96*64"), TINY)
+    assert len(decoded) == 1 and np.array_equal(first.pixels, again.pixels)
+    again.pixels[:] = 0  # each plan owns its pixels: the next request still gets the portrait
+    assert np.array_equal(planner.prepare(req(image=portrait, audio=audio, size="96*64"), TINY).pixels, first.pixels)
+    larger = planner.prepare(req(image=portrait, audio=audio, size="192*128"), TINY)  # another size: fitted anew
+    assert len(decoded) == 2 and larger.pixels.shape == (larger.job.height, larger.job.width, 3) != first.pixels.shape
+    assert np.array_equal(planner.prepare(req(image=portrait, audio=audio, size="192*128"), TINY).pixels, larger.pixels)
+    planner.prepare(req(image=png_bytes(128, 128), audio=audio), TINY)  # a third: the oldest entry goes
+    planner.prepare(req(image=portrait, audio=audio, size="96*64"), TINY)
+    assert len(decoded) == 4
+    for _ in range(2):  # what did not decode is refused every time, never kept
+        with pytest.raises(InvalidInput, match="image"):
+            planner.prepare(req(image=portrait[:200], audio=audio), TINY)
