@@ -58,7 +58,7 @@ async def _serve_and_call():
                 results["corrupt"] = (exc.code(), exc.details())
             pixels = wire.to_proto(torch.zeros(1024, 1024, 3, dtype=torch.uint8))
             out = await stub.EncodeImage(encoder_pb2.EncodeImageRequest(pixels=pixels), timeout=30)
-            results["big"] = len(out.motion_latents.data)
+            results["big"] = len(out.still_motion_latent.data)  # the second tensor the servicer answers
             h = health_pb2_grpc.HealthStub(ch)
             results["health"] = (await h.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))).status
     finally:
