@@ -1,10 +1,8 @@
 """Request -> job: validates inputs, decodes media and plans the JobSpec every service follows."""
 
-import collections
 import functools
 import hashlib
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +26,7 @@ from avatar.presets import (
     preset_area,
     whole_blocks,
 )
+from avatar.result_cache import ResultCache
 from avatar.v1 import avatar_pb2, tensor_pb2
 
 MIN_SIDE = 64  # FramePack's 4x motion projection is an 8x8-latent convolution
@@ -155,40 +154,12 @@ class Plan:
         return self.pcm_out[self.sample_at(first) : self.sample_at(first + keep)], keep
 
 
-class FittedPortraits:
-    """The last few portraits as fitted to a job size, by their bytes: a service speaking for one
-    avatar gets the same image with every request, and decoding and fitting it again is on the
-    first fragment's path (12 ms for a 704x384 PNG on a 2-core machine; a hash of its bytes,
-    0.3). Only images that decoded are kept, so a bad one is refused every time."""
-
-    def __init__(self, size: int = 16):
-        self.size = size
-        self._sizes: collections.OrderedDict[bytes, tuple[int, int]] = collections.OrderedDict()
-        self._pixels: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def image_size(self, digest: bytes) -> tuple[int, int] | None:
-        with self._lock:
-            return self._sizes.get(digest)
-
-    def pixels(self, digest: bytes, width: int, height: int) -> np.ndarray | None:
-        with self._lock:
-            found = self._pixels.get((digest, width, height))
-            if found is not None:
-                self._pixels.move_to_end((digest, width, height))
-                self._sizes.move_to_end(digest)
-            return None if found is None else found.copy()  # the caller's own, writable
-
-    def keep(self, digest: bytes, image_size: tuple[int, int], width: int, height: int, pixels: np.ndarray) -> None:
-        with self._lock:
-            self._sizes[digest] = image_size
-            self._pixels[(digest, width, height)] = pixels.copy()
-            for kept in (self._sizes, self._pixels):
-                while len(kept) > self.size:
-                    kept.popitem(last=False)
-
-
-PORTRAITS = FittedPortraits()
+# A service speaking for one avatar gets the same image with every request, and decoding and
+# fitting it again is on the first fragment's path (12 ms for a 704x384 PNG on a 2-core machine;
+# a hash of its bytes, 0.3). Kept by the bytes' hash: the image's size, and its pixels fitted to
+# each video size. Only images that decoded are kept, so a bad one is refused every time.
+PORTRAIT_SIZES = ResultCache(16)
+FITTED_PORTRAITS = ResultCache(16)
 
 
 def prepare(
@@ -196,16 +167,19 @@ def prepare(
 ) -> Plan:
     """Decodes and validates the request's image and audio, then plans the job."""
     digest = hashlib.sha256(request.image).digest()
-    image_size = PORTRAITS.image_size(digest)
-    image = media.load_image(request.image) if image_size is None else None
+
+    @functools.cache  # decoded at most once, and only when a cache misses
+    def image():
+        return media.load_image(request.image)
+
+    image_size = PORTRAIT_SIZES.get_or_compute(digest, lambda: image().size)
     audio = media.decode_audio(request.audio, max_duration_s=max_audio_s)
     samples, rate = audio.samples, audio.sample_rate
-    job = plan_job(request, model, audio.duration_s, image_size or image.size, request_id)
-    pixels = PORTRAITS.pixels(digest, job.width, job.height)
-    if pixels is None:
-        image = image or media.load_image(request.image)
-        pixels = np.array(media.fit_image(image, job.width, job.height))  # writable: torch.from_numpy warns otherwise
-        PORTRAITS.keep(digest, image.size, job.width, job.height, pixels)
+    job = plan_job(request, model, audio.duration_s, image_size, request_id)
+    fitted = FITTED_PORTRAITS.get_or_compute(
+        (digest, job.width, job.height), lambda: media.fit_image(image(), job.width, job.height)
+    )
+    pixels = np.array(fitted)  # the plan's own and writable (torch.from_numpy warns otherwise)
 
     # Audio cut (or padded by < half a frame of silence, in pcm_out) to exactly the video's length.
     used = samples[: round(job.total_frames / job.fps * rate)]

@@ -167,7 +167,8 @@ def test_a_cut_says_what_cut_it_and_how_to_get_all_of_it():
 
 
 def test_a_returning_portrait_is_decoded_and_fitted_once_per_size(monkeypatch):
-    monkeypatch.setattr(planner, "PORTRAITS", planner.FittedPortraits(size=2))
+    monkeypatch.setattr(planner, "PORTRAIT_SIZES", planner.ResultCache(2))
+    monkeypatch.setattr(planner, "FITTED_PORTRAITS", planner.ResultCache(2))
     decoded = []
     load = planner.media.load_image
     monkeypatch.setattr(planner.media, "load_image", lambda data: (decoded.append(len(data)), load(data))[1])

@@ -1,10 +1,8 @@
 """EncoderEngine: reference image -> VAE latents (+ CLIP identity embedding), prompt -> umT5 embeddings,
 audio -> per-frame features (wav2vec2, or Whisper when loaded)."""
 
-import collections
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,6 +14,7 @@ from avatar.checkpoints import resolve_ckpt_dir
 from avatar.errors import InvalidInput, WeightsError
 from avatar.models.wan_vae import WanVAE
 from avatar.presets import AUDIO_ENCODERS, DEFAULT_AUDIO_ENCODER, ModelSpec, dims_of
+from avatar.result_cache import ResultCache
 from avatar.services.encoder.audio_encoder import WAV2VEC2_LARGE, AudioEncoder
 from avatar.services.encoder.text_encoder import UMT5_XXL, TextEncoder
 
@@ -37,32 +36,6 @@ CLIP_VIT_L14 = dict(
     image_size=224,
     patch_size=14,
 )
-
-
-class _ResultCache:
-    """The last few results of a deterministic encoder, by content. A service answering for one
-    avatar sends the same portrait and often the same prompt with every request: on an H100 the
-    portrait's VAE encode alone took 1.5 s of the 2.7 s to the first fragment."""
-
-    def __init__(self, size: int = CACHED_RESULTS):
-        self.size = size
-        self._items: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get_or_compute(self, key: bytes, compute):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
-            self.misses += 1
-        value = compute()  # outside the lock: requests for other inputs are not held up
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return value
 
 
 class EncoderEngine:
@@ -96,7 +69,7 @@ class EncoderEngine:
         # a portrait's encode takes 24-29 s on a CPU and must not outlive its request.
         for module in (self.vae.model.encoder, self.text.model, *(a.model for a in self.audio_encoders.values())):
             check_between_layers(module, depth=3)
-        self._images, self._prompts, self._clip_embeddings = _ResultCache(), _ResultCache(), _ResultCache()
+        self._images, self._prompts, self._clip_embeddings = (ResultCache(CACHED_RESULTS) for _ in range(3))
         self._inputs_warm = False  # warm_up ran the text and audio encoders once
         self.clip = _load_clip(model, enc_device) if model.encoder_options.clip_image else None
         audio = ", ".join(f"{name} {a.dims.layers + 1}x{a.dims.hidden}" for name, a in self.audio_encoders.items())
