@@ -491,9 +491,7 @@ class GeneratorSession:
         if slot is not None:  # the session owns them from here: a failure below frees them
             self.kv, self._graphs = slot.kv, slot.graphs
         self.sink_restored = False  # the sink of a recent session with these inputs, copied
-        # The sink is kept by the inputs as they came (on the host, from the wire): matching
-        # them there costs no wait for the device, where torch.equal would sync three times.
-        host_inputs = tuple(t.detach().cpu() for t in (ref_latent, motion_latents, text))
+        received = (ref_latent, motion_latents, text)  # the sink cache matches these, on the host
         with self._freed_on_failure(), avatar_loras.active(self.lora):
             text = text.to(self.device)
             context = dit.embed_text(text[None])
@@ -507,11 +505,11 @@ class GeneratorSession:
             opened = self._opened("inputs_ms", opened)
             # an avatar LoRA changes the sink; TPP ranks (step sessions) keep their memory for the ring
             sinks = engine.sinks if self.lora is None and step is None else None
-            self.sink_restored = sinks is not None and sinks.restore(self.kv, host_inputs)
+            self.sink_restored = sinks is not None and sinks.restore(self.kv, received)
             if not self.sink_restored:
                 dit.prefill_sink(ref, self.motion, self.context, self.kv)
                 if sinks is not None:
-                    engine.keep_sink(self.kv, host_inputs)
+                    engine.keep_sink(self.kv, received)
             self._opened("sink_ms", opened)
         if graphs and self._graphs is None:
             self._graphs = StepGraphs(dit, self.context, self.kv, capture=self.device.type == "cuda")

@@ -46,9 +46,10 @@ class SinkCache:
         self.hits = 0
 
     def restore(self, kv: KVCache, inputs: tuple[torch.Tensor, ...]) -> bool:
-        """Copies the kept sink of these inputs (host tensors) into `kv` (every group's copy);
-        False: none kept."""
-        inputs = tuple(t.detach().cpu() for t in inputs)
+        """Copies the kept sink of these inputs into `kv` (every group's copy); False: none kept.
+        The inputs are matched on the host (as they come over the wire): no wait for the device,
+        where torch.equal would sync once per input."""
+        inputs = _on_host(inputs)
         key = _key(kv)
         with self._lock:
             found = next((s for s in reversed(self._sinks) if s.matches(key, inputs)), None)
@@ -63,7 +64,7 @@ class SinkCache:
     def keep(self, kv: KVCache, inputs: tuple[torch.Tensor, ...]) -> None:
         """Keeps the sink `kv` was just prefilled with, for sessions with equal inputs (host
         tensors: compared without waiting for the device)."""
-        kept = _Sink(_key(kv), tuple(t.detach().cpu().clone() for t in inputs), kv.sink())
+        kept = _Sink(_key(kv), tuple(t.clone() for t in _on_host(inputs)), kv.sink())
         with self._lock:
             self._sinks = [s for s in self._sinks if not s.matches(kept.key, kept.inputs)] + [kept]
             del self._sinks[: -self.size]
@@ -78,6 +79,10 @@ class SinkCache:
     def nbytes(self) -> int:
         with self._lock:
             return sum(s.nbytes for s in self._sinks)
+
+
+def _on_host(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.detach().cpu() for t in inputs)
 
 
 def _key(kv: KVCache) -> tuple:
