@@ -62,6 +62,16 @@ def bucket_features(z30: torch.Tensor, first_frame: int, num_frames: int, fps: i
     return out
 
 
+def lerp_frames(hidden: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """hidden [layers, T, dim] on any device, in any dtype; lo, hi [n] frame indices into it; lam [n]
+    float32 -> hidden[:, lo] * (1 - lam) + hidden[:, hi] * lam as [n, layers, dim] float32 on
+    hidden's device. Only the gathered frames are widened (exact): no copy of the whole states."""
+    device = hidden.device
+    lam = lam.view(1, -1, 1).to(device)
+    x0, x1 = hidden[:, lo.to(device)].float(), hidden[:, hi.to(device)].float()
+    return (x0 * (1 - lam) + x1 * lam).transpose(0, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class AudioDims:
     hidden: int
@@ -321,16 +331,13 @@ class AudioEncoder:
                 src = idx[valid].float() * scale
                 lo = src.floor().long().clamp_(max=t50 - 1)
                 hi = (lo + 1).clamp_(max=t50 - 1)
-                lam = (src - lo.float()).view(1, -1, 1).to(self.device)
                 while buf is None or buf_start + buf.shape[1] <= int(hi.max()):
                     _, h = next(windows)
                     buf = h if buf is None else torch.cat([buf, h], dim=1)
                 drop = int(lo.min()) - buf_start  # positions only move forward: free what is behind
                 if drop > 0:
                     buf, buf_start = buf[:, drop:], buf_start + drop
-                x0 = buf[:, (lo - buf_start).to(self.device)].float()
-                x1 = buf[:, (hi - buf_start).to(self.device)].float()
-                out[valid] = (x0 * (1 - lam) + x1 * lam).transpose(0, 1).cpu()
+                out[valid] = lerp_frames(buf, lo - buf_start, hi - buf_start, src - lo.float()).cpu()
             yield first, out
 
 

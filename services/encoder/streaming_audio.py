@@ -31,6 +31,7 @@ from avatar.services.encoder.audio_encoder import (
     WHISPER_WINDOW_S,
     AudioEncoder,
     frame_indices,
+    lerp_frames,
 )
 
 WHISPER_SEGMENT = WHISPER_WINDOW_S * ENCODER_AUDIO_RATE  # samples
@@ -48,14 +49,12 @@ def feature_positions(first_frame: int, num_frames: int, fps: int) -> torch.Tens
 def interpolate_frames(hidden: torch.Tensor, first_50hz: int, positions: torch.Tensor) -> torch.Tensor:
     """hidden [layers, T, dim] holding 50 Hz frames first_50hz.. -> [len(positions), layers, dim]
     float32 on hidden's device, linear between the two frames around each position (frames past
-    the end are clamped). Only the gathered frames are widened to float32 (exact)."""
+    the end are clamped)."""
     last = first_50hz + hidden.shape[1] - 1
     lo = positions.floor().long().clamp(first_50hz, last)
     hi = (lo + 1).clamp(max=last)
-    lam = (positions - lo.double()).clamp(0, 1).float().view(1, -1, 1).to(hidden.device)
-    x0 = hidden[:, (lo - first_50hz).to(hidden.device)].float()
-    x1 = hidden[:, (hi - first_50hz).to(hidden.device)].float()
-    return (x0 * (1 - lam) + x1 * lam).transpose(0, 1).contiguous()
+    lam = (positions - lo.double()).clamp(0, 1).float()
+    return lerp_frames(hidden, lo - first_50hz, hi - first_50hz, lam).contiguous()
 
 
 class StreamingAudioFeatures:
