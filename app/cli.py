@@ -22,6 +22,8 @@ class UserError(Exception):
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    from avatar.presets import DEFAULT_FP8_ATTENTION_KERNEL, FP8_ATTENTION_KERNELS
+
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
@@ -77,9 +79,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fp8-attention",
         action="store_true",
-        help="the DiT's self-attention with FP8 products (cuDNN on Hopper, needs nvidia-cudnn-frontend) "
-        "over the FP8 KV cache (implies --kv-fp8): faster at 704*384, an approximation (docs/performance.md, "
-        '"FP8 attention")',
+        help="the DiT's self-attention with FP8 products on Hopper over the FP8 KV cache (implies --kv-fp8): "
+        'faster at 704*384, an approximation (docs/performance.md, "FP8 attention")',
+    )
+    g.add_argument(
+        "--fp8-attention-kernel",
+        choices=FP8_ATTENTION_KERNELS,
+        default=DEFAULT_FP8_ATTENTION_KERNEL,
+        help="--fp8-attention's kernel, the same arithmetic: cuDNN's (needs nvidia-cudnn-frontend) or our "
+        "Triton kernel (values stored keys-last in the cache) (default: %(default)s)",
     )
     g.add_argument(
         "--fused-norms",
@@ -188,7 +196,13 @@ def _avatar_loras(args) -> tuple[tuple[str, str], ...]:
 
 def model_spec(args):
     from avatar.errors import InvalidInput
-    from avatar.presets import DecoderOptions, EncoderOptions, GeneratorOptions, ModelSpec
+    from avatar.presets import (
+        DEFAULT_FP8_ATTENTION_KERNEL,
+        DecoderOptions,
+        EncoderOptions,
+        GeneratorOptions,
+        ModelSpec,
+    )
 
     name = args.model or ("s2v-14b" if args.ckpt_dir or args.random_weights else "tiny")
     if name == "s2v-14b" and not (args.ckpt_dir or args.random_weights):
@@ -207,6 +221,7 @@ def model_spec(args):
             cuda_graphs=args.cuda_graphs,
             offload_text_projections=args.offload_text_kv,
             fp8_attention=getattr(args, "fp8_attention", False),
+            fp8_attention_kernel=getattr(args, "fp8_attention_kernel", None) or DEFAULT_FP8_ATTENTION_KERNEL,
             fused_norms=getattr(args, "fused_norms", None),
         )
         encoder_options = EncoderOptions(

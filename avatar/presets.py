@@ -40,6 +40,8 @@ DEFAULT_JOB_PRESET = "preview"
 
 
 KV_DTYPES = ("float8_e4m3fn",)
+FP8_ATTENTION_KERNELS = ("cudnn", "triton")  # --fp8-attention's: the same arithmetic (docs/performance.md)
+DEFAULT_FP8_ATTENTION_KERNEL = "cudnn"
 AUDIO_ENCODERS = ("wav2vec2", "whisper")
 DEFAULT_AUDIO_ENCODER = "wav2vec2"  # what the LiveAvatar checkpoint was trained with
 
@@ -54,6 +56,7 @@ class GeneratorOptions:
     cuda_graphs: bool | None = None  # replay steady-state steps from CUDA graphs; None: on for CUDA devices
     offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
     fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache (an approximation)
+    fp8_attention_kernel: str = DEFAULT_FP8_ATTENTION_KERNEL  # its kernel, same arithmetic: "cudnn" or "triton"
     # residual + norm + modulation + FP8 quantisation in one Triton kernel (needs fp8); None: on with
     # fp8 where they run as measured (a CUDA GPU, bf16, CUDA graphs, no per-avatar LoRAs, not FSDP)
     fused_norms: bool | None = None
@@ -63,6 +66,9 @@ class GeneratorOptions:
             raise InvalidInput(f"cache_sets must be 1 (or unset: one set per sampling step), got {self.cache_sets!r}")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise InvalidInput(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or unset), got {self.kv_dtype!r}")
+        if self.fp8_attention_kernel not in FP8_ATTENTION_KERNELS:
+            kernels = ", ".join(FP8_ATTENTION_KERNELS)
+            raise InvalidInput(f"fp8_attention_kernel must be one of {kernels}, got {self.fp8_attention_kernel!r}")
         if self.fp8_attention and self.kv_dtype != "float8_e4m3fn":
             raise InvalidInput("fp8_attention reads the KV cache as FP8: it needs kv_dtype float8_e4m3fn (--kv-fp8)")
 

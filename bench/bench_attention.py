@@ -13,6 +13,12 @@ queries (nearly uniform attention) and for queries x4 (peaked attention).
 
     python3 bench/bench_attention.py                 # writes $OUT/attention.json when OUT is set
     python3 bench/bench_attention.py --cross --sizes '704*384'   # + the text cross-attention's shape
+    python3 bench/bench_attention.py --triton --sizes '704*384'  # + our Triton FP8 kernel, each config
+
+`--triton` times services/generator/fp8_attention_triton.py on the same codes as cuDNN's kernel
+alone, at each (BLOCK_M, BLOCK_N, warps, stages) of its sweep, with the values as the cache holds
+them today ([tokens, H, D]) and keys-last ([H, D, tokens], a slice of a larger buffer as the cache's
+is); then what writing a block's values costs in each layout, and the Triton output against cuDNN's.
 """
 
 from __future__ import annotations
@@ -74,7 +80,9 @@ def sdpa(q, k, v):  # [B, L, H, D] -> [B, Lq, H*D]
     )
 
 
-def bench_size(width: int, height: int, device, heads: int, head_dim: int, keys: int | None = None) -> dict:
+def bench_size(
+    width: int, height: int, device, heads: int, head_dim: int, keys: int | None = None, triton: bool = False
+) -> dict:
     """keys: the self-attention's (sink + full ring) when None; else that many (the prompt's, for
     the text cross-attention: bf16 today, timed in FP8 to see whether it would be worth it)."""
     lq, lk = shapes(width, height)
@@ -161,6 +169,8 @@ def bench_size(width: int, height: int, device, heads: int, head_dim: int, keys:
             )
 
     guarded("fp8-attention, fastest cuDNN plan", every_plan)
+    if triton:
+        bench_triton(res, q8, k8, v8, descale, record, guarded)
     # the CPU reference (what the tests check) against cuDNN, on the first 256 queries
     sub = slice(0, 256)
     got = torch.ops.avatar.fp8_sdpa(q8[:, sub], k8, v8, descale).float()
@@ -168,6 +178,44 @@ def bench_size(width: int, height: int, device, heads: int, head_dim: int, keys:
     res["cudnn_vs_reference"] = rel(got.cpu(), ref)
     log(f"  cuDNN FP8 attention vs the torch reference of its arithmetic: {res['cudnn_vs_reference']:.4f}")
     return res
+
+
+def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
+    """The Triton FP8 kernels at each config of their sweep: pointer loads with the values as
+    cached and keys-last; TMA loads (keys-last), without and with warp specialisation."""
+    from avatar.services.generator.fp8_attention_triton import SWEEP_CONFIGS, TMA_SWEEP, WS_SWEEP, fp8_sdpa_triton
+
+    b, lk, h, d = v8.shape
+    spare = 1056  # the keys-last values as a slice of a longer buffer, as the cache's span is
+    buf = torch.zeros(b, h, d, lk + 2 * spare, dtype=E4M3, device=v8.device)
+    v8_keys_last = buf.permute(0, 3, 1, 2)[:, spare : spare + lk]
+    v8_keys_last.copy_(v8)
+    cudnn_out = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).float()
+    variants = [
+        ("pointers keys-last", v8_keys_last, {"tma": False}, SWEEP_CONFIGS),
+        ("pointers as cached", v8, {"tma": False}, SWEEP_CONFIGS[:2]),
+        ("tma", v8_keys_last, {"tma": True}, TMA_SWEEP),
+        ("tma warp-specialized", v8_keys_last, {"tma": True, "warp_specialize": True}, WS_SWEEP),
+    ]
+    for label, values, kwargs, configs in variants:
+        for cfg in configs:
+            name = f"triton {label} {cfg}"
+
+            def run(cfg=cfg, values=values, kwargs=kwargs, name=name):
+                ms = timed(lambda: fp8_sdpa_triton(q8, k8, values, descale, cfg, **kwargs))
+                out = fp8_sdpa_triton(q8, k8, values, descale, cfg, **kwargs)
+                record(name, ms, {1: out.to(torch.bfloat16).flatten(2)})
+                res["variants"][name]["vs_cudnn"] = rel(out.float(), cudnn_out)
+
+            guarded(name, run)
+    # a block's new values into the cache: the layout's cost on the write side
+    n = q8.shape[1]
+    new = torch.randn(b, n, h, d, device=v8.device, dtype=torch.bfloat16)
+    res["values_write_ms"] = {
+        "as cached": timed(lambda: v8[:, :n].copy_(new)),
+        "keys-last": timed(lambda: v8_keys_last[:, :n].copy_(new)),
+    }
+    log(f"  a block's values into the cache: {res['values_write_ms']}")
 
 
 def main(argv=None) -> int:
@@ -178,6 +226,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="also the text cross-attention's shape: a block's queries over the prompt's 512 tokens",
     )
+    p.add_argument("--triton", action="store_true", help="also the Triton FP8 kernel (fp8_attention_triton.py)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -193,7 +242,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sizes": []}
     for size in args.sizes.split(","):
         w, h = (int(x) for x in size.split("*"))
-        results["sizes"].append(bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads))
+        results["sizes"].append(bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads, triton=args.triton))
         if args.cross:
             results.setdefault("cross", []).append(
                 bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads, keys=cfg.text_len)

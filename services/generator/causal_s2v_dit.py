@@ -188,6 +188,7 @@ class LayerKV:
     hi: int = 0
     prefill: bool = False
     fp8_attention: bool = False  # attend over the FP8 cache with FP8 products (fp8_attention.py)
+    fp8_kernel: str = "cudnn"  # ... with cuDNN's kernel or our Triton one (values stored keys-last)
 
 
 class _Projections(nn.Module):
@@ -226,7 +227,8 @@ class SelfAttention(_Projections):
         kv.keys[:, kv.write : kv.write + n] = k if k.dtype == cache else to_cache_dtype(k, cache)
         kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
         if kv.fp8_attention:
-            out8 = fp8_attention_codes(q, kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi], q_amax)
+            keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
+            out8 = fp8_attention_codes(q, keys, values, q_amax, kv.fp8_kernel)
             if self.fused_norms and isinstance(self.o, FP8Linear) and self.o.granularity == "row":
                 # cuDNN's e4m3 output at scale 1 is what the FP8 projection multiplies: no bf16
                 # round trip, no second rounding to per-row scales (one kernel less per layer)
@@ -794,6 +796,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                 span.lo,
                 span.hi,
                 fp8_attention=kv.fp8_attention,
+                fp8_kernel=kv.fp8_kernel,
             )
             x = block(x, mod, pos.rope, context.kv[i], layer_kv)
             if i in self.injector_of_layer:

@@ -193,7 +193,8 @@ class GeneratorEngine:
         self.cache_sets = model.generator_options.cache_sets
         self.kv_dtype = kv_cache_dtype(model, self.dit.dtype)
         self.fp8_attention = model.generator_options.fp8_attention
-        if self.fp8_attention and (reason := fp8_attention_unavailable(self.dit.device)):
+        self.fp8_kernel = model.generator_options.fp8_attention_kernel
+        if self.fp8_attention and (reason := fp8_attention_unavailable(self.dit.device, self.fp8_kernel)):
             raise InvalidInput(reason)
         self.cuda_graphs = cuda_graphs_wanted(model, self.dit.device)
         self.block_times = BlockTimes()  # steady blocks by size: what the live guard reads
@@ -467,7 +468,8 @@ class GeneratorSession:
         # TPP step sessions run without graphs (not measured on a multi-GPU group yet); a LoRA's
         # weights are read by the graphs too, so only base-model sessions hand theirs on.
         graphs = engine.cuda_graphs and step is None
-        self._slot_key = (spec, engine.kv_dtype, engine.fp8_attention) if graphs and self.lora is None else None
+        kv_key = (spec, engine.kv_dtype, engine.fp8_attention, engine.fp8_kernel)
+        self._slot_key = kv_key if graphs and self.lora is None else None
         self._failed = False
         self.record_first_clip = False  # the warm-up's: graphs for the first clip's blocks too
         slot = engine.take_slot(self._slot_key) if self._slot_key is not None else None
@@ -498,7 +500,9 @@ class GeneratorSession:
             if slot is not None:
                 self.context = slot.context.copy_(context)
             else:
-                self.kv = KVCache(spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention)
+                self.kv = KVCache(
+                    spec, engine.kv_dtype, self.device, fp8_attention=engine.fp8_attention, fp8_kernel=engine.fp8_kernel
+                )
                 self.context = context
             self.motion = motion_latents.to(self.device, self.dtype)[None]
             ref = ref_latent.to(self.device, self.dtype)[None]

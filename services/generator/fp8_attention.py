@@ -1,6 +1,7 @@
-"""FP8 self-attention over the KV cache (opt-in: `--fp8-attention`): cuDNN's fused FP8 attention
-through the cuDNN frontend (`pip install nvidia-cudnn-frontend`) on Hopper; elsewhere (the CPU
-tests) a torch reference of the same arithmetic.
+"""FP8 self-attention over the KV cache (opt-in: `--fp8-attention`): on Hopper either cuDNN's fused
+FP8 attention through the cuDNN frontend (`pip install nvidia-cudnn-frontend`) or our Triton kernel
+of the same arithmetic (fp8_attention_triton.py; `--fp8-attention-kernel`); elsewhere (the CPU
+tests) a torch reference of it.
 
 Numerics: keys and values are read as the FP8 KV cache stores them (e4m3, unscaled: the option
 implies `--kv-fp8`, and no upcast copy of the cache slice is made); the queries are quantised to
@@ -14,6 +15,7 @@ Products accumulate in float32. Speed and error against bf16 attention: docs/per
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import torch
@@ -29,43 +31,62 @@ def fp8_attention(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.
 
 
 def fp8_attention_codes(
-    q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_amax: torch.Tensor | None = None
+    q: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    q_amax: torch.Tensor | None = None,
+    kernel: str = "cudnn",
 ) -> torch.Tensor:
-    """fp8_attention's output as cuDNN writes it: e4m3 [B, Lq, H*D] at scale 1 (the codes are the
-    values). An FP8 projection can take them as they are (FP8Rows with scales of 1). q_amax: the
-    queries' largest |value| where the kernel that made them has it (fused_norms.rms_rope_amax)."""
+    """fp8_attention's output as the kernels write it: e4m3 [B, Lq, H*D] at scale 1 (the codes are
+    the values). An FP8 projection can take them as they are (FP8Rows with scales of 1). q_amax: the
+    queries' largest |value| where the kernel that made them has it (fused_norms.rms_rope_amax).
+    kernel: "cudnn" or "triton" (which reads v8 fastest keys-last: KVCache's layout for it)."""
     if q_amax is None:
         q_amax = q.abs().amax()
     descale = q_amax.float().clamp(min=1e-12) / E4M3_MAX
     q8 = (q.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale.reshape(1, 1, 1, 1)).flatten(2)
+    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale.reshape(1, 1, 1, 1), kernel).flatten(2)
 
 
-def unavailable_reason(device: torch.device | str) -> str | None:
-    """Why `--fp8-attention` cannot run on `device` (None: it can). The CPU runs the reference."""
+def unavailable_reason(device: torch.device | str, kernel: str = "cudnn") -> str | None:
+    """Why `--fp8-attention` with `kernel` cannot run on `device` (None: it can). The CPU runs the
+    reference."""
     device = torch.device(device)
     if device.type == "cpu":
         return None
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return f"--fp8-attention needs a Hopper GPU (compute capability 9.0) for cuDNN's FP8 attention; {device} is not"
+        return f"--fp8-attention needs a Hopper GPU (compute capability 9.0) for its FP8 kernels; {device} is not"
+    if kernel == "triton":
+        from avatar.services.generator.fp8_attention_triton import unavailable_reason as triton_reason
+
+        return triton_reason(device)
     try:
         import cudnn  # noqa: F401
     except ImportError:
-        return "--fp8-attention needs the cuDNN frontend: pip install nvidia-cudnn-frontend"
+        return (
+            "--fp8-attention-kernel cudnn needs the cuDNN frontend: pip install nvidia-cudnn-frontend "
+            "(or --fp8-attention-kernel triton)"
+        )
     return None
 
 
 @torch.library.custom_op("avatar::fp8_sdpa", mutates_args=())
-def fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor) -> torch.Tensor:
+def fp8_sdpa(
+    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, kernel: str = "cudnn"
+) -> torch.Tensor:
     """Unmasked attention of e4m3 tensors [B, L, H, D] (q scaled by descale_q, k and v by 1) ->
     e4m3 [B, Lq, H, D]. An opaque op for torch.compile: inductor fuses the quantisation around it."""
+    if kernel == "triton" and (q8.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton
+
+        return fp8_sdpa_triton(q8, k8, v8, descale_q.reshape(1))  # the CPU: Triton's interpreter (tests)
     if q8.is_cuda:
         return _CudnnFp8Sdpa.get(q8, k8, v8)(q8, k8, v8, descale_q)
     return reference(q8, k8, v8, descale_q)
 
 
 @fp8_sdpa.register_fake
-def _(q8, k8, v8, descale_q):
+def _(q8, k8, v8, descale_q, kernel="cudnn"):
     return q8.new_empty((*q8.shape[:-1], v8.shape[-1]))
 
 

@@ -14,7 +14,10 @@ stored rotated once; the reference token's RoPE frame moves with every call, so 
 also kept unrotated (`ref_k`) and rotated into the sink per call.
 
 The cache may be stored in float8_e4m3fn (half the bytes of bf16): writes convert (clamped to
-e4m3's range), attention reads upcast copies of the slice it needs.
+e4m3's range), attention reads upcast copies of the slice it needs, or, with FP8 attention, the
+codes as they are. For the Triton FP8 kernel the values are stored keys-last ([.., H, D, tokens]
+in memory, the same logical [.., tokens, H, D] tensor): FP8 tensor cores read both operands along
+the product's reduction, which for P @ V is the keys (fp8_attention_triton.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_KERNELS = ("cudnn", "triton")  # FP8 attention kernels (fp8_attention.py, fp8_attention_triton.py)
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,14 +145,30 @@ class KVCache:
     """keys/values [groups, layers, B, buffer_tokens, H, D]; ref_k [layers, B, frame_tokens, H, D]
     holds the reference token's keys unrotated (its RoPE frame moves with the current block)."""
 
-    def __init__(self, spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | str, fp8_attention: bool = False):
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        fp8_attention: bool = False,
+        fp8_kernel: str = "cudnn",
+    ):
         if fp8_attention and dtype != torch.float8_e4m3fn:
             raise ValueError(f"FP8 attention reads the cache as FP8; this one would be {dtype}")
+        if fp8_kernel not in FP8_KERNELS:
+            raise ValueError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {fp8_kernel!r}")
         self.fp8_attention = fp8_attention  # attention over it with FP8 products (fp8_attention.py)
+        self.fp8_kernel = fp8_kernel  # which kernel: "cudnn" or "triton" (values stored keys-last)
         self.spec = s = spec
         buf = (s.groups, s.num_layers, s.batch, s.buffer_tokens, s.num_heads, s.head_dim)
         self.keys = torch.zeros(buf, dtype=dtype, device=device)
-        self.values = torch.zeros(buf, dtype=dtype, device=device)
+        if fp8_attention and fp8_kernel == "triton":
+            # rows padded to 16 bytes: TMA reads rows whose stride is a multiple of 16
+            tokens = -(-s.buffer_tokens // 16) * 16
+            stored = torch.zeros((*buf[:3], s.num_heads, s.head_dim, tokens), dtype=dtype, device=device)
+            self.values = stored[..., : s.buffer_tokens].permute(0, 1, 2, 5, 3, 4)
+        else:
+            self.values = torch.zeros(buf, dtype=dtype, device=device)
         self.ref_k = torch.zeros(
             (s.num_layers, s.batch, s.frame_tokens, s.num_heads, s.head_dim), dtype=dtype, device=device
         )
@@ -203,8 +223,8 @@ class KVCache:
         self.sink_filled = True
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.ref_k))
+    def nbytes(self) -> int:  # the values' whole storage: keys-last rows are padded (< 16 tokens)
+        return self.keys.nbytes + self.values.untyped_storage().nbytes() + self.ref_k.nbytes
 
     def free(self) -> None:
         """Drop the tensors now (a session's memory is returned when it closes, not at GC time)."""

@@ -1,0 +1,318 @@
+"""FP8 self-attention as one Triton kernel: the arithmetic of cuDNN's (fp8_attention.py), written
+out so that its tiles, pipelining and the values' layout are ours to choose.
+
+Why a second kernel: on an H100 cuDNN's FP8 attention runs the DiT's 704*384 shape (3168 queries
+over 15312 keys, 40 x 128) at ~770 TFLOP/s, ~39% of the card's dense FP8 peak, and is ~38% of a
+block (docs/performance.md, runs K1, L1). FP8 tensor cores (wgmma) read both operands of a product
+along its reduction: the keys are (their head dim is contiguous), the values are not (the products
+P @ V sum over keys). The kernel therefore reads the values from a cache that stores them keys-last
+(`KVCache(..., values_keys_last=True)`: the same logical [.., tokens, H, D] tensor, laid out
+[.., H, D, tokens]), or, handed an ordinary one, transposes each tile itself (measured: slower).
+
+Same numerics as fp8_attention.reference: e4m3 queries with one scale per call, the cache's e4m3
+keys and values unscaled, products in float32, the running softmax numerators entering the second
+product as e4m3 scaled by 256, the output as e4m3 codes at scale 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+P_SCALE = 256.0  # as fp8_attention.P_SCALE (cuDNN's scale_s): the same rounding of the probabilities
+LOG2E = 1.4426950408889634
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: unavailable_reason() says so
+    triton = None
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): measured fastest at 704*384 on an H100
+# (bench/bench_attention.py --triton, docs/performance.md); others for the bench's sweep.
+DEFAULT_CONFIG = (128, 128, 8, 3)
+SWEEP_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)]
+TMA_SWEEP = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)]
+WS_SWEEP = [(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2), (256, 128, 8, 2)]
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    device = torch.device(device)
+    if triton is None:
+        return "the Triton FP8 attention needs Triton (installed with the CUDA builds of torch)"
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return f"FP8 tensor cores need compute capability 8.9 or newer; {device} is not"
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"the Triton FP8 attention runs on a CUDA GPU, not on {device}"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        descale_ptr,
+        stride_qb,
+        stride_ql,
+        stride_qh,
+        stride_kb,
+        stride_kl,
+        stride_kh,
+        stride_vb,
+        stride_vl,
+        stride_vh,
+        stride_vd,
+        stride_ob,
+        stride_ol,
+        stride_oh,
+        n_queries,
+        n_keys,
+        n_heads,
+        sm_scale_log2,
+        P_SCALE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # One program: BLOCK_M queries of one head against every key, the softmax online (exp2).
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads).to(tl.int64)
+        h = (pid_bh % n_heads).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < n_queries
+
+        q = tl.load(
+            q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        # keys as K^T [HEAD_DIM, BLOCK_N] (head dim contiguous: the product's reduction axis)
+        k_ptrs = k_ptr + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]
+        v_ptrs = v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+        scale = tl.load(descale_ptr) * sm_scale_log2  # q's descale x 1/sqrt(D) x log2(e)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        full_tiles = n_keys // BLOCK_N
+        for _ in range(0, full_tiles):
+            k = tl.load(k_ptrs)
+            s = tl.dot(q, k) * scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs)
+            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), v, acc * alpha[:, None])
+            m_i = m_new
+            k_ptrs += BLOCK_N * stride_kl
+            v_ptrs += BLOCK_N * stride_vl
+        if full_tiles * BLOCK_N < n_keys:  # the last, partial tile: keys past the end weigh 0
+            key_ok = full_tiles * BLOCK_N + offs_n < n_keys
+            k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+            s = tl.where(key_ok[None, :], tl.dot(q, k) * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), v, acc * alpha[:, None])
+
+        out = acc / (l_i[:, None] * P_SCALE)
+        out = tl.clamp(out, -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(
+            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+            out,
+            mask=row_ok[:, None],
+        )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_attention_tma_kernel(
+        q_ptr,
+        k_ptr,
+        vt_ptr,
+        o_ptr,
+        descale_ptr,
+        stride_qb,
+        stride_ql,
+        stride_kb,
+        stride_kl,
+        stride_vb,
+        stride_vd,
+        stride_ob,
+        stride_ol,
+        n_queries,
+        n_keys,
+        n_heads,
+        sm_scale_log2,
+        P_SCALE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr,
+    ):
+        # The same program as _fp8_attention_kernel, its tiles moved by TMA (tensor descriptors),
+        # the values read keys-last as V^T [H*D, keys]; optionally warp-specialised (producer
+        # warps load while the others multiply). Rows and keys past the end load as zeros.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads).to(tl.int64)
+        h = pid_bh % n_heads
+        hd = n_heads * HEAD_DIM
+        q_desc = tl.make_tensor_descriptor(
+            q_ptr + b * stride_qb, shape=[n_queries, hd], strides=[stride_ql, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
+        k_desc = tl.make_tensor_descriptor(
+            k_ptr + b * stride_kb, shape=[n_keys, hd], strides=[stride_kl, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+        vt_desc = tl.make_tensor_descriptor(
+            vt_ptr + b * stride_vb, shape=[hd, n_keys], strides=[stride_vd, 1], block_shape=[HEAD_DIM, BLOCK_N]
+        )
+        o_desc = tl.make_tensor_descriptor(
+            o_ptr + b * stride_ob, shape=[n_queries, hd], strides=[stride_ol, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
+        q = q_desc.load([pid_m * BLOCK_M, h * HEAD_DIM])
+        scale = tl.load(descale_ptr) * sm_scale_log2
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        full_end = (n_keys // BLOCK_N) * BLOCK_N
+        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = k_desc.load([start, h * HEAD_DIM])
+            s = tl.dot(q, k.T) * scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = vt_desc.load([h * HEAD_DIM, start])
+            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), vt.T, acc * alpha[:, None])
+            m_i = m_new
+        if full_end < n_keys:
+            key_ok = full_end + tl.arange(0, BLOCK_N) < n_keys
+            k = k_desc.load([full_end, h * HEAD_DIM])
+            s = tl.where(key_ok[None, :], tl.dot(q, k.T) * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = vt_desc.load([h * HEAD_DIM, full_end])
+            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), vt.T, acc * alpha[:, None])
+        out = acc / (l_i[:, None] * P_SCALE)
+        o_desc.store([pid_m * BLOCK_M, h * HEAD_DIM], tl.clamp(out, -448.0, 448.0).to(tl.float8e4nv))
+
+
+def _scratch(size: int, alignment: int, stream):
+    # global memory for the descriptors tl.make_tensor_descriptor builds on the device
+    return torch.empty(
+        size, dtype=torch.int8, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    )
+
+
+def tma_ready(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> bool:
+    """Whether the TMA kernel can read these: values keys-last, and every base address and row
+    stride a multiple of 16 bytes (what TMA requires)."""
+    b, lk, h, d = v8.shape
+    keys_last = v8.stride(1) == 1 and v8.stride(3) >= lk and v8.stride(2) == d * v8.stride(3)
+    aligned = all(t.data_ptr() % 16 == 0 for t in (q8, k8, v8))
+    strides = (q8.stride(0), q8.stride(1), k8.stride(0), k8.stride(1), v8.stride(0), v8.stride(3))
+    return keys_last and aligned and all(s % 16 == 0 for s in strides) and q8.is_contiguous()
+
+
+def fp8_sdpa_triton(
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    descale_q: torch.Tensor,
+    config: tuple[int, int, int, int] | None = None,
+    tma: bool | None = None,
+    warp_specialize: bool = False,
+) -> torch.Tensor:
+    """Unmasked attention of e4m3 [B, L, H, D] (q scaled by descale_q, k and v by 1) -> e4m3
+    [B, Lq, H, D], contiguous. q and k must have a contiguous head dim; v may be laid out either
+    way (keys-last is the fast one on Hopper). tma: the TMA kernel (None: wherever tma_ready)."""
+    b, lq, h, d = q8.shape
+    lk = k8.shape[1]
+    if q8.stride(-1) != 1 or k8.stride(-1) != 1:
+        raise ValueError("the Triton FP8 attention needs q and k with a contiguous head dim")
+    if d not in (16, 32, 64, 128, 256) or v8.shape[-1] != d:
+        raise ValueError(f"head dim {d} (and the values' {v8.shape[-1]}): the kernel takes a power of two, 16-256")
+    block_m, block_n, warps, stages = config or DEFAULT_CONFIG
+    out = torch.empty((b, lq, h, d), dtype=E4M3, device=q8.device)
+    grid = (triton.cdiv(lq, block_m), b * h)
+    if tma is None:
+        tma = tma_ready(q8, k8, v8)
+    if tma:
+        triton.set_allocator(_scratch)
+        _fp8_attention_tma_kernel[grid](
+            q8,
+            k8,
+            v8,
+            out,
+            descale_q,
+            q8.stride(0),
+            q8.stride(1),
+            k8.stride(0),
+            k8.stride(1),
+            v8.stride(0),
+            v8.stride(3),
+            out.stride(0),
+            out.stride(1),
+            lq,
+            lk,
+            h,
+            LOG2E / math.sqrt(d),
+            P_SCALE=P_SCALE,
+            HEAD_DIM=d,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            WARP_SPECIALIZE=warp_specialize,
+            num_warps=warps,
+            num_stages=stages,
+        )
+        return out
+    _fp8_attention_kernel[grid](
+        q8,
+        k8,
+        v8,
+        out,
+        descale_q,
+        q8.stride(0),
+        q8.stride(1),
+        q8.stride(2),
+        k8.stride(0),
+        k8.stride(1),
+        k8.stride(2),
+        v8.stride(0),
+        v8.stride(1),
+        v8.stride(2),
+        v8.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lq,
+        lk,
+        h,
+        LOG2E / math.sqrt(d),
+        P_SCALE=P_SCALE,
+        HEAD_DIM=d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out

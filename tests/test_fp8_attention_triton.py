@@ -1,0 +1,149 @@
+"""The Triton FP8 attention kernel (--fp8-attention-kernel triton) in Triton's interpreter: its
+arithmetic against the reference, both of its loaders, the cache's keys-last values, the model and
+the flag."""
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
+from test_fp8_attention import _blocks
+from triton_interpreter import exact_downcasts
+
+from avatar.errors import InvalidInput
+from avatar.presets import GeneratorOptions, ModelSpec
+from avatar.services.generator.engine import GeneratorEngine
+from avatar.services.generator.fp8_attention import E4M3, reference
+from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton, tma_ready
+from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _keys_last(v: torch.Tensor, spare: int = 16) -> torch.Tensor:
+    """v [B, L, H, D] stored as [B, H, D, spare + L + spare] (a span of a longer buffer, as the
+    cache's; rows padded to 16 bytes, as the cache's)."""
+    b, n, h, d = v.shape
+    buf = torch.zeros(b, h, d, -(-(n + 2 * spare) // 16) * 16, dtype=v.dtype)
+    out = buf.permute(0, 3, 1, 2)[:, spare : spare + n]
+    out.copy_(v)
+    return out
+
+
+def _case(seed: int, batch=2, queries=100, keys=300, heads=2, dim=32, sharpness=3.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, dim, generator=g) * sharpness
+    k8 = torch.randn(batch, keys, heads, dim, generator=g).to(E4M3)
+    v8 = torch.randn(batch, keys, heads, dim, generator=g).to(E4M3)
+    descale = (q.abs().amax() / 448).reshape(1, 1, 1, 1)
+    return (q / descale).to(E4M3), k8, v8, descale
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("config", [(64, 64, 4, 2), (32, 128, 4, 2)])
+def test_the_kernel_computes_the_reference_arithmetic(tma, config):
+    """Queries and keys not multiples of the tiles (the last tiles partial), two batches: the
+    kernel's output is as close to exact attention as the reference's, and close to it."""
+    q8, k8, v8, descale = _case(seed=config[1])
+    values = _keys_last(v8) if tma else v8
+    assert tma_ready(q8, k8, values) == tma
+    with exact_downcasts():
+        got = fp8_sdpa_triton(q8, k8, values, descale.reshape(1), config, tma=tma)
+    ref = reference(q8, k8, v8, descale)
+    assert got.shape == ref.shape and got.dtype == E4M3 and got.is_contiguous()
+    exact = F.scaled_dot_product_attention(
+        *(t.float().transpose(1, 2) for t in (q8.float() * descale, k8, v8))
+    ).transpose(1, 2)
+    # the running softmax rounds the probabilities against the running max, the reference against
+    # the final one: the same error against exact attention, a few percent apart from each other
+    assert _rel(got, exact) < 1.2 * _rel(ref, exact) < 0.06
+    assert _rel(got, ref) < 0.04  # (a dropped tail tile or another batch's keys: ~1)
+
+
+def test_values_as_cached_and_keys_last_give_the_same_codes():
+    q8, k8, v8, descale = _case(seed=3, batch=1, queries=70, keys=200)
+    with exact_downcasts():
+        plain = fp8_sdpa_triton(q8, k8, v8, descale.reshape(1), (64, 64, 4, 2))
+        keys_last = fp8_sdpa_triton(q8, k8, _keys_last(v8), descale.reshape(1), (64, 64, 4, 2))
+        tma = fp8_sdpa_triton(q8, k8, _keys_last(v8), descale.reshape(1), (64, 64, 4, 2), tma=True)
+    assert torch.equal(plain.view(torch.uint8), keys_last.view(torch.uint8))
+    assert torch.equal(plain.view(torch.uint8), tma.view(torch.uint8))
+
+
+def test_the_kernel_refuses_what_it_cannot_read():
+    q8, k8, v8, descale = _case(seed=4, batch=1, dim=24)
+    with pytest.raises(ValueError, match="power of two"):
+        fp8_sdpa_triton(q8, k8, v8, descale.reshape(1))
+    q8, k8, v8, descale = _case(seed=4, batch=1)
+    with pytest.raises(ValueError, match="contiguous head dim"):
+        fp8_sdpa_triton(q8, k8.transpose(-1, -2).contiguous().transpose(-1, -2), v8, descale.reshape(1))
+
+
+def test_the_cache_stores_the_triton_kernels_values_keys_last():
+    spec = KVCacheSpec(num_layers=2, num_heads=2, head_dim=16, frame_tokens=16, window_frames=3, sink_tokens=32)
+    plain = KVCache(spec, E4M3, "cpu", fp8_attention=True)
+    kv = KVCache(spec, E4M3, "cpu", fp8_attention=True, fp8_kernel="triton")
+    assert kv.values.shape == plain.values.shape and kv.values.stride(-3) == 1  # tokens innermost
+    assert kv.values.stride(-1) % 16 == 0  # rows padded to 16 bytes for TMA
+    assert kv.nbytes >= plain.nbytes and kv.nbytes - plain.nbytes < 16 * 2 * 2 * 16  # < 16 tokens a row
+    span = kv.block_span(0, 0, 1)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 16, 2, 16, generator=g)
+    for cache in (plain, kv):  # the model's writes: a block's values, then the sink's round trip
+        cache.values[span.group, 1][:, span.write : span.write + 16] = v.to(E4M3)
+        cache.load_sink(cache.sink())
+    assert torch.equal(kv.values.view(torch.uint8), plain.values.view(torch.uint8))
+    values = kv.values[span.group, 1][:, span.lo : span.hi]
+    q8 = torch.zeros(1, 16, 2, 16, dtype=E4M3)
+    assert tma_ready(q8, kv.keys[span.group, 1][:, span.lo : span.hi], values)
+    with pytest.raises(ValueError, match="fp8_kernel"):
+        KVCache(spec, E4M3, "cpu", fp8_attention=True, fp8_kernel="flash")
+
+
+def test_the_tiny_dit_with_the_triton_kernel_matches_it_with_the_reference(monkeypatch):
+    """The same blocks through the model, the kernel (interpreter) against the reference that
+    stands in for cuDNN on the CPU: the values come keys-last, and the blocks agree."""
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    cudnn = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=options))
+    triton_options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True, fp8_attention_kernel="triton")
+    triton = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=triton_options), dit=cudnn.dit)
+    calls = []
+    real = torch.ops.avatar.fp8_sdpa
+    monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa", lambda *a: calls.append((a[2].stride(1), a[4])) or real(*a))
+    with exact_downcasts():
+        got = _blocks(triton, blocks=2)
+    assert calls and set(calls) == {(1, "triton")}  # keys-last values, every call
+    calls.clear()
+    ref = _blocks(cudnn, blocks=2)
+    assert calls and {kernel for _, kernel in calls} == {"cudnn"}
+    assert torch.isfinite(got).all() and 0 < _rel(got, ref) < 0.05, _rel(got, ref)
+
+
+def test_the_kernel_flag_and_its_bad_values():
+    from avatar.app import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_model_flags(parser)
+    spec = cli.model_spec(parser.parse_args(["--fp8-attention", "--fp8-attention-kernel", "triton"]))
+    assert spec.generator_options == GeneratorOptions(
+        kv_dtype="float8_e4m3fn", fp8_attention=True, fp8_attention_kernel="triton"
+    )
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--fp8-attention-kernel", "flash"])
+    assert e.value.code == 2
+    with pytest.raises(InvalidInput, match="fp8_attention_kernel must be one of cudnn, triton"):
+        GeneratorOptions(fp8_attention_kernel="flash")
+
+
+def test_the_op_with_the_triton_kernel_returns_what_its_fake_promises():
+    q8, k8, v8, descale = _case(seed=5, batch=1, queries=20, keys=40, dim=16)
+    with exact_downcasts():
+        checks = torch.library.opcheck(
+            torch.ops.avatar.fp8_sdpa.default,
+            (q8, k8, _keys_last(v8), descale, "triton"),
+            test_utils=("test_faketensor", "test_aot_dispatch_dynamic"),
+        )
+    assert set(checks.values()) == {"SUCCESS"}, checks
