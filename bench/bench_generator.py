@@ -1042,10 +1042,30 @@ def main():
         help="JSON of bench_norm_warps.py --out: engine-gaps then runs the fused norm kernels at the "
         "default launch widths and at these, instead of fused norms on and off",
     )
+    ap.add_argument(
+        "--fp8-kernels",
+        default=None,
+        help="engine-gaps: run the engine with each of these FP8 attention kernels (e.g. 'triton,cudnn'), "
+        "fused norms on, instead of fused norms on and off",
+    )
+    ap.add_argument(
+        "--triton-attention",
+        default=None,
+        metavar="BM,BN,WARPS,STAGES[,ws]",
+        help="the Triton FP8 attention's tiles and launch (and warp specialisation) for this run, e.g. "
+        "the fastest of bench_attention.py --triton",
+    )
     ap.add_argument("--time-budget", type=float, default=540, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
     args = ap.parse_args()
     t_main = time.perf_counter()
+    if args.triton_attention:
+        from avatar.services.generator import fp8_attention_triton
+
+        parts = args.triton_attention.split(",")
+        ws = parts[-1] == "ws"
+        fp8_attention_triton.DEFAULT_CONFIG = tuple(int(n) for n in (parts[:-1] if ws else parts))
+        fp8_attention_triton.DEFAULT_WARP_SPECIALIZE = ws
     smoke = args.only == "smoke"
     parts = (
         set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile,engine,legacy,profile".split(","))
@@ -1305,24 +1325,31 @@ def main():
             steady = 8 if dev_cuda else 0  # graphs replay from the third clip on (the CPU only checks the path)
             # (fused norms, their launch widths): on and off, or on at the default and the swept widths
             tuned = json.loads(Path(args.norm_warps).read_text())["warps"] if args.norm_warps else None
-            runs = [(True, None), (False, None)] if tuned is None else [(True, None), (True, tuned)]
+            runs = [(True, None, None), (False, None, None)]
+            if tuned is not None:
+                runs = [(True, None, None), (True, tuned, None)]
+            if args.fp8_kernels:  # the kernels one after the other, each with the defaults
+                runs = [(True, None, k) for k in args.fp8_kernels.split(",")]
             defaults = dict(fused_norms.LAUNCH_WARPS)
             for w, h in sizes:
-                for fused, warps in runs:  # the default first: a call cut short still measures it
+                for fused, warps, kernel in runs:  # the default first: a call cut short still measures it
                     dit.use_fused_norms(fused)
                     fused_norms.LAUNCH_WARPS.clear()
                     fused_norms.LAUNCH_WARPS.update(defaults if warps is None else warps)
                     label = f"fused norms {'on' if fused else 'off'}" + (f", warps {warps}" if warps else "")
-                    log(f"engine {w}*{h} {opts}, {label}:")
+                    run_opts = dict(opts, **({"fp8_attention_kernel": kernel} if kernel else {}))
+                    label += f", {kernel} FP8 attention" if kernel else ""
+                    log(f"engine {w}*{h} {run_opts}, {label}:")
                     r = guarded(
                         f"engine gaps {w}*{h} {label}",
-                        lambda w=w, h=h: bench_engine(
-                            dit, w, h, device, args.blocks + steady, args.warm + steady, opts, timeline_blocks=2
+                        lambda w=w, h=h, o=run_opts: bench_engine(
+                            dit, w, h, device, args.blocks + steady, args.warm + steady, o, timeline_blocks=2
                         ),
                     )
                     if r:
                         r["fused_norms"] = fused
                         r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
+                        r["fp8_attention_kernel"] = kernel or "cudnn"
                     results["engine_gaps"].append(r)
             fused_norms.LAUNCH_WARPS.clear()
             fused_norms.LAUNCH_WARPS.update(defaults)

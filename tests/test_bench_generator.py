@@ -282,3 +282,29 @@ def test_the_engine_gaps_part_runs_the_swept_launch_widths_beside_the_defaults(t
     ]
     assert ("norm_quantize", 16) in seen and ("gelu_quantize", 2) in seen and ("rope_into", 2) in seen
     assert fused_norms.LAUNCH_WARPS == {"rope_into": 2}
+
+
+def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypatch):
+    """--fp8-kernels triton,cudnn: the engine with each kernel (here the Triton one in the
+    interpreter, the reference for cuDNN's), the cache laid out for it."""
+    import torch
+    from triton_interpreter import exact_downcasts
+
+    from avatar.services.generator.weights import random_dit
+
+    monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
+    kernels = []
+    real = torch.ops.avatar.fp8_sdpa
+    monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa", lambda *a: kernels.append(a[4]) or real(*a))
+    out = tmp_path / "bench.json"
+    argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "engine-gaps"]
+    argv += ["--blocks", "1", "--warm", "0", "--fp8-kernels", "triton,cudnn", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with exact_downcasts():
+        bench_generator.main()
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    runs = res["engine_gaps"]
+    assert [(r["fused_norms"], r["fp8_attention_kernel"]) for r in runs] == [(True, "triton"), (True, "cudnn")]
+    assert runs[0]["generator_options"]["fp8_attention_kernel"] == "triton"
+    assert kernels.index("cudnn") > 0 and set(kernels[: kernels.index("cudnn")]) == {"triton"}

@@ -34,6 +34,7 @@ except ImportError:  # CPU-only installs: unavailable_reason() says so
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): measured fastest at 704*384 on an H100
 # (bench/bench_attention.py --triton, docs/performance.md); others for the bench's sweep.
 DEFAULT_CONFIG = (128, 128, 8, 3)
+DEFAULT_WARP_SPECIALIZE = False  # the TMA kernel's producer/consumer warps (Triton's Hopper pass)
 SWEEP_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)]
 TMA_SWEEP = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)]
 WS_SWEEP = [(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2), (256, 128, 8, 2)]
@@ -240,7 +241,7 @@ def fp8_sdpa_triton(
     descale_q: torch.Tensor,
     config: tuple[int, int, int, int] | None = None,
     tma: bool | None = None,
-    warp_specialize: bool = False,
+    warp_specialize: bool | None = None,
 ) -> torch.Tensor:
     """Unmasked attention of e4m3 [B, L, H, D] (q scaled by descale_q, k and v by 1) -> e4m3
     [B, Lq, H, D], contiguous. q and k must have a contiguous head dim; v may be laid out either
@@ -256,6 +257,8 @@ def fp8_sdpa_triton(
     grid = (triton.cdiv(lq, block_m), b * h)
     if tma is None:
         tma = tma_ready(q8, k8, v8)
+    if warp_specialize is None:
+        warp_specialize = DEFAULT_WARP_SPECIALIZE
     if tma:
         triton.set_allocator(_scratch)
         _fp8_attention_tma_kernel[grid](
