@@ -22,7 +22,7 @@ import os
 import torch
 
 E4M3 = torch.float8_e4m3fn
-P_SCALE = 256.0  # as fp8_attention.P_SCALE (cuDNN's scale_s): the same rounding of the probabilities
+P_LOG2 = 8.0  # log2 of fp8_attention.P_SCALE (256, cuDNN's scale_s): the same rounding of the probabilities
 LOG2E = 1.4426950408889634
 
 try:
@@ -56,6 +56,18 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 if triton is not None:
 
     @triton.jit
+    def _online_softmax(s, m_i, l_i, scale, P_LOG2: tl.constexpr):
+        # s: a tile's raw scores q8 . k8 in float32; the running max m_i is kept in those units
+        # (scale > 0), so each score costs one FMA and one exp2: exp2(s * scale - m * scale + 8)
+        # is 256 x the softmax numerator, the e4m3 value that enters P @ V, and l_i sums them.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        bias = m_new * scale - P_LOG2
+        p = tl.math.exp2(s * scale - bias[:, None])
+        alpha = tl.math.exp2((m_i - m_new) * scale)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        return p.to(tl.float8e4nv), alpha, m_new, l_i
+
+    @triton.jit
     def _fp8_attention_kernel(
         q_ptr,
         k_ptr,
@@ -79,7 +91,7 @@ if triton is not None:
         n_keys,
         n_heads,
         sm_scale_log2,
-        P_SCALE: tl.constexpr,
+        P_LOG2: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -102,7 +114,7 @@ if triton is not None:
         # keys as K^T [HEAD_DIM, BLOCK_N] (head dim contiguous: the product's reduction axis)
         k_ptrs = k_ptr + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]
         v_ptrs = v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
-        scale = tl.load(descale_ptr) * sm_scale_log2  # q's descale x 1/sqrt(D) x log2(e)
+        scale = tl.load(descale_ptr) * sm_scale_log2  # q's descale x 1/sqrt(D) x log2(e), > 0
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -110,28 +122,20 @@ if triton is not None:
         full_tiles = n_keys // BLOCK_N
         for _ in range(0, full_tiles):
             k = tl.load(k_ptrs)
-            s = tl.dot(q, k) * scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k), m_i, l_i, scale, P_LOG2)
             v = tl.load(v_ptrs)
-            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), v, acc * alpha[:, None])
-            m_i = m_new
+            acc = tl.dot(p8, v, acc * alpha[:, None])
             k_ptrs += BLOCK_N * stride_kl
             v_ptrs += BLOCK_N * stride_vl
         if full_tiles * BLOCK_N < n_keys:  # the last, partial tile: keys past the end weigh 0
             key_ok = full_tiles * BLOCK_N + offs_n < n_keys
             k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
-            s = tl.where(key_ok[None, :], tl.dot(q, k) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            s = tl.where(key_ok[None, :], tl.dot(q, k), float("-inf"))
+            p8, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, scale, P_LOG2)
             v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), v, acc * alpha[:, None])
+            acc = tl.dot(p8, v, acc * alpha[:, None])
 
-        out = acc / (l_i[:, None] * P_SCALE)
+        out = acc / l_i[:, None]
         out = tl.clamp(out, -448.0, 448.0).to(tl.float8e4nv)
         tl.store(
             o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
@@ -161,7 +165,7 @@ if triton is not None:
         n_keys,
         n_heads,
         sm_scale_log2,
-        P_SCALE: tl.constexpr,
+        P_LOG2: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -195,25 +199,17 @@ if triton is not None:
         full_end = (n_keys // BLOCK_N) * BLOCK_N
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             k = k_desc.load([start, h * HEAD_DIM])
-            s = tl.dot(q, k.T) * scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2)
             vt = vt_desc.load([h * HEAD_DIM, start])
-            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), vt.T, acc * alpha[:, None])
-            m_i = m_new
+            acc = tl.dot(p8, vt.T, acc * alpha[:, None])
         if full_end < n_keys:
             key_ok = full_end + tl.arange(0, BLOCK_N) < n_keys
             k = k_desc.load([full_end, h * HEAD_DIM])
-            s = tl.where(key_ok[None, :], tl.dot(q, k.T) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            s = tl.where(key_ok[None, :], tl.dot(q, k.T), float("-inf"))
+            p8, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, scale, P_LOG2)
             vt = vt_desc.load([h * HEAD_DIM, full_end])
-            acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), vt.T, acc * alpha[:, None])
-        out = acc / (l_i[:, None] * P_SCALE)
+            acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+        out = acc / l_i[:, None]
         o_desc.store([pid_m * BLOCK_M, h * HEAD_DIM], tl.clamp(out, -448.0, 448.0).to(tl.float8e4nv))
 
 
@@ -279,7 +275,7 @@ def fp8_sdpa_triton(
             lk,
             h,
             LOG2E / math.sqrt(d),
-            P_SCALE=P_SCALE,
+            P_LOG2=P_LOG2,
             HEAD_DIM=d,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -311,7 +307,7 @@ def fp8_sdpa_triton(
         lk,
         h,
         LOG2E / math.sqrt(d),
-        P_SCALE=P_SCALE,
+        P_LOG2=P_LOG2,
         HEAD_DIM=d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
