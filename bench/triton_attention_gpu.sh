@@ -3,8 +3,12 @@
 # the DiT's 704*384 shape (bench_attention.py --triton: every config of the sweep), then, if the
 # fastest Triton variant beats cuDNN's kernel, the service's engine (CUDA graphs, fused norms,
 # compiled) with each kernel at 704*384 (bench_generator.py --only engine-gaps --fp8-kernels).
+# With --mesh: instead of the engine, the whole mesh through the gateway (bench/mesh_gpu.sh, the
+# issue's configuration) with the faster kernel (its default tiles), to save a device call.
 # Run on the device machine from the repo root, carrying .whl and avatar/v1; results in $OUT.
 set -uo pipefail
+MESH=0
+[ "${1:-}" = "--mesh" ] && MESH=1
 OUT=${OUT:-/tmp/triton_attention_out}
 mkdir -p "$OUT"
 source bench/serve_wheels.sh > /dev/null || exit 1
@@ -25,7 +29,16 @@ PY
 )
 echo "fastest Triton variant against cuDNN's kernel (config ms cudnn_ms name): $best"
 read -r config ours cudnn _ <<< "$best"
-if [ -n "${config:-}" ] && python3 -c "import sys; sys.exit(0 if $ours < $cudnn else 1)"; then
+faster=cudnn
+if [ -n "${config:-}" ] && python3 -c "import sys; sys.exit(0 if $ours < $cudnn else 1)"; then faster=triton; fi
+if [ "$MESH" = 1 ]; then
+    echo "the mesh with the $faster kernel"
+    timeout "${MESH_S:-400}" bash bench/mesh_gpu.sh --compile --fp8 --kv-fp8 --decoder light --fp8-attention \
+        --fp8-attention-kernel "$faster" --warmup-shape 384x256@4 > "$OUT/mesh_stdout.txt" 2>&1
+    echo "mesh: exit $?"
+    tail -22 "$OUT/mesh_stdout.txt"
+    rm -f "$OUT/mesh_stdout.txt" "$OUT/attention.txt"  # printed; at most 8 files come back
+elif [ "$faster" = triton ]; then
     timeout "${ENGINE_S:-400}" python3 bench/bench_generator.py --only engine-gaps --compile-first \
         --sizes '704*384' --blocks 6 --warm 2 --fp8-kernels triton,cudnn --triton-attention "$config" \
         --out "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
