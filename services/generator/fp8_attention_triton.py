@@ -223,13 +223,6 @@ if triton is not None:
         o_desc.store([pid_m * BLOCK_M, h * HEAD_DIM], tl.clamp(out, -448.0, 448.0).to(tl.float8e4nv))
 
 
-def _scratch(size: int, alignment: int, stream):
-    # global memory for the descriptors tl.make_tensor_descriptor builds on the device
-    return torch.empty(
-        size, dtype=torch.int8, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    )
-
-
 def tma_ready(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> bool:
     """Whether the TMA kernel can read these: values keys-last, and every base address and row
     stride a multiple of 16 bytes (what TMA requires)."""
@@ -266,7 +259,8 @@ def fp8_sdpa_triton(
     if warp_specialize is None:
         warp_specialize = DEFAULT_WARP_SPECIALIZE
     if tma:
-        triton.set_allocator(_scratch)
+        # global memory for the descriptors tl.make_tensor_descriptor builds, on q's device
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q8.device))
         _fp8_attention_tma_kernel[grid](
             q8,
             k8,
