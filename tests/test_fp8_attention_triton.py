@@ -148,3 +148,19 @@ def test_the_op_with_the_triton_kernel_returns_what_its_fake_promises():
             test_utils=("test_faketensor", "test_aot_dispatch_dynamic"),
         )
     assert set(checks.values()) == {"SUCCESS"}, checks
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "triton"])
+def test_the_op_compiles_with_either_kernel(impl):
+    """Inductor lowers the op to a fallback kernel whose create() takes an argument named `kernel`:
+    an op argument of that name failed the compiled DiT on the GPU (2026-12-06), so it is `impl`."""
+    q8, k8, v8, descale = _case(seed=6, batch=1, queries=20, keys=40, dim=16)
+    values = _keys_last(v8) if impl == "triton" else v8
+
+    def attend(q8, k8, v8, descale):
+        return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale * 1.0, impl).float() * 2
+
+    with exact_downcasts():
+        compiled = torch.compile(attend, fullgraph=True)(q8, k8, values, descale)
+        eager = attend(q8, k8, values, descale)
+    assert torch.equal(compiled, eager)

@@ -72,11 +72,12 @@ def unavailable_reason(device: torch.device | str, kernel: str = "cudnn") -> str
 
 @torch.library.custom_op("avatar::fp8_sdpa", mutates_args=())
 def fp8_sdpa(
-    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, kernel: str = "cudnn"
+    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, impl: str = "cudnn"
 ) -> torch.Tensor:
     """Unmasked attention of e4m3 tensors [B, L, H, D] (q scaled by descale_q, k and v by 1) ->
-    e4m3 [B, Lq, H, D]. An opaque op for torch.compile: inductor fuses the quantisation around it."""
-    if kernel == "triton" and (q8.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    e4m3 [B, Lq, H, D]. An opaque op for torch.compile: inductor fuses the quantisation around it.
+    impl: "cudnn" or "triton" (not `kernel`: Inductor's fallback for the op has an argument of that name)."""
+    if impl == "triton" and (q8.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton
 
         return fp8_sdpa_triton(q8, k8, v8, descale_q.reshape(1))  # the CPU: Triton's interpreter (tests)
@@ -86,7 +87,7 @@ def fp8_sdpa(
 
 
 @fp8_sdpa.register_fake
-def _(q8, k8, v8, descale_q, kernel="cudnn"):
+def _(q8, k8, v8, descale_q, impl="cudnn"):
     return q8.new_empty((*q8.shape[:-1], v8.shape[-1]))
 
 
