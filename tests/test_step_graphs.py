@@ -375,3 +375,36 @@ def test_a_returning_portrait_and_prompt_copy_the_kept_sink_and_get_the_same_lat
     # two kept: both inputs restore; reclaimed with the slots when a session needs the memory
     assert session(seed=5, inputs_seed=3)[1] and session(seed=5, inputs_seed=4)[1]
     assert pooled.drop_idle_slots() > 0 and pooled.sinks.nbytes == 0
+
+
+def test_a_sink_short_of_memory_for_its_copy_makes_the_older_ones_go_first(pooled, monkeypatch, caplog):
+    """keep_sink: out of memory for the copy, the kept sinks are dropped and the copy tried once
+    more (run P2 on an H100 saw a returning portrait miss the sink it had kept, 2026-12-06); out of
+    memory again, none is kept and the session goes on, with a warning."""
+    import logging
+
+    from avatar.services.generator.kv_cache import KVCache
+    from avatar.services.generator.sink_cache import SinkCache
+
+    pooled.sinks = SinkCache()
+    text, ref, motion, _ = _inputs(seed=3, blocks=1)
+    s = pooled.open_session(_job(seed=1), text, ref, motion)
+    s.close()
+    assert len(pooled.sinks._sinks) == 1
+    real, failures = KVCache.sink, []
+
+    def sink(kv):
+        if failures and failures.pop():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.08 GiB")
+        return real(kv)
+
+    monkeypatch.setattr(KVCache, "sink", sink)
+    failures[:] = [True]  # once: the older sink goes, the copy is kept
+    text, ref, motion, _ = _inputs(seed=4, blocks=1)
+    pooled.open_session(_job(seed=1), text, ref, motion).close()
+    assert len(pooled.sinks._sinks) == 1 and torch.equal(pooled.sinks._sinks[0].inputs[0], ref)
+    failures[:] = [True, True]  # twice: nothing kept, the session opened anyway
+    text, ref, motion, _ = _inputs(seed=5, blocks=1)
+    with caplog.at_level(logging.WARNING, logger="avatar.services.generator.engine"):
+        pooled.open_session(_job(seed=1), text, ref, motion).close()
+    assert pooled.sinks._sinks == [] and "kept no sink" in caplog.text

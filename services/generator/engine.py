@@ -247,10 +247,19 @@ class GeneratorEngine:
             old.free()
 
     def keep_sink(self, kv: KVCache, inputs: tuple[torch.Tensor, ...]) -> None:
-        try:
-            self.sinks.keep(kv, inputs)
-        except torch.OutOfMemoryError:  # never fail a session for an optimisation
-            self.sinks.clear()
+        """Keeps the session's sink; short of memory for its copy, the older kept sinks make way
+        (once), and without memory even then none is kept: never fail a session for an optimisation."""
+        for attempt in range(2):
+            try:
+                self.sinks.keep(kv, inputs)
+                break
+            except torch.OutOfMemoryError:
+                freed = self.sinks.clear()
+                if attempt or not freed:
+                    log.warning("kept no sink for this portrait: out of GPU memory for its copy")
+                    break
+                if self.dit.device.type == "cuda":
+                    torch.cuda.empty_cache()
         with self._idle_lock:
             self._report_kept()
 
