@@ -86,8 +86,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--fp8-attention-kernel",
         choices=FP8_ATTENTION_KERNELS,
         default=DEFAULT_FP8_ATTENTION_KERNEL,
-        help="--fp8-attention's kernel, the same arithmetic: cuDNN's (needs nvidia-cudnn-frontend) or our "
-        "Triton kernel (values stored keys-last in the cache) (default: %(default)s)",
+        help="--fp8-attention's kernel, the same arithmetic: cuDNN's (Hopper, needs nvidia-cudnn-frontend) or "
+        "our Triton kernel (from compute capability 8.9, no cuDNN frontend; the values stored keys-last; "
+        "7%% slower than cuDNN's on an H100) (default: %(default)s)",
     )
     g.add_argument(
         "--fused-norms",

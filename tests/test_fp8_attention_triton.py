@@ -164,3 +164,23 @@ def test_the_op_compiles_with_either_kernel(impl):
         compiled = torch.compile(attend, fullgraph=True)(q8, k8, values, descale)
         eager = attend(q8, k8, values, descale)
     assert torch.equal(compiled, eager)
+
+
+def test_the_triton_kernel_runs_where_fp8_tensor_cores_are(monkeypatch):
+    """cuDNN's FP8 attention is Hopper's; the Triton kernel's FP8 dot runs from Ada (8.9: the
+    24 GB cards) without the cuDNN frontend. Each says why it cannot run."""
+    from avatar.services.generator.fp8_attention import unavailable_reason
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert unavailable_reason("cuda:0", "triton") is None
+    assert "--fp8-attention-kernel triton runs from 8.9" in unavailable_reason("cuda:0", "cudnn")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert "8.9" in unavailable_reason("cuda:0", "triton")
+
+
+def test_warp_specialisation_is_refused_where_it_was_wrong_or_cannot_run():
+    q8, k8, v8, descale = _case(seed=7, batch=1)
+    with pytest.raises(ValueError, match="more than 2 stages"):
+        fp8_sdpa_triton(q8, k8, _keys_last(v8), descale.reshape(1), (64, 64, 4, 3), warp_specialize=True)
+    with pytest.raises(ValueError, match="TMA kernel's"):
+        fp8_sdpa_triton(q8, k8, v8, descale.reshape(1), (64, 64, 4, 2), warp_specialize=True)

@@ -54,12 +54,15 @@ def unavailable_reason(device: torch.device | str, kernel: str = "cudnn") -> str
     device = torch.device(device)
     if device.type == "cpu":
         return None
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return f"--fp8-attention needs a Hopper GPU (compute capability 9.0) for its FP8 kernels; {device} is not"
-    if kernel == "triton":
+    if kernel == "triton":  # FP8 tensor cores: Ada (8.9) and Hopper
         from avatar.services.generator.fp8_attention_triton import unavailable_reason as triton_reason
 
         return triton_reason(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return (
+            f"--fp8-attention with cuDNN's kernel needs a Hopper GPU (compute capability 9.0); {device} is not "
+            "(--fp8-attention-kernel triton runs from 8.9)"
+        )
     try:
         import cudnn  # noqa: F401
     except ImportError:

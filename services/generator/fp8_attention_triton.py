@@ -1,13 +1,20 @@
-"""FP8 self-attention as one Triton kernel: the arithmetic of cuDNN's (fp8_attention.py), written
-out so that its tiles, pipelining and the values' layout are ours to choose.
+"""FP8 self-attention as one Triton kernel (`--fp8-attention-kernel triton`): the arithmetic of
+cuDNN's (fp8_attention.py), written out so that its tiles, pipelining and the values' layout are
+ours to choose, and so that FP8 attention needs neither the cuDNN frontend nor Hopper.
 
-Why a second kernel: on an H100 cuDNN's FP8 attention runs the DiT's 704*384 shape (3168 queries
-over 15312 keys, 40 x 128) at ~770 TFLOP/s, ~39% of the card's dense FP8 peak, and is ~38% of a
-block (docs/performance.md, runs K1, L1). FP8 tensor cores (wgmma) read both operands of a product
-along its reduction: the keys are (their head dim is contiguous), the values are not (the products
-P @ V sum over keys). The kernel therefore reads the values from a cache that stores them keys-last
-(`KVCache(..., values_keys_last=True)`: the same logical [.., tokens, H, D] tensor, laid out
-[.., H, D, tokens]), or, handed an ordinary one, transposes each tile itself (measured: slower).
+Measured (run P1, H100, docs/performance.md "A Triton FP8 attention"): at the DiT's 704*384 shape
+(3168 queries over 15312 keys, 40 x 128) its fastest form takes 1.471 ms (675 TFLOP/s) where
+cuDNN's takes 1.371-1.408, and writing a block's values keys-last costs 0.12 ms more a layer than
+the usual layout: cuDNN's stays the default on Hopper. Same error against exact attention as
+cuDNN's (0.0689 both); 2.3-2.6% from cuDNN's codes (where each rounds the probabilities).
+
+FP8 tensor cores (Hopper's wgmma) read both operands of a product along its reduction: the keys
+are (their head dim is contiguous), the values are not (P @ V sums over keys). So the kernel
+reads the values from a cache that stores them keys-last (`KVCache(..., fp8_kernel="triton")`:
+the same logical [.., tokens, H, D] tensor, laid out [.., H, D, tokens]), with TMA where the
+addresses allow (Hopper); handed an ordinary layout it still runs, 2.6x slower (each tile
+transposed through shared memory). Warp specialisation (Triton's Hopper pass) is a bench option:
+slower here, and with more than 2 stages it gave wrong results with Triton 3.6 (refused).
 
 Same numerics as fp8_attention.reference: e4m3 queries with one scale per call, the cache's e4m3
 keys and values unscaled, products in float32, the running softmax numerators entering the second
@@ -31,13 +38,13 @@ try:
 except ImportError:  # CPU-only installs: unavailable_reason() says so
     triton = None
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): measured fastest at 704*384 on an H100
-# (bench/bench_attention.py --triton, docs/performance.md); others for the bench's sweep.
-DEFAULT_CONFIG = (128, 128, 8, 3)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): measured fastest at 704*384 on an H100 (run P1,
+# bench/bench_attention.py --triton, docs/performance.md); others for the bench's sweep.
+DEFAULT_CONFIG = (128, 64, 4, 3)
 DEFAULT_WARP_SPECIALIZE = False  # the TMA kernel's producer/consumer warps (Triton's Hopper pass)
 SWEEP_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)]
 TMA_SWEEP = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)]
-WS_SWEEP = [(128, 128, 4, 2), (128, 128, 4, 3), (256, 128, 4, 2), (128, 64, 4, 3)]  # 4 warps: specialised (12)
+WS_SWEEP = [(128, 128, 4, 2), (256, 128, 4, 2)]  # 4 warps: specialised (12); 2 stages (above)
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -254,10 +261,14 @@ def fp8_sdpa_triton(
     block_m, block_n, warps, stages = config or DEFAULT_CONFIG
     out = torch.empty((b, lq, h, d), dtype=E4M3, device=q8.device)
     grid = (triton.cdiv(lq, block_m), b * h)
-    if tma is None:
-        tma = tma_ready(q8, k8, v8)
+    if tma is None:  # TMA: Hopper (and the interpreter)
+        tma = tma_ready(q8, k8, v8) and (not q8.is_cuda or torch.cuda.get_device_capability(q8.device) >= (9, 0))
     if warp_specialize is None:
         warp_specialize = DEFAULT_WARP_SPECIALIZE
+    if warp_specialize and not tma:
+        raise ValueError("warp specialisation is the TMA kernel's (values keys-last, 16-byte aligned, Hopper)")
+    if warp_specialize and stages > 2:
+        raise ValueError("the warp-specialised kernel gave wrong results at more than 2 stages (Triton 3.6, run P1)")
     if tma:
         # global memory for the descriptors tl.make_tensor_descriptor builds, on q's device
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q8.device))
