@@ -141,3 +141,37 @@ def test_the_encoder_answers_one_still_latent_and_the_gateway_passes_either_form
     assert motion_context(reply) == {"still_motion_latent": reply.still_motion_latent}
     older = encoder_pb2.EncodeImageResponse(ref_latent=reply.ref_latent, motion_latents=reply.still_motion_latent)
     assert motion_context(older) == {"motion_latents": older.motion_latents}  # an encoder before the field
+
+
+def test_a_returning_still_portrait_finds_its_sink_kept_through_the_servicer():
+    """The sink cache matches what the servicer hands over: the still latent repeated (a view),
+    the reference and the prompt as they came over the wire. The second and third sessions of
+    the same inputs copy the kept sink (run P2 on an H100 saw the second run it again)."""
+    from avatar.services.generator.sink_cache import SinkCache
+
+    text, ref, still = _conditioning(seed=3)
+    restored = []
+
+    async def main():
+        server, port = create_server("127.0.0.1:0")
+        engine = GeneratorEngine(ModelSpec(name="tiny", seed=0))
+        engine.sinks = SinkCache()  # a GPU's engine keeps sinks; the CPU's does not by default
+        real = engine.open_session
+
+        def open_session(*a, **k):
+            session = real(*a, **k)
+            restored.append(session.sink_restored)
+            return session
+
+        engine.open_session = open_session
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(engine), server)
+        await server.start()
+        try:
+            runs = [await _blocks(port, _start(text, ref, still_motion_latent=still)) for _ in range(3)]
+        finally:
+            await server.stop(None)
+        return runs
+
+    runs = asyncio.run(main())
+    assert restored == [False, True, True]
+    assert all(torch.equal(torch.stack(r), torch.stack(runs[0])) for r in runs[1:])  # the same blocks
