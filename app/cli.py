@@ -85,10 +85,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fp8-attention-kernel",
         choices=FP8_ATTENTION_KERNELS,
-        default=DEFAULT_FP8_ATTENTION_KERNEL,
-        help="--fp8-attention's kernel, the same arithmetic: cuDNN's (Hopper, needs nvidia-cudnn-frontend) or "
-        "our Triton kernel (from compute capability 8.9, no cuDNN frontend; the values stored keys-last; "
-        "7%% slower than cuDNN's on an H100) (default: %(default)s)",
+        default=None,
+        help="--fp8-attention's kernel (implies --fp8-attention), the same arithmetic: cuDNN's (Hopper, needs "
+        "nvidia-cudnn-frontend) or our Triton kernel (from compute capability 8.9, no cuDNN frontend; the "
+        f"values stored keys-last; 7%% slower than cuDNN's on an H100) (default: {DEFAULT_FP8_ATTENTION_KERNEL})",
     )
     g.add_argument(
         "--fused-norms",
@@ -215,14 +215,17 @@ def model_spec(args):
         audio_encoders += (wanted,)
     clip_image = args.clip_image or (getattr(args, "clip_embedding", False) and not getattr(args, "server", None))
     fp8 = getattr(args, "fp8", False)
+    # naming a kernel for FP8 attention asks for it, as --fp8-attention asks for the FP8 cache
+    fp8_attention_kernel = getattr(args, "fp8_attention_kernel", None)
+    fp8_attention = getattr(args, "fp8_attention", False) or fp8_attention_kernel is not None
     try:
         generator_options = GeneratorOptions(
             cache_sets=args.cache_sets,
-            kv_dtype="float8_e4m3fn" if args.kv_fp8 or getattr(args, "fp8_attention", False) else None,
+            kv_dtype="float8_e4m3fn" if args.kv_fp8 or fp8_attention else None,
             cuda_graphs=args.cuda_graphs,
             offload_text_projections=args.offload_text_kv,
-            fp8_attention=getattr(args, "fp8_attention", False),
-            fp8_attention_kernel=getattr(args, "fp8_attention_kernel", None) or DEFAULT_FP8_ATTENTION_KERNEL,
+            fp8_attention=fp8_attention,
+            fp8_attention_kernel=fp8_attention_kernel or DEFAULT_FP8_ATTENTION_KERNEL,
             fused_norms=getattr(args, "fused_norms", None),
         )
         encoder_options = EncoderOptions(

@@ -128,10 +128,14 @@ def test_the_kernel_flag_and_its_bad_values():
 
     parser = argparse.ArgumentParser()
     cli._add_model_flags(parser)
-    spec = cli.model_spec(parser.parse_args(["--fp8-attention", "--fp8-attention-kernel", "triton"]))
-    assert spec.generator_options == GeneratorOptions(
-        kv_dtype="float8_e4m3fn", fp8_attention=True, fp8_attention_kernel="triton"
+    triton = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True, fp8_attention_kernel="triton")
+    assert (
+        cli.model_spec(parser.parse_args(["--fp8-attention", "--fp8-attention-kernel", "triton"])).generator_options
+        == triton
     )
+    # naming the kernel asks for FP8 attention (and so the FP8 cache), as --fp8-attention does
+    assert cli.model_spec(parser.parse_args(["--fp8-attention-kernel", "triton"])).generator_options == triton
+    assert cli.model_spec(parser.parse_args([])).generator_options == GeneratorOptions()
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["--fp8-attention-kernel", "flash"])
     assert e.value.code == 2
@@ -184,3 +188,28 @@ def test_warp_specialisation_is_refused_where_it_was_wrong_or_cannot_run():
         fp8_sdpa_triton(q8, k8, _keys_last(v8), descale.reshape(1), (64, 64, 4, 3), warp_specialize=True)
     with pytest.raises(ValueError, match="TMA kernel's"):
         fp8_sdpa_triton(q8, k8, v8, descale.reshape(1), (64, 64, 4, 2), warp_specialize=True)
+
+
+def test_avatar_generate_with_the_triton_kernel_renders_a_video(tmp_path, env):
+    """The flag through the embedded mesh: on the CPU the kernel runs in Triton's interpreter
+    (TRITON_INTERPRET=1, as the tests set it), real bytes out, the choice in the sidecar."""
+    import json
+    import subprocess
+
+    from conftest import ASSETS, AVATAR, ROOT, check_video
+
+    out = tmp_path / "triton.mp4"
+    args = ["generate", "--image", str(ASSETS / "astronaut.png"), "--audio", str(ASSETS / "speech.wav")]
+    args += ["--size", "64*64", "--num_clip", "1", "--infer_frames", "24", "--sample_steps", "2", "--seed", "5"]
+    args += ["--fp8-attention-kernel", "triton", "--out", str(out)]
+    r = subprocess.run(
+        [*AVATAR, *args], cwd=ROOT, env={**env, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    check_video(out, 24 / 25)
+    assert json.loads(out.with_suffix(".json").read_text())["parameters"]["fp8_attention_kernel"] == "triton"
+    bad_out = tmp_path / "bad.mp4"
+    bad_args = [*args[:-4], "--fp8-attention-kernel", "flash", "--out", str(bad_out)]
+    bad = subprocess.run([*AVATAR, *bad_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'flash'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not bad_out.exists()
