@@ -290,15 +290,19 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
     import torch
     from triton_interpreter import exact_downcasts
 
+    from avatar.services.generator import fp8_attention_triton
     from avatar.services.generator.weights import random_dit
 
     monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
+    monkeypatch.setattr(fp8_attention_triton, "DEFAULT_CONFIG", fp8_attention_triton.DEFAULT_CONFIG)
+    monkeypatch.setattr(fp8_attention_triton, "DEFAULT_WARP_SPECIALIZE", False)
     kernels = []
     real = torch.ops.avatar.fp8_sdpa
     monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa", lambda *a: kernels.append(a[4]) or real(*a))
     out = tmp_path / "bench.json"
     argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "engine-gaps"]
     argv += ["--blocks", "1", "--warm", "0", "--fp8-kernels", "triton,cudnn", "--out", str(out)]
+    argv += ["--triton-attention", "32,32,4,2"]  # the tiles of this run (e.g. bench_attention's fastest)
     monkeypatch.setattr(sys, "argv", argv)
     with exact_downcasts():
         bench_generator.main()
@@ -308,3 +312,4 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
     assert [(r["fused_norms"], r["fp8_attention_kernel"]) for r in runs] == [(True, "triton"), (True, "cudnn")]
     assert runs[0]["generator_options"]["fp8_attention_kernel"] == "triton"
     assert kernels.index("cudnn") > 0 and set(kernels[: kernels.index("cudnn")]) == {"triton"}
+    assert fp8_attention_triton.DEFAULT_CONFIG == (32, 32, 4, 2) and not fp8_attention_triton.DEFAULT_WARP_SPECIALIZE
