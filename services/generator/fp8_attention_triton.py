@@ -12,7 +12,7 @@ FP8 tensor cores (Hopper's wgmma) read both operands of a product along its redu
 are (their head dim is contiguous), the values are not (P @ V sums over keys). So the kernel
 reads the values from a cache that stores them keys-last (`KVCache(..., fp8_kernel="triton")`:
 the same logical [.., tokens, H, D] tensor, laid out [.., H, D, tokens]), with TMA where the
-addresses allow (Hopper); handed an ordinary layout it still runs, 2.6x slower (each tile
+addresses allow (Hopper); handed an ordinary layout it still runs, 2.3x slower at the same tiles (each tile
 transposed through shared memory). Warp specialisation (Triton's Hopper pass) is a bench option:
 slower here, and with more than 2 stages it gave wrong results with Triton 3.6 (refused).
 
