@@ -368,6 +368,10 @@ class GeneratorEngine:
                 f"{width}*{height}: {blocks} blocks in {time.perf_counter() - start:.1f} s"
                 + (f", steady {steady:.0f} ms per block at {steps} steps" if steady else "")
             )
+        if self.sinks is not None:  # the warm-up's sinks are of zeros, which no request sends
+            self.sinks.clear()  # (1.08 GB each at 704*384: room for the requests' own)
+            with self._idle_lock:
+                self._report_kept()
         return lines
 
 
