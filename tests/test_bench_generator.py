@@ -228,9 +228,9 @@ def test_gpu_timeline_finds_the_idle_gaps_and_what_the_host_was_in(tmp_path):
     assert bench_generator.gpu_timeline(str(path)) == t
 
 
-def test_the_engine_gaps_part_runs_the_engine_both_ways(tmp_path, monkeypatch):
-    """--only engine-gaps on the CPU (no profiler there): the engine with FP8 attention over the
-    FP8 cache, without and with the fused norms, per size."""
+def _engine_gaps(tmp_path, monkeypatch, *extra: str) -> dict:
+    """bench_generator.py --only engine-gaps on the tiny DiT (bf16, random) on the CPU, the Triton
+    kernels in the interpreter; its JSON results."""
     import torch
     from triton_interpreter import exact_downcasts
 
@@ -239,10 +239,16 @@ def test_the_engine_gaps_part_runs_the_engine_both_ways(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
     out = tmp_path / "bench.json"
     argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "engine-gaps"]
-    monkeypatch.setattr(sys, "argv", argv + ["--blocks", "1", "--warm", "0", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", [*argv, "--blocks", "1", "--warm", "0", *extra, "--out", str(out)])
     with exact_downcasts():
         bench_generator.main()
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_the_engine_gaps_part_runs_the_engine_both_ways(tmp_path, monkeypatch):
+    """--only engine-gaps on the CPU (no profiler there): the engine with FP8 attention over the
+    FP8 cache, without and with the fused norms, per size."""
+    res = _engine_gaps(tmp_path, monkeypatch)
     assert res["errors"] == {}
     runs = res["engine_gaps"]
     assert [(r["size"], r["fused_norms"]) for r in runs] == [("96*64", True), ("96*64", False)]
@@ -254,26 +260,15 @@ def test_the_engine_gaps_part_runs_the_engine_both_ways(tmp_path, monkeypatch):
 def test_the_engine_gaps_part_runs_the_swept_launch_widths_beside_the_defaults(tmp_path, monkeypatch):
     """--norm-warps FILE (bench_norm_warps.py's --out): the fused engine at the default launch
     widths, then at the file's; fused_norms' own widths are put back afterwards."""
-    import torch
-    from triton_interpreter import exact_downcasts
-
     from avatar.services.generator import fused_norms
-    from avatar.services.generator.weights import random_dit
 
-    monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
     monkeypatch.setattr(fused_norms, "LAUNCH_WARPS", {"rope_into": 2})
     seen = []
     real = fused_norms._launch_shape
     monkeypatch.setattr(fused_norms, "_launch_shape", lambda c, k: seen.append((k, real(c, k)[1])) or real(c, k))
     warps = tmp_path / "warps.json"
     warps.write_text(json.dumps({"warps": {"norm_quantize": 16, "gelu_quantize": 2}}))
-    out = tmp_path / "bench.json"
-    argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "engine-gaps"]
-    argv += ["--blocks", "1", "--warm", "0", "--norm-warps", str(warps), "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    with exact_downcasts():
-        bench_generator.main()
-    res = json.loads(out.read_text())
+    res = _engine_gaps(tmp_path, monkeypatch, "--norm-warps", str(warps))
     assert res["errors"] == {}
     runs = res["engine_gaps"]
     assert [(r["fused_norms"], r["launch_warps"]) for r in runs] == [
@@ -288,25 +283,16 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
     """--fp8-kernels triton,cudnn: the engine with each kernel (here the Triton one in the
     interpreter, the reference for cuDNN's), the cache laid out for it."""
     import torch
-    from triton_interpreter import exact_downcasts
 
     from avatar.services.generator import fp8_attention_triton
-    from avatar.services.generator.weights import random_dit
 
-    monkeypatch.setattr(bench_generator, "build_dit", lambda preset, device: random_dit(preset, device, torch.bfloat16))
     monkeypatch.setattr(fp8_attention_triton, "DEFAULT_CONFIG", fp8_attention_triton.DEFAULT_CONFIG)
     monkeypatch.setattr(fp8_attention_triton, "DEFAULT_WARP_SPECIALIZE", False)
     kernels = []
     real = torch.ops.avatar.fp8_sdpa
     monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa", lambda *a: kernels.append(a[4]) or real(*a))
-    out = tmp_path / "bench.json"
-    argv = ["bench_generator.py", "--tiny", "--device", "cpu", "--sizes", "384*256", "--only", "engine-gaps"]
-    argv += ["--blocks", "1", "--warm", "0", "--fp8-kernels", "triton,cudnn", "--out", str(out)]
-    argv += ["--triton-attention", "32,32,4,2"]  # the tiles of this run (e.g. bench_attention's fastest)
-    monkeypatch.setattr(sys, "argv", argv)
-    with exact_downcasts():
-        bench_generator.main()
-    res = json.loads(out.read_text())
+    # --triton-attention: the tiles of this run (e.g. bench_attention's fastest)
+    res = _engine_gaps(tmp_path, monkeypatch, "--fp8-kernels", "triton,cudnn", "--triton-attention", "32,32,4,2")
     assert res["errors"] == {}
     runs = res["engine_gaps"]
     assert [(r["fused_norms"], r["fp8_attention_kernel"]) for r in runs] == [(True, "triton"), (True, "cudnn")]
