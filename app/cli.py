@@ -86,9 +86,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--fp8-attention-kernel",
         choices=FP8_ATTENTION_KERNELS,
         default=None,
-        help="--fp8-attention's kernel (implies --fp8-attention), the same arithmetic: cuDNN's (Hopper, needs "
-        "nvidia-cudnn-frontend) or our Triton kernel (from compute capability 8.9, no cuDNN frontend; the "
-        f"values stored keys-last; 7%% slower than cuDNN's on an H100) (default: {DEFAULT_FP8_ATTENTION_KERNEL})",
+        help="--fp8-attention's kernel (implies --fp8-attention): cuDNN's (Hopper, needs nvidia-cudnn-frontend), "
+        "our Triton kernel of the same arithmetic (from compute capability 8.9; the values stored keys-last; "
+        "7%% slower than cuDNN's on an H100) or FlashInfer's (Hopper; built once with nvcc from "
+        f"flashinfer-python's headers; its probabilities scaled by 448) (default: {DEFAULT_FP8_ATTENTION_KERNEL})",
     )
     g.add_argument(
         "--fused-norms",

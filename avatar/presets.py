@@ -40,7 +40,8 @@ DEFAULT_JOB_PRESET = "preview"
 
 
 KV_DTYPES = ("float8_e4m3fn",)
-FP8_ATTENTION_KERNELS = ("cudnn", "triton")  # --fp8-attention's: the same arithmetic (docs/performance.md)
+# --fp8-attention's kernels: cudnn and triton the same arithmetic, flashinfer FlashInfer's (docs/performance.md)
+FP8_ATTENTION_KERNELS = ("cudnn", "triton", "flashinfer")
 DEFAULT_FP8_ATTENTION_KERNEL = "cudnn"
 AUDIO_ENCODERS = ("wav2vec2", "whisper")
 DEFAULT_AUDIO_ENCODER = "wav2vec2"  # what the LiveAvatar checkpoint was trained with
@@ -56,7 +57,7 @@ class GeneratorOptions:
     cuda_graphs: bool | None = None  # replay steady-state steps from CUDA graphs; None: on for CUDA devices
     offload_text_projections: bool = False  # text k/v projections in pinned CPU memory (they run once per session)
     fp8_attention: bool = False  # self-attention with FP8 products over the FP8 cache (an approximation)
-    fp8_attention_kernel: str = DEFAULT_FP8_ATTENTION_KERNEL  # its kernel, same arithmetic: "cudnn" or "triton"
+    fp8_attention_kernel: str = DEFAULT_FP8_ATTENTION_KERNEL  # its kernel: "cudnn", "triton" or "flashinfer"
     # residual + norm + modulation + FP8 quantisation in one Triton kernel (needs fp8); None: on with
     # fp8 where they run as measured (a CUDA GPU, bf16, CUDA graphs, no per-avatar LoRAs, not FSDP)
     fused_norms: bool | None = None

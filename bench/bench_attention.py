@@ -14,11 +14,16 @@ queries (nearly uniform attention) and for queries x4 (peaked attention).
     python3 bench/bench_attention.py                 # writes $OUT/attention.json when OUT is set
     python3 bench/bench_attention.py --cross --sizes '704*384'   # + the text cross-attention's shape
     python3 bench/bench_attention.py --triton --sizes '704*384'  # + our Triton FP8 kernel, each config
+    python3 bench/bench_attention.py --flashinfer fi_fp8_attention.so --sizes '704*384'
 
 `--triton` times services/generator/fp8_attention_triton.py on the same codes as cuDNN's kernel
 alone, at each (BLOCK_M, BLOCK_N, warps, stages) of its sweep, with the values as the cache holds
 them today ([tokens, H, D]) and keys-last ([H, D, tokens], a slice of a larger buffer as the cache's
 is); then what writing a block's values costs in each layout, and the Triton output against cuDNN's.
+
+`--flashinfer LIB` times FlashInfer's Hopper FP8 attention (its FlashAttention-3-derived template)
+at each tile shape built into LIB by bench/flashinfer_fp8/build.sh, on the same codes: bf16 output,
+the probabilities into e4m3 scaled by 448 (cuDNN's and ours: 256), the query's scale per head.
 """
 
 from __future__ import annotations
@@ -81,7 +86,14 @@ def sdpa(q, k, v):  # [B, L, H, D] -> [B, Lq, H*D]
 
 
 def bench_size(
-    width: int, height: int, device, heads: int, head_dim: int, keys: int | None = None, triton: bool = False
+    width: int,
+    height: int,
+    device,
+    heads: int,
+    head_dim: int,
+    keys: int | None = None,
+    triton: bool = False,
+    flashinfer: str | None = None,
 ) -> dict:
     """keys: the self-attention's (sink + full ring) when None; else that many (the prompt's, for
     the text cross-attention: bf16 today, timed in FP8 to see whether it would be worth it)."""
@@ -171,6 +183,8 @@ def bench_size(
     guarded("fp8-attention, fastest cuDNN plan", every_plan)
     if triton:
         bench_triton(res, q8, k8, v8, descale, record, guarded)
+    if flashinfer:
+        bench_flashinfer(flashinfer, res, q8, k8, v8, descale, record, guarded)
     # the CPU reference (what the tests check) against cuDNN, on the first 256 queries
     sub = slice(0, 256)
     got = torch.ops.avatar.fp8_sdpa(q8[:, sub], k8, v8, descale).float()
@@ -218,6 +232,35 @@ def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
     log(f"  a block's values into the cache: {res['values_write_ms']}")
 
 
+def bench_flashinfer(lib_path, res, q8, k8, v8, descale, record, guarded) -> None:
+    """FlashInfer's FP8 kernel (fp8_attention_flashinfer.py) at each tile shape built into LIB."""
+    from avatar.services.generator import fp8_attention_flashinfer as fi
+
+    os.environ[fi.LIB_ENV] = lib_path
+    cudnn_out = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).float()
+    for config in fi.CONFIGS:
+        if not hasattr(fi.library(), config):
+            continue
+        name = f"flashinfer {config}"
+
+        def run(config=config, name=name):
+            ms = timed(lambda: fi.fp8_sdpa_flashinfer(q8, k8, v8, descale, config))
+            out = fi.fp8_sdpa_flashinfer(q8, k8, v8, descale, config)
+            record(name, ms, {1: out.flatten(2)})
+            res["variants"][name]["vs_cudnn"] = rel(out.float(), cudnn_out)
+
+        guarded(name, run)
+    # as the model calls it: through the op, the output rounded to e4m3 codes
+    guarded(
+        "fp8-attention, flashinfer op",
+        lambda: record(
+            "fp8-attention, flashinfer op",
+            timed(lambda: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale, "flashinfer")),
+            {1: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale, "flashinfer").to(torch.bfloat16).flatten(2)},
+        ),
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="704*384,384*256")
@@ -227,6 +270,7 @@ def main(argv=None) -> int:
         help="also the text cross-attention's shape: a block's queries over the prompt's 512 tokens",
     )
     p.add_argument("--triton", action="store_true", help="also the Triton FP8 kernel (fp8_attention_triton.py)")
+    p.add_argument("--flashinfer", default=None, metavar="LIB", help="also FlashInfer's FP8 kernel, built into LIB")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -242,7 +286,17 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sizes": []}
     for size in args.sizes.split(","):
         w, h = (int(x) for x in size.split("*"))
-        results["sizes"].append(bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads, triton=args.triton))
+        results["sizes"].append(
+            bench_size(
+                w,
+                h,
+                device,
+                cfg.num_heads,
+                cfg.dim // cfg.num_heads,
+                triton=args.triton,
+                flashinfer=args.flashinfer,
+            )
+        )
         if args.cross:
             results.setdefault("cross", []).append(
                 bench_size(w, h, device, cfg.num_heads, cfg.dim // cfg.num_heads, keys=cfg.text_len)

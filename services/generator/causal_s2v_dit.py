@@ -188,7 +188,7 @@ class LayerKV:
     hi: int = 0
     prefill: bool = False
     fp8_attention: bool = False  # attend over the FP8 cache with FP8 products (fp8_attention.py)
-    fp8_kernel: str = "cudnn"  # ... with cuDNN's kernel or our Triton one (values stored keys-last)
+    fp8_kernel: str = "cudnn"  # ... with cuDNN's kernel, our Triton one (values keys-last) or FlashInfer's
 
 
 class _Projections(nn.Module):

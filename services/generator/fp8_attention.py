@@ -1,7 +1,8 @@
 """FP8 self-attention over the KV cache (opt-in: `--fp8-attention`): on Hopper either cuDNN's fused
-FP8 attention through the cuDNN frontend (`pip install nvidia-cudnn-frontend`) or our Triton kernel
-of the same arithmetic (fp8_attention_triton.py; `--fp8-attention-kernel`); elsewhere (the CPU
-tests) a torch reference of it.
+FP8 attention through the cuDNN frontend (`pip install nvidia-cudnn-frontend`), our Triton kernel
+of the same arithmetic (fp8_attention_triton.py) or FlashInfer's (fp8_attention_flashinfer.py: its
+probabilities scaled by 448, its output through bf16), chosen by `--fp8-attention-kernel`;
+elsewhere (the CPU tests) a torch reference of each.
 
 Numerics: keys and values are read as the FP8 KV cache stores them (e4m3, unscaled: the option
 implies `--kv-fp8`, and no upcast copy of the cache slice is made); the queries are quantised to
@@ -58,6 +59,10 @@ def unavailable_reason(device: torch.device | str, kernel: str = "cudnn") -> str
         from avatar.services.generator.fp8_attention_triton import unavailable_reason as triton_reason
 
         return triton_reason(device)
+    if kernel == "flashinfer":  # built from flashinfer-python's headers with nvcc, for Hopper
+        from avatar.services.generator.fp8_attention_flashinfer import unavailable_reason as flashinfer_reason
+
+        return flashinfer_reason(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return (
             f"--fp8-attention with cuDNN's kernel needs a Hopper GPU (compute capability 9.0); {device} is not "
@@ -79,11 +84,19 @@ def fp8_sdpa(
 ) -> torch.Tensor:
     """Unmasked attention of e4m3 tensors [B, L, H, D] (q scaled by descale_q, k and v by 1) ->
     e4m3 [B, Lq, H, D]. An opaque op for torch.compile: inductor fuses the quantisation around it.
-    impl: "cudnn" or "triton" (not `kernel`: Inductor's fallback for the op has an argument of that name)."""
+    impl: "cudnn", "triton" or "flashinfer" (not `kernel`: Inductor's fallback for the op has an
+    argument of that name)."""
     if impl == "triton" and (q8.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton
 
         return fp8_sdpa_triton(q8, k8, v8, descale_q.reshape(1))  # the CPU: Triton's interpreter (tests)
+    if impl == "flashinfer":
+        from avatar.services.generator import fp8_attention_flashinfer as fi
+
+        if not q8.is_cuda:  # the CPU: the torch reference of its arithmetic (tests)
+            return reference(q8, k8, v8, descale_q, p_scale=fi.P_SCALE, bf16_out=True)
+        out = fi.fp8_sdpa_flashinfer(q8, k8, v8, descale_q)  # bf16: the codes the other kernels give
+        return out.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     if q8.is_cuda:
         return _CudnnFp8Sdpa.get(q8, k8, v8)(q8, k8, v8, descale_q)
     return reference(q8, k8, v8, descale_q)
@@ -94,15 +107,25 @@ def _(q8, k8, v8, descale_q, impl="cudnn"):
     return q8.new_empty((*q8.shape[:-1], v8.shape[-1]))
 
 
-def reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor) -> torch.Tensor:
+def reference(
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    descale_q: torch.Tensor,
+    p_scale: float = P_SCALE,
+    bf16_out: bool = False,
+) -> torch.Tensor:
     """cuDNN's FP8 attention arithmetic in float32 torch (one softmax max instead of a running one:
-    the same up to the e4m3 rounding of the probabilities)."""
+    the same up to the e4m3 rounding of the probabilities). p_scale 448 and bf16_out: FlashInfer's
+    (its probabilities' scale, and its output written in bf16 before the e4m3 codes)."""
     q = q8.float() * descale_q.float().reshape(())
     s = torch.einsum("bmhd,bnhd->bhmn", q, k8.float()) / math.sqrt(q.shape[-1])
     p = torch.exp(s - s.amax(-1, keepdim=True))
     norm = p.sum(-1).transpose(1, 2)[..., None]  # [B, Lq, H, 1]
-    p8 = (p * P_SCALE).to(E4M3).float() / P_SCALE
+    p8 = (p * p_scale).to(E4M3).float() / p_scale
     out = torch.einsum("bhmn,bnhd->bmhd", p8, v8.float()) / norm
+    if bf16_out:
+        out = out.to(torch.bfloat16).float()
     # contiguous, as cuDNN's output and the op's fake: compiled callers rely on those strides
     return out.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous()
 

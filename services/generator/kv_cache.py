@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-FP8_KERNELS = ("cudnn", "triton")  # FP8 attention kernels (fp8_attention.py, fp8_attention_triton.py)
+FP8_KERNELS = ("cudnn", "triton", "flashinfer")  # FP8 attention kernels (fp8_attention*.py)
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -158,7 +158,7 @@ class KVCache:
         if fp8_kernel not in FP8_KERNELS:
             raise ValueError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {fp8_kernel!r}")
         self.fp8_attention = fp8_attention  # attention over it with FP8 products (fp8_attention.py)
-        self.fp8_kernel = fp8_kernel  # which kernel: "cudnn" or "triton" (values stored keys-last)
+        self.fp8_kernel = fp8_kernel  # which kernel: the values are stored keys-last for "triton"
         self.spec = s = spec
         buf = (s.groups, s.num_layers, s.batch, s.buffer_tokens, s.num_heads, s.head_dim)
         self.keys = torch.zeros(buf, dtype=dtype, device=device)
