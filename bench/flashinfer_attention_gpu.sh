@@ -30,11 +30,14 @@ for n, r in v.items():
     if "vs_cudnn" in r:
         print(f"{n}: {r['ms']:.3f} ms, against cuDNN's output {r['vs_cudnn']:.4f}", file=sys.stderr)
 cudnn = min(r["ms"] for n, r in v.items() if n.startswith("fp8-attention, ") and "cuDNN" in n and "ms" in r)
-ours = v.get("fp8-attention, flashinfer op", {}).get("ms")
-print("flashinfer" if ours is not None and ours < cudnn else "cudnn")
+tiles = {n.split()[1]: r["ms"] for n, r in v.items() if n.startswith("flashinfer ") and "ms" in r}
+best = min(tiles, key=tiles.get) if tiles else None
+print("flashinfer" if best and tiles[best] < cudnn else "cudnn", best or "-")
 PY
 )
-echo "faster kernel alone: $faster"
+read -r faster best <<< "$faster"
+echo "faster kernel alone: $faster (FlashInfer's fastest tiles: $best)"
+[ "$best" != "-" ] && export AVATAR_FLASHINFER_FP8_CONFIG=$best
 if [ "$faster" = flashinfer ] || [ -n "${ENGINE_ALWAYS:-}" ]; then
     timeout "${ENGINE_S:-420}" python3 bench/bench_generator.py --only engine-gaps --compile-first \
         --sizes '704*384' --blocks 6 --warm 2 --fp8-kernels flashinfer,cudnn \

@@ -51,6 +51,7 @@ CONFIGS = {
     "fi_128x128x3": (128, 128, 3),
 }
 DEFAULT_CONFIG = "fi_128x192x2"
+CONFIG_ENV = "AVATAR_FLASHINFER_FP8_CONFIG"  # another of CONFIGS for the model's calls (benches)
 
 
 def flashinfer_data_dir() -> Path | None:
@@ -208,10 +209,12 @@ def library() -> ctypes.CDLL:
 
 
 def fp8_sdpa_flashinfer(
-    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, config: str = DEFAULT_CONFIG
+    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, config: str | None = None
 ) -> torch.Tensor:
     """Unmasked attention of e4m3 [B, L, H, 128] tensors (q scaled by descale_q, a one-element
-    tensor; k and v by 1) -> bf16 [B, Lq, H, 128]. Any strides with a contiguous head dim."""
+    tensor; k and v by 1) -> bf16 [B, Lq, H, 128]. Any strides with a contiguous head dim.
+    config: one of CONFIGS (default: $AVATAR_FLASHINFER_FP8_CONFIG, else DEFAULT_CONFIG)."""
+    config = config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     b, lq, h, d = q8.shape
     lk = k8.shape[1]
     if d != HEAD_DIM or k8.shape[-1] != d or v8.shape[-1] != d:
