@@ -239,7 +239,7 @@ def bench_flashinfer(lib_path, res, q8, k8, v8, descale, record, guarded) -> Non
     os.environ[fi.LIB_ENV] = lib_path
     cudnn_out = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).float()
     for config in fi.CONFIGS:
-        if not hasattr(fi.library(), config):
+        if not hasattr(fi.library(config), config):
             continue
         name = f"flashinfer {config}"
 

@@ -162,3 +162,31 @@ def test_avatar_generate_with_flashinfers_kernel_renders_a_video(tmp_path, env):
     assert r.returncode == 0, r.stderr
     check_video(out, 24 / 25)
     assert json.loads(out.with_suffix(".json").read_text())["parameters"]["fp8_attention_kernel"] == "flashinfer"
+
+
+def test_the_library_is_built_once_per_tile_shape_and_cached(tmp_path, monkeypatch):
+    """Built on first use, only the tile shape asked for, into the cache; found there afterwards;
+    a library named by AVATAR_FLASHINFER_FP8_LIB is used as it is."""
+    nvcc, data = _fake_nvcc(tmp_path, monkeypatch)
+    monkeypatch.delenv(fi.LIB_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fi, "flashinfer_data_dir", lambda: data)
+    monkeypatch.setattr(fi, "nvcc_path", lambda: nvcc)
+    monkeypatch.setattr(fi, "_libs", {})
+    loaded = []
+    monkeypatch.setattr(fi.ctypes, "CDLL", lambda path: loaded.append(path) or object())
+    builds = []
+    real_build = fi.build
+    monkeypatch.setattr(fi, "build", lambda *a, **k: builds.append(k["configs"]) or real_build(*a, **k))
+    first = fi.library("fi_128x128x3")
+    assert builds == [("fi_128x128x3",)] and len(loaded) == 1
+    assert loaded[0].startswith(str(tmp_path / "cache" / "avatar" / "flashinfer-fp8"))
+    assert fi.library("fi_128x128x3") is first and len(builds) == 1  # loaded once
+    monkeypatch.setattr(fi, "_libs", {})
+    fi.library("fi_128x128x3")
+    assert len(builds) == 1 and len(loaded) == 2  # a new process finds the cached file
+    with pytest.raises(ValueError, match="unknown FlashInfer tile shape 'fi_1x1x1'"):
+        fi.library("fi_1x1x1")
+    monkeypatch.setenv(fi.LIB_ENV, str(tmp_path / "prebuilt.so"))
+    fi.library("fi_128x192x2")
+    assert loaded[-1] == str(tmp_path / "prebuilt.so") and len(builds) == 1

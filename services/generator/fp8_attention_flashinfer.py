@@ -5,9 +5,10 @@ called through a C function, so the library does not depend on the installed tor
 
 Where the library comes from, first found: $AVATAR_FLASHINFER_FP8_LIB (a library built before,
 e.g. by `python3 -m avatar.services.generator.fp8_attention_flashinfer --build DIR`); the cache
-(~/.cache/avatar/flashinfer-fp8/, keyed by the source, the headers and nvcc); else it is built
-there on first use from `pip install flashinfer-python` (only its headers are read; the package
-is not imported) with nvcc 12.8 or newer (about a minute per tile shape). Hopper only (sm_90a).
+(~/.cache/avatar/flashinfer-fp8/, keyed by the source, the headers, nvcc and the tile shape); else
+the one tile shape in use is built there on first use (about a minute) from `pip install
+flashinfer-python` (only its headers are read; the package is not imported) with nvcc 12.8 or
+newer. Hopper only (sm_90a).
 
 Numerics (opt-in, like every FP8 attention here, docs/performance.md "FlashInfer's FP8
 attention"): the same e4m3 queries (one scale per call), the cache's e4m3 keys and values at scale
@@ -138,13 +139,13 @@ def build(out: Path, data: Path, nvcc: str, configs=tuple(CONFIGS), jobs: int | 
     return out
 
 
-def _cache_key(data: Path, nvcc: str) -> str:
+def _cache_key(data: Path, nvcc: str, config: str) -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     h.update(version.encode())
     for header in sorted((data / "include" / "flashinfer" / "attention" / "hopper").rglob("*.cuh")):
         h.update(header.read_bytes())
-    h.update(repr(sorted(CONFIGS.items())).encode())
+    h.update(repr((config, CONFIGS[config])).encode())
     return h.hexdigest()[:16]
 
 
@@ -175,24 +176,27 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
+_libs: dict[str, ctypes.CDLL] = {}
 
 
-def library() -> ctypes.CDLL:
-    """The loaded library: $AVATAR_FLASHINFER_FP8_LIB, else the cached build, else built now."""
-    global _lib
+def library(config: str = DEFAULT_CONFIG) -> ctypes.CDLL:
+    """A loaded library with `config`'s kernel: $AVATAR_FLASHINFER_FP8_LIB (every tile shape built
+    into it), else the cached build of that one shape, else built now (about a minute)."""
+    if config not in CONFIGS:
+        raise ValueError(f"unknown FlashInfer tile shape {config!r}; known: {', '.join(CONFIGS)}")
     with _lock:
-        if _lib is None:
-            path = os.environ.get(LIB_ENV)
-            if not path:
-                data, nvcc = flashinfer_data_dir(), nvcc_path()
-                if data is None or nvcc is None:
-                    raise RuntimeError(unavailable_reason("cuda") or "FlashInfer's FP8 attention is unavailable")
-                path = cache_dir() / _cache_key(data, nvcc) / LIB_NAME
-                if not path.is_file():
-                    print(f"building FlashInfer's FP8 attention into {path} (once)", file=sys.stderr, flush=True)
-                    build(path, data, nvcc)
-            lib = ctypes.CDLL(str(path))
+        path = os.environ.get(LIB_ENV)
+        if not path:
+            data, nvcc = flashinfer_data_dir(), nvcc_path()
+            if data is None or nvcc is None:
+                raise RuntimeError(unavailable_reason("cuda") or "FlashInfer's FP8 attention is unavailable")
+            path = cache_dir() / _cache_key(data, nvcc, config) / LIB_NAME
+            if not path.is_file():
+                print(f"building FlashInfer's FP8 attention into {path} (once)", file=sys.stderr, flush=True)
+                build(path, data, nvcc, configs=(config,))
+        path = str(path)
+        if path not in _libs:
+            lib = ctypes.CDLL(path)
             for name in CONFIGS:
                 if hasattr(lib, name):
                     fn = getattr(lib, name)
@@ -204,8 +208,8 @@ def library() -> ctypes.CDLL:
                         + [ctypes.c_int64] * 8
                         + [ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p]
                     )
-            _lib = lib
-        return _lib
+            _libs[path] = lib
+        return _libs[path]
 
 
 def fp8_sdpa_flashinfer(
@@ -221,7 +225,7 @@ def fp8_sdpa_flashinfer(
         raise ValueError(f"FlashInfer's FP8 attention is built for head dim {HEAD_DIM}, got {d}")
     if any(t.stride(-1) != 1 for t in (q8, k8, v8)):
         raise ValueError("FlashInfer's FP8 attention needs the head dim contiguous")
-    fn = getattr(library(), config, None)
+    fn = getattr(library(config), config, None)
     if fn is None:
         raise ValueError(f"the FlashInfer FP8 library has no tile shape {config!r}")
     out = torch.empty(b, lq, h, d, dtype=torch.bfloat16, device=q8.device)
