@@ -32,34 +32,50 @@ def _case(seed: int, queries=100, keys=300, heads=2, dim=32, sharpness=3.0):
     return (q / descale).to(E4M3), k8, v8, descale
 
 
-def test_the_op_on_the_cpu_computes_flashinfers_arithmetic():
-    """Its probabilities scaled by 448 and its output through bf16: as close to exact attention as
-    cuDNN's arithmetic, and not the same codes (the option is a different approximation)."""
+def test_the_ops_on_the_cpu_compute_flashinfers_arithmetic():
+    """Its probabilities scaled by 448 and its output in bf16: as close to exact attention as
+    cuDNN's arithmetic as codes, closer as the bf16 it writes (what the model takes), and not
+    cuDNN's codes (the option is a different approximation)."""
     q8, k8, v8, descale = _case(seed=1)
-    got = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale, "flashinfer")
-    assert got.dtype == E4M3 and got.shape == q8.shape
-    assert torch.equal(got, reference(q8, k8, v8, descale, p_scale=448.0, bf16_out=True))
+    out = torch.ops.avatar.fp8_sdpa_bf16(q8, k8, v8, descale)
+    assert out.dtype == torch.bfloat16 and out.shape == q8.shape
+    assert torch.equal(out, reference(q8, k8, v8, descale, p_scale=448.0, bf16_out=True))
+    codes = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale, "flashinfer")
+    assert codes.dtype == E4M3 and torch.equal(codes, out.clamp(-448, 448).to(E4M3))
     cudnn = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale, "cudnn")
     exact = F.scaled_dot_product_attention(
         *(t.float().transpose(1, 2) for t in (q8.float() * descale, k8, v8))
     ).transpose(1, 2)
-    assert _rel(got, exact) < 1.2 * _rel(cudnn, exact) < 0.06
-    assert 0 < _rel(got, cudnn) < 0.04
+    assert _rel(out, exact) < _rel(cudnn, exact) and _rel(codes, exact) < 1.2 * _rel(cudnn, exact) < 0.06
+    assert 0 < _rel(codes, cudnn) < 0.04
+
+
+def test_the_bf16_op_returns_what_its_fake_promises():
+    q8, k8, v8, descale = _case(seed=2, queries=20, keys=40, dim=16)
+    checks = torch.library.opcheck(
+        torch.ops.avatar.fp8_sdpa_bf16.default,
+        (q8, k8, v8, descale),
+        test_utils=("test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    assert set(checks.values()) == {"SUCCESS"}, checks
 
 
 def test_the_tiny_dit_with_flashinfers_kernel(monkeypatch):
-    """The model passes the kernel's name to every attention call, over the usual cache layout,
-    and its blocks stay within FP8 rounding of the cuDNN arithmetic's."""
+    """The model takes FlashInfer's bf16 output in every self-attention over the cache (its usual
+    layout: head dim contiguous), and its blocks stay within FP8 rounding of cuDNN's arithmetic's."""
     options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
     cudnn = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=options))
     fi_options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True, fp8_attention_kernel="flashinfer")
     flashinfer = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=fi_options), dit=cudnn.dit)
     calls = []
-    real = torch.ops.avatar.fp8_sdpa
-    monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa", lambda *a: calls.append((a[2].stride(-1), a[4])) or real(*a))
+    real, real_codes = torch.ops.avatar.fp8_sdpa_bf16, torch.ops.avatar.fp8_sdpa
+    monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa_bf16", lambda *a: calls.append(a[2].stride(-1)) or real(*a))
+    monkeypatch.setattr(torch.ops.avatar, "fp8_sdpa", lambda *a: calls.append(a[4]) or real_codes(*a))
     got = _blocks(flashinfer, blocks=2)
-    assert calls and set(calls) == {(1, "flashinfer")}  # head dim contiguous: the cache's usual layout
+    assert calls and set(calls) == {1}  # only the bf16 op, the cache's usual layout
+    calls.clear()
     ref = _blocks(cudnn, blocks=2)
+    assert calls and set(calls) == {"cudnn"}
     assert torch.isfinite(got).all() and 0 < _rel(got, ref) < 0.05, _rel(got, ref)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
 from avatar.services.generator import fused_norms
 from avatar.services.generator.fp8 import FP8Linear, FP8Rows
-from avatar.services.generator.fp8_attention import fp8_attention_codes
+from avatar.services.generator.fp8_attention import fp8_attention_bf16, fp8_attention_codes
 from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30  # RoPE frame index of the reference image at prefill (upstream)
@@ -228,6 +228,8 @@ class SelfAttention(_Projections):
         kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
         if kv.fp8_attention:
             keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
+            if kv.fp8_kernel == "flashinfer":  # its bf16 output: the projection quantises each row
+                return self.o(fp8_attention_bf16(q, keys, values, q_amax).to(q.dtype))
             out8 = fp8_attention_codes(q, keys, values, q_amax, kv.fp8_kernel)
             if self.fused_norms and isinstance(self.o, FP8Linear) and self.o.granularity == "row":
                 # cuDNN's e4m3 output at scale 1 is what the FP8 projection multiplies: no bf16

@@ -1,7 +1,7 @@
 """FP8 self-attention over the KV cache (opt-in: `--fp8-attention`): on Hopper either cuDNN's fused
 FP8 attention through the cuDNN frontend (`pip install nvidia-cudnn-frontend`), our Triton kernel
 of the same arithmetic (fp8_attention_triton.py) or FlashInfer's (fp8_attention_flashinfer.py: its
-probabilities scaled by 448, its output through bf16), chosen by `--fp8-attention-kernel`;
+probabilities scaled by 448, its output in bf16), chosen by `--fp8-attention-kernel`;
 elsewhere (the CPU tests) a torch reference of each.
 
 Numerics: keys and values are read as the FP8 KV cache stores them (e4m3, unscaled: the option
@@ -41,12 +41,29 @@ def fp8_attention_codes(
     """fp8_attention's output as the kernels write it: e4m3 [B, Lq, H*D] at scale 1 (the codes are
     the values). An FP8 projection can take them as they are (FP8Rows with scales of 1). q_amax: the
     queries' largest |value| where the kernel that made them has it (fused_norms.rms_rope_amax).
-    kernel: "cudnn" or "triton" (which reads v8 fastest keys-last: KVCache's layout for it)."""
+    kernel: "cudnn", "triton" (which reads v8 fastest keys-last: KVCache's layout for it) or
+    "flashinfer" (its bf16 output rounded to the same codes; the model takes fp8_attention_bf16)."""
+    q8, descale = _quantize_queries(q, q_amax)
+    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale, kernel).flatten(2)
+
+
+def fp8_attention_bf16(
+    q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_amax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """FlashInfer's FP8 attention with its output as it writes it, bf16 [B, Lq, H*D]: an FP8
+    projection quantises each row to its own scale, finer than e4m3 codes at scale 1 (run Q1:
+    most of the FP8 attention's error against exact attention is that output rounding)."""
+    q8, descale = _quantize_queries(q, q_amax)
+    return torch.ops.avatar.fp8_sdpa_bf16(q8, k8, v8, descale).flatten(2)
+
+
+def _quantize_queries(q: torch.Tensor, q_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 queries with one scale for the call (amax / 448) and that scale [1, 1, 1, 1]."""
     if q_amax is None:
         q_amax = q.abs().amax()
     descale = q_amax.float().clamp(min=1e-12) / E4M3_MAX
     q8 = (q.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale.reshape(1, 1, 1, 1), kernel).flatten(2)
+    return q8, descale.reshape(1, 1, 1, 1)
 
 
 def unavailable_reason(device: torch.device | str, kernel: str = "cudnn") -> str | None:
@@ -90,13 +107,8 @@ def fp8_sdpa(
         from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton
 
         return fp8_sdpa_triton(q8, k8, v8, descale_q.reshape(1))  # the CPU: Triton's interpreter (tests)
-    if impl == "flashinfer":
-        from avatar.services.generator import fp8_attention_flashinfer as fi
-
-        if not q8.is_cuda:  # the CPU: the torch reference of its arithmetic (tests)
-            return reference(q8, k8, v8, descale_q, p_scale=fi.P_SCALE, bf16_out=True)
-        out = fi.fp8_sdpa_flashinfer(q8, k8, v8, descale_q)  # bf16: the codes the other kernels give
-        return out.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    if impl == "flashinfer":  # its bf16 output as the codes the other kernels give
+        return fp8_sdpa_bf16(q8, k8, v8, descale_q).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     if q8.is_cuda:
         return _CudnnFp8Sdpa.get(q8, k8, v8)(q8, k8, v8, descale_q)
     return reference(q8, k8, v8, descale_q)
@@ -105,6 +117,22 @@ def fp8_sdpa(
 @fp8_sdpa.register_fake
 def _(q8, k8, v8, descale_q, impl="cudnn"):
     return q8.new_empty((*q8.shape[:-1], v8.shape[-1]))
+
+
+@torch.library.custom_op("avatar::fp8_sdpa_bf16", mutates_args=())
+def fp8_sdpa_bf16(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor) -> torch.Tensor:
+    """FlashInfer's FP8 attention of e4m3 [B, L, H, D] tensors (q scaled by descale_q, k and v by
+    1) -> bf16 [B, Lq, H, D], as its kernel writes it; on the CPU the reference of its arithmetic."""
+    from avatar.services.generator import fp8_attention_flashinfer as fi
+
+    if q8.is_cuda:
+        return fi.fp8_sdpa_flashinfer(q8, k8, v8, descale_q)
+    return reference(q8, k8, v8, descale_q, p_scale=fi.P_SCALE, bf16_out=True)
+
+
+@fp8_sdpa_bf16.register_fake
+def _(q8, k8, v8, descale_q):
+    return q8.new_empty((*q8.shape[:-1], v8.shape[-1]), dtype=torch.bfloat16)
 
 
 def reference(
@@ -116,8 +144,8 @@ def reference(
     bf16_out: bool = False,
 ) -> torch.Tensor:
     """cuDNN's FP8 attention arithmetic in float32 torch (one softmax max instead of a running one:
-    the same up to the e4m3 rounding of the probabilities). p_scale 448 and bf16_out: FlashInfer's
-    (its probabilities' scale, and its output written in bf16 before the e4m3 codes)."""
+    the same up to the e4m3 rounding of the probabilities): e4m3 codes out. p_scale 448 and
+    bf16_out: FlashInfer's (its probabilities' scale; its output, bf16)."""
     q = q8.float() * descale_q.float().reshape(())
     s = torch.einsum("bmhd,bnhd->bhmn", q, k8.float()) / math.sqrt(q.shape[-1])
     p = torch.exp(s - s.amax(-1, keepdim=True))
@@ -125,7 +153,7 @@ def reference(
     p8 = (p * p_scale).to(E4M3).float() / p_scale
     out = torch.einsum("bhmn,bnhd->bmhd", p8, v8.float()) / norm
     if bf16_out:
-        out = out.to(torch.bfloat16).float()
+        return out.to(torch.bfloat16).contiguous()
     # contiguous, as cuDNN's output and the op's fake: compiled callers rely on those strides
     return out.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous()
 
