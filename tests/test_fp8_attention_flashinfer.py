@@ -180,7 +180,7 @@ def test_avatar_generate_with_flashinfers_kernel_renders_a_video(tmp_path, env):
     assert json.loads(out.with_suffix(".json").read_text())["parameters"]["fp8_attention_kernel"] == "flashinfer"
 
 
-def test_the_library_is_built_once_per_tile_shape_and_cached(tmp_path, monkeypatch):
+def test_the_library_is_built_once_per_tile_shape_and_cached(tmp_path, monkeypatch, caplog):
     """Built on first use, only the tile shape asked for, into the cache; found there afterwards;
     a library named by AVATAR_FLASHINFER_FP8_LIB is used as it is."""
     nvcc, data = _fake_nvcc(tmp_path, monkeypatch)
@@ -194,8 +194,10 @@ def test_the_library_is_built_once_per_tile_shape_and_cached(tmp_path, monkeypat
     builds = []
     real_build = fi.build
     monkeypatch.setattr(fi, "build", lambda *a, **k: builds.append(k["configs"]) or real_build(*a, **k))
-    first = fi.library("fi_128x128x3")
+    with caplog.at_level("INFO", logger=fi.log.name):
+        first = fi.library("fi_128x128x3")
     assert builds == [("fi_128x128x3",)] and len(loaded) == 1
+    assert "building FlashInfer's FP8 attention (fi_128x128x3)" in caplog.text  # the minute it takes is said
     assert loaded[0].startswith(str(tmp_path / "cache" / "avatar" / "flashinfer-fp8"))
     assert fi.library("fi_128x128x3") is first and len(builds) == 1  # loaded once
     monkeypatch.setattr(fi, "_libs", {})

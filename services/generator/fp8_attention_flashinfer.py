@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import hashlib
 import importlib.util
+import logging
 import math
 import os
 import shutil
@@ -53,6 +54,7 @@ CONFIGS = {
 }
 DEFAULT_CONFIG = "fi_128x192x2"
 CONFIG_ENV = "AVATAR_FLASHINFER_FP8_CONFIG"  # another of CONFIGS for the model's calls (benches)
+log = logging.getLogger(__name__)
 
 
 def flashinfer_data_dir() -> Path | None:
@@ -192,8 +194,9 @@ def library(config: str = DEFAULT_CONFIG) -> ctypes.CDLL:
                 raise RuntimeError(unavailable_reason("cuda") or "FlashInfer's FP8 attention is unavailable")
             path = cache_dir() / _cache_key(data, nvcc, config) / LIB_NAME
             if not path.is_file():
-                print(f"building FlashInfer's FP8 attention into {path} (once)", file=sys.stderr, flush=True)
+                log.info("building FlashInfer's FP8 attention (%s) into %s: about a minute, once", config, path)
                 build(path, data, nvcc, configs=(config,))
+                log.info("built FlashInfer's FP8 attention (%s)", config)
         path = str(path)
         if path not in _libs:
             lib = ctypes.CDLL(path)
