@@ -1350,6 +1350,10 @@ def main():
                         r["fused_norms"] = fused
                         r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
                         r["fp8_attention_kernel"] = kernel or "cudnn"
+                        log(
+                            f"  engine {r['size']} {label}: {r['block_ms']:.1f} ms a block ({r['fps']:.2f} FPS), "
+                            f"blocks {r['block_ms_all']}, peak {r['peak_gib']:.1f} GiB"
+                        )
                     results["engine_gaps"].append(r)
             fused_norms.LAUNCH_WARPS.clear()
             fused_norms.LAUNCH_WARPS.update(defaults)
