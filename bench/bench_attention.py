@@ -14,7 +14,7 @@ queries (nearly uniform attention) and for queries x4 (peaked attention).
     python3 bench/bench_attention.py                 # writes $OUT/attention.json when OUT is set
     python3 bench/bench_attention.py --cross --sizes '704*384'   # + the text cross-attention's shape
     python3 bench/bench_attention.py --triton --sizes '704*384'  # + our Triton FP8 kernel, each config
-    python3 bench/bench_attention.py --flashinfer fi_fp8_attention.so --sizes '704*384'
+    python3 bench/bench_attention.py --flashinfer fp8_attention_flashinfer.so --sizes '704*384'
 
 `--triton` times services/generator/fp8_attention_triton.py on the same codes as cuDNN's kernel
 alone, at each (BLOCK_M, BLOCK_N, warps, stages) of its sweep, with the values as the cache holds
@@ -22,8 +22,9 @@ them today ([tokens, H, D]) and keys-last ([H, D, tokens], a slice of a larger b
 is); then what writing a block's values costs in each layout, and the Triton output against cuDNN's.
 
 `--flashinfer LIB` times FlashInfer's Hopper FP8 attention (its FlashAttention-3-derived template)
-at each tile shape built into LIB by bench/flashinfer_fp8/build.sh, on the same codes: bf16 output,
-the probabilities into e4m3 scaled by 448 (cuDNN's and ours: 256), the query's scale per head.
+at each tile shape built into LIB (`python3 -m avatar.services.generator.fp8_attention_flashinfer
+--build DIR`), on the same codes: bf16 output, the probabilities into e4m3 scaled by 448 (cuDNN's
+and ours: 256), the query's scale per head.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ def bench_flashinfer(lib_path, res, q8, k8, v8, descale, record, guarded) -> Non
             res["variants"][name]["vs_cudnn"] = rel(out.float(), cudnn_out)
 
         guarded(name, run)
-    # as the model calls it: through the op, the output rounded to e4m3 codes
+    # through the codes op, its output rounded to e4m3 as the other kernels write it (what the model
+    # called in run Q1; it now takes the bf16 output, as timed per tile shape above)
     guarded(
         "fp8-attention, flashinfer op",
         lambda: record(

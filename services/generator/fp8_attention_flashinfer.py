@@ -13,8 +13,9 @@ newer. Hopper only (sm_90a).
 Numerics (opt-in, like every FP8 attention here, docs/performance.md "FlashInfer's FP8
 attention"): the same e4m3 queries (one scale per call), the cache's e4m3 keys and values at scale
 1, products in float32; the probabilities enter the second product as e4m3 scaled by 448
-(FlashInfer's choice; cuDNN's and our Triton kernel's: 256); the output is written in bf16, then
-rounded to the e4m3 codes at scale 1 that the other kernels give the FP8 output projection.
+(FlashInfer's choice; cuDNN's and our Triton kernel's: 256); the output is written in bf16, and
+the model hands it to the FP8 output projection, which quantises each row to its own scale
+(fp8_attention.fp8_attention_bf16), where the other kernels give it e4m3 codes at scale 1.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def flashinfer_data_dir() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
-    return data if (data / "include" / "flashinfer").is_dir() else None
+    return data if _has_headers(data) else None
+
+
+def _has_headers(data: Path) -> bool:
+    return (data / "include" / "flashinfer").is_dir()
 
 
 def nvcc_path() -> str | None:
@@ -257,7 +262,7 @@ def main(argv=None) -> int:
     unknown = [c for c in configs if c not in CONFIGS]
     problem = (
         "no flashinfer-python headers (pip install flashinfer-python, or --data)"
-        if data is None or not (data / "include" / "flashinfer").is_dir()
+        if data is None or not _has_headers(data)
         else "no nvcc (PATH, CUDA_HOME or --nvcc)"
         if nvcc is None
         else f"unknown tile shapes {unknown}; known: {', '.join(CONFIGS)}"
