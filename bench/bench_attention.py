@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from avatar.dit_config import DIT_CONFIGS
 from avatar.services.generator.attention import prefer_cudnn_attention
 from avatar.services.generator.fp8_attention import fp8_attention, reference
+from avatar.services.generator.fused_norms import query_bound_per_weight
 
 E4M3 = torch.float8_e4m3fn
 
@@ -153,6 +154,21 @@ def bench_size(
             "fp8-attention, cuDNN kernel alone",
             timed(lambda: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale)),
             {1: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).to(torch.bfloat16).flatten(2)},
+        ),
+    )
+    # the queries at the fixed scale of --fused-norms (fused_norms.rms_rope_fp8: a bound from the q-norm's
+    # weight, here 1 for q's unit-RMS rows and 4 for q * 4) instead of their amax: the error it costs
+    fixed = {t: torch.tensor(t * query_bound_per_weight(heads * head_dim) / 448, device=device) for t in (1, 4)}
+    fixed_q8 = {t: (q.float() * t / fixed[t]).clamp(-448, 448).to(E4M3) for t in (1, 4)}
+    guarded(
+        "fp8-attention, queries at the norm's fixed scale",
+        lambda: record(
+            "fp8-attention, queries at the norm's fixed scale",
+            timed(lambda: torch.ops.avatar.fp8_sdpa(fixed_q8[1], k8, v8, fixed[1].reshape(1, 1, 1, 1))),
+            {
+                t: torch.ops.avatar.fp8_sdpa(fixed_q8[t], k8, v8, fixed[t].reshape(1, 1, 1, 1)).bfloat16().flatten(2)
+                for t in (1, 4)
+            },
         ),
     )
     # every plan cuDNN offers for these shapes, timed on them; the fastest against the heuristics' choice

@@ -48,6 +48,7 @@ def cases(
     ref_keys = rnd(layers, 1, frame, heads, dim // heads)
     sink = torch.empty(layers, 1, frame, heads, dim // heads, dtype=E4M3, device=device)
     ref_rope = rope_grid(dim // heads, range(40, 41), range(height // 16), range(width // 16), device)
+    keys, values = (torch.empty(1, 2 * m, heads, dim // heads, dtype=E4M3, device=device) for _ in range(2))
     return {
         "norm1+modulate": (
             "norm_quantize",
@@ -68,16 +69,16 @@ def cases(
             dim,
         ),
         "gelu": ("gelu_quantize", lambda: fused_norms.gelu_quantize(hidden), m * ffn_dim * (2 + 1), ffn_dim),
-        "q rms+rope+amax": (
-            "rms_rope_amax",
-            lambda: fused_norms.rms_rope_amax(x, w, rope.cos, rope.sin, 1e-6),
-            m * dim * (2 + 2),
+        "q rms+rope to FP8": (
+            "rms_rope_fp8",
+            lambda: fused_norms.rms_rope_fp8(x, w, rope.cos, rope.sin, 1e-6),
+            m * dim * (2 + 1),
             dim,
         ),
-        "k rms+rope to the FP8 cache": (
-            "rms_rope",
-            lambda: fused_norms.rms_rope(x, w, rope.cos, rope.sin, 1e-6, fp8=True),
-            m * dim * (2 + 1),
+        "k rms+rope and v into the FP8 cache": (
+            "kv_into_cache",
+            lambda: fused_norms.kv_into_cache(x, y, w, rope.cos, rope.sin, 1e-6, keys, values, m),
+            m * dim * (2 + 2 + 1 + 1),
             dim,
         ),
         "reference keys rope_into the sink": (

@@ -27,7 +27,7 @@ def test_the_sweep_times_every_kernel_at_every_count_and_keeps_the_defaults(benc
     monkeypatch.setattr(fused_norms, "LAUNCH_WARPS", {"rope_into": 2})
     table = bench.cases(32, 32, "cpu", dim=64, ffn_dim=128, heads=2, layers=2)
     assert {key for key, *_ in table.values()} == {
-        "norm_quantize", "residual_norm_quantize", "gelu_quantize", "rms_rope_amax", "rms_rope", "rope_into"
+        "norm_quantize", "residual_norm_quantize", "gelu_quantize", "rms_rope_fp8", "kv_into_cache", "rope_into"
     }  # fmt: skip
     counts = []
 
@@ -41,7 +41,7 @@ def test_the_sweep_times_every_kernel_at_every_count_and_keeps_the_defaults(benc
     res = bench.sweep(table, "cpu", [4, 8], calls=1, reps=1)
     assert len(counts) == 7 * 2 and {"rope_into": 4} in counts and {"rope_into": 8} in counts
     assert res["warps"] == dict.fromkeys(
-        ["norm_quantize", "residual_norm_quantize", "gelu_quantize", "rms_rope_amax", "rms_rope", "rope_into"], 8
+        ["norm_quantize", "residual_norm_quantize", "gelu_quantize", "rms_rope_fp8", "kv_into_cache", "rope_into"], 8
     )
     row = res["kernels"]["norm1+modulate"]
     assert row["default_warps"] == 4 and set(row["by_warps"]) == {4, 8}  # 64 wide: 4 warps by default

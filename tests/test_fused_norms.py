@@ -110,20 +110,62 @@ def test_rms_rope_is_the_attentions_rms_norm_then_rope_as_the_cache_stores_it(ca
         fused_norms.rms_rope(x[:, :-1], norm.weight, rope.cos, rope.sin, 1e-6)
 
 
-def test_rms_rope_amax_is_rms_rope_and_the_largest_value_of_its_output():
+def test_rms_rope_fp8_is_rms_rope_at_a_scale_fixed_by_the_norms_weight():
+    """The FP8 attention's queries straight from the norm's kernel: rms_rope's bf16 values divided
+    by descale = sqrt(C) * 1.02 * max|w| / 448 and cast, no reduction over the queries; the bound
+    holds for the worst row (all of a row's energy in one channel of the largest weight)."""
     from avatar.services.generator.causal_s2v_dit import rope_grid
 
     rope = rope_grid(16, range(3), range(2), range(2), "cpu")
     g = torch.Generator().manual_seed(6)
     x = (torch.randn(B, rope.cos.shape[0], 64, generator=g) * 3).bfloat16()
     w = (torch.randn(64, generator=g) * 5).bfloat16()
-    q, amax = fused_norms.rms_rope_amax(x, w, rope.cos, rope.sin, 1e-6)
-    assert torch.equal(q, fused_norms.rms_rope(x, w, rope.cos, rope.sin, 1e-6))
-    assert amax.dtype == torch.float32 and amax.shape == () and amax.item() == q.abs().amax().item() > 0
-    again, amax_again = fused_norms.rms_rope_amax(x * 0.5, w, rope.cos, rope.sin, 1e-6)
-    assert amax_again.item() == again.abs().amax().item()  # a fresh maximum each call, not the last one's
+    x[0, 0] = 0
+    x[0, 0, int(w.abs().argmax())] = 7  # one channel holds the row: |out| reaches the bound's sqrt(C) * max|w|
+    q8, descale = fused_norms.rms_rope_fp8(x, w, rope.cos, rope.sin, 1e-6)
+    q = fused_norms.rms_rope(x, w, rope.cos, rope.sin, 1e-6)
+    expected_descale = torch.tensor(fused_norms.query_bound_per_weight(64)) * w.abs().max().float() / E4M3_MAX
+    assert descale.shape == (1, 1, 1, 1) and descale.item() == expected_descale.item()
+    expected = (q.float() / descale.reshape(())).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    assert q8.dtype == torch.float8_e4m3fn and torch.equal(q8.view(torch.uint8), expected.view(torch.uint8))
+    assert q.abs().max() > 0.9 * 64**0.5 * w.abs().max()  # the worst row is near the bound ...
+    assert (q.float() / descale.reshape(())).abs().max() <= E4M3_MAX  # ... and fits: nothing clamped
+    assert (q8.float().abs() > 0).float().mean() > 0.95
+    assert ((q8.float() * descale - q.float()).norm() / q.float().norm()).item() < 0.04  # e4m3's rounding
     with pytest.raises(ValueError, match="cos/sin must be"):
-        fused_norms.rms_rope_amax(x[:, :-1], w, rope.cos, rope.sin, 1e-6)
+        fused_norms.rms_rope_fp8(x[:, :-1], w, rope.cos, rope.sin, 1e-6)
+
+
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+def test_kv_into_cache_writes_the_blocks_keys_and_values_into_their_rows_only(cache):
+    """One kernel for a block's keys (rms_rope) and values, written into rows [write, write + L)
+    of a layer's cache buffers as the unfused code's rms_rope + to_cache_dtype + slice copies."""
+    from avatar.services.generator.causal_s2v_dit import rope_grid
+    from avatar.services.generator.kv_cache import to_cache_dtype
+
+    heads, head_dim, rows, write = 4, 16, 30, 7
+    dtype = torch.float8_e4m3fn if cache == "fp8" else torch.bfloat16
+    rope = rope_grid(head_dim, range(5, 8), range(2), range(2), "cpu")
+    n = rope.cos.shape[0]
+    g = torch.Generator().manual_seed(9)
+    k, v = ((torch.randn(B, n, heads * head_dim, generator=g) * 300).bfloat16() for _ in range(2))  # past 448
+    w = torch.randn(heads * head_dim, generator=g).bfloat16()
+    keys, values = ((torch.randn(B, rows, heads, head_dim, generator=g) * 3).to(dtype) for _ in range(2))
+    before_k, before_v = keys.clone(), values.clone()
+    fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys, values, write)
+    expected_k = fused_norms.rms_rope(k, w, rope.cos, rope.sin, 1e-6, cache == "fp8").unflatten(-1, (heads, -1))
+    expected_v = to_cache_dtype(v, dtype).unflatten(-1, (heads, -1))
+    for got, expected, before in ((keys, expected_k, before_k), (values, expected_v, before_v)):
+        assert torch.equal(got[:, write : write + n].view(torch.uint8), expected.view(torch.uint8))
+        got[:, write : write + n] = before[:, write : write + n]
+        assert torch.equal(got.view(torch.uint8), before.view(torch.uint8))  # nothing else written
+    with pytest.raises(ValueError, match="outside keys"):
+        fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys, values, rows - n + 1)
+    keys_last = values.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # the Triton kernel's layout
+    with pytest.raises(ValueError, match="values must be"):
+        fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys, keys_last, write)
+    with pytest.raises(ValueError, match="v must be"):
+        fused_norms.kv_into_cache(k, v[:, :, :-1], w, rope.cos, rope.sin, 1e-6, keys, values, write)
 
 
 @pytest.mark.parametrize("cache", ["bf16", "fp8"])
@@ -169,7 +211,11 @@ def test_each_op_returns_what_its_fake_promises():
         ],
         torch.ops.avatar.gelu_quantize.default: [(y,)],
         torch.ops.avatar.rms_rope.default: [(x, w, rope.cos, rope.sin, 1e-6, fp8) for fp8 in (False, True)],
-        torch.ops.avatar.rms_rope_amax.default: [(x, w, rope.cos, rope.sin, 1e-6)],
+        torch.ops.avatar.rms_rope_fp8.default: [(x, w, rope.cos, rope.sin, 1e-6)],
+        torch.ops.avatar.kv_into_cache.default: [
+            (x, y, w, rope.cos, rope.sin, 1e-6, *(torch.zeros(B, 20, 4, 24, dtype=dtype) for _ in "kv"), 3)
+            for dtype in (torch.bfloat16, torch.float8_e4m3fn)
+        ],
     }
     for op, arg_sets in calls.items():
         for args in arg_sets:
@@ -339,7 +385,7 @@ def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch)
     eager = _fp8_dit()
     eager.use_fused_norms()
     expected = _blocks(eager, 1)
-    launches = {"norm": 0, "gelu": 0, "rope": 0}
+    launches = {"norm": 0, "gelu": 0, "rope": 0, "kv": 0}
 
     def counted(name, kernel):
         class Launcher:
@@ -352,13 +398,14 @@ def test_compiled_blocks_call_the_kernels_and_follow_the_eager_ones(monkeypatch)
     monkeypatch.setattr(fused_norms, "_norm_quantize_kernel", counted("norm", fused_norms._norm_quantize_kernel))
     monkeypatch.setattr(fused_norms, "_gelu_quantize_kernel", counted("gelu", fused_norms._gelu_quantize_kernel))
     monkeypatch.setattr(fused_norms, "_rms_rope_kernel", counted("rope", fused_norms._rms_rope_kernel))
+    monkeypatch.setattr(fused_norms, "_kv_into_cache_kernel", counted("kv", fused_norms._kv_into_cache_kernel))
     compiled = _fp8_dit()
     compiled.use_fused_norms()
     compile_blocks(compiled)
     got = _blocks(compiled, 1)
-    # norms: 3 per layer x 4 layers (sink and steps) + 1 per injection x 3 (steps only); q and k
-    # of each layer in the 4 steps (the sink's prefill keeps its own code)
-    assert launches == {"norm": 3 * 4 * 5 + 3 * 4, "gelu": 4 * 5, "rope": 2 * 4 * 4}
+    # norms: 3 per layer x 4 layers (sink and steps) + 1 per injection x 3 (steps only); q, and k
+    # with v into the cache, of each layer in the 4 steps (the sink's prefill keeps its own code)
+    assert launches == {"norm": 3 * 4 * 5 + 3 * 4, "gelu": 4 * 5, "rope": 4 * 4, "kv": 4 * 4}
     rel = ((got[0] - expected[0]).norm() / expected[0].norm()).item()
     assert rel < 0.03, rel  # inductor rounds the rest of the block its own way (1.1% measured)
 
@@ -372,3 +419,28 @@ def test_the_eager_row_quantiser_kernel_shares_the_row_arithmetic():
     q, s = quantize_rows_fused(x)
     q_ref, s_ref = quantize(x, "row")
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_the_cross_attentions_bf16_outputs_are_quantised_by_the_row_kernel_op():
+    """With --fused-norms the FP8 projections whose inputs no fused kernel quantised (the text and
+    audio cross-attentions' outputs) quantise through avatar::quantize_rows, one opaque op under
+    torch.compile (the Triton row kernel, not inductor's reduction); same codes as quantize(x, "row")."""
+    from avatar.services.generator.fp8 import FP8Linear, quantize_rows_kernel
+
+    x = torch.cat([torch.randn(5, C) * 7, torch.zeros(1, C)]).bfloat16()
+    q, s = quantize_rows_kernel(x)
+    q_ref, s_ref = quantize(x, "row")
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    checks = torch.library.opcheck(
+        torch.ops.avatar.quantize_rows.default, (x,), test_utils=("test_faketensor", "test_aot_dispatch_dynamic")
+    )
+    assert set(checks.values()) == {"SUCCESS"}, checks
+    with pytest.raises(ValueError, match="per row"):
+        quantize_rows_kernel(x, "tensor")
+    dit = _fp8_dit()
+    o = dit.blocks[0].cross_attn.o
+    dit.use_fused_norms()
+    assert isinstance(o, FP8Linear) and o._quantize is quantize_rows_kernel
+    assert dit.audio_injector.injections[0].attn.o._quantize is quantize_rows_kernel
+    dit.use_fused_norms(False)
+    assert o._quantize is not quantize_rows_kernel  # the default again

@@ -30,8 +30,13 @@ from torch import nn
 
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
 from avatar.services.generator import fused_norms
-from avatar.services.generator.fp8 import FP8Linear, FP8Rows
-from avatar.services.generator.fp8_attention import fp8_attention_bf16, fp8_attention_codes
+from avatar.services.generator.fp8 import FP8Linear, FP8Rows, quantize_rows_kernel
+from avatar.services.generator.fp8_attention import (
+    fp8_attention_bf16,
+    fp8_attention_bf16_q8,
+    fp8_attention_codes,
+    fp8_attention_codes_q8,
+)
 from avatar.services.generator.kv_cache import BlockSpan, KVCache, to_cache_dtype
 
 REF_ROPE_FRAME = 30  # RoPE frame index of the reference image at prefill (upstream)
@@ -208,36 +213,50 @@ class SelfAttention(_Projections):
     def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
         if kv.prefill:  # the sink: attends to itself
             return self._prefill(x, rope, kv)
-        heads, cache, q_amax = (self.num_heads, -1), kv.keys.dtype, None
         if self.fused_norms:
-            args = (self.q(x), self.norm_q.weight, rope.cos, rope.sin, self.norm_q.eps)
-            if kv.fp8_attention:  # the queries' scale from the same pass (no reduction over q)
-                q, q_amax = fused_norms.rms_rope_amax(*args)
-            else:
-                q = fused_norms.rms_rope(*args)
-            k = fused_norms.rms_rope(
-                self.k(x), self.norm_k.weight, rope.cos, rope.sin, self.norm_k.eps, cache == torch.float8_e4m3fn
-            )
-            q, k = q.unflatten(-1, heads), k.unflatten(-1, heads)
-        else:
-            q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
-            k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
+            return self._forward_fused(x, rope, kv)
+        heads, cache = (self.num_heads, -1), kv.keys.dtype
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)
         n = q.shape[1]
-        kv.keys[:, kv.write : kv.write + n] = k if k.dtype == cache else to_cache_dtype(k, cache)
+        kv.keys[:, kv.write : kv.write + n] = to_cache_dtype(k, cache)
         kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v, cache)
+        keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
+        if kv.fp8_attention and kv.fp8_kernel == "flashinfer":
+            return self.o(fp8_attention_bf16(q, keys, values).to(q.dtype))
         if kv.fp8_attention:
-            keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
-            if kv.fp8_kernel == "flashinfer":  # its bf16 output: the projection quantises each row
-                return self.o(fp8_attention_bf16(q, keys, values, q_amax).to(q.dtype))
-            out8 = fp8_attention_codes(q, keys, values, q_amax, kv.fp8_kernel)
-            if self.fused_norms and isinstance(self.o, FP8Linear) and self.o.granularity == "row":
-                # cuDNN's e4m3 output at scale 1 is what the FP8 projection multiplies: no bf16
-                # round trip, no second rounding to per-row scales (one kernel less per layer)
-                return self.o(FP8Rows(out8, torch.ones(*out8.shape[:-1], 1, device=out8.device)))
-            return self.o(out8.to(q.dtype))
-        keys, values = kv.keys[:, kv.lo : kv.hi].to(q.dtype), kv.values[:, kv.lo : kv.hi].to(q.dtype)
-        return self.o(attention(q, keys, values))
+            return self.o(fp8_attention_codes(q, keys, values, kv.fp8_kernel).to(q.dtype))
+        return self.o(attention(q, keys.to(q.dtype), values.to(q.dtype)))
+
+    def _forward_fused(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
+        """forward() with the q/k norms and RoPE in Triton kernels (fused_norms.py): the keys and
+        values go into the cache from one kernel; with FP8 attention the queries come out as e4m3
+        at a scale fixed by their norm's weight, no reduction over them first."""
+        heads, cache = (self.num_heads, -1), kv.keys.dtype
+        qkv_norms = (rope.cos, rope.sin, self.norm_q.eps)
+        k, v = self.k(x), self.v(x)
+        n = k.shape[1]
+        if kv.values.stride(-1) == 1:  # each token's values contiguous (not the Triton kernel's keys-last)
+            fused_norms.kv_into_cache(k, v, self.norm_k.weight, *qkv_norms, kv.keys, kv.values, kv.write)
+        else:
+            k = fused_norms.rms_rope(k, self.norm_k.weight, *qkv_norms, cache == torch.float8_e4m3fn)
+            kv.keys[:, kv.write : kv.write + n] = k.unflatten(-1, heads)
+            kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v.unflatten(-1, heads), cache)
+        keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
+        if not kv.fp8_attention:
+            q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, *qkv_norms).unflatten(-1, heads)
+            return self.o(attention(q, keys.to(q.dtype), values.to(q.dtype)))
+        q8, descale = fused_norms.rms_rope_fp8(self.q(x), self.norm_q.weight, *qkv_norms)
+        q8 = q8.unflatten(-1, heads)
+        if kv.fp8_kernel == "flashinfer":  # its bf16 output: the projection quantises each row
+            return self.o(fp8_attention_bf16_q8(q8, descale, keys, values))
+        out8 = fp8_attention_codes_q8(q8, descale, keys, values, kv.fp8_kernel)
+        if isinstance(self.o, FP8Linear) and self.o.granularity == "row":
+            # the kernel's e4m3 output at scale 1 is what the FP8 projection multiplies: no bf16
+            # round trip, no second rounding to per-row scales (one kernel less per layer)
+            return self.o(FP8Rows(out8, torch.ones(*out8.shape[:-1], 1, device=out8.device)))
+        return self.o(out8.to(torch.bfloat16))
 
     def _prefill(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
         """The sink's tokens: the reference's keys stored unrotated (each call rotates them to its
@@ -669,6 +688,9 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
             raise ValueError("--fused-norms quantises the linears' inputs per row: it needs --fp8")
         for module in (*blocks, *injections):
             module.fused_norms = on
+            for layer in module.modules():  # what no fused kernel quantised (attention outputs)
+                if isinstance(layer, FP8Linear) and layer.granularity == "row":
+                    layer.compile_quantize(quantize_rows_kernel if on else None)
         self._rotate_fused = on
 
     @torch.no_grad()

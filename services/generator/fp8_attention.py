@@ -6,7 +6,10 @@ elsewhere (the CPU tests) a torch reference of each.
 
 Numerics: keys and values are read as the FP8 KV cache stores them (e4m3, unscaled: the option
 implies `--kv-fp8`, and no upcast copy of the cache slice is made); the queries are quantised to
-e4m3 with one scale per call (amax / 448); the softmax numerators enter the second product as
+e4m3 with one scale per call: amax / 448, or, with `--fused-norms`, a scale fixed by the q-norm's
+weight that bounds every value (fused_norms.rms_rope_fp8: the codes come out of the norm's kernel,
+no reduction over the queries first; e4m3 is a floating-point format, so the finer or coarser
+scale changes the error little: docs/performance.md); the softmax numerators enter the second product as
 e4m3 scaled by 256 (a power of two); the output is e4m3 (on Hopper cuDNN writes FP8 attention
 output only in FP8), turned back to bf16 for the output projection, or, with `--fused-norms`
 and an FP8 projection, handed to it as they are (no second rounding to per-row scales).
@@ -31,37 +34,39 @@ def fp8_attention(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.
     return fp8_attention_codes(q, k8, v8).to(q.dtype)
 
 
-def fp8_attention_codes(
-    q: torch.Tensor,
-    k8: torch.Tensor,
-    v8: torch.Tensor,
-    q_amax: torch.Tensor | None = None,
-    kernel: str = "cudnn",
-) -> torch.Tensor:
+def fp8_attention_codes(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, kernel: str = "cudnn") -> torch.Tensor:
     """fp8_attention's output as the kernels write it: e4m3 [B, Lq, H*D] at scale 1 (the codes are
-    the values). An FP8 projection can take them as they are (FP8Rows with scales of 1). q_amax: the
-    queries' largest |value| where the kernel that made them has it (fused_norms.rms_rope_amax).
+    the values). An FP8 projection can take them as they are (FP8Rows with scales of 1).
     kernel: "cudnn", "triton" (which reads v8 fastest keys-last: KVCache's layout for it) or
     "flashinfer" (its bf16 output rounded to the same codes; the model takes fp8_attention_bf16)."""
-    q8, descale = _quantize_queries(q, q_amax)
-    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale, kernel).flatten(2)
+    return fp8_attention_codes_q8(*_quantize_queries(q), k8, v8, kernel)
 
 
-def fp8_attention_bf16(
-    q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_amax: torch.Tensor | None = None
+def fp8_attention_codes_q8(
+    q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, kernel: str = "cudnn"
 ) -> torch.Tensor:
+    """fp8_attention_codes of queries already in e4m3 (q8 [B, Lq, H, D], their values q8 * descale_q
+    [1, 1, 1, 1]), e.g. from fused_norms.rms_rope_fp8."""
+    return torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale_q, kernel).flatten(2)
+
+
+def fp8_attention_bf16(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> torch.Tensor:
     """FlashInfer's FP8 attention with its output as it writes it, bf16 [B, Lq, H*D]: an FP8
     projection quantises each row to its own scale, finer than e4m3 codes at scale 1 (run Q1:
     most of the FP8 attention's error against exact attention is that output rounding)."""
-    q8, descale = _quantize_queries(q, q_amax)
-    return torch.ops.avatar.fp8_sdpa_bf16(q8, k8, v8, descale).flatten(2)
+    return fp8_attention_bf16_q8(*_quantize_queries(q), k8, v8)
 
 
-def _quantize_queries(q: torch.Tensor, q_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_attention_bf16_q8(
+    q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor
+) -> torch.Tensor:
+    """fp8_attention_bf16 of queries already in e4m3 (as fp8_attention_codes_q8)."""
+    return torch.ops.avatar.fp8_sdpa_bf16(q8, k8, v8, descale_q).flatten(2)
+
+
+def _quantize_queries(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 queries with one scale for the call (amax / 448) and that scale [1, 1, 1, 1]."""
-    if q_amax is None:
-        q_amax = q.abs().amax()
-    descale = q_amax.float().clamp(min=1e-12) / E4M3_MAX
+    descale = q.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
     q8 = (q.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q8, descale.reshape(1, 1, 1, 1)
 

@@ -17,6 +17,7 @@ one scale per row as `fp8.quantize`. Only the order of the LayerNorm's sums diff
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -139,6 +140,19 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _rms_rope_row(
+        x_ptr, w_ptr, cos_ptr, sin_ptr, row, C, tokens, eps, offs, mask, HALF_D: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        # One token's query or key row: RMSNorm over all heads (bf16 out, times the bf16 weight,
+        # as the block's RMSNorm), then RoPE on each head's channel pairs (float32, bf16 out).
+        # Also returns max |weight|, which bounds the output (QUERY_BOUND).
+        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = (x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps))).to(tl.bfloat16).to(tl.float32)
+        h = (h * w).to(tl.bfloat16).to(tl.float32)
+        return _rope_row(h, row % tokens, cos_ptr, sin_ptr, C, HALF_D, BLOCK), tl.max(tl.abs(w), axis=0)
+
+    @triton.jit
     def _rms_rope_kernel(
         x_ptr,
         w_ptr,
@@ -148,26 +162,62 @@ if triton is not None:
         C,
         tokens,
         eps,
-        amax_ptr,
+        descale_ptr,
+        bound_per_weight,
         HALF_D: tl.constexpr,
         FP8: tl.constexpr,
-        AMAX: tl.constexpr,
+        QUERIES: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # One token's query or key row: RMSNorm over all heads (bf16 out, times the bf16 weight,
-        # as the block's RMSNorm), then RoPE on each head's channel pairs (float32, bf16 out);
-        # FP8: clamped to e4m3's range and cast, as the KV cache stores it. AMAX: the largest
-        # |out| of all rows into amax_ptr (the FP8 attention's query scale, without a second read).
+        # rms_rope of one row. FP8: clamped to e4m3's range and cast, as the KV cache stores it.
+        # QUERIES: e4m3 at the fixed scale the norm's weight gives (rms_rope_fp8), its descale
+        # written by the first program.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
-        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
-        h = (x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps))).to(tl.bfloat16).to(tl.float32)
-        h = (h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-        out = _rope_row(h, row % tokens, cos_ptr, sin_ptr, C, HALF_D, BLOCK)
-        if AMAX:
-            tl.atomic_max(amax_ptr, tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=0))
-        tl.store(out_ptr + row * C + offs, _cache_codes(out, FP8), mask=mask)
+        out, w_max = _rms_rope_row(x_ptr, w_ptr, cos_ptr, sin_ptr, row, C, tokens, eps, offs, mask, HALF_D, BLOCK)
+        if QUERIES:
+            descale = tl.maximum(bound_per_weight * w_max, 1e-12) / 448.0
+            out = tl.clamp(out.to(tl.float32) / descale, -448.0, 448.0).to(tl.float8e4nv)
+            if row == 0:
+                tl.store(descale_ptr, descale)
+        else:
+            out = _cache_codes(out, FP8)
+        tl.store(out_ptr + row * C + offs, out, mask=mask)
+
+    @triton.jit
+    def _kv_into_cache_kernel(
+        k_ptr,
+        v_ptr,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        keys_ptr,
+        values_ptr,
+        C,
+        tokens,
+        eps,
+        write,
+        keys_stride_batch,
+        keys_stride_token,
+        values_stride_batch,
+        values_stride_token,
+        HALF_D: tl.constexpr,
+        FP8: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One token of a block: its key (rms_rope) and value, as the cache stores them, straight
+        # into the cache's rows write + token (no output tensor, no copy after).
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < C
+        batch, token = row // tokens, row % tokens
+        k, _ = _rms_rope_row(k_ptr, w_ptr, cos_ptr, sin_ptr, row, C, tokens, eps, offs, mask, HALF_D, BLOCK)
+        dst = keys_ptr + batch * keys_stride_batch + (write + token) * keys_stride_token
+        tl.store(dst + offs, _cache_codes(k, FP8), mask=mask)
+        v = tl.load(v_ptr + row * C + offs, mask=mask, other=0.0)
+        dst = values_ptr + batch * values_stride_batch + (write + token) * values_stride_token
+        tl.store(dst + offs, _cache_codes(v, FP8), mask=mask)
 
 
 if triton is not None:
@@ -307,23 +357,54 @@ def _rms_rope_op(
     return out
 
 
-@torch.library.custom_op("avatar::rms_rope_amax", mutates_args=())
-def _rms_rope_amax_op(
+@torch.library.custom_op("avatar::rms_rope_fp8", mutates_args=())
+def _rms_rope_fp8_op(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, amax = _rms_rope_amax_outputs(x)
-    _launch_rms_rope(x, weight, cos, sin, eps, out, amax.zero_())
-    return out, amax
+    out, descale = _rms_rope_fp8_outputs(x)
+    _launch_rms_rope(x, weight, cos, sin, eps, out, descale)
+    return out, descale
 
 
-def _launch_rms_rope(x, weight, cos, sin, eps, out, amax):
+def _launch_rms_rope(x, weight, cos, sin, eps, out, descale):
     b, n, c = x.shape
     if b * n:
-        block, warps = _launch_shape(c, "rms_rope_amax" if amax is not None else "rms_rope")
+        block, warps = _launch_shape(c, "rms_rope_fp8" if descale is not None else "rms_rope")
         _rms_rope_kernel[(b * n,)](
             x.contiguous(), weight, cos.contiguous(), sin.contiguous(), out, c, n, eps,
-            amax if amax is not None else out, HALF_D=cos.shape[-1], FP8=out.dtype == E4M3,
-            AMAX=amax is not None, BLOCK=block, num_warps=warps,
+            descale if descale is not None else out, query_bound_per_weight(c), HALF_D=cos.shape[-1],
+            FP8=out.dtype == E4M3, QUERIES=descale is not None, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+    elif descale is not None:
+        descale.fill_(1.0)
+
+
+def query_bound_per_weight(c: int) -> float:
+    """|rms_rope(x)| <= this * max |weight| for any row x of width c: the RMS-normalised row has
+    sum(x_i^2) = c, RoPE keeps each pair's length, and the three bf16 roundings add < 2^-8 each
+    (1.02 covers them). The FP8 queries' fixed scale: no value can reach past e4m3's 448."""
+    return math.sqrt(c) * 1.02
+
+
+@torch.library.custom_op("avatar::kv_into_cache", mutates_args=("keys", "values"))
+def _kv_into_cache_op(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    write: int,
+) -> None:
+    b, n, c = k.shape
+    if b * n:
+        block, warps = _launch_shape(c, "kv_into_cache")
+        _kv_into_cache_kernel[(b * n,)](
+            k.contiguous(), v.contiguous(), weight, cos.contiguous(), sin.contiguous(), keys, values, c, n, eps,
+            write, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), HALF_D=cos.shape[-1],
+            FP8=keys.dtype == E4M3, BLOCK=block, num_warps=warps,
         )  # fmt: skip
 
 
@@ -344,8 +425,8 @@ def _rms_rope_output(x, fp8):
     return x.new_empty(x.shape, dtype=E4M3 if fp8 else torch.bfloat16)
 
 
-def _rms_rope_amax_outputs(x):
-    return _rms_rope_output(x, False), x.new_empty((), dtype=torch.float32)
+def _rms_rope_fp8_outputs(x):
+    return _rms_rope_output(x, True), x.new_empty((1, 1, 1, 1), dtype=torch.float32)
 
 
 @_rms_rope_op.register_fake
@@ -353,9 +434,14 @@ def _(x, weight, cos, sin, eps, fp8):
     return _rms_rope_output(x, fp8)
 
 
-@_rms_rope_amax_op.register_fake
+@_rms_rope_fp8_op.register_fake
 def _(x, weight, cos, sin, eps):
-    return _rms_rope_amax_outputs(x)
+    return _rms_rope_fp8_outputs(x)
+
+
+@_kv_into_cache_op.register_fake
+def _(k, v, weight, cos, sin, eps, keys, values, write):
+    return None
 
 
 @_rope_into_op.register_fake
@@ -378,13 +464,43 @@ def rms_rope(
     return torch.ops.avatar.rms_rope(x, weight, cos, sin, eps, fp8)
 
 
-def rms_rope_amax(
+def rms_rope_fp8(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rms_rope in bf16, and the largest |value| of its output (float32 scalar) from the same pass:
-    the queries of the FP8 attention, whose scale would otherwise take a reduction over them."""
+    """The FP8 attention's queries in one pass: rms_rope in bf16, then e4m3 at one scale fixed by
+    the norm's weight (descale = query_bound_per_weight(C) * max |weight| / 448: no value can
+    overflow, so no reduction over the queries is needed first). Returns (codes [B, L, C],
+    descale [1, 1, 1, 1] float32)."""
     _check_rope(x, cos, sin)
-    return torch.ops.avatar.rms_rope_amax(x, weight, cos, sin, eps)
+    return torch.ops.avatar.rms_rope_fp8(x, weight, cos, sin, eps)
+
+
+def kv_into_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    write: int,
+) -> None:
+    """A block's keys (rms_rope of the key projection k [B, L, C]) and values (v [B, L, C]) in the
+    cache's dtype, written straight into rows [write, write + L) of one layer's keys/values
+    [B, T, H, D] (each token's H x D contiguous): one kernel for what was rms_rope, two casts and
+    two copies into the cache."""
+    _check_rope(k, cos, sin)
+    b, n, c = k.shape
+    for name, buf in (("keys", keys), ("values", values)):
+        rows_contiguous = buf.dim() == 4 and buf.stride(3) == 1 and buf.stride(2) == buf.shape[3]
+        if not rows_contiguous or buf.shape[0] != b or buf[0, 0].numel() != c:
+            raise ValueError(f"{name} must be [B, T, H, D] with each token's H x D contiguous, got {list(buf.shape)}")
+        if not 0 <= write <= buf.shape[1] - n:
+            raise ValueError(f"rows [{write}, {write + n}) are outside {name}' {buf.shape[1]} rows")
+    if v.shape != k.shape or keys.dtype != values.dtype:
+        raise ValueError(f"v must be k's shape {list(k.shape)} and keys/values one dtype")
+    torch.ops.avatar.kv_into_cache(k, v, weight, cos, sin, eps, keys, values, write)
 
 
 def rope_into(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 13's DiT target, before and after a change, in one device call on one card: upstream
+# LiveAvatar's causal DiT with FP8 + compile (its best; the harness in .upstream_speed), then our
+# engine as the service runs it (engine-gaps: CUDA graphs, fused norms, compiled, cuDNN's FP8
+# attention) in the tree of an earlier commit and in this one.
+#
+# Here:            bash bench/engine_ab_gpu.sh --prepare COMMIT
+#   writes .carry/: the wheels of .whl/ but PyAV (the engine does not mux; the carry stays under
+#   64 MiB) and COMMIT's tree (with avatar/v1). Then, on the device, carrying .carry, avatar/v1
+#   and .upstream_speed:  bash bench/engine_ab_gpu.sh
+# UPSTREAM_S / ENGINE_S: each part's time limit; UPSTREAM_S=0 skips upstream.
+set -uo pipefail
+if [ "${1:-}" = "--prepare" ]; then
+    commit=${2:?usage: bash bench/engine_ab_gpu.sh --prepare COMMIT}
+    rm -rf .carry.tmp && mkdir -p .carry.tmp/base || exit 1
+    cp -al .whl .carry.tmp/whl && rm -f .carry.tmp/whl/av-*.whl || exit 1
+    git archive "$commit" avatar services gateway app bench pyproject.toml | tar -x -C .carry.tmp/base || exit 1
+    cp -r avatar/v1 .carry.tmp/base/avatar/ && git rev-parse "$commit" > .carry.tmp/base/COMMIT || exit 1
+    rm -rf .carry && mv .carry.tmp .carry && du -sh .carry && exit 0
+fi
+OUT=${OUT:-/tmp/engine_ab_out}
+mkdir -p "$OUT"
+[ -e .whl ] || ln -s .carry/whl .whl
+source bench/serve_wheels.sh > /dev/null || exit 1
+
+tree() {  # the import root `avatar` from the tree in $1 (as device_setup.sh links this one)
+    rm -rf /tmp/src && mkdir -p /tmp/src/avatar && ln -s "$1"/avatar/* /tmp/src/avatar/ \
+        && for d in services gateway app; do ln -s "$1/$d" "/tmp/src/avatar/$d"; done
+}
+
+engine() {  # $1: the tree, $2: a name for the results
+    (cd "$1" && timeout "${ENGINE_S:-170}" python3 bench/bench_generator.py --only engine-gaps --compile-first \
+        --sizes '704*384' --blocks 6 --warm 2 --fp8-kernels cudnn --out "$OUT/engine-$2.json" \
+        > "$OUT/engine-$2.txt" 2>&1)
+    local rc=$?
+    echo "engine-gaps $2 ($(cat "$1/COMMIT" 2>/dev/null || echo this tree)): exit $rc"
+    grep -E "ms a block|Error" "$OUT/engine-$2.txt" | tail -5 | cut -c1-200
+}
+
+if [ "${UPSTREAM_S:-200}" != 0 ]; then
+    (cd .upstream_speed && timeout "${UPSTREAM_S:-200}" python3 run.py --fp8 --compile --timed 8 --size '704*384' \
+        > "$OUT/upstream.jsonl" 2> "$OUT/upstream.err")
+    echo "upstream: exit $?"
+    tail -1 "$OUT/upstream.jsonl" | python3 -c "
+import json, sys
+r = json.loads(sys.stdin.read())
+print(f\"upstream fp8+compile {r['size']}: {r['ms_per_block_median']:.1f} ms a block, {r['fps']:.2f} FPS\")" \
+        || tail -5 "$OUT/upstream.err"
+    rm -f "$OUT/upstream.err"
+fi
+tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && engine "$PWD/.carry/base" base
+tree "$PWD" && engine "$PWD" new
