@@ -1,0 +1,97 @@
+"""The DiT's FP8 GEMMs at one size's token count, alone (GPU time of a CUDA graph of `--calls`
+back-to-back calls): each projection as the model runs it (torch._scaled_mm, per-row scales, bf16
+out, fast accumulation) and the self-attention's q, k and v as one GEMM with their weights side by
+side (N = 3 x 5120) or k and v as one (N = 2 x 5120): whether fusing them would pay, before any
+model change. One short call, no model.
+
+Why: the GEMMs are 241 of a 704*384 block's 578 ms on an H100 (run Q3, docs/performance.md),
+1376 calls a block, all cuBLAS's 128x128 tiles; at M = 3168 tokens an N = 5120 GEMM is 7.6 waves
+of tiles on 132 SMs, so each of the three separate q/k/v GEMMs ends in a part-empty wave.
+
+    python3 bench/bench_gemm.py [--size 704*384] [--calls 20] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
+from bench_norm_warps import graph_ms  # noqa: E402
+
+from avatar.presets import LATENT_FRAMES_PER_BLOCK
+
+E4M3 = torch.float8_e4m3fn
+
+
+def shapes(dim: int = 5120, ffn_dim: int = 13824) -> dict[str, list[tuple[int, int]]]:
+    """name: the (K, N) of each GEMM it runs, one after another."""
+    return {
+        "q, k, v apart": [(dim, dim)] * 3,
+        "q|k|v as one": [(dim, 3 * dim)],
+        "q, then k|v as one": [(dim, dim), (dim, 2 * dim)],
+        "o (self or cross)": [(dim, dim)],
+        "ffn up": [(dim, ffn_dim)],
+        "ffn down": [(ffn_dim, dim)],
+    }
+
+
+def gemm(m: int, k: int, n: int, device: str):
+    """One FP8 projection as FP8Linear runs it: x [m, k] codes with row scales, weight [n, k]."""
+    g = torch.Generator(device=device).manual_seed(k + n)
+    x = torch.randn(m, k, generator=g, device=device).to(E4M3)
+    w = torch.randn(n, k, generator=g, device=device).to(E4M3)
+    xs, ws = torch.rand(m, 1, device=device) + 0.5, torch.rand(1, n, device=device) + 0.5
+    bias = torch.randn(n, device=device).bfloat16()
+
+    def call():
+        return torch._scaled_mm(
+            x, w.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+
+    return call
+
+
+def bench(width: int, height: int, device: str, calls: int, reps: int, dim: int = 5120, ffn_dim: int = 13824) -> dict:
+    m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
+    res: dict = {"size": f"{width}*{height}", "tokens": m, "calls_per_graph": calls, "cases": {}}
+    for name, parts in shapes(dim, ffn_dim).items():
+        fns = [gemm(m, k, n, device) for k, n in parts]
+
+        def run(fns=fns):
+            for fn in fns:
+                fn()
+
+        ms = graph_ms(run, device, calls, reps)
+        flop = sum(2 * m * k * n for k, n in parts)
+        res["cases"][name] = {"ms": ms, "tflops": flop / ms / 1e9, "gemms": len(parts)}
+        print(f"  {name:24s} {ms * 1000:8.1f} us  {flop / ms / 1e9:6.0f} TFLOP/s  ({len(parts)} GEMM)", flush=True)
+    apart, fused = res["cases"]["q, k, v apart"]["ms"], res["cases"]["q|k|v as one"]["ms"]
+    res["qkv_fused_saves_ms_per_block"] = (apart - fused) * 40 * 4  # 40 layers x 4 steps
+    print(f"q|k|v as one saves {res['qkv_fused_saves_ms_per_block']:.2f} ms a block (40 layers, 4 steps)")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="704*384")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    width, height = (int(v) for v in args.size.split("*"))
+    res = bench(width, height, args.device, args.calls, args.reps)
+    if torch.cuda.is_available():
+        res["gpu"] = torch.cuda.get_device_name()
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""bench/bench_gemm.py's CPU path: every case runs its GEMMs as FP8Linear computes them (a fused
+q|k|v GEMM's column blocks are the three apart), and the summary is the cases' difference."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_gemm  # noqa: E402
+
+
+def test_the_fused_qkv_gemm_is_the_three_apart_side_by_side():
+    m, k, n = 12, 32, 16
+    x = torch.randn(m, k).to(bench_gemm.E4M3)
+    w = torch.randn(3 * n, k).to(bench_gemm.E4M3)
+    xs, ws = torch.rand(m, 1) + 0.5, torch.rand(1, 3 * n) + 0.5
+
+    def mm(weight, scale):
+        return torch._scaled_mm(x, weight.t(), scale_a=xs, scale_b=scale, out_dtype=torch.bfloat16)
+
+    fused = mm(w, ws)
+    apart = [mm(w[i * n : (i + 1) * n], ws[:, i * n : (i + 1) * n].contiguous()) for i in range(3)]
+    assert torch.equal(fused, torch.cat(apart, dim=1))
+
+
+def test_the_bench_times_every_case_and_reports_the_saving(monkeypatch):
+    times = iter([3.0, 2.5, 2.8, 1.0, 2.0, 2.0])
+    calls = []
+
+    def graph_ms(fn, device, n, reps):
+        fn()  # each case's GEMMs run
+        calls.append(n)
+        return next(times)
+
+    monkeypatch.setattr(bench_gemm, "graph_ms", graph_ms)
+    res = bench_gemm.bench(64, 64, "cpu", calls=2, reps=1, dim=32, ffn_dim=48)
+    assert res["tokens"] == 3 * 4 * 4 and calls == [2] * 6
+    assert res["cases"]["q, k, v apart"]["gemms"] == 3 and res["cases"]["q|k|v as one"]["gemms"] == 1
+    assert res["qkv_fused_saves_ms_per_block"] == (3.0 - 2.5) * 160
+    flop = 2 * 48 * 32 * 96  # q|k|v as one: m x 32 x 96
+    assert abs(res["cases"]["q|k|v as one"]["tflops"] - flop / 2.5 / 1e9) < 1e-12
