@@ -37,11 +37,15 @@ def shapes(dim: int = 5120, ffn_dim: int = 13824) -> dict[str, list[tuple[int, i
         "o (self or cross)": [(dim, dim)],
         "ffn up": [(dim, ffn_dim)],
         "ffn down": [(ffn_dim, dim)],
+        "ffn down, as W @ x^T": [(ffn_dim, -dim)],  # the transposed product: y^T [dim, tokens]
     }
 
 
 def gemm(m: int, k: int, n: int, device: str):
-    """One FP8 projection as FP8Linear runs it: x [m, k] codes with row scales, weight [n, k]."""
+    """One FP8 projection as FP8Linear runs it: x [m, k] codes with row scales, weight [n, k];
+    n < 0: the same product transposed, W @ x^T (cuBLAS tiles the other way)."""
+    if n < 0:
+        return gemm_transposed(m, k, -n, device)
     g = torch.Generator(device=device).manual_seed(k + n)
     x = torch.randn(m, k, generator=g, device=device).to(E4M3)
     w = torch.randn(n, k, generator=g, device=device).to(E4M3)
@@ -52,6 +56,18 @@ def gemm(m: int, k: int, n: int, device: str):
         return torch._scaled_mm(
             x, w.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
         )
+
+    return call
+
+
+def gemm_transposed(m: int, k: int, n: int, device: str):
+    g = torch.Generator(device=device).manual_seed(k + n)
+    x = torch.randn(m, k, generator=g, device=device).to(E4M3)
+    w = torch.randn(n, k, generator=g, device=device).to(E4M3)
+    ws, xs = torch.rand(n, 1, device=device) + 0.5, torch.rand(1, m, device=device) + 0.5
+
+    def call():
+        return torch._scaled_mm(w, x.t(), scale_a=ws, scale_b=xs, out_dtype=torch.bfloat16, use_fast_accum=True)
 
     return call
 
@@ -67,7 +83,7 @@ def bench(width: int, height: int, device: str, calls: int, reps: int, dim: int 
                 fn()
 
         ms = graph_ms(run, device, calls, reps)
-        flop = sum(2 * m * k * n for k, n in parts)
+        flop = sum(2 * m * k * abs(n) for k, n in parts)
         res["cases"][name] = {"ms": ms, "tflops": flop / ms / 1e9, "gemms": len(parts)}
         print(f"  {name:24s} {ms * 1000:8.1f} us  {flop / ms / 1e9:6.0f} TFLOP/s  ({len(parts)} GEMM)", flush=True)
     apart, fused = res["cases"]["q, k, v apart"]["ms"], res["cases"]["q|k|v as one"]["ms"]

@@ -41,7 +41,7 @@ if [ "${UPSTREAM_S:-200}" != 0 ]; then
     (cd .upstream_speed && timeout "${UPSTREAM_S:-200}" python3 run.py --fp8 --compile --timed 8 --size '704*384' \
         > "$OUT/upstream.jsonl" 2> "$OUT/upstream.err")
     echo "upstream: exit $?"
-    tail -1 "$OUT/upstream.jsonl" | python3 -c "
+    grep "^RESULT " "$OUT/upstream.jsonl" | tail -1 | cut -c8- | python3 -c "
 import json, sys
 r = json.loads(sys.stdin.read())
 print(f\"upstream fp8+compile {r['size']}: {r['ms_per_block_median']:.1f} ms a block, {r['fps']:.2f} FPS\")" \

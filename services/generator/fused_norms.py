@@ -254,8 +254,14 @@ if triton is not None:
 
 # Warps per program of each kernel (one row per program), where bench/bench_norm_warps.py measured
 # a count faster than the default for the row width (run L3, H100, 704*384: the norms 40/59/71 us
-# with 4 against 41/64/75 with 8, the GELU 63 with 8 against 66 with 16); the others keep it.
-LAUNCH_WARPS: dict[str, int] = {"norm_quantize": 4, "residual_norm_quantize": 4, "gelu_quantize": 8}
+# with 4 against 41/64/75 with 8, the GELU 63 with 8 against 66 with 16; run S2: the keys and
+# values into the cache 43.6 us with 4 against 50.0 with 8); the others keep it.
+LAUNCH_WARPS: dict[str, int] = {
+    "norm_quantize": 4,
+    "residual_norm_quantize": 4,
+    "gelu_quantize": 8,
+    "kv_into_cache": 4,
+}
 
 
 def _launch_shape(c: int, kernel: str) -> tuple[int, int]:
