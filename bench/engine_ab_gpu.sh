@@ -8,7 +8,7 @@
 #   writes .carry/: the wheels of .whl/ but PyAV (the engine does not mux; the carry stays under
 #   64 MiB) and COMMIT's tree (with avatar/v1). Then, on the device, carrying .carry, avatar/v1
 #   and .upstream_speed:  bash bench/engine_ab_gpu.sh
-# UPSTREAM_S / ENGINE_S: each part's time limit; UPSTREAM_S=0 skips upstream.
+# UPSTREAM_S / ENGINE_S: each part's time limit; UPSTREAM_S=0 skips upstream, BASE=0 the earlier tree.
 set -uo pipefail
 if [ "${1:-}" = "--prepare" ]; then
     commit=${2:?usage: bash bench/engine_ab_gpu.sh --prepare COMMIT}
@@ -48,5 +48,7 @@ print(f\"upstream fp8+compile {r['size']}: {r['ms_per_block_median']:.1f} ms a b
         || tail -5 "$OUT/upstream.err"
     rm -f "$OUT/upstream.err"
 fi
-tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && engine "$PWD/.carry/base" base
+if [ "${BASE:-1}" != 0 ]; then
+    tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && engine "$PWD/.carry/base" base
+fi
 tree "$PWD" && engine "$PWD" new
