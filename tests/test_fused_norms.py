@@ -442,5 +442,6 @@ def test_the_cross_attentions_bf16_outputs_are_quantised_by_the_row_kernel_op():
     dit.use_fused_norms()
     assert isinstance(o, FP8Linear) and o._quantize is quantize_rows_kernel
     assert dit.audio_injector.injections[0].attn.o._quantize is quantize_rows_kernel
+    assert dit.audio_injector.injections[0].attn.k._quantize is not quantize_rows_kernel  # small: inductor's
     dit.use_fused_norms(False)
     assert o._quantize is not quantize_rows_kernel  # the default again

@@ -688,9 +688,12 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
             raise ValueError("--fused-norms quantises the linears' inputs per row: it needs --fp8")
         for module in (*blocks, *injections):
             module.fused_norms = on
-            for layer in module.modules():  # what no fused kernel quantised (attention outputs)
-                if isinstance(layer, FP8Linear) and layer.granularity == "row":
-                    layer.compile_quantize(quantize_rows_kernel if on else None)
+        # the attention outputs no fused kernel quantised (the small audio-token projections stay
+        # with inductor, which fuses their quantisation into the kernel before it)
+        outputs = [b.self_attn.o for b in blocks] + [b.cross_attn.o for b in blocks] + [i.attn.o for i in injections]
+        for layer in outputs:
+            if isinstance(layer, FP8Linear) and layer.granularity == "row":
+                layer.compile_quantize(quantize_rows_kernel if on else None)
         self._rotate_fused = on
 
     @torch.no_grad()
