@@ -208,7 +208,7 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    fused_norms = False  # q/k RMSNorm + RoPE (+ the cache's cast) in one kernel each (use_fused_norms)
+    fused_norms = False  # q's RMSNorm + RoPE, and k's with v into the cache, in a kernel each (use_fused_norms)
 
     def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
         if kv.prefill:  # the sink: attends to itself
@@ -234,20 +234,20 @@ class SelfAttention(_Projections):
         values go into the cache from one kernel; with FP8 attention the queries come out as e4m3
         at a scale fixed by their norm's weight, no reduction over them first."""
         heads, cache = (self.num_heads, -1), kv.keys.dtype
-        qkv_norms = (rope.cos, rope.sin, self.norm_q.eps)
+        rope_eps = (rope.cos, rope.sin, self.norm_q.eps)  # norm_q and norm_k share eps
         k, v = self.k(x), self.v(x)
         n = k.shape[1]
         if kv.values.stride(-1) == 1:  # each token's values contiguous (not the Triton kernel's keys-last)
-            fused_norms.kv_into_cache(k, v, self.norm_k.weight, *qkv_norms, kv.keys, kv.values, kv.write)
+            fused_norms.kv_into_cache(k, v, self.norm_k.weight, *rope_eps, kv.keys, kv.values, kv.write)
         else:
-            k = fused_norms.rms_rope(k, self.norm_k.weight, *qkv_norms, cache == torch.float8_e4m3fn)
+            k = fused_norms.rms_rope(k, self.norm_k.weight, *rope_eps, cache == torch.float8_e4m3fn)
             kv.keys[:, kv.write : kv.write + n] = k.unflatten(-1, heads)
             kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v.unflatten(-1, heads), cache)
         keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
         if not kv.fp8_attention:
-            q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, *qkv_norms).unflatten(-1, heads)
+            q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, *rope_eps).unflatten(-1, heads)
             return self.o(attention(q, keys.to(q.dtype), values.to(q.dtype)))
-        q8, descale = fused_norms.rms_rope_fp8(self.q(x), self.norm_q.weight, *qkv_norms)
+        q8, descale = fused_norms.rms_rope_fp8(self.q(x), self.norm_q.weight, *rope_eps)
         q8 = q8.unflatten(-1, heads)
         if kv.fp8_kernel == "flashinfer":  # its bf16 output: the projection quantises each row
             return self.o(fp8_attention_bf16_q8(q8, descale, keys, values))
