@@ -445,3 +445,34 @@ def test_the_cross_attentions_bf16_outputs_are_quantised_by_the_row_kernel_op():
     assert dit.audio_injector.injections[0].attn.k._quantize is not quantize_rows_kernel  # small: inductor's
     dit.use_fused_norms(False)
     assert o._quantize is not quantize_rows_kernel  # the default again
+
+
+def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_in_their_kernel():
+    """--compile --fused-norms --fp8-attention: Inductor's code calls kv_into_cache on the cache
+    buffers the block was given (no clone of the cache and copy back: 78 MB a layer at 704*384) and
+    takes the queries' codes from rms_rope_fp8 (no reduction over them); the session's latents
+    follow the eager fused model's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from avatar.services.generator.engine import compile_blocks
+
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    spec = ModelSpec(name="tiny", seed=0, generator_options=options)
+    eager = _fp8_dit()
+    eager.use_fused_norms()
+    expected = _generate(GeneratorEngine(spec, dit=eager), _job(), blocks=1)[0].float()
+    compiled = _fp8_dit()
+    compiled.use_fused_norms()
+    compile_blocks(compiled)
+    out, codes = run_and_get_code(lambda: _generate(GeneratorEngine(spec, dit=compiled), _job(), blocks=1))
+    block_codes = [c for c in codes if "avatar.kv_into_cache" in c]
+    assert block_codes, "no compiled block calls kv_into_cache"
+    for code in block_codes:
+        calls = [line for line in code.splitlines() if "torch.ops.avatar.kv_into_cache.default(" in line]
+        assert len(calls) == 1
+        *_, keys, values, _write = (a.strip(" )") for a in calls[0].split(","))
+        assert keys.startswith("arg") and values.startswith("arg"), calls[0]  # the graph's inputs themselves
+        assert "clone" not in code and "rms_rope_fp8" in code
+        assert "amax" not in code.split("torch.ops.avatar.rms_rope_fp8")[1].split("fp8_sdpa")[0]
+    rel = ((out[0].float() - expected).norm() / expected.norm()).item()
+    assert rel < 0.05, rel
