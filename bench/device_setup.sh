@@ -3,9 +3,12 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
 # The import root `avatar` spans avatar/, services/, gateway/ and app/ (pyproject.toml): link them
 # under one folder, as an installed wheel has them.
-rm -rf /tmp/src && mkdir -p /tmp/src/avatar && ln -s "$PWD"/avatar/* /tmp/src/avatar/ \
-  && ln -s "$PWD"/services /tmp/src/avatar/services && ln -s "$PWD"/gateway /tmp/src/avatar/gateway \
-  && ln -s "$PWD"/app /tmp/src/avatar/app || return 1
+# link_avatar_tree DIR does it for another checkout (bench/engine_ab_gpu.sh: an earlier commit's tree).
+link_avatar_tree() {
+    rm -rf /tmp/src && mkdir -p /tmp/src/avatar && ln -s "$1"/avatar/* /tmp/src/avatar/ \
+        && for d in services gateway app; do ln -s "$1/$d" "/tmp/src/avatar/$d"; done
+}
+link_avatar_tree "$PWD" || return 1
 # PYTHONSAFEPATH: `python3 -m` must not put the repo root (its avatar/ alone) before /tmp/src.
 export PYTHONPATH=/tmp/site:/tmp/src PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 if ! python3 -c "import diffusers.models.autoencoders.autoencoder_kl_wan" 2>/tmp/diffusers_err; then

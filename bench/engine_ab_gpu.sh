@@ -23,11 +23,6 @@ mkdir -p "$OUT"
 [ -e .whl ] || ln -s .carry/whl .whl
 source bench/serve_wheels.sh > /dev/null || exit 1
 
-tree() {  # the import root `avatar` from the tree in $1 (as device_setup.sh links this one)
-    rm -rf /tmp/src && mkdir -p /tmp/src/avatar && ln -s "$1"/avatar/* /tmp/src/avatar/ \
-        && for d in services gateway app; do ln -s "$1/$d" "/tmp/src/avatar/$d"; done
-}
-
 engine() {  # $1: the tree, $2: a name for the results
     (cd "$1" && timeout "${ENGINE_S:-170}" python3 bench/bench_generator.py --only engine-gaps --compile-first \
         --sizes '704*384' --blocks 6 --warm 2 --fp8-kernels cudnn --out "$OUT/engine-$2.json" \
@@ -38,17 +33,9 @@ engine() {  # $1: the tree, $2: a name for the results
 }
 
 if [ "${UPSTREAM_S:-200}" != 0 ]; then
-    (cd .upstream_speed && timeout "${UPSTREAM_S:-200}" python3 run.py --fp8 --compile --timed 8 --size '704*384' \
-        > "$OUT/upstream.jsonl" 2> "$OUT/upstream.err")
-    echo "upstream: exit $?"
-    grep "^RESULT " "$OUT/upstream.jsonl" | tail -1 | cut -c8- | python3 -c "
-import json, sys
-r = json.loads(sys.stdin.read())
-print(f\"upstream fp8+compile {r['size']}: {r['ms_per_block_median']:.1f} ms a block, {r['fps']:.2f} FPS\")" \
-        || tail -5 "$OUT/upstream.err"
-    rm -f "$OUT/upstream.err"
+    OUT=$OUT bash bench/upstream_gpu.sh "${UPSTREAM_S:-200}"
 fi
 if [ "${BASE:-1}" != 0 ]; then
-    tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && engine "$PWD/.carry/base" base
+    link_avatar_tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && engine "$PWD/.carry/base" base
 fi
-tree "$PWD" && engine "$PWD" new
+link_avatar_tree "$PWD" && engine "$PWD" new

@@ -10,17 +10,9 @@ mkdir -p "$OUT"
 source bench/serve_wheels.sh > /dev/null || exit 1
 export AVATAR_FLASHINFER_FP8_LIB=$PWD/.fi/fp8_attention_flashinfer.so
 export AVATAR_FLASHINFER_FP8_CONFIG=${FI_CONFIG:-fi_128x192x2}
-(cd .upstream_speed && timeout "${UPSTREAM_S:-260}" python3 run.py --fp8 --compile --timed 8 --size '704*384' \
-    > "$OUT/upstream.jsonl" 2> "$OUT/upstream.err")
-echo "upstream: exit $?"
-grep "^RESULT " "$OUT/upstream.jsonl" | tail -1 | cut -c8- | python3 -c "
-import json, sys
-r = json.loads(sys.stdin.read())
-print(f\"upstream fp8+compile {r['size']}: {r['ms_per_block_median']:.1f} ms a block, {r['fps']:.2f} FPS\")" \
-    || tail -5 "$OUT/upstream.err"
+OUT=$OUT bash bench/upstream_gpu.sh "${UPSTREAM_S:-260}"
 timeout "${ENGINE_S:-320}" python3 bench/bench_generator.py --only engine-gaps --compile-first \
     --sizes '704*384' --blocks 6 --warm 2 --fp8-kernels "${KERNELS:-flashinfer,cudnn}" \
     --out "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
 echo "engine-gaps: exit $?"
 grep -E "ms/block|ms a block|under the profiler|Error" "$OUT/engine.txt" | tail -40 | cut -c1-160
-rm -f "$OUT/upstream.err"
