@@ -8,7 +8,11 @@ Why: the GEMMs are 241 of a 704*384 block's 578 ms on an H100 (run Q3, docs/perf
 1376 calls a block, all cuBLAS's 128x128 tiles; at M = 3168 tokens an N = 5120 GEMM is 7.6 waves
 of tiles on 132 SMs, so each of the three separate q/k/v GEMMs ends in a part-empty wave.
 
-    python3 bench/bench_gemm.py [--size 704*384] [--calls 20] [--out FILE]
+--autotune also times each one-GEMM case through torch.compile's max-autotune, where Inductor
+picks between cuBLAS and its own Triton FP8 GEMM templates for the shape (FFN down runs at ~1080
+TFLOP/s under cuBLAS against ~1250 for the others: run S2).
+
+    python3 bench/bench_gemm.py [--size 704*384] [--calls 20] [--autotune] [--out FILE]
 """
 
 from __future__ import annotations
@@ -72,11 +76,30 @@ def gemm_transposed(m: int, k: int, n: int, device: str):
     return call
 
 
-def bench(width: int, height: int, device: str, calls: int, reps: int, dim: int = 5120, ffn_dim: int = 13824) -> dict:
+def autotuned(fn):
+    """fn through torch.compile's max-autotune (Inductor times cuBLAS against its Triton templates)."""
+    return torch.compile(fn, mode="max-autotune-no-cudagraphs", dynamic=False)
+
+
+def bench(
+    width: int,
+    height: int,
+    device: str,
+    calls: int,
+    reps: int,
+    dim: int = 5120,
+    ffn_dim: int = 13824,
+    autotune: bool = False,
+) -> dict:
     m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
     res: dict = {"size": f"{width}*{height}", "tokens": m, "calls_per_graph": calls, "cases": {}}
-    for name, parts in shapes(dim, ffn_dim).items():
+    cases = list(shapes(dim, ffn_dim).items())
+    if autotune:
+        cases += [(f"{name}, max-autotune", parts) for name, parts in cases if len(parts) == 1 and parts[0][1] > 0]
+    for name, parts in cases:
         fns = [gemm(m, k, n, device) for k, n in parts]
+        if name.endswith("max-autotune"):
+            fns = [autotuned(fn) for fn in fns]
 
         def run(fns=fns):
             for fn in fns:
@@ -98,10 +121,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--autotune", action="store_true", help="also each one-GEMM case through max-autotune")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.split("*"))
-    res = bench(width, height, args.device, args.calls, args.reps)
+    res = bench(width, height, args.device, args.calls, args.reps, autotune=args.autotune)
     if torch.cuda.is_available():
         res["gpu"] = torch.cuda.get_device_name()
     if args.out:

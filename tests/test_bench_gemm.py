@@ -40,3 +40,19 @@ def test_the_bench_times_every_case_and_reports_the_saving(monkeypatch):
     assert res["qkv_fused_saves_ms_per_block"] == (3.0 - 2.5) * 160
     flop = 2 * 48 * 32 * 96  # q|k|v as one: m x 32 x 96
     assert abs(res["cases"]["q|k|v as one"]["tflops"] - flop / 2.5 / 1e9) < 1e-12
+
+
+def test_autotune_adds_a_compiled_case_for_each_one_gemm_shape(monkeypatch):
+    compiled = []
+
+    def autotuned(fn):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(bench_gemm, "autotuned", autotuned)
+    monkeypatch.setattr(bench_gemm, "graph_ms", lambda fn, device, n, reps: (fn(), 1.0)[1])
+    res = bench_gemm.bench(64, 64, "cpu", calls=1, reps=1, dim=32, ffn_dim=48, autotune=True)
+    tuned = [name for name in res["cases"] if name.endswith("max-autotune")]
+    # the one-GEMM cases, not the transposed product (its own layout) nor the multi-GEMM ones
+    assert tuned == [f"{n}, max-autotune" for n in ("q|k|v as one", "o (self or cross)", "ffn up", "ffn down")]
+    assert len(compiled) == 4
