@@ -213,7 +213,8 @@ def bench_size(
 
 def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
     """The Triton FP8 kernels at each config of their sweep: pointer loads with the values as
-    cached and keys-last; TMA loads (keys-last), without and with warp specialisation."""
+    cached and keys-last; TMA loads (keys-last), without and with warp specialisation, and with
+    some or all of the softmax's exponentials on the FMA pipe."""
     from avatar.services.generator.fp8_attention_triton import SWEEP_CONFIGS, TMA_SWEEP, WS_SWEEP, fp8_sdpa_triton
 
     b, lk, h, d = v8.shape
@@ -227,6 +228,9 @@ def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
         ("pointers as cached", v8, {"tma": False}, SWEEP_CONFIGS[:2]),
         ("tma", v8_keys_last, {"tma": True}, TMA_SWEEP),
         ("tma warp-specialized", v8_keys_last, {"tma": True, "warp_specialize": True}, WS_SWEEP),
+        # exponentials as a polynomial on the FMA pipe: every second key tile's, or all of them
+        ("tma fma-exp every 2nd tile", v8_keys_last, {"tma": True, "fma_exp_every": 2}, TMA_SWEEP),
+        ("tma fma-exp every tile", v8_keys_last, {"tma": True, "fma_exp_every": 1}, TMA_SWEEP[1:]),
     ]
     for label, values, kwargs, configs in variants:
         for cfg in configs:

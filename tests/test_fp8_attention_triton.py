@@ -7,6 +7,8 @@ import argparse
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from ckpt_fixtures.dit import one_torch_thread  # noqa: F401 (autouse)
 from test_fp8_attention import _blocks
 from triton_interpreter import exact_downcasts
@@ -15,7 +17,7 @@ from avatar.errors import InvalidInput
 from avatar.presets import GeneratorOptions, ModelSpec
 from avatar.services.generator.engine import GeneratorEngine
 from avatar.services.generator.fp8_attention import E4M3, reference
-from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton, tma_ready
+from avatar.services.generator.fp8_attention_triton import _exp2_fma, fp8_sdpa_triton, tma_ready
 from avatar.services.generator.kv_cache import KVCache, KVCacheSpec
 
 
@@ -213,3 +215,44 @@ def test_avatar_generate_with_the_triton_kernel_renders_a_video(tmp_path, env):
     bad = subprocess.run([*AVATAR, *bad_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "invalid choice: 'flash'" in bad.stderr and "Traceback" not in bad.stderr
     assert not bad_out.exists()
+
+
+@triton.jit
+def _exp2_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, _exp2_fma(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_the_polynomial_exp2_is_within_its_bound_and_underflows_to_zero():
+    """_exp2_fma over the range the softmax feeds it (scores minus the running max, plus 8)."""
+    x = torch.cat([torch.linspace(-120.0, 8.0, 4001), torch.tensor([-200.0, -1e30, 0.0, 0.5, -0.5, 7.99])])
+    y = torch.empty_like(x)
+    _exp2_fma_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    exact = torch.exp2(x.double())
+    normal = exact > 2.0**-125
+    assert ((y.double()[normal] - exact[normal]).abs() / exact[normal]).max() < 1.2e-4
+    assert (y[~normal].abs() < 2.0**-120).all()  # far below e4m3's smallest step: rounds to 0
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_exponentials_on_the_fma_pipe_change_few_probability_codes(every):
+    """Keys spanning an odd number of full tiles and a partial one: the same attention as the
+    special-function unit's exp2 up to a few probabilities rounded to the next e4m3 code."""
+    q8, k8, v8, descale = _case(seed=5, batch=2, queries=70, keys=64 * 5 + 20)
+    with exact_downcasts():
+        sfu = fp8_sdpa_triton(q8, k8, _keys_last(v8), descale.reshape(1), (64, 64, 4, 2), tma=True)
+        fma = fp8_sdpa_triton(q8, k8, _keys_last(v8), descale.reshape(1), (64, 64, 4, 2), tma=True, fma_exp_every=every)
+    ref = reference(q8, k8, v8, descale)
+    assert _rel(fma, sfu) < 0.01 and _rel(fma, ref) < 0.04
+    assert not torch.equal(fma.view(torch.uint8), sfu.view(torch.uint8)) or every == 0
+
+
+def test_exponentials_on_the_fma_pipe_need_the_tma_kernel():
+    q8, k8, v8, descale = _case(seed=6, batch=1, queries=16, keys=64)
+    for kwargs in (
+        {"tma": False, "fma_exp_every": 2},
+        {"warp_specialize": True, "fma_exp_every": 1},
+        {"fma_exp_every": 3},
+    ):
+        with pytest.raises(ValueError, match="fma_exp_every"):
+            fp8_sdpa_triton(q8, k8, _keys_last(v8), descale.reshape(1), (64, 64, 4, 2), **kwargs)

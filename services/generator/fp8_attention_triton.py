@@ -42,6 +42,7 @@ except ImportError:  # CPU-only installs: unavailable_reason() says so
 # bench/bench_attention.py --triton, docs/performance.md); others for the bench's sweep.
 DEFAULT_CONFIG = (128, 64, 4, 3)
 DEFAULT_WARP_SPECIALIZE = False  # the TMA kernel's producer/consumer warps (Triton's Hopper pass)
+DEFAULT_FMA_EXP_EVERY = 0  # exponentials on the FMA pipe for every n-th key tile (not measured yet)
 SWEEP_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)]
 TMA_SWEEP = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)]
 WS_SWEEP = [(128, 128, 4, 2), (256, 128, 4, 2)]  # 4 warps: specialised (12); 2 stages (above)
@@ -63,13 +64,30 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _online_softmax(s, m_i, l_i, scale, P_LOG2: tl.constexpr):
+    def _exp2_fma(x):
+        # 2^x on the FMA and integer pipes, not the special-function unit (which computes one
+        # exp2 per 1/16 clock an SM: at head dim 128 an FP8 tile's exponentials take as long as
+        # its two products). x <= 8 here; x + 1.5 * 2^23 rounds x to an integer j in the low
+        # bits, 2^f for f = x - j in [-0.5, 0.5] is a cubic (relative error 1.1e-4, far inside
+        # e4m3's 6% rounding of the probabilities), and j goes into the exponent field.
+        x = tl.maximum(x, -126.0)
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        p = 1.0 + f * (0.69336869 + f * (0.24221838 + f * 0.05459283))
+        j = t.to(tl.int32, bitcast=True) - 0x4B400000
+        return (p.to(tl.int32, bitcast=True) + (j << 23)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _online_softmax(s, m_i, l_i, scale, P_LOG2: tl.constexpr, FMA_EXP: tl.constexpr = False):
         # s: a tile's raw scores q8 . k8 in float32; the running max m_i is kept in those units
         # (scale > 0), so each score costs one FMA and one exp2: exp2(s * scale - m * scale + 8)
         # is 256 x the softmax numerator, the e4m3 value that enters P @ V, and l_i sums them.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         bias = m_new * scale - P_LOG2
-        p = tl.math.exp2(s * scale - bias[:, None])
+        if FMA_EXP:
+            p = _exp2_fma(s * scale - bias[:, None])
+        else:
+            p = tl.math.exp2(s * scale - bias[:, None])
         alpha = tl.math.exp2((m_i - m_new) * scale)
         l_i = l_i * alpha + tl.sum(p, 1)
         return p.to(tl.float8e4nv), alpha, m_new, l_i
@@ -177,10 +195,12 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         WARP_SPECIALIZE: tl.constexpr,
+        FMA_EXP_EVERY: tl.constexpr,
     ):
         # The same program as _fp8_attention_kernel, its tiles moved by TMA (tensor descriptors),
         # the values read keys-last as V^T [H*D, keys]; optionally warp-specialised (producer
         # warps load while the others multiply). Rows and keys past the end load as zeros.
+        # FMA_EXP_EVERY n > 0: every n-th full tile's exponentials by _exp2_fma (0: none).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // n_heads).to(tl.int64)
@@ -213,10 +233,26 @@ if triton is not None:
                 acc = acc * alpha[:, None]
                 acc = tl.dot(p8, vt.T, acc)
             full_end = n_keys
-        else:
-            for start in tl.range(0, full_end, BLOCK_N):
+        elif FMA_EXP_EVERY == 2:  # tiles in pairs: the second's exponentials on the FMA pipe
+            pairs_end = (n_keys // (2 * BLOCK_N)) * 2 * BLOCK_N
+            for start in tl.range(0, pairs_end, 2 * BLOCK_N):
                 k = k_desc.load([start, h * HEAD_DIM])
                 p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2)
+                vt = vt_desc.load([h * HEAD_DIM, start])
+                acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+                k = k_desc.load([start + BLOCK_N, h * HEAD_DIM])
+                p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2, True)
+                vt = vt_desc.load([h * HEAD_DIM, start + BLOCK_N])
+                acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+            if pairs_end < full_end:
+                k = k_desc.load([pairs_end, h * HEAD_DIM])
+                p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2)
+                vt = vt_desc.load([h * HEAD_DIM, pairs_end])
+                acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+        else:  # FMA_EXP_EVERY 0: every exponential on the special-function unit; 1: none
+            for start in tl.range(0, full_end, BLOCK_N):
+                k = k_desc.load([start, h * HEAD_DIM])
+                p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2, FMA_EXP_EVERY == 1)
                 vt = vt_desc.load([h * HEAD_DIM, start])
                 acc = tl.dot(p8, vt.T, acc * alpha[:, None])
         if full_end < n_keys:
@@ -248,10 +284,13 @@ def fp8_sdpa_triton(
     config: tuple[int, int, int, int] | None = None,
     tma: bool | None = None,
     warp_specialize: bool | None = None,
+    fma_exp_every: int | None = None,
 ) -> torch.Tensor:
     """Unmasked attention of e4m3 [B, L, H, D] (q scaled by descale_q, k and v by 1) -> e4m3
     [B, Lq, H, D], contiguous. q and k must have a contiguous head dim; v may be laid out either
-    way (keys-last is the fast one on Hopper). tma: the TMA kernel (None: wherever tma_ready)."""
+    way (keys-last is the fast one on Hopper). tma: the TMA kernel (None: wherever tma_ready).
+    fma_exp_every (TMA kernel): every n-th key tile's exponentials as a polynomial on the FMA
+    pipe (1: all, 2: every second; 0 or None: DEFAULT_FMA_EXP_EVERY)."""
     b, lq, h, d = q8.shape
     lk = k8.shape[1]
     if q8.stride(-1) != 1 or k8.stride(-1) != 1:
@@ -267,6 +306,10 @@ def fp8_sdpa_triton(
         warp_specialize = DEFAULT_WARP_SPECIALIZE
     if warp_specialize and not tma:
         raise ValueError("warp specialisation is the TMA kernel's (values keys-last, 16-byte aligned, Hopper)")
+    if fma_exp_every is None:
+        fma_exp_every = DEFAULT_FMA_EXP_EVERY if tma and not warp_specialize else 0
+    if fma_exp_every not in (0, 1, 2) or (fma_exp_every and (warp_specialize or not tma)):
+        raise ValueError(f"fma_exp_every {fma_exp_every}: 0, 1 or 2, in the TMA kernel without warp specialisation")
     if warp_specialize and stages > 2:
         raise ValueError("the warp-specialised kernel gave wrong results at more than 2 stages (Triton 3.6, run P1)")
     if tma:
@@ -295,6 +338,7 @@ def fp8_sdpa_triton(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             WARP_SPECIALIZE=warp_specialize,
+            FMA_EXP_EVERY=fma_exp_every,
             num_warps=warps,
             num_stages=stages,
         )
