@@ -136,10 +136,12 @@ def test_rms_rope_fp8_is_rms_rope_at_a_scale_fixed_by_the_norms_weight():
         fused_norms.rms_rope_fp8(x[:, :-1], w, rope.cos, rope.sin, 1e-6)
 
 
+@pytest.mark.parametrize("values_layout", ["rows", "keys-last"])
 @pytest.mark.parametrize("cache", ["bf16", "fp8"])
-def test_kv_into_cache_writes_the_blocks_keys_and_values_into_their_rows_only(cache):
+def test_kv_into_cache_writes_the_blocks_keys_and_values_into_their_rows_only(cache, values_layout):
     """One kernel for a block's keys (rms_rope) and values, written into rows [write, write + L)
-    of a layer's cache buffers as the unfused code's rms_rope + to_cache_dtype + slice copies."""
+    of a layer's cache buffers as the unfused code's rms_rope + to_cache_dtype + slice copies;
+    the values also into a keys-last cache (the Triton FP8 attention's), whose rows are columns."""
     from avatar.services.generator.causal_s2v_dit import rope_grid
     from avatar.services.generator.kv_cache import to_cache_dtype
 
@@ -151,19 +153,28 @@ def test_kv_into_cache_writes_the_blocks_keys_and_values_into_their_rows_only(ca
     k, v = ((torch.randn(B, n, heads * head_dim, generator=g) * 300).bfloat16() for _ in range(2))  # past 448
     w = torch.randn(heads * head_dim, generator=g).bfloat16()
     keys, values = ((torch.randn(B, rows, heads, head_dim, generator=g) * 3).to(dtype) for _ in range(2))
+    if values_layout == "keys-last":  # [B, H, D, T] in memory, a span of a longer buffer
+        values = torch.cat([values, values[:, :3]], 1).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[:, :rows]
+        assert values.stride(1) == 1 and not values.is_contiguous()
     before_k, before_v = keys.clone(), values.clone()
     fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys, values, write)
     expected_k = fused_norms.rms_rope(k, w, rope.cos, rope.sin, 1e-6, cache == "fp8").unflatten(-1, (heads, -1))
     expected_v = to_cache_dtype(v, dtype).unflatten(-1, (heads, -1))
     for got, expected, before in ((keys, expected_k, before_k), (values, expected_v, before_v)):
-        assert torch.equal(got[:, write : write + n].view(torch.uint8), expected.view(torch.uint8))
+        assert torch.equal(
+            got[:, write : write + n].contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)
+        )
         got[:, write : write + n] = before[:, write : write + n]
-        assert torch.equal(got.view(torch.uint8), before.view(torch.uint8))  # nothing else written
+        assert torch.equal(
+            got.contiguous().view(torch.uint8), before.contiguous().view(torch.uint8)
+        )  # nothing else written
     with pytest.raises(ValueError, match="outside keys"):
         fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys, values, rows - n + 1)
-    keys_last = values.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # the Triton kernel's layout
+    heads_last = values.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).transpose(2, 3)  # [B, D, H, T]
     with pytest.raises(ValueError, match="values must be"):
-        fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys, keys_last, write)
+        fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys, heads_last, write)
+    with pytest.raises(ValueError, match="keys must be"):  # keys-last keys: not what attention reads
+        fused_norms.kv_into_cache(k, v, w, rope.cos, rope.sin, 1e-6, keys.transpose(2, 3), values, write)
     with pytest.raises(ValueError, match="v must be"):
         fused_norms.kv_into_cache(k, v[:, :, :-1], w, rope.cos, rope.sin, 1e-6, keys, values, write)
 
@@ -215,6 +226,19 @@ def test_each_op_returns_what_its_fake_promises():
         torch.ops.avatar.kv_into_cache.default: [
             (x, y, w, rope.cos, rope.sin, 1e-6, *(torch.zeros(B, 20, 4, 24, dtype=dtype) for _ in "kv"), 3)
             for dtype in (torch.bfloat16, torch.float8_e4m3fn)
+        ]
+        + [  # keys-last values (the Triton FP8 attention's cache)
+            (
+                x,
+                y,
+                w,
+                rope.cos,
+                rope.sin,
+                1e-6,
+                torch.zeros(B, 20, 4, 24, dtype=torch.float8_e4m3fn),
+                torch.zeros(B, 4, 24, 20, dtype=torch.float8_e4m3fn).permute(0, 3, 1, 2),
+                3,
+            )
         ],
     }
     for op, arg_sets in calls.items():

@@ -233,16 +233,9 @@ class SelfAttention(_Projections):
         """forward() with the q/k norms and RoPE in Triton kernels (fused_norms.py): the keys and
         values go into the cache from one kernel; with FP8 attention the queries come out as e4m3
         at a scale fixed by their norm's weight, no reduction over them first."""
-        heads, cache = (self.num_heads, -1), kv.keys.dtype
+        heads = (self.num_heads, -1)
         rope_eps = (rope.cos, rope.sin, self.norm_q.eps)  # norm_q and norm_k share eps
-        k, v = self.k(x), self.v(x)
-        n = k.shape[1]
-        if kv.values.stride(-1) == 1:  # each token's values contiguous (not the Triton kernel's keys-last)
-            fused_norms.kv_into_cache(k, v, self.norm_k.weight, *rope_eps, kv.keys, kv.values, kv.write)
-        else:
-            k = fused_norms.rms_rope(k, self.norm_k.weight, *rope_eps, cache == torch.float8_e4m3fn)
-            kv.keys[:, kv.write : kv.write + n] = k.unflatten(-1, heads)
-            kv.values[:, kv.write : kv.write + n] = to_cache_dtype(v.unflatten(-1, heads), cache)
+        fused_norms.kv_into_cache(self.k(x), self.v(x), self.norm_k.weight, *rope_eps, kv.keys, kv.values, kv.write)
         keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
         if not kv.fp8_attention:
             q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, *rope_eps).unflatten(-1, heads)

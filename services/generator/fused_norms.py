@@ -204,10 +204,12 @@ if triton is not None:
         values_stride_token,
         HALF_D: tl.constexpr,
         FP8: tl.constexpr,
+        VALUES: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # One token of a block: its key (rms_rope) and value, as the cache stores them, straight
-        # into the cache's rows write + token (no output tensor, no copy after).
+        # into the cache's rows write + token (no output tensor, no copy after). VALUES false:
+        # the values are keys-last, _values_keys_last_kernel's.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
@@ -215,9 +217,26 @@ if triton is not None:
         k, _ = _rms_rope_row(k_ptr, w_ptr, cos_ptr, sin_ptr, row, C, tokens, eps, offs, mask, HALF_D, BLOCK)
         dst = keys_ptr + batch * keys_stride_batch + (write + token) * keys_stride_token
         tl.store(dst + offs, _cache_codes(k, FP8), mask=mask)
-        v = tl.load(v_ptr + row * C + offs, mask=mask, other=0.0)
-        dst = values_ptr + batch * values_stride_batch + (write + token) * values_stride_token
-        tl.store(dst + offs, _cache_codes(v, FP8), mask=mask)
+        if VALUES:  # each token's values contiguous, as its keys
+            v = tl.load(v_ptr + row * C + offs, mask=mask, other=0.0)
+            dst = values_ptr + batch * values_stride_batch + (write + token) * values_stride_token
+            tl.store(dst + offs, _cache_codes(v, FP8), mask=mask)
+
+    @triton.jit
+    def _values_keys_last_kernel(
+        v_ptr, values_ptr, C, tokens, write, stride_batch, stride_channel, FP8: tl.constexpr,
+        TOKENS: tl.constexpr, CHANNELS: tl.constexpr,
+    ):  # fmt: skip
+        # A tile of a block's values [TOKENS, CHANNELS] into a keys-last cache ([B, H*D, T]: each
+        # channel's tokens contiguous, what the Triton FP8 attention reads): Triton moves the tile
+        # through shared memory between the row-major load and the token-major store.
+        t = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        c = tl.program_id(1) * CHANNELS + tl.arange(0, CHANNELS)
+        batch = tl.program_id(2).to(tl.int64)
+        ok = (t < tokens)[:, None] & (c < C)[None, :]
+        v = tl.load(v_ptr + (batch * tokens + t[:, None]) * C + c[None, :], mask=ok, other=0.0)
+        dst = values_ptr + batch * stride_batch + c[None, :].to(tl.int64) * stride_channel + write + t[:, None]
+        tl.store(dst, _cache_codes(v, FP8), mask=ok)
 
 
 if triton is not None:
@@ -407,11 +426,28 @@ def _kv_into_cache_op(
     b, n, c = k.shape
     if b * n:
         block, warps = _launch_shape(c, "kv_into_cache")
+        keys_last = _keys_last(values)
+        v = v.contiguous()
         _kv_into_cache_kernel[(b * n,)](
-            k.contiguous(), v.contiguous(), weight, cos.contiguous(), sin.contiguous(), keys, values, c, n, eps,
+            k.contiguous(), v, weight, cos.contiguous(), sin.contiguous(), keys, values, c, n, eps,
             write, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), HALF_D=cos.shape[-1],
-            FP8=keys.dtype == E4M3, BLOCK=block, num_warps=warps,
+            FP8=keys.dtype == E4M3, VALUES=not keys_last, BLOCK=block, num_warps=warps,
         )  # fmt: skip
+        if keys_last:
+            tile_t, tile_c = VALUES_TILE
+            _values_keys_last_kernel[(triton.cdiv(n, tile_t), triton.cdiv(c, tile_c), b)](
+                v, values, c, n, write, values.stride(0), values.stride(3), FP8=values.dtype == E4M3,
+                TOKENS=tile_t, CHANNELS=tile_c, num_warps=4,
+            )  # fmt: skip
+
+
+VALUES_TILE = (64, 64)  # (tokens, channels) of _values_keys_last_kernel's tiles
+
+
+def _keys_last(values: torch.Tensor) -> bool:
+    """[B, T, H, D] laid out [B, H, D, T]: the Triton FP8 attention's values (KVCache keys-last)."""
+    d = values.shape[3]
+    return values.stride(1) == 1 and values.stride(2) == d * values.stride(3) and values.stride(3) >= values.shape[1]
 
 
 @torch.library.custom_op("avatar::rope_into", mutates_args=("out",))
@@ -494,14 +530,21 @@ def kv_into_cache(
 ) -> None:
     """A block's keys (rms_rope of the key projection k [B, L, C]) and values (v [B, L, C]) in the
     cache's dtype, written straight into rows [write, write + L) of one layer's keys/values
-    [B, T, H, D] (each token's H x D contiguous): one kernel for what was rms_rope, two casts and
-    two copies into the cache."""
+    [B, T, H, D] (each token's H x D contiguous; the values may be keys-last instead, laid out
+    [B, H, D, T] as the Triton FP8 attention reads them): one kernel for what was rms_rope, two
+    casts and two copies into the cache (a second kernel for keys-last values)."""
     _check_rope(k, cos, sin)
     b, n, c = k.shape
     for name, buf in (("keys", keys), ("values", values)):
         rows_contiguous = buf.dim() == 4 and buf.stride(3) == 1 and buf.stride(2) == buf.shape[3]
+        if name == "values" and buf.dim() == 4 and _keys_last(buf):
+            rows_contiguous = True
         if not rows_contiguous or buf.shape[0] != b or buf[0, 0].numel() != c:
-            raise ValueError(f"{name} must be [B, T, H, D] with each token's H x D contiguous, got {list(buf.shape)}")
+            raise ValueError(
+                f"{name} must be [B, T, H, D] with each token's H x D contiguous"
+                + (" (or keys-last)" if name == "values" else "")
+                + f", got {list(buf.shape)}"
+            )
         if not 0 <= write <= buf.shape[1] - n:
             raise ValueError(f"rows [{write}, {write + n}) are outside {name}' {buf.shape[1]} rows")
     if v.shape != k.shape or keys.dtype != values.dtype:
