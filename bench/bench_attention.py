@@ -250,6 +250,18 @@ def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
         "as cached": timed(lambda: v8[:, :n].copy_(new)),
         "keys-last": timed(lambda: v8_keys_last[:, :n].copy_(new)),
     }
+    # a block's keys and values into the cache as the fused-norm model writes them (one op)
+    from avatar.services.generator import fused_norms
+
+    k_new, v_new = (torch.randn(b, n, h * d, device=v8.device, dtype=torch.bfloat16) for _ in "kv")
+    w = torch.ones(h * d, device=v8.device, dtype=torch.bfloat16)
+    angles = torch.rand(n, 1, d // 2, device=v8.device)
+    cos, sin = angles.cos(), angles.sin()
+    keys = torch.empty_like(k8)
+    for name, values in (("kv_into_cache as cached", v8), ("kv_into_cache keys-last", v8_keys_last)):
+        res["values_write_ms"][name] = timed(
+            lambda values=values: fused_norms.kv_into_cache(k_new, v_new, w, cos, sin, 1e-6, keys, values, 0)
+        )
     log(f"  a block's values into the cache: {res['values_write_ms']}")
 
 
