@@ -1051,9 +1051,10 @@ def main():
     ap.add_argument(
         "--triton-attention",
         default=None,
-        metavar="BM,BN,WARPS,STAGES[,ws]",
-        help="the Triton FP8 attention's tiles and launch (and warp specialisation) for this run, e.g. "
-        "the fastest of bench_attention.py --triton",
+        metavar="BM,BN,WARPS,STAGES[,ws|,fma1|,fma2]",
+        help="the Triton FP8 attention's tiles and launch (and warp specialisation, or the softmax's "
+        "exponentials on the FMA pipe for every or every second key tile) for this run, e.g. the "
+        "fastest of bench_attention.py --triton",
     )
     ap.add_argument("--time-budget", type=float, default=540, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
@@ -1063,9 +1064,10 @@ def main():
         from avatar.services.generator import fp8_attention_triton
 
         parts = args.triton_attention.split(",")
-        ws = parts[-1] == "ws"
-        fp8_attention_triton.DEFAULT_CONFIG = tuple(int(n) for n in (parts[:-1] if ws else parts))
-        fp8_attention_triton.DEFAULT_WARP_SPECIALIZE = ws
+        flag = parts.pop() if parts[-1] in ("ws", "fma1", "fma2") else ""
+        fp8_attention_triton.DEFAULT_CONFIG = tuple(int(n) for n in parts)
+        fp8_attention_triton.DEFAULT_WARP_SPECIALIZE = flag == "ws"
+        fp8_attention_triton.DEFAULT_FMA_EXP_EVERY = int(flag[3:]) if flag.startswith("fma") else 0
     smoke = args.only == "smoke"
     parts = (
         set("env,gemm,attn,bf16,fp8,quality,vae,overlap,24gb,compile,engine,legacy,profile".split(","))

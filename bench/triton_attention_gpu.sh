@@ -24,7 +24,8 @@ ours = {n: v["ms"] for n, v in size.items() if n.startswith("triton ") and "ms" 
 if ours:
     name = min(ours, key=ours.get)
     config = ",".join(re.findall(r"\d+", name.split("(")[1]))
-    print(f"{config},ws" if "warp-specialized" in name else config, ours[name], cudnn, name)
+    flag = ",ws" if "warp-specialized" in name else ",fma2" if "every 2nd" in name else ",fma1" if "fma-exp" in name else ""
+    print(config + flag, ours[name], cudnn, name.replace(" ", "_"))
 PY
 )
 echo "fastest Triton variant against cuDNN's kernel (config ms cudnn_ms name): $best"
