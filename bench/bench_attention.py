@@ -223,7 +223,7 @@ def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
     v8_keys_last = buf.permute(0, 3, 1, 2)[:, spare : spare + lk]
     v8_keys_last.copy_(v8)
     cudnn_out = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).float()
-    WIDE = [(256, 64, 8, 3)]
+    wide = [(256, 64, 8, 3)]
     variants = [
         ("pointers keys-last", v8_keys_last, {"tma": False}, SWEEP_CONFIGS),
         ("pointers as cached", v8, {"tma": False}, SWEEP_CONFIGS[:2]),
@@ -231,9 +231,9 @@ def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
         ("tma warp-specialized", v8_keys_last, {"tma": True, "warp_specialize": True}, WS_SWEEP),
         # exponentials as a polynomial on the FMA pipe: every second key tile's, or all of them
         # (256-query tiles: two warpgroups share each key/value tile)
-        ("tma fma-exp every 2nd tile", v8_keys_last, {"tma": True, "fma_exp_every": 2}, TMA_SWEEP + WIDE),
+        ("tma fma-exp every 2nd tile", v8_keys_last, {"tma": True, "fma_exp_every": 2}, TMA_SWEEP + wide),
         ("tma fma-exp every tile", v8_keys_last, {"tma": True, "fma_exp_every": 1}, TMA_SWEEP[1:]),
-        ("tma", v8_keys_last, {"tma": True}, WIDE),
+        ("tma", v8_keys_last, {"tma": True}, wide),
     ]
     for label, values, kwargs, configs in variants:
         for cfg in configs:
