@@ -94,7 +94,7 @@ def bench_size(
     heads: int,
     head_dim: int,
     keys: int | None = None,
-    triton: bool = False,
+    triton: bool | str = False,
     flashinfer: str | None = None,
 ) -> dict:
     """keys: the self-attention's (sink + full ring) when None; else that many (the prompt's, for
@@ -199,7 +199,7 @@ def bench_size(
 
     guarded("fp8-attention, fastest cuDNN plan", every_plan)
     if triton:
-        bench_triton(res, q8, k8, v8, descale, record, guarded)
+        bench_triton(res, q8, k8, v8, descale, record, guarded, None if triton is True else triton)
     if flashinfer:
         bench_flashinfer(flashinfer, res, q8, k8, v8, descale, record, guarded)
     # the CPU reference (what the tests check) against cuDNN, on the first 256 queries
@@ -211,7 +211,7 @@ def bench_size(
     return res
 
 
-def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
+def bench_triton(res, q8, k8, v8, descale, record, guarded, only: str | None = None) -> None:
     """The Triton FP8 kernels at each config of their sweep: pointer loads with the values as
     cached and keys-last; TMA loads (keys-last), without and with warp specialisation, and with
     some or all of the softmax's exponentials on the FMA pipe."""
@@ -235,6 +235,8 @@ def bench_triton(res, q8, k8, v8, descale, record, guarded) -> None:
         ("tma fma-exp every tile", v8_keys_last, {"tma": True, "fma_exp_every": 1}, TMA_SWEEP[1:]),
         ("tma", v8_keys_last, {"tma": True}, wide),
     ]
+    if only:  # the variants whose label is one of these (comma-separated), e.g. "tma,tma fma-exp every 2nd tile"
+        variants = [v for v in variants if v[0] in only.split(",")]
     for label, values, kwargs, configs in variants:
         for cfg in configs:
             name = f"triton {label} {cfg}"
@@ -307,6 +309,7 @@ def main(argv=None) -> int:
         help="also the text cross-attention's shape: a block's queries over the prompt's 512 tokens",
     )
     p.add_argument("--triton", action="store_true", help="also the Triton FP8 kernel (fp8_attention_triton.py)")
+    p.add_argument("--triton-variants", default=None, help="with --triton: only these variants (labels, comma-separated)")
     p.add_argument("--flashinfer", default=None, metavar="LIB", help="also FlashInfer's FP8 kernel, built into LIB")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -330,7 +333,7 @@ def main(argv=None) -> int:
                 device,
                 cfg.num_heads,
                 cfg.dim // cfg.num_heads,
-                triton=args.triton,
+                triton=(args.triton_variants or True) if args.triton else False,
                 flashinfer=args.flashinfer,
             )
         )
