@@ -309,7 +309,9 @@ def main(argv=None) -> int:
         help="also the text cross-attention's shape: a block's queries over the prompt's 512 tokens",
     )
     p.add_argument("--triton", action="store_true", help="also the Triton FP8 kernel (fp8_attention_triton.py)")
-    p.add_argument("--triton-variants", default=None, help="with --triton: only these variants (labels, comma-separated)")
+    p.add_argument(
+        "--triton-variants", default=None, help="with --triton: only these variants (labels, comma-separated)"
+    )
     p.add_argument("--flashinfer", default=None, metavar="LIB", help="also FlashInfer's FP8 kernel, built into LIB")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
