@@ -42,7 +42,7 @@ except ImportError:  # CPU-only installs: unavailable_reason() says so
 # bench/bench_attention.py --triton, docs/performance.md); others for the bench's sweep.
 DEFAULT_CONFIG = (128, 64, 4, 3)
 DEFAULT_WARP_SPECIALIZE = False  # the TMA kernel's producer/consumer warps (Triton's Hopper pass)
-DEFAULT_FMA_EXP_EVERY = 0  # exponentials on the FMA pipe for every n-th key tile (not measured yet)
+DEFAULT_FMA_EXP_EVERY = 0  # exponentials on the FMA pipe for every n-th key tile: slower (run T1)
 SWEEP_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)]
 TMA_SWEEP = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)]
 WS_SWEEP = [(128, 128, 4, 2), (256, 128, 4, 2)]  # 4 warps: specialised (12); 2 stages (above)
