@@ -90,7 +90,9 @@ def bench(
     dim: int = 5120,
     ffn_dim: int = 13824,
     autotune: bool = False,
+    out: str | None = None,
 ) -> dict:
+    """out: the results so far, rewritten after each case (a device call cut short keeps them)."""
     m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
     res: dict = {"size": f"{width}*{height}", "tokens": m, "calls_per_graph": calls, "cases": {}}
     cases = list(shapes(dim, ffn_dim).items())
@@ -109,6 +111,8 @@ def bench(
         flop = sum(2 * m * k * abs(n) for k, n in parts)
         res["cases"][name] = {"ms": ms, "tflops": flop / ms / 1e9, "gemms": len(parts)}
         print(f"  {name:24s} {ms * 1000:8.1f} us  {flop / ms / 1e9:6.0f} TFLOP/s  ({len(parts)} GEMM)", flush=True)
+        if out:
+            Path(out).write_text(json.dumps(res, indent=1))
     apart, fused = res["cases"]["q, k, v apart"]["ms"], res["cases"]["q|k|v as one"]["ms"]
     res["qkv_fused_saves_ms_per_block"] = (apart - fused) * 40 * 4  # 40 layers x 4 steps
     print(f"q|k|v as one saves {res['qkv_fused_saves_ms_per_block']:.2f} ms a block (40 layers, 4 steps)")
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.split("*"))
-    res = bench(width, height, args.device, args.calls, args.reps, autotune=args.autotune)
+    res = bench(width, height, args.device, args.calls, args.reps, autotune=args.autotune, out=args.out)
     if torch.cuda.is_available():
         res["gpu"] = torch.cuda.get_device_name()
     if args.out:

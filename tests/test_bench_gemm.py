@@ -1,9 +1,11 @@
 """bench/bench_gemm.py's CPU path: every case runs its GEMMs as FP8Linear computes them (a fused
 q|k|v GEMM's column blocks are the three apart), and the summary is the cases' difference."""
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -56,3 +58,20 @@ def test_autotune_adds_a_compiled_case_for_each_one_gemm_shape(monkeypatch):
     # the one-GEMM cases, not the transposed product (its own layout) nor the multi-GEMM ones
     assert tuned == [f"{n}, max-autotune" for n in ("q|k|v as one", "o (self or cross)", "ffn up", "ffn down")]
     assert len(compiled) == 4
+
+
+def test_the_results_so_far_are_on_disk_after_each_case(monkeypatch, tmp_path):
+    """A device call cut short (its time limit) still returns the cases it timed."""
+    calls = []
+
+    def graph_ms(fn, device, n, reps):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the call's limit, mid-bench
+        return 1.0
+
+    monkeypatch.setattr(bench_gemm, "graph_ms", graph_ms)
+    out = tmp_path / "gemm.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_gemm.bench(64, 64, "cpu", calls=1, reps=1, dim=32, ffn_dim=48, out=str(out))
+    assert list(json.loads(out.read_text())["cases"]) == ["q, k, v apart", "q|k|v as one"]
