@@ -471,16 +471,17 @@ def test_the_cross_attentions_bf16_outputs_are_quantised_by_the_row_kernel_op():
     assert o._quantize is not quantize_rows_kernel  # the default again
 
 
-def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_in_their_kernel():
+@pytest.mark.parametrize("kernel", ["cudnn", "triton"])
+def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_in_their_kernel(kernel):
     """--compile --fused-norms --fp8-attention: Inductor's code calls kv_into_cache on the cache
     buffers the block was given (no clone of the cache and copy back: 78 MB a layer at 704*384) and
     takes the queries' codes from rms_rope_fp8 (no reduction over them); the session's latents
-    follow the eager fused model's."""
+    follow the eager fused model's. With the Triton kernel the values are keys-last, in place too."""
     from torch._inductor.utils import run_and_get_code
 
     from avatar.services.generator.engine import compile_blocks
 
-    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True, fp8_attention_kernel=kernel)
     spec = ModelSpec(name="tiny", seed=0, generator_options=options)
     eager = _fp8_dit()
     eager.use_fused_norms()
