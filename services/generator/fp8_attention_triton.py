@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from avatar.services.generator.kv_cache import keys_last
+
 E4M3 = torch.float8_e4m3fn
 P_LOG2 = 8.0  # log2 of fp8_attention.P_SCALE (256, cuDNN's scale_s): the same rounding of the probabilities
 LOG2E = 1.4426950408889634
@@ -173,6 +175,14 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _tma_tile(q, k_desc, vt_desc, start, column, acc, m_i, l_i, scale, P_LOG2: tl.constexpr, FMA_EXP: tl.constexpr):
+        # one full key tile at `start` of the TMA kernel: scores, online softmax, P @ V into acc
+        k = k_desc.load([start, column])
+        p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2, FMA_EXP)
+        vt = vt_desc.load([column, start])
+        return tl.dot(p8, vt.T, acc * alpha[:, None]), m_i, l_i
+
+    @triton.jit
     def _fp8_attention_tma_kernel(
         q_ptr,
         k_ptr,
@@ -237,25 +247,19 @@ if triton is not None:
         elif FMA_EXP_EVERY == 2:  # tiles in pairs: the second's exponentials on the FMA pipe
             pairs_end = (n_keys // (2 * BLOCK_N)) * 2 * BLOCK_N
             for start in tl.range(0, pairs_end, 2 * BLOCK_N):
-                k = k_desc.load([start, h * HEAD_DIM])
-                p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2)
-                vt = vt_desc.load([h * HEAD_DIM, start])
-                acc = tl.dot(p8, vt.T, acc * alpha[:, None])
-                k = k_desc.load([start + BLOCK_N, h * HEAD_DIM])
-                p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2, True)
-                vt = vt_desc.load([h * HEAD_DIM, start + BLOCK_N])
-                acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+                acc, m_i, l_i = _tma_tile(q, k_desc, vt_desc, start, h * HEAD_DIM, acc, m_i, l_i, scale, P_LOG2, False)
+                acc, m_i, l_i = _tma_tile(
+                    q, k_desc, vt_desc, start + BLOCK_N, h * HEAD_DIM, acc, m_i, l_i, scale, P_LOG2, True
+                )
             if pairs_end < full_end:
-                k = k_desc.load([pairs_end, h * HEAD_DIM])
-                p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2)
-                vt = vt_desc.load([h * HEAD_DIM, pairs_end])
-                acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+                acc, m_i, l_i = _tma_tile(
+                    q, k_desc, vt_desc, pairs_end, h * HEAD_DIM, acc, m_i, l_i, scale, P_LOG2, False
+                )
         else:  # FMA_EXP_EVERY 0: every exponential on the special-function unit; 1: none
             for start in tl.range(0, full_end, BLOCK_N):
-                k = k_desc.load([start, h * HEAD_DIM])
-                p8, alpha, m_i, l_i = _online_softmax(tl.dot(q, k.T), m_i, l_i, scale, P_LOG2, FMA_EXP_EVERY == 1)
-                vt = vt_desc.load([h * HEAD_DIM, start])
-                acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+                acc, m_i, l_i = _tma_tile(
+                    q, k_desc, vt_desc, start, h * HEAD_DIM, acc, m_i, l_i, scale, P_LOG2, FMA_EXP_EVERY == 1
+                )
         if full_end < n_keys:
             key_ok = full_end + tl.arange(0, BLOCK_N) < n_keys
             k = k_desc.load([full_end, h * HEAD_DIM])
@@ -270,11 +274,9 @@ if triton is not None:
 def tma_ready(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor) -> bool:
     """Whether the TMA kernel can read these: values keys-last, and every base address and row
     stride a multiple of 16 bytes (what TMA requires)."""
-    b, lk, h, d = v8.shape
-    keys_last = v8.stride(1) == 1 and v8.stride(3) >= lk and v8.stride(2) == d * v8.stride(3)
     aligned = all(t.data_ptr() % 16 == 0 for t in (q8, k8, v8))
     strides = (q8.stride(0), q8.stride(1), k8.stride(0), k8.stride(1), v8.stride(0), v8.stride(3))
-    return keys_last and aligned and all(s % 16 == 0 for s in strides) and q8.is_contiguous()
+    return keys_last(v8) and aligned and all(s % 16 == 0 for s in strides) and q8.is_contiguous()
 
 
 def fp8_sdpa_triton(

@@ -23,6 +23,7 @@ import os
 import torch
 
 from avatar.services.generator.fp8 import E4M3, FP8Rows
+from avatar.services.generator.kv_cache import keys_last
 
 try:
     import triton
@@ -426,14 +427,14 @@ def _kv_into_cache_op(
     b, n, c = k.shape
     if b * n:
         block, warps = _launch_shape(c, "kv_into_cache")
-        keys_last = _keys_last(values)
+        values_keys_last = keys_last(values)
         v = v.contiguous()
         _kv_into_cache_kernel[(b * n,)](
             k.contiguous(), v, weight, cos.contiguous(), sin.contiguous(), keys, values, c, n, eps,
             write, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), HALF_D=cos.shape[-1],
-            FP8=keys.dtype == E4M3, VALUES=not keys_last, BLOCK=block, num_warps=warps,
+            FP8=keys.dtype == E4M3, VALUES=not values_keys_last, BLOCK=block, num_warps=warps,
         )  # fmt: skip
-        if keys_last:
+        if values_keys_last:
             tile_t, tile_c = VALUES_TILE
             _values_keys_last_kernel[(triton.cdiv(n, tile_t), triton.cdiv(c, tile_c), b)](
                 v, values, c, n, write, values.stride(0), values.stride(3), FP8=values.dtype == E4M3,
@@ -442,12 +443,6 @@ def _kv_into_cache_op(
 
 
 VALUES_TILE = (64, 64)  # (tokens, channels) of _values_keys_last_kernel's tiles
-
-
-def _keys_last(values: torch.Tensor) -> bool:
-    """[B, T, H, D] laid out [B, H, D, T]: the Triton FP8 attention's values (KVCache keys-last)."""
-    d = values.shape[3]
-    return values.stride(1) == 1 and values.stride(2) == d * values.stride(3) and values.stride(3) >= values.shape[1]
 
 
 @torch.library.custom_op("avatar::rope_into", mutates_args=("out",))
@@ -537,8 +532,8 @@ def kv_into_cache(
     b, n, c = k.shape
     for name, buf in (("keys", keys), ("values", values)):
         rows_contiguous = buf.dim() == 4 and buf.stride(3) == 1 and buf.stride(2) == buf.shape[3]
-        if name == "values" and buf.dim() == 4 and _keys_last(buf):
-            rows_contiguous = True
+        if name == "values" and buf.dim() == 4:
+            rows_contiguous = rows_contiguous or keys_last(buf)
         if not rows_contiguous or buf.shape[0] != b or buf[0, 0].numel() != c:
             raise ValueError(
                 f"{name} must be [B, T, H, D] with each token's H x D contiguous"

@@ -31,6 +31,13 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_KERNELS = ("cudnn", "triton", "flashinfer")  # FP8 attention kernels (fp8_attention*.py)
 
 
+def keys_last(values: torch.Tensor) -> bool:
+    """Whether values [.., T, H, D] are laid out [.., H, D, T] (each channel's tokens contiguous):
+    how the cache stores them for the Triton FP8 attention."""
+    t, _, d = values.shape[-3:]
+    return values.stride(-3) == 1 and values.stride(-1) >= t and values.stride(-2) == d * values.stride(-1)
+
+
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in the cache's dtype; e4m3 has no infinity, so clamp rather than produce NaN."""
     if dtype == torch.float8_e4m3fn:
