@@ -94,8 +94,9 @@ def bench_size(
     heads: int,
     head_dim: int,
     keys: int | None = None,
-    triton: bool | str = False,
+    triton: bool = False,
     flashinfer: str | None = None,
+    triton_variants: str | None = None,
 ) -> dict:
     """keys: the self-attention's (sink + full ring) when None; else that many (the prompt's, for
     the text cross-attention: bf16 today, timed in FP8 to see whether it would be worth it)."""
@@ -199,7 +200,7 @@ def bench_size(
 
     guarded("fp8-attention, fastest cuDNN plan", every_plan)
     if triton:
-        bench_triton(res, q8, k8, v8, descale, record, guarded, None if triton is True else triton)
+        bench_triton(res, q8, k8, v8, descale, record, guarded, triton_variants)
     if flashinfer:
         bench_flashinfer(flashinfer, res, q8, k8, v8, descale, record, guarded)
     # the CPU reference (what the tests check) against cuDNN, on the first 256 queries
@@ -335,8 +336,9 @@ def main(argv=None) -> int:
                 device,
                 cfg.num_heads,
                 cfg.dim // cfg.num_heads,
-                triton=(args.triton_variants or True) if args.triton else False,
+                triton=args.triton,
                 flashinfer=args.flashinfer,
+                triton_variants=args.triton_variants,
             )
         )
         if args.cross:

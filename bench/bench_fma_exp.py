@@ -1,31 +1,27 @@
 """The Triton FP8 attention with and without its exponentials on the FMA pipe, beside cuDNN's
 kernel, at the DiT's 704*384 shape (3168 queries over 15312 keys, 40 x 128): the shortest device
 call that answers whether `fma_exp_every` pays (bench_attention.py --triton times every variant
-and the errors; this times three forms at two tiles in about a minute with its setup).
+and the errors; this times three forms at two tiles in about a minute with its setup). Times are
+bench_attention.timed's (median of CUDA-event timings); run T1 (`efb21b8`) took the mean of 20
+back-to-back calls by the host clock.
 
     python3 bench/bench_fma_exp.py   (after `source bench/serve_wheels.sh`; cuDNN's needs its frontend)
 """
 
 import json
 import os
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from avatar.services.generator import fp8_attention  # noqa: F401 (registers avatar::fp8_sdpa)
-from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
+from bench_attention import timed  # noqa: E402
+
+from avatar.services.generator import fp8_attention  # noqa: E402, F401 (registers avatar::fp8_sdpa)
+from avatar.services.generator.fp8_attention_triton import fp8_sdpa_triton  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
-
-
-def ms_per_call(fn, calls: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e3
 
 
 def main() -> None:
@@ -41,7 +37,7 @@ def main() -> None:
     flop = 4 * lq * lk * h * d
     res = {
         "gpu": torch.cuda.get_device_name(),
-        "cudnn_ms": ms_per_call(lambda: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale)),
+        "cudnn_ms": timed(lambda: torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale)),
     }
     cudnn = torch.ops.avatar.fp8_sdpa(q8, k8, v8, descale).float()
     print(f"cuDNN {res['cudnn_ms']:.3f} ms {flop / res['cudnn_ms'] / 1e9:.0f} TFLOP/s", flush=True)
@@ -52,7 +48,7 @@ def main() -> None:
                 return fp8_sdpa_triton(q8, k8, keys_last, descale.reshape(1), config, tma=True, fma_exp_every=every)
 
             try:
-                ms = ms_per_call(call)
+                ms = timed(call)
                 diff = ((call().float() - cudnn).norm() / cudnn.norm()).item()
             except Exception as e:  # a form that does not compile is reported, the rest go on
                 print(f"fma_exp_every {every} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
