@@ -496,6 +496,15 @@ class TextContext:
 
 
 @dataclass
+class TimeEmbedding:
+    """Timesteps [B, F] as the model sees them, float32: `e` [B, F, C] modulates the head, `mod`
+    [B, F, 6, C] every block (shift, scale, gate of the attention's and the FFN's inputs)."""
+
+    e: torch.Tensor
+    mod: torch.Tensor
+
+
+@dataclass
 class StepPositions:
     """Everything position-dependent of one forward: where it writes/reads in the KV cache (plain
     ints) and the RoPE of the block and of the sink's reference token (tensors). Split from the
@@ -701,12 +710,13 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         drop = self.motion_latent_frames
         return AudioTokens(local[:, drop:].to(self.dtype), glob[:, drop:].to(self.dtype))
 
-    def _time_modulation(self, t: torch.Tensor):
-        """t [B, F] -> (e [B, F, C], e6 [B, F, 6, C]) float32."""
-        e = sinusoidal_embedding(self.config.freq_dim, t.flatten())
+    @torch.no_grad()
+    def embed_time(self, t: torch.Tensor) -> TimeEmbedding:
+        """Timesteps t [B, F] in [0, 1000] -> their embedding and every block's modulation."""
+        e = sinusoidal_embedding(self.config.freq_dim, t.float().flatten())
         e = _linear_f32(self.time_embedding[2], F.silu(_linear_f32(self.time_embedding[0], e)))
         e6 = _linear_f32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, -1))
-        return e.unflatten(0, t.shape), e6.unflatten(0, t.shape)
+        return TimeEmbedding(e.unflatten(0, t.shape), e6.unflatten(0, t.shape))
 
     def _sink_rope(self, h: int, w: int, ref_frame: int, device) -> Rope:
         key = (h, w, str(device))
@@ -733,7 +743,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         x = x + self.trainable_cond_mask(kinds).to(dtype)
         if x.shape[1] != kv.spec.sink_tokens:
             raise ValueError(f"sink has {x.shape[1]} tokens, the cache was sized for {kv.spec.sink_tokens}")
-        _, mod = self._time_modulation(torch.zeros(b, 1, device=device))
+        mod = self.embed_time(torch.zeros(b, 1, device=device)).mod
         rope = self._sink_rope(h, w, REF_ROPE_FRAME, device)
         spec = kv.spec
         for i, block in enumerate(self.blocks):
@@ -765,9 +775,10 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
         frame_start: absolute latent frame index of the block (its RoPE frame and ring slot);
         sink_frame: RoPE frame the reference token sits at for this call. Returns [B, 16, F, h, w].
         """
-        _, _, f, h, w = latents.shape
+        b, _, f, h, w = latents.shape
         pos = self.positions(kv, cache_set, frame_start, f, h, w, sink_frame, latents.device)
-        return self.denoise(latents, timestep, context, audio, kv, pos, cond_states)
+        time = self.embed_time(timestep.to(latents.device).reshape(b, -1).expand(b, f))
+        return self.denoise(latents, time, context, audio, kv, pos, cond_states)
 
     def positions(
         self, kv: KVCache, cache_set: int, frame_start: int, frames: int, h: int, w: int, sink_frame: int, device
@@ -784,25 +795,24 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
     def denoise(
         self,
         latents: torch.Tensor,
-        timestep: torch.Tensor,
+        time: TimeEmbedding,
         context: TextContext,
         audio: AudioTokens,
         kv: KVCache,
         pos: StepPositions,
         cond_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """forward() with its positions given: no host-device synchronisation, no host data, so
-        it can be captured in a CUDA graph (services/generator/step_graphs.py)."""
+        """forward() with its positions and time embedding given (embed_time: a session's steps
+        repeat every block, so it embeds each once): no host-device synchronisation, no host
+        data, so it can be captured in a CUDA graph (services/generator/step_graphs.py)."""
         if not kv.sink_filled:
             raise RuntimeError("prefill_sink must run before the first block")
         b, _, f, h, w = latents.shape
-        dtype, device = self.dtype, latents.device
+        dtype = self.dtype
         x = self.patch_embedding(latents.to(dtype))
         cond = torch.zeros_like(latents) if cond_states is None else cond_states
         x = (x + self.cond_encoder(cond.to(dtype))).flatten(2).transpose(1, 2)
         x = x + self.trainable_cond_mask.weight[0].to(dtype)
-        t = timestep.to(device).float().reshape(b, -1).expand(b, f)
-        e, mod = self._time_modulation(t)
         span, spec = pos.span, kv.spec
         self._rotate_reference(kv, span.group, pos.ref_rope, dtype)
         for i, block in enumerate(self.blocks):
@@ -818,10 +828,10 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                 fp8_attention=kv.fp8_attention,
                 fp8_kernel=kv.fp8_kernel,
             )
-            x = block(x, mod, pos.rope, context.kv[i], layer_kv)
+            x = block(x, time.mod, pos.rope, context.kv[i], layer_kv)
             if i in self.injector_of_layer:
                 x = self.audio_injector(self.injector_of_layer[i], x, audio.tokens, audio.global_)
-        x = self.head(x, e)
+        x = self.head(x, time.e)
         return self._unpatchify(x, f, h // 2, w // 2)
 
     def compile_reference_rotation(self) -> None:

@@ -34,7 +34,7 @@ from avatar.services.generator import avatar_loras
 from avatar.services.generator.attention import prefer_cudnn_attention
 from avatar.services.generator.avatar_loras import LoraBank, LoraLease
 from avatar.services.generator.block_times import BlockTimes
-from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT, TextContext
+from avatar.services.generator.causal_s2v_dit import REF_ROPE_FRAME, CausalS2VDiT, TextContext, TimeEmbedding
 from avatar.services.generator.fp8 import fp8_supported, swap_linears_to_fp8
 from avatar.services.generator.fp8_attention import unavailable_reason as fp8_attention_unavailable
 from avatar.services.generator.fused_norms import unavailable_reason as fused_norms_unavailable
@@ -465,6 +465,7 @@ class GeneratorSession:
         self.sink_ahead = sink_ahead
         self.refresh_sink = refresh_sink
         self._rng = random.Random(self.seed)  # the sink's RoPE lead, drawn per forward as upstream
+        self._times: dict[float, TimeEmbedding] = {}  # embed_time of each timestep this session used
         self.device, self.dtype = dit.device, dit.dtype
         self._closed = False
         self.kv = None
@@ -682,13 +683,15 @@ class GeneratorSession:
 
     def _denoise(self, x: torch.Tensor, t: float, tokens, cache_set: int, frame: int, sink_frame: int) -> torch.Tensor:
         """One forward of the DiT at timestep t: through the session's CUDA graphs when it has them."""
-        timestep = torch.full((1,), t, device=self.device)
+        time = self._times.get(t)
+        if time is None:  # every block walks the same timesteps: each is embedded once a session
+            time = self._times[t] = self.dit.embed_time(torch.full((1, x.shape[2]), t, device=self.device))
         pos = self.dit.positions(
             self.kv, cache_set, frame, x.shape[2], self.plan.h, self.plan.w, sink_frame, self.device
         )
         if self._graphs is not None:
-            return self._graphs.run(x, timestep, tokens, pos, record_filling=self.record_first_clip)
-        return self.dit.denoise(x, timestep, self.context, tokens, self.kv, pos)
+            return self._graphs.run(x, time, tokens, pos, record_filling=self.record_first_clip)
+        return self.dit.denoise(x, time, self.context, tokens, self.kv, pos)
 
     def _sink_frame(self, frame: int) -> int:
         """RoPE frame of the sink's reference token: at least REF_ROPE_FRAME, and a random

@@ -8,7 +8,7 @@ the bottleneck). A graph replay issues the whole forward at once.
 What a graph bakes in: tensor addresses and plain ints. The cache span of a forward (where the
 block's keys are written, which slice attention reads) is plain ints, so there is one graph per
 span, i.e. per (cache set, slot in the ring); everything else that changes between calls (the
-latents, the timestep, the audio tokens, the RoPE of the block and of the sink's reference
+latents, the time embedding, the audio tokens, the RoPE of the block and of the sink's reference
 token) is copied into static buffers before a replay. The session's KV cache and text context
 are fixed for its lifetime, so graphs belong to a session and go with it.
 
@@ -28,7 +28,14 @@ import threading
 
 import torch
 
-from avatar.services.generator.causal_s2v_dit import AudioTokens, CausalS2VDiT, Rope, StepPositions, TextContext
+from avatar.services.generator.causal_s2v_dit import (
+    AudioTokens,
+    CausalS2VDiT,
+    Rope,
+    StepPositions,
+    TextContext,
+    TimeEmbedding,
+)
 from avatar.services.generator.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -70,7 +77,7 @@ class StepGraphs:
     def run(
         self,
         latents: torch.Tensor,
-        timestep: torch.Tensor,
+        time: TimeEmbedding,
         audio: AudioTokens,
         pos: StepPositions,
         record_filling: bool = False,
@@ -81,8 +88,8 @@ class StepGraphs:
         steady = self.steady(pos)
         wanted = steady or (record_filling and not self.filling_failed)
         if not self.enabled or not (key in self._graphs or wanted):
-            return self.dit.denoise(latents, timestep, self.context, audio, self.kv, pos)
-        self._fill(latents, timestep, audio, pos)
+            return self.dit.denoise(latents, time, self.context, audio, self.kv, pos)
+        self._fill(latents, time, audio, pos)
         entry = self._graphs.get(key)
         if entry is None:
             return self._record(key, steady)
@@ -106,10 +113,11 @@ class StepGraphs:
 
     # -------------------------------------------------------------- internals
 
-    def _fill(self, latents, timestep, audio: AudioTokens, pos: StepPositions) -> None:
+    def _fill(self, latents, time: TimeEmbedding, audio: AudioTokens, pos: StepPositions) -> None:
         new = {
             "latents": latents,
-            "timestep": timestep,
+            "e": time.e,
+            "mod": time.mod,
             "tokens": audio.tokens,
             "global": audio.global_,
             "cos": pos.rope.cos,
@@ -129,9 +137,8 @@ class StepGraphs:
     def _forward(self) -> torch.Tensor:
         s = self._static
         pos = StepPositions(self._span, Rope(s["cos"], s["sin"]), Rope(s["ref_cos"], s["ref_sin"]))
-        return self.dit.denoise(
-            s["latents"], s["timestep"], self.context, AudioTokens(s["tokens"], s["global"]), self.kv, pos
-        )
+        time, audio = TimeEmbedding(s["e"], s["mod"]), AudioTokens(s["tokens"], s["global"])
+        return self.dit.denoise(s["latents"], time, self.context, audio, self.kv, pos)
 
     def _record(self, key, steady: bool) -> torch.Tensor:
         # An ordinary forward on the static buffers first: it is this call's result, and it runs
