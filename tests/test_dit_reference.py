@@ -163,3 +163,27 @@ def test_the_compiled_reference_rotation_writes_what_the_eager_one_writes(cache)
     same = (a == b).float().mean().item()
     assert same > 0.995, same  # inductor may skip the bf16 rounding between the rope and the cast
     assert ((compiled.keys.float() - eager.keys.float()).norm() / eager.keys.float().norm()).item() < 2e-3
+
+
+def test_the_rope_grid_is_upstreams_rotations_and_its_axes_are_computed_once():
+    """Each token's (frame, row, column) rotations, float16-rounded as upstream's complex32, from
+    axes cached per positions: the block's frames are asked for in every step, the rows and
+    columns in every forward (each a few dozen small kernels on an idle GPU when computed anew)."""
+    head_dim, frames, rows, cols = 16, [-7, -1, 4], range(2), range(3, 6)
+    pairs = causal_s2v_dit._axis_pairs(head_dim)
+    rope = causal_s2v_dit.rope_grid(head_dim, frames, rows, cols, "cpu")
+    angles = []
+    for f in frames:
+        for r in rows:
+            for c in cols:
+                parts = []
+                for p, n in zip((f, r, c), pairs):
+                    inv = 1.0 / causal_s2v_dit.ROPE_THETA ** (torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n))
+                    parts.append(p * inv)
+                angles.append(torch.cat(parts))
+    angles = torch.stack(angles)[:, None]
+    assert torch.equal(rope.cos, angles.cos().half().float()) and torch.equal(rope.sin, angles.sin().half().float())
+    hits = causal_s2v_dit._axis_rotations.cache_info().hits
+    again = causal_s2v_dit.rope_grid(head_dim, frames, rows, cols, torch.device("cpu"))
+    assert causal_s2v_dit._axis_rotations.cache_info().hits - hits == 3  # the second call computed no axis
+    assert torch.equal(again.cos, rope.cos) and torch.equal(again.sin, rope.sin)

@@ -18,6 +18,7 @@ embedding, modulation, residual adds inside a block, the head and the audio enco
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,21 +84,16 @@ def _axis_pairs(head_dim: int) -> tuple[int, int, int]:
 def rope_grid(head_dim: int, frames, rows, cols, device) -> Rope:
     """RoPE for the tokens of a (frames x rows x cols) grid, flattened frame-major.
 
-    frames/rows/cols are the integer positions along each axis (frames may be negative); ranges
-    are built on `device` directly, so the per-call RoPE needs no host-to-device copy (a pageable
-    copy would wait for the GPU queue). cos/sin are computed per axis (float64), then broadcast.
+    frames/rows/cols are the integer positions along each axis (frames may be negative). Each
+    axis's cos/sin come from _axis_rotations (computed once per positions, on `device`); a call
+    is then one kernel, which matters where it runs: between a block's host sync and its first
+    CUDA graph replay, with the GPU idle (the sink's and the block's RoPE, every forward).
     """
-    axes = []
-    for pos, pairs in zip((frames, rows, cols), _axis_pairs(head_dim)):
-        dim = 2 * pairs
-        inv = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-        if isinstance(pos, range):
-            pos = torch.arange(pos.start, pos.stop, pos.step, dtype=torch.float64, device=device)
-        else:
-            pos = torch.as_tensor(np.asarray(pos), dtype=torch.float64).to(device)
-        ang = pos[:, None] * inv
-        # Upstream stores the rotations as complex32, i.e. rounded to float16: the model was trained so.
-        axes.append(torch.stack([ang.cos(), ang.sin()]).to(torch.float16).float())
+    device = str(torch.device(device))
+    axes = [
+        _axis_rotations(pairs, tuple(int(p) for p in pos), device)
+        for pos, pairs in zip((frames, rows, cols), _axis_pairs(head_dim))
+    ]
     f, h, w = axes
     nf, nh, nw = f.shape[1], h.shape[1], w.shape[1]
     grid = torch.cat(
@@ -109,6 +105,24 @@ def rope_grid(head_dim: int, frames, rows, cols, device) -> Rope:
         dim=-1,
     ).reshape(2, nf * nh * nw, 1, -1)
     return Rope(grid[0], grid[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_rotations(pairs: int, positions: tuple[int, ...], device: str) -> torch.Tensor:
+    """cos/sin [2, len(positions), pairs] of one axis's rotations, float32: computed in float64 on
+    the device (runs of positions need no host-to-device copy, which from pageable memory would
+    wait for the GPU queue), then rounded
+    to float16 as upstream stores them (complex32: the model was trained so). Cached: a session
+    asks for the same rows and columns every forward, and for a block's frames in each step."""
+    dim = 2 * pairs
+    inv = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    start = positions[0] if positions else 0
+    if positions == tuple(range(start, start + len(positions))):  # the usual case: built on the device
+        pos = torch.arange(start, start + len(positions), dtype=torch.float64, device=device)
+    else:
+        pos = torch.tensor(positions, dtype=torch.float64).to(device)
+    ang = pos[:, None] * inv
+    return torch.stack([ang.cos(), ang.sin()]).to(torch.float16).float()
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
