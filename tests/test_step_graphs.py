@@ -30,6 +30,8 @@ def _run(engine, cache_sets, graphs: bool):
         session._graphs = StepGraphs(engine.dit, session.context, session.kv, capture=False)
     try:
         blocks = [session.generate_block(a) for a in audio]
+        if graphs:  # the audio encoder ran on its buffer from block 2 on (recorded in block 1)
+            assert session._graphs._audio is not None
         counts = (session._graphs.num_graphs, session._graphs.replays) if graphs else None
         return blocks, counts
     finally:
@@ -340,7 +342,8 @@ def test_a_failed_first_clip_capture_keeps_the_full_ring_graphs(engine, monkeypa
         assert graphs.num_graphs == 2 * 4  # the two full-ring spans per cache set; block 0 ran as it is
     finally:
         session.close()
-    assert len(captures) == 1 + 2 * 4 and "first-clip block failed" in caplog.text
+    # + the audio encoder's, recorded in block 1
+    assert len(captures) == 1 + 2 * 4 + 1 and "first-clip block failed" in caplog.text
 
 
 def test_the_warm_up_slots_are_dropped_last(pooled):
@@ -450,3 +453,44 @@ def test_the_warm_up_keeps_no_sink_of_its_zeros(pooled):
     again = pooled.open_session(_job(seed=1), text, ref, motion)
     assert not first.sink_restored and again.sink_restored  # the requests' sinks are kept as before
     again.close()
+
+
+def test_a_failed_audio_encoder_capture_leaves_it_eager(engine, monkeypatch, caplog):
+    """The audio encoder's graph is an optimisation: when its recording fails the session goes on,
+    encoding every block's audio eagerly, and never tries again."""
+    import contextlib
+
+    capturing, calls = [False], []
+    encode = engine.dit.encode_audio
+
+    def encode_audio(features):
+        calls.append(capturing[0])
+        if capturing[0]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return encode(features)
+
+    @contextlib.contextmanager
+    def recording(graph, pool=None, capture_error_mode="global"):
+        capturing[0] = True
+        try:
+            yield
+        finally:
+            capturing[0] = False
+
+    monkeypatch.setattr(engine.dit, "encode_audio", encode_audio)
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Recorded", (), {"replay": lambda self: None})())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    engine.cache_sets = None
+    text, ref, motion, audio = _inputs(seed=3, blocks=4)
+    session = engine.open_session(_job(seed=7), text, ref, motion)
+    session._graphs = graphs = StepGraphs(engine.dit, session.context, session.kv, capture=True)
+    try:
+        for a in audio:
+            session.generate_block(a)
+        assert graphs.enabled and graphs._audio is None
+    finally:
+        session.close()
+    # blocks 0 and 1 eager, block 1's recording (failed), blocks 2 and 3 eager: no second try
+    assert calls == [False, False, True, False, False]
+    assert caplog.text.count("audio encoder failed") == 1

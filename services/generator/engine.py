@@ -668,7 +668,8 @@ class GeneratorSession:
         if sink_ref is not None:
             dit.prefill_sink(sink_ref.to(self.device, self.dtype), self.motion, self.context, self.kv)
         frame = index * p.block_frames
-        tokens = dit.encode_audio(audio.to(self.device).permute(1, 2, 0)[None])
+        features = audio.to(self.device).permute(1, 2, 0)[None]
+        tokens = dit.encode_audio(features) if self._graphs is None else self._graphs.encode_audio(features)
         x = x.to(self.device, self.dtype)
         for i in self.session_steps:
             v = self._denoise(x, self.sampler.timesteps[i], tokens, self._cache_set_of_step(i), frame, sink_frames[i])

@@ -53,7 +53,7 @@ PING_S = 60.0  # an idle rank 0 pings the workers, so their broadcast never reac
 EXIT_DELAY_S = 2.0  # a broken group: rank 0 lets the failed RPCs reach their clients, then exits
 AGREED = (InvalidInput, ResourceExhausted)  # errors every rank raises alike, before any collective
 # DiT methods that touch weights: FSDP2 runs its all-gather hooks around these like around forward.
-FORWARD_METHODS = ("embed_text", "encode_audio", "prefill_sink", "denoise")
+FORWARD_METHODS = ("embed_text", "embed_time", "encode_audio", "prefill_sink", "denoise")
 
 
 # ---------------------------------------------------------------- the model
