@@ -8,11 +8,13 @@ Why: the GEMMs are 241 of a 704*384 block's 578 ms on an H100 (run Q3, docs/perf
 1376 calls a block, all cuBLAS's 128x128 tiles; at M = 3168 tokens an N = 5120 GEMM is 7.6 waves
 of tiles on 132 SMs, so each of the three separate q/k/v GEMMs ends in a part-empty wave.
 
---autotune also times each one-GEMM case through torch.compile's max-autotune, where Inductor
-picks between cuBLAS and its own Triton FP8 GEMM templates for the shape (FFN down runs at ~1080
-TFLOP/s under cuBLAS against ~1250 for the others: run S2).
+--compiled also times each one-GEMM case through torch.compile as the model's blocks run it
+(Inductor's default mode: its own call of the same cuBLAS product); --autotune through its
+max-autotune, where Inductor picks between cuBLAS and its own Triton FP8 GEMM templates for the
+shape. (Run U1: FFN down ran at ~1100 TFLOP/s called eagerly, ~1350 through max-autotune, which
+chose cuBLAS's _scaled_mm all the same.)
 
-    python3 bench/bench_gemm.py [--size 704*384] [--calls 20] [--autotune] [--out FILE]
+    python3 bench/bench_gemm.py [--size 704*384] [--calls 20] [--compiled] [--autotune] [--out FILE]
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def autotuned(fn):
     return torch.compile(fn, mode="max-autotune-no-cudagraphs", dynamic=False)
 
 
+def compiled(fn):
+    """fn through torch.compile's default mode, as compile_blocks compiles the model's blocks."""
+    return torch.compile(fn, dynamic=False)
+
+
 def bench(
     width: int,
     height: int,
@@ -91,17 +98,20 @@ def bench(
     ffn_dim: int = 13824,
     autotune: bool = False,
     out: str | None = None,
+    compile_too: bool = False,
 ) -> dict:
     """out: the results so far, rewritten after each case (a device call cut short keeps them)."""
     m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
     res: dict = {"size": f"{width}*{height}", "tokens": m, "calls_per_graph": calls, "cases": {}}
     cases = list(shapes(dim, ffn_dim).items())
-    if autotune:
-        cases += [(f"{name}, max-autotune", parts) for name, parts in cases if len(parts) == 1 and parts[0][1] > 0]
+    one_gemm = [(name, parts) for name, parts in cases if len(parts) == 1]
+    variants = [v for v, on in (("compiled", compile_too), ("max-autotune", autotune)) if on]
+    cases += [(f"{name}, {v}", parts) for v in variants for name, parts in one_gemm]
     for name, parts in cases:
         fns = [gemm(m, k, n, device) for k, n in parts]
-        if name.endswith("max-autotune"):
-            fns = [autotuned(fn) for fn in fns]
+        variant = {"compiled": compiled, "max-autotune": autotuned}.get(name.rsplit(", ", 1)[-1])
+        if variant is not None:
+            fns = [variant(fn) for fn in fns]
 
         def run(fns=fns):
             for fn in fns:
@@ -125,11 +135,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--compiled", action="store_true", help="also each one-GEMM case through torch.compile")
     ap.add_argument("--autotune", action="store_true", help="also each one-GEMM case through max-autotune")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.split("*"))
-    res = bench(width, height, args.device, args.calls, args.reps, autotune=args.autotune, out=args.out)
+    res = bench(width, height, args.device, args.calls, args.reps, args.autotune, args.out, args.compiled)
     if torch.cuda.is_available():
         res["gpu"] = torch.cuda.get_device_name()
     if args.out:

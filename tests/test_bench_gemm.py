@@ -55,9 +55,26 @@ def test_autotune_adds_a_compiled_case_for_each_one_gemm_shape(monkeypatch):
     monkeypatch.setattr(bench_gemm, "graph_ms", lambda fn, device, n, reps: (fn(), 1.0)[1])
     res = bench_gemm.bench(64, 64, "cpu", calls=1, reps=1, dim=32, ffn_dim=48, autotune=True)
     tuned = [name for name in res["cases"] if name.endswith("max-autotune")]
-    # the one-GEMM cases, not the transposed product (its own layout) nor the multi-GEMM ones
-    assert tuned == [f"{n}, max-autotune" for n in ("q|k|v as one", "o (self or cross)", "ffn up", "ffn down")]
-    assert len(compiled) == 4
+    # the one-GEMM cases, not the multi-GEMM ones
+    one = ("q|k|v as one", "o (self or cross)", "ffn up", "ffn down", "ffn down, as W @ x^T")
+    assert tuned == [f"{n}, max-autotune" for n in one]
+    assert len(compiled) == 5 and not any(name.endswith(", compiled") for name in res["cases"])
+
+
+def test_compiled_adds_a_case_for_each_one_gemm_shape_through_the_default_mode(monkeypatch):
+    compiled = []
+
+    def through_compile(fn):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(bench_gemm, "compiled", through_compile)
+    monkeypatch.setattr(bench_gemm, "graph_ms", lambda fn, device, n, reps: (fn(), 1.0)[1])
+    res = bench_gemm.bench(64, 64, "cpu", calls=1, reps=1, dim=32, ffn_dim=48, compile_too=True)
+    assert [name for name in res["cases"] if name.endswith(", compiled")] == [
+        f"{n}, compiled" for n in ("q|k|v as one", "o (self or cross)", "ffn up", "ffn down", "ffn down, as W @ x^T")
+    ]
+    assert len(compiled) == 5
 
 
 def test_the_results_so_far_are_on_disk_after_each_case(monkeypatch, tmp_path):
