@@ -111,9 +111,9 @@ def rope_grid(head_dim: int, frames, rows, cols, device) -> Rope:
 def _axis_rotations(pairs: int, positions: tuple[int, ...], device: str) -> torch.Tensor:
     """cos/sin [2, len(positions), pairs] of one axis's rotations, float32: computed in float64 on
     the device (runs of positions need no host-to-device copy, which from pageable memory would
-    wait for the GPU queue), then rounded
-    to float16 as upstream stores them (complex32: the model was trained so). Cached: a session
-    asks for the same rows and columns every forward, and for a block's frames in each step."""
+    wait for the GPU queue), then rounded to float16 as upstream stores them (complex32: the model
+    was trained so). Cached: a session asks for the same rows and columns every forward, and for
+    a block's frames in each step."""
     dim = 2 * pairs
     inv = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
     start = positions[0] if positions else 0
