@@ -103,15 +103,15 @@ def bench(
     """out: the results so far, rewritten after each case (a device call cut short keeps them)."""
     m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
     res: dict = {"size": f"{width}*{height}", "tokens": m, "calls_per_graph": calls, "cases": {}}
-    cases = list(shapes(dim, ffn_dim).items())
-    one_gemm = [(name, parts) for name, parts in cases if len(parts) == 1]
-    variants = [v for v, on in (("compiled", compile_too), ("max-autotune", autotune)) if on]
-    cases += [(f"{name}, {v}", parts) for v in variants for name, parts in one_gemm]
-    for name, parts in cases:
+    cases = [(name, parts, None) for name, parts in shapes(dim, ffn_dim).items()]
+    variants = [
+        (v, wrap) for v, wrap, on in (("compiled", compiled, compile_too), ("max-autotune", autotuned, autotune)) if on
+    ]
+    cases += [(f"{name}, {v}", parts, wrap) for v, wrap in variants for name, parts, _ in cases if len(parts) == 1]
+    for name, parts, wrap in cases:
         fns = [gemm(m, k, n, device) for k, n in parts]
-        variant = {"compiled": compiled, "max-autotune": autotuned}.get(name.rsplit(", ", 1)[-1])
-        if variant is not None:
-            fns = [variant(fn) for fn in fns]
+        if wrap is not None:
+            fns = [wrap(fn) for fn in fns]
 
         def run(fns=fns):
             for fn in fns:
@@ -140,7 +140,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.split("*"))
-    res = bench(width, height, args.device, args.calls, args.reps, args.autotune, args.out, args.compiled)
+    res = bench(
+        width,
+        height,
+        args.device,
+        args.calls,
+        args.reps,
+        autotune=args.autotune,
+        out=args.out,
+        compile_too=args.compiled,
+    )
     if torch.cuda.is_available():
         res["gpu"] = torch.cuda.get_device_name()
     if args.out:

@@ -44,37 +44,40 @@ def test_the_bench_times_every_case_and_reports_the_saving(monkeypatch):
     assert abs(res["cases"]["q|k|v as one"]["tflops"] - flop / 2.5 / 1e9) < 1e-12
 
 
-def test_autotune_adds_a_compiled_case_for_each_one_gemm_shape(monkeypatch):
-    compiled = []
+@pytest.mark.parametrize(
+    "wrapper, flag, suffix, other",
+    [("autotuned", "autotune", "max-autotune", "compiled"), ("compiled", "compile_too", "compiled", "max-autotune")],
+)
+def test_each_variant_adds_a_case_for_each_one_gemm_shape(monkeypatch, wrapper, flag, suffix, other):
+    """--autotune (max-autotune) and --compiled (torch.compile's default mode, as the model's
+    blocks): one more case for each one-GEMM shape, the transposed product included."""
+    wrapped = []
 
-    def autotuned(fn):
-        compiled.append(fn)
+    def wrap(fn):
+        wrapped.append(fn)
         return fn
 
-    monkeypatch.setattr(bench_gemm, "autotuned", autotuned)
+    monkeypatch.setattr(bench_gemm, wrapper, wrap)
     monkeypatch.setattr(bench_gemm, "graph_ms", lambda fn, device, n, reps: (fn(), 1.0)[1])
-    res = bench_gemm.bench(64, 64, "cpu", calls=1, reps=1, dim=32, ffn_dim=48, autotune=True)
-    tuned = [name for name in res["cases"] if name.endswith("max-autotune")]
+    res = bench_gemm.bench(64, 64, "cpu", calls=1, reps=1, dim=32, ffn_dim=48, **{flag: True})
     # the one-GEMM cases, not the multi-GEMM ones
     one = ("q|k|v as one", "o (self or cross)", "ffn up", "ffn down", "ffn down, as W @ x^T")
-    assert tuned == [f"{n}, max-autotune" for n in one]
-    assert len(compiled) == 5 and not any(name.endswith(", compiled") for name in res["cases"])
+    assert [name for name in res["cases"] if name.endswith(f", {suffix}")] == [f"{n}, {suffix}" for n in one]
+    assert len(wrapped) == 5 and not any(name.endswith(f", {other}") for name in res["cases"])
 
 
-def test_compiled_adds_a_case_for_each_one_gemm_shape_through_the_default_mode(monkeypatch):
-    compiled = []
+def test_the_command_line_reaches_the_bench(monkeypatch, tmp_path):
+    seen = {}
 
-    def through_compile(fn):
-        compiled.append(fn)
-        return fn
+    def bench(width, height, device, calls, reps, dim=5120, ffn_dim=13824, autotune=False, out=None, compile_too=False):
+        seen.update(dim=dim, ffn_dim=ffn_dim, autotune=autotune, out=out, compile_too=compile_too)
+        return {"cases": {}}
 
-    monkeypatch.setattr(bench_gemm, "compiled", through_compile)
-    monkeypatch.setattr(bench_gemm, "graph_ms", lambda fn, device, n, reps: (fn(), 1.0)[1])
-    res = bench_gemm.bench(64, 64, "cpu", calls=1, reps=1, dim=32, ffn_dim=48, compile_too=True)
-    assert [name for name in res["cases"] if name.endswith(", compiled")] == [
-        f"{n}, compiled" for n in ("q|k|v as one", "o (self or cross)", "ffn up", "ffn down", "ffn down, as W @ x^T")
-    ]
-    assert len(compiled) == 5
+    monkeypatch.setattr(bench_gemm, "bench", bench)
+    out = tmp_path / "gemm.json"
+    assert bench_gemm.main(["--device", "cpu", "--compiled", "--autotune", "--out", str(out)]) == 0
+    assert seen == {"dim": 5120, "ffn_dim": 13824, "autotune": True, "out": str(out), "compile_too": True}
+    assert json.loads(out.read_text()) == {"cases": {}}
 
 
 def test_the_results_so_far_are_on_disk_after_each_case(monkeypatch, tmp_path):
