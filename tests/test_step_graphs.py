@@ -17,6 +17,14 @@ from avatar.services.generator.step_graphs import StepGraphs
 BLOCKS = 7  # 3 clips of 2 blocks + 1: the ring fills during clip 0, the sink is refreshed at clip 1
 
 
+def _pretend_to_record(monkeypatch, recording) -> None:
+    """CUDA graph recording on the CPU: `recording` stands in for torch.cuda.graph (the context a
+    capture runs in); graphs replay nothing, pools are None."""
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Recorded", (), {"replay": lambda self: None})())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def engine():
     return GeneratorEngine(ModelSpec(name="tiny", seed=0))
@@ -135,9 +143,7 @@ def test_captures_on_one_device_take_turns(engine, monkeypatch):
         with guard:
             inside[0] -= 1
 
-    monkeypatch.setattr(torch.cuda, "graph", recording)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Recorded", (), {"replay": lambda self: None})())
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    _pretend_to_record(monkeypatch, recording)
 
     def first_steady_block(results, i):
         engine.cache_sets = 1
@@ -327,9 +333,7 @@ def test_a_failed_first_clip_capture_keeps_the_full_ring_graphs(engine, monkeypa
             raise RuntimeError("operation not permitted when stream is capturing")
         yield
 
-    monkeypatch.setattr(torch.cuda, "graph", recording)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Recorded", (), {"replay": lambda self: None})())
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    _pretend_to_record(monkeypatch, recording)
     engine.cache_sets = None
     text, ref, motion, audio = _inputs(seed=3, blocks=3)
     session = engine.open_session(_job(seed=7), text, ref, motion)
@@ -478,9 +482,7 @@ def test_a_failed_audio_encoder_capture_leaves_it_eager(engine, monkeypatch, cap
             capturing[0] = False
 
     monkeypatch.setattr(engine.dit, "encode_audio", encode_audio)
-    monkeypatch.setattr(torch.cuda, "graph", recording)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Recorded", (), {"replay": lambda self: None})())
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    _pretend_to_record(monkeypatch, recording)
     engine.cache_sets = None
     text, ref, motion, audio = _inputs(seed=3, blocks=4)
     session = engine.open_session(_job(seed=7), text, ref, motion)

@@ -70,6 +70,7 @@ class StepGraphs:
         self.first_clip = False  # holds graphs of first-clip spans (what only a warm-up records)
         self._audio: tuple[torch.cuda.CUDAGraph | None, torch.Tensor, AudioTokens] | None = None
         self._audio_seen: tuple | None = None  # the (shape, dtype) of the features encode_audio last saw
+        self._audio_failed = False  # its recording failed: eager from then on
 
     def steady(self, pos: StepPositions) -> bool:
         """Whether the span reads a full ring (its ints repeat every clip from now on)."""
@@ -108,7 +109,7 @@ class StepGraphs:
         its ~50 small kernels are the first work of a block, launched one by one on a GPU that
         the previous block's host sync left idle. The tokens it returns are overwritten by the
         next call (the block's forwards have read them by then: same stream)."""
-        if not self.enabled or self._audio_seen == "failed":
+        if not self.enabled or self._audio_failed:
             return self.dit.encode_audio(features)
         seen = (features.shape, features.dtype)
         if self._audio is not None and (self._audio[1].shape, self._audio[1].dtype) == seen:
@@ -135,7 +136,7 @@ class StepGraphs:
                 static_out = self.dit.encode_audio(static_in)
         except Exception as e:  # never fail a session for an optimisation
             log.warning("CUDA graph capture of the audio encoder failed (%s: %s); it runs eagerly", type(e).__name__, e)
-            self._audio_seen = "failed"
+            self._audio_failed = True
             return out
         self._audio = (graph, static_in, static_out)
         return out
