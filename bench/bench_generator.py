@@ -405,6 +405,12 @@ def gpu_timeline(trace_path: str, top: int = 12) -> dict:
             }
         )
     largest.sort(key=lambda g: -g["us"])
+    # which work each memset comes before: a library zeroing its output (or an accumulator) launches
+    # it right ahead of the kernel that uses it
+    after_memset: dict[str, int] = {}
+    for (_, _, name), nxt in zip(work, work[1:] + [(0.0, 0.0, "(the end)")]):
+        if name.startswith("Memset"):
+            after_memset[nxt[2][:120]] = after_memset.get(nxt[2][:120], 0) + 1
     causes = sorted(
         ({"cause": k, "ms": v[0] / 1000, "gaps": v[1]} for k, v in by_cause.items()), key=lambda c: -c["ms"]
     )
@@ -416,6 +422,7 @@ def gpu_timeline(trace_path: str, top: int = 12) -> dict:
         "gaps_over_50us": sum(1 for g in gaps if g[1] - g[0] > 50),
         "idle_by_cause": causes[:top],
         "largest_gaps": largest[:top],
+        "memsets_before": dict(sorted(after_memset.items(), key=lambda kv: -kv[1])[:top]),
         "kernel_ms_by_kind": {k: v / 1000 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "kernels": [
             {"kernel": n[:120], "ms": v[0] / 1000, "calls": v[1]}

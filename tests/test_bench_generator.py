@@ -225,7 +225,26 @@ def test_gpu_timeline_finds_the_idle_gaps_and_what_the_host_was_in(tmp_path):
     }
     assert {n: bench_generator.kernel_kind(n) for n in names} == names
     assert [(k["kernel"], k["calls"]) for k in t["kernels"]] == [("gemm", 1), ("norm", 1), ("attn", 1), ("Memset", 1)]
+    assert t["memsets_before"] == {"(the end)": 1}
     assert bench_generator.gpu_timeline(str(path)) == t
+
+
+def test_gpu_timeline_counts_the_work_each_memset_comes_before(tmp_path):
+    """Run U1 had 2080 memsets a block of unknown origin: the kernel after each names its user."""
+    kernel = {"ph": "X", "cat": "kernel", "dur": 10}
+    memset = {"ph": "X", "cat": "gpu_memset", "name": "Memset (Unknown)", "dur": 1}
+    events = [
+        memset | {"ts": 0},
+        kernel | {"name": "sdpa_fp8", "ts": 2},
+        kernel | {"name": "gemm", "ts": 20},
+        memset | {"ts": 40},
+        kernel | {"name": "sdpa_fp8", "ts": 42},
+        memset | {"ts": 60},
+        kernel | {"name": "quantize", "ts": 62},
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert bench_generator.gpu_timeline(str(path))["memsets_before"] == {"sdpa_fp8": 2, "quantize": 1}
 
 
 def _engine_gaps(tmp_path, monkeypatch, *extra: str) -> dict:
