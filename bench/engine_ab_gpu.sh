@@ -18,10 +18,23 @@ if [ "${1:-}" = "--prepare" ]; then
     cp -r avatar/v1 .carry.tmp/base/avatar/ && git rev-parse "$commit" > .carry.tmp/base/COMMIT || exit 1
     rm -rf .carry && mv .carry.tmp .carry && du -sh .carry && exit 0
 fi
-OUT=${OUT:-/tmp/engine_ab_out}
+export OUT=${OUT:-/tmp/engine_ab_out}
 mkdir -p "$OUT"
 [ -e .whl ] || ln -s .carry/whl .whl
 source bench/serve_wheels.sh > /dev/null || exit 1
+
+# clocked NAME CMD...: runs CMD with nvidia-smi sampling the SM clock and power every 200 ms, then
+# prints the busy samples' summary (run V4: upstream held 1980 MHz, the engine was power-capped)
+clocked() {
+    local name=$1; shift
+    nvidia-smi $(python3 bench/gpu_clocks.py --query) -lms 200 > "$OUT/smi-$name.csv" 2>/dev/null &
+    local smi=$!
+    "$@"
+    local rc=$?
+    kill $smi 2>/dev/null; wait $smi 2>/dev/null
+    echo "$name clocks: $(python3 bench/gpu_clocks.py "$OUT/smi-$name.csv")"
+    return $rc
+}
 
 engine() {  # $1: the tree, $2: a name for the results
     (cd "$1" && timeout "${ENGINE_S:-170}" python3 bench/bench_generator.py --only engine-gaps --compile-first \
@@ -33,9 +46,9 @@ engine() {  # $1: the tree, $2: a name for the results
 }
 
 if [ "${UPSTREAM_S:-200}" != 0 ]; then
-    OUT=$OUT bash bench/upstream_gpu.sh "${UPSTREAM_S:-200}"
+    OUT=$OUT clocked upstream bash bench/upstream_gpu.sh "${UPSTREAM_S:-200}"
 fi
 if [ "${BASE:-1}" != 0 ]; then
-    link_avatar_tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && engine "$PWD/.carry/base" base
+    link_avatar_tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && clocked engine-base engine "$PWD/.carry/base" base
 fi
-link_avatar_tree "$PWD" && engine "$PWD" new
+link_avatar_tree "$PWD" && clocked engine-new engine "$PWD" new
