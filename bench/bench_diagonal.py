@@ -6,10 +6,11 @@ Why: with one KV cache set per sampling step (timestep forcing), step s of block
 only set s, so step 0 of block b+3, step 1 of b+2, step 2 of b+1 and step 3 of b do not depend on
 each other: one GPU could run them as one forward of batch 4 (the diagonal that TPP spreads over
 ranks), a block coming out of each. At 704*384 (M = 3168 tokens) a 5120-wide GEMM is 7.6 waves of
-128x128 tiles on 132 SMs and cuDNN's FP8 attention 15.2 waves of 64-query tiles: each ends in a
-mostly empty wave. At 4 x 3168 tokens both are near whole waves. Building the schedule is a large
-change (per-item RoPE, cache writes and reference rotation, the sink refresh as a barrier, CUDA
-graphs per diagonal), so this bench first measures the bound it could reach:
+128x128 tiles on 132 SMs and cuDNN's FP8 attention 15.2 waves of 64-query tiles: each could end in
+a mostly empty wave, and at 4 x 3168 tokens both are near whole waves. Building the schedule is a
+large change (per-item RoPE, cache writes and reference rotation, the sink refresh as a barrier,
+CUDA graphs per diagonal), so this bench measures the bound first. Run V1 (H100,
+docs/performance.md): 2.0 ms of a 551 ms block, the GEMMs no faster per token: not built.
 
 - GEMMs: each projection a layer runs per step (self q, k, v, o; text cross q, o; FFN up, down) as
   the model's compiled blocks call torch._scaled_mm, at M and at items x M: 160 x the first

@@ -9,6 +9,8 @@
 #   64 MiB) and COMMIT's tree (with avatar/v1). Then, on the device, carrying .carry, avatar/v1
 #   and .upstream_speed:  bash bench/engine_ab_gpu.sh
 # UPSTREAM_S / ENGINE_S: each part's time limit; UPSTREAM_S=0 skips upstream, BASE=0 the earlier tree.
+# Each part runs with nvidia-smi sampling the SM clock and power (bench/gpu_clocks.py): $OUT/smi-PART.csv
+# and one summary line each (run V4: the engine runs power-capped, upstream at its full clock).
 set -uo pipefail
 if [ "${1:-}" = "--prepare" ]; then
     commit=${2:?usage: bash bench/engine_ab_gpu.sh --prepare COMMIT}
