@@ -2,11 +2,13 @@
 and power draw while each runs: whether the kernel's time depends on what it computes.
 
 Why: run V1 timed the kernel alone at 1.224 ms (bench_diagonal.py: unit-normal e4m3 codes, a
-query scale of 1/64, so a nearly uniform softmax) where the engine's profile gives 1.348 ms a call
-and bench_attention.py 1.35-1.41 on H100s. An H100 at its power limit lowers its clock, and the
-energy of a tensor-core product grows with how many of its operands' bits change.
+query scale of 1/64, so a nearly uniform softmax) where the engine's profiles give 1.33-1.35 ms
+a call and bench_attention.py 1.35-1.41 on H100s. An H100 at its power limit lowers its clock, and
+the energy of a tensor-core product grows with how many of its operands' bits change. Run V3
+(docs/performance.md): 1.228-1.259 ms at 1854-1892 MHz in all three cases; the engine's extra time
+is its lower clock (bench/gpu_clocks.py), not its data.
 
-Cases (same shapes, codes and keys; only the queries' scale and the keys' spread differ):
+Cases (same shapes, the same keys and values; only the queries differ):
 - `uniform`: scores ~0, every probability the same e4m3 code;
 - `model-like`: unit-RMS queries and keys (the q/k RMSNorm's output), scores of unit spread;
 - `peaked`: the queries x4: a few keys take most of each row's weight.

@@ -2,8 +2,8 @@
 limit pulled it down (which changes every time measured on it, and differs between cards).
 
 Why: in run V4 (H100, docs/performance.md) upstream's DiT ran its timed blocks at 1980 MHz, ~630
-W, never capped, while this project's engine ran at 1680-1890 MHz (median 1770) with the
-software power cap active in every busy sample: the denser GPU work pays in clock.
+W, never capped, while this project's engine ran at a median 1770 MHz (down to 1680) with the
+software power cap active in 50 of its 51 busy samples: the denser GPU work pays in clock.
 
 As a sampler in Python (bench_attention_data.py):
 
