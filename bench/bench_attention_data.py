@@ -19,15 +19,14 @@ Cases (same shapes, the same keys and values; only the queries differ):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
-from bench_diagonal import attention_shapes  # noqa: E402
-from bench_norm_warps import graph_ms  # noqa: E402
+from bench_attention import shapes as attention_shapes  # noqa: E402
+from bench_norm_warps import graph_ms, save_results  # noqa: E402
 from gpu_clocks import GpuSampler  # noqa: E402
 
 from avatar.services.generator import fp8_attention  # noqa: F401  (registers torch.ops.avatar.fp8_sdpa)
@@ -81,8 +80,7 @@ def bench(
             + " ".join(f"{k}={v:.0f}" for k, v in row.items() if k in ("clock_mhz_median", "power_w_median")),
             flush=True,
         )
-        if out:
-            Path(out).write_text(json.dumps(res, indent=1))
+        save_results(res, out)
     return res
 
 
@@ -94,10 +92,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.split("*"))
     res = bench(width, height, args.device, out=args.out)
-    if torch.cuda.is_available():
-        res["gpu"] = torch.cuda.get_device_name()
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+    save_results(res, args.out)
     return 0
 
 

@@ -29,7 +29,6 @@ of `--calls` calls each.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -37,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
+from bench_attention import shapes as attention_shapes  # noqa: E402
 from bench_gemm import compiled, gemm  # noqa: E402
-from bench_norm_warps import graph_ms  # noqa: E402
+from bench_norm_warps import graph_ms, save_results  # noqa: E402
 
-from avatar.dit_config import DIT_CONFIGS
 from avatar.presets import LATENT_FRAMES_PER_BLOCK
 from avatar.services.generator import fp8_attention  # noqa: F401  (registers torch.ops.avatar.fp8_sdpa)
 
@@ -63,14 +62,6 @@ def layer_gemms(dim: int, ffn_dim: int) -> dict[str, tuple[int, int]]:
         "ffn up": (dim, ffn_dim),
         "ffn down": (ffn_dim, dim),
     }
-
-
-def attention_shapes(width: int, height: int, window: int = 12) -> tuple[int, int]:
-    """(queries, keys) of a block's self-attention with the ring full: bench_attention's shapes."""
-    cfg = DIT_CONFIGS["s2v-14b"]
-    lh, lw = height // 8, width // 8
-    ft = cfg.frame_tokens(lh, lw)
-    return LATENT_FRAMES_PER_BLOCK * ft, cfg.sink_tokens(lh, lw) + window * ft
 
 
 def fp8_inputs(b: int, lq: int, lk: int, heads: int, head_dim: int, device, seed: int = 0):
@@ -133,8 +124,7 @@ def bench(
             f"{row['ms_a_block_one']:7.1f} -> {row['ms_a_block_batched']:7.1f} ms a block",
             flush=True,
         )
-        if out:
-            Path(out).write_text(json.dumps(res, indent=1))
+        save_results(res, out)
 
     for name, (k, n) in layer_gemms(dim, ffn_dim).items():
         one, batched = compiled(gemm(m, k, n, device)), compiled(gemm(items * m, k, n, device))
@@ -175,8 +165,7 @@ def bench(
         batched_attention = res["parts"]["self-attention fp8"]["saves_ms_a_block"]
         res["saves_ms_a_block_with_streams"] = res["saves_ms_a_block"] - batched_attention + streams["saves_ms_a_block"]
     print(f"batching {items} blocks' steps saves {res['saves_ms_a_block']:.1f} ms a block (GEMMs and attention)")
-    if out:
-        Path(out).write_text(json.dumps(res, indent=1))
+    save_results(res, out)
     return res
 
 
@@ -191,10 +180,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.split("*"))
     res = bench(width, height, args.device, args.items, args.calls, args.reps, out=args.out)
-    if torch.cuda.is_available():
-        res["gpu"] = torch.cuda.get_device_name()
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+    save_results(res, args.out)
     return 0
 
 

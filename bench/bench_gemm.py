@@ -20,14 +20,13 @@ chose cuBLAS's _scaled_mm all the same.)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (device_setup.sh) leaves bench/ out
-from bench_norm_warps import graph_ms  # noqa: E402
+from bench_norm_warps import graph_ms, save_results  # noqa: E402
 
 from avatar.presets import LATENT_FRAMES_PER_BLOCK
 
@@ -121,8 +120,7 @@ def bench(
         flop = sum(2 * m * k * abs(n) for k, n in parts)
         res["cases"][name] = {"ms": ms, "tflops": flop / ms / 1e9, "gemms": len(parts)}
         print(f"  {name:24s} {ms * 1000:8.1f} us  {flop / ms / 1e9:6.0f} TFLOP/s  ({len(parts)} GEMM)", flush=True)
-        if out:
-            Path(out).write_text(json.dumps(res, indent=1))
+        save_results(res, out)
     apart, fused = res["cases"]["q, k, v apart"]["ms"], res["cases"]["q|k|v as one"]["ms"]
     res["qkv_fused_saves_ms_per_block"] = (apart - fused) * 40 * 4  # 40 layers x 4 steps
     print(f"q|k|v as one saves {res['qkv_fused_saves_ms_per_block']:.2f} ms a block (40 layers, 4 steps)")
@@ -150,10 +148,7 @@ def main(argv=None) -> int:
         out=args.out,
         compile_too=args.compiled,
     )
-    if torch.cuda.is_available():
-        res["gpu"] = torch.cuda.get_device_name()
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+    save_results(res, args.out)
     return 0
 
 

@@ -90,6 +90,15 @@ def cases(
     }
 
 
+def save_results(res: dict, out: str | None) -> None:
+    """res as JSON into out (nothing without one), with the GPU's name where there is one: the
+    kernel benches write their results so far after each case, and once more at the end."""
+    if torch.cuda.is_available():
+        res["gpu"] = torch.cuda.get_device_name()
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1))
+
+
 def graph_ms(fn, device: str, calls: int, reps: int) -> float:
     """GPU ms per call of `calls` launches recorded in one CUDA graph (plain calls off CUDA)."""
     if torch.device(device).type != "cuda":

@@ -47,12 +47,6 @@ def test_each_part_times_one_block_and_the_batch_and_the_saving_is_per_block(mon
     assert res["tokens"] == 3 * 4 * 4 and (res["queries"], res["keys"]) == (24, 40)
 
 
-def test_the_model_shapes_are_the_attention_bench_s():
-    import bench_attention
-
-    assert bench_diagonal.attention_shapes(704, 384) == bench_attention.shapes(704, 384)
-
-
 def test_the_command_line_reaches_the_bench_and_writes_the_results(monkeypatch, tmp_path):
     seen = {}
 
