@@ -9,6 +9,8 @@
 #   64 MiB) and COMMIT's tree (with avatar/v1). Then, on the device, carrying .carry, avatar/v1
 #   and .upstream_speed:  bash bench/engine_ab_gpu.sh
 # UPSTREAM_S / ENGINE_S: each part's time limit; UPSTREAM_S=0 skips upstream, BASE=0 the earlier tree.
+# UPSTREAM_RUNS=N runs upstream N times, the first before the engine and the rest after it (its time
+# follows its host and moved 3% between two runs on one card, V2/V4); run k writes $OUT/upstream-k/.
 # Each part runs with nvidia-smi sampling the SM clock and power (bench/gpu_clocks.py): $OUT/smi-PART.csv
 # and one summary line each (run V4: the engine runs power-capped, upstream at its full clock).
 set -uo pipefail
@@ -47,10 +49,16 @@ engine() {  # $1: the tree, $2: a name for the results
     grep -E "ms a block|Error" "$OUT/engine-$2.txt" | tail -5 | cut -c1-200
 }
 
-if [ "${UPSTREAM_S:-200}" != 0 ]; then
-    OUT=$OUT clocked upstream bash bench/upstream_gpu.sh "${UPSTREAM_S:-200}"
-fi
+upstream() {  # $1: which run (1 writes into $OUT, as before; k > 1 into $OUT/upstream-k)
+    [ "${UPSTREAM_S:-200}" != 0 ] || return 0
+    local out=$OUT name=upstream
+    [ "$1" = 1 ] || { out=$OUT/upstream-$1 name=upstream-$1; }
+    mkdir -p "$out" && OUT=$out clocked "$name" bash bench/upstream_gpu.sh "${UPSTREAM_S:-200}"
+}
+
+upstream 1
 if [ "${BASE:-1}" != 0 ]; then
     link_avatar_tree "$PWD/.carry/base" && ln -sfn "$PWD/.carry/whl" .carry/base/.whl && clocked engine-base engine "$PWD/.carry/base" base
 fi
 link_avatar_tree "$PWD" && clocked engine-new engine "$PWD" new
+for k in $(seq 2 "${UPSTREAM_RUNS:-1}"); do upstream "$k"; done
