@@ -10,7 +10,8 @@
 #   and .upstream_speed:  bash bench/engine_ab_gpu.sh
 # UPSTREAM_S / ENGINE_S: each part's time limit; UPSTREAM_S=0 skips upstream, BASE=0 the earlier tree.
 # UPSTREAM_RUNS=N runs upstream N times, the first before the engine and the rest after it (its time
-# follows its host and moved 3% between two runs on one card, V2/V4); run k writes $OUT/upstream-k/.
+# follows its host: 3% apart in two runs on one card (V2/V4), 13% in three (W1/W2)); run k writes
+# $OUT/upstream-k/.
 # Each part runs with nvidia-smi sampling the SM clock and power (bench/gpu_clocks.py): $OUT/smi-PART.csv
 # and one summary line each (run V4: the engine runs power-capped, upstream at its full clock).
 set -uo pipefail
