@@ -8,10 +8,12 @@
 #   writes .carry/: the wheels of .whl/ but PyAV (the engine does not mux; the carry stays under
 #   64 MiB) and COMMIT's tree (with avatar/v1). Then, on the device, carrying .carry, avatar/v1
 #   and .upstream_speed:  bash bench/engine_ab_gpu.sh
-# UPSTREAM_S / ENGINE_S: each part's time limit; UPSTREAM_S=0 skips upstream, BASE=0 the earlier tree.
+# UPSTREAM_S / ENGINE_S: each part's time limit (upstream's first run on a fresh machine needs over
+# 175 s: X1); UPSTREAM_S=0 skips upstream, BASE=0 the earlier tree.
 # UPSTREAM_RUNS=N runs upstream N times, the first before the engine and the rest after it (its time
-# follows its host: 3% apart in two runs on one card (V2/V4), 13% in three (W1/W2)); run k writes
-# $OUT/upstream-k/.
+# follows its host: 3% apart in two runs on one card (V2/V4), 13% in three (W1/W2), 20% in three
+# (X1/X2)); run k writes $OUT/upstream-k/. Over 8 files under $OUT (the device returns 8), they end up
+# in one $OUT/engine_ab.tar (X1's third upstream log was left behind).
 # Each part runs with nvidia-smi sampling the SM clock and power (bench/gpu_clocks.py): $OUT/smi-PART.csv
 # and one summary line each (run V4: the engine runs power-capped, upstream at its full clock).
 set -uo pipefail
@@ -63,3 +65,7 @@ if [ "${BASE:-1}" != 0 ]; then
 fi
 link_avatar_tree "$PWD" && clocked engine-new engine "$PWD" new
 for k in $(seq 2 "${UPSTREAM_RUNS:-1}"); do upstream "$k"; done
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+    tar -C "$OUT" -cf /tmp/engine_ab.tar . && find "$OUT" -mindepth 1 -delete && mv /tmp/engine_ab.tar "$OUT/" &&
+        echo "the results are in $OUT/engine_ab.tar"
+fi
