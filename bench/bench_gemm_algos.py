@@ -47,6 +47,7 @@ DESC_A_SCALE_MODE, DESC_B_SCALE_MODE = 31, 32
 SCALE_OUTER_VEC_32F = 3
 EPILOGUE_BIAS = 4
 PREF_MAX_WORKSPACE_BYTES = 1
+CAP_TILE_IDS, CAP_STAGES_IDS = 6, 13
 CONFIG = {
     "id": (0, ctypes.c_int32),
     "tile": (1, ctypes.c_uint32),
@@ -56,6 +57,8 @@ CONFIG = {
     "cluster": (8, ctypes.c_uint16),
 }
 WORKSPACE = 32 << 20
+TILES = {20: "128x128", 23: "128x256", 24: "256x128", 21: "256x64", 19: "64x256", 32: "128x192", 31: "192x128",
+         18: "128x64", 17: "64x128", 15: "64x64", 29: "128x160", 30: "160x128", 28: "96x128", 33: "128x96"}  # fmt: skip
 
 
 class Algo(ctypes.Structure):
@@ -171,6 +174,57 @@ class LtGemm:
         self.lt.cublasLtMatmulPreferenceDestroy(pref)
         return [results[i] for i in range(found.value) if results[i].state == 0]
 
+    def every_algo(self, limit: int = 4096) -> list[HeuristicResult]:
+        """Every (algorithm id, tile, stages) cuBLASLt accepts for this product (cublasLtMatmulAlgoCheck),
+        beyond what its heuristics offer (for these per-row scales, one kernel: run Y1)."""
+        types = (CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, CUDA_R_16BF, CUDA_R_16BF)
+        ids, found = (ctypes.c_int * 256)(), ctypes.c_int(0)
+        check(self.lt.cublasLtMatmulAlgoGetIds(self.handle, *types, 256, ids, ctypes.byref(found)), "ids")
+        accepted = []
+        for algo_id in ids[: found.value]:
+            base = Algo()
+            if self.lt.cublasLtMatmulAlgoInit(self.handle, *types, algo_id, ctypes.byref(base)) != 0:
+                continue
+            for tile in self._caps(base, CAP_TILE_IDS) or [0]:
+                for stages in self._caps(base, CAP_STAGES_IDS) or [0]:
+                    algo = Algo.from_buffer_copy(base)
+                    for attr, value in ((CONFIG["tile"][0], tile), (CONFIG["stages"][0], stages)):
+                        v = ctypes.c_uint32(value)
+                        self.lt.cublasLtMatmulAlgoConfigSetAttribute(
+                            ctypes.byref(algo), attr, ctypes.byref(v), ctypes.c_size_t(4)
+                        )
+                    result = HeuristicResult()
+                    status = self.lt.cublasLtMatmulAlgoCheck(
+                        self.handle,
+                        self.desc,
+                        self.a_layout,
+                        self.b_layout,
+                        self.d_layout,
+                        self.d_layout,
+                        ctypes.byref(algo),
+                        ctypes.byref(result),
+                    )
+                    if status == 0 and result.workspace <= WORKSPACE:
+                        result.algo = algo
+                        accepted.append(result)
+                    if len(accepted) >= limit:
+                        return accepted
+        return accepted
+
+    def _caps(self, algo: Algo, attr: int) -> list[int]:
+        written = ctypes.c_size_t()
+        self.lt.cublasLtMatmulAlgoCapGetAttribute(
+            ctypes.byref(algo), attr, None, ctypes.c_size_t(0), ctypes.byref(written)
+        )
+        count = written.value // 4
+        if not count:
+            return []
+        values = (ctypes.c_uint32 * count)()
+        self.lt.cublasLtMatmulAlgoCapGetAttribute(
+            ctypes.byref(algo), attr, values, ctypes.c_size_t(4 * count), ctypes.byref(written)
+        )
+        return [v for v in values if v]
+
     def config(self, result: HeuristicResult) -> dict:
         res = {}
         for name, (attr, ctype) in CONFIG.items():
@@ -245,6 +299,18 @@ def kernel_names(fn) -> list[str]:
     return [n for n in names if "memset" not in n.lower() and "Memset" not in n]
 
 
+def quick_ms(fn, calls: int = 5) -> float:
+    """ms a call of `calls` eager calls after one: enough to rank hundreds of configurations."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def sustained(fn, calls: int, seconds: float, warm_s: float = 0.5) -> dict:
     """ms a call over `seconds` of back-to-back graph replays, after `warm_s` to reach the cap,
     with the clock and power nvidia-smi saw meanwhile."""
@@ -279,7 +345,7 @@ def shapes(dim: int = 5120, ffn_dim: int = 13824) -> dict[str, tuple[int, int]]:
     return {"q, k, v, o (self); q, o (cross)": (dim, dim), "ffn up": (dim, ffn_dim), "ffn down": (ffn_dim, dim)}
 
 
-def bench(width, height, algos, calls, reps, sustain_s, rounds, out=None, dim=5120, ffn_dim=13824) -> dict:
+def bench(width, height, algos, calls, reps, sustain_s, rounds, out=None, dim=5120, ffn_dim=13824, keep=5) -> dict:
     m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
     lt = cublaslt()
     handle = ctypes.c_void_p()
@@ -292,17 +358,32 @@ def bench(width, height, algos, calls, reps, sustain_s, rounds, out=None, dim=51
         ref = gemm.reference()().float()
         cands = {"torch._scaled_mm": gemm.reference()}
         info = {"torch._scaled_mm": {"kernels": kernel_names(gemm.reference())}}
-        for i, result in enumerate(gemm.algos(algos)):
+        offered = [(f"algo {i}", r) for i, r in enumerate(gemm.algos(algos))]
+        found = gemm.every_algo()
+        res.setdefault("enumerated", {})[name] = len(found)
+        print(f"{name}: cuBLASLt's heuristics offer {len(offered)}, {len(found)} configurations accepted", flush=True)
+        best_per_tile: dict[int, tuple[float, HeuristicResult]] = {}
+        for result in found:  # alone, briefly: the fastest configuration of each tile shape
+            try:
+                ms = quick_ms(gemm.call(result))
+            except RuntimeError:
+                continue
+            tile = gemm.config(result).get("tile", 0)
+            if tile not in best_per_tile or ms < best_per_tile[tile][0]:
+                best_per_tile[tile] = (ms, result)
+        ranked = sorted(best_per_tile.items(), key=lambda kv: kv[1][0])[:keep]
+        offered += [(f"tile {TILES.get(tile, tile)}", result) for tile, (_, result) in ranked]
+        for key, result in offered:
             fn = gemm.call(result)
             try:
                 got = fn().float()
             except RuntimeError as e:
-                info[f"algo {i}"] = {"error": str(e)}
+                info[key] = {"error": str(e)}
                 continue
             err = ((got - ref).norm() / ref.norm()).item()
-            info[f"algo {i}"] = gemm.config(result) | {"kernels": kernel_names(fn), "error_vs_torch": err}
+            info[key] = gemm.config(result) | {"kernels": kernel_names(fn), "error_vs_torch": err}
             if err < 1e-2:
-                cands[f"algo {i}"] = fn
+                cands[key] = fn
         for key, fn in cands.items():
             ms = graph_ms(fn, "cuda", calls, reps)
             info[key] |= {"alone_ms": ms, "alone_tflops": flop / ms / 1e9}
@@ -335,6 +416,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="704*384", help="W*H (default 704*384)")
     ap.add_argument("--algos", type=int, default=8, help="candidates to ask cuBLASLt for, a shape")
+    ap.add_argument("--keep", type=int, default=5, help="tile shapes beyond the heuristics' to time, fastest first")
     ap.add_argument("--calls", type=int, default=20, help="calls in one CUDA graph")
     ap.add_argument("--reps", type=int, default=20, help="replays timed alone")
     ap.add_argument("--sustain-s", type=float, default=2.5, help="seconds of replays, a candidate and round")
@@ -349,7 +431,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gemm_algos: needs a CUDA GPU", file=sys.stderr)
         return 2
-    bench(width, height, args.algos, args.calls, args.reps, args.sustain_s, args.rounds, args.out)
+    bench(width, height, args.algos, args.calls, args.reps, args.sustain_s, args.rounds, args.out, keep=args.keep)
     return 0
 
 
