@@ -98,13 +98,14 @@ class LtGemm:
     """y [m, n] = (x [m, k] * row scales) @ (w [n, k] * row scales)^T + bias, in bf16, as FP8Linear
     (torch._scaled_mm's cuBLASLt call: column-major D [n, m] = op_T(w) @ x^T)."""
 
-    def __init__(self, lt: ctypes.CDLL, handle, m: int, k: int, n: int, device: str):
+    def __init__(self, lt: ctypes.CDLL, handle, m: int, k: int, n: int, device: str, scales: str = "row"):
         self.lt, self.handle, self.m, self.k, self.n = lt, handle, m, k, n
         g = torch.Generator(device=device).manual_seed(k + n)
         self.x = torch.randn(m, k, generator=g, device=device).to(E4M3)
         self.w = torch.randn(n, k, generator=g, device=device).to(E4M3)
-        self.xs = torch.rand(m, 1, generator=g, device=device) + 0.5
-        self.ws = torch.rand(1, n, generator=g, device=device) + 0.5
+        rows = scales == "row"  # else one scale a tensor ("tensor" granularity: more kernels on offer)
+        self.xs = torch.rand((m, 1) if rows else (), generator=g, device=device) + 0.5
+        self.ws = torch.rand((1, n) if rows else (), generator=g, device=device) + 0.5
         self.bias = torch.randn(n, generator=g, device=device).bfloat16()
         self.out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
         self.workspace = torch.empty(WORKSPACE, device=device, dtype=torch.uint8)
@@ -114,8 +115,9 @@ class LtGemm:
         check(lt.cublasLtMatmulDescCreate(ctypes.byref(self.desc), CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc")
         self._set(DESC_TRANSA, ctypes.c_int32(CUBLAS_OP_T))
         self._set(DESC_TRANSB, ctypes.c_int32(CUBLAS_OP_N))
-        self._set(DESC_A_SCALE_MODE, ctypes.c_int32(SCALE_OUTER_VEC_32F))
-        self._set(DESC_B_SCALE_MODE, ctypes.c_int32(SCALE_OUTER_VEC_32F))
+        if rows:
+            self._set(DESC_A_SCALE_MODE, ctypes.c_int32(SCALE_OUTER_VEC_32F))
+            self._set(DESC_B_SCALE_MODE, ctypes.c_int32(SCALE_OUTER_VEC_32F))
         self._set(DESC_A_SCALE_POINTER, ctypes.c_void_p(self.ws.data_ptr()))
         self._set(DESC_B_SCALE_POINTER, ctypes.c_void_p(self.xs.data_ptr()))
         self._set(DESC_FAST_ACCUM, ctypes.c_int8(1))
@@ -174,19 +176,35 @@ class LtGemm:
         self.lt.cublasLtMatmulPreferenceDestroy(pref)
         return [results[i] for i in range(found.value) if results[i].state == 0]
 
-    def every_algo(self, limit: int = 4096) -> list[HeuristicResult]:
-        """Every (algorithm id, tile, stages) cuBLASLt accepts for this product (cublasLtMatmulAlgoCheck),
-        beyond what its heuristics offer (for these per-row scales, one kernel: run Y1)."""
+    def every_algo(self, offered: list[HeuristicResult], limit: int = 4096) -> tuple[list[HeuristicResult], dict]:
+        """Every (algorithm, tile, stages) cuBLASLt accepts for this product (cublasLtMatmulAlgoCheck):
+        the algorithms of cublasLtMatmulAlgoGetIds and the heuristics' own, each with every tile and
+        stage count it lists (or, where it lists none, every tile named in TILES); and what was found."""
         types = (CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_8F_E4M3, CUDA_R_8F_E4M3, CUDA_R_16BF, CUDA_R_16BF)
         ids, found = (ctypes.c_int * 256)(), ctypes.c_int(0)
         check(self.lt.cublasLtMatmulAlgoGetIds(self.handle, *types, 256, ids, ctypes.byref(found)), "ids")
-        accepted = []
+        bases = []
         for algo_id in ids[: found.value]:
             base = Algo()
-            if self.lt.cublasLtMatmulAlgoInit(self.handle, *types, algo_id, ctypes.byref(base)) != 0:
-                continue
-            for tile in self._caps(base, CAP_TILE_IDS) or [0]:
-                for stages in self._caps(base, CAP_STAGES_IDS) or [0]:
+            if self.lt.cublasLtMatmulAlgoInit(self.handle, *types, algo_id, ctypes.byref(base)) == 0:
+                bases.append(base)
+        bases += [Algo.from_buffer_copy(r.algo) for r in offered]
+        seen = {"algorithm_ids": found.value, "tiles_listed": [], "checked": 0}
+        accepted = []
+        for base in bases:
+            tiles = self._caps(base, CAP_TILE_IDS)
+            stages_listed = self._caps(base, CAP_STAGES_IDS)
+            seen["tiles_listed"].append(len(tiles))
+            current = ctypes.c_uint32(), ctypes.c_size_t()
+            self.lt.cublasLtMatmulAlgoConfigGetAttribute(
+                ctypes.byref(base),
+                CONFIG["stages"][0],
+                ctypes.byref(current[0]),
+                ctypes.c_size_t(4),
+                ctypes.byref(current[1]),
+            )
+            for tile in tiles or list(TILES):
+                for stages in stages_listed or sorted({current[0].value, 0}):
                     algo = Algo.from_buffer_copy(base)
                     for attr, value in ((CONFIG["tile"][0], tile), (CONFIG["stages"][0], stages)):
                         v = ctypes.c_uint32(value)
@@ -194,6 +212,7 @@ class LtGemm:
                             ctypes.byref(algo), attr, ctypes.byref(v), ctypes.c_size_t(4)
                         )
                     result = HeuristicResult()
+                    seen["checked"] += 1
                     status = self.lt.cublasLtMatmulAlgoCheck(
                         self.handle,
                         self.desc,
@@ -208,8 +227,8 @@ class LtGemm:
                         result.algo = algo
                         accepted.append(result)
                     if len(accepted) >= limit:
-                        return accepted
-        return accepted
+                        return accepted, seen
+        return accepted, seen
 
     def _caps(self, algo: Algo, attr: int) -> list[int]:
         written = ctypes.c_size_t()
@@ -345,23 +364,28 @@ def shapes(dim: int = 5120, ffn_dim: int = 13824) -> dict[str, tuple[int, int]]:
     return {"q, k, v, o (self); q, o (cross)": (dim, dim), "ffn up": (dim, ffn_dim), "ffn down": (ffn_dim, dim)}
 
 
-def bench(width, height, algos, calls, reps, sustain_s, rounds, out=None, dim=5120, ffn_dim=13824, keep=5) -> dict:
+def bench(
+    width, height, algos, calls, reps, sustain_s, rounds, out=None, dim=5120, ffn_dim=13824, keep=5, scales=("row",)
+) -> dict:
+    """scales: "row" (FP8Linear's default, the model's products) and/or "tensor" (one scale a tensor)."""
     m = LATENT_FRAMES_PER_BLOCK * (height // 16) * (width // 16)
     lt = cublaslt()
     handle = ctypes.c_void_p()
     check(lt.cublasLtCreate(ctypes.byref(handle)), "create")
     res: dict = {"size": f"{width}*{height}", "tokens": m, "calls_per_graph": calls, "sustain_s": sustain_s}
     res["shapes"] = {}
-    for name, (k, n) in shapes(dim, ffn_dim).items():
-        gemm = LtGemm(lt, handle, m, k, n, "cuda")
+    cases = [(sc, name, k, n) for sc in scales for name, (k, n) in shapes(dim, ffn_dim).items()]
+    for sc, name, k, n in cases:
+        name = name if sc == "row" else f"{name}, one scale a tensor"
+        gemm = LtGemm(lt, handle, m, k, n, "cuda", scales=sc)
         flop = 2 * m * k * n
         ref = gemm.reference()().float()
         cands = {"torch._scaled_mm": gemm.reference()}
         info = {"torch._scaled_mm": {"kernels": kernel_names(gemm.reference())}}
         offered = [(f"algo {i}", r) for i, r in enumerate(gemm.algos(algos))]
-        found = gemm.every_algo()
-        res.setdefault("enumerated", {})[name] = len(found)
-        print(f"{name}: cuBLASLt's heuristics offer {len(offered)}, {len(found)} configurations accepted", flush=True)
+        found, seen = gemm.every_algo([r for _, r in offered])
+        res.setdefault("enumerated", {})[name] = seen | {"accepted": len(found)}
+        print(f"{name}: cuBLASLt's heuristics offer {len(offered)}; {seen} -> {len(found)} accepted", flush=True)
         best_per_tile: dict[int, tuple[float, HeuristicResult]] = {}
         for result in found:  # alone, briefly: the fastest configuration of each tile shape
             try:
@@ -417,6 +441,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="704*384", help="W*H (default 704*384)")
     ap.add_argument("--algos", type=int, default=8, help="candidates to ask cuBLASLt for, a shape")
     ap.add_argument("--keep", type=int, default=5, help="tile shapes beyond the heuristics' to time, fastest first")
+    ap.add_argument("--scales", default="row", help="row and/or tensor, comma-separated (default row)")
     ap.add_argument("--calls", type=int, default=20, help="calls in one CUDA graph")
     ap.add_argument("--reps", type=int, default=20, help="replays timed alone")
     ap.add_argument("--sustain-s", type=float, default=2.5, help="seconds of replays, a candidate and round")
@@ -428,10 +453,25 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"bench_gemm_algos: --size must be W*H, got {args.size!r}", file=sys.stderr)
         return 2
+    scales = tuple(args.scales.split(","))
+    if not scales or any(sc not in ("row", "tensor") for sc in scales):
+        print(f"bench_gemm_algos: --scales takes row and/or tensor, got {args.scales!r}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_gemm_algos: needs a CUDA GPU", file=sys.stderr)
         return 2
-    bench(width, height, args.algos, args.calls, args.reps, args.sustain_s, args.rounds, args.out, keep=args.keep)
+    bench(
+        width,
+        height,
+        args.algos,
+        args.calls,
+        args.reps,
+        args.sustain_s,
+        args.rounds,
+        args.out,
+        keep=args.keep,
+        scales=scales,
+    )
     return 0
 
 

@@ -33,3 +33,8 @@ def test_without_a_gpu_it_says_so(capsys, monkeypatch):
     monkeypatch.setattr(bench_gemm_algos.torch.cuda, "is_available", lambda: False)
     assert bench_gemm_algos.main([]) == 2
     assert capsys.readouterr().err.strip() == "bench_gemm_algos: needs a CUDA GPU"
+
+
+def test_unknown_scales_are_refused_in_one_line(capsys):
+    assert bench_gemm_algos.main(["--scales", "row,col"]) == 2
+    assert capsys.readouterr().err.strip() == "bench_gemm_algos: --scales takes row and/or tensor, got 'row,col'"
