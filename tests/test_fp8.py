@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from avatar.services.generator.fp8 import E4M3, E4M3_MAX, FP8Linear, dequantize, quantize, swap_linears_to_fp8
+from avatar.services.generator.fp8 import (
+    E4M3,
+    E4M3_MAX,
+    FP8Linear,
+    FP8Rows,
+    apply_scales,
+    dequantize,
+    quantize,
+    swap_linears_to_fp8,
+)
 
 
 def rel(a, b):
@@ -75,6 +84,31 @@ def test_fp8_linear_matches_the_dequantised_product_and_the_bf16_layer(granulari
     assert rel(y, lin(x)) < 0.08
     # a wrong weight scale would be caught: dropping it changes the output completely
     assert rel(dequantize(xq, xs) @ f8.weight_fp8.float().t(), ref) > 0.5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_product_before_its_scales_finishes_as_the_layer(bias):
+    """product() + apply_scales() is forward() with one more bf16 rounding, of the product before
+    its scales: within three bf16 rounding errors (2^-8 each) of it; a dropped scale would show."""
+    torch.manual_seed(5)
+    lin = nn.Linear(128, 96, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.mul_(torch.logspace(-2, 1, 96).unsqueeze(1).to(torch.bfloat16))
+    f8 = FP8Linear.from_linear(lin)
+    x = torch.randn(2, 40, 128, dtype=torch.bfloat16) * torch.logspace(-2, 2, 40).reshape(1, 40, 1)
+    codes, scale = quantize(x.reshape(-1, 128))
+    rows = FP8Rows(codes.reshape(2, 40, 128), scale.reshape(2, 40, 1))
+    p = f8.product(rows)
+    assert p.z.shape == (2, 40, 96) and p.z.dtype == torch.bfloat16
+    assert p.row_scale.shape == (2, 40, 1) and p.col_scale.shape == (96,)
+    y, expected = apply_scales(p), f8(rows)
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
+    # relative to the scaled product and the bias apart (the bias may cancel the product)
+    size = (p.z.float() * p.row_scale * p.col_scale).abs() + (lin.bias.float().abs() if bias else 0)
+    assert ((y.float() - expected.float()).abs() <= 3 * 2**-8 * size).all()
+    assert rel(p.z.float() * p.row_scale + (lin.bias.float() if bias else 0), expected) > 0.5
+    with pytest.raises(ValueError, match="per tensor"):
+        FP8Linear.from_linear(lin, granularity="tensor").product(rows)
 
 
 def test_fp8_linear_keeps_float32_inputs_float32():

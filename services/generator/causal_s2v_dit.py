@@ -31,7 +31,7 @@ from torch import nn
 
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
 from avatar.services.generator import fused_norms
-from avatar.services.generator.fp8 import FP8Linear, FP8Rows, quantize_rows_kernel
+from avatar.services.generator.fp8 import FP8Linear, FP8Rows, apply_scales, quantize_rows_kernel
 from avatar.services.generator.fp8_attention import (
     fp8_attention_bf16,
     fp8_attention_bf16_q8,
@@ -310,6 +310,7 @@ class CausalS2VBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
         self.fused_norms = False
+        self.ffn_products = False  # fused FFN: tensorwise products, their scales in the next kernel
 
     @property
     def fused_norms(self) -> bool:
@@ -347,7 +348,10 @@ class CausalS2VBlock(nn.Module):
         )
         y = self.cross_attn(h, text_kv)
         x, h = fused_norms.norm_quantize(x, mod, self.norm2.eps, residual=y, shift=3, scale=4)
-        y = self.ffn[2](fused_norms.gelu_quantize(self.ffn[0](h)))
+        if self.ffn_products:  # the scales and biases inside gelu_quantize and the residual's kernel
+            y = apply_scales(self.ffn[2].product(fused_norms.gelu_quantize(self.ffn[0].product(h))))
+        else:
+            y = self.ffn[2](fused_norms.gelu_quantize(self.ffn[0](h)))
         return (x + _gate(y, mod[:, :, 5])).to(dtype)
 
 
@@ -687,11 +691,13 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                             t.data = t.data.pin_memory()
         return moved
 
-    def use_fused_norms(self, on: bool = True) -> None:
+    def use_fused_norms(self, on: bool = True, ffn_products: bool = True) -> None:
         """Run the norms of every block, self-attention and audio injection in the fused kernels of
         fused_norms.py (`--fused-norms`), or again in torch (on=False). Needs FP8 linears with row
         scales in the trunk, bf16 activations and Triton; ValueError naming what is missing
-        otherwise."""
+        otherwise. ffn_products: the FFN's two products through cuBLAS's kernels for one scale a
+        tensor, their row scales and biases applied by the kernels after them (FP8Linear.product;
+        one more bf16 rounding, of the product before its scales)."""
         blocks, injections = list(self.blocks), self.audio_injector.injections
         if on and (reason := fused_norms.unavailable_reason(self.device)):
             raise ValueError(reason)
@@ -704,6 +710,8 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
             raise ValueError("--fused-norms quantises the linears' inputs per row: it needs --fp8")
         for module in (*blocks, *injections):
             module.fused_norms = on
+        for b in blocks:  # cuBLAS's tensorwise kernels for the FFN's two products (run Y3)
+            b.ffn_products = on and ffn_products
         # the attention outputs no fused kernel quantised (the small audio-token projections stay
         # with inductor, which fuses their quantisation into the kernel before it)
         outputs = [b.self_attn.o for b in blocks] + [b.cross_attn.o for b in blocks] + [i.attn.o for i in injections]

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from avatar.services.generator.fp8 import E4M3, FP8Rows
+from avatar.services.generator.fp8 import E4M3, FP8Rows, RowProduct
 from avatar.services.generator.kv_cache import keys_last
 
 try:
@@ -102,12 +102,20 @@ if triton is not None:
         _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask)
 
     @triton.jit
-    def _gelu_quantize_kernel(x_ptr, q_ptr, s_ptr, C, BLOCK: tl.constexpr):
-        # GELU (tanh form, as nn.GELU(approximate="tanh")) of one row, then its FP8 codes
+    def _gelu_quantize_kernel(
+        x_ptr, q_ptr, s_ptr, rs_ptr, cs_ptr, b_ptr, C, BLOCK: tl.constexpr, SCALED: tl.constexpr, BIAS: tl.constexpr
+    ):
+        # GELU (tanh form, as nn.GELU(approximate="tanh")) of one row, then its FP8 codes; SCALED:
+        # the row is a product before its scales (fp8.RowProduct), finished here as apply_scales()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
         x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        if SCALED:
+            x = x * tl.load(rs_ptr + row) * tl.load(cs_ptr + offs, mask=mask, other=0.0)
+            if BIAS:
+                x = x + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(tl.bfloat16).to(tl.float32)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
         tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # saturates to +-1, no overflow to nan
         _store_rows_fp8(0.5 * x * (1.0 + tanh), q_ptr, s_ptr, row, C, offs, mask)
@@ -356,12 +364,24 @@ def _(x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, roun
 
 
 @torch.library.custom_op("avatar::gelu_quantize", mutates_args=())
-def _gelu_quantize_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gelu_quantize_op(
+    x: torch.Tensor,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     codes, scales = _gelu_quantize_outputs(x)
     c = x.shape[-1]
     if x.numel():
         block, warps = _launch_shape(c, "gelu_quantize")
-        _gelu_quantize_kernel[(x.numel() // c,)](x.contiguous(), codes, scales, c, BLOCK=block, num_warps=warps)
+        scaled = row_scale is not None
+        rs = row_scale.contiguous() if scaled else scales  # an unread pointer when not SCALED
+        cs = col_scale.contiguous() if scaled else scales
+        b = bias if bias is not None else scales
+        _gelu_quantize_kernel[(x.numel() // c,)](
+            x.contiguous(), codes, scales, rs, cs, b, c,
+            BLOCK=block, SCALED=scaled, BIAS=scaled and bias is not None, num_warps=warps,
+        )  # fmt: skip
     return codes, scales
 
 
@@ -370,7 +390,7 @@ def _gelu_quantize_outputs(x):
 
 
 @_gelu_quantize_op.register_fake
-def _(x):
+def _(x, row_scale=None, col_scale=None, bias=None):
     return _gelu_quantize_outputs(x)
 
 
@@ -590,6 +610,11 @@ def norm_quantize(
     return (x_out if residual is not None else None), FP8Rows(codes, scales)
 
 
-def gelu_quantize(x: torch.Tensor) -> FP8Rows:
-    """The FP8 codes of GELU(x) (tanh form) in bf16, x [..., C] (the FFN's hidden layer)."""
+def gelu_quantize(x: torch.Tensor | RowProduct) -> FP8Rows:
+    """The FP8 codes of GELU(x) (tanh form) in bf16, x [..., C] (the FFN's hidden layer), or of
+    GELU(apply_scales(x)) for a product before its scales (FP8Linear.product), in one kernel."""
+    if isinstance(x, RowProduct):
+        if x.row_scale.shape != (*x.z.shape[:-1], 1) or x.col_scale.shape != x.z.shape[-1:]:
+            raise ValueError(f"scales {tuple(x.row_scale.shape)}, {tuple(x.col_scale.shape)} for {tuple(x.z.shape)}")
+        return FP8Rows(*torch.ops.avatar.gelu_quantize(x.z, x.row_scale, x.col_scale, x.bias))
     return FP8Rows(*torch.ops.avatar.gelu_quantize(x))
