@@ -26,6 +26,7 @@ from bench_generator import time_fn  # noqa: E402
 from avatar.presets import LATENT_FRAMES_PER_BLOCK
 from avatar.services.generator import fused_norms
 from avatar.services.generator.causal_s2v_dit import rope_grid
+from avatar.services.generator.fp8 import FP8Rows, RowProduct
 
 E4M3 = torch.float8_e4m3fn
 
@@ -49,6 +50,13 @@ def cases(
     sink = torch.empty(layers, 1, frame, heads, dim // heads, dtype=E4M3, device=device)
     ref_rope = rope_grid(dim // heads, range(40, 41), range(height // 16), range(width // 16), device)
     keys, values = (torch.empty(1, 2 * m, heads, dim // heads, dtype=E4M3, device=device) for _ in range(2))
+    # the FFN's first product before its scales (FP8Linear.product), as the model hands it over
+    product = RowProduct(
+        rnd(1, m, ffn_dim, scale=30.0),
+        rnd(1, m, 1, dtype=torch.float32, scale=0.01).abs() + 1e-3,
+        rnd(ffn_dim, dtype=torch.float32, scale=0.01).abs() + 1e-3,
+        rnd(ffn_dim),
+    )
     return {
         "norm1+modulate": (
             "norm_quantize",
@@ -69,6 +77,15 @@ def cases(
             dim,
         ),
         "gelu": ("gelu_quantize", lambda: fused_norms.gelu_quantize(hidden), m * ffn_dim * (2 + 1), ffn_dim),
+        **{
+            f"gelu of a product, {rows} row{'s' if rows > 1 else ''} a program": (
+                "gelu_quantize",
+                lambda rows=rows: gelu_of_product(product, rows),
+                m * ffn_dim * (2 + 1),
+                ffn_dim,
+            )
+            for rows in (1, 2, 4)
+        },
         "q rms+rope to FP8": (
             "rms_rope_fp8",
             lambda: fused_norms.rms_rope_fp8(x, w, rope.cos, rope.sin, 1e-6),
@@ -110,6 +127,16 @@ def graph_ms(fn, device: str, calls: int, reps: int) -> float:
         for _ in range(calls):
             fn()
     return time_fn(graph.replay, device, reps) / calls
+
+
+def gelu_of_product(product: RowProduct, rows: int) -> FP8Rows:
+    """gelu_quantize of a product with `rows` rows a program (fused_norms.GELU_PRODUCT_ROWS)."""
+    before = fused_norms.GELU_PRODUCT_ROWS
+    fused_norms.GELU_PRODUCT_ROWS = rows
+    try:
+        return fused_norms.gelu_quantize(product)
+    finally:
+        fused_norms.GELU_PRODUCT_ROWS = before
 
 
 def sweep(table: dict, device: str, warps: list[int], calls: int, reps: int) -> dict:

@@ -88,11 +88,13 @@ def test_gelu_quantize_is_the_tanh_gelu_then_row_quantisation_and_saturates():
     assert (rows.codes.reshape(-1, C).view(torch.uint8) != q.view(torch.uint8)).float().mean() < 0.01
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_gelu_quantize_of_a_product_before_its_scales_is_gelu_quantize_of_the_layers_output(bias):
+@pytest.mark.parametrize("bias,rows", [(True, 1), (False, 1), (True, 4), (False, 5)])
+def test_gelu_quantize_of_a_product_before_its_scales_is_gelu_quantize_of_the_layers_output(bias, rows, monkeypatch):
     """The FFN's first product from cuBLAS's tensorwise kernel (FP8Linear.product): the kernel
     applies the row and column scales and the bias, rounds to bf16 as the layer's output would be,
-    then GELU and quantisation as before: the same codes as gelu_quantize(apply_scales(p))."""
+    then GELU and quantisation as before: the same codes as gelu_quantize(apply_scales(p)), with
+    one row or several a program (5 does not divide the 24 rows: one a program then)."""
+    monkeypatch.setattr(fused_norms, "GELU_PRODUCT_ROWS", rows)
     g = torch.Generator().manual_seed(6)
     z = (torch.randn(B, L, C, generator=g) * 40).bfloat16()
     p = RowProduct(

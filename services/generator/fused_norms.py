@@ -103,22 +103,37 @@ if triton is not None:
 
     @triton.jit
     def _gelu_quantize_kernel(
-        x_ptr, q_ptr, s_ptr, rs_ptr, cs_ptr, b_ptr, C, BLOCK: tl.constexpr, SCALED: tl.constexpr, BIAS: tl.constexpr
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        rs_ptr,
+        cs_ptr,
+        b_ptr,
+        C,
+        BLOCK: tl.constexpr,
+        SCALED: tl.constexpr,
+        BIAS: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
-        # GELU (tanh form, as nn.GELU(approximate="tanh")) of one row, then its FP8 codes; SCALED:
-        # the row is a product before its scales (fp8.RowProduct), finished here as apply_scales()
-        row = tl.program_id(0).to(tl.int64)
+        # GELU (tanh form, as nn.GELU(approximate="tanh")) of ROWS rows, then their FP8 codes;
+        # SCALED: each row is a product before its scales (fp8.RowProduct), finished here as
+        # apply_scales(), the column scales and bias read once for the ROWS rows (from L2 each time
+        # otherwise: 6 bytes a column beside the row's 2, run Y4)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
-        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
-        if SCALED:
-            x = x * tl.load(rs_ptr + row) * tl.load(cs_ptr + offs, mask=mask, other=0.0)
-            if BIAS:
-                x = x + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x = x.to(tl.bfloat16).to(tl.float32)
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
-        tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # saturates to +-1, no overflow to nan
-        _store_rows_fp8(0.5 * x * (1.0 + tanh), q_ptr, s_ptr, row, C, offs, mask)
+        cs = tl.load(cs_ptr + offs, mask=mask, other=0.0) if SCALED else tl.zeros([BLOCK], tl.float32)
+        bias = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32) if BIAS else tl.zeros([BLOCK], tl.float32)
+        for r in tl.static_range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+            if SCALED:
+                x = x * tl.load(rs_ptr + row) * cs
+                if BIAS:
+                    x = x + bias
+                x = x.to(tl.bfloat16).to(tl.float32)
+            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
+            tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # saturates to +-1, no overflow to nan
+            _store_rows_fp8(0.5 * x * (1.0 + tanh), q_ptr, s_ptr, row, C, offs, mask)
 
     @triton.jit
     def _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask):
@@ -292,6 +307,12 @@ LAUNCH_WARPS: dict[str, int] = {
 }
 
 
+# Rows a program of gelu_quantize takes for a product before its scales (FP8Linear.product): it
+# reads the column scales and bias once for all of them (a divisor of the row count, else 1).
+# bench/bench_norm_warps.py times 1, 2 and 4 ("gelu of a product"); 1 until measured on a GPU.
+GELU_PRODUCT_ROWS = 1
+
+
 def _launch_shape(c: int, kernel: str) -> tuple[int, int]:
     block = triton.next_power_of_2(c)
     return block, LAUNCH_WARPS.get(kernel, 16 if block >= 16384 else 8 if block >= 2048 else 4)
@@ -378,9 +399,11 @@ def _gelu_quantize_op(
         rs = row_scale.contiguous() if scaled else scales  # an unread pointer when not SCALED
         cs = col_scale.contiguous() if scaled else scales
         b = bias if bias is not None else scales
-        _gelu_quantize_kernel[(x.numel() // c,)](
+        rows = x.numel() // c
+        per_program = GELU_PRODUCT_ROWS if scaled and rows % GELU_PRODUCT_ROWS == 0 else 1
+        _gelu_quantize_kernel[(rows // per_program,)](
             x.contiguous(), codes, scales, rs, cs, b, c,
-            BLOCK=block, SCALED=scaled, BIAS=scaled and bias is not None, num_warps=warps,
+            BLOCK=block, SCALED=scaled, BIAS=scaled and bias is not None, ROWS=per_program, num_warps=warps,
         )  # fmt: skip
     return codes, scales
 
