@@ -1050,6 +1050,18 @@ def main():
         "default launch widths and at these, instead of fused norms on and off",
     )
     ap.add_argument(
+        "--ffn-products",
+        default=None,
+        help="engine-gaps: run the engine with the FFN's products as each of these (e.g. 'on,off': "
+        "cuBLAS's tensorwise kernels, their scales in the next kernel, or the layer's own products) and, "
+        "with --gelu-product-rows, each of those rows a program, fused norms on",
+    )
+    ap.add_argument(
+        "--gelu-product-rows",
+        default="",
+        help="engine-gaps with --ffn-products on: gelu_quantize's rows a program to run (e.g. '1,4')",
+    )
+    ap.add_argument(
         "--fp8-kernels",
         default=None,
         help="engine-gaps: run the engine with each of these FP8 attention kernels (e.g. 'triton,cudnn'), "
@@ -1334,18 +1346,28 @@ def main():
             steady = 8 if dev_cuda else 0  # graphs replay from the third clip on (the CPU only checks the path)
             # (fused norms, their launch widths): on and off, or on at the default and the swept widths
             tuned = json.loads(Path(args.norm_warps).read_text())["warps"] if args.norm_warps else None
-            runs = [(True, None, None), (False, None, None)]
+            runs = [(True, None, None, None), (False, None, None, None)]
             if tuned is not None:
-                runs = [(True, None, None), (True, tuned, None)]
+                runs = [(True, None, None, None), (True, tuned, None, None)]
             if args.fp8_kernels:  # the kernels one after the other, each with the defaults
-                runs = [(True, None, k) for k in args.fp8_kernels.split(",")]
-            defaults = dict(fused_norms.LAUNCH_WARPS)
+                runs = [(True, None, k, None) for k in args.fp8_kernels.split(",")]
+            if args.ffn_products:  # (the FFN's products, gelu_quantize's rows a program)
+                rows = [int(r) for r in args.gelu_product_rows.split(",") if r] or [fused_norms.GELU_PRODUCT_ROWS]
+                runs = [
+                    (True, None, None, (on == "on", r))
+                    for on in args.ffn_products.split(",")
+                    for r in (rows if on == "on" else [fused_norms.GELU_PRODUCT_ROWS])
+                ]
+            defaults, default_rows = dict(fused_norms.LAUNCH_WARPS), fused_norms.GELU_PRODUCT_ROWS
             for w, h in sizes:
-                for fused, warps, kernel in runs:  # the default first: a call cut short still measures it
-                    dit.use_fused_norms(fused)
+                for fused, warps, kernel, ffn in runs:  # the default first: a call cut short still measures it
+                    dit.use_fused_norms(fused, ffn_products=ffn[0] if ffn else True)
+                    fused_norms.GELU_PRODUCT_ROWS = ffn[1] if ffn else default_rows
                     fused_norms.LAUNCH_WARPS.clear()
                     fused_norms.LAUNCH_WARPS.update(defaults if warps is None else warps)
                     label = f"fused norms {'on' if fused else 'off'}" + (f", warps {warps}" if warps else "")
+                    if ffn:
+                        label += f", FFN products {'on, gelu rows ' + str(ffn[1]) if ffn[0] else 'off'}"
                     run_opts = dict(opts, **({"fp8_attention_kernel": kernel} if kernel else {}))
                     label += f", {kernel} FP8 attention" if kernel else ""
                     log(f"engine {w}*{h} {run_opts}, {label}:")
@@ -1357,6 +1379,8 @@ def main():
                     )
                     if r:
                         r["fused_norms"] = fused
+                        r["ffn_products"] = bool(fused and (ffn[0] if ffn else True))
+                        r["gelu_product_rows"] = fused_norms.GELU_PRODUCT_ROWS
                         r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
                         r["fp8_attention_kernel"] = kernel or "cudnn"
                         log(
@@ -1366,6 +1390,7 @@ def main():
                     results["engine_gaps"].append(r)
             fused_norms.LAUNCH_WARPS.clear()
             fused_norms.LAUNCH_WARPS.update(defaults)
+            fused_norms.GELU_PRODUCT_ROWS = default_rows
             dit.use_fused_norms(False)
         if "engine" in parts:
             results["engine"] = [

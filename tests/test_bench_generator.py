@@ -318,3 +318,26 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
     assert runs[0]["generator_options"]["fp8_attention_kernel"] == "triton"
     assert kernels.index("cudnn") > 0 and set(kernels[: kernels.index("cudnn")]) == {"triton"}
     assert fp8_attention_triton.DEFAULT_CONFIG == (32, 32, 4, 2) and not fp8_attention_triton.DEFAULT_WARP_SPECIALIZE
+
+
+def test_the_engine_gaps_part_runs_the_ffns_products_each_way(tmp_path, monkeypatch):
+    """--ffn-products on,off --gelu-product-rows 1,4: the fused engine with the FFN's products
+    before their scales at each of gelu_quantize's rows a program, then with the layer's own
+    products; fused_norms' rows a program are put back afterwards."""
+    import torch
+
+    from avatar.services.generator import fused_norms
+
+    seen = []
+    real = torch.ops.avatar.gelu_quantize
+    monkeypatch.setattr(
+        torch.ops.avatar,
+        "gelu_quantize",
+        lambda x, *scales: seen.append((bool(scales), fused_norms.GELU_PRODUCT_ROWS)) or real(x, *scales),
+    )
+    res = _engine_gaps(tmp_path, monkeypatch, "--ffn-products", "on,off", "--gelu-product-rows", "1,4")
+    assert res["errors"] == {}
+    runs = res["engine_gaps"]
+    assert [(r["ffn_products"], r["gelu_product_rows"]) for r in runs] == [(True, 1), (True, 4), (False, 1)]
+    assert {(True, 1), (True, 4), (False, 1)} == set(seen)  # a product went into gelu_quantize, or not
+    assert fused_norms.GELU_PRODUCT_ROWS == 1
