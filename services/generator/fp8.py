@@ -204,6 +204,8 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         scale_shape = (1, out_features) if granularity == "row" else ()
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        # product()'s tensorwise scales: one tensor kept, not one made (a kernel each) per call
+        self.register_buffer("one", torch.ones((), device=device), persistent=False)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device))
         else:
@@ -224,6 +226,7 @@ class FP8Linear(nn.Module):
         )
         q, s = quantize(w, granularity)  # per output row: s [out, 1]
         layer.weight_fp8 = q
+        layer.one = torch.ones((), device=q.device)
         layer.weight_scale = s.reshape(1, -1) if granularity == "row" else s
         if linear.bias is not None:
             layer.bias = linear.bias.detach().to(torch.bfloat16)
@@ -273,12 +276,11 @@ class FP8Linear(nn.Module):
         if self.granularity != "row":
             raise ValueError("product() leaves per-row scales to the consumer: this layer scales per tensor")
         codes = x.codes.reshape(-1, self.in_features)
-        one = torch.ones((), device=codes.device)
         z = torch._scaled_mm(
             codes,
             self.weight_fp8.t(),
-            scale_a=one,
-            scale_b=one,
+            scale_a=self.one,
+            scale_b=self.one,
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
