@@ -160,12 +160,7 @@ class LtGemm:
         found = ctypes.c_int(0)
         check(
             self.lt.cublasLtMatmulAlgoGetHeuristic(
-                self.handle,
-                self.desc,
-                self.a_layout,
-                self.b_layout,
-                self.d_layout,
-                self.d_layout,
+                *self._problem(),
                 pref,
                 count,
                 results,
@@ -175,6 +170,10 @@ class LtGemm:
         )
         self.lt.cublasLtMatmulPreferenceDestroy(pref)
         return [results[i] for i in range(found.value) if results[i].state == 0]
+
+    def _problem(self) -> tuple:
+        """The handle, descriptor and A, B, C, D layouts that name this product to cuBLASLt (C is D)."""
+        return self.handle, self.desc, self.a_layout, self.b_layout, self.d_layout, self.d_layout
 
     def every_algo(self, offered: list[HeuristicResult], limit: int = 4096) -> tuple[list[HeuristicResult], dict]:
         """Every (algorithm, tile, stages) cuBLASLt accepts for this product (cublasLtMatmulAlgoCheck):
@@ -214,12 +213,7 @@ class LtGemm:
                     result = HeuristicResult()
                     seen["checked"] += 1
                     status = self.lt.cublasLtMatmulAlgoCheck(
-                        self.handle,
-                        self.desc,
-                        self.a_layout,
-                        self.b_layout,
-                        self.d_layout,
-                        self.d_layout,
+                        *self._problem(),
                         ctypes.byref(algo),
                         ctypes.byref(result),
                     )
