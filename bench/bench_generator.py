@@ -1062,6 +1062,12 @@ def main():
         help="engine-gaps with --ffn-products on: gelu_quantize's rows a program to run (e.g. '1,4')",
     )
     ap.add_argument(
+        "--gelu-warps",
+        default="",
+        help="engine-gaps with --ffn-products on: gelu_quantize's warps a program to run (e.g. '8,16'; "
+        "the other kernels keep their defaults)",
+    )
+    ap.add_argument(
         "--fp8-kernels",
         default=None,
         help="engine-gaps: run the engine with each of these FP8 attention kernels (e.g. 'triton,cudnn'), "
@@ -1353,10 +1359,12 @@ def main():
                 runs = [(True, None, k, None) for k in args.fp8_kernels.split(",")]
             if args.ffn_products:  # (the FFN's products, gelu_quantize's rows a program)
                 rows = [int(r) for r in args.gelu_product_rows.split(",") if r] or [fused_norms.GELU_PRODUCT_ROWS]
+                gelu = [{**fused_norms.LAUNCH_WARPS, "gelu_quantize": int(w)} for w in args.gelu_warps.split(",") if w]
                 runs = [
-                    (True, None, None, (on == "on", r))
+                    (True, w, None, (on == "on", r))
                     for on in args.ffn_products.split(",")
                     for r in (rows if on == "on" else [fused_norms.GELU_PRODUCT_ROWS])
+                    for w in (gelu if on == "on" and gelu else [None])
                 ]
             defaults, default_rows = dict(fused_norms.LAUNCH_WARPS), fused_norms.GELU_PRODUCT_ROWS
             for w, h in sizes:

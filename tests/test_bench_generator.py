@@ -321,8 +321,8 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
 
 
 def test_the_engine_gaps_part_runs_the_ffns_products_each_way(tmp_path, monkeypatch):
-    """--ffn-products on,off --gelu-product-rows 1,4: the fused engine with the FFN's products
-    before their scales at each of gelu_quantize's rows a program, then with the layer's own
+    """--ffn-products on,off --gelu-product-rows 4 --gelu-warps 8,16: the fused engine with the
+    FFN's products before their scales at each of gelu_quantize's rows and warps a program, then with the layer's own
     products; fused_norms' rows a program are put back afterwards."""
     import torch
 
@@ -335,9 +335,19 @@ def test_the_engine_gaps_part_runs_the_ffns_products_each_way(tmp_path, monkeypa
         "gelu_quantize",
         lambda x, *scales: seen.append((bool(scales), fused_norms.GELU_PRODUCT_ROWS)) or real(x, *scales),
     )
-    res = _engine_gaps(tmp_path, monkeypatch, "--ffn-products", "on,off", "--gelu-product-rows", "1,4")
+    defaults = dict(fused_norms.LAUNCH_WARPS)
+    res = _engine_gaps(
+        tmp_path, monkeypatch, "--ffn-products", "on,off", "--gelu-product-rows", "4", "--gelu-warps", "8,16"
+    )
     assert res["errors"] == {}
     runs = res["engine_gaps"]
-    assert [(r["ffn_products"], r["gelu_product_rows"]) for r in runs] == [(True, 1), (True, 4), (False, 1)]
-    assert {(True, 1), (True, 4), (False, 1)} == set(seen)  # a product went into gelu_quantize, or not
-    assert fused_norms.GELU_PRODUCT_ROWS == 1
+    got = [(r["ffn_products"], r["gelu_product_rows"], r["launch_warps"]["gelu_quantize"]) for r in runs]
+    assert got == [(True, 4, 8), (True, 4, 16), (False, 1, defaults["gelu_quantize"])]
+    # --gelu-warps changes gelu_quantize's width only
+    assert all(
+        {k: v for k, v in r["launch_warps"].items() if k != "gelu_quantize"}
+        == {k: v for k, v in defaults.items() if k != "gelu_quantize"}
+        for r in runs
+    )
+    assert {(True, 4), (False, 1)} == set(seen)  # a product went into gelu_quantize, or not
+    assert fused_norms.GELU_PRODUCT_ROWS == 1 and fused_norms.LAUNCH_WARPS == defaults
