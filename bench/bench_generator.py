@@ -1022,6 +1022,37 @@ def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
     return [((x - y).norm() / y.norm()).item() for x, y in zip(a, b)]
 
 
+VARIANT_KEYS = {
+    "ffn_products": bool,
+    "o_products": bool,
+    "gelu_product_rows": int,
+    "norm_product_rows": int,
+    "warps": dict,
+}
+
+
+def engine_variants(text: str) -> list[dict]:
+    """--variants: a JSON list of objects (inline, or a file's path), each key one of VARIANT_KEYS
+    with a value of its type (warps: {kernel: a positive count}); ValueError says what is wrong."""
+    path = Path(text)
+    try:
+        variants = json.loads(path.read_text() if not text.lstrip().startswith("[") and path.is_file() else text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:
+        raise ValueError("expected a non-empty list of objects")
+    for v in variants:
+        for key, value in v.items():
+            kind = VARIANT_KEYS.get(key)
+            if kind is None:
+                raise ValueError(f"unknown key {key!r} (one of {', '.join(VARIANT_KEYS)})")
+            if type(value) is not kind or (kind is int and value < 1):
+                raise ValueError(f"{key} must be a {'positive int' if kind is int else kind.__name__}, got {value!r}")
+            if key == "warps" and not all(type(w) is int and w > 0 for w in value.values()):
+                raise ValueError(f"warps must map kernels to positive ints, got {value!r}")
+    return variants
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -1050,22 +1081,13 @@ def main():
         "default launch widths and at these, instead of fused norms on and off",
     )
     ap.add_argument(
-        "--ffn-products",
+        "--variants",
         default=None,
-        help="engine-gaps: run the engine with the FFN's products as each of these (e.g. 'on,off': "
-        "cuBLAS's tensorwise kernels, their scales in the next kernel, or the layer's own products) and, "
-        "with --gelu-product-rows, each of those rows a program, fused norms on",
-    )
-    ap.add_argument(
-        "--gelu-product-rows",
-        default="",
-        help="engine-gaps with --ffn-products on: gelu_quantize's rows a program to run (e.g. '1,4')",
-    )
-    ap.add_argument(
-        "--gelu-warps",
-        default="",
-        help="engine-gaps with --ffn-products on: gelu_quantize's warps a program to run (e.g. '8,16'; "
-        "the other kernels keep their defaults)",
+        help="engine-gaps: the fused engine once per variant, a JSON list (or a file of one) of objects "
+        "with any of ffn_products, o_products (true/false: those products before their scales, "
+        "use_fused_norms), gelu_product_rows, norm_product_rows (fused_norms' rows a program) and warps "
+        "({kernel: warps a program} over fused_norms.LAUNCH_WARPS), e.g. "
+        '\'[{}, {"o_products": true}, {"gelu_product_rows": 2, "warps": {"gelu_quantize": 16}}]\'',
     )
     ap.add_argument(
         "--fp8-kernels",
@@ -1084,6 +1106,10 @@ def main():
     ap.add_argument("--time-budget", type=float, default=540, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default=None, help="JSON results (default $OUT/bench.json when $OUT is set)")
     args = ap.parse_args()
+    try:
+        variants = engine_variants(args.variants) if args.variants else None
+    except ValueError as e:
+        ap.error(f"--variants: {e}")
     t_main = time.perf_counter()
     if args.triton_attention:
         from avatar.services.generator import fp8_attention_triton
@@ -1357,25 +1383,23 @@ def main():
                 runs = [(True, None, None, None), (True, tuned, None, None)]
             if args.fp8_kernels:  # the kernels one after the other, each with the defaults
                 runs = [(True, None, k, None) for k in args.fp8_kernels.split(",")]
-            if args.ffn_products:  # (the FFN's products, gelu_quantize's rows a program)
-                rows = [int(r) for r in args.gelu_product_rows.split(",") if r] or [fused_norms.GELU_PRODUCT_ROWS]
-                gelu = [{**fused_norms.LAUNCH_WARPS, "gelu_quantize": int(w)} for w in args.gelu_warps.split(",") if w]
-                runs = [
-                    (True, w, None, (on == "on", r))
-                    for on in args.ffn_products.split(",")
-                    for r in (rows if on == "on" else [fused_norms.GELU_PRODUCT_ROWS])
-                    for w in (gelu if on == "on" and gelu else [None])
-                ]
-            defaults, default_rows = dict(fused_norms.LAUNCH_WARPS), fused_norms.GELU_PRODUCT_ROWS
+            if variants:  # fused norms on, each variant's settings over the defaults
+                runs = [(True, None, None, v) for v in variants]
+            defaults = dict(fused_norms.LAUNCH_WARPS)
+            default_rows = fused_norms.GELU_PRODUCT_ROWS, fused_norms.NORM_PRODUCT_ROWS
             for w, h in sizes:
-                for fused, warps, kernel, ffn in runs:  # the default first: a call cut short still measures it
-                    dit.use_fused_norms(fused, ffn_products=ffn[0] if ffn else True)
-                    fused_norms.GELU_PRODUCT_ROWS = ffn[1] if ffn else default_rows
+                for fused, warps, kernel, variant in runs:  # the default first: a call cut short still measures it
+                    variant = variant or {}
+                    products = {k: variant[k] for k in ("ffn_products", "o_products") if k in variant}
+                    dit.use_fused_norms(fused, **products)
+                    fused_norms.GELU_PRODUCT_ROWS = variant.get("gelu_product_rows", default_rows[0])
+                    fused_norms.NORM_PRODUCT_ROWS = variant.get("norm_product_rows", default_rows[1])
                     fused_norms.LAUNCH_WARPS.clear()
-                    fused_norms.LAUNCH_WARPS.update(defaults if warps is None else warps)
+                    fused_norms.LAUNCH_WARPS.update(
+                        {**(defaults if warps is None else warps), **variant.get("warps", {})}
+                    )
                     label = f"fused norms {'on' if fused else 'off'}" + (f", warps {warps}" if warps else "")
-                    if ffn:
-                        label += f", FFN products {'on, gelu rows ' + str(ffn[1]) if ffn[0] else 'off'}"
+                    label += f", {json.dumps(variant)}" if variant else ""
                     run_opts = dict(opts, **({"fp8_attention_kernel": kernel} if kernel else {}))
                     label += f", {kernel} FP8 attention" if kernel else ""
                     log(f"engine {w}*{h} {run_opts}, {label}:")
@@ -1386,9 +1410,13 @@ def main():
                         ),
                     )
                     if r:
+                        first = dit.blocks[0]
                         r["fused_norms"] = fused
-                        r["ffn_products"] = bool(fused and (ffn[0] if ffn else True))
+                        r["variant"] = variant
+                        r["ffn_products"] = first.ffn_products
+                        r["o_products"] = first.self_attn.o_product
                         r["gelu_product_rows"] = fused_norms.GELU_PRODUCT_ROWS
+                        r["norm_product_rows"] = fused_norms.NORM_PRODUCT_ROWS
                         r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
                         r["fp8_attention_kernel"] = kernel or "cudnn"
                         log(
@@ -1398,7 +1426,7 @@ def main():
                     results["engine_gaps"].append(r)
             fused_norms.LAUNCH_WARPS.clear()
             fused_norms.LAUNCH_WARPS.update(defaults)
-            fused_norms.GELU_PRODUCT_ROWS = default_rows
+            fused_norms.GELU_PRODUCT_ROWS, fused_norms.NORM_PRODUCT_ROWS = default_rows
             dit.use_fused_norms(False)
         if "engine" in parts:
             results["engine"] = [

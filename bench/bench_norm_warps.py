@@ -57,6 +57,10 @@ def cases(
         rnd(ffn_dim, dtype=torch.float32, scale=0.01).abs() + 1e-3,
         rnd(ffn_dim),
     )
+    # the self-attention's output projection before its scales (FP8 attention codes: no row scales)
+    o_product = RowProduct(
+        rnd(1, m, dim, scale=30.0), None, rnd(dim, dtype=torch.float32, scale=0.01).abs() + 1e-3, rnd(dim)
+    )
     return {
         "norm1+modulate": (
             "norm_quantize",
@@ -76,6 +80,21 @@ def cases(
             m * dim * (4 + 2 + 4 + 1),
             dim,
         ),
+        **{
+            f"gated residual of a product+norm3, {rows} row{'s' if rows > 1 else ''} a program": (
+                "residual_norm_quantize",
+                lambda rows=rows: with_rows(
+                    "NORM_PRODUCT_ROWS",
+                    rows,
+                    lambda: fused_norms.norm_quantize(
+                        x, mod, 1e-6, residual=o_product, gate=2, weight=w, bias=b, round_input=True
+                    ),
+                ),
+                m * dim * (2 + 2 + 4 + 1),
+                dim,
+            )
+            for rows in (1, 2, 4)
+        },
         "gelu": ("gelu_quantize", lambda: fused_norms.gelu_quantize(hidden), m * ffn_dim * (2 + 1), ffn_dim),
         **{
             f"gelu of a product, {rows} row{'s' if rows > 1 else ''} a program": (
@@ -129,14 +148,19 @@ def graph_ms(fn, device: str, calls: int, reps: int) -> float:
     return time_fn(graph.replay, device, reps) / calls
 
 
+def with_rows(setting: str, rows: int, fn):
+    """fn() with fused_norms' `setting` (GELU_PRODUCT_ROWS, NORM_PRODUCT_ROWS) at `rows` rows a program."""
+    before = getattr(fused_norms, setting)
+    setattr(fused_norms, setting, rows)
+    try:
+        return fn()
+    finally:
+        setattr(fused_norms, setting, before)
+
+
 def gelu_of_product(product: RowProduct, rows: int) -> FP8Rows:
     """gelu_quantize of a product with `rows` rows a program (fused_norms.GELU_PRODUCT_ROWS)."""
-    before = fused_norms.GELU_PRODUCT_ROWS
-    fused_norms.GELU_PRODUCT_ROWS = rows
-    try:
-        return fused_norms.gelu_quantize(product)
-    finally:
-        fused_norms.GELU_PRODUCT_ROWS = before
+    return with_rows("GELU_PRODUCT_ROWS", rows, lambda: fused_norms.gelu_quantize(product))
 
 
 def sweep(table: dict, device: str, warps: list[int], calls: int, reps: int) -> dict:

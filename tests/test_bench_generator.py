@@ -4,6 +4,8 @@ the bench shows up in CI)."""
 import json
 import sys
 
+import pytest
+
 sys.path.insert(0, "bench")
 import bench_generator  # noqa: E402
 
@@ -320,10 +322,9 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
     assert fp8_attention_triton.DEFAULT_CONFIG == (32, 32, 4, 2) and not fp8_attention_triton.DEFAULT_WARP_SPECIALIZE
 
 
-def test_the_engine_gaps_part_runs_the_ffns_products_each_way(tmp_path, monkeypatch):
-    """--ffn-products on,off --gelu-product-rows 4 --gelu-warps 8,16: the fused engine with the
-    FFN's products before their scales at each of gelu_quantize's rows and warps a program, then with the layer's own
-    products; fused_norms' rows a program are put back afterwards."""
+def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
+    """--variants: the fused engine once per variant (the products before their scales, the kernels'
+    rows and warps a program), each over the defaults; fused_norms' settings are put back."""
     import torch
 
     from avatar.services.generator import fused_norms
@@ -336,18 +337,40 @@ def test_the_engine_gaps_part_runs_the_ffns_products_each_way(tmp_path, monkeypa
         lambda x, *scales: seen.append((bool(scales), fused_norms.GELU_PRODUCT_ROWS)) or real(x, *scales),
     )
     defaults = dict(fused_norms.LAUNCH_WARPS)
-    res = _engine_gaps(
-        tmp_path, monkeypatch, "--ffn-products", "on,off", "--gelu-product-rows", "4", "--gelu-warps", "8,16"
-    )
+    variants = [
+        {},
+        {"ffn_products": False},
+        {"o_products": True, "gelu_product_rows": 4, "warps": {"gelu_quantize": 16}},
+    ]
+    res = _engine_gaps(tmp_path, monkeypatch, "--variants", json.dumps(variants))
     assert res["errors"] == {}
     runs = res["engine_gaps"]
-    got = [(r["ffn_products"], r["gelu_product_rows"], r["launch_warps"]["gelu_quantize"]) for r in runs]
-    assert got == [(True, 4, 8), (True, 4, 16), (False, 1, defaults["gelu_quantize"])]
-    # --gelu-warps changes gelu_quantize's width only
-    assert all(
-        {k: v for k, v in r["launch_warps"].items() if k != "gelu_quantize"}
-        == {k: v for k, v in defaults.items() if k != "gelu_quantize"}
-        for r in runs
-    )
-    assert {(True, 4), (False, 1)} == set(seen)  # a product went into gelu_quantize, or not
-    assert fused_norms.GELU_PRODUCT_ROWS == 1 and fused_norms.LAUNCH_WARPS == defaults
+    assert [r["variant"] for r in runs] == variants
+    got = [(r["ffn_products"], r["o_products"], r["gelu_product_rows"], r["launch_warps"]) for r in runs]
+    assert got == [
+        (True, False, 1, defaults),
+        (False, False, 1, defaults),
+        (True, True, 4, {**defaults, "gelu_quantize": 16}),
+    ]
+    assert {(True, 1), (False, 1), (True, 4)} == set(seen)  # a product went into gelu_quantize, or not
+    assert fused_norms.GELU_PRODUCT_ROWS == fused_norms.NORM_PRODUCT_ROWS == 1
+    assert fused_norms.LAUNCH_WARPS == defaults
+
+
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        ("[{", "not JSON"),
+        ("{}", "expected a non-empty list"),
+        ('[{"ffn": true}]', "unknown key 'ffn'"),
+        ('[{"gelu_product_rows": 0}]', "positive int"),
+        ('[{"o_products": 1}]', "must be a bool"),
+        ('[{"warps": {"gelu_quantize": "8"}}]', "warps must map"),
+    ],
+)
+def test_bad_variants_exit_2_with_the_reason(bad, why, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_generator.py", "--tiny", "--device", "cpu", "--variants", bad])
+    with pytest.raises(SystemExit) as exit_:
+        bench_generator.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--variants: " in err and why in err and "Traceback" not in err, err

@@ -112,6 +112,39 @@ def test_gelu_quantize_of_a_product_before_its_scales_is_gelu_quantize_of_the_la
         fused_norms.gelu_quantize(p._replace(col_scale=p.col_scale[:-1]))
 
 
+@pytest.mark.parametrize("row_scale,bias,rows", [(True, True, 1), (False, True, 1), (True, False, 4), (False, True, 5)])
+def test_norm_quantize_of_a_product_residual_is_norm_quantize_of_the_layers_output(row_scale, bias, rows, monkeypatch):
+    """An attention's output projection as a product before its scales (FP8Linear.product; row
+    scales None: the FP8 attention's codes at scale 1): the kernel applies them and the bias and
+    rounds to bf16 as the layer's output would be, then the gated residual add and the norm as
+    before: the same stream and codes as with apply_scales(p), one row or several a program."""
+    monkeypatch.setattr(fused_norms, "NORM_PRODUCT_ROWS", rows)
+    x, _, mod, w, b = _inputs(7)
+    g = torch.Generator().manual_seed(7)
+    p = RowProduct(
+        (torch.randn(B, L, C, generator=g) * 40).bfloat16(),
+        torch.rand(B, L, 1, generator=g) * 0.05 + 0.01 if row_scale else None,
+        torch.rand(C, generator=g) * 0.05 + 0.01,
+        torch.randn(C, generator=g).bfloat16() if bias else None,
+    )
+    stream = x.float() * 3
+    for kwargs in (dict(gate=2, weight=w, bias=b, round_input=True), dict(shift=3, scale=4)):
+        x_out, got = fused_norms.norm_quantize(stream, mod, 1e-6, residual=p, **kwargs)
+        x_ref, expected = fused_norms.norm_quantize(stream, mod, 1e-6, residual=apply_scales(p), **kwargs)
+        assert torch.equal(x_out, x_ref)
+        assert torch.equal(got.scale, expected.scale)
+        assert torch.equal(got.codes.view(torch.uint8), expected.codes.view(torch.uint8))
+    unscaled = fused_norms.norm_quantize(stream, mod, 1e-6, residual=p.z, shift=3, scale=4)[0]
+    assert not torch.equal(x_out, unscaled)
+    for bad in (
+        p._replace(col_scale=p.col_scale[:-1]),
+        p._replace(z=p.z[:, :-1]),
+        p._replace(row_scale=mod[:, :, :1, :1]),
+    ):
+        with pytest.raises(ValueError, match="product residual"):
+            fused_norms.norm_quantize(stream, mod, 1e-6, residual=bad)
+
+
 @pytest.mark.parametrize("cache", ["bf16", "fp8"])
 def test_rms_rope_is_the_attentions_rms_norm_then_rope_as_the_cache_stores_it(cache):
     from avatar.services.generator.causal_s2v_dit import RMSNorm, apply_rope, rope_grid
@@ -377,6 +410,49 @@ def test_the_ffns_products_before_their_scales_change_a_block_by_a_rounding_step
     assert sum(e > 0 for e in errors) >= len(errors) // 2, errors  # it is on
     dit.use_fused_norms(False)
     assert not any(block.ffn_products for block in dit.blocks)
+
+
+def test_the_attention_outputs_products_before_their_scales_change_a_block_by_a_rounding_step(monkeypatch):
+    """use_fused_norms(o_products=True), with FP8 attention: the self- and cross-attention's output
+    projections come from cuBLAS's tensorwise kernels and the residual's norm kernel applies their
+    scales. Each block call of a session differs from the same block with the layers' own products
+    by the products' extra bf16 rounding only."""
+    from avatar.services.generator.causal_s2v_dit import CausalS2VBlock
+
+    errors, forward, products = [], CausalS2VBlock.forward, []
+
+    def run(module, *args):
+        module.self_attn.o_product = module.cross_attn.o_product = False
+        expected = forward(module, *args).float()
+        module.self_attn.o_product = module.cross_attn.o_product = True
+        got = forward(module, *args)
+        errors.append(((got.float() - expected).norm() / expected.norm()).item())
+        return got
+
+    monkeypatch.setattr(CausalS2VBlock, "forward", run)
+    norm_quantize = fused_norms.norm_quantize
+    monkeypatch.setattr(
+        fused_norms,
+        "norm_quantize",
+        lambda *a, residual=None, **k: (
+            products.append(isinstance(residual, RowProduct)) or norm_quantize(*a, residual=residual, **k)
+        ),
+    )
+    dit = _fp8_dit()
+    dit.use_fused_norms(o_products=True)
+    assert all(b.self_attn.o_product and b.cross_attn.o_product for b in dit.blocks)
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    engine = GeneratorEngine(ModelSpec(name="tiny", seed=0, generator_options=options), dit=dit)
+    out = [b.float() for b in _generate(engine, _job(), blocks=2)]
+    assert all(torch.isfinite(b).all() for b in out)
+    assert len(errors) == 4 * (1 + 2 * 4)  # layers x (a sink prefill, 2 blocks of 4 steps)
+    assert max(errors) < 5e-3, errors
+    assert sum(e > 0 for e in errors) >= len(errors) // 2, errors  # it is on
+    # per layer: both attentions' residuals at each of the 8 steps, the cross-attention's at each
+    # sink prefill (the self-attention's prefill has no FP8 codes)
+    assert products.count(True) == 4 * (2 * 8 + 1), products.count(True)
+    dit.use_fused_norms(False)
+    assert not any(b.self_attn.o_product or b.cross_attn.o_product for b in dit.blocks)
 
 
 def test_with_fp8_attention_the_projection_multiplies_the_attentions_codes_as_they_are():

@@ -57,6 +57,9 @@ if triton is not None:
         x_out_ptr,
         q_ptr,
         s_ptr,
+        rs_ptr,
+        cs_ptr,
+        rb_ptr,
         C,
         tokens,
         tokens_per_group,
@@ -70,36 +73,53 @@ if triton is not None:
         ROUND_INPUT: tl.constexpr,
         AFFINE: tl.constexpr,
         ROUND_NORM: tl.constexpr,
+        SCALED: tl.constexpr,
+        ROW_SCALED: tl.constexpr,
+        BIAS: tl.constexpr,
+        ROWS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # One row (token) per program. mod holds `vectors` modulation vectors per token group,
+        # ROWS rows (tokens) per program. mod holds `vectors` modulation vectors per token group,
         # [B, G, vectors, C] (a block's six, AdaLN's two); SHIFT/SCALE/GATE pick one (-1: none).
-        row = tl.program_id(0).to(tl.int64)
+        # SCALED: the residual is a product before its scales (fp8.RowProduct), finished here as
+        # apply_scales() (ROW_SCALED: with row scales, BIAS: a bias), its column scales and bias
+        # read once for the program's rows.
         offs = tl.arange(0, BLOCK)
         mask = offs < C
-        group_row = (row // tokens) * groups + (row % tokens) // tokens_per_group
-        mod_row = mod_ptr + group_row * vectors * C
-        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL:  # x + y (* gate), kept in float32 as the block keeps its residual
-            y = tl.load(y_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
-            if GATE >= 0:
-                y = y * tl.load(mod_row + GATE * C + offs, mask=mask, other=0.0)
-            x = x + y
-            tl.store(x_out_ptr + row * C + offs, x, mask=mask)
-        if ROUND_INPUT:  # the text cross-attention's norm reads the residual in bf16
-            x = x.to(tl.bfloat16).to(tl.float32)
-        mean = tl.sum(x, axis=0) / C
-        centred = tl.where(mask, x - mean, 0.0)
-        h = centred / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
-        if AFFINE:
-            h = h * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
-        if ROUND_NORM:  # the LayerNorm returns its input's dtype (bf16)
-            h = h.to(tl.bfloat16).to(tl.float32)
-        if SCALE >= 0:
-            h = h * (1.0 + tl.load(mod_row + SCALE * C + offs, mask=mask, other=0.0))
-        if SHIFT >= 0:
-            h = h + tl.load(mod_row + SHIFT * C + offs, mask=mask, other=0.0)
-        _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask)
+        cs = tl.load(cs_ptr + offs, mask=mask, other=0.0) if SCALED else tl.zeros([BLOCK], tl.float32)
+        rb = tl.load(rb_ptr + offs, mask=mask, other=0.0).to(tl.float32) if BIAS else tl.zeros([BLOCK], tl.float32)
+        for r in tl.static_range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            group_row = (row // tokens) * groups + (row % tokens) // tokens_per_group
+            mod_row = mod_ptr + group_row * vectors * C
+            x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+            if RESIDUAL:  # x + y (* gate), kept in float32 as the block keeps its residual
+                y = tl.load(y_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+                if SCALED:
+                    if ROW_SCALED:
+                        y = y * tl.load(rs_ptr + row)
+                    y = y * cs
+                    if BIAS:
+                        y = y + rb
+                    y = y.to(tl.bfloat16).to(tl.float32)
+                if GATE >= 0:
+                    y = y * tl.load(mod_row + GATE * C + offs, mask=mask, other=0.0)
+                x = x + y
+                tl.store(x_out_ptr + row * C + offs, x, mask=mask)
+            if ROUND_INPUT:  # the text cross-attention's norm reads the residual in bf16
+                x = x.to(tl.bfloat16).to(tl.float32)
+            mean = tl.sum(x, axis=0) / C
+            centred = tl.where(mask, x - mean, 0.0)
+            h = centred / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+            if AFFINE:
+                h = h * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
+            if ROUND_NORM:  # the LayerNorm returns its input's dtype (bf16)
+                h = h.to(tl.bfloat16).to(tl.float32)
+            if SCALE >= 0:
+                h = h * (1.0 + tl.load(mod_row + SCALE * C + offs, mask=mask, other=0.0))
+            if SHIFT >= 0:
+                h = h + tl.load(mod_row + SHIFT * C + offs, mask=mask, other=0.0)
+            _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask)
 
     @triton.jit
     def _gelu_quantize_kernel(
@@ -311,6 +331,8 @@ LAUNCH_WARPS: dict[str, int] = {
 # reads the column scales and bias once for all of them (a divisor of the row count, else 1).
 # bench/bench_norm_warps.py times 1, 2 and 4 ("gelu of a product"); 1 until measured on a GPU.
 GELU_PRODUCT_ROWS = 1
+# The same for norm_quantize's residual when it is a product (the attention's output projections).
+NORM_PRODUCT_ROWS = 1
 
 
 def _launch_shape(c: int, kernel: str) -> tuple[int, int]:
@@ -336,6 +358,9 @@ def _norm_quantize_op(
     gate: int,
     round_input: bool,
     round_norm: bool,
+    residual_row_scale: torch.Tensor | None = None,
+    residual_col_scale: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, n, c = x.shape
     # rows are indexed as row * C: the first layer's input (a transposed patch embedding) is
@@ -345,7 +370,9 @@ def _norm_quantize_op(
     x_out, codes, scales = _norm_quantize_outputs(x, residual)
     if b * n:
         block, warps = _launch_shape(c, "residual_norm_quantize" if residual is not None else "norm_quantize")
-        _norm_quantize_kernel[(b * n,)](
+        scaled = residual_col_scale is not None
+        rows = NORM_PRODUCT_ROWS if scaled and (b * n) % NORM_PRODUCT_ROWS == 0 else 1
+        _norm_quantize_kernel[(b * n // rows,)](
             x,
             residual if residual is not None else x,
             mod,
@@ -354,6 +381,9 @@ def _norm_quantize_op(
             x_out if residual is not None else codes,
             codes,
             scales,
+            residual_row_scale.contiguous() if residual_row_scale is not None else scales,  # unread if None
+            residual_col_scale.contiguous() if scaled else scales,
+            residual_bias if residual_bias is not None else scales,
             c,
             n,
             n // mod.shape[1],
@@ -367,6 +397,10 @@ def _norm_quantize_op(
             ROUND_INPUT=round_input,
             AFFINE=weight is not None,
             ROUND_NORM=round_norm,
+            SCALED=scaled,
+            ROW_SCALED=residual_row_scale is not None,
+            BIAS=scaled and residual_bias is not None,
+            ROWS=rows,
             BLOCK=block,
             num_warps=warps,
         )
@@ -380,7 +414,7 @@ def _norm_quantize_outputs(x, residual):
 
 
 @_norm_quantize_op.register_fake
-def _(x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm):
+def _(x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm, *scales):
     return _norm_quantize_outputs(x, residual)
 
 
@@ -609,7 +643,7 @@ def norm_quantize(
     *,
     shift: int = -1,
     scale: int = -1,
-    residual: torch.Tensor | None = None,
+    residual: torch.Tensor | RowProduct | None = None,
     gate: int = -1,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -619,7 +653,9 @@ def norm_quantize(
     """LayerNorm of x [B, L, C] (after x += residual * mod[gate] when a residual is given), the
     optional affine weight/bias, modulation h * (1 + mod[scale]) + mod[shift], then the FP8 codes
     of h in bf16. mod [B, G, K, C] float32: K modulation vectors per token group (L = G * n), e.g.
-    a block's six; shift, scale and gate index them (-1: not applied).
+    a block's six; shift, scale and gate index them (-1: not applied). A residual that is a product
+    before its scales (FP8Linear.product) is added as apply_scales() of it; its row scales may be
+    None (all 1: an attention kernel's codes at scale 1).
 
     Returns (the float32 x after the residual add, or None; FP8Rows [B, L, C])."""
     b, n, c = x.shape
@@ -627,17 +663,25 @@ def norm_quantize(
         raise ValueError(f"mod must be float32 [B, G, K, C] with G dividing L, got {mod.dtype} {list(mod.shape)}")
     if max(shift, scale, gate) >= mod.shape[2]:
         raise ValueError(f"mod has {mod.shape[2]} vectors per group: shift/scale/gate {shift}/{scale}/{gate}")
-    x_out, codes, scales = torch.ops.avatar.norm_quantize(
-        x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm
+    scales: tuple = ()
+    if isinstance(residual, RowProduct):
+        rs, cs = residual.row_scale, residual.col_scale
+        if residual.z.shape != x.shape or cs.shape != (c,) or (rs is not None and rs.shape != (b, n, 1)):
+            shapes = f"{tuple(residual.z.shape)}, {None if rs is None else tuple(rs.shape)}, {tuple(cs.shape)}"
+            raise ValueError(f"a product residual's z, row and column scales {shapes} for x {tuple(x.shape)}")
+        residual, scales = residual.z, (rs, cs, residual.bias)
+    x_out, codes, row_scales = torch.ops.avatar.norm_quantize(
+        x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm, *scales
     )
-    return (x_out if residual is not None else None), FP8Rows(codes, scales)
+    return (x_out if residual is not None else None), FP8Rows(codes, row_scales)
 
 
 def gelu_quantize(x: torch.Tensor | RowProduct) -> FP8Rows:
     """The FP8 codes of GELU(x) (tanh form) in bf16, x [..., C] (the FFN's hidden layer), or of
     GELU(apply_scales(x)) for a product before its scales (FP8Linear.product), in one kernel."""
     if isinstance(x, RowProduct):
-        if x.row_scale.shape != (*x.z.shape[:-1], 1) or x.col_scale.shape != x.z.shape[-1:]:
-            raise ValueError(f"scales {tuple(x.row_scale.shape)}, {tuple(x.col_scale.shape)} for {tuple(x.z.shape)}")
+        if x.row_scale is None or x.row_scale.shape != (*x.z.shape[:-1], 1) or x.col_scale.shape != x.z.shape[-1:]:
+            rs = None if x.row_scale is None else tuple(x.row_scale.shape)
+            raise ValueError(f"scales {rs}, {tuple(x.col_scale.shape)} for {tuple(x.z.shape)}")
         return FP8Rows(*torch.ops.avatar.gelu_quantize(x.z, x.row_scale, x.col_scale, x.bias))
     return FP8Rows(*torch.ops.avatar.gelu_quantize(x))
