@@ -1025,6 +1025,7 @@ def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
 VARIANT_KEYS = {
     "ffn_products": bool,
     "o_products": bool,
+    "q_products": bool,
     "gelu_product_rows": int,
     "norm_product_rows": int,
     "warps": dict,
@@ -1084,7 +1085,7 @@ def main():
         "--variants",
         default=None,
         help="engine-gaps: the fused engine once per variant, a JSON list (or a file of one) of objects "
-        "with any of ffn_products, o_products (true/false: those products before their scales, "
+        "with any of ffn_products, o_products, q_products (true/false: those products before their scales, "
         "use_fused_norms), gelu_product_rows, norm_product_rows (fused_norms' rows a program) and warps "
         "({kernel: warps a program} over fused_norms.LAUNCH_WARPS), e.g. "
         '\'[{}, {"o_products": true}, {"gelu_product_rows": 2, "warps": {"gelu_quantize": 16}}]\'',
@@ -1390,7 +1391,7 @@ def main():
             for w, h in sizes:
                 for fused, warps, kernel, variant in runs:  # the default first: a call cut short still measures it
                     variant = variant or {}
-                    products = {k: variant[k] for k in ("ffn_products", "o_products") if k in variant}
+                    products = {k: variant[k] for k in ("ffn_products", "o_products", "q_products") if k in variant}
                     dit.use_fused_norms(fused, **products)
                     fused_norms.GELU_PRODUCT_ROWS = variant.get("gelu_product_rows", default_rows[0])
                     fused_norms.NORM_PRODUCT_ROWS = variant.get("norm_product_rows", default_rows[1])
@@ -1415,6 +1416,7 @@ def main():
                         r["variant"] = variant
                         r["ffn_products"] = first.ffn_products
                         r["o_products"] = first.self_attn.o_product
+                        r["q_products"] = first.cross_attn.q_product
                         r["gelu_product_rows"] = fused_norms.GELU_PRODUCT_ROWS
                         r["norm_product_rows"] = fused_norms.NORM_PRODUCT_ROWS
                         r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
