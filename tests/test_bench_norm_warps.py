@@ -25,6 +25,8 @@ def test_the_sweep_times_every_kernel_at_every_count_and_keeps_the_defaults(benc
     from avatar.services.generator import fused_norms
 
     monkeypatch.setattr(fused_norms, "LAUNCH_WARPS", {"rope_into": 2})
+    monkeypatch.setattr(fused_norms, "GELU_PRODUCT_ROWS", 1)
+    monkeypatch.setattr(fused_norms, "NORM_PRODUCT_ROWS", 1)
     table = bench.cases(32, 32, "cpu", dim=64, ffn_dim=128, heads=2, layers=2)
     assert {key for key, *_ in table.values()} == {
         "norm_quantize", "residual_norm_quantize", "gelu_quantize", "rms_rope_fp8", "kv_into_cache", "rope_into"
