@@ -636,3 +636,47 @@ def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_i
         assert "amax" not in code.split("torch.ops.avatar.rms_rope_fp8")[1].split("fp8_sdpa")[0]
     rel = ((out[0].float() - expected).norm() / expected.norm()).item()
     assert rel < 0.05, rel
+
+
+def test_compiled_blocks_with_the_attentions_products_follow_the_eager_ones():
+    """use_fused_norms(o_products=True, q_products=True) under --compile with FP8 attention: the
+    product residuals reach norm_quantize through Inductor's code, the q's scales go into its
+    norm_q kernel; the session's latents follow the eager model's with the same products."""
+    from torch._inductor.utils import run_and_get_code
+
+    from avatar.services.generator.engine import compile_blocks
+
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True)
+    spec = ModelSpec(name="tiny", seed=0, generator_options=options)
+    eager = _fp8_dit()
+    eager.use_fused_norms(o_products=True, q_products=True)
+    expected = _generate(GeneratorEngine(spec, dit=eager), _job(), blocks=1)[0].float()
+    compiled = _fp8_dit()
+    compiled.use_fused_norms(o_products=True, q_products=True)
+    compile_blocks(compiled)
+    out, codes = run_and_get_code(lambda: _generate(GeneratorEngine(spec, dit=compiled), _job(), blocks=1))
+    block_codes = [c for c in codes if "avatar.kv_into_cache" in c]
+    assert block_codes, "no compiled block"
+    for code in block_codes:  # the two residual norms take a product's scales (arguments 12-14)
+        calls = [line for line in code.splitlines() if "torch.ops.avatar.norm_quantize.default(" in line]
+        scales = [_top_level_args(line.split("norm_quantize.default", 1)[1])[11:] for line in calls]
+        # the first norm none; norm3 the self-attention o's column scales and bias (its codes' row
+        # scales are 1: None); norm2 the cross-attention o's row and column scales and bias
+        given = [[a.split("=")[-1] != "None" for a in s] for s in scales]  # "residual_bias=None" too
+        assert given == [[False] * 3, [False, True, True], [True] * 3], calls
+    rel = ((out[0].float() - expected).norm() / expected.norm()).item()
+    assert rel < 0.05, rel
+
+
+def _top_level_args(call: str) -> list[str]:
+    """The arguments of the parenthesised call "(a, f(b, c), d)..." (here a, f(b, c) and d)."""
+    depth, args, start = 0, [], 1
+    for i, ch in enumerate(call):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 1 and ch == "," or depth == 0:
+            args.append(call[start:i].strip())
+            start = i + 1
+        if depth == 0:
+            return args
+    raise ValueError(f"unbalanced call {call!r}")
