@@ -1035,9 +1035,11 @@ VARIANT_KEYS = {
 def engine_variants(text: str) -> list[dict]:
     """--variants: a JSON list of objects (inline, or a file's path), each key one of VARIANT_KEYS
     with a value of its type (warps: {kernel: a positive count}); ValueError says what is wrong."""
-    path = Path(text)
+    inline = text.lstrip()[:1] in ("[", "{")
     try:
-        variants = json.loads(path.read_text() if not text.lstrip().startswith("[") and path.is_file() else text)
+        variants = json.loads(text if inline else Path(text).read_text())
+    except OSError as e:
+        raise ValueError(f"neither JSON nor a readable file ({e.strerror}: {text})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e})") from None
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants) or not variants:

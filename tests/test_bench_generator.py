@@ -363,6 +363,7 @@ def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
     "bad,why",
     [
         ("[{", "not JSON"),
+        ("no-such-file.json", "neither JSON nor a readable file"),
         ("{}", "expected a non-empty list"),
         ('[{"ffn": true}]', "unknown key 'ffn'"),
         ('[{"gelu_product_rows": 0}]', "positive int"),
@@ -376,3 +377,11 @@ def test_bad_variants_exit_2_with_the_reason(bad, why, monkeypatch, capsys):
         bench_generator.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--variants: " in err and why in err and "Traceback" not in err, err
+
+
+def test_variants_come_inline_or_from_a_file(tmp_path):
+    variants = [{}, {"o_products": True, "warps": {"residual_norm_quantize": 8}}]
+    path = tmp_path / "variants.json"
+    path.write_text(json.dumps(variants))
+    assert bench_generator.engine_variants(str(path)) == variants
+    assert bench_generator.engine_variants(" " + json.dumps(variants)) == variants
