@@ -278,11 +278,12 @@ class FP8Linear(nn.Module):
         layer quantises per row first, as forward() does."""
         if self.granularity != "row":
             raise ValueError("product() leaves per-row scales to the consumer: this layer scales per tensor")
+        shape = x.codes.shape if isinstance(x, FP8Rows) else x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {tuple(shape)}")
         if not isinstance(x, FP8Rows):
             xq, xs = self._quantize(x.reshape(-1, self.in_features), "row")
-            x = FP8Rows(xq.reshape(x.shape), xs.reshape(*x.shape[:-1], 1))
-        if x.codes.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.codes.shape)}")
+            x = FP8Rows(xq.reshape(shape), xs.reshape(*shape[:-1], 1))
         codes = x.codes.reshape(-1, self.in_features)
         z = torch._scaled_mm(
             codes,

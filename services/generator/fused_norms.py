@@ -335,6 +335,12 @@ GELU_PRODUCT_ROWS = 1
 NORM_PRODUCT_ROWS = 1
 
 
+def _rows_a_program(product_rows: int, rows: int, scaled: bool) -> int:
+    """A kernel's rows a program: `product_rows` (GELU_PRODUCT_ROWS, NORM_PRODUCT_ROWS) for a
+    product before its scales where they divide the rows, else 1."""
+    return product_rows if scaled and rows % product_rows == 0 else 1
+
+
 def _launch_shape(c: int, kernel: str) -> tuple[int, int]:
     block = triton.next_power_of_2(c)
     return block, LAUNCH_WARPS.get(kernel, 16 if block >= 16384 else 8 if block >= 2048 else 4)
@@ -371,7 +377,7 @@ def _norm_quantize_op(
     if b * n:
         block, warps = _launch_shape(c, "residual_norm_quantize" if residual is not None else "norm_quantize")
         scaled = residual_col_scale is not None
-        rows = NORM_PRODUCT_ROWS if scaled and (b * n) % NORM_PRODUCT_ROWS == 0 else 1
+        rows = _rows_a_program(NORM_PRODUCT_ROWS, b * n, scaled)
         _norm_quantize_kernel[(b * n // rows,)](
             x,
             residual if residual is not None else x,
@@ -434,7 +440,7 @@ def _gelu_quantize_op(
         cs = col_scale.contiguous() if scaled else scales
         b = bias if bias is not None else scales
         rows = x.numel() // c
-        per_program = GELU_PRODUCT_ROWS if scaled and rows % GELU_PRODUCT_ROWS == 0 else 1
+        per_program = _rows_a_program(GELU_PRODUCT_ROWS, rows, scaled)
         _gelu_quantize_kernel[(rows // per_program,)](
             x.contiguous(), codes, scales, rs, cs, b, c,
             BLOCK=block, SCALED=scaled, BIAS=scaled and bias is not None, ROWS=per_program, num_warps=warps,
@@ -665,11 +671,11 @@ def norm_quantize(
         raise ValueError(f"mod has {mod.shape[2]} vectors per group: shift/scale/gate {shift}/{scale}/{gate}")
     scales: tuple = ()
     if isinstance(residual, RowProduct):
-        rs, cs = residual.row_scale, residual.col_scale
-        if residual.z.shape != x.shape or cs.shape != (c,) or (rs is not None and rs.shape != (b, n, 1)):
-            shapes = f"{tuple(residual.z.shape)}, {None if rs is None else tuple(rs.shape)}, {tuple(cs.shape)}"
-            raise ValueError(f"a product residual's z, row and column scales {shapes} for x {tuple(x.shape)}")
-        residual, scales = residual.z, (rs, cs, residual.bias)
+        if residual.z.shape != x.shape or not _scales_fit(residual):
+            raise ValueError(
+                f"a product residual's z, row and column scales {_shapes(residual)} for x {tuple(x.shape)}"
+            )
+        residual, scales = residual.z, (residual.row_scale, residual.col_scale, residual.bias)
     x_out, codes, row_scales = torch.ops.avatar.norm_quantize(
         x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm, *scales
     )
@@ -680,8 +686,18 @@ def gelu_quantize(x: torch.Tensor | RowProduct) -> FP8Rows:
     """The FP8 codes of GELU(x) (tanh form) in bf16, x [..., C] (the FFN's hidden layer), or of
     GELU(apply_scales(x)) for a product before its scales (FP8Linear.product), in one kernel."""
     if isinstance(x, RowProduct):
-        if x.row_scale is None or x.row_scale.shape != (*x.z.shape[:-1], 1) or x.col_scale.shape != x.z.shape[-1:]:
-            rs = None if x.row_scale is None else tuple(x.row_scale.shape)
-            raise ValueError(f"scales {rs}, {tuple(x.col_scale.shape)} for {tuple(x.z.shape)}")
+        if x.row_scale is None or not _scales_fit(x):
+            raise ValueError(f"z, row and column scales {_shapes(x)}: the GELU needs row scales that fit z")
         return FP8Rows(*torch.ops.avatar.gelu_quantize(x.z, x.row_scale, x.col_scale, x.bias))
     return FP8Rows(*torch.ops.avatar.gelu_quantize(x))
+
+
+def _scales_fit(p: RowProduct) -> bool:
+    """p's row scales (None, or one a row of z) and column scales (one a column) fit its z."""
+    rows_fit = p.row_scale is None or p.row_scale.shape == (*p.z.shape[:-1], 1)
+    return rows_fit and p.col_scale.shape == p.z.shape[-1:]
+
+
+def _shapes(p: RowProduct) -> str:
+    rs = None if p.row_scale is None else tuple(p.row_scale.shape)
+    return f"{tuple(p.z.shape)}, {rs}, {tuple(p.col_scale.shape)}"
