@@ -1024,10 +1024,6 @@ def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
 
 VARIANT_KEYS = {
     "ffn_products": bool,
-    "o_products": bool,
-    "q_products": bool,
-    "gelu_product_rows": int,
-    "norm_product_rows": int,
     "warps": dict,
 }
 
@@ -1049,8 +1045,8 @@ def engine_variants(text: str) -> list[dict]:
             kind = VARIANT_KEYS.get(key)
             if kind is None:
                 raise ValueError(f"unknown key {key!r} (one of {', '.join(VARIANT_KEYS)})")
-            if type(value) is not kind or (kind is int and value < 1):
-                raise ValueError(f"{key} must be a {'positive int' if kind is int else kind.__name__}, got {value!r}")
+            if type(value) is not kind:
+                raise ValueError(f"{key} must be a {kind.__name__}, got {value!r}")
             if key == "warps" and not all(type(w) is int and w > 0 for w in value.values()):
                 raise ValueError(f"warps must map kernels to positive ints, got {value!r}")
     return variants
@@ -1087,10 +1083,9 @@ def main():
         "--variants",
         default=None,
         help="engine-gaps: the fused engine once per variant, a JSON list (or a file of one) of objects "
-        "with any of ffn_products, o_products, q_products (true/false: those products before their scales, "
-        "use_fused_norms), gelu_product_rows, norm_product_rows (fused_norms' rows a program) and warps "
-        "({kernel: warps a program} over fused_norms.LAUNCH_WARPS), e.g. "
-        '\'[{}, {"o_products": true}, {"gelu_product_rows": 2, "warps": {"gelu_quantize": 16}}]\'',
+        "with any of ffn_products (true/false: the FFN's products before their scales, use_fused_norms) "
+        "and warps ({kernel: warps a program} over fused_norms.LAUNCH_WARPS), e.g. "
+        '\'[{}, {"ffn_products": false}, {"warps": {"gelu_quantize": 16}}]\'',
     )
     ap.add_argument(
         "--fp8-kernels",
@@ -1389,14 +1384,10 @@ def main():
             if variants:  # fused norms on, each variant's settings over the defaults
                 runs = [(True, None, None, v) for v in variants]
             defaults = dict(fused_norms.LAUNCH_WARPS)
-            default_rows = fused_norms.GELU_PRODUCT_ROWS, fused_norms.NORM_PRODUCT_ROWS
             for w, h in sizes:
                 for fused, warps, kernel, variant in runs:  # the default first: a call cut short still measures it
                     variant = variant or {}
-                    products = {k: variant[k] for k in ("ffn_products", "o_products", "q_products") if k in variant}
-                    dit.use_fused_norms(fused, **products)
-                    fused_norms.GELU_PRODUCT_ROWS = variant.get("gelu_product_rows", default_rows[0])
-                    fused_norms.NORM_PRODUCT_ROWS = variant.get("norm_product_rows", default_rows[1])
+                    dit.use_fused_norms(fused, **{k: variant[k] for k in ("ffn_products",) if k in variant})
                     fused_norms.LAUNCH_WARPS.clear()
                     fused_norms.LAUNCH_WARPS.update(
                         {**(defaults if warps is None else warps), **variant.get("warps", {})}
@@ -1417,10 +1408,6 @@ def main():
                         r["fused_norms"] = fused
                         r["variant"] = variant
                         r["ffn_products"] = first.ffn_products
-                        r["o_products"] = first.self_attn.o_product
-                        r["q_products"] = first.cross_attn.q_product
-                        r["gelu_product_rows"] = fused_norms.GELU_PRODUCT_ROWS
-                        r["norm_product_rows"] = fused_norms.NORM_PRODUCT_ROWS
                         r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
                         r["fp8_attention_kernel"] = kernel or "cudnn"
                         log(
@@ -1430,7 +1417,6 @@ def main():
                     results["engine_gaps"].append(r)
             fused_norms.LAUNCH_WARPS.clear()
             fused_norms.LAUNCH_WARPS.update(defaults)
-            fused_norms.GELU_PRODUCT_ROWS, fused_norms.NORM_PRODUCT_ROWS = default_rows
             dit.use_fused_norms(False)
         if "engine" in parts:
             results["engine"] = [

@@ -26,7 +26,7 @@ from bench_generator import time_fn  # noqa: E402
 from avatar.presets import LATENT_FRAMES_PER_BLOCK
 from avatar.services.generator import fused_norms
 from avatar.services.generator.causal_s2v_dit import rope_grid
-from avatar.services.generator.fp8 import FP8Rows, RowProduct
+from avatar.services.generator.fp8 import RowProduct
 
 E4M3 = torch.float8_e4m3fn
 
@@ -57,10 +57,6 @@ def cases(
         rnd(ffn_dim, dtype=torch.float32, scale=0.01).abs() + 1e-3,
         rnd(ffn_dim),
     )
-    # the self-attention's output projection before its scales (FP8 attention codes: no row scales)
-    o_product = RowProduct(
-        rnd(1, m, dim, scale=30.0), None, rnd(dim, dtype=torch.float32, scale=0.01).abs() + 1e-3, rnd(dim)
-    )
     return {
         "norm1+modulate": (
             "norm_quantize",
@@ -80,31 +76,13 @@ def cases(
             m * dim * (4 + 2 + 4 + 1),
             dim,
         ),
-        **{
-            f"gated residual of a product+norm3, {rows} row{'s' if rows > 1 else ''} a program": (
-                "residual_norm_quantize",
-                lambda rows=rows: with_rows(
-                    "NORM_PRODUCT_ROWS",
-                    rows,
-                    lambda: fused_norms.norm_quantize(
-                        x, mod, 1e-6, residual=o_product, gate=2, weight=w, bias=b, round_input=True
-                    ),
-                ),
-                m * dim * (2 + 2 + 4 + 1),
-                dim,
-            )
-            for rows in (1, 2, 4)
-        },
         "gelu": ("gelu_quantize", lambda: fused_norms.gelu_quantize(hidden), m * ffn_dim * (2 + 1), ffn_dim),
-        **{
-            f"gelu of a product, {rows} row{'s' if rows > 1 else ''} a program": (
-                "gelu_quantize",
-                lambda rows=rows: gelu_of_product(product, rows),
-                m * ffn_dim * (2 + 1),
-                ffn_dim,
-            )
-            for rows in (1, 2, 4)
-        },
+        "gelu of a product": (
+            "gelu_quantize",
+            lambda: fused_norms.gelu_quantize(product),
+            m * ffn_dim * (2 + 1),
+            ffn_dim,
+        ),
         "q rms+rope to FP8": (
             "rms_rope_fp8",
             lambda: fused_norms.rms_rope_fp8(x, w, rope.cos, rope.sin, 1e-6),
@@ -146,21 +124,6 @@ def graph_ms(fn, device: str, calls: int, reps: int) -> float:
         for _ in range(calls):
             fn()
     return time_fn(graph.replay, device, reps) / calls
-
-
-def with_rows(setting: str, rows: int, fn):
-    """fn() with fused_norms' `setting` (GELU_PRODUCT_ROWS, NORM_PRODUCT_ROWS) at `rows` rows a program."""
-    before = getattr(fused_norms, setting)
-    setattr(fused_norms, setting, rows)
-    try:
-        return fn()
-    finally:
-        setattr(fused_norms, setting, before)
-
-
-def gelu_of_product(product: RowProduct, rows: int) -> FP8Rows:
-    """gelu_quantize of a product with `rows` rows a program (fused_norms.GELU_PRODUCT_ROWS)."""
-    return with_rows("GELU_PRODUCT_ROWS", rows, lambda: fused_norms.gelu_quantize(product))
 
 
 def sweep(table: dict, device: str, warps: list[int], calls: int, reps: int) -> dict:

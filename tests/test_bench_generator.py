@@ -323,8 +323,8 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
 
 
 def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
-    """--variants: the fused engine once per variant (the products before their scales, the kernels'
-    rows and warps a program), each over the defaults; fused_norms' settings are put back."""
+    """--variants: the fused engine once per variant (the FFN's products before their scales or not,
+    the kernels' warps a program), each over the defaults; fused_norms' settings are put back."""
     import torch
 
     from avatar.services.generator import fused_norms
@@ -334,28 +334,21 @@ def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
     monkeypatch.setattr(
         torch.ops.avatar,
         "gelu_quantize",
-        lambda x, *scales: seen.append((bool(scales), fused_norms.GELU_PRODUCT_ROWS)) or real(x, *scales),
+        lambda x, *scales: (
+            seen.append((bool(scales), fused_norms.LAUNCH_WARPS.get("gelu_quantize"))) or real(x, *scales)
+        ),
     )
-    monkeypatch.setattr(fused_norms, "GELU_PRODUCT_ROWS", 1)  # the defaults this test expects back
-    monkeypatch.setattr(fused_norms, "NORM_PRODUCT_ROWS", 1)
     defaults = dict(fused_norms.LAUNCH_WARPS)
-    variants = [
-        {},
-        {"ffn_products": False},
-        {"o_products": True, "gelu_product_rows": 4, "warps": {"gelu_quantize": 16}},
-    ]
+    variants = [{}, {"ffn_products": False}, {"warps": {"gelu_quantize": 16}}]
     res = _engine_gaps(tmp_path, monkeypatch, "--variants", json.dumps(variants))
     assert res["errors"] == {}
     runs = res["engine_gaps"]
     assert [r["variant"] for r in runs] == variants
-    got = [(r["ffn_products"], r["o_products"], r["gelu_product_rows"], r["launch_warps"]) for r in runs]
-    assert got == [
-        (True, False, 1, defaults),
-        (False, False, 1, defaults),
-        (True, True, 4, {**defaults, "gelu_quantize": 16}),
-    ]
-    assert {(True, 1), (False, 1), (True, 4)} == set(seen)  # a product went into gelu_quantize, or not
-    assert fused_norms.GELU_PRODUCT_ROWS == fused_norms.NORM_PRODUCT_ROWS == 1
+    got = [(r["ffn_products"], r["launch_warps"]) for r in runs]
+    assert got == [(True, defaults), (False, defaults), (True, {**defaults, "gelu_quantize": 16})]
+    default_gelu = defaults.get("gelu_quantize")
+    # a product went into gelu_quantize, or not, at the variant's warps
+    assert {(True, default_gelu), (False, default_gelu), (True, 16)} == set(seen)
     assert fused_norms.LAUNCH_WARPS == defaults
 
 
@@ -366,8 +359,8 @@ def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
         ("no-such-file.json", "neither JSON nor a readable file"),
         ("{}", "expected a non-empty list"),
         ('[{"ffn": true}]', "unknown key 'ffn'"),
-        ('[{"gelu_product_rows": 0}]', "positive int"),
-        ('[{"o_products": 1}]', "must be a bool"),
+        ('[{"ffn_products": 1}]', "must be a bool"),
+        ('[{"warps": [8]}]', "must be a dict"),
         ('[{"warps": {"gelu_quantize": "8"}}]', "warps must map"),
     ],
 )
@@ -380,7 +373,7 @@ def test_bad_variants_exit_2_with_the_reason(bad, why, monkeypatch, capsys):
 
 
 def test_variants_come_inline_or_from_a_file(tmp_path):
-    variants = [{}, {"o_products": True, "warps": {"residual_norm_quantize": 8}}]
+    variants = [{}, {"ffn_products": False, "warps": {"residual_norm_quantize": 8}}]
     path = tmp_path / "variants.json"
     path.write_text(json.dumps(variants))
     assert bench_generator.engine_variants(str(path)) == variants

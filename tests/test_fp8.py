@@ -109,11 +109,6 @@ def test_the_product_before_its_scales_finishes_as_the_layer(bias):
     assert rel(p.z.float() * p.row_scale + (lin.bias.float() if bias else 0), expected) > 0.5
     with pytest.raises(ValueError, match="per tensor"):
         FP8Linear.from_linear(lin, granularity="tensor").product(rows)
-    # a bf16 input is quantised per row first, as forward() does: the same product
-    assert torch.equal(f8.product(x).z, p.z)
-    for bad in (x[..., :-1], rows._replace(codes=rows.codes[..., :-1])):
-        with pytest.raises(ValueError, match="expected last dim 128"):
-            f8.product(bad)
 
 
 def test_fp8_linear_keeps_float32_inputs_float32():

@@ -223,7 +223,6 @@ class _Projections(nn.Module):
 
 class SelfAttention(_Projections):
     fused_norms = False  # q's RMSNorm + RoPE, and k's with v into the cache, in a kernel each (use_fused_norms)
-    o_product = False  # fused, FP8 attention: o's product before its scales, for the next norm's kernel
 
     def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
         if kv.prefill:  # the sink: attends to itself
@@ -263,8 +262,6 @@ class SelfAttention(_Projections):
         if isinstance(self.o, FP8Linear) and self.o.granularity == "row":
             # the kernel's e4m3 output at scale 1 is what the FP8 projection multiplies: no bf16
             # round trip, no second rounding to per-row scales (one kernel less per layer)
-            if self.o_product:
-                return self.o.product(FP8Rows(out8, None))
             return self.o(FP8Rows(out8, torch.ones(*out8.shape[:-1], 1, device=out8.device)))
         return self.o(out8.to(torch.bfloat16))
 
@@ -285,9 +282,6 @@ class SelfAttention(_Projections):
 class CrossAttention(_Projections):
     """Attention from x to a context (text tokens, or one latent frame's audio tokens)."""
 
-    o_product = False  # o's product before its scales, for the next norm's kernel (use_fused_norms)
-    q_product = False  # q's too, its scales applied in the kernel inductor makes of norm_q
-
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The context's keys and values [B, L, H, D]."""
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
@@ -299,9 +293,8 @@ class CrossAttention(_Projections):
     ) -> torch.Tensor:
         """context: tokens [B, L, C], or their (keys, values) from context_kv."""
         k, v = self.context_kv(context) if isinstance(context, torch.Tensor) else context
-        q = self.norm_q(apply_scales(self.q.product(x)) if self.q_product else self.q(x))
-        out = attention(q.unflatten(-1, (self.num_heads, -1)), k, v)
-        return self.o.product(out) if self.o_product else self.o(out)
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        return self.o(attention(q, k, v))
 
 
 class CausalS2VBlock(nn.Module):
@@ -698,18 +691,13 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                             t.data = t.data.pin_memory()
         return moved
 
-    def use_fused_norms(
-        self, on: bool = True, ffn_products: bool = True, o_products: bool = False, q_products: bool = False
-    ) -> None:
+    def use_fused_norms(self, on: bool = True, ffn_products: bool = True) -> None:
         """Run the norms of every block, self-attention and audio injection in the fused kernels of
         fused_norms.py (`--fused-norms`), or again in torch (on=False). Needs FP8 linears with row
         scales in the trunk, bf16 activations and Triton; ValueError naming what is missing
         otherwise. ffn_products: the FFN's two products through cuBLAS's kernels for one scale a
         tensor, their row scales and biases applied by the kernels after them (FP8Linear.product;
-        one more bf16 rounding, of the product before its scales). o_products: the same for the
-        self- and text cross-attention's output projections, their scales applied by the residual's
-        norm kernel (self-attention's only after FP8 attention codes). q_products: the text
-        cross-attention's q, its scales applied where the compiled block computes its RMSNorm."""
+        one more bf16 rounding, of the product before its scales)."""
         blocks, injections = list(self.blocks), self.audio_injector.injections
         if on and (reason := fused_norms.unavailable_reason(self.device)):
             raise ValueError(reason)
@@ -724,8 +712,6 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
             module.fused_norms = on
         for b in blocks:  # cuBLAS's tensorwise kernels for the FFN's two products (run Y3)
             b.ffn_products = on and ffn_products
-            b.self_attn.o_product = b.cross_attn.o_product = on and o_products
-            b.cross_attn.q_product = on and q_products
         # the attention outputs no fused kernel quantised (the small audio-token projections stay
         # with inductor, which fuses their quantisation into the kernel before it)
         outputs = [b.self_attn.o for b in blocks] + [b.cross_attn.o for b in blocks] + [i.attn.o for i in injections]

@@ -37,11 +37,11 @@ class FP8Rows(NamedTuple):
 
 class RowProduct(NamedTuple):
     """FP8Linear.product(): the codes' product z [..., N] bf16 before any scale, the input's row
-    scales [..., 1] (None: all 1), the weight's column scales [N] and the bias [N] or None; the
-    layer's output is apply_scales() of it."""
+    scales [..., 1], the weight's column scales [N] and the bias [N] or None; the layer's output is
+    apply_scales() of it."""
 
     z: torch.Tensor
-    row_scale: torch.Tensor | None
+    row_scale: torch.Tensor
     col_scale: torch.Tensor
     bias: torch.Tensor | None
 
@@ -49,8 +49,7 @@ class RowProduct(NamedTuple):
 def apply_scales(p: RowProduct) -> torch.Tensor:
     """z * row scale * column scale + bias in float32, rounded to bf16 (in torch: under
     torch.compile it joins the consumer's kernel)."""
-    y = p.z.float() if p.row_scale is None else p.z.float() * p.row_scale
-    y = y * p.col_scale
+    y = p.z.float() * p.row_scale * p.col_scale
     return (y + p.bias if p.bias is not None else y).to(torch.bfloat16)
 
 
@@ -267,23 +266,15 @@ class FP8Linear(nn.Module):
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def product(self, x: FP8Rows | torch.Tensor) -> RowProduct:
+    def product(self, x: FP8Rows) -> RowProduct:
         """The product of x's codes and the weight's codes through cuBLAS's kernels for one scale a
         tensor (both 1), the row scales and the bias left to the consumer's kernel: at the DiT's
         shapes on an H100 those kernels (256x128 and 128x288 tiles) run 7-10% faster than the
         per-row-scaled ones (128x128 tiles only), alone and under the power cap (run Y3,
         docs/performance.md). apply_scales() finishes it as forward() would, rounded to bf16 once
-        more: the product's own bf16 rounding now comes before the scales (same relative size).
-        x: FP8Rows (a scale of None: codes at scale 1, as an attention kernel's), or a tensor this
-        layer quantises per row first, as forward() does."""
+        more: the product's own bf16 rounding now comes before the scales (same relative size)."""
         if self.granularity != "row":
             raise ValueError("product() leaves per-row scales to the consumer: this layer scales per tensor")
-        shape = x.codes.shape if isinstance(x, FP8Rows) else x.shape
-        if shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got {tuple(shape)}")
-        if not isinstance(x, FP8Rows):
-            xq, xs = self._quantize(x.reshape(-1, self.in_features), "row")
-            x = FP8Rows(xq.reshape(shape), xs.reshape(*shape[:-1], 1))
         codes = x.codes.reshape(-1, self.in_features)
         z = torch._scaled_mm(
             codes,

@@ -57,9 +57,6 @@ if triton is not None:
         x_out_ptr,
         q_ptr,
         s_ptr,
-        rs_ptr,
-        cs_ptr,
-        rb_ptr,
         C,
         tokens,
         tokens_per_group,
@@ -73,87 +70,55 @@ if triton is not None:
         ROUND_INPUT: tl.constexpr,
         AFFINE: tl.constexpr,
         ROUND_NORM: tl.constexpr,
-        SCALED: tl.constexpr,
-        ROW_SCALED: tl.constexpr,
-        BIAS: tl.constexpr,
-        ROWS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # ROWS rows (tokens) per program. mod holds `vectors` modulation vectors per token group,
+        # One row (token) per program. mod holds `vectors` modulation vectors per token group,
         # [B, G, vectors, C] (a block's six, AdaLN's two); SHIFT/SCALE/GATE pick one (-1: none).
-        # SCALED: the residual is a product before its scales (fp8.RowProduct), finished here as
-        # apply_scales() (ROW_SCALED: with row scales, BIAS: a bias), its column scales and bias
-        # read once for the program's rows.
+        row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
-        cs = tl.load(cs_ptr + offs, mask=mask, other=0.0) if SCALED else tl.zeros([BLOCK], tl.float32)
-        rb = tl.load(rb_ptr + offs, mask=mask, other=0.0).to(tl.float32) if BIAS else tl.zeros([BLOCK], tl.float32)
-        for r in tl.static_range(ROWS):
-            row = tl.program_id(0).to(tl.int64) * ROWS + r
-            group_row = (row // tokens) * groups + (row % tokens) // tokens_per_group
-            mod_row = mod_ptr + group_row * vectors * C
-            x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
-            if RESIDUAL:  # x + y (* gate), kept in float32 as the block keeps its residual
-                y = tl.load(y_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
-                if SCALED:
-                    if ROW_SCALED:
-                        y = y * tl.load(rs_ptr + row)
-                    y = y * cs
-                    if BIAS:
-                        y = y + rb
-                    y = y.to(tl.bfloat16).to(tl.float32)
-                if GATE >= 0:
-                    y = y * tl.load(mod_row + GATE * C + offs, mask=mask, other=0.0)
-                x = x + y
-                tl.store(x_out_ptr + row * C + offs, x, mask=mask)
-            if ROUND_INPUT:  # the text cross-attention's norm reads the residual in bf16
-                x = x.to(tl.bfloat16).to(tl.float32)
-            mean = tl.sum(x, axis=0) / C
-            centred = tl.where(mask, x - mean, 0.0)
-            h = centred / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
-            if AFFINE:
-                h = h * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
-            if ROUND_NORM:  # the LayerNorm returns its input's dtype (bf16)
-                h = h.to(tl.bfloat16).to(tl.float32)
-            if SCALE >= 0:
-                h = h * (1.0 + tl.load(mod_row + SCALE * C + offs, mask=mask, other=0.0))
-            if SHIFT >= 0:
-                h = h + tl.load(mod_row + SHIFT * C + offs, mask=mask, other=0.0)
-            _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask)
+        group_row = (row // tokens) * groups + (row % tokens) // tokens_per_group
+        mod_row = mod_ptr + group_row * vectors * C
+        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:  # x + y (* gate), kept in float32 as the block keeps its residual
+            y = tl.load(y_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+            if GATE >= 0:
+                y = y * tl.load(mod_row + GATE * C + offs, mask=mask, other=0.0)
+            x = x + y
+            tl.store(x_out_ptr + row * C + offs, x, mask=mask)
+        if ROUND_INPUT:  # the text cross-attention's norm reads the residual in bf16
+            x = x.to(tl.bfloat16).to(tl.float32)
+        mean = tl.sum(x, axis=0) / C
+        centred = tl.where(mask, x - mean, 0.0)
+        h = centred / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+        if AFFINE:
+            h = h * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
+        if ROUND_NORM:  # the LayerNorm returns its input's dtype (bf16)
+            h = h.to(tl.bfloat16).to(tl.float32)
+        if SCALE >= 0:
+            h = h * (1.0 + tl.load(mod_row + SCALE * C + offs, mask=mask, other=0.0))
+        if SHIFT >= 0:
+            h = h + tl.load(mod_row + SHIFT * C + offs, mask=mask, other=0.0)
+        _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask)
 
     @triton.jit
     def _gelu_quantize_kernel(
-        x_ptr,
-        q_ptr,
-        s_ptr,
-        rs_ptr,
-        cs_ptr,
-        b_ptr,
-        C,
-        BLOCK: tl.constexpr,
-        SCALED: tl.constexpr,
-        BIAS: tl.constexpr,
-        ROWS: tl.constexpr,
+        x_ptr, q_ptr, s_ptr, rs_ptr, cs_ptr, b_ptr, C, BLOCK: tl.constexpr, SCALED: tl.constexpr, BIAS: tl.constexpr
     ):
-        # GELU (tanh form, as nn.GELU(approximate="tanh")) of ROWS rows, then their FP8 codes;
-        # SCALED: each row is a product before its scales (fp8.RowProduct), finished here as
-        # apply_scales(), the column scales and bias read once for the ROWS rows (from L2 each time
-        # otherwise: 6 bytes a column beside the row's 2, run Y4)
+        # GELU (tanh form, as nn.GELU(approximate="tanh")) of one row, then its FP8 codes; SCALED:
+        # the row is a product before its scales (fp8.RowProduct), finished here as apply_scales()
+        row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
-        cs = tl.load(cs_ptr + offs, mask=mask, other=0.0) if SCALED else tl.zeros([BLOCK], tl.float32)
-        bias = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32) if BIAS else tl.zeros([BLOCK], tl.float32)
-        for r in tl.static_range(ROWS):
-            row = tl.program_id(0).to(tl.int64) * ROWS + r
-            x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
-            if SCALED:
-                x = x * tl.load(rs_ptr + row) * cs
-                if BIAS:
-                    x = x + bias
-                x = x.to(tl.bfloat16).to(tl.float32)
-            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
-            tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # saturates to +-1, no overflow to nan
-            _store_rows_fp8(0.5 * x * (1.0 + tanh), q_ptr, s_ptr, row, C, offs, mask)
+        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        if SCALED:
+            x = x * tl.load(rs_ptr + row) * tl.load(cs_ptr + offs, mask=mask, other=0.0)
+            if BIAS:
+                x = x + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(tl.bfloat16).to(tl.float32)
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
+        tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # saturates to +-1, no overflow to nan
+        _store_rows_fp8(0.5 * x * (1.0 + tanh), q_ptr, s_ptr, row, C, offs, mask)
 
     @triton.jit
     def _store_rows_fp8(h, q_ptr, s_ptr, row, C, offs, mask):
@@ -327,20 +292,6 @@ LAUNCH_WARPS: dict[str, int] = {
 }
 
 
-# Rows a program of gelu_quantize takes for a product before its scales (FP8Linear.product): it
-# reads the column scales and bias once for all of them (a divisor of the row count, else 1).
-# bench/bench_norm_warps.py times 1, 2 and 4 ("gelu of a product"); 1 until measured on a GPU.
-GELU_PRODUCT_ROWS = 1
-# The same for norm_quantize's residual when it is a product (the attention's output projections).
-NORM_PRODUCT_ROWS = 1
-
-
-def _rows_a_program(product_rows: int, rows: int, scaled: bool) -> int:
-    """A kernel's rows a program: `product_rows` (GELU_PRODUCT_ROWS, NORM_PRODUCT_ROWS) for a
-    product before its scales where they divide the rows, else 1."""
-    return product_rows if scaled and rows % product_rows == 0 else 1
-
-
 def _launch_shape(c: int, kernel: str) -> tuple[int, int]:
     block = triton.next_power_of_2(c)
     return block, LAUNCH_WARPS.get(kernel, 16 if block >= 16384 else 8 if block >= 2048 else 4)
@@ -364,9 +315,6 @@ def _norm_quantize_op(
     gate: int,
     round_input: bool,
     round_norm: bool,
-    residual_row_scale: torch.Tensor | None = None,
-    residual_col_scale: torch.Tensor | None = None,
-    residual_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, n, c = x.shape
     # rows are indexed as row * C: the first layer's input (a transposed patch embedding) is
@@ -376,9 +324,7 @@ def _norm_quantize_op(
     x_out, codes, scales = _norm_quantize_outputs(x, residual)
     if b * n:
         block, warps = _launch_shape(c, "residual_norm_quantize" if residual is not None else "norm_quantize")
-        scaled = residual_col_scale is not None
-        rows = _rows_a_program(NORM_PRODUCT_ROWS, b * n, scaled)
-        _norm_quantize_kernel[(b * n // rows,)](
+        _norm_quantize_kernel[(b * n,)](
             x,
             residual if residual is not None else x,
             mod,
@@ -387,9 +333,6 @@ def _norm_quantize_op(
             x_out if residual is not None else codes,
             codes,
             scales,
-            residual_row_scale.contiguous() if residual_row_scale is not None else scales,  # unread if None
-            residual_col_scale.contiguous() if scaled else scales,
-            residual_bias if residual_bias is not None else scales,
             c,
             n,
             n // mod.shape[1],
@@ -403,10 +346,6 @@ def _norm_quantize_op(
             ROUND_INPUT=round_input,
             AFFINE=weight is not None,
             ROUND_NORM=round_norm,
-            SCALED=scaled,
-            ROW_SCALED=residual_row_scale is not None,
-            BIAS=scaled and residual_bias is not None,
-            ROWS=rows,
             BLOCK=block,
             num_warps=warps,
         )
@@ -420,7 +359,7 @@ def _norm_quantize_outputs(x, residual):
 
 
 @_norm_quantize_op.register_fake
-def _(x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm, *scales):
+def _(x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm):
     return _norm_quantize_outputs(x, residual)
 
 
@@ -439,11 +378,9 @@ def _gelu_quantize_op(
         rs = row_scale.contiguous() if scaled else scales  # an unread pointer when not SCALED
         cs = col_scale.contiguous() if scaled else scales
         b = bias if bias is not None else scales
-        rows = x.numel() // c
-        per_program = _rows_a_program(GELU_PRODUCT_ROWS, rows, scaled)
-        _gelu_quantize_kernel[(rows // per_program,)](
+        _gelu_quantize_kernel[(x.numel() // c,)](
             x.contiguous(), codes, scales, rs, cs, b, c,
-            BLOCK=block, SCALED=scaled, BIAS=scaled and bias is not None, ROWS=per_program, num_warps=warps,
+            BLOCK=block, SCALED=scaled, BIAS=scaled and bias is not None, num_warps=warps,
         )  # fmt: skip
     return codes, scales
 
@@ -649,7 +586,7 @@ def norm_quantize(
     *,
     shift: int = -1,
     scale: int = -1,
-    residual: torch.Tensor | RowProduct | None = None,
+    residual: torch.Tensor | None = None,
     gate: int = -1,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -659,9 +596,7 @@ def norm_quantize(
     """LayerNorm of x [B, L, C] (after x += residual * mod[gate] when a residual is given), the
     optional affine weight/bias, modulation h * (1 + mod[scale]) + mod[shift], then the FP8 codes
     of h in bf16. mod [B, G, K, C] float32: K modulation vectors per token group (L = G * n), e.g.
-    a block's six; shift, scale and gate index them (-1: not applied). A residual that is a product
-    before its scales (FP8Linear.product) is added as apply_scales() of it; its row scales may be
-    None (all 1: an attention kernel's codes at scale 1).
+    a block's six; shift, scale and gate index them (-1: not applied).
 
     Returns (the float32 x after the residual add, or None; FP8Rows [B, L, C])."""
     b, n, c = x.shape
@@ -669,35 +604,17 @@ def norm_quantize(
         raise ValueError(f"mod must be float32 [B, G, K, C] with G dividing L, got {mod.dtype} {list(mod.shape)}")
     if max(shift, scale, gate) >= mod.shape[2]:
         raise ValueError(f"mod has {mod.shape[2]} vectors per group: shift/scale/gate {shift}/{scale}/{gate}")
-    scales: tuple = ()
-    if isinstance(residual, RowProduct):
-        if residual.z.shape != x.shape or not _scales_fit(residual):
-            raise ValueError(
-                f"a product residual's z, row and column scales {_shapes(residual)} for x {tuple(x.shape)}"
-            )
-        residual, scales = residual.z, (residual.row_scale, residual.col_scale, residual.bias)
-    x_out, codes, row_scales = torch.ops.avatar.norm_quantize(
-        x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm, *scales
+    x_out, codes, scales = torch.ops.avatar.norm_quantize(
+        x, mod, residual, weight, bias, eps, shift, scale, gate, round_input, round_norm
     )
-    return (x_out if residual is not None else None), FP8Rows(codes, row_scales)
+    return (x_out if residual is not None else None), FP8Rows(codes, scales)
 
 
 def gelu_quantize(x: torch.Tensor | RowProduct) -> FP8Rows:
     """The FP8 codes of GELU(x) (tanh form) in bf16, x [..., C] (the FFN's hidden layer), or of
     GELU(apply_scales(x)) for a product before its scales (FP8Linear.product), in one kernel."""
     if isinstance(x, RowProduct):
-        if x.row_scale is None or not _scales_fit(x):
-            raise ValueError(f"z, row and column scales {_shapes(x)}: the GELU needs row scales that fit z")
+        if x.row_scale.shape != (*x.z.shape[:-1], 1) or x.col_scale.shape != x.z.shape[-1:]:
+            raise ValueError(f"scales {tuple(x.row_scale.shape)}, {tuple(x.col_scale.shape)} for {tuple(x.z.shape)}")
         return FP8Rows(*torch.ops.avatar.gelu_quantize(x.z, x.row_scale, x.col_scale, x.bias))
     return FP8Rows(*torch.ops.avatar.gelu_quantize(x))
-
-
-def _scales_fit(p: RowProduct) -> bool:
-    """p's row scales (None, or one a row of z) and column scales (one a column) fit its z."""
-    rows_fit = p.row_scale is None or p.row_scale.shape == (*p.z.shape[:-1], 1)
-    return rows_fit and p.col_scale.shape == p.z.shape[-1:]
-
-
-def _shapes(p: RowProduct) -> str:
-    rs = None if p.row_scale is None else tuple(p.row_scale.shape)
-    return f"{tuple(p.z.shape)}, {rs}, {tuple(p.col_scale.shape)}"
