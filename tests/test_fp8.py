@@ -109,6 +109,8 @@ def test_the_product_before_its_scales_finishes_as_the_layer(bias):
     assert rel(p.z.float() * p.row_scale + (lin.bias.float() if bias else 0), expected) > 0.5
     with pytest.raises(ValueError, match="per tensor"):
         FP8Linear.from_linear(lin, granularity="tensor").product(rows)
+    with pytest.raises(ValueError, match="expected last dim 128"):
+        f8.product(rows._replace(codes=rows.codes[..., :-1]))
 
 
 def test_fp8_linear_keeps_float32_inputs_float32():

@@ -275,6 +275,8 @@ class FP8Linear(nn.Module):
         more: the product's own bf16 rounding now comes before the scales (same relative size)."""
         if self.granularity != "row":
             raise ValueError("product() leaves per-row scales to the consumer: this layer scales per tensor")
+        if x.codes.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.codes.shape)}")
         codes = x.codes.reshape(-1, self.in_features)
         z = torch._scaled_mm(
             codes,
