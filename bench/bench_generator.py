@@ -1387,7 +1387,8 @@ def main():
             for w, h in sizes:
                 for fused, warps, kernel, variant in runs:  # the default first: a call cut short still measures it
                     variant = variant or {}
-                    dit.use_fused_norms(fused, **{k: variant[k] for k in ("ffn_products",) if k in variant})
+                    # every key but warps is one of use_fused_norms' switches (VARIANT_KEYS)
+                    dit.use_fused_norms(fused, **{k: v for k, v in variant.items() if k != "warps"})
                     fused_norms.LAUNCH_WARPS.clear()
                     fused_norms.LAUNCH_WARPS.update(
                         {**(defaults if warps is None else warps), **variant.get("warps", {})}
