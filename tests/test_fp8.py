@@ -12,6 +12,7 @@ from avatar.services.generator.fp8 import (
     apply_scales,
     dequantize,
     quantize,
+    side_by_side,
     swap_linears_to_fp8,
 )
 
@@ -111,6 +112,42 @@ def test_the_product_before_its_scales_finishes_as_the_layer(bias):
         FP8Linear.from_linear(lin, granularity="tensor").product(rows)
     with pytest.raises(ValueError, match="expected last dim 128"):
         f8.product(rows._replace(codes=rows.codes[..., :-1]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layers_side_by_side_are_one_product_of_their_outputs_and_keep_their_weights(bias):
+    """q, k and v as one GEMM: the joined layer's output is the three outputs side by side, for bf16
+    input and for codes; each layer's weights are views of the joined ones (no second copy) and it
+    still computes what it did."""
+    torch.manual_seed(7)
+    layers = [FP8Linear.from_linear(nn.Linear(64, 32, bias=bias).to(torch.bfloat16)) for _ in range(3)]
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    codes, scale = quantize(x.reshape(-1, 64))
+    rows = FP8Rows(codes.reshape(2, 5, 64), scale.reshape(2, 5, 1))
+    before = [(m(x), m(rows)) for m in layers]
+    joined = side_by_side(layers)
+    assert joined.out_features == 96 and (joined.bias is not None) == bias
+    for got, i in ((joined(x), 0), (joined(rows), 1)):
+        assert got.shape == (2, 5, 96)
+        assert torch.equal(got, torch.cat([b[i] for b in before], dim=-1))
+    storage = joined.weight_fp8.untyped_storage().data_ptr()
+    for m, (bf16_out, rows_out) in zip(layers, before):
+        assert m.weight_fp8.untyped_storage().data_ptr() == storage
+        assert m.weight_scale.untyped_storage().data_ptr() == joined.weight_scale.untyped_storage().data_ptr()
+        assert torch.equal(m(x), bf16_out) and torch.equal(m(rows), rows_out)
+    assert joined.state_dict().keys() == layers[0].state_dict().keys()
+
+
+def test_side_by_side_refuses_layers_that_cannot_share_a_product():
+    row = [FP8Linear.from_linear(nn.Linear(64, 32)) for _ in range(2)]
+    with pytest.raises(ValueError, match="row scales"):
+        side_by_side([*row, FP8Linear.from_linear(nn.Linear(64, 32), granularity="tensor")])
+    with pytest.raises(ValueError, match="row scales"):
+        side_by_side([*row, nn.Linear(64, 32)])
+    with pytest.raises(ValueError, match="one input width"):
+        side_by_side([*row, FP8Linear.from_linear(nn.Linear(48, 32))])
+    with pytest.raises(ValueError, match="bias-or-not"):
+        side_by_side([*row, FP8Linear.from_linear(nn.Linear(64, 32, bias=False))])
 
 
 def test_fp8_linear_keeps_float32_inputs_float32():

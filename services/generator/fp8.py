@@ -296,6 +296,39 @@ class FP8Linear(nn.Module):
         )
 
 
+@torch.no_grad()
+def side_by_side(layers: list[FP8Linear]) -> FP8Linear:
+    """One FP8Linear whose output is the layers' outputs side by side, for layers that read the same
+    input (the self-attention's q, k and v): one GEMM instead of several. Row scales only (each
+    output channel keeps its own). The layers' weights, scales and biases become views into the
+    new layer's: no second copy, and the layers still compute what they did."""
+    first = layers[0]
+    if not all(isinstance(m, FP8Linear) and m.granularity == "row" for m in layers):
+        raise ValueError("side_by_side joins FP8Linear layers with row scales")
+    if {(m.in_features, m.fast_accum, m.bias is not None, m.weight_fp8.device) for m in layers} != {
+        (first.in_features, first.fast_accum, first.bias is not None, first.weight_fp8.device)
+    }:
+        raise ValueError("side_by_side needs one input width, device, accumulation and bias-or-not for all")
+    widths = [m.out_features for m in layers]
+    joined = FP8Linear(first.in_features, sum(widths), first.bias is not None, "row", first.fast_accum, "meta")
+    joined.weight_fp8 = torch.cat([m.weight_fp8 for m in layers])
+    joined.weight_scale = torch.cat([m.weight_scale for m in layers], dim=1)
+    joined.one = first.one
+    if first.bias is not None:
+        joined.bias = torch.cat([m.bias for m in layers])
+    joined.compile_quantize(first._quantize if first._quantize is not _fast_quantize else None)
+    for m, w, s, b in zip(
+        layers,
+        joined.weight_fp8.split(widths),
+        joined.weight_scale.split(widths, dim=1),
+        joined.bias.split(widths) if first.bias is not None else [None] * len(layers),
+    ):
+        m.weight_fp8, m.weight_scale = w, s
+        if b is not None:
+            m.bias = b
+    return joined
+
+
 def _matches(name: str, pattern: str) -> bool:
     """True when the dotted pattern is a run of whole segments of name ("head" skips "head.head"
     but not "heads")."""
