@@ -201,6 +201,40 @@ def test_kv_into_cache_writes_the_blocks_keys_and_values_into_their_rows_only(ca
         fused_norms.kv_into_cache(k, v[:, :, :-1], w, rope.cos, rope.sin, 1e-6, keys, values, write)
 
 
+@pytest.mark.parametrize("values_layout", ["rows", "keys-last"])
+def test_the_kernels_read_q_k_and_v_in_place_as_column_slices_of_one_product(values_layout):
+    """q, k and v of one GEMM (use_fused_norms(qkv_gemm=True)) are column slices of its [B, L, 3C]
+    output: rms_rope, rms_rope_fp8 and kv_into_cache read their rows where they are (no copy) and
+    give what they give for contiguous tensors."""
+    from avatar.services.generator.causal_s2v_dit import rope_grid
+
+    heads, head_dim, rows, write = 4, 16, 20, 5
+    c = heads * head_dim
+    rope = rope_grid(head_dim, range(2, 5), range(2), range(2), "cpu")
+    n = rope.cos.shape[0]
+    g = torch.Generator().manual_seed(12)
+    qkv = (torch.randn(B, n, 3 * c, generator=g) * 3).bfloat16()
+    q, k, v = qkv.chunk(3, dim=-1)
+    assert not k.is_contiguous() and fused_norms._rows(k) == (k, 3 * c)
+    transposed = k.transpose(0, 1).contiguous().transpose(0, 1)  # rows not evenly spaced: copied
+    assert fused_norms._rows(transposed)[0].is_contiguous() and fused_norms._rows(transposed)[1] == c
+    w = torch.randn(c, generator=g).bfloat16()
+    for fp8 in (False, True):
+        got, expected = (fused_norms.rms_rope(t, w, rope.cos, rope.sin, 1e-6, fp8) for t in (q, q.contiguous()))
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    fp8_queries = (fused_norms.rms_rope_fp8(t, w, rope.cos, rope.sin, 1e-6) for t in (q, q.clone()))
+    (got, got_s), (expected, expected_s) = fp8_queries
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) and torch.equal(got_s, expected_s)
+    caches = []
+    for kk, vv in ((k, v), (k.contiguous(), v.contiguous())):
+        keys, values = (torch.zeros(B, rows, heads, head_dim, dtype=torch.float8_e4m3fn) for _ in range(2))
+        if values_layout == "keys-last":
+            values = values.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        fused_norms.kv_into_cache(kk, vv, w, rope.cos, rope.sin, 1e-6, keys, values, write)
+        caches.append([t.contiguous().view(torch.uint8) for t in (keys, values)])
+    assert all(torch.equal(a, b) for a, b in zip(*caches)) and caches[0][1].any()
+
+
 @pytest.mark.parametrize("cache", ["bf16", "fp8"])
 def test_rope_into_writes_the_rotated_reference_keys_into_the_sink_rows_only(cache):
     """The reference keys of every layer at this call's RoPE frame, written into one cache set's
@@ -377,6 +411,38 @@ def test_the_ffns_products_before_their_scales_change_a_block_by_a_rounding_step
     assert not any(block.ffn_products for block in dit.blocks)
 
 
+@pytest.mark.parametrize("fp8_attention", [False, True])
+def test_q_k_and_v_from_one_gemm_change_no_bit_of_the_self_attention(monkeypatch, fp8_attention):
+    """use_fused_norms(qkv_gemm=True): the self-attention's q, k and v come from one GEMM over their
+    weights side by side, read in place by the norm kernels. Every call of a block, run both ways on
+    the same inputs, gives the same bits (its cache rows too: the second run writes them again)."""
+    from avatar.services.generator.causal_s2v_dit import SelfAttention
+
+    same, forward = [], SelfAttention._forward_fused
+
+    def run(module, x, rope, kv):
+        joined, module.qkv = module.qkv, ()
+        expected = forward(module, x, rope, kv)
+        keys = kv.keys[:, kv.write : kv.write + x.codes.shape[1]].clone()
+        module.qkv = joined
+        got = forward(module, x, rope, kv)
+        written = kv.keys[:, kv.write : kv.write + x.codes.shape[1]]
+        same.append(torch.equal(got, expected) and torch.equal(written.view(torch.uint8), keys.view(torch.uint8)))
+        return got
+
+    monkeypatch.setattr(SelfAttention, "_forward_fused", run)
+    dit = _fp8_dit()
+    dit.use_fused_norms(qkv_gemm=True)
+    assert all(len(block.self_attn.qkv) == 1 for block in dit.blocks)
+    options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True) if fp8_attention else GeneratorOptions()
+    spec = ModelSpec(name="tiny", seed=0, generator_options=options)
+    out = _generate(GeneratorEngine(spec, dit=dit), _job(), blocks=1)
+    assert torch.isfinite(out[0].float()).all()
+    assert len(same) == 4 * 4 and all(same), same  # layers x the block's steps
+    dit.use_fused_norms(False)
+    assert not any(block.self_attn.qkv for block in dit.blocks)
+
+
 def test_with_fp8_attention_the_projection_multiplies_the_attentions_codes_as_they_are():
     """--fused-norms --fp8-attention: cuDNN's e4m3 output (scale 1) goes into the FP8 output
     projection with scales of 1, so it computes codes @ W up to the bf16 result; re-quantising those
@@ -522,12 +588,13 @@ def test_the_cross_attentions_bf16_outputs_are_quantised_by_the_row_kernel_op():
     assert o._quantize is not quantize_rows_kernel  # the default again
 
 
-@pytest.mark.parametrize("kernel", ["cudnn", "triton"])
-def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_in_their_kernel(kernel):
+@pytest.mark.parametrize("kernel,qkv_gemm", [("cudnn", False), ("triton", False), ("cudnn", True)])
+def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_in_their_kernel(kernel, qkv_gemm):
     """--compile --fused-norms --fp8-attention: Inductor's code calls kv_into_cache on the cache
     buffers the block was given (no clone of the cache and copy back: 78 MB a layer at 704*384) and
     takes the queries' codes from rms_rope_fp8 (no reduction over them); the session's latents
-    follow the eager fused model's. With the Triton kernel the values are keys-last, in place too."""
+    follow the eager fused model's. With the Triton kernel the values are keys-last, in place too.
+    With q, k and v from one GEMM, both kernels read its output's column slices in place."""
     from torch._inductor.utils import run_and_get_code
 
     from avatar.services.generator.engine import compile_blocks
@@ -535,10 +602,10 @@ def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_i
     options = GeneratorOptions(kv_dtype="float8_e4m3fn", fp8_attention=True, fp8_attention_kernel=kernel)
     spec = ModelSpec(name="tiny", seed=0, generator_options=options)
     eager = _fp8_dit()
-    eager.use_fused_norms()
+    eager.use_fused_norms(qkv_gemm=qkv_gemm)
     expected = _generate(GeneratorEngine(spec, dit=eager), _job(), blocks=1)[0].float()
     compiled = _fp8_dit()
-    compiled.use_fused_norms()
+    compiled.use_fused_norms(qkv_gemm=qkv_gemm)
     compile_blocks(compiled)
     out, codes = run_and_get_code(lambda: _generate(GeneratorEngine(spec, dit=compiled), _job(), blocks=1))
     block_codes = [c for c in codes if "avatar.kv_into_cache" in c]
@@ -550,5 +617,11 @@ def test_compiled_blocks_write_the_fp8_cache_in_place_and_quantise_the_queries_i
         assert keys.startswith("arg") and values.startswith("arg"), calls[0]  # the graph's inputs themselves
         assert "clone" not in code and "rms_rope_fp8" in code
         assert "amax" not in code.split("torch.ops.avatar.rms_rope_fp8")[1].split("fp8_sdpa")[0]
+        if qkv_gemm:  # k, v and q: views at columns C, 2C and 0 of one product, rows 3C apart
+            queries = next(line for line in code.splitlines() if "torch.ops.avatar.rms_rope_fp8.default(" in line)
+            views = [call.split("reinterpret_tensor(")[1:] for call in (calls[0], queries)]
+            product = {v.split(",")[0] for vs in views for v in vs}
+            assert len(product) == 1 and [len(vs) for vs in views] == [2, 1], (calls[0], queries)
+            assert all(v.split(")")[1].split(",")[-1] == " 1" for vs in views for v in vs)  # unit column stride
     rel = ((out[0].float() - expected).norm() / expected.norm()).item()
     assert rel < 0.05, rel

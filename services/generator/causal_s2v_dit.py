@@ -31,7 +31,7 @@ from torch import nn
 
 from avatar.dit_config import DIT_CONFIGS, framepack_tokens
 from avatar.services.generator import fused_norms
-from avatar.services.generator.fp8 import FP8Linear, FP8Rows, apply_scales, quantize_rows_kernel
+from avatar.services.generator.fp8 import FP8Linear, FP8Rows, apply_scales, quantize_rows_kernel, side_by_side
 from avatar.services.generator.fp8_attention import (
     fp8_attention_bf16,
     fp8_attention_bf16_q8,
@@ -223,6 +223,19 @@ class _Projections(nn.Module):
 
 class SelfAttention(_Projections):
     fused_norms = False  # q's RMSNorm + RoPE, and k's with v into the cache, in a kernel each (use_fused_norms)
+    # q, k and v as one FP8 GEMM (join_qkv), in a list: not a submodule, the state dict keeps
+    # upstream's names and counts each weight once
+    qkv: tuple[FP8Linear, ...] = ()
+
+    def join_qkv(self, on: bool) -> None:
+        """The fused forward's q, k and v from one GEMM whose weights are theirs side by side
+        (fp8.side_by_side: q, k and v keep their weights, as views), or from three again."""
+        self.qkv = (side_by_side([self.q, self.k, self.v]),) if on else ()
+
+    def _projections(self, x: torch.Tensor | FP8Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv:  # column slices of the one product: the kernels after read them in place
+            return self.qkv[0](x).chunk(3, dim=-1)
+        return self.q(x), self.k(x), self.v(x)
 
     def forward(self, x: torch.Tensor | FP8Rows, rope: Rope, kv: LayerKV) -> torch.Tensor:
         if kv.prefill:  # the sink: attends to itself
@@ -249,12 +262,13 @@ class SelfAttention(_Projections):
         at a scale fixed by their norm's weight, no reduction over them first."""
         heads = (self.num_heads, -1)
         rope_eps = (rope.cos, rope.sin, self.norm_q.eps)  # norm_q and norm_k share eps
-        fused_norms.kv_into_cache(self.k(x), self.v(x), self.norm_k.weight, *rope_eps, kv.keys, kv.values, kv.write)
+        q, k, v = self._projections(x)
+        fused_norms.kv_into_cache(k, v, self.norm_k.weight, *rope_eps, kv.keys, kv.values, kv.write)
         keys, values = kv.keys[:, kv.lo : kv.hi], kv.values[:, kv.lo : kv.hi]
         if not kv.fp8_attention:
-            q = fused_norms.rms_rope(self.q(x), self.norm_q.weight, *rope_eps).unflatten(-1, heads)
+            q = fused_norms.rms_rope(q, self.norm_q.weight, *rope_eps).unflatten(-1, heads)
             return self.o(attention(q, keys.to(q.dtype), values.to(q.dtype)))
-        q8, descale = fused_norms.rms_rope_fp8(self.q(x), self.norm_q.weight, *rope_eps)
+        q8, descale = fused_norms.rms_rope_fp8(q, self.norm_q.weight, *rope_eps)
         q8 = q8.unflatten(-1, heads)
         if kv.fp8_kernel == "flashinfer":  # its bf16 output: the projection quantises each row
             return self.o(fp8_attention_bf16_q8(q8, descale, keys, values))
@@ -691,13 +705,15 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
                             t.data = t.data.pin_memory()
         return moved
 
-    def use_fused_norms(self, on: bool = True, ffn_products: bool = True) -> None:
+    def use_fused_norms(self, on: bool = True, ffn_products: bool = True, qkv_gemm: bool = False) -> None:
         """Run the norms of every block, self-attention and audio injection in the fused kernels of
         fused_norms.py (`--fused-norms`), or again in torch (on=False). Needs FP8 linears with row
         scales in the trunk, bf16 activations and Triton; ValueError naming what is missing
         otherwise. ffn_products: the FFN's two products through cuBLAS's kernels for one scale a
         tensor, their row scales and biases applied by the kernels after them (FP8Linear.product;
-        one more bf16 rounding, of the product before its scales)."""
+        one more bf16 rounding, of the product before its scales). qkv_gemm: the self-attention's
+        q, k and v from one GEMM (SelfAttention.join_qkv; the same arithmetic, one launch for three;
+        its weights are q's, k's and v's side by side, theirs become views of it)."""
         blocks, injections = list(self.blocks), self.audio_injector.injections
         if on and (reason := fused_norms.unavailable_reason(self.device)):
             raise ValueError(reason)
@@ -712,6 +728,7 @@ class CausalS2VDiT(ModelMixin, ConfigMixin):
             module.fused_norms = on
         for b in blocks:  # cuBLAS's tensorwise kernels for the FFN's two products (run Y3)
             b.ffn_products = on and ffn_products
+            b.self_attn.join_qkv(on and qkv_gemm)
         # the attention outputs no fused kernel quantised (the small audio-token projections stay
         # with inductor, which fuses their quantisation into the kernel before it)
         outputs = [b.self_attn.o for b in blocks] + [b.cross_attn.o for b in blocks] + [i.attn.o for i in injections]

@@ -150,12 +150,14 @@ if triton is not None:
 
     @triton.jit
     def _rms_rope_row(
-        x_ptr, w_ptr, cos_ptr, sin_ptr, row, C, tokens, eps, offs, mask, HALF_D: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        # One token's query or key row: RMSNorm over all heads (bf16 out, times the bf16 weight,
-        # as the block's RMSNorm), then RoPE on each head's channel pairs (float32, bf16 out).
+        x_ptr, w_ptr, cos_ptr, sin_ptr, row, C, stride_x, tokens, eps, offs, mask,
+        HALF_D: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One token's query or key row (rows stride_x apart: a slice of q|k|v's one product reads
+        # in place): RMSNorm over all heads (bf16 out, times the bf16 weight, as the block's
+        # RMSNorm), then RoPE on each head's channel pairs (float32, bf16 out).
         # Also returns max |weight|, which bounds the output (QUERY_BOUND).
-        x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = (x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps))).to(tl.bfloat16).to(tl.float32)
         h = (h * w).to(tl.bfloat16).to(tl.float32)
@@ -169,6 +171,7 @@ if triton is not None:
         sin_ptr,
         out_ptr,
         C,
+        stride_x,
         tokens,
         eps,
         descale_ptr,
@@ -184,7 +187,9 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
-        out, w_max = _rms_rope_row(x_ptr, w_ptr, cos_ptr, sin_ptr, row, C, tokens, eps, offs, mask, HALF_D, BLOCK)
+        out, w_max = _rms_rope_row(
+            x_ptr, w_ptr, cos_ptr, sin_ptr, row, C, stride_x, tokens, eps, offs, mask, HALF_D, BLOCK
+        )
         if QUERIES:
             descale = tl.maximum(bound_per_weight * w_max, 1e-12) / 448.0
             out = tl.clamp(out.to(tl.float32) / descale, -448.0, 448.0).to(tl.float8e4nv)
@@ -204,6 +209,8 @@ if triton is not None:
         keys_ptr,
         values_ptr,
         C,
+        stride_k,
+        stride_v,
         tokens,
         eps,
         write,
@@ -223,17 +230,17 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         mask = offs < C
         batch, token = row // tokens, row % tokens
-        k, _ = _rms_rope_row(k_ptr, w_ptr, cos_ptr, sin_ptr, row, C, tokens, eps, offs, mask, HALF_D, BLOCK)
+        k, _ = _rms_rope_row(k_ptr, w_ptr, cos_ptr, sin_ptr, row, C, stride_k, tokens, eps, offs, mask, HALF_D, BLOCK)
         dst = keys_ptr + batch * keys_stride_batch + (write + token) * keys_stride_token
         tl.store(dst + offs, _cache_codes(k, FP8), mask=mask)
         if VALUES:  # each token's values contiguous, as its keys
-            v = tl.load(v_ptr + row * C + offs, mask=mask, other=0.0)
+            v = tl.load(v_ptr + row * stride_v + offs, mask=mask, other=0.0)
             dst = values_ptr + batch * values_stride_batch + (write + token) * values_stride_token
             tl.store(dst + offs, _cache_codes(v, FP8), mask=mask)
 
     @triton.jit
     def _values_keys_last_kernel(
-        v_ptr, values_ptr, C, tokens, write, stride_batch, stride_channel, FP8: tl.constexpr,
+        v_ptr, values_ptr, C, stride_v, tokens, write, stride_batch, stride_channel, FP8: tl.constexpr,
         TOKENS: tl.constexpr, CHANNELS: tl.constexpr,
     ):  # fmt: skip
         # A tile of a block's values [TOKENS, CHANNELS] into a keys-last cache ([B, H*D, T]: each
@@ -243,7 +250,7 @@ if triton is not None:
         c = tl.program_id(1) * CHANNELS + tl.arange(0, CHANNELS)
         batch = tl.program_id(2).to(tl.int64)
         ok = (t < tokens)[:, None] & (c < C)[None, :]
-        v = tl.load(v_ptr + (batch * tokens + t[:, None]) * C + c[None, :], mask=ok, other=0.0)
+        v = tl.load(v_ptr + (batch * tokens + t[:, None]) * stride_v + c[None, :], mask=ok, other=0.0)
         dst = values_ptr + batch * stride_batch + c[None, :].to(tl.int64) * stride_channel + write + t[:, None]
         tl.store(dst, _cache_codes(v, FP8), mask=ok)
 
@@ -412,12 +419,26 @@ def _rms_rope_fp8_op(
     return out, descale
 
 
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [B, L, C] as the row kernels read it, with the distance between its rows: in place when
+    each row is contiguous and the rows evenly spaced (a column slice of a wider product, as q, k
+    and v of one GEMM), else a contiguous copy."""
+    b, n, c = x.shape
+    if x.stride(2) == 1:
+        if n == 1:
+            return x, x.stride(0)
+        if b == 1 or x.stride(0) == n * x.stride(1):
+            return x, x.stride(1)
+    return x.contiguous(), c
+
+
 def _launch_rms_rope(x, weight, cos, sin, eps, out, descale):
     b, n, c = x.shape
     if b * n:
         block, warps = _launch_shape(c, "rms_rope_fp8" if descale is not None else "rms_rope")
+        x, stride_x = _rows(x)
         _rms_rope_kernel[(b * n,)](
-            x.contiguous(), weight, cos.contiguous(), sin.contiguous(), out, c, n, eps,
+            x, weight, cos.contiguous(), sin.contiguous(), out, c, stride_x, n, eps,
             descale if descale is not None else out, query_bound_per_weight(c), HALF_D=cos.shape[-1],
             FP8=out.dtype == E4M3, QUERIES=descale is not None, BLOCK=block, num_warps=warps,
         )  # fmt: skip
@@ -448,16 +469,16 @@ def _kv_into_cache_op(
     if b * n:
         block, warps = _launch_shape(c, "kv_into_cache")
         values_keys_last = keys_last(values)
-        v = v.contiguous()
+        (k, stride_k), (v, stride_v) = _rows(k), _rows(v)
         _kv_into_cache_kernel[(b * n,)](
-            k.contiguous(), v, weight, cos.contiguous(), sin.contiguous(), keys, values, c, n, eps,
+            k, v, weight, cos.contiguous(), sin.contiguous(), keys, values, c, stride_k, stride_v, n, eps,
             write, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), HALF_D=cos.shape[-1],
             FP8=keys.dtype == E4M3, VALUES=not values_keys_last, BLOCK=block, num_warps=warps,
         )  # fmt: skip
         if values_keys_last:
             tile_t, tile_c = VALUES_TILE
             _values_keys_last_kernel[(triton.cdiv(n, tile_t), triton.cdiv(c, tile_c), b)](
-                v, values, c, n, write, values.stride(0), values.stride(3), FP8=values.dtype == E4M3,
+                v, values, c, stride_v, n, write, values.stride(0), values.stride(3), FP8=values.dtype == E4M3,
                 TOKENS=tile_t, CHANNELS=tile_c, num_warps=4,
             )  # fmt: skip
 
