@@ -1024,6 +1024,7 @@ def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
 
 VARIANT_KEYS = {
     "ffn_products": bool,
+    "qkv_gemm": bool,
     "warps": dict,
 }
 
@@ -1083,7 +1084,8 @@ def main():
         "--variants",
         default=None,
         help="engine-gaps: the fused engine once per variant, a JSON list (or a file of one) of objects "
-        "with any of ffn_products (true/false: the FFN's products before their scales, use_fused_norms) "
+        "with any of ffn_products (true/false: the FFN's products before their scales, use_fused_norms), "
+        "qkv_gemm (true/false: the self-attention's q, k and v as one GEMM, use_fused_norms) "
         "and warps ({kernel: warps a program} over fused_norms.LAUNCH_WARPS), e.g. "
         '\'[{}, {"ffn_products": false}, {"warps": {"gelu_quantize": 16}}]\'',
     )
@@ -1409,6 +1411,7 @@ def main():
                         r["fused_norms"] = fused
                         r["variant"] = variant
                         r["ffn_products"] = first.ffn_products
+                        r["qkv_gemm"] = bool(first.self_attn.qkv)
                         r["launch_warps"] = dict(fused_norms.LAUNCH_WARPS)
                         r["fp8_attention_kernel"] = kernel or "cudnn"
                         log(

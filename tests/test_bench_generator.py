@@ -324,7 +324,8 @@ def test_the_engine_gaps_part_runs_each_fp8_attention_kernel(tmp_path, monkeypat
 
 def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
     """--variants: the fused engine once per variant (the FFN's products before their scales or not,
-    the kernels' warps a program), each over the defaults; fused_norms' settings are put back."""
+    q, k and v as one GEMM or three, the kernels' warps a program), each over the defaults;
+    fused_norms' settings are put back."""
     import torch
 
     from avatar.services.generator import fused_norms
@@ -339,13 +340,13 @@ def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
         ),
     )
     defaults = dict(fused_norms.LAUNCH_WARPS)
-    variants = [{}, {"ffn_products": False}, {"warps": {"gelu_quantize": 16}}]
+    variants = [{}, {"ffn_products": False, "qkv_gemm": True}, {"warps": {"gelu_quantize": 16}}]
     res = _engine_gaps(tmp_path, monkeypatch, "--variants", json.dumps(variants))
     assert res["errors"] == {}
     runs = res["engine_gaps"]
     assert [r["variant"] for r in runs] == variants
-    got = [(r["ffn_products"], r["launch_warps"]) for r in runs]
-    assert got == [(True, defaults), (False, defaults), (True, {**defaults, "gelu_quantize": 16})]
+    got = [(r["ffn_products"], r["qkv_gemm"], r["launch_warps"]) for r in runs]
+    assert got == [(True, False, defaults), (False, True, defaults), (True, False, {**defaults, "gelu_quantize": 16})]
     default_gelu = defaults.get("gelu_quantize")
     # a product went into gelu_quantize, or not, at the variant's warps
     assert {(True, default_gelu), (False, default_gelu), (True, 16)} == set(seen)
@@ -360,6 +361,7 @@ def test_the_engine_gaps_part_runs_each_variant(tmp_path, monkeypatch):
         ("{}", "expected a non-empty list"),
         ('[{"ffn": true}]', "unknown key 'ffn'"),
         ('[{"ffn_products": 1}]', "must be a bool"),
+        ('[{"qkv_gemm": "yes"}]', "qkv_gemm must be a bool"),
         ('[{"warps": [8]}]', "must be a dict"),
         ('[{"warps": {"gelu_quantize": "8"}}]', "warps must map"),
     ],
