@@ -223,7 +223,7 @@ class _Projections(nn.Module):
 
 class SelfAttention(_Projections):
     fused_norms = False  # q's RMSNorm + RoPE, and k's with v into the cache, in a kernel each (use_fused_norms)
-    # q, k and v as one FP8 GEMM (join_qkv), in a list: not a submodule, the state dict keeps
+    # q, k and v as one FP8 GEMM (join_qkv), in a tuple: not a submodule, the state dict keeps
     # upstream's names and counts each weight once
     qkv: tuple[FP8Linear, ...] = ()
 
