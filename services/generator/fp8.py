@@ -242,11 +242,14 @@ class FP8Linear(nn.Module):
             self.weight_fp8, self.weight_scale.reshape(-1, 1) if self.granularity == "row" else self.weight_scale
         )
 
+    def _check_width(self, shape: torch.Size) -> None:
+        if shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {tuple(shape)}")
+
     def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
         rows = isinstance(x, FP8Rows)
         shape = x.codes.shape if rows else x.shape
-        if shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got {tuple(shape)}")
+        self._check_width(shape)
         if rows:
             if self.granularity != "row":
                 raise ValueError("FP8Rows carry one scale per row: this layer scales per tensor")
@@ -275,8 +278,7 @@ class FP8Linear(nn.Module):
         more: the product's own bf16 rounding now comes before the scales (same relative size)."""
         if self.granularity != "row":
             raise ValueError("product() leaves per-row scales to the consumer: this layer scales per tensor")
-        if x.codes.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.codes.shape)}")
+        self._check_width(x.codes.shape)
         codes = x.codes.reshape(-1, self.in_features)
         z = torch._scaled_mm(
             codes,
@@ -316,15 +318,11 @@ def side_by_side(layers: list[FP8Linear]) -> FP8Linear:
     joined.one = first.one
     if first.bias is not None:
         joined.bias = torch.cat([m.bias for m in layers])
-    joined.compile_quantize(first._quantize if first._quantize is not _fast_quantize else None)
-    for m, w, s, b in zip(
-        layers,
-        joined.weight_fp8.split(widths),
-        joined.weight_scale.split(widths, dim=1),
-        joined.bias.split(widths) if first.bias is not None else [None] * len(layers),
-    ):
+    joined.compile_quantize(first._quantize)
+    for m, w, s in zip(layers, joined.weight_fp8.split(widths), joined.weight_scale.split(widths, dim=1)):
         m.weight_fp8, m.weight_scale = w, s
-        if b is not None:
+    if first.bias is not None:
+        for m, b in zip(layers, joined.bias.split(widths)):
             m.bias = b
     return joined
 
